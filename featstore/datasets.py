@@ -1,0 +1,223 @@
+"""Dataset specs → a frozen ``Manifest``: per split, image paths (relative to a root) and labels.
+
+Accepted specs: ``digits`` (embedded, built from scikit-learn's bundled digits), ``imagenet``
+(ILSVRC2012 folder layout), a directory in ImageFolder layout (with or without split folders), or a
+CSV file list with ``path,label[,split]`` columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+SPLIT_NAMES = ("train", "val", "test")
+BUILTIN_DATASETS = ("digits", "imagenet")
+
+
+@dataclass(frozen=True)
+class SplitManifest:
+    """One split: ``paths[i]`` (relative to the dataset root, '/'-separated) has label ``labels[i]``."""
+
+    name: str
+    paths: tuple[str, ...]
+    labels: np.ndarray = field(compare=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    root: Path
+    class_names: tuple[str, ...]
+    splits: dict[str, SplitManifest]
+
+    @property
+    def sha256(self) -> str:
+        """A digest of everything that decides which rows exist and what their labels are."""
+        h = hashlib.sha256()
+        h.update("\n".join(self.class_names).encode())
+        for split_name in sorted(self.splits):
+            split = self.splits[split_name]
+            h.update(f"\n#split {split_name} {len(split)}\n".encode())
+            for path, label in sorted(zip(split.paths, split.labels.tolist())):
+                h.update(f"{path}\t{label}\n".encode())
+        return h.hexdigest()
+
+    def absolute_paths(self, split: str) -> list[str]:
+        return [str(self.root / p) for p in self.splits[split].paths]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "root": str(self.root),
+            "class_names": list(self.class_names),
+            "num_classes": len(self.class_names),
+            "splits": {k: len(v) for k, v in self.splits.items()},
+            "manifest_sha256": self.sha256,
+        }
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def resolve_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Manifest:
+    """Turn what the user typed after ``--dataset`` into a Manifest."""
+    if spec == "digits":
+        from .digits import digits_manifest
+
+        return digits_manifest()
+    if spec == "imagenet":
+        return imagenet_manifest(data_root)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".csv":
+        return csv_manifest(path)
+    if not path.exists():
+        raise UsageError(
+            f"dataset {spec!r} not found",
+            f"pass an existing folder, a .csv file list, or one of: {', '.join(BUILTIN_DATASETS)}",
+        )
+    if not path.is_dir():
+        raise UsageError(f"dataset {spec!r} is neither a folder nor a .csv file list", "pass a folder in ImageFolder layout")
+    return folder_manifest(path)
+
+
+def imagenet_manifest(data_root: str | os.PathLike | None) -> Manifest:
+    if data_root is None:
+        env = os.environ.get("FEATSTORE_DATA")
+        if not env:
+            raise UsageError(
+                "dataset 'imagenet' needs its location",
+                "pass --data-root /path/to/imagenet (holding train/ and val/) or set FEATSTORE_DATA",
+            )
+        data_root = Path(env) / "imagenet"
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"ImageNet root {str(root)!r} not found", "pass --data-root pointing at the folder holding train/ and val/")
+    present = [s for s in ("train", "val") if (root / s).is_dir()]
+    if not present:
+        raise UsageError(f"{str(root)!r} has no train/ or val/ folder", "ImageNet must be in the ILSVRC2012 layout train/<wnid>/*.JPEG, val/<wnid>/*.JPEG")
+    val = root / "val"
+    if val.is_dir() and not any(p.is_dir() for p in val.iterdir()) and any(is_image_file(p) for p in val.iterdir()):
+        raise UsageError(
+            f"{str(val)!r} holds images directly, not class folders",
+            "sort the validation images into val/<wnid>/ folders (e.g. with ILSVRC2012's valprep.sh)",
+        )
+    return _manifest_from_split_folders("imagenet", root, present)
+
+
+def folder_manifest(root: Path) -> Manifest:
+    splits = [s for s in SPLIT_NAMES if (root / s).is_dir()]
+    if splits:
+        return _manifest_from_split_folders(root.name, root, splits)
+    classes = _class_folders(root)
+    if not classes:
+        loose = [p for p in root.iterdir() if is_image_file(p)]
+        hint = "put images into one sub-folder per class (ImageFolder layout)" if loose else "pass a folder holding one sub-folder of images per class"
+        raise UsageError(f"no class folders in {str(root)!r}", hint)
+    paths, labels = _scan_classes(root, classes, prefix="")
+    _require_images(root, paths)
+    return Manifest(root.name, root.resolve(), tuple(classes), {"all": SplitManifest("all", tuple(paths), np.asarray(labels, np.int32))})
+
+
+def _manifest_from_split_folders(name: str, root: Path, splits: list[str]) -> Manifest:
+    class_names = sorted({c for s in splits for c in _class_folders(root / s)})
+    if not class_names:
+        raise UsageError(f"no class folders in the split folders of {str(root)!r}", "use the layout <split>/<class>/<image>")
+    out = {}
+    for split in splits:
+        paths, labels = _scan_classes(root / split, class_names, prefix=f"{split}/")
+        if paths:
+            out[split] = SplitManifest(split, tuple(paths), np.asarray(labels, np.int32))
+    _require_images(root, [p for s in out.values() for p in s.paths])
+    return Manifest(name, root.resolve(), tuple(class_names), out)
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_classes(folder: Path, class_names: list[str], prefix: str) -> tuple[list[str], list[int]]:
+    paths, labels = [], []
+    for label, cls in enumerate(class_names):
+        class_dir = folder / cls
+        if not class_dir.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel_dir = Path(dirpath).relative_to(folder).as_posix()
+            for fname in sorted(filenames):
+                if not fname.startswith(".") and is_image_file(fname):
+                    paths.append(f"{prefix}{rel_dir}/{fname}")
+                    labels.append(label)
+    return paths, labels
+
+
+def _require_images(root: Path, paths: list[str]) -> None:
+    if not paths:
+        raise UsageError(
+            f"no images found under {str(root)!r}",
+            f"images need one of the extensions {', '.join(sorted(IMAGE_EXTENSIONS))}",
+        )
+
+
+def csv_manifest(csv_path: Path) -> Manifest:
+    if not csv_path.is_file():
+        raise UsageError(f"file list {str(csv_path)!r} not found", "pass an existing CSV with columns path,label[,split]")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if "path" not in columns or "label" not in columns:
+            raise UsageError(
+                f"{str(csv_path)!r} lacks a 'path' or 'label' column (has: {', '.join(columns) or 'none'})",
+                "the first line must be a header such as path,label,split",
+            )
+        rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    if not rows:
+        raise UsageError(f"{str(csv_path)!r} lists no images", "add one line per image: path,label[,split]")
+    root = csv_path.parent.resolve()
+    raw_labels = [r["label"] for r in rows]
+    if all(_is_int(v) for v in raw_labels):
+        ints = [int(v) for v in raw_labels]
+        if min(ints) < 0:
+            raise UsageError(f"{str(csv_path)!r} has negative labels", "integer labels must be 0..C-1")
+        class_names = [str(i) for i in range(max(ints) + 1)]
+        label_of = {v: int(v) for v in raw_labels}
+    else:
+        class_names = sorted(set(raw_labels))
+        label_of = {c: i for i, c in enumerate(class_names)}
+    by_split: dict[str, tuple[list[str], list[int]]] = {}
+    for line, r in enumerate(rows, start=2):
+        if not r["path"]:
+            raise UsageError(f"{str(csv_path)!r} line {line} has an empty path", "every line needs path,label")
+        p = Path(r["path"]).expanduser()
+        full = p if p.is_absolute() else root / p
+        if not full.is_file():
+            raise UsageError(f"{str(csv_path)!r} line {line}: image {r['path']!r} not found", "paths are relative to the CSV's folder, or absolute")
+        rel = os.path.relpath(full, root).replace(os.sep, "/")
+        split = r.get("split") or "all"
+        paths, labels = by_split.setdefault(split, ([], []))
+        paths.append(rel)
+        labels.append(label_of[r["label"]])
+    splits = {s: SplitManifest(s, tuple(p), np.asarray(l, np.int32)) for s, (p, l) in by_split.items()}
+    return Manifest(csv_path.stem, root, tuple(class_names), splits)
+
+
+def _is_int(value: str) -> bool:
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,311 @@
+"""Encoders by name: presets users know (``dino``, ``resnet50``, …), any timm model, torchvision
+models (``tv:resnet50``) and a user's own builder (``file.py:build`` / ``pkg.module:build``).
+
+A preset carries the preprocessing of its reference evaluation, the way timm's ``pretrained_cfg``
+does; every value can be overridden by the caller. All views come from one forward pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import FeatstoreError, UsageError
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+VIT_VIEWS = ("cls", "avgpool", "cls4")
+CNN_VIEWS = ("pool",)
+
+
+@dataclass(frozen=True)
+class Preset:
+    arch: str  # "timm:<name>" or "tv:<name>"
+    preprocess: Preprocess
+    weights_file: str
+    weights_url: str
+    description: str
+    timm_kwargs: dict = field(default_factory=dict)
+
+
+_DINOV2_PRE = Preprocess(224, 256, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+_TV_PRE = Preprocess(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
+_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}_pretrain.pth"
+
+PRESETS: dict[str, Preset] = {
+    "dino": Preset("timm:vit_small_patch14_dinov2", _DINOV2_PRE, "dinov2_vits14_pretrain.pth",
+                   _DINOV2_URL.format("dinov2_vits14"), "DINOv2 ViT-S/14", {"img_size": 224}),
+    "dino-b": Preset("timm:vit_base_patch14_dinov2", _DINOV2_PRE, "dinov2_vitb14_pretrain.pth",
+                     _DINOV2_URL.format("dinov2_vitb14"), "DINOv2 ViT-B/14", {"img_size": 224}),
+    "dino-l": Preset("timm:vit_large_patch14_dinov2", _DINOV2_PRE, "dinov2_vitl14_pretrain.pth",
+                     _DINOV2_URL.format("dinov2_vitl14"), "DINOv2 ViT-L/14", {"img_size": 224}),
+    "dinov1": Preset("timm:vit_small_patch16_224", _DINOV2_PRE, "dino_deitsmall16_pretrain.pth",
+                     "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+                     "DINO ViT-S/16"),
+    "resnet50": Preset("tv:resnet50", _TV_PRE, "resnet50-11ad3fa6.pth",
+                       "https://download.pytorch.org/models/resnet50-11ad3fa6.pth", "torchvision ResNet-50"),
+    "resnet18": Preset("tv:resnet18", _TV_PRE, "resnet18-f37072fd.pth",
+                       "https://download.pytorch.org/models/resnet18-f37072fd.pth", "torchvision ResNet-18"),
+}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What the store records about the encoder; everything needed to rebuild it."""
+
+    name: str  # what the user typed
+    arch: str  # "timm:…", "tv:…" or "user:…"
+    family: str  # "vit", "cnn" or "custom"
+    preprocess: Preprocess
+    weights_path: str | None
+    weights_sha256: str  # "random-init" when no weights were loaded
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "family": self.family,
+            "weights_path": self.weights_path,
+            "weights_sha256": self.weights_sha256,
+        }
+
+
+def weights_dir() -> Path:
+    from .digits import cache_dir
+
+    return Path(os.environ.get("FEATSTORE_WEIGHTS") or cache_dir() / "weights")
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_encoder(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    random_init: bool = False,
+    preprocess_overrides: dict | None = None,
+) -> EncoderSpec:
+    """Check that ``name`` exists and that weights are available, without building the model."""
+    arch, default_pre, preset = _arch_and_preprocess(name)
+    pre = default_pre.with_overrides(**(preprocess_overrides or {}))
+    if weights is not None and random_init:
+        raise UsageError("--weights and --random-init exclude each other", "pass one of them")
+    weights_path = None
+    if weights is not None:
+        weights_path = Path(weights).expanduser()
+        if not weights_path.is_file():
+            raise UsageError(f"weights file {str(weights)!r} not found", "pass --weights with the path of a .pth/.pt/.safetensors file")
+    elif not random_init:
+        if preset is not None and (weights_dir() / preset.weights_file).is_file():
+            weights_path = weights_dir() / preset.weights_file
+        elif preset is not None:
+            raise FeatstoreError(
+                f"no weights for {name!r}",
+                f"download {preset.weights_url} to {weights_dir() / preset.weights_file} or pass --weights FILE; "
+                "--random-init runs untrained",
+            )
+        elif arch.startswith("user:"):
+            pass  # a user's builder brings its own weights
+        else:
+            raise FeatstoreError(f"no weights for {name!r}", "pass --weights FILE (.pth/.pt/.safetensors), or --random-init to run untrained")
+    sha = file_sha256(weights_path) if weights_path else ("user-builder" if arch.startswith("user:") and not random_init else "random-init")
+    return EncoderSpec(name, arch, _family(arch), pre, str(weights_path.resolve()) if weights_path else None, sha)
+
+
+def _arch_and_preprocess(name: str) -> tuple[str, Preprocess, Preset | None]:
+    if name in PRESETS:
+        p = PRESETS[name]
+        return p.arch, p.preprocess, p
+    if name.startswith("tv:"):
+        import torchvision
+
+        tv_name = name[3:]
+        if tv_name not in torchvision.models.list_models():
+            raise UsageError(f"unknown torchvision model {tv_name!r}", _suggest(tv_name, torchvision.models.list_models(), "tv:"))
+        return name, _TV_PRE, None
+    if ":" in name and _looks_like_builder(name):
+        _load_builder(name)  # fail early on a wrong path or name
+        return f"user:{name}", Preprocess(), None
+    import timm
+
+    base = name.split(".")[0]
+    if not timm.is_model(base):
+        candidates = list(PRESETS) + timm.list_models()
+        raise UsageError(f"unknown model {name!r}", _suggest(name, candidates, ""))
+    return f"timm:{name}", _timm_preprocess(name), None
+
+
+def _suggest(name: str, candidates: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + ", ".join(prefix + c for c in close) + "?"
+    return "use a preset (" + ", ".join(PRESETS) + "), a timm model name, tv:<torchvision name>, or file.py:build"
+
+
+def _looks_like_builder(name: str) -> bool:
+    target, _, attr = name.rpartition(":")
+    return bool(attr) and (target.endswith(".py") or "." in target or "/" in target)
+
+
+def _family(arch: str) -> str:
+    if arch.startswith("user:"):
+        return "custom"
+    if arch.startswith("tv:"):
+        return "vit" if arch[3:].startswith("vit_") else "cnn"
+    return "vit" if _is_timm_vit(arch[5:]) else "cnn"
+
+
+_TIMM_VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "eva", "beit", "vision_transformer_relpos")
+
+
+def _is_timm_vit(name: str) -> bool:
+    import timm.models
+
+    return timm.models.is_model_in_modules(name.split(".")[0], _TIMM_VIT_MODULES)
+
+
+def _timm_preprocess(name: str) -> Preprocess:
+    """timm's pretrained_cfg for this model (and tag), as our preprocessing."""
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    crop_pct = float(cfg.get("crop_pct") or 0.875)
+    interp = cfg.get("interpolation", "bicubic")
+    return Preprocess(
+        image_size=size,
+        resize=max(size, math.floor(size / crop_pct)),
+        interpolation=interp if interp in ("bicubic", "bilinear", "nearest") else "bicubic",
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+    )
+
+
+def _load_builder(name: str) -> Callable[[], nn.Module]:
+    target, _, attr = name.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target).expanduser()
+            if not path.is_file():
+                raise UsageError(f"model file {target!r} not found", "pass --model path/to/file.py:function")
+            mod_name = "featstore_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+            spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod_name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except UsageError:
+        raise
+    except Exception as e:  # the user's code: any error is theirs to see, on one line
+        raise UsageError(f"cannot import {target!r}: {type(e).__name__}: {e}", "check the module path in --model") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UsageError(f"{target!r} has no callable {attr!r}", "pass --model module:function where function() returns an nn.Module")
+    return fn
+
+
+class FeatureEncoder(nn.Module):
+    """Wraps a backbone so that ``forward`` returns ``{view: (B, D) tensor}`` for every view."""
+
+    def __init__(self, backbone: nn.Module, family: str):
+        super().__init__()
+        self.backbone = backbone
+        self.family = family
+        self._block_outputs: list[torch.Tensor] = []
+        if family == "vit" and hasattr(backbone, "blocks"):
+            for block in list(backbone.blocks)[-4:]:
+                block.register_forward_hook(lambda _m, _i, out: self._block_outputs.append(out))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.family == "custom":
+            out = self.backbone(x)
+            return dict(out) if isinstance(out, dict) else {"features": out}
+        if self.family == "vit" and hasattr(self.backbone, "forward_features") and hasattr(self.backbone, "blocks"):
+            self._block_outputs = []
+            tokens = self.backbone.forward_features(x)  # final norm applied
+            n_prefix = getattr(self.backbone, "num_prefix_tokens", 1)
+            norm = self.backbone.norm
+            last4 = [norm(h)[:, 0] for h in self._block_outputs[-4:]]
+            self._block_outputs = []
+            return {
+                "cls": tokens[:, 0],
+                "avgpool": tokens[:, n_prefix:].mean(dim=1),  # register tokens are prefix tokens: excluded
+                "cls4": torch.cat(last4, dim=-1),
+            }
+        out = self.backbone(x)
+        return {"cls" if self.family == "vit" else "pool": out.flatten(1)}
+
+
+def build_encoder(spec: EncoderSpec, log: Callable[[str], None] = lambda s: None) -> FeatureEncoder:
+    """Build the backbone (no download ever), load the weights, wrap it for feature views."""
+    torch.manual_seed(0)  # --random-init is reproducible
+    arch = spec.arch
+    if arch.startswith("timm:"):
+        import timm
+
+        preset = next((p for p in PRESETS.values() if p.arch == arch), None)
+        kwargs = dict(preset.timm_kwargs) if preset else {}
+        backbone = timm.create_model(arch[5:], pretrained=False, num_classes=0, **kwargs)
+    elif arch.startswith("tv:"):
+        import torchvision
+
+        backbone = torchvision.models.get_model(arch[3:], weights=None)
+        _strip_torchvision_head(backbone)
+    else:
+        backbone = _load_builder(arch[5:])()
+        if not isinstance(backbone, nn.Module):
+            raise UsageError(f"{arch[5:]!r} returned {type(backbone).__name__}, not an nn.Module", "the builder must return a torch.nn.Module")
+    if spec.weights_path:
+        from .checkpoints import load_weights
+
+        report = load_weights(backbone, spec.weights_path, arch=arch)
+        log(report.summary())
+    return FeatureEncoder(backbone.eval(), spec.family).eval()
+
+
+def _strip_torchvision_head(model: nn.Module) -> None:
+    for attr in ("fc", "classifier", "heads", "head"):
+        if isinstance(getattr(model, attr, None), nn.Module):
+            setattr(model, attr, nn.Identity())
+            return
+
+
+def feature_dims(encoder: FeatureEncoder, preprocess: Preprocess, device: torch.device) -> dict[str, int]:
+    """Dims of every view, from one forward pass on a blank image."""
+    x = torch.zeros(1, 3, preprocess.image_size, preprocess.image_size, device=device)
+    with torch.inference_mode():
+        out = encoder(x.contiguous(memory_format=torch.channels_last))
+    for view, t in out.items():
+        if t.ndim != 2:
+            raise FeatstoreError(f"view {view!r} has shape {tuple(t.shape)}, not (batch, dim)", "the model's forward must return (B, D) features")
+    return {k: int(v.shape[1]) for k, v in out.items()}
+
+
+def select_views(available: dict[str, int], requested: list[str] | None) -> dict[str, int]:
+    if not requested:
+        return dict(available)
+    unknown = [v for v in requested if v not in available]
+    if unknown:
+        raise UsageError(f"unknown view {', '.join(map(repr, unknown))}", f"this model gives: {', '.join(available)}")
+    return {v: available[v] for v in requested}
+
+
+def with_preprocess(spec: EncoderSpec, pre: Preprocess) -> EncoderSpec:
+    return replace(spec, preprocess=pre)

@@ -253,7 +253,7 @@ class FeatureEncoder(nn.Module):
         return {"cls" if self.family == "vit" else "pool": out.flatten(1)}
 
 
-def build_encoder(spec: EncoderSpec, log: Callable[[str], None] = lambda s: None) -> FeatureEncoder:
+def build_encoder(spec: EncoderSpec, log: Callable[[str], None] = lambda s: None, trust: bool = False) -> FeatureEncoder:
     """Build the backbone (no download ever), load the weights, wrap it for feature views."""
     torch.manual_seed(0)  # --random-init is reproducible
     arch = spec.arch
@@ -275,7 +275,7 @@ def build_encoder(spec: EncoderSpec, log: Callable[[str], None] = lambda s: None
     if spec.weights_path:
         from .checkpoints import load_weights
 
-        report = load_weights(backbone, spec.weights_path, arch=arch)
+        report = load_weights(backbone, spec.weights_path, arch=arch, trust=trust)
         log(report.summary())
     return FeatureEncoder(backbone.eval(), spec.family).eval()
 

@@ -1,0 +1,116 @@
+"""``featstore`` command line: parse, call the library, format the output. No logic here."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .console import parse_triple, run_cli
+from .loaders import LOADERS
+from .preprocess import INTERPOLATIONS
+from .store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES
+
+debug_option = click.option("--debug", is_flag=True, help="Show tracebacks.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="featstore")
+@debug_option
+def cli(debug):
+    """Encode labelled image datasets with frozen encoders into Zarr feature stores."""
+
+
+@cli.command()
+@click.option("--model", required=True, help="Preset (dino, dino-b, dino-l, dinov1, resnet18, resnet50), a timm name, tv:<torchvision name>, or file.py:build.")
+@click.option("--dataset", default="digits", show_default=True, help="digits, imagenet, an ImageFolder directory, or a CSV file list (path,label[,split]).")
+@click.option("--out", required=True, type=click.Path(), help="Store to write (a .zarr folder).")
+@click.option("--data-root", type=click.Path(), help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet).")
+@click.option("--weights", type=click.Path(), help="Checkpoint (.pth/.pt/.safetensors), loaded with weights_only=True.")
+@click.option("--random-init", is_flag=True, help="Run the model untrained (no weights).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that needs arbitrary code to unpickle.")
+@click.option("--views", help="Comma-separated feature views (ViT: cls,avgpool,cls4; CNN: pool). Default: all.")
+@click.option("--loader", type=click.Choice(("auto",) + LOADERS), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Decode workers (DataLoader processes / DALI threads).")
+@click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default="float16", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("--strict", is_flag=True, help="Stop at the first undecodable image instead of recording it.")
+@click.option("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, show_default=True, help="Rows per chunk (and per resumable unit).")
+@click.option("--image-size", type=int, help="Crop size (overrides the model's preprocessing).")
+@click.option("--resize", type=int, help="Shorter side before the crop; equal to --image-size means no crop margin.")
+@click.option("--interpolation", type=click.Choice(INTERPOLATIONS))
+@click.option("--mean", callback=parse_triple, help="R,G,B mean in [0,1].")
+@click.option("--std", callback=parse_triple, help="R,G,B std in [0,1].")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@debug_option
+def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoint, views, loader, device, batch_size,
+            workers, dtype, overwrite, strict, chunk_rows, image_size, resize, interpolation, mean, std, no_progress,
+            as_json, debug):
+    """Extract features of every image of DATASET with MODEL into the store OUT."""
+    from .extract import ExtractConfig, extract as run_extract
+
+    config = ExtractConfig(
+        model=model, dataset=dataset, out=out, data_root=data_root, weights=weights, random_init=random_init,
+        trust_checkpoint=trust_checkpoint, views=[v.strip() for v in views.split(",") if v.strip()] if views else None,
+        loader=loader, device=device, batch_size=batch_size, workers=workers, dtype=dtype, overwrite=overwrite,
+        strict=strict, chunk_rows=chunk_rows, image_size=image_size, resize=resize, interpolation=interpolation,
+        mean=mean, std=std,
+    )
+    result = run_extract(config, progress=not no_progress and sys.stderr.isatty())
+    if as_json:
+        click.echo(json.dumps(result.__dict__, indent=2))
+    click.echo(result.summary(), err=as_json)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@debug_option
+def info(store, as_json, debug):
+    """Summarize a feature store: splits, views, encoder, provenance, invalid rows."""
+    from .store import FeatureStore
+
+    summary = FeatureStore.open(store).info()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(format_info(summary))
+
+
+def format_info(s: dict) -> str:
+    enc, pre, data = s["encoder"], s["preprocessing"], s["dataset"]
+    state = "complete" if s["complete"] else f"INCOMPLETE, {s['pending_units']} units pending"
+    lines = [
+        f"store      {s['path']}  ({state}, {_size(s['size_bytes'])})",
+        f"encoder    {enc.get('name')} [{enc.get('arch')}]  weights {enc.get('weights_path') or '-'}  sha256 {str(enc.get('weights_sha256'))[:16]}",
+        f"preprocess resize {pre.get('resize')} {pre.get('interpolation')}, crop {pre.get('image_size')}, mean {pre.get('mean')}, std {pre.get('std')}  loader {s.get('loader')}",
+        f"dataset    {data.get('name')} at {data.get('root')}  {data.get('num_classes')} classes  manifest {str(data.get('manifest_sha256'))[:16]}",
+        f"views      " + ", ".join(f"{v} ({d})" for v, d in s["views"].items()) + f"  dtype {s['dtype']}",
+        "splits     " + ", ".join(f"{name} {v['rows']:,} rows" + (f" ({v['invalid']} invalid)" if v["invalid"] else "") for name, v in s["splits"].items()),
+        f"created    {s['created']}  featstore {s['featstore_version']}  schema {s['schema_version']}",
+    ]
+    for row in s["invalid"][:20]:
+        lines.append(f"invalid    {row['split']}/{row['row']}  {row['path']}: {row['reason']}")
+    if len(s["invalid"]) > 20:
+        lines.append(f"invalid    … and {len(s['invalid']) - 20} more (see --json)")
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def main() -> None:
+    sys.exit(run_cli(cli, "featstore"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""How the command-line tools end: one ``error: …`` line and an exit code, never a traceback
+(unless ``--debug``). Shared by ``featstore`` and ``probe``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from .errors import FeatstoreError
+
+
+def run_cli(group: click.Group, prog_name: str, args: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in args or os.environ.get("FEATSTORE_DEBUG") == "1"
+    try:
+        group.main(args=args, prog_name=prog_name, standalone_mode=False)
+        return 0
+    except FeatstoreError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e.one_line()}", err=True)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        # usage mistakes: one line naming the problem, pointing to --help (exit 2)
+        if debug:
+            traceback.print_exc()
+        sub = f" {e.ctx.info_name}" if getattr(e, "ctx", None) is not None and e.ctx.info_name != prog_name else ""
+        message = " ".join(e.format_message().split())
+        click.echo(f"error: {message} (see `{prog_name}{sub} --help`)", err=True)
+        return e.exit_code
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("error: interrupted (rerun the same command to resume)", err=True)
+        return 130
+    except Exception as e:  # a bug or an unexpected environment problem: still one line by default
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())[:500]} (rerun with --debug for the traceback)", err=True)
+        return 1
+
+
+def parse_triple(ctx, param, value):
+    """Click callback: '0.5,0.5,0.5' → (0.5, 0.5, 0.5)."""
+    if value is None:
+        return None
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not three comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+    if len(parts) != 3:
+        raise click.BadParameter(f"needs 3 values (R,G,B), got {len(parts)}")
+    return parts

@@ -1,0 +1,337 @@
+"""Extraction: plan → load → encode → write, resumable and cached.
+
+The plan is fixed when the store is created (manifest frozen, arrays presized, chunk-aligned units).
+Batches never span units, so a unit's features depend only on the unit: a resumed run writes the
+same bytes as an uninterrupted one. Decoding (loader workers / DALI threads), inference (this
+thread) and writing (a writer thread, whole units) overlap.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import queue
+import shutil
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .datasets import Manifest, resolve_dataset
+from .encoders import EncoderSpec, FeatureEncoder, build_encoder, feature_dims, resolve_encoder, select_views
+from .errors import FeatstoreError, UsageError
+from .loaders import choose_loader, make_loader
+from .lock import StoreLock
+from .store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
+
+
+@dataclass
+class ExtractConfig:
+    model: str
+    dataset: str
+    out: str
+    data_root: str | None = None
+    weights: str | None = None
+    random_init: bool = False
+    trust_checkpoint: bool = False
+    views: list[str] | None = None
+    loader: str = "auto"
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 2
+    dtype: str = "float16"
+    overwrite: bool = False
+    strict: bool = False
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    image_size: int | None = None
+    resize: int | None = None
+    interpolation: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+@dataclass
+class ExtractResult:
+    store: str
+    status: str  # "up to date", "created", "resumed"
+    rows: dict[str, int]
+    rows_written: int
+    invalid: int
+    nonfinite: int
+    seconds: float
+    images_per_second: float
+    nonfinite_paths: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.status == "up to date":
+            return f"{self.store}: up to date ({sum(self.rows.values()):,} rows, nothing to do)"
+        splits = ", ".join(f"{s} {n:,}" for s, n in self.rows.items())
+        text = (
+            f"{self.store}: {self.status}, wrote {self.rows_written:,} rows ({splits}) in {self.seconds:.1f} s "
+            f"({self.images_per_second:.1f} img/s), {self.invalid} invalid"
+        )
+        if self.nonfinite:
+            text += f", {self.nonfinite} rows with NaN/Inf features (first: {self.nonfinite_paths[0]}; try --dtype float32)"
+        return text
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"unknown device {name!r}", "use auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA device is available", "use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest) -> dict:
+    """Everything that changes the stored numbers; two runs with equal fields give the same store."""
+    return {
+        "encoder": spec.name,
+        "arch": spec.arch,
+        "weights_sha256": spec.weights_sha256,
+        "preprocessing": spec.preprocess.to_dict(),
+        "loader": loader,
+        "views": sorted(views) if views else "all",
+        "dtype": dtype,
+        "manifest_sha256": manifest.sha256,
+    }
+
+
+def cache_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _validate(config: ExtractConfig) -> None:
+    if config.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {config.batch_size}", "e.g. --batch-size 64")
+    if config.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {config.workers}", "e.g. --workers 2")
+    if config.dtype not in FEATURE_DTYPES:
+        raise UsageError(f"unknown --dtype {config.dtype!r}", f"use one of {', '.join(FEATURE_DTYPES)}")
+    if config.chunk_rows < 1:
+        raise UsageError(f"--chunk-rows must be >= 1, got {config.chunk_rows}", "e.g. --chunk-rows 8192")
+
+
+def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progress: bool = True) -> ExtractResult:
+    """Run (or resume, or skip as up to date) one extraction. Raises FeatstoreError on user mistakes."""
+    start = time.perf_counter()
+    _validate(config)
+    device = resolve_device(config.device)
+    loader_name = choose_loader(config.loader)
+    manifest = resolve_dataset(config.dataset, config.data_root)
+    spec = resolve_encoder(
+        config.model, weights=config.weights, random_init=config.random_init,
+        preprocess_overrides=dict(image_size=config.image_size, resize=config.resize, interpolation=config.interpolation,
+                                  mean=config.mean, std=config.std),
+    )
+    fields = cache_fields(spec, loader_name, config.views, config.dtype, manifest)
+    key = cache_key(fields)
+    out = Path(config.out)
+    rows = {s: len(m) for s, m in manifest.splits.items()}
+
+    existing = _existing_store(out, key, fields, config.overwrite)
+    if existing is not None and existing.complete:
+        return ExtractResult(str(out), "up to date", rows, 0, len(existing.invalid_rows()), 0, time.perf_counter() - start, 0.0)
+
+    encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint).to(device).to(memory_format=torch.channels_last)
+    views = select_views(feature_dims(encoder, spec.preprocess, device), config.views)
+
+    if existing is None:
+        if out.exists() and config.overwrite:
+            _refuse_if_locked(out)
+            shutil.rmtree(out)
+        store = FeatureStore.create(
+            out,
+            splits={s: (list(m.paths), m.labels) for s, m in manifest.splits.items()},
+            views=views,
+            dtype=config.dtype,
+            chunk_rows=config.chunk_rows,
+            attrs={
+                "encoder": spec.to_dict(),
+                "preprocessing": spec.preprocess.to_dict(),
+                "dataset": {**manifest.to_dict(), "spec": config.dataset},
+                "loader": loader_name,
+                "cache_key": key,
+                "cache_fields": fields,
+            },
+        )
+        status = "created"
+    else:
+        store = existing
+        status = "resumed"
+
+    with StoreLock(out / PROGRESS / "lock.json", warn=log):
+        store.clean_temp_files()
+        written, invalid, nonfinite = _run(store, manifest, encoder, views, loader_name, device, config, progress)
+        store.finalize({"device": str(device), "batch_size": config.batch_size})
+    seconds = time.perf_counter() - start
+    return ExtractResult(
+        str(out), status, rows, written, len(store.invalid_rows()), len(nonfinite), seconds,
+        written / seconds if seconds > 0 else 0.0, nonfinite[:5],
+    )
+
+
+def _existing_store(out: Path, key: str, fields: dict, overwrite: bool) -> FeatureStore | None:
+    """The store to resume (same key), None to create one, or an error naming why not."""
+    if not out.exists():
+        return None
+    if not is_store(out):
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+            return None
+        raise UsageError(f"--out {str(out)!r} exists and is not a featstore store", "choose a new --out path; featstore never deletes other data")
+    store = FeatureStore.open(out, mode="r+")
+    if overwrite:
+        return None
+    if store.attrs.get("cache_key") == key:
+        return store
+    old = store.attrs.get("cache_fields", {})
+    differing = [k for k in fields if old.get(k) != fields[k]]
+    raise UsageError(
+        f"--out {str(out)!r} holds another store (different {', '.join(differing) or 'schema'})",
+        "pass --overwrite to replace it, or choose another --out",
+    )
+
+
+def _refuse_if_locked(out: Path) -> None:
+    lock = StoreLock(out / PROGRESS / "lock.json")
+    lock.acquire()  # raises when a live writer holds it
+    lock.release()
+
+
+def plan_batches(units: list[Unit], batch_size: int) -> list[tuple[Unit, np.ndarray]]:
+    """Every pending unit cut into batches of ``batch_size`` rows; batches never span units."""
+    return [
+        (unit, np.arange(s, min(s + batch_size, unit.stop), dtype=np.int64))
+        for unit in units
+        for s in range(unit.start, unit.stop, batch_size)
+    ]
+
+
+class _UnitWriter:
+    """A thread that writes finished units while the main thread encodes the next ones."""
+
+    def __init__(self, store: FeatureStore, depth: int = 2):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)  # bounds memory: at most depth units in flight
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="featstore-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.store.write_unit(*item)
+                except BaseException as e:  # reported by the main thread
+                    self.error = e
+
+    def put(self, unit, features, valid, invalid):
+        self._raise()
+        self.queue.put((unit, features, valid, invalid))
+
+    def close(self, raise_error: bool = True):
+        """Write what is queued (finished units are kept even when the run is failing), then stop."""
+        self.queue.put(None)
+        self.thread.join()
+        if raise_error:
+            self._raise()
+
+    def _raise(self):
+        if self.error is not None:
+            e = self.error
+            if isinstance(e, OSError):
+                reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+                raise FeatstoreError(
+                    f"cannot write to the store: {reason} ({getattr(e, 'filename', '') or self.store.path})",
+                    "fix the cause and rerun the same command to resume",
+                ) from e
+            raise e
+
+
+def _encode(encoder: FeatureEncoder, images: torch.Tensor, views: dict[str, int], device: torch.device) -> dict[str, np.ndarray]:
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = encoder(images)
+    return {v: out[v].float().cpu().numpy() for v in views}
+
+
+def _run(store, manifest, encoder, views, loader_name, device, config, progress):
+    from tqdm import tqdm
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    loader = make_loader(loader_name, store_preprocess(store), device, config.workers)
+    np_dtype = np.dtype(config.dtype)
+    pending = store.pending_units()
+    total = sum(u.rows for u in pending)
+    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
+               desc=f"extract {store.path.name}")
+    writer = _UnitWriter(store)
+    written, invalid_total, nonfinite = 0, 0, set()
+    finished = False
+    try:
+        for split in store.splits:
+            units = [u for u in pending if u.split == split]
+            if not units:
+                continue
+            planned = plan_batches(units, config.batch_size)
+            paths = manifest.absolute_paths(split)
+            rel_paths = manifest.splits[split].paths
+            buffers: dict[int, tuple] = {}
+            for (unit, rows), batch in zip(planned, loader.batches(paths, [r for _, r in planned])):
+                if config.strict and batch.errors:
+                    row, reason = next(iter(batch.errors.items()))
+                    raise FeatstoreError(f"cannot decode {paths[row]}: {reason}", "fix or remove the file, or drop --strict to record it as invalid")
+                feats = _encode(encoder, batch.images, views, device)
+                if unit.index not in buffers:
+                    buffers[unit.index] = (
+                        {v: np.empty((unit.rows, d), np_dtype) for v, d in views.items()},
+                        np.ones(unit.rows, bool),
+                        {},
+                        [0],
+                    )
+                unit_feats, valid, invalid, filled = buffers[unit.index]
+                local = batch.rows - unit.start
+                bad = np.fromiter((r in batch.errors for r in batch.rows.tolist()), bool, len(batch.rows))
+                for v in views:
+                    values = feats[v].astype(np_dtype)
+                    values[bad] = np.nan
+                    unit_feats[v][local] = values
+                    # NaN/Inf from a decodable image: float16 overflow or a broken model
+                    broken = ~(np.isfinite(values).all(axis=1) | bad)
+                    nonfinite.update(rel_paths[r] for r in batch.rows[broken].tolist())
+                valid[local] = ~bad
+                invalid.update(batch.errors)
+                filled[0] += len(rows)
+                bar.update(len(rows))
+                if filled[0] == unit.rows:
+                    writer.put(unit, unit_feats, valid, invalid)
+                    invalid_total += len(invalid)
+                    written += unit.rows
+                    del buffers[unit.index]
+        finished = True
+    finally:
+        bar.close()
+        writer.close(raise_error=finished)
+    return written, invalid_total, sorted(nonfinite)
+
+
+def store_preprocess(store: FeatureStore):
+    from .preprocess import Preprocess
+
+    return Preprocess.from_dict(store.attrs["preprocessing"])

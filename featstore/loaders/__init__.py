@@ -1,0 +1,73 @@
+"""Image loaders: one backend per module, the same preprocessing semantics, the same batch contract.
+
+Every loader takes a *batch plan* (a list of row-index arrays; batches never span store units) and
+yields one :class:`Batch` per planned batch, in order, covering exactly the planned rows. A row whose
+file cannot be decoded gets a zero placeholder image and a reason in ``Batch.errors``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+from ..preprocess import Preprocess
+
+LOADERS = ("dali", "torch")
+
+
+@dataclass
+class Batch:
+    rows: np.ndarray  # int64 row indices into the split
+    images: torch.Tensor  # (B, 3, S, S) normalized, on the target device, channels_last
+    errors: dict[int, str] = field(default_factory=dict)  # row → why its image is a placeholder
+
+
+class Loader(Protocol):
+    name: str
+
+    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
+        """``paths[row]`` is the absolute path of ``row``; yield the batches of ``plan`` in order."""
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:  # any import failure (missing wheel, missing CUDA libs) means: no DALI
+        return False
+    return True
+
+
+def choose_loader(name: str) -> str:
+    """``auto`` is DALI where it imports, else torch; an explicit ``dali`` without DALI is an error."""
+    if name == "auto":
+        return "dali" if dali_available() else "torch"
+    if name not in LOADERS:
+        raise UsageError(f"unknown loader {name!r}", f"use one of auto, {', '.join(LOADERS)}")
+    if name == "dali" and not dali_available():
+        raise UsageError("--loader dali, but NVIDIA DALI cannot be imported", "pip install nvidia-dali-cuda130, or use --loader torch")
+    return name
+
+
+def make_loader(name: str, preprocess: Preprocess, device: torch.device, workers: int) -> Loader:
+    if name == "dali":
+        from .dali import DaliLoader
+
+        return DaliLoader(preprocess, device, workers)
+    from .torch import TorchLoader
+
+    return TorchLoader(preprocess, device, workers)
+
+
+def normalize_on_device(images_uint8: torch.Tensor, preprocess: Preprocess, device: torch.device, channels_last_input: bool) -> torch.Tensor:
+    """uint8 (B,3,H,W) or (B,H,W,3) → float normalized (B,3,H,W), channels_last, on ``device``."""
+    x = images_uint8.to(device, non_blocking=True)
+    if channels_last_input:
+        x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last without a copy
+    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
+    x = (x.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last)

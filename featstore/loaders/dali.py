@@ -1,0 +1,194 @@
+"""NVIDIA DALI loader: decode, resize, crop and normalize in a DALI pipeline.
+
+With CUDA the decoder runs on device "mixed" (nvJPEG, hardware decoder where present) and every
+later operator on the GPU; without CUDA the whole pipeline runs on CPU threads (``device_id=None``).
+
+Files are fed through ``fn.external_source`` rather than ``fn.readers.file`` so that every batch is
+exactly a planned batch (batches never span store units, the last one is not padded, and rows map
+to outputs one to one), which is what makes resumed extraction bitwise identical. A batch that DALI
+fails to decode is bisected with small pipelines to find the offending file(s); their rows become
+placeholders with a reason, and the rest of the batch is decoded as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..preprocess import Preprocess
+from . import Batch
+
+_INTERP = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR", "nearest": "INTERP_NN"}
+
+
+def _read(path: str) -> tuple[np.ndarray | None, str]:
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        return None, f"{type(e).__name__}: {e.strerror or e}"
+    if data.size == 0:
+        return None, "empty file (0 bytes)"
+    return data, ""
+
+
+class DaliLoader:
+    name = "dali"
+
+    def __init__(self, preprocess: Preprocess, device: torch.device, workers: int):
+        self.pre = preprocess
+        self.device = device
+        self.threads = max(1, workers)
+        self.on_gpu = device.type == "cuda"
+        self.prefetch = 2
+
+    # ------------------------------------------------------------------ pipeline
+
+    def _pipeline(self, source, batch_size: int):
+        from nvidia.dali import fn, pipeline_def, types
+
+        pre = self.pre
+        on_gpu = self.on_gpu
+
+        @pipeline_def(
+            batch_size=batch_size,
+            num_threads=self.threads,
+            device_id=(self.device.index or 0) if on_gpu else None,
+            prefetch_queue_depth=self.prefetch,
+            exec_dynamic=True,  # an operator error fails one iteration, not the pipeline
+        )
+        def pipe():
+            encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1, no_copy=False)
+            if on_gpu:
+                images = fn.decoders.image(
+                    encoded, device="mixed", output_type=types.RGB, hw_decoder_load=0.65,
+                    device_memory_padding=64 << 20, host_memory_padding=8 << 20,
+                    preallocate_width_hint=1024, preallocate_height_hint=1024,
+                )
+            else:
+                images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=pre.resize, interp_type=getattr(types, _INTERP[pre.interpolation]), antialias=True)
+            return fn.crop_mirror_normalize(
+                images,
+                crop=(pre.image_size, pre.image_size),
+                crop_pos_x=0.5,
+                crop_pos_y=0.5,
+                mean=[m * 255.0 for m in pre.mean],
+                std=[s * 255.0 for s in pre.std],
+                dtype=types.FLOAT16 if on_gpu else types.FLOAT,
+                output_layout="HWC",  # NHWC storage = a channels_last NCHW tensor, no copy
+            )
+
+        p = pipe()
+        p.build()
+        return p
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        """DALI batch (B, S, S, 3) → torch (B, 3, S, S) channels_last view on the target device."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        shape = (len(tensor_list), self.pre.image_size, self.pre.image_size, 3)
+        dtype = torch.float16 if self.on_gpu else torch.float32
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        if self.on_gpu:
+            feed_ndarray(tensor_list.as_tensor(), out, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            out.copy_(torch.from_numpy(tensor_list.as_array()))
+        return out.permute(0, 3, 1, 2)
+
+    def _placeholder(self, n: int) -> torch.Tensor:
+        size = self.pre.image_size
+        dtype = torch.float16 if self.on_gpu else torch.float32
+        return torch.zeros(n, size, size, 3, dtype=dtype, device=self.device).permute(0, 3, 1, 2)
+
+    # ------------------------------------------------------------------ iteration
+
+    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
+        if not plan:
+            return
+        read_errors: list[dict[int, str]] = []
+        fed_rows: list[list[int]] = []
+
+        def source():
+            # runs ahead of the consumer by the prefetch depth; unreadable files are replaced by a
+            # readable one of the same batch (or skipped when none) and reported per batch
+            for rows in plan:
+                data, errors, ok_rows = [], {}, []
+                for r in rows.tolist():
+                    arr, reason = _read(paths[r])
+                    if arr is None:
+                        errors[r] = reason
+                    else:
+                        data.append(arr)
+                        ok_rows.append(r)
+                read_errors.append(errors)
+                fed_rows.append(ok_rows)
+                if not data:
+                    data = [_tiny_jpeg()]  # DALI needs a non-empty batch; its output is discarded
+                yield data
+
+        pipe = self._pipeline(source(), max(len(p) for p in plan))
+        try:
+            for i, rows in enumerate(plan):
+                try:
+                    (out,) = pipe.run()
+                    decoded, bad = self._to_torch(out), {}
+                    ok_rows = fed_rows[i]
+                except StopIteration:
+                    raise
+                except Exception:  # a file DALI cannot decode: find it, keep the rest of the batch
+                    ok_rows = fed_rows[i]
+                    decoded_parts, bad = self._bisect([paths[r] for r in ok_rows], ok_rows)
+                    ok_rows = [r for r in ok_rows if r not in bad]
+                    decoded = torch.cat(decoded_parts) if decoded_parts else None
+                errors = {**read_errors[i], **bad}
+                yield Batch(rows, self._assemble(rows, ok_rows, decoded), errors)
+        finally:
+            del pipe
+
+    def _assemble(self, rows: np.ndarray, ok_rows: list[int], decoded: torch.Tensor | None) -> torch.Tensor:
+        if len(ok_rows) == len(rows):
+            return decoded
+        images = self._placeholder(len(rows))
+        if ok_rows:
+            where = {r: i for i, r in enumerate(rows.tolist())}
+            index = torch.as_tensor([where[r] for r in ok_rows], device=self.device)
+            images[index] = decoded[: len(ok_rows)].to(images.dtype)
+        return images
+
+    def _bisect(self, files: list[str], rows: list[int]) -> tuple[list[torch.Tensor], dict[int, str]]:
+        """Decode ``files`` in ever smaller pipelines; return the decoded good ones (in order) and the bad rows."""
+        if not files:
+            return [], {}
+        try:
+            data = [np.fromfile(f, dtype=np.uint8) for f in files]
+            pipe = self._pipeline(iter([data]), len(data))
+            (out,) = pipe.run()
+            result = self._to_torch(out)
+            del pipe
+            return [result], {}
+        except Exception as e:
+            if len(files) == 1:
+                return [], {rows[0]: "DALI could not decode: " + _first_line(e)}
+        mid = len(files) // 2
+        left, bad_left = self._bisect(files[:mid], rows[:mid])
+        right, bad_right = self._bisect(files[mid:], rows[mid:])
+        return left + right, {**bad_left, **bad_right}
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "Critical error" not in ln]
+    text = next((ln for ln in lines if "rror" in ln or "decode" in ln.lower()), lines[0] if lines else type(e).__name__)
+    return text[:300]
+
+
+def _tiny_jpeg() -> np.ndarray:
+    """A valid 1×1 JPEG, fed when every file of a batch is unreadable (DALI cannot run an empty batch)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="JPEG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)

@@ -1,0 +1,76 @@
+"""The reference loader: PIL decode + torchvision transforms in a DataLoader with worker processes."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..preprocess import Preprocess
+from . import Batch, normalize_on_device
+from .decode import open_rgb
+
+
+def build_transform(pre: Preprocess):
+    from torchvision.transforms import v2
+    from torchvision.transforms import InterpolationMode
+
+    interp = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
+    return v2.Compose([
+        v2.Resize(pre.resize, interpolation=interp[pre.interpolation], antialias=True),
+        v2.CenterCrop(pre.image_size),
+        v2.PILToTensor(),
+    ])
+
+
+class _Images(Dataset):
+    def __init__(self, paths: list[str], pre: Preprocess):
+        self.paths = paths
+        self.pre = pre
+        self.transform = build_transform(pre)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int):
+        try:
+            image = self.transform(open_rgb(self.paths[row]))
+            reason = ""
+        except Exception as e:  # any decode failure marks the row invalid instead of killing the run
+            size = self.pre.image_size
+            image = torch.zeros(3, size, size, dtype=torch.uint8)
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        return row, image, reason
+
+
+def _collate(items):
+    rows = np.asarray([r for r, _, _ in items], dtype=np.int64)
+    images = torch.stack([im for _, im, _ in items])
+    errors = {int(r): reason for r, _, reason in items if reason}
+    return rows, images, errors
+
+
+class TorchLoader:
+    name = "torch"
+
+    def __init__(self, preprocess: Preprocess, device: torch.device, workers: int):
+        self.pre = preprocess
+        self.device = device
+        self.workers = workers
+
+    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
+        if not plan:
+            return
+        loader = DataLoader(
+            _Images(paths, self.pre),
+            batch_sampler=[p.tolist() for p in plan],
+            num_workers=self.workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.workers else None,
+            persistent_workers=False,
+        )
+        for rows, images, errors in loader:
+            yield Batch(rows, normalize_on_device(images, self.pre, self.device, channels_last_input=False), errors)

@@ -1,0 +1,75 @@
+"""One writer per store: a lock file naming the holder's pid and host; stale locks are taken over."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import FeatstoreError
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class StoreLock:
+    def __init__(self, path: Path, warn: Callable[[str], None] = lambda s: None):
+        self.path = Path(path)
+        self.warn = warn
+        self.held = False
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> "StoreLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.holder()
+                if holder is None:  # being written right now, or garbage: look again
+                    time.sleep(0.05)
+                    if self.holder() is None:
+                        self.path.unlink(missing_ok=True)
+                    continue
+                if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1))):
+                    self.warn(f"taking over a stale lock of pid {holder.get('pid')} (no longer running) on {holder.get('host')}")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise FeatstoreError(
+                    f"store is being written by pid {holder.get('pid')} on host {holder.get('host')}",
+                    f"wait for it to finish; if that process is gone, delete {self.path}",
+                )
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise FeatstoreError(f"cannot take the lock {self.path}", "delete it if no extraction is running")
+
+    def release(self) -> None:
+        if self.held:
+            holder = self.holder()
+            if holder and holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

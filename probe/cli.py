@@ -1,0 +1,99 @@
+"""The ``probe`` command line: parse, call :func:`probe.fit`, print the summary. No logic here."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from featstore.errors import FeatstoreError, UsageError
+
+from .protocol import DEFAULT_LR_GRID, NORMALIZATIONS, OPTIMIZERS, Protocol
+
+_DEFAULTS = Protocol()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class _Group(click.Group):
+    """Prints every failure as one ``error: …`` line (traceback only with --debug) and exits
+    2 for usage errors, 1 for runtime failures."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv
+        try:
+            code = super().main(args=argv, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+        except FeatstoreError as e:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {e.one_line()}", err=True)
+            code = e.exit_code
+        except click.ClickException as e:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {_one_line(e.format_message())} (see `probe fit --help`)", err=True)
+            code = 2 if isinstance(e, click.UsageError) else e.exit_code
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            click.echo("error: interrupted; no results were written", err=True)
+            code = 130
+        except Exception as e:  # noqa: BLE001 (the CLI's last line of defence: one line, no traceback)
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)", err=True)
+            code = 1
+        sys.exit(code or 0)
+
+
+@click.group(cls=_Group)
+def main():
+    """Linear probes on featstore feature stores: every head of an LR sweep trained at once."""
+
+
+@main.command("fit")
+@click.option("--store", "stores", multiple=True, required=True, metavar="PATH", help="Feature store; repeat to compare stores under one protocol.")
+@click.option("--view", "views", multiple=True, metavar="NAME", help="Feature view; repeatable. Default: every view the stores share.")
+@click.option("--lr-grid", "lr_grid", is_flag=False, flag_value=DEFAULT_LR_GRID, default=None, metavar="[GRID]",
+              help=f"LR grid: a list 1e-4,1e-3,0.01 or a log range start:stop:count. Bare --lr-grid (or no --lr) means {DEFAULT_LR_GRID}.")  # fmt: skip
+@click.option("--lr", type=float, default=None, help="One fixed learning rate instead of a grid.")
+@click.option("--wd-grid", default="0", show_default=True, metavar="GRID", help="Weight-decay grid, same syntax (0 allowed in a list).")
+@click.option("--epochs", type=int, default=_DEFAULTS.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_DEFAULTS.optimizer, show_default=True, help="sgd = SGD with momentum; both use a cosine schedule.")
+@click.option("--momentum", type=float, default=_DEFAULTS.momentum, show_default=True, help="SGD momentum.")
+@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=_DEFAULTS.normalize, show_default=True,
+              help="Feature normalization; standardize = BatchNorm without affine, statistics from train.")  # fmt: skip
+@click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True, help="Seeded stratified part of train used for selection when the store has no val split.")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seeds the minibatch order (and the holdout).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--out", default="probe-results", show_default=True, metavar="DIR", help="Output folder: results.csv, protocol.json, accuracy_vs_lr.png.")
+@click.option("--allow-different-data", is_flag=True, help="Compare stores whose dataset manifests differ.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def fit_command(stores, views, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, val_fraction, seed, device, out, allow_different_data, quiet, debug):
+    """Train every head of the LR (× weight-decay) grid at once on each store × view, select on
+    validation, report on test, and write results.csv, protocol.json and accuracy_vs_lr.png."""
+    from .fit import fit
+    from .report import markdown_table
+
+    if lr is not None and lr_grid is not None:
+        raise UsageError("--lr and --lr-grid are exclusive", "pass one fixed --lr or a --lr-grid")
+    if lr is not None and not lr > 0:
+        raise UsageError(f"--lr must be positive, got {lr:g}", "pass e.g. --lr 0.01")
+    grid = (lr,) if lr is not None else (lr_grid or DEFAULT_LR_GRID)
+    protocol = Protocol(
+        lr_grid=grid, wd_grid=wd_grid, optimizer=optimizer, epochs=epochs, batch_size=batch_size, momentum=momentum,
+        normalize=normalize, val_fraction=val_fraction, seed=seed,
+    )  # fmt: skip
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    warn = lambda m: click.echo(f"warning: {_one_line(m)}", err=True)  # noqa: E731
+    rows = fit(list(stores), protocol, views=list(views) or None, device=device, allow_different_data=allow_different_data, out=out, log=log, warn=warn)
+    click.echo(markdown_table(rows))
+    click.echo(f"wrote {out}/results.csv ({len(rows)} rows), {out}/protocol.json, {out}/accuracy_vs_lr.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Batched linear heads: every (lr, wd) head of a sweep trained in one computation.
+
+All H heads share the input features, so their weights are kept side by side as one (D, H·C)
+matrix: a minibatch costs one GEMM forward (B×D @ D×H·C) and one GEMM for the weight gradient,
+whatever H is. ``LinearHeads.weight`` shows the same memory as (H, D, C). Gradients and the
+optimizer steps (SGD with momentum, AdamW) are written out by hand on these tensors, with the
+per-head learning rate and weight decay as per-column vectors, so head h follows exactly the
+update torch.optim would apply to a lone nn.Linear with that lr and wd (tests check this).
+
+Nothing in the training loop copies between host and device or synchronizes: the minibatch
+order of every epoch is drawn up front and moved to the device once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from featstore.errors import UsageError
+
+from .protocol import Protocol
+
+BN_EPS = 1e-5  # torch.nn.BatchNorm1d's default, so "standardize" is BatchNorm without affine
+_EVAL_ELEMENTS = 1 << 24  # logits elements per evaluation chunk (64 MiB in float32)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available", "use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}", "use auto, cpu or cuda") from None
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU (no fast bf16 there); bfloat16 on GPUs that have it, else float16."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def epoch_orders(num_rows: int, epochs: int, seed: int) -> np.ndarray:
+    """(epochs, num_rows) minibatch order over all rows of a split, from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(num_rows, generator=g) for _ in range(epochs)]).numpy()
+
+
+def restrict_orders(orders: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The orders of ``orders`` kept to ``rows`` (indices into the full split), renumbered 0..len(rows)-1.
+
+    Drawing the order over the full split and then dropping unused rows keeps the order of the
+    rows two stores share identical even when one of them has invalid rows the other lacks.
+    """
+    position = np.full(orders.shape[1], -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    mapped = position[orders]
+    return mapped[mapped >= 0].reshape(orders.shape[0], len(rows))
+
+
+def standardize_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and 1/sqrt(var + eps) of ``x`` in float32, accumulated in chunks to bound memory."""
+    n, d = x.shape
+    total = torch.zeros(d, dtype=torch.float64, device=x.device)
+    sq = torch.zeros(d, dtype=torch.float64, device=x.device)
+    step = max(1, (1 << 24) // max(d, 1))
+    for i in range(0, n, step):
+        chunk = x[i : i + step].to(torch.float64)
+        total += chunk.sum(0)
+        sq += (chunk * chunk).sum(0)
+    mean = total / n
+    var = (sq / n - mean * mean).clamp_min(0)
+    return mean.float(), torch.rsqrt(var.float() + BN_EPS)
+
+
+def prepare(x: torch.Tensor, method: str, dtype: torch.dtype, stats=None, chunk_rows: int = 1 << 16) -> torch.Tensor:
+    """Normalize ``x`` (any float dtype, already on its device) into a new ``dtype`` tensor, in chunks."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for i in range(0, x.shape[0], chunk_rows):
+        chunk = x[i : i + chunk_rows].float()
+        if method == "l2":
+            chunk = chunk / chunk.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        elif method == "standardize":
+            mean, inv_std = stats
+            chunk = (chunk - mean) * inv_std
+        elif method != "none":
+            raise UsageError(f"unknown normalization {method!r}", "use none, l2 or standardize")
+        out[i : i + chunk_rows] = chunk
+    return out
+
+
+class LinearHeads:
+    """H linear classifiers D → C over the same features, stored as one (D, H·C) weight matrix."""
+
+    def __init__(self, dim: int, num_classes: int, lrs, wds, device: torch.device | str = "cpu"):
+        lrs = torch.as_tensor(lrs, dtype=torch.float32)
+        wds = torch.as_tensor(wds, dtype=torch.float32)
+        if lrs.shape != wds.shape or lrs.ndim != 1:
+            raise ValueError("lrs and wds must be 1-D and of the same length")
+        self.dim, self.num_classes, self.num_heads = int(dim), int(num_classes), len(lrs)
+        self.device = torch.device(device)
+        hc = self.num_heads * self.num_classes
+        # zero init: the problem is convex, and every head (and a lone reference head) starts identical
+        self.w = torch.zeros(self.dim, hc, device=self.device)
+        self.b = torch.zeros(hc, device=self.device)
+        self.lrs = lrs.to(self.device)
+        self.wds = wds.to(self.device)
+        self._lr_cols = self.lrs.repeat_interleave(self.num_classes)
+        self._wd_cols = self.wds.repeat_interleave(self.num_classes)
+        self._state: dict[str, torch.Tensor] = {}
+        self._step = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """(H, D, C) view of the weights."""
+        return self.w.view(self.dim, self.num_heads, self.num_classes).permute(1, 0, 2)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """(H, C) view of the biases."""
+        return self.b.view(self.num_heads, self.num_classes)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, C) float32 logits of every head."""
+        if x.dtype == torch.float32:
+            out = torch.addmm(self.b, x, self.w)
+        else:
+            out = torch.mm(x, self.w.to(x.dtype)).float().add_(self.b)
+        return out.view(x.shape[0], self.num_heads, self.num_classes)
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Weight and bias gradients of every head's mean cross-entropy on (x, y), and the (H,) loss sums."""
+        b = x.shape[0]
+        logp = torch.log_softmax(self.logits(x), dim=-1)
+        target = y.view(b, 1, 1).expand(b, self.num_heads, 1)
+        loss_sum = -logp.gather(2, target).sum(dim=(0, 2))
+        g = logp.exp_()
+        g.scatter_add_(2, target, torch.full((1, 1, 1), -1.0, device=g.device).expand(b, self.num_heads, 1))
+        g = g.view(b, -1).div_(b)
+        if x.dtype == torch.float32:
+            gw = torch.mm(x.t(), g)
+        else:
+            gw = torch.mm(x.t(), g.to(x.dtype)).float()
+        return gw, g.sum(0), loss_sum
+
+    def step(self, gw: torch.Tensor, gb: torch.Tensor, protocol: Protocol, factor: float) -> None:
+        """One optimizer step for every head; ``factor`` is the schedule's multiplier of the base LR."""
+        lr = self._lr_cols * factor
+        if protocol.optimizer == "sgd":
+            # torch.optim.SGD semantics: coupled L2 on the weights (not the bias), then momentum
+            if protocol.wd_grid != (0.0,):
+                gw = gw.addcmul(self.w, self._wd_cols)
+            if protocol.momentum > 0:
+                if not self._state:
+                    self._state = {"mw": torch.zeros_like(self.w), "mb": torch.zeros_like(self.b)}
+                gw = self._state["mw"].mul_(protocol.momentum).add_(gw)
+                gb = self._state["mb"].mul_(protocol.momentum).add_(gb)
+            self.w.addcmul_(gw, lr, value=-1.0)
+            self.b.addcmul_(gb, lr, value=-1.0)
+        else:
+            # torch.optim.AdamW semantics: decoupled decay of the weights, bias-corrected moments
+            if not self._state:
+                self._state = {k: torch.zeros_like(t) for k, t in (("mw", self.w), ("vw", self.w), ("mb", self.b), ("vb", self.b))}
+            self._step += 1
+            beta1, beta2 = protocol.betas
+            bc1 = 1 - beta1**self._step
+            bc2_sqrt = math.sqrt(1 - beta2**self._step)
+            if protocol.wd_grid != (0.0,):
+                self.w.mul_(1 - lr * self._wd_cols)
+            step_size = lr / bc1
+            for p, g, m, v in ((self.w, gw, self._state["mw"], self._state["vw"]), (self.b, gb, self._state["mb"], self._state["vb"])):
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / bc2_sqrt).add_(protocol.eps)
+                p.addcdiv_(m * step_size, denom, value=-1.0)
+
+    def finite(self) -> torch.Tensor:
+        """(H,) bool: the heads whose weights and biases are all finite (False = diverged)."""
+        w_ok = torch.isfinite(self.w).view(self.dim, self.num_heads, self.num_classes).all(dim=2).all(dim=0)
+        b_ok = torch.isfinite(self.bias).all(dim=1)
+        return w_ok & b_ok
+
+
+def schedule_factor(protocol: Protocol, step: int, total: int) -> float:
+    if protocol.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / total))
+    return 1.0
+
+
+def num_steps(num_rows: int, protocol: Protocol) -> int:
+    return protocol.epochs * math.ceil(num_rows / protocol.batch_size)
+
+
+@dataclass
+class TrainResult:
+    heads: LinearHeads
+    train_loss: torch.Tensor  # (H,) mean cross-entropy over the last epoch
+    steps: int
+
+
+def train(x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protocol, orders: torch.Tensor, progress=None) -> TrainResult:
+    """Train every head on (x, y) for ``protocol.epochs`` epochs.
+
+    ``orders`` is the (epochs, N) minibatch order, already on the device; every head sees the
+    same minibatches in the same order (the last minibatch of an epoch may be smaller).
+    """
+    n = x.shape[0]
+    if orders.shape != (protocol.epochs, n):
+        raise ValueError(f"orders has shape {tuple(orders.shape)}, expected {(protocol.epochs, n)}")
+    bs = protocol.batch_size
+    per_epoch = math.ceil(n / bs)
+    total = protocol.epochs * per_epoch
+    t = 0
+    loss = torch.zeros(heads.num_heads, device=x.device)
+    for epoch in range(protocol.epochs):
+        order = orders[epoch]
+        loss.zero_()
+        for s in range(per_epoch):
+            idx = order[s * bs : (s + 1) * bs]
+            gw, gb, loss_sum = heads.gradients(x.index_select(0, idx), y.index_select(0, idx))
+            loss += loss_sum
+            heads.step(gw, gb, protocol, schedule_factor(protocol, t, total))
+            t += 1
+        if progress is not None:
+            progress(epoch + 1, protocol.epochs)
+    return TrainResult(heads, loss / n, total)
+
+
+@torch.no_grad()
+def evaluate(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-head top-1 and (with >= 5 classes) top-5 accuracy in percent, as (H,) float64 arrays."""
+    n = x.shape[0]
+    h, c = heads.num_heads, heads.num_classes
+    correct1 = torch.zeros(h, dtype=torch.int64, device=x.device)
+    correct5 = torch.zeros(h, dtype=torch.int64, device=x.device)
+    chunk = max(1, _EVAL_ELEMENTS // (h * c))
+    for i in range(0, n, chunk):
+        logits = heads.logits(x[i : i + chunk])
+        yc = y[i : i + chunk]
+        correct1 += (logits.argmax(dim=-1) == yc[:, None]).sum(0)
+        if c >= 5:
+            correct5 += (logits.topk(5, dim=-1).indices == yc[:, None, None]).any(dim=-1).sum(0)
+    out = {"top1": correct1.cpu().numpy() * 100.0 / max(n, 1)}
+    if c >= 5:
+        out["top5"] = correct5.cpu().numpy() * 100.0 / max(n, 1)
+    return out

@@ -262,6 +262,9 @@ def build_encoder(spec: EncoderSpec, log: Callable[[str], None] = lambda s: None
 
         preset = next((p for p in PRESETS.values() if p.arch == arch), None)
         kwargs = dict(preset.timm_kwargs) if preset else {}
+        if spec.family == "vit":
+            # position embeddings sized for the crop; timm's checkpoint filter resamples weights to it
+            kwargs["img_size"] = spec.preprocess.image_size
         backbone = timm.create_model(arch[5:], pretrained=False, num_classes=0, **kwargs)
     elif arch.startswith("tv:"):
         import torchvision

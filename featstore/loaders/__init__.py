@@ -57,7 +57,7 @@ def make_loader(name: str, preprocess: Preprocess, device: torch.device, workers
         from .dali import DaliLoader
 
         return DaliLoader(preprocess, device, workers)
-    from .torch import TorchLoader
+    from .dataloader import TorchLoader
 
     return TorchLoader(preprocess, device, workers)
 

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.image_kinds import write_good_images
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Digits and weights caches live in a per-session folder, never in the user's home."""
+    cache = tmp_path_factory.mktemp("featstore-cache")
+    old = os.environ.get("FEATSTORE_CACHE")
+    os.environ["FEATSTORE_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("FEATSTORE_CACHE", None)
+    else:
+        os.environ["FEATSTORE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def small_folder(tmp_path_factory) -> Path:
+    """An ImageFolder tree with train/val splits, 2 classes, images of odd modes and sizes."""
+    root = tmp_path_factory.mktemp("small")
+    for split, n in (("train", 8), ("val", 4)):
+        for label in ("cat", "dog"):
+            write_good_images(root / split / label, n, seed=hash((split, label)) % 1000)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="session")
+def imagenette_subset(tmp_path_factory) -> Path:
+    """A few real photographs (2 per class) from ../shared/data/imagenette, copied as an ImageFolder."""
+    if not IMAGENETTE.is_dir():
+        pytest.skip("../shared/data/imagenette is not present")
+    root = tmp_path_factory.mktemp("imagenette")
+    for cls in sorted(p.name for p in (IMAGENETTE / "val").iterdir())[:6]:
+        files = sorted((IMAGENETTE / "val" / cls).iterdir())[:3]
+        (root / cls).mkdir()
+        for f in files:
+            shutil.copy(f, root / cls / f.name)
+    return root
+
+
+def dali_or_skip():
+    from featstore.loaders import dali_available
+
+    if not dali_available():
+        pytest.skip("NVIDIA DALI is not importable here")
+
+
+def centered_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine after removing the mean feature (random-init features all point one way)."""
+    mu = np.concatenate([a, b]).mean(axis=0, keepdims=True)
+    a, b = a - mu, b - mu
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)

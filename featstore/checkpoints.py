@@ -10,7 +10,6 @@ missing.
 from __future__ import annotations
 
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,9 @@ MOCO_DROPPED = ("module.encoder_k.", "module.momentum_encoder.", "encoder_k.", "
 STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
 HEAD_NAMES = frozenset(
     {"fc", "head", "heads", "classifier", "projector", "predictor", "projection_head", "prediction_head",
-     "projection", "prediction", "head_dist", "mask_token", "queue", "queue_ptr"}
+     "projection", "prediction", "head_dist", "mask_token", "queue", "queue_ptr",
+     # MAE's decoder is not part of the encoder
+     "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "decoder_pos_embed"}
 )
 
 
@@ -73,7 +74,7 @@ def _torch_load(path: Path, trust: bool):
                 "pass --trust-checkpoint only if you trust its source, or re-save it as a plain state dict / safetensors",
             ) from e
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # garbage bytes make the unpickler fail in arbitrary ways
         raise FeatstoreError(f"{path.name!r} is not a PyTorch checkpoint ({type(e).__name__})", "pass a .pth/.pt/.safetensors file saved by torch.save or safetensors") from e
 
 
@@ -139,6 +140,12 @@ def load_weights(model: nn.Module, path: str | Path, arch: str = "", trust: bool
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     report = LoadReport(str(path), loaded=len(sd) - len(result.unexpected_keys), missing=missing,
                         unexpected=list(result.unexpected_keys), dropped_heads=len(dropped))
+    if report.unexpected:
+        shown = ", ".join(report.unexpected[:3])
+        raise FeatstoreError(
+            f"weights {Path(path).name!r} do not fit {arch or type(model).__name__}: {len(report.unexpected)} tensors have no place in it, e.g. {shown}",
+            "check --model matches the checkpoint (a deeper or different variant?)",
+        )
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise FeatstoreError(

@@ -29,7 +29,8 @@ def run_cli(group: click.Group, prog_name: str, args: list[str] | None = None) -
         # usage mistakes: one line naming the problem, pointing to --help (exit 2)
         if debug:
             traceback.print_exc()
-        sub = f" {e.ctx.info_name}" if getattr(e, "ctx", None) is not None and e.ctx.info_name != prog_name else ""
+        command = next((a for a in args if a in group.commands), None)  # e.ctx is not always set
+        sub = f" {command}" if command else ""
         message = " ".join(e.format_message().split())
         click.echo(f"error: {message} (see `{prog_name}{sub} --help`)", err=True)
         return e.exit_code

@@ -1,0 +1,400 @@
+"""probe fit: protocol, batched heads, honest selection, outputs, CLI errors (CPU, digits pixels)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import probe
+from featstore.errors import UsageError
+from featstore.store import FeatureStore
+from probe import heads as H
+from probe.cli import main as cli
+from probe.protocol import Protocol, parse_grid
+from probe.selection import stratified_holdout
+
+FAST = dict(epochs=5, batch_size=128)  # enough for digits to reach ~95% at the best LR
+
+
+def digits_splits(seed: int = 0):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x, y = d.data.astype(np.float32), d.target.astype(np.int64)
+    idx = np.arange(len(y))
+    tr, rest = train_test_split(idx, train_size=0.6, stratify=y, random_state=seed)
+    va, te = train_test_split(rest, test_size=0.5, stratify=y[rest], random_state=seed)
+    return {k: (x[i], y[i], i) for k, i in (("train", tr), ("val", va), ("test", te))}
+
+
+def make_store(path, splits: dict, *, view="pixels", dtype="float32", manifest="digits-manifest", invalid=None, finalize=True, extra_views=()):
+    """A store from {split: (features, labels, ids)}; ``invalid``: {split: rows} written as valid=False + NaN."""
+    invalid = invalid or {}
+    dim = next(iter(splits.values()))[0].shape[1]
+    views = {view: dim, **{v: dim for v in extra_views}}
+    spec = {s: ([f"{int(i)}.png" for i in ids], labels) for s, (_, labels, ids) in splits.items()}
+    classes = int(max(l.max() for _, l, _ in splits.values())) + 1
+    store = FeatureStore.create(
+        path, splits=spec, views=views, dtype=dtype, chunk_rows=256,
+        attrs={
+            "encoder": {"name": "pixels", "arch": "none", "family": "none", "weights_path": None, "weights_sha256": "0" * 64},
+            "dataset": {"name": "digits", "root": "/data", "class_names": [str(c) for c in range(classes)], "num_classes": classes,
+                        "splits": list(splits), "manifest_sha256": manifest},
+        },
+    )  # fmt: skip
+    for s, (x, _, _) in splits.items():
+        x = x.copy()
+        valid = np.ones(len(x), bool)
+        valid[invalid.get(s, [])] = False
+        x[~valid] = np.nan
+        for u in store.units(s):
+            store.write_unit(u, {v: x[u.start : u.stop] for v in views}, valid[u.start : u.stop], {int(r) - u.start: "bad" for r in np.flatnonzero(~valid) if u.start <= r < u.stop} or None)
+    if finalize:
+        store.finalize()
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_splits()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, digits):
+    return make_store(tmp_path_factory.mktemp("s") / "digits.zarr", digits)
+
+
+def run_cli(args):
+    result = CliRunner().invoke(cli, args)
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code, output, expected_code, *needles):
+    assert code == expected_code, output
+    errors = [l for l in output.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, output
+    assert "Traceback" not in output
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+# ---------------------------------------------------------------- protocol
+
+
+def test_grid_syntax():
+    assert parse_grid("1e-4,1e-3,0.01") == (1e-4, 1e-3, 0.01)
+    assert parse_grid("0.01,1e-4,0.01") == (1e-4, 0.01)
+    grid = parse_grid("1e-5:1e-1:13")
+    assert len(grid) == 13 and grid[0] == 1e-5 and grid[-1] == 0.1 and grid[3] == 1e-4
+    assert parse_grid("0.5:0.5:1") == (0.5,)
+    assert parse_grid("0,1e-4", what="weight decay", allow_zero=True) == (0.0, 1e-4)
+    for bad in ["", "abc", "1e-3,x", "1e-5:1e-1", "1e-5:1e-1:zero", "0:1:5", "1:0.1:5", "1e-3:1e-1:1", "-0.1", "0,0.1", "inf"]:
+        with pytest.raises(UsageError):
+            parse_grid(bad)
+
+
+def test_protocol_hash_stable_and_sensitive():
+    p = Protocol()
+    assert p.hash == Protocol().hash == Protocol.from_dict(json.loads(json.dumps(p.to_dict()))).hash
+    assert Protocol(lr_grid="0.1,0.01").hash == Protocol(lr_grid=[0.01, 0.1]).hash
+    other_process = subprocess.run([sys.executable, "-c", "from probe import Protocol; print(Protocol().hash)"], capture_output=True, text=True, check=True)
+    assert other_process.stdout.strip() == p.hash
+    changes = {
+        "lr_grid": "1e-3,1e-2", "wd_grid": "0,1e-4", "optimizer": "adamw", "epochs": 7, "batch_size": 64, "momentum": 0.8,
+        "betas": (0.8, 0.99), "eps": 1e-6, "schedule": "constant", "normalize": "l2", "val_fraction": 0.2, "seed": 3, "version": 99,
+    }  # fmt: skip
+    assert set(changes) | {"selection"} == {f.name for f in fields(Protocol)}
+    hashes = {p.hash}
+    for name, value in changes.items():
+        hashes.add(p.replace(**{name: value}).hash)
+    assert len(hashes) == len(changes) + 1
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(optimizer="lbfgs"), dict(normalize="pca"), dict(momentum=1.0), dict(val_fraction=0.0), dict(lr_grid="0,1")])
+def test_protocol_rejects_bad_values(bad):
+    with pytest.raises(UsageError):
+        Protocol(**bad)
+
+
+# ---------------------------------------------------------------- batched heads
+
+
+def _reference_head(x, y, orders, protocol, lr, wd):
+    """One nn.Linear trained with torch.optim and the same minibatch order and schedule."""
+    lin = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+    torch.nn.init.zeros_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    groups = [{"params": [lin.weight], "weight_decay": wd}, {"params": [lin.bias], "weight_decay": 0.0}]
+    if protocol.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=protocol.momentum)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=protocol.betas, eps=protocol.eps)
+    per = math.ceil(len(x) / protocol.batch_size)
+    total = protocol.epochs * per
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: H.schedule_factor(protocol, t, total))
+    for e in range(protocol.epochs):
+        for s in range(per):
+            idx = orders[e][s * protocol.batch_size : (s + 1) * protocol.batch_size]
+            loss = torch.nn.functional.cross_entropy(lin(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return lin.weight.detach().T, lin.bias.detach()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_batched_heads_equal_single_head_runs(digits, optimizer):
+    x, y, _ = digits["train"]
+    x = H.prepare(torch.from_numpy(x), "standardize", torch.float32, H.standardize_stats(torch.from_numpy(x)))
+    y = torch.from_numpy(y)
+    p = Protocol(lr_grid="1e-3,1e-2,0.1", wd_grid="0,1e-3", optimizer=optimizer, epochs=3, batch_size=100)  # 1078 rows: last batch is partial
+    orders = torch.from_numpy(H.epoch_orders(len(x), p.epochs, p.seed))
+    batched = H.LinearHeads(x.shape[1], 10, *zip(*p.heads))
+    H.train(x, y, batched, p, orders)
+    assert batched.weight.shape == (6, 64, 10) and batched.bias.shape == (6, 10)
+    # Adam divides by sqrt(v): where a gradient is ~0, float rounding of the GEMM (blocked
+    # differently for 1 and 6 heads) moves a step by up to lr, so its tolerance is wider
+    atol = 1e-6 if optimizer == "sgd" else 1e-4
+    for h, (lr, wd) in enumerate(p.heads):
+        single = H.LinearHeads(x.shape[1], 10, [lr], [wd])
+        H.train(x, y, single, p, orders)
+        torch.testing.assert_close(batched.weight[h], single.weight[0], rtol=1e-5, atol=atol)
+        torch.testing.assert_close(batched.bias[h], single.bias[0], rtol=1e-5, atol=atol)
+        ref_w, ref_b = _reference_head(x, y, orders, p, lr, wd)
+        torch.testing.assert_close(batched.weight[h], ref_w, rtol=1e-4, atol=10 * atol)
+        torch.testing.assert_close(batched.bias[h], ref_b, rtol=1e-4, atol=10 * atol)
+
+
+def test_standardize_uses_train_statistics():
+    rng = np.random.default_rng(0)
+    train = torch.from_numpy(rng.normal(3, 2, (500, 8)).astype(np.float32))
+    other = torch.from_numpy(rng.normal(-5, 9, (50, 8)).astype(np.float32))
+    stats = H.standardize_stats(train)
+    t = H.prepare(train, "standardize", torch.float32, stats)
+    torch.testing.assert_close(t.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(t.var(0, unbiased=False), torch.ones(8), atol=1e-3, rtol=0)
+    bn = torch.nn.BatchNorm1d(8, affine=False).train()
+    bn(train)  # BatchNorm without affine, running stats from train (momentum None = cumulative)
+    bn.eval()
+    bn.running_mean.copy_(train.mean(0))
+    bn.running_var.copy_(train.var(0, unbiased=False))
+    torch.testing.assert_close(H.prepare(other, "standardize", torch.float32, stats), bn(other), rtol=1e-4, atol=1e-4)
+    l2 = H.prepare(other, "l2", torch.float32)
+    torch.testing.assert_close(l2.norm(dim=1), torch.ones(50))
+
+
+# ---------------------------------------------------------------- accuracy and selection
+
+
+def test_selected_head_agrees_with_sklearn(store, digits):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rows = probe.fit([store], Protocol(), device="cpu", warn=lambda m: None)
+    chosen = [r for r in rows if r["selected"]]
+    assert len(chosen) == 1 and chosen[0]["report_split"] == "test"
+    (xtr, ytr, _), (xv, yv, _), (xt, yt, _) = digits["train"], digits["val"], digits["test"]
+    scaler = StandardScaler().fit(xtr)
+    best = None
+    for c in np.logspace(-4, 4, 17):
+        m = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(xtr), ytr)
+        val = 100 * m.score(scaler.transform(xv), yv)
+        if best is None or val > best[0]:
+            best = (val, 100 * m.score(scaler.transform(xt), yt))
+    assert abs(chosen[0]["test_top1"] - best[1]) <= 1.0, (chosen[0], best)
+
+
+def test_selection_never_looks_at_test(tmp_path, digits):
+    scrambled = dict(digits)
+    x, y, ids = digits["test"]
+    scrambled["test"] = (x, np.random.default_rng(1).permutation(y)[::-1].copy(), ids)
+    a = probe.fit([make_store(tmp_path / "a.zarr", digits)], Protocol(**FAST), device="cpu", warn=lambda m: None)
+    b = probe.fit([make_store(tmp_path / "b.zarr", scrambled)], Protocol(**FAST), device="cpu", warn=lambda m: None, allow_different_data=True)
+    pick = lambda rows: next(r for r in rows if r["selected"])  # noqa: E731
+    assert pick(a)["lr"] == pick(b)["lr"]
+    assert [r["val_top1"] for r in a] == [r["val_top1"] for r in b]
+    assert pick(b)["test_top1"] < pick(a)["test_top1"] - 50
+
+
+def test_holdout_when_store_has_no_val(tmp_path, digits):
+    two = {"train": digits["train"], "test": digits["test"]}
+    s = make_store(tmp_path / "tt.zarr", two, manifest="m2")
+    rows = probe.fit(s, Protocol(**FAST), device="cpu", warn=lambda m: None)
+    r = rows[0]
+    assert r["val_split"] == "holdout" and r["report_split"] == "test"
+    assert r["n_train"] + r["n_val"] == len(digits["train"][1]) and abs(r["n_val"] - 0.1 * len(digits["train"][1])) <= 10
+    again = probe.fit(s, Protocol(**FAST), device="cpu", warn=lambda m: None)
+    assert [r["val_top1"] for r in rows] == [r["val_top1"] for r in again]
+    tr, hold = stratified_holdout(digits["train"][1], 0.1, 0)
+    assert len(np.intersect1d(tr, hold)) == 0 and set(np.unique(digits["train"][1][hold])) == set(range(10))
+
+    only = make_store(tmp_path / "all.zarr", {"all": digits["train"]}, manifest="m3")
+    rows = probe.fit(only, Protocol(**FAST), device="cpu", warn=lambda m: None)
+    sel = next(r for r in rows if r["selected"])
+    assert sel["train_split"] == "all" and sel["report_split"] == "holdout" and sel["test_top1"] is None and not any(r["best_test"] for r in rows)
+    table = probe.report.markdown_table(rows)
+    assert "no test split" in table
+
+
+def test_two_stores_share_protocol_and_minibatch_order(tmp_path, digits):
+    a = make_store(tmp_path / "a.zarr", digits)
+    b = make_store(tmp_path / "b.zarr", digits)
+    rows = probe.fit([a, b], Protocol(**FAST), device="cpu", warn=lambda m: None)
+    ra = [r for r in rows if r["store"] == str(a)]
+    rb = [r for r in rows if r["store"] == str(b)]
+    keys = ["lr", "train_top1", "val_top1", "test_top1", "train_loss", "selected"]
+    assert [[r[k] for k in keys] for r in ra] == [[r[k] for k in keys] for r in rb]
+    assert len({r["protocol_hash"] for r in rows}) == 1
+
+
+def test_invalid_and_nonfinite_rows_are_excluded_and_counted(tmp_path, digits):
+    s = make_store(tmp_path / "inv.zarr", digits, invalid={"train": [0, 5], "test": [3]})
+    # a valid row with Inf features (e.g. float16 overflow)
+    fs = FeatureStore.open(s, mode="r+")
+    arr = fs._group["val"]["features"]["pixels"]
+    row = arr[7]
+    row[0] = np.inf
+    arr[7] = row
+    warnings = []
+    rows = probe.fit(s, Protocol(**FAST), device="cpu", warn=warnings.append)
+    r = rows[0]
+    assert r["excluded_invalid"] == 3 and r["excluded_nonfinite"] == 1
+    assert r["n_train"] == len(digits["train"][1]) - 2 and r["n_val"] == len(digits["val"][1]) - 1 and r["n_test"] == len(digits["test"][1]) - 1
+    assert any("1 valid rows have NaN/Inf" in w and "'val'" in w for w in warnings)
+
+
+def test_fewer_than_five_classes_has_no_top5(tmp_path, digits):
+    three = {k: (x[y < 3], y[y < 3], i[y < 3]) for k, (x, y, i) in digits.items()}
+    rows = probe.fit(make_store(tmp_path / "c3.zarr", three, manifest="m3c"), Protocol(**FAST), device="cpu", warn=lambda m: None)
+    assert all(r["test_top5"] is None and r["test_top1"] is not None for r in rows)
+
+
+def test_diverged_heads_are_flagged_and_never_selected(store):
+    warnings = []
+    rows = probe.fit(store, Protocol(lr_grid="0.01,1e38", normalize="none", **FAST), device="cpu", warn=warnings.append)
+    bad = next(r for r in rows if r["lr"] == 1e38)
+    assert bad["diverged"] and not bad["selected"] and bad["val_top1"] is None
+    assert next(r for r in rows if r["lr"] == 0.01)["selected"]
+    assert any("diverged" in w for w in warnings)
+
+
+# ---------------------------------------------------------------- outputs and CLI
+
+
+def test_cli_writes_csv_protocol_and_plot(store, tmp_path):
+    out = tmp_path / "res"
+    code, output = run_cli(["fit", "--store", str(store), "--lr-grid", "1e-3:1e-1:5", "--wd-grid", "0,1e-4", "--epochs", "5", "--batch-size", "128", "--out", str(out)])
+    assert code == 0, output
+    with open(out / "results.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == probe.COLUMNS
+    for col in ["store", "encoder", "weights_sha256", "view", "lr", "wd", "epochs", "batch_size", "normalize", "seed", "train_top1", "val_top1", "test_top1",
+                "train_top5", "val_top5", "test_top5", "selected", "protocol_hash", "seconds"]:  # fmt: skip
+        assert col in reader.fieldnames
+    assert len(rows) == 10 and sum(r["selected"] == "true" for r in rows) == 1 and sum(r["best_test"] == "true" for r in rows) == 1
+    record = json.loads((out / "protocol.json").read_text())
+    assert record["protocol_hash"] == rows[0]["protocol_hash"] == Protocol.from_dict(record["protocol"]).hash
+    assert (out / "accuracy_vs_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*tmp"))
+    assert "| store |" in output and "selected lr" in output and "best-of-sweep" in output
+
+
+def test_cli_fixed_lr_and_api_mirror(store, tmp_path):
+    code, output = run_cli(["fit", "--store", str(store), "--lr", "0.05", "--epochs", "3", "--batch-size", "256", "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 0, output
+    assert "lr (fixed)" in output and "best-of-sweep" not in output
+    rows = probe.fit([store], Protocol(lr_grid=[0.05], epochs=3, batch_size=256), device="cpu")
+    with open(tmp_path / "o" / "results.csv") as f:
+        cli_row = next(csv.DictReader(f))
+    assert float(cli_row["test_top1"]) == rows[0]["test_top1"] and cli_row["selected"] == "true"
+
+
+def test_failed_run_writes_nothing(store, tmp_path, monkeypatch):
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "results.csv").write_text("previous\n")
+
+    def boom(rows, path):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(probe.report, "plot", boom)
+    code, output = run_cli(["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--out", str(out)])
+    assert_one_line_error(code, output, 1, "RuntimeError", "disk full")
+    assert (out / "results.csv").read_text() == "previous\n"
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
+
+
+@pytest.fixture(scope="module")
+def bad_stores(tmp_path_factory, digits):
+    root = tmp_path_factory.mktemp("bad")
+    not_store = root / "plain"
+    not_store.mkdir()
+    single = {k: (x, np.zeros_like(y), i) for k, (x, y, i) in digits.items()}
+    nan_train = make_store(root / "nan.zarr", digits, invalid={"train": list(range(len(digits["train"][1])))})
+    return {
+        "plain": not_store,
+        "incomplete": make_store(root / "inc.zarr", digits, finalize=False),
+        "nosplit": make_store(root / "nosplit.zarr", {"a": digits["train"], "b": digits["test"]}),
+        "single": make_store(root / "single.zarr", single),
+        "other": make_store(root / "other.zarr", digits, manifest="another-manifest"),
+        "alltrainnan": nan_train,
+    }
+
+
+@pytest.mark.parametrize(
+    "case, args, code, needles",
+    [
+        ("missing", ["--store", "{root}/nope.zarr", "--lr", "0.1"], 2, ["not found"]),
+        ("plain", ["--store", "{plain}", "--lr", "0.1"], 2, ["not a featstore store"]),
+        ("incomplete", ["--store", "{incomplete}", "--lr", "0.1"], 2, ["incomplete"]),
+        ("view", ["--store", "{good}", "--view", "cls", "--lr", "0.1"], 2, ["view 'cls' not in store", "pixels"]),
+        ("split", ["--store", "{nosplit}", "--lr", "0.1"], 2, ["no 'train' split", "a, b"]),
+        ("grid", ["--store", "{good}", "--lr-grid", "1e-5:1e-1"], 2, ["start:stop:count"]),
+        ("grid-word", ["--store", "{good}", "--lr-grid", "fast"], 2, ["'fast' is not a number"]),
+        ("lr-zero", ["--store", "{good}", "--lr", "0"], 2, ["--lr must be positive"]),
+        ("grid-neg", ["--store", "{good}", "--lr-grid", "-1,0.1"], 2, ["not a positive number"]),
+        ("both", ["--store", "{good}", "--lr", "0.1", "--lr-grid", "0.1,1"], 2, ["exclusive"]),
+        ("single", ["--store", "{single}", "--lr", "0.1"], 2, ["single class"]),
+        ("manifest", ["--store", "{good}", "--store", "{other}", "--lr", "0.1"], 2, ["different data", "manifest_sha256", "--allow-different-data"]),
+        ("nan", ["--store", "{alltrainnan}", "--lr", "0.1"], 1, ["no usable rows"]),
+        ("choice", ["--store", "{good}", "--normalize", "pca"], 2, ["pca"]),
+        ("nostore", ["--lr", "0.1"], 2, ["--store"]),
+        ("twice", ["--store", "{good}", "--store", "{good}", "--lr", "0.1"], 2, ["given twice"]),
+        ("epochs", ["--store", "{good}", "--epochs", "0"], 2, ["epochs must be >= 1"]),
+    ],
+)
+def test_cli_bad_inputs(case, args, code, needles, bad_stores, store, tmp_path):
+    paths = {k: str(v) for k, v in bad_stores.items()}
+    args = [a.format(root=tmp_path, good=store, **paths) for a in args]
+    out = tmp_path / "out"
+    got, output = run_cli(["fit", *args, "--epochs" if "--epochs" not in args else "--seed", "1", "--out", str(out)])
+    assert_one_line_error(got, output, code, *needles)
+    assert not (out / "results.csv").exists()
+
+
+def test_allow_different_data_warns(store, bad_stores, tmp_path):
+    code, output = run_cli(["fit", "--store", str(store), "--store", str(bad_stores["other"]), "--lr", "0.1", "--epochs", "1", "--allow-different-data", "--out", str(tmp_path / "o")])
+    assert code == 0, output
+    assert "warning: stores" in output and "different data" in output
+
+
+def test_debug_shows_traceback_and_console_script(tmp_path):
+    code, output = run_cli(["fit", "--store", str(tmp_path / "nope.zarr"), "--debug"])
+    assert code == 2 and "Traceback" in output and "error: store" in output
+    exe = Path(sys.executable).with_name("probe")
+    proc = subprocess.run([str(exe), "fit", "--store", str(tmp_path / "nope.zarr")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: store") and "Traceback" not in proc.stderr

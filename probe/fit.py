@@ -107,10 +107,13 @@ def _prepare_store(path, fs: FeatureStore, protocol: Protocol) -> _Store:
             raise FeatstoreError(f"store {str(path)!r} split {s!r} has negative labels", "the store is damaged; re-extract it")
     plan = plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, protocol.seed)
     valid = {s: fs.valid(s) for s in {plan.train_split, plan.select_source, "test" if plan.has_test else plan.select_source}}
-    train_classes = np.unique(labels[plan.train_split][plan.train_rows][valid[plan.train_split][plan.train_rows]])
+    train_valid = valid[plan.train_split][plan.train_rows]
+    if not train_valid.any():
+        raise FeatstoreError(f"store {str(path)!r}: split {plan.train_split!r} has no valid rows to train on", "every image of it failed to decode; check the dataset")
+    train_classes = np.unique(labels[plan.train_split][plan.train_rows][train_valid])
     if len(train_classes) < 2:
         raise UsageError(
-            f"store {str(path)!r}: the training rows have a single class ({', '.join(map(str, train_classes)) or 'none'})",
+            f"store {str(path)!r}: the training rows have a single class (label {train_classes[0]})",
             "a linear probe needs labels of at least 2 classes",
         )
     return _Store(str(path), fs, labels, valid, plan, _num_classes(fs, labels))

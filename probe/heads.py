@@ -99,19 +99,20 @@ def prepare(x: torch.Tensor, method: str, dtype: torch.dtype, stats=None, chunk_
 class LinearHeads:
     """H linear classifiers D → C over the same features, stored as one (D, H·C) weight matrix."""
 
-    def __init__(self, dim: int, num_classes: int, lrs, wds, device: torch.device | str = "cpu"):
-        lrs = torch.as_tensor(lrs, dtype=torch.float32)
-        wds = torch.as_tensor(wds, dtype=torch.float32)
+    def __init__(self, dim: int, num_classes: int, lrs, wds, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        lrs = torch.as_tensor(lrs, dtype=torch.float64)
+        wds = torch.as_tensor(wds, dtype=torch.float64)
         if lrs.shape != wds.shape or lrs.ndim != 1:
             raise ValueError("lrs and wds must be 1-D and of the same length")
         self.dim, self.num_classes, self.num_heads = int(dim), int(num_classes), len(lrs)
         self.device = torch.device(device)
         hc = self.num_heads * self.num_classes
         # zero init: the problem is convex, and every head (and a lone reference head) starts identical
-        self.w = torch.zeros(self.dim, hc, device=self.device)
-        self.b = torch.zeros(hc, device=self.device)
-        self.lrs = lrs.to(self.device)
-        self.wds = wds.to(self.device)
+        # master weights and optimizer state in ``dtype`` (float32; float64 only for exactness tests)
+        self.w = torch.zeros(self.dim, hc, device=self.device, dtype=dtype)
+        self.b = torch.zeros(hc, device=self.device, dtype=dtype)
+        self.lrs = lrs.to(self.device, dtype)
+        self.wds = wds.to(self.device, dtype)
         self._lr_cols = self.lrs.repeat_interleave(self.num_classes)
         self._wd_cols = self.wds.repeat_interleave(self.num_classes)
         self._state: dict[str, torch.Tensor] = {}
@@ -128,11 +129,11 @@ class LinearHeads:
         return self.b.view(self.num_heads, self.num_classes)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, C) float32 logits of every head."""
-        if x.dtype == torch.float32:
+        """(B, H, C) logits of every head, in the master dtype (float32)."""
+        if x.dtype == self.w.dtype:
             out = torch.addmm(self.b, x, self.w)
         else:
-            out = torch.mm(x, self.w.to(x.dtype)).float().add_(self.b)
+            out = torch.mm(x, self.w.to(x.dtype)).to(self.w.dtype).add_(self.b)
         return out.view(x.shape[0], self.num_heads, self.num_classes)
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,12 +143,12 @@ class LinearHeads:
         target = y.view(b, 1, 1).expand(b, self.num_heads, 1)
         loss_sum = -logp.gather(2, target).sum(dim=(0, 2))
         g = logp.exp_()
-        g.scatter_add_(2, target, torch.full((1, 1, 1), -1.0, device=g.device).expand(b, self.num_heads, 1))
+        g.scatter_add_(2, target, torch.full((1, 1, 1), -1.0, device=g.device, dtype=g.dtype).expand(b, self.num_heads, 1))
         g = g.view(b, -1).div_(b)
-        if x.dtype == torch.float32:
+        if x.dtype == self.w.dtype:
             gw = torch.mm(x.t(), g)
         else:
-            gw = torch.mm(x.t(), g.to(x.dtype)).float()
+            gw = torch.mm(x.t(), g.to(x.dtype)).to(self.w.dtype)
         return gw, g.sum(0), loss_sum
 
     def step(self, gw: torch.Tensor, gb: torch.Tensor, protocol: Protocol, factor: float) -> None:
@@ -218,7 +219,7 @@ def train(x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protoc
     per_epoch = math.ceil(n / bs)
     total = protocol.epochs * per_epoch
     t = 0
-    loss = torch.zeros(heads.num_heads, device=x.device)
+    loss = torch.zeros(heads.num_heads, device=x.device, dtype=heads.w.dtype)
     for epoch in range(protocol.epochs):
         order = orders[epoch]
         loss.zero_()

@@ -1,0 +1,401 @@
+"""Benchmark: feature extraction from a folder of JPEGs, every stage and the baseline in one run.
+
+For each model × image set × loader:
+
+  decode     the featstore loader alone over the images (decode, resize, crop, normalize, onto the
+             device): images/s with no model
+  inference  the featstore encoder alone on pre-made normalized batches already on the device
+             (channels_last; fp32 on CPU, bf16 autocast on CUDA, exactly as extract does): images/s
+  e2e        featstore.extract.extract() into a fresh temp store: images/s over the whole call
+             (model build, worker start, decode, inference, store writes, finalize)
+  e2e/min    e2e / min(decode, inference): 1.0 means the stages overlap perfectly
+  baseline   the textbook loop on the same images, workers and device: torchvision ImageFolder +
+             PIL transforms + DataLoader, the fp32 NCHW model under no_grad, features appended to a
+             list and saved with np.save (timed from model build to the saved file, like e2e)
+  write      the store alone: the features of the e2e run written again through FeatureStore
+             create + write_unit + finalize (ms per image, part of the stage breakdown)
+
+Image sets: ``224`` = the 224×224 Imagenette JPEGs as they are; ``upscaled`` = the same images
+resized (non-uniformly, bicubic) to 500×375 and saved at JPEG quality 90 — ImageNet-sized files for
+the decoder — built once into ~/.cache/featstore/bench/. ``--limit`` images are taken evenly spaced
+from the sorted train/ listing (every class), cycling when more rows than images are asked for.
+Every file is read once before timing, so all measurements see a warm page cache.
+
+``--rss-rows 13394,133940`` adds a memory check: ``featstore extract`` (resnet18, 32-px crop) in a
+subprocess per size over a CSV listing the Imagenette images repeated to that many rows, reporting
+the main process's peak RSS (ru_maxrss) and the peak PSS of its whole process tree (workers included).
+
+    .venv/bin/python benchmarks/bench_extract.py --model resnet18 --set 224,upscaled --limit 512
+    .venv/bin/python benchmarks/bench_extract.py --model resnet18 --limit 64 --rss-rows 2000   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import IMAGENETTE, OUT_DIR, fail, machine, table, write_json  # noqa: E402
+
+SETS = ("224", "upscaled")
+UPSCALED = (500, 375)  # width × height of a typical ImageNet landscape photo
+JPEG_QUALITY = 90
+JPEG_SUFFIXES = {".jpg", ".jpeg"}
+
+
+# ---------------------------------------------------------------- images
+
+
+def jpegs_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in JPEG_SUFFIXES)
+
+
+def select_images(root: Path, limit: int) -> list[Path]:
+    """``limit`` images evenly spaced over the sorted listing (all classes), cycling past its end."""
+    files = jpegs_under(root / "train" if (root / "train").is_dir() else root)
+    if not files:
+        fail(f"no JPEG files under {root}")
+    if limit <= len(files):
+        return [files[i] for i in (np.arange(limit) * len(files)) // limit]
+    return [files[i % len(files)] for i in range(limit)]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "featstore" / "bench"
+
+
+def _upscale(job: tuple[Path, Path]) -> None:
+    from PIL import Image
+
+    src, dst = job
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    with Image.open(src) as im:
+        im.convert("RGB").resize(UPSCALED, Image.BICUBIC).save(tmp, format="JPEG", quality=JPEG_QUALITY)
+    os.replace(tmp, dst)  # a killed build never leaves a truncated file in the cache
+
+
+def upscaled_images(images: list[Path], root: Path, workers: int) -> list[Path]:
+    """The upscaled copy of each image (same relative path under the cache), built where missing."""
+    cache = cache_root() / f"{root.resolve().name}-{UPSCALED[0]}x{UPSCALED[1]}-q{JPEG_QUALITY}"
+    out = [cache / p.relative_to(root) for p in images]
+    todo = sorted({(s, d) for s, d in zip(images, out) if not d.is_file()})
+    if todo:
+        print(f"building {len(todo)} upscaled JPEGs in {cache} ...", flush=True)
+        with Pool(max(1, workers)) as pool:
+            for _ in pool.imap_unordered(_upscale, todo, chunksize=16):
+                pass
+    return out
+
+
+def bench_folder(images: list[Path], dest: Path) -> Path:
+    """An ImageFolder tree of symlinks (class = the source's folder): the dataset every method reads."""
+    for i, src in enumerate(images):
+        link = dest / src.parent.name / f"{i:06d}_{src.name}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(src.resolve())
+    for src in set(images):
+        src.read_bytes()  # warm the page cache for every method alike
+    return dest
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plan(n: int, batch_size: int) -> list[np.ndarray]:
+    return [np.arange(s, min(s + batch_size, n), dtype=np.int64) for s in range(0, n, batch_size)]
+
+
+def measure_decode(loader, paths: list[str], batch_size: int, device: torch.device) -> tuple[float, list[torch.Tensor]]:
+    """images/s of the loader alone; also returns two decoded batches to feed inference."""
+    for _ in loader.batches(paths, plan(min(len(paths), 2 * batch_size), batch_size)):
+        pass  # warm-up: worker start, first decodes
+    kept: list[torch.Tensor] = []
+    t0 = time.perf_counter()
+    for batch in loader.batches(paths, plan(len(paths), batch_size)):
+        if len(kept) < 2 and len(batch.rows) == batch_size:
+            kept.append(batch.images.clone())
+    sync(device)
+    return len(paths) / (time.perf_counter() - t0), kept
+
+
+def measure_inference(encoder, batches: list[torch.Tensor], n: int, device: torch.device) -> float:
+    from featstore.extract import _encode  # the very function extract calls: same autocast, same copy to host
+
+    with torch.inference_mode():
+        views = dict.fromkeys(encoder(batches[0][:2]))  # every view, as extract computes by default
+    steps = -(-n // len(batches[0]))
+    for i in range(3):  # warm-up (cudnn autotuning, allocator)
+        _encode(encoder, batches[i % len(batches)], views, device)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        _encode(encoder, batches[i % len(batches)], views, device)
+    sync(device)
+    return steps * len(batches[0]) / (time.perf_counter() - t0)
+
+
+def measure_e2e(args, model: str, folder: Path, loader: str, store: Path) -> float:
+    """Seconds of one extract() call into a new store."""
+    from featstore.extract import ExtractConfig, extract
+
+    config = ExtractConfig(model=model, dataset=str(folder), out=str(store), random_init=True, loader=loader,
+                           device=args.device, batch_size=args.batch_size, workers=args.workers, overwrite=True)
+    t0 = time.perf_counter()
+    result = extract(config, log=lambda s: None, progress=False)
+    seconds = time.perf_counter() - t0
+    if result.invalid:
+        fail(f"{result.invalid} images could not be decoded in {folder}")
+    return seconds
+
+
+def measure_store_write(store_path: Path, scratch: Path) -> float:
+    """Seconds to write the e2e store's features again, through the same store API extract uses."""
+    from featstore.store import FeatureStore
+
+    src = FeatureStore.open(store_path)
+    splits = {s: (list(src.paths(s)), src.labels(s)) for s in src.splits}
+    feats = {s: {v: src.features(s, v) for v in src.views} for s in src.splits}
+    t0 = time.perf_counter()
+    dst = FeatureStore.create(scratch, splits=splits, views=src.views, dtype=src.attrs["dtype"], chunk_rows=src.chunk_rows)
+    for s in dst.splits:
+        for unit in dst.units(s):
+            dst.write_unit(unit, {v: f[unit.start : unit.stop] for v, f in feats[s].items()}, np.ones(unit.rows, bool))
+    dst.finalize()
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(scratch)
+    return seconds
+
+
+def measure_textbook(spec, folder: Path, args, device: torch.device, out: Path) -> float:
+    """The loop most people write first (fp32, NCHW, no pinning, no overlap of the save)."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from featstore.encoders import build_encoder
+
+    pre = spec.preprocess
+    transform = transforms.Compose([
+        transforms.Resize(pre.resize, interpolation=getattr(transforms.InterpolationMode, pre.interpolation.upper())),
+        transforms.CenterCrop(pre.image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(pre.mean, pre.std),
+    ])
+    t0 = time.perf_counter()
+    model = build_encoder(spec).backbone.to(device).eval()  # the same network, without featstore's wrapper
+    loader = DataLoader(datasets.ImageFolder(str(folder), transform=transform), batch_size=args.batch_size,
+                        num_workers=args.workers)
+    features = []
+    with torch.no_grad():
+        for images, _ in loader:
+            features.append(model(images.to(device)).cpu().numpy())
+    np.save(out, np.concatenate(features))
+    return len(loader.dataset) / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- one model
+
+
+def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str], device: torch.device, tmp: Path) -> list[dict]:
+    from featstore.encoders import build_encoder, resolve_encoder
+    from featstore.loaders import make_loader
+
+    spec = resolve_encoder(model, random_init=True)
+    encoder = build_encoder(spec).to(device).to(memory_format=torch.channels_last)
+    rows, inference = [], None
+    for set_name, images in sets.items():
+        folder = bench_folder(images, tmp / f"{model}-{set_name}")
+        one_batch = bench_folder(images[: args.batch_size], tmp / f"{model}-{set_name}-1batch")
+        for loader_name in loaders:
+            label = f"{model} / {set_name} / {loader_name}"
+            print(f"{label}: decode ...", flush=True)
+            paths = [str(p) for p in images]
+            decode, batches = measure_decode(make_loader(loader_name, spec.preprocess, device, args.workers), paths, args.batch_size, device)
+            if inference is None:  # depends on the model only; measured once, on real decoded images
+                print(f"{label}: inference ...", flush=True)
+                inference = measure_inference(encoder, batches, len(images), device)
+            print(f"{label}: end to end ...", flush=True)
+            store = tmp / f"{model}-{set_name}-{loader_name}.zarr"
+            # one batch end to end: what every run pays once (model build, workers, store create/finalize)
+            startup = measure_e2e(args, model, one_batch, loader_name, store)
+            e2e = len(images) / measure_e2e(args, model, folder, loader_name, store)
+            write_s = measure_store_write(store, tmp / "rewrite.zarr")
+            shutil.rmtree(store)
+            rows.append(dict(model=model, set=set_name, loader=loader_name, images=len(images), decode=decode,
+                             inference=inference, e2e=e2e, e2e_over_min=e2e / min(decode, inference), one_batch_s=startup,
+                             ms_decode=1e3 / decode, ms_inference=1e3 / inference, ms_write=1e3 * write_s / len(images),
+                             ms_e2e=1e3 / e2e))
+        print(f"{model} / {set_name}: textbook baseline ...", flush=True)
+        baseline = measure_textbook(spec, folder, args, device, tmp / "baseline.npy")
+        for r in rows:
+            if r["set"] == set_name:
+                r.update(baseline=baseline, e2e_over_baseline=r["e2e"] / baseline)
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _tree_pss_kb(root_pid: int) -> int:
+    """PSS of a process and all its descendants (PSS, not RSS: forked workers share pages)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        kids = [c for c, p in parents.items() if p == pid and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def measure_rss(rows: int, sources: list[Path], args, tmp: Path) -> dict:
+    import subprocess
+
+    listing = tmp / f"rss-{rows}.csv"
+    with open(listing, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for i in range(rows):
+            src = sources[i % len(sources)]
+            w.writerow([str(src.resolve()), src.parent.name])
+    cmd = [sys.executable, "-m", "featstore.cli", "extract", "--model", "resnet18", "--random-init",
+           "--dataset", str(listing), "--out", str(tmp / f"rss-{rows}.zarr"), "--image-size", "32", "--resize", "32",
+           "--loader", args.rss_loader, "--device", "cpu", "--workers", str(args.workers), "--batch-size", "256",
+           "--no-progress"]
+    print(f"rss {rows:,} rows: {' '.join(cmd[1:])}", flush=True)
+    peak_pss, done = [0], threading.Event()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def sample():
+        while not done.wait(0.5):
+            peak_pss[0] = max(peak_pss[0], _tree_pss_kb(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not the sum of every child
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    if os.waitstatus_to_exitcode(status) != 0:
+        fail(f"featstore extract failed for {rows} rows: {proc.stderr.read().strip()[-500:]}")
+    shutil.rmtree(tmp / f"rss-{rows}.zarr")
+    return dict(rows=rows, seconds=seconds, images_per_s=rows / seconds,
+                main_peak_rss_mb=usage.ru_maxrss / 1024, tree_peak_pss_mb=peak_pss[0] / 1024)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--model", default="resnet18", help="comma-separated: resnet18, resnet50, dino, or any featstore model name")
+    ap.add_argument("--images", default=str(IMAGENETTE), help="folder of JPEGs (its train/ is used when present)")
+    ap.add_argument("--limit", type=int, default=512, help="images per set (evenly spaced over the folder; cycles past its end)")
+    ap.add_argument("--set", default="224", help="comma-separated image sets: 224, upscaled")
+    ap.add_argument("--loader", default="torch", help="comma-separated featstore loaders (see featstore.loaders.LOADERS)")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode workers for featstore and the baseline alike")
+    ap.add_argument("--rss-rows", default="", help="comma-separated row counts for the memory check (e.g. 13394,133940); empty: skip")
+    ap.add_argument("--rss-loader", default="torch")
+    ap.add_argument("--out", default=str(OUT_DIR / "extract.json"))
+    args = ap.parse_args(argv)
+    args.models = [m.strip() for m in args.model.split(",") if m.strip()]
+    args.sets = [s.strip() for s in args.set.split(",") if s.strip()]
+    args.loaders = [s.strip() for s in args.loader.split(",") if s.strip()]
+    args.rss = [int(r) for r in args.rss_rows.split(",") if r.strip()]
+    if any(s not in SETS for s in args.sets):
+        ap.error(f"--set takes {', '.join(SETS)}")
+    if args.limit < 1 or args.batch_size < 1 or args.workers < 0:
+        ap.error("--limit and --batch-size must be >= 1, --workers >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from featstore.errors import FeatstoreError
+    from featstore.extract import resolve_device
+    from featstore.loaders import choose_loader
+
+    root = Path(args.images).expanduser()
+    if not root.is_dir():
+        fail(f"image folder {root} not found; benchmarks read Imagenette from ../shared/data/imagenette "
+             "(next to the repository), or pass --images FOLDER")
+    try:
+        device = resolve_device(args.device)
+        loaders = [choose_loader(name) for name in args.loaders]
+    except FeatstoreError as e:
+        fail(str(e))
+    info = machine()
+    print(f"{info['date']}; {info['host_cpu']}, {info['cpus']} CPUs, load {info['load_average']}; device {device}"
+          f"{' (' + info['gpu'] + ')' if 'gpu' in info else ''}; batch {args.batch_size}, workers {args.workers}", flush=True)
+
+    originals = select_images(root, args.limit)
+    sets = {"224": originals} if "224" in args.sets else {}
+    if "upscaled" in args.sets:
+        sets["upscaled"] = upscaled_images(originals, root, args.workers)
+
+    results, rss = [], []
+    with tempfile.TemporaryDirectory(prefix="featstore-bench-extract-") as tmp:
+        for model in args.models:
+            results += run_model(args, model, sets, loaders, device, Path(tmp))
+        for rows in args.rss:
+            rss.append(measure_rss(rows, jpegs_under(root), args, Path(tmp)))  # train and val: 13,394 files
+
+    print()
+    print(table(results, [
+        ("model", "model", "s"), ("set", "set", "s"), ("loader", "loader", "s"), ("images", "images", "d"),
+        ("decode", "decode/s", ".1f"), ("inference", "infer/s", ".1f"), ("e2e", "e2e/s", ".1f"),
+        ("e2e_over_min", "e2e/min", ".2f"), ("baseline", "textbook/s", ".1f"), ("e2e_over_baseline", "e2e/textbook", ".2f"),
+        ("ms_decode", "ms decode", ".2f"), ("ms_inference", "ms infer", ".2f"), ("ms_write", "ms write", ".3f"),
+        ("ms_e2e", "ms e2e", ".2f"), ("one_batch_s", "1-batch e2e s", ".1f"),
+    ]))
+    if rss:
+        print()
+        print(table(rss, [("rows", "rows", ","), ("seconds", "seconds", ".0f"), ("images_per_s", "img/s", ".0f"),
+                          ("main_peak_rss_mb", "main peak RSS MB", ".0f"), ("tree_peak_pss_mb", "tree peak PSS MB", ".0f")]))
+    path = write_json(args.out, {"benchmark": "extract", "machine": info, "command": " ".join(sys.argv), "device": str(device),
+                                 "batch_size": args.batch_size, "workers": args.workers, "images_root": str(root),
+                                 "results": results, "rss": rss})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

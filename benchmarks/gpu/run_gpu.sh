@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU checks in one device call (no network is touched): install zarr from carried wheels and the
+# package with --no-deps, run the GPU tests, then the extraction benchmark (ResNet-50 and DINOv2
+# ViT-S/14 at 224, on the 224-px and the upscaled 500×375 sets, every loader featstore has there).
+#
+# Here, once:   bash benchmarks/gpu/prepare.sh        (wheels + an Imagenette subset, size check)
+# Device call:  command "bash benchmarks/gpu/run_gpu.sh", carry ["benchmarks/gpu/wheels", "benchmarks/gpu/data"],
+#               timeout_s 480. Logs and JSON land in $OUT (benchmarks/out when run elsewhere).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+PY=${PY:-python3}
+LIMIT=${LIMIT:-20000}  # images per set; enough that one-off start costs stay a small part of e2e
+out="${OUT:-benchmarks/out}"
+mkdir -p "$out"
+step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)"; }
+
+step machine
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader || { echo "error: no GPU here" >&2; exit 1; }
+echo "cpus: $(nproc); python: $($PY -V 2>&1)"
+
+step install
+[ -d benchmarks/gpu/wheels ] || { echo "error: benchmarks/gpu/wheels missing: run prepare.sh here and carry it" >&2; exit 1; }
+$PY -m pip install -q --no-index --find-links benchmarks/gpu/wheels zarr numcodecs donfig google-crc32c || exit 1
+if ! $PY -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
+    echo "editable install failed; using the checkout through PYTHONPATH" >&2
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+$PY -c "import featstore, zarr, torch, torchvision, timm; print('featstore', featstore.__version__, '| zarr', zarr.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__)" || exit 1
+
+step "pytest -m gpu"
+timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.log"
+rc=${PIPESTATUS[0]}
+case $rc in 0) ;; 5) echo "no GPU tests collected" ;; *) echo "GPU tests FAILED (exit $rc); benchmarking anyway" ;; esac
+
+step "extraction benchmark"
+images=../shared/data/imagenette
+[ -d "$images" ] || images=benchmarks/gpu/data/imagenette
+[ -d "$images" ] || { echo "error: no images: carry benchmarks/gpu/data (prepare.sh makes it)" >&2; exit 1; }
+# torch always; nvjpeg and DALI when this featstore has them and they import here
+loaders=$($PY -c "
+from featstore.loaders import LOADERS, dali_available
+names = ['torch'] + [n for n in ('nvjpeg',) if n in LOADERS] + (['dali'] if 'dali' in LOADERS and dali_available() else [])
+print(','.join(names))")
+echo "images: $images; loaders: $loaders"
+$PY benchmarks/bench_extract.py --model resnet50,dino --set 224,upscaled --loader "$loaders" --device cuda \
+    --batch-size 256 --workers "$(nproc)" --limit "$LIMIT" --images "$images" --out "$out/extract-gpu.json" 2>&1 \
+    | tee "$out/extract-gpu.log"
+exit "${PIPESTATUS[0]}"

@@ -115,6 +115,7 @@ class LinearHeads:
         self.wds = wds.to(self.device, dtype)
         self._lr_cols = self.lrs.repeat_interleave(self.num_classes)
         self._wd_cols = self.wds.repeat_interleave(self.num_classes)
+        self._minus_one = torch.full((1, 1, 1), -1.0, device=self.device, dtype=dtype)
         self._state: dict[str, torch.Tensor] = {}
         self._step = 0
 
@@ -143,7 +144,7 @@ class LinearHeads:
         target = y.view(b, 1, 1).expand(b, self.num_heads, 1)
         loss_sum = -logp.gather(2, target).sum(dim=(0, 2))
         g = logp.exp_()
-        g.scatter_add_(2, target, torch.full((1, 1, 1), -1.0, device=g.device, dtype=g.dtype).expand(b, self.num_heads, 1))
+        g.scatter_add_(2, target, self._minus_one.expand(b, self.num_heads, 1))  # softmax - one_hot
         g = g.view(b, -1).div_(b)
         if x.dtype == self.w.dtype:
             gw = torch.mm(x.t(), g)

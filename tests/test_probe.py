@@ -411,3 +411,15 @@ def test_debug_shows_traceback_and_console_script(tmp_path):
     proc = subprocess.run([str(exe), "fit", "--store", str(tmp_path / "nope.zarr")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: store") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sweep_matches_cpu(store):
+    # bfloat16 features on the GPU: the same selection quality as float32 on the CPU
+    p = Protocol(lr_grid="1e-3:1e-1:5", **FAST)
+    cpu = probe.fit(store, p, device="cpu", warn=lambda m: None)
+    gpu = probe.fit(store, p, device="cuda", warn=lambda m: None)
+    assert gpu[0]["device"].startswith("cuda") and gpu[0]["dtype"] in ("bfloat16", "float16")
+    for a, b in zip(cpu, gpu):
+        assert abs(a["val_top1"] - b["val_top1"]) <= 1.5 and abs(a["test_top1"] - b["test_top1"]) <= 1.5

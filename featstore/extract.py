@@ -143,6 +143,7 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
 
     existing = _existing_store(out, key, fields, config.overwrite)
     if existing is not None and existing.complete:
+        shutil.rmtree(out / PROGRESS, ignore_errors=True)  # a run killed right after completing left it
         return ExtractResult(str(out), "up to date", rows, 0, len(existing.invalid_rows()), 0, time.perf_counter() - start, 0.0)
 
     encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint).to(device).to(memory_format=torch.channels_last)

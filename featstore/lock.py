@@ -12,7 +12,7 @@ from typing import Callable
 from .errors import FeatstoreError
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -47,7 +47,7 @@ class StoreLock:
                     if self.holder() is None:
                         self.path.unlink(missing_ok=True)
                     continue
-                if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1))):
+                if holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1))):
                     self.warn(f"taking over a stale lock of pid {holder.get('pid')} (no longer running) on {holder.get('host')}")
                     self.path.unlink(missing_ok=True)
                     continue

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import __version__
 from .errors import FeatstoreError, UsageError
+from .lock import pid_alive
 
 SCHEMA_VERSION = 1
 PROGRESS = "_progress"
@@ -60,6 +61,14 @@ def is_store(path: str | os.PathLike) -> bool:
         return "schema_version" in json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError):
         return False
+
+
+def _remove_stale_builds(path: Path) -> None:
+    """Delete half-built stores of ``path`` left by killed processes (their pid is gone)."""
+    for build in path.parent.glob(f".{path.name}.creating-*"):
+        pid = build.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(build, ignore_errors=True)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -101,7 +110,13 @@ class FeatureStore:
             raise UsageError(f"chunk rows must be positive, got {chunk_rows}", "pass a positive --chunk-rows")
         zarr = _zarr()
         path = Path(path)
-        group = zarr.open_group(str(path), mode="w")
+        if path.exists():
+            raise FeatstoreError(f"{str(path)!r} already exists", "remove it or choose another path")
+        # build beside the target and rename: a store is either absent or fully planned, never half-created
+        _remove_stale_builds(path)
+        build = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        shutil.rmtree(build, ignore_errors=True)
+        group = zarr.open_group(str(build), mode="w")
         for split, (paths, labels) in splits.items():
             n = len(paths)
             sg = group.create_group(split)
@@ -127,7 +142,13 @@ class FeatureStore:
             complete=False,
         )
         group.attrs.update(meta)
-        return cls(path, group, writable=True)
+        try:
+            os.replace(build, path)
+        except OSError as e:
+            shutil.rmtree(build, ignore_errors=True)
+            raise FeatstoreError(f"{str(path)!r} appeared while the store was being created ({e.strerror})",
+                                 "another extraction writes there; wait for it or choose another --out") from e
+        return cls.open(path, mode="r+")
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r") -> "FeatureStore":

@@ -310,7 +310,8 @@ def _run(store, manifest, encoder, views, loader_name, device, config, progress)
                 local = batch.rows - unit.start
                 bad = np.fromiter((r in batch.errors for r in batch.rows.tolist()), bool, len(batch.rows))
                 for v in views:
-                    values = feats[v].astype(np_dtype)
+                    with np.errstate(over="ignore"):  # float16 overflow is detected and reported below
+                        values = feats[v].astype(np_dtype)
                     values[bad] = np.nan
                     unit_feats[v][local] = values
                     # NaN/Inf from a decodable image: float16 overflow or a broken model

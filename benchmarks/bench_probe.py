@@ -212,6 +212,31 @@ def digits_data():
     return {k: (torch.from_numpy(x[i]), torch.from_numpy(y[i])) for k, i in (("train", tr), ("val", va), ("test", te))}
 
 
+def end_to_end(data, protocol: Protocol, device: torch.device) -> dict:
+    """``probe.fit`` from a float16 feature store on disk: read once, train, evaluate, select."""
+    import tempfile
+
+    import probe
+    from featstore.store import FeatureStore
+
+    with tempfile.TemporaryDirectory(prefix="bench-probe-") as tmp:
+        path = Path(tmp) / "feats.zarr"
+        dim = data["train"][0].shape[1]
+        splits = {k: ([f"{i}" for i in range(len(y))], y.cpu().numpy()) for k, (x, y) in data.items()}
+        store = FeatureStore.create(path, splits=splits, views={"feat": dim}, dtype="float16", chunk_rows=8192,
+                                    attrs={"encoder": {"name": "synthetic"}, "dataset": {"name": "synthetic", "manifest_sha256": "bench"}})  # fmt: skip
+        for k, (x, y) in data.items():
+            x16 = x.cpu().to(torch.float16).numpy()
+            for u in store.units(k):
+                store.write_unit(u, {"feat": x16[u.start : u.stop]}, np.ones(u.rows, bool))
+        store.finalize()
+        t = time.perf_counter()
+        rows = probe.fit(path, protocol, device=device, warn=lambda m: None)
+        seconds = time.perf_counter() - t
+    sel = next(r for r in rows if r["selected"])
+    return {"seconds": seconds, "selected": {"lr": sel["lr"], "val_top1": sel["val_top1"], "test_top1": sel["test_top1"]}}
+
+
 def fmt_row(cells, widths):
     return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
 
@@ -225,8 +250,17 @@ def main(argv=None):
     ap.add_argument("--baseline-lrs", type=int, default=13, help="LRs the (a) loop baseline runs; fewer are extrapolated to 13 and labelled so")
     ap.add_argument("--sklearn-max-iter", type=int, default=1000)
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and the BLAS under scikit-learn (default: torch's)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        try:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(args.threads)
+        except ImportError:
+            pass
 
     device = H.resolve_device(args.device)
     protocol = Protocol(epochs=args.epochs, batch_size=args.batch_size)
@@ -269,6 +303,12 @@ def main(argv=None):
         print(f"  batched: {b['seconds']:.2f}s total, {b['train_seconds']:.2f}s training at {b['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * b['fraction_of_matmul']:.0f}% of matmul", flush=True)
         lines.append(fmt_row([size, f"batched: {len(protocol.heads)} heads at once", f"{b['seconds']:.2f}", f"lr {b['selected']['lr']:g}", f"{b['selected']['val_top1']:.2f}", f"{b['selected']['test_top1']:.2f}", "1×"], widths))
         lines.append(fmt_row([size, f"(c) FLOP rate: {b['achieved_flops'] / 1e9:.1f} of {rate / 1e9:.1f} GFLOP/s", f"{b['train_seconds']:.2f}", "", "", "", f"{100 * b['fraction_of_matmul']:.0f}%"], widths))
+
+        if size == "cifar":
+            e = end_to_end(data, protocol, device)
+            res["probe_fit_from_store"] = e
+            print(f"  probe.fit from a float16 store: {e['seconds']:.2f}s", flush=True)
+            lines.append(fmt_row([size, "probe.fit end to end (float16 Zarr store)", f"{e['seconds']:.2f}", f"lr {e['selected']['lr']:g}", f"{e['selected']['val_top1']:.2f}", f"{e['selected']['test_top1']:.2f}", ""], widths))
 
         if not args.skip_baselines:
             k = max(1, min(args.baseline_lrs, len(protocol.lr_grid)))

@@ -4,8 +4,9 @@ For each model × image set × loader:
 
   decode     the featstore loader alone over the images (decode, resize, crop, normalize, onto the
              device): images/s with no model
-  inference  the featstore encoder alone on pre-made normalized batches already on the device
-             (channels_last; fp32 on CPU, bf16 autocast on CUDA, exactly as extract does): images/s
+  inference  the featstore encoder alone on pre-made batches already on the device (two batches
+             the loader just made, reused; channels_last; fp32 on CPU, bf16 autocast on CUDA, exactly
+             as extract does), as many images as the set: images/s
   e2e        featstore.extract.extract() into a fresh temp store: images/s over the whole call
              (model build, worker start, decode, inference, store writes, finalize)
   e2e/min    e2e / min(decode, inference): 1.0 means the stages overlap perfectly
@@ -204,10 +205,14 @@ def measure_textbook(spec, folder: Path, args, device: torch.device, out: Path) 
     loader = DataLoader(datasets.ImageFolder(str(folder), transform=transform), batch_size=args.batch_size,
                         num_workers=args.workers)
     features = []
-    with torch.no_grad():
-        for images, _ in loader:
-            features.append(model(images.to(device)).cpu().numpy())
-    np.save(out, np.concatenate(features))
+    tuned, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False  # extract turned it on; the textbook loop does not
+    try:
+        with torch.no_grad():
+            for images, _ in loader:
+                features.append(model(images.to(device)).cpu().numpy())
+        np.save(out, np.concatenate(features))
+    finally:
+        torch.backends.cudnn.benchmark = tuned
     return len(loader.dataset) / (time.perf_counter() - t0)
 
 
@@ -220,7 +225,7 @@ def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str],
 
     spec = resolve_encoder(model, random_init=True)
     encoder = build_encoder(spec).to(device).to(memory_format=torch.channels_last)
-    rows, inference = [], None
+    rows = []
     for set_name, images in sets.items():
         folder = bench_folder(images, tmp / f"{model}-{set_name}")
         one_batch = bench_folder(images[: args.batch_size], tmp / f"{model}-{set_name}-1batch")
@@ -229,9 +234,9 @@ def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str],
             print(f"{label}: decode ...", flush=True)
             paths = [str(p) for p in images]
             decode, batches = measure_decode(make_loader(loader_name, spec.preprocess, device, args.workers), paths, args.batch_size, device)
-            if inference is None:  # depends on the model only; measured once, on real decoded images
-                print(f"{label}: inference ...", flush=True)
-                inference = measure_inference(encoder, batches, len(images), device)
+            # next to its e2e, on this loader's own batches (dtype and layout as extract sees them)
+            print(f"{label}: inference ...", flush=True)
+            inference = measure_inference(encoder, batches, len(images), device)
             print(f"{label}: end to end ...", flush=True)
             store = tmp / f"{model}-{set_name}-{loader_name}.zarr"
             # one batch end to end: what every run pays once (model build, workers, store create/finalize)
@@ -322,10 +327,30 @@ def measure_rss(rows: int, sources: list[Path], args, tmp: Path) -> dict:
 # ---------------------------------------------------------------- main
 
 
+RESULT_COLUMNS = [
+    ("model", "model", "s"), ("set", "set", "s"), ("loader", "loader", "s"), ("images", "images", "d"),
+    ("decode", "decode/s", ".1f"), ("inference", "infer/s", ".1f"), ("e2e", "e2e/s", ".1f"),
+    ("e2e_over_min", "e2e/min", ".2f"), ("baseline", "textbook/s", ".1f"), ("e2e_over_baseline", "e2e/textbook", ".2f"),
+    ("ms_decode", "ms decode", ".2f"), ("ms_inference", "ms infer", ".2f"), ("ms_write", "ms write", ".3f"),
+    ("ms_e2e", "ms e2e", ".2f"), ("one_batch_s", "1-batch e2e s", ".1f"),
+]
+RSS_COLUMNS = [
+    ("rows", "rows", ","), ("seconds", "seconds", ".0f"), ("images_per_s", "img/s", ".0f"),
+    ("main_peak_rss_mb", "main peak RSS MB", ".0f"), ("tree_peak_pss_mb", "tree peak PSS MB", ".0f"),
+]
+
+
+def print_tables(results: list[dict], rss: list[dict]) -> None:
+    for rows, columns in ((results, RESULT_COLUMNS), (rss, RSS_COLUMNS)):
+        if rows:
+            print()
+            print(table(rows, columns))
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:]))
-    ap.add_argument("--model", default="resnet18", help="comma-separated: resnet18, resnet50, dino, or any featstore model name")
+    ap.add_argument("--model", default="resnet18", help="comma-separated: resnet18, resnet50, dino, or any featstore model name; empty: none (memory check only)")
     ap.add_argument("--images", default=str(IMAGENETTE), help="folder of JPEGs (its train/ is used when present)")
     ap.add_argument("--limit", type=int, default=512, help="images per set (evenly spaced over the folder; cycles past its end)")
     ap.add_argument("--set", default="224", help="comma-separated image sets: 224, upscaled")
@@ -379,18 +404,9 @@ def main(argv: list[str] | None = None) -> None:
         for rows in args.rss:
             rss.append(measure_rss(rows, jpegs_under(root), args, Path(tmp)))  # train and val: 13,394 files
 
-    print()
-    print(table(results, [
-        ("model", "model", "s"), ("set", "set", "s"), ("loader", "loader", "s"), ("images", "images", "d"),
-        ("decode", "decode/s", ".1f"), ("inference", "infer/s", ".1f"), ("e2e", "e2e/s", ".1f"),
-        ("e2e_over_min", "e2e/min", ".2f"), ("baseline", "textbook/s", ".1f"), ("e2e_over_baseline", "e2e/textbook", ".2f"),
-        ("ms_decode", "ms decode", ".2f"), ("ms_inference", "ms infer", ".2f"), ("ms_write", "ms write", ".3f"),
-        ("ms_e2e", "ms e2e", ".2f"), ("one_batch_s", "1-batch e2e s", ".1f"),
-    ]))
-    if rss:
-        print()
-        print(table(rss, [("rows", "rows", ","), ("seconds", "seconds", ".0f"), ("images_per_s", "img/s", ".0f"),
-                          ("main_peak_rss_mb", "main peak RSS MB", ".0f"), ("tree_peak_pss_mb", "tree peak PSS MB", ".0f")]))
+    print_tables(results, rss)
+    info["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average before {info['load_average']}, after {info['load_average_after']}")
     path = write_json(args.out, {"benchmark": "extract", "machine": info, "command": " ".join(sys.argv), "device": str(device),
                                  "batch_size": args.batch_size, "workers": args.workers, "images_root": str(root),
                                  "results": results, "rss": rss})

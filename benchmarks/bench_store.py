@@ -4,6 +4,7 @@
                    FeatureStore.open(...).features() — exactly what extraction and probes do
   zarr zstd        a raw Zarr v3 array, same chunks, zarr's default codec (zstd), written in one call
   zarr raw         the same without a codec
+  zarr raw per unit  the same, written one 8192-row chunk per call (featstore's pattern, minus markers)
   h5py chunked     HDF5, same chunks, no compression
   h5py contiguous  HDF5, one contiguous dataset
   numpy.save       np.save / np.load of one .npy file
@@ -85,13 +86,15 @@ def read_featstore(path: Path) -> np.ndarray:
     return FeatureStore.open(path).features("train", VIEW)
 
 
-def _zarr_writer(compressed: bool):
+def _zarr_writer(compressed: bool, per_unit: bool = False):
     def write(path: Path, x: np.ndarray) -> None:
         import zarr
 
         codec = {} if compressed else {"compressors": None}
         arr = zarr.create_array(str(path), shape=x.shape, dtype=x.dtype, chunks=(CHUNK_ROWS, x.shape[1]), **codec)
-        arr[:] = x
+        step = CHUNK_ROWS if per_unit else len(x)  # per unit: one chunk per call, as featstore's writer does
+        for start in range(0, len(x), step):
+            arr[start : start + step] = x[start : start + step]
 
     return write
 
@@ -131,6 +134,7 @@ FORMATS = {
     "featstore": ("feats.zarr", write_featstore, read_featstore),
     "zarr zstd": ("zstd.zarr", _zarr_writer(True), read_zarr),
     "zarr raw": ("raw.zarr", _zarr_writer(False), read_zarr),
+    "zarr raw per unit": ("raw-units.zarr", _zarr_writer(False, per_unit=True), read_zarr),
     "h5py chunked": ("chunked.h5", _h5_writer(True), read_h5),
     "h5py contiguous": ("contiguous.h5", _h5_writer(False), read_h5),
     "numpy.save": ("x.npy", write_npy, read_npy),
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         ("format", "format", "s"), ("write_MBps", "write MB/s", ".0f"), ("write_cache_MBps", "write (cache) MB/s", ".0f"),
         ("read_cold_MBps", "read cold MB/s", ".0f"), ("read_warm_MBps", "read warm MB/s", ".0f"), ("disk_ratio", "disk/raw", ".2f"),
     ]))
+    info["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average before {info['load_average']}, after {info['load_average_after']}")
     path = write_json(args.out, {"benchmark": "store", "machine": info, "command": " ".join(sys.argv),
                                  "rows": args.rows, "dim": args.dim, "dtype": args.dtype, "dir": args.dir, "results": results})
     print(f"wrote {path}")

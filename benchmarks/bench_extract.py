@@ -6,7 +6,8 @@ For each model × image set × loader:
              device): images/s with no model
   inference  the featstore encoder alone on pre-made batches already on the device (two batches
              the loader just made, reused; channels_last; fp32 on CPU, bf16 autocast on CUDA, exactly
-             as extract does), as many images as the set: images/s
+             as extract does: featstore.inference.BatchEncoder, or extract._encode in older
+             trees), as many images as the set: images/s
   e2e        featstore.extract.extract() into a fresh temp store: images/s over the whole call
              (model build, worker start, decode, inference, store writes, finalize)
   e2e/min    e2e / min(decode, inference): 1.0 means the stages overlap perfectly
@@ -138,18 +139,34 @@ def measure_decode(loader, paths: list[str], batch_size: int, device: torch.devi
     return len(paths) / (time.perf_counter() - t0), kept
 
 
-def measure_inference(encoder, batches: list[torch.Tensor], n: int, device: torch.device) -> float:
-    from featstore.extract import _encode  # the very function extract calls: same autocast, same copy to host
+def run_encoder(encoder, views: dict[str, int], device: torch.device, batches: list[torch.Tensor], steps: int) -> None:
+    """``steps`` batches through the code extract itself runs per batch, features ending on the host."""
+    try:
+        from featstore.inference import BatchEncoder
+    except ImportError:  # featstore before featstore.inference: extract called extract._encode per batch
+        from featstore.extract import _encode
 
-    with torch.inference_mode():
-        views = dict.fromkeys(encoder(batches[0][:2]))  # every view, as extract computes by default
-    steps = -(-n // len(batches[0]))
-    for i in range(3):  # warm-up (cudnn autotuning, allocator)
-        _encode(encoder, batches[i % len(batches)], views, device)
-    sync(device)
-    t0 = time.perf_counter()
+        for i in range(steps):
+            _encode(encoder, batches[i % len(batches)], views, device)
+        return
+    runner = BatchEncoder(encoder, views, device, len(batches[0]))
     for i in range(steps):
-        _encode(encoder, batches[i % len(batches)], views, device)
+        runner.submit(i, batches[i % len(batches)])
+        for _ in runner.ready():
+            pass
+    for _ in runner.ready(drain=True):
+        pass
+
+
+def measure_inference(encoder, spec, batches: list[torch.Tensor], n: int, device: torch.device) -> float:
+    from featstore.encoders import feature_dims
+
+    views = feature_dims(encoder, spec.preprocess, device)  # every view, as extract computes by default
+    run_encoder(encoder, views, device, batches, 3)  # warm-up (cudnn autotuning, allocator, pinned buffers)
+    sync(device)
+    steps = -(-n // len(batches[0]))
+    t0 = time.perf_counter()
+    run_encoder(encoder, views, device, batches, steps)
     sync(device)
     return steps * len(batches[0]) / (time.perf_counter() - t0)
 
@@ -236,7 +253,7 @@ def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str],
             decode, batches = measure_decode(make_loader(loader_name, spec.preprocess, device, args.workers), paths, args.batch_size, device)
             # next to its e2e, on this loader's own batches (dtype and layout as extract sees them)
             print(f"{label}: inference ...", flush=True)
-            inference = measure_inference(encoder, batches, len(images), device)
+            inference = measure_inference(encoder, spec, batches, len(images), device)
             print(f"{label}: end to end ...", flush=True)
             store = tmp / f"{model}-{set_name}-{loader_name}.zarr"
             # one batch end to end: what every run pays once (model build, workers, store create/finalize)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def machine() -> dict:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
     }
+    info["git"] = _git_state()
     try:
         import torch
 
@@ -33,6 +35,15 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def _git_state() -> str:
+    """The commit measured, and whether the package's code differed from it (others edit it in place)."""
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "featstore")
+    return git("rev-parse", "--short", "HEAD") + (" + uncommitted featstore/ changes" if dirty else "")
 
 
 def _cpu_model() -> str:

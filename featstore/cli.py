@@ -44,12 +44,13 @@ def cli(debug):
 @click.option("--interpolation", type=click.Choice(INTERPOLATIONS))
 @click.option("--mean", callback=parse_triple, help="R,G,B mean in [0,1].")
 @click.option("--std", callback=parse_triple, help="R,G,B std in [0,1].")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (fixed batch shapes; pays off on long GPU runs).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @debug_option
 def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoint, views, loader, device, batch_size,
-            workers, dtype, overwrite, strict, chunk_rows, image_size, resize, interpolation, mean, std, no_progress,
-            as_json, debug):
+            workers, dtype, overwrite, strict, chunk_rows, image_size, resize, interpolation, mean, std, compile_model,
+            no_progress, as_json, debug):
     """Extract features of every image of DATASET with MODEL into the store OUT."""
     from .extract import ExtractConfig, extract as run_extract
 
@@ -58,7 +59,7 @@ def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoi
         trust_checkpoint=trust_checkpoint, views=[v.strip() for v in views.split(",") if v.strip()] if views else None,
         loader=loader, device=device, batch_size=batch_size, workers=workers, dtype=dtype, overwrite=overwrite,
         strict=strict, chunk_rows=chunk_rows, image_size=image_size, resize=resize, interpolation=interpolation,
-        mean=mean, std=std,
+        mean=mean, std=std, compile=compile_model,
     )
     result = run_extract(config, progress=not no_progress and sys.stderr.isatty())
     if as_json:

@@ -16,7 +16,7 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from .datasets import Manifest, resolve_dataset
-from .encoders import EncoderSpec, FeatureEncoder, build_encoder, feature_dims, resolve_encoder, select_views
+from .encoders import EncoderSpec, build_encoder, feature_dims, resolve_encoder, select_views
 from .errors import FeatstoreError, UsageError
-from .loaders import choose_loader, make_loader
+from .inference import BatchEncoder
+from .loaders import Batch, choose_loader, make_loader
 from .lock import StoreLock
 from .store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
 
@@ -49,6 +50,7 @@ class ExtractConfig:
     overwrite: bool = False
     strict: bool = False
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+    compile: bool = False
     image_size: int | None = None
     resize: int | None = None
     interpolation: str | None = None
@@ -265,10 +267,44 @@ class _UnitWriter:
             raise e
 
 
-def _encode(encoder: FeatureEncoder, images: torch.Tensor, views: dict[str, int], device: torch.device) -> dict[str, np.ndarray]:
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = encoder(images)
-    return {v: out[v].float().cpu().numpy() for v in views}
+class _UnitAssembler:
+    """Collects batch results into whole units and hands each finished unit to the writer."""
+
+    def __init__(self, views: dict[str, int], dtype: str, writer: "_UnitWriter", rel_paths):
+        self.views = views
+        self.dtype = np.dtype(dtype)
+        self.writer = writer
+        self.rel_paths = rel_paths
+        self.open: dict[int, dict] = {}
+        self.written = 0
+        self.invalid = 0
+        self.nonfinite: set[str] = set()
+
+    def add(self, unit: Unit, batch: Batch, feats: dict[str, np.ndarray]) -> None:
+        buf = self.open.setdefault(unit.index, {
+            "features": {v: np.empty((unit.rows, d), self.dtype) for v, d in self.views.items()},
+            "valid": np.ones(unit.rows, bool),
+            "invalid": {},
+            "filled": 0,
+        })
+        local = batch.rows - unit.start
+        bad = np.fromiter((r in batch.errors for r in batch.rows.tolist()), bool, len(batch.rows))
+        for v in self.views:
+            with np.errstate(over="ignore"):  # float16 overflow is detected and reported below
+                values = feats[v].astype(self.dtype)
+            values[bad] = np.nan
+            buf["features"][v][local] = values
+            # NaN/Inf from a decodable image: float16 overflow or a broken model
+            broken = ~(np.isfinite(values).all(axis=1) | bad)
+            self.nonfinite.update(self.rel_paths[r] for r in batch.rows[broken].tolist())
+        buf["valid"][local] = ~bad
+        buf["invalid"].update(batch.errors)
+        buf["filled"] += len(batch.rows)
+        if buf["filled"] == unit.rows:
+            self.writer.put(unit, buf["features"], buf["valid"], buf["invalid"])
+            self.written += unit.rows
+            self.invalid += len(buf["invalid"])
+            del self.open[unit.index]
 
 
 def _run(store, manifest, encoder, views, loader_name, device, config, progress):
@@ -277,13 +313,12 @@ def _run(store, manifest, encoder, views, loader_name, device, config, progress)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     loader = make_loader(loader_name, store_preprocess(store), device, config.workers)
-    np_dtype = np.dtype(config.dtype)
+    runner = BatchEncoder(encoder, views, device, config.batch_size, compile=config.compile)
     pending = store.pending_units()
-    total = sum(u.rows for u in pending)
-    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
-               desc=f"extract {store.path.name}")
+    bar = tqdm(total=sum(u.rows for u in pending), unit="img", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, smoothing=0.1, desc=f"extract {store.path.name}")
     writer = _UnitWriter(store)
-    written, invalid_total, nonfinite = 0, 0, set()
+    written, invalid, nonfinite = 0, 0, set()
     finished = False
     try:
         for split in store.splits:
@@ -292,45 +327,26 @@ def _run(store, manifest, encoder, views, loader_name, device, config, progress)
                 continue
             planned = plan_batches(units, config.batch_size)
             paths = manifest.absolute_paths(split)
-            rel_paths = manifest.splits[split].paths
-            buffers: dict[int, tuple] = {}
-            for (unit, rows), batch in zip(planned, loader.batches(paths, [r for _, r in planned])):
+            assembler = _UnitAssembler(views, config.dtype, writer, manifest.splits[split].paths)
+            for (unit, _), batch in zip(planned, loader.batches(paths, [r for _, r in planned])):
                 if config.strict and batch.errors:
                     row, reason = next(iter(batch.errors.items()))
                     raise FeatstoreError(f"cannot decode {paths[row]}: {reason}", "fix or remove the file, or drop --strict to record it as invalid")
-                feats = _encode(encoder, batch.images, views, device)
-                if unit.index not in buffers:
-                    buffers[unit.index] = (
-                        {v: np.empty((unit.rows, d), np_dtype) for v, d in views.items()},
-                        np.ones(unit.rows, bool),
-                        {},
-                        [0],
-                    )
-                unit_feats, valid, invalid, filled = buffers[unit.index]
-                local = batch.rows - unit.start
-                bad = np.fromiter((r in batch.errors for r in batch.rows.tolist()), bool, len(batch.rows))
-                for v in views:
-                    with np.errstate(over="ignore"):  # float16 overflow is detected and reported below
-                        values = feats[v].astype(np_dtype)
-                    values[bad] = np.nan
-                    unit_feats[v][local] = values
-                    # NaN/Inf from a decodable image: float16 overflow or a broken model
-                    broken = ~(np.isfinite(values).all(axis=1) | bad)
-                    nonfinite.update(rel_paths[r] for r in batch.rows[broken].tolist())
-                valid[local] = ~bad
-                invalid.update(batch.errors)
-                filled[0] += len(rows)
-                bar.update(len(rows))
-                if filled[0] == unit.rows:
-                    writer.put(unit, unit_feats, valid, invalid)
-                    invalid_total += len(invalid)
-                    written += unit.rows
-                    del buffers[unit.index]
+                runner.submit((unit, batch), batch.images)
+                for (u, b), feats in runner.ready():
+                    assembler.add(u, b, feats)
+                    bar.update(len(b.rows))
+            for (u, b), feats in runner.ready(drain=True):
+                assembler.add(u, b, feats)
+                bar.update(len(b.rows))
+            written += assembler.written
+            invalid += assembler.invalid
+            nonfinite |= assembler.nonfinite
         finished = True
     finally:
         bar.close()
         writer.close(raise_error=finished)
-    return written, invalid_total, sorted(nonfinite)
+    return written, invalid, sorted(nonfinite)
 
 
 def store_preprocess(store: FeatureStore):

@@ -136,3 +136,21 @@ def test_plan_is_followed_exactly_and_bad_files_become_placeholders(backend, odd
     good = {int(r): b.images[i] for b in batches for i, r in enumerate(b.rows) if int(r) not in errors}
     for r in range(6):
         assert _levels(good[r][None], reference.images[r][None], PRE).mean() < 2.5
+
+
+def test_nvjpeg_loader_matches_reference_on_cpu(odd_images, imagenette_subset, tmp_path):
+    """The torchvision.io loader (nvJPEG on CUDA) runs its tensor preprocessing on CPU here."""
+    from featstore.loaders.nvjpeg import NvjpegLoader
+
+    bad = write_bad_files(tmp_path / "bad")
+    photos = sorted(str(p) for p in imagenette_subset.rglob("*.JPEG"))[:8]
+    files = photos + odd_images + [str(tmp_path / "bad" / n) for n in bad]
+    plan = [np.arange(0, 8), np.arange(8, len(files))]
+    batches = _load(NvjpegLoader(PRE, CPU, 2), files, plan)
+    (reference,) = _load(TorchLoader(PRE, CPU, 0), files[: len(files) - len(bad)])
+    errors = {r: m for b in batches for r, m in b.errors.items()}
+    assert sorted(errors) == list(range(len(files) - len(bad), len(files)))
+    images = torch.cat([b.images for b in batches])[: len(files) - len(bad)]
+    levels = _levels(images, reference.images, PRE)
+    assert levels.mean(dim=(1, 2, 3)).max() < 2.5
+    _features_agree(images, reference.images)

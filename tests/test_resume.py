@@ -80,8 +80,10 @@ def test_kill_at_random_points_then_resume(clean, tmp_path):
         proc = subprocess.Popen(_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO)
         # kill anywhere from start-up to the very end, several times per run
         for _ in range(rng.randint(2, 3)):
-            time.sleep(rng.uniform(0.2, duration * 0.9))
-            if proc.poll() is None:
+            try:
+                proc.wait(timeout=rng.uniform(0.2, duration * 0.9))
+                break  # finished before this kill point
+            except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 kills += 1

@@ -16,7 +16,7 @@ import torch
 from ..errors import UsageError
 from ..preprocess import Preprocess
 
-LOADERS = ("dali", "torch")
+LOADERS = ("dali", "torch", "nvjpeg")
 
 
 @dataclass
@@ -42,9 +42,11 @@ def dali_available() -> bool:
 
 
 def choose_loader(name: str) -> str:
-    """``auto`` is DALI where it imports, else torch; an explicit ``dali`` without DALI is an error."""
+    """``auto``: DALI where it imports, else nvJPEG on CUDA, else torch. ``dali`` without DALI is an error."""
     if name == "auto":
-        return "dali" if dali_available() else "torch"
+        if dali_available():
+            return "dali"
+        return "nvjpeg" if torch.cuda.is_available() else "torch"
     if name not in LOADERS:
         raise UsageError(f"unknown loader {name!r}", f"use one of auto, {', '.join(LOADERS)}")
     if name == "dali" and not dali_available():
@@ -57,6 +59,10 @@ def make_loader(name: str, preprocess: Preprocess, device: torch.device, workers
         from .dali import DaliLoader
 
         return DaliLoader(preprocess, device, workers)
+    if name == "nvjpeg":
+        from .nvjpeg import NvjpegLoader
+
+        return NvjpegLoader(preprocess, device, workers)
     from .dataloader import TorchLoader
 
     return TorchLoader(preprocess, device, workers)

@@ -1,0 +1,104 @@
+"""torchvision.io loader: batched JPEG decode with nvJPEG on CUDA (``decode_jpeg(device="cuda")``),
+resize/crop/normalize as tensor ops on the same device. The GPU fallback where DALI is absent.
+
+Without CUDA it runs the same code on CPU (libjpeg-turbo decode), which is how its preprocessing is
+tested against the reference loader. Files a batched JPEG decode cannot take (PNG, CMYK, broken
+files) are decoded one by one with PIL; those that fail become placeholders with a reason.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..preprocess import Preprocess
+from . import Batch, normalize_on_device
+from .decode import open_rgb
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _read(path: str) -> bytes | Exception:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        return e
+
+
+class NvjpegLoader:
+    name = "nvjpeg"
+
+    def __init__(self, preprocess: Preprocess, device: torch.device, workers: int):
+        self.pre = preprocess
+        self.device = device
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="featstore-read")
+
+    def resize_crop(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) → uint8 (3, S, S): shorter side to ``resize`` (antialiased), center crop.
+
+        Sizes and offsets follow torchvision's Resize/CenterCrop, so crops land where the reference's do.
+        """
+        pre = self.pre
+        _, h, w = image.shape
+        if w <= h:
+            size = (int(pre.resize * h / w), pre.resize)
+        else:
+            size = (pre.resize, int(pre.resize * w / h))
+        mode = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}[pre.interpolation]
+        x = image[None].float()
+        if size != (h, w):
+            x = F.interpolate(x, size=size, mode=mode, antialias=mode != "nearest", align_corners=False if mode != "nearest" else None)
+        top = int(round((size[0] - pre.image_size) / 2.0))
+        left = int(round((size[1] - pre.image_size) / 2.0))
+        x = x[..., top:top + pre.image_size, left:left + pre.image_size]
+        return x.round_().clamp_(0, 255).to(torch.uint8)[0]
+
+    def _decode(self, blobs: list[bytes | Exception], paths: list[str]) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        images: list[torch.Tensor | None] = [None] * len(blobs)
+        errors: dict[int, str] = {}
+        jpeg = [i for i, b in enumerate(blobs) if isinstance(b, bytes) and b[:3] == _JPEG_MAGIC]
+        if jpeg:
+            data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpeg]
+            try:
+                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+                for i, img in zip(jpeg, decoded):
+                    images[i] = img
+            except RuntimeError:
+                pass  # one bad JPEG fails the batch: the files are retried one by one below
+        for i, blob in enumerate(blobs):
+            if images[i] is not None:
+                continue
+            if isinstance(blob, Exception):
+                errors[i] = f"{type(blob).__name__}: {blob}"
+                continue
+            try:  # CMYK/progressive oddities, PNG and friends, or a broken file: PIL decides
+                images[i] = torch.from_numpy(np.asarray(open_rgb(paths[i])).copy()).permute(2, 0, 1).to(self.device)
+            except Exception as e:
+                errors[i] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        return images, errors
+
+    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
+        if not plan:
+            return
+        size = self.pre.image_size
+        # read ahead: file reads of the next batches overlap decode and inference of this one
+        reads = [self.pool.submit(lambda rows=rows: [_read(paths[r]) for r in rows.tolist()]) for rows in plan[:2]]
+        for k, rows in enumerate(plan):
+            if k + 2 < len(plan):
+                reads.append(self.pool.submit(lambda rows=plan[k + 2]: [_read(paths[r]) for r in rows.tolist()]))
+            blobs = reads[k].result()
+            reads[k] = None
+            decoded, local_errors = self._decode(blobs, [paths[r] for r in rows.tolist()])
+            crops = [self.resize_crop(img) if img is not None else torch.zeros(3, size, size, dtype=torch.uint8, device=self.device)
+                     for img in decoded]
+            images = normalize_on_device(torch.stack(crops), self.pre, self.device, channels_last_input=False)
+            yield Batch(rows, images, {int(rows[i]): reason for i, reason in local_errors.items()})
+
+

@@ -75,9 +75,11 @@ def _write_digits(root: Path) -> None:
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
         (tmp / ".complete").write_text("ok\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            if not (root / ".complete").exists():  # not a concurrent build that won the race
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

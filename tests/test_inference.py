@@ -94,3 +94,28 @@ def test_extract_on_cuda_matches_cpu(loader, small_folder, tmp_path):
     a, b = a - mu, b - mu
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert np.median(cos) > 0.98
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_features(small_folder, tmp_path):
+    """--compile (torch.compile, fixed shapes) changes speed, not numbers."""
+    import textwrap
+
+    from featstore.extract import ExtractConfig, extract
+    from featstore.store import FeatureStore
+
+    builder = tmp_path / "tiny.py"
+    builder.write_text(textwrap.dedent("""
+        import torch
+        def build():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(),
+                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    """))
+    common = dict(model=f"{builder}:build", dataset=str(small_folder), loader="torch", workers=0, batch_size=5,
+                  image_size=32, resize=32, dtype="float32")
+    extract(ExtractConfig(out=str(tmp_path / "eager.zarr"), **common), progress=False)
+    extract(ExtractConfig(out=str(tmp_path / "compiled.zarr"), compile=True, **common), progress=False)
+    for split in ("train", "val"):
+        np.testing.assert_allclose(FeatureStore.open(tmp_path / "compiled.zarr").features(split, "features"),
+                                   FeatureStore.open(tmp_path / "eager.zarr").features(split, "features"), rtol=1e-4, atol=1e-5)

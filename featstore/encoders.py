@@ -14,7 +14,7 @@ import importlib.util
 import math
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -309,6 +309,3 @@ def select_views(available: dict[str, int], requested: list[str] | None) -> dict
         raise UsageError(f"unknown view {', '.join(map(repr, unknown))}", f"this model gives: {', '.join(available)}")
     return {v: available[v] for v in requested}
 
-
-def with_preprocess(spec: EncoderSpec, pre: Preprocess) -> EncoderSpec:
-    return replace(spec, preprocess=pre)

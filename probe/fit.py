@@ -147,7 +147,11 @@ def fit(
     protocol = protocol or Protocol()
     warn = warn or _default_warn
     log = log or (lambda message: None)
+    dev = H.resolve_device(device)  # before any reading: a wrong --device fails at once
+    dtype = H.compute_dtype(dev)
     paths = [stores] if isinstance(stores, (str, os.PathLike)) else list(stores)
+    if isinstance(views, str):
+        views = [views]
     if not paths:
         raise UsageError("no store given", "pass --store PATH (repeat it to compare stores)")
     seen = set()
@@ -168,8 +172,6 @@ def fit(
             raise UsageError(message, "compare stores of the same dataset, or pass --allow-different-data")
         warn(message + " (compared anyway: --allow-different-data)")
 
-    dev = H.resolve_device(device)
-    dtype = H.compute_dtype(dev)
     orders_cache: dict[int, np.ndarray] = {}
     rows: list[dict] = []
     for info in infos:

@@ -434,3 +434,10 @@ def test_cuda_sweep_matches_cpu(store):
     assert gpu[0]["device"].startswith("cuda") and gpu[0]["dtype"] in ("bfloat16", "float16")
     for a, b in zip(cpu, gpu):
         assert abs(a["val_top1"] - b["val_top1"]) <= 1.5 and abs(a["test_top1"] - b["test_top1"]) <= 1.5
+
+
+def test_stores_of_different_widths_get_their_own_heads(tmp_path, digits):
+    wide = make_store(tmp_path / "wide.zarr", digits)
+    narrow = make_store(tmp_path / "narrow.zarr", {k: (x[:, :32], y, i) for k, (x, y, i) in digits.items()})
+    rows = probe.fit([wide, narrow], Protocol(lr_grid="1e-2,1e-1", **FAST), device="cpu", warn=lambda m: None)
+    assert {r["store"] for r in rows} == {str(wide), str(narrow)} and sum(r["selected"] for r in rows) == 2

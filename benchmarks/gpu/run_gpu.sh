@@ -29,7 +29,7 @@ fi
 $PY -c "import featstore, zarr, torch, torchvision, timm; print('featstore', featstore.__version__, '| zarr', zarr.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__)" || exit 1
 
 step "pytest -m gpu"
-timeout 240 $PY -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.log"
+timeout 150 $PY -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.log"
 rc=${PIPESTATUS[0]}
 case $rc in 0) ;; 5) echo "no GPU tests collected" ;; *) echo "GPU tests FAILED (exit $rc); benchmarking anyway" ;; esac
 

@@ -139,7 +139,7 @@ def loop_sweep(data, protocol: Protocol, device: torch.device, lr_subset: list[f
     ys = {k: v[1] for k, v in data.items()}
     xs = {k: v.cpu() for k, v in xs.items()}
     ys = {k: v.cpu() for k, v in ys.items()}
-    n, dim = xs["train"].shape
+    dim = xs["train"].shape[1]
     classes = int(max(int(y.max()) for y in ys.values())) + 1
     per_lr = []
     for lr in lr_subset:
@@ -152,7 +152,7 @@ def loop_sweep(data, protocol: Protocol, device: torch.device, lr_subset: list[f
         torch.nn.init.zeros_(model.bias)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=protocol.momentum)
         total = protocol.epochs * len(loader)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t, total=total: 0.5 * (1 + math.cos(math.pi * t / total)))
         for _ in range(protocol.epochs):
             for xb, yb in loader:
                 xb, yb = xb.to(device), yb.to(device)

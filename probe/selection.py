@@ -42,7 +42,7 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
         members = perm[labels[perm] == cls]
         if len(members) < 2:
             continue
-        k = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
+        k = min(len(members) - 1, max(1, round(fraction * len(members))))
         held.append(members[:k])
     hold = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
     mask = np.ones(len(labels), bool)

@@ -155,21 +155,27 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
         if out.exists() and config.overwrite:
             _refuse_if_locked(out)
             shutil.rmtree(out)
-        store = FeatureStore.create(
-            out,
-            splits={s: (list(m.paths), m.labels) for s, m in manifest.splits.items()},
-            views=views,
-            dtype=config.dtype,
-            chunk_rows=config.chunk_rows,
-            attrs={
-                "encoder": spec.to_dict(),
-                "preprocessing": spec.preprocess.to_dict(),
-                "dataset": {**manifest.to_dict(), "spec": config.dataset},
-                "loader": loader_name,
-                "cache_key": key,
-                "cache_fields": fields,
-            },
-        )
+        try:
+            store = FeatureStore.create(
+                out,
+                splits={s: (list(m.paths), m.labels) for s, m in manifest.splits.items()},
+                views=views,
+                dtype=config.dtype,
+                chunk_rows=config.chunk_rows,
+                attrs={
+                    "encoder": spec.to_dict(),
+                    "preprocessing": spec.preprocess.to_dict(),
+                    "dataset": {**manifest.to_dict(), "spec": config.dataset},
+                    "loader": loader_name,
+                    "cache_key": key,
+                    "cache_fields": fields,
+                },
+            )
+        except OSError as e:
+            raise FeatstoreError(
+                f"cannot create the store at {str(out)!r}: {e.strerror or e}",
+                "check that the parent folder exists, is writable and has space",
+            ) from e
         status = "created"
     else:
         store = existing

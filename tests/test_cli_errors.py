@@ -195,3 +195,13 @@ def test_console_script_exit_code_and_debug(tmp_path):
     assert proc.stderr.strip().startswith("error: unknown model") and "Traceback" not in proc.stderr
     proc = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_out_in_a_place_that_cannot_hold_it(capsys, small_folder, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    code, err = run(capsys, "extract", "--model", "resnet18", "--random-init", "--dataset", small_folder,
+                    "--out", blocker / "s.zarr", *FAST)
+    assert code == 1
+    assert_one_line_error(err, "cannot create the store", "writable")
+    assert blocker.read_text() == "a file, not a folder"

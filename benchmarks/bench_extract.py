@@ -254,6 +254,7 @@ def measure_loader(args, model: str, spec, encoder, images: list[Path], folder: 
     e2e = len(images) / measure_e2e(args, model, folder, loader_name, store)
     write_s = measure_store_write(store, tmp / "rewrite.zarr")
     shutil.rmtree(store)
+    print(f"{label}: decode {decode:.1f}, inference {inference:.1f}, e2e {e2e:.1f} img/s, write {write_s:.2f} s", flush=True)
     return dict(decode=decode, inference=inference, e2e=e2e, write_s=write_s)
 
 
@@ -277,6 +278,7 @@ def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str],
                 rounds[name].append(measure_loader(args, model, spec, encoder, images, folder, name, device, tmp))
             print(f"{model} / {set_name}: textbook baseline (round {r + 1}/{args.rounds}) ...", flush=True)
             baselines.append(measure_textbook(spec, folder, args, device, tmp / "baseline.npy"))
+            print(f"{model} / {set_name}: textbook {baselines[-1]:.1f} img/s", flush=True)
         baseline = max(baselines)
         for name in loaders:
             best = {k: max(m[k] for m in rounds[name]) for k in ("decode", "inference", "e2e")}

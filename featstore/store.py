@@ -126,7 +126,8 @@ class FeatureStore:
             sg.create_array("valid", shape=(n,), dtype="bool", chunks=(rows,), fill_value=False)
             fg = sg.create_group("features")
             for view, dim in views.items():
-                fg.create_array(view, shape=(n, dim), dtype=dtype, chunks=(rows, dim), fill_value=np.nan)
+                # no codec: zstd saves ~8% on float features but caps writes near 100 MB/s (benchmarks/RESULTS.md)
+                fg.create_array(view, shape=(n, dim), dtype=dtype, chunks=(rows, dim), fill_value=np.nan, compressors=None)
         progress = group.create_group(PROGRESS)
         for split in splits:
             progress.create_group(split)

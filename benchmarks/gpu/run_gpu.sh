@@ -2,7 +2,7 @@
 # The GPU checks in one device call (no network is touched): install zarr from carried wheels and the
 # package with --no-deps, run the GPU tests, then the extraction benchmark (ResNet-50 and DINOv2
 # ViT-S/14 at 224, on the upscaled 500×375 set first (the targets are set on it), then the 224-px
-# set, with every loader featstore has there).
+# set, with every loader featstore has there), after the ImageNet-size probe sweep.
 #
 # Here, once:   bash benchmarks/gpu/prepare.sh        (wheels + an Imagenette subset, size check)
 # Device call:  command "bash benchmarks/gpu/run_gpu.sh", carry ["benchmarks/gpu/wheels", "benchmarks/gpu/data"],
@@ -33,6 +33,10 @@ step "pytest -m gpu"
 timeout 120 $PY -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.log"
 rc=${PIPESTATUS[0]}
 case $rc in 0) ;; 5) echo "no GPU tests collected" ;; *) echo "GPU tests FAILED (exit $rc); benchmarking anyway" ;; esac
+
+step "probe benchmark: ImageNet-size 13-LR sweep (target < 30 s on an H100)"
+timeout 180 $PY benchmarks/bench_probe.py --sizes imagenet --device cuda --baseline-lrs 1 --out "$out/probe-gpu.json" 2>&1 \
+    | tee "$out/probe-gpu.log" || echo "probe benchmark FAILED or timed out; going on"
 
 step "extraction benchmark"
 images=../shared/data/imagenette

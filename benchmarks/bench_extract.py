@@ -416,7 +416,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from featstore.errors import FeatstoreError
-    from featstore.extract import resolve_device
+    from featstore.device import resolve_device
     from featstore.loaders import choose_loader
 
     root = Path(args.images).expanduser()

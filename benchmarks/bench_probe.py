@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from featstore.device import resolve_device  # noqa: E402
 from probe import heads as H  # noqa: E402
 from probe.protocol import Protocol  # noqa: E402
 from probe.selection import select  # noqa: E402
@@ -262,7 +263,7 @@ def main(argv=None):
         except ImportError:
             pass
 
-    device = H.resolve_device(args.device)
+    device = resolve_device(args.device)
     protocol = Protocol(epochs=args.epochs, batch_size=args.batch_size)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

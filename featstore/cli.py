@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .console import parse_triple, run_cli
+from .console import OneLineErrors, parse_triple
 from .loaders import LOADERS
 from .preprocess import INTERPOLATIONS
 from .store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES
@@ -15,7 +15,11 @@ from .store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES
 debug_option = click.option("--debug", is_flag=True, help="Show tracebacks.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Featstore(OneLineErrors):
+    interrupted = "interrupted (rerun the same command to resume)"
+
+
+@click.group(name="featstore", cls=_Featstore, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="featstore")
 @debug_option
 def cli(debug):
@@ -110,7 +114,7 @@ def _size(n: int) -> str:
 
 
 def main() -> None:
-    sys.exit(run_cli(cli, "featstore"))
+    cli.main(prog_name="featstore")
 
 
 if __name__ == "__main__":

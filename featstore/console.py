@@ -12,12 +12,22 @@ import click
 from .errors import FeatstoreError
 
 
+class OneLineErrors(click.Group):
+    """A click group whose ``main`` reports every failure as one line and exits with its code."""
+
+    interrupted = "interrupted"
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        sys.exit(run_cli(self, prog_name or self.name, args))
+
+
 def run_cli(group: click.Group, prog_name: str, args: list[str] | None = None) -> int:
+    """Run ``group`` on ``args``; return the exit code after printing any error as ``error: …``."""
     args = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in args or os.environ.get("FEATSTORE_DEBUG") == "1"
     try:
-        group.main(args=args, prog_name=prog_name, standalone_mode=False)
-        return 0
+        result = click.Group.main(group, args=args, prog_name=prog_name, standalone_mode=False)
+        return result if isinstance(result, int) else 0
     except FeatstoreError as e:
         if debug:
             traceback.print_exc()
@@ -34,11 +44,8 @@ def run_cli(group: click.Group, prog_name: str, args: list[str] | None = None) -
         message = " ".join(e.format_message().split())
         click.echo(f"error: {message} (see `{prog_name}{sub} --help`)", err=True)
         return e.exit_code
-    except click.Abort:
-        click.echo("error: aborted", err=True)
-        return 1
-    except KeyboardInterrupt:
-        click.echo("error: interrupted (rerun the same command to resume)", err=True)
+    except (KeyboardInterrupt, click.Abort):
+        click.echo(f"error: {getattr(group, 'interrupted', 'interrupted')}", err=True)
         return 130
     except Exception as e:  # a bug or an unexpected environment problem: still one line by default
         if debug:

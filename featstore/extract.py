@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .datasets import Manifest, resolve_dataset
+from .device import resolve_device
 from .encoders import EncoderSpec, build_encoder, feature_dims, resolve_encoder, select_views
 from .errors import FeatstoreError, UsageError
 from .inference import BatchEncoder
@@ -85,16 +86,6 @@ class ExtractResult:
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UsageError(f"unknown device {name!r}", "use auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no CUDA device is available", "use --device cpu (or auto)")
-    return torch.device(name)
 
 
 def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest) -> dict:

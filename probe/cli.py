@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-import traceback
-
 import click
 
-from featstore.errors import FeatstoreError, UsageError
+from featstore.console import OneLineErrors
+from featstore.errors import UsageError
 
 from .protocol import DEFAULT_LR_GRID, NORMALIZATIONS, OPTIMIZERS, Protocol
 
@@ -18,37 +16,11 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-class _Group(click.Group):
-    """Prints every failure as one ``error: …`` line (traceback only with --debug) and exits
-    2 for usage errors, 1 for runtime failures."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        argv = list(sys.argv[1:] if args is None else args)
-        debug = "--debug" in argv
-        try:
-            code = super().main(args=argv, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
-        except FeatstoreError as e:
-            if debug:
-                traceback.print_exc()
-            click.echo(f"error: {e.one_line()}", err=True)
-            code = e.exit_code
-        except click.ClickException as e:
-            if debug:
-                traceback.print_exc()
-            click.echo(f"error: {_one_line(e.format_message())} (see `probe fit --help`)", err=True)
-            code = 2 if isinstance(e, click.UsageError) else e.exit_code
-        except (KeyboardInterrupt, click.exceptions.Abort):
-            click.echo("error: interrupted; no results were written", err=True)
-            code = 130
-        except Exception as e:  # noqa: BLE001 (the CLI's last line of defence: one line, no traceback)
-            if debug:
-                traceback.print_exc()
-            click.echo(f"error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)", err=True)
-            code = 1
-        sys.exit(code or 0)
+class _Probe(OneLineErrors):
+    interrupted = "interrupted; no results were written"
 
 
-@click.group(cls=_Group)
+@click.group(name="probe", cls=_Probe)
 def main():
     """Linear probes on featstore feature stores: every head of an LR sweep trained at once."""
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from featstore.device import resolve_device
 from featstore.errors import FeatstoreError, UsageError
 from featstore.store import FeatureStore
 
@@ -147,7 +148,7 @@ def fit(
     protocol = protocol or Protocol()
     warn = warn or _default_warn
     log = log or (lambda message: None)
-    dev = H.resolve_device(device)  # before any reading: a wrong --device fails at once
+    dev = resolve_device(device)  # before any reading: a wrong --device fails at once
     dtype = H.compute_dtype(dev)
     paths = [stores] if isinstance(stores, (str, os.PathLike)) else list(stores)
     if isinstance(views, str):

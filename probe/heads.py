@@ -27,19 +27,6 @@ BN_EPS = 1e-5  # torch.nn.BatchNorm1d's default, so "standardize" is BatchNorm w
 _EVAL_ELEMENTS = 1 << 24  # logits elements per evaluation chunk (64 MiB in float32)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available", "use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"unknown device {device!r}", "use auto, cpu or cuda") from None
-
-
 def compute_dtype(device: torch.device) -> torch.dtype:
     """float32 on CPU (no fast bf16 there); bfloat16 on GPUs that have it, else float16."""
     if device.type != "cuda":

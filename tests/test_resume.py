@@ -113,3 +113,24 @@ def test_kill_inside_unit_write_and_finalize(clean, tmp_path, mode, param):
     assert resumed.returncode == 0, resumed.stderr
     assert ("up to date" in resumed.stdout) == (param == "after-complete")
     _assert_identical(out, snapshot)
+
+
+def test_ctrl_c_is_one_line_and_resumable(clean, tmp_path):
+    snapshot, duration = clean
+    out = tmp_path / "int.zarr"
+    proc = subprocess.Popen(_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    deadline = time.time() + 120
+    while not list((out / PROGRESS).glob("*/unit-*.json")) and time.time() < deadline:  # mid-extraction
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "error: interrupted (rerun the same command to resume)"
+    assert "Traceback" not in err
+    info = FeatureStore.open(out).info()
+    assert not info["complete"] and info["pending_units"] > 0
+    from featstore.cli import format_info
+
+    assert f"INCOMPLETE, {info['pending_units']} units pending" in format_info(info)
+    assert _run(out).returncode == 0
+    _assert_identical(out, snapshot)

@@ -241,3 +241,28 @@ def test_lock_object_round_trip(tmp_path):
         StoreLock(tmp_path / "lock.json").acquire()
     lock.release()
     assert not (tmp_path / "lock.json").exists()
+
+
+def test_builder_by_module_path_and_its_errors(small_folder, tmp_path, monkeypatch):
+    pkg = tmp_path / "mymodels"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(textwrap.dedent("""
+        import torch
+        def build():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        not_callable = 3
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    extract(ExtractConfig(model="mymodels.nets:build", dataset=str(small_folder), out=str(tmp_path / "m.zarr"),
+                          loader="torch", workers=0, image_size=32, resize=32), progress=False)
+    store = FeatureStore.open(tmp_path / "m.zarr")
+    assert store.views == {"features": 4} and store.attrs["encoder"]["arch"] == "user:mymodels.nets:build"
+    for spec, needle in (("mymodels.nets:missing", "has no callable 'missing'"),
+                         ("mymodels.nets:not_callable", "has no callable 'not_callable'"),
+                         ("mymodels.nope:build", "cannot import 'mymodels.nope'"),
+                         (f"{tmp_path / 'nope.py'}:build", "not found")):
+        with pytest.raises(UsageError, match=needle):
+            extract(ExtractConfig(model=spec, dataset=str(small_folder), out=str(tmp_path / "x.zarr"), loader="torch"), progress=False)
+    assert not (tmp_path / "x.zarr").exists()

@@ -88,9 +88,12 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest) -> dict:
+def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest,
+                 device: torch.device) -> dict:
     """Everything that changes the stored numbers; two runs with equal fields give the same store."""
     return {
+        # bf16 autocast on CUDA, fp32 on CPU: a store is never half one and half the other
+        "compute": "cuda-bf16" if device.type == "cuda" else "cpu-fp32",
         "encoder": spec.name,
         "arch": spec.arch,
         "weights_sha256": spec.weights_sha256,
@@ -129,7 +132,7 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
         preprocess_overrides=dict(image_size=config.image_size, resize=config.resize, interpolation=config.interpolation,
                                   mean=config.mean, std=config.std),
     )
-    fields = cache_fields(spec, loader_name, config.views, config.dtype, manifest)
+    fields = cache_fields(spec, loader_name, config.views, config.dtype, manifest, device)
     key = cache_key(fields)
     out = Path(config.out)
     rows = {s: len(m) for s, m in manifest.splits.items()}

@@ -266,3 +266,17 @@ def test_builder_by_module_path_and_its_errors(small_folder, tmp_path, monkeypat
         with pytest.raises(UsageError, match=needle):
             extract(ExtractConfig(model=spec, dataset=str(small_folder), out=str(tmp_path / "x.zarr"), loader="torch"), progress=False)
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_cache_key_separates_cpu_and_cuda_features():
+    from featstore.datasets import resolve_dataset
+    from featstore.encoders import resolve_encoder
+    from featstore.extract import cache_fields, cache_key
+
+    spec = resolve_encoder("resnet18", random_init=True)
+    manifest = resolve_dataset("digits")
+    cpu = cache_fields(spec, "torch", None, "float16", manifest, torch.device("cpu"))
+    gpu = cache_fields(spec, "torch", None, "float16", manifest, torch.device("cuda"))
+    assert cpu["compute"] == "cpu-fp32" and gpu["compute"] == "cuda-bf16"
+    assert cache_key(cpu) != cache_key(gpu)
+    assert cache_key(cpu) == cache_key(cache_fields(spec, "torch", None, "float16", manifest, torch.device("cpu")))

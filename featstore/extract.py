@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import queue
 import shutil
 import sys
@@ -30,6 +31,7 @@ from .errors import FeatstoreError, UsageError
 from .inference import BatchEncoder
 from .loaders import Batch, choose_loader, make_loader
 from .lock import StoreLock
+from .ranks import Ranks, wait_until
 from .store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
 
 
@@ -124,7 +126,10 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
     """Run (or resume, or skip as up to date) one extraction. Raises FeatstoreError on user mistakes."""
     start = time.perf_counter()
     _validate(config)
+    ranks = Ranks.from_env()
     device = resolve_device(config.device)
+    if ranks.world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     loader_name = choose_loader(config.loader)
     manifest = resolve_dataset(config.dataset, config.data_root)
     spec = resolve_encoder(
@@ -137,9 +142,15 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
     out = Path(config.out)
     rows = {s: len(m) for s, m in manifest.splits.items()}
 
-    existing = _existing_store(out, key, fields, config.overwrite)
+    if ranks.is_leader:
+        existing = _existing_store(out, key, fields, config.overwrite)
+    else:
+        existing = _store_of_job(out, key, ranks)
     if existing is not None and existing.complete:
-        shutil.rmtree(out / PROGRESS, ignore_errors=True)  # a run killed right after completing left it
+        if ranks.is_leader:
+            shutil.rmtree(out / PROGRESS, ignore_errors=True)  # a run killed right after completing left it
+            if ranks.world > 1:
+                existing.update_attrs({"job": ranks.job})  # tells the other ranks: nothing to do
         return ExtractResult(str(out), "up to date", rows, 0, len(existing.invalid_rows()), 0, time.perf_counter() - start, 0.0)
 
     encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint).to(device).to(memory_format=torch.channels_last)
@@ -175,15 +186,37 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
         store = existing
         status = "resumed"
 
-    with StoreLock(out / PROGRESS / "lock.json", warn=log):
+    if not ranks.is_leader:
+        written, invalid, nonfinite = _run(store, manifest, encoder, views, loader_name, device, config, progress, ranks)
+        return ExtractResult(f"{out} (rank {ranks.rank})", status, rows, written, invalid, len(nonfinite),
+                             time.perf_counter() - start, written / max(time.perf_counter() - start, 1e-9), nonfinite[:5])
+    with StoreLock(out / PROGRESS / "lock.json", warn=log, job=ranks.job):
         store.clean_temp_files()
-        written, invalid, nonfinite = _run(store, manifest, encoder, views, loader_name, device, config, progress)
-        store.finalize({"device": str(device), "batch_size": config.batch_size})
+        if ranks.world > 1:
+            store.update_attrs({"job": ranks.job})  # the other ranks start writing now
+        written, invalid, nonfinite = _run(store, manifest, encoder, views, loader_name, device, config, progress, ranks)
+        if ranks.world > 1:
+            wait_until(lambda: not store.pending_units(), "the other ranks' units", timeout=float("inf"), poll=1.0)
+        store.finalize({"device": str(device), "batch_size": config.batch_size, "world_size": ranks.world})
     seconds = time.perf_counter() - start
     return ExtractResult(
         str(out), status, rows, written, len(store.invalid_rows()), len(nonfinite), seconds,
         written / seconds if seconds > 0 else 0.0, nonfinite[:5],
     )
+
+
+def _store_of_job(out: Path, key: str, ranks: Ranks) -> FeatureStore:
+    """A non-leader rank: the store rank 0 created or resumed for this job (same cache key)."""
+    def ready():
+        if not is_store(out):
+            return None
+        store = FeatureStore.open(out, mode="r+")
+        return store if store.attrs.get("job") == ranks.job else None
+
+    store = wait_until(ready, f"rank 0 to prepare {str(out)!r}", timeout=float(os.environ.get("FEATSTORE_RANK_WAIT", "1800")))
+    if store.attrs.get("cache_key") != key:
+        raise FeatstoreError(f"rank {ranks.rank} computed another cache key than rank 0", "every rank must run the same command")
+    return store
 
 
 def _existing_store(out: Path, key: str, fields: dict, overwrite: bool) -> FeatureStore | None:
@@ -307,14 +340,15 @@ class _UnitAssembler:
             del self.open[unit.index]
 
 
-def _run(store, manifest, encoder, views, loader_name, device, config, progress):
+def _run(store, manifest, encoder, views, loader_name, device, config, progress, ranks: Ranks):
     from tqdm import tqdm
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     loader = make_loader(loader_name, store_preprocess(store), device, config.workers)
     runner = BatchEncoder(encoder, views, device, config.batch_size, compile=config.compile)
-    pending = store.pending_units()
+    ordinal = {(u.split, u.index): g for g, u in enumerate(u for s in store.splits for u in store.units(s))}
+    pending = [u for u in store.pending_units() if ranks.owns(ordinal[(u.split, u.index)])]
     bar = tqdm(total=sum(u.rows for u in pending), unit="img", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1, desc=f"extract {store.path.name}")
     writer = _UnitWriter(store)

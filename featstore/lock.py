@@ -23,9 +23,10 @@ def pid_alive(pid: int) -> bool:
 
 
 class StoreLock:
-    def __init__(self, path: Path, warn: Callable[[str], None] = lambda s: None):
+    def __init__(self, path: Path, warn: Callable[[str], None] = lambda s: None, job: str = ""):
         self.path = Path(path)
         self.warn = warn
+        self.job = job  # a torchrun job id: recorded so a second job is told whose lock it met
         self.held = False
 
     def holder(self) -> dict | None:
@@ -36,7 +37,7 @@ class StoreLock:
 
     def acquire(self) -> "StoreLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "job": self.job}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

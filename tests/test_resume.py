@@ -134,3 +134,30 @@ def test_ctrl_c_is_one_line_and_resumable(clean, tmp_path):
     assert f"INCOMPLETE, {info['pending_units']} units pending" in format_info(info)
     assert _run(out).returncode == 0
     _assert_identical(out, snapshot)
+
+
+def _run_ranks(out: Path, job: str) -> list[tuple[str, str]]:
+    procs = []
+    for rank in (1, 0):  # the follower starts first and must wait for rank 0
+        env = _env()
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), TORCHELASTIC_RUN_ID=job)
+        procs.append(subprocess.Popen(_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    return outputs
+
+
+def test_two_ranks_write_one_store_identical_to_one_process(clean, tmp_path):
+    """torchrun-style ranks (RANK/WORLD_SIZE env) share the units; the store equals a single run's."""
+    snapshot, _ = clean
+    out = tmp_path / "ranks.zarr"
+    outputs = _run_ranks(out, "test-job-1")
+    follower_out, leader_out = outputs[0][0], outputs[1][0]
+    assert "(rank 1)" in follower_out and "created" in leader_out
+    written = [int(o.split("wrote ")[1].split(" rows")[0].replace(",", "")) for o in (follower_out, leader_out)]
+    assert sum(written) == 1797 and min(written) > 0  # both ranks did part of the work
+    _assert_identical(out, snapshot)
+    assert FeatureStore.open(out).attrs["world_size"] == 2
+    again = _run_ranks(out, "test-job-2")  # a new job on the finished store: nothing to do on any rank
+    assert all("up to date" in o for o, _ in again)
+    _assert_identical(out, snapshot)

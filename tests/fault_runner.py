@@ -2,6 +2,7 @@
 
     python -m tests.fault_runner kill-in-unit K   -- featstore args…   SIGKILL halfway through writing unit #K
     python -m tests.fault_runner kill-in-finalize STAGE -- featstore args…   SIGKILL inside finalize
+    python -m tests.fault_runner slow-units SECONDS -- featstore args…   sleep before every unit write
     python -m tests.fault_runner none 0 -- featstore args…
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 
@@ -41,6 +43,14 @@ def main(argv: list[str]) -> int:
             return original(self, unit, features, valid, invalid)
 
         Store.write_unit = write_unit
+    elif mode == "slow-units":
+        original_slow = Store.write_unit
+
+        def slow_write_unit(self, *a, **k):
+            time.sleep(float(param))  # stretch the run so a signal surely lands mid-extraction
+            return original_slow(self, *a, **k)
+
+        Store.write_unit = slow_write_unit
     elif mode == "kill-in-finalize":
         original_update = Store.update_attrs
 

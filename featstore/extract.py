@@ -157,52 +157,55 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
     views = select_views(feature_dims(encoder, spec.preprocess, device), config.views)
 
     if existing is None:
-        if out.exists() and config.overwrite:
-            _refuse_if_locked(out)
-            shutil.rmtree(out)
-        try:
-            store = FeatureStore.create(
-                out,
-                splits={s: (list(m.paths), m.labels) for s, m in manifest.splits.items()},
-                views=views,
-                dtype=config.dtype,
-                chunk_rows=config.chunk_rows,
-                attrs={
-                    "encoder": spec.to_dict(),
-                    "preprocessing": spec.preprocess.to_dict(),
-                    "dataset": {**manifest.to_dict(), "spec": config.dataset},
-                    "loader": loader_name,
-                    "cache_key": key,
-                    "cache_fields": fields,
-                },
-            )
-        except OSError as e:
-            raise FeatstoreError(
-                f"cannot create the store at {str(out)!r}: {e.strerror or e}",
-                "check that the parent folder exists, is writable and has space",
-            ) from e
-        status = "created"
+        store, status = _create(out, manifest, spec, views, loader_name, key, fields, config), "created"
     else:
-        store = existing
-        status = "resumed"
+        store, status = existing, "resumed"
 
     if not ranks.is_leader:
         written, invalid, nonfinite = _run(store, manifest, encoder, views, loader_name, device, config, progress, ranks)
-        return ExtractResult(f"{out} (rank {ranks.rank})", status, rows, written, invalid, len(nonfinite),
-                             time.perf_counter() - start, written / max(time.perf_counter() - start, 1e-9), nonfinite[:5])
-    with StoreLock(out / PROGRESS / "lock.json", warn=log, job=ranks.job):
-        store.clean_temp_files()
-        if ranks.world > 1:
-            store.update_attrs({"job": ranks.job})  # the other ranks start writing now
-        written, invalid, nonfinite = _run(store, manifest, encoder, views, loader_name, device, config, progress, ranks)
-        if ranks.world > 1:
-            wait_until(lambda: not store.pending_units(), "the other ranks' units", timeout=float("inf"), poll=1.0)
-        store.finalize({"device": str(device), "batch_size": config.batch_size, "world_size": ranks.world})
+        label = f"{out} (rank {ranks.rank})"
+    else:
+        with StoreLock(out / PROGRESS / "lock.json", warn=log, job=ranks.job):
+            store.clean_temp_files()
+            if ranks.world > 1:
+                store.update_attrs({"job": ranks.job})  # the other ranks start writing now
+            written, _, nonfinite = _run(store, manifest, encoder, views, loader_name, device, config, progress, ranks)
+            if ranks.world > 1:
+                wait_until(lambda: not store.pending_units(), "the other ranks' units", timeout=float("inf"), poll=1.0)
+            store.finalize({"device": str(device), "batch_size": config.batch_size, "world_size": ranks.world})
+        invalid, label = len(store.invalid_rows()), str(out)  # all of the store's, resumed units included
     seconds = time.perf_counter() - start
-    return ExtractResult(
-        str(out), status, rows, written, len(store.invalid_rows()), len(nonfinite), seconds,
-        written / seconds if seconds > 0 else 0.0, nonfinite[:5],
-    )
+    return ExtractResult(label, status, rows, written, invalid, len(nonfinite), seconds,
+                         written / seconds if seconds > 0 else 0.0, nonfinite[:5])
+
+
+def _create(out: Path, manifest: Manifest, spec: EncoderSpec, views: dict[str, int], loader_name: str, key: str,
+            fields: dict, config: ExtractConfig) -> FeatureStore:
+    """A new store at ``out`` with the full provenance (replacing the old one under --overwrite)."""
+    if out.exists() and config.overwrite:
+        _refuse_if_locked(out)
+        shutil.rmtree(out)
+    try:
+        return FeatureStore.create(
+            out,
+            splits={s: (list(m.paths), m.labels) for s, m in manifest.splits.items()},
+            views=views,
+            dtype=config.dtype,
+            chunk_rows=config.chunk_rows,
+            attrs={
+                "encoder": spec.to_dict(),
+                "preprocessing": spec.preprocess.to_dict(),
+                "dataset": {**manifest.to_dict(), "spec": config.dataset},
+                "loader": loader_name,
+                "cache_key": key,
+                "cache_fields": fields,
+            },
+        )
+    except OSError as e:
+        raise FeatstoreError(
+            f"cannot create the store at {str(out)!r}: {e.strerror or e}",
+            "check that the parent folder exists, is writable and has space",
+        ) from e
 
 
 def _store_of_job(out: Path, key: str, ranks: Ranks) -> FeatureStore:

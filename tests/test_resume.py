@@ -118,7 +118,9 @@ def test_kill_inside_unit_write_and_finalize(clean, tmp_path, mode, param):
 def test_ctrl_c_is_one_line_and_resumable(clean, tmp_path):
     snapshot, duration = clean
     out = tmp_path / "int.zarr"
-    proc = subprocess.Popen(_cmd(out, "slow-units", "0.3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    # a shell without job control starts background jobs with SIGINT ignored (as CI may): restore it
+    proc = subprocess.Popen(_cmd(out, "slow-units", "0.3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list((out / PROGRESS).glob("*/unit-*.json")) and time.time() < deadline:  # mid-extraction
         time.sleep(0.05)

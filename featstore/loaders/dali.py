@@ -107,13 +107,14 @@ class DaliLoader:
     def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
         if not plan:
             return
-        read_errors: list[dict[int, str]] = []
-        fed_rows: list[list[int]] = []
+        # per batch index, popped when consumed so memory stays bounded on long runs
+        read_errors: dict[int, dict[int, str]] = {}
+        fed_rows: dict[int, list[int]] = {}
 
         def source():
-            # runs ahead of the consumer by the prefetch depth; unreadable files are replaced by a
-            # readable one of the same batch (or skipped when none) and reported per batch
-            for rows in plan:
+            # runs ahead of the consumer by the prefetch depth; unreadable files (missing, empty,
+            # no permission) are left out of the batch and reported with it
+            for i, rows in enumerate(plan):
                 data, errors, ok_rows = [], {}, []
                 for r in rows.tolist():
                     arr, reason = _read(paths[r])
@@ -122,8 +123,8 @@ class DaliLoader:
                     else:
                         data.append(arr)
                         ok_rows.append(r)
-                read_errors.append(errors)
-                fed_rows.append(ok_rows)
+                read_errors[i] = errors
+                fed_rows[i] = ok_rows
                 if not data:
                     data = [_tiny_jpeg()]  # DALI needs a non-empty batch; its output is discarded
                 yield data
@@ -134,15 +135,14 @@ class DaliLoader:
                 try:
                     (out,) = pipe.run()
                     decoded, bad = self._to_torch(out), {}
-                    ok_rows = fed_rows[i]
-                except StopIteration:
-                    raise
                 except Exception:  # a file DALI cannot decode: find it, keep the rest of the batch
-                    ok_rows = fed_rows[i]
+                    decoded, bad = None, None
+                ok_rows = fed_rows.pop(i)  # filled by source() before run() returned or raised
+                if bad is None:
                     decoded_parts, bad = self._bisect([paths[r] for r in ok_rows], ok_rows)
                     ok_rows = [r for r in ok_rows if r not in bad]
                     decoded = torch.cat(decoded_parts) if decoded_parts else None
-                errors = {**read_errors[i], **bad}
+                errors = {**read_errors.pop(i), **bad}
                 yield Batch(rows, self._assemble(rows, ok_rows, decoded), errors)
         finally:
             del pipe

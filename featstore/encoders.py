@@ -205,10 +205,16 @@ def _load_builder(name: str) -> Callable[[], nn.Module]:
             if not path.is_file():
                 raise UsageError(f"model file {target!r} not found", "pass --model path/to/file.py:function")
             mod_name = "featstore_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-            spec = importlib.util.spec_from_file_location(mod_name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[mod_name] = module
-            spec.loader.exec_module(module)
+            module = sys.modules.get(mod_name)  # resolve and build both ask: run the file once
+            if module is None:
+                spec = importlib.util.spec_from_file_location(mod_name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[mod_name]
+                    raise
         else:
             module = importlib.import_module(target)
     except UsageError:

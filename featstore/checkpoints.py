@@ -116,7 +116,8 @@ def load_weights(model: nn.Module, path: str | Path, arch: str = "", trust: bool
     """Load ``path`` into ``model``; raise when backbone parameters are missing or shapes differ."""
     sd = read_checkpoint(path, trust=trust)
     sd = _timm_filter(sd, model, arch)
-    model_keys = set(model.state_dict())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model_keys = set(shapes)
     dropped = [k for k in sd if k not in model_keys and k.split(".")[0] in HEAD_NAMES]
     for k in dropped:
         del sd[k]
@@ -127,9 +128,9 @@ def load_weights(model: nn.Module, path: str | Path, arch: str = "", trust: bool
             "check --model matches the checkpoint's architecture",
         )
     mismatched = [
-        f"{k} {tuple(v.shape)} vs {tuple(model.state_dict()[k].shape)}"
+        f"{k} {tuple(v.shape)} vs {shapes[k]}"
         for k, v in sd.items()
-        if k in model_keys and tuple(v.shape) != tuple(model.state_dict()[k].shape)
+        if k in model_keys and tuple(v.shape) != shapes[k]
     ]
     if mismatched:
         raise FeatstoreError(

@@ -19,18 +19,9 @@ import torch
 
 from ..preprocess import Preprocess
 from . import Batch
+from .decode import read_encoded
 
 _INTERP = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR", "nearest": "INTERP_NN"}
-
-
-def _read(path: str) -> tuple[np.ndarray | None, str]:
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        return None, f"{type(e).__name__}: {e.strerror or e}"
-    if data.size == 0:
-        return None, "empty file (0 bytes)"
-    return data, ""
 
 
 class DaliLoader:
@@ -117,11 +108,11 @@ class DaliLoader:
             for i, rows in enumerate(plan):
                 data, errors, ok_rows = [], {}, []
                 for r in rows.tolist():
-                    arr, reason = _read(paths[r])
-                    if arr is None:
+                    blob, reason = read_encoded(paths[r])
+                    if blob is None:
                         errors[r] = reason
                     else:
-                        data.append(arr)
+                        data.append(np.frombuffer(blob, dtype=np.uint8))
                         ok_rows.append(r)
                 read_errors[i] = errors
                 fed_rows[i] = ok_rows

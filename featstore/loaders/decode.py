@@ -10,6 +10,18 @@ from PIL import Image
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
+def read_encoded(path: str) -> tuple[bytes | None, str]:
+    """The file's bytes, or None and why not (unreadable or empty), for loaders that decode bytes."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return None, f"{type(e).__name__}: {e.strerror or e}"
+    if not data:
+        return None, "empty file (0 bytes)"
+    return data, ""
+
+
 def open_rgb(path: str) -> Image.Image:
     """Decode ``path`` fully and return an RGB image; raises on files that are not decodable images."""
     with warnings.catch_warnings():

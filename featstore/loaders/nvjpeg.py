@@ -17,17 +17,9 @@ import torch.nn.functional as F
 
 from ..preprocess import Preprocess
 from . import Batch, normalize_on_device
-from .decode import open_rgb
+from .decode import open_rgb, read_encoded
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def _read(path: str) -> bytes | Exception:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        return e
 
 
 class NvjpegLoader:
@@ -58,25 +50,25 @@ class NvjpegLoader:
         x = x[..., top:top + pre.image_size, left:left + pre.image_size]
         return x.round_().clamp_(0, 255).to(torch.uint8)[0]
 
-    def _decode(self, blobs: list[bytes | Exception], paths: list[str]) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+    def _decode(self, blobs: list[tuple[bytes | None, str]], paths: list[str]) -> tuple[list[torch.Tensor | None], dict[int, str]]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         images: list[torch.Tensor | None] = [None] * len(blobs)
         errors: dict[int, str] = {}
-        jpeg = [i for i, b in enumerate(blobs) if isinstance(b, bytes) and b[:3] == _JPEG_MAGIC]
+        jpeg = [i for i, (b, _) in enumerate(blobs) if b is not None and b[:3] == _JPEG_MAGIC]
         if jpeg:
-            data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpeg]
+            data = [torch.frombuffer(bytearray(blobs[i][0]), dtype=torch.uint8) for i in jpeg]
             try:
                 decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
                 for i, img in zip(jpeg, decoded):
                     images[i] = img
             except RuntimeError:
                 pass  # one bad JPEG fails the batch: the files are retried one by one below
-        for i, blob in enumerate(blobs):
+        for i, (blob, reason) in enumerate(blobs):
             if images[i] is not None:
                 continue
-            if isinstance(blob, Exception):
-                errors[i] = f"{type(blob).__name__}: {blob}"
+            if blob is None:
+                errors[i] = reason
                 continue
             try:  # CMYK/progressive oddities, PNG and friends, or a broken file: PIL decides
                 images[i] = torch.from_numpy(np.asarray(open_rgb(paths[i])).copy()).permute(2, 0, 1).to(self.device)
@@ -88,13 +80,16 @@ class NvjpegLoader:
         if not plan:
             return
         size = self.pre.image_size
-        # read ahead: file reads of the next batches overlap decode and inference of this one
-        reads = [self.pool.submit(lambda rows=rows: [_read(paths[r]) for r in rows.tolist()]) for rows in plan[:2]]
+
+        def read(rows: np.ndarray):
+            return self.pool.submit(lambda: [read_encoded(paths[r]) for r in rows.tolist()])
+
+        # read ahead: file reads of the next two batches overlap decode and inference of this one
+        reads = {k: read(plan[k]) for k in range(min(2, len(plan)))}
         for k, rows in enumerate(plan):
             if k + 2 < len(plan):
-                reads.append(self.pool.submit(lambda rows=plan[k + 2]: [_read(paths[r]) for r in rows.tolist()]))
-            blobs = reads[k].result()
-            reads[k] = None
+                reads[k + 2] = read(plan[k + 2])
+            blobs = reads.pop(k).result()
             decoded, local_errors = self._decode(blobs, [paths[r] for r in rows.tolist()])
             crops = [self.resize_crop(img) if img is not None else torch.zeros(3, size, size, dtype=torch.uint8, device=self.device)
                      for img in decoded]

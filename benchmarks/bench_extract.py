@@ -258,9 +258,11 @@ def measure_loader(args, model: str, spec, encoder, images: list[Path], folder: 
     return dict(decode=decode, inference=inference, e2e=e2e, write_s=write_s)
 
 
-def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str], device: torch.device, tmp: Path) -> list[dict]:
+def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str], device: torch.device, tmp: Path,
+              emit=lambda rows: None) -> list[dict]:
     """Rounds interleave every method, so that load from other processes hits them alike; each
-    number reported is the best round (interference only ever slows a run down)."""
+    number reported is the best round (interference only ever slows a run down). ``emit`` gets the
+    rows of each set as soon as they are measured."""
     from featstore.encoders import build_encoder, resolve_encoder
 
     spec = resolve_encoder(model, random_init=True)
@@ -290,6 +292,7 @@ def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str],
                 ms_decode=1e3 / best["decode"], ms_inference=1e3 / best["inference"], ms_write=1e3 * write_s / len(images),
                 ms_e2e=1e3 / best["e2e"], rounds=rounds[name], baseline_rounds=baselines,
             ))
+        emit(rows[-len(loaders):])
     del encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -438,19 +441,28 @@ def main(argv: list[str] | None = None) -> None:
         sets["upscaled"] = upscaled_images(originals, root, args.workers)
 
     results, rss = [], []
+
+    def save(partial: bool) -> Path:
+        # rewritten after every set, so a run cut short (a device call's time limit) keeps what it measured
+        return write_json(args.out, {"benchmark": "extract", "machine": info, "command": " ".join(sys.argv), "device": str(device),
+                                     "batch_size": args.batch_size, "workers": args.workers, "images_root": str(root),
+                                     "partial": partial, "results": results, "rss": rss})
+
+    def emit(rows: list[dict]) -> None:
+        results.extend(rows)
+        print(table(rows, RESULT_COLUMNS), flush=True)
+        save(partial=True)
+
     with tempfile.TemporaryDirectory(prefix="featstore-bench-extract-") as tmp:
         for model in args.models:
-            results += run_model(args, model, sets, loaders, device, Path(tmp))
+            run_model(args, model, sets, loaders, device, Path(tmp), emit)
         for rows in args.rss:
             rss.append(measure_rss(rows, jpegs_under(root), args, Path(tmp)))  # train and val: 13,394 files
 
     print_tables(results, rss)
     info["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(f"load average before {info['load_average']}, after {info['load_average_after']}")
-    path = write_json(args.out, {"benchmark": "extract", "machine": info, "command": " ".join(sys.argv), "device": str(device),
-                                 "batch_size": args.batch_size, "workers": args.workers, "images_root": str(root),
-                                 "results": results, "rss": rss})
-    print(f"wrote {path}")
+    print(f"wrote {save(partial=False)}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ class BatchEncoder:
                 {v: torch.empty((batch_size, d), dtype=torch.float32, pin_memory=True) for v, d in views.items()}
                 for _ in range(ring)
             ]
-            self.events = [torch.cuda.Event() for _ in range(ring)]
+            # blocking: synchronize() sleeps instead of spinning a core the decode threads need
+            self.events = [torch.cuda.Event(blocking=True) for _ in range(ring)]
             self.next_slot = 0
 
     def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -85,7 +85,9 @@ def test_extract_on_cuda_matches_cpu(loader, small_folder, tmp_path):
 
     if loader == "dali" and not dali_available():
         pytest.skip("DALI not installed")
-    common = dict(model="resnet18", dataset=str(small_folder), random_init=True, workers=2, image_size=64, resize=72, dtype="float32")
+    # batches of 4: several in flight at once, as in a real run
+    common = dict(model="resnet18", dataset=str(small_folder), random_init=True, workers=2, batch_size=4, image_size=64, resize=72,
+                  dtype="float32")
     extract(ExtractConfig(out=str(tmp_path / "gpu.zarr"), device="cuda", loader=loader, **common), progress=False)
     extract(ExtractConfig(out=str(tmp_path / "cpu.zarr"), device="cpu", loader="torch", **common), progress=False)
     a = FeatureStore.open(tmp_path / "gpu.zarr").features("train", "pool")
@@ -93,7 +95,8 @@ def test_extract_on_cuda_matches_cpu(loader, small_folder, tmp_path):
     mu = np.concatenate([a, b]).mean(0)
     a, b = a - mu, b - mu
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    assert np.median(cos) > 0.98
+    assert len(a) >= 12 and np.median(cos) > 0.98
+    assert cos.min() > 0.95, cos  # every image: one corrupted decode or batch would be far off
 
 
 @pytest.mark.slow

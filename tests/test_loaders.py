@@ -10,6 +10,8 @@ what a wrong crop, channel order, range or normalization would give (tens of lev
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,94 @@ def test_nvjpeg_loader_matches_reference_on_cpu(odd_images, imagenette_subset, t
     levels = _levels(images, reference.images, PRE)
     assert levels.mean(dim=(1, 2, 3)).max() < 2.5
     _features_agree(images, reference.images)
+
+
+def _forge_jpeg_size(path, width: int, height: int) -> bytes:
+    """A real small JPEG whose frame header claims width × height."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_jpeg_header_size_matches_pil(odd_images, imagenette_subset, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from featstore.loaders.nvjpeg import _jpeg_size
+
+    files = sorted(imagenette_subset.rglob("*.JPEG"))[:10] + [p for p in map(Path, odd_images) if p.suffix.lower() in (".jpg", ".jpeg")]
+    for kind, kw in [("L", {}), ("RGB", {"progressive": True}), ("RGB", {"exif": b"Exif\x00\x00" + bytes(3000)})]:
+        buf = io.BytesIO()
+        Image.new(kind, (123, 45)).save(buf, format="JPEG", **kw)
+        (tmp_path / f"{kind}{len(kw)}.jpg").write_bytes(buf.getvalue())
+        files.append(tmp_path / f"{kind}{len(kw)}.jpg")
+    assert len(files) >= 14
+    for f in files:
+        with Image.open(f) as img:
+            assert _jpeg_size(f.read_bytes()) == img.size, f
+    assert _jpeg_size(b"\x89PNG\r\n\x1a\n") is None and _jpeg_size(b"\xff\xd8\xff\xe0\x00") is None
+
+
+def test_jpeg_bomb_header_is_refused_before_decoding(tmp_path):
+    """A header claiming 60000² pixels would make the GPU decoder allocate ~10 GB: refused as PIL refuses it."""
+    from featstore.loaders.nvjpeg import NvjpegLoader
+
+    good = tmp_path / "good.jpg"
+    _forge_jpeg_size(good, 16, 16)
+    bomb = tmp_path / "bomb.jpg"
+    _forge_jpeg_size(bomb, 60000, 60000)
+    files = [str(good), str(bomb)]
+    for loader in (NvjpegLoader(PRE, CPU, 1), TorchLoader(PRE, CPU, 0)):
+        (batch,) = _load(loader, files)
+        assert list(batch.errors) == [1] and "DecompressionBomb" in batch.errors[1], (loader.name, batch.errors)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("backend", ["nvjpeg", "dali"])
+def test_gpu_loaders_match_reference_with_work_in_flight(backend, odd_images, imagenette_subset, tmp_path):
+    """Decode on the GPU while earlier batches are still being read by queued kernels (as in extract).
+
+    nvJPEG's hardware engine does not wait for the stream it is given (pytorch/vision#9606): a decode
+    handed memory that queued kernels still read overwrites it. Each batch's checksum is queued behind
+    a GPU stall, the batch is dropped, and the next batch is decoded; every checksum must still match.
+    """
+    from featstore.loaders import make_loader
+
+    if backend == "dali":
+        dali_or_skip()
+    bad = write_bad_files(tmp_path / "bad")
+    photos = [str(p) for p in sorted(imagenette_subset.rglob("*.JPEG"))[:24]]
+    files = photos + odd_images + [str(tmp_path / "bad" / n) for n in bad]
+    plan = [np.arange(s, min(s + 4, len(files))) for s in range(0, len(files), 4)]
+    gpu = torch.device("cuda")
+    want_bad = list(range(len(files) - len(bad), len(files)))
+    (reference,) = _load(TorchLoader(PRE, CPU, 0), files)
+    copies, checksums, errors = [], [], {}
+    for batch in make_loader(backend, PRE, gpu, 2).batches(files, plan):
+        assert batch.images.device.type == "cuda" and batch.images.is_contiguous(memory_format=torch.channels_last)
+        copies.append(batch.images.float().cpu())
+        torch.cuda._sleep(50_000_000)  # keep the stream busy, so the checksum below is still queued...
+        checksums.append(batch.images.double().sum())
+        errors.update(batch.errors)
+        del batch  # ...when its input is freed and the next batch is decoded
+    torch.cuda.synchronize()
+    for copy, checksum in zip(copies, checksums):
+        assert abs(checksum.item() - copy.double().sum().item()) <= 1e-3 * copy.abs().sum().item() + 1.0
+    assert sorted(errors) == want_bad
+    images = torch.cat(copies)
+    ok = [r for r in range(len(files)) if r not in errors]
+    levels = _levels(images[ok], reference.images[ok], PRE)
+    assert levels.mean(dim=(1, 2, 3)).max() < 2.5

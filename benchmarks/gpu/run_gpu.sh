@@ -7,6 +7,10 @@
 # Here, once:   bash benchmarks/gpu/prepare.sh        (wheels + an Imagenette subset, size check)
 # Device call:  command "bash benchmarks/gpu/run_gpu.sh", carry ["benchmarks/gpu/wheels", "benchmarks/gpu/data"],
 #               timeout_s 480. Logs and JSON land in $OUT (benchmarks/out when run elsewhere).
+# With DALI:    prepare_dali.sh here, park its parts with the calls it prints (same warm machine), then
+#               the call above: DALI is installed from the parts and benchmarked beside the others.
+# Knobs:        LIMIT (images per set), LOADERS (e.g. "dali": only those), MODELS (resnet50,dino),
+#               SKIP_TESTS=1, SKIP_PROBE=1 (for a second call that only adds a loader).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -27,28 +31,35 @@ if ! $PY -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
     echo "editable install failed; using the checkout through PYTHONPATH" >&2
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+if $PY benchmarks/gpu/install_dali.py; then
+    $PY -c "import nvidia.dali as d; print('DALI', d.__version__)" || echo "DALI installed but does not import; going on without it"
+fi
 $PY -c "import featstore, zarr, torch, torchvision, timm; print('featstore', featstore.__version__, '| zarr', zarr.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__)" || exit 1
 
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
 step "pytest -m gpu"
 timeout 120 $PY -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.log"
 rc=${PIPESTATUS[0]}
 case $rc in 0) ;; 5) echo "no GPU tests collected" ;; *) echo "GPU tests FAILED (exit $rc); benchmarking anyway" ;; esac
+fi
 
+if [ "${SKIP_PROBE:-0}" != 1 ]; then
 step "probe benchmark: ImageNet-size 13-LR sweep (target < 30 s on an H100)"
-timeout 180 $PY benchmarks/bench_probe.py --sizes imagenet --device cuda --baseline-lrs 1 --out "$out/probe-gpu.json" 2>&1 \
+timeout 180 $PY benchmarks/bench_probe.py --sizes imagenet --device cuda --baseline-lrs 1 --out "$out" 2>&1 \
     | tee "$out/probe-gpu.log" || echo "probe benchmark FAILED or timed out; going on"
+fi
 
 step "extraction benchmark"
 images=../shared/data/imagenette
 [ -d "$images" ] || images=benchmarks/gpu/data/imagenette
 [ -d "$images" ] || { echo "error: no images: carry benchmarks/gpu/data (prepare.sh makes it)" >&2; exit 1; }
 # torch always; nvjpeg and DALI when this featstore has them and they import here
-loaders=$($PY -c "
+loaders=${LOADERS:-$($PY -c "
 from featstore.loaders import LOADERS, dali_available
 names = ['torch'] + [n for n in ('nvjpeg',) if n in LOADERS] + (['dali'] if 'dali' in LOADERS and dali_available() else [])
-print(','.join(names))")
+print(','.join(names))")}
 echo "images: $images; loaders: $loaders"
-$PY benchmarks/bench_extract.py --model resnet50,dino --set upscaled,224 --loader "$loaders" --device cuda \
+$PY benchmarks/bench_extract.py --model "${MODELS:-resnet50,dino}" --set upscaled,224 --loader "$loaders" --device cuda \
     --batch-size 256 --workers "$(nproc)" --limit "$LIMIT" --images "$images" --out "$out/extract-gpu.json" 2>&1 \
     | tee "$out/extract-gpu.log"
 exit "${PIPESTATUS[0]}"

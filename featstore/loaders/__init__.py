@@ -8,6 +8,7 @@ file cannot be decoded gets a zero placeholder image and a reason in ``Batch.err
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -73,7 +74,14 @@ def normalize_on_device(images_uint8: torch.Tensor, preprocess: Preprocess, devi
     x = images_uint8.to(device, non_blocking=True)
     if channels_last_input:
         x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last without a copy
-    mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1) * 255.0
+    mean, std = _scale(tuple(preprocess.mean), tuple(preprocess.std), device)
     x = (x.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last)
+
+
+@lru_cache(maxsize=8)
+def _scale(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once: building a CUDA tensor from a Python list is a synchronous copy, which would stall
+    # the loader behind all queued GPU work on every batch
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)

@@ -2,8 +2,17 @@
 resize/crop/normalize as tensor ops on the same device. The GPU fallback where DALI is absent.
 
 Without CUDA it runs the same code on CPU (libjpeg-turbo decode), which is how its preprocessing is
-tested against the reference loader. Files a batched JPEG decode cannot take (PNG, CMYK, broken
-files) are decoded one by one with PIL; those that fail become placeholders with a reason.
+tested against the reference loader. When the batched decode fails, each JPEG is retried alone, so a
+bad file does not change how its batch neighbours are decoded. Files the JPEG decoder cannot take
+(PNG, CMYK, broken files) are decoded with PIL; those that fail become placeholders with a reason.
+Headers larger than PIL's decompression-bomb limit are refused before decoding, as PIL does, so that
+no multi-gigabyte buffer is allocated on the GPU for them.
+
+CUDA decode runs with a side stream current: torchvision allocates the outputs on the current
+stream, but nvJPEG's hardware engine writes them without waiting for that stream's queued work, so
+on the main stream it could be handed (and overwrite) memory that queued kernels still read
+(pytorch/vision#9606, seen on H100). Outputs from the side stream are handed to the main stream
+with ``record_stream``.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..preprocess import Preprocess
 from . import Batch, normalize_on_device
@@ -29,6 +39,7 @@ class NvjpegLoader:
         self.pre = preprocess
         self.device = device
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="featstore-read")
+        self.decode_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def resize_crop(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 (3, H, W) → uint8 (3, S, S): shorter side to ``resize`` (antialiased), center crop.
@@ -50,20 +61,34 @@ class NvjpegLoader:
         x = x[..., top:top + pre.image_size, left:left + pre.image_size]
         return x.round_().clamp_(0, 255).to(torch.uint8)[0]
 
-    def _decode(self, blobs: list[tuple[bytes | None, str]], paths: list[str]) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+    def _decode_jpegs(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        if self.decode_stream is None:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.decode_stream):
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        main.wait_stream(self.decode_stream)
+        for image in decoded:
+            image.record_stream(main)  # freed blocks go back to the side stream's pool only after main is done
+        return decoded
+
+    def _decode(self, blobs: list[tuple[bytes | None, str]], paths: list[str]) -> tuple[list[torch.Tensor | None], dict[int, str]]:
         images: list[torch.Tensor | None] = [None] * len(blobs)
         errors: dict[int, str] = {}
         jpeg = [i for i, (b, _) in enumerate(blobs) if b is not None and b[:3] == _JPEG_MAGIC]
         if jpeg:
             data = [torch.frombuffer(bytearray(blobs[i][0]), dtype=torch.uint8) for i in jpeg]
             try:
-                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-                for i, img in zip(jpeg, decoded):
+                for i, img in zip(jpeg, self._decode_jpegs(data)):
                     images[i] = img
-            except RuntimeError:
-                pass  # one bad JPEG fails the batch: the files are retried one by one below
+            except RuntimeError:  # one bad JPEG fails the batch: retry each alone, PIL for the ones that fail
+                for i, one in zip(jpeg, data):
+                    try:
+                        images[i] = self._decode_jpegs([one])[0]
+                    except RuntimeError:
+                        pass
         for i, (blob, reason) in enumerate(blobs):
             if images[i] is not None:
                 continue
@@ -82,7 +107,7 @@ class NvjpegLoader:
         size = self.pre.image_size
 
         def read(rows: np.ndarray):
-            return self.pool.submit(lambda: [read_encoded(paths[r]) for r in rows.tolist()])
+            return self.pool.submit(lambda: [_refuse_bombs(read_encoded(paths[r])) for r in rows.tolist()])
 
         # read ahead: file reads of the next two batches overlap decode and inference of this one
         reads = {k: read(plan[k]) for k in range(min(2, len(plan)))}
@@ -97,3 +122,49 @@ class NvjpegLoader:
             yield Batch(rows, images, {int(rows[i]): reason for i, reason in local_errors.items()})
 
 
+
+
+def _refuse_bombs(read: tuple[bytes | None, str]) -> tuple[bytes | None, str]:
+    """A JPEG whose header claims more pixels than PIL allows is refused as ``open_rgb`` refuses it."""
+    blob, _ = read
+    size = _jpeg_size(blob) if blob is not None else None
+    limit = Image.MAX_IMAGE_PIXELS
+    if size is None or limit is None or size[0] * size[1] <= limit:
+        return read
+    pixels = size[0] * size[1]
+    return None, f"DecompressionBombError: image size ({pixels} pixels) exceeds the limit of {limit} pixels"
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(blob: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, or None when it is not a JPEG or has none.
+
+    A few lines of marker walking instead of ``PIL.Image.open``: this runs on reader threads, where
+    PIL's bomb check would need the process-wide warnings filters.
+    """
+    if blob[:3] != _JPEG_MAGIC:
+        return None
+    pos, end = 2, len(blob)
+    while pos + 4 <= end:
+        if blob[pos] != 0xFF:
+            return None
+        marker = blob[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        length = int.from_bytes(blob[pos + 2:pos + 4], "big")
+        if marker in _SOF:
+            if pos + 9 > end:
+                return None
+            height = int.from_bytes(blob[pos + 5:pos + 7], "big")
+            width = int.from_bytes(blob[pos + 7:pos + 9], "big")
+            return width, height
+        if marker == 0xDA or length < 2:  # scan data before any frame header: give up
+            return None
+        pos += 2 + length
+    return None

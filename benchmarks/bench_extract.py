@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import IMAGENETTE, OUT_DIR, fail, machine, table, write_json  # noqa: E402
+from common import IMAGENETTE, OUT_DIR, fail, machine, matmul_rate, table, write_json  # noqa: E402
 
 SETS = ("224", "upscaled")
 UPSCALED = (500, 375)  # width × height of a typical ImageNet landscape photo
@@ -142,6 +142,25 @@ def measure_decode(loader, paths: list[str], batch_size: int, device: torch.devi
     return len(paths) / (time.perf_counter() - t0), kept
 
 
+def tune_dali(args, model: str, images: list[Path], device: torch.device) -> list[dict]:
+    """Decode-only images/s of the DALI loader over hardware-decoder shares × CPU threads (CUDA only)."""
+    from featstore.encoders import resolve_encoder
+    from featstore.loaders.dali import DaliLoader
+
+    pre = resolve_encoder(model, random_init=True).preprocess
+    paths = [str(p) for p in images]
+    cpus = os.cpu_count() or 1
+    rows = []
+    for threads in sorted({max(1, cpus // 4), max(1, cpus // 2), cpus}):
+        for load in (0.0, 0.5, 0.65, 0.8, 1.0):
+            loader = DaliLoader(pre, device, threads)
+            loader.hw_decoder_load = load
+            rate, _ = measure_decode(loader, paths, args.batch_size, device)
+            rows.append(dict(threads=threads, hw_decoder_load=load, decode=rate))
+            print(f"dali tune: {threads} threads, hw_decoder_load {load}: {rate:.1f} img/s", flush=True)
+    return rows
+
+
 def run_encoder(encoder, views: dict[str, int], device: torch.device, batches: list[torch.Tensor], steps: int) -> None:
     """``steps`` batches through the code extract itself runs per batch, features ending on the host."""
     try:
@@ -172,6 +191,23 @@ def measure_inference(encoder, spec, batches: list[torch.Tensor], n: int, device
     run_encoder(encoder, views, device, batches, steps)
     sync(device)
     return steps * len(batches[0]) / (time.perf_counter() - t0)
+
+
+def model_flops(encoder, spec, device: torch.device) -> float:
+    """FLOPs of one image's forward pass (every view: extract computes them all in one pass)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = spec.preprocess.image_size
+    x = torch.zeros(1, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        encoder(x)
+    return float(counter.get_total_flops())
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """What extract computes in: bf16 autocast on CUDA, fp32 on CPU (featstore.inference)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def measure_e2e(args, model: str, folder: Path, loader: str, store: Path) -> float:
@@ -267,6 +303,8 @@ def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str],
 
     spec = resolve_encoder(model, random_init=True)
     encoder = build_encoder(spec).to(device).to(memory_format=torch.channels_last)
+    flops = model_flops(encoder, spec, device)
+    print(f"{model}: {flops / 1e9:.2f} GFLOP per image at {spec.preprocess.image_size} px", flush=True)
     rows = []
     for set_name, images in sets.items():
         folder = bench_folder(images, tmp / f"{model}-{set_name}")
@@ -291,6 +329,9 @@ def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str],
                 baseline=baseline, e2e_over_baseline=best["e2e"] / baseline, one_batch_s=startup[name],
                 ms_decode=1e3 / best["decode"], ms_inference=1e3 / best["inference"], ms_write=1e3 * write_s / len(images),
                 ms_e2e=1e3 / best["e2e"], rounds=rounds[name], baseline_rounds=baselines,
+                gflop_per_image=flops / 1e9, infer_tflops=flops * best["inference"] / 1e12,
+                infer_of_matmul=flops * best["inference"] / args.matmul_flops,
+                e2e_of_matmul=flops * best["e2e"] / args.matmul_flops,
             ))
         emit(rows[-len(loaders):])
     del encoder
@@ -373,7 +414,10 @@ RESULT_COLUMNS = [
     ("e2e_over_min", "e2e/min", ".2f"), ("baseline", "textbook/s", ".1f"), ("e2e_over_baseline", "e2e/textbook", ".2f"),
     ("ms_decode", "ms decode", ".2f"), ("ms_inference", "ms infer", ".2f"), ("ms_write", "ms write", ".3f"),
     ("ms_e2e", "ms e2e", ".2f"), ("one_batch_s", "1-batch e2e s", ".1f"),
+    ("gflop_per_image", "GFLOP/img", ".2f"), ("infer_tflops", "infer TFLOP/s", ".3f"),
+    ("infer_of_matmul", "infer/matmul", ".0%"), ("e2e_of_matmul", "e2e/matmul", ".0%"),
 ]
+TUNE_COLUMNS = [("threads", "threads", "d"), ("hw_decoder_load", "hw_decoder_load", ".2f"), ("decode", "decode/s", ".1f")]
 RSS_COLUMNS = [
     ("rows", "rows", ","), ("seconds", "seconds", ".0f"), ("images_per_s", "img/s", ".0f"),
     ("main_peak_rss_mb", "main peak RSS MB", ".0f"), ("tree_peak_pss_mb", "tree peak PSS MB", ".0f"),
@@ -401,6 +445,8 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of every measurement; the best is reported")
     ap.add_argument("--rss-rows", default="", help="comma-separated row counts for the memory check (e.g. 13394,133940); empty: skip")
     ap.add_argument("--rss-loader", default="torch")
+    ap.add_argument("--dali-tune", action="store_true",
+                    help="CUDA + DALI: also measure DALI decode over hw_decoder_load × threads on the first set")
     ap.add_argument("--out", default=str(OUT_DIR / "extract.json"))
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.model.split(",") if m.strip()]
@@ -435,18 +481,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{info['date']}; {info['host_cpu']}, {info['cpus']} CPUs, load {info['load_average']}; device {device}"
           f"{' (' + info['gpu'] + ')' if 'gpu' in info else ''}; batch {args.batch_size}, workers {args.workers}", flush=True)
 
-    originals = select_images(root, args.limit)
-    sets = {"224": originals} if "224" in args.sets else {}
-    if "upscaled" in args.sets:
-        sets["upscaled"] = upscaled_images(originals, root, args.workers)
+    if args.models:
+        # the yardstick for the FLOP columns: a dense GEMM in the dtype extract computes in
+        args.matmul_flops = matmul_rate(device, compute_dtype(device))
+        info["matmul_flops"] = args.matmul_flops
+        print(f"4096³ matmul in {compute_dtype(device)}: {args.matmul_flops / 1e12:.3f} TFLOP/s", flush=True)
 
-    results, rss = [], []
+    originals = select_images(root, args.limit)
+    # in the order asked for (run_gpu.sh measures the upscaled set, where the targets are, first)
+    sets = {name: originals if name == "224" else upscaled_images(originals, root, args.workers) for name in args.sets}
+
+    results, rss, tuning = [], [], []
 
     def save(partial: bool) -> Path:
         # rewritten after every set, so a run cut short (a device call's time limit) keeps what it measured
         return write_json(args.out, {"benchmark": "extract", "machine": info, "command": " ".join(sys.argv), "device": str(device),
                                      "batch_size": args.batch_size, "workers": args.workers, "images_root": str(root),
-                                     "partial": partial, "results": results, "rss": rss})
+                                     "partial": partial, "results": results, "rss": rss, "dali_tuning": tuning})
 
     def emit(rows: list[dict]) -> None:
         results.extend(rows)
@@ -454,6 +505,13 @@ def main(argv: list[str] | None = None) -> None:
         save(partial=True)
 
     with tempfile.TemporaryDirectory(prefix="featstore-bench-extract-") as tmp:
+        if args.dali_tune:
+            if device.type != "cuda" or "dali" not in loaders or not args.models:
+                print("dali tune: skipped (needs --device cuda, --loader with dali, and a model)", flush=True)
+            else:
+                tuning += tune_dali(args, args.models[0], next(iter(sets.values())), device)
+                print(table(tuning, TUNE_COLUMNS), flush=True)
+                save(partial=True)
         for model in args.models:
             run_model(args, model, sets, loaders, device, Path(tmp), emit)
         for rows in args.rss:

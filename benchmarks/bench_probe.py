@@ -36,11 +36,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from featstore.device import resolve_device  # noqa: E402
 from probe import heads as H  # noqa: E402
 from probe.protocol import Protocol  # noqa: E402
 from probe.selection import select  # noqa: E402
+from common import matmul_rate  # noqa: E402
 
 SIZES = {
     "cifar": dict(train=50_000, val=5_000, test=10_000, dim=512, classes=10, sep=0.15),
@@ -52,22 +54,6 @@ C_GRID = np.logspace(-4, 2, 13)  # inverse L2 strength; spans under- to un-regul
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def matmul_rate(device: torch.device, n: int = 4096, reps: int = 5) -> float:
-    """Best-of-``reps`` FLOP/s of an n×n×n matmul: fp32 on CPU, bf16 on GPU (the sweep's compute dtype)."""
-    dtype = H.compute_dtype(device)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    best = math.inf
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def synth(n: int, dim: int, classes: int, sep: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,7 +263,7 @@ def main(argv=None):
     }  # fmt: skip
     # the CPU may be shared: record the load so contended numbers can be told apart
     report["loadavg_start"] = os.getloadavg()
-    rate = matmul_rate(device)
+    rate = matmul_rate(device, H.compute_dtype(device))
     report["matmul_flops"] = rate
     print(f"device {device} ({H.compute_dtype(device)}); measured 4096³ matmul: {rate / 1e9:.1f} GFLOP/s", flush=True)
     print(f"protocol {protocol.hash}: {len(protocol.lr_grid)} LRs {protocol.lr_grid[0]:g}…{protocol.lr_grid[-1]:g}, {protocol.epochs} epochs, batch {protocol.batch_size}, {protocol.optimizer}, {protocol.normalize}", flush=True)

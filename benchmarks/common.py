@@ -1,8 +1,9 @@
-"""Helpers shared by bench_extract.py and bench_store.py: machine facts, tables, JSON, data paths."""
+"""Helpers shared by the benchmarks: machine facts, the device's matmul rate, tables, JSON, data paths."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -75,3 +76,25 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
 
 def fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
+
+
+def matmul_rate(device, dtype, n: int = 4096, reps: int = 5) -> float:
+    """Best-of-``reps`` FLOP/s of an n×n×n matmul in ``dtype`` on ``device``: the yardstick for
+    "how close to the hardware" (a dense GEMM is about the best any model layer can do)."""
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync()
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best

@@ -60,6 +60,6 @@ names = ['torch'] + [n for n in ('nvjpeg',) if n in LOADERS] + (['dali'] if 'dal
 print(','.join(names))")}
 echo "images: $images; loaders: $loaders"
 $PY benchmarks/bench_extract.py --model "${MODELS:-resnet50,dino}" --set upscaled,224 --loader "$loaders" --device cuda \
-    --batch-size 256 --workers "$(nproc)" --limit "$LIMIT" --images "$images" --out "$out/extract-gpu.json" 2>&1 \
+    --batch-size 256 --workers "$(nproc)" --limit "$LIMIT" --images "$images" --dali-tune --out "$out/extract-gpu.json" 2>&1 \
     | tee "$out/extract-gpu.log"
 exit "${PIPESTATUS[0]}"

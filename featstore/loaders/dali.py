@@ -26,6 +26,9 @@ _INTERP = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR", "nearest": "I
 
 class DaliLoader:
     name = "dali"
+    # share of JPEG decoding given to the hardware decoder (A100/H100) when on CUDA, the rest to
+    # CUDA-core nvJPEG; benchmarks/bench_extract.py --dali-tune measures the choices
+    hw_decoder_load = 0.65
 
     def __init__(self, preprocess: Preprocess, device: torch.device, workers: int):
         self.pre = preprocess
@@ -44,7 +47,7 @@ class DaliLoader:
         on_gpu = self.on_gpu
         # the hardware decoder and device memory sized for a stream of full batches
         preallocate = {} if small else dict(
-            hw_decoder_load=0.65, device_memory_padding=64 << 20, host_memory_padding=8 << 20,
+            hw_decoder_load=self.hw_decoder_load, device_memory_padding=64 << 20, host_memory_padding=8 << 20,
             preallocate_width_hint=1024, preallocate_height_hint=1024,
         )
 

@@ -178,7 +178,7 @@ def test_jpeg_header_size_matches_pil(odd_images, imagenette_subset, tmp_path):
 
     from PIL import Image
 
-    from featstore.loaders.nvjpeg import _jpeg_size
+    from featstore.loaders.decode import jpeg_size
 
     files = sorted(imagenette_subset.rglob("*.JPEG"))[:10] + [p for p in map(Path, odd_images) if p.suffix.lower() in (".jpg", ".jpeg")]
     for kind, kw in [("L", {}), ("RGB", {"progressive": True}), ("RGB", {"exif": b"Exif\x00\x00" + bytes(3000)})]:
@@ -189,12 +189,12 @@ def test_jpeg_header_size_matches_pil(odd_images, imagenette_subset, tmp_path):
     assert len(files) >= 14
     for f in files:
         with Image.open(f) as img:
-            assert _jpeg_size(f.read_bytes()) == img.size, f
-    assert _jpeg_size(b"\x89PNG\r\n\x1a\n") is None and _jpeg_size(b"\xff\xd8\xff\xe0\x00") is None
+            assert jpeg_size(f.read_bytes()) == img.size, f
+    assert jpeg_size(b"\x89PNG\r\n\x1a\n") is None and jpeg_size(b"\xff\xd8\xff\xe0\x00") is None
 
 
 def test_jpeg_bomb_header_is_refused_before_decoding(tmp_path):
-    """A header claiming 60000² pixels would make the GPU decoder allocate ~10 GB: refused as PIL refuses it."""
+    """A header claiming 60000² pixels would make a GPU decoder allocate ~10 GB: refused as PIL refuses it."""
     from featstore.loaders.nvjpeg import NvjpegLoader
 
     good = tmp_path / "good.jpg"
@@ -202,7 +202,14 @@ def test_jpeg_bomb_header_is_refused_before_decoding(tmp_path):
     bomb = tmp_path / "bomb.jpg"
     _forge_jpeg_size(bomb, 60000, 60000)
     files = [str(good), str(bomb)]
-    for loader in (NvjpegLoader(PRE, CPU, 1), TorchLoader(PRE, CPU, 0)):
+    loaders = [NvjpegLoader(PRE, CPU, 1), TorchLoader(PRE, CPU, 0)]
+    from featstore.loaders import dali_available
+
+    if dali_available():
+        from featstore.loaders.dali import DaliLoader
+
+        loaders.append(DaliLoader(PRE, CPU, 1))
+    for loader in loaders:
         (batch,) = _load(loader, files)
         assert list(batch.errors) == [1] and "DecompressionBomb" in batch.errors[1], (loader.name, batch.errors)
 

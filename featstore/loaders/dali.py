@@ -29,6 +29,9 @@ class DaliLoader:
     # share of JPEG decoding given to the hardware decoder (A100/H100) when on CUDA, the rest to
     # CUDA-core nvJPEG; benchmarks/bench_extract.py --dali-tune measures the choices
     hw_decoder_load = 0.65
+    # chroma upsampled as libjpeg-turbo does (DALI on CPU, PIL), so features do not depend on where
+    # an image was decoded; --dali-tune also measures its cost
+    jpeg_fancy_upsampling = True
 
     def __init__(self, preprocess: Preprocess, device: torch.device, workers: int):
         self.pre = preprocess
@@ -61,9 +64,8 @@ class DaliLoader:
         def pipe():
             encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1, no_copy=False)
             if on_gpu:
-                # fancy upsampling: chroma upsampled as libjpeg-turbo does (DALI on CPU, PIL), so the
-                # features do not depend on where the image was decoded
-                images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB, jpeg_fancy_upsampling=True, **preallocate)
+                images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
+                                           jpeg_fancy_upsampling=self.jpeg_fancy_upsampling, **preallocate)
             else:
                 images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
             images = fn.resize(images, resize_shorter=pre.resize, interp_type=getattr(types, _INTERP[pre.interpolation]), antialias=True)

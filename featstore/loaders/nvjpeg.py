@@ -5,8 +5,8 @@ Without CUDA it runs the same code on CPU (libjpeg-turbo decode), which is how i
 tested against the reference loader. When the batched decode fails, each JPEG is retried alone, so a
 bad file does not change how its batch neighbours are decoded. Files the JPEG decoder cannot take
 (PNG, CMYK, broken files) are decoded with PIL; those that fail become placeholders with a reason.
-Headers larger than PIL's decompression-bomb limit are refused before decoding, as PIL does, so that
-no multi-gigabyte buffer is allocated on the GPU for them.
+JPEGs whose header is over PIL's decompression-bomb limit are refused when read (``read_encoded``),
+so that no multi-gigabyte buffer is allocated on the GPU for them.
 
 CUDA decode runs with a side stream current: torchvision allocates the outputs on the current
 stream, but nvJPEG's hardware engine writes them without waiting for that stream's queued work, so
@@ -23,13 +23,11 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..preprocess import Preprocess
 from . import Batch, normalize_on_device
-from .decode import open_rgb, read_encoded
+from .decode import JPEG_MAGIC, open_rgb, read_encoded
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class NvjpegLoader:
@@ -77,7 +75,7 @@ class NvjpegLoader:
     def _decode(self, blobs: list[tuple[bytes | None, str]], paths: list[str]) -> tuple[list[torch.Tensor | None], dict[int, str]]:
         images: list[torch.Tensor | None] = [None] * len(blobs)
         errors: dict[int, str] = {}
-        jpeg = [i for i, (b, _) in enumerate(blobs) if b is not None and b[:3] == _JPEG_MAGIC]
+        jpeg = [i for i, (b, _) in enumerate(blobs) if b is not None and b[:3] == JPEG_MAGIC]
         if jpeg:
             data = [torch.frombuffer(bytearray(blobs[i][0]), dtype=torch.uint8) for i in jpeg]
             try:
@@ -107,7 +105,7 @@ class NvjpegLoader:
         size = self.pre.image_size
 
         def read(rows: np.ndarray):
-            return self.pool.submit(lambda: [_refuse_bombs(read_encoded(paths[r])) for r in rows.tolist()])
+            return self.pool.submit(lambda: [read_encoded(paths[r]) for r in rows.tolist()])
 
         # read ahead: file reads of the next two batches overlap decode and inference of this one
         reads = {k: read(plan[k]) for k in range(min(2, len(plan)))}
@@ -120,51 +118,3 @@ class NvjpegLoader:
                      for img in decoded]
             images = normalize_on_device(torch.stack(crops), self.pre, self.device, channels_last_input=False)
             yield Batch(rows, images, {int(rows[i]): reason for i, reason in local_errors.items()})
-
-
-
-
-def _refuse_bombs(read: tuple[bytes | None, str]) -> tuple[bytes | None, str]:
-    """A JPEG whose header claims more pixels than PIL allows is refused as ``open_rgb`` refuses it."""
-    blob, _ = read
-    size = _jpeg_size(blob) if blob is not None else None
-    limit = Image.MAX_IMAGE_PIXELS
-    if size is None or limit is None or size[0] * size[1] <= limit:
-        return read
-    pixels = size[0] * size[1]
-    return None, f"DecompressionBombError: image size ({pixels} pixels) exceeds the limit of {limit} pixels"
-
-
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _jpeg_size(blob: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, or None when it is not a JPEG or has none.
-
-    A few lines of marker walking instead of ``PIL.Image.open``: this runs on reader threads, where
-    PIL's bomb check would need the process-wide warnings filters.
-    """
-    if blob[:3] != _JPEG_MAGIC:
-        return None
-    pos, end = 2, len(blob)
-    while pos + 4 <= end:
-        if blob[pos] != 0xFF:
-            return None
-        marker = blob[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            pos += 2
-            continue
-        length = int.from_bytes(blob[pos + 2:pos + 4], "big")
-        if marker in _SOF:
-            if pos + 9 > end:
-                return None
-            height = int.from_bytes(blob[pos + 5:pos + 7], "big")
-            width = int.from_bytes(blob[pos + 7:pos + 9], "big")
-            return width, height
-        if marker == 0xDA or length < 2:  # scan data before any frame header: give up
-            return None
-        pos += 2 + length
-    return None

@@ -9,7 +9,7 @@
 #               timeout_s 480. Logs and JSON land in $OUT (benchmarks/out when run elsewhere).
 # With DALI:    prepare_dali.sh here, park its parts with the calls it prints (same warm machine), then
 #               the call above: DALI is installed from the parts and benchmarked beside the others.
-# Knobs:        LIMIT (images per set), LOADERS (e.g. "dali": only those), MODELS (resnet50,dino),
+# Knobs:        LIMIT (images per set), LOADERS (e.g. "dali": only those), MODELS (resnet50,dino), DEVICE (cuda),
 #               SKIP_TESTS=1, SKIP_PROBE=1 (for a second call that only adds a loader).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,7 +45,7 @@ fi
 
 if [ "${SKIP_PROBE:-0}" != 1 ]; then
 step "probe benchmark: ImageNet-size 13-LR sweep (target < 30 s on an H100)"
-timeout 180 $PY benchmarks/bench_probe.py --sizes imagenet --device cuda --baseline-lrs 1 --out "$out" 2>&1 \
+timeout 180 $PY benchmarks/bench_probe.py --sizes imagenet --device "${DEVICE:-cuda}" --baseline-lrs 1 --out "$out" 2>&1 \
     | tee "$out/probe-gpu.log" || echo "probe benchmark FAILED or timed out; going on"
 fi
 
@@ -59,7 +59,7 @@ from featstore.loaders import LOADERS, dali_available
 names = ['torch'] + [n for n in ('nvjpeg',) if n in LOADERS] + (['dali'] if 'dali' in LOADERS and dali_available() else [])
 print(','.join(names))")}
 echo "images: $images; loaders: $loaders"
-$PY benchmarks/bench_extract.py --model "${MODELS:-resnet50,dino}" --set upscaled,224 --loader "$loaders" --device cuda \
+$PY benchmarks/bench_extract.py --model "${MODELS:-resnet50,dino}" --set upscaled,224 --loader "$loaders" --device "${DEVICE:-cuda}" \
     --batch-size 256 --workers "$(nproc)" --limit "$LIMIT" --images "$images" --dali-tune --out "$out/extract-gpu.json" 2>&1 \
     | tee "$out/extract-gpu.log"
 exit "${PIPESTATUS[0]}"

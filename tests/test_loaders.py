@@ -158,6 +158,23 @@ def test_nvjpeg_loader_matches_reference_on_cpu(odd_images, imagenette_subset, t
     _features_agree(images, reference.images)
 
 
+def test_nvjpeg_crops_grouped_by_size_equal_image_by_image():
+    """CUDA resizes a batch one call per image size; the result must not depend on the grouping."""
+    from featstore.loaders.nvjpeg import NvjpegLoader
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [(300, 200), (224, 224), (300, 200), (224, 224), (375, 500), (300, 200)]
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+    loader = NvjpegLoader(PRE, CPU, 1)
+    for batch in (images, images[:2] + [None] + images[2:], [images[0], images[2], images[5]]):
+        grouped, single = loader.crops(batch, by_size=True), loader.crops(batch, by_size=False)
+        assert grouped.shape == (len(batch), 3, 224, 224) and grouped.dtype == torch.uint8
+        assert torch.equal(grouped, single)
+        for k, image in enumerate(batch):
+            want = loader.resize_crop(image[None])[0] if image is not None else torch.zeros(3, 224, 224, dtype=torch.uint8)
+            assert torch.equal(grouped[k], want)
+
+
 def _forge_jpeg_size(path, width: int, height: int) -> bytes:
     """A real small JPEG whose frame header claims width × height."""
     import io

@@ -39,25 +39,48 @@ class NvjpegLoader:
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="featstore-read")
         self.decode_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def resize_crop(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 (3, H, W) → uint8 (3, S, S): shorter side to ``resize`` (antialiased), center crop.
+    def resize_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) → uint8 (N, 3, S, S): shorter side to ``resize`` (antialiased), center crop.
 
         Sizes and offsets follow torchvision's Resize/CenterCrop, so crops land where the reference's do.
         """
         pre = self.pre
-        _, h, w = image.shape
+        h, w = images.shape[-2:]
         if w <= h:
             size = (int(pre.resize * h / w), pre.resize)
         else:
             size = (pre.resize, int(pre.resize * w / h))
         mode = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}[pre.interpolation]
-        x = image[None].float()
+        x = images.float()
         if size != (h, w):
             x = F.interpolate(x, size=size, mode=mode, antialias=mode != "nearest", align_corners=False if mode != "nearest" else None)
         top = int(round((size[0] - pre.image_size) / 2.0))
         left = int(round((size[1] - pre.image_size) / 2.0))
         x = x[..., top:top + pre.image_size, left:left + pre.image_size]
-        return x.round_().clamp_(0, 255).to(torch.uint8)[0]
+        return x.round_().clamp_(0, 255).to(torch.uint8)
+
+    def crops(self, decoded: list[torch.Tensor | None], by_size: bool | None = None) -> torch.Tensor:
+        """Resize and crop a batch; ``None`` becomes a zero placeholder.
+
+        ``by_size`` (default: on CUDA) makes one call per distinct image size (datasets often have a
+        handful) rather than a handful of kernel launches per image; on CPU image by image measured
+        1.5× faster than whole-batch calls here (a batch of float images falls out of the caches).
+        """
+        size = self.pre.image_size
+        by_size = self.device.type == "cuda" if by_size is None else by_size
+        groups: dict[object, list[int]] = {}
+        for i, image in enumerate(decoded):
+            if image is not None:
+                groups.setdefault(tuple(image.shape) if by_size else i, []).append(i)
+        if len(groups) == 1 and len(next(iter(groups.values()))) == len(decoded):
+            return self.resize_crop(torch.stack(decoded))
+        placeholder = torch.zeros(3, size, size, dtype=torch.uint8, device=self.device)
+        out: list[torch.Tensor] = [placeholder] * len(decoded)
+        for rows in groups.values():
+            batch = decoded[rows[0]][None] if len(rows) == 1 else torch.stack([decoded[i] for i in rows])
+            for i, crop in zip(rows, self.resize_crop(batch)):
+                out[i] = crop
+        return torch.stack(out)
 
     def _decode_jpegs(self, data: list[torch.Tensor]) -> list[torch.Tensor]:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -102,7 +125,6 @@ class NvjpegLoader:
     def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
         if not plan:
             return
-        size = self.pre.image_size
 
         def read(rows: np.ndarray):
             return self.pool.submit(lambda: [read_encoded(paths[r]) for r in rows.tolist()])
@@ -114,7 +136,5 @@ class NvjpegLoader:
                 reads[k + 2] = read(plan[k + 2])
             blobs = reads.pop(k).result()
             decoded, local_errors = self._decode(blobs, [paths[r] for r in rows.tolist()])
-            crops = [self.resize_crop(img) if img is not None else torch.zeros(3, size, size, dtype=torch.uint8, device=self.device)
-                     for img in decoded]
-            images = normalize_on_device(torch.stack(crops), self.pre, self.device, channels_last_input=False)
+            images = normalize_on_device(self.crops(decoded), self.pre, self.device, channels_last_input=False)
             yield Batch(rows, images, {int(rows[i]): reason for i, reason in local_errors.items()})

@@ -212,11 +212,6 @@ def model_flops(encoder, spec, device: torch.device) -> float:
     return float(counter.get_total_flops())
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """What extract computes in: bf16 autocast on CUDA, fp32 on CPU (featstore.inference)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def measure_e2e(args, model: str, folder: Path, loader: str, store: Path) -> float:
     """Seconds of one extract() call into a new store."""
     from featstore.extract import ExtractConfig, extract
@@ -491,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.models:
         # the yardstick for the FLOP columns: a dense GEMM in the dtype extract computes in
+        from featstore.inference import compute_dtype
+
         args.matmul_flops = matmul_rate(device, compute_dtype(device))
         info["matmul_flops"] = args.matmul_flops
         print(f"4096³ matmul in {compute_dtype(device)}: {args.matmul_flops / 1e12:.3f} TFLOP/s", flush=True)

@@ -28,7 +28,7 @@ from .datasets import Manifest, resolve_dataset
 from .device import resolve_device
 from .encoders import EncoderSpec, build_encoder, feature_dims, resolve_encoder, select_views
 from .errors import FeatstoreError, UsageError
-from .inference import BatchEncoder
+from .inference import BatchEncoder, compute_dtype
 from .loaders import Batch, choose_loader, make_loader
 from .lock import StoreLock
 from .ranks import Ranks, wait_until
@@ -95,7 +95,7 @@ def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype:
     """Everything that changes the stored numbers; two runs with equal fields give the same store."""
     return {
         # bf16 autocast on CUDA, fp32 on CPU: a store is never half one and half the other
-        "compute": "cuda-bf16" if device.type == "cuda" else "cpu-fp32",
+        "compute": f"{device.type}-{'bf16' if compute_dtype(device) == torch.bfloat16 else 'fp32'}",
         "encoder": spec.name,
         "arch": spec.arch,
         "weights_sha256": spec.weights_sha256,

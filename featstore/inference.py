@@ -17,6 +17,11 @@ import torch
 from .encoders import FeatureEncoder
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """What extraction computes in: bf16 autocast on CUDA, fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
     """Repeat the last image so every batch has the same shape (no recompiles, one cudnn plan)."""
     n = images.shape[0]
@@ -52,7 +57,8 @@ class BatchEncoder:
         n = images.shape[0]
         if self.fixed_shapes:
             images = pad_to(images, self.batch_size)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+        dtype = compute_dtype(self.device)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = self.model(images)
         return {v: out[v][:n].float() for v in self.views}  # drop the padding by index
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.loaders import Batch
+from featstore.loaders import Batch, dali_available
 from featstore.loaders.dataloader import TorchLoader
 from featstore.preprocess import Preprocess
 from tests.conftest import centered_cosine, dali_or_skip
@@ -175,7 +175,7 @@ def test_nvjpeg_crops_grouped_by_size_equal_image_by_image():
             assert torch.equal(grouped[k], want)
 
 
-def _forge_jpeg_size(path, width: int, height: int) -> bytes:
+def _forge_jpeg_size(path, width: int, height: int) -> None:
     """A real small JPEG whose frame header claims width × height."""
     import io
 
@@ -187,7 +187,6 @@ def _forge_jpeg_size(path, width: int, height: int) -> bytes:
     sof = data.index(b"\xff\xc0")
     data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     path.write_bytes(bytes(data))
-    return bytes(data)
 
 
 def test_jpeg_header_size_matches_pil(odd_images, imagenette_subset, tmp_path):
@@ -220,8 +219,6 @@ def test_jpeg_bomb_header_is_refused_before_decoding(tmp_path):
     _forge_jpeg_size(bomb, 60000, 60000)
     files = [str(good), str(bomb)]
     loaders = [NvjpegLoader(PRE, CPU, 1), TorchLoader(PRE, CPU, 0)]
-    from featstore.loaders import dali_available
-
     if dali_available():
         from featstore.loaders.dali import DaliLoader
 

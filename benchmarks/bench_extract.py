@@ -277,9 +277,14 @@ def measure_textbook(spec, folder: Path, args, device: torch.device, out: Path) 
 # ---------------------------------------------------------------- one model
 
 
-def measure_loader(args, model: str, spec, encoder, images: list[Path], folder: Path, loader_name: str,
+def measure_loader(args, model: str, spec, encoder, images: list[Path], folder: Path, one_batch: Path, loader_name: str,
                    device: torch.device, tmp: Path) -> dict:
-    """One round of decode, inference, e2e and store-write for one loader; rates in images/s."""
+    """One round of decode, inference, e2e and store-write for one loader; rates in images/s.
+
+    e2e over one batch is measured just before the full e2e: their difference is the steady rate,
+    ``(n - batch) / (t_n - t_batch)``, i.e. e2e without the one-off start-up (model build, workers,
+    store create and finalize), which is what a long run sees.
+    """
     from featstore.loaders import make_loader
 
     label = f"{folder.name} / {loader_name}"
@@ -289,11 +294,15 @@ def measure_loader(args, model: str, spec, encoder, images: list[Path], folder: 
     # next to its e2e, on this loader's own batches (dtype and layout as extract sees them)
     inference = measure_inference(encoder, spec, batches, len(images), device)
     store = tmp / f"{folder.name}-{loader_name}.zarr"
-    e2e = len(images) / measure_e2e(args, model, folder, loader_name, store)
+    one_s = measure_e2e(args, model, one_batch, loader_name, tmp / "one-batch.zarr")
+    e2e_s = measure_e2e(args, model, folder, loader_name, store)
+    e2e = len(images) / e2e_s
+    steady = (len(images) - args.batch_size) / (e2e_s - one_s) if e2e_s > one_s else None
     write_s = measure_store_write(store, tmp / "rewrite.zarr")
     shutil.rmtree(store)
-    print(f"{label}: decode {decode:.1f}, inference {inference:.1f}, e2e {e2e:.1f} img/s, write {write_s:.2f} s", flush=True)
-    return dict(decode=decode, inference=inference, e2e=e2e, write_s=write_s)
+    print(f"{label}: decode {decode:.1f}, inference {inference:.1f}, e2e {e2e:.1f} img/s (1 batch {one_s:.1f} s, "
+          f"steady {steady or float('nan'):.1f} img/s), write {write_s:.2f} s", flush=True)
+    return dict(decode=decode, inference=inference, e2e=e2e, steady=steady, one_batch_s=one_s, write_s=write_s)
 
 
 def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str], device: torch.device, tmp: Path,
@@ -312,23 +321,27 @@ def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str],
         folder = bench_folder(images, tmp / f"{model}-{set_name}")
         # one batch end to end: what every run pays once (model build, workers, store create/finalize)
         one_batch = bench_folder(images[: args.batch_size], tmp / f"{model}-{set_name}-1batch")
-        startup = {name: measure_e2e(args, model, one_batch, name, tmp / "one-batch.zarr") for name in loaders}
         rounds: dict[str, list[dict]] = {name: [] for name in loaders}
         baselines = []
         for r in range(args.rounds):
             for name in loaders:
-                rounds[name].append(measure_loader(args, model, spec, encoder, images, folder, name, device, tmp))
+                rounds[name].append(measure_loader(args, model, spec, encoder, images, folder, one_batch, name, device, tmp))
             print(f"{model} / {set_name}: textbook baseline (round {r + 1}/{args.rounds}) ...", flush=True)
             baselines.append(measure_textbook(spec, folder, args, device, tmp / "baseline.npy"))
             print(f"{model} / {set_name}: textbook {baselines[-1]:.1f} img/s", flush=True)
         baseline = max(baselines)
         for name in loaders:
             best = {k: max(m[k] for m in rounds[name]) for k in ("decode", "inference", "e2e")}
+            steady = max((m["steady"] for m in rounds[name] if m["steady"]), default=None)
             write_s = min(m["write_s"] for m in rounds[name])
+            slower_stage = min(best["decode"], best["inference"])
             rows.append(dict(
                 model=model, set=set_name, loader=name, images=len(images), **best,
-                e2e_over_min=best["e2e"] / min(best["decode"], best["inference"]),
-                baseline=baseline, e2e_over_baseline=best["e2e"] / baseline, one_batch_s=startup[name],
+                e2e_over_min=best["e2e"] / slower_stage,
+                steady=steady, steady_over_min=steady / slower_stage if steady else None,
+                steady_over_inference=steady / best["inference"] if steady else None,
+                baseline=baseline, e2e_over_baseline=best["e2e"] / baseline,
+                one_batch_s=min(m["one_batch_s"] for m in rounds[name]),
                 ms_decode=1e3 / best["decode"], ms_inference=1e3 / best["inference"], ms_write=1e3 * write_s / len(images),
                 ms_e2e=1e3 / best["e2e"], rounds=rounds[name], baseline_rounds=baselines,
                 gflop_per_image=flops / 1e9, infer_tflops=flops * best["inference"] / 1e12,
@@ -413,7 +426,9 @@ def measure_rss(rows: int, sources: list[Path], args, tmp: Path) -> dict:
 RESULT_COLUMNS = [
     ("model", "model", "s"), ("set", "set", "s"), ("loader", "loader", "s"), ("images", "images", "d"),
     ("decode", "decode/s", ".1f"), ("inference", "infer/s", ".1f"), ("e2e", "e2e/s", ".1f"),
-    ("e2e_over_min", "e2e/min", ".2f"), ("baseline", "textbook/s", ".1f"), ("e2e_over_baseline", "e2e/textbook", ".2f"),
+    ("e2e_over_min", "e2e/min", ".2f"), ("steady", "steady/s", ".1f"), ("steady_over_min", "steady/min", ".2f"),
+    ("steady_over_inference", "steady/infer", ".2f"),
+    ("baseline", "textbook/s", ".1f"), ("e2e_over_baseline", "e2e/textbook", ".2f"),
     ("ms_decode", "ms decode", ".2f"), ("ms_inference", "ms infer", ".2f"), ("ms_write", "ms write", ".3f"),
     ("ms_e2e", "ms e2e", ".2f"), ("one_batch_s", "1-batch e2e s", ".1f"),
     ("gflop_per_image", "GFLOP/img", ".2f"), ("infer_tflops", "infer TFLOP/s", ".3f"),

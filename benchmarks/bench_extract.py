@@ -306,17 +306,16 @@ def measure_loader(args, model: str, spec, encoder, images: list[Path], folder: 
 
 
 def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str], device: torch.device, tmp: Path,
-              emit=lambda rows: None) -> list[dict]:
+              emit=lambda rows: None) -> None:
     """Rounds interleave every method, so that load from other processes hits them alike; each
     number reported is the best round (interference only ever slows a run down). ``emit`` gets the
-    rows of each set as soon as they are measured."""
+    rows of each set (one per loader) as soon as they are measured."""
     from featstore.encoders import build_encoder, resolve_encoder
 
     spec = resolve_encoder(model, random_init=True)
     encoder = build_encoder(spec).to(device).to(memory_format=torch.channels_last)
     flops = model_flops(encoder, spec, device)
     print(f"{model}: {flops / 1e9:.2f} GFLOP per image at {spec.preprocess.image_size} px", flush=True)
-    rows = []
     for set_name, images in sets.items():
         folder = bench_folder(images, tmp / f"{model}-{set_name}")
         # one batch end to end: what every run pays once (model build, workers, store create/finalize)
@@ -330,6 +329,7 @@ def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str],
             baselines.append(measure_textbook(spec, folder, args, device, tmp / "baseline.npy"))
             print(f"{model} / {set_name}: textbook {baselines[-1]:.1f} img/s", flush=True)
         baseline = max(baselines)
+        rows = []
         for name in loaders:
             best = {k: max(m[k] for m in rounds[name]) for k in ("decode", "inference", "e2e")}
             steady = max((m["steady"] for m in rounds[name] if m["steady"]), default=None)
@@ -348,11 +348,10 @@ def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str],
                 infer_of_matmul=flops * best["inference"] / args.matmul_flops,
                 e2e_of_matmul=flops * best["e2e"] / args.matmul_flops,
             ))
-        emit(rows[-len(loaders):])
+        emit(rows)
     del encoder
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
 
 
 # ---------------------------------------------------------------- memory

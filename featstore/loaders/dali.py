@@ -43,15 +43,14 @@ class DaliLoader:
     # ------------------------------------------------------------------ pipeline
 
     def _pipeline(self, source, batch_size: int, small: bool = False):
-        """``small``: one thread and no preallocation, for the short-lived pipelines of a bisection."""
+        """``small``: one thread and no preallocation (same decoders), for the short-lived pipelines of a bisection."""
         from nvidia.dali import fn, pipeline_def, types
 
         pre = self.pre
         on_gpu = self.on_gpu
-        # the hardware decoder and device memory sized for a stream of full batches
+        # device and host memory sized up front for a stream of full batches
         preallocate = {} if small else dict(
-            hw_decoder_load=self.hw_decoder_load, device_memory_padding=64 << 20, host_memory_padding=8 << 20,
-            preallocate_width_hint=1024, preallocate_height_hint=1024,
+            device_memory_padding=64 << 20, host_memory_padding=8 << 20, preallocate_width_hint=1024, preallocate_height_hint=1024,
         )
 
         @pipeline_def(
@@ -64,7 +63,8 @@ class DaliLoader:
         def pipe():
             encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1, no_copy=False)
             if on_gpu:
-                images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
+                # the same decoders as the main pipeline, so a bisected image decodes as it would have
+                images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB, hw_decoder_load=self.hw_decoder_load,
                                            jpeg_fancy_upsampling=self.jpeg_fancy_upsampling, **preallocate)
             else:
                 images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)

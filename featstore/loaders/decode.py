@@ -1,4 +1,6 @@
-"""PIL decoding to 8-bit RGB for every image mode we meet in real folders."""
+"""Reading image files: their bytes for the loaders that decode them themselves (DALI, nvJPEG), with
+unreadable, empty and decompression-bomb files refused, and PIL decoding to 8-bit RGB for every
+image mode we meet in real folders."""
 
 from __future__ import annotations
 
@@ -8,8 +10,6 @@ import numpy as np
 from PIL import Image
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-
-
 JPEG_MAGIC = b"\xff\xd8\xff"
 # start-of-frame markers (the ones that carry the image size); C4, C8 and CC are not frames
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}

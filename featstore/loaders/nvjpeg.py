@@ -29,7 +29,6 @@ from . import Batch, normalize_on_device
 from .decode import JPEG_MAGIC, open_rgb, read_encoded
 
 
-
 class NvjpegLoader:
     name = "nvjpeg"
 

@@ -297,11 +297,13 @@ def measure_loader(args, model: str, spec, encoder, images: list[Path], folder: 
     one_s = measure_e2e(args, model, one_batch, loader_name, tmp / "one-batch.zarr")
     e2e_s = measure_e2e(args, model, folder, loader_name, store)
     e2e = len(images) / e2e_s
-    steady = (len(images) - args.batch_size) / (e2e_s - one_s) if e2e_s > one_s else None
+    # undefined with a single batch (--limit <= --batch-size) or when noise makes t_n <= t_batch
+    more = len(images) - args.batch_size
+    steady = more / (e2e_s - one_s) if more > 0 and e2e_s > one_s else None
     write_s = measure_store_write(store, tmp / "rewrite.zarr")
     shutil.rmtree(store)
     print(f"{label}: decode {decode:.1f}, inference {inference:.1f}, e2e {e2e:.1f} img/s (1 batch {one_s:.1f} s, "
-          f"steady {steady or float('nan'):.1f} img/s), write {write_s:.2f} s", flush=True)
+          f"steady {f'{steady:.1f} img/s' if steady else 'n/a'}), write {write_s:.2f} s", flush=True)
     return dict(decode=decode, inference=inference, e2e=e2e, steady=steady, one_batch_s=one_s, write_s=write_s)
 
 

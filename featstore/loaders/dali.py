@@ -114,7 +114,7 @@ class DaliLoader:
             return
         # per batch index, popped when consumed so memory stays bounded on long runs
         read_errors: dict[int, dict[int, str]] = {}
-        fed_rows: dict[int, list[int]] = {}
+        fed: dict[int, tuple[list[int], list[np.ndarray]]] = {}  # rows and bytes, kept for a bisection
 
         def source():
             # runs ahead of the consumer by the prefetch depth; unreadable files (missing, empty,
@@ -129,10 +129,9 @@ class DaliLoader:
                         data.append(np.frombuffer(blob, dtype=np.uint8))
                         ok_rows.append(r)
                 read_errors[i] = errors
-                fed_rows[i] = ok_rows
-                if not data:
-                    data = [_tiny_jpeg()]  # DALI needs a non-empty batch; its output is discarded
-                yield data
+                fed[i] = (ok_rows, data)
+                # DALI needs a non-empty batch; the tiny JPEG's output is discarded
+                yield data or [_tiny_jpeg()]
 
         pipe = self._pipeline(source(), max(len(p) for p in plan))
         try:
@@ -142,9 +141,9 @@ class DaliLoader:
                     decoded, bad = self._to_torch(out), {}
                 except Exception:  # a file DALI cannot decode: find it, keep the rest of the batch
                     decoded, bad = None, None
-                ok_rows = fed_rows.pop(i)  # filled by source() before run() returned or raised
-                if bad is None:
-                    decoded_parts, bad = self._bisect([paths[r] for r in ok_rows], ok_rows)
+                ok_rows, data = fed.pop(i)  # filled by source() before run() returned or raised
+                if bad is None:  # the bytes already read are decoded again, not the files
+                    decoded_parts, bad = self._bisect(data, ok_rows)
                     ok_rows = [r for r in ok_rows if r not in bad]
                     decoded = torch.cat(decoded_parts) if decoded_parts else None
                 errors = {**read_errors.pop(i), **bad}
@@ -162,23 +161,22 @@ class DaliLoader:
             images[index] = decoded[: len(ok_rows)].to(images.dtype)
         return images
 
-    def _bisect(self, files: list[str], rows: list[int]) -> tuple[list[torch.Tensor], dict[int, str]]:
-        """Decode ``files`` in ever smaller pipelines; return the decoded good ones (in order) and the bad rows."""
-        if not files:
+    def _bisect(self, data: list[np.ndarray], rows: list[int]) -> tuple[list[torch.Tensor], dict[int, str]]:
+        """Decode the encoded images ``data`` in ever smaller pipelines; return the decoded good ones (in order) and the bad rows."""
+        if not data:
             return [], {}
         try:
-            data = [np.fromfile(f, dtype=np.uint8) for f in files]
             pipe = self._pipeline(iter([data]), len(data), small=True)
             (out,) = pipe.run()
             result = self._to_torch(out)
             del pipe
             return [result], {}
         except Exception as e:
-            if len(files) == 1:
+            if len(data) == 1:
                 return [], {rows[0]: "DALI could not decode: " + _first_line(e)}
-        mid = len(files) // 2
-        left, bad_left = self._bisect(files[:mid], rows[:mid])
-        right, bad_right = self._bisect(files[mid:], rows[mid:])
+        mid = len(data) // 2
+        left, bad_left = self._bisect(data[:mid], rows[:mid])
+        right, bad_right = self._bisect(data[mid:], rows[mid:])
         return left + right, {**bad_left, **bad_right}
 
 

@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.models:
         # the yardstick for the FLOP columns: a dense GEMM in the dtype extract computes in
-        from featstore.inference import compute_dtype
+        from featstore.device import compute_dtype
 
         args.matmul_flops = matmul_rate(device, compute_dtype(device))
         info["matmul_flops"] = args.matmul_flops

@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from featstore.device import resolve_device  # noqa: E402
+from featstore.device import compute_dtype, resolve_device  # noqa: E402
 from probe import heads as H  # noqa: E402
 from probe.protocol import Protocol  # noqa: E402
 from probe.selection import select  # noqa: E402
@@ -84,7 +84,7 @@ def batched_sweep(data, protocol: Protocol, device: torch.device) -> dict:
     t0 = time.perf_counter()
     xs = {k: v[0].to(device) for k, v in data.items()}
     ys = {k: v[1].to(device) for k, v in data.items()}
-    dtype = H.compute_dtype(device)
+    dtype = compute_dtype(device)
     stats = H.standardize_stats(xs["train"]) if protocol.normalize == "standardize" else None
     xs = {k: H.prepare(v, protocol.normalize, dtype, stats) for k, v in xs.items()}
     n, dim = xs["train"].shape
@@ -263,9 +263,9 @@ def main(argv=None):
     }  # fmt: skip
     # the CPU may be shared: record the load so contended numbers can be told apart
     report["loadavg_start"] = os.getloadavg()
-    rate = matmul_rate(device, H.compute_dtype(device))
+    rate = matmul_rate(device, compute_dtype(device))
     report["matmul_flops"] = rate
-    print(f"device {device} ({H.compute_dtype(device)}); measured 4096³ matmul: {rate / 1e9:.1f} GFLOP/s", flush=True)
+    print(f"device {device} ({compute_dtype(device)}); measured 4096³ matmul: {rate / 1e9:.1f} GFLOP/s", flush=True)
     print(f"protocol {protocol.hash}: {len(protocol.lr_grid)} LRs {protocol.lr_grid[0]:g}…{protocol.lr_grid[-1]:g}, {protocol.epochs} epochs, batch {protocol.batch_size}, {protocol.optimizer}, {protocol.normalize}", flush=True)
 
     lines = []

@@ -1,4 +1,5 @@
-"""``--device auto|cpu|cuda[:N]`` → a torch.device, shared by extraction and probing."""
+"""``--device auto|cpu|cuda[:N]`` → a torch.device, and the dtype computations run in on it; both
+shared by extraction and probing."""
 
 from __future__ import annotations
 
@@ -20,3 +21,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise UsageError(f"unknown device {device!r}", "use auto, cpu or cuda") from None
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU (bf16 is ~5× slower on CPUs without bf16 units). Extraction
+    autocasts to it and records it in the cache key; probing trains in it. (An fp16 fallback would
+    never apply: torch.cuda.is_bf16_supported() is true on every CUDA GPU, emulated before Ampere.)"""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

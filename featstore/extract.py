@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from .datasets import Manifest, resolve_dataset
-from .device import resolve_device
+from .device import compute_dtype, resolve_device
 from .encoders import EncoderSpec, build_encoder, feature_dims, resolve_encoder, select_views
 from .errors import FeatstoreError, UsageError
-from .inference import BatchEncoder, compute_dtype
+from .inference import BatchEncoder
 from .loaders import Batch, choose_loader, make_loader
 from .lock import StoreLock
 from .ranks import Ranks, wait_until

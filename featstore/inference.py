@@ -14,12 +14,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .device import compute_dtype
 from .encoders import FeatureEncoder
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """What extraction computes in: bf16 autocast on CUDA, fp32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -42,6 +38,7 @@ class BatchEncoder:
         self.fixed_shapes = fixed_shapes or compile or device.type == "cuda"
         self.model = torch.compile(encoder, dynamic=False) if compile else encoder
         self.cuda = device.type == "cuda"
+        self.dtype = compute_dtype(device)
         self.pending: deque = deque()
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
@@ -57,8 +54,7 @@ class BatchEncoder:
         n = images.shape[0]
         if self.fixed_shapes:
             images = pad_to(images, self.batch_size)
-        dtype = compute_dtype(self.device)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self.model(images)
         return {v: out[v][:n].float() for v in self.views}  # drop the padding by index
 

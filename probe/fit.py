@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
-from featstore.device import resolve_device
+from featstore.device import compute_dtype, resolve_device
 from featstore.errors import FeatstoreError, UsageError
 from featstore.store import FeatureStore
 
@@ -149,7 +149,7 @@ def fit(
     warn = warn or _default_warn
     log = log or (lambda message: None)
     dev = resolve_device(device)  # before any reading: a wrong --device fails at once
-    dtype = H.compute_dtype(dev)
+    dtype = compute_dtype(dev)
     paths = [stores] if isinstance(stores, (str, os.PathLike)) else list(stores)
     if isinstance(views, str):
         views = [views]

@@ -27,13 +27,6 @@ BN_EPS = 1e-5  # torch.nn.BatchNorm1d's default, so "standardize" is BatchNorm w
 _EVAL_ELEMENTS = 1 << 24  # logits elements per evaluation chunk (64 MiB in float32)
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU (no fast bf16 there); bfloat16 on GPUs that have it, else float16."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def epoch_orders(num_rows: int, epochs: int, seed: int) -> np.ndarray:
     """(epochs, num_rows) minibatch order over all rows of a split, from one seeded generator."""
     g = torch.Generator().manual_seed(seed)

@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import IMAGENETTE, OUT_DIR, fail, machine, matmul_rate, table, write_json  # noqa: E402
+from common import IMAGENETTE, OUT_DIR, fail, machine, matmul_rate, sync, table, write_json  # noqa: E402
 
 SETS = ("224", "upscaled")
 UPSCALED = (500, 375)  # width × height of a typical ImageNet landscape photo
@@ -118,11 +118,6 @@ def bench_folder(images: list[Path], dest: Path) -> Path:
 
 
 # ---------------------------------------------------------------- measurements
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def plan(n: int, batch_size: int) -> list[np.ndarray]:

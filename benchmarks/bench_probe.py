@@ -42,18 +42,13 @@ from featstore.device import compute_dtype, resolve_device  # noqa: E402
 from probe import heads as H  # noqa: E402
 from probe.protocol import Protocol  # noqa: E402
 from probe.selection import select  # noqa: E402
-from common import matmul_rate  # noqa: E402
+from common import matmul_rate, sync  # noqa: E402
 
 SIZES = {
     "cifar": dict(train=50_000, val=5_000, test=10_000, dim=512, classes=10, sep=0.15),
     "imagenet": dict(train=1_281_167, val=50_000, test=50_000, dim=768, classes=1000, sep=0.12),
 }
 C_GRID = np.logspace(-4, 2, 13)  # inverse L2 strength; spans under- to un-regularized on standardized features
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def synth(n: int, dim: int, classes: int, sep: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

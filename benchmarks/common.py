@@ -78,23 +78,27 @@ def fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
 
+def sync(device) -> None:
+    """Wait for the device's queued work, so that a timer read next includes it (no-op on CPU)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def matmul_rate(device, dtype, n: int = 4096, reps: int = 5) -> float:
     """Best-of-``reps`` FLOP/s of an n×n×n matmul in ``dtype`` on ``device``: the yardstick for
     "how close to the hardware" (a dense GEMM is about the best any model layer can do)."""
     import torch
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    sync()
+    sync(device)
     best = math.inf
     for _ in range(reps):
         t = time.perf_counter()
         a @ b
-        sync()
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best

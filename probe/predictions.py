@@ -1,0 +1,124 @@
+"""Per-image predictions of the selected heads: the ``predictions.csv`` format, written and read.
+
+One row per image of the report split per selected head (store × view × method × shots ×
+seed). Rows are identified by the image's dataset path, so two encoders' predictions pair
+exactly, and any comparison can be recomputed later without the features.
+
+    label,store,view,method,shots,seed,path,target,pred,correct,top5
+    r18,feats/r18.zarr,pool,linear,,0,val/n01440764/x.JPEG,0,0,1,0 7 3 9 2
+
+``shots`` is empty for "every training row"; ``top5`` holds the five best classes, best first,
+space separated (empty with fewer than 5 classes).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featstore.errors import UsageError
+
+PREDICTIONS = "predictions.csv"
+COLUMNS = ["label", "store", "view", "method", "shots", "seed", "path", "target", "pred", "correct", "top5"]
+
+
+@dataclass
+class Predictions:
+    """One selected head's predictions on the images of the report split."""
+
+    label: str
+    store: str
+    view: str
+    method: str
+    shots: str  # "" = every training row; else the number of examples per class
+    seed: int
+    paths: np.ndarray  # (N,) str, dataset-relative
+    target: np.ndarray  # (N,) int64
+    pred: np.ndarray  # (N,) int64, top-1 class
+    top5: np.ndarray | None = field(default=None)  # (N, 5) int64, best first; None with < 5 classes
+
+    def __post_init__(self):
+        self.paths = np.asarray(self.paths, dtype=str)
+        self.target = np.asarray(self.target, dtype=np.int64)
+        self.pred = np.asarray(self.pred, dtype=np.int64)
+        self.shots = "" if self.shots is None else str(self.shots)
+        self.seed = int(self.seed)
+        if self.top5 is not None:
+            self.top5 = np.asarray(self.top5, dtype=np.int64)
+        n = len(self.paths)
+        if len(self.target) != n or len(self.pred) != n or (self.top5 is not None and len(self.top5) != n):
+            raise ValueError("paths, target, pred and top5 must have one entry per image")
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.pred == self.target
+
+    @property
+    def key(self) -> tuple[str, str, str, str, int]:
+        return (self.label, self.view, self.method, self.shots, self.seed)
+
+    @property
+    def name(self) -> str:
+        """Readable identity: label, then view / method / shots / seed where they say something."""
+        parts = [self.view]
+        if self.method != "linear":
+            parts.append(self.method)
+        if self.shots:
+            parts.append(f"{self.shots}-shot")
+        return f"{self.label} [{' '.join(parts)}]"
+
+
+def align(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (ia, ib) of the images both hold, in ``a``'s order: ``a.paths[ia] == b.paths[ib]``."""
+    where = {p: i for i, p in enumerate(b.paths.tolist())}
+    ia = np.array([i for i, p in enumerate(a.paths.tolist()) if p in where], dtype=np.int64)
+    ib = np.array([where[p] for p in a.paths[ia].tolist()], dtype=np.int64)
+    return ia, ib
+
+
+def csv_text(predictions: list[Predictions]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for p in predictions:
+        head = [p.label, p.store, p.view, p.method, p.shots, p.seed]
+        top5 = [" ".join(map(str, row)) for row in p.top5.tolist()] if p.top5 is not None else [""] * len(p.paths)
+        correct = p.correct.astype(np.int8).tolist()
+        for path, t, y, c, t5 in zip(p.paths.tolist(), p.target.tolist(), p.pred.tolist(), correct, top5):
+            w.writerow(head + [path, t, y, c, t5])
+    return buf.getvalue()
+
+
+def write(predictions: list[Predictions], path: str | os.PathLike) -> None:
+    Path(path).write_text(csv_text(predictions))
+
+
+def read(path: str | os.PathLike) -> list[Predictions]:
+    """The predictions of every selected head in ``path``, in file order."""
+    path = Path(path)
+    groups: dict[tuple, dict] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UsageError(f"{str(path)!r} is not a predictions file: no column {', '.join(missing)}", "it is written by `probe fit` beside results.csv")
+        for line, r in enumerate(reader, start=2):
+            key = (r["label"], r["store"], r["view"], r["method"], r["shots"], r["seed"])
+            g = groups.setdefault(key, {"paths": [], "target": [], "pred": [], "top5": []})
+            try:
+                g["target"].append(int(r["target"]))
+                g["pred"].append(int(r["pred"]))
+                g["top5"].append([int(v) for v in r["top5"].split()] if r["top5"] else None)
+            except ValueError:
+                raise UsageError(f"{str(path)!r} line {line}: target, pred and top5 must be class indices", "the file was edited or truncated; rerun probe fit") from None
+            g["paths"].append(r["path"])
+    out = []
+    for (label, store, view, method, shots, seed), g in groups.items():
+        top5 = np.array(g["top5"], dtype=np.int64) if g["top5"] and all(t is not None and len(t) == 5 for t in g["top5"]) else None
+        out.append(Predictions(label, store, view, method, shots, int(seed or 0), g["paths"], g["target"], g["pred"], top5))
+    return out

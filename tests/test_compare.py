@@ -1,0 +1,229 @@
+"""Intervals, paired tests and comparisons of encoders (probe.intervals, probe.compare), against
+direct computations: scipy's binomtest, a plain numpy bootstrap with the same seed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from featstore.errors import UsageError
+from probe import intervals as I
+from probe import predictions as P
+from probe.compare import compare, fmt_interval, markdown
+
+
+def numpy_bootstrap(values, n_resamples, seed, confidence=0.95):
+    """The reference: one index matrix from default_rng(seed), percentiles of the resampled means."""
+    v = np.asarray(values, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(v), (n_resamples, len(v)))
+    means = v[idx].mean(axis=1) * 100
+    a = (1 - confidence) / 2
+    return np.percentile(means, [100 * a, 100 * (1 - a)])
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    rng = np.random.default_rng(42)
+    ref = rng.random(1237) < 0.78  # odd length, not a multiple of any batch size
+    other = ref.copy()
+    flip = rng.choice(len(ref), 160, replace=False)
+    other[flip] = rng.random(160) < 0.6
+    return ref, other
+
+
+# ---------------------------------------------------------------- intervals
+
+
+def test_bootstrap_equals_plain_numpy_bootstrap(vectors, monkeypatch):
+    ref, _ = vectors
+    for batch_elements in (1 << 22, 3 * len(ref) + 1):  # one batch, and many uneven batches
+        monkeypatch.setattr(I, "_BATCH_ELEMENTS", batch_elements)
+        got = I.bootstrap_interval(ref, n_resamples=1500, seed=7)
+        np.testing.assert_allclose(got, numpy_bootstrap(ref, 1500, 7), rtol=0, atol=1e-9)
+    # another seed gives another (close) interval: the seed is used
+    assert not np.allclose(I.bootstrap_interval(ref, n_resamples=1500, seed=8), got)
+    lo, hi = got
+    assert lo < ref.mean() * 100 < hi and 2 < hi - lo < 8
+
+
+def test_bootstrap_rows_share_resamples(vectors):
+    ref, other = vectors
+    both = I.bootstrap_interval(np.stack([ref, other]), n_resamples=1000, seed=3)
+    np.testing.assert_allclose(both[0], numpy_bootstrap(ref, 1000, 3), atol=1e-9)
+    np.testing.assert_allclose(both[1], numpy_bootstrap(other, 1000, 3), atol=1e-9)
+
+
+def test_wilson_equals_closed_form():
+    for k, n in ((83, 100), (0, 20), (20, 20), (3212, 3925)):
+        z = 1.959963984540054
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        np.testing.assert_allclose(I.wilson_interval(k, n), [100 * (centre - half), 100 * (centre + half)], atol=1e-9)
+    assert all(np.isnan(I.wilson_interval(0, 0)))
+
+
+def test_mcnemar_and_paired_difference_equal_direct_computation(vectors):
+    ref, other = vectors
+    n01 = int(np.sum(other & ~ref))
+    n10 = int(np.sum(~other & ref))
+    assert n01 > 0 and n10 > 0
+    test = I.mcnemar(other, ref)
+    assert (test.n01, test.n10) == (n01, n10)
+    assert test.p == binomtest(n01, n01 + n10, 0.5).pvalue
+    d = I.paired_difference(other, ref, n_resamples=1200, seed=11)
+    assert d.delta == pytest.approx((other.mean() - ref.mean()) * 100, abs=1e-12)
+    diff = other.astype(float) - ref.astype(float)
+    np.testing.assert_allclose(d.ci95, numpy_bootstrap(diff, 1200, 11), atol=1e-9)
+    # the paired interval is narrower than the unpaired one would be (the encoders agree on most images)
+    unpaired = np.hypot(*(np.diff(numpy_bootstrap(v, 1200, 11)) for v in (ref, other)))
+    assert d.ci95[1] - d.ci95[0] < 0.7 * unpaired
+
+
+def test_identical_predictions_give_zero_difference_and_p_one(vectors):
+    ref, _ = vectors
+    d = I.paired_difference(ref, ref.copy())
+    assert d.delta == 0.0 and d.ci95 == (0.0, 0.0)
+    assert (d.test.n01, d.test.n10, d.test.p) == (0, 0, 1.0)
+
+
+def test_exact_discordant_counts():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 10, 500)
+    ref_pred = target.copy()
+    ref_pred[:100] = (target[:100] + 1) % 10  # the reference misses images 0..99
+    pred = ref_pred.copy()
+    pred[[3, 17, 42]] = target[[3, 17, 42]]  # the store gets 3 of those right
+    pred[[200, 201, 300, 400, 499]] = (target[[200, 201, 300, 400, 499]] + 2) % 10  # and misses 5 others
+    pred[[5, 6]] = (target[[5, 6]] + 3) % 10  # both wrong, differently: not discordant
+    test = I.mcnemar(pred == target, ref_pred == target)
+    assert (test.n01, test.n10) == (3, 5)
+    assert test.p == pytest.approx(binomtest(3, 8).pvalue)
+
+
+@pytest.mark.slow
+def test_interval_coverage_of_a_known_accuracy():
+    """A 'classifier' of accuracy p on n images, 600 draws: the 95% intervals contain p 93–97% of the time."""
+    p, n, draws = 0.83, 800, 600
+    correct = np.random.default_rng(2024).random((draws, n)) < p
+    boot = I.bootstrap_interval(correct, n_resamples=1000, seed=1)  # every draw at once (shared resamples)
+    covered = (boot[:, 0] <= 100 * p) & (100 * p <= boot[:, 1])
+    assert 0.93 <= covered.mean() <= 0.97, covered.mean()
+    # the same with each draw bootstrapped on its own, for a few draws: identical to the batched rows
+    for i in (0, 1, 599):
+        np.testing.assert_allclose(I.bootstrap_interval(correct[i], n_resamples=1000, seed=1), boot[i], atol=1e-9)
+    wilson = np.array([I.wilson_interval(int(k), n) for k in correct.sum(axis=1)])
+    covered = (wilson[:, 0] <= 100 * p) & (100 * p <= wilson[:, 1])
+    assert 0.93 <= covered.mean() <= 0.97, covered.mean()
+
+
+def test_per_class_difference_sorted_and_exact():
+    target = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    ref = np.array([1, 1, 0, 0, 1, 1, 1, 1, 1, 1], bool)
+    ours = np.array([1, 1, 1, 1, 0, 1, 1, 1, 1, 1], bool)
+    diffs = I.per_class_difference(target, ours, ref)
+    assert [(d.target, d.n, d.top1, d.top1_reference, d.delta) for d in diffs] == [
+        (0, 4, 100.0, 50.0, 50.0), (2, 4, 100.0, 100.0, 0.0), (1, 2, 50.0, 100.0, -50.0)
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- comparisons of prediction sets
+
+
+def preds(label, pred, target, paths=None, view="pool", seed=0, method="linear"):
+    paths = paths if paths is not None else [f"val/{i:05d}.jpg" for i in range(len(target))]
+    return P.Predictions(label, f"{label}.zarr", view, method, "", seed, paths, target, pred)
+
+
+@pytest.fixture(scope="module")
+def three_encoders():
+    rng = np.random.default_rng(5)
+    target = rng.integers(0, 10, 900)
+    a = np.where(rng.random(900) < 0.7, target, (target + 1) % 10)
+    b = a.copy()
+    gains = np.flatnonzero(a != target)[:40]
+    b[gains] = target[gains]  # b: 40 more right, nothing lost
+    c = a.copy()
+    return target, a, b, c
+
+
+def test_compare_against_reference(three_encoders):
+    target, a, b, c = three_encoders
+    # b's images in another order, and one image missing: pairs go by path
+    order = np.random.default_rng(1).permutation(900)[:-1]
+    paths = np.array([f"val/{i:05d}.jpg" for i in range(900)])
+    comp = compare([preds("a", a, target), preds("b", b[order], target[order], paths[order], view="cls"), preds("c", c, target)], class_names=[f"class{i}" for i in range(10)])
+    ra, rb, rc = comp.rows
+    assert comp.reference == "a" and ra.is_reference and ra.delta is None
+    assert rb.reference_view == "pool" and rb.n == 899 and rb.n_paired == 899
+    assert rb.n01 == 40 - (order[-1] in np.flatnonzero(a != target)[:40]) and rb.n10 == 0
+    keep = np.sort(order)
+    assert rb.delta == pytest.approx(((b[keep] == target[keep]).mean() - (a[keep] == target[keep]).mean()) * 100)
+    assert rb.mcnemar_p == pytest.approx(binomtest(rb.n01, rb.n01, 0.5).pvalue) and rb.mcnemar_p < 1e-10
+    assert rb.delta_ci95[0] > 0  # all gains: the interval excludes 0
+    assert (rc.delta, rc.delta_ci95, rc.n01, rc.n10, rc.mcnemar_p) == (0.0, (0.0, 0.0), 0, 0, 1.0)
+    np.testing.assert_allclose(ra.ci95, numpy_bootstrap(a == target, comp.n_resamples, comp.bootstrap_seed), atol=1e-9)
+    # per class: b gains exactly on the classes of the images it fixed
+    classes_b = comp.per_class[1].classes
+    assert sum(d.delta * d.n for d in classes_b) == pytest.approx(rb.n01 * 100)
+    assert [d.delta for d in classes_b] == sorted((d.delta for d in classes_b), reverse=True)
+
+    doc = json.loads(json.dumps(comp.to_json()))
+    assert doc["reference"] == "a"
+    row = doc["rows"][1]
+    for key in ("label", "view", "method", "shots", "top1", "ci95", "delta", "delta_ci95", "n01", "n10", "mcnemar_p"):
+        assert key in row
+    assert doc["per_class"]["b"][0]["classes"][0]["name"].startswith("class")
+
+    text = markdown(comp)
+    assert "| b | cls | linear | all | 899 |" in text and "vs pool" in text and "reference" in text
+
+
+def test_compare_reference_choice_and_errors(three_encoders):
+    target, a, b, _ = three_encoders
+    comp = compare([preds("a", a, target), preds("b", b, target)], reference="b")
+    assert comp.rows[0].delta < 0 and comp.rows[0].n10 == 40 and comp.rows[1].is_reference
+    with pytest.raises(UsageError, match="no store labelled 'z'"):
+        compare([preds("a", a, target)], reference="z")
+    with pytest.raises(UsageError, match="two prediction sets"):
+        compare([preds("a", a, target), preds("a", b, target)])
+
+
+def test_seeds_give_per_seed_differences(three_encoders):
+    target, a, b, _ = three_encoders
+    sets = []
+    for seed in (0, 1, 2):
+        flip = np.random.default_rng(seed).choice(900, 30, replace=False)
+        bs = b.copy()
+        bs[flip] = (target[flip] + 3) % 10
+        sets += [preds("a", a, target, seed=seed), preds("b", bs, target, seed=seed)]
+    comp = compare(sets)
+    (summary_b,) = [s for s in comp.seeds if s.label == "b"]
+    per_seed = [r.delta for r in comp.rows if r.label == "b"]
+    assert summary_b.seeds == [0, 1, 2] and summary_b.delta_per_seed == per_seed
+    assert summary_b.delta_mean == pytest.approx(np.mean(per_seed)) and summary_b.delta_std == pytest.approx(np.std(per_seed, ddof=1))
+    assert "Δ mean ± std" in markdown(comp)
+
+
+def test_predictions_csv_round_trip(tmp_path, three_encoders):
+    target, a, b, _ = three_encoders
+    top5 = np.stack([a, (a + 1) % 10, (a + 2) % 10, (a + 3) % 10, (a + 4) % 10], axis=1)
+    sets = [P.Predictions("a", "a.zarr", "pool", "linear", "", 0, [f"val/{i}.jpg" for i in range(900)], target, a, top5), preds("b", b, target, seed=3)]
+    P.write(sets, tmp_path / P.PREDICTIONS)
+    header = (tmp_path / P.PREDICTIONS).read_text().splitlines()[:2]
+    assert header[0] == "label,store,view,method,shots,seed,path,target,pred,correct,top5"
+    assert header[1] == f"a,a.zarr,pool,linear,,0,val/0.jpg,{target[0]},{a[0]},{int(a[0] == target[0])},{' '.join(map(str, top5[0]))}"
+    back = P.read(tmp_path / P.PREDICTIONS)
+    assert [p.key for p in back] == [p.key for p in sets]
+    for p, q in zip(back, sets):
+        assert (p.paths == q.paths).all() and (p.pred == q.pred).all() and (p.target == q.target).all()
+    assert (back[0].top5 == top5).all() and back[1].top5 is None
+
+
+def test_fmt_interval():
+    assert fmt_interval(83.44, (82.61, 84.08)) == "83.4 [82.6, 84.1]"
+    assert fmt_interval(0.4, (-0.31, 1.1), signed=True) == "+0.4 [-0.3, +1.1]"
+    assert fmt_interval(None, None) == "—"

@@ -67,5 +67,44 @@ def fit_command(stores, views, lr_grid, lr, wd_grid, epochs, batch_size, optimiz
     click.echo(f"wrote {out}/results.csv ({len(rows)} rows), {out}/protocol.json, {out}/accuracy_vs_lr.png")
 
 
+@main.command("compare")
+@click.argument("results_dir", metavar="RESULTS_DIR")
+@click.option("--reference", metavar="LABEL", default=None, help="Store label every other store is compared with. Default: the first store.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
+@click.option("--resamples", type=click.IntRange(min=1000), default=None, help="Bootstrap resamples (default 2000, at least 1000).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def compare_command(results_dir, reference, as_json, resamples, debug):
+    """Each store of a probe fit run against the reference, on the same images: top-1 with 95%
+    intervals, the difference with its paired bootstrap interval, McNemar's exact test, per seed
+    and per class. Reads RESULTS_DIR/predictions.csv (no features needed)."""
+    import json
+
+    from . import intervals
+    from .compare import compare, markdown
+    from .runs import load, require_predictions
+
+    run = load(results_dir)
+    comparison = compare(require_predictions(run), reference, class_names=run.class_names, n_resamples=resamples or intervals.N_RESAMPLES)
+    click.echo(json.dumps(comparison.to_json(), indent=2) if as_json else markdown(comparison))
+
+
+@main.command("report")
+@click.argument("folders", nargs=-1, required=True, metavar="DIR [DIR...]")
+@click.option("--out", default="report", show_default=True, metavar="DIR", help="Folder for leaderboard.md, leaderboard.csv and report.html (replaced if present).")
+@click.option("--reference", metavar="LABEL", default=None, help="Store label the others are compared with. Default: the first store.")
+@click.option("--allow-mixed", is_flag=True, help="Report results of different protocols, datasets or report splits as separate groups instead of refusing.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def report_command(folders, out, reference, allow_mixed, debug):
+    """Gather the results folders of probe fit runs into one leaderboard (markdown + CSV) and one
+    self-contained report.html: accuracy vs LR, a forest plot of intervals, per-class differences,
+    the protocol record."""
+    from . import leaderboard
+
+    groups = leaderboard.gather(list(folders), allow_mixed=allow_mixed, reference=reference)
+    paths = leaderboard.write(groups, out)
+    click.echo(paths[leaderboard.LEADERBOARD_MD].read_text(encoding="utf-8"))
+    click.echo(f"wrote {paths[leaderboard.LEADERBOARD_MD]}, {paths[leaderboard.LEADERBOARD_CSV]}, {paths[leaderboard.REPORT_HTML]}")
+
+
 if __name__ == "__main__":
     main()

@@ -3,6 +3,8 @@ direct computations: scipy's binomtest, a plain numpy bootstrap with the same se
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 import numpy as np
@@ -227,3 +229,166 @@ def test_fmt_interval():
     assert fmt_interval(83.44, (82.61, 84.08)) == "83.4 [82.6, 84.1]"
     assert fmt_interval(0.4, (-0.31, 1.1), signed=True) == "+0.4 [-0.3, +1.1]"
     assert fmt_interval(None, None) == "—"
+
+
+# ---------------------------------------------------------------- results folders: probe compare, probe report
+
+LRS = (1e-3, 1e-2, 1e-1)
+
+
+def results_folder(folder, encoders: dict, *, protocol=None, manifest="m" * 64, report_split="test", classes=10):
+    """A probe fit results folder: results.csv (3 LRs per encoder), protocol.json, predictions.csv.
+
+    ``encoders``: label → (target, pred); the middle LR is the selected head, scored by ``pred``.
+    """
+    import probe.report
+    from probe.protocol import Protocol
+
+    protocol = protocol or Protocol(lr_grid=LRS, epochs=3)
+    folder.mkdir(parents=True)
+    rows, sets = [], []
+    for label, (target, pred) in encoders.items():
+        top1 = float((pred == target).mean() * 100)
+        for lr in LRS:
+            row = {c: None for c in probe.COLUMNS}
+            row.update(store=f"/stores/{label}", encoder="resnet18", dataset="imagenette", view="pool", lr=lr, wd=0.0, seed=0,
+                       report_split=report_split, val_split="val", n_test=len(target), selected=lr == LRS[1], best_test=lr == LRS[1],
+                       val_top1=top1 - abs(float(np.log10(lr)) + 2) * 5, test_top1=top1 - abs(float(np.log10(lr)) + 2) * 7, protocol_hash=protocol.hash)  # fmt: skip
+            rows.append(row)
+        paths = [f"val/{i:05d}.jpg" for i in range(len(target))]
+        sets.append(P.Predictions(label, f"/stores/{label}", "pool", "linear", "", 0, paths, target, pred))
+    (folder / "results.csv").write_text(probe.report.csv_text(rows))
+    dataset = {"name": "imagenette", "manifest_sha256": manifest, "class_names": [f"n{c:08d}" for c in range(classes)]}
+    (folder / "protocol.json").write_text(probe.report.protocol_json(protocol, {"dataset": dataset}))
+    P.write(sets, folder / P.PREDICTIONS)
+    return folder
+
+
+def run_probe(args):
+    from click.testing import CliRunner
+
+    from probe.cli import main
+
+    result = CliRunner().invoke(main, args)
+    return result.exit_code, result.output
+
+
+def test_probe_compare_command(tmp_path, three_encoders):
+    target, a, b, _ = three_encoders
+    folder = results_folder(tmp_path / "run", {"r18": (target, a), "r50": (target, b)})
+    code, out = run_probe(["compare", str(folder)])
+    assert code == 0, out
+    assert "| r50 | pool | linear | all | 900 |" in out and "/ 0 |" in out and "per class, r50 [pool] vs r18 [pool]" in out
+    code, out = run_probe(["compare", str(folder), "--json", "--reference", "r50"])
+    doc = json.loads(out)
+    assert doc["reference"] == "r50"
+    (row,) = [r for r in doc["rows"] if r["label"] == "r18"]
+    assert (row["n01"], row["n10"]) == (0, 40) and row["delta"] == pytest.approx(-40 / 9) and row["mcnemar_p"] < 1e-10
+    assert doc["per_class"]["r18"][0]["classes"][-1]["name"].startswith("n0000")
+    code, out = run_probe(["compare", str(folder), "--reference", "vit"])
+    assert code == 2 and out.count("error:") == 1 and "no store labelled 'vit'" in out and "r18, r50" in out
+    (folder / P.PREDICTIONS).unlink()
+    code, out = run_probe(["compare", str(folder)])
+    assert code == 2 and "holds no predictions.csv" in out and "Traceback" not in out
+    code, out = run_probe(["compare", str(tmp_path / "nowhere")])
+    assert code == 2 and "not found" in out
+
+
+def parse_report(path):
+    """Every <figure> of report.html: (id, decoded PNG bytes, caption)."""
+    import base64
+    from html.parser import HTMLParser
+
+    class Figures(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.figures, self.current, self.in_caption, self.tables = [], None, False, 0
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "figure":
+                self.current = {"id": a.get("id"), "png": None, "caption": ""}
+            elif tag == "img" and self.current is not None:
+                assert a["src"].startswith("data:image/png;base64,")  # embedded: the page is self-contained
+                self.current["png"] = base64.b64decode(a["src"].split(",", 1)[1])
+            elif tag == "figcaption":
+                self.in_caption = True
+            elif tag == "table":
+                self.tables += 1
+
+        def handle_endtag(self, tag):
+            if tag == "figure":
+                self.figures.append(self.current)
+                self.current = None
+            elif tag == "figcaption":
+                self.in_caption = False
+
+        def handle_data(self, data):
+            if self.in_caption:
+                self.current["caption"] += data
+
+    parser = Figures()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+@pytest.mark.slow
+def test_probe_report_html_has_every_figure(tmp_path, three_encoders):
+    from PIL import Image
+
+    target, a, b, c = three_encoders
+    run1 = results_folder(tmp_path / "run1", {"r18": (target, a), "r50": (target, b)})
+    run2 = results_folder(tmp_path / "run2", {"vit": (target, c)})
+    code, out = run_probe(["report", str(run1), str(run2), "--out", str(tmp_path / "rep")])
+    assert code == 0, out
+    rep = tmp_path / "rep"
+    assert sorted(p.name for p in rep.iterdir()) == ["leaderboard.csv", "leaderboard.md", "report.html"]
+    page = parse_report(rep / "report.html")
+    ids = [f["id"] for f in page.figures]
+    # LR curves, forest plot, and one per-class panel per store that is not the reference
+    assert ids == ["g1-lr", "g1-forest", "g1-class-1", "g1-class-2"], ids
+    for f in page.figures:
+        img = Image.open(io.BytesIO(f["png"]))
+        assert img.format == "PNG" and img.size[0] > 400 and img.size[1] > 150 and f["caption"]
+    assert page.tables == 1
+    text = (rep / "report.html").read_text()
+    assert "protocol_hash" in text and "lr_grid" in text  # the protocol record
+    import csv as csv_mod
+
+    board = list(csv_mod.DictReader(open(rep / "leaderboard.csv")))
+    assert [r["label"] for r in board] == ["r50", "r18", "vit"]  # best first
+    assert board[1]["reference"] == "r18" and board[0]["n01"] == "40" and board[2]["delta"] == "0"
+    assert float(board[0]["ci95_low"]) < float(board[0]["top1"]) < float(board[0]["ci95_high"])
+    assert "| 1 | r50 |" in out
+
+
+@pytest.mark.slow
+def test_probe_report_refuses_mixed_results(tmp_path, three_encoders):
+    from probe.protocol import Protocol
+
+    target, a, b, _ = three_encoders
+    base = results_folder(tmp_path / "base", {"r18": (target, a)})
+    other_protocol = results_folder(tmp_path / "p", {"r50": (target, b)}, protocol=Protocol(lr_grid=LRS, epochs=4))
+    other_data = results_folder(tmp_path / "d", {"r50": (target, b)}, manifest="x" * 64)
+    other_split = results_folder(tmp_path / "s", {"r50": (target, b)}, report_split="val")
+    for folder, field in ((other_protocol, "protocol hash"), (other_data, "dataset"), (other_split, "report split")):
+        code, out = run_probe(["report", str(base), str(folder), "--out", str(tmp_path / "rep")])
+        assert code == 2 and out.count("error:") == 1 and f"differ in {field} (" in out and "--allow-mixed" in out, out
+        assert not (tmp_path / "rep").exists()  # nothing written
+    code, out = run_probe(["report", str(base), str(other_protocol), str(other_data), "--out", str(tmp_path / "rep"), "--allow-mixed"])
+    assert code == 0, out
+    assert "### group 1: protocol hash" in out and "### group 3:" in out
+    board = list(csv.DictReader(open(tmp_path / "rep" / "leaderboard.csv")))
+    assert [(r["group"], r["label"], r["rank"]) for r in board] == [("1", "r18", "1"), ("2", "r50", "1"), ("3", "r50", "1")]
+    assert "3 groups of results" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_same_label_in_two_runs_is_told_apart(tmp_path, three_encoders):
+    target, a, b, _ = three_encoders
+    run1 = results_folder(tmp_path / "monday", {"r18": (target, a)})
+    run2 = results_folder(tmp_path / "tuesday", {"r18": (target, b)})
+    from probe import leaderboard
+
+    (g,) = leaderboard.gather([run1, run2])
+    assert [e.label for e in g.entries] == ["monday/r18", "tuesday/r18"]
+    assert g.comparison.rows[1].n01 == 40

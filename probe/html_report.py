@@ -1,0 +1,198 @@
+"""``report.html``: one self-contained page (figures embedded as base64 PNG) per leaderboard.
+
+Per group: the leaderboard table, accuracy vs LR of every store overlaid, a forest plot of each
+encoder's accuracy with its 95% interval, per-class difference bars against the reference, and
+the protocol record.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+
+from .compare import fmt_interval, fmt_p
+from .runs import reported_top1, row_label
+
+_MAX_CLASS_BARS = 40  # more classes than this: the 20 largest gains and the 20 largest losses
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def lr_figure(group) -> str | None:
+    """Selection-split and report-split top-1 against LR, one line per store × view, selected starred."""
+    plt = _pyplot()
+    lines = []
+    for e in group.entries:
+        rows = [r for r in e.run.rows if row_label(r) == row_label(e.row) and r["view"] == e.row["view"] and (r.get("method") or "linear") == e.key[2]
+                and str(r.get("shots") or "") == e.key[3] and int(r.get("seed") or 0) == e.key[4] and r.get("lr") is not None]  # fmt: skip
+        if len({r["lr"] for r in rows}) > 1:
+            lines.append((e, sorted(rows, key=lambda r: r["lr"])))
+    if not lines:
+        return None
+    split = group.fields["report split"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (e, rows) in enumerate(lines):
+        color = colors[i % len(colors)]
+        name = f"{e.label} [{e.row['view']}]"
+        for ax, get in ((axes[0], lambda r: r.get("val_top1")), (axes[1], reported_top1)):
+            pts = [(r["lr"], get(r)) for r in rows if get(r) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "-o", ms=3, color=color, label=name)
+            if get(e.row) is not None:
+                ax.plot(e.row["lr"], get(e.row), "*", ms=14, color=color, markeredgecolor="black", zorder=5)
+    selection = {r.get("val_split") for r in group.entries[0].run.selected} - {None}
+    axes[0].set_title(f"selection split ({', '.join(sorted(selection)) or 'val'})")
+    axes[1].set_title(f"report split ({split})")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("top-1 (%)")
+    fig.suptitle("accuracy vs learning rate (★ = selected on the selection split)")
+    return _png(fig)
+
+
+def forest_figure(group, rows: list[dict]) -> str | None:
+    """Each encoder's top-1 with its 95% interval (bootstrap; Wilson where no predictions exist)."""
+    plt = _pyplot()
+    items = [r for r in rows if r["top1"] is not None]
+    if not items:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(items) + 1.4))
+    ref_value = None
+    for y, r in enumerate(reversed(items)):
+        boot = r["ci95_low"] is not None
+        lo, hi = (r["ci95_low"], r["ci95_high"]) if boot else (r["wilson95_low"], r["wilson95_high"])
+        is_ref = r["label"] == r["reference"]
+        color = "black" if is_ref else "tab:blue"
+        if lo is not None and not math.isnan(lo):
+            ax.errorbar(r["top1"], y, xerr=[[r["top1"] - lo], [hi - r["top1"]]], fmt="s" if is_ref else "o", color=color, capsize=4, ms=6)
+        else:
+            ax.plot(r["top1"], y, "o", color=color)
+        ref_value = r["top1"] if is_ref else ref_value
+        ax.annotate(fmt_interval(r["top1"], (lo, hi)) + ("" if boot else " (Wilson)"), (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=9)
+    if ref_value is not None:
+        ax.axvline(ref_value, color="gray", ls="--", lw=1, label=f"reference ({group.comparison.reference})")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_yticks(range(len(items)))
+    ax.set_yticklabels([f"{r['label']} [{r['view']}]" + (f" seed {r['seed']}" if len({i['seed'] for i in items}) > 1 else "") for r in reversed(items)])
+    ax.set_xlabel(f"top-1 on {group.fields['report split']} (%), 95% interval")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("accuracy of each encoder")
+    return _png(fig)
+
+
+def class_figure(group, report) -> str:
+    """Per-class difference (store − reference, points), largest gain on top."""
+    plt = _pyplot()
+    comp = group.comparison
+    classes = report.classes
+    if len(classes) > _MAX_CLASS_BARS:
+        half = _MAX_CLASS_BARS // 2
+        classes = classes[:half] + classes[-half:]
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(classes) + 1.5))
+    ys = list(range(len(classes)))[::-1]
+    deltas = [d.delta for d in classes]
+    ax.barh(ys, deltas, color=["tab:green" if d > 0 else "tab:red" if d < 0 else "gray" for d in deltas])
+    ax.set_yticks(ys)
+    ax.set_yticklabels([f"{comp.class_name(d.target)} ({d.top1_reference:.0f}→{d.top1:.0f}, n={d.n})" for d in classes], fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel(f"Δ top-1 vs {comp.reference} [{report.reference_view}] (points)")
+    shown = "" if len(classes) == len(report.classes) else f" — {len(classes)} largest gains and losses of {len(report.classes)}"
+    ax.set_title(f"per class: {report.label} [{report.view}] vs {comp.reference}{shown}")
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td.text { text-align: left; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; } figcaption { color: #555; font-size: 0.9em; }
+pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def _figure(fig_id: str, png: str, caption: str) -> str:
+    return (f'<figure id="{fig_id}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
+
+
+def _table(group_rows: list[dict], reference: str | None) -> str:
+    head = ["rank", "label", "encoder", "view", "method", "shots", "seed", "lr", "n", "top-1 [95% CI]", "Wilson 95%", f"Δ vs {reference or 'reference'} [95% CI]", "n01 / n10", "McNemar p"]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for r in group_rows:
+        ci = (r["ci95_low"], r["ci95_high"]) if r["ci95_low"] is not None else None
+        wilson = "—" if r["wilson95_low"] is None or math.isnan(r["wilson95_low"]) else f"[{r['wilson95_low']:.1f}, {r['wilson95_high']:.1f}]"
+        if r["label"] == reference:
+            delta, disc = "reference", "—"
+        elif r["delta"] is None:
+            delta, disc = "—", "—"
+        else:
+            delta, disc = fmt_interval(r["delta"], (r["delta_ci95_low"], r["delta_ci95_high"]), signed=True), f"{r['n01']} / {r['n10']}"
+        cells = [r["rank"], r["label"], r["encoder"] or "—", r["view"], r["method"], r["shots"] or "all", r["seed"], "—" if r["lr"] is None else f"{r['lr']:g}",
+                 r["n"], fmt_interval(r["top1"], ci), wilson, delta, disc, fmt_p(r["mcnemar_p"])]  # fmt: skip
+        text_cols = {1, 2, 3, 4}
+        out.append("<tr>" + "".join(f'<td{" class=text" if i in text_cols else ""}>{html.escape(str(c))}</td>' for i, c in enumerate(cells)) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def _protocol(group) -> str:
+    runs = [{"folder": str(run.folder), "protocol_hash": run.protocol_hash, **{k: v for k, v in (run.record.get("run") or {}).items() if k != "dataset"}} for run in group.runs]
+    dataset = {k: v for k, v in group.runs[0].dataset.items() if k != "class_names"}
+    record = {"protocol_hash": group.runs[0].protocol_hash, "protocol": group.runs[0].record.get("protocol"), "dataset": dataset, "runs": runs}
+    return f"<pre>{html.escape(json.dumps(record, indent=2, default=str))}</pre>"
+
+
+def render(groups, rows: list[dict]) -> str:
+    body = ["<h1>featstore probe report</h1>"]
+    if len(groups) > 1:
+        body.append(f'<p class="note">{len(groups)} groups of results that differ in protocol, dataset or report split (--allow-mixed): '
+                    "each group is ranked on its own; results of different groups are not comparable.</p>")  # fmt: skip
+    for gi, g in enumerate(groups, start=1):
+        ref = g.comparison.reference if g.comparison else None
+        body.append(f"<h2>{'group ' + str(gi) + ': ' if len(groups) > 1 else ''}{html.escape(g.title)}</h2>")
+        body.append(_table([r for r in rows if r["group"] == gi], ref))
+        body.append('<p class="note">top-1 in percent; 95% CI: percentile bootstrap over the images of the report split; '
+                    "Δ: store − reference on the same images, paired bootstrap; n01: images only the store gets right, n10: only the reference; "
+                    "McNemar: exact two-sided p.</p>")  # fmt: skip
+        lr = lr_figure(g)
+        if lr:
+            body.append(_figure(f"g{gi}-lr", lr, "Accuracy vs learning rate, every store overlaid; the star is the LR selected on the selection split."))
+        else:
+            body.append('<p class="note">No LR sweep in these results (fixed learning rate).</p>')
+        forest = forest_figure(g, [r for r in rows if r["group"] == gi])
+        if forest:
+            body.append(_figure(f"g{gi}-forest", forest, "Each encoder's top-1 with its 95% interval; dashed line: the reference."))
+        if g.comparison:
+            body.append("<h3>Per class, against the reference</h3>")
+            for i, c in enumerate(g.comparison.per_class):
+                if c.reference_view is not None:
+                    body.append(_figure(f"g{gi}-class-{i}", class_figure(g, c), f"Per-class top-1 difference, {c.label} [{c.view}] − {ref} [{c.reference_view}]; labels: reference→store accuracy."))
+        else:
+            body.append('<p class="note">No per-image predictions in these results: intervals are Wilson intervals, no paired difference.</p>')
+        body.append("<h3>Protocol</h3>" + _protocol(g))
+    return f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>featstore probe report</title><style>{_CSS}</style></head>\n<body>\n' + "\n".join(body) + "\n</body></html>\n"

@@ -1,0 +1,109 @@
+"""A results folder written by ``probe fit``, read back: results.csv, protocol.json, predictions.csv.
+
+Used by ``probe compare`` and ``probe report``; never touches a store or the features.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from featstore.errors import UsageError
+
+from . import predictions as P
+
+RESULTS, PROTOCOL = "results.csv", "protocol.json"
+
+
+def _value(text: str):
+    """A CSV cell back to None / bool / int / float / str (the inverse of report._cell)."""
+    if text == "":
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def row_label(row: dict) -> str:
+    """A results row's store label: its ``label`` column, else the store folder's name."""
+    return row.get("label") or Path(str(row["store"]).rstrip("/")).name or str(row["store"])
+
+
+def reported_top1(row: dict) -> float | None:
+    """The row's accuracy on its report split (percent)."""
+    for key in ("report_top1_pct", "report_top1"):
+        if key in row:
+            return row[key]
+    return row.get("test_top1") if row.get("report_split") == "test" else row.get("val_top1")
+
+
+@dataclass
+class Run:
+    folder: Path
+    rows: list[dict]
+    record: dict  # protocol.json: protocol_hash, protocol, run
+    predictions: list[P.Predictions] | None  # None for results written before predictions.csv existed
+
+    @property
+    def name(self) -> str:
+        return self.folder.resolve().name
+
+    @property
+    def protocol_hash(self) -> str:
+        return str(self.record.get("protocol_hash") or self.rows[0].get("protocol_hash"))
+
+    @property
+    def dataset(self) -> dict:
+        return (self.record.get("run") or {}).get("dataset") or {"name": self.rows[0].get("dataset")}
+
+    @property
+    def manifest_sha256(self) -> str | None:
+        return self.dataset.get("manifest_sha256")
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.dataset.get("class_names")
+
+    @property
+    def report_splits(self) -> list[str]:
+        return sorted({str(r["report_split"]) for r in self.rows if r.get("selected")})
+
+    @property
+    def selected(self) -> list[dict]:
+        return [r for r in self.rows if r.get("selected")]
+
+
+def load(folder: str | os.PathLike) -> Run:
+    folder = Path(folder)
+    results = folder / RESULTS
+    if not folder.is_dir():
+        raise UsageError(f"results folder {str(folder)!r} not found", "pass the --out folder of a probe fit run")
+    if not results.is_file():
+        raise UsageError(f"{str(folder)!r} holds no {RESULTS}", "pass the --out folder of a finished probe fit run")
+    with open(results, newline="") as f:
+        rows = [{k: _value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    if not rows:
+        raise UsageError(f"{str(results)!r} has no rows", "rerun probe fit")
+    try:
+        record = json.loads((folder / PROTOCOL).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{str(folder)!r} holds no {PROTOCOL}", "results without their protocol record cannot be compared safely") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{str(folder / PROTOCOL)!r} is not valid JSON ({e.msg})", "rerun probe fit") from None
+    preds_path = folder / P.PREDICTIONS
+    predictions = P.read(preds_path) if preds_path.is_file() else None
+    return Run(folder, rows, record, predictions)
+
+
+def require_predictions(run: Run) -> list[P.Predictions]:
+    if not run.predictions:
+        raise UsageError(f"{str(run.folder)!r} holds no {P.PREDICTIONS}", "results of an older probe fit; rerun it to get per-image predictions")
+    return run.predictions

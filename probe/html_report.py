@@ -14,7 +14,7 @@ import json
 import math
 
 from .compare import fmt_interval, fmt_p
-from .runs import reported_top1, row_label
+from .runs import reported_top1, row_label, selection_top1
 
 _MAX_CLASS_BARS = 40  # more classes than this: the 20 largest gains and the 20 largest losses
 
@@ -54,13 +54,13 @@ def lr_figure(group) -> str | None:
     for i, (e, rows) in enumerate(lines):
         color = colors[i % len(colors)]
         name = f"{e.label} [{e.row['view']}]"
-        for ax, get in ((axes[0], lambda r: r.get("val_top1")), (axes[1], reported_top1)):
+        for ax, get in ((axes[0], selection_top1), (axes[1], reported_top1)):
             pts = [(r["lr"], get(r)) for r in rows if get(r) is not None]
             if pts:
                 ax.plot(*zip(*pts), "-o", ms=3, color=color, label=name)
             if get(e.row) is not None:
                 ax.plot(e.row["lr"], get(e.row), "*", ms=14, color=color, markeredgecolor="black", zorder=5)
-    selection = {r.get("val_split") for r in group.entries[0].run.selected} - {None}
+    selection = {r.get("select_split") or r.get("val_split") for r in group.entries[0].run.selected} - {None}
     axes[0].set_title(f"selection split ({', '.join(sorted(selection)) or 'val'})")
     axes[1].set_title(f"report split ({split})")
     for ax in axes:

@@ -19,7 +19,7 @@ from featstore.errors import UsageError
 from . import intervals as I
 from .compare import Comparison, compare, fmt_interval, fmt_p
 from .predictions import Predictions
-from .runs import Run, load, reported_top1, row_label
+from .runs import Run, load, reported_n, reported_top1, row_label
 
 LEADERBOARD_MD, LEADERBOARD_CSV, REPORT_HTML = "leaderboard.md", "leaderboard.csv", "report.html"
 
@@ -126,7 +126,7 @@ def table_rows(groups: list[Group]) -> list[dict]:
         for e in g.entries:
             c = rows.get(e.key)
             top1 = c.top1 if c else reported_top1(e.row)
-            n = c.n if c else (e.row.get("n_test") if e.row.get("report_split") == "test" else e.row.get("n_val"))
+            n = c.n if c else reported_n(e.row)
             wilson = c.wilson95 if c else (I.wilson_interval(round(top1 * n / 100), n) if top1 is not None and n else (math.nan, math.nan))
             items.append(
                 {

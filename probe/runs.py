@@ -38,11 +38,22 @@ def row_label(row: dict) -> str:
 
 
 def reported_top1(row: dict) -> float | None:
-    """The row's accuracy on its report split (percent)."""
-    for key in ("report_top1_pct", "report_top1"):
-        if key in row:
-            return row[key]
+    """The row's accuracy on its report split (percent); also reads results.csv of before the
+    ``report_*`` columns (``test_top1``, or ``val_top1`` when the run had no test split)."""
+    if "report_top1_pct" in row:
+        return row["report_top1_pct"]
     return row.get("test_top1") if row.get("report_split") == "test" else row.get("val_top1")
+
+
+def selection_top1(row: dict) -> float | None:
+    """The row's accuracy on the split its LR was selected on (percent)."""
+    return row["select_top1_pct"] if "select_top1_pct" in row else row.get("val_top1")
+
+
+def reported_n(row: dict) -> int | None:
+    if "n_report" in row:
+        return row["n_report"]
+    return row.get("n_test") if row.get("report_split") == "test" else row.get("n_val")
 
 
 @dataclass
@@ -74,7 +85,7 @@ class Run:
 
     @property
     def report_splits(self) -> list[str]:
-        return sorted({str(r["report_split"]) for r in self.rows if r.get("selected")})
+        return sorted({str(r.get("reported_as") or r.get("report_split")) for r in self.rows if r.get("selected")})
 
     @property
     def selected(self) -> list[dict]:

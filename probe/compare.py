@@ -104,13 +104,24 @@ class Comparison:
                                  "top1_reference": d.top1_reference, "delta": d.delta} for d in c.classes],
                 }
             )  # fmt: skip
-        return {
+        return _no_nan({
             "reference": self.reference,
             "interval": f"95% percentile bootstrap over images, {self.n_resamples} resamples, seed {self.bootstrap_seed}; wilson95: Wilson score",
             "rows": rows,
             "seeds": [asdict(s) for s in self.seeds],
             "per_class": per_class,
-        }
+        })
+
+
+def _no_nan(value):
+    """NaN (an interval of fewer than 2 images) as null: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def _reference_for(p: Predictions, candidates: list[Predictions]) -> Predictions | None:

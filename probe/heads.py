@@ -224,6 +224,17 @@ def train(x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protoc
     return TrainResult(heads, loss / n, total)
 
 
+def _top_classes(heads: LinearHeads, x: torch.Tensor, k: int):
+    """(start, (B, H, k) indices of the k best classes, best first) per chunk of rows of ``x``.
+
+    One ``topk`` serves top-1 (column 0) and top-5, so the accuracy :func:`evaluate` reports and
+    the per-image predictions of :func:`predict` agree image by image, ties included.
+    """
+    chunk = max(1, _EVAL_ELEMENTS // (heads.num_heads * heads.num_classes))
+    for i in range(0, x.shape[0], chunk):
+        yield i, heads.logits(x[i : i + chunk]).topk(k, dim=-1).indices
+
+
 @torch.no_grad()
 def evaluate(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-head top-1 and (with >= 5 classes) top-5 accuracy in percent, as (H,) float64 arrays."""
@@ -231,14 +242,23 @@ def evaluate(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
     h, c = heads.num_heads, heads.num_classes
     correct1 = torch.zeros(h, dtype=torch.int64, device=x.device)
     correct5 = torch.zeros(h, dtype=torch.int64, device=x.device)
-    chunk = max(1, _EVAL_ELEMENTS // (h * c))
-    for i in range(0, n, chunk):
-        logits = heads.logits(x[i : i + chunk])
-        yc = y[i : i + chunk]
-        correct1 += (logits.argmax(dim=-1) == yc[:, None]).sum(0)
+    for i, top in _top_classes(heads, x, min(5, c)):
+        hit = top == y[i : i + top.shape[0], None, None]
+        correct1 += hit[:, :, 0].sum(0)
         if c >= 5:
-            correct5 += (logits.topk(5, dim=-1).indices == yc[:, None, None]).any(dim=-1).sum(0)
+            correct5 += hit.any(dim=-1).sum(0)
     out = {"top1": correct1.cpu().numpy() * 100.0 / max(n, 1)}
     if c >= 5:
         out["top5"] = correct5.cpu().numpy() * 100.0 / max(n, 1)
+    return out
+
+
+@torch.no_grad()
+def predict(heads: LinearHeads, x: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """(N, H, min(k, C)) int64: every head's k best classes per row, best first (column 0 = top-1,
+    the prediction :func:`evaluate` scores), on the device of ``x``."""
+    k = min(k, heads.num_classes)
+    out = torch.empty(x.shape[0], heads.num_heads, k, dtype=torch.int64, device=x.device)
+    for i, top in _top_classes(heads, x, k):
+        out[i : i + top.shape[0]] = top
     return out

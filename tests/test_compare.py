@@ -392,3 +392,31 @@ def test_same_label_in_two_runs_is_told_apart(tmp_path, three_encoders):
     (g,) = leaderboard.gather([run1, run2])
     assert [e.label for e in g.entries] == ["monday/r18", "tuesday/r18"]
     assert g.comparison.rows[1].n01 == 40
+
+
+def test_predict_agrees_with_logits_and_evaluate():
+    import torch
+
+    from probe import heads as H
+
+    g = torch.Generator().manual_seed(0)
+    heads = H.LinearHeads(16, 12, [1e-3, 1e-2, 1e-1], [0.0, 0.0, 0.0])
+    heads.w.copy_(torch.randn(heads.w.shape, generator=g))
+    heads.b.copy_(torch.randn(heads.b.shape, generator=g))
+    x = torch.randn(301, 16, generator=g)
+    y = torch.randint(0, 12, (301,), generator=g)
+    top = H.predict(heads, x).numpy()
+    assert top.shape == (301, 3, 5)
+    logits = (x.double() @ heads.weight.double() + heads.bias.double()[:, None, :]).numpy()  # (H, N, C)
+    ranked = np.argsort(-logits, axis=-1)[..., :5].transpose(1, 0, 2)
+    assert (top == ranked).all()
+    acc = H.evaluate(heads, x, y)
+    np.testing.assert_allclose(acc["top1"], (top[:, :, 0] == y.numpy()[:, None]).mean(0) * 100)
+    np.testing.assert_allclose(acc["top5"], (top == y.numpy()[:, None, None]).any(-1).mean(0) * 100)
+    assert H.predict(H.LinearHeads(16, 3, [0.1], [0.0]), x).shape == (301, 1, 3)  # k capped at the class count
+
+
+def test_tiny_sets_give_null_intervals_in_json():
+    comp = compare([preds("a", np.array([1]), np.array([1])), preds("b", np.array([0]), np.array([1]))])
+    doc = json.loads(json.dumps(comp.to_json(), allow_nan=False))
+    assert doc["rows"][1]["ci95"] == [None, None] and doc["rows"][1]["delta"] == -100.0 and doc["rows"][1]["n10"] == 1

@@ -30,6 +30,11 @@ def _as_matrix(correct) -> np.ndarray:
     return a
 
 
+def _mean(sample: np.ndarray, axis: int) -> np.ndarray:
+    # integer sum then one division: exact, and several times faster than a float64 mean of int8
+    return sample.sum(axis=axis, dtype=np.int32) / sample.shape[axis]
+
+
 def bootstrap_interval(
     values, *, n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE
 ) -> np.ndarray:
@@ -42,18 +47,21 @@ def bootstrap_interval(
     """
     from scipy.stats import bootstrap
 
-    x = _as_matrix(values).astype(np.float64)
+    x = _as_matrix(values)
+    if x.dtype.kind not in "biu" or (x.size and (x.min() < -1 or x.max() > 1)):
+        raise ValueError("values must be per-image 0/1 (correct) or -1/0/1 (paired differences)")
+    x = x.astype(np.int8)  # one byte per gathered element: the resampling is memory-bound
     n = x.shape[-1]
     if n < 2:
         return np.full(x.shape[:-1] + (2,), np.nan)
     if np.all(x == x[..., :1]):
         # a constant sample: every resample has the same mean (scipy would warn about degeneracy)
-        const = x[..., 0] * 100.0
+        const = x[..., 0].astype(np.float64) * 100.0
         return np.stack([const, const], axis=-1)
     rows = int(np.prod(x.shape[:-1], dtype=np.int64)) or 1
     batch = max(1, _BATCH_ELEMENTS // (n * rows))
     res = bootstrap(
-        (x,), lambda s, axis: s.mean(axis=axis), n_resamples=n_resamples, batch=batch, vectorized=True, axis=-1,
+        (x,), _mean, n_resamples=n_resamples, batch=batch, vectorized=True, axis=-1,
         confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
     )  # fmt: skip
     ci = res.confidence_interval

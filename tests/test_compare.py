@@ -420,3 +420,29 @@ def test_tiny_sets_give_null_intervals_in_json():
     comp = compare([preds("a", np.array([1]), np.array([1])), preds("b", np.array([0]), np.array([1]))])
     doc = json.loads(json.dumps(comp.to_json(), allow_nan=False))
     assert doc["rows"][1]["ci95"] == [None, None] and doc["rows"][1]["delta"] == -100.0 and doc["rows"][1]["n10"] == 1
+
+
+def test_head_intervals():
+    correct = np.random.default_rng(0).random((4, 500)) < np.array([[0.5], [0.7], [0.8], [0.9]])
+    got = I.head_intervals(correct, [1, 3, 9])
+    assert np.isnan(got["ci95_low"][[0, 2]]).all()
+    np.testing.assert_allclose([got["ci95_low"][3], got["ci95_high"][3]], numpy_bootstrap(correct[3], I.N_RESAMPLES, I.BOOTSTRAP_SEED), atol=1e-9)
+    np.testing.assert_allclose([got["ci95_low"][1], got["ci95_high"][1]], numpy_bootstrap(correct[1], I.N_RESAMPLES, I.BOOTSTRAP_SEED), atol=1e-9)
+    for i in range(4):
+        assert (got["wilson95_low"][i], got["wilson95_high"][i]) == I.wilson_interval(int(correct[i].sum()), 500)
+
+
+def test_report_of_results_without_predictions_uses_wilson(tmp_path, three_encoders):
+    from probe import leaderboard
+
+    target, a, b, _ = three_encoders
+    old = results_folder(tmp_path / "old", {"r18": (target, a), "r50": (target, b)})
+    (old / P.PREDICTIONS).unlink()
+    (g,) = leaderboard.gather([old])
+    assert g.comparison is None
+    rows = leaderboard.table_rows([g])
+    top1 = rows[0]["top1"]
+    k = round(top1 * 900 / 100)
+    assert (rows[0]["wilson95_low"], rows[0]["wilson95_high"]) == I.wilson_interval(k, 900)
+    assert rows[0]["ci95_low"] is None and rows[0]["delta"] is None
+    assert "— (no predictions)" in leaderboard.markdown([g], rows)

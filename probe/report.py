@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import textwrap
 import time
 from pathlib import Path
 
@@ -114,10 +115,18 @@ def plot_panels(rows: list[dict], protocol: Protocol | None = None) -> list[tupl
 
 
 def plot(rows: list[dict], path: Path, protocol: Protocol | None = None) -> None:
-    """Selection-split and reported-split top-1 against LR (log axis), one line per store (× view
-    × wd), the selected head starred with its LR written beside the star.
+    """Write :func:`figure` as a PNG."""
+    fig = figure(rows, protocol)
+    import matplotlib.pyplot as plt
 
-    The panels are :func:`plot_panels`.
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def figure(rows: list[dict], protocol: Protocol | None = None):
+    """Selection-split and reported-split top-1 against LR (log axis), one line per store (× view
+    × wd), the selected head starred with its LR written beside the star; the panels are
+    :func:`plot_panels`, the title :func:`plot_title`, a legend on every panel with several lines.
     """
     import matplotlib
 
@@ -159,12 +168,13 @@ def plot(rows: list[dict], path: Path, protocol: Protocol | None = None) -> None
         ax.set_xlabel("learning rate")
         ax.grid(True, which="both", alpha=0.3)
         if lines > 1:
-            ax.legend(fontsize=8, loc="lower center")
+            ax.legend(fontsize=8, loc="best")
     axes[0].set_ylabel("top-1 accuracy (%)")
-    fig.suptitle(plot_title(rows, protocol), fontsize=10)
+    # wrap the title to the figure's width (about 12 characters an inch at this size): never clipped
+    width = int(fig.get_figwidth() * 12)
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in plot_title(rows, protocol).split("\n")), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
+    return fig
 
 
 def _pct(value) -> str:

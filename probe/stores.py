@@ -85,15 +85,17 @@ def assign_labels(specs: list[StoreSpec], stores: list[FeatureStore]) -> list[st
     twice = sorted({l for l in given if given.count(l) > 1})
     if twice:
         raise UsageError(f"label {twice[0]!r} given to several stores", "give each --store LABEL=PATH its own label")
-    labels = [s.label or default_label(fs) for s, fs in zip(specs, stores)]
+    base = [s.label or default_label(fs) for s, fs in zip(specs, stores)]
+    labels = []
     for i, (spec, fs) in enumerate(zip(specs, stores)):
-        if spec.label:
+        others = [j for j, l in enumerate(base) if l == base[i] and j != i]
+        if spec.label or not others:
+            labels.append(base[i])
             continue
-        clash = [j for j, l in enumerate(labels) if l == labels[i]]
-        if len(clash) > 1:
-            # disambiguate by the folder name, then by the whole path
-            folder = f"{labels[i]} ({Path(fs.path).name})"
-            labels[i] = folder if all(Path(stores[j].path).name != Path(fs.path).name for j in clash if j != i) else f"{labels[i]} ({fs.path})"
+        # disambiguate by the folder name, or by the whole path when the folder names are equal too
+        folder = Path(fs.path).name
+        unique = all(Path(stores[j].path).name != folder for j in others)
+        labels.append(f"{base[i]} ({folder if unique else fs.path})")
     return labels
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import click
 from click.testing import CliRunner
 
 import probe
@@ -39,8 +40,9 @@ def digits_splits(seed: int = 0):
     return {k: (x[i], y[i], i) for k, i in (("train", tr), ("val", va), ("test", te))}
 
 
-def make_store(path, splits: dict, *, view="pixels", dtype="float32", manifest="digits-manifest", invalid=None, finalize=True, extra_views=()):
-    """A store from {split: (features, labels, ids)}; ``invalid``: {split: rows} written as valid=False + NaN."""
+def make_store(path, splits: dict, *, view="pixels", dtype="float32", manifest="digits-manifest", invalid=None, finalize=True, extra_views=(), encoder=None):
+    """A store from {split: (features, labels, ids)}; ``invalid``: {split: rows} written as valid=False + NaN;
+    ``encoder``: fields that replace the default encoder record (name, family, weights_path, …)."""
     invalid = invalid or {}
     dim = next(iter(splits.values()))[0].shape[1]
     views = {view: dim, **{v: dim for v in extra_views}}
@@ -49,7 +51,7 @@ def make_store(path, splits: dict, *, view="pixels", dtype="float32", manifest="
     store = FeatureStore.create(
         path, splits=spec, views=views, dtype=dtype, chunk_rows=256,
         attrs={
-            "encoder": {"name": "pixels", "arch": "none", "family": "none", "weights_path": None, "weights_sha256": "0" * 64},
+            "encoder": {"name": "pixels", "arch": "none", "family": "none", "weights_path": None, "weights_sha256": "0" * 64, **(encoder or {})},
             "dataset": {"name": "digits", "root": "/data", "class_names": [str(c) for c in range(classes)], "num_classes": classes,
                         "splits": list(splits), "manifest_sha256": manifest},
         },
@@ -452,3 +454,135 @@ def test_stores_of_different_widths_get_their_own_heads(tmp_path, digits):
     narrow = make_store(tmp_path / "narrow.zarr", {k: (x[:, :32], y, i) for k, (x, y, i) in digits.items()})
     rows = probe.fit([wide, narrow], Protocol(lr_grid="1e-2,1e-1", **FAST), device="cpu", warn=lambda m: None)
     assert {r["store"] for r in rows} == {str(wide), str(narrow)} and sum(r["selected"] for r in rows) == 2
+
+
+# ---------------------------------------------------------------- issue 10: never select on the reported split
+
+
+def test_imagenet_layout_selects_on_train_holdout_and_reports_val(tmp_path, digits):
+    """train + val (no test): the LR is chosen on a train holdout; scrambling val's labels changes the
+    reported number but neither the chosen LR nor any selection accuracy."""
+    layout = {"train": digits["train"], "val": digits["val"]}
+    x, y, ids = digits["val"]
+    scrambled = {"train": digits["train"], "val": (x, np.random.default_rng(1).permutation(y)[::-1].copy(), ids)}
+    p = Protocol(lr_grid="1e-4,1e-3,1e-2,0.1,1", **FAST)
+    a = probe.fit(make_store(tmp_path / "a.zarr", layout), p, device="cpu", warn=lambda m: None)
+    b = probe.fit(make_store(tmp_path / "b.zarr", scrambled), p, device="cpu", warn=lambda m: None, allow_different_data=True)
+    pick = lambda rows: next(r for r in rows if r["selected"])  # noqa: E731
+    assert pick(a)["lr"] == pick(b)["lr"]
+    assert [r["select_top1_pct"] for r in a] == [r["select_top1_pct"] for r in b]
+    assert pick(b)["report_top1_pct"] < pick(a)["report_top1_pct"] - 50
+    r = pick(a)
+    assert (r["train_split"], r["select_split"], r["report_split"]) == ("train", "holdout", "val")
+    assert r["reported_as"] == "val (reported; selection on a 10% train holdout)"
+    assert r["n_report"] == len(y) and r["n_train"] + r["n_select"] == len(digits["train"][1])
+    table = probe.report.markdown_table(a, p)
+    assert "val (reported; selection on a 10% train holdout)" in table and "(10% train holdout)" in table
+    panels = probe.report.plot_panels(a, p)
+    assert [c for c, _ in panels] == ["select_top1_pct", "report_top1_pct"]
+    assert "10% train holdout" in panels[0][1] and "reported: val" in panels[1][1]
+
+
+def test_select_on_report_is_opt_in_and_labelled_everywhere(tmp_path, digits):
+    layout = {"train": digits["train"], "val": digits["val"]}
+    s = make_store(tmp_path / "a.zarr", layout)
+    p = Protocol(lr_grid="1e-3,1e-2,0.1", select_on="report", **FAST)
+    rows = probe.fit(s, p, device="cpu", warn=lambda m: None, out=tmp_path / "res")
+    sel = next(r for r in rows if r["selected"])
+    assert sel["select_split"] == sel["report_split"] == "val" and sel["n_train"] == len(digits["train"][1])
+    assert sel["report_top1_pct"] == max(r["report_top1_pct"] for r in rows) and sel["best_report"]
+    assert all(r["reported_as"] == "val (max over the reported split)" for r in rows)
+    with open(tmp_path / "res" / "results.csv") as f:
+        assert {r["reported_as"] for r in csv.DictReader(f)} == {"val (max over the reported split)"}
+    table = probe.report.markdown_table(rows, p)
+    assert "val (max over the reported split)" in table and "--select-on report" in table and "best-of-sweep" not in table
+    panels = probe.report.plot_panels(rows, p)
+    assert len(panels) == 1 and "max over the reported split" in panels[0][1]
+    assert p.hash != p.replace(select_on="auto").hash
+    code, output = run_cli(["fit", "--store", str(s), "--select-on", "val", "--lr", "0.1"])
+    assert_one_line_error(code, output, 2, "--select-on", "auto")
+
+
+def test_holdout_selection_forced_on_a_store_with_val_and_test(tmp_path, store, digits):
+    rows = probe.fit(store, Protocol(lr_grid="1e-2,0.1", select_on="holdout", **FAST), device="cpu", warn=lambda m: None)
+    r = rows[0]
+    assert (r["select_split"], r["report_split"]) == ("holdout", "test") and r["n_report"] == len(digits["test"][1])
+
+
+# ---------------------------------------------------------------- issue 10: outputs that read right
+
+
+def test_plot_has_title_legends_and_selected_lr_written(tmp_path, digits):
+    layout = {"train": digits["train"], "val": digits["val"]}
+    a = make_store(tmp_path / "a.zarr", layout)
+    b = make_store(tmp_path / "b.zarr", layout)
+    p = Protocol(lr_grid="1e-3,1e-2,0.1", **FAST)
+    rows = probe.fit([f"first={a}", f"second={b}"], p, device="cpu", warn=lambda m: None)
+    fig = probe.report.figure(rows, p)
+    title = fig._suptitle.get_text()
+    assert "digits" in title and "view pixels" in title and p.hash in title and "5 epochs" in title
+    assert len(fig.axes) == 2
+    selected = {r["label"]: f"lr {r['lr']:g}" for r in rows if r["selected"]}
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        assert legend is not None and [t.get_text() for t in legend.get_texts()] == ["first", "second"]
+        assert sorted(t.get_text() for t in ax.texts) == sorted(selected.values())
+    # a single store and a single line: no legend needed, the star still carries its LR
+    alone = [r for r in rows if r["label"] == "first"]
+    fig = probe.report.figure(alone, p)
+    assert all(ax.get_legend() is None and [t.get_text() for t in ax.texts] == [selected["first"]] for ax in fig.axes)
+
+
+def test_out_is_never_silently_overwritten(store, tmp_path):
+    out = tmp_path / "res"
+    args = ["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--quiet"]
+    code, output = run_cli([*args, "--out", str(out)])
+    assert code == 0, output
+    first = (out / "results.csv").read_text()
+    assert len(first.splitlines()) == 2
+    code, output = run_cli([*args, "--out", str(out)])
+    assert_one_line_error(code, output, 2, "already holds", "--overwrite")
+    assert (out / "results.csv").read_text() == first
+    (out / "stale.txt").write_text("from an old run")
+    code, output = run_cli([*args, "--seed", "3", "--out", str(out), "--overwrite"])
+    assert code == 0, output
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_lr.png", "protocol.json", "results.csv"]
+    assert len((out / "results.csv").read_text().splitlines()) == 2 and ",3," in (out / "results.csv").read_text()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, output = run_cli([*args, "--out", str(mine), "--overwrite"])
+    assert_one_line_error(code, output, 2, "not probe results")
+    assert (mine / "notes.txt").read_text() == "keep"
+    (tmp_path / "afile").write_text("x")
+    code, output = run_cli([*args, "--out", str(tmp_path / "afile")])
+    assert_one_line_error(code, output, 2, "is a file")
+
+
+def test_default_out_is_a_new_run_folder_each_time(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--quiet"]
+    outputs = [run_cli(args) for _ in range(2)]
+    runs = sorted((tmp_path / "probe-results").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("run-") for r in runs)
+    for (code, output), run in zip(outputs, runs):
+        assert code == 0, output
+        assert f"wrote probe-results/{run.name}/" in output
+        assert len((run / "results.csv").read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------- issue 10: names and flags
+
+
+def test_probe_help_version_and_every_option_documented():
+    for flag in ("-h", "--help"):
+        code, output = run_cli([flag])
+        assert code == 0 and "Usage: probe" in output and "fit" in output
+    code, output = run_cli(["fit", "-h"])
+    assert code == 0 and "--select-on" in output and "[LABEL=]PATH[:VIEW]" in output
+    code, output = run_cli(["--version"])
+    assert code == 0 and output.strip() == f"probe, version {__import__('featstore').__version__}"
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help and len(param.help) > 10, f"probe {name} {param.opts[0]} has no help"

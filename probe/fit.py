@@ -98,7 +98,7 @@ def _prepare_store(path, label: str, views: list[str], fs: FeatureStore, protoco
             raise FeatstoreError(f"store {str(path)!r} split {s!r} has negative labels", "the store is damaged; re-extract it")
     plan = plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, protocol.seed, protocol.select_on)
     if plan.report_split is None:
-        warn(f"store {str(path)!r} has a single split {plan.train_split!r}: {plan.reported_as}; "
+        warn(f"store {str(path)!r}: {plan.reported_as}; "
              "extract a dataset with a val or test split, or pass --select-on report for the max over the holdout")  # fmt: skip
     valid = {s: fs.valid(s) for s in {plan.train_split, plan.select_source, plan.report_source or plan.select_source}}
     train_valid = valid[plan.train_split][plan.train_rows]

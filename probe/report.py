@@ -78,10 +78,11 @@ def _name(key: tuple, with_view: bool) -> str:
     return f"{label} [{view}]" if with_view else label
 
 
-def _selection_words(split: str, protocol: Protocol | None) -> str:
-    if split != "holdout":
-        return split
-    return f"{protocol.val_fraction * 100:g}% train holdout" if protocol else "train holdout"
+def _selection_words(row: dict, protocol: Protocol | None) -> str:
+    if row["select_split"] != "holdout":
+        return row["select_split"]
+    what = "train" if row["train_split"] == "train" else repr(row["train_split"])
+    return f"{protocol.val_fraction * 100:g}% {what} holdout" if protocol else f"{what} holdout"
 
 
 def plot_title(rows: list[dict], protocol: Protocol | None = None) -> str:
@@ -104,7 +105,7 @@ def plot_panels(rows: list[dict], protocol: Protocol | None = None) -> list[tupl
     """(column, title) of each panel: only what exists. No reported panel when nothing is
     reported; one panel, titled max over the reported split, when the LR was chosen on it."""
     on_report = all(r["report_split"] is not None and r["select_split"] == r["report_split"] for r in rows)
-    select_splits = " / ".join(dict.fromkeys(_selection_words(r["select_split"], protocol) for r in rows))
+    select_splits = " / ".join(dict.fromkeys(_selection_words(r, protocol) for r in rows))
     report_splits = " / ".join(dict.fromkeys(str(r["report_split"]) for r in rows if r["report_split"] is not None))
     if on_report:
         return [("report_top1_pct", f"{report_splits} top-1: max over the reported split (the LR is chosen on it)")]
@@ -141,6 +142,7 @@ def figure(rows: list[dict], protocol: Protocol | None = None):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     lines = 0
     lr_span = [r["lr"] for r in rows]
+    mixed = {col: len({r["report_split" if col.startswith("report") else "select_split"] for r in rows}) > 1 for col, _ in panels}
     for i, (key, rs) in enumerate(groups.items()):
         color = colors[i % len(colors)]
         wds = sorted({r["wd"] for r in rs})
@@ -150,18 +152,23 @@ def figure(rows: list[dict], protocol: Protocol | None = None):
             lines += 1
             for ax, (col, _) in zip(axes, panels):
                 pts = [(r["lr"], r[col]) for r in line if r[col] is not None]
+                # stores of different layouts (--allow-different-data): say each line's split
+                split = line[0]["report_split" if col.startswith("report") else "select_split"]
                 if pts:
-                    ax.plot(*zip(*pts), ["-", "--", ":", "-."][j % 4], marker="o", ms=3, color=color, label=name)
+                    ax.plot(*zip(*pts), ["-", "--", ":", "-."][j % 4], marker="o", ms=3, color=color, label=name + (f" ({split})" if mixed[col] else ""))
         sel = next(r for r in rs if r["selected"])
         for ax, (col, _) in zip(axes, panels):
             if sel[col] is None:
                 continue
             ax.plot(sel["lr"], sel[col], "*", ms=14, color=color, markeredgecolor="black", zorder=5)
-            # stacked offsets keep the LR labels of several stores apart when their stars are close;
-            # a star in the upper half of the grid gets its label on the left, inside the axes
-            left = sel["lr"] >= math.sqrt(min(lr_span) * max(lr_span))
-            ax.annotate(f"lr {sel['lr']:g}", (sel["lr"], sel[col]), textcoords="offset points", xytext=(-9 if left else 9, -14 - 11 * i),
-                        ha="right" if left else "left", fontsize=8, color=color, fontweight="bold", zorder=6)  # fmt: skip
+            # the selected head tops its selection curve: inside the grid the space below the star is
+            # free, at an end of the grid the space beside it (towards the axes' inside); stacked
+            # offsets keep several stores' labels apart
+            end = "right" if sel["lr"] == max(lr_span) else "left" if sel["lr"] == min(lr_span) else None
+            offset = (0, -17 - 11 * i) if end is None else (-11 if end == "right" else 11, -11 * i)
+            ax.annotate(f"lr {sel['lr']:g}", (sel["lr"], sel[col]), textcoords="offset points", xytext=offset, ha=end or "center",
+                        va="top" if end is None else "center", fontsize=8, color=color, fontweight="bold", zorder=6,
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})  # fmt: skip
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title, fontsize=9)
         ax.set_xscale("log")
@@ -204,7 +211,7 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None) -> str:
         cells = [sel["label"], sel["encoder"] or "—"] + ([sel["view"]] if multi_view else [])
         cells += [f"{sel['lr']:g}"]
         cells += [f"{sel['wd']:g}"] if show_wd else []
-        cells += [f"{_pct(sel['select_top1_pct'])} ({_selection_words(sel['select_split'], protocol)})", _pct(sel["report_top1_pct"])]
+        cells += [f"{_pct(sel['select_top1_pct'])} ({_selection_words(sel, protocol)})", _pct(sel["report_top1_pct"])]
         cells += [_pct(sel["report_top5_pct"])] if has_top5 else []
         cells += [sel["reported_as"]]
         if best_column:

@@ -116,12 +116,12 @@ def plan_splits(store_path: str, sizes: dict[str, int], train_labels_of, val_fra
     return SplitPlan(**held, report_split=report, report_source=report, report_rows=np.arange(sizes[report]), **common)
 
 
-def select(val_top1: np.ndarray, lrs, wds, finite: np.ndarray) -> int:
-    """Index of the head with the highest validation top-1; ties go to the smaller LR, then smaller wd."""
-    candidates = [h for h in range(len(val_top1)) if finite[h] and not math.isnan(val_top1[h])]
+def select(select_top1: np.ndarray, lrs, wds, finite: np.ndarray) -> int:
+    """Index of the head with the highest selection-split top-1; ties go to the smaller LR, then smaller wd."""
+    candidates = [h for h in range(len(select_top1)) if finite[h] and not math.isnan(select_top1[h])]
     if not candidates:
         return -1
-    return min(candidates, key=lambda h: (-val_top1[h], lrs[h], wds[h]))
+    return min(candidates, key=lambda h: (-select_top1[h], lrs[h], wds[h]))
 
 
 def best_by(metric: np.ndarray, lrs, wds, finite: np.ndarray) -> int:

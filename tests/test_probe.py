@@ -272,7 +272,7 @@ def test_holdout_when_store_has_no_val(tmp_path, digits):
     sel = next(r for r in rows if r["selected"])
     assert sel["train_split"] == "all" and sel["select_split"] == "holdout" and sel["report_split"] is None
     assert all(r["report_top1_pct"] is None and r["n_report"] is None for r in rows) and not any(r["best_report"] for r in rows)
-    assert sel["reported_as"].startswith("nothing reported") and any("single split 'all'" in w for w in warnings)
+    assert sel["reported_as"].startswith("nothing reported") and any("only split is 'all'" in w for w in warnings)
     assert "nothing reported" in probe.report.markdown_table(rows)
     assert [c for c, _ in probe.report.plot_panels(rows)] == ["select_top1_pct"]
     opted = probe.fit(only, Protocol(select_on="report", **FAST), device="cpu", warn=lambda m: None)

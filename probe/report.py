@@ -257,25 +257,23 @@ def new_run_folder(parent: str | os.PathLike) -> Path:
 
 def write_outputs(rows: list[dict], protocol: Protocol, out: str | os.PathLike, run: dict | None = None, overwrite: bool = False) -> dict[str, Path]:
     """Write results.csv, protocol.json and accuracy_vs_lr.png as the folder ``out``, all or nothing."""
-    out = check_out(out, overwrite)
+    out = Path(os.path.abspath(check_out(out, overwrite)))  # absolute: "." has no name to build beside
     out.parent.mkdir(parents=True, exist_ok=True)
     build = out.with_name(f".{out.name}.building-{os.getpid()}")
-    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir()
     try:
         (build / RESULTS).write_text(csv_text(rows))
         (build / PROTOCOL).write_text(protocol_json(protocol, run))
         plot(rows, build / PLOT, protocol)
-        if out.exists():  # checked above: empty, or a previous run with --overwrite
-            os.replace(out, old)
-        try:
+        if out.exists():
+            # an empty folder, or a previous run with --overwrite (checked above): its files are
+            # replaced one by one, results.csv last (its presence means the run finished); the
+            # folder itself (owner, permissions, a mount point) and other files stay
+            for name in (PLOT, PROTOCOL, RESULTS):
+                os.replace(build / name, out / name)
+        else:
             os.replace(build, out)
-        except OSError:
-            if old.exists():
-                os.replace(old, out)  # put the previous run back
-            raise
     finally:
         shutil.rmtree(build, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return {name: out / name for name in _OURS}

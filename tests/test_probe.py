@@ -371,6 +371,9 @@ def test_failed_run_writes_nothing(store, tmp_path, monkeypatch):
     assert (out / "results.csv").read_text() == "previous\n"
     assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]  # no temp folder left beside it
+    code, output = run_cli(["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--out", str(tmp_path / "new")])
+    assert_one_line_error(code, output, 1, "disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]  # a new folder is not left half-made either
 
 
 @pytest.fixture(scope="module")
@@ -543,10 +546,10 @@ def test_out_is_never_silently_overwritten(store, tmp_path):
     code, output = run_cli([*args, "--out", str(out)])
     assert_one_line_error(code, output, 2, "already holds", "--overwrite")
     assert (out / "results.csv").read_text() == first
-    (out / "stale.txt").write_text("from an old run")
+    (out / "stale.txt").write_text("notes")
     code, output = run_cli([*args, "--seed", "3", "--out", str(out), "--overwrite"])
     assert code == 0, output
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_lr.png", "protocol.json", "results.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_lr.png", "protocol.json", "results.csv", "stale.txt"]  # others' files stay
     assert len((out / "results.csv").read_text().splitlines()) == 2 and ",3," in (out / "results.csv").read_text()
     mine = tmp_path / "mine"
     mine.mkdir()

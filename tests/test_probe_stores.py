@@ -6,7 +6,6 @@ import csv
 
 import numpy as np
 import pytest
-import torch
 
 import probe
 import probe.report
@@ -14,17 +13,9 @@ from featstore.errors import UsageError
 from featstore.store import FeatureStore
 from probe.protocol import Protocol
 from probe.stores import StoreSpec, assign_labels, parse_store_spec, primary_view
-from tests.test_probe import FAST, assert_one_line_error, digits_splits, make_store, run_cli
+from tests.test_probe import FAST, assert_one_line_error, digits_splits, make_store, one_thread, run_cli  # noqa: F401 (one_thread: autouse)
 
 P = Protocol(lr_grid="1e-2,0.1", **FAST)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ PREDICTIONS = "predictions.csv"
 COLUMNS = ["label", "store", "view", "method", "shots", "seed", "path", "target", "pred", "correct", "top5"]
 
 
-@dataclass
+@dataclass(eq=False)  # arrays inside: identity, not element-wise, equality
 class Predictions:
     """One selected head's predictions on the images of the report split."""
 

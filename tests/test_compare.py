@@ -251,9 +251,10 @@ def results_folder(folder, encoders: dict, *, protocol=None, manifest="m" * 64, 
         top1 = float((pred == target).mean() * 100)
         for lr in LRS:
             row = {c: None for c in probe.COLUMNS}
-            row.update(store=f"/stores/{label}", encoder="resnet18", dataset="imagenette", view="pool", lr=lr, wd=0.0, seed=0,
-                       report_split=report_split, val_split="val", n_test=len(target), selected=lr == LRS[1], best_test=lr == LRS[1],
-                       val_top1=top1 - abs(float(np.log10(lr)) + 2) * 5, test_top1=top1 - abs(float(np.log10(lr)) + 2) * 7, protocol_hash=protocol.hash)  # fmt: skip
+            row.update(label=label, store=f"/stores/{label}", encoder="resnet18", dataset="imagenette", view="pool", lr=lr, wd=0.0, seed=0,
+                       report_split=report_split, reported_as=report_split, select_split="val", n_report=len(target), selected=lr == LRS[1],
+                       best_report=lr == LRS[1], select_top1_pct=top1 - abs(float(np.log10(lr)) + 2) * 5,
+                       report_top1_pct=top1 - abs(float(np.log10(lr)) + 2) * 7, protocol_hash=protocol.hash)  # fmt: skip
             rows.append(row)
         paths = [f"val/{i:05d}.jpg" for i in range(len(target))]
         sets.append(P.Predictions(label, f"/stores/{label}", "pool", "linear", "", 0, paths, target, pred))
@@ -446,3 +447,58 @@ def test_report_of_results_without_predictions_uses_wilson(tmp_path, three_encod
     assert (rows[0]["wilson95_low"], rows[0]["wilson95_high"]) == I.wilson_interval(k, 900)
     assert rows[0]["ci95_low"] is None and rows[0]["delta"] is None
     assert "— (no predictions)" in leaderboard.markdown([g], rows)
+
+
+# ---------------------------------------------------------------- probe fit writes what compare reads
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """probe fit on two digits 'encoders' (pixels, and pixels with a quarter of them zeroed), one run folder."""
+    import probe
+    from tests.test_probe import FAST, digits_splits, make_store
+
+    d = digits_splits()
+    blurred = {k: (x * (np.arange(64) % 4 != 0), y, i) for k, (x, y, i) in d.items()}
+    root = tmp_path_factory.mktemp("fit")
+    a = make_store(root / "pixels.zarr", d)
+    b = make_store(root / "sparse.zarr", blurred)
+    rows = probe.fit([f"pix={a}", f"sparse={b}"], probe.Protocol(lr_grid="1e-3,1e-2,1e-1", **FAST), device="cpu", out=root / "run", warn=lambda m: None)
+    return root / "run", rows, d
+
+
+def test_fit_writes_predictions_and_intervals(fitted):
+    run, rows, d = fitted
+    sel = [r for r in rows if r["selected"]]
+    back = P.read(run / P.PREDICTIONS)
+    assert [(p.label, p.view, p.method, p.shots, p.seed) for p in back] == [("pix", "pixels", "linear", "", 0), ("sparse", "pixels", "linear", "", 0)]
+    test_ids = d["test"][2]
+    for p, r in zip(back, sel):
+        # one row per report-split image, in the store's order, scored as results.csv reports it
+        assert list(p.paths) == [f"{int(i)}.png" for i in test_ids] and (p.target == d["test"][1]).all()
+        assert p.correct.mean() * 100 == pytest.approx(r["report_top1_pct"], abs=1e-4)
+        assert (p.top5[:, 0] == p.pred).all() and ((p.top5 == p.target[:, None]).any(1).mean() * 100 == pytest.approx(r["report_top5_pct"], abs=1e-4))
+        np.testing.assert_allclose([r["ci95_low"], r["ci95_high"]], numpy_bootstrap(p.correct, I.N_RESAMPLES, I.BOOTSTRAP_SEED), atol=1e-4)
+        assert (r["wilson95_low"], r["wilson95_high"]) == pytest.approx(I.wilson_interval(int(p.correct.sum()), len(p.correct)), abs=1e-4)
+    others = [r for r in rows if not r["selected"] and not r["best_report"]]
+    assert all(r["ci95_low"] is None and r["wilson95_low"] is not None for r in others)  # Wilson everywhere, bootstrap where reported
+    written = list(csv.DictReader(open(run / "results.csv")))
+    assert float(written[0]["wilson95_low"]) == rows[0]["wilson95_low"]
+    record = json.loads((run / "protocol.json").read_text())
+    assert record["run"]["dataset"]["manifest_sha256"] == "digits-manifest" and len(record["run"]["dataset"]["class_names"]) == 10
+
+
+def test_fit_table_and_compare_agree(fitted):
+    import probe.report
+
+    run, rows, _ = fitted
+    table = probe.report.markdown_table(rows)
+    code, out = run_probe(["compare", str(run), "--json"])
+    assert code == 0, out
+    doc = json.loads(out)
+    (row,) = [r for r in doc["rows"] if r["label"] == "sparse"]
+    assert doc["reference"] == "pix" and row["n"] == 360
+    assert f"{row['delta']:+.2f} [{row['delta_ci95'][0]:+.2f}, {row['delta_ci95'][1]:+.2f}]" in table
+    assert "Δ vs pix [95% CI]" in table and "| reference |" in table
+    sel = next(r for r in rows if r["selected"] and r["label"] == "sparse")
+    assert f"{sel['report_top1_pct']:.2f} [{sel['ci95_low']:.2f}, {sel['ci95_high']:.2f}]" in table

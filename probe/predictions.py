@@ -62,16 +62,6 @@ class Predictions:
     def key(self) -> tuple[str, str, str, str, int]:
         return (self.label, self.view, self.method, self.shots, self.seed)
 
-    @property
-    def name(self) -> str:
-        """Readable identity: label, then view / method / shots / seed where they say something."""
-        parts = [self.view]
-        if self.method != "linear":
-            parts.append(self.method)
-        if self.shots:
-            parts.append(f"{self.shots}-shot")
-        return f"{self.label} [{' '.join(parts)}]"
-
 
 def align(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndarray]:
     """Indices (ia, ib) of the images both hold, in ``a``'s order: ``a.paths[ia] == b.paths[ib]``."""

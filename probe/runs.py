@@ -115,6 +115,8 @@ def load(folder: str | os.PathLike) -> Run:
 
 
 def require_predictions(run: Run) -> list[P.Predictions]:
-    if not run.predictions:
+    if run.predictions is None:
         raise UsageError(f"{str(run.folder)!r} holds no {P.PREDICTIONS}", "results of an older probe fit; rerun it to get per-image predictions")
+    if not run.predictions:
+        raise UsageError(f"the run in {str(run.folder)!r} reported no split, so there is nothing to compare", "probe stores with a val or test split")
     return run.predictions

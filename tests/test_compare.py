@@ -502,3 +502,25 @@ def test_fit_table_and_compare_agree(fitted):
     assert "Δ vs pix [95% CI]" in table and "| reference |" in table
     sel = next(r for r in rows if r["selected"] and r["label"] == "sparse")
     assert f"{sel['report_top1_pct']:.2f} [{sel['ci95_low']:.2f}, {sel['ci95_high']:.2f}]" in table
+
+
+def test_predictions_follow_what_is_reported(tmp_path):
+    """--select-on report: predictions on the reported (= selection) split; a single split with
+    nothing reported: no predictions, and probe compare says why."""
+    import probe
+    from tests.test_probe import FAST, digits_splits, make_store
+
+    d = digits_splits()
+    store = make_store(tmp_path / "s.zarr", d)
+    rows = probe.fit([str(store)], probe.Protocol(lr_grid="1e-2,1e-1", select_on="report", **FAST), device="cpu", warn=lambda m: None)
+    (sel,) = [r for r in rows if r["selected"]]
+    p = sel["predictions"]
+    assert len(p.paths) == sel["n_report"] and p.correct.mean() * 100 == pytest.approx(sel["report_top1_pct"], abs=1e-4)
+    assert list(p.paths) == [f"{int(i)}.png" for i in d[sel["report_split"]][2]]
+
+    only = make_store(tmp_path / "all.zarr", {"all": d["train"]}, manifest="m3")
+    rows = probe.fit([str(only)], probe.Protocol(lr_grid="1e-2,1e-1", **FAST), device="cpu", out=tmp_path / "run", warn=lambda m: None)
+    assert all("predictions" not in r and r["ci95_low"] is None and r["wilson95_low"] is None for r in rows)
+    assert (tmp_path / "run" / P.PREDICTIONS).read_text().splitlines() == [",".join(P.COLUMNS)]
+    code, out = run_probe(["compare", str(tmp_path / "run")])
+    assert code == 2 and "reported no split" in out

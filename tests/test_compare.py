@@ -467,6 +467,7 @@ def fitted(tmp_path_factory):
     return root / "run", rows, d
 
 
+@pytest.mark.slow
 def test_fit_writes_predictions_and_intervals(fitted):
     run, rows, d = fitted
     sel = [r for r in rows if r["selected"]]
@@ -504,6 +505,7 @@ def test_fit_table_and_compare_agree(fitted):
     assert f"{sel['report_top1_pct']:.2f} [{sel['ci95_low']:.2f}, {sel['ci95_high']:.2f}]" in table
 
 
+@pytest.mark.slow
 def test_predictions_follow_what_is_reported(tmp_path):
     """--select-on report: predictions on the reported (= selection) split; a single split with
     nothing reported: no predictions, and probe compare says why."""

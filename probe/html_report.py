@@ -164,7 +164,18 @@ def _protocol(group) -> str:
     runs = [{"folder": str(run.folder), "protocol_hash": run.protocol_hash, **{k: v for k, v in (run.record.get("run") or {}).items() if k != "dataset"}} for run in group.runs]
     dataset = {k: v for k, v in group.runs[0].dataset.items() if k != "class_names"}
     record = {"protocol_hash": group.runs[0].protocol_hash, "protocol": group.runs[0].record.get("protocol"), "dataset": dataset, "runs": runs}
-    return f"<pre>{html.escape(json.dumps(record, indent=2, default=str))}</pre>"
+    return f"<pre>{html.escape(_compact_json(record))}</pre>"
+
+
+def _compact_json(value, indent: int = 0) -> str:
+    """Indented JSON with lists of plain values on one line (an LR grid reads as one line)."""
+    pad = "  " * (indent + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{pad}{json.dumps(str(k))}: {_compact_json(v, indent + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * indent + "}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(pad + _compact_json(v, indent + 1) for v in value) + "\n" + "  " * indent + "]"
+    return json.dumps(value, default=str)
 
 
 def render(groups, rows: list[dict]) -> str:

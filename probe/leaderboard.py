@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -83,6 +84,13 @@ def _entries(runs: list[Run]) -> list[Entry]:
     return entries
 
 
+def _protocol_fields_differing(runs: list[Run]) -> str:
+    """``; epochs 30 vs 10`` — the protocol fields behind different hashes, as far as recorded."""
+    protocols = [run.record.get("protocol") or {} for run in runs]
+    names = sorted({k for p in protocols for k in p if len({json.dumps(q.get(k), sort_keys=True) for q in protocols}) > 1})
+    return "".join(f"; {k} " + " vs ".join(json.dumps(p.get(k)) for p in protocols) for k in names)
+
+
 def gather(folders: list[str | os.PathLike], *, allow_mixed: bool = False, reference: str | None = None) -> list[Group]:
     """Load the results folders, check they form one comparison (or group them), compare each group."""
     if not folders:
@@ -102,6 +110,8 @@ def gather(folders: list[str | os.PathLike], *, allow_mixed: bool = False, refer
     if len(groups) > 1 and not allow_mixed:
         differing = [name for i, name in enumerate(GROUP_FIELDS) if len({k[i] for k in groups}) > 1]
         detail = "; ".join(f"{name}: " + ", ".join(f"{run.name} {GROUP_FIELDS[name](run)}" for run in runs) for name in differing)
+        if "protocol hash" in differing:
+            detail += _protocol_fields_differing(runs)
         raise UsageError(f"these results differ in {' and '.join(differing)} ({detail})", "compare results of one protocol, dataset and report split, or pass --allow-mixed to report them as separate groups")
     out = list(groups.values())
     for g in out:

@@ -375,6 +375,7 @@ def test_probe_report_refuses_mixed_results(tmp_path, three_encoders):
     for folder, field in ((other_protocol, "protocol hash"), (other_data, "dataset"), (other_split, "report split")):
         code, out = run_probe(["report", str(base), str(folder), "--out", str(tmp_path / "rep")])
         assert code == 2 and out.count("error:") == 1 and f"differ in {field} (" in out and "--allow-mixed" in out, out
+        assert ("; epochs 3 vs 4" in out) == (field == "protocol hash")
         assert not (tmp_path / "rep").exists()  # nothing written
     code, out = run_probe(["report", str(base), str(other_protocol), str(other_data), "--out", str(tmp_path / "rep"), "--allow-mixed"])
     assert code == 0, out

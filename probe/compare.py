@@ -171,7 +171,7 @@ def compare(
             paired[p.key] = diff.delta
             classes = I.per_class_difference(p.target[ia], correct[ia], q.correct[ib])
         else:
-            classes = [I.ClassDifference(k, n, acc, acc, 0.0) for k, (n, acc) in I.per_class_accuracy(p.target, correct).items()]
+            classes = [I.ClassDifference(k, n, acc, None, None) for k, (n, acc) in I.per_class_accuracy(p.target, correct).items()]
         per_class.append(ClassReport(p.label, p.view, p.method, p.shots, p.seed, q.view if q else None, classes))
         rows.append(row)
 

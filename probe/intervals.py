@@ -146,8 +146,8 @@ class ClassDifference:
     target: int
     n: int
     top1: float
-    top1_reference: float
-    delta: float
+    top1_reference: float | None  # None for the reference's own classes (nothing to compare with)
+    delta: float | None
 
 
 def per_class_accuracy(target, correct) -> dict[int, tuple[int, float]]:

@@ -181,8 +181,11 @@ def _compact_json(value, indent: int = 0) -> str:
 def render(groups, rows: list[dict]) -> str:
     body = ["<h1>featstore probe report</h1>"]
     if len(groups) > 1:
-        body.append(f'<p class="note">{len(groups)} groups of results that differ in protocol, dataset or report split (--allow-mixed): '
-                    "each group is ranked on its own; results of different groups are not comparable.</p>")  # fmt: skip
+        from .leaderboard import differences
+
+        mixed = html.escape(differences([r for g in groups for r in g.runs]))
+        body.append(f'<p class="note">{len(groups)} groups (--allow-mixed): the results differ in {mixed}. '
+                    "Each group is ranked on its own; results of different groups are not comparable.</p>")  # fmt: skip
     for gi, g in enumerate(groups, start=1):
         ref = g.comparison.reference if g.comparison else None
         body.append(f"<h2>{'group ' + str(gi) + ': ' if len(groups) > 1 else ''}{html.escape(g.title)}</h2>")

@@ -84,6 +84,15 @@ def _entries(runs: list[Run]) -> list[Entry]:
     return entries
 
 
+def differences(runs: list[Run]) -> str:
+    """``protocol hash (protocol hash: a 31bd…, b 6fdf…; epochs 30 vs 10)``: what keeps runs apart."""
+    differing = [name for name, get in GROUP_FIELDS.items() if len({get(run) for run in runs}) > 1]
+    detail = "; ".join(f"{name}: " + ", ".join(f"{run.name} {GROUP_FIELDS[name](run)}" for run in runs) for name in differing)
+    if "protocol hash" in differing:
+        detail += _protocol_fields_differing(runs)
+    return f"{' and '.join(differing)} ({detail})"
+
+
 def _protocol_fields_differing(runs: list[Run]) -> str:
     """``; epochs 30 vs 10`` — the protocol fields behind different hashes, as far as recorded."""
     protocols = [run.record.get("protocol") or {} for run in runs]
@@ -108,11 +117,7 @@ def gather(folders: list[str | os.PathLike], *, allow_mixed: bool = False, refer
         values = {name: get(run) for name, get in GROUP_FIELDS.items()}
         groups.setdefault(tuple(values.values()), Group(values, [])).runs.append(run)
     if len(groups) > 1 and not allow_mixed:
-        differing = [name for i, name in enumerate(GROUP_FIELDS) if len({k[i] for k in groups}) > 1]
-        detail = "; ".join(f"{name}: " + ", ".join(f"{run.name} {GROUP_FIELDS[name](run)}" for run in runs) for name in differing)
-        if "protocol hash" in differing:
-            detail += _protocol_fields_differing(runs)
-        raise UsageError(f"these results differ in {' and '.join(differing)} ({detail})", "compare results of one protocol, dataset and report split, or pass --allow-mixed to report them as separate groups")
+        raise UsageError(f"these results differ in {differences(runs)}", "compare results of one protocol, dataset and report split, or pass --allow-mixed to report them as separate groups")
     out = list(groups.values())
     for g in out:
         g.entries = _entries(g.runs)
@@ -176,6 +181,8 @@ def csv_text(rows: list[dict]) -> str:
 def markdown(groups: list[Group], rows: list[dict]) -> str:
     """One markdown table per group (one group unless --allow-mixed)."""
     out = []
+    if len(groups) > 1:
+        out.append(f"{len(groups)} groups, ranked separately (--allow-mixed): the results differ in {differences([r for g in groups for r in g.runs])}.\n")
     for gi, g in enumerate(groups, start=1):
         if len(groups) > 1:
             out.append(f"### group {gi}: {g.title}\n")

@@ -382,7 +382,8 @@ def test_probe_report_refuses_mixed_results(tmp_path, three_encoders):
     assert "### group 1: protocol hash" in out and "### group 3:" in out
     board = list(csv.DictReader(open(tmp_path / "rep" / "leaderboard.csv")))
     assert [(r["group"], r["label"], r["rank"]) for r in board] == [("1", "r18", "1"), ("2", "r50", "1"), ("3", "r50", "1")]
-    assert "3 groups of results" in (tmp_path / "rep" / "report.html").read_text()
+    assert "3 groups (--allow-mixed): the results differ in protocol hash and dataset (" in (tmp_path / "rep" / "report.html").read_text()
+    assert "3 groups, ranked separately (--allow-mixed): the results differ in protocol hash and dataset" in out
 
 
 def test_same_label_in_two_runs_is_told_apart(tmp_path, three_encoders):

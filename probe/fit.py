@@ -23,7 +23,6 @@ from featstore.store import FeatureStore
 
 from . import heads as H
 from . import intervals as I
-from .predictions import Predictions
 from .protocol import Protocol
 from .selection import SplitPlan, best_by, plan_splits, select
 from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
@@ -182,6 +181,7 @@ def fit(
     for info in infos:
         for view in info.views:
             rows.extend(_fit_one(info, view, protocol, dev, dtype, orders_cache, log, warn))
+    _add_intervals(rows)
     if out is not None:
         from .report import write_outputs
 
@@ -265,7 +265,7 @@ def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cac
     if len(protocol.lr_grid) >= 3 and lrs[chosen] in (protocol.lr_grid[0], protocol.lr_grid[-1]):
         warn(f"store {info.path!r} view {view!r}: the selected lr {lrs[chosen]:g} is at the edge of the grid; consider widening --lr-grid")
 
-    intervals, predictions = _report_predictions(info, view, protocol, heads, x, labels, kept, finite, chosen, best_report)
+    report_predictions = _report_predictions(info, heads, x, labels, kept, chosen)
 
     encoder = fs.attrs.get("encoder", {}) or {}
     dataset = fs.attrs.get("dataset", {}) or {}
@@ -300,7 +300,6 @@ def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cac
                 "train_top1_pct": metric("train", "top1", h),
                 "select_top1_pct": metric("select", "top1", h),
                 "report_top1_pct": metric("report", "top1", h),
-                **{k: (round(float(v[h]), 4) if finite[h] and np.isfinite(v[h]) else None) for k, v in intervals.items()},
                 "train_top5_pct": metric("train", "top5", h),
                 "select_top5_pct": metric("select", "top5", h),
                 "report_top5_pct": metric("report", "top5", h),
@@ -314,23 +313,31 @@ def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cac
                 "sweep_seconds": round(seconds, 3),
             }
         )
-    if predictions is not None:
-        out[chosen]["predictions"] = predictions  # written to predictions.csv; not a CSV column
+    out[chosen]["report_predictions"] = report_predictions  # for predictions.csv and the intervals; not a CSV column
     return out
 
 
-def _report_predictions(info: _Store, view, protocol, heads, x, labels, kept, finite, chosen, best_report):
-    """Intervals of every head's reported top-1 (Wilson for all, bootstrap for the selected and
-    best-of-sweep heads) and the selected head's per-image predictions on the report split."""
+def _report_predictions(info: _Store, heads, x, labels, kept, chosen) -> dict | None:
+    """The selected head's per-image predictions on the reported rows (the selection rows with
+    --select-on report; None when nothing is reported): dataset paths, targets, top-1, top-5."""
     plan = info.plan
     role = "report" if "report" in x else ("select" if plan.selects_on_report else None)
-    empty = {k: np.full(heads.num_heads, np.nan) for k in ("ci95_low", "ci95_high", "wilson95_low", "wilson95_high")}
     if role is None:
-        return empty, None
-    top = H.predict(heads, x[role]).cpu().numpy()  # (N, H, k)
-    target = labels[role].cpu().numpy()
-    intervals = I.head_intervals((top[:, :, 0] == target[:, None]).T, [h for h in (chosen, best_report) if h >= 0 and finite[h]])
+        return None
+    top = H.predict(heads, x[role]).cpu().numpy()[:, chosen]  # (N, k): every head in one pass, the chosen one kept
     split = plan.report_source if role == "report" else plan.select_source
-    paths = info.store.paths(split)[kept[role]]
-    top5 = top[:, chosen, :5] if top.shape[2] == 5 else None
-    return intervals, Predictions(info.label, info.path, view, "linear", "", protocol.seed, paths, target, top[:, chosen, 0], top5)
+    rows = kept[role]
+    return {"paths": info.store.paths(split)[rows], "target": labels[role].cpu().numpy(), "pred": top[:, 0], "top5": top[:, :5] if top.shape[1] == 5 else None}
+
+
+def _add_intervals(rows: list[dict]) -> None:
+    """The 95% intervals of every reported top-1: Wilson on every row (from the count), the
+    percentile bootstrap over the images on the rows that keep per-image predictions (the
+    selected ones)."""
+    for r in rows:
+        pct, n = r.get("report_top1_pct"), r.get("n_report")
+        low, high = I.wilson_interval(round(pct * n / 100), n) if pct is not None and n else (None, None)
+        r["wilson95_low"], r["wilson95_high"] = (round(low, 4), round(high, 4)) if low is not None else (None, None)
+        pred = r.get("report_predictions")
+        boot = I.bootstrap_interval(pred["pred"] == pred["target"]) if pred is not None and pct is not None else None
+        r["ci95_low"], r["ci95_high"] = (round(float(boot[0]), 4), round(float(boot[1]), 4)) if boot is not None and np.isfinite(boot).all() else (None, None)

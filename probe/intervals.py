@@ -166,21 +166,3 @@ def per_class_difference(target, correct, correct_reference) -> list[ClassDiffer
     out = [ClassDifference(k, n, acc, ref[k][1], acc - ref[k][1]) for k, (n, acc) in ours.items()]
     return sorted(out, key=lambda d: (-d.delta, d.target))
 
-
-def head_intervals(correct, bootstrap_rows) -> dict[str, np.ndarray]:
-    """Intervals of H heads scored on the same images (``correct``: (H, N)): the Wilson interval
-    of every head, the bootstrap interval of the heads in ``bootstrap_rows`` (NaN for the others:
-    resampling every head of a sweep would cost as much as the sweep on large splits).
-
-    Returns {"ci95_low", "ci95_high", "wilson95_low", "wilson95_high"}, each (H,) in percent.
-    """
-    c = np.asarray(correct, bool)
-    h, n = c.shape
-    out = {k: np.full(h, np.nan) for k in ("ci95_low", "ci95_high", "wilson95_low", "wilson95_high")}
-    rows = sorted(set(int(r) for r in bootstrap_rows if 0 <= r < h))
-    if rows:
-        boot = bootstrap_interval(c[rows])
-        out["ci95_low"][rows], out["ci95_high"][rows] = boot[:, 0], boot[:, 1]
-    for i, k in enumerate(c.sum(axis=1)):
-        out["wilson95_low"][i], out["wilson95_high"][i] = wilson_interval(int(k), n)
-    return out

@@ -63,6 +63,18 @@ class Predictions:
         return (self.label, self.view, self.method, self.shots, self.seed)
 
 
+def of_rows(rows: list[dict]) -> list[Predictions]:
+    """The predictions that ``probe.fit`` keeps on its selected rows (``report_predictions``: paths,
+    target, pred, top5), one set per store × view × method × shots × seed, in row order."""
+    out = []
+    for r in rows:
+        p = r.get("report_predictions")
+        if r.get("selected") and p is not None:
+            shots = r.get("shots")
+            out.append(Predictions(r["label"], r["store"], r["view"], r.get("method") or "linear", "" if shots is None else shots, r["seed"], **p))
+    return out
+
+
 def align(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndarray]:
     """Indices (ia, ib) of the images both hold, in ``a``'s order: ``a.paths[ia] == b.paths[ib]``."""
     where = {p: i for i, p in enumerate(b.paths.tolist())}

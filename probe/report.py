@@ -27,6 +27,7 @@ from .compare import compare, fmt_interval, fmt_p
 from .fit import COLUMNS
 from .intervals import N_RESAMPLES
 from .predictions import PREDICTIONS
+from .predictions import of_rows as predictions_of
 from .predictions import write as write_predictions
 from .protocol import Protocol
 
@@ -245,15 +246,15 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None) -> str:
 
 def _versus_first(rows: list[dict]):
     """With 2+ labels holding predictions: the comparison of every selected head with the first label's."""
-    preds = [r["predictions"] for r in rows if r.get("selected") and r.get("predictions") is not None]
+    preds = predictions_of(rows)
     if len({p.label for p in preds}) < 2:
         return None
     return compare(preds)
 
 
 def _versus_cells(versus, sel: dict) -> list[str]:
-    p = sel.get("predictions")
-    row = next((c for c in versus.rows if p is not None and c.label == p.label and c.view == p.view), None)
+    key = (sel["label"], sel["view"], sel.get("method") or "linear", "" if sel.get("shots") is None else str(sel["shots"]), sel["seed"])
+    row = next((c for c in versus.rows if (c.label, c.view, c.method, c.shots, c.seed) == key), None)
     if row is None:
         return ["—", "—"]
     if row.is_reference:
@@ -302,7 +303,7 @@ def write_outputs(rows: list[dict], protocol: Protocol, out: str | os.PathLike, 
     try:
         (build / RESULTS).write_text(csv_text(rows))
         (build / PROTOCOL).write_text(protocol_json(protocol, run))
-        write_predictions([r["predictions"] for r in rows if r.get("predictions") is not None], build / PREDICTIONS)
+        write_predictions(predictions_of(rows), build / PREDICTIONS)
         plot(rows, build / PLOT, protocol)
         if out.exists():
             # an empty folder, or a previous run with --overwrite (checked above): its files are

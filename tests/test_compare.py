@@ -425,16 +425,6 @@ def test_tiny_sets_give_null_intervals_in_json():
     assert doc["rows"][1]["ci95"] == [None, None] and doc["rows"][1]["delta"] == -100.0 and doc["rows"][1]["n10"] == 1
 
 
-def test_head_intervals():
-    correct = np.random.default_rng(0).random((4, 500)) < np.array([[0.5], [0.7], [0.8], [0.9]])
-    got = I.head_intervals(correct, [1, 3, 9])
-    assert np.isnan(got["ci95_low"][[0, 2]]).all()
-    np.testing.assert_allclose([got["ci95_low"][3], got["ci95_high"][3]], numpy_bootstrap(correct[3], I.N_RESAMPLES, I.BOOTSTRAP_SEED), atol=1e-9)
-    np.testing.assert_allclose([got["ci95_low"][1], got["ci95_high"][1]], numpy_bootstrap(correct[1], I.N_RESAMPLES, I.BOOTSTRAP_SEED), atol=1e-9)
-    for i in range(4):
-        assert (got["wilson95_low"][i], got["wilson95_high"][i]) == I.wilson_interval(int(correct[i].sum()), 500)
-
-
 def test_report_of_results_without_predictions_uses_wilson(tmp_path, three_encoders):
     from probe import leaderboard
 
@@ -483,8 +473,9 @@ def test_fit_writes_predictions_and_intervals(fitted):
         assert (p.top5[:, 0] == p.pred).all() and ((p.top5 == p.target[:, None]).any(1).mean() * 100 == pytest.approx(r["report_top5_pct"], abs=1e-4))
         np.testing.assert_allclose([r["ci95_low"], r["ci95_high"]], numpy_bootstrap(p.correct, I.N_RESAMPLES, I.BOOTSTRAP_SEED), atol=1e-4)
         assert (r["wilson95_low"], r["wilson95_high"]) == pytest.approx(I.wilson_interval(int(p.correct.sum()), len(p.correct)), abs=1e-4)
-    others = [r for r in rows if not r["selected"] and not r["best_report"]]
-    assert all(r["ci95_low"] is None and r["wilson95_low"] is not None for r in others)  # Wilson everywhere, bootstrap where reported
+    others = [r for r in rows if not r["selected"]]
+    assert all(r["ci95_low"] is None and r["wilson95_low"] is not None for r in others)  # Wilson everywhere, bootstrap on the selected rows
+    assert [(p.label, p.paths.tolist()) for p in P.of_rows(rows)] == [(p.label, p.paths.tolist()) for p in back]
     written = list(csv.DictReader(open(run / "results.csv")))
     assert float(written[0]["wilson95_low"]) == rows[0]["wilson95_low"]
     record = json.loads((run / "protocol.json").read_text())
@@ -518,13 +509,13 @@ def test_predictions_follow_what_is_reported(tmp_path):
     store = make_store(tmp_path / "s.zarr", d)
     rows = probe.fit([str(store)], probe.Protocol(lr_grid="1e-2,1e-1", select_on="report", **FAST), device="cpu", warn=lambda m: None)
     (sel,) = [r for r in rows if r["selected"]]
-    p = sel["predictions"]
+    (p,) = P.of_rows(rows)
     assert len(p.paths) == sel["n_report"] and p.correct.mean() * 100 == pytest.approx(sel["report_top1_pct"], abs=1e-4)
     assert list(p.paths) == [f"{int(i)}.png" for i in d[sel["report_split"]][2]]
 
     only = make_store(tmp_path / "all.zarr", {"all": d["train"]}, manifest="m3")
     rows = probe.fit([str(only)], probe.Protocol(lr_grid="1e-2,1e-1", **FAST), device="cpu", out=tmp_path / "run", warn=lambda m: None)
-    assert all("predictions" not in r and r["ci95_low"] is None and r["wilson95_low"] is None for r in rows)
+    assert all(r.get("report_predictions") is None and r["ci95_low"] is None and r["wilson95_low"] is None for r in rows)
     assert (tmp_path / "run" / P.PREDICTIONS).read_text().splitlines() == [",".join(P.COLUMNS)]
     code, out = run_probe(["compare", str(tmp_path / "run")])
     assert code == 2 and "reported no split" in out

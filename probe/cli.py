@@ -82,7 +82,7 @@ def fit_command(stores, views, lr_grid, lr, wd_grid, epochs, batch_size, optimiz
     click.echo(f"wrote {out}/: results.csv ({len(rows)} rows), protocol.json, predictions.csv, accuracy_vs_lr.png")
 
 
-@main.command("compare")
+@main.command("compare", short_help="Each store vs a reference on the same images: intervals, paired Δ, McNemar, per class.")
 @click.argument("results_dir", metavar="RESULTS_DIR")
 @click.option("--reference", metavar="LABEL", default=None, help="Store label every other store is compared with. Default: the first store.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
@@ -103,9 +103,9 @@ def compare_command(results_dir, reference, as_json, resamples, debug):
     click.echo(json.dumps(comparison.to_json(), indent=2) if as_json else markdown(comparison))
 
 
-@main.command("report")
+@main.command("report", short_help="One leaderboard and report.html from several results folders.")
 @click.argument("folders", nargs=-1, required=True, metavar="DIR [DIR...]")
-@click.option("--out", default="report", show_default=True, metavar="DIR", help="Folder for leaderboard.md, leaderboard.csv and report.html (replaced if present).")
+@click.option("--out", default="report", show_default=True, metavar="DIR", help="Folder for leaderboard.md, leaderboard.csv and report.html (those three files are replaced if present).")
 @click.option("--reference", metavar="LABEL", default=None, help="Store label the others are compared with. Default: the first store.")
 @click.option("--allow-mixed", is_flag=True, help="Report results of different protocols, datasets or report splits as separate groups instead of refusing.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")

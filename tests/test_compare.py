@@ -519,3 +519,20 @@ def test_predictions_follow_what_is_reported(tmp_path):
     assert (tmp_path / "run" / P.PREDICTIONS).read_text().splitlines() == [",".join(P.COLUMNS)]
     code, out = run_probe(["compare", str(tmp_path / "run")])
     assert code == 2 and "reported no split" in out
+
+
+def test_probe_report_errors(tmp_path, three_encoders):
+    target, a, _, _ = three_encoders
+    run = results_folder(tmp_path / "run", {"r18": (target, a)})
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for args, needle in (
+        ([str(tmp_path / "nowhere")], "not found"),
+        ([str(tmp_path / "empty")], "holds no results.csv"),
+        ([str(run), str(run)], "given twice"),
+        ([str(run), "--out", str(tmp_path / "afile")], "is a file"),
+        ([str(run), "--reference", "vit", "--out", str(tmp_path / "rep")], "no store labelled 'vit'"),
+    ):
+        code, out = run_probe(["report", *args])
+        assert code == 2 and out.count("error:") == 1 and needle in out and "Traceback" not in out, (args, out)
+    assert not (tmp_path / "rep").exists()

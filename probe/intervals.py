@@ -36,27 +36,28 @@ def _mean(sample: np.ndarray, axis: int) -> np.ndarray:
 
 
 def bootstrap_interval(
-    values, *, n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE
+    values, *, per: int = 1, n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE
 ) -> np.ndarray:
-    """Percentile bootstrap interval of the mean of ``values`` over images, in percent.
+    """Percentile bootstrap interval of the mean of ``values / per`` over images, in percent.
 
-    ``values``: (N,) per-image scores (1/0 correct, or -1/0/1 paired differences), or (H, N)
-    for H heads scored on the same N images; every row is resampled with the same image draws.
-    Returns (2,) or (H, 2) [low, high]; NaN when N < 2. Resamples are drawn as
+    ``values``: (N,) per-image integer scores (1/0 correct, -1/0/1 paired differences, or with
+    ``per`` = S the number of S seeds that got the image right), or (H, N) for H heads scored on
+    the same N images; every row is resampled with the same image draws. Returns (2,) or
+    (H, 2) [low, high]; NaN when N < 2. Resamples are drawn as
     ``numpy.random.default_rng(seed).integers(0, N, (n_resamples, N))``, in batches.
     """
     from scipy.stats import bootstrap
 
     x = _as_matrix(values)
-    if x.dtype.kind not in "biu" or (x.size and (x.min() < -1 or x.max() > 1)):
-        raise ValueError("values must be per-image 0/1 (correct) or -1/0/1 (paired differences)")
+    if x.dtype.kind not in "biu" or (x.size and (x.min() < -per or x.max() > per)) or not 1 <= per <= 127:
+        raise ValueError("values must be per-image integers in [-per, per] (0/1 correct, -1/0/1 paired differences, counts over seeds)")
     x = x.astype(np.int8)  # one byte per gathered element: the resampling is memory-bound
     n = x.shape[-1]
     if n < 2:
         return np.full(x.shape[:-1] + (2,), np.nan)
     if np.all(x == x[..., :1]):
         # a constant sample: every resample has the same mean (scipy would warn about degeneracy)
-        const = x[..., 0].astype(np.float64) * 100.0
+        const = x[..., 0].astype(np.float64) * 100.0 / per
         return np.stack([const, const], axis=-1)
     rows = int(np.prod(x.shape[:-1], dtype=np.int64)) or 1
     batch = max(1, _BATCH_ELEMENTS // (n * rows))
@@ -65,7 +66,7 @@ def bootstrap_interval(
         confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
     )  # fmt: skip
     ci = res.confidence_interval
-    return np.stack([np.asarray(ci.low), np.asarray(ci.high)], axis=-1) * 100.0
+    return np.stack([np.asarray(ci.low), np.asarray(ci.high)], axis=-1) * 100.0 / per
 
 
 def wilson_interval(correct: int, total: int, confidence: float = CONFIDENCE) -> tuple[float, float]:

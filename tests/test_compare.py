@@ -536,3 +536,12 @@ def test_probe_report_errors(tmp_path, three_encoders):
         code, out = run_probe(["report", *args])
         assert code == 2 and out.count("error:") == 1 and needle in out and "Traceback" not in out, (args, out)
     assert not (tmp_path / "rep").exists()
+
+
+def test_bootstrap_of_counts_over_seeds():
+    """Per-image counts of correct seeds (0..S) bootstrapped over images: the interval of the seed-mean accuracy."""
+    counts = np.random.default_rng(3).integers(0, 4, 777)
+    got = I.bootstrap_interval(counts, per=3, n_resamples=1000, seed=2)
+    np.testing.assert_allclose(got, numpy_bootstrap(counts / 3, 1000, 2), atol=1e-9)
+    with pytest.raises(ValueError):
+        I.bootstrap_interval(counts, per=2)

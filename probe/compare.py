@@ -58,6 +58,8 @@ class SeedSummary:
     delta_per_seed: list[float | None]
     delta_mean: float | None
     delta_std: float | None
+    # paired bootstrap over images of the seed-mean difference (seeds scored on the same images)
+    delta_mean_ci95: tuple[float, float] | None = None
 
 
 @dataclass
@@ -151,7 +153,7 @@ def compare(
     refs = [p for p in predictions if p.label == reference]
     stats = dict(n_resamples=n_resamples, seed=bootstrap_seed)
 
-    rows, per_class, paired = [], [], {}
+    rows, per_class, paired, aligned = [], [], {}, {}
     for p in predictions:
         correct = p.correct
         row = Row(
@@ -169,6 +171,7 @@ def compare(
             row.delta, row.delta_ci95 = diff.delta, diff.ci95
             row.n01, row.n10, row.mcnemar_p = diff.test.n01, diff.test.n10, diff.test.p
             paired[p.key] = diff.delta
+            aligned[p.key] = (p.paths[ia], correct[ia].astype(np.int8) - q.correct[ib].astype(np.int8))
             classes = I.per_class_difference(p.target[ia], correct[ia], q.correct[ib])
         else:
             classes = [I.ClassDifference(k, n, acc, None, None) for k, (n, acc) in I.per_class_accuracy(p.target, correct).items()]
@@ -186,7 +189,12 @@ def compare(
         known = [d for d in deltas if d is not None]
         top_mean, top_std = I.mean_std([r.top1 for r in rs])
         d_mean, d_std = I.mean_std(known) if known else (None, None)
-        seeds.append(SeedSummary(label, view, method, shots, [r.seed for r in rs], top_mean, top_std, deltas, d_mean, d_std))
+        diffs = [aligned.get((label, view, method, shots, r.seed)) for r in rs]
+        ci = None
+        if all(d is not None for d in diffs) and all(np.array_equal(d[0], diffs[0][0]) for d in diffs):
+            lo, hi = I.bootstrap_interval(sum(d[1].astype(np.int16) for d in diffs), per=len(diffs), **stats)
+            ci = (float(lo), float(hi))
+        seeds.append(SeedSummary(label, view, method, shots, [r.seed for r in rs], top_mean, top_std, deltas, d_mean, d_std, ci))
     return Comparison(reference, rows, seeds, per_class, class_names, n_resamples, bootstrap_seed)
 
 
@@ -233,11 +241,13 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
         "McNemar exact two-sided p.\n"
     )
     if comparison.seeds:
-        out += "\n| label | view | method | shots | seeds | top-1 mean ± std | Δ per seed | Δ mean ± std |\n|---|---|---|---|---|---|---|---|\n"
+        out += "\n| label | view | method | shots | seeds | top-1 mean ± std | Δ per seed | Δ mean ± std | Δ mean [95% CI] |\n|---|---|---|---|---|---|---|---|---|\n"
         for s in comparison.seeds:
             per = ", ".join("—" if d is None else f"{d:+.1f}" for d in s.delta_per_seed)
             dm = "—" if s.delta_mean is None else f"{s.delta_mean:+.2f} ± {s.delta_std:.2f}"
-            out += f"| {s.label} | {s.view} | {s.method} | {s.shots or 'all'} | {len(s.seeds)} | {s.top1_mean:.2f} ± {s.top1_std:.2f} | {per} | {dm} |\n"
+            dci = fmt_interval(s.delta_mean, s.delta_mean_ci95, digits=2, signed=True) if s.delta_mean_ci95 else "—"
+            out += f"| {s.label} | {s.view} | {s.method} | {s.shots or 'all'} | {len(s.seeds)} | {s.top1_mean:.2f} ± {s.top1_std:.2f} | {per} | {dm} | {dci} |\n"
+        out += "\nΔ mean [95% CI]: paired bootstrap over the images of the seed-averaged per-image difference.\n"
     for c in comparison.per_class:
         if c.reference_view is None:
             continue

@@ -207,6 +207,10 @@ def test_seeds_give_per_seed_differences(three_encoders):
     per_seed = [r.delta for r in comp.rows if r.label == "b"]
     assert summary_b.seeds == [0, 1, 2] and summary_b.delta_per_seed == per_seed
     assert summary_b.delta_mean == pytest.approx(np.mean(per_seed)) and summary_b.delta_std == pytest.approx(np.std(per_seed, ddof=1))
+    # the seed-mean difference's interval: per-image differences summed over seeds, bootstrapped over images
+    d = sum((s.pred == s.target).astype(int) - (r.pred == r.target).astype(int) for r, s in zip(sets[0::2], sets[1::2]))
+    np.testing.assert_allclose(summary_b.delta_mean_ci95, numpy_bootstrap(d / 3, comp.n_resamples, comp.bootstrap_seed), atol=1e-9)
+    assert summary_b.delta_mean_ci95[0] < summary_b.delta_mean < summary_b.delta_mean_ci95[1]
     assert "Δ mean ± std" in markdown(comp)
 
 

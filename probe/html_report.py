@@ -120,7 +120,8 @@ def class_figure(group, report) -> str:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel(f"Δ top-1 vs {comp.reference} [{report.reference_view}] (points)")
     shown = "" if len(classes) == len(report.classes) else f" — {len(classes)} largest gains and losses of {len(report.classes)}"
-    ax.set_title(f"per class: {report.label} [{report.view}] vs {comp.reference}{shown}")
+    what = f"{report.label} [{report.view}" + ("" if report.method == "linear" else f" {report.method}") + (f" {report.shots}-shot" if report.shots else "") + "]"
+    ax.set_title(f"per class: {what} vs {comp.reference}{shown}")
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
 
@@ -203,9 +204,14 @@ def render(groups, rows: list[dict]) -> str:
             body.append(_figure(f"g{gi}-forest", forest, "Each encoder's top-1 with its 95% interval; dashed line: the reference."))
         if g.comparison:
             body.append("<h3>Per class, against the reference</h3>")
+            first_seed: dict[tuple, int] = {}  # one chart per store × view × method × shots: its first seed
+            for c in g.comparison.per_class:
+                first_seed.setdefault((c.label, c.view, c.method, c.shots), c.seed)
+            if len({c.seed for c in g.comparison.per_class}) > 1:
+                body.append('<p class="note">With several seeds, the charts show each configuration\'s first seed; probe compare --json has every seed.</p>')
             for i, c in enumerate(g.comparison.per_class):
-                if c.reference_view is not None:
-                    body.append(_figure(f"g{gi}-class-{i}", class_figure(g, c), f"Per-class top-1 difference, {c.label} [{c.view}] − {ref} [{c.reference_view}]; labels: reference→store accuracy."))
+                if c.reference_view is not None and first_seed[(c.label, c.view, c.method, c.shots)] == c.seed:
+                    body.append(_figure(f"g{gi}-class-{i}", class_figure(g, c), f"Per-class top-1 difference, {c.label} [{c.view}] {c.method}{' ' + c.shots + '-shot' if c.shots else ''}{' seed ' + str(c.seed) if len(first_seed) < len(g.comparison.per_class) else ''} − {ref} [{c.reference_view}]; labels: reference→store accuracy."))
         else:
             body.append('<p class="note">No per-image predictions in these results: intervals are Wilson intervals, no paired difference.</p>')
         body.append("<h3>Protocol</h3>" + _protocol(g))

@@ -41,7 +41,10 @@ def lr_figure(group) -> str | None:
     """Selection-split and report-split top-1 against LR, one line per store × view, selected starred."""
     plt = _pyplot()
     lines = []
+    first_seed: dict[tuple, int] = {}  # one curve per store × view × shots: its first seed (the seeds overlap)
     for e in group.entries:
+        if e.key[2] != "linear" or first_seed.setdefault((e.label, e.key[1], e.key[3]), e.key[4]) != e.key[4]:
+            continue
         rows = [r for r in e.run.rows if row_label(r) == row_label(e.row) and r["view"] == e.row["view"] and (r.get("method") or "linear") == e.key[2]
                 and str(r.get("shots") or "") == e.key[3] and int(r.get("seed") or 0) == e.key[4] and r.get("lr") is not None]  # fmt: skip
         if len({r["lr"] for r in rows}) > 1:
@@ -53,7 +56,7 @@ def lr_figure(group) -> str | None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (e, rows) in enumerate(lines):
         color = colors[i % len(colors)]
-        name = f"{e.label} [{e.row['view']}]"
+        name = f"{e.label} [{e.row['view']}]" + (f" {e.key[3]}-shot" if e.key[3] else "")
         for ax, get in ((axes[0], selection_top1), (axes[1], reported_top1)):
             pts = [(r["lr"], get(r)) for r in rows if get(r) is not None]
             if pts:
@@ -80,7 +83,7 @@ def forest_figure(group, rows: list[dict]) -> str | None:
     if not items:
         return None
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(items) + 1.4))
-    ref_value = None
+    ref_values = []
     for y, r in enumerate(reversed(items)):
         boot = r["ci95_low"] is not None
         lo, hi = (r["ci95_low"], r["ci95_high"]) if boot else (r["wilson95_low"], r["wilson95_high"])
@@ -90,16 +93,23 @@ def forest_figure(group, rows: list[dict]) -> str | None:
             ax.errorbar(r["top1"], y, xerr=[[r["top1"] - lo], [hi - r["top1"]]], fmt="s" if is_ref else "o", color=color, capsize=4, ms=6)
         else:
             ax.plot(r["top1"], y, "o", color=color)
-        ref_value = r["top1"] if is_ref else ref_value
+        ref_values += [r["top1"]] if is_ref else []
         ax.annotate(fmt_interval(r["top1"], (lo, hi)) + ("" if boot else " (Wilson)"), (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=9)
-    if ref_value is not None:
-        ax.axvline(ref_value, color="gray", ls="--", lw=1, label=f"reference ({group.comparison.reference})")
+    if len(ref_values) == 1:  # several reference rows (methods, seeds): their squares mark them
+        ax.axvline(ref_values[0], color="gray", ls="--", lw=1, label=f"reference ({group.comparison.reference})")
         ax.legend(fontsize=8, loc="lower right")
+    methods = len({i["method"] for i in items}) > 1
+    seeds = len({i["seed"] for i in items}) > 1
+
+    def name(r):
+        words = [r["view"]] + ([r["method"]] if methods else []) + ([f"{r['shots']}-shot"] if r["shots"] else [])
+        return f"{r['label']} [{' '.join(words)}]" + (f" seed {r['seed']}" if seeds else "")
+
     ax.set_yticks(range(len(items)))
-    ax.set_yticklabels([f"{r['label']} [{r['view']}]" + (f" seed {r['seed']}" if len({i['seed'] for i in items}) > 1 else "") for r in reversed(items)])
+    ax.set_yticklabels([name(r) for r in reversed(items)])
     ax.set_xlabel(f"top-1 on {group.fields['report split']} (%), 95% interval")
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title("accuracy of each encoder")
+    ax.set_title("accuracy of each encoder" + ("" if len(ref_values) == 1 else f" (squares: the reference, {group.comparison.reference})" if ref_values else ""))
     return _png(fig)
 
 
@@ -196,7 +206,7 @@ def render(groups, rows: list[dict]) -> str:
                     "McNemar: exact two-sided p.</p>")  # fmt: skip
         lr = lr_figure(g)
         if lr:
-            body.append(_figure(f"g{gi}-lr", lr, "Accuracy vs learning rate, every store overlaid; the star is the LR selected on the selection split."))
+            body.append(_figure(f"g{gi}-lr", lr, "Accuracy vs learning rate of the linear probe, every store overlaid (first seed); the star is the LR selected on the selection split."))
         else:
             body.append('<p class="note">No LR sweep in these results (fixed learning rate).</p>')
         forest = forest_figure(g, [r for r in rows if r["group"] == gi])

@@ -211,7 +211,7 @@ def render(groups, rows: list[dict]) -> str:
             body.append('<p class="note">No LR sweep in these results (fixed learning rate).</p>')
         forest = forest_figure(g, [r for r in rows if r["group"] == gi])
         if forest:
-            body.append(_figure(f"g{gi}-forest", forest, "Each encoder's top-1 with its 95% interval; dashed line: the reference."))
+            body.append(_figure(f"g{gi}-forest", forest, "Each encoder's top-1 with its 95% interval; squares (and the dashed line, when it is one row): the reference."))
         if g.comparison:
             body.append("<h3>Per class, against the reference</h3>")
             first_seed: dict[tuple, int] = {}  # one chart per store × view × method × shots: its first seed

@@ -94,7 +94,7 @@ def jpeg_problem(data: bytes) -> str:
             return "" if in_scans else "corrupt JPEG: end-of-image before any image data"
         if marker in _STANDALONE:
             continue
-        if marker in _UNSUPPORTED_SOF:
+        if marker in _UNSUPPORTED_SOF and not in_scans:
             return f"unsupported JPEG: hierarchical frame (marker 0x{marker:02X})"
         allowed = _TABLES | {_SOS} | (set() if in_scans else _SUPPORTED_SOF)
         if marker not in allowed:
@@ -106,6 +106,8 @@ def jpeg_problem(data: bytes) -> str:
         if length < 2:
             return f"corrupt JPEG: marker 0x{marker:02X} has a length of {length}"
         if pos + length > n:
+            if in_scans:  # a marker made of damaged image data, not a real one cut short
+                return f"corrupt JPEG: marker 0x{marker:02X} with an impossible length in the image data (byte {pos - 2})"
             return f"truncated JPEG: the file ends inside a marker segment (0x{marker:02X})"
         segment = data[pos + 2:pos + length]
         if marker in _SUPPORTED_SOF:

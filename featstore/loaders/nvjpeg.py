@@ -28,6 +28,7 @@ from ..preprocess import Preprocess
 from . import Batch, normalize_on_device
 from .containers import image_format
 from .decode import decode_failure, decode_rgb, read_encoded
+from .quiet import DecoderNoiseFilter
 
 
 class NvjpegLoader:
@@ -125,7 +126,10 @@ class NvjpegLoader:
     def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
         if not plan:
             return
+        with DecoderNoiseFilter():  # libjpeg warns on stderr about data it decodes anyway
+            yield from self._batches(paths, plan)
 
+    def _batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
         def read(rows: np.ndarray):
             return self.pool.submit(lambda: [read_encoded(paths[r]) for r in rows.tolist()])
 

@@ -26,10 +26,11 @@ from common import IMAGENETTE, OUT_DIR, REPO, fail, machine, table, write_json  
 MAIN = "from featstore.cli import main; main()"  # what the `featstore` console script runs
 
 
-def _time(checkout: Path, args: list[str]) -> float:
+def _time(checkout: Path, args: list[str], cwd: Path) -> float:
     env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS="1")
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", MAIN, *args], env=env, capture_output=True, text=True)
+    # cwd outside both checkouts: `python -c` puts the cwd first on sys.path, before PYTHONPATH
+    run = subprocess.run([sys.executable, "-c", MAIN, *args], env=env, capture_output=True, text=True, cwd=cwd)
     seconds = time.perf_counter() - start
     if run.returncode != 0:
         fail(f"{' '.join(args)} failed in {checkout}: {run.stderr.strip()[-500:]}")
@@ -40,14 +41,14 @@ def startup(baseline: Path, rounds: int, work: Path) -> list[dict]:
     store = work / "digits.zarr"
     extract = ["extract", "--model", "resnet18", "--random-init", "--dataset", "digits", "--out", str(store),
                "--image-size", "16", "--resize", "16", "--loader", "torch", "--no-progress"]
-    _time(REPO, extract)  # the store both checkouts then find up to date (same cache key)
+    _time(REPO, extract, work)  # the store both checkouts then find up to date (same cache key)
     commands = {"featstore --help": ["--help"], "featstore extract --help": ["extract", "--help"],
                 "featstore info STORE": ["info", str(store)], "featstore extract … (up to date)": extract}
     times: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
         for name, args in commands.items():
             for label, checkout in (("baseline", baseline), ("this checkout", REPO)):
-                times.setdefault((name, label), []).append(_time(checkout, args))
+                times.setdefault((name, label), []).append(_time(checkout, args, work))
     rows = []
     for name in commands:
         base, ours = times[(name, "baseline")], times[(name, "this checkout")]

@@ -62,9 +62,13 @@ class Progress:
         self.lines = self.reported = 0
         self.bar = None
         if mode == "bar":
+            import shutil
+
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1, desc=label)
+            # the width is read now: while a loader runs, fd 2 may be a pipe (loaders/quiet.py)
+            self.bar = tqdm(total=total, unit="img", file=sys.stderr, ncols=shutil.get_terminal_size().columns,
+                            smoothing=0.1, desc=label)
 
     def update(self, rows: int, invalid: int = 0) -> None:
         self.done += rows

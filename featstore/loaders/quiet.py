@@ -48,8 +48,12 @@ class DecoderNoiseFilter:
             self.owner = DecoderNoiseFilter._active == 1
         if not self.owner:
             return self
-        sys.stderr.flush()
-        self.real = os.dup(2)
+        try:
+            sys.stderr.flush()
+            self.real = os.dup(2)
+        except (OSError, ValueError, AttributeError):  # no usable stderr (closed by a daemon): nothing to protect
+            self.owner = False
+            return self
         read_end, write_end = os.pipe()
         os.dup2(write_end, 2)
         os.close(write_end)

@@ -104,8 +104,9 @@ def _scan_start(jpeg: bytes) -> int:
 
 
 def damaged_copy(kind: str, photo: bytes, seed: int = 0) -> bytes:
-    """``photo`` (a real JPEG) damaged as ``kind``: text, empty, truncated, garbled, html (undecodable),
-    or bitflips (bits flipped inside the compressed data, no marker created: decodable, see containers)."""
+    """``photo`` (a real JPEG) damaged as ``kind``: text, empty, truncated, garbled, html (a broken
+    container), no_tables (an intact container the decoders refuse), or bitflips (bits flipped inside
+    the compressed data, no marker created: decodable, see featstore/loaders/containers.py)."""
     rng = np.random.default_rng(seed)
     start = _scan_start(photo)
     if kind == "text":
@@ -121,6 +122,14 @@ def damaged_copy(kind: str, photo: bytes, seed: int = 0) -> bytes:
         a = start + (len(photo) - start) // 3
         data[a:a + (len(photo) - start) // 3] = rng.integers(0, 256, (len(photo) - start) // 3, dtype=np.uint8).tobytes()
         return bytes(data)
+    if kind == "no_tables":  # intact structure, no quantization tables: every decoder refuses it
+        out, pos = bytearray(photo[:2]), 2
+        while photo[pos + 1] != 0xDA:
+            length = int.from_bytes(photo[pos + 2:pos + 4], "big")
+            if photo[pos + 1] != 0xDB:
+                out += photo[pos:pos + 2 + length]
+            pos += 2 + length
+        return bytes(out + photo[pos:])
     if kind == "bitflips":
         data = bytearray(photo)
         for i in rng.choice(np.arange(start + 16, len(photo) - 16), size=12, replace=False).tolist():
@@ -130,4 +139,4 @@ def damaged_copy(kind: str, photo: bytes, seed: int = 0) -> bytes:
     raise ValueError(kind)
 
 
-UNDECODABLE = ("text", "empty", "truncated", "garbled", "html")
+BROKEN_CONTAINERS = ("text", "empty", "truncated", "garbled", "html")

@@ -19,10 +19,21 @@ import threading
 
 # nvImageCodec's logger: an optionally coloured severity, then the module in brackets
 _NVIMGCODEC = rb"(?:\x1b\[[0-9;]*m)?\[(?:FATAL|ERROR|WARNING|INFO|DEBUG|TRACE)\] ?(?:\x1b\[0m)?\[[A-Za-z0-9_]+\]"
-# libjpeg(-turbo) warning texts (jerror.h JWRN_*), printed by the default error manager
-_LIBJPEG = (rb"Corrupt JPEG data|Premature end of JPEG file|Invalid SOS parameters for sequential JPEG|"
-            rb"Warning: unknown JFIF revision number|Inconsistent progression sequence|"
-            rb"Unknown Adobe color transform code|Application transferred too (?:few|many) scanlines")
+# libjpeg(-turbo) messages a decoder can print about its input (jerror.h: every JWRN_*, the JERR_*
+# that data can cause), by the text before their first parameter; and libpng's own prefix
+_LIBJPEG = (rb"Corrupt JPEG data|Premature end of (?:JPEG|input) file|Invalid SOS parameters for sequential JPEG|"
+            rb"Warning: unknown JFIF revision number|Warning: thumbnail image size does not match|"
+            rb"Inconsistent progression sequence|Unknown Adobe color transform code|"
+            rb"Application transferred too (?:few|many) scanlines|Invalid component ID|DCT coefficient|"
+            rb"Bogus (?:Huffman table definition|JPEG colorspace|marker length|sampling factors|DAC|DHT|DQT)|"
+            rb"Sampling factors too large|Unsupported JPEG data precision|Invalid progressive/lossless parameters|"
+            rb"Too many color components|Unsupported color conversion request|Empty JPEG image|"
+            rb"Didn't expect more than one scan|Huffman code size table overflow|Missing Huffman code table entry|"
+            rb"Maximum supported image dimension|Empty input file|(?:Arithmetic|Huffman|Quantization) table 0x[0-9a-f]+ was not defined|"
+            rb"JPEG datastream contains no image|Not a JPEG file: starts with|Insufficient memory \(case|"
+            rb"Invalid JPEG file structure|Unsupported JPEG process|Unsupported marker type|Image too wide for this implementation|"
+            rb"Invalid restart interval|Fractional sampling not implemented|Requested features are incompatible|"
+            rb"libpng (?:warning|error): ")
 NOISE = re.compile(rb"^(?:" + _NVIMGCODEC + rb"|" + _LIBJPEG + rb")")
 # how a diagnostic line can begin: a partial line that starts so waits for its end
 _MAY_BE_NOISE = re.compile(rb"^(?:\x1b|\[|C|P|I|W|U|A)")

@@ -67,7 +67,8 @@ class Progress:
             from tqdm import tqdm
 
             # the width is read now: while a loader runs, fd 2 may be a pipe (loaders/quiet.py)
-            self.bar = tqdm(total=total, unit="img", file=sys.stderr, ncols=shutil.get_terminal_size().columns,
+            columns = shutil.get_terminal_size((100, 24)).columns
+            self.bar = tqdm(total=total, unit="img", file=sys.stderr, ncols=columns if columns > 0 else 100,
                             smoothing=0.1, desc=label)
 
     def update(self, rows: int, invalid: int = 0) -> None:

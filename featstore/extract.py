@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .datasets import Manifest, resolve_dataset
+from .datasets import BUILTIN_DATASETS, Manifest, resolve_dataset
 from .device import compute_dtype, resolve_device
 from .encoders import EncoderSpec, build_encoder, feature_dims, resolve_encoder, select_views
 from .errors import FeatstoreError, UsageError
@@ -134,13 +134,14 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     defaults = ExtractConfig(model="", dataset="", out="")
 
     def path(value: str) -> str:
-        return str(Path(value).resolve()) if Path(value).exists() else value
+        return str(Path(value).expanduser().resolve()) if Path(value).expanduser().exists() else value
 
     model = config.model
     if ":" in model and model.split(":", 1)[0].endswith(".py"):
         file, name = model.rsplit(":", 1)
         model = f"{path(file)}:{name}"
-    args = ["featstore", "extract", "--model", model, "--dataset", path(config.dataset), "--out", str(Path(config.out).resolve()),
+    dataset = config.dataset if config.dataset in BUILTIN_DATASETS else path(config.dataset)
+    args = ["featstore", "extract", "--model", model, "--dataset", dataset, "--out", str(Path(config.out).resolve()),
             "--loader", loader_name]
     options = [("data_root", "--data-root", path), ("weights", "--weights", path), ("views", "--views", ",".join),
                ("device", "--device", str), ("batch_size", "--batch-size", str), ("workers", "--workers", str),

@@ -164,3 +164,23 @@ def test_the_command_line_starts_without_heavy_imports():
                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_resume_command_round_trips_through_the_cli_parser(tmp_path, monkeypatch):
+    """Every option that shapes the store survives shlex + click; --overwrite never appears."""
+    from featstore.cli import cli
+    from featstore.extract import ExtractConfig, resume_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()  # a folder named like the built-in dataset must not shadow it
+    config = ExtractConfig(model="resnet18", dataset="digits", out="out dir/x.zarr", random_init=True, overwrite=True,
+                           views=["pool"], batch_size=8, dtype="float32", image_size=32, resize=40,
+                           interpolation="bilinear", mean=(0.5, 0.5, 0.5), strict=True)
+    args = shlex.split(resume_command(config, "torch"))
+    assert args[:2] == ["featstore", "extract"] and "--overwrite" not in args
+    ctx = cli.commands["extract"].make_context("extract", args[2:])
+    p = ctx.params
+    assert p["dataset"] == "digits" and p["out"] == str(tmp_path / "out dir" / "x.zarr") and p["loader"] == "torch"
+    assert (p["views"], p["batch_size"], p["dtype"], p["image_size"], p["resize"], p["interpolation"], p["mean"]) == \
+        ("pool", 8, "float32", 32, 40, "bilinear", (0.5, 0.5, 0.5))
+    assert p["random_init"] and p["strict"] and not p["overwrite"] and p["workers"] == 2

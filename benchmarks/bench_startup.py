@@ -3,6 +3,7 @@
 loaders' container checks cost per file next to decoding it.
 
     .venv/bin/python benchmarks/bench_startup.py --baseline /path/to/other/checkout --rounds 5
+    .venv/bin/python benchmarks/bench_startup.py --rounds 0          # only the per-photo check costs
 
 Each command runs as its own process (as a user runs it); the best and the median round are
 reported (other processes only ever slow a run down). Start-up is dominated by imports, so the
@@ -83,19 +84,22 @@ def checks(limit: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="another checkout of featstore (e.g. before the change)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--baseline", type=Path, default=REPO, help="another checkout of featstore (e.g. before the change)")
+    parser.add_argument("--rounds", type=int, default=5, help="0: only the per-photo check costs")
     parser.add_argument("--check-files", type=int, default=2000, help="photos for the container-check costs (0: skip)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     info = machine()
-    with tempfile.TemporaryDirectory() as work:
-        os.environ.setdefault("FEATSTORE_CACHE", str(Path(work) / "cache"))
-        rows = startup(args.baseline.resolve(), args.rounds, Path(work))
+    rows = []
+    if args.rounds:
+        with tempfile.TemporaryDirectory() as work:
+            os.environ.setdefault("FEATSTORE_CACHE", str(Path(work) / "cache"))
+            rows = startup(args.baseline.resolve(), args.rounds, Path(work))
     print(f"{info['date']}  {info['host_cpu']}  load {info['load_average']}  git {info['git']}")
-    print(table(rows, [("command", "command", "s"), ("baseline_best", "baseline best s", ".2f"),
-                       ("baseline_median", "median", ".2f"), ("ours_best", "ours best s", ".2f"),
-                       ("ours_median", "median", ".2f"), ("speedup", "median speedup", ".1f")]))
+    if rows:
+        print(table(rows, [("command", "command", "s"), ("baseline_best", "baseline best s", ".2f"),
+                           ("baseline_median", "median", ".2f"), ("ours_best", "ours best s", ".2f"),
+                           ("ours_median", "median", ".2f"), ("speedup", "median speedup", ".1f")]))
     result = {"machine": info, "baseline": str(args.baseline), "rounds": args.rounds, "startup": rows}
     if args.check_files:
         result["checks"] = c = checks(args.check_files)

@@ -20,10 +20,9 @@ parse (see ``featstore/loaders/dali.py``).
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
-
-import numpy as np
 
 JPEG_SOI = b"\xff\xd8"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,6 +33,11 @@ _UNSUPPORTED_SOF = {0xC5, 0xC6, 0xC7, 0xCD, 0xCE, 0xCF}  # hierarchical: libjpeg
 _DHT, _DAC, _DQT, _DRI, _DNL, _SOS, _EOI, _COM = 0xC4, 0xCC, 0xDB, 0xDD, 0xDC, 0xDA, 0xD9, 0xFE
 _TABLES = {_DHT, _DAC, _DQT, _DRI, _DNL, _COM} | set(range(0xE0, 0xF0))  # APPn
 _STANDALONE = {0x01} | set(range(0xD0, 0xD8))  # TEM, RST0-7: no length field
+_IN_HEADER = frozenset(_TABLES | {_SOS} | _SUPPORTED_SOF)
+_BETWEEN_SCANS = frozenset(_TABLES | {_SOS})
+# inside compressed data 0xFF is followed by 0x00 (a stuffed byte), RST0-7 or another 0xFF (fill);
+# anything else is a marker that ends the scan (a C-speed search: ~10 µs for a 100 KB photo)
+_END_OF_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _PNG_BIT_DEPTHS = {0: {1, 2, 4, 8, 16}, 2: {8, 16}, 3: {1, 2, 4, 8}, 4: {8, 16}, 6: {8, 16}}
 
 
@@ -78,7 +82,6 @@ def jpeg_problem(data: bytes) -> str:
     if data[:2] != JPEG_SOI:
         return "not a JPEG (no start-of-image marker)"
     pos, frame, in_scans = 2, False, False
-    markers = None  # positions of markers inside compressed data, computed at the first scan
     while True:
         if pos >= n:
             return "truncated JPEG: the file ends inside its header" if not in_scans else "truncated JPEG: no end-of-image marker"
@@ -96,8 +99,7 @@ def jpeg_problem(data: bytes) -> str:
             continue
         if marker in _UNSUPPORTED_SOF and not in_scans:
             return f"unsupported JPEG: hierarchical frame (marker 0x{marker:02X})"
-        allowed = _TABLES | {_SOS} | (set() if in_scans else _SUPPORTED_SOF)
-        if marker not in allowed:
+        if marker not in (_BETWEEN_SCANS if in_scans else _IN_HEADER):
             where = "between scans" if in_scans else "in the header"
             return f"corrupt JPEG: unexpected marker 0x{marker:02X} {where} (byte {pos - 2})"
         if pos + 2 > n:
@@ -123,13 +125,10 @@ def jpeg_problem(data: bytes) -> str:
         if not segment or not 1 <= segment[0] <= 4 or len(segment) != 4 + 2 * segment[0]:
             return "corrupt JPEG: malformed scan header"
         in_scans = True
-        if markers is None:
-            markers = _markers_in_compressed_data(data, pos)
-        # the scan's compressed data runs to the next marker that is not a restart marker
-        i = int(np.searchsorted(markers, pos))
-        if i == len(markers):
+        end = _END_OF_SCAN.search(data, pos)  # the scan's compressed data runs to the next marker
+        if end is None:
             return "truncated JPEG: the image data ends without an end-of-image marker"
-        pos = int(markers[i])
+        pos = end.start()
 
 
 def _frame_problem(segment: bytes) -> str:
@@ -147,19 +146,6 @@ def _frame_problem(segment: bytes) -> str:
         if not (1 <= sampling >> 4 <= 4 and 1 <= sampling & 15 <= 4):
             return "corrupt JPEG: invalid sampling factors in the frame header"
     return ""
-
-
-def _markers_in_compressed_data(data: bytes, start: int) -> np.ndarray:
-    """Positions (from ``start``) of 0xFF bytes that begin a marker other than RSTn.
-
-    Inside compressed data 0xFF is followed by 0x00 (a stuffed byte), RST0-7 or another 0xFF
-    (fill); anything else ends the scan. Vectorized: a 150 KB photo takes ~0.1 ms.
-    """
-    arr = np.frombuffer(data, dtype=np.uint8)
-    ff = np.flatnonzero(arr[start:-1] == 0xFF) + start
-    following = arr[ff + 1]
-    is_marker = (following != 0x00) & (following != 0xFF) & ((following < 0xD0) | (following > 0xD7))
-    return ff[is_marker]
 
 
 # ----------------------------------------------------------------------------------------- PNG

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .containers import container_problem, describe_non_image
+from .containers import PNG_SIGNATURE, container_problem, describe_non_image
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -44,7 +44,7 @@ def read_encoded(path: str) -> tuple[bytes | None, str]:
 
 def png_size(blob: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG's IHDR; None when it is not a PNG."""
-    if blob[:8] != b"\x89PNG\r\n\x1a\n" or blob[12:16] != b"IHDR":
+    if blob[:8] != PNG_SIGNATURE or blob[12:16] != b"IHDR":
         return None
     return int.from_bytes(blob[16:20], "big"), int.from_bytes(blob[20:24], "big")
 

@@ -97,6 +97,17 @@ class Provenance:
                 return cls("MAE", get("model"), int(m.group(2)), MAE_VITS[m.group(1)], m.group(1))
         return cls()
 
+    @classmethod
+    def of_mocov3_vit(cls, sd: dict) -> "Provenance":
+        """A base_encoder / momentum_encoder layout without 'arch' is still MoCo v3 (moco-v3 moco/builder.py),
+        whose ViTs all have 12 heads (vits.py): width, depth and patch come from the tensors."""
+        if "blocks.0.attn.qkv.weight" not in sd or "patch_embed.proj.weight" not in sd:
+            return cls()
+        dim = sd["blocks.0.attn.qkv.weight"].shape[1]
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        size = {384: "vit_small", 768: "vit_base"}.get(dim, f"ViT (dim {dim})")
+        return cls("MoCo v3", size, sd["patch_embed.proj.weight"].shape[-1], (dim, 12, depth), size)
+
     def check(self, model: nn.Module, arch: str, name: str, label: str = "") -> None:
         """Refuse a model that contradicts the checkpoint's own record of its architecture."""
         label = label or arch or type(model).__name__
@@ -138,6 +149,8 @@ def normalize_checkpoint(obj, name: str = "checkpoint") -> Checkpoint:
     if not sd:
         raise FeatstoreError(f"{name!r} holds no tensors", "pass the checkpoint of a trained model")
     sd, copy_taken = _select_copy(sd)
+    if not provenance.codebase and "'base_encoder'" in copy_taken:
+        provenance = Provenance.of_mocov3_vit(sd)
     return Checkpoint(sd, provenance, taken or copy_taken)
 
 

@@ -196,6 +196,9 @@ CNN_LAYOUTS = {
     "byol-pytorch lightning": _byol_pytorch,
     "sthalles simclr": _sthalles,
     "moco v2": _moco_v2,
+    # swav main_swav.py saves the DDP state: module.* with module.projection_head.* and module.prototypes.weight
+    "swav": lambda m: {**prefixed("module.", {k: v for k, v in m.state_dict().items() if not k.startswith("fc.")}),
+                       "module.projection_head.0.weight": torch.randn(8, 512), "module.prototypes.weight": torch.randn(16, 8)},
     # mmselfsup tools/model_converters/extract_backbone_weights.py: {'state_dict': backbone keys}
     "mmselfsup extracted": lambda m: {"state_dict": {k: v for k, v in m.state_dict().items() if not k.startswith("fc.")}},
     # a single entry of another name holding the tensors
@@ -345,6 +348,11 @@ def test_mocov3_vits_has_12_heads_and_wrong_heads_are_refused(tmp_path):
         features("vit_small_patch16_224", path, 32)
     assert "trained as MoCo v3 vit_small (12 heads" in e.value.message and "has 6 heads" in e.value.message
     assert e.value.hint == "use --model mocov3-vits"
+    # without 'arch' the base_encoder layout still says MoCo v3, whose ViTs have 12 heads
+    del ckpt["arch"]
+    torch.save(ckpt, path)
+    with pytest.raises(FeatstoreError, match=r"trained as MoCo v3 vit_small \(12 heads.*has 6 heads"):
+        features("dinov1", path, 32)
 
 
 def test_mae_checkpoint_drops_decoder_without_trust(vit_s, tmp_path):

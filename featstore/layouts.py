@@ -203,7 +203,7 @@ def _select_copy(sd: dict) -> tuple[dict, str]:
     for _ in range(8):
         firsts = _firsts(sd)
         before = len(sd), next(iter(sd))
-        if "teacher" in firsts and "student" in firsts:
+        if "teacher" in firsts:
             # dinov2 dinov2/train/ssl_meta_arch.py: model.state_dict() holds student.* and teacher.*
             sd, taken = _keep(sd, "teacher."), "'teacher' (DINO, iBOT and DINOv2 evaluate the teacher)"
         elif "online_encoder" in firsts:

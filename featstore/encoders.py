@@ -255,11 +255,11 @@ def build_encoder(spec: EncoderSpec, log: Callable[[str], None] = lambda s: None
         if spec.family == "vit":
             # position embeddings sized for the crop; timm's checkpoint filter resamples weights to it
             kwargs["img_size"] = spec.preprocess.image_size
-        backbone = timm.create_model(arch[5:], pretrained=False, num_classes=0, **kwargs)
+        backbone = _construct(lambda: timm.create_model(arch[5:], pretrained=False, num_classes=0, **kwargs), bool(spec.weights_path))
     elif arch.startswith("tv:"):
         import torchvision
 
-        backbone = torchvision.models.get_model(arch[3:], weights=None)
+        backbone = _construct(lambda: torchvision.models.get_model(arch[3:], weights=None), bool(spec.weights_path))
         _strip_torchvision_head(backbone)
     else:
         backbone = _load_builder(arch[5:])()
@@ -272,6 +272,27 @@ def build_encoder(spec: EncoderSpec, log: Callable[[str], None] = lambda s: None
                               pos_embed=pos_embed_rule(arch, preset), model_name=spec.name)
         log(report.summary())
     return FeatureEncoder(backbone.eval(), spec.family).eval()
+
+
+def _construct(make: Callable[[], nn.Module], weights_follow: bool) -> nn.Module:
+    """``make()``, without its random initialisation when weights are about to replace every tensor.
+
+    Random init is most of a build's time (a ViT-g spends tens of seconds in it on a CPU). The model
+    is built on the meta device and allocated uninitialised; load_weights then refuses any missing
+    parameter or buffer. A model with buffers outside its state dict (rotary tables, relative position
+    indices) needs its init for them, so it is built normally.
+    """
+    if not weights_follow:
+        return make()
+    with torch.device("meta"):
+        model = make()
+    if any(m._non_persistent_buffers_set for m in model.modules()):
+        return make()
+    model = model.to_empty(device="cpu")
+    for name, buffer in model.named_buffers():
+        if name.endswith("num_batches_tracked"):  # may be absent from a checkpoint; only training reads it
+            buffer.zero_()
+    return model
 
 
 def pos_embed_rule(arch: str, preset: Preset | None) -> str:

@@ -220,3 +220,16 @@ def test_presets_build_the_listed_architecture_and_views():
             assert encoder.backbone.blocks[0].attn.num_heads == 12
         if name == "dinov1":
             assert encoder.backbone.blocks[0].attn.num_heads == 6
+
+
+def test_model_with_buffers_outside_its_state_dict_loads_equal(tmp_path):
+    """Weights about to load skip the random init (meta build), except where non-persistent buffers
+    (EVA-02's rotary tables) need it: those models are built normally and give the source's features."""
+    torch.manual_seed(6)
+    source = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0, img_size=56).eval()
+    torch.save(source.state_dict(), tmp_path / "eva.pth")
+    spec = resolve_encoder("eva02_tiny_patch14_224", weights=tmp_path / "eva.pth", preprocess_overrides=dict(image_size=56, resize=56))
+    encoder = build_encoder(spec)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.inference_mode():
+        torch.testing.assert_close(encoder(x)["cls"], source.forward_features(x)[:, 0], rtol=1e-5, atol=1e-5)

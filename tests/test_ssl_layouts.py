@@ -37,8 +37,8 @@ def features(model: str, path, size: int, **kw) -> tuple[dict[str, torch.Tensor]
 
 
 def perturbed(sd: dict, seed: int) -> dict:
-    """Same keys and shapes, other values: a momentum / student copy."""
-    return {k: (v * (0.5 + 0.1 * seed) + 0.01 if v.is_floating_point() else v.clone()) for k, v in sd.items()}
+    """Same keys and shapes, other values (a constant per copy): a momentum / student copy."""
+    return {k: (torch.full_like(v, 0.01 * seed) if v.is_floating_point() else v.clone()) for k, v in sd.items()}
 
 
 def prefixed(prefix: str, sd: dict) -> dict:

@@ -284,8 +284,11 @@ def _construct(make: Callable[[], nn.Module], weights_follow: bool) -> nn.Module
     """
     if not weights_follow:
         return make()
-    with torch.device("meta"):
-        model = make()
+    try:
+        with torch.device("meta"):
+            model = make()
+    except Exception:  # a constructor that computes with tensor values (.item(), .tolist()) cannot run on meta
+        return make()
     if any(m._non_persistent_buffers_set for m in model.modules()):
         return make()
     model = model.to_empty(device="cpu")

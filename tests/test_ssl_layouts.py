@@ -426,18 +426,23 @@ def dinov2_reference(sd: dict, blocks: nn.Module, x: torch.Tensor) -> dict[str, 
 
 
 @functools.cache
-def _dinov2_hub_state(reg: bool, seed: int = 16) -> tuple[dict, nn.Module]:
+def _dinov2_blocks() -> nn.Module:
+    torch.manual_seed(16)
+    return timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=518).eval()
+
+
+@functools.cache
+def _dinov2_hub_state(reg: bool) -> tuple[dict, nn.Module]:
     """The tensors of dinov2 hub/backbones.py dinov2_vits14[_reg4] (img_size=518, block_chunks=0):
     cls_token, pos_embed (1, 1 + 37*37, D), register_tokens, mask_token, patch_embed, blocks.I (ls1/ls2), norm."""
-    torch.manual_seed(seed)
-    blocks = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=518).eval()
-    sd = {k: v.clone() for k, v in blocks.state_dict().items()}
-    with torch.no_grad():
-        sd["pos_embed"].normal_(0, 1)  # a rough embedding: resampling differences show
-        sd["cls_token"].normal_(0, 1)
+    blocks = _dinov2_blocks()
+    sd = dict(blocks.state_dict())
+    g = torch.Generator().manual_seed(17)
+    sd["pos_embed"] = torch.randn(sd["pos_embed"].shape, generator=g)  # a rough embedding: resampling differences show
+    sd["cls_token"] = torch.randn(sd["cls_token"].shape, generator=g)
     sd["mask_token"] = torch.zeros(1, 384)
     if reg:
-        sd["register_tokens"] = torch.randn(1, 4, 384)
+        sd["register_tokens"] = torch.randn(1, 4, 384, generator=g)
     return sd, blocks
 
 

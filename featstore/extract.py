@@ -17,13 +17,13 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from . import cache
 from .datasets import Manifest, resolve_dataset
 from .device import compute_dtype, resolve_device
 from .encoders import EncoderSpec, build_encoder, feature_dims, resolve_encoder, select_views
@@ -32,58 +32,8 @@ from .inference import BatchEncoder
 from .loaders import Batch, choose_loader, make_loader
 from .lock import StoreLock
 from .ranks import Ranks, wait_until
+from .request import ExtractConfig, ExtractResult, recall_up_to_date, refuse_url_out, request_of  # noqa: F401 (re-exported)
 from .store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
-
-
-@dataclass
-class ExtractConfig:
-    model: str
-    dataset: str
-    out: str
-    data_root: str | None = None
-    weights: str | None = None
-    random_init: bool = False
-    trust_checkpoint: bool = False
-    views: list[str] | None = None
-    loader: str = "auto"
-    device: str = "auto"
-    batch_size: int = 64
-    workers: int = 2
-    dtype: str = "float16"
-    overwrite: bool = False
-    strict: bool = False
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
-    compile: bool = False
-    image_size: int | None = None
-    resize: int | None = None
-    interpolation: str | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-
-
-@dataclass
-class ExtractResult:
-    store: str
-    status: str  # "up to date", "created", "resumed"
-    rows: dict[str, int]
-    rows_written: int
-    invalid: int
-    nonfinite: int
-    seconds: float
-    images_per_second: float
-    nonfinite_paths: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        if self.status == "up to date":
-            return f"{self.store}: up to date ({sum(self.rows.values()):,} rows, nothing to do)"
-        splits = ", ".join(f"{s} {n:,}" for s, n in self.rows.items())
-        text = (
-            f"{self.store}: {self.status}, wrote {self.rows_written:,} rows ({splits}) in {self.seconds:.1f} s "
-            f"({self.images_per_second:.1f} img/s), {self.invalid} invalid"
-        )
-        if self.nonfinite:
-            text += f", {self.nonfinite} rows with NaN/Inf features (first: {self.nonfinite_paths[0]}; try --dtype float32)"
-        return text
 
 
 def _stderr(message: str) -> None:
@@ -112,6 +62,7 @@ def cache_key(fields: dict) -> str:
 
 
 def _validate(config: ExtractConfig) -> None:
+    refuse_url_out(config.out)
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {config.batch_size}", "e.g. --batch-size 64")
     if config.workers < 0:
@@ -126,6 +77,9 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
     """Run (or resume, or skip as up to date) one extraction. Raises FeatstoreError on user mistakes."""
     start = time.perf_counter()
     _validate(config)
+    recalled = recall_up_to_date(config)
+    if recalled is not None:
+        return recalled
     ranks = Ranks.from_env()
     device = resolve_device(config.device)
     if ranks.world > 1 and device.type == "cuda" and device.index is None:
@@ -139,7 +93,7 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
     )
     fields = cache_fields(spec, loader_name, config.views, config.dtype, manifest, device)
     key = cache_key(fields)
-    out = Path(config.out)
+    out = Path(config.out) if config.out is not None else _cached_location(manifest, config.model, key)
     rows = {s: len(m) for s, m in manifest.splits.items()}
 
     if ranks.is_leader:
@@ -151,11 +105,14 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
             shutil.rmtree(out / PROGRESS, ignore_errors=True)  # a run killed right after completing left it
             if ranks.world > 1:
                 existing.update_attrs({"job": ranks.job})  # tells the other ranks: nothing to do
+            _remember(config, manifest, spec, key, out)
         return ExtractResult(str(out), "up to date", rows, 0, len(existing.invalid_rows()), 0, time.perf_counter() - start, 0.0)
 
     encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint).to(device).to(memory_format=torch.channels_last)
     views = select_views(feature_dims(encoder, spec.preprocess, device), config.views)
 
+    if config.out is None and ranks.is_leader:
+        log(f"store {out}")
     if existing is None:
         store, status = _create(out, manifest, spec, views, loader_name, key, fields, config), "created"
     else:
@@ -174,9 +131,26 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
                 wait_until(lambda: not store.pending_units(), "the other ranks' units", timeout=float("inf"), poll=1.0)
             store.finalize({"device": str(device), "batch_size": config.batch_size, "world_size": ranks.world})
         invalid, label = len(store.invalid_rows()), str(out)  # all of the store's, resumed units included
+        _remember(config, manifest, spec, key, out)
     seconds = time.perf_counter() - start
     return ExtractResult(label, status, rows, written, invalid, len(nonfinite), seconds,
                          written / seconds if seconds > 0 else 0.0, nonfinite[:5])
+
+
+def _cached_location(manifest: Manifest, model: str, key: str) -> Path:
+    """Without --out: the cached store with this key wherever it is (two spellings of one model and
+    data meet there), else its default place in the cache."""
+    found = cache.find_by_key(key)
+    return found[0] if found else cache.default_store_path(manifest.name, model, key)
+
+
+def _remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: str, out: Path) -> None:
+    """Let the same request answer "up to date" next time without importing torch (request.py)."""
+    if Path(config.dataset).suffix.lower() == ".csv":
+        inputs = [str(Path(config.dataset).expanduser().resolve())]
+    else:
+        inputs = cache.dataset_dirs(manifest.root)
+    cache.remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, inputs)
 
 
 def _create(out: Path, manifest: Manifest, spec: EncoderSpec, views: dict[str, int], loader_name: str, key: str,

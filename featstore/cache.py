@@ -100,7 +100,9 @@ def mark_used(path: str | os.PathLike, key: str | None) -> None:
 
 def last_used(path: Path, attrs: dict) -> float:
     marker = index_dir() / "used" / str(attrs.get("cache_key"))
-    times = [marker.stat().st_mtime] if marker.is_file() else []
+    if marker.is_file():
+        return marker.stat().st_mtime
+    times = []
     for field in ("completed", "created"):
         if attrs.get(field):
             try:

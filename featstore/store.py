@@ -312,8 +312,8 @@ class FeatureStore:
             zarr = _zarr()
             from zarr.storage import FsspecStore
 
-            store = FsspecStore(fs if fs.async_impl else _async_wrapper(fs), path=inner, read_only=True)
-            group = zarr.open_group(store=store, mode="r")
+            store = FsspecStore.from_url(url, read_only=True)  # its own async filesystem, on zarr's event loop
+            group = zarr.open_group(store=store, mode="r", zarr_format=3)
             return cls(url, group, writable=False, fs=(fs, inner))
         except FeatstoreError:
             raise
@@ -503,9 +503,3 @@ class FeatureStore:
             "size_bytes": self.size_on_disk(),
         }
 
-
-def _async_wrapper(fs):
-    """zarr's FsspecStore needs an async filesystem; fsspec wraps a sync one (e.g. a local path in tests)."""
-    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
-
-    return AsyncFileSystemWrapper(fs)

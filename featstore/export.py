@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -78,7 +79,7 @@ def _write_hdf5(store, path: Path) -> int:
     import h5py
 
     nbytes = 0
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w") as f, ThreadPoolExecutor(1) as reader:
         for key, value in _provenance(store).items():
             f.attrs[key] = json.dumps(value)
         for split in store.splits:
@@ -96,8 +97,13 @@ def _write_hdf5(store, path: Path) -> int:
                 # no compression: exports run at disk speed (float features gain little from it)
                 ds = fg.create_dataset(view, shape=(n, dim), dtype=source.dtype, chunks=(rows, dim) if n else None)
                 ds.dims[0].label, ds.dims[1].label = "row", f"{view}_dim"
-                for start in range(0, n, rows):
-                    block = source[start : start + rows]
+                # the next chunk is read while this one is written (both release the GIL)
+                starts = list(range(0, n, rows))
+                pending = reader.submit(source.__getitem__, slice(0, rows)) if starts else None
+                for i, start in enumerate(starts):
+                    block = pending.result()
+                    if i + 1 < len(starts):
+                        pending = reader.submit(source.__getitem__, slice(starts[i + 1], starts[i + 1] + rows))
                     ds[start : start + len(block)] = block
                     nbytes += block.nbytes
     return nbytes

@@ -227,6 +227,14 @@ def describe(path: str | os.PathLike) -> StoreEntry:
         fs = FeatureStore.open(path)
         return entry_from_attrs(fs.location, fs.attrs, fs.size_on_disk(), None, False, 0.0)
     p = Path(path)
+    if p.suffix.lower() == ".npz" and p.is_file():
+        _require_export(p)
+        import numpy as np
+
+        with np.load(p) as z:
+            attrs, view = json.loads(str(z["provenance"])), str(z["view"])
+        attrs["views"] = {view: attrs.get("views", {}).get(view)}  # the one view it holds
+        return entry_from_attrs(str(p), attrs, p.stat().st_size, None, False, 0.0)
     attrs = store_attrs(p)
     if attrs is None:
         from .store import FeatureStore
@@ -279,7 +287,8 @@ def remove_store(path: str | os.PathLike) -> int:
     if is_url(path):
         raise UsageError(f"cannot remove {str(path)!r}: featstore does not write to URLs", "delete it with your storage's own tools")
     p = Path(path)
-    if p.is_file() and p.suffix in (".h5", ".hdf5", ".npz"):
+    if p.is_file() and p.suffix.lower() in (".h5", ".hdf5", ".npz"):
+        _require_export(p)
         size = p.stat().st_size
         p.unlink()
         return size
@@ -299,6 +308,24 @@ def remove_store(path: str | os.PathLike) -> int:
     if key:
         (index_dir() / "used" / key).unlink(missing_ok=True)
     return size
+
+
+def _require_export(path: Path) -> None:
+    """Refuse to delete a file that is not a featstore export."""
+    if path.suffix.lower() == ".npz":
+        import numpy as np
+
+        try:
+            with np.load(path) as z:
+                ours = "provenance" in z.files and "view" in z.files
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise UsageError(f"{str(path)!r} is not a featstore export", "featstore only removes stores it wrote")
+    else:
+        from .store import FeatureStore
+
+        FeatureStore.open(path)  # raises for a foreign or unreadable file
 
 
 @dataclass

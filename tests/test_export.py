@@ -266,3 +266,26 @@ def test_a_store_being_written_is_listed_not_exported(tmp_path):
     assert code == 0 and json.loads(output)[0]["state"].startswith("writing 1/3")
     code, output = run(["export", str(busy), "--to", str(tmp_path / "b.h5")])
     assert code == 2 and "is incomplete" in output
+
+
+def test_rm_removes_exports_only(digits_store, tmp_path):
+    export(str(digits_store), str(tmp_path / "a.h5"))
+    export(str(digits_store), str(tmp_path / "a.npz"))
+    np.savez(tmp_path / "mine.npz", x=np.zeros(3))
+    (tmp_path / "mine.h5").write_bytes(b"my own data")
+    for name in ("mine.npz", "mine.h5"):
+        code, output = run(["rm", str(tmp_path / name)])
+        assert code != 0 and output.startswith("error: ") and (tmp_path / name).exists()
+    code, output = run(["rm", str(tmp_path / "a.h5"), str(tmp_path / "a.npz")])
+    assert code == 0 and output.count("removed ") == 2
+    assert not (tmp_path / "a.h5").exists() and not (tmp_path / "a.npz").exists()
+
+
+def test_ls_describes_exports(digits_store, tmp_path):
+    export(str(digits_store), str(tmp_path / "a.h5"))
+    export(str(digits_store), str(tmp_path / "a.npz"), view="copy")
+    code, output = run(["ls", "--json", str(tmp_path / "a.h5"), str(tmp_path / "a.npz")])
+    h5, npz = json.loads(output)
+    assert code == 0 and h5["views"] == {"pixels": 64, "copy": 64} and npz["views"] == {"copy": 64}
+    assert h5["rows"] == npz["rows"] == 1797 and h5["invalid"] == npz["invalid"] == 2 and h5["state"] == "complete"
+    assert npz["size_bytes"] == (tmp_path / "a.npz").stat().st_size

@@ -75,10 +75,6 @@ def find_by_key(key: str) -> list[Path]:
     return [p for p in sorted(stores_dir().glob(f"*/*-{key[:12]}.zarr")) if (store_attrs(p) or {}).get("cache_key") == key]
 
 
-def cached_stores() -> list[Path]:
-    return [p for p in sorted(stores_dir().glob("*/*.zarr")) if store_attrs(p) is not None]
-
-
 # ---------------------------------------------------------------- last use (for gc)
 
 
@@ -227,6 +223,9 @@ def describe(path: str | os.PathLike) -> StoreEntry:
         fs = FeatureStore.open(path)
         return entry_from_attrs(fs.location, fs.attrs, fs.size_on_disk(), None, False, 0.0)
     p = Path(path)
+    entry = _describe_local(p)
+    if entry is not None:
+        return entry
     if p.suffix.lower() == ".npz" and p.is_file():
         _require_export(p)
         import numpy as np
@@ -235,12 +234,17 @@ def describe(path: str | os.PathLike) -> StoreEntry:
             attrs, view = json.loads(str(z["provenance"])), str(z["view"])
         attrs["views"] = {view: attrs.get("views", {}).get(view)}  # the one view it holds
         return entry_from_attrs(str(p), attrs, p.stat().st_size, None, False, 0.0)
+    from .store import FeatureStore
+
+    FeatureStore.open(p)  # raises the right error (not found / not a store)
+    raise UsageError(f"{str(p)!r} is not a featstore store", "pass a folder written by `featstore extract`")
+
+
+def _describe_local(p: Path) -> StoreEntry | None:
+    """The entry of a local Zarr store (its zarr.json read once), None when ``p`` is not one."""
     attrs = store_attrs(p)
     if attrs is None:
-        from .store import FeatureStore
-
-        FeatureStore.open(p)  # raises the right error (not found / not a store)
-        raise UsageError(f"{str(p)!r} is not a featstore store", "pass a folder written by `featstore extract`")
+        return None
     done = 0
     if not attrs.get("complete"):
         done = sum(1 for _ in (p / PROGRESS).glob("*/unit-*.json"))
@@ -250,7 +254,7 @@ def describe(path: str | os.PathLike) -> StoreEntry:
 def list_stores(paths: list[str] | None = None) -> list[StoreEntry]:
     """Every store of the cache, or of ``paths`` (stores, or folders searched for stores)."""
     if not paths:
-        return [describe(p) for p in cached_stores()]
+        return [e for p in sorted(stores_dir().glob("*/*.zarr")) if (e := _describe_local(p)) is not None]
     found: list[StoreEntry] = []
     for raw in paths:
         p = Path(raw)

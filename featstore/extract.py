@@ -8,6 +8,7 @@ thread) and writing (a writer thread, whole units) overlap.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -93,7 +94,11 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
     )
     fields = cache_fields(spec, loader_name, config.views, config.dtype, manifest, device)
     key = cache_key(fields)
-    out = Path(config.out) if config.out is not None else _cached_location(manifest, config.model, key)
+    request = config  # as asked: what the up-to-date memo is keyed on
+    if config.out is None:
+        out = _cached_location(manifest, config.model, key)
+        config = dataclasses.replace(config, out=str(out))  # from here on the cached path is the --out
+    out = Path(config.out)
     rows = {s: len(m) for s, m in manifest.splits.items()}
 
     if ranks.is_leader:
@@ -105,13 +110,13 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
             shutil.rmtree(out / PROGRESS, ignore_errors=True)  # a run killed right after completing left it
             if ranks.world > 1:
                 existing.update_attrs({"job": ranks.job})  # tells the other ranks: nothing to do
-            _remember(config, manifest, spec, key, out)
+            _remember(request, manifest, spec, key, out)
         return ExtractResult(str(out), "up to date", rows, 0, len(existing.invalid_rows()), 0, time.perf_counter() - start, 0.0)
 
     encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint).to(device).to(memory_format=torch.channels_last)
     views = select_views(feature_dims(encoder, spec.preprocess, device), config.views)
 
-    if config.out is None and ranks.is_leader:
+    if request.out is None and ranks.is_leader:
         log(f"store {out}")
     if existing is None:
         store, status = _create(out, manifest, spec, views, loader_name, key, fields, config), "created"
@@ -131,7 +136,7 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
                 wait_until(lambda: not store.pending_units(), "the other ranks' units", timeout=float("inf"), poll=1.0)
             store.finalize({"device": str(device), "batch_size": config.batch_size, "world_size": ranks.world})
         invalid, label = len(store.invalid_rows()), str(out)  # all of the store's, resumed units included
-        _remember(config, manifest, spec, key, out)
+        _remember(request, manifest, spec, key, out)
     seconds = time.perf_counter() - start
     return ExtractResult(label, status, rows, written, invalid, len(nonfinite), seconds,
                          written / seconds if seconds > 0 else 0.0, nonfinite[:5])

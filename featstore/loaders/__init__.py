@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Iterator, Protocol
 
-import numpy as np
-
 from ..errors import UsageError
-from ..preprocess import Preprocess
 
-if TYPE_CHECKING:  # torch is imported where it is used: `featstore --help` and `ls` start without it
+if TYPE_CHECKING:  # torch and numpy are imported where used: `featstore --help` needs neither
+    import numpy as np
     import torch
+
+    from ..preprocess import Preprocess
 
 LOADERS = ("dali", "torch", "nvjpeg")
 
@@ -47,10 +47,10 @@ def dali_available() -> bool:
 def choose_loader(name: str) -> str:
     """``auto``: DALI where it imports, else nvJPEG on CUDA, else torch. ``dali`` without DALI is an error."""
     if name == "auto":
-        import torch
-
         if dali_available():
             return "dali"
+        import torch
+
         return "nvjpeg" if torch.cuda.is_available() else "torch"
     if name not in LOADERS:
         raise UsageError(f"unknown loader {name!r}", f"use one of auto, {', '.join(LOADERS)}")

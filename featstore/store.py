@@ -66,9 +66,11 @@ def _is_hdf5_path(path: str) -> bool:
     return path.lower().endswith((".h5", ".hdf5"))
 
 
-def _public(url: str) -> str:
-    """A URL without user:password@ (credentials come the fsspec way and are never shown or stored)."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", url)
+def _refuse_credentials(url: str) -> None:
+    """Credentials never ride in a URL: they would reach logs, results and provenance."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", url):
+        raise UsageError("the store URL holds credentials (user:password@)",
+                         "remove them from the URL and configure them the fsspec way (environment, ~/.aws, ~/.config/fsspec)")
 
 
 def _fsspec_fs(url: str):
@@ -78,7 +80,7 @@ def _fsspec_fs(url: str):
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as e:
-        raise FeatstoreError(f"cannot read {_public(url)!r}: {e}", "install the fsspec backend it names (s3fs, gcsfs, aiohttp)") from e
+        raise FeatstoreError(f"cannot read {url!r}: {e}", "install the fsspec backend it names (s3fs, gcsfs, aiohttp)") from e
 
 
 class FeatureArray:
@@ -181,7 +183,7 @@ class FeatureStore:
 
     def __init__(self, path: str | os.PathLike, group, writable: bool, attrs: dict | None = None, fs=None):
         url = isinstance(path, str) and bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
-        self.path = _public(path) if url else Path(path)  # a URL stays a str (Path would mangle its //)
+        self.path = path if url else Path(path)  # a URL stays a str (Path would mangle its //)
         self._url = path if url else None
         self._fs = fs  # (fsspec filesystem, path in it) of a URL; None for a local store
         self._group = group
@@ -268,7 +270,7 @@ class FeatureStore:
         text = os.fspath(path)
         if is_url(text):
             if mode != "r":
-                raise UsageError(f"{_public(text)!r} is a URL; featstore only reads stores at URLs", "extract locally, then upload")
+                raise UsageError(f"{text!r} is a URL; featstore only reads stores at URLs", "extract locally, then upload")
             store = cls._open_url(text)
         elif _is_hdf5_path(text) and Path(text).is_file():
             if mode != "r":
@@ -295,20 +297,23 @@ class FeatureStore:
 
     @classmethod
     def _open_url(cls, url: str) -> "FeatureStore":
+        _refuse_credentials(url)
         fs, inner = _fsspec_fs(url)
-        public = _public(url)
         try:
             if _is_hdf5_path(url):
                 from .export import open_hdf5
 
-                group, attrs = open_hdf5(fs.open(inner, "rb"), name=public)
+                if not fs.exists(inner):
+                    raise UsageError(f"store {url!r} not found", "check the URL")
+
+                group, attrs = open_hdf5(fs.open(inner, "rb"), name=url)
                 return cls(url, group, writable=False, attrs=attrs, fs=(fs, inner))
             try:
                 meta = json.loads(fs.cat_file(f"{inner.rstrip('/')}/zarr.json"))
             except FileNotFoundError:
-                raise UsageError(f"store {public!r} not found", "check the URL (a store is the folder holding zarr.json)") from None
+                raise UsageError(f"store {url!r} not found", "check the URL (a store is the folder holding zarr.json)") from None
             if "schema_version" not in (meta.get("attributes") or {}):
-                raise UsageError(f"{public!r} is not a featstore store", "pass the URL of a folder written by `featstore extract`")
+                raise UsageError(f"{url!r} is not a featstore store", "pass the URL of a folder written by `featstore extract`")
             zarr = _zarr()
             from zarr.storage import FsspecStore
 
@@ -318,7 +323,7 @@ class FeatureStore:
         except FeatstoreError:
             raise
         except (OSError, ValueError) as e:
-            raise FeatstoreError(f"cannot read {public!r}: {type(e).__name__}: {e}", "check the URL and your credentials (fsspec configuration)") from e
+            raise FeatstoreError(f"cannot read {url!r}: {type(e).__name__}: {e}", "check the URL and your credentials (fsspec configuration)") from e
 
     # ---------------------------------------------------------------- plan
 

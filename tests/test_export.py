@@ -233,6 +233,8 @@ def test_s3_store_info_ls_export_and_probe(s3, digits_store, tmp_path):
 def test_s3_bad_urls(s3):
     with pytest.raises(UsageError, match="store 's3://feats/nope.zarr' not found"):
         FeatureStore.open(f"{s3}/nope.zarr")
+    with pytest.raises(UsageError, match="store 's3://feats/nope.h5' not found"):
+        FeatureStore.open(f"{s3}/nope.h5")
     with pytest.raises(UsageError, match="only reads stores at URLs"):
         FeatureStore.open(f"{s3}/digits.zarr", mode="r+")
     code, output = run(["rm", f"{s3}/digits.zarr"])
@@ -289,3 +291,18 @@ def test_ls_describes_exports(digits_store, tmp_path):
     assert code == 0 and h5["views"] == {"pixels": 64, "copy": 64} and npz["views"] == {"copy": 64}
     assert h5["rows"] == npz["rows"] == 1797 and h5["invalid"] == npz["invalid"] == 2 and h5["state"] == "complete"
     assert npz["size_bytes"] == (tmp_path / "a.npz").stat().st_size
+
+
+def test_a_url_without_its_fsspec_backend_is_a_one_line_error():
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    code, output = run(["info", "gs://bucket/feats.zarr"])
+    assert code == 1 and output.startswith("error: cannot read 'gs://bucket/feats.zarr'") and "gcsfs" in output
+    assert len(output.strip().splitlines()) == 1
+
+
+def test_credentials_in_a_url_are_refused():
+    code, output = run(["info", "https://me:secret@example.org/feats.zarr"])
+    assert code == 2 and "holds credentials" in output and "secret" not in output

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import FeatstoreError, UsageError
 
-PROGRESS = "_progress"  # the same folder name as store.PROGRESS (store.py imports zarr lazily, numpy eagerly)
+PROGRESS = "_progress"  # a store's folder of an extraction in progress (lock, unit markers); store.py uses it
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 

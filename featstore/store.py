@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .cache import PROGRESS, is_url, mark_used, store_attrs
 from .errors import FeatstoreError, UsageError
 from .lock import pid_alive
 
 SCHEMA_VERSION = 1
-PROGRESS = "_progress"
 DEFAULT_CHUNK_ROWS = 8192
 FEATURE_DTYPES = ("float16", "float32")
 
@@ -57,8 +57,6 @@ def _zarr():
 
 def is_store(path: str | os.PathLike) -> bool:
     """A local featstore Zarr store (exports and URLs are opened by :meth:`FeatureStore.open`)."""
-    from .cache import store_attrs
-
     return store_attrs(path) is not None
 
 
@@ -182,9 +180,7 @@ class FeatureStore:
     """A feature store on disk. Use :meth:`create` to start one and :meth:`open` to read or resume."""
 
     def __init__(self, path: str | os.PathLike, group, writable: bool, attrs: dict | None = None, fs=None):
-        url = isinstance(path, str) and bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
-        self.path = path if url else Path(path)  # a URL stays a str (Path would mangle its //)
-        self._url = path if url else None
+        self.path = path if is_url(path) else Path(path)  # a URL stays a str (Path would mangle its //)
         self._fs = fs  # (fsspec filesystem, path in it) of a URL; None for a local store
         self._group = group
         self.writable = writable
@@ -265,8 +261,6 @@ class FeatureStore:
     def open(cls, path: str | os.PathLike, mode: str = "r") -> "FeatureStore":
         """A local Zarr store, an exported ``.h5`` file, or either at an ``s3://``, ``gs://`` or
         ``http(s)://`` URL (read-only, through fsspec; credentials from its usual configuration)."""
-        from .cache import is_url, mark_used
-
         text = os.fspath(path)
         if is_url(text):
             if mode != "r":
@@ -305,7 +299,6 @@ class FeatureStore:
 
                 if not fs.exists(inner):
                     raise UsageError(f"store {url!r} not found", "check the URL")
-
                 group, attrs = open_hdf5(fs.open(inner, "rb"), name=url)
                 return cls(url, group, writable=False, attrs=attrs, fs=(fs, inner))
             try:
@@ -350,15 +343,19 @@ class FeatureStore:
         n, rows = self.num_rows(split), self.chunk_rows
         return [Unit(split, i, start, min(start + rows, n)) for i, start in enumerate(range(0, n, rows))]
 
+    @staticmethod
+    def _marker_name(unit: Unit) -> str:
+        return f"{PROGRESS}/{unit.split}/unit-{unit.index:06d}.json"
+
     def _marker(self, unit: Unit) -> Path:
-        return self.path / PROGRESS / unit.split / f"unit-{unit.index:06d}.json"
+        return self.path / self._marker_name(unit)
 
     def is_done(self, unit: Unit) -> bool:
         if self.complete:
             return True
         if self._fs is not None:
             fs, inner = self._fs
-            return fs.exists(f"{inner.rstrip('/')}/{PROGRESS}/{unit.split}/unit-{unit.index:06d}.json")
+            return fs.exists(f"{inner.rstrip('/')}/{self._marker_name(unit)}")
         return self._marker(unit).is_file()
 
     def pending_units(self, split: str | None = None) -> list[Unit]:
@@ -507,4 +504,3 @@ class FeatureStore:
             "invalid": self.invalid_rows(),
             "size_bytes": self.size_on_disk(),
         }
-

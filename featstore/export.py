@@ -97,6 +97,12 @@ def _write_hdf5(store, path: Path) -> int:
                 # no compression: exports run at disk speed (float features gain little from it)
                 ds = fg.create_dataset(view, shape=(n, dim), dtype=source.dtype, chunks=(rows, dim) if n else None)
                 ds.dims[0].label, ds.dims[1].label = "row", f"{view}_dim"
+                files = _raw_chunk_files(store, split, view, rows)
+                if files is not None:
+                    for i, chunk in enumerate(files):  # the bytes are HDF5's chunk as they are: no decode, no copy
+                        ds.id.write_direct_chunk((i * rows, 0), chunk.read_bytes())
+                    nbytes += n * dim * source.dtype.itemsize
+                    continue
                 # the next chunk is read while this one is written (both release the GIL)
                 starts = list(range(0, n, rows))
                 pending = reader.submit(source.__getitem__, slice(0, rows)) if starts else None
@@ -107,6 +113,28 @@ def _write_hdf5(store, path: Path) -> int:
                     ds[start : start + len(block)] = block
                     nbytes += block.nbytes
     return nbytes
+
+
+def _raw_chunk_files(store, split: str, view: str, rows: int) -> list[Path] | None:
+    """The chunk files of a local feature array whose bytes are exactly an HDF5 chunk of ``rows``
+    rows (little-endian C-order, no codec, the same chunk shape; featstore writes them so), else
+    None and the export reads through zarr."""
+    if store.format != "zarr" or not isinstance(store.path, Path) or np.dtype(store.attrs.get("dtype", "f2")).byteorder == ">":
+        return None
+    try:
+        array = store._split(split)["features"][view]
+        meta = array.metadata
+        codecs = [type(c).__name__ for c in meta.codecs]
+        endian = getattr(getattr(meta.codecs[0], "endian", None), "value", None)
+        if (codecs != ["BytesCodec"] or endian not in ("little", None) or tuple(meta.chunk_grid.chunk_shape) != (rows, array.shape[1])
+                or getattr(array, "order", "C") != "C"):  # fmt: skip
+            return None
+        folder = store.path / split / "features" / view
+        files = [folder / meta.chunk_key_encoding.encode_chunk_key((i, 0)) for i in range(-(-array.shape[0] // rows))]
+    except (AttributeError, TypeError, KeyError, IndexError):
+        return None  # another zarr version's metadata objects: the general path
+    size = rows * array.shape[1] * np.dtype(array.dtype).itemsize
+    return files if all(f.is_file() and f.stat().st_size == size for f in files) else None
 
 
 def _write_npz(store, path: Path, view: str) -> int:

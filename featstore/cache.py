@@ -11,6 +11,7 @@ over hundreds of stores and an up-to-date extraction start in about Python's sta
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import os
@@ -102,7 +103,7 @@ def last_used(path: Path, attrs: dict) -> float:
     for field in ("completed", "created"):
         if attrs.get(field):
             try:
-                times.append(time.mktime(time.strptime(attrs[field], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone)
+                times.append(calendar.timegm(time.strptime(attrs[field], "%Y-%m-%dT%H:%M:%SZ")))  # UTC
             except ValueError:
                 pass
     return max(times) if times else path.stat().st_mtime

@@ -135,6 +135,30 @@ def test_changed_weights_are_not_up_to_date(home, small_folder, tmp_path):
     assert FeatureStore.open(second.store).attrs["encoder"]["weights_sha256"] == cache.file_sha256(weights)
 
 
+def test_a_killed_cached_extraction_resumes_in_place_and_shows_as_partial(home, small_folder, monkeypatch):
+    original = FeatureStore.write_unit
+    calls = {"n": 0}
+
+    def failing(self, *a, **k):  # the process dies after its first unit
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(FeatureStore, "write_unit", failing)
+    with pytest.raises(KeyboardInterrupt):
+        extract(ExtractConfig(dataset=str(small_folder), chunk_rows=4, **TINY), progress=False)
+    monkeypatch.setattr(FeatureStore, "write_unit", original)
+    (entry,) = cache.list_stores()
+    assert not entry.complete and entry.state == "partial 1/6 units (17%)"
+    with pytest.raises(UsageError, match="not complete"):
+        cache.lookup("resnet18", str(small_folder))
+    done = extract(ExtractConfig(dataset=str(small_folder), chunk_rows=4, **TINY), progress=False)
+    assert done.status == "resumed" and done.store == entry.path and done.rows_written == 20
+    assert cache.lookup("resnet18", str(small_folder)) == entry.path
+    assert FeatureStore.open(entry.path).attrs["command"].split("--out ")[1].startswith(entry.path)  # info's resume line
+
+
 def test_file_sha256_matches_hashlib_and_is_memoized(home, tmp_path):
     import hashlib
 

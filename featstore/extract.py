@@ -155,7 +155,7 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
             _remember(request, manifest, spec, key, out)
         return ExtractResult(str(out), "up to date", rows, 0, len(existing.invalid_rows()), 0, time.perf_counter() - start, 0.0)
 
-    encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint).to(device).to(memory_format=torch.channels_last)
+    encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint, ignore_keys=config.ignore_keys).to(device).to(memory_format=torch.channels_last)
     views = select_views(feature_dims(encoder, spec.preprocess, device), config.views)
 
     if request.out is None and ranks.is_leader:

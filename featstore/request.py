@@ -28,6 +28,7 @@ class ExtractConfig:
     weights: str | None = None
     random_init: bool = False
     trust_checkpoint: bool = False
+    ignore_keys: tuple[str, ...] = ()  # globs of checkpoint keys to drop (heads of other names)
     views: list[str] | None = None
     loader: str = "auto"
     device: str = "auto"
@@ -100,6 +101,7 @@ def request_of(config: ExtractConfig) -> dict:
         "data_root": _resolved(data_root),
         "weights": _resolved(config.weights),
         "random_init": config.random_init,
+        "ignore_keys": sorted(config.ignore_keys),
         "views": sorted(config.views) if config.views else None,
         "loader": config.loader,
         "device": config.device,

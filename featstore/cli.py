@@ -100,7 +100,7 @@ def format_models(rows: list[dict]) -> str:
                        ", ".join(f"{v} {d}" for v, d in r["views"].items()), r["weights_file"]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in table]
-    return "\n".join(lines) + "\n\nweights folder: $FEATSTORE_WEIGHTS (default ~/.cache/featstore/weights); URLs and sources: --json"
+    return "\n".join(lines) + "\n\nweights folder: $FEATSTORE_WEIGHTS (default $FEATSTORE_HOME/weights, ~/.cache/featstore/weights); URLs and sources: --json"
 
 
 @cli.command()

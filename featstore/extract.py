@@ -36,8 +36,9 @@ from .loaders import Batch, choose_loader, make_loader
 from .lock import StoreLock
 from .progress import Progress, resolve_mode
 from .ranks import Ranks, wait_until
-from .request import ExtractConfig, ExtractResult, recall_up_to_date, refuse_url_out, request_of  # noqa: F401 (re-exported)
-from .store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
+from .request import (ExtractConfig, ExtractResult, dataset_dirs, recall_up_to_date, refuse_url_out,  # noqa: F401 (re-exported)
+                      remember_request, request_of)
+from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
 
 
 def _stderr(message: str) -> None:
@@ -200,8 +201,8 @@ def _remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key:
     if Path(config.dataset).suffix.lower() == ".csv":
         inputs = [str(Path(config.dataset).expanduser().resolve())]
     else:
-        inputs = cache.dataset_dirs(manifest.root)
-    cache.remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, inputs)
+        inputs = dataset_dirs(manifest.root)
+    remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, inputs)
 
 
 def _create(out: Path, manifest: Manifest, spec: EncoderSpec, views: dict[str, int], loader_name: str, key: str,

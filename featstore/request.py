@@ -10,11 +10,13 @@ key means there is nothing to do.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import is_url, recall_request, store_attrs
+from .cache import index_dir, is_url, store_attrs, write_memo
 from .errors import UsageError
 from .store import DEFAULT_CHUNK_ROWS
 
@@ -135,3 +137,85 @@ def recall_up_to_date(config: ExtractConfig) -> ExtractResult | None:
     rows = {s: int(n) for s, n in attrs.get("splits", {}).items()}
     invalid = sum(len(v) for v in attrs.get("invalid", {}).values())
     return ExtractResult(store, "up to date", rows, 0, invalid, 0, time.perf_counter() - start, 0.0)
+
+
+# ---------------------------------------------------------------- the memo of resolved requests
+
+
+def _stat_stamp(path: str) -> list:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None]
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def dataset_dirs(root: str | os.PathLike) -> list[str]:
+    """Every folder under a dataset root: adding, removing or renaming an image changes one of their
+    mtimes, and the manifest (paths + labels) is decided by nothing else."""
+    out, stack = [], [str(root)]
+    while stack:
+        d = stack.pop()
+        out.append(d)
+        try:
+            with os.scandir(d) as entries:
+                stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=True) and not e.name.startswith("."))
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def environment_stamp() -> dict:
+    """What an 'auto' loader and device and a timm preset resolve from, read without importing them."""
+    import importlib.metadata
+    import importlib.util
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    try:
+        dali = importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        dali = False
+    from . import __version__
+
+    return {
+        "featstore": __version__,
+        "timm": version("timm"),
+        "torchvision": version("torchvision"),
+        "torch": version("torch"),
+        "dali": dali,
+        "gpus": sorted(p.name for p in Path("/dev").glob("nvidia[0-9]*")),
+        "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
+def request_memo_path(request: dict) -> Path:
+    return index_dir() / "requests" / (hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest() + ".json")
+
+
+def remember_request(request: dict, key: str, store: str, weights_path: str | None, dataset_inputs: list[str]) -> None:
+    """After a full resolution: what this request resolved to, and the stamps that keep it true."""
+    memo = {
+        "cache_key": key,
+        "store": store,
+        "environment": environment_stamp(),
+        "files": [_stat_stamp(p) for p in ([weights_path] if weights_path else []) + dataset_inputs],
+    }
+    write_memo(request_memo_path(request), json.dumps(memo))
+
+
+def recall_request(request: dict) -> tuple[str, str] | None:
+    """(cache key, store path) of a request resolved before, if no stamp changed since; else None."""
+    try:
+        memo = json.loads(request_memo_path(request).read_text())
+    except (OSError, ValueError):
+        return None
+    if memo.get("environment") != environment_stamp():
+        return None
+    if any(_stat_stamp(f[0]) != f for f in memo.get("files", [])):
+        return None
+    return memo["cache_key"], memo["store"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from featstore.errors import UsageError
-from probe import fewshot, knn
+from probe import battery, fewshot, knn
 from probe import heads as H
 from probe import logreg
 
@@ -237,3 +237,61 @@ def test_parse_ints():
     for bad in ("1,x", "0", "2.5", ""):
         with pytest.raises(UsageError):
             fewshot.parse_ints(bad, what="shots", option="--shots", minimum=1)
+
+
+# -------------------------------------------------------------- methods on one store × view
+
+
+def _roles(seed=7, classes=5):
+    out_x, out_y = {}, {}
+    for i, (role, n) in enumerate((("train", 900), ("val", 300), ("test", 400))):
+        x, y = blobs(n, 12, classes, seed=seed + i, sep=0.45, offset=0.5)
+        out_x[role], out_y[role] = torch.from_numpy(x), torch.from_numpy(y)
+    return out_x, out_y
+
+
+def _scrambled(y):
+    y = dict(y)
+    y["test"] = torch.from_numpy(np.random.default_rng(0).permutation(y["test"].numpy()))
+    return y
+
+
+def test_knn_method_selects_on_val_and_reports_every_k():
+    x, y = _roles()
+    res = battery.run_knn(x, y, 5, (1, 10, 50), 0.07, "exp")
+    assert [c.settings["k"] for c in res.configs] == [1, 10, 50]
+    assert sum(c.selected for c in res.configs) == 1 and sum(c.best_test for c in res.configs) == 1
+    val = [c.metrics["val"]["top1"] for c in res.configs]
+    assert res.selected.metrics["val"]["top1"] == max(val)
+    assert all("train" not in c.metrics for c in res.configs)  # a row is its own nearest neighbour: no train accuracy
+    top1, top5 = res.predictions["test"]
+    assert top1.shape == (400,) and top5.shape == (400, 5)
+    assert res.selected.metrics["test"]["top1"] == pytest.approx((top1 == y["test"].numpy()).mean() * 100)
+    scrambled = battery.run_knn(x, _scrambled(y), 5, (1, 10, 50), 0.07, "exp")
+    assert scrambled.selected.settings == res.selected.settings
+
+
+def test_logreg_method_selects_on_val_then_refits_on_train_and_val():
+    x, y = _roles()
+    Cs = (1e-4, 1e-2, 1.0)
+    res = battery.run_logreg(x, y, 5, Cs, logreg.DEFAULT_TOL, 1000, refit=True)
+    path = [c for c in res.configs if not c.settings["refit"]]
+    assert [c.settings["C"] for c in path] == list(Cs) and not any(c.selected for c in path)
+    chosen = max(path, key=lambda c: (c.metrics["val"]["top1"], -c.settings["C"]))
+    final = res.selected
+    assert final.settings == {"C": chosen.settings["C"], "refit": True} and final is res.configs[-1]
+    assert "val" not in final.metrics and "test" in final.metrics  # val rows trained the refit
+    # the refit is the scikit-learn fit on train + val at that C, standardised on train + val
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    both = np.concatenate([x["train"].numpy(), x["val"].numpy()])
+    both_y = np.concatenate([y["train"].numpy(), y["val"].numpy()])
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=final.settings["C"], max_iter=1000)).fit(both, both_y)
+    assert final.metrics["test"]["top1"] == pytest.approx(100 * ref.score(x["test"].numpy(), y["test"].numpy()), abs=0.3)
+    assert res.predictions["test"][0].shape == (400,)
+    scrambled = battery.run_logreg(x, _scrambled(y), 5, Cs, logreg.DEFAULT_TOL, 1000, refit=True)
+    assert scrambled.selected.settings == final.settings
+    no_refit = battery.run_logreg(x, y, 5, Cs, logreg.DEFAULT_TOL, 1000, refit=False)
+    assert len(no_refit.configs) == 3 and no_refit.selected.settings == {"C": chosen.settings["C"], "refit": False}

@@ -16,11 +16,17 @@ from featstore.errors import UsageError
 DEFAULT_SHOTS = (1, 5, 10, 25)  # the usual few-shot points, k examples per class
 
 
-def parse_ints(text, *, what: str, option: str, minimum: int = 0) -> tuple[int, ...]:
-    """``1,5,10`` (or a list of ints) → a sorted tuple of distinct ints >= ``minimum``."""
+def parse_ints(text, *, what: str, option: str, minimum: int = 0, allow_all: bool = False, keep_order: bool = False) -> tuple[int, ...]:
+    """``1,5,10`` (or a list of ints) → a sorted tuple of distinct ints >= ``minimum``.
+
+    ``allow_all``: the word ``all`` is 0 (every row); ``keep_order``: keep the given order (seeds).
+    """
     items = list(text) if isinstance(text, (list, tuple)) else str(text).split(",")
     values = []
     for item in items:
+        if allow_all and str(item).strip().lower() == "all":
+            values.append(0)
+            continue
         try:
             value = float(item)
         except (TypeError, ValueError):
@@ -30,7 +36,7 @@ def parse_ints(text, *, what: str, option: str, minimum: int = 0) -> tuple[int, 
         values.append(int(value))
     if not values:
         raise UsageError(f"empty {what}", f"pass {option} like 1,5,10")
-    return tuple(sorted(set(values)))
+    return tuple(dict.fromkeys(values)) if keep_order else tuple(sorted(set(values)))
 
 
 def permutation(num_rows: int, seed: int) -> np.ndarray:

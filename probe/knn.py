@@ -20,9 +20,9 @@ import torch
 
 from featstore.errors import UsageError
 
-WEIGHTINGS = ("exp", "uniform")
-DEFAULT_KS = (10, 20, 100, 200)  # DINO (Caron et al. 2021) and DINOv2 report these
-DEFAULT_TEMPERATURE = 0.07  # DINO's T for the exp(sim / T) vote weight
+from .protocol import DEFAULT_KNN_TEMPERATURE as DEFAULT_TEMPERATURE
+from .protocol import KNN_WEIGHTS as WEIGHTINGS
+
 _CHUNK_ELEMENTS = 1 << 26  # similarity elements per chunk: 256 MiB in float32
 
 

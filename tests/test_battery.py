@@ -3,6 +3,8 @@ against a reference (a direct float64 implementation, scikit-learn)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -244,7 +246,7 @@ def test_parse_ints():
 
 def _roles(seed=7, classes=5):
     out_x, out_y = {}, {}
-    for i, (role, n) in enumerate((("train", 900), ("val", 300), ("test", 400))):
+    for i, (role, n) in enumerate((("train", 900), ("select", 300), ("report", 400))):
         x, y = blobs(n, 12, classes, seed=seed + i, sep=0.45, offset=0.5)
         out_x[role], out_y[role] = torch.from_numpy(x), torch.from_numpy(y)
     return out_x, out_y
@@ -252,46 +254,79 @@ def _roles(seed=7, classes=5):
 
 def _scrambled(y):
     y = dict(y)
-    y["test"] = torch.from_numpy(np.random.default_rng(0).permutation(y["test"].numpy()))
+    y["report"] = torch.from_numpy(np.random.default_rng(0).permutation(y["report"].numpy()))
     return y
 
 
-def test_knn_method_selects_on_val_and_reports_every_k():
+def test_knn_method_selects_on_the_selection_split_and_reports_every_k():
     x, y = _roles()
     res = battery.run_knn(x, y, 5, (1, 10, 50), 0.07, "exp")
     assert [c.settings["k"] for c in res.configs] == [1, 10, 50]
-    assert sum(c.selected for c in res.configs) == 1 and sum(c.best_test for c in res.configs) == 1
-    val = [c.metrics["val"]["top1"] for c in res.configs]
-    assert res.selected.metrics["val"]["top1"] == max(val)
+    assert sum(c.selected for c in res.configs) == 1 and sum(c.best_report for c in res.configs) == 1
+    val = [c.metrics["select"]["top1"] for c in res.configs]
+    assert res.selected.metrics["select"]["top1"] == max(val)
     assert all("train" not in c.metrics for c in res.configs)  # a row is its own nearest neighbour: no train accuracy
-    top1, top5 = res.predictions["test"]
+    top1, top5 = res.predictions["report"]
     assert top1.shape == (400,) and top5.shape == (400, 5)
-    assert res.selected.metrics["test"]["top1"] == pytest.approx((top1 == y["test"].numpy()).mean() * 100)
+    assert res.selected.metrics["report"]["top1"] == pytest.approx((top1 == y["report"].numpy()).mean() * 100)
     scrambled = battery.run_knn(x, _scrambled(y), 5, (1, 10, 50), 0.07, "exp")
     assert scrambled.selected.settings == res.selected.settings
 
 
-def test_logreg_method_selects_on_val_then_refits_on_train_and_val():
+def test_logreg_method_selects_then_refits_on_train_and_selection_rows():
     x, y = _roles()
     Cs = (1e-4, 1e-2, 1.0)
     res = battery.run_logreg(x, y, 5, Cs, logreg.DEFAULT_TOL, 1000, refit=True)
     path = [c for c in res.configs if not c.settings["refit"]]
     assert [c.settings["C"] for c in path] == list(Cs) and not any(c.selected for c in path)
-    chosen = max(path, key=lambda c: (c.metrics["val"]["top1"], -c.settings["C"]))
+    chosen = max(path, key=lambda c: (c.metrics["select"]["top1"], -c.settings["C"]))
     final = res.selected
     assert final.settings == {"C": chosen.settings["C"], "refit": True} and final is res.configs[-1]
-    assert "val" not in final.metrics and "test" in final.metrics  # val rows trained the refit
+    assert "select" not in final.metrics and "report" in final.metrics  # the selection rows trained the refit
     # the refit is the scikit-learn fit on train + val at that C, standardised on train + val
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    both = np.concatenate([x["train"].numpy(), x["val"].numpy()])
-    both_y = np.concatenate([y["train"].numpy(), y["val"].numpy()])
+    both = np.concatenate([x["train"].numpy(), x["select"].numpy()])
+    both_y = np.concatenate([y["train"].numpy(), y["select"].numpy()])
     ref = make_pipeline(StandardScaler(), LogisticRegression(C=final.settings["C"], max_iter=1000)).fit(both, both_y)
-    assert final.metrics["test"]["top1"] == pytest.approx(100 * ref.score(x["test"].numpy(), y["test"].numpy()), abs=0.3)
-    assert res.predictions["test"][0].shape == (400,)
+    assert final.metrics["report"]["top1"] == pytest.approx(100 * ref.score(x["report"].numpy(), y["report"].numpy()), abs=0.3)
+    assert res.predictions["report"][0].shape == (400,)
     scrambled = battery.run_logreg(x, _scrambled(y), 5, Cs, logreg.DEFAULT_TOL, 1000, refit=True)
     assert scrambled.selected.settings == final.settings
     no_refit = battery.run_logreg(x, y, 5, Cs, logreg.DEFAULT_TOL, 1000, refit=False)
     assert len(no_refit.configs) == 3 and no_refit.selected.settings == {"C": chosen.settings["C"], "refit": False}
+
+
+# ------------------------------------------------------------------------------------ protocol
+
+
+def test_default_protocol_hash_is_unchanged_by_the_battery():
+    from probe import Protocol
+
+    # the default (linear only, every row, one seed) hash from before the battery existed
+    assert Protocol().hash == "31bde9ae39a5e9f4"
+    assert Protocol(methods="linear", seeds=[0]).hash == "31bde9ae39a5e9f4"
+    record = Protocol().to_dict()
+    assert not {"methods", "knn_k", "logreg_C", "shots", "seeds"} & set(record)
+
+
+def test_battery_settings_are_recorded_and_each_changes_the_hash():
+    from probe import Protocol
+
+    base = Protocol(methods="logreg,knn,linear", shots="1,5", seeds="0,1")
+    assert base.methods == ("linear", "knn", "logreg") and base.shots == (1, 5) and base.seeds == (0, 1)
+    assert Protocol.from_dict(json.loads(json.dumps(base.to_dict()))).hash == base.hash
+    changes = {"methods": "linear,knn", "knn_k": "10,20", "knn_temperature": 0.1, "knn_weights": "uniform", "logreg_C": "0.1,1",
+               "logreg_max_iter": 100, "logreg_tol": 1e-5, "logreg_refit": False, "shots": "1,all", "seeds": "0,1,2"}  # fmt: skip
+    hashes = {base.hash} | {base.replace(**{k: v}).hash for k, v in changes.items()}
+    assert len(hashes) == len(changes) + 1
+    # settings of a method that does not run do not act, so they do not split comparisons
+    assert Protocol(knn_k="5").hash == Protocol().hash
+    assert Protocol(methods="knn", logreg_C="1").hash == Protocol(methods="knn").hash
+    assert len(Protocol(methods="logreg").logreg_C) == 45 and Protocol(seeds="3,1").seed == 3
+    assert Protocol(shots="all,5").run_shots == (None, 5)
+    for bad in (dict(methods="svm"), dict(knn_k="0"), dict(knn_weights="distance"), dict(logreg_C="0,1"), dict(shots="x"), dict(seeds="-1"), dict(knn_temperature=0)):
+        with pytest.raises(UsageError):
+            Protocol(**bad)

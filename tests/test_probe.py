@@ -126,7 +126,8 @@ def test_protocol_hash_stable_and_sensitive():
         "lr_grid": "1e-3,1e-2", "wd_grid": "0,1e-4", "optimizer": "adamw", "epochs": 7, "batch_size": 64, "momentum": 0.8,
         "betas": (0.8, 0.99), "eps": 1e-6, "schedule": "constant", "normalize": "l2", "val_fraction": 0.2, "seed": 3, "version": 99, "select_on": "holdout",
     }  # fmt: skip
-    assert set(changes) | {"selection"} == {f.name for f in fields(Protocol)}
+    battery = {"methods", "knn_k", "knn_temperature", "knn_weights", "logreg_C", "logreg_max_iter", "logreg_tol", "logreg_refit", "shots", "seeds"}
+    assert set(changes) | {"selection"} | battery == {f.name for f in fields(Protocol)}  # battery fields: tests/test_battery.py
     hashes = {p.hash}
     for name, value in changes.items():
         hashes.add(p.replace(**{name: value}).hash)

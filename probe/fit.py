@@ -197,14 +197,15 @@ def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cac
     """Every seed × shots × method on one store × view; each split's features read once."""
     features: dict[str, np.ndarray] = {}
     finite: dict[str, np.ndarray] = {}
+    memo: dict[tuple, battery.MethodResult] = {}
     rows: list[dict] = []
     for seed in protocol.run_seeds:
         for shots in protocol.run_shots:
-            rows += _fit_case(info, view, protocol, seed, shots, features, finite, dev, dtype, orders_cache, log, warn)
+            rows += _fit_case(info, view, protocol, seed, shots, features, finite, memo, dev, dtype, orders_cache, log, warn)
     return rows
 
 
-def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int | None, features, finite, dev, dtype, orders_cache, log, warn) -> list[dict]:
+def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int | None, features, finite, memo, dev, dtype, orders_cache, log, warn) -> list[dict]:
     t0 = time.perf_counter()
     fs, plan = info.store, info.plans[seed]
     roles = {"train": (plan.train_split, plan.train_rows), "select": (plan.select_source, plan.select_rows)}
@@ -239,14 +240,20 @@ def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int
     raw = {role: torch.from_numpy(np.ascontiguousarray(features[split][kept[role]])).to(dev) for role, (split, _) in roles.items()}
     labels = {role: torch.from_numpy(info.labels[split][kept[role]]).to(dev) for role, (split, _) in roles.items()}
     case = _Case(info, view, protocol, plan, seed, shots, kept, excluded_invalid, excluded_nonfinite, dev, dtype, t0)
+    # k-NN and logistic regression have no randomness: a seed changes them only through the rows
+    # (holdout, few-shot sample), so a seed with the same rows as an earlier one reuses its result
+    rows_key = tuple(hashlib.sha256(np.ascontiguousarray(kept[r]).tobytes()).hexdigest() for r in sorted(kept))
     out: list[dict] = []
     for method in protocol.methods:
         if method == "linear":
             out += _linear(case, raw, labels, orders_cache, log, warn)
-        elif method == "knn":
-            out += _knn(case, raw, labels, warn)
         else:
-            out += _logreg(case, raw, labels, warn)
+            key = (method, rows_key)
+            reused = key in memo
+            if not reused:
+                run = _knn_result if method == "knn" else _logreg_result
+                memo[key] = run(case, raw, labels, warn)
+            out += (_knn_rows if method == "knn" else _logreg_rows)(case, memo[key], reused, warn)
         case.t0 = time.perf_counter()  # each method's rows carry its own seconds
     return out
 
@@ -371,30 +378,37 @@ def _case_words(case: _Case) -> str:
     return f" ({words.strip()})" if words else ""
 
 
-def _knn(case: _Case, raw, labels, warn) -> list[dict]:
+def _knn_result(case: _Case, raw, labels, warn) -> battery.MethodResult:
     p = case.protocol
     n_train = len(case.kept["train"])
     big = [k for k in p.knn_k if k > n_train]
     if big and case.view == case.info.views[0] and case.seed == p.run_seeds[0]:
         warn(f"{case.where}: k-NN k {', '.join(map(str, big))} exceed the {n_train} training rows; they use every training row")
-    res = battery.run_knn(raw, labels, case.info.num_classes, p.knn_k, p.knn_temperature, p.knn_weights)
+    return battery.run_knn(raw, labels, case.info.num_classes, p.knn_k, p.knn_temperature, p.knn_weights)
+
+
+def _knn_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> list[dict]:
     seconds = case.seconds()
     on_report = case.plan.selects_on_report  # the selected one is the max over the reported split
     return [case.row("knn", c.metrics, k=c.settings["k"], temperature=c.settings["temperature"], normalize="l2",
                      selected=c.selected, best_report=c.best_report or (on_report and c.selected), sweep_seconds=seconds) for c in res.configs]  # fmt: skip
 
 
-def _logreg(case: _Case, raw, labels, warn) -> list[dict]:
+def _logreg_result(case: _Case, raw, labels, warn) -> battery.MethodResult:
     p = case.protocol
     # refit on train + selection rows only when the reported split is another split (a refit that
     # trained on the reported rows, --select-on report, or with nothing reported would mean
     # nothing) and on every training row (a few-shot refit would add the whole selection split to
     # k examples per class: no longer a few-shot result)
     refit = p.logreg_refit and "report" in raw and case.shots is None
-    res = battery.run_logreg(raw, labels, case.info.num_classes, p.logreg_C, p.logreg_tol, p.logreg_max_iter, refit)
+    return battery.run_logreg(raw, labels, case.info.num_classes, p.logreg_C, p.logreg_tol, p.logreg_max_iter, refit)
+
+
+def _logreg_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> list[dict]:
+    p = case.protocol
     seconds = case.seconds()
     capped = [c.settings["C"] for c in res.configs if not c.extra["converged"]]
-    if capped:
+    if capped and not reused:
         warn(f"{case.where}: logistic regression reached --logreg-max-iter {p.logreg_max_iter} at C {', '.join(f'{c:g}' for c in capped)}")
     chosen = res.selected.settings["C"]
     if len(p.logreg_C) >= 3 and chosen in (p.logreg_C[0], p.logreg_C[-1]) and case.first:

@@ -147,3 +147,13 @@ def test_few_shot_logreg_is_never_refit_and_trains_on_k_per_class(store):
     assert not any(r["refit"] for r in few) and {r["n_train"] for r in few} == {20}
     assert sum(r["selected"] for r in few) == 1
     assert any(r["refit"] and r["selected"] for r in rows if r["shots"] is None)
+
+
+def test_a_seed_reuses_knn_and_logreg_only_when_its_rows_are_the_same(tmp_path, digits):
+    both = probe.fit(make_store(tmp_path / "v.zarr", digits), Protocol(methods="knn", seeds="0,1", knn_k="1,5,20"), device="cpu")
+    by_seed = {s: [r["report_top1_pct"] for r in both if r["seed"] == s] for s in (0, 1)}
+    assert by_seed[0] == by_seed[1]  # a store val split and every train row: nothing depends on the seed
+    layout = {"train": digits["train"], "val": digits["val"]}
+    held = probe.fit(make_store(tmp_path / "h.zarr", layout), Protocol(methods="knn", seeds="0,1", knn_k="1,5,20"), device="cpu")
+    by_seed = {s: [r["select_top1_pct"] for r in held if r["seed"] == s] for s in (0, 1)}
+    assert by_seed[0] != by_seed[1]  # a holdout per seed: recomputed

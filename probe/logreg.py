@@ -8,8 +8,8 @@ W (D × K) and an unpenalised intercept b,
 solved here in its scaled form ``mean CE + ‖W‖² / (2 C n)`` (the same minimiser; scikit-learn
 scales it the same way, so ``tol`` means the same: the largest gradient component of the scaled
 objective, scipy's ``pgtol``). The whole C grid is one warm-started path: C ascending (largest
-regularisation first), each solve starting from the previous solution, which cuts the
-iterations of every point after the first several-fold.
+regularisation first), each solve starting from the previous solution, and L-BFGS is
+preconditioned with the features' second-moment matrix (:class:`GramPreconditioner`).
 
 Each function evaluation is one pass over the rows in chunks: logits GEMM, softmax, gradient
 GEMM on the same chunk while it is still in cache. Features should be standardised first
@@ -129,13 +129,44 @@ class _Objective:
         return f, torch.cat([gw + self.lam * w, gb[None]], 0)
 
 
+class GramPreconditioner:
+    """P ≈ (Hessian)⁻¹ on the weight rows: (S + λ·I)⁻¹ with S = XᵀX / n, the identity on the
+    intercept row. The cross-entropy Hessian is E[x xᵀ ⊗ (diag p − p pᵀ)]; its x xᵀ factor carries
+    the features' correlations, which is what slows plain L-BFGS on real encoder features. The
+    class factor is left to L-BFGS's scalar step (γ = s·y / y·Py); weighting S by 1 rather than
+    by 1/K was measured to need fewer passes (68 vs 96 on the benchmark's 13-C path; 107 without
+    a preconditioner). One eigendecomposition of S (D × D) per training set; applying P is two
+    D × D × K products.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        n = x.shape[0]
+        gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        step = max(1, _CHUNK_ELEMENTS // x.shape[1])
+        for i in range(0, n, step):
+            xc = x[i : i + step]
+            gram += (xc.t() @ xc).double()
+        values, vectors = torch.linalg.eigh(gram / n)
+        self.values = values.clamp_min(0).to(x.dtype)[:, None]
+        self.vectors = vectors.to(x.dtype)
+        self.lam = 0.0
+        self.d = x.shape[1]
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        out = q.clone()
+        w = q[: self.d]
+        out[: self.d] = self.vectors @ ((self.vectors.t() @ w) / (self.values + self.lam))
+        return out
+
+
 class Memory:
     """L-BFGS curvature pairs (s, y). (Carrying them from one C to the next, with y corrected
     exactly for the penalty change, was measured: more iterations than a fresh memory, 130 vs 99
     on the benchmark's path, so every solve starts fresh.)"""
 
-    def __init__(self, size: int = HISTORY):
+    def __init__(self, size: int = HISTORY, precondition=None):
         self.size = size
+        self.precondition = precondition
         self.pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / s·y)
 
     def add(self, s: torch.Tensor, y: torch.Tensor) -> None:
@@ -145,31 +176,36 @@ class Memory:
             del self.pairs[: -self.size]
 
     def direction(self, g: torch.Tensor) -> torch.Tensor:
-        """−H·g by the two-loop recursion, H0 = (s·y / y·y)·I of the newest pair."""
+        """−H·g by the two-loop recursion, H0 = γ·P (P the preconditioner, or I), γ = s·y / y·Py
+        of the newest pair."""
         q = g.neg()
         alphas = []
         for s, y, r in reversed(self.pairs):
             a = r * float((s * q).sum())
             alphas.append(a)
             q.add_(y, alpha=-a)
+        p = self.precondition or (lambda v: v)
         if self.pairs:
             _, y, r = self.pairs[-1]
-            q.mul_(1.0 / (r * float((y * y).sum())))
+            q = p(q).mul_(1.0 / (r * float((y * p(y)).sum())))
+        elif self.precondition is not None:
+            q = p(q)
         for (s, y, r), a in zip(self.pairs, reversed(alphas)):
             q.add_(s, alpha=a - r * float((y * q).sum()))
         return q
 
 
-def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int) -> tuple[torch.Tensor, int, float]:
+def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int, precondition=None) -> tuple[torch.Tensor, int, float]:
     """Minimise a smooth convex function from ``theta``; returns (solution, iterations, max |gradient|).
 
     ``fg(theta) -> (f, gradient)``. L-BFGS two-loop recursion with an Armijo backtracking line
     search (step 1 first, then quadratic interpolation); it stops when the largest gradient
     component is <= ``tol`` (scipy's pgtol), after ``max_iter`` iterations, or when the line search
     finds no decrease, or an iteration lowers f by less than 1 ulp of its value (the objective is
-    as low as the dtype's arithmetic can tell: scipy's ``ftol`` rule).
+    as low as the dtype's arithmetic can tell: scipy's ``ftol`` rule). ``precondition(v)``
+    applies an approximate inverse Hessian (the initial H0 up to L-BFGS's scalar).
     """
-    memory = Memory()
+    memory = Memory(precondition=precondition)
     f, g = fg(theta)
     ftol = torch.finfo(theta.dtype).eps
     g_max = float(g.abs().max())
@@ -224,14 +260,15 @@ def fit_path(
     if n == 0:
         raise UsageError("logistic regression needs at least one training row")
     objective = _Objective(x, y.to(x.device, torch.int64))
+    precondition = GramPreconditioner(x)
     theta = torch.zeros(d + 1, num_classes, dtype=x.dtype, device=x.device)
     if init is not None:
         theta[:d].copy_(init[0])
         theta[d].copy_(init[1])
     weights, biases, iters, objectives, grads = [], [], [], [], []
     for C in Cs:
-        objective.lam = 1.0 / (C * n)
-        theta, n_iter, g_max = lbfgs(objective, theta, tol=tol, max_iter=max_iter)
+        objective.lam = precondition.lam = 1.0 / (C * n)
+        theta, n_iter, g_max = lbfgs(objective, theta, tol=tol, max_iter=max_iter, precondition=precondition)
         loss, _ = objective(theta)  # the kept data pass: no extra pass over x
         weights.append(theta[:d].clone())
         biases.append(theta[d].clone())

@@ -387,11 +387,26 @@ def _knn_result(case: _Case, raw, labels, warn) -> battery.MethodResult:
     return battery.run_knn(raw, labels, case.info.num_classes, p.knn_k, p.knn_temperature, p.knn_weights)
 
 
+def _report_predictions(case: _Case, res: battery.MethodResult) -> dict | None:
+    """The selected configuration's per-image predictions on the reported rows (the selection rows
+    with --select-on report; None when nothing is reported): dataset paths, targets, top-1, top-5.
+    Kept on the selected row (not a CSV column) for the per-image predictions file."""
+    role = "report" if "report" in res.predictions else ("select" if case.plan.selects_on_report else None)
+    if role is None:
+        return None
+    split = case.plan.report_source if role == "report" else case.plan.select_source
+    rows = case.kept[role]
+    top1, top5 = res.predictions[role]
+    return {"paths": case.info.store.paths(split)[rows], "target": case.info.labels[split][rows], "pred": top1, "top5": top5}
+
+
 def _knn_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> list[dict]:
     seconds = case.seconds()
     on_report = case.plan.selects_on_report  # the selected one is the max over the reported split
-    return [case.row("knn", c.metrics, k=c.settings["k"], temperature=c.settings["temperature"], normalize="l2",
-                     selected=c.selected, best_report=c.best_report or (on_report and c.selected), sweep_seconds=seconds) for c in res.configs]  # fmt: skip
+    out = [case.row("knn", c.metrics, k=c.settings["k"], temperature=c.settings["temperature"], normalize="l2",
+                    selected=c.selected, best_report=c.best_report or (on_report and c.selected), sweep_seconds=seconds) for c in res.configs]  # fmt: skip
+    next(r for r in out if r["selected"])["report_predictions"] = _report_predictions(case, res)
+    return out
 
 
 def _logreg_result(case: _Case, raw, labels, warn) -> battery.MethodResult:
@@ -415,6 +430,8 @@ def _logreg_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> 
         warn(f"{case.where}: the selected C {chosen:g} is at the edge of the grid; consider widening --logreg-C")
     on_report = case.plan.selects_on_report
     n_refit = len(case.kept["train"]) + len(case.kept["select"])
-    return [case.row("logreg", c.metrics, C=c.settings["C"], refit=c.settings["refit"], normalize="standardize",
-                     selected=c.selected, best_report=c.best_report or (on_report and c.selected), sweep_seconds=seconds,
-                     **({"n_train": n_refit} if c.settings["refit"] else {})) for c in res.configs]  # fmt: skip
+    out = [case.row("logreg", c.metrics, C=c.settings["C"], refit=c.settings["refit"], normalize="standardize",
+                    selected=c.selected, best_report=c.best_report or (on_report and c.selected), sweep_seconds=seconds,
+                    **({"n_train": n_refit} if c.settings["refit"] else {})) for c in res.configs]  # fmt: skip
+    next(r for r in out if r["selected"])["report_predictions"] = _report_predictions(case, res)
+    return out

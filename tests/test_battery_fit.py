@@ -41,7 +41,7 @@ def _selected(rows):
     return {(r["method"], r["shots"], r["seed"]): r for r in rows if r["selected"]}
 
 
-def test_battery_rows_selection_and_summary(store, tmp_path):
+def test_battery_rows_selection_and_summary(store, tmp_path, digits):
     p = Protocol(methods="linear,knn,logreg", seeds="0,1", **QUICK)
     rows = probe.fit(store, p, device="cpu", warn=lambda m: None, out=tmp_path / "res")
     per_seed = 2 + 3 + 5 + 1  # linear heads, k values, C values, the refit
@@ -61,6 +61,15 @@ def test_battery_rows_selection_and_summary(store, tmp_path):
             best = max(same, key=lambda x: (x["select_top1_pct"], -x[key]))
             assert r[key] == best[key]
         assert r["report_top1_pct"] > 80
+    # per-image predictions of the selected k-NN and logreg configurations (for predictions.csv)
+    test_ids = digits["test"][2]
+    for method in ("knn", "logreg"):
+        pred = sel[(method, None, 0)]["report_predictions"]
+        assert pred["pred"].shape == (len(test_ids),) and pred["top5"].shape == (len(test_ids), 5)
+        np.testing.assert_array_equal(pred["pred"], pred["top5"][:, 0])
+        np.testing.assert_array_equal(pred["target"], digits["test"][1])
+        assert (pred["pred"] == pred["target"]).mean() * 100 == pytest.approx(sel[(method, None, 0)]["report_top1_pct"], abs=1e-3)
+        assert len(pred["paths"]) == len(test_ids) and len(set(pred["paths"].tolist())) == len(test_ids)
     knn_rows = [r for r in rows if r["method"] == "knn"]
     assert all(r["temperature"] == 0.07 and r["lr"] is None and r["C"] is None and r["train_top1_pct"] is None for r in knn_rows)
     # summary: mean ± sample std over the seeds, checked against the statistics module

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_probe import synth  # noqa: E402
+from bench_probe import synth, write_store  # noqa: E402
 from common import OUT_DIR, machine, sync, table, write_json  # noqa: E402
 from featstore.device import resolve_device  # noqa: E402
 from probe import heads as H  # noqa: E402
@@ -129,21 +129,12 @@ def bench_full_battery(device: torch.device) -> list[dict]:
     import tempfile
 
     import probe
-    from featstore.store import FeatureStore
     from probe import Protocol
 
     data = {k: synth(n, 512, 10, 0.15, seed, device) for seed, (k, n) in enumerate((("train", 50_000), ("val", 5_000), ("test", 10_000)))}
     protocol = Protocol(epochs=10, batch_size=1024, methods="linear,knn,logreg", logreg_C=list(C_GRID), seeds="0,1,2,3,4")
     with tempfile.TemporaryDirectory(prefix="bench-battery-") as tmp:
-        path = Path(tmp) / "feats.zarr"
-        splits = {k: ([f"{i}" for i in range(len(y))], y.cpu().numpy()) for k, (x, y) in data.items()}
-        store = FeatureStore.create(path, splits=splits, views={"feat": 512}, dtype="float16", chunk_rows=8192,
-                                    attrs={"encoder": {"name": "synthetic"}, "dataset": {"name": "synthetic", "manifest_sha256": "bench"}})  # fmt: skip
-        for k, (x, y) in data.items():
-            x16 = x.cpu().to(torch.float16).numpy()
-            for u in store.units(k):
-                store.write_unit(u, {"feat": x16[u.start : u.stop]}, np.ones(u.rows, bool))
-        store.finalize()
+        path = write_store(Path(tmp) / "feats.zarr", data)
         t = time.perf_counter()
         rows = probe.fit(path, protocol, device=device, warn=lambda m: None)
         seconds = time.perf_counter() - t

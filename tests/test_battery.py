@@ -13,14 +13,7 @@ from featstore.errors import UsageError
 from probe import battery, fewshot, knn
 from probe import heads as H
 from probe import logreg
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.test_probe import one_thread  # noqa: F401 (autouse fixture: one thread for small problems)
 
 
 def blobs(n: int, dim: int, classes: int, seed: int, sep: float = 0.6, offset: float = 0.0):
@@ -89,10 +82,10 @@ def test_knn_uniform_equals_sklearn():
     from sklearn.neighbors import KNeighborsClassifier
 
     classes = 10
-    train_x, train_y = blobs(800, 12, classes, seed=2, sep=0.5, offset=0.2)
-    query_x, _ = blobs(300, 12, classes, seed=3, sep=0.5, offset=0.2)
+    train_x, train_y = blobs(500, 12, classes, seed=2, sep=0.5, offset=0.2)
+    query_x, _ = blobs(200, 12, classes, seed=3, sep=0.5, offset=0.2)
     ks = (10, 20, 100, 200)
-    pred = _knn_torch(train_x, train_y, query_x, ks, classes, weights="uniform", chunk_elements=800 * 64)
+    pred = _knn_torch(train_x, train_y, query_x, ks, classes, weights="uniform", chunk_elements=500 * 64)
     for j, k in enumerate(ks):
         ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit(train_x, train_y).predict(query_x)
         # uniform votes are integers, so vote ties are exact and both break them to the smaller class

@@ -14,27 +14,9 @@ from click.testing import CliRunner
 import probe
 from probe import Protocol
 from probe.cli import main as cli
-from tests.test_probe import digits_splits, make_store
+from tests.test_probe import digits, make_store, one_thread, store  # noqa: F401 (fixtures: one thread, the digits store)
 
 QUICK = dict(lr_grid="1e-2,0.1", epochs=3, batch_size=128, knn_k="1,5,20", logreg_C="1e-3:10:5")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_splits()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, digits):
-    return make_store(tmp_path_factory.mktemp("b") / "digits.zarr", digits)
 
 
 def _selected(rows):
@@ -166,3 +148,16 @@ def test_a_seed_reuses_knn_and_logreg_only_when_its_rows_are_the_same(tmp_path, 
     held = probe.fit(make_store(tmp_path / "h.zarr", layout), Protocol(methods="knn", seeds="0,1", knn_k="1,5,20"), device="cpu")
     by_seed = {s: [r["select_top1_pct"] for r in held if r["seed"] == s] for s in (0, 1)}
     assert by_seed[0] != by_seed[1]  # a holdout per seed: recomputed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_knn_and_logreg_on_cuda_match_cpu(store):
+    # both run in float32 on every device: the same selections and accuracies to rounding
+    p = Protocol(methods="knn,logreg", **QUICK)
+    cpu = probe.fit(store, p, device="cpu", warn=lambda m: None)
+    gpu = probe.fit(store, p, device="cuda", warn=lambda m: None)
+    assert gpu[0]["device"].startswith("cuda")
+    for a, b in zip(cpu, gpu):
+        assert (a["method"], a["k"], a["C"], a["refit"], a["selected"]) == (b["method"], b["k"], b["C"], b["refit"], b["selected"])
+        assert abs(a["report_top1_pct"] - b["report_top1_pct"]) <= 0.3

@@ -298,7 +298,8 @@ def test_logreg_method_selects_then_refits_on_train_and_selection_rows():
 def test_default_protocol_hash_is_unchanged_by_the_battery():
     from probe import Protocol
 
-    # the default (linear only, every row, one seed) hash from before the battery existed
+    # the default (linear only, every row, one seed) hash of main before the battery existed: a
+    # battery field must never enter a default run's record (update only on a deliberate protocol change)
     assert Protocol().hash == "31bde9ae39a5e9f4"
     assert Protocol(methods="linear", seeds=[0]).hash == "31bde9ae39a5e9f4"
     record = Protocol().to_dict()

@@ -132,14 +132,20 @@ def is_battery(rows: list[dict]) -> bool:
 
 def plot(rows: list[dict], path: Path, protocol: Protocol | None = None) -> None:
     """Write :func:`figure` of :func:`plot_rows` as a PNG."""
-    fig = figure(plot_rows(rows), protocol)
+    shown = plot_rows(rows)
+    note = None
+    if is_battery(rows):
+        seeds = list(dict.fromkeys(r["seed"] for r in rows))
+        size = "every training row" if shown[0].get("shots") is None else f"{shown[0]['shots']} per class"
+        note = f"the linear probe of seed {shown[0]['seed']}" + (f" (of {len(seeds)})" if len(seeds) > 1 else "") + f", {size}; all methods, seeds and sizes: summary.csv"
+    fig = figure(shown, protocol, note)
     import matplotlib.pyplot as plt
 
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
-def figure(rows: list[dict], protocol: Protocol | None = None):
+def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None = None):
     """Selection-split and reported-split top-1 against LR (log axis), one line per store (× view
     × wd), the selected head starred with its LR written beside the star; the panels are
     :func:`plot_panels`, the title :func:`plot_title`, a legend on every panel with several lines.
@@ -194,7 +200,8 @@ def figure(rows: list[dict], protocol: Protocol | None = None):
     axes[0].set_ylabel("top-1 accuracy (%)")
     # wrap the title to the figure's width (about 12 characters an inch at this size): never clipped
     width = int(fig.get_figwidth() * 12)
-    fig.suptitle("\n".join(textwrap.fill(line, width) for line in plot_title(rows, protocol).split("\n")), fontsize=10)
+    title = plot_title(rows, protocol) + (f"\n{note}" if note else "")
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")), fontsize=10)
     fig.tight_layout()
     return fig
 

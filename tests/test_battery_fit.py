@@ -163,3 +163,19 @@ def test_knn_and_logreg_on_cuda_match_cpu(store):
     for a, b in zip(cpu, gpu):
         assert (a["method"], a["k"], a["C"], a["refit"], a["selected"]) == (b["method"], b["k"], b["C"], b["refit"], b["selected"])
         assert abs(a["report_top1_pct"] - b["report_top1_pct"]) <= 0.3
+
+
+def test_every_store_of_a_comparison_gets_the_same_few_shot_rows(tmp_path, digits):
+    # cosine k-NN ignores a feature scale: two stores whose features differ only by a factor
+    # give identical predictions exactly when they trained on the same few-shot rows
+    scaled = {k: (x * 3.0, y, ids) for k, (x, y, ids) in digits.items()}
+    a = make_store(tmp_path / "a.zarr", digits)
+    b = make_store(tmp_path / "b.zarr", scaled)
+    rows = probe.fit([f"a={a}", f"b={b}"], Protocol(methods="knn", shots="1,3", seeds="0,1", knn_k="1,3"), device="cpu", warn=lambda m: None)
+    sel = {(r["label"], r["shots"], r["seed"]): r for r in rows if r["selected"]}
+    for shots in (1, 3):
+        for seed in (0, 1):
+            pa, pb = sel[("a", shots, seed)]["report_predictions"], sel[("b", shots, seed)]["report_predictions"]
+            np.testing.assert_array_equal(pa["pred"], pb["pred"])
+    # and a different seed draws different rows
+    assert not np.array_equal(sel[("a", 1, 0)]["report_predictions"]["pred"], sel[("a", 1, 1)]["report_predictions"]["pred"])

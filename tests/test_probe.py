@@ -550,7 +550,7 @@ def test_out_is_never_silently_overwritten(store, tmp_path):
     (out / "stale.txt").write_text("notes")
     code, output = run_cli([*args, "--seed", "3", "--out", str(out), "--overwrite"])
     assert code == 0, output
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_lr.png", "protocol.json", "results.csv", "stale.txt"]  # others' files stay
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_lr.png", "protocol.json", "results.csv", "stale.txt", "summary.csv"]  # others' files stay
     assert len((out / "results.csv").read_text().splitlines()) == 2 and ",3," in (out / "results.csv").read_text()
     mine = tmp_path / "mine"
     mine.mkdir()

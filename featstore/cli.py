@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -29,27 +28,32 @@ def cli(debug):
 @cli.command()
 @click.option("--model", required=True, help="Preset (dino, dino-b, dino-l, dinov1, resnet18, resnet50), a timm name, tv:<torchvision name>, or file.py:build.")
 @click.option("--dataset", default="digits", show_default=True, help="digits, imagenet, an ImageFolder directory, or a CSV file list (path,label[,split]).")
-@click.option("--out", required=True, type=click.Path(), help="Store to write (a .zarr folder).")
+@click.option("--out", required=True, type=click.Path(), help="Store to write (a .zarr folder); rerunning the same command resumes it.")
 @click.option("--data-root", type=click.Path(), help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet).")
 @click.option("--weights", type=click.Path(), help="Checkpoint (.pth/.pt/.safetensors), loaded with weights_only=True.")
 @click.option("--random-init", is_flag=True, help="Run the model untrained (no weights).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that needs arbitrary code to unpickle.")
 @click.option("--views", help="Comma-separated feature views (ViT: cls,avgpool,cls4; CNN: pool). Default: all.")
-@click.option("--loader", type=click.Choice(("auto",) + LOADERS), default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--loader", type=click.Choice(("auto",) + LOADERS), default="auto", show_default=True,
+              help="Image decoding: dali (GPU or CPU threads), nvjpeg (torchvision on CUDA), torch (PIL reference). "
+                   "auto: dali where it imports, else nvjpeg on CUDA, else torch.")
+@click.option("--device", default="auto", show_default=True, help="Where the model runs: auto (cuda when present), cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass (and per decoded batch).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode workers (DataLoader processes / DALI threads).")
-@click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default="float16", show_default=True,
+              help="Stored feature precision (float32 if float16 overflows).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
-@click.option("--strict", is_flag=True, help="Stop at the first undecodable image instead of recording it.")
+@click.option("--strict", is_flag=True, help="Stop at the first undecodable image instead of recording it as an invalid row.")
 @click.option("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, show_default=True, help="Rows per chunk (and per resumable unit).")
 @click.option("--image-size", type=int, help="Crop size (overrides the model's preprocessing).")
 @click.option("--resize", type=int, help="Shorter side before the crop; equal to --image-size means no crop margin.")
-@click.option("--interpolation", type=click.Choice(INTERPOLATIONS))
-@click.option("--mean", callback=parse_triple, help="R,G,B mean in [0,1].")
-@click.option("--std", callback=parse_triple, help="R,G,B std in [0,1].")
+@click.option("--interpolation", type=click.Choice(INTERPOLATIONS), help="Resize filter (overrides the model's).")
+@click.option("--mean", callback=parse_triple, help="R,G,B mean in [0,1] (overrides the model's).")
+@click.option("--std", callback=parse_triple, help="R,G,B std in [0,1] (overrides the model's).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (fixed batch shapes; pays off on long GPU runs).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True,
+              help="No progress output. Otherwise a bar on a terminal, and in logs a line every "
+                   "$FEATSTORE_PROGRESS_SECONDS (30) with rows, img/s, ETA and invalid rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @debug_option
 def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoint, views, loader, device, batch_size,
@@ -65,7 +69,7 @@ def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoi
         strict=strict, chunk_rows=chunk_rows, image_size=image_size, resize=resize, interpolation=interpolation,
         mean=mean, std=std, compile=compile_model,
     )
-    result = run_extract(config, progress=not no_progress and sys.stderr.isatty())
+    result = run_extract(config, progress=not no_progress)
     if as_json:
         click.echo(json.dumps(result.__dict__, indent=2))
     click.echo(result.summary(), err=as_json)
@@ -73,10 +77,11 @@ def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoi
 
 @cli.command()
 @click.argument("store", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Print every field as JSON (all invalid rows, not the first 20).")
 @debug_option
 def info(store, as_json, debug):
-    """Summarize a feature store: splits, views, encoder, provenance, invalid rows."""
+    """Summarize the feature store STORE: splits, views, encoder, provenance, the last run (device,
+    img/s), invalid rows and their reasons, and for an incomplete store the command that resumes it."""
     from .store import FeatureStore
 
     summary = FeatureStore.open(store).info()
@@ -98,6 +103,11 @@ def format_info(s: dict) -> str:
         "splits     " + ", ".join(f"{name} {v['rows']:,} rows" + (f" ({v['invalid']} invalid)" if v["invalid"] else "") for name, v in s["splits"].items()),
         f"created    {s['created']}  featstore {s['featstore_version']}  schema {s['schema_version']}",
     ]
+    if s.get("complete") and s.get("device"):
+        rate = s.get("images_per_second")
+        lines.append(f"run        on {s['device']}" + (f", {rate:,.1f} img/s" if rate else "") + f", completed {s.get('completed')}")
+    if not s["complete"] and s.get("command"):
+        lines.append(f"resume     {s['command']}")
     for row in s["invalid"][:20]:
         lines.append(f"invalid    {row['split']}/{row['row']}  {row['path']}: {row['reason']}")
     if len(s["invalid"]) > 20:

@@ -451,6 +451,13 @@ def test_cuda_sweep_matches_cpu(store):
     assert gpu[0]["device"].startswith("cuda") and gpu[0]["dtype"] in ("bfloat16", "float16")
     for a, b in zip(cpu, gpu):
         assert abs(a["select_top1_pct"] - b["select_top1_pct"]) <= 1.5 and abs(a["report_top1_pct"] - b["report_top1_pct"]) <= 1.5
+    # k-NN and logistic regression run in float32 on every device: the same choices, accuracies to rounding
+    p = Protocol(methods="knn,logreg", knn_k="1,5,20", logreg_C="1e-3:10:5")
+    cpu = probe.fit(store, p, device="cpu", warn=lambda m: None)
+    gpu = probe.fit(store, p, device="cuda", warn=lambda m: None)
+    for a, b in zip(cpu, gpu):
+        assert (a["method"], a["k"], a["C"], a["refit"], a["selected"]) == (b["method"], b["k"], b["C"], b["refit"], b["selected"])
+        assert abs(a["report_top1_pct"] - b["report_top1_pct"]) <= 0.3
 
 
 def test_stores_of_different_widths_get_their_own_heads(tmp_path, digits):

@@ -151,7 +151,6 @@ def test_a_seed_reuses_knn_and_logreg_only_when_its_rows_are_the_same(tmp_path, 
     assert by_seed[0] != by_seed[1]  # a holdout per seed: recomputed
 
 
-
 def test_every_store_of_a_comparison_gets_the_same_few_shot_rows(tmp_path, digits):
     # cosine k-NN ignores a feature scale: two stores whose features differ only by a factor
     # give identical predictions exactly when they trained on the same few-shot rows

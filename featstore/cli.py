@@ -26,13 +26,14 @@ def cli(debug):
 
 
 @cli.command()
-@click.option("--model", required=True, help="Preset (dino, dino-b, dino-l, dinov1, resnet18, resnet50), a timm name, tv:<torchvision name>, or file.py:build.")
+@click.option("--model", required=True, help="Preset (featstore models lists them: dino, dinov2-b, mocov3-vits, mae-b, …), a timm name, tv:<torchvision name>, or file.py:build.")
 @click.option("--dataset", default="digits", show_default=True, help="digits, imagenet, an ImageFolder directory, or a CSV file list (path,label[,split]).")
 @click.option("--out", required=True, type=click.Path(), help="Store to write (a .zarr folder); rerunning the same command resumes it.")
 @click.option("--data-root", type=click.Path(), help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet).")
 @click.option("--weights", type=click.Path(), help="Checkpoint (.pth/.pt/.safetensors), loaded with weights_only=True.")
 @click.option("--random-init", is_flag=True, help="Run the model untrained (no weights).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that needs arbitrary code to unpickle.")
+@click.option("--ignore-keys", multiple=True, metavar="GLOB", help="Drop checkpoint keys matching GLOB (repeatable), e.g. 'linear.*'; reported as ignored.")
 @click.option("--views", help="Comma-separated feature views (ViT: cls,avgpool,cls4; CNN: pool). Default: all.")
 @click.option("--loader", type=click.Choice(("auto",) + LOADERS), default="auto", show_default=True,
               help="Image decoding: dali (GPU or CPU threads), nvjpeg (torchvision on CUDA), torch (PIL reference). "
@@ -56,7 +57,7 @@ def cli(debug):
                    "$FEATSTORE_PROGRESS_SECONDS (30) with rows, img/s, ETA and invalid rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @debug_option
-def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoint, views, loader, device, batch_size,
+def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoint, ignore_keys, views, loader, device, batch_size,
             workers, dtype, overwrite, strict, chunk_rows, image_size, resize, interpolation, mean, std, compile_model,
             no_progress, as_json, debug):
     """Extract features of every image of DATASET with MODEL into the store OUT."""
@@ -64,7 +65,7 @@ def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoi
 
     config = ExtractConfig(
         model=model, dataset=dataset, out=out, data_root=data_root, weights=weights, random_init=random_init,
-        trust_checkpoint=trust_checkpoint, views=[v.strip() for v in views.split(",") if v.strip()] if views else None,
+        trust_checkpoint=trust_checkpoint, ignore_keys=tuple(ignore_keys), views=[v.strip() for v in views.split(",") if v.strip()] if views else None,
         loader=loader, device=device, batch_size=batch_size, workers=workers, dtype=dtype, overwrite=overwrite,
         strict=strict, chunk_rows=chunk_rows, image_size=image_size, resize=resize, interpolation=interpolation,
         mean=mean, std=std, compile=compile_model,
@@ -73,6 +74,29 @@ def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoi
     if as_json:
         click.echo(json.dumps(result.__dict__, indent=2))
     click.echo(result.summary(), err=as_json)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@debug_option
+def models(as_json, debug):
+    """List the model presets: name, architecture, views with dims, expected weights file, source."""
+    from .presets import preset_table
+
+    rows = preset_table()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(format_models(rows))
+
+
+def format_models(rows: list[dict]) -> str:
+    head = ("name", "aliases", "architecture", "views (dims)", "weights file")
+    table = [head] + [(r["name"], ", ".join(r["aliases"]) or "-", r["architecture"],
+                       ", ".join(f"{v} {d}" for v, d in r["views"].items()), r["weights_file"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in table]
+    return "\n".join(lines) + "\n\nweights folder: $FEATSTORE_WEIGHTS (default ~/.cache/featstore/weights); URLs and sources: --json"
 
 
 @cli.command()

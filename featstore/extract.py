@@ -47,6 +47,7 @@ class ExtractConfig:
     weights: str | None = None
     random_init: bool = False
     trust_checkpoint: bool = False
+    ignore_keys: tuple[str, ...] = ()  # globs of checkpoint keys to drop (heads of other names)
     views: list[str] | None = None
     loader: str = "auto"
     device: str = "auto"
@@ -195,7 +196,7 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
                 existing.update_attrs({"job": ranks.job})  # tells the other ranks: nothing to do
         return ExtractResult(str(out), "up to date", rows, 0, len(existing.invalid_rows()), 0, time.perf_counter() - start, 0.0)
 
-    encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint).to(device).to(memory_format=torch.channels_last)
+    encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint, ignore_keys=config.ignore_keys).to(device).to(memory_format=torch.channels_last)
     views = select_views(feature_dims(encoder, spec.preprocess, device), config.views)
 
     if existing is None:

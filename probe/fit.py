@@ -1,5 +1,6 @@
-"""``probe.fit``: open the stores, check they hold the same data, train every head of the grid at
-once per store × view, evaluate, select honestly, and return one row per store × view × lr × wd.
+"""``probe.fit``: open the stores, check they hold the same data, run every method of the
+protocol (the batched linear sweep, k-NN, logistic regression) per store × view × seed × shots,
+select honestly, and return one row per configuration (a head, a k, a C).
 
 Stores are read only through :class:`featstore.store.FeatureStore`. Each split's features are
 read once per view and put on the device once.
@@ -138,13 +139,14 @@ def fit(
     log: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Train and evaluate every head of ``protocol``'s grid on every store × view.
+    """Run every method of ``protocol`` (its LR grid, k grid, C path) on every store × view × seed × shots.
 
     ``stores``: paths, ``[LABEL=]PATH[:VIEW]`` texts or :class:`StoreSpec`. Returns one dict per
-    store × view × lr × wd with the keys of :data:`COLUMNS` (accuracies in percent; None where a
-    split or top-5 does not apply). With ``out``, also writes results.csv, protocol.json and
-    accuracy_vs_lr.png into that folder (all or nothing); a folder that is not empty is refused
-    unless ``overwrite``.
+    store × view × seed × shots × configuration with the keys of :data:`COLUMNS` (accuracies in
+    percent; None where a split, top-5 or a method's column does not apply); the selected k-NN and
+    logreg rows also hold ``report_predictions`` (per-image paths, target, top-1, top-5). With
+    ``out``, also writes results.csv, summary.csv, protocol.json and accuracy_vs_lr.png into that
+    folder (all or nothing); a folder that is not empty is refused unless ``overwrite``.
     """
     protocol = protocol or Protocol()
     warn = warn or _default_warn

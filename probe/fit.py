@@ -218,7 +218,7 @@ def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int
     kept: dict[str, np.ndarray] = {}
     for role, (split, rows) in roles.items():
         if split not in features:
-            features[split] = fs.features(split, view)  # each split read once per view
+            features[split] = fs.features(split, view).read()  # each split read once per view, chunk by chunk
             finite[split] = _finite_rows(features[split])
         valid = info.valid[split][rows]
         ok = finite[split][rows]

@@ -167,3 +167,12 @@ def per_class_difference(target, correct, correct_reference) -> list[ClassDiffer
     out = [ClassDifference(k, n, acc, ref[k][1], acc - ref[k][1]) for k, (n, acc) in ours.items()]
     return sorted(out, key=lambda d: (-d.delta, d.target))
 
+
+
+def seed_mean_interval(correct_by_seed) -> tuple[float, float]:
+    """Bootstrap interval of the accuracy averaged over S seeds scored on the same N images
+    (``correct_by_seed``: (S, N)): the images are resampled, each image counting the seeds that
+    got it right (the spread between seeds is reported beside it as their std)."""
+    c = np.asarray(correct_by_seed, bool)
+    low, high = bootstrap_interval(c.sum(axis=0), per=c.shape[0])
+    return (float(low), float(high))

@@ -50,6 +50,8 @@ class Predictions:
         self.seed = int(self.seed)
         if self.top5 is not None:
             self.top5 = np.asarray(self.top5, dtype=np.int64)
+            if self.top5.ndim != 2 or self.top5.shape[1] < 5:
+                self.top5 = None  # fewer than 5 classes: no top-5
         n = len(self.paths)
         if len(self.target) != n or len(self.pred) != n or (self.top5 is not None and len(self.top5) != n):
             raise ValueError("paths, target, pred and top5 must have one entry per image")

@@ -549,3 +549,40 @@ def test_bootstrap_of_counts_over_seeds():
     np.testing.assert_allclose(got, numpy_bootstrap(counts / 3, 1000, 2), atol=1e-9)
     with pytest.raises(ValueError):
         I.bootstrap_interval(counts, per=2)
+
+
+@pytest.mark.slow
+def test_battery_predictions_summary_and_comparison(tmp_path):
+    """linear, k-NN and logreg over two seeds on two stores: every selected configuration's
+    predictions in predictions.csv, summary intervals over seeds, the comparison per seed."""
+    import probe
+    from tests.test_probe import digits_splits, make_store
+
+    d = digits_splits()
+    a = make_store(tmp_path / "pixels.zarr", d)
+    b = make_store(tmp_path / "sparse.zarr", {k: (x * (np.arange(64) % 4 != 0), y, i) for k, (x, y, i) in d.items()})
+    protocol = probe.Protocol(methods="linear,knn,logreg", seeds="0,1", lr_grid="1e-2,0.1", epochs=3, batch_size=128, knn_k="1,5,20", logreg_C="1e-3:10:5")
+    rows = probe.fit([f"pix={a}", f"sparse={b}"], protocol, device="cpu", out=tmp_path / "run", warn=lambda m: None)
+    back = P.read(tmp_path / "run" / P.PREDICTIONS)
+    assert sorted((p.label, p.method, p.seed) for p in back) == sorted((l, m, s) for l in ("pix", "sparse") for m in ("linear", "knn", "logreg") for s in (0, 1))
+    selected = {(r["label"], r["method"], r["seed"]): r for r in rows if r["selected"]}
+    for p in back:
+        r = selected[(p.label, p.method, p.seed)]
+        assert p.correct.mean() * 100 == pytest.approx(r["report_top1_pct"], abs=1e-3) and p.top5 is not None
+        np.testing.assert_allclose([r["ci95_low"], r["ci95_high"]], numpy_bootstrap(p.correct, I.N_RESAMPLES, I.BOOTSTRAP_SEED), atol=1e-3)
+    summary = list(csv.DictReader(open(tmp_path / "run" / "summary.csv")))
+    for s in summary:
+        label = "pix" if s["store"].endswith("pixels.zarr") else "sparse"
+        per_seed = [p for p in back if (p.label, p.method) == (label, s["method"])]
+        expected = numpy_bootstrap(sum(p.correct.astype(int) for p in per_seed) / 2, I.N_RESAMPLES, I.BOOTSTRAP_SEED)
+        np.testing.assert_allclose([float(s["ci95_low"]), float(s["ci95_high"])], expected, atol=1e-3)
+    code, out = run_probe(["compare", str(tmp_path / "run"), "--json"])
+    doc = json.loads(out)
+    knn = [r for r in doc["rows"] if r["label"] == "sparse" and r["method"] == "knn"]
+    assert [r["seed"] for r in knn] == [0, 1] and all(r["delta"] is not None for r in knn)
+    (s,) = [s for s in doc["seeds"] if s["label"] == "sparse" and s["method"] == "knn"]
+    assert s["delta_per_seed"] == [r["delta"] for r in knn] and s["delta_mean"] == pytest.approx(np.mean(s["delta_per_seed"]))
+    import probe.report
+
+    table = probe.report.markdown_table(rows)
+    assert "Δ vs pix [95% CI]" in table and "over 2 seeds" in table

@@ -25,6 +25,7 @@ from featstore.store import FeatureStore
 from . import battery, fewshot
 from . import heads as H
 from . import intervals as I
+from .predictions import ImagePredictions
 from .protocol import Protocol
 from .selection import SplitPlan, best_by, plan_splits, select
 from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
@@ -412,7 +413,7 @@ def _report_predictions(case: _Case, predictions: dict) -> dict | None:
     split = case.plan.report_source if role == "report" else case.plan.select_source
     rows = case.kept[role]
     top1, top5 = predictions[role]
-    return {"paths": case.info.store.paths(split)[rows], "target": case.info.labels[split][rows], "pred": top1, "top5": top5}
+    return ImagePredictions(paths=case.info.store.paths(split)[rows], target=case.info.labels[split][rows], pred=top1, top5=top5)
 
 
 def _knn_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> list[dict]:

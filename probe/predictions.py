@@ -65,6 +65,22 @@ class Predictions:
         return (self.label, self.view, self.method, self.shots, self.seed)
 
 
+class ImagePredictions(dict):
+    """``paths``, ``target``, ``pred``, ``top5`` of one selected configuration, as ``probe.fit``
+    keeps them on its row (``report_predictions``). Equal when the arrays are, so rows of two
+    runs compare with ``==`` as plain rows do."""
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, dict) or self.keys() != other.keys():
+            return False
+        return all((a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b)) for a, b in ((self[k], other[k]) for k in self))
+
+    def __ne__(self, other) -> bool:  # dict's own __ne__ would compare the arrays element-wise
+        return not self.__eq__(other)
+
+    __hash__ = None  # mutable, like dict
+
+
 def of_rows(rows: list[dict]) -> list[Predictions]:
     """The predictions that ``probe.fit`` keeps on its selected rows (``report_predictions``: paths,
     target, pred, top5), one set per store × view × method × shots × seed, in row order."""

@@ -586,3 +586,11 @@ def test_battery_predictions_summary_and_comparison(tmp_path):
 
     table = probe.report.markdown_table(rows)
     assert "Δ vs pix [95% CI]" in table and "over 2 seeds" in table
+
+
+def test_rows_with_predictions_compare_equal():
+    a = P.ImagePredictions(paths=np.array(["x", "y"]), target=np.array([0, 1]), pred=np.array([0, 0]), top5=None)
+    b = P.ImagePredictions(paths=np.array(["x", "y"]), target=np.array([0, 1]), pred=np.array([0, 0]), top5=None)
+    assert {"lr": 0.1, "report_predictions": a} == {"lr": 0.1, "report_predictions": b}
+    b["pred"] = np.array([0, 1])
+    assert a != b and a["pred"].shape == (2,)

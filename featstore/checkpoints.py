@@ -27,8 +27,8 @@ STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
 HEAD_NAMES = frozenset(
     {"fc", "head", "heads", "classifier", "projector", "predictor", "projection_head", "prediction_head",
      "projection", "prediction", "head_dist", "mask_token", "queue", "queue_ptr",
-     # MAE's decoder is not part of the encoder
-     "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "decoder_pos_embed"}
+     # MAE's decoder is not part of the encoder, nor an autoencoder's (encoder.* + decoder.*)
+     "decoder", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "decoder_pos_embed"}
 )
 
 

@@ -23,7 +23,7 @@ from scipy import stats
 from tests.conftest import IMAGENETTE, REPO
 
 EXAMPLE = REPO / "examples" / "ssl_study"
-sys.path.insert(0, str(EXAMPLE))
+sys.path.append(str(EXAMPLE))  # the example's modules (encoder, simclr, jigsaw, …)
 
 from encoder import build  # noqa: E402
 from jigsaw import cut_tiles, hamming_permutations, mean_hamming_distance  # noqa: E402

@@ -216,7 +216,7 @@ def end_to_end(data, protocol: Protocol, device: torch.device) -> dict:
         rows = probe.fit(path, protocol, device=device, warn=lambda m: None)
         seconds = time.perf_counter() - t
     sel = next(r for r in rows if r["selected"])
-    return {"seconds": seconds, "selected": {"lr": sel["lr"], "val_top1": sel["val_top1"], "test_top1": sel["test_top1"]}}
+    return {"seconds": seconds, "selected": {"lr": sel["lr"], "val_top1": sel["select_top1_pct"], "test_top1": sel["report_top1_pct"]}}
 
 
 def fmt_row(cells, widths):

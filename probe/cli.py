@@ -7,7 +7,7 @@ import click
 from featstore.console import OneLineErrors
 from featstore.errors import UsageError
 
-from .protocol import DEFAULT_LR_GRID, NORMALIZATIONS, OPTIMIZERS, Protocol
+from .protocol import DEFAULT_LR_GRID, NORMALIZATIONS, OPTIMIZERS, SELECT_ON, Protocol
 
 _DEFAULTS = Protocol()
 
@@ -20,36 +20,49 @@ class _Probe(OneLineErrors):
     interrupted = "interrupted; no results were written"
 
 
-@click.group(name="probe", cls=_Probe)
+@click.group(name="probe", cls=_Probe, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="featstore", prog_name="probe")
 def main():
     """Linear probes on featstore feature stores: every head of an LR sweep trained at once."""
 
 
 @main.command("fit")
-@click.option("--store", "stores", multiple=True, required=True, metavar="PATH", help="Feature store; repeat to compare stores under one protocol.")
-@click.option("--view", "views", multiple=True, metavar="NAME", help="Feature view; repeatable. Default: every view the stores share.")
+@click.option("--store", "stores", multiple=True, required=True, metavar="[LABEL=]PATH[:VIEW]",
+              help="Feature store; repeat to compare stores under one protocol. LABEL names it in the table, CSV and plot "
+                   "(default: the weights file name, else the model name); VIEW probes that view of this store only.")  # fmt: skip
+@click.option("--view", "views", multiple=True, metavar="NAME",
+              help="Feature view of every store without its own :VIEW; repeatable. Default: every view the stores share, "
+                   "else each store's primary view (pool for a CNN, cls for a ViT).")  # fmt: skip
 @click.option("--lr-grid", "lr_grid", is_flag=False, flag_value=DEFAULT_LR_GRID, default=None, metavar="[GRID]",
               help=f"LR grid: a list 1e-4,1e-3,0.01 or a log range start:stop:count. Bare --lr-grid (or no --lr) means {DEFAULT_LR_GRID}.")  # fmt: skip
 @click.option("--lr", type=float, default=None, help="One fixed learning rate instead of a grid.")
 @click.option("--wd-grid", default="0", show_default=True, metavar="GRID", help="Weight-decay grid, same syntax (0 allowed in a list).")
-@click.option("--epochs", type=int, default=_DEFAULTS.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
+@click.option("--epochs", type=int, default=_DEFAULTS.epochs, show_default=True, help="Training epochs of every head.")
+@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True, help="Minibatch rows, shared by every head.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_DEFAULTS.optimizer, show_default=True, help="sgd = SGD with momentum; both use a cosine schedule.")
 @click.option("--momentum", type=float, default=_DEFAULTS.momentum, show_default=True, help="SGD momentum.")
 @click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=_DEFAULTS.normalize, show_default=True,
               help="Feature normalization; standardize = BatchNorm without affine, statistics from train.")  # fmt: skip
-@click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True, help="Seeded stratified part of train used for selection when the store has no val split.")
+@click.option("--select-on", type=click.Choice(SELECT_ON), default=_DEFAULTS.select_on, show_default=True,
+              help="Where the LR is chosen. auto: the val split when test is reported, else a seeded train holdout (never the "
+                   "reported split); holdout: always the train holdout; report: the reported split itself, labelled max over it.")  # fmt: skip
+@click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True,
+              help="Seeded stratified part of train held out for selection when there is no separate val split.")  # fmt: skip
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seeds the minibatch order (and the holdout).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--out", default="probe-results", show_default=True, metavar="DIR", help="Output folder: results.csv, protocol.json, accuracy_vs_lr.png.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to train; auto = CUDA when present.")
+@click.option("--out", default=None, metavar="DIR",
+              help="Results folder (results.csv, protocol.json, accuracy_vs_lr.png); refused if not empty. "
+                   "Default: a new probe-results/run-<UTC time>/.")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace the previous probe run in --out.")
 @click.option("--allow-different-data", is_flag=True, help="Compare stores whose dataset manifests differ.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def fit_command(stores, views, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, val_fraction, seed, device, out, allow_different_data, quiet, debug):
-    """Train every head of the LR (× weight-decay) grid at once on each store × view, select on
-    validation, report on test, and write results.csv, protocol.json and accuracy_vs_lr.png."""
+def fit_command(stores, views, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, select_on, val_fraction, seed, device, out, overwrite, allow_different_data, quiet, debug):
+    """Train every head of the LR (× weight-decay) grid at once on each store × view, choose the LR
+    on a selection split, report it once on another, and write results.csv, protocol.json and
+    accuracy_vs_lr.png."""
     from .fit import fit
-    from .report import markdown_table
+    from .report import new_run_folder, markdown_table
 
     if lr is not None and lr_grid is not None:
         raise UsageError("--lr and --lr-grid are exclusive", "pass one fixed --lr or a --lr-grid")
@@ -58,13 +71,15 @@ def fit_command(stores, views, lr_grid, lr, wd_grid, epochs, batch_size, optimiz
     grid = (lr,) if lr is not None else (lr_grid or DEFAULT_LR_GRID)
     protocol = Protocol(
         lr_grid=grid, wd_grid=wd_grid, optimizer=optimizer, epochs=epochs, batch_size=batch_size, momentum=momentum,
-        normalize=normalize, val_fraction=val_fraction, seed=seed,
+        normalize=normalize, select_on=select_on, val_fraction=val_fraction, seed=seed,
     )  # fmt: skip
+    out = out if out is not None else new_run_folder("probe-results")
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     warn = lambda m: click.echo(f"warning: {_one_line(m)}", err=True)  # noqa: E731
-    rows = fit(list(stores), protocol, views=list(views) or None, device=device, allow_different_data=allow_different_data, out=out, log=log, warn=warn)
-    click.echo(markdown_table(rows))
-    click.echo(f"wrote {out}/results.csv ({len(rows)} rows), {out}/protocol.json, {out}/accuracy_vs_lr.png")
+    rows = fit(list(stores), protocol, views=list(views) or None, device=device, allow_different_data=allow_different_data,
+               out=out, overwrite=overwrite, log=log, warn=warn)  # fmt: skip
+    click.echo(markdown_table(rows, protocol))
+    click.echo(f"wrote {out}/: results.csv ({len(rows)} rows), protocol.json, accuracy_vs_lr.png")
 
 
 if __name__ == "__main__":

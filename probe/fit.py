@@ -24,13 +24,17 @@ from featstore.store import FeatureStore
 from . import heads as H
 from .protocol import Protocol
 from .selection import SplitPlan, best_by, plan_splits, select
+from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
 
+# One row per store × view × head. Accuracies are percent (*_pct). The select_* columns are the
+# split the LR was chosen on, report_* the split reported once (named in report_split, described
+# in reported_as); report_* never hold another split's numbers.
 COLUMNS = [
-    "store", "encoder", "weights_sha256", "dataset", "view", "lr", "wd", "optimizer", "epochs",
-    "batch_size", "momentum", "normalize", "seed", "train_split", "val_split", "report_split",
-    "n_train", "n_val", "n_test", "excluded_invalid", "excluded_nonfinite",
-    "train_top1", "val_top1", "test_top1", "train_top5", "val_top5", "test_top5", "train_loss",
-    "diverged", "selected", "best_test", "protocol_hash", "device", "dtype", "seconds",
+    "label", "store", "encoder", "weights_sha256", "dataset", "view", "lr", "wd", "optimizer", "epochs",
+    "batch_size", "momentum", "normalize", "seed", "select_on", "train_split", "select_split", "report_split",
+    "reported_as", "n_train", "n_select", "n_report", "excluded_invalid", "excluded_nonfinite",
+    "train_top1_pct", "select_top1_pct", "report_top1_pct", "train_top5_pct", "select_top5_pct", "report_top5_pct",
+    "train_loss", "diverged", "selected", "best_report", "protocol_hash", "device", "dtype", "sweep_seconds",
 ]  # fmt: skip
 
 
@@ -45,6 +49,8 @@ def _default_warn(message: str) -> None:
 @dataclass
 class _Store:
     path: str
+    label: str
+    views: list[str]
     store: FeatureStore
     labels: dict[str, np.ndarray]
     valid: dict[str, np.ndarray]
@@ -54,22 +60,6 @@ class _Store:
 
 def _open(path: str | os.PathLike) -> FeatureStore:
     return FeatureStore.open(path).require_complete()
-
-
-def resolve_views(stores: list[FeatureStore], views: Iterable[str] | None) -> list[str]:
-    """The asked views (each must be in every store), or every view all the stores share."""
-    if views:
-        views = list(dict.fromkeys(views))
-        for s in stores:
-            for v in views:
-                if v not in s.views:
-                    raise UsageError(f"view {v!r} not in store {str(s.path)!r}", f"it has: {', '.join(s.views)}")
-        return views
-    common = [v for v in stores[0].views if all(v in s.views for s in stores[1:])]
-    if not common:
-        listed = "; ".join(f"{s.path}: {', '.join(s.views)}" for s in stores)
-        raise UsageError("the stores share no feature view", f"pass --view per comparison ({listed})")
-    return common
 
 
 def _labels_digest(labels: np.ndarray) -> str:
@@ -99,15 +89,18 @@ def _num_classes(store: FeatureStore, labels: dict[str, np.ndarray]) -> int:
     return max(top, int(dataset.get("num_classes") or 0), len(dataset.get("class_names") or []))
 
 
-def _prepare_store(path, fs: FeatureStore, protocol: Protocol) -> _Store:
+def _prepare_store(path, label: str, views: list[str], fs: FeatureStore, protocol: Protocol, warn) -> _Store:
     splits = fs.splits
     sizes = {s: fs.num_rows(s) for s in splits}
     labels = {s: fs.labels(s) for s in splits}
     for s, l in labels.items():
         if len(l) and l.min() < 0:
             raise FeatstoreError(f"store {str(path)!r} split {s!r} has negative labels", "the store is damaged; re-extract it")
-    plan = plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, protocol.seed)
-    valid = {s: fs.valid(s) for s in {plan.train_split, plan.select_source, "test" if plan.has_test else plan.select_source}}
+    plan = plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, protocol.seed, protocol.select_on)
+    if plan.report_split is None:
+        warn(f"store {str(path)!r}: {plan.reported_as}; "
+             "extract a dataset with a val or test split, or pass --select-on report for the max over the holdout")  # fmt: skip
+    valid = {s: fs.valid(s) for s in {plan.train_split, plan.select_source, plan.report_source or plan.select_source}}
     train_valid = valid[plan.train_split][plan.train_rows]
     if not train_valid.any():
         raise FeatstoreError(f"store {str(path)!r}: split {plan.train_split!r} has no valid rows to train on", "every image of it failed to decode; check the dataset")
@@ -117,7 +110,7 @@ def _prepare_store(path, fs: FeatureStore, protocol: Protocol) -> _Store:
             f"store {str(path)!r}: the training rows have a single class (label {train_classes[0]})",
             "a linear probe needs labels of at least 2 classes",
         )
-    return _Store(str(path), fs, labels, valid, plan, _num_classes(fs, labels))
+    return _Store(str(path), label, views, fs, labels, valid, plan, _num_classes(fs, labels))
 
 
 def _finite_rows(features: np.ndarray) -> np.ndarray:
@@ -129,41 +122,49 @@ def _finite_rows(features: np.ndarray) -> np.ndarray:
 
 
 def fit(
-    stores: Iterable[str | os.PathLike] | str | os.PathLike,
+    stores: Iterable[str | os.PathLike | StoreSpec] | str | os.PathLike | StoreSpec,
     protocol: Protocol | None = None,
     *,
     views: Iterable[str] | None = None,
     device: str | torch.device = "auto",
     allow_different_data: bool = False,
     out: str | os.PathLike | None = None,
+    overwrite: bool = False,
     log: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Train and evaluate every head of ``protocol``'s grid on every store × view.
 
-    Returns one dict per store × view × lr × wd with the keys of :data:`COLUMNS` (accuracies in
-    percent; None where a split or top-5 does not apply). With ``out``, also writes results.csv,
-    protocol.json and accuracy_vs_lr.png there (all or nothing).
+    ``stores``: paths, ``[LABEL=]PATH[:VIEW]`` texts or :class:`StoreSpec`. Returns one dict per
+    store × view × lr × wd with the keys of :data:`COLUMNS` (accuracies in percent; None where a
+    split or top-5 does not apply). With ``out``, also writes results.csv, protocol.json and
+    accuracy_vs_lr.png into that folder (all or nothing); a folder that is not empty is refused
+    unless ``overwrite``.
     """
     protocol = protocol or Protocol()
     warn = warn or _default_warn
     log = log or (lambda message: None)
     dev = resolve_device(device)  # before any reading: a wrong --device fails at once
     dtype = compute_dtype(dev)
-    paths = [stores] if isinstance(stores, (str, os.PathLike)) else list(stores)
+    specs = [parse_store_spec(s) for s in ([stores] if isinstance(stores, (str, os.PathLike, StoreSpec)) else list(stores))]
     if isinstance(views, str):
         views = [views]
-    if not paths:
+    if not specs:
         raise UsageError("no store given", "pass --store PATH (repeat it to compare stores)")
     seen = set()
-    for p in paths:
-        key = os.path.realpath(p)
+    for spec in specs:
+        key = os.path.realpath(spec.path)
         if key in seen:
-            raise UsageError(f"store {str(p)!r} given twice", "pass each store once")
+            raise UsageError(f"store {spec.path!r} given twice", "pass each store once; --view A --view B probes several views of it")
         seen.add(key)
-    opened = [_open(p) for p in paths]
-    view_list = resolve_views(opened, views)
-    infos = [_prepare_store(p, fs, protocol) for p, fs in zip(paths, opened)]
+    if out is not None:
+        from .report import check_out
+
+        check_out(out, overwrite)  # before hours of training, not after
+    opened = [_open(s.path) for s in specs]
+    store_views = resolve_views(specs, opened, list(views) if views else None, log)
+    labels = assign_labels(specs, opened)
+    infos = [_prepare_store(s.path, label, v, fs, protocol, warn) for s, label, v, fs in zip(specs, labels, store_views, opened)]
     for other in infos[1:]:
         diff = data_difference(infos[0], other)
         if diff is None:
@@ -176,21 +177,23 @@ def fit(
     orders_cache: dict[int, np.ndarray] = {}
     rows: list[dict] = []
     for info in infos:
-        for view in view_list:
+        for view in info.views:
             rows.extend(_fit_one(info, view, protocol, dev, dtype, orders_cache, log, warn))
     if out is not None:
         from .report import write_outputs
 
-        write_outputs(rows, protocol, out, run={"device": str(dev), "dtype": str(dtype).replace("torch.", ""), "stores": [i.path for i in infos], "views": view_list})
+        run = {"device": str(dev), "dtype": str(dtype).replace("torch.", ""),
+               "stores": [{"label": i.label, "path": i.path, "views": i.views, "reported_as": i.plan.reported_as} for i in infos]}  # fmt: skip
+        write_outputs(rows, protocol, out, run=run, overwrite=overwrite)
     return rows
 
 
 def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cache, log, warn) -> list[dict]:
     t0 = time.perf_counter()
     fs, plan = info.store, info.plan
-    roles = {"train": (plan.train_split, plan.train_rows), "val": (plan.select_source, plan.select_rows)}
-    if plan.has_test:
-        roles["test"] = ("test", np.arange(fs.num_rows("test")))
+    roles = {"train": (plan.train_split, plan.train_rows), "select": (plan.select_source, plan.select_rows)}
+    if plan.report_split is not None and not plan.selects_on_report:
+        roles["report"] = (plan.report_source, plan.report_rows)
     features: dict[str, np.ndarray] = {}
     excluded_invalid = excluded_nonfinite = 0
     kept: dict[str, np.ndarray] = {}
@@ -201,7 +204,7 @@ def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cac
         finite = _finite_rows(features[split][rows])
         bad = valid & ~finite
         if bad.any():
-            warn(f"store {info.path!r} view {view!r} split {split!r}{' (holdout)' if role == 'val' and plan.select_split == 'holdout' else ''}: {int(bad.sum())} valid rows have NaN/Inf features; they are excluded")
+            warn(f"store {info.path!r} view {view!r} split {split!r}{' (holdout)' if role == 'select' and plan.select_split == 'holdout' else ''}: {int(bad.sum())} valid rows have NaN/Inf features; they are excluded")
         excluded_invalid += int((~valid).sum())
         excluded_nonfinite += int(bad.sum())
         kept[role] = rows[valid & finite]
@@ -226,10 +229,12 @@ def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cac
     wds = [wd for _, wd in protocol.heads]
     dim = x["train"].shape[1]
     heads = H.LinearHeads(dim, info.num_classes, lrs, wds, dev)
-    log(f"{info.path} [{view}]: {heads.num_heads} heads × {protocol.epochs} epochs on {len(kept['train'])} rows (D={dim}, C={info.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})")
+    log(f"{info.label} [{view}]: {heads.num_heads} heads × {protocol.epochs} epochs on {len(kept['train'])} rows (D={dim}, C={info.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})")
     result = H.train(x["train"], labels["train"], heads, protocol, orders)
     finite = heads.finite().cpu().numpy()
     metrics = {role: H.evaluate(heads, x[role], labels[role]) for role in x}
+    if plan.selects_on_report:
+        metrics["report"], kept["report"] = metrics["select"], kept["select"]  # one split, evaluated once
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
@@ -240,12 +245,12 @@ def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cac
             return None
         return round(float(metrics[role][k][h]), 4)
 
-    val_top1 = np.array([metric("val", "top1", h) if finite[h] else np.nan for h in range(len(lrs))], dtype=float)
-    chosen = select(val_top1, lrs, wds, finite)
-    best_test = -1
-    if plan.has_test:
-        test_top1 = np.array([metric("test", "top1", h) if finite[h] else np.nan for h in range(len(lrs))], dtype=float)
-        best_test = best_by(test_top1, lrs, wds, finite)
+    def top1(role):
+        return np.array([np.nan if metric(role, "top1", h) is None else metric(role, "top1", h) for h in range(len(lrs))], dtype=float)
+
+    # selection reads the select role only: the reported split is never an input (unless opted in)
+    chosen = select(top1("select"), lrs, wds, finite)
+    best_report = best_by(top1("report"), lrs, wds, finite) if "report" in metrics else -1
     if not finite.all():
         bad_lrs = ", ".join(f"{lrs[h]:g}" + (f"/wd {wds[h]:g}" if len(protocol.wd_grid) > 1 else "") for h in np.flatnonzero(~finite))
         warn(f"store {info.path!r} view {view!r}: {int((~finite).sum())} heads diverged (lr {bad_lrs}); they are never selected")
@@ -260,6 +265,7 @@ def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cac
     for h, (lr, wd) in enumerate(protocol.heads):
         out.append(
             {
+                "label": info.label,
                 "store": info.path,
                 "encoder": encoder.get("name"),
                 "weights_sha256": encoder.get("weights_sha256"),
@@ -273,28 +279,30 @@ def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cac
                 "momentum": protocol.momentum,
                 "normalize": protocol.normalize,
                 "seed": protocol.seed,
+                "select_on": protocol.select_on,
                 "train_split": plan.train_split,
-                "val_split": plan.select_split,
+                "select_split": plan.select_split,
                 "report_split": plan.report_split,
+                "reported_as": plan.reported_as,
                 "n_train": len(kept["train"]),
-                "n_val": len(kept["val"]),
-                "n_test": len(kept["test"]) if plan.has_test else None,
+                "n_select": len(kept["select"]),
+                "n_report": len(kept["report"]) if "report" in kept else None,
                 "excluded_invalid": excluded_invalid,
                 "excluded_nonfinite": excluded_nonfinite,
-                "train_top1": metric("train", "top1", h),
-                "val_top1": metric("val", "top1", h),
-                "test_top1": metric("test", "top1", h),
-                "train_top5": metric("train", "top5", h),
-                "val_top5": metric("val", "top5", h),
-                "test_top5": metric("test", "top5", h),
+                "train_top1_pct": metric("train", "top1", h),
+                "select_top1_pct": metric("select", "top1", h),
+                "report_top1_pct": metric("report", "top1", h),
+                "train_top5_pct": metric("train", "top5", h),
+                "select_top5_pct": metric("select", "top5", h),
+                "report_top5_pct": metric("report", "top5", h),
                 "train_loss": round(float(train_loss[h]), 6) if finite[h] and np.isfinite(train_loss[h]) else None,
                 "diverged": not bool(finite[h]),
                 "selected": h == chosen,
-                "best_test": h == best_test,
+                "best_report": h == best_report,
                 "protocol_hash": protocol.hash,
                 "device": str(dev),
                 "dtype": str(dtype).replace("torch.", ""),
-                "seconds": round(seconds, 3),
+                "sweep_seconds": round(seconds, 3),
             }
         )
     return out

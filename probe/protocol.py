@@ -24,6 +24,10 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 NORMALIZATIONS = ("none", "l2", "standardize")
 SELECTION_RULES = ("val_top1",)
+# where the LR is chosen: "auto" = the store's val split when a test split is reported, otherwise a
+# seeded holdout of train; "holdout" = always the train holdout; "report" = on the reported split
+# itself (max over the reported split: optimistic, opt-in, labelled so everywhere)
+SELECT_ON = ("auto", "holdout", "report")
 
 
 def _round_sig(value: float, digits: int = 4) -> float:
@@ -89,6 +93,7 @@ class Protocol:
     normalize: str = "standardize"
     val_fraction: float = 0.1
     selection: str = "val_top1"
+    select_on: str = "auto"
     seed: int = 0
     version: int = PROTOCOL_VERSION
 
@@ -112,6 +117,8 @@ class Protocol:
             raise UsageError(f"unknown normalization {self.normalize!r}", f"use one of {', '.join(NORMALIZATIONS)}")
         if self.selection not in SELECTION_RULES:
             raise UsageError(f"unknown selection rule {self.selection!r}", f"use one of {', '.join(SELECTION_RULES)}")
+        if self.select_on not in SELECT_ON:
+            raise UsageError(f"unknown --select-on {self.select_on!r}", f"use one of {', '.join(SELECT_ON)}")
         if self.epochs < 1:
             raise UsageError(f"epochs must be >= 1, got {self.epochs}", "pass --epochs 1 or more")
         if self.batch_size < 1:

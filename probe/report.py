@@ -1,7 +1,9 @@
 """Outputs of a probe run: results.csv, protocol.json, accuracy_vs_lr.png and a markdown summary.
 
-Everything is rendered to temp files in the output folder first and renamed into place only
-after all of them were written, so a failed run never leaves a half-written results.csv.
+A results folder is never silently overwritten: a folder that is not empty is refused unless
+``overwrite`` (and even then only when it holds a previous probe run). Everything is rendered
+into a temp folder beside it first and moved into place only after all files were written, so a
+failed run leaves the previous results untouched and no partial file.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import shutil
+import textwrap
 import time
 from pathlib import Path
 
@@ -18,6 +23,9 @@ from featstore.errors import UsageError
 
 from .fit import COLUMNS
 from .protocol import Protocol
+
+# the columns that name one probe (one line in the plot, one row in the table)
+PROBE_KEY = ("label", "view")
 
 RESULTS, PROTOCOL, PLOT = "results.csv", "protocol.json", "accuracy_vs_lr.png"
 
@@ -58,116 +66,214 @@ def protocol_json(protocol: Protocol, run: dict | None = None) -> str:
 
 
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """Rows grouped by store × view (one probe each), in first-seen order."""
+    """Rows grouped by probe (label × view), in first-seen order."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["store"], r["view"]), []).append(r)
+        groups.setdefault(tuple(r[k] for k in PROBE_KEY), []).append(r)
     return groups
 
 
-def _label(store: str, view: str, multi_view: bool) -> str:
-    name = Path(store).name or store
-    return f"{name} [{view}]" if multi_view else name
+def _name(key: tuple, with_view: bool) -> str:
+    label, view = key[0], key[1]
+    return f"{label} [{view}]" if with_view else label
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Validation and test top-1 against LR (log axis), one line per store (× view × wd), selected LR starred."""
+def _selection_words(row: dict, protocol: Protocol | None) -> str:
+    if row["select_split"] != "holdout":
+        return row["select_split"]
+    what = "train" if row["train_split"] == "train" else repr(row["train_split"])
+    return f"{protocol.val_fraction * 100:g}% {what} holdout" if protocol else f"{what} holdout"
+
+
+def plot_title(rows: list[dict], protocol: Protocol | None = None) -> str:
+    """Dataset, view(s) and protocol: what a reader needs to know which numbers these are."""
+    r0 = rows[0]
+    groups = _groups(rows)
+    datasets = " / ".join(dict.fromkeys(str(r["dataset"] or "unknown dataset") for r in rows))
+    views = list(dict.fromkeys(k[1] for k in groups))
+    if len(views) == 1:
+        view_text = f"view {views[0]}"
+    elif len({k[0] for k in groups}) == len(groups):  # one view per store: say which
+        view_text = "views " + ", ".join(f"{k[0]}: {k[1]}" for k in groups)
+    else:
+        view_text = "views " + ", ".join(views)
+    return (f"{datasets} — linear probe, {view_text}\n{r0['optimizer']}, {r0['epochs']} epochs, batch {r0['batch_size']}, "
+            f"normalize {r0['normalize']}, seed {r0['seed']}, select on {r0['select_on']} — protocol {r0['protocol_hash']}")  # fmt: skip
+
+
+def plot_panels(rows: list[dict], protocol: Protocol | None = None) -> list[tuple[str, str]]:
+    """(column, title) of each panel: only what exists. No reported panel when nothing is
+    reported; one panel, titled max over the reported split, when the LR was chosen on it."""
+    on_report = all(r["report_split"] is not None and r["select_split"] == r["report_split"] for r in rows)
+    select_splits = " / ".join(dict.fromkeys(_selection_words(r, protocol) for r in rows))
+    report_splits = " / ".join(dict.fromkeys(str(r["report_split"]) for r in rows if r["report_split"] is not None))
+    if on_report:
+        return [("report_top1_pct", f"{report_splits} top-1: max over the reported split (the LR is chosen on it)")]
+    panels = [("select_top1_pct", f"selection: {select_splits} top-1; ★ = selected head")]
+    if any(r["report_top1_pct"] is not None for r in rows):
+        panels.append(("report_top1_pct", f"reported: {report_splits} top-1 of every head; ★ = the selected head"))
+    return panels
+
+
+def plot(rows: list[dict], path: Path, protocol: Protocol | None = None) -> None:
+    """Write :func:`figure` as a PNG."""
+    fig = figure(rows, protocol)
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def figure(rows: list[dict], protocol: Protocol | None = None):
+    """Selection-split and reported-split top-1 against LR (log axis), one line per store (× view
+    × wd), the selected head starred with its LR written beside the star; the panels are
+    :func:`plot_panels`, the title :func:`plot_title`, a legend on every panel with several lines.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = _groups(rows)
-    multi_view = len({v for _, v in groups}) > 1
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    with_view = len({k[1] for k in groups}) > 1
+    panels = plot_panels(rows, protocol)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels) + 0.8, 4.8), sharey=True, squeeze=False)
+    axes = axes[0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, ((store, view), rs) in enumerate(groups.items()):
+    lines = 0
+    lr_span = [r["lr"] for r in rows]
+    mixed = {col: len({r["report_split" if col.startswith("report") else "select_split"] for r in rows}) > 1 for col, _ in panels}
+    for i, (key, rs) in enumerate(groups.items()):
         color = colors[i % len(colors)]
         wds = sorted({r["wd"] for r in rs})
         for j, wd in enumerate(wds):
             line = sorted((r for r in rs if r["wd"] == wd), key=lambda r: r["lr"])
-            label = _label(store, view, multi_view) + (f" wd={wd:g}" if len(wds) > 1 else "")
-            style = ["-", "--", ":", "-."][j % 4]
-            for ax, key in ((axes[0], "val_top1"), (axes[1], "test_top1")):
-                pts = [(r["lr"], r[key]) for r in line if r[key] is not None]
+            name = _name(key, with_view) + (f" wd={wd:g}" if len(wds) > 1 else "")
+            lines += 1
+            for ax, (col, _) in zip(axes, panels):
+                pts = [(r["lr"], r[col]) for r in line if r[col] is not None]
+                # stores of different layouts (--allow-different-data): say each line's split
+                split = line[0]["report_split" if col.startswith("report") else "select_split"]
                 if pts:
-                    ax.plot(*zip(*pts), style, marker="o", ms=3, color=color, label=label)
+                    ax.plot(*zip(*pts), ["-", "--", ":", "-."][j % 4], marker="o", ms=3, color=color, label=name + (f" ({split})" if mixed[col] else ""))
         sel = next(r for r in rs if r["selected"])
-        for ax, key in ((axes[0], "val_top1"), (axes[1], "test_top1")):
-            if sel[key] is not None:
-                ax.plot(sel["lr"], sel[key], "*", ms=14, color=color, markeredgecolor="black", zorder=5)
-    val_names = sorted({r["val_split"] for r in rows})
-    axes[0].set_title(f"selection split ({' / '.join(val_names)}) top-1; ★ = selected")
-    axes[1].set_title("test top-1 of every head; ★ = the selected head")
-    for ax in axes:
+        for ax, (col, _) in zip(axes, panels):
+            if sel[col] is None:
+                continue
+            ax.plot(sel["lr"], sel[col], "*", ms=14, color=color, markeredgecolor="black", zorder=5)
+            # the selected head tops its selection curve: inside the grid the space below the star is
+            # free, at an end of the grid the space beside it (towards the axes' inside); stacked
+            # offsets keep several stores' labels apart
+            end = "right" if sel["lr"] == max(lr_span) else "left" if sel["lr"] == min(lr_span) else None
+            offset = (0, -17 - 11 * i) if end is None else (-11 if end == "right" else 11, -11 * i)
+            ax.annotate(f"lr {sel['lr']:g}", (sel["lr"], sel[col]), textcoords="offset points", xytext=offset, ha=end or "center",
+                        va="top" if end is None else "center", fontsize=8, color=color, fontweight="bold", zorder=6,
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})  # fmt: skip
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title, fontsize=9)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.grid(True, which="both", alpha=0.3)
+        if lines > 1:
+            ax.legend(fontsize=8, loc="best")
     axes[0].set_ylabel("top-1 accuracy (%)")
-    axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"linear probe LR sweep — protocol {rows[0]['protocol_hash']}", fontsize=10)
+    # wrap the title to the figure's width (about 12 characters an inch at this size): never clipped
+    width = int(fig.get_figwidth() * 12)
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in plot_title(rows, protocol).split("\n")), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
+    return fig
 
 
 def _pct(value) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Per store × view: the fixed-LR result (one head) or the selected LR, its test top-1, and the
-    best-of-sweep head by test accuracy, labelled as such."""
+def markdown_table(rows: list[dict], protocol: Protocol | None = None) -> str:
+    """Per store × view: the fixed-LR result (one head) or the selected LR, its selection and
+    reported top-1, what the reported number is (``reported_as``), and the best-of-sweep head on
+    the reported split, labelled as such."""
     groups = _groups(rows)
-    multi_view = len({v for _, v in groups}) > 1
+    multi_view = len({k[1] for k in groups}) > 1
     one_head = all(len(rs) == 1 for rs in groups.values())
     multi_wd = any(len({r["wd"] for r in rs}) > 1 for rs in groups.values())
-    no_test = any(r["report_split"] != "test" for r in rows)
-    has_top5 = any(r["test_top5"] is not None or r["val_top5"] is not None for r in rows)
-    head = ["store", "encoder"] + (["view"] if multi_view else [])
+    on_report = all(r["report_split"] is not None and r["select_split"] == r["report_split"] for r in rows)
+    has_top5 = any(r["report_top5_pct"] is not None or r["select_top5_pct"] is not None for r in rows)
+    show_wd = multi_wd or (one_head and rows[0]["wd"])
+    head = ["label", "encoder"] + (["view"] if multi_view else [])
     head += ["lr (fixed)"] if one_head else ["selected lr"]
-    head += ["wd"] if multi_wd or one_head and rows[0]["wd"] else []
-    head += ["val top-1", "test top-1"] + (["test top-5"] if has_top5 else [])
-    head += ["reported on"] if no_test else []
-    head += [] if one_head else ["best-of-sweep test top-1 (lr)"]
+    head += ["wd"] if show_wd else []
+    head += ["selection top-1 (split)", "reported top-1"] + (["reported top-5"] if has_top5 else []) + ["reported on"]
+    best_column = not one_head and not on_report
+    head += ["best-of-sweep on the reported split: top-1 (lr)"] if best_column else []
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for (store, view), rs in groups.items():
+    for key, rs in groups.items():
         sel = next(r for r in rs if r["selected"])
-        reported = sel["test_top1"] if sel["report_split"] == "test" else sel["val_top1"]
-        reported5 = sel["test_top5"] if sel["report_split"] == "test" else sel["val_top5"]
-        cells = [store, sel["encoder"] or "—"] + ([view] if multi_view else [])
+        cells = [sel["label"], sel["encoder"] or "—"] + ([sel["view"]] if multi_view else [])
         cells += [f"{sel['lr']:g}"]
-        cells += [f"{sel['wd']:g}"] if multi_wd or one_head and rows[0]["wd"] else []
-        cells += [f"{_pct(sel['val_top1'])} ({sel['val_split']})", _pct(reported)] + ([_pct(reported5)] if has_top5 else [])
-        if no_test:
-            cells += ["test" if sel["report_split"] == "test" else f"{sel['report_split']} (no test split; also used for selection)"]
-        if not one_head:
-            best = next((r for r in rs if r["best_test"]), None)
-            cells += [f"{_pct(best['test_top1'])} ({best['lr']:g})" if best else "— (no test split)"]
+        cells += [f"{sel['wd']:g}"] if show_wd else []
+        cells += [f"{_pct(sel['select_top1_pct'])} ({_selection_words(sel, protocol)})", _pct(sel["report_top1_pct"])]
+        cells += [_pct(sel["report_top5_pct"])] if has_top5 else []
+        cells += [sel["reported_as"]]
+        if best_column:
+            best = next((r for r in rs if r["best_report"]), None)
+            cells += [f"{_pct(best['report_top1_pct'])} ({best['lr']:g})" if best else "— (nothing reported)"]
         lines.append("| " + " | ".join(cells) + " |")
     r0 = rows[0]
-    notes = f"protocol {r0['protocol_hash']}: {r0['optimizer']}, {r0['epochs']} epochs, batch {r0['batch_size']}, normalize {r0['normalize']}, seed {r0['seed']}"
-    if not one_head:
-        notes += "; selected = highest val top-1 (ties → smaller lr); best-of-sweep is picked on test, for comparison with papers only"
+    notes = f"protocol {r0['protocol_hash']}: {r0['optimizer']}, {r0['epochs']} epochs, batch {r0['batch_size']}, normalize {r0['normalize']}, seed {r0['seed']}, select on {r0['select_on']}"
+    if on_report:
+        notes += "; the LR was chosen on the reported split itself (--select-on report): every reported number is the max over the reported split, optimistic"
+    elif not one_head:
+        notes += "; selected = highest selection-split top-1 (ties → smaller lr), never looking at the reported split; best-of-sweep is picked on the reported split, for comparison with papers only"
     return "\n".join(lines) + "\n\n" + notes + "\n"
 
 
-def write_outputs(rows: list[dict], protocol: Protocol, out: str | os.PathLike, run: dict | None = None) -> dict[str, Path]:
-    """Write results.csv, protocol.json and accuracy_vs_lr.png into ``out``, all or nothing."""
+_OURS = (RESULTS, PROTOCOL, PLOT)
+
+
+def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an output folder that would lose results: a file, a folder holding anything (unless
+    ``overwrite``), or, even with ``overwrite``, a folder that is not a previous probe run."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file", "pass a folder (it is created if missing)")
-    out.mkdir(parents=True, exist_ok=True)
-    tag = f".{os.getpid()}.tmp"
-    final = {name: out / name for name in (RESULTS, PROTOCOL, PLOT)}
-    temps = {name: out / f".{name}{tag}" for name in final}
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise UsageError(f"--out {str(out)!r} already holds {', '.join(held[:3])}{'…' if len(held) > 3 else ''}",
+                         "pass a new --out folder, or --overwrite to replace a previous run")  # fmt: skip
+    if held and not any(name in _OURS for name in held):
+        raise UsageError(f"--out {str(out)!r} holds files that are not probe results ({', '.join(held[:3])})", "pass a new or empty --out folder")
+    return out
+
+
+def new_run_folder(parent: str | os.PathLike) -> Path:
+    """A fresh ``parent/run-YYYYMMDD-HHMMSS[-N]`` path (not created): the default results folder."""
+    base = Path(parent) / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def write_outputs(rows: list[dict], protocol: Protocol, out: str | os.PathLike, run: dict | None = None, overwrite: bool = False) -> dict[str, Path]:
+    """Write results.csv, protocol.json and accuracy_vs_lr.png as the folder ``out``, all or nothing."""
+    out = Path(os.path.abspath(check_out(out, overwrite)))  # absolute: "." has no name to build beside
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = out.with_name(f".{out.name}.building-{os.getpid()}")
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir()
     try:
-        temps[RESULTS].write_text(csv_text(rows))
-        temps[PROTOCOL].write_text(protocol_json(protocol, run))
-        plot(rows, temps[PLOT])
-        for name in (PLOT, PROTOCOL, RESULTS):  # results.csv last: its presence means the run finished
-            os.replace(temps[name], final[name])
+        (build / RESULTS).write_text(csv_text(rows))
+        (build / PROTOCOL).write_text(protocol_json(protocol, run))
+        plot(rows, build / PLOT, protocol)
+        if out.exists():
+            # an empty folder, or a previous run with --overwrite (checked above): its files are
+            # replaced one by one, results.csv last (its presence means the run finished); the
+            # folder itself (owner, permissions, a mount point) and other files stay
+            for name in (PLOT, PROTOCOL, RESULTS):
+                os.replace(build / name, out / name)
+        else:
+            os.replace(build, out)
     finally:
-        for t in temps.values():
-            t.unlink(missing_ok=True)
-    return final
+        shutil.rmtree(build, ignore_errors=True)
+    return {name: out / name for name in _OURS}

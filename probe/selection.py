@@ -1,7 +1,9 @@
 """Honest selection: which rows train, which select, which report, and which head is chosen.
 
-The test split is never an input to :func:`select`; the holdout depends only on the labels and
-the seed, so two stores of the same dataset hold out the same rows.
+The reported split is never an input to :func:`select` (unless the user asks for
+``select_on="report"``, which every output then labels "max over the reported split"); the
+holdout depends only on the labels and the seed, so two stores of the same dataset hold out the
+same rows.
 """
 
 from __future__ import annotations
@@ -23,11 +25,33 @@ class SplitPlan:
     select_split: str  # a store split name, or "holdout" (a seeded part of the train split)
     select_source: str  # the store split the selection rows are read from
     select_rows: np.ndarray
-    report_split: str  # "test", or the selection split when the store has no test split
+    report_split: str | None  # the split reported once; None when the store has nothing left to report on
+    report_source: str | None
+    report_rows: np.ndarray | None
+    select_on: str  # the protocol's rule: auto | holdout | report
+    val_fraction: float
 
     @property
-    def has_test(self) -> bool:
-        return self.report_split == "test"
+    def selects_on_report(self) -> bool:
+        """True only when the user opted in to choosing the LR on the reported split itself."""
+        return self.report_split is not None and self.report_split == self.select_split
+
+    @property
+    def selection_label(self) -> str:
+        if self.select_split != "holdout":
+            return self.select_split
+        what = "train" if self.train_split == "train" else repr(self.train_split)
+        return f"a {self.val_fraction * 100:g}% {what} holdout"
+
+    @property
+    def reported_as(self) -> str:
+        """What the reported number is, in words: the label every output carries."""
+        if self.report_split is None:
+            return f"nothing reported (the store's only split is {self.train_split!r}; selection on {self.selection_label})"
+        if self.selects_on_report:
+            where = f", {self.selection_label}" if self.select_split == "holdout" else ""
+            return f"{self.report_split} (max over the reported split{where})"
+        return f"{self.report_split} (reported; selection on {self.selection_label})"
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,9 +74,13 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return np.flatnonzero(mask), hold
 
 
-def plan_splits(store_path: str, sizes: dict[str, int], train_labels_of, val_fraction: float, seed: int) -> SplitPlan:
-    """Train on ``train`` (or a store's only split), select on ``val`` or a holdout, report on ``test``.
+def plan_splits(store_path: str, sizes: dict[str, int], train_labels_of, val_fraction: float, seed: int, select_on: str = "auto") -> SplitPlan:
+    """Train on ``train`` (or a store's only split), report once on ``test`` (else ``val``), and
+    select on a split that is never the reported one unless ``select_on == "report"``.
 
+    ``select_on``: ``auto`` selects on ``val`` when ``test`` is the reported split and on a seeded
+    ``val_fraction`` holdout of train otherwise (ImageNet's train + val: select on the holdout,
+    report val); ``holdout`` always uses the holdout; ``report`` selects on the reported split.
     ``sizes``: split name → rows; ``train_labels_of(split)`` gives a split's labels (read only
     when a holdout is needed).
     """
@@ -63,26 +91,37 @@ def plan_splits(store_path: str, sizes: dict[str, int], train_labels_of, val_fra
         train_split = splits[0]
     else:
         raise UsageError(f"store {store_path!r} has no 'train' split (it has: {', '.join(splits)})", "a probe trains on the split named 'train'")
-    if "val" in splits and train_split != "val":
-        plan = dict(train_rows=np.arange(sizes[train_split]), select_split="val", select_source="val", select_rows=np.arange(sizes["val"]))
-    else:
-        train_rows, hold = stratified_holdout(train_labels_of(train_split), val_fraction, seed)
-        if len(hold) == 0:
-            raise UsageError(
-                f"store {store_path!r}: no rows to hold out for validation from split {train_split!r}",
-                "the split is too small; add a 'val' split or raise --val-fraction",
-            )
-        plan = dict(train_rows=train_rows, select_split="holdout", select_source=train_split, select_rows=hold)
-    report = "test" if "test" in splits and train_split != "test" else plan["select_split"]
-    return SplitPlan(train_split=train_split, report_split=report, **plan)
+    report = next((s for s in ("test", "val") if s in splits and s != train_split), None)
+    everything = np.arange(sizes[train_split])
+    common = dict(train_split=train_split, select_on=select_on, val_fraction=val_fraction)
+    if select_on == "report" and report is not None:
+        rows = np.arange(sizes[report])
+        return SplitPlan(train_rows=everything, select_split=report, select_source=report, select_rows=rows,
+                         report_split=report, report_source=report, report_rows=rows, **common)  # fmt: skip
+    if select_on == "auto" and report == "test" and "val" in splits and train_split != "val":
+        return SplitPlan(train_rows=everything, select_split="val", select_source="val", select_rows=np.arange(sizes["val"]),
+                         report_split="test", report_source="test", report_rows=np.arange(sizes["test"]), **common)  # fmt: skip
+    train_rows, hold = stratified_holdout(train_labels_of(train_split), val_fraction, seed)
+    if len(hold) == 0:
+        raise UsageError(
+            f"store {store_path!r}: no rows to hold out for selection from split {train_split!r}",
+            "the split is too small; raise --val-fraction or add a 'val' split",
+        )
+    held = dict(train_rows=train_rows, select_split="holdout", select_source=train_split, select_rows=hold)
+    if report is None:
+        # a single split: the holdout is all there is; reported only on explicit request, labelled
+        if select_on == "report":
+            return SplitPlan(**held, report_split="holdout", report_source=train_split, report_rows=hold, **common)
+        return SplitPlan(**held, report_split=None, report_source=None, report_rows=None, **common)
+    return SplitPlan(**held, report_split=report, report_source=report, report_rows=np.arange(sizes[report]), **common)
 
 
-def select(val_top1: np.ndarray, lrs, wds, finite: np.ndarray) -> int:
-    """Index of the head with the highest validation top-1; ties go to the smaller LR, then smaller wd."""
-    candidates = [h for h in range(len(val_top1)) if finite[h] and not math.isnan(val_top1[h])]
+def select(select_top1: np.ndarray, lrs, wds, finite: np.ndarray) -> int:
+    """Index of the head with the highest selection-split top-1; ties go to the smaller LR, then smaller wd."""
+    candidates = [h for h in range(len(select_top1)) if finite[h] and not math.isnan(select_top1[h])]
     if not candidates:
         return -1
-    return min(candidates, key=lambda h: (-val_top1[h], lrs[h], wds[h]))
+    return min(candidates, key=lambda h: (-select_top1[h], lrs[h], wds[h]))
 
 
 def best_by(metric: np.ndarray, lrs, wds, finite: np.ndarray) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import click
 from click.testing import CliRunner
 
 import probe
@@ -39,8 +40,9 @@ def digits_splits(seed: int = 0):
     return {k: (x[i], y[i], i) for k, i in (("train", tr), ("val", va), ("test", te))}
 
 
-def make_store(path, splits: dict, *, view="pixels", dtype="float32", manifest="digits-manifest", invalid=None, finalize=True, extra_views=()):
-    """A store from {split: (features, labels, ids)}; ``invalid``: {split: rows} written as valid=False + NaN."""
+def make_store(path, splits: dict, *, view="pixels", dtype="float32", manifest="digits-manifest", invalid=None, finalize=True, extra_views=(), encoder=None):
+    """A store from {split: (features, labels, ids)}; ``invalid``: {split: rows} written as valid=False + NaN;
+    ``encoder``: fields that replace the default encoder record (name, family, weights_path, …)."""
     invalid = invalid or {}
     dim = next(iter(splits.values()))[0].shape[1]
     views = {view: dim, **{v: dim for v in extra_views}}
@@ -49,7 +51,7 @@ def make_store(path, splits: dict, *, view="pixels", dtype="float32", manifest="
     store = FeatureStore.create(
         path, splits=spec, views=views, dtype=dtype, chunk_rows=256,
         attrs={
-            "encoder": {"name": "pixels", "arch": "none", "family": "none", "weights_path": None, "weights_sha256": "0" * 64},
+            "encoder": {"name": "pixels", "arch": "none", "family": "none", "weights_path": None, "weights_sha256": "0" * 64, **(encoder or {})},
             "dataset": {"name": "digits", "root": "/data", "class_names": [str(c) for c in range(classes)], "num_classes": classes,
                         "splits": list(splits), "manifest_sha256": manifest},
         },
@@ -122,7 +124,7 @@ def test_protocol_hash_stable_and_sensitive():
     assert other_process.stdout.strip() == p.hash
     changes = {
         "lr_grid": "1e-3,1e-2", "wd_grid": "0,1e-4", "optimizer": "adamw", "epochs": 7, "batch_size": 64, "momentum": 0.8,
-        "betas": (0.8, 0.99), "eps": 1e-6, "schedule": "constant", "normalize": "l2", "val_fraction": 0.2, "seed": 3, "version": 99,
+        "betas": (0.8, 0.99), "eps": 1e-6, "schedule": "constant", "normalize": "l2", "val_fraction": 0.2, "seed": 3, "version": 99, "select_on": "holdout",
     }  # fmt: skip
     assert set(changes) | {"selection"} == {f.name for f in fields(Protocol)}
     hashes = {p.hash}
@@ -226,7 +228,7 @@ def test_selected_head_agrees_with_sklearn(store, digits):
 
     rows = probe.fit([store], Protocol(), device="cpu", warn=lambda m: None)
     chosen = [r for r in rows if r["selected"]]
-    assert len(chosen) == 1 and chosen[0]["report_split"] == "test"
+    assert len(chosen) == 1 and chosen[0]["report_split"] == "test" and chosen[0]["select_split"] == "val"
     (xtr, ytr, _), (xv, yv, _), (xt, yt, _) = digits["train"], digits["val"], digits["test"]
     scaler = StandardScaler().fit(xtr)
     best = None
@@ -236,7 +238,7 @@ def test_selected_head_agrees_with_sklearn(store, digits):
             val = 100 * m.score(scaler.transform(xv), yv)
             if best is None or val > best[0]:
                 best = (val, 100 * m.score(scaler.transform(xt), yt))
-    assert abs(chosen[0]["test_top1"] - best[1]) <= 1.0, (chosen[0], best)
+    assert abs(chosen[0]["report_top1_pct"] - best[1]) <= 1.0, (chosen[0], best)
 
 
 def test_selection_never_looks_at_test(tmp_path, digits):
@@ -247,8 +249,8 @@ def test_selection_never_looks_at_test(tmp_path, digits):
     b = probe.fit([make_store(tmp_path / "b.zarr", scrambled)], Protocol(**FAST), device="cpu", warn=lambda m: None, allow_different_data=True)
     pick = lambda rows: next(r for r in rows if r["selected"])  # noqa: E731
     assert pick(a)["lr"] == pick(b)["lr"]
-    assert [r["val_top1"] for r in a] == [r["val_top1"] for r in b]
-    assert pick(b)["test_top1"] < pick(a)["test_top1"] - 50
+    assert [r["select_top1_pct"] for r in a] == [r["select_top1_pct"] for r in b]
+    assert pick(b)["report_top1_pct"] < pick(a)["report_top1_pct"] - 50
 
 
 def test_holdout_when_store_has_no_val(tmp_path, digits):
@@ -256,19 +258,26 @@ def test_holdout_when_store_has_no_val(tmp_path, digits):
     s = make_store(tmp_path / "tt.zarr", two, manifest="m2")
     rows = probe.fit(s, Protocol(**FAST), device="cpu", warn=lambda m: None)
     r = rows[0]
-    assert r["val_split"] == "holdout" and r["report_split"] == "test"
-    assert r["n_train"] + r["n_val"] == len(digits["train"][1]) and abs(r["n_val"] - 0.1 * len(digits["train"][1])) <= 10
+    assert r["select_split"] == "holdout" and r["report_split"] == "test" and r["reported_as"] == "test (reported; selection on a 10% train holdout)"
+    assert r["n_train"] + r["n_select"] == len(digits["train"][1]) and abs(r["n_select"] - 0.1 * len(digits["train"][1])) <= 10
     again = probe.fit(s, Protocol(**FAST), device="cpu", warn=lambda m: None)
-    assert [r["val_top1"] for r in rows] == [r["val_top1"] for r in again]
+    assert [r["select_top1_pct"] for r in rows] == [r["select_top1_pct"] for r in again]
     tr, hold = stratified_holdout(digits["train"][1], 0.1, 0)
     assert len(np.intersect1d(tr, hold)) == 0 and set(np.unique(digits["train"][1][hold])) == set(range(10))
 
+    # a single split: nothing is left to report on, unless the user opts in to the max over the holdout
     only = make_store(tmp_path / "all.zarr", {"all": digits["train"]}, manifest="m3")
-    rows = probe.fit(only, Protocol(**FAST), device="cpu", warn=lambda m: None)
+    warnings = []
+    rows = probe.fit(only, Protocol(**FAST), device="cpu", warn=warnings.append)
     sel = next(r for r in rows if r["selected"])
-    assert sel["train_split"] == "all" and sel["report_split"] == "holdout" and sel["test_top1"] is None and not any(r["best_test"] for r in rows)
-    table = probe.report.markdown_table(rows)
-    assert "no test split" in table
+    assert sel["train_split"] == "all" and sel["select_split"] == "holdout" and sel["report_split"] is None
+    assert all(r["report_top1_pct"] is None and r["n_report"] is None for r in rows) and not any(r["best_report"] for r in rows)
+    assert sel["reported_as"].startswith("nothing reported") and any("only split is 'all'" in w for w in warnings)
+    assert "nothing reported" in probe.report.markdown_table(rows)
+    assert [c for c, _ in probe.report.plot_panels(rows)] == ["select_top1_pct"]
+    opted = probe.fit(only, Protocol(select_on="report", **FAST), device="cpu", warn=lambda m: None)
+    sel = next(r for r in opted if r["selected"])
+    assert sel["report_split"] == "holdout" and sel["report_top1_pct"] == sel["select_top1_pct"] and "max over the reported split" in sel["reported_as"]
 
 
 def test_two_stores_share_protocol_and_minibatch_order(tmp_path, digits):
@@ -277,7 +286,7 @@ def test_two_stores_share_protocol_and_minibatch_order(tmp_path, digits):
     rows = probe.fit([a, b], Protocol(**FAST), device="cpu", warn=lambda m: None)
     ra = [r for r in rows if r["store"] == str(a)]
     rb = [r for r in rows if r["store"] == str(b)]
-    keys = ["lr", "train_top1", "val_top1", "test_top1", "train_loss", "selected"]
+    keys = ["lr", "train_top1_pct", "select_top1_pct", "report_top1_pct", "train_loss", "selected"]
     assert [[r[k] for k in keys] for r in ra] == [[r[k] for k in keys] for r in rb]
     assert len({r["protocol_hash"] for r in rows}) == 1
 
@@ -294,21 +303,21 @@ def test_invalid_and_nonfinite_rows_are_excluded_and_counted(tmp_path, digits):
     rows = probe.fit(s, Protocol(**FAST), device="cpu", warn=warnings.append)
     r = rows[0]
     assert r["excluded_invalid"] == 3 and r["excluded_nonfinite"] == 1
-    assert r["n_train"] == len(digits["train"][1]) - 2 and r["n_val"] == len(digits["val"][1]) - 1 and r["n_test"] == len(digits["test"][1]) - 1
+    assert r["n_train"] == len(digits["train"][1]) - 2 and r["n_select"] == len(digits["val"][1]) - 1 and r["n_report"] == len(digits["test"][1]) - 1
     assert any("1 valid rows have NaN/Inf" in w and "'val'" in w for w in warnings)
 
 
 def test_fewer_than_five_classes_has_no_top5(tmp_path, digits):
     three = {k: (x[y < 3], y[y < 3], i[y < 3]) for k, (x, y, i) in digits.items()}
     rows = probe.fit(make_store(tmp_path / "c3.zarr", three, manifest="m3c"), Protocol(**FAST), device="cpu", warn=lambda m: None)
-    assert all(r["test_top5"] is None and r["test_top1"] is not None for r in rows)
+    assert all(r["report_top5_pct"] is None and r["report_top1_pct"] is not None for r in rows)
 
 
 def test_diverged_heads_are_flagged_and_never_selected(store):
     warnings = []
     rows = probe.fit(store, Protocol(lr_grid="0.01,1e38", normalize="none", **FAST), device="cpu", warn=warnings.append)
     bad = next(r for r in rows if r["lr"] == 1e38)
-    assert bad["diverged"] and not bad["selected"] and bad["val_top1"] is None
+    assert bad["diverged"] and not bad["selected"] and bad["select_top1_pct"] is None
     assert next(r for r in rows if r["lr"] == 0.01)["selected"]
     assert any("diverged" in w for w in warnings)
 
@@ -324,15 +333,18 @@ def test_cli_writes_csv_protocol_and_plot(store, tmp_path):
         reader = csv.DictReader(f)
         rows = list(reader)
     assert reader.fieldnames == probe.COLUMNS
-    for col in ["store", "encoder", "weights_sha256", "view", "lr", "wd", "epochs", "batch_size", "normalize", "seed", "train_top1", "val_top1", "test_top1",
-                "train_top5", "val_top5", "test_top5", "selected", "protocol_hash", "seconds"]:  # fmt: skip
+    for col in ["label", "store", "encoder", "weights_sha256", "view", "lr", "wd", "epochs", "batch_size", "normalize", "seed", "select_on",
+                "select_split", "report_split", "reported_as", "train_top1_pct", "select_top1_pct", "report_top1_pct",
+                "train_top5_pct", "select_top5_pct", "report_top5_pct", "selected", "best_report", "protocol_hash", "sweep_seconds"]:  # fmt: skip
         assert col in reader.fieldnames
-    assert len(rows) == 10 and sum(r["selected"] == "true" for r in rows) == 1 and sum(r["best_test"] == "true" for r in rows) == 1
+    assert not {"test_top1", "val_top1", "seconds"} & set(reader.fieldnames)
+    assert len(rows) == 10 and sum(r["selected"] == "true" for r in rows) == 1 and sum(r["best_report"] == "true" for r in rows) == 1
+    assert {r["report_split"] for r in rows} == {"test"} and {r["reported_as"] for r in rows} == {"test (reported; selection on val)"}
     record = json.loads((out / "protocol.json").read_text())
     assert record["protocol_hash"] == rows[0]["protocol_hash"] == Protocol.from_dict(record["protocol"]).hash
     assert (out / "accuracy_vs_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*tmp"))
-    assert "| store |" in output and "selected lr" in output and "best-of-sweep" in output
+    assert "| label |" in output and "selected lr" in output and "best-of-sweep" in output and f"wrote {out}/" in output
 
 
 def test_cli_fixed_lr_and_api_mirror(store, tmp_path):
@@ -342,7 +354,7 @@ def test_cli_fixed_lr_and_api_mirror(store, tmp_path):
     rows = probe.fit([store], Protocol(lr_grid=[0.05], epochs=3, batch_size=256), device="cpu")
     with open(tmp_path / "o" / "results.csv") as f:
         cli_row = next(csv.DictReader(f))
-    assert float(cli_row["test_top1"]) == rows[0]["test_top1"] and cli_row["selected"] == "true"
+    assert float(cli_row["report_top1_pct"]) == rows[0]["report_top1_pct"] and cli_row["selected"] == "true"
 
 
 def test_failed_run_writes_nothing(store, tmp_path, monkeypatch):
@@ -350,14 +362,18 @@ def test_failed_run_writes_nothing(store, tmp_path, monkeypatch):
     out.mkdir()
     (out / "results.csv").write_text("previous\n")
 
-    def boom(rows, path):
+    def boom(rows, path, protocol=None):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(probe.report, "plot", boom)
-    code, output = run_cli(["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--out", str(out)])
+    code, output = run_cli(["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--out", str(out), "--overwrite"])
     assert_one_line_error(code, output, 1, "RuntimeError", "disk full")
     assert (out / "results.csv").read_text() == "previous\n"
     assert sorted(p.name for p in out.iterdir()) == ["results.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]  # no temp folder left beside it
+    code, output = run_cli(["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--out", str(tmp_path / "new")])
+    assert_one_line_error(code, output, 1, "disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]  # a new folder is not left half-made either
 
 
 @pytest.fixture(scope="module")
@@ -433,7 +449,7 @@ def test_cuda_sweep_matches_cpu(store):
     gpu = probe.fit(store, p, device="cuda", warn=lambda m: None)
     assert gpu[0]["device"].startswith("cuda") and gpu[0]["dtype"] in ("bfloat16", "float16")
     for a, b in zip(cpu, gpu):
-        assert abs(a["val_top1"] - b["val_top1"]) <= 1.5 and abs(a["test_top1"] - b["test_top1"]) <= 1.5
+        assert abs(a["select_top1_pct"] - b["select_top1_pct"]) <= 1.5 and abs(a["report_top1_pct"] - b["report_top1_pct"]) <= 1.5
 
 
 def test_stores_of_different_widths_get_their_own_heads(tmp_path, digits):
@@ -441,3 +457,135 @@ def test_stores_of_different_widths_get_their_own_heads(tmp_path, digits):
     narrow = make_store(tmp_path / "narrow.zarr", {k: (x[:, :32], y, i) for k, (x, y, i) in digits.items()})
     rows = probe.fit([wide, narrow], Protocol(lr_grid="1e-2,1e-1", **FAST), device="cpu", warn=lambda m: None)
     assert {r["store"] for r in rows} == {str(wide), str(narrow)} and sum(r["selected"] for r in rows) == 2
+
+
+# ---------------------------------------------------------------- issue 10: never select on the reported split
+
+
+def test_imagenet_layout_selects_on_train_holdout_and_reports_val(tmp_path, digits):
+    """train + val (no test): the LR is chosen on a train holdout; scrambling val's labels changes the
+    reported number but neither the chosen LR nor any selection accuracy."""
+    layout = {"train": digits["train"], "val": digits["val"]}
+    x, y, ids = digits["val"]
+    scrambled = {"train": digits["train"], "val": (x, np.random.default_rng(1).permutation(y)[::-1].copy(), ids)}
+    p = Protocol(lr_grid="1e-4,1e-3,1e-2,0.1,1", **FAST)
+    a = probe.fit(make_store(tmp_path / "a.zarr", layout), p, device="cpu", warn=lambda m: None)
+    b = probe.fit(make_store(tmp_path / "b.zarr", scrambled), p, device="cpu", warn=lambda m: None, allow_different_data=True)
+    pick = lambda rows: next(r for r in rows if r["selected"])  # noqa: E731
+    assert pick(a)["lr"] == pick(b)["lr"]
+    assert [r["select_top1_pct"] for r in a] == [r["select_top1_pct"] for r in b]
+    assert pick(b)["report_top1_pct"] < pick(a)["report_top1_pct"] - 50
+    r = pick(a)
+    assert (r["train_split"], r["select_split"], r["report_split"]) == ("train", "holdout", "val")
+    assert r["reported_as"] == "val (reported; selection on a 10% train holdout)"
+    assert r["n_report"] == len(y) and r["n_train"] + r["n_select"] == len(digits["train"][1])
+    table = probe.report.markdown_table(a, p)
+    assert "val (reported; selection on a 10% train holdout)" in table and "(10% train holdout)" in table
+    panels = probe.report.plot_panels(a, p)
+    assert [c for c, _ in panels] == ["select_top1_pct", "report_top1_pct"]
+    assert "10% train holdout" in panels[0][1] and "reported: val" in panels[1][1]
+
+
+def test_select_on_report_is_opt_in_and_labelled_everywhere(tmp_path, digits):
+    layout = {"train": digits["train"], "val": digits["val"]}
+    s = make_store(tmp_path / "a.zarr", layout)
+    p = Protocol(lr_grid="1e-3,1e-2,0.1", select_on="report", **FAST)
+    rows = probe.fit(s, p, device="cpu", warn=lambda m: None, out=tmp_path / "res")
+    sel = next(r for r in rows if r["selected"])
+    assert sel["select_split"] == sel["report_split"] == "val" and sel["n_train"] == len(digits["train"][1])
+    assert sel["report_top1_pct"] == max(r["report_top1_pct"] for r in rows) and sel["best_report"]
+    assert all(r["reported_as"] == "val (max over the reported split)" for r in rows)
+    with open(tmp_path / "res" / "results.csv") as f:
+        assert {r["reported_as"] for r in csv.DictReader(f)} == {"val (max over the reported split)"}
+    table = probe.report.markdown_table(rows, p)
+    assert "val (max over the reported split)" in table and "--select-on report" in table and "best-of-sweep" not in table
+    panels = probe.report.plot_panels(rows, p)
+    assert len(panels) == 1 and "max over the reported split" in panels[0][1]
+    assert p.hash != p.replace(select_on="auto").hash
+    code, output = run_cli(["fit", "--store", str(s), "--select-on", "val", "--lr", "0.1"])
+    assert_one_line_error(code, output, 2, "--select-on", "auto")
+
+
+def test_holdout_selection_forced_on_a_store_with_val_and_test(tmp_path, store, digits):
+    rows = probe.fit(store, Protocol(lr_grid="1e-2,0.1", select_on="holdout", **FAST), device="cpu", warn=lambda m: None)
+    r = rows[0]
+    assert (r["select_split"], r["report_split"]) == ("holdout", "test") and r["n_report"] == len(digits["test"][1])
+
+
+# ---------------------------------------------------------------- issue 10: outputs that read right
+
+
+def test_plot_has_title_legends_and_selected_lr_written(tmp_path, digits):
+    layout = {"train": digits["train"], "val": digits["val"]}
+    a = make_store(tmp_path / "a.zarr", layout)
+    b = make_store(tmp_path / "b.zarr", layout)
+    p = Protocol(lr_grid="1e-3,1e-2,0.1", **FAST)
+    rows = probe.fit([f"first={a}", f"second={b}"], p, device="cpu", warn=lambda m: None)
+    fig = probe.report.figure(rows, p)
+    title = fig._suptitle.get_text()
+    assert "digits" in title and "view pixels" in title and p.hash in title and "5 epochs" in title
+    assert len(fig.axes) == 2
+    selected = {r["label"]: f"lr {r['lr']:g}" for r in rows if r["selected"]}
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        assert legend is not None and [t.get_text() for t in legend.get_texts()] == ["first", "second"]
+        assert sorted(t.get_text() for t in ax.texts) == sorted(selected.values())
+    # a single store and a single line: no legend needed, the star still carries its LR
+    alone = [r for r in rows if r["label"] == "first"]
+    fig = probe.report.figure(alone, p)
+    assert all(ax.get_legend() is None and [t.get_text() for t in ax.texts] == [selected["first"]] for ax in fig.axes)
+
+
+def test_out_is_never_silently_overwritten(store, tmp_path):
+    out = tmp_path / "res"
+    args = ["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--quiet"]
+    code, output = run_cli([*args, "--out", str(out)])
+    assert code == 0, output
+    first = (out / "results.csv").read_text()
+    assert len(first.splitlines()) == 2
+    code, output = run_cli([*args, "--out", str(out)])
+    assert_one_line_error(code, output, 2, "already holds", "--overwrite")
+    assert (out / "results.csv").read_text() == first
+    (out / "stale.txt").write_text("notes")
+    code, output = run_cli([*args, "--seed", "3", "--out", str(out), "--overwrite"])
+    assert code == 0, output
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_lr.png", "protocol.json", "results.csv", "stale.txt"]  # others' files stay
+    assert len((out / "results.csv").read_text().splitlines()) == 2 and ",3," in (out / "results.csv").read_text()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, output = run_cli([*args, "--out", str(mine), "--overwrite"])
+    assert_one_line_error(code, output, 2, "not probe results")
+    assert (mine / "notes.txt").read_text() == "keep"
+    (tmp_path / "afile").write_text("x")
+    code, output = run_cli([*args, "--out", str(tmp_path / "afile")])
+    assert_one_line_error(code, output, 2, "is a file")
+
+
+def test_default_out_is_a_new_run_folder_each_time(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--quiet"]
+    outputs = [run_cli(args) for _ in range(2)]
+    runs = sorted((tmp_path / "probe-results").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("run-") for r in runs)
+    for (code, output), run in zip(outputs, runs):
+        assert code == 0, output
+        assert f"wrote probe-results/{run.name}/" in output
+        assert len((run / "results.csv").read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------- issue 10: names and flags
+
+
+def test_probe_help_version_and_every_option_documented():
+    for flag in ("-h", "--help"):
+        code, output = run_cli([flag])
+        assert code == 0 and "Usage: probe" in output and "fit" in output
+    code, output = run_cli(["fit", "-h"])
+    assert code == 0 and "--select-on" in output and "[LABEL=]PATH[:VIEW]" in output
+    code, output = run_cli(["--version"])
+    assert code == 0 and output.strip() == f"probe, version {__import__('featstore').__version__}"
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help and len(param.help) > 10, f"probe {name} {param.opts[0]} has no help"

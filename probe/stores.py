@@ -1,0 +1,129 @@
+"""Which stores a comparison holds: ``[LABEL=]PATH[:VIEW]`` specs, each store's label and views.
+
+A CNN store has ``pool``, a ViT store ``cls``, ``avgpool`` and ``cls4``: stores of different
+architectures share no view, so each store has a *primary view* (``pool`` for a CNN, ``cls`` for
+a ViT, the first view a custom builder returned) used when the stores share none. Labels name
+the stores in tables, CSV and plots: a fine-tuned and a pretrained DINOv2 must not both read
+``dino``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from featstore.errors import UsageError
+from featstore.store import FeatureStore
+
+# the view each encoder family's extractor puts first (featstore.encoders.FeatureEncoder)
+PRIMARY_VIEW = {"vit": "cls", "cnn": "pool"}
+_LABEL = re.compile(r"^[^=/\\:]+$")
+_VIEW = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """One store of a comparison: its path, an optional label and an optional view of its own."""
+
+    path: str
+    label: str | None = None
+    view: str | None = None
+
+
+def parse_store_spec(spec: str | os.PathLike | StoreSpec) -> StoreSpec:
+    """``PATH``, ``LABEL=PATH``, ``PATH:VIEW`` or ``LABEL=PATH:VIEW``.
+
+    A text that names an existing path is a path whatever it contains; ``os.PathLike`` is always
+    a plain path.
+    """
+    if isinstance(spec, StoreSpec):
+        return spec
+    if isinstance(spec, os.PathLike):
+        return StoreSpec(os.fspath(spec))
+    text = str(spec)
+    if Path(text).exists():
+        return StoreSpec(text)
+    label = view = None
+    head, eq, rest = text.partition("=")
+    if eq and _LABEL.match(head) and rest:
+        label, text = head.strip(), rest
+        if not label:
+            raise UsageError(f"empty label in --store {spec!r}", "write --store LABEL=PATH")
+    if not Path(text).exists():
+        path, colon, tail = text.rpartition(":")
+        if colon and path and _VIEW.match(tail):
+            text, view = path, tail
+    return StoreSpec(text, label, view)
+
+
+def primary_view(store: FeatureStore) -> str:
+    """``pool`` for a CNN, ``cls`` for a ViT, else the first view the store was written with."""
+    views = store.views
+    family = (store.attrs.get("encoder") or {}).get("family")
+    preferred = PRIMARY_VIEW.get(family)
+    return preferred if preferred in views else next(iter(views))
+
+
+def default_label(store: FeatureStore) -> str:
+    """The weights file's name without its suffix, else the model name, else the store's folder name."""
+    encoder = store.attrs.get("encoder") or {}
+    weights = encoder.get("weights_path")
+    if weights:
+        name = Path(weights).name
+        for suffix in (".safetensors", ".pth.tar", ".pth", ".pt", ".bin", ".ckpt", ".npz"):
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return Path(name).stem or name
+    return encoder.get("name") or Path(store.path).name
+
+
+def assign_labels(specs: list[StoreSpec], stores: list[FeatureStore]) -> list[str]:
+    """One distinct label per store: the given one, or the default made unique by the store's path."""
+    given = [s.label for s in specs if s.label]
+    twice = sorted({l for l in given if given.count(l) > 1})
+    if twice:
+        raise UsageError(f"label {twice[0]!r} given to several stores", "give each --store LABEL=PATH its own label")
+    base = [s.label or default_label(fs) for s, fs in zip(specs, stores)]
+    labels = []
+    for i, (spec, fs) in enumerate(zip(specs, stores)):
+        others = [j for j, l in enumerate(base) if l == base[i] and j != i]
+        if spec.label or not others:
+            labels.append(base[i])
+            continue
+        # disambiguate by the folder name, or by the whole path when the folder names are equal too
+        folder = Path(fs.path).name
+        unique = all(Path(stores[j].path).name != folder for j in others)
+        labels.append(f"{base[i]} ({folder if unique else fs.path})")
+    return labels
+
+
+def resolve_views(specs: list[StoreSpec], stores: list[FeatureStore], views: list[str] | None, log=None) -> list[list[str]]:
+    """The views probed on each store.
+
+    A store's own ``:VIEW`` wins. The others take the asked ``views`` (each must be in every one
+    of them), or every view they all share, or, when they share none (a CNN and a ViT), each its
+    primary view.
+    """
+    for spec, fs in zip(specs, stores):
+        if spec.view and spec.view not in fs.views:
+            raise UsageError(f"view {spec.view!r} not in store {str(fs.path)!r}", f"it has: {', '.join(fs.views)}")
+    rest = [fs for spec, fs in zip(specs, stores) if not spec.view]
+    chosen: list[str] | None = None
+    if views:
+        chosen = list(dict.fromkeys(views))
+        for fs in rest:
+            for v in chosen:
+                if v not in fs.views:
+                    raise UsageError(f"view {v!r} not in store {str(fs.path)!r}",
+                                     f"it has: {', '.join(fs.views)}; give that store its own view with --store {fs.path}:VIEW")  # fmt: skip
+    elif rest:
+        chosen = [v for v in rest[0].views if all(v in fs.views for fs in rest[1:])]
+        if not chosen and log is not None:
+            log("the stores share no feature view: each uses its primary view ("
+                + ", ".join(f"{fs.path}: {primary_view(fs)}" for fs in rest) + "); pick one per store with --store PATH:VIEW")
+    out = []
+    for spec, fs in zip(specs, stores):
+        out.append([spec.view] if spec.view else (chosen or [primary_view(fs)]))
+    return out

@@ -69,9 +69,10 @@ def test_hamming_permutations_follow_algorithm_1():
     # each permutation after the first maximizes the summed Hamming distance to those before it
     import itertools
 
-    every = np.array(list(itertools.permutations(range(9))))
+    every = np.array(list(itertools.permutations(range(9))), dtype=np.int8)
+    summed = np.zeros(len(every), dtype=np.int64)
     for m in range(1, 12):
-        summed = sum((every != perms[i]).sum(1) for i in range(m))
+        summed += (every != perms[m - 1]).sum(1)
         assert (perms[m] != perms[:m]).sum() == summed.max()
     # far apart on average: two random permutations of 9 differ in 8 positions on average
     assert mean_hamming_distance(perms) > 8.3
@@ -96,11 +97,11 @@ def test_cut_tiles_come_from_their_grid_cells():
 # --- the study at CI scale (real photographs; skipped without them) ------------------------------
 
 def _subset(root):
-    """An ImageFolder of symlinks: the first images of every class; Imagenette val is the held-out `test`."""
-    for split, source, n in (("train", "train", TRAIN_PER_CLASS), ("test", "val", HELD_OUT_PER_CLASS)):
-        for cls in sorted(p.name for p in (IMAGENETTE / source).iterdir()):
+    """An ImageFolder of symlinks: the first images of every class of Imagenette train and val."""
+    for split, n in (("train", TRAIN_PER_CLASS), ("val", HELD_OUT_PER_CLASS)):
+        for cls in sorted(p.name for p in (IMAGENETTE / split).iterdir()):
             (root / split / cls).mkdir(parents=True)
-            for f in sorted((IMAGENETTE / source / cls).iterdir())[:n]:
+            for f in sorted((IMAGENETTE / split / cls).iterdir())[:n]:
                 (root / split / cls / f.name).symlink_to(f)
     return root
 
@@ -142,7 +143,7 @@ def study(tmp_path_factory):
 
 
 def _probe(stores):
-    """Linear probe (probe.fit, one fixed LR: nothing is selected on the held-out split) and k-NN."""
+    """Linear probe (probe.fit, one fixed LR; reported on val) and k-NN, both trained on train."""
     import probe
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -154,15 +155,15 @@ def _probe(stores):
     for name, path in stores.items():
         fs = FeatureStore.open(path)
         clf = KNeighborsClassifier(n_neighbors=KNN_K, metric="cosine").fit(fs.features("train", "features"), fs.labels("train"))
-        knn[name] = clf.predict(fs.features("test", "features")) == fs.labels("test")
+        knn[name] = clf.predict(fs.features("val", "features")) == fs.labels("val")
     return linear, knn
 
 
 def _wilson(row) -> tuple[float, float]:
     """95% Wilson interval of a reported accuracy (percent), from scipy."""
-    n = row["n_test"]
-    ci = stats.binomtest(round(row["test_top1"] * n / 100), n).proportion_ci(0.95, method="wilson")
-    return 100 * ci.low, 100 * ci.high
+    n = row["n_report"]
+    ci = stats.binomtest(round(row["report_top1_pct"] * n / 100), n).proportion_ci(0.95, method="wilson")
+    return round(100 * float(ci.low), 2), round(100 * float(ci.high), 2)
 
 
 def _paired_interval(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -171,7 +172,7 @@ def _paired_interval(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     d = a.astype(float) - b.astype(float)  # the same by hand: mean ± t * sd / sqrt(n)
     half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
     assert (ci.low, ci.high) == pytest.approx((d.mean() - half, d.mean() + half), abs=1e-12)
-    return 100 * ci.low, 100 * ci.high
+    return round(100 * float(ci.low), 2), round(100 * float(ci.high), 2)
 
 
 @pytest.mark.slow
@@ -205,9 +206,13 @@ def test_simclr_beats_random_init_on_held_out_images(study):
     difference whatever the correlation of the two on the same images; k-NN: the paired interval
     of the difference excludes zero with room to spare."""
     linear, knn = study["linear"], study["knn"]
-    assert linear["simclr"]["n_test"] == linear["random"]["n_test"] == 10 * HELD_OUT_PER_CLASS
+    for name in (*METHODS, "random"):  # shown with -s; docs/ssl_study.md quotes them
+        print(f"{name}: linear {linear[name]['report_top1_pct']:.1f}% {_wilson(linear[name])}, k-NN {100 * knn[name].mean():.1f}%"
+              + (f", k-NN difference to random {_paired_interval(knn[name], knn['random'])}" if name != "random" else ""))
+    assert linear["simclr"]["report_split"] == "val"
+    assert linear["simclr"]["n_report"] == linear["random"]["n_report"] == 10 * HELD_OUT_PER_CLASS
     trained, random = _wilson(linear["simclr"]), _wilson(linear["random"])
-    assert trained[0] > random[1], (linear["simclr"]["test_top1"], linear["random"]["test_top1"], trained, random)
+    assert trained[0] > random[1], (linear["simclr"]["report_top1_pct"], linear["random"]["report_top1_pct"], trained, random)
     low, high = _paired_interval(knn["simclr"], knn["random"])
     assert low > 2.0, (knn["simclr"].mean(), knn["random"].mean(), low, high)
 

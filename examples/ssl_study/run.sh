@@ -4,10 +4,10 @@
 #
 #   examples/ssl_study/run.sh [--quick] [--data IMAGENETTE_DIR] [--out DIR] [--device auto|cpu|cuda]
 #
-# --quick: 200 training images per class, 100 test images per class, 3-4 epochs; under 15 minutes
+# --quick: 200 training images per class, 100 val images per class, 3-4 epochs; under 15 minutes
 # on a 2-core CPU. Without it: all of Imagenette and the full epoch budget (meant for a GPU).
-# Imagenette has train and val only; val is linked as the `test` split so that `probe fit` selects
-# on a seeded holdout of train and reports on images no choice was made on.
+# Imagenette has train and val only: `probe fit` selects the learning rate on a seeded holdout of
+# train and reports on val, on which no choice was made.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
@@ -32,10 +32,9 @@ FEATSTORE="${FEATSTORE:-featstore}"
 PROBE="${PROBE:-probe}"
 
 if [ "$QUICK" = 1 ]; then
-  TRAIN_PER_CLASS=200; TEST_PER_CLASS=100
+  TRAIN_PER_CLASS=200; VAL_PER_CLASS=100
   EPOCHS_simclr=3; EPOCHS_autoencoder=4; EPOCHS_jigsaw=4; PERMUTATIONS=24
 else
-  TRAIN_PER_CLASS=0; TEST_PER_CLASS=0    # 0 = every image
   EPOCHS_simclr=100; EPOCHS_autoencoder=100; EPOCHS_jigsaw=100; PERMUTATIONS=100
 fi
 mkdir -p "$OUT"
@@ -43,37 +42,38 @@ OUT="$(cd "$OUT" && pwd)"
 start=$(date +%s)
 echo "ssl study: data $DATA, out $OUT, quick=$QUICK, started $(date -u '+%Y-%m-%d %H:%M UTC')"
 
-# the dataset as featstore sees it: train/ and test/ (= Imagenette val), symlinks, sorted, the
-# first N files per class when --quick
-"$PY" - "$DATA" "$OUT/data" "$TRAIN_PER_CLASS" "$TEST_PER_CLASS" <<'PYEOF'
-import os, shutil, sys
+# --quick: a subset as an ImageFolder of symlinks, the first N files of every class (sorted)
+if [ "$QUICK" = 1 ]; then
+  "$PY" - "$DATA" "$OUT/data" "$TRAIN_PER_CLASS" "$VAL_PER_CLASS" <<'PYEOF'
+import shutil, sys
 from pathlib import Path
-src, dst, n_train, n_test = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+src, dst, n_train, n_val = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 shutil.rmtree(dst, ignore_errors=True)
-for split, source, n in (("train", "train", n_train), ("test", "val", n_test)):
-    for cls in sorted(p.name for p in (src / source).iterdir() if p.is_dir()):
+for split, n in (("train", n_train), ("val", n_val)):
+    for cls in sorted(p.name for p in (src / split).iterdir() if p.is_dir()):
         (dst / split / cls).mkdir(parents=True)
-        files = sorted(p for p in (src / source / cls).iterdir() if p.is_file())
-        for f in files[:n] if n else files:
+        for f in sorted(p for p in (src / split / cls).iterdir() if p.is_file())[:n]:
             (dst / split / cls / f.name).symlink_to(f.resolve())
 PYEOF
+  DATA="$OUT/data"
+fi
 
 for method in simclr autoencoder jigsaw; do
   epochs_var="EPOCHS_$method"
-  nice -n 10 "$PY" "$HERE/pretrain.py" --method "$method" --data "$OUT/data/train" --epochs "${!epochs_var}" \
+  nice -n 10 "$PY" "$HERE/pretrain.py" --method "$method" --data "$DATA/train" --epochs "${!epochs_var}" \
     --out "$OUT/checkpoints/$method.pth" --threads "${THREADS:-1}" --device "$DEVICE" --permutations "$PERMUTATIONS" | tee "$OUT/pretrain-$method.log"
 done
 
 extract() {  # name, then --weights FILE or --random-init
   local name="$1"; shift
-  nice -n 10 "$FEATSTORE" extract --model "$HERE/encoder.py:build" "$@" --dataset "$OUT/data" --out "$OUT/stores/$name.zarr" \
+  nice -n 10 "$FEATSTORE" extract --model "$HERE/encoder.py:build" "$@" --dataset "$DATA" --out "$OUT/stores/$name.zarr" \
     --image-size 64 --resize 72 --interpolation bilinear --loader torch --device "$DEVICE" --no-progress 2>&1 | tee "$OUT/extract-$name.log"
 }
 for method in simclr autoencoder jigsaw; do extract "$method" --weights "$OUT/checkpoints/$method.pth"; done
 extract random --random-init
 
-nice -n 10 "$PROBE" fit --store "$OUT/stores/simclr.zarr" --store "$OUT/stores/autoencoder.zarr" \
-  --store "$OUT/stores/jigsaw.zarr" --store "$OUT/stores/random.zarr" --lr-grid 1e-4:1:9 --device "$DEVICE" \
-  --out "$OUT/probe" | tee "$OUT/probe.log"
+nice -n 10 "$PROBE" fit --store "simclr=$OUT/stores/simclr.zarr" --store "autoencoder=$OUT/stores/autoencoder.zarr" \
+  --store "jigsaw=$OUT/stores/jigsaw.zarr" --store "random-init=$OUT/stores/random.zarr" --lr-grid 1e-4:1:9 \
+  --device "$DEVICE" --out "$OUT/probe" --overwrite 2>&1 | tee "$OUT/probe.log"
 "$PY" "$HERE/plot_losses.py" "$OUT"/checkpoints/*.pth --out "$OUT/pretrain_loss.png"
 echo "ssl study: done in $(( $(date +%s) - start )) s; results in $OUT/probe, loss curves in $OUT/pretrain_loss.png"

@@ -1,14 +1,20 @@
-"""Safe, loud checkpoint loading.
+"""Safe, loud checkpoint loading: a published SSL checkpoint goes into the network its authors evaluated.
 
-``weights_only=True`` always (a pickle that needs arbitrary code is refused unless the user trusts
-it), safetensors supported, the usual wrappers unwrapped (``state_dict``, ``model``, DINO's
-``teacher``/``student``, MoCo's query/base encoder) and prefixes stripped, classifier and projection
-heads dropped; a report of loaded / missing / unexpected keys, and an error when backbone keys are
-missing.
+``weights_only=True`` always; pickled metadata that is plain data (``argparse.Namespace`` under
+``args``, numpy scalars and arrays) is allowed by name, anything else needs ``--trust-checkpoint``.
+The layouts of the main self-supervised codebases are recognised (see ``layouts.py`` for the key
+rules and where each comes from): the evaluated copy is taken (DINO/iBOT/DINOv2 teacher, MSN/I-JEPA
+target encoder, MoCo query encoder, BYOL online network), momentum copies and heads are dropped,
+wrapper prefixes stripped, renumbered layouts renamed, and position embeddings resampled the way
+the authors' model does. The report says what was taken, loaded, dropped and resampled; a missing
+backbone tensor, a tensor with no place, a shape mismatch or contradicting provenance is an error.
 """
 
 from __future__ import annotations
 
+import argparse
+import fnmatch
+import math
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,19 +23,7 @@ import torch
 from torch import nn
 
 from .errors import FeatstoreError
-
-# wrapper keys in the order they are tried; DINO keeps the teacher (the evaluated network)
-WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "teacher", "student", "module", "net", "network", "encoder")
-# MoCo: keep the query/base encoder, drop the momentum (key) encoder
-MOCO_PREFIXES = ("module.encoder_q.", "module.base_encoder.", "encoder_q.", "base_encoder.")
-MOCO_DROPPED = ("module.encoder_k.", "module.momentum_encoder.", "encoder_k.", "momentum_encoder.", "module.predictor.", "predictor.", "queue")
-STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.")
-HEAD_NAMES = frozenset(
-    {"fc", "head", "heads", "classifier", "projector", "predictor", "projection_head", "prediction_head",
-     "projection", "prediction", "head_dist", "mask_token", "queue", "queue_ptr",
-     # MAE's decoder is not part of the encoder, nor an autoencoder's (encoder.* + decoder.*)
-     "decoder", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "decoder_pos_embed"}
-)
+from .layouts import HEAD_NAMES, Checkpoint, normalize_checkpoint, rename_for_model
 
 
 @dataclass
@@ -39,16 +33,41 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     dropped_heads: int = 0
+    ignored: int = 0  # dropped by --ignore-keys
+    taken: str = ""  # which copy of the network was loaded, and why
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (
-            f"weights {Path(self.path).name}: loaded {self.loaded} tensors, missing {len(self.missing)}, "
-            f"unexpected {len(self.unexpected)}, dropped head/projection {self.dropped_heads}"
-        )
+        text = f"weights {Path(self.path).name}: "
+        if self.taken:
+            text += f"took {self.taken}; "
+        text += (f"loaded {self.loaded} tensors, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+                 f"dropped head/projection {self.dropped_heads}")
+        if self.ignored:
+            text += f", ignored by --ignore-keys {self.ignored}"
+        return "; ".join([text, *self.notes])
+
+
+def _safe_globals() -> list:
+    """Classes a checkpoint may pickle as plain data: training args and numpy numbers, never code."""
+    allowed: list = [argparse.Namespace]
+    try:
+        import numpy as np
+    except ImportError:
+        return allowed
+    core = getattr(np, "_core", None) or np.core
+    allowed += [np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct]
+    allowed += [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", object)) if n.endswith("DType")]
+    return allowed
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
-    """The raw tensors of a checkpoint file, loaded safely, with wrappers and prefixes removed."""
+    """The backbone tensors of a checkpoint file, loaded safely, with wrappers, copies and prefixes removed."""
+    return load_checkpoint(path, trust).tensors
+
+
+def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
+    """The backbone tensors plus what the file says about itself (provenance, which copy was taken)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -59,12 +78,18 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, torch.Te
             raise FeatstoreError(f"{path.name!r} is not a readable safetensors file ({e})", "pass a valid .safetensors, .pth or .pt checkpoint") from e
     else:
         obj = _torch_load(path, trust)
-    return normalize_state_dict(obj, path.name)
+    return normalize_checkpoint(obj, path.name)
+
+
+def normalize_state_dict(obj, name: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The backbone tensors of an already loaded checkpoint object."""
+    return normalize_checkpoint(obj, name).tensors
 
 
 def _torch_load(path: Path, trust: bool):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # weights_only names the global it refused; anything else is garbage
             raise FeatstoreError(f"{path.name!r} is not a PyTorch checkpoint", "pass a .pth/.pt/.safetensors file saved by torch.save or safetensors") from e
@@ -73,91 +98,175 @@ def _torch_load(path: Path, trust: bool):
                 f"{path.name!r} needs arbitrary code to load (it pickles more than tensors), refused",
                 "pass --trust-checkpoint only if you trust its source, or re-save it as a plain state dict / safetensors",
             ) from e
-        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # garbage bytes make the unpickler fail in arbitrary ways
         raise FeatstoreError(f"{path.name!r} is not a PyTorch checkpoint ({type(e).__name__})", "pass a .pth/.pt/.safetensors file saved by torch.save or safetensors") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise FeatstoreError(
+            f"{path.name!r} pickles objects of the Python module {e.name!r}, which is not installed",
+            f"install {e.name} to unpickle it, or re-save the checkpoint as a plain state dict / safetensors",
+        ) from e
+    except Exception as e:
+        raise FeatstoreError(f"{path.name!r} could not be unpickled ({type(e).__name__}: {e})",
+                             "re-save the checkpoint as a plain state dict / safetensors") from e
 
 
-def normalize_state_dict(obj, name: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Unwrap nested dicts until a flat tensor dict remains, then strip MoCo and common prefixes."""
-    for _ in range(4):
-        if not isinstance(obj, dict):
-            break
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            break
-        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict) and obj[k]), None)
-        if inner is None:
-            break
-        obj = inner
-    if hasattr(obj, "state_dict") and isinstance(obj, nn.Module):
-        obj = obj.state_dict()
-    if not isinstance(obj, dict):
-        raise FeatstoreError(f"{name!r} holds a {type(obj).__name__}, not a state dict", "save the model with torch.save(model.state_dict(), path)")
-    sd = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if not sd:
-        raise FeatstoreError(f"{name!r} holds no tensors", "pass the checkpoint of a trained model")
-    moco = next((p for p in MOCO_PREFIXES if any(k.startswith(p) for k in sd)), None)
-    if moco is not None:
-        sd = {k[len(moco):]: v for k, v in sd.items() if k.startswith(moco)}
-    sd = {k: v for k, v in sd.items() if not k.startswith(MOCO_DROPPED)}
-    changed = True
-    while changed:
-        changed = False
-        for prefix in STRIP_PREFIXES:
-            # strip a prefix that most keys share (a DINO teacher is backbone.* plus head.*)
-            with_prefix = sum(k.startswith(prefix) for k in sd)
-            if with_prefix and with_prefix >= len(sd) / 2:
-                sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
-                changed = True
-    return sd
+def load_weights(model: nn.Module, path: str | Path, arch: str = "", trust: bool = False,
+                 ignore_keys: tuple[str, ...] | list[str] = (), pos_embed: str = "timm", model_name: str = "") -> LoadReport:
+    """Load ``path`` into ``model``; raise when backbone parameters are missing, shapes differ, or the
+    checkpoint says it was trained as another architecture.
 
+    ``pos_embed`` is how the authors' model resamples position embeddings to another grid (see
+    ``presets.POS_EMBED_RULES``); ``ignore_keys`` are globs of checkpoint keys to drop.
+    """
+    name = Path(path).name
+    label = arch or type(model).__name__
+    if model_name and not arch.endswith(model_name):
+        label = f"{model_name} [{label}]"
+    ckpt = load_checkpoint(path, trust=trust)
+    ckpt.provenance.check(model, arch, name, label)
+    sd = dict(ckpt.tensors)  # our own copy: timm's converter mutates the dict it is given
+    notes: list[str] = []
 
-def load_weights(model: nn.Module, path: str | Path, arch: str = "", trust: bool = False) -> LoadReport:
-    """Load ``path`` into ``model``; raise when backbone parameters are missing or shapes differ."""
-    sd = read_checkpoint(path, trust=trust)
+    ignored = [k for k in sd if any(fnmatch.fnmatchcase(k, g) for g in ignore_keys)]
+    for k in ignored:
+        del sd[k]
+    unmatched = [g for g in ignore_keys if not any(fnmatch.fnmatchcase(k, g) for k in ckpt.tensors)]
+    if unmatched:
+        notes.append("--ignore-keys matched nothing: " + ", ".join(unmatched))
+
+    sd, renamed = rename_for_model(sd, model.state_dict().keys(), [n for n, _ in model.named_children()])
+    notes += renamed
+    sd, resampled = resample_pos_embed(sd, model, pos_embed)
+    notes += resampled
     sd = _timm_filter(sd, model, arch)
+
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    model_keys = set(shapes)
-    dropped = [k for k in sd if k not in model_keys and k.split(".")[0] in HEAD_NAMES]
+    dropped = [k for k in sd if k not in shapes and (k.split(".")[0] in HEAD_NAMES or _under_identity(model, k))]
     for k in dropped:
         del sd[k]
-    if not model_keys & set(sd):
+    if not shapes.keys() & sd.keys():
         sample = ", ".join(sorted(sd)[:3])
         raise FeatstoreError(
-            f"weights {Path(path).name!r} do not fit {arch or type(model).__name__}: no parameter names match (file has e.g. {sample})",
+            f"weights {name!r} do not fit {label}: no parameter names match (file has e.g. {sample})",
             "check --model matches the checkpoint's architecture",
         )
-    mismatched = [
-        f"{k} {tuple(v.shape)} vs {shapes[k]}"
-        for k, v in sd.items()
-        if k in model_keys and tuple(v.shape) != shapes[k]
-    ]
+    mismatched = [k for k, v in sd.items() if k in shapes and tuple(v.shape) != shapes[k]]
     if mismatched:
+        k = mismatched[0]
         raise FeatstoreError(
-            f"weights {Path(path).name!r} do not fit {arch or type(model).__name__}: shape mismatch for {len(mismatched)} tensors, e.g. {mismatched[0]}",
+            f"weights {name!r} do not fit {label}: shape mismatch for {len(mismatched)} tensors, "
+            f"e.g. {k} {tuple(sd[k].shape)} vs {shapes[k]}{_mismatch_cause(sd, shapes)}",
             "check --model matches the checkpoint's architecture (size, patch size, depth)",
         )
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     report = LoadReport(str(path), loaded=len(sd) - len(result.unexpected_keys), missing=missing,
-                        unexpected=list(result.unexpected_keys), dropped_heads=len(dropped))
+                        unexpected=list(result.unexpected_keys), dropped_heads=len(dropped), ignored=len(ignored),
+                        taken=ckpt.taken, notes=notes)
     if report.unexpected:
         shown = ", ".join(report.unexpected[:3])
         raise FeatstoreError(
-            f"weights {Path(path).name!r} do not fit {arch or type(model).__name__}: {len(report.unexpected)} tensors have no place in it, e.g. {shown}",
-            "check --model matches the checkpoint (a deeper or different variant?)",
+            f"weights {name!r} do not fit {label}: {len(report.unexpected)} tensors have no place in it, e.g. {shown}",
+            "the file has register tokens: use a _reg4 model (featstore models lists them)"
+            if any("register_tokens" in k or "reg_token" in k for k in report.unexpected)
+            else "check --model matches the checkpoint (a deeper or different variant?); --ignore-keys GLOB drops keys you know are not the backbone",
         )
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise FeatstoreError(
-            f"weights {Path(path).name!r} lack {len(missing)} backbone parameters of {arch or type(model).__name__}: {shown}",
+            f"weights {name!r} lack {len(missing)} backbone parameters of {label}: {shown}",
             "check --model matches the checkpoint, or that the file holds the whole backbone",
         )
     return report
 
 
+def _under_identity(model: nn.Module, key: str) -> bool:
+    """A key under a module the model holds as nn.Identity: the head the user removed."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            module = model.get_submodule(".".join(parts[:i]))
+        except AttributeError:
+            continue
+        return isinstance(module, nn.Identity)
+    return False
+
+
+def _mismatch_cause(sd: dict, shapes: dict) -> str:
+    """A short diagnosis for the two ResNet mix-ups people make."""
+    conv1 = sd.get("conv1.weight")
+    if conv1 is not None and "conv1.weight" in shapes and conv1.shape[-1] != shapes["conv1.weight"][-1]:
+        return f" (the file's conv1 is {conv1.shape[-2]}x{conv1.shape[-1]}, the model's {shapes['conv1.weight'][-2]}x{shapes['conv1.weight'][-1]}: a CIFAR-stem ResNet?)"
+    file_net, model_net = _resnet_kind(sd.keys()), _resnet_kind(shapes.keys())
+    if file_net and model_net and file_net != model_net:
+        return f" (the file is a {file_net}, the model a {model_net})"
+    return ""
+
+
+def _resnet_kind(keys) -> str:
+    blocks = [len({k.split(".")[1] for k in keys if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
+    if not all(blocks):
+        return ""
+    bottleneck = any(k.endswith("conv3.weight") for k in keys)
+    depth = sum(blocks) * (3 if bottleneck else 2) + 2
+    return f"ResNet-{depth}"
+
+
+def resample_pos_embed(sd: dict, model: nn.Module, rule: str) -> tuple[dict, list[str]]:
+    """Resample ``pos_embed`` to the model's patch grid as the authors' own model does at that size.
+
+    timm's converter would resample with its antialiased interpolation, which gives other features
+    than DINO/DINOv2/MSN/MAE code does; doing it here first leaves timm nothing to resample.
+    """
+    pe = sd.get("pos_embed")
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if rule == "timm" or pe is None or pe.ndim != 3 or grid is None:
+        return sd, []
+    n_prefix, old = _pos_grid(pe.shape[1])
+    new = tuple(int(g) for g in grid)
+    if old is None or (old, old) == new:
+        return sd, []
+    prefix, patches = pe[:, :n_prefix], pe[:, n_prefix:].float()
+    patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    patches = interpolate_patch_pos_embed(patches, new, rule)
+    out = torch.cat([prefix.float(), patches.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1)], dim=1).to(pe.dtype)
+    sd = {**sd, "pos_embed": out}
+    names = {"dino": "DINO's interpolate_pos_encoding", "scale": "MSN/I-JEPA's interpolate_pos_encoding", "size": "MAE's interpolate_pos_embed"}
+    return sd, [f"position embeddings {old}x{old} -> {new[0]}x{new[1]} as {names[rule]}"]
+
+
+def interpolate_patch_pos_embed(patches: torch.Tensor, new: tuple[int, int], rule: str) -> torch.Tensor:
+    """(1, D, H, W) patch position embeddings to ``new`` (h, w), bicubic, never antialiased."""
+    old_h, old_w = patches.shape[-2:]
+    if rule == "dino":
+        # dinov2/models/vision_transformer.py interpolate_pos_encoding (interpolate_offset=0.1): the scale
+        # factor, not the size, sets the sampling positions; dino/vision_transformer.py does the same
+        scale = ((new[0] + 0.1) / old_h, (new[1] + 0.1) / old_w)
+        return nn.functional.interpolate(patches, scale_factor=scale, mode="bicubic", antialias=False)
+    if rule == "scale":
+        # msn src/deit.py, ijepa src/models/vision_transformer.py: scale_factor=math.sqrt(npatch / N)
+        scale = math.sqrt(new[0] * new[1] / (old_h * old_w))
+        out = nn.functional.interpolate(patches, scale_factor=scale, mode="bicubic")
+        if tuple(out.shape[-2:]) != tuple(new):
+            raise FeatstoreError(f"position embeddings {old_h}x{old_w} cannot be resampled to {new[0]}x{new[1]} by one scale factor", "use a square --image-size")
+        return out
+    # mae util/pos_embed.py interpolate_pos_embed
+    return nn.functional.interpolate(patches, size=new, mode="bicubic", align_corners=False)
+
+
+def _pos_grid(tokens: int) -> tuple[int, int | None]:
+    """(prefix tokens, grid side) of a square position embedding with 0 or 1 prefix (CLS) tokens."""
+    for n_prefix in (1, 0):
+        side = math.isqrt(tokens - n_prefix)
+        if side * side == tokens - n_prefix:
+            return n_prefix, side
+    return 0, None
+
+
 def _timm_filter(sd: dict, model: nn.Module, arch: str) -> dict:
-    """timm's own converter for the model family (DINOv2 originals, position-embedding resampling)."""
+    """timm's own converter for the model family (DINOv2 originals, register tokens, patch embeddings)."""
     if not arch.startswith("timm:"):
         return sd
     import importlib
@@ -167,6 +276,6 @@ def _timm_filter(sd: dict, model: nn.Module, arch: str) -> dict:
     if fn is None:
         return sd
     try:
-        return fn(sd, model)
+        return fn(dict(sd), model)  # a copy: the converter pops keys from what it is given
     except Exception:  # a foreign layout timm does not know: load as-is and let the key check speak
         return sd

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -27,32 +26,38 @@ def cli(debug):
 
 
 @cli.command()
-@click.option("--model", required=True, help="Preset (dino, dino-b, dino-l, dinov1, resnet18, resnet50), a timm name, tv:<torchvision name>, or file.py:build.")
+@click.option("--model", required=True, help="Preset (featstore models lists them: dino, dinov2-b, mocov3-vits, mae-b, …), a timm name, tv:<torchvision name>, or file.py:build.")
 @click.option("--dataset", default="digits", show_default=True, help="digits, imagenet, an ImageFolder directory, or a CSV file list (path,label[,split]).")
-@click.option("--out", required=True, type=click.Path(), help="Store to write (a .zarr folder).")
+@click.option("--out", required=True, type=click.Path(), help="Store to write (a .zarr folder); rerunning the same command resumes it.")
 @click.option("--data-root", type=click.Path(), help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet).")
 @click.option("--weights", type=click.Path(), help="Checkpoint (.pth/.pt/.safetensors), loaded with weights_only=True.")
 @click.option("--random-init", is_flag=True, help="Run the model untrained (no weights).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that needs arbitrary code to unpickle.")
+@click.option("--ignore-keys", multiple=True, metavar="GLOB", help="Drop checkpoint keys matching GLOB (repeatable), e.g. 'linear.*'; reported as ignored.")
 @click.option("--views", help="Comma-separated feature views (ViT: cls,avgpool,cls4; CNN: pool). Default: all.")
-@click.option("--loader", type=click.Choice(("auto",) + LOADERS), default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--loader", type=click.Choice(("auto",) + LOADERS), default="auto", show_default=True,
+              help="Image decoding: dali (GPU or CPU threads), nvjpeg (torchvision on CUDA), torch (PIL reference). "
+                   "auto: dali where it imports, else nvjpeg on CUDA, else torch.")
+@click.option("--device", default="auto", show_default=True, help="Where the model runs: auto (cuda when present), cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass (and per decoded batch).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode workers (DataLoader processes / DALI threads).")
-@click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default="float16", show_default=True,
+              help="Stored feature precision (float32 if float16 overflows).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
-@click.option("--strict", is_flag=True, help="Stop at the first undecodable image instead of recording it.")
+@click.option("--strict", is_flag=True, help="Stop at the first undecodable image instead of recording it as an invalid row.")
 @click.option("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, show_default=True, help="Rows per chunk (and per resumable unit).")
 @click.option("--image-size", type=int, help="Crop size (overrides the model's preprocessing).")
 @click.option("--resize", type=int, help="Shorter side before the crop; equal to --image-size means no crop margin.")
-@click.option("--interpolation", type=click.Choice(INTERPOLATIONS))
-@click.option("--mean", callback=parse_triple, help="R,G,B mean in [0,1].")
-@click.option("--std", callback=parse_triple, help="R,G,B std in [0,1].")
+@click.option("--interpolation", type=click.Choice(INTERPOLATIONS), help="Resize filter (overrides the model's).")
+@click.option("--mean", callback=parse_triple, help="R,G,B mean in [0,1] (overrides the model's).")
+@click.option("--std", callback=parse_triple, help="R,G,B std in [0,1] (overrides the model's).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (fixed batch shapes; pays off on long GPU runs).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True,
+              help="No progress output. Otherwise a bar on a terminal, and in logs a line every "
+                   "$FEATSTORE_PROGRESS_SECONDS (30) with rows, img/s, ETA and invalid rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @debug_option
-def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoint, views, loader, device, batch_size,
+def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoint, ignore_keys, views, loader, device, batch_size,
             workers, dtype, overwrite, strict, chunk_rows, image_size, resize, interpolation, mean, std, compile_model,
             no_progress, as_json, debug):
     """Extract features of every image of DATASET with MODEL into the store OUT."""
@@ -60,23 +65,47 @@ def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoi
 
     config = ExtractConfig(
         model=model, dataset=dataset, out=out, data_root=data_root, weights=weights, random_init=random_init,
-        trust_checkpoint=trust_checkpoint, views=[v.strip() for v in views.split(",") if v.strip()] if views else None,
+        trust_checkpoint=trust_checkpoint, ignore_keys=tuple(ignore_keys), views=[v.strip() for v in views.split(",") if v.strip()] if views else None,
         loader=loader, device=device, batch_size=batch_size, workers=workers, dtype=dtype, overwrite=overwrite,
         strict=strict, chunk_rows=chunk_rows, image_size=image_size, resize=resize, interpolation=interpolation,
         mean=mean, std=std, compile=compile_model,
     )
-    result = run_extract(config, progress=not no_progress and sys.stderr.isatty())
+    result = run_extract(config, progress=not no_progress)
     if as_json:
         click.echo(json.dumps(result.__dict__, indent=2))
     click.echo(result.summary(), err=as_json)
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @debug_option
+def models(as_json, debug):
+    """List the model presets: name, architecture, views with dims, expected weights file, source."""
+    from .presets import preset_table
+
+    rows = preset_table()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(format_models(rows))
+
+
+def format_models(rows: list[dict]) -> str:
+    head = ("name", "aliases", "architecture", "views (dims)", "weights file")
+    table = [head] + [(r["name"], ", ".join(r["aliases"]) or "-", r["architecture"],
+                       ", ".join(f"{v} {d}" for v, d in r["views"].items()), r["weights_file"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in table]
+    return "\n".join(lines) + "\n\nweights folder: $FEATSTORE_WEIGHTS (default ~/.cache/featstore/weights); URLs and sources: --json"
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print every field as JSON (all invalid rows, not the first 20).")
+@debug_option
 def info(store, as_json, debug):
-    """Summarize a feature store: splits, views, encoder, provenance, invalid rows."""
+    """Summarize the feature store STORE: splits, views, encoder, provenance, the last run (device,
+    img/s), invalid rows and their reasons, and for an incomplete store the command that resumes it."""
     from .store import FeatureStore
 
     summary = FeatureStore.open(store).info()
@@ -98,6 +127,11 @@ def format_info(s: dict) -> str:
         "splits     " + ", ".join(f"{name} {v['rows']:,} rows" + (f" ({v['invalid']} invalid)" if v["invalid"] else "") for name, v in s["splits"].items()),
         f"created    {s['created']}  featstore {s['featstore_version']}  schema {s['schema_version']}",
     ]
+    if s.get("complete") and s.get("device"):
+        rate = s.get("images_per_second")
+        lines.append(f"run        on {s['device']}" + (f", {rate:,.1f} img/s" if rate else "") + f", completed {s.get('completed')}")
+    if not s["complete"] and s.get("command"):
+        lines.append(f"resume     {s['command']}")
     for row in s["invalid"][:20]:
         lines.append(f"invalid    {row['split']}/{row['row']}  {row['path']}: {row['reason']}")
     if len(s["invalid"]) > 20:

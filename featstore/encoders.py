@@ -14,7 +14,7 @@ import importlib.util
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,40 +23,13 @@ from torch import nn
 
 from .errors import FeatstoreError, UsageError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .presets import PRESETS, Preset, find_preset
 
 VIT_VIEWS = ("cls", "avgpool", "cls4")
 CNN_VIEWS = ("pool",)
 
 
-@dataclass(frozen=True)
-class Preset:
-    arch: str  # "timm:<name>" or "tv:<name>"
-    preprocess: Preprocess
-    weights_file: str
-    weights_url: str
-    description: str
-    timm_kwargs: dict = field(default_factory=dict)
-
-
-_DINOV2_PRE = Preprocess(224, 256, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
 _TV_PRE = Preprocess(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
-_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}_pretrain.pth"
-
-PRESETS: dict[str, Preset] = {
-    "dino": Preset("timm:vit_small_patch14_dinov2", _DINOV2_PRE, "dinov2_vits14_pretrain.pth",
-                   _DINOV2_URL.format("dinov2_vits14"), "DINOv2 ViT-S/14", {"img_size": 224}),
-    "dino-b": Preset("timm:vit_base_patch14_dinov2", _DINOV2_PRE, "dinov2_vitb14_pretrain.pth",
-                     _DINOV2_URL.format("dinov2_vitb14"), "DINOv2 ViT-B/14", {"img_size": 224}),
-    "dino-l": Preset("timm:vit_large_patch14_dinov2", _DINOV2_PRE, "dinov2_vitl14_pretrain.pth",
-                     _DINOV2_URL.format("dinov2_vitl14"), "DINOv2 ViT-L/14", {"img_size": 224}),
-    "dinov1": Preset("timm:vit_small_patch16_224", _DINOV2_PRE, "dino_deitsmall16_pretrain.pth",
-                     "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
-                     "DINO ViT-S/16"),
-    "resnet50": Preset("tv:resnet50", _TV_PRE, "resnet50-11ad3fa6.pth",
-                       "https://download.pytorch.org/models/resnet50-11ad3fa6.pth", "torchvision ResNet-50"),
-    "resnet18": Preset("tv:resnet18", _TV_PRE, "resnet18-f37072fd.pth",
-                       "https://download.pytorch.org/models/resnet18-f37072fd.pth", "torchvision ResNet-18"),
-}
 
 
 @dataclass(frozen=True)
@@ -101,6 +74,9 @@ def resolve_encoder(
     preprocess_overrides: dict | None = None,
 ) -> EncoderSpec:
     """Check that ``name`` exists and that weights are available, without building the model."""
+    preset = find_preset(name)
+    if preset is not None:
+        name = preset.name  # an alias and its preset share stores
     arch, default_pre, preset = _arch_and_preprocess(name)
     pre = default_pre.with_overrides(**(preprocess_overrides or {}))
     if weights is not None and random_init:
@@ -145,16 +121,18 @@ def _arch_and_preprocess(name: str) -> tuple[str, Preprocess, Preset | None]:
 
     base = name.split(".")[0]
     if not timm.is_model(base):
-        candidates = list(PRESETS) + timm.list_models()
+        from .presets import ALIASES
+
+        candidates = list(PRESETS) + list(ALIASES) + timm.list_models()
         raise UsageError(f"unknown model {name!r}", _suggest(name, candidates, ""))
     return f"timm:{name}", _timm_preprocess(name), None
 
 
 def _suggest(name: str, candidates: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=3, cutoff=0.6)
     if close:
         return "did you mean " + ", ".join(prefix + c for c in close) + "?"
-    return "use a preset (" + ", ".join(PRESETS) + "), a timm model name, tv:<torchvision name>, or file.py:build"
+    return "use a preset (featstore models lists them), a timm model name, tv:<torchvision name>, or file.py:build"
 
 
 def _looks_like_builder(name: str) -> bool:
@@ -250,6 +228,8 @@ class FeatureEncoder(nn.Module):
             norm = self.backbone.norm
             last4 = [norm(h)[:, 0] for h in self._block_outputs[-4:]]
             self._block_outputs = []
+            if getattr(self.backbone, "cls_token", None) is None:  # no CLS token (I-JEPA): patch tokens only
+                return {"avgpool": tokens[:, n_prefix:].mean(dim=1)}
             return {
                 "cls": tokens[:, 0],
                 "avgpool": tokens[:, n_prefix:].mean(dim=1),  # register tokens are prefix tokens: excluded
@@ -259,23 +239,27 @@ class FeatureEncoder(nn.Module):
         return {"cls" if self.family == "vit" else "pool": out.flatten(1)}
 
 
-def build_encoder(spec: EncoderSpec, log: Callable[[str], None] = lambda s: None, trust: bool = False) -> FeatureEncoder:
-    """Build the backbone (no download ever), load the weights, wrap it for feature views."""
+def build_encoder(spec: EncoderSpec, log: Callable[[str], None] = lambda s: None, trust: bool = False,
+                  ignore_keys: tuple[str, ...] | list[str] = ()) -> FeatureEncoder:
+    """Build the backbone (no download ever), load the weights, wrap it for feature views.
+
+    ``ignore_keys``: globs of checkpoint keys to drop (reported), for heads of other names.
+    """
     torch.manual_seed(0)  # --random-init is reproducible
     arch = spec.arch
+    preset = find_preset(spec.name) if not arch.startswith("user:") else None
     if arch.startswith("timm:"):
         import timm
 
-        preset = next((p for p in PRESETS.values() if p.arch == arch), None)
         kwargs = dict(preset.timm_kwargs) if preset else {}
         if spec.family == "vit":
             # position embeddings sized for the crop; timm's checkpoint filter resamples weights to it
             kwargs["img_size"] = spec.preprocess.image_size
-        backbone = timm.create_model(arch[5:], pretrained=False, num_classes=0, **kwargs)
+        backbone = _construct(lambda: timm.create_model(arch[5:], pretrained=False, num_classes=0, **kwargs), bool(spec.weights_path))
     elif arch.startswith("tv:"):
         import torchvision
 
-        backbone = torchvision.models.get_model(arch[3:], weights=None)
+        backbone = _construct(lambda: torchvision.models.get_model(arch[3:], weights=None), bool(spec.weights_path))
         _strip_torchvision_head(backbone)
     else:
         backbone = _load_builder(arch[5:])()
@@ -284,9 +268,41 @@ def build_encoder(spec: EncoderSpec, log: Callable[[str], None] = lambda s: None
     if spec.weights_path:
         from .checkpoints import load_weights
 
-        report = load_weights(backbone, spec.weights_path, arch=arch, trust=trust)
+        report = load_weights(backbone, spec.weights_path, arch=arch, trust=trust, ignore_keys=ignore_keys,
+                              pos_embed=pos_embed_rule(arch, preset), model_name=spec.name)
         log(report.summary())
     return FeatureEncoder(backbone.eval(), spec.family).eval()
+
+
+def _construct(make: Callable[[], nn.Module], weights_follow: bool) -> nn.Module:
+    """``make()``, without its random initialisation when weights are about to replace every tensor.
+
+    Random init is most of a build's time (a ViT-g spends tens of seconds in it on a CPU). The model
+    is built on the meta device and allocated uninitialised; load_weights then refuses any missing
+    parameter or buffer. A model with buffers outside its state dict (rotary tables, relative position
+    indices) needs its init for them, so it is built normally.
+    """
+    if not weights_follow:
+        return make()
+    try:
+        with torch.device("meta"):
+            model = make()
+    except Exception:  # a constructor that computes with tensor values (.item(), .tolist()) cannot run on meta
+        return make()
+    if any(m._non_persistent_buffers_set for m in model.modules()):
+        return make()
+    model = model.to_empty(device="cpu")
+    for name, buffer in model.named_buffers():
+        if name.endswith("num_batches_tracked"):  # may be absent from a checkpoint; only training reads it
+            buffer.zero_()
+    return model
+
+
+def pos_embed_rule(arch: str, preset: Preset | None) -> str:
+    """How the authors' code resamples position embeddings: the preset's rule; DINOv2's for any timm dinov2 name."""
+    if preset is not None:
+        return preset.pos_embed
+    return "dino" if arch.startswith("timm:") and "dinov2" in arch else "timm"
 
 
 def _strip_torchvision_head(model: nn.Module) -> None:

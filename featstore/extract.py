@@ -8,11 +8,13 @@ thread) and writing (a writer thread, whole units) overlap.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import queue
+import shlex
 import shutil
 import sys
 import threading
@@ -24,13 +26,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .datasets import Manifest, resolve_dataset
+from .datasets import BUILTIN_DATASETS, Manifest, resolve_dataset
 from .device import compute_dtype, resolve_device
 from .encoders import EncoderSpec, build_encoder, feature_dims, resolve_encoder, select_views
 from .errors import FeatstoreError, UsageError
 from .inference import BatchEncoder
 from .loaders import Batch, choose_loader, make_loader
 from .lock import StoreLock
+from .progress import Progress, resolve_mode
 from .ranks import Ranks, wait_until
 from .store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
 
@@ -44,6 +47,7 @@ class ExtractConfig:
     weights: str | None = None
     random_init: bool = False
     trust_checkpoint: bool = False
+    ignore_keys: tuple[str, ...] = ()  # globs of checkpoint keys to drop (heads of other names)
     views: list[str] | None = None
     loader: str = "auto"
     device: str = "auto"
@@ -122,10 +126,49 @@ def _validate(config: ExtractConfig) -> None:
         raise UsageError(f"--chunk-rows must be >= 1, got {config.chunk_rows}", "e.g. --chunk-rows 8192")
 
 
-def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progress: bool = True) -> ExtractResult:
-    """Run (or resume, or skip as up to date) one extraction. Raises FeatstoreError on user mistakes."""
+def resume_command(config: ExtractConfig, loader_name: str) -> str:
+    """The `featstore extract` command that resumes (or reruns) this extraction, from any folder.
+
+    Paths are made absolute; the loader is the one chosen (``auto`` could choose another elsewhere,
+    which would be another store); ``--overwrite`` is left out, since it would start over.
+    """
+    defaults = ExtractConfig(model="", dataset="", out="")
+
+    def path(value: str) -> str:
+        return str(Path(value).expanduser().resolve()) if Path(value).expanduser().exists() else value
+
+    model = config.model
+    if ":" in model and model.split(":", 1)[0].endswith(".py"):
+        file, name = model.rsplit(":", 1)
+        model = f"{path(file)}:{name}"
+    dataset = config.dataset if config.dataset in BUILTIN_DATASETS else path(config.dataset)
+    args = ["featstore", "extract", "--model", model, "--dataset", dataset, "--out", str(Path(config.out).resolve()),
+            "--loader", loader_name]
+    options = [("data_root", "--data-root", path), ("weights", "--weights", path), ("views", "--views", ",".join),
+               ("device", "--device", str), ("batch_size", "--batch-size", str), ("workers", "--workers", str),
+               ("dtype", "--dtype", str), ("chunk_rows", "--chunk-rows", str), ("image_size", "--image-size", str),
+               ("resize", "--resize", str), ("interpolation", "--interpolation", str),
+               ("mean", "--mean", lambda v: ",".join(map(str, v))), ("std", "--std", lambda v: ",".join(map(str, v)))]
+    for name, flag, text in options:
+        value = getattr(config, name)
+        if value is not None and value != getattr(defaults, name):
+            args += [flag, text(value)]
+    for name, flag in (("random_init", "--random-init"), ("trust_checkpoint", "--trust-checkpoint"),
+                       ("strict", "--strict"), ("compile", "--compile")):
+        if getattr(config, name):
+            args.append(flag)
+    return shlex.join(args)
+
+
+def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progress: bool | str = True) -> ExtractResult:
+    """Run (or resume, or skip as up to date) one extraction. Raises FeatstoreError on user mistakes.
+
+    ``progress``: True/"auto" shows a bar when stderr is a terminal and otherwise logs a line every
+    FEATSTORE_PROGRESS_SECONDS (30); "bar", "lines" or False/"off" force one.
+    """
     start = time.perf_counter()
     _validate(config)
+    progress = resolve_mode(progress)
     ranks = Ranks.from_env()
     device = resolve_device(config.device)
     if ranks.world > 1 and device.type == "cuda" and device.index is None:
@@ -153,7 +196,7 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
                 existing.update_attrs({"job": ranks.job})  # tells the other ranks: nothing to do
         return ExtractResult(str(out), "up to date", rows, 0, len(existing.invalid_rows()), 0, time.perf_counter() - start, 0.0)
 
-    encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint).to(device).to(memory_format=torch.channels_last)
+    encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint, ignore_keys=config.ignore_keys).to(device).to(memory_format=torch.channels_last)
     views = select_views(feature_dims(encoder, spec.preprocess, device), config.views)
 
     if existing is None:
@@ -161,18 +204,22 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
     else:
         store, status = existing, "resumed"
 
+    run_start = time.perf_counter()
     if not ranks.is_leader:
-        written, invalid, nonfinite = _run(store, manifest, encoder, views, loader_name, device, config, progress, ranks)
+        written, invalid, nonfinite = _run(store, manifest, encoder, views, loader_name, device, config, progress, ranks, log)
         label = f"{out} (rank {ranks.rank})"
     else:
         with StoreLock(out / PROGRESS / "lock.json", warn=log, job=ranks.job):
             store.clean_temp_files()
             if ranks.world > 1:
                 store.update_attrs({"job": ranks.job})  # the other ranks start writing now
-            written, _, nonfinite = _run(store, manifest, encoder, views, loader_name, device, config, progress, ranks)
+            written, _, nonfinite = _run(store, manifest, encoder, views, loader_name, device, config, progress, ranks, log)
             if ranks.world > 1:
                 wait_until(lambda: not store.pending_units(), "the other ranks' units", timeout=float("inf"), poll=1.0)
-            store.finalize({"device": str(device), "batch_size": config.batch_size, "world_size": ranks.world})
+            run_seconds = time.perf_counter() - run_start
+            store.finalize({"device": str(device), "batch_size": config.batch_size, "world_size": ranks.world,
+                            "run_seconds": round(run_seconds, 3),  # of this (last) run: a resumed run counts its rows only
+                            "images_per_second": round(written / run_seconds, 2) if run_seconds > 0 else None})
         invalid, label = len(store.invalid_rows()), str(out)  # all of the store's, resumed units included
     seconds = time.perf_counter() - start
     return ExtractResult(label, status, rows, written, invalid, len(nonfinite), seconds,
@@ -199,6 +246,7 @@ def _create(out: Path, manifest: Manifest, spec: EncoderSpec, views: dict[str, i
                 "loader": loader_name,
                 "cache_key": key,
                 "cache_fields": fields,
+                "command": resume_command(config, loader_name),  # what `featstore info` offers to resume it
             },
         )
     except OSError as e:
@@ -343,17 +391,15 @@ class _UnitAssembler:
             del self.open[unit.index]
 
 
-def _run(store, manifest, encoder, views, loader_name, device, config, progress, ranks: Ranks):
-    from tqdm import tqdm
-
+def _run(store, manifest, encoder, views, loader_name, device, config, progress: str, ranks: Ranks, log=_stderr):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     loader = make_loader(loader_name, store_preprocess(store), device, config.workers)
     runner = BatchEncoder(encoder, views, device, config.batch_size, compile=config.compile)
     ordinal = {(u.split, u.index): g for g, u in enumerate(u for s in store.splits for u in store.units(s))}
     pending = [u for u in store.pending_units() if ranks.owns(ordinal[(u.split, u.index)])]
-    bar = tqdm(total=sum(u.rows for u in pending), unit="img", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True, smoothing=0.1, desc=f"extract {store.path.name}")
+    label = f"extract {store.path.name}" + (f" (rank {ranks.rank})" if ranks.world > 1 else "")
+    bar = Progress(sum(u.rows for u in pending), label, progress, log)
     writer = _UnitWriter(store)
     written, invalid, nonfinite = 0, 0, set()
     finished = False
@@ -365,17 +411,19 @@ def _run(store, manifest, encoder, views, loader_name, device, config, progress,
             planned = plan_batches(units, config.batch_size)
             paths = manifest.absolute_paths(split)
             assembler = _UnitAssembler(views, config.dtype, writer, manifest.splits[split].paths)
-            for (unit, _), batch in zip(planned, loader.batches(paths, [r for _, r in planned])):
-                if config.strict and batch.errors:
-                    row, reason = next(iter(batch.errors.items()))
-                    raise FeatstoreError(f"cannot decode {paths[row]}: {reason}", "fix or remove the file, or drop --strict to record it as invalid")
-                runner.submit((unit, batch), batch.images)
-                for (u, b), feats in runner.ready():
+            # closed as soon as the split is done: a loader may hold threads, pipelines, fd 2 (quiet.py)
+            with contextlib.closing(loader.batches(paths, [r for _, r in planned])) as batches:
+                for (unit, _), batch in zip(planned, batches):
+                    if config.strict and batch.errors:
+                        row, reason = next(iter(batch.errors.items()))
+                        raise FeatstoreError(f"cannot decode {paths[row]}: {reason}", "fix or remove the file, or drop --strict to record it as invalid")
+                    runner.submit((unit, batch), batch.images)
+                    for (u, b), feats in runner.ready():
+                        assembler.add(u, b, feats)
+                        bar.update(len(b.rows), len(b.errors))
+                for (u, b), feats in runner.ready(drain=True):
                     assembler.add(u, b, feats)
-                    bar.update(len(b.rows))
-            for (u, b), feats in runner.ready(drain=True):
-                assembler.add(u, b, feats)
-                bar.update(len(b.rows))
+                    bar.update(len(b.rows), len(b.errors))
             written += assembler.written
             invalid += assembler.invalid
             nonfinite |= assembler.nonfinite

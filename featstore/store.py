@@ -327,6 +327,11 @@ class FeatureStore:
             "loader": a.get("loader"),
             "dataset": {k: v for k, v in a.get("dataset", {}).items() if k != "class_names"},
             "cache_key": a.get("cache_key"),
+            # the last run: where it ran and how fast; the command that resumes or reruns it
+            "device": a.get("device"),
+            "images_per_second": a.get("images_per_second"),
+            "completed": a.get("completed"),
+            "command": a.get("command"),
             "invalid": self.invalid_rows(),
             "size_bytes": self.size_on_disk(),
         }

@@ -90,3 +90,53 @@ def _png_header_only(w: int, h: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+# ---- damaged copies of real photographs (issue 10): what a scraped or half-downloaded dataset holds
+
+HTML_ERROR_PAGE = (b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>\n"
+                   b"<body><h1>Not Found</h1><p>The requested URL was not found on this server.</p></body></html>\n")
+
+
+def _scan_start(jpeg: bytes) -> int:
+    sos = jpeg.index(b"\xff\xda")
+    return sos + 2 + int.from_bytes(jpeg[sos + 2:sos + 4], "big")
+
+
+def damaged_copy(kind: str, photo: bytes, seed: int = 0) -> bytes:
+    """``photo`` (a real JPEG) damaged as ``kind``: text, empty, truncated, garbled, html (a broken
+    container), no_tables (an intact container the decoders refuse), or bitflips (bits flipped inside
+    the compressed data, no marker created: decodable, see featstore/loaders/containers.py)."""
+    rng = np.random.default_rng(seed)
+    start = _scan_start(photo)
+    if kind == "text":
+        return b"hello world!\n"  # 13 bytes, as in the issue
+    if kind == "empty":
+        return b""
+    if kind == "html":
+        return HTML_ERROR_PAGE
+    if kind == "truncated":
+        return photo[: start + (len(photo) - start) // 3]
+    if kind == "garbled":  # a run of random bytes over the middle of the compressed data
+        data = bytearray(photo)
+        a = start + (len(photo) - start) // 3
+        data[a:a + (len(photo) - start) // 3] = rng.integers(0, 256, (len(photo) - start) // 3, dtype=np.uint8).tobytes()
+        return bytes(data)
+    if kind == "no_tables":  # intact structure, no quantization tables: every decoder refuses it
+        out, pos = bytearray(photo[:2]), 2
+        while photo[pos + 1] != 0xDA:
+            length = int.from_bytes(photo[pos + 2:pos + 4], "big")
+            if photo[pos + 1] != 0xDB:
+                out += photo[pos:pos + 2 + length]
+            pos += 2 + length
+        return bytes(out + photo[pos:])
+    if kind == "bitflips":
+        data = bytearray(photo)
+        for i in rng.choice(np.arange(start + 16, len(photo) - 16), size=12, replace=False).tolist():
+            if 0xFF not in (data[i - 1], data[i], data[i] ^ 0x10):  # no 0xFF made or unmade: markers stay as they were
+                data[i] ^= 0x10
+        return bytes(data)
+    raise ValueError(kind)
+
+
+BROKEN_CONTAINERS = ("text", "empty", "truncated", "garbled", "html")

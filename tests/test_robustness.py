@@ -226,6 +226,10 @@ def test_user_builder_with_named_views(small_folder, tmp_path):
     assert store.views == {"max": 8} and store.attrs["encoder"]["family"] == "custom"
 
 
+class _PickledExtra:
+    pass
+
+
 def test_trust_checkpoint_allows_pickled_extras(tmp_path):
     import argparse
 
@@ -235,7 +239,8 @@ def test_trust_checkpoint_allows_pickled_extras(tmp_path):
 
     sd = torchvision.models.resnet18(weights=None).state_dict()
     path = tmp_path / "with_args.pth"
-    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, path)
+    # argparse.Namespace is allowed as data (tests/test_ckpt_cli.py); a class of one's own is code
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1), "extra": _PickledExtra()}, path)
     with pytest.raises(FeatstoreError, match="arbitrary code"):
         read_checkpoint(path)
     assert set(read_checkpoint(path, trust=True)) == set(sd)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator, Protocol
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 from ..errors import UsageError
-from ..preprocess import Preprocess
+
+if TYPE_CHECKING:  # torch and numpy are imported where used: `featstore --help` needs neither
+    import numpy as np
+    import torch
+
+    from ..preprocess import Preprocess
 
 LOADERS = ("dali", "torch", "nvjpeg")
 
@@ -47,6 +49,8 @@ def choose_loader(name: str) -> str:
     if name == "auto":
         if dali_available():
             return "dali"
+        import torch
+
         return "nvjpeg" if torch.cuda.is_available() else "torch"
     if name not in LOADERS:
         raise UsageError(f"unknown loader {name!r}", f"use one of auto, {', '.join(LOADERS)}")
@@ -71,6 +75,8 @@ def make_loader(name: str, preprocess: Preprocess, device: torch.device, workers
 
 def normalize_on_device(images_uint8: torch.Tensor, preprocess: Preprocess, device: torch.device, channels_last_input: bool) -> torch.Tensor:
     """uint8 (B,3,H,W) or (B,H,W,3) → float normalized (B,3,H,W), channels_last, on ``device``."""
+    import torch
+
     x = images_uint8.to(device, non_blocking=True)
     if channels_last_input:
         x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last without a copy
@@ -83,5 +89,7 @@ def normalize_on_device(images_uint8: torch.Tensor, preprocess: Preprocess, devi
 def _scale(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # made once: building a CUDA tensor from a Python list is a synchronous copy, which would stall
     # the loader behind all queued GPU work on every batch
+    import torch
+
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0,
             torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)

@@ -8,10 +8,25 @@ exactly a planned batch (batches never span store units, the last one is not pad
 to outputs one to one), which is what makes resumed extraction bitwise identical. A batch that DALI
 fails to decode is bisected with small pipelines to find the offending file(s); their rows become
 placeholders with a reason, and the rest of the batch is decoded as usual.
+
+Only bytes DALI can parse reach it. DALI 2.4's decoder parses the headers of a batch of more than
+4 x (threads + 1) samples in parallel blocks on its thread pool; when nvImageCodec refuses one
+sample's header (status #4, e.g. a 13-byte text file named .JPEG) inside a worker's block, the
+failure races with the other blocks and the process dies with SIGSEGV in
+``ImageDecoder<CPUBackend>`` (reproduced: 64 real photos + 1 text file, 2 threads, ~4 runs in 5;
+12 samples or fewer parse serially and fail cleanly, which is why small batches hid it). A crash
+cannot be caught or bisected, so every file is checked before it is fed: JPEG and PNG must have an
+intact container (``containers``) and must parse with nvImageCodec's own parser (the one DALI's
+decoder calls, a few microseconds); other formats (BMP, TIFF, WebP, GIF, …) are decoded with PIL
+and fed as lossless PNG, so DALI's resize still applies to them. What fails is an invalid row with
+a reason; decode errors after parsing are ordinary exceptions, handled by the bisection.
 """
 
 from __future__ import annotations
 
+import io
+import os
+from functools import lru_cache
 from typing import Iterator
 
 import numpy as np
@@ -19,7 +34,9 @@ import torch
 
 from ..preprocess import Preprocess
 from . import Batch
-from .decode import read_encoded
+from .containers import image_format
+from .decode import decode_failure, decode_rgb, read_encoded
+from .quiet import DecoderNoiseFilter
 
 _INTERP = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR", "nearest": "INTERP_NN"}
 
@@ -112,17 +129,21 @@ class DaliLoader:
     def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
         if not plan:
             return
+        with DecoderNoiseFilter():  # libjpeg/nvImageCodec print warnings from DALI's threads
+            yield from self._batches(paths, plan)
+
+    def _batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
         # per batch index, popped when consumed so memory stays bounded on long runs
         read_errors: dict[int, dict[int, str]] = {}
         fed: dict[int, tuple[list[int], list[np.ndarray]]] = {}  # rows and bytes, kept for a bisection
 
         def source():
-            # runs ahead of the consumer by the prefetch depth; unreadable files (missing, empty,
-            # no permission) are left out of the batch and reported with it
+            # runs ahead of the consumer by the prefetch depth; files that cannot be fed (missing,
+            # empty, broken, not parseable) are left out of the batch and reported with it
             for i, rows in enumerate(plan):
                 data, errors, ok_rows = [], {}, []
                 for r in rows.tolist():
-                    blob, reason = read_encoded(paths[r])
+                    blob, reason = dali_input(paths[r])
                     if blob is None:
                         errors[r] = reason
                     else:
@@ -178,6 +199,46 @@ class DaliLoader:
         left, bad_left = self._bisect(data[:mid], rows[:mid])
         right, bad_right = self._bisect(data[mid:], rows[mid:])
         return left + right, {**bad_left, **bad_right}
+
+
+def dali_input(path: str) -> tuple[bytes | None, str]:
+    """The bytes to feed DALI for ``path`` (see the module docstring), or None and why the row is invalid."""
+    data, reason = read_encoded(path)
+    if data is None:
+        return None, reason
+    if image_format(data) in ("jpeg", "png"):
+        if not _nvimgcodec_parses(data):
+            return None, f"{image_format(data).upper()} header that DALI's decoder cannot parse"
+        return data, ""
+    try:
+        image = decode_rgb(data)
+    except Exception as e:
+        return None, decode_failure(e, data)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)  # lossless: DALI sees exactly PIL's pixels
+    return buf.getvalue(), ""
+
+
+def _nvimgcodec_parses(data: bytes) -> bool:
+    """Whether nvImageCodec's parser (the one DALI's decoder uses) reads the header; True when it is not importable."""
+    codec = _nvimgcodec()
+    if codec is None:
+        return True
+    try:
+        return codec.CodeStream(data).width > 0
+    except Exception:
+        return False
+
+
+@lru_cache(maxsize=1)
+def _nvimgcodec():
+    # its Python binding logs refusals in colour on stderr unless told not to (read at import)
+    os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
+    try:
+        from nvidia import nvimgcodec
+    except Exception:  # DALI without the binding: the container checks still apply
+        return None
+    return nvimgcodec
 
 
 def _first_line(e: Exception) -> str:

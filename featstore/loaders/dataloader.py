@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..preprocess import Preprocess
 from . import Batch, normalize_on_device
-from .decode import open_rgb
+from .decode import decode_failure, decode_rgb, read_encoded
 
 
 def build_transform(pre: Preprocess):
@@ -35,14 +35,15 @@ class _Images(Dataset):
         return len(self.paths)
 
     def __getitem__(self, row: int):
-        try:
-            image = self.transform(open_rgb(self.paths[row]))
-            reason = ""
-        except Exception as e:  # any decode failure marks the row invalid instead of killing the run
-            size = self.pre.image_size
-            image = torch.zeros(3, size, size, dtype=torch.uint8)
-            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        return row, image, reason
+        # the same reading and container checks as the other loaders, so the same files are refused
+        data, reason = read_encoded(self.paths[row])
+        if data is not None:
+            try:
+                return row, self.transform(decode_rgb(data)), ""
+            except Exception as e:  # any decode failure marks the row invalid instead of killing the run
+                reason = decode_failure(e, data)
+        size = self.pre.image_size
+        return row, torch.zeros(3, size, size, dtype=torch.uint8), reason
 
 
 def _collate(items):

@@ -1,13 +1,16 @@
-"""Reading image files: their bytes for the loaders that decode them themselves (DALI, nvJPEG), with
-unreadable, empty and decompression-bomb files refused, and PIL decoding to 8-bit RGB for every
-image mode we meet in real folders."""
+"""Reading image files for every loader: their bytes, with unreadable, empty, structurally broken
+(``containers``) and decompression-bomb files refused with a reason, and PIL decoding to 8-bit RGB
+for every image mode we meet in real folders."""
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from .containers import PNG_SIGNATURE, container_problem, describe_non_image
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -16,11 +19,12 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 
 
 def read_encoded(path: str) -> tuple[bytes | None, str]:
-    """The file's bytes, or None and why not, for loaders that decode bytes themselves (DALI, nvJPEG).
+    """The file's bytes, or None and why not. Every loader reads through here, so all refuse the same files.
 
-    Unreadable and empty files are refused, and so are JPEGs whose header claims more pixels than
-    PIL allows (``open_rgb`` refuses those too): a GPU decoder would allocate the whole claimed
-    image before finding out the data is not there.
+    Refused: unreadable and empty files, JPEGs and PNGs whose container is broken (truncated,
+    garbled markers, text named .jpg: see ``containers``), and images whose header claims more
+    pixels than PIL allows (``open_rgb`` refuses those too): a GPU decoder would allocate the whole
+    claimed image before finding out the data is not there.
     """
     try:
         with open(path, "rb") as f:
@@ -29,10 +33,20 @@ def read_encoded(path: str) -> tuple[bytes | None, str]:
         return None, f"{type(e).__name__}: {e.strerror or e}"
     if not data:
         return None, "empty file (0 bytes)"
-    size, limit = jpeg_size(data), Image.MAX_IMAGE_PIXELS
+    problem = container_problem(data)
+    if problem:
+        return None, problem
+    size, limit = jpeg_size(data) or png_size(data), Image.MAX_IMAGE_PIXELS
     if size is not None and limit is not None and size[0] * size[1] > limit:
         return None, f"DecompressionBombError: image size ({size[0] * size[1]} pixels) exceeds the limit of {limit} pixels"
     return data, ""
+
+
+def png_size(blob: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR; None when it is not a PNG."""
+    if blob[:8] != PNG_SIGNATURE or blob[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(blob[16:20], "big"), int.from_bytes(blob[20:24], "big")
 
 
 def jpeg_size(blob: bytes) -> tuple[int, int] | None:
@@ -69,13 +83,26 @@ def jpeg_size(blob: bytes) -> tuple[int, int] | None:
 
 def open_rgb(path: str) -> Image.Image:
     """Decode ``path`` fully and return an RGB image; raises on files that are not decodable images."""
+    with open(path, "rb") as f:
+        return decode_rgb(f.read())
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode encoded bytes with PIL into an RGB image; raises on bytes that are not a decodable image."""
     with warnings.catch_warnings():
         # a header beyond PIL's bomb limit raises DecompressionBombError; between the warn and the
         # error limit it would only warn, so make that an error too
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             return to_rgb(img)
+
+
+def decode_failure(error: Exception, data: bytes) -> str:
+    """The reason recorded for bytes PIL could not decode (text and HTML are named as such)."""
+    if isinstance(error, UnidentifiedImageError):
+        return describe_non_image(data)
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

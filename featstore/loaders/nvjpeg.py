@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from ..preprocess import Preprocess
 from . import Batch, normalize_on_device
-from .decode import JPEG_MAGIC, open_rgb, read_encoded
+from .containers import image_format
+from .decode import decode_failure, decode_rgb, read_encoded
+from .quiet import DecoderNoiseFilter
 
 
 class NvjpegLoader:
@@ -94,10 +96,10 @@ class NvjpegLoader:
             image.record_stream(main)  # freed blocks go back to the side stream's pool only after main is done
         return decoded
 
-    def _decode(self, blobs: list[tuple[bytes | None, str]], paths: list[str]) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+    def _decode(self, blobs: list[tuple[bytes | None, str]]) -> tuple[list[torch.Tensor | None], dict[int, str]]:
         images: list[torch.Tensor | None] = [None] * len(blobs)
         errors: dict[int, str] = {}
-        jpeg = [i for i, (b, _) in enumerate(blobs) if b is not None and b[:3] == JPEG_MAGIC]
+        jpeg = [i for i, (b, _) in enumerate(blobs) if b is not None and image_format(b) == "jpeg"]
         if jpeg:
             data = [torch.frombuffer(bytearray(blobs[i][0]), dtype=torch.uint8) for i in jpeg]
             try:
@@ -116,15 +118,18 @@ class NvjpegLoader:
                 errors[i] = reason
                 continue
             try:  # CMYK/progressive oddities, PNG and friends, or a broken file: PIL decides
-                images[i] = torch.from_numpy(np.asarray(open_rgb(paths[i])).copy()).permute(2, 0, 1).to(self.device)
+                images[i] = torch.from_numpy(np.asarray(decode_rgb(blob)).copy()).permute(2, 0, 1).to(self.device)
             except Exception as e:
-                errors[i] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                errors[i] = decode_failure(e, blob)
         return images, errors
 
     def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
         if not plan:
             return
+        with DecoderNoiseFilter():  # libjpeg warns on stderr about data it decodes anyway
+            yield from self._batches(paths, plan)
 
+    def _batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
         def read(rows: np.ndarray):
             return self.pool.submit(lambda: [read_encoded(paths[r]) for r in rows.tolist()])
 
@@ -134,6 +139,6 @@ class NvjpegLoader:
             if k + 2 < len(plan):
                 reads[k + 2] = read(plan[k + 2])
             blobs = reads.pop(k).result()
-            decoded, local_errors = self._decode(blobs, [paths[r] for r in rows.tolist()])
+            decoded, local_errors = self._decode(blobs)
             images = normalize_on_device(self.crops(decoded), self.pre, self.device, channels_last_input=False)
             yield Batch(rows, images, {int(rows[i]): reason for i, reason in local_errors.items()})

@@ -107,6 +107,7 @@ def test_report_counts_and_dropped_heads():
     assert report.dropped_heads == 2  # fc.weight, fc.bias
     assert report.loaded == len(sd) - 2 and report.missing == [] and report.unexpected == []
     assert "loaded 120 tensors" in report.summary()
+    assert report.summary().endswith("dropped head/projection 2; dropped fc.* (2)")  # named, not just counted
 
 
 def test_missing_backbone_keys_are_listed(tmp_path):

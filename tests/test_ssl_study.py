@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -194,10 +195,13 @@ def test_weights_load_with_the_heads_dropped(study, method):
     heads = [k for k in state if k.startswith(HEADS[method])]
     backbone = [k for k in state if not k.startswith(HEADS[method])]
     assert heads and len(backbone) == len(build().state_dict())
-    report = re.search(r"weights \S+: loaded (\d+) tensors, missing (\d+), unexpected (\d+), dropped head/projection (\d+)",
+    report = re.search(r"weights \S+: loaded (\d+) tensors, missing (\d+), unexpected (\d+), dropped head/projection (\d+)(.*)",
                        study["extract"][method])
     assert report, study["extract"][method]
-    assert tuple(map(int, report.groups())) == (len(backbone), 0, 0, len(heads))
+    assert tuple(map(int, report.groups()[:4])) == (len(backbone), 0, 0, len(heads))
+    # each head named: projection_head.* (8) / decoder.* (22) / fc.* (2), classifier.* (2)
+    named = ", ".join(f"{h}.* ({n})" for h, n in Counter(k.split(".")[0] for k in heads).items())
+    assert report[5].startswith(f"; dropped {named}"), report[0]
 
 
 @pytest.mark.slow

@@ -2,10 +2,11 @@
 # The whole study: pretrain SimCLR, autoencoder and jigsaw, extract them and a random-init
 # baseline, probe all four under one protocol.
 #
-#   examples/ssl_study/run.sh [--quick] [--data IMAGENETTE_DIR] [--out DIR] [--device auto|cpu|cuda]
+#   examples/ssl_study/run.sh [--quick] [--data IMAGENETTE_DIR] [--out DIR] [--device auto|cpu|cuda] [--epochs N]
 #
 # --quick: 200 training images per class, 100 val images per class, 3-4 epochs; under 15 minutes
-# on a 2-core CPU. Without it: all of Imagenette and the full epoch budget (meant for a GPU).
+# on a 2-core CPU. Without it: all of Imagenette and 100 epochs per method (meant for a GPU).
+# --epochs N sets every method's epochs.
 # Imagenette has train and val only: `probe fit` selects the learning rate on a seeded holdout of
 # train and reports on val, on which no choice was made.
 set -euo pipefail
@@ -15,13 +16,15 @@ DATA="$REPO/../shared/data/imagenette"
 OUT="ssl-study"
 DEVICE="auto"
 QUICK=0
+EPOCHS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --data) DATA="$2"; shift ;;
     --out) OUT="$2"; shift ;;
     --device) DEVICE="$2"; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --epochs) EPOCHS="$2"; shift ;;
+    -h|--help) sed -n '2,11p' "$0" | sed -E 's/^# ?//'; exit 0 ;;
     *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -37,6 +40,7 @@ if [ "$QUICK" = 1 ]; then
 else
   EPOCHS_simclr=100; EPOCHS_autoencoder=100; EPOCHS_jigsaw=100; PERMUTATIONS=100
 fi
+if [ -n "$EPOCHS" ]; then EPOCHS_simclr=$EPOCHS; EPOCHS_autoencoder=$EPOCHS; EPOCHS_jigsaw=$EPOCHS; fi
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 start=$(date +%s)

@@ -6,9 +6,8 @@ The encoder (the shared backbone, convolutions then global average pooling) comp
 into one 256-d code, the very vector a linear probe later reads; a decoder (a linear layer back
 to a 1/16-resolution map, then transposed convolutions) reconstructs the image from that code
 alone; the loss is the mean squared error against the (normalized) input. Decoding from the
-pooled code, not from the last spatial map, is what makes the code carry the image: the
-4x4x256 map of a 64-px image holds more numbers than the image, so an autoencoder through it
-could copy without learning anything. The decoder is thrown away after training.
+pooled code, not from the last spatial map, makes the probed vector itself the bottleneck. The
+decoder is thrown away after training.
 
 Layout of the checkpoint: ``encoder.*`` and ``decoder.*``, the two attributes of the usual PyTorch
 autoencoder (``self.encoder = nn.Sequential(...)``, ``self.decoder = nn.Sequential(...)``, e.g.

@@ -37,7 +37,7 @@ TRAIN_PER_CLASS, HELD_OUT_PER_CLASS = 60, 60
 # SimCLR gets the budget: it is the method that separates from random init within CI's minutes;
 # the autoencoder and jigsaw need far more steps than CI has (measured: docs/ssl_study.md)
 EPOCHS = {"simclr": 10, "autoencoder": 3, "jigsaw": 3}
-EXTRA = {"jigsaw": ["--permutations", "24"]}  # 100 classes stay at chance for the few steps CI affords
+EXTRA = {"jigsaw": ["--permutations", "24"]}  # with 100 permutations the loss stays at chance for the few steps CI affords
 KNN_K = 20
 
 

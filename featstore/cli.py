@@ -28,7 +28,7 @@ def cli(debug):
 @cli.command()
 @click.option("--model", required=True, help="Preset (featstore models lists them: dino, dinov2-b, mocov3-vits, mae-b, …), a timm name, tv:<torchvision name>, or file.py:build.")
 @click.option("--dataset", default="digits", show_default=True, help="digits, imagenet, an ImageFolder directory, or a CSV file list (path,label[,split]).")
-@click.option("--out", required=True, type=click.Path(), help="Store to write (a .zarr folder); rerunning the same command resumes it.")
+@click.option("--out", type=click.Path(), help="Store to write (a .zarr folder); rerunning the same command resumes it. Default: the cache, $FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr (see `featstore ls`).")
 @click.option("--data-root", type=click.Path(), help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet).")
 @click.option("--weights", type=click.Path(), help="Checkpoint (.pth/.pt/.safetensors), loaded with weights_only=True.")
 @click.option("--random-init", is_flag=True, help="Run the model untrained (no weights).")
@@ -60,8 +60,8 @@ def cli(debug):
 def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoint, ignore_keys, views, loader, device, batch_size,
             workers, dtype, overwrite, strict, chunk_rows, image_size, resize, interpolation, mean, std, compile_model,
             no_progress, as_json, debug):
-    """Extract features of every image of DATASET with MODEL into the store OUT."""
-    from .extract import ExtractConfig, extract as run_extract
+    """Extract features of every image of DATASET with MODEL into the store OUT (default: the cache)."""
+    from .request import ExtractConfig, recall_up_to_date
 
     config = ExtractConfig(
         model=model, dataset=dataset, out=out, data_root=data_root, weights=weights, random_init=random_init,
@@ -70,7 +70,11 @@ def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoi
         strict=strict, chunk_rows=chunk_rows, image_size=image_size, resize=resize, interpolation=interpolation,
         mean=mean, std=std, compile=compile_model,
     )
-    result = run_extract(config, progress=not no_progress)
+    result = recall_up_to_date(config)  # an unchanged request answers without importing torch
+    if result is None:
+        from .extract import extract as run_extract
+
+        result = run_extract(config, progress=not no_progress)
     if as_json:
         click.echo(json.dumps(result.__dict__, indent=2))
     click.echo(result.summary(), err=as_json)
@@ -96,7 +100,7 @@ def format_models(rows: list[dict]) -> str:
                        ", ".join(f"{v} {d}" for v, d in r["views"].items()), r["weights_file"]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in table]
-    return "\n".join(lines) + "\n\nweights folder: $FEATSTORE_WEIGHTS (default ~/.cache/featstore/weights); URLs and sources: --json"
+    return "\n".join(lines) + "\n\nweights folder: $FEATSTORE_WEIGHTS (default $FEATSTORE_HOME/weights, ~/.cache/featstore/weights); URLs and sources: --json"
 
 
 @cli.command()
@@ -113,6 +117,93 @@ def info(store, as_json, debug):
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(format_info(summary))
+
+
+@cli.command("ls")
+@click.argument("paths", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (one object per store).")
+@debug_option
+def ls_command(paths, as_json, debug):
+    """List the cached stores ($FEATSTORE_HOME/stores), or the stores at PATHS (stores, folders
+    holding stores, .h5 exports or URLs)."""
+    from .cache import list_stores, stores_dir
+
+    entries = list_stores(list(paths))
+    if as_json:
+        click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo(f"no stores in {stores_dir()} (`featstore extract --model M --dataset D` caches one there)")
+        return
+    click.echo(format_ls(entries))
+
+
+def format_ls(entries) -> str:
+    header = ("LABEL", "MODEL", "WEIGHTS", "DATASET", "VIEWS", "ROWS", "INVALID", "SIZE", "CREATED", "STATE", "PATH")
+    rows = [header] + [
+        (e.label, e.model, e.weights, e.dataset, ",".join(f"{v}:{d}" for v, d in e.views.items()), f"{e.rows:,}",
+         str(e.invalid), _size(e.size_bytes), e.created[:16].replace("T", " "), e.state, e.path)
+        for e in entries
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
+
+
+@cli.command("rm")
+@click.argument("stores", nargs=-1, required=True)
+@debug_option
+def rm_command(stores, debug):
+    """Delete stores (refused for one being written). Every name is checked before any is deleted."""
+    from .cache import describe, remove_store
+
+    entries = [describe(s) for s in stores]  # a typo stops the command before anything is deleted
+    busy = [e.path for e in entries if e.writing]
+    if busy:
+        from .errors import FeatstoreError
+
+        raise FeatstoreError(f"{busy[0]} is being written right now", "wait for its extraction to finish, or stop it first")
+    for e in entries:
+        click.echo(f"removed {e.path} ({_size(remove_store(e.path))})")
+
+
+@cli.command("gc")
+@click.option("--older-than", type=float, metavar="DAYS", help="Remove cached stores not used for DAYS days.")
+@click.option("--max-size", metavar="SIZE", help="Then remove least recently used stores until the cache fits SIZE (e.g. 50G, 500M).")
+@click.option("--partial", is_flag=True, help="Remove unfinished stores nobody is writing.")
+@click.option("--dry-run", is_flag=True, help="Only print what would be removed and freed.")
+@debug_option
+def gc_command(older_than, max_size, partial, dry_run, debug):
+    """Free space in the cache, least recently used stores first. Only stores under
+    $FEATSTORE_HOME/stores are considered; one being written is never removed."""
+    from .cache import parse_size, plan_gc, remove_store
+
+    plan = plan_gc(older_than, parse_size(max_size) if max_size else None, partial)
+    verb = "would remove" if dry_run else "removed"
+    for e in plan.remove:
+        if not dry_run:
+            remove_store(e.path)
+        click.echo(f"{verb} {e.path} ({_size(e.size_bytes)}, {e.state})")
+    click.echo(f"{'would free' if dry_run else 'freed'} {_size(plan.freed)}; {len(plan.keep)} stores kept ({_size(sum(e.size_bytes for e in plan.keep))})")
+
+
+@cli.command("export")
+@click.argument("store")
+@click.option("--to", "to", required=True, type=click.Path(), help="FILE.h5 (every split and view, the store's schema) or FILE.npz (one view).")
+@click.option("--view", help="The view of an .npz export (default: the first, cls for a ViT, pool for a CNN).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --to file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@debug_option
+def export_command(store, to, view, overwrite, as_json, debug):
+    """Write the complete STORE (a path or URL) as one HDF5 or .npz file."""
+    from .export import export
+
+    result = export(store, to, view=view, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    rate = result["feature_bytes"] / 1e6 / result["seconds"] if result["seconds"] > 0 else float("inf")
+    what = f"view {result['view']}" if result["view"] else "every view"
+    click.echo(f"wrote {result['to']} ({what}, {_size(result['bytes'])}) in {result['seconds']:.1f} s ({rate:.0f} MB/s)")
 
 
 def format_info(s: dict) -> str:

@@ -1,6 +1,6 @@
 """The embedded default dataset: scikit-learn's bundled digits (1,797 real 8×8 scans, 10 classes).
 
-Written once as PNG files into a cache folder so that every loader reads it like any other image
+Written once as PNG files into the featstore home ($FEATSTORE_HOME/digits-v1) so that every loader reads it like any other image
 folder. The split is stratified and seeded, so it is the same on every machine.
 """
 
@@ -13,16 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import home
 from .datasets import Manifest, SplitManifest
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
 _LAYOUT_VERSION = "1"
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("FEATSTORE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "featstore")
-    return Path(base)
 
 
 def digits_split_indices() -> dict[str, np.ndarray]:
@@ -43,7 +39,7 @@ def digit_index_from_path(path: str) -> int:
 
 
 def digits_manifest() -> Manifest:
-    root = cache_dir() / f"digits-v{_LAYOUT_VERSION}"
+    root = home() / f"digits-v{_LAYOUT_VERSION}"
     if not (root / ".complete").exists():
         _write_digits(root)
     class_names = tuple(str(d) for d in range(10))

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .cache import file_sha256, weights_dir  # noqa: F401 (re-exported: weights_dir is part of the API)
 from .errors import FeatstoreError, UsageError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .presets import PRESETS, Preset, find_preset
@@ -51,20 +52,6 @@ class EncoderSpec:
             "weights_path": self.weights_path,
             "weights_sha256": self.weights_sha256,
         }
-
-
-def weights_dir() -> Path:
-    from .digits import cache_dir
-
-    return Path(os.environ.get("FEATSTORE_WEIGHTS") or cache_dir() / "weights")
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_encoder(

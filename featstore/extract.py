@@ -9,6 +9,7 @@ thread) and writing (a writer thread, whole units) overlap.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -19,13 +20,13 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from . import cache
 from .datasets import BUILTIN_DATASETS, Manifest, resolve_dataset
 from .device import compute_dtype, resolve_device
 from .encoders import EncoderSpec, build_encoder, feature_dims, resolve_encoder, select_views
@@ -35,59 +36,9 @@ from .loaders import Batch, choose_loader, make_loader
 from .lock import StoreLock
 from .progress import Progress, resolve_mode
 from .ranks import Ranks, wait_until
-from .store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
-
-
-@dataclass
-class ExtractConfig:
-    model: str
-    dataset: str
-    out: str
-    data_root: str | None = None
-    weights: str | None = None
-    random_init: bool = False
-    trust_checkpoint: bool = False
-    ignore_keys: tuple[str, ...] = ()  # globs of checkpoint keys to drop (heads of other names)
-    views: list[str] | None = None
-    loader: str = "auto"
-    device: str = "auto"
-    batch_size: int = 64
-    workers: int = 2
-    dtype: str = "float16"
-    overwrite: bool = False
-    strict: bool = False
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
-    compile: bool = False
-    image_size: int | None = None
-    resize: int | None = None
-    interpolation: str | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-
-
-@dataclass
-class ExtractResult:
-    store: str
-    status: str  # "up to date", "created", "resumed"
-    rows: dict[str, int]
-    rows_written: int
-    invalid: int
-    nonfinite: int
-    seconds: float
-    images_per_second: float
-    nonfinite_paths: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        if self.status == "up to date":
-            return f"{self.store}: up to date ({sum(self.rows.values()):,} rows, nothing to do)"
-        splits = ", ".join(f"{s} {n:,}" for s, n in self.rows.items())
-        text = (
-            f"{self.store}: {self.status}, wrote {self.rows_written:,} rows ({splits}) in {self.seconds:.1f} s "
-            f"({self.images_per_second:.1f} img/s), {self.invalid} invalid"
-        )
-        if self.nonfinite:
-            text += f", {self.nonfinite} rows with NaN/Inf features (first: {self.nonfinite_paths[0]}; try --dtype float32)"
-        return text
+from .request import (ExtractConfig, ExtractResult, dataset_dirs, recall_up_to_date, refuse_url_out,  # noqa: F401 (re-exported)
+                      remember_request, request_of)
+from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
 
 
 def _stderr(message: str) -> None:
@@ -116,6 +67,7 @@ def cache_key(fields: dict) -> str:
 
 
 def _validate(config: ExtractConfig) -> None:
+    refuse_url_out(config.out)
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {config.batch_size}", "e.g. --batch-size 64")
     if config.workers < 0:
@@ -168,6 +120,9 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
     """
     start = time.perf_counter()
     _validate(config)
+    recalled = recall_up_to_date(config)
+    if recalled is not None:
+        return recalled
     progress = resolve_mode(progress)
     ranks = Ranks.from_env()
     device = resolve_device(config.device)
@@ -182,6 +137,10 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
     )
     fields = cache_fields(spec, loader_name, config.views, config.dtype, manifest, device)
     key = cache_key(fields)
+    request = config  # as asked: what the up-to-date memo is keyed on
+    if config.out is None:
+        out = _cached_location(manifest, config.model, key)
+        config = dataclasses.replace(config, out=str(out))  # from here on the cached path is the --out
     out = Path(config.out)
     rows = {s: len(m) for s, m in manifest.splits.items()}
 
@@ -194,11 +153,14 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
             shutil.rmtree(out / PROGRESS, ignore_errors=True)  # a run killed right after completing left it
             if ranks.world > 1:
                 existing.update_attrs({"job": ranks.job})  # tells the other ranks: nothing to do
+            _remember(request, manifest, spec, key, out)
         return ExtractResult(str(out), "up to date", rows, 0, len(existing.invalid_rows()), 0, time.perf_counter() - start, 0.0)
 
     encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint, ignore_keys=config.ignore_keys).to(device).to(memory_format=torch.channels_last)
     views = select_views(feature_dims(encoder, spec.preprocess, device), config.views)
 
+    if request.out is None and ranks.is_leader:
+        log(f"store {out}")
     if existing is None:
         store, status = _create(out, manifest, spec, views, loader_name, key, fields, config), "created"
     else:
@@ -221,9 +183,26 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
                             "run_seconds": round(run_seconds, 3),  # of this (last) run: a resumed run counts its rows only
                             "images_per_second": round(written / run_seconds, 2) if run_seconds > 0 else None})
         invalid, label = len(store.invalid_rows()), str(out)  # all of the store's, resumed units included
+        _remember(request, manifest, spec, key, out)
     seconds = time.perf_counter() - start
     return ExtractResult(label, status, rows, written, invalid, len(nonfinite), seconds,
                          written / seconds if seconds > 0 else 0.0, nonfinite[:5])
+
+
+def _cached_location(manifest: Manifest, model: str, key: str) -> Path:
+    """Without --out: the cached store with this key wherever it is (two spellings of one model and
+    data meet there), else its default place in the cache."""
+    found = cache.find_by_key(key)
+    return found[0] if found else cache.default_store_path(manifest.name, model, key)
+
+
+def _remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: str, out: Path) -> None:
+    """Let the same request answer "up to date" next time without importing torch (request.py)."""
+    if Path(config.dataset).suffix.lower() == ".csv":
+        inputs = [str(Path(config.dataset).expanduser().resolve())]
+    else:
+        inputs = dataset_dirs(manifest.root)
+    remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, inputs)
 
 
 def _create(out: Path, manifest: Manifest, spec: EncoderSpec, views: dict[str, int], loader_name: str, key: str,

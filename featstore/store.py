@@ -18,19 +18,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
+from .cache import PROGRESS, is_url, mark_used, store_attrs
 from .errors import FeatstoreError, UsageError
 from .lock import pid_alive
 
 SCHEMA_VERSION = 1
-PROGRESS = "_progress"
 DEFAULT_CHUNK_ROWS = 8192
 FEATURE_DTYPES = ("float16", "float32")
 
@@ -54,13 +56,106 @@ def _zarr():
 
 
 def is_store(path: str | os.PathLike) -> bool:
-    meta = Path(path) / "zarr.json"
-    if not meta.is_file():
-        return False
+    """A local featstore Zarr store (exports and URLs are opened by :meth:`FeatureStore.open`)."""
+    return store_attrs(path) is not None
+
+
+def _is_hdf5_path(path: str) -> bool:
+    return path.lower().endswith((".h5", ".hdf5"))
+
+
+def _refuse_credentials(url: str) -> None:
+    """Credentials never ride in a URL: they would reach logs, results and provenance."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", url):
+        raise UsageError("the store URL holds credentials (user:password@)",
+                         "remove them from the URL and configure them the fsspec way (environment, ~/.aws, ~/.config/fsspec)")
+
+
+def _fsspec_fs(url: str):
+    """The fsspec filesystem of ``url`` and the path in it; a missing backend is a one-line error."""
+    import fsspec
+
     try:
-        return "schema_version" in json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return False
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise FeatstoreError(f"cannot read {url!r}: {e}", "install the fsspec backend it names (s3fs, gcsfs, aiohttp)") from e
+
+
+class FeatureArray:
+    """The (N, D) features of one view, read on demand: indexing reads only the chunks it touches,
+    so a 10 GB store can be inspected on a laptop. ``np.asarray(a)`` or ``a.read()`` reads every
+    selected row, chunk by chunk; ``a.select(rows)`` narrows the selection without reading."""
+
+    def __init__(self, array, rows=None):
+        self._array = array  # a zarr array or an h5py dataset: both read row slices
+        self._rows = None if rows is None else np.arange(array.shape[0], dtype=np.int64)[rows]
+        chunks = getattr(array, "chunks", None)
+        self.chunk_rows = int(chunks[0]) if chunks else DEFAULT_CHUNK_ROWS
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self._rows) if self._rows is not None else int(self._array.shape[0]), int(self._array.shape[1]))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._array.dtype)
+
+    ndim = 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"FeatureArray(shape={self.shape}, dtype={self.dtype}, lazy)"
+
+    def select(self, rows) -> "FeatureArray":
+        """These rows (a slice, an index array or a boolean mask), still unread."""
+        sub = FeatureArray.__new__(FeatureArray)
+        sub._array, sub.chunk_rows = self._array, self.chunk_rows
+        base = self._rows if self._rows is not None else np.arange(self._array.shape[0], dtype=np.int64)
+        sub._rows = base[rows]
+        return sub
+
+    def __getitem__(self, key):
+        rows, cols = (key + (slice(None),))[:2] if isinstance(key, tuple) else (key, slice(None))
+        if isinstance(key, tuple) and len(key) > 2:
+            raise IndexError(f"too many indices for a 2-d feature array: {key!r}")
+        if isinstance(rows, (int, np.integer)):
+            return self.select([rows]).read()[0][cols]
+        if self._rows is None and isinstance(rows, slice) and rows.step in (None, 1):
+            return np.asarray(self._array[rows])[:, cols]  # contiguous: one read
+        return self.select(rows).read()[:, cols]
+
+    def __array__(self, dtype=None, copy=None):
+        values = self.read()
+        return values if dtype is None else values.astype(dtype)
+
+    def astype(self, dtype) -> np.ndarray:
+        return self.read().astype(dtype)
+
+    def read(self) -> np.ndarray:
+        """Every selected row, in selection order, read chunk by chunk (each chunk once)."""
+        index = self._rows if self._rows is not None else None
+        n, dim = self.shape
+        out = np.empty((n, dim), self.dtype)
+        if index is None:
+            for start in range(0, n, self.chunk_rows):
+                out[start : start + self.chunk_rows] = self._array[start : start + self.chunk_rows]
+            return out
+        if n == 0:
+            return out
+        order = np.argsort(index, kind="stable")
+        ordered = index[order]
+        cuts = np.flatnonzero(np.diff(ordered // self.chunk_rows)) + 1
+        for group in np.split(np.arange(n), cuts):
+            lo, hi = int(ordered[group[0]]), int(ordered[group[-1]]) + 1
+            block = np.asarray(self._array[lo:hi])
+            out[order[group]] = block[ordered[group] - lo]
+        return out
 
 
 def _remove_stale_builds(path: Path) -> None:
@@ -84,11 +179,20 @@ def write_atomic(path: Path, text: str) -> None:
 class FeatureStore:
     """A feature store on disk. Use :meth:`create` to start one and :meth:`open` to read or resume."""
 
-    def __init__(self, path: str | os.PathLike, group, writable: bool):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, group, writable: bool, attrs: dict | None = None, fs=None):
+        self.path = path if is_url(path) else Path(path)  # a URL stays a str (Path would mangle its //)
+        self._fs = fs  # (fsspec filesystem, path in it) of a URL; None for a local store
         self._group = group
         self.writable = writable
-        self.attrs: dict = group.attrs.asdict()
+        self.attrs: dict = attrs if attrs is not None else group.attrs.asdict()
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    @property
+    def format(self) -> str:
+        return "hdf5" if _is_hdf5_path(str(self.path)) else "zarr"
 
     # ---------------------------------------------------------------- create / open
 
@@ -121,13 +225,15 @@ class FeatureStore:
             n = len(paths)
             sg = group.create_group(split)
             rows = max(1, min(chunk_rows, n))
-            sg.create_array("labels", shape=(n,), dtype="int32", chunks=(max(1, n),))[:] = np.asarray(labels, np.int32)
-            sg.create_array("paths", shape=(n,), dtype=str, chunks=(max(1, n),))[:] = np.asarray(paths, dtype=object)
-            sg.create_array("valid", shape=(n,), dtype="bool", chunks=(rows,), fill_value=False)
+            # dimension names let xarray and dask open the arrays (row is shared by a split's arrays)
+            sg.create_array("labels", shape=(n,), dtype="int32", chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(labels, np.int32)
+            sg.create_array("paths", shape=(n,), dtype=str, chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(paths, dtype=object)
+            sg.create_array("valid", shape=(n,), dtype="bool", chunks=(rows,), fill_value=False, dimension_names=("row",))
             fg = sg.create_group("features")
             for view, dim in views.items():
                 # no codec: zstd saves ~8% on float features but caps writes near 100 MB/s (benchmarks/RESULTS.md)
-                fg.create_array(view, shape=(n, dim), dtype=dtype, chunks=(rows, dim), fill_value=np.nan, compressors=None)
+                fg.create_array(view, shape=(n, dim), dtype=dtype, chunks=(rows, dim), fill_value=np.nan, compressors=None,
+                                dimension_names=("row", f"{view}_dim"))
         progress = group.create_group(PROGRESS)
         for split in splits:
             progress.create_group(split)
@@ -153,19 +259,64 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r") -> "FeatureStore":
-        path = Path(path)
-        if not path.exists():
-            raise UsageError(f"store {str(path)!r} not found", "run `featstore extract … --out STORE` first")
-        if not is_store(path):
-            raise UsageError(f"{str(path)!r} is not a featstore store", "pass a folder written by `featstore extract`")
-        group = _zarr().open_group(str(path), mode="r+" if mode != "r" else "r")
-        store = cls(path, group, writable=mode != "r")
+        """A local Zarr store, an exported ``.h5`` file, or either at an ``s3://``, ``gs://`` or
+        ``http(s)://`` URL (read-only, through fsspec; credentials from its usual configuration)."""
+        text = os.fspath(path)
+        if is_url(text):
+            if mode != "r":
+                raise UsageError(f"{text!r} is a URL; featstore only reads stores at URLs", "extract locally, then upload")
+            store = cls._open_url(text)
+        elif _is_hdf5_path(text) and Path(text).is_file():
+            if mode != "r":
+                raise UsageError(f"{text!r} is an HDF5 export, read-only", "resume or extend the Zarr store it came from")
+            from .export import open_hdf5
+
+            group, attrs = open_hdf5(text)
+            store = cls(text, group, writable=False, attrs=attrs)
+        else:
+            path = Path(path)
+            if not path.exists():
+                raise UsageError(f"store {str(path)!r} not found", "run `featstore extract` first, or see `featstore ls`")
+            if not is_store(path):
+                raise UsageError(f"{str(path)!r} is not a featstore store", "pass a folder written by `featstore extract`")
+            group = _zarr().open_group(str(path), mode="r+" if mode != "r" else "r")
+            store = cls(path, group, writable=mode != "r")
+            mark_used(path, store.attrs.get("cache_key"))
         if store.attrs.get("schema_version", 0) > SCHEMA_VERSION:
             raise FeatstoreError(
                 f"store {str(path)!r} has schema version {store.attrs['schema_version']}, newer than this featstore ({SCHEMA_VERSION})",
                 "upgrade featstore",
             )
         return store
+
+    @classmethod
+    def _open_url(cls, url: str) -> "FeatureStore":
+        _refuse_credentials(url)
+        fs, inner = _fsspec_fs(url)
+        try:
+            if _is_hdf5_path(url):
+                from .export import open_hdf5
+
+                if not fs.exists(inner):
+                    raise UsageError(f"store {url!r} not found", "check the URL")
+                group, attrs = open_hdf5(fs.open(inner, "rb"), name=url)
+                return cls(url, group, writable=False, attrs=attrs, fs=(fs, inner))
+            try:
+                meta = json.loads(fs.cat_file(f"{inner.rstrip('/')}/zarr.json"))
+            except FileNotFoundError:
+                raise UsageError(f"store {url!r} not found", "check the URL (a store is the folder holding zarr.json)") from None
+            if "schema_version" not in (meta.get("attributes") or {}):
+                raise UsageError(f"{url!r} is not a featstore store", "pass the URL of a folder written by `featstore extract`")
+            zarr = _zarr()
+            from zarr.storage import FsspecStore
+
+            store = FsspecStore.from_url(url, read_only=True)  # its own async filesystem, on zarr's event loop
+            group = zarr.open_group(store=store, mode="r", zarr_format=3)
+            return cls(url, group, writable=False, fs=(fs, inner))
+        except FeatstoreError:
+            raise
+        except (OSError, ValueError) as e:
+            raise FeatstoreError(f"cannot read {url!r}: {type(e).__name__}: {e}", "check the URL and your credentials (fsspec configuration)") from e
 
     # ---------------------------------------------------------------- plan
 
@@ -192,11 +343,20 @@ class FeatureStore:
         n, rows = self.num_rows(split), self.chunk_rows
         return [Unit(split, i, start, min(start + rows, n)) for i, start in enumerate(range(0, n, rows))]
 
+    @staticmethod
+    def _marker_name(unit: Unit) -> str:
+        return f"{PROGRESS}/{unit.split}/unit-{unit.index:06d}.json"
+
     def _marker(self, unit: Unit) -> Path:
-        return self.path / PROGRESS / unit.split / f"unit-{unit.index:06d}.json"
+        return self.path / self._marker_name(unit)
 
     def is_done(self, unit: Unit) -> bool:
-        return self.complete or self._marker(unit).is_file()
+        if self.complete:
+            return True
+        if self._fs is not None:
+            fs, inner = self._fs
+            return fs.exists(f"{inner.rstrip('/')}/{self._marker_name(unit)}")
+        return self._marker(unit).is_file()
 
     def pending_units(self, split: str | None = None) -> list[Unit]:
         splits = [split] if split else self.splits
@@ -259,8 +419,14 @@ class FeatureStore:
         attrs.update(invalid=invalid, complete=True, completed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self.update_attrs(attrs)
         shutil.rmtree(self.path / PROGRESS, ignore_errors=True)
+        # one read of zarr.json describes the whole tree: fast remote opens, xarray's consolidated=True
+        with warnings.catch_warnings():  # "not part of the v3 spec yet": zarr-python, xarray and dask read it
+            warnings.simplefilter("ignore", UserWarning)
+            self._group = _zarr().consolidate_metadata(str(self.path))
 
     def update_attrs(self, attrs: dict) -> None:
+        if not self.writable:
+            raise FeatstoreError(f"store {str(self.path)!r} is open read-only", "open it with mode='r+'")
         self._group.attrs.update(attrs)
         self.attrs.update(attrs)
 
@@ -283,18 +449,20 @@ class FeatureStore:
         return np.asarray(self._split(split)["labels"][:], dtype=np.int64)
 
     def paths(self, split: str) -> np.ndarray:
-        return np.asarray(self._split(split)["paths"][:], dtype=object)
+        values = self._split(split)["paths"][:]
+        return np.asarray([v.decode() if isinstance(v, bytes) else v for v in values.tolist()], dtype=object)
 
     def valid(self, split: str) -> np.ndarray:
         return np.asarray(self._split(split)["valid"][:], dtype=bool)
 
-    def features(self, split: str, view: str, rows: slice | None = None) -> np.ndarray:
-        """The (N, D) features of ``view`` (NaN rows where ``valid`` is false)."""
+    def features(self, split: str, view: str, rows=None) -> FeatureArray:
+        """The (N, D) features of ``view``, lazily (NaN rows where ``valid`` is false); ``rows``
+        (a slice, index array or boolean mask) selects rows. Nothing is read until indexed or
+        converted: ``np.asarray(...)``, ``[...]`` or ``.read()``."""
         group = self._split(split)
         if view not in self.views:
             raise UsageError(f"view {view!r} not in store {str(self.path)!r}", f"it has: {', '.join(self.views)}")
-        arr = group["features"][view]
-        return arr[rows] if rows is not None else arr[:]
+        return FeatureArray(group["features"][view], rows)
 
     def invalid_rows(self, split: str | None = None) -> list[dict]:
         invalid = self.attrs.get("invalid", {})
@@ -307,6 +475,11 @@ class FeatureStore:
         return list(self.attrs.get("dataset", {}).get("class_names", []))
 
     def size_on_disk(self) -> int:
+        if self._fs is not None:
+            fs, inner = self._fs
+            return int(fs.du(inner)) if fs.isdir(inner) else int(fs.size(inner))
+        if self.path.is_file():
+            return self.path.stat().st_size
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def info(self) -> dict:
@@ -314,6 +487,7 @@ class FeatureStore:
         a = self.attrs
         return {
             "path": str(self.path),
+            "format": self.format,
             "complete": self.complete,
             "schema_version": a.get("schema_version"),
             "featstore_version": a.get("featstore_version"),

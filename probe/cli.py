@@ -27,9 +27,12 @@ def main():
 
 
 @main.command("fit")
-@click.option("--store", "stores", multiple=True, required=True, metavar="[LABEL=]PATH[:VIEW]",
-              help="Feature store; repeat to compare stores under one protocol. LABEL names it in the table, CSV and plot "
-                   "(default: the weights file name, else the model name); VIEW probes that view of this store only.")  # fmt: skip
+@click.option("--store", "stores", multiple=True, metavar="[LABEL=]PATH[:VIEW]",
+              help="Feature store (a folder, an .h5 export or a URL); repeat to compare stores under one protocol. LABEL names it "
+                   "in the table, CSV and plot (default: the weights file name, else the model name); VIEW probes that view of this store only.")  # fmt: skip
+@click.option("--model", help="Instead of --store: the cached store of this model (as given to `featstore extract`); needs --dataset.")
+@click.option("--dataset", help="With --model: the dataset the cached store was extracted from (digits, imagenet, a folder, a .csv).")
+@click.option("--weights", type=click.Path(), help="With --model: the checkpoint it was extracted with, when several are cached.")
 @click.option("--view", "views", multiple=True, metavar="NAME",
               help="Feature view of every store without its own :VIEW; repeatable. Default: every view the stores share, "
                    "else each store's primary view (pool for a CNN, cls for a ViT).")  # fmt: skip
@@ -57,13 +60,21 @@ def main():
 @click.option("--allow-different-data", is_flag=True, help="Compare stores whose dataset manifests differ.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def fit_command(stores, views, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, select_on, val_fraction, seed, device, out, overwrite, allow_different_data, quiet, debug):
+def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, select_on, val_fraction, seed, device, out, overwrite, allow_different_data, quiet, debug):
     """Train every head of the LR (× weight-decay) grid at once on each store × view, choose the LR
     on a selection split, report it once on another, and write results.csv, protocol.json and
-    accuracy_vs_lr.png."""
+    accuracy_vs_lr.png. Stores: --store, or --model with --dataset for a store in the cache."""
     from .fit import fit
     from .report import new_run_folder, markdown_table
 
+    if model or dataset or weights:
+        if not (model and dataset):
+            raise UsageError("--model and --dataset go together", "pass both to find a cached store, e.g. --model dino --dataset imagenet")
+        from featstore.cache import lookup
+
+        stores = stores + (lookup(model, dataset, weights),)  # no model is built
+    if not stores:
+        raise UsageError("no store given", "pass --store PATH, or --model M --dataset D for a store in the cache (see `featstore ls`)")
     if lr is not None and lr_grid is not None:
         raise UsageError("--lr and --lr-grid are exclusive", "pass one fixed --lr or a --lr-grid")
     if lr is not None and not lr > 0:

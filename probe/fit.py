@@ -199,7 +199,7 @@ def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cac
     kept: dict[str, np.ndarray] = {}
     for role, (split, rows) in roles.items():
         if split not in features:
-            features[split] = fs.features(split, view)  # each split read once per view
+            features[split] = fs.features(split, view).read()  # each split read once per view, chunk by chunk
         valid = info.valid[split][rows]
         finite = _finite_rows(features[split][rows])
         bad = valid & ~finite

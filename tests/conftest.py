@@ -18,15 +18,17 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Digits and weights caches live in a per-session folder, never in the user's home."""
+    """The featstore home (digits, weights, cached stores) is a per-session folder, never the user's."""
     cache = tmp_path_factory.mktemp("featstore-cache")
-    old = os.environ.get("FEATSTORE_CACHE")
-    os.environ["FEATSTORE_CACHE"] = str(cache)
+    names = ("FEATSTORE_HOME", "FEATSTORE_CACHE")  # FEATSTORE_HOME wins when a developer has it set
+    old = {k: os.environ.get(k) for k in names}
+    os.environ.update({k: str(cache) for k in names})
     yield cache
-    if old is None:
-        os.environ.pop("FEATSTORE_CACHE", None)
-    else:
-        os.environ["FEATSTORE_CACHE"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

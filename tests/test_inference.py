@@ -90,8 +90,8 @@ def test_extract_on_cuda_matches_cpu(loader, small_folder, tmp_path):
                   dtype="float32")
     extract(ExtractConfig(out=str(tmp_path / "gpu.zarr"), device="cuda", loader=loader, **common), progress=False)
     extract(ExtractConfig(out=str(tmp_path / "cpu.zarr"), device="cpu", loader="torch", **common), progress=False)
-    a = FeatureStore.open(tmp_path / "gpu.zarr").features("train", "pool")
-    b = FeatureStore.open(tmp_path / "cpu.zarr").features("train", "pool")
+    a = FeatureStore.open(tmp_path / "gpu.zarr").features("train", "pool")[:]
+    b = FeatureStore.open(tmp_path / "cpu.zarr").features("train", "pool")[:]
     mu = np.concatenate([a, b]).mean(0)
     a, b = a - mu, b - mu
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -39,7 +39,7 @@ def _snapshot(out: Path) -> dict:
     assert store.complete
     snap = {}
     for split in store.splits:
-        snap[f"{split}/pool"] = store.features(split, "pool")
+        snap[f"{split}/pool"] = store.features(split, "pool")[:]  # read now: the store changes later
         snap[f"{split}/labels"] = store.labels(split)
         snap[f"{split}/valid"] = store.valid(split)
         snap[f"{split}/paths"] = store.paths(split)

@@ -1,0 +1,163 @@
+"""Benchmark: the feature cache's everyday commands, each beside its baseline, in one run.
+
+  ls             `featstore ls` (a fresh process) over N cached stores; baseline: `python -c pass`
+  up to date     `featstore extract` of a store already in the cache (a fresh process);
+                 baseline: `python -c "import torch"` (targets: ls < 1 s, up to date < 2x baseline)
+  export .h5     featstore.export.export (what `featstore export STORE --to x.h5` runs) of a
+                 ROWS x 768 float16 store, MB/s of feature bytes until the file is fsync'ed;
+                 baseline: np.ndarray.tofile of the same bytes (+ fsync), i.e. this disk's write
+                 speed (target >= 200 MB/s)
+
+Wall and CPU seconds (user + system, all threads) are both reported: on a shared machine the
+wall time includes waiting for a core.
+
+Every command runs in a subprocess with its own $FEATSTORE_HOME under a temp dir; each time is the
+median of --repeats runs.
+
+    .venv/bin/python benchmarks/bench_cache.py
+    .venv/bin/python benchmarks/bench_cache.py --stores 20 --rows 16384 --repeats 1   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import MB, OUT_DIR, REPO, machine, table, write_json  # noqa: E402
+
+DIM = 768
+
+
+def timed(cmd: list[str], env: dict, repeats: int) -> dict:
+    """Median wall seconds and median CPU seconds (user + system) of a fresh process running ``cmd``.
+    On a shared machine the CPU time is the steadier number: wall time includes waiting for a core."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        walls.append(time.perf_counter() - t)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return {"seconds": statistics.median(walls), "cpu_seconds": statistics.median(cpus)}
+
+
+def make_stores(home: Path, n: int) -> None:
+    """n complete cached stores (digits-sized: 1,797 rows x 512 float16, 3 splits), as extract leaves them."""
+    from featstore.store import FeatureStore
+
+    rng = np.random.default_rng(0)
+    sizes = {"train": 1078, "val": 359, "test": 360}
+    x = rng.standard_normal((max(sizes.values()), 512)).astype(np.float16)
+    for i in range(n):
+        key = f"{i:012x}" + "0" * 52
+        fs = FeatureStore.create(
+            home / "stores" / "digits" / f"model{i}-{key[:12]}.zarr",
+            splits={s: ([f"{s}/{j}.png" for j in range(m)], np.arange(m) % 10) for s, m in sizes.items()},
+            views={"pool": 512}, dtype="float16",
+            attrs={"encoder": {"name": f"model{i}", "arch": "tv:resnet18", "weights_path": None, "weights_sha256": "random-init"},
+                   "dataset": {"name": "digits", "spec": "digits", "manifest_sha256": "m"}, "cache_key": key},
+        )  # fmt: skip
+        for s, m in sizes.items():
+            for u in fs.units(s):
+                fs.write_unit(u, {"pool": x[: u.rows]}, np.ones(u.rows, bool))
+        fs.finalize()
+
+
+def make_big_store(path: Path, rows: int) -> int:
+    from featstore.store import FeatureStore
+
+    fs = FeatureStore.create(path, splits={"train": ([f"{i}.jpg" for i in range(rows)], np.zeros(rows, np.int32))},
+                             views={"cls": DIM}, dtype="float16", attrs={"encoder": {"name": "synthetic"}})  # fmt: skip
+    block = np.random.default_rng(0).standard_normal((fs.chunk_rows, DIM)).astype(np.float16)
+    for u in fs.units("train"):
+        fs.write_unit(u, {"cls": block[: u.rows]}, np.ones(u.rows, bool))
+    fs.finalize()
+    return rows * DIM * 2
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stores", type=int, default=100, help="cached stores `ls` lists")
+    ap.add_argument("--rows", type=int, default=262_144, help="rows of the exported store (x 768 float16)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(OUT_DIR / "bench_cache.json"))
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    py = sys.executable
+    featstore = [py, "-m", "featstore.cli"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), FEATSTORE_HOME=str(work / "home"), OMP_NUM_THREADS="1")
+    results = []
+    try:
+        # ls over N stores
+        make_stores(work / "home", args.stores)
+        out = subprocess.run(featstore + ["ls"], env=env, check=True, capture_output=True, text=True).stdout
+        assert len(out.strip().splitlines()) == args.stores + 1, out[:500]
+        results.append({"case": "python -c pass (baseline)", **timed([py, "-c", "pass"], env, args.repeats)})
+        results.append({"case": f"featstore ls, {args.stores} stores", **timed(featstore + ["ls"], env, args.repeats), "target": "< 1 s"})
+
+        # up-to-date extract
+        cmd = featstore + ["extract", "--model", "resnet18", "--random-init", "--dataset", "digits", "--image-size", "32",
+                           "--resize", "32", "--loader", "torch", "--workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+        subprocess.run(cmd, env=env, check=True, capture_output=True)  # fills the cache (digits, the store, the memo)
+        check = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+        assert "up to date" in check.stdout, check.stdout + check.stderr
+        torch_s = timed([py, "-c", "import torch"], env, args.repeats)
+        results.append({"case": "python -c 'import torch' (baseline)", **torch_s})
+        up = timed(cmd, env, args.repeats)
+        results.append({"case": "featstore extract, up to date", **up, "ratio": up["seconds"] / torch_s["seconds"],
+                        "cpu_ratio": up["cpu_seconds"] / torch_s["cpu_seconds"], "target": "< 2x import torch"})  # fmt: skip
+
+        # export to HDF5
+        nbytes = make_big_store(work / "big.zarr", args.rows)
+        x = np.random.default_rng(1).standard_normal((args.rows, DIM)).astype(np.float16)
+        from featstore.export import export
+
+        def write_raw():
+            with open(work / "raw.bin", "wb") as f:
+                x.tofile(f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        def write_h5():
+            (work / "x.h5").unlink(missing_ok=True)
+            export(str(work / "big.zarr"), str(work / "x.h5"))
+            with open(work / "x.h5", "rb+") as f:
+                os.fsync(f.fileno())
+
+        for case, fn, target in ((f"ndarray.tofile + fsync, {nbytes / MB:.0f} MB (baseline)", write_raw, None),
+                                 (f"featstore export --to x.h5, {nbytes / MB:.0f} MB", write_h5, ">= 200 MB/s")):  # fmt: skip
+            walls, cpus = [], []
+            for _ in range(args.repeats):
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                walls.append(time.perf_counter() - t)
+                cpus.append(time.process_time() - c)
+            wall = statistics.median(walls)
+            results.append({"case": case, "seconds": wall, "cpu_seconds": statistics.median(cpus), "mb_per_s": nbytes / MB / wall, "target": target})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(table(results, [("case", "case", ""), ("seconds", "wall s", ".3f"), ("cpu_seconds", "CPU s", ".3f"),
+                          ("ratio", "wall x base", ".2f"), ("cpu_ratio", "CPU x base", ".2f"), ("mb_per_s", "MB/s", ".0f"),
+                          ("target", "target", "")]))  # fmt: skip
+    print(f"load average at the end: {os.getloadavg()}")
+    write_json(args.out, {"machine": machine(), "args": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()

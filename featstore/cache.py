@@ -1,0 +1,441 @@
+"""The featstore home and the stores cached in it.
+
+``$FEATSTORE_HOME`` (default ``~/.cache/featstore``; ``FEATSTORE_CACHE`` is the older name) holds
+the digits dataset, downloaded weights (``FEATSTORE_WEIGHTS`` overrides), the cached stores
+``stores/<dataset>/<model>-<first 12 hex of the cache key>.zarr`` and ``index/`` (memos that let an
+up-to-date ``extract`` answer without importing torch, and last-use times for ``gc``).
+
+Everything here reads a store's ``zarr.json`` as plain JSON: no zarr, no torch, so ``featstore ls``
+over hundreds of stores and an up-to-date extraction start in about Python's start-up time.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import UsageError
+
+PROGRESS = "_progress"  # a store's folder of an extraction in progress (lock, unit markers); store.py uses it
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+# ---------------------------------------------------------------- the home
+
+
+def home() -> Path:
+    base = os.environ.get("FEATSTORE_HOME") or os.environ.get("FEATSTORE_CACHE")
+    if not base:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "featstore"
+    return Path(base).expanduser()
+
+
+def weights_dir() -> Path:
+    return Path(os.environ.get("FEATSTORE_WEIGHTS") or home() / "weights").expanduser()
+
+
+def stores_dir() -> Path:
+    return home() / "stores"
+
+
+def index_dir() -> Path:
+    return home() / "index"
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return bool(_URL.match(str(path)))
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe spelling of a model or dataset name (``tv:resnet50`` → ``tv_resnet50``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
+
+
+def default_store_path(dataset: str, model: str, key: str) -> Path:
+    return stores_dir() / _slug(dataset) / f"{_slug(Path(model).name if model.endswith('.py') else model)}-{key[:12]}.zarr"
+
+
+def store_attrs(path: str | os.PathLike) -> dict | None:
+    """The attributes of the store at ``path`` (a local folder), or None when it is not a store."""
+    try:
+        attrs = json.loads((Path(path) / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+    return attrs if isinstance(attrs, dict) and "schema_version" in attrs else None
+
+
+def find_by_key(key: str) -> list[Path]:
+    """Cached stores whose cache key is ``key``, wherever their name puts them (found by content)."""
+    return [p for p in sorted(stores_dir().glob(f"*/*-{key[:12]}.zarr")) if (store_attrs(p) or {}).get("cache_key") == key]
+
+
+# ---------------------------------------------------------------- last use (for gc)
+
+
+def mark_used(path: str | os.PathLike, key: str | None) -> None:
+    """Record that a cached store was read now (atime is unreliable: relatime, noatime mounts)."""
+    if not key:
+        return
+    try:
+        Path(path).resolve().relative_to(stores_dir().resolve())
+    except ValueError:
+        return  # only stores of the cache are collected
+    marker = index_dir() / "used" / key
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        pass  # a read-only home: gc falls back to the store's completion time
+
+
+def last_used(path: Path, attrs: dict) -> float:
+    marker = index_dir() / "used" / str(attrs.get("cache_key"))
+    if marker.is_file():
+        return marker.stat().st_mtime
+    times = []
+    for field in ("completed", "created"):
+        if attrs.get(field):
+            try:
+                times.append(calendar.timegm(time.strptime(attrs[field], "%Y-%m-%dT%H:%M:%SZ")))  # UTC
+            except ValueError:
+                pass
+    return max(times) if times else path.stat().st_mtime
+
+
+# ---------------------------------------------------------------- listing
+
+
+@dataclass
+class StoreEntry:
+    """One line of ``featstore ls``."""
+
+    path: str
+    label: str
+    model: str
+    arch: str
+    weights: str  # file name + short sha, or "random-init"
+    weights_sha256: str
+    dataset: str
+    dataset_spec: str
+    dataset_root: str
+    manifest_sha256: str
+    views: dict
+    dtype: str
+    loader: str
+    compute: str
+    rows: int
+    invalid: int
+    size_bytes: int
+    created: str
+    last_used: float
+    complete: bool
+    units_done: int
+    units_total: int
+    writing: bool  # a live process holds the store's lock
+    cache_key: str
+
+    @property
+    def state(self) -> str:
+        if self.complete:
+            return "complete"
+        pct = 100.0 * self.units_done / self.units_total if self.units_total else 0.0
+        return f"{'writing' if self.writing else 'partial'} {self.units_done}/{self.units_total} units ({pct:.0f}%)"
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), state=self.state)
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    stack = [path]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    total += e.stat(follow_symlinks=False).st_size
+    return total
+
+
+def lock_holder(path: Path) -> dict | None:
+    """The live process writing the store at ``path``, or None."""
+    from .lock import StoreLock, pid_alive
+
+    holder = StoreLock(path / PROGRESS / "lock.json").holder()
+    if not holder:
+        return None
+    import socket
+
+    if holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1))):
+        return None
+    return holder
+
+
+def entry_from_attrs(path: str, attrs: dict, size_bytes: int, units_done: int | None, writing: bool, used: float) -> StoreEntry:
+    enc, data, fields = attrs.get("encoder", {}), attrs.get("dataset", {}), attrs.get("cache_fields", {})
+    splits = attrs.get("splits", {})
+    chunk = int(attrs.get("chunk_rows") or 1)
+    units_total = sum(-(-int(n) // chunk) for n in splits.values())
+    sha = str(enc.get("weights_sha256") or "")
+    weights_file = Path(enc["weights_path"]).name if enc.get("weights_path") else ""
+    weights = f"{weights_file} ({sha[:8]})" if weights_file else sha or "-"
+    complete = bool(attrs.get("complete"))
+    return StoreEntry(
+        path=path,
+        label=Path(weights_file).stem if weights_file else str(enc.get("name", "?")),
+        model=str(enc.get("name", "?")),
+        arch=str(enc.get("arch", "?")),
+        weights=weights,
+        weights_sha256=sha,
+        dataset=str(data.get("name", "?")),
+        dataset_spec=str(data.get("spec", data.get("name", "?"))),
+        dataset_root=str(data.get("root", "")),
+        manifest_sha256=str(data.get("manifest_sha256", "")),
+        views=dict(attrs.get("views", {})),
+        dtype=str(attrs.get("dtype", "?")),
+        loader=str(attrs.get("loader", "?")),
+        compute=str(fields.get("compute", "?")),
+        rows=sum(int(n) for n in splits.values()),
+        invalid=sum(len(v) for v in attrs.get("invalid", {}).values()),
+        size_bytes=size_bytes,
+        created=str(attrs.get("created", "")),
+        last_used=used,
+        complete=complete,
+        units_done=units_total if complete else (units_done or 0),
+        units_total=units_total,
+        writing=writing,
+        cache_key=str(attrs.get("cache_key", "")),
+    )
+
+
+def describe(path: str | os.PathLike) -> StoreEntry:
+    """The ``ls`` entry of one store: a local .zarr folder, an exported .h5 file or a URL."""
+    if is_url(path) or str(path).endswith((".h5", ".hdf5")):
+        from .store import FeatureStore
+
+        fs = FeatureStore.open(path)
+        return entry_from_attrs(fs.location, fs.attrs, fs.size_on_disk(), None, False, 0.0)
+    p = Path(path)
+    entry = _describe_local(p)
+    if entry is not None:
+        return entry
+    if p.suffix.lower() == ".npz" and p.is_file():
+        _require_export(p)
+        import numpy as np
+
+        with np.load(p) as z:
+            attrs, view = json.loads(str(z["provenance"])), str(z["view"])
+        attrs["views"] = {view: attrs.get("views", {}).get(view)}  # the one view it holds
+        return entry_from_attrs(str(p), attrs, p.stat().st_size, None, False, 0.0)
+    from .store import FeatureStore
+
+    FeatureStore.open(p)  # raises the right error (not found / not a store)
+    raise UsageError(f"{str(p)!r} is not a featstore store", "pass a folder written by `featstore extract`")
+
+
+def _describe_local(p: Path) -> StoreEntry | None:
+    """The entry of a local Zarr store (its zarr.json read once), None when ``p`` is not one."""
+    attrs = store_attrs(p)
+    if attrs is None:
+        return None
+    done = 0
+    if not attrs.get("complete"):
+        done = sum(1 for _ in (p / PROGRESS).glob("*/unit-*.json"))
+    return entry_from_attrs(str(p), attrs, _tree_size(p), done, lock_holder(p) is not None, last_used(p, attrs))
+
+
+def list_stores(paths: list[str] | None = None) -> list[StoreEntry]:
+    """Every store of the cache, or of ``paths`` (stores, or folders searched for stores)."""
+    if not paths:
+        return [e for p in sorted(stores_dir().glob("*/*.zarr")) if (e := _describe_local(p)) is not None]
+    found: list[StoreEntry] = []
+    for raw in paths:
+        p = Path(raw)
+        if is_url(raw) or store_attrs(p) is not None or p.is_file():
+            found.append(describe(raw))
+        elif p.is_dir():
+            below = _stores_below(p)
+            if not below:
+                raise UsageError(f"no featstore stores in {raw!r}", "pass store folders, or folders holding them")
+            found.extend(describe(s) for s in below)
+        else:
+            raise UsageError(f"store {raw!r} not found", "see `featstore ls` for the cached stores")
+    return found
+
+
+def _stores_below(folder: Path) -> list[Path]:
+    out, stack = [], [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            children = sorted((c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")), reverse=True)
+        except OSError:
+            continue
+        for c in children:
+            (out.append(c) if store_attrs(c) is not None else stack.append(c))
+    return sorted(out)
+
+
+# ---------------------------------------------------------------- removal
+
+
+def remove_store(path: str | os.PathLike) -> int:
+    """Delete one store (refused while a live process writes it). Returns the bytes freed."""
+    if is_url(path):
+        raise UsageError(f"cannot remove {str(path)!r}: featstore does not write to URLs", "delete it with your storage's own tools")
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() in (".h5", ".hdf5", ".npz"):
+        _require_export(p)
+        size = p.stat().st_size
+        p.unlink()
+        return size
+    if store_attrs(p) is None:
+        if not p.exists():
+            raise UsageError(f"store {str(p)!r} not found", "see `featstore ls` for the cached stores")
+        raise UsageError(f"{str(p)!r} is not a featstore store", "featstore only removes stores it wrote")
+    from .lock import StoreLock
+
+    lock = StoreLock(p / PROGRESS / "lock.json")
+    lock.acquire()  # raises while a live writer holds it; holding it keeps a new writer out while we delete
+    size, key = _tree_size(p), store_attrs(p).get("cache_key")
+    # rename first: readers never see a half-deleted store, and a crash leaves only a hidden folder
+    trash = p.with_name(f".{p.name}.removing-{os.getpid()}")
+    os.replace(p, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    if key:
+        (index_dir() / "used" / key).unlink(missing_ok=True)
+    return size
+
+
+def _require_export(path: Path) -> None:
+    """Refuse to delete a file that is not a featstore export."""
+    if path.suffix.lower() == ".npz":
+        import numpy as np
+
+        try:
+            with np.load(path) as z:
+                ours = "provenance" in z.files and "view" in z.files
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise UsageError(f"{str(path)!r} is not a featstore export", "featstore only removes stores it wrote")
+    else:
+        from .store import FeatureStore
+
+        FeatureStore.open(path)  # raises for a foreign or unreadable file
+
+
+@dataclass
+class GcPlan:
+    remove: list[StoreEntry]
+    keep: list[StoreEntry]
+
+    @property
+    def freed(self) -> int:
+        return sum(e.size_bytes for e in self.remove)
+
+
+def plan_gc(older_than_days: float | None = None, max_size: int | None = None, partial: bool = False,
+            now: float | None = None) -> GcPlan:
+    """Which cached stores ``gc`` removes: partial ones (with ``partial``, never one being written),
+    those unused for ``older_than_days``, then least recently used first until the rest fit ``max_size``."""
+    if older_than_days is None and max_size is None and not partial:
+        raise UsageError("gc needs a rule", "pass --older-than DAYS, --max-size SIZE and/or --partial")
+    now = time.time() if now is None else now
+    entries = sorted((e for e in list_stores() if not e.writing), key=lambda e: e.last_used)
+    remove = [e for e in entries if (partial and not e.complete)
+              or (older_than_days is not None and now - e.last_used > older_than_days * 86400)]
+    keep = [e for e in entries if e not in remove]
+    if max_size is not None:
+        total = sum(e.size_bytes for e in keep) + sum(e.size_bytes for e in list_stores() if e.writing)
+        while keep and total > max_size:
+            oldest = keep.pop(0)
+            remove.append(oldest)
+            total -= oldest.size_bytes
+    return GcPlan(remove, keep)
+
+
+def parse_size(text: str) -> int:
+    """``50G``, ``500M``, ``1.5T``, ``1024`` (bytes) → bytes (binary units, like ``du -h``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"cannot read the size {text!r}", "use e.g. 50G, 500M or 2T")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+# ---------------------------------------------------------------- lookup by model and dataset
+
+
+def lookup(model: str, dataset: str, weights: str | None = None) -> str:
+    """The one complete cached store of ``model`` on ``dataset`` (and ``weights`` when given),
+    matched on what the stores record; no model is built. Errors list what exists."""
+    entries = list_stores()
+    sha = None
+    if weights is not None:
+        if not Path(weights).expanduser().is_file():
+            raise UsageError(f"weights file {weights!r} not found", "pass --weights with the checkpoint the store was extracted with")
+        sha = file_sha256(Path(weights).expanduser())
+    root = str(Path(dataset).expanduser().resolve()) if Path(dataset).expanduser().exists() else None
+
+    def same_data(e: StoreEntry) -> bool:
+        return dataset in (e.dataset_spec, e.dataset) or (root is not None and root == e.dataset_root)
+
+    matches = [e for e in entries if model in (e.model, e.arch, f"timm:{model}") and same_data(e)
+               and (sha is None or e.weights_sha256 == sha)]
+    complete = [e for e in matches if e.complete]
+    command = f"featstore extract --model {model} --dataset {dataset}" + (f" --weights {weights}" if weights else "")
+    if len(complete) == 1:
+        return complete[0].path
+    if len(complete) > 1:
+        listed = "; ".join(f"{e.path} [{e.weights}, views {','.join(e.views)}, {e.dtype}, {e.loader}, {e.compute}]" for e in complete)
+        raise UsageError(f"{len(complete)} cached stores match --model {model} --dataset {dataset}: {listed}",
+                         "pass --weights FILE, or --store PATH to pick one")
+    if matches:
+        raise UsageError(f"the cached store of --model {model} --dataset {dataset} is not complete ({matches[0].state}: {matches[0].path})",
+                         f"finish it with `{command}`")
+    have = sorted({f"{e.model} on {e.dataset_spec}" + ("" if e.complete else " (partial)") for e in entries})
+    exists = f"the cache holds: {', '.join(have)}" if have else f"the cache ({stores_dir()}) is empty"
+    raise UsageError(f"no cached store of --model {model} --dataset {dataset}" + (f" with weights {weights}" if weights else "") + f"; {exists}",
+                     f"extract it first: `{command}`")
+
+
+# ---------------------------------------------------------------- memos: weights digests (request.py memoizes requests)
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    """sha256 of a file, memoized per (path, size, mtime, inode): a 4 GB checkpoint is hashed once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    stamp = f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+    memo = index_dir() / "sha256" / hashlib.sha256(stamp.encode()).hexdigest()
+    try:
+        value = memo.read_text().strip()
+        if len(value) == 64:
+            return value
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    value = h.hexdigest()
+    write_memo(memo, value)
+    return value
+
+
+def write_memo(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs speed

@@ -1,0 +1,176 @@
+"""A store as one file: HDF5 with the store's schema, or ``.npz`` with one view.
+
+HDF5 layout (readable with plain h5py, no featstore needed)::
+
+    feats.h5  attrs: every store attribute as a JSON string (encoder, preprocessing, dataset, views, …)
+    /<split>/labels            int32 (N,)
+    /<split>/paths             utf-8 str (N,)
+    /<split>/valid             bool (N,)
+    /<split>/features/<view>   float16|float32 (N, D), chunks of whole rows
+
+``FeatureStore.open("feats.h5")`` reads it like the Zarr store, so ``probe fit --store feats.h5``
+gives the same results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import FeatstoreError, UsageError
+
+EXPORT_FORMATS = (".h5", ".hdf5", ".npz")
+
+
+def export(source: str, to: str, view: str | None = None, overwrite: bool = False,
+           log: Callable[[str], None] = lambda s: None) -> dict:
+    """Write the complete store ``source`` (a path or URL) to ``to`` (.h5/.hdf5, or .npz with one view)."""
+    from .store import FeatureStore
+
+    target = Path(to).expanduser()
+    suffix = target.suffix.lower()
+    if suffix not in EXPORT_FORMATS:
+        raise UsageError(f"cannot export to {to!r}: unknown format {suffix or '(no suffix)'!r}", "use --to FILE.h5 (whole store) or --to FILE.npz (one view)")
+    if target.exists() and not overwrite:
+        raise UsageError(f"{to!r} already exists", "pass --overwrite to replace it, or choose another --to")
+    if not target.parent.is_dir():
+        raise UsageError(f"folder {str(target.parent)!r} does not exist", "create it first, or choose another --to")
+    store = FeatureStore.open(source).require_complete()
+    if suffix != ".npz" and view is not None:
+        raise UsageError("--view applies to .npz exports", "an HDF5 export holds every view")
+    start = time.perf_counter()
+    # write beside the target and rename: a killed export never leaves a half file under its name
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        if suffix == ".npz":
+            view = _one_view(store, view)
+            nbytes = _write_npz(store, tmp, view)
+        else:
+            nbytes = _write_hdf5(store, tmp)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise FeatstoreError(f"cannot write {to!r}: {e.strerror or e}", "check the folder is writable and has space") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    return {"store": str(store.path), "to": str(target), "format": suffix.lstrip("."), "view": view,
+            "bytes": target.stat().st_size, "feature_bytes": nbytes, "seconds": seconds}
+
+
+def _one_view(store, view: str | None) -> str:
+    if view is None:
+        return next(iter(store.views))  # the extractor's first view: cls for a ViT, pool for a CNN
+    if view not in store.views:
+        raise UsageError(f"view {view!r} not in store {str(store.path)!r}", f"it has: {', '.join(store.views)}")
+    return view
+
+
+def _provenance(store) -> dict:
+    return dict(store.attrs, exported_from=str(store.path), exported=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def _write_hdf5(store, path: Path) -> int:
+    import h5py
+
+    nbytes = 0
+    with h5py.File(path, "w") as f, ThreadPoolExecutor(1) as reader:
+        for key, value in _provenance(store).items():
+            f.attrs[key] = json.dumps(value)
+        for split in store.splits:
+            g = f.create_group(split)
+            n = store.num_rows(split)
+            g.create_dataset("labels", data=store.labels(split).astype(np.int32))
+            g.create_dataset("paths", data=store.paths(split).astype(str).tolist() if n else [], dtype=h5py.string_dtype("utf-8"), shape=(n,))
+            g.create_dataset("valid", data=store.valid(split))
+            for name in ("labels", "paths", "valid"):
+                g[name].dims[0].label = "row"
+            fg = g.create_group("features")
+            for view, dim in store.views.items():
+                source = store.features(split, view)
+                rows = max(1, min(store.chunk_rows, n))
+                # no compression: exports run at disk speed (float features gain little from it)
+                ds = fg.create_dataset(view, shape=(n, dim), dtype=source.dtype, chunks=(rows, dim) if n else None)
+                ds.dims[0].label, ds.dims[1].label = "row", f"{view}_dim"
+                files = _raw_chunk_files(store, split, view, rows)
+                if files is not None:
+                    for i, chunk in enumerate(files):  # the bytes are HDF5's chunk as they are: no decode, no copy
+                        ds.id.write_direct_chunk((i * rows, 0), chunk.read_bytes())
+                    nbytes += n * dim * source.dtype.itemsize
+                    continue
+                # the next chunk is read while this one is written (both release the GIL)
+                starts = list(range(0, n, rows))
+                pending = reader.submit(source.__getitem__, slice(0, rows)) if starts else None
+                for i, start in enumerate(starts):
+                    block = pending.result()
+                    if i + 1 < len(starts):
+                        pending = reader.submit(source.__getitem__, slice(starts[i + 1], starts[i + 1] + rows))
+                    ds[start : start + len(block)] = block
+                    nbytes += block.nbytes
+    return nbytes
+
+
+def _raw_chunk_files(store, split: str, view: str, rows: int) -> list[Path] | None:
+    """The chunk files of a local feature array whose bytes are exactly an HDF5 chunk of ``rows``
+    rows (little-endian C-order, no codec, the same chunk shape; featstore writes them so), else
+    None and the export reads through zarr."""
+    if store.format != "zarr" or not isinstance(store.path, Path) or np.dtype(store.attrs.get("dtype", "f2")).byteorder == ">":
+        return None
+    try:
+        array = store._split(split)["features"][view]
+        meta = array.metadata
+        codecs = [type(c).__name__ for c in meta.codecs]
+        endian = getattr(getattr(meta.codecs[0], "endian", None), "value", None)
+        if (codecs != ["BytesCodec"] or endian not in ("little", None) or tuple(meta.chunk_grid.chunk_shape) != (rows, array.shape[1])
+                or getattr(array, "order", "C") != "C"):  # fmt: skip
+            return None
+        folder = store.path / split / "features" / view
+        files = [folder / meta.chunk_key_encoding.encode_chunk_key((i, 0)) for i in range(-(-array.shape[0] // rows))]
+    except (AttributeError, TypeError, KeyError, IndexError):
+        return None  # another zarr version's metadata objects: the general path
+    size = rows * array.shape[1] * np.dtype(array.dtype).itemsize
+    return files if all(f.is_file() and f.stat().st_size == size for f in files) else None
+
+
+def _write_npz(store, path: Path, view: str) -> int:
+    arrays = {"view": np.asarray(view), "provenance": np.asarray(json.dumps(_provenance(store)))}
+    nbytes = 0
+    for split in store.splits:
+        arrays[f"{split}_features"] = feats = store.features(split, view).read()
+        arrays[f"{split}_labels"] = store.labels(split).astype(np.int32)
+        arrays[f"{split}_valid"] = store.valid(split)
+        arrays[f"{split}_paths"] = store.paths(split).astype(str)  # unicode, not object: loads without pickle
+        nbytes += feats.nbytes
+    with open(path, "wb") as f:  # np.savez appends .npz to a name that lacks it; a file object keeps ours
+        np.savez(f, **arrays)
+    return nbytes
+
+
+def open_hdf5(source, name: str | None = None):
+    """(root group, attributes) of an HDF5 export (a path or an open binary file). Raises a
+    FeatstoreError for a file that is not HDF5, is damaged, or is not a featstore export."""
+    import h5py
+
+    name = name or str(source)
+    try:
+        f = h5py.File(source, "r")
+    except OSError as e:
+        raise FeatstoreError(f"{name!r} is not a readable HDF5 file ({' '.join(str(e).split())[:200]})",
+                             "re-export it with `featstore export STORE --to FILE.h5`") from e
+    try:
+        attrs = {k: json.loads(v) for k, v in f.attrs.items()}
+    except (TypeError, ValueError, OSError):
+        attrs = {}
+    if "schema_version" not in attrs:
+        f.close()
+        raise UsageError(f"{name!r} is not a featstore export", "write one with `featstore export STORE --to FILE.h5`")
+    for split in attrs.get("splits", {}):
+        if split not in f or any(v not in f[split].get("features", {}) for v in attrs.get("views", {})):
+            f.close()
+            raise FeatstoreError(f"{name!r} lacks split {split!r} or one of its views", "the file is damaged; re-export it")
+    return f, attrs

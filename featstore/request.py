@@ -1,0 +1,221 @@
+"""What an extraction is asked to do (:class:`ExtractConfig`), what it reports
+(:class:`ExtractResult`), and the fast answer for a request already done.
+
+Torch-free on purpose: ``featstore extract`` asks :func:`recall_up_to_date` before importing torch,
+timm or DALI. A full run records what its request resolved to (the cache key and the store) with
+stamps of everything the resolution read (weights file, dataset folders, installed versions, GPUs);
+while no stamp changed, the same request has the same cache key, and a complete store with that
+key means there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cache import index_dir, is_url, store_attrs, write_memo
+from .errors import UsageError
+from .store import DEFAULT_CHUNK_ROWS
+
+
+@dataclass
+class ExtractConfig:
+    model: str
+    dataset: str
+    out: str | None = None  # None: the cache, $FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr
+    data_root: str | None = None
+    weights: str | None = None
+    random_init: bool = False
+    trust_checkpoint: bool = False
+    ignore_keys: tuple[str, ...] = ()  # globs of checkpoint keys to drop (heads of other names)
+    views: list[str] | None = None
+    loader: str = "auto"
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 2
+    dtype: str = "float16"
+    overwrite: bool = False
+    strict: bool = False
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    compile: bool = False
+    image_size: int | None = None
+    resize: int | None = None
+    interpolation: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+@dataclass
+class ExtractResult:
+    store: str
+    status: str  # "up to date", "created", "resumed"
+    rows: dict[str, int]
+    rows_written: int
+    invalid: int
+    nonfinite: int
+    seconds: float
+    images_per_second: float
+    nonfinite_paths: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.status == "up to date":
+            return f"{self.store}: up to date ({sum(self.rows.values()):,} rows, nothing to do)"
+        splits = ", ".join(f"{s} {n:,}" for s, n in self.rows.items())
+        text = (
+            f"{self.store}: {self.status}, wrote {self.rows_written:,} rows ({splits}) in {self.seconds:.1f} s "
+            f"({self.images_per_second:.1f} img/s), {self.invalid} invalid"
+        )
+        if self.nonfinite:
+            text += f", {self.nonfinite} rows with NaN/Inf features (first: {self.nonfinite_paths[0]}; try --dtype float32)"
+        return text
+
+
+def refuse_url_out(out: str | None) -> None:
+    if out is not None and is_url(out):
+        raise UsageError(
+            f"--out {out!r} is a URL; featstore writes stores to local folders only",
+            "extract locally (omit --out to use the cache), then upload the folder, e.g. `aws s3 sync STORE URL`",
+        )
+
+
+def _resolved(path: str | None) -> str | None:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def request_of(config: ExtractConfig) -> dict:
+    """The request as typed, with relative paths made absolute: the memo's key."""
+    model = config.model
+    if ".py:" in model:  # a builder file relative to the working directory
+        target, _, attr = model.rpartition(":")
+        model = f"{_resolved(target)}:{attr}"
+    data_root = config.data_root
+    if config.dataset == "imagenet" and data_root is None:
+        data_root = os.environ.get("FEATSTORE_DATA")
+    return {
+        "model": model,
+        "dataset": _resolved(config.dataset),
+        "data_root": _resolved(data_root),
+        "weights": _resolved(config.weights),
+        "random_init": config.random_init,
+        "ignore_keys": sorted(config.ignore_keys),
+        "views": sorted(config.views) if config.views else None,
+        "loader": config.loader,
+        "device": config.device,
+        "dtype": config.dtype,
+        "preprocess": [config.image_size, config.resize, config.interpolation, config.mean and list(config.mean),
+                       config.std and list(config.std)],
+        "out": os.path.abspath(os.path.expanduser(config.out)) if config.out else None,
+        "ranks": os.environ.get("WORLD_SIZE"),
+    }
+
+
+def recall_up_to_date(config: ExtractConfig) -> ExtractResult | None:
+    """An "up to date" result when this exact request was resolved before, nothing it read has
+    changed, and its store is complete; None whenever the full path has to decide."""
+    import time
+
+    start = time.perf_counter()
+    refuse_url_out(config.out)
+    if config.overwrite or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    recalled = recall_request(request_of(config))
+    if recalled is None:
+        return None
+    key, store = recalled
+    attrs = store_attrs(store)
+    if not attrs or attrs.get("cache_key") != key or not attrs.get("complete") or (Path(store) / "_progress").exists():
+        return None
+    from .cache import mark_used
+
+    mark_used(store, key)
+    rows = {s: int(n) for s, n in attrs.get("splits", {}).items()}
+    invalid = sum(len(v) for v in attrs.get("invalid", {}).values())
+    return ExtractResult(store, "up to date", rows, 0, invalid, 0, time.perf_counter() - start, 0.0)
+
+
+# ---------------------------------------------------------------- the memo of resolved requests
+
+
+def _stat_stamp(path: str) -> list:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None]
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def dataset_dirs(root: str | os.PathLike) -> list[str]:
+    """Every folder under a dataset root: adding, removing or renaming an image changes one of their
+    mtimes, and the manifest (paths + labels) is decided by nothing else."""
+    out, stack = [], [str(root)]
+    while stack:
+        d = stack.pop()
+        out.append(d)
+        try:
+            with os.scandir(d) as entries:
+                stack.extend(e.path for e in entries if e.is_dir(follow_symlinks=True) and not e.name.startswith("."))
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def environment_stamp() -> dict:
+    """What an 'auto' loader and device and a timm preset resolve from, read without importing them."""
+    import importlib.metadata
+    import importlib.util
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    try:
+        dali = importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        dali = False
+    from . import __version__
+
+    return {
+        "featstore": __version__,
+        "timm": version("timm"),
+        "torchvision": version("torchvision"),
+        "torch": version("torch"),
+        "dali": dali,
+        "gpus": sorted(p.name for p in Path("/dev").glob("nvidia[0-9]*")),
+        "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
+def request_memo_path(request: dict) -> Path:
+    return index_dir() / "requests" / (hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest() + ".json")
+
+
+def remember_request(request: dict, key: str, store: str, weights_path: str | None, dataset_inputs: list[str]) -> None:
+    """After a full resolution: what this request resolved to, and the stamps that keep it true."""
+    memo = {
+        "cache_key": key,
+        "store": store,
+        "environment": environment_stamp(),
+        "files": [_stat_stamp(p) for p in ([weights_path] if weights_path else []) + dataset_inputs],
+    }
+    write_memo(request_memo_path(request), json.dumps(memo))
+
+
+def recall_request(request: dict) -> tuple[str, str] | None:
+    """(cache key, store path) of a request resolved before, if no stamp changed since; else None."""
+    try:
+        memo = json.loads(request_memo_path(request).read_text())
+    except (OSError, ValueError):
+        return None
+    if memo.get("environment") != environment_stamp():
+        return None
+    if any(_stat_stamp(f[0]) != f for f in memo.get("files", [])):
+        return None
+    return memo["cache_key"], memo["store"]

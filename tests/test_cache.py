@@ -1,0 +1,351 @@
+"""The feature cache: default store location, up-to-date without torch, ls / rm / gc, lookup by
+model and dataset (featstore.cache, featstore.request)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featstore import cache
+from featstore.cli import cli
+from featstore.errors import FeatstoreError, UsageError
+from featstore.extract import ExtractConfig, extract
+from featstore.store import PROGRESS, FeatureStore
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = dict(model="resnet18", random_init=True, loader="torch", workers=0, image_size=32, resize=32, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh $FEATSTORE_HOME per test (digits and weights included)."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("FEATSTORE_HOME", str(h))
+    return h
+
+
+def run(args, env=None):
+    result = CliRunner().invoke(cli, args, env=env)
+    return result.exit_code, result.output
+
+
+def make_cached(path: Path, key: str, *, model="dino", dataset="imagenet", sha="a" * 64, rows=10, chunk_rows=4,
+                units=None, views=None, invalid_rows=(), weights_path="/w/dinov2_vits14_pretrain.pth") -> Path:
+    """A store as extract writes it (cache key and fields in the attributes); ``units``: how many
+    units to write (default all, then finalized), fewer leaves it partial."""
+    views = views or {"cls": 6, "avgpool": 6}
+    store = FeatureStore.create(
+        path, splits={"train": ([f"train/{i}.jpg" for i in range(rows)], np.arange(rows) % 2)}, views=views,
+        dtype="float32", chunk_rows=chunk_rows,
+        attrs={"encoder": {"name": model, "arch": f"timm:{model}", "family": "vit", "weights_path": weights_path, "weights_sha256": sha},
+               "dataset": {"name": dataset, "spec": dataset, "root": f"/data/{dataset}", "class_names": ["a", "b"], "num_classes": 2,
+                           "manifest_sha256": "m" * 64},
+               "loader": "torch", "cache_key": key, "cache_fields": {"compute": "cpu-fp32"}},
+    )  # fmt: skip
+    all_units = store.units("train")
+    for u in all_units[: len(all_units) if units is None else units]:
+        valid = np.array([r not in invalid_rows for r in range(u.start, u.stop)])
+        store.write_unit(u, {v: np.full((u.rows, d), u.index, np.float32) for v, d in views.items()}, valid,
+                         {r - u.start: "broken" for r in invalid_rows if u.start <= r < u.stop})  # fmt: skip
+    if units is None:
+        store.finalize()
+    return path
+
+
+def hold_lock(store: Path) -> None:
+    """Mark ``store`` as being written by a live process (this one)."""
+    import socket
+
+    (store / PROGRESS).mkdir(exist_ok=True)
+    (store / PROGRESS / "lock.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+
+
+# ---------------------------------------------------------------- item 1: default location, up to date
+
+
+def test_home_holds_digits_weights_and_stores(home, monkeypatch):
+    monkeypatch.delenv("FEATSTORE_WEIGHTS", raising=False)
+    assert cache.home() == home and cache.weights_dir() == home / "weights" and cache.stores_dir() == home / "stores"
+    monkeypatch.delenv("FEATSTORE_HOME")
+    monkeypatch.setenv("FEATSTORE_CACHE", str(home / "old"))  # the older name still works
+    assert cache.home() == home / "old"
+    monkeypatch.delenv("FEATSTORE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xdg"))
+    assert cache.home() == home / "xdg" / "featstore"
+    monkeypatch.setenv("FEATSTORE_WEIGHTS", str(home / "w"))
+    from featstore.encoders import weights_dir
+
+    assert weights_dir() == home / "w"
+
+
+def test_extract_without_out_caches_by_key_and_reruns_up_to_date_without_torch(home, small_folder, tmp_path):
+    data = tmp_path / "pics"
+    shutil.copytree(small_folder, data)
+    first = extract(ExtractConfig(dataset=str(data), **TINY), progress=False)
+    store = FeatureStore.open(first.store)
+    key = store.attrs["cache_key"]
+    assert Path(first.store) == home / "stores" / "pics" / f"resnet18-{key[:12]}.zarr"
+    assert first.status == "created" and store.complete and store.num_rows("train") == 16
+
+    # the same command again, in a fresh process: answered from the cache without importing torch
+    code = ("import sys; from featstore.console import run_cli; from featstore.cli import cli; "
+            f"rc = run_cli(cli, 'featstore', {['extract', '--dataset', str(data), '--model', 'resnet18', '--random-init', '--loader', 'torch', '--workers', '0', '--image-size', '32', '--resize', '32', '--device', 'cpu', '--dtype', 'float32']!r}); "
+            "print('torch imported:', 'torch' in sys.modules, 'zarr imported:', 'zarr' in sys.modules); sys.exit(rc)")  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO), FEATSTORE_HOME=str(home))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"{first.store}: up to date (24 rows" in out.stdout
+    assert "torch imported: False zarr imported: False" in out.stdout
+
+    # another spelling of the same data (a symlink, a relative path) meets the same store by its key
+    (tmp_path / "alias").symlink_to(data)
+    again = extract(ExtractConfig(dataset=str(tmp_path / "alias"), **TINY), progress=False)
+    assert again.status == "up to date" and again.store == first.store
+
+    # a changed dataset is another request: a new store, never a stale "up to date"
+    shutil.copy(next((data / "train" / "cat").glob("*.png")), data / "train" / "cat" / "zz-extra.png")
+    changed = extract(ExtractConfig(dataset=str(data), **TINY), progress=False)
+    assert changed.status == "created" and changed.store != first.store
+    assert FeatureStore.open(changed.store).num_rows("train") == 17
+    assert len(cache.list_stores()) == 2
+
+
+def test_changed_weights_are_not_up_to_date(home, small_folder, tmp_path):
+    import torch
+    import torchvision
+
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    cfg = dict(TINY, random_init=False, weights=str(weights))
+    first = extract(ExtractConfig(dataset=str(small_folder), **cfg), progress=False)
+    assert extract(ExtractConfig(dataset=str(small_folder), **cfg), progress=False).status == "up to date"
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)  # same path, new content
+    second = extract(ExtractConfig(dataset=str(small_folder), **cfg), progress=False)
+    assert second.status == "created" and second.store != first.store
+    assert FeatureStore.open(second.store).attrs["encoder"]["weights_sha256"] == cache.file_sha256(weights)
+
+
+def test_a_killed_cached_extraction_resumes_in_place_and_shows_as_partial(home, small_folder, monkeypatch):
+    original = FeatureStore.write_unit
+    calls = {"n": 0}
+
+    def failing(self, *a, **k):  # the process dies after its first unit
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(FeatureStore, "write_unit", failing)
+    with pytest.raises(KeyboardInterrupt):
+        extract(ExtractConfig(dataset=str(small_folder), chunk_rows=4, **TINY), progress=False)
+    monkeypatch.setattr(FeatureStore, "write_unit", original)
+    (entry,) = cache.list_stores()
+    assert not entry.complete and entry.state == "partial 1/6 units (17%)"
+    with pytest.raises(UsageError, match="not complete"):
+        cache.lookup("resnet18", str(small_folder))
+    done = extract(ExtractConfig(dataset=str(small_folder), chunk_rows=4, **TINY), progress=False)
+    assert done.status == "resumed" and done.store == entry.path and done.rows_written == 20
+    assert cache.lookup("resnet18", str(small_folder)) == entry.path
+    assert FeatureStore.open(entry.path).attrs["command"].split("--out ")[1].startswith(entry.path)  # info's resume line
+
+
+def test_file_sha256_matches_hashlib_and_is_memoized(home, tmp_path):
+    import hashlib
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(os.urandom(3 << 20))
+    assert cache.file_sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert len(list((home / "index" / "sha256").iterdir())) == 1
+    f.write_bytes(b"other")  # size and mtime change: hashed again
+    assert cache.file_sha256(f) == hashlib.sha256(b"other").hexdigest()
+
+
+def test_out_url_is_refused_and_creates_nothing(home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, output = run(["extract", "--model", "resnet18", "--random-init", "--out", "s3://bucket/x.zarr"])
+    assert code == 2
+    assert output.strip().splitlines() == [
+        "error: --out 's3://bucket/x.zarr' is a URL; featstore writes stores to local folders only "
+        "(extract locally (omit --out to use the cache), then upload the folder, e.g. `aws s3 sync STORE URL`)"
+    ]
+    assert list(tmp_path.iterdir()) == []  # no s3:/bucket/x.zarr folder
+
+
+# ---------------------------------------------------------------- item 2: ls, rm, gc
+
+
+def test_ls_lists_complete_partial_and_written_stores(home):
+    done = make_cached(home / "stores" / "imagenet" / "dino-aaaaaaaaaaaa.zarr", "a" * 64, invalid_rows=(3,))
+    part = make_cached(home / "stores" / "imagenet" / "dino-bbbbbbbbbbbb.zarr", "b" * 64, units=1)
+    busy = make_cached(home / "stores" / "digits" / "resnet18-cccccccccccc.zarr", "c" * 64, model="resnet18", dataset="digits", units=2)
+    hold_lock(busy)
+    (home / "stores" / "imagenet" / "notes").mkdir()  # not a store: ignored
+
+    code, output = run(["ls", "--json"])
+    assert code == 0, output
+    entries = {Path(e["path"]).name: e for e in json.loads(output)}
+    assert set(entries) == {done.name, part.name, busy.name}
+    d = entries[done.name]
+    assert (d["model"], d["dataset"], d["rows"], d["invalid"], d["complete"]) == ("dino", "imagenet", 10, 1, True)
+    assert d["views"] == {"cls": 6, "avgpool": 6} and d["label"] == "dinov2_vits14_pretrain"
+    assert d["weights"] == "dinov2_vits14_pretrain.pth (aaaaaaaa)" and d["state"] == "complete"
+    assert d["size_bytes"] == sum(p.stat().st_size for p in done.rglob("*") if p.is_file())
+    assert entries[part.name]["state"] == "partial 1/3 units (33%)"
+    assert entries[busy.name]["state"] == "writing 2/3 units (67%)"
+
+    code, text = run(["ls"])
+    lines = text.strip().splitlines()
+    assert code == 0 and lines[0].split()[:4] == ["LABEL", "MODEL", "WEIGHTS", "DATASET"] and len(lines) == 4
+    assert any("partial 1/3 units" in line and str(part) in line for line in lines)
+
+
+def test_ls_paths_and_bad_paths(home, tmp_path):
+    elsewhere = make_cached(tmp_path / "mine" / "deep" / "s.zarr", "d" * 64)
+    code, output = run(["ls", "--json", str(tmp_path / "mine")])  # a folder holding stores
+    assert code == 0 and [e["path"] for e in json.loads(output)] == [str(elsewhere)]
+    code, output = run(["ls", "--json", str(elsewhere)])
+    assert code == 0 and json.loads(output)[0]["cache_key"] == "d" * 64
+    (tmp_path / "empty").mkdir()
+    assert run(["ls", str(tmp_path / "empty")]) == (2, f"error: no featstore stores in {str(tmp_path / 'empty')!r} (pass store folders, or folders holding them)\n")
+    code, output = run(["ls", str(tmp_path / "nope.zarr")])
+    assert code == 2 and output.startswith("error: store") and "not found" in output
+    code, output = run(["ls"])
+    assert code == 0 and "no stores in" in output
+
+
+def test_rm_removes_stores_and_refuses_others(home, tmp_path):
+    a = make_cached(home / "stores" / "imagenet" / "dino-aaaaaaaaaaaa.zarr", "a" * 64)
+    b = make_cached(home / "stores" / "imagenet" / "dino-bbbbbbbbbbbb.zarr", "b" * 64)
+    busy = make_cached(home / "stores" / "imagenet" / "dino-cccccccccccc.zarr", "c" * 64, units=1)
+    hold_lock(busy)
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+
+    code, output = run(["rm", str(a), str(tmp_path / "typo.zarr")])  # a typo: nothing is removed
+    assert code == 2 and "not found" in output and a.exists()
+    code, output = run(["rm", str(other)])
+    assert code == 2 and "is not a featstore store" in output and (other / "keep.txt").read_text() == "mine"
+    code, output = run(["rm", str(busy)])
+    assert code == 1 and "being written" in output and busy.exists()
+    with pytest.raises(FeatstoreError, match="being written by pid"):
+        cache.remove_store(busy)  # the library refuses too (the lock is taken before deleting)
+
+    code, output = run(["rm", str(a), str(b)])
+    assert code == 0 and output.count("removed ") == 2 and not a.exists() and not b.exists()
+    assert not any(p.name.startswith(".") for p in a.parent.iterdir())  # no leftovers
+    assert [Path(e.path) for e in cache.list_stores()] == [busy]
+
+
+def test_gc_least_recently_used_first(home):
+    stores = {}
+    for i, k in enumerate("abcd"):
+        stores[k] = make_cached(home / "stores" / "imagenet" / f"dino-{k * 12}.zarr", k * 64, rows=10 + 10 * i)
+    partial = make_cached(home / "stores" / "imagenet" / "dino-eeeeeeeeeeee.zarr", "e" * 64, units=1)
+    busy = make_cached(home / "stores" / "imagenet" / "dino-ffffffffffff.zarr", "f" * 64, units=1)
+    hold_lock(busy)
+    now = time.time()
+    for days, k in ((40, "a"), (1, "b"), (20, "c"), (0, "d")):  # last used
+        cache.mark_used(stores[k], k * 64)
+        os.utime(home / "index" / "used" / (k * 64), (now - days * 86400, now - days * 86400))
+    sizes = {k: e.size_bytes for k, e in ((Path(e.path).name[5], e) for e in cache.list_stores())}
+
+    assert run(["gc"])[0] == 2  # no rule: nothing to guess
+    code, output = run(["gc", "--older-than", "30", "--dry-run"])
+    assert code == 0 and output.splitlines()[0].startswith(f"would remove {stores['a']} (") and stores["a"].exists()
+    assert str(stores["c"]) not in output and len(output.splitlines()) == 2
+
+    # a size cap removes the least recently used first (a, then c) until the rest fit
+    cap = sizes["b"] + sizes["d"] + sizes["e"] + sizes["f"] + 100
+    plan = cache.plan_gc(max_size=cap)
+    assert [Path(e.path).name[5] for e in plan.remove] == ["a", "c"] and plan.freed == sizes["a"] + sizes["c"]
+    code, output = run(["gc", "--max-size", str(cap), "--partial"])
+    assert code == 0, output
+    left = sorted(Path(e.path).name[5] for e in cache.list_stores())
+    assert left == ["b", "d", "f"]  # the partial one went, the one being written stayed
+    assert not partial.exists() and busy.exists()
+
+
+def test_parse_size():
+    assert cache.parse_size("50G") == 50 << 30 and cache.parse_size("1.5M") == int(1.5 * (1 << 20)) and cache.parse_size("123") == 123
+    with pytest.raises(UsageError, match="cannot read the size"):
+        cache.parse_size("lots")
+
+
+# ---------------------------------------------------------------- item 3: lookup by model and dataset
+
+
+def test_lookup_finds_one_store_and_explains_none_or_several(home, tmp_path):
+    with pytest.raises(UsageError) as e:
+        cache.lookup("dino", "imagenet")
+    assert "is empty" in e.value.message and "featstore extract --model dino --dataset imagenet" in e.value.hint
+
+    a = make_cached(home / "stores" / "imagenet" / "dino-aaaaaaaaaaaa.zarr", "a" * 64)
+    make_cached(home / "stores" / "digits" / "resnet18-bbbbbbbbbbbb.zarr", "b" * 64, model="resnet18", dataset="digits")
+    assert cache.lookup("dino", "imagenet") == str(a)
+    with pytest.raises(UsageError) as e:
+        cache.lookup("dino", "digits")
+    assert "dino on imagenet" in e.value.message and "resnet18 on digits" in e.value.message
+    assert e.value.hint == "extract it first: `featstore extract --model dino --dataset digits`"
+
+    weights = tmp_path / "finetuned.pth"
+    weights.write_bytes(b"tuned")
+    tuned = make_cached(home / "stores" / "imagenet" / "dino-cccccccccccc.zarr", "c" * 64, sha=cache.file_sha256(weights),
+                        weights_path=str(weights))  # fmt: skip
+    with pytest.raises(UsageError, match="2 cached stores match") as e:
+        cache.lookup("dino", "imagenet")
+    assert "--weights" in e.value.hint
+    assert cache.lookup("dino", "imagenet", weights=str(weights)) == str(tuned)
+
+    make_cached(home / "stores" / "imagenet" / "dinov1-dddddddddddd.zarr", "d" * 64, model="dinov1", units=1)
+    with pytest.raises(UsageError, match="not complete") as e:
+        cache.lookup("dinov1", "imagenet")
+    assert "featstore extract --model dinov1 --dataset imagenet" in e.value.hint
+
+
+def test_probe_fit_by_model_and_dataset_equals_by_store(home, tmp_path):
+    from probe.cli import main as probe_main
+
+    rng = np.random.default_rng(0)
+    n, dim = 120, 8
+    labels = rng.integers(0, 3, n)
+    x = (rng.normal(size=(n, dim)) + 2.0 * np.eye(3, dim)[labels]).astype(np.float32)
+    path = home / "stores" / "toy" / "tiny-abcdefabcdef.zarr"
+    split = {"train": slice(0, 80), "val": slice(80, 100), "test": slice(100, 120)}
+    store = FeatureStore.create(
+        path, splits={s: ([f"{i}.png" for i in range(r.start, r.stop)], labels[r]) for s, r in split.items()}, views={"pool": dim},
+        dtype="float32", chunk_rows=32,
+        attrs={"encoder": {"name": "tiny", "arch": "tv:tiny", "family": "cnn", "weights_path": None, "weights_sha256": "random-init"},
+               "dataset": {"name": "toy", "spec": "toy", "root": "/toy", "class_names": ["a", "b", "c"], "num_classes": 3, "manifest_sha256": "t"},
+               "cache_key": "abcdef" * 10 + "abcd"})  # fmt: skip
+    for s in split:
+        for u in store.units(s):
+            store.write_unit(u, {"pool": x[split[s]][u.start : u.stop]}, np.ones(u.rows, bool))
+    store.finalize()
+
+    runner = CliRunner()
+    common = ["fit", "--lr-grid", "0.01,0.1", "--epochs", "3", "--device", "cpu", "--quiet"]
+    by_model = runner.invoke(probe_main, common + ["--model", "tiny", "--dataset", "toy", "--out", str(tmp_path / "a")])
+    by_store = runner.invoke(probe_main, common + ["--store", str(path), "--out", str(tmp_path / "b")])
+    assert by_model.exit_code == 0 and by_store.exit_code == 0, by_model.output + by_store.output
+    import csv
+
+    def rows(folder):  # every column but the timing
+        with open(folder / "results.csv") as f:
+            return [{k: v for k, v in r.items() if "seconds" not in k} for r in csv.DictReader(f)]
+
+    assert len(rows(tmp_path / "a")) == 2 and rows(tmp_path / "a") == rows(tmp_path / "b")
+    missing = runner.invoke(probe_main, common + ["--model", "tiny", "--dataset", "imagenet"])
+    assert missing.exit_code == 2 and "no cached store of --model tiny --dataset imagenet; the cache holds: tiny on toy" in missing.output
+    alone = runner.invoke(probe_main, common + ["--model", "tiny"])
+    assert alone.exit_code == 2 and "--model and --dataset go together" in alone.output

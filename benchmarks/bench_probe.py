@@ -194,24 +194,30 @@ def digits_data():
     return {k: (torch.from_numpy(x[i]), torch.from_numpy(y[i])) for k, i in (("train", tr), ("val", va), ("test", te))}
 
 
+def write_store(path: Path, data) -> Path:
+    """``data`` ({split: (features, labels)}) as a complete float16 feature store with one view, ``feat``."""
+    from featstore.store import FeatureStore
+
+    dim = data["train"][0].shape[1]
+    splits = {k: ([f"{i}" for i in range(len(y))], y.cpu().numpy()) for k, (x, y) in data.items()}
+    store = FeatureStore.create(path, splits=splits, views={"feat": dim}, dtype="float16", chunk_rows=8192,
+                                attrs={"encoder": {"name": "synthetic"}, "dataset": {"name": "synthetic", "manifest_sha256": "bench"}})  # fmt: skip
+    for k, (x, y) in data.items():
+        x16 = x.cpu().to(torch.float16).numpy()
+        for u in store.units(k):
+            store.write_unit(u, {"feat": x16[u.start : u.stop]}, np.ones(u.rows, bool))
+    store.finalize()
+    return path
+
+
 def end_to_end(data, protocol: Protocol, device: torch.device) -> dict:
     """``probe.fit`` from a float16 feature store on disk: read once, train, evaluate, select."""
     import tempfile
 
     import probe
-    from featstore.store import FeatureStore
 
     with tempfile.TemporaryDirectory(prefix="bench-probe-") as tmp:
-        path = Path(tmp) / "feats.zarr"
-        dim = data["train"][0].shape[1]
-        splits = {k: ([f"{i}" for i in range(len(y))], y.cpu().numpy()) for k, (x, y) in data.items()}
-        store = FeatureStore.create(path, splits=splits, views={"feat": dim}, dtype="float16", chunk_rows=8192,
-                                    attrs={"encoder": {"name": "synthetic"}, "dataset": {"name": "synthetic", "manifest_sha256": "bench"}})  # fmt: skip
-        for k, (x, y) in data.items():
-            x16 = x.cpu().to(torch.float16).numpy()
-            for u in store.units(k):
-                store.write_unit(u, {"feat": x16[u.start : u.stop]}, np.ones(u.rows, bool))
-        store.finalize()
+        path = write_store(Path(tmp) / "feats.zarr", data)
         t = time.perf_counter()
         rows = probe.fit(path, protocol, device=device, warn=lambda m: None)
         seconds = time.perf_counter() - t

@@ -1,7 +1,9 @@
-"""probe: linear probes on cached features — every head of an LR sweep trained at once.
+"""probe: linear probes on cached features — every head of an LR sweep trained at once — and the
+rest of the evaluation battery (k-NN, logistic regression, few-shot, seeds) under the same protocol.
 
     >>> import probe
     >>> rows = probe.fit(["a.zarr", "ft=b.zarr:cls4"], probe.Protocol(epochs=30), device="auto", out="probe-results/ab")
+    >>> rows = probe.fit("a.zarr", probe.Protocol(methods="linear,knn,logreg", shots="1,5,all", seeds="0,1,2"))
 """
 
 from .fit import COLUMNS, ProbeWarning, fit

@@ -7,7 +7,7 @@ import click
 from featstore.console import OneLineErrors
 from featstore.errors import UsageError
 
-from .protocol import DEFAULT_LR_GRID, NORMALIZATIONS, OPTIMIZERS, SELECT_ON, Protocol
+from .protocol import DEFAULT_LOGREG_C, DEFAULT_LR_GRID, KNN_WEIGHTS, METHODS, NORMALIZATIONS, OPTIMIZERS, SELECT_ON, Protocol
 
 _DEFAULTS = Protocol()
 
@@ -51,7 +51,22 @@ def main():
                    "reported split); holdout: always the train holdout; report: the reported split itself, labelled max over it.")  # fmt: skip
 @click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True,
               help="Seeded stratified part of train held out for selection when there is no separate val split.")  # fmt: skip
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seeds the minibatch order (and the holdout).")
+@click.option("--seed", type=int, default=None, help=f"Seeds the minibatch order, the holdout and few-shot samples.  [default: {_DEFAULTS.seed}]")
+@click.option("--seeds", default=None, metavar="LIST",
+              help="Repeat every method and shot count per seed, e.g. 0,1,2,3,4; the table shows mean ± std over seeds.")  # fmt: skip
+@click.option("--method", "methods", default="linear", show_default=True, metavar="LIST",
+              help=f"Methods to run, a comma list of {', '.join(METHODS)} (same stores, splits, seeds and samples).")  # fmt: skip
+@click.option("--shots", default=None, metavar="LIST",
+              help="Few-shot training sets: examples per class, e.g. 1,5,10,25 (add 'all' for every row). Default: every row.")  # fmt: skip
+@click.option("--knn-k", default=",".join(map(str, _DEFAULTS.knn_k)), show_default=True, metavar="LIST", help="k-NN: neighbour counts, all computed in one pass; k is chosen on the selection split.")
+@click.option("--knn-temperature", type=float, default=_DEFAULTS.knn_temperature, show_default=True, help="k-NN: T of the vote weight exp(cosine similarity / T).")
+@click.option("--knn-weights", type=click.Choice(KNN_WEIGHTS), default=_DEFAULTS.knn_weights, show_default=True, help="k-NN: exp(similarity / T) votes (DINO) or one vote per neighbour.")
+@click.option("--logreg-C", "logreg_c", default=DEFAULT_LOGREG_C, show_default=True, metavar="GRID",
+              help="Logistic regression: inverse L2 strengths (scikit-learn's C), a list or a log range start:stop:count.")  # fmt: skip
+@click.option("--logreg-max-iter", type=int, default=_DEFAULTS.logreg_max_iter, show_default=True, help="Logistic regression: L-BFGS iteration cap per C.")
+@click.option("--logreg-tol", type=float, default=_DEFAULTS.logreg_tol, show_default=True, help="Logistic regression: stop when every gradient component is below this (scikit-learn's tol).")
+@click.option("--refit/--no-refit", "logreg_refit", default=True, show_default=True,
+              help="Logistic regression: refit the selected C on train + selection rows before the one report.")  # fmt: skip
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to train; auto = CUDA when present.")
 @click.option("--out", default=None, metavar="DIR",
               help="Results folder (results.csv, protocol.json, accuracy_vs_lr.png); refused if not empty. "
@@ -60,10 +75,14 @@ def main():
 @click.option("--allow-different-data", is_flag=True, help="Compare stores whose dataset manifests differ.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, select_on, val_fraction, seed, device, out, overwrite, allow_different_data, quiet, debug):
+def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, select_on, val_fraction,
+                seed, seeds, methods, shots, knn_k, knn_temperature, knn_weights, logreg_c, logreg_max_iter, logreg_tol, logreg_refit,
+                device, out, overwrite, allow_different_data, quiet, debug):  # fmt: skip
     """Train every head of the LR (× weight-decay) grid at once on each store × view, choose the LR
-    on a selection split, report it once on another, and write results.csv, protocol.json and
-    accuracy_vs_lr.png. Stores: --store, or --model with --dataset for a store in the cache."""
+    on a selection split, report it once on another, and write results.csv, summary.csv,
+    protocol.json and accuracy_vs_lr.png. --method linear,knn,logreg adds the k-NN and logistic
+    regression evaluations (k and C chosen the same way); --shots and --seeds repeat everything
+    per few-shot size and seed. Stores: --store, or --model with --dataset for a store in the cache."""
     from .fit import fit
     from .report import new_run_folder, markdown_table
 
@@ -79,10 +98,14 @@ def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, ep
         raise UsageError("--lr and --lr-grid are exclusive", "pass one fixed --lr or a --lr-grid")
     if lr is not None and not lr > 0:
         raise UsageError(f"--lr must be positive, got {lr:g}", "pass e.g. --lr 0.01")
+    if seed is not None and seeds is not None:
+        raise UsageError("--seed and --seeds are exclusive", "pass one --seed, or every seed in --seeds")
     grid = (lr,) if lr is not None else (lr_grid or DEFAULT_LR_GRID)
     protocol = Protocol(
         lr_grid=grid, wd_grid=wd_grid, optimizer=optimizer, epochs=epochs, batch_size=batch_size, momentum=momentum,
-        normalize=normalize, select_on=select_on, val_fraction=val_fraction, seed=seed,
+        normalize=normalize, select_on=select_on, val_fraction=val_fraction, seed=seed if seed is not None else _DEFAULTS.seed,
+        seeds=seeds or (), methods=methods, shots=shots or (), knn_k=knn_k, knn_temperature=knn_temperature, knn_weights=knn_weights,
+        logreg_C=logreg_c, logreg_max_iter=logreg_max_iter, logreg_tol=logreg_tol, logreg_refit=logreg_refit,
     )  # fmt: skip
     out = out if out is not None else new_run_folder("probe-results")
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
@@ -90,7 +113,8 @@ def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, ep
     rows = fit(list(stores), protocol, views=list(views) or None, device=device, allow_different_data=allow_different_data,
                out=out, overwrite=overwrite, log=log, warn=warn)  # fmt: skip
     click.echo(markdown_table(rows, protocol))
-    click.echo(f"wrote {out}/: results.csv ({len(rows)} rows), protocol.json, accuracy_vs_lr.png")
+    plot = ", accuracy_vs_lr.png" if any(r["method"] == "linear" for r in rows) else ""
+    click.echo(f"wrote {out}/: results.csv ({len(rows)} rows), summary.csv, protocol.json{plot}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""``probe.fit``: open the stores, check they hold the same data, train every head of the grid at
-once per store × view, evaluate, select honestly, and return one row per store × view × lr × wd.
+"""``probe.fit``: open the stores, check they hold the same data, run every method of the
+protocol (the batched linear sweep, k-NN, logistic regression) per store × view × seed × shots,
+select honestly, and return one row per configuration (a head, a k, a C).
 
 Stores are read only through :class:`featstore.store.FeatureStore`. Each split's features are
 read once per view and put on the device once.
@@ -21,17 +22,20 @@ from featstore.device import compute_dtype, resolve_device
 from featstore.errors import FeatstoreError, UsageError
 from featstore.store import FeatureStore
 
+from . import battery, fewshot
 from . import heads as H
 from .protocol import Protocol
 from .selection import SplitPlan, best_by, plan_splits, select
 from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
 
-# One row per store × view × head. Accuracies are percent (*_pct). The select_* columns are the
-# split the LR was chosen on, report_* the split reported once (named in report_split, described
-# in reported_as); report_* never hold another split's numbers.
+# One row per store × view × seed × shots × method configuration (a linear head, a k, a C).
+# Accuracies are percent (*_pct). The select_* columns are the split the LR/k/C was chosen on,
+# report_* the split reported once (named in report_split, described in reported_as); report_*
+# never hold another split's numbers. Columns that do not apply to a method are empty.
 COLUMNS = [
-    "label", "store", "encoder", "weights_sha256", "dataset", "view", "lr", "wd", "optimizer", "epochs",
-    "batch_size", "momentum", "normalize", "seed", "select_on", "train_split", "select_split", "report_split",
+    "label", "store", "encoder", "weights_sha256", "dataset", "view", "method", "shots", "seed",
+    "lr", "wd", "k", "temperature", "C", "refit", "optimizer", "epochs",
+    "batch_size", "momentum", "normalize", "select_on", "train_split", "select_split", "report_split",
     "reported_as", "n_train", "n_select", "n_report", "excluded_invalid", "excluded_nonfinite",
     "train_top1_pct", "select_top1_pct", "report_top1_pct", "train_top5_pct", "select_top5_pct", "report_top5_pct",
     "train_loss", "diverged", "selected", "best_report", "protocol_hash", "device", "dtype", "sweep_seconds",
@@ -54,7 +58,8 @@ class _Store:
     store: FeatureStore
     labels: dict[str, np.ndarray]
     valid: dict[str, np.ndarray]
-    plan: SplitPlan
+    plan: SplitPlan  # the first seed's (the one reported in protocol.json's run record)
+    plans: dict[int, SplitPlan]  # per seed: the holdout is drawn per seed
     num_classes: int
 
 
@@ -96,7 +101,8 @@ def _prepare_store(path, label: str, views: list[str], fs: FeatureStore, protoco
     for s, l in labels.items():
         if len(l) and l.min() < 0:
             raise FeatstoreError(f"store {str(path)!r} split {s!r} has negative labels", "the store is damaged; re-extract it")
-    plan = plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, protocol.seed, protocol.select_on)
+    plans = {seed: plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, seed, protocol.select_on) for seed in protocol.run_seeds}
+    plan = plans[protocol.run_seeds[0]]
     if plan.report_split is None:
         warn(f"store {str(path)!r}: {plan.reported_as}; "
              "extract a dataset with a val or test split, or pass --select-on report for the max over the holdout")  # fmt: skip
@@ -110,7 +116,7 @@ def _prepare_store(path, label: str, views: list[str], fs: FeatureStore, protoco
             f"store {str(path)!r}: the training rows have a single class (label {train_classes[0]})",
             "a linear probe needs labels of at least 2 classes",
         )
-    return _Store(str(path), label, views, fs, labels, valid, plan, _num_classes(fs, labels))
+    return _Store(str(path), label, views, fs, labels, valid, plan, plans, _num_classes(fs, labels))
 
 
 def _finite_rows(features: np.ndarray) -> np.ndarray:
@@ -133,13 +139,14 @@ def fit(
     log: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Train and evaluate every head of ``protocol``'s grid on every store × view.
+    """Run every method of ``protocol`` (its LR grid, k grid, C path) on every store × view × seed × shots.
 
     ``stores``: paths, ``[LABEL=]PATH[:VIEW]`` texts or :class:`StoreSpec`. Returns one dict per
-    store × view × lr × wd with the keys of :data:`COLUMNS` (accuracies in percent; None where a
-    split or top-5 does not apply). With ``out``, also writes results.csv, protocol.json and
-    accuracy_vs_lr.png into that folder (all or nothing); a folder that is not empty is refused
-    unless ``overwrite``.
+    store × view × seed × shots × configuration with the keys of :data:`COLUMNS` (accuracies in
+    percent; None where a split, top-5 or a method's column does not apply); the selected k-NN and
+    logreg rows also hold ``report_predictions`` (per-image paths, target, top-1, top-5). With
+    ``out``, also writes results.csv, summary.csv, protocol.json and accuracy_vs_lr.png into that
+    folder (all or nothing); a folder that is not empty is refused unless ``overwrite``.
     """
     protocol = protocol or Protocol()
     warn = warn or _default_warn
@@ -174,7 +181,7 @@ def fit(
             raise UsageError(message, "compare stores of the same dataset, or pass --allow-different-data")
         warn(message + " (compared anyway: --allow-different-data)")
 
-    orders_cache: dict[int, np.ndarray] = {}
+    orders_cache: dict[tuple[int, int], np.ndarray] = {}
     rows: list[dict] = []
     for info in infos:
         for view in info.views:
@@ -189,120 +196,244 @@ def fit(
 
 
 def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cache, log, warn) -> list[dict]:
+    """Every seed × shots × method on one store × view; each split's features read once."""
+    features: dict[str, np.ndarray] = {}
+    finite: dict[str, np.ndarray] = {}
+    memo: dict[tuple, battery.MethodResult] = {}
+    rows: list[dict] = []
+    for seed in protocol.run_seeds:
+        for shots in protocol.run_shots:
+            rows += _fit_case(info, view, protocol, seed, shots, features, finite, memo, dev, dtype, orders_cache, log, warn)
+    return rows
+
+
+def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int | None, features, finite, memo, dev, dtype, orders_cache, log, warn) -> list[dict]:
     t0 = time.perf_counter()
-    fs, plan = info.store, info.plan
+    fs, plan = info.store, info.plans[seed]
     roles = {"train": (plan.train_split, plan.train_rows), "select": (plan.select_source, plan.select_rows)}
     if plan.report_split is not None and not plan.selects_on_report:
         roles["report"] = (plan.report_source, plan.report_rows)
-    features: dict[str, np.ndarray] = {}
+    first = seed == protocol.run_seeds[0] and shots == protocol.run_shots[0]  # warn once per store × view
     excluded_invalid = excluded_nonfinite = 0
     kept: dict[str, np.ndarray] = {}
     for role, (split, rows) in roles.items():
         if split not in features:
             features[split] = fs.features(split, view).read()  # each split read once per view, chunk by chunk
+            finite[split] = _finite_rows(features[split])
         valid = info.valid[split][rows]
-        finite = _finite_rows(features[split][rows])
-        bad = valid & ~finite
-        if bad.any():
+        ok = finite[split][rows]
+        bad = valid & ~ok
+        if bad.any() and first:
             warn(f"store {info.path!r} view {view!r} split {split!r}{' (holdout)' if role == 'select' and plan.select_split == 'holdout' else ''}: {int(bad.sum())} valid rows have NaN/Inf features; they are excluded")
         excluded_invalid += int((~valid).sum())
         excluded_nonfinite += int(bad.sum())
-        kept[role] = rows[valid & finite]
+        kept[role] = rows[valid & ok]
+        if role == "train" and shots is not None:
+            # the same rows for every store and method: drawn from the labels and the seed only
+            kept[role] = fewshot.sample(info.labels[split], kept[role], shots, seed)
+            short = fewshot.shortfall(info.labels[split], kept[role], shots)
+            if short and info.views.index(view) == 0:
+                warn(f"store {info.path!r} seed {seed}: {len(short)} classes have fewer than {shots} usable training rows; "
+                     f"they train on what they have ({', '.join(f'class {c}: {n}' for c, n in list(short.items())[:3])}{'…' if len(short) > 3 else ''})")  # fmt: skip
         if len(kept[role]) == 0:
             raise FeatstoreError(f"store {info.path!r} view {view!r}: no usable rows for {role} (split {split!r})", "every row is invalid or non-finite")
 
-    # raw features on the device once per role, then normalized into the compute dtype
+    # raw features on the device once per role; each method normalizes its own copy
     raw = {role: torch.from_numpy(np.ascontiguousarray(features[split][kept[role]])).to(dev) for role, (split, _) in roles.items()}
     labels = {role: torch.from_numpy(info.labels[split][kept[role]]).to(dev) for role, (split, _) in roles.items()}
-    del features
-    stats = H.standardize_stats(raw["train"]) if protocol.normalize == "standardize" else None
-    x = {}
-    for role in list(raw):
-        x[role] = H.prepare(raw.pop(role), protocol.normalize, dtype, stats)
+    case = _Case(info, view, protocol, plan, seed, shots, kept, excluded_invalid, excluded_nonfinite, dev, dtype, t0)
+    # k-NN and logistic regression have no randomness: a seed changes them only through the rows
+    # (holdout, few-shot sample), so a seed with the same rows as an earlier one reuses its result
+    rows_key = tuple(hashlib.sha256(np.ascontiguousarray(kept[r]).tobytes()).hexdigest() for r in sorted(kept))
+    out: list[dict] = []
+    for method in protocol.methods:
+        if method == "linear":
+            out += _linear(case, raw, labels, orders_cache, log, warn)
+        else:
+            key = (method, rows_key)
+            reused = key in memo
+            if not reused:
+                run = _knn_result if method == "knn" else _logreg_result
+                memo[key] = run(case, raw, labels, warn)
+            out += (_knn_rows if method == "knn" else _logreg_rows)(case, memo[key], reused, warn)
+        case.t0 = time.perf_counter()  # each method's rows carry its own seconds
+    return out
 
-    n_full = fs.num_rows(plan.train_split)
-    if n_full not in orders_cache:
-        orders_cache[n_full] = H.epoch_orders(n_full, protocol.epochs, protocol.seed)
-    orders = torch.from_numpy(H.restrict_orders(orders_cache[n_full], kept["train"])).to(dev)
+
+@dataclass
+class _Case:
+    """One store × view × seed × shots: what every method's rows share."""
+
+    info: _Store
+    view: str
+    protocol: Protocol
+    plan: SplitPlan
+    seed: int
+    shots: int | None
+    kept: dict[str, np.ndarray]
+    excluded_invalid: int
+    excluded_nonfinite: int
+    dev: torch.device
+    dtype: torch.dtype
+    t0: float
+
+    @property
+    def first(self) -> bool:
+        """The first seed × shots of its store × view: where once-per-probe warnings go."""
+        return self.seed == self.protocol.run_seeds[0] and self.shots == self.protocol.run_shots[0]
+
+    @property
+    def where(self) -> str:
+        return f"store {self.info.path!r} view {self.view!r}" + (f" seed {self.seed}" if len(self.protocol.run_seeds) > 1 else "") + (f" {self.shots}-shot" if self.shots else "")
+
+    def seconds(self) -> float:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        return round(time.perf_counter() - self.t0, 3)
+
+    def row(self, method: str, metrics: dict[str, dict[str, float]], **fields) -> dict:
+        """A results row: the shared columns, ``fields`` (the method's own), ``metrics`` (role → top1/top5)."""
+        fs, plan, p = self.info.store, self.plan, self.protocol
+        encoder = fs.attrs.get("encoder", {}) or {}
+        dataset = fs.attrs.get("dataset", {}) or {}
+        if plan.selects_on_report and "select" in metrics:
+            metrics = {**metrics, "report": metrics["select"]}  # one split, evaluated once
+
+        def metric(role, k):
+            v = metrics.get(role, {}).get(k)
+            return None if v is None else round(float(v), 4)
+
+        row = {c: None for c in COLUMNS}
+        row.update({
+            "label": self.info.label, "store": self.info.path, "encoder": encoder.get("name"), "weights_sha256": encoder.get("weights_sha256"),
+            "dataset": dataset.get("name"), "view": self.view, "method": method, "shots": self.shots, "seed": self.seed,
+            "select_on": p.select_on, "train_split": plan.train_split, "select_split": plan.select_split, "report_split": plan.report_split,
+            "reported_as": plan.reported_as, "n_train": len(self.kept["train"]), "n_select": len(self.kept["select"]),
+            "n_report": len(self.kept["report"]) if "report" in self.kept else (len(self.kept["select"]) if plan.selects_on_report else None),
+            "excluded_invalid": self.excluded_invalid, "excluded_nonfinite": self.excluded_nonfinite,
+            "train_top1_pct": metric("train", "top1"), "select_top1_pct": metric("select", "top1"), "report_top1_pct": metric("report", "top1"),
+            "train_top5_pct": metric("train", "top5"), "select_top5_pct": metric("select", "top5"), "report_top5_pct": metric("report", "top5"),
+            "diverged": False, "protocol_hash": p.hash, "device": str(self.dev), "dtype": str(self.dtype).replace("torch.", ""),
+        })  # fmt: skip
+        row.update(fields)
+        return row
+
+
+def _linear(case: _Case, raw, labels, orders_cache, log, warn) -> list[dict]:
+    """Every (lr, wd) head at once (probe.heads), the LR chosen on the selection split."""
+    protocol, info, dev, dtype, kept = case.protocol, case.info, case.dev, case.dtype, case.kept
+    stats = H.standardize_stats(raw["train"]) if protocol.normalize == "standardize" else None
+    x = {role: H.prepare(t, protocol.normalize, dtype, stats) for role, t in raw.items()}
+
+    n_full = info.store.num_rows(case.plan.train_split)
+    key = (n_full, case.seed)
+    if key not in orders_cache:
+        orders_cache[key] = H.epoch_orders(n_full, protocol.epochs, case.seed)
+    orders = torch.from_numpy(H.restrict_orders(orders_cache[key], kept["train"])).to(dev)
 
     lrs = [lr for lr, _ in protocol.heads]
     wds = [wd for _, wd in protocol.heads]
     dim = x["train"].shape[1]
     heads = H.LinearHeads(dim, info.num_classes, lrs, wds, dev)
-    log(f"{info.label} [{view}]: {heads.num_heads} heads × {protocol.epochs} epochs on {len(kept['train'])} rows (D={dim}, C={info.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})")
+    log(f"{info.label} [{case.view}]{_case_words(case)}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(kept['train'])} rows (D={dim}, C={info.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})")
     result = H.train(x["train"], labels["train"], heads, protocol, orders)
     finite = heads.finite().cpu().numpy()
     metrics = {role: H.evaluate(heads, x[role], labels[role]) for role in x}
-    if plan.selects_on_report:
-        metrics["report"], kept["report"] = metrics["select"], kept["select"]  # one split, evaluated once
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - t0
+    if case.plan.selects_on_report:
+        metrics["report"] = metrics["select"]  # one split, evaluated once
+    seconds = case.seconds()
     train_loss = result.train_loss.cpu().numpy()
+    del x
 
-    def metric(role, k, h):
-        if role not in metrics or k not in metrics[role] or not finite[h]:
-            return None
-        return round(float(metrics[role][k][h]), 4)
+    def per_head(h):
+        if not finite[h]:
+            return {}
+        return {role: {k: float(v[h]) for k, v in m.items()} for role, m in metrics.items()}
 
     def top1(role):
-        return np.array([np.nan if metric(role, "top1", h) is None else metric(role, "top1", h) for h in range(len(lrs))], dtype=float)
+        return np.array([np.nan if not finite[h] else float(metrics[role]["top1"][h]) for h in range(len(lrs))], dtype=float)
 
     # selection reads the select role only: the reported split is never an input (unless opted in)
     chosen = select(top1("select"), lrs, wds, finite)
     best_report = best_by(top1("report"), lrs, wds, finite) if "report" in metrics else -1
     if not finite.all():
         bad_lrs = ", ".join(f"{lrs[h]:g}" + (f"/wd {wds[h]:g}" if len(protocol.wd_grid) > 1 else "") for h in np.flatnonzero(~finite))
-        warn(f"store {info.path!r} view {view!r}: {int((~finite).sum())} heads diverged (lr {bad_lrs}); they are never selected")
+        warn(f"{case.where}: {int((~finite).sum())} heads diverged (lr {bad_lrs}); they are never selected")
     if chosen < 0:
-        raise FeatstoreError(f"store {info.path!r} view {view!r}: every head diverged", "lower the learning rates or use --normalize standardize")
-    if len(protocol.lr_grid) >= 3 and lrs[chosen] in (protocol.lr_grid[0], protocol.lr_grid[-1]):
-        warn(f"store {info.path!r} view {view!r}: the selected lr {lrs[chosen]:g} is at the edge of the grid; consider widening --lr-grid")
+        raise FeatstoreError(f"{case.where}: every head diverged", "lower the learning rates or use --normalize standardize")
+    if len(protocol.lr_grid) >= 3 and lrs[chosen] in (protocol.lr_grid[0], protocol.lr_grid[-1]) and case.first:
+        warn(f"{case.where}: the selected lr {lrs[chosen]:g} is at the edge of the grid; consider widening --lr-grid")
 
-    encoder = fs.attrs.get("encoder", {}) or {}
-    dataset = fs.attrs.get("dataset", {}) or {}
     out = []
     for h, (lr, wd) in enumerate(protocol.heads):
-        out.append(
-            {
-                "label": info.label,
-                "store": info.path,
-                "encoder": encoder.get("name"),
-                "weights_sha256": encoder.get("weights_sha256"),
-                "dataset": dataset.get("name"),
-                "view": view,
-                "lr": lr,
-                "wd": wd,
-                "optimizer": protocol.optimizer,
-                "epochs": protocol.epochs,
-                "batch_size": protocol.batch_size,
-                "momentum": protocol.momentum,
-                "normalize": protocol.normalize,
-                "seed": protocol.seed,
-                "select_on": protocol.select_on,
-                "train_split": plan.train_split,
-                "select_split": plan.select_split,
-                "report_split": plan.report_split,
-                "reported_as": plan.reported_as,
-                "n_train": len(kept["train"]),
-                "n_select": len(kept["select"]),
-                "n_report": len(kept["report"]) if "report" in kept else None,
-                "excluded_invalid": excluded_invalid,
-                "excluded_nonfinite": excluded_nonfinite,
-                "train_top1_pct": metric("train", "top1", h),
-                "select_top1_pct": metric("select", "top1", h),
-                "report_top1_pct": metric("report", "top1", h),
-                "train_top5_pct": metric("train", "top5", h),
-                "select_top5_pct": metric("select", "top5", h),
-                "report_top5_pct": metric("report", "top5", h),
-                "train_loss": round(float(train_loss[h]), 6) if finite[h] and np.isfinite(train_loss[h]) else None,
-                "diverged": not bool(finite[h]),
-                "selected": h == chosen,
-                "best_report": h == best_report,
-                "protocol_hash": protocol.hash,
-                "device": str(dev),
-                "dtype": str(dtype).replace("torch.", ""),
-                "sweep_seconds": round(seconds, 3),
-            }
-        )
+        out.append(case.row(
+            "linear", per_head(h), lr=lr, wd=wd, optimizer=protocol.optimizer, epochs=protocol.epochs, batch_size=protocol.batch_size,
+            momentum=protocol.momentum, normalize=protocol.normalize,
+            train_loss=round(float(train_loss[h]), 6) if finite[h] and np.isfinite(train_loss[h]) else None,
+            diverged=not bool(finite[h]), selected=h == chosen, best_report=h == best_report, sweep_seconds=seconds,
+        ))  # fmt: skip
+    return out
+
+
+def _case_words(case: _Case) -> str:
+    words = (f" seed {case.seed}" if len(case.protocol.run_seeds) > 1 else "") + (f" {case.shots}-shot" if case.shots else "")
+    return f" ({words.strip()})" if words else ""
+
+
+def _knn_result(case: _Case, raw, labels, warn) -> battery.MethodResult:
+    p = case.protocol
+    n_train = len(case.kept["train"])
+    big = [k for k in p.knn_k if k > n_train]
+    if big and case.view == case.info.views[0] and case.seed == p.run_seeds[0]:
+        warn(f"{case.where}: k-NN k {', '.join(map(str, big))} exceed the {n_train} training rows; they use every training row")
+    return battery.run_knn(raw, labels, case.info.num_classes, p.knn_k, p.knn_temperature, p.knn_weights)
+
+
+def _report_predictions(case: _Case, res: battery.MethodResult) -> dict | None:
+    """The selected configuration's per-image predictions on the reported rows (the selection rows
+    with --select-on report; None when nothing is reported): dataset paths, targets, top-1, top-5.
+    Kept on the selected row (not a CSV column) for the per-image predictions file."""
+    role = "report" if "report" in res.predictions else ("select" if case.plan.selects_on_report else None)
+    if role is None:
+        return None
+    split = case.plan.report_source if role == "report" else case.plan.select_source
+    rows = case.kept[role]
+    top1, top5 = res.predictions[role]
+    return {"paths": case.info.store.paths(split)[rows], "target": case.info.labels[split][rows], "pred": top1, "top5": top5}
+
+
+def _knn_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> list[dict]:
+    seconds = case.seconds()
+    on_report = case.plan.selects_on_report  # the selected one is the max over the reported split
+    out = [case.row("knn", c.metrics, k=c.settings["k"], temperature=c.settings["temperature"], normalize="l2",
+                    selected=c.selected, best_report=c.best_report or (on_report and c.selected), sweep_seconds=seconds) for c in res.configs]  # fmt: skip
+    next(r for r in out if r["selected"])["report_predictions"] = _report_predictions(case, res)
+    return out
+
+
+def _logreg_result(case: _Case, raw, labels, warn) -> battery.MethodResult:
+    p = case.protocol
+    # refit on train + selection rows only when the reported split is another split (a refit that
+    # trained on the reported rows, --select-on report, or with nothing reported would mean
+    # nothing) and on every training row (a few-shot refit would add the whole selection split to
+    # k examples per class: no longer a few-shot result)
+    refit = p.logreg_refit and "report" in raw and case.shots is None
+    return battery.run_logreg(raw, labels, case.info.num_classes, p.logreg_C, p.logreg_tol, p.logreg_max_iter, refit)
+
+
+def _logreg_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> list[dict]:
+    p = case.protocol
+    seconds = case.seconds()
+    capped = [c.settings["C"] for c in res.configs if not c.extra["converged"]]
+    if capped and not reused:
+        warn(f"{case.where}: logistic regression reached --logreg-max-iter {p.logreg_max_iter} at C {', '.join(f'{c:g}' for c in capped)}")
+    chosen = res.selected.settings["C"]
+    if len(p.logreg_C) >= 3 and chosen in (p.logreg_C[0], p.logreg_C[-1]) and case.first:
+        warn(f"{case.where}: the selected C {chosen:g} is at the edge of the grid; consider widening --logreg-C")
+    on_report = case.plan.selects_on_report
+    n_refit = len(case.kept["train"]) + len(case.kept["select"])
+    out = [case.row("logreg", c.metrics, C=c.settings["C"], refit=c.settings["refit"], normalize="standardize",
+                    selected=c.selected, best_report=c.best_report or (on_report and c.selected), sweep_seconds=seconds,
+                    **({"n_train": n_refit} if c.settings["refit"] else {})) for c in res.configs]  # fmt: skip
+    next(r for r in out if r["selected"])["report_predictions"] = _report_predictions(case, res)
     return out

@@ -15,6 +15,8 @@ import numpy as np
 
 from featstore.errors import UsageError
 
+from .fewshot import parse_ints
+
 # Bump when the training semantics change without a field changing (e.g. init, what decays),
 # so that old and new results never share a hash.
 PROTOCOL_VERSION = 1
@@ -28,6 +30,18 @@ SELECTION_RULES = ("val_top1",)
 # seeded holdout of train; "holdout" = always the train holdout; "report" = on the reported split
 # itself (max over the reported split: optimistic, opt-in, labelled so everywhere)
 SELECT_ON = ("auto", "holdout", "report")
+METHODS = ("linear", "knn", "logreg")
+KNN_WEIGHTS = ("exp", "uniform")
+DEFAULT_KNN_K = (10, 20, 100, 200)  # DINO (Caron et al. 2021) and DINOv2's k-NN evaluation
+DEFAULT_KNN_TEMPERATURE = 0.07  # DINO's T in the vote weight exp(similarity / T)
+DEFAULT_LOGREG_C = "1e-6:1e5:45"  # DINOv2's grid 10^linspace(-6, 5, 45) (dinov2/eval/log_regression.py)
+DEFAULT_LOGREG_MAX_ITER = 1000  # DINOv2's and scikit-learn's cap
+DEFAULT_LOGREG_TOL = 1e-4  # scikit-learn's tol: max |gradient| of the mean-scaled objective
+# The battery's fields enter the record (and the hash) only where they act: the k-NN settings
+# when k-NN runs, and so on. A default run (linear only, all rows, one seed) therefore keeps the
+# record and hash it had before the battery existed.
+_KNN_FIELDS = ("knn_k", "knn_temperature", "knn_weights")
+_LOGREG_FIELDS = ("logreg_C", "logreg_max_iter", "logreg_tol", "logreg_refit")
 
 
 def _round_sig(value: float, digits: int = 4) -> float:
@@ -35,9 +49,9 @@ def _round_sig(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def parse_grid(text: str | float | list | tuple, *, what: str = "learning rate", allow_zero: bool = False) -> tuple[float, ...]:
+def parse_grid(text: str | float | list | tuple, *, what: str = "learning rate", allow_zero: bool = False, option: str | None = None) -> tuple[float, ...]:
     """Parse ``1e-4,1e-3,0.01`` or ``start:stop:count`` (log-spaced) into a sorted tuple of floats."""
-    option = "--lr-grid" if what == "learning rate" else "--wd-grid"
+    option = option or ("--lr-grid" if what == "learning rate" else "--wd-grid")
     if isinstance(text, (int, float)):
         values = [float(text)]
     elif isinstance(text, (list, tuple)):
@@ -96,15 +110,27 @@ class Protocol:
     select_on: str = "auto"
     seed: int = 0
     version: int = PROTOCOL_VERSION
+    # the evaluation battery (docs/probe.md "Methods"); see _KNN_FIELDS for how they are hashed
+    methods: tuple[str, ...] = ("linear",)
+    knn_k: tuple[int, ...] = DEFAULT_KNN_K
+    knn_temperature: float = DEFAULT_KNN_TEMPERATURE
+    knn_weights: str = "exp"
+    logreg_C: tuple[float, ...] = field(default_factory=lambda: parse_grid(DEFAULT_LOGREG_C, what="C", option="--logreg-C"))
+    logreg_max_iter: int = DEFAULT_LOGREG_MAX_ITER
+    logreg_tol: float = DEFAULT_LOGREG_TOL
+    logreg_refit: bool = True
+    shots: tuple[int, ...] = ()  # examples per class; 0 = every training row; () = every training row only
+    seeds: tuple[int, ...] = ()  # () = just ``seed``; else every seed in turn (seed = seeds[0])
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("lr_grid", parse_grid(self.lr_grid))
         set_("wd_grid", parse_grid(self.wd_grid, what="weight decay", allow_zero=True))
         set_("betas", tuple(float(b) for b in self.betas))
-        for name in ("momentum", "eps", "val_fraction"):
+        for name in ("momentum", "eps", "val_fraction", "knn_temperature", "logreg_tol"):
             set_(name, float(getattr(self, name)))
-        for name in ("epochs", "batch_size", "seed", "version"):
+        self._check_battery(set_)
+        for name in ("epochs", "batch_size", "seed", "version", "logreg_max_iter"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value:
                 raise UsageError(f"{name.replace('_', ' ')} must be an integer, got {value!r}")
@@ -132,16 +158,68 @@ class Protocol:
         if not 0.0 < self.val_fraction < 1.0:
             raise UsageError(f"validation fraction must be in (0, 1), got {self.val_fraction}", "pass --val-fraction like 0.1")
 
+    def _check_battery(self, set_) -> None:
+        methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
+        methods = tuple(m.strip() for part in methods for m in str(part).split(",") if m.strip())
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise UsageError(f"unknown method {', '.join(unknown) or '(none)'}", f"pass --method with any of {', '.join(METHODS)}, e.g. linear,knn,logreg")
+        set_("methods", tuple(m for m in METHODS if m in methods))  # canonical order: one hash per set
+        set_("knn_k", parse_ints(self.knn_k, what="k-NN k grid", option="--knn-k", minimum=1))
+        if not (math.isfinite(self.knn_temperature) and self.knn_temperature > 0):
+            raise UsageError(f"k-NN temperature must be positive, got {self.knn_temperature}", "pass --knn-temperature like 0.07")
+        if self.knn_weights not in KNN_WEIGHTS:
+            raise UsageError(f"unknown k-NN weighting {self.knn_weights!r}", f"use one of {', '.join(KNN_WEIGHTS)}")
+        set_("logreg_C", parse_grid(self.logreg_C, what="C", option="--logreg-C"))
+        if not (math.isfinite(self.logreg_tol) and self.logreg_tol > 0):
+            raise UsageError(f"logistic-regression tolerance must be positive, got {self.logreg_tol}", "pass --logreg-tol like 1e-4")
+        if isinstance(self.logreg_max_iter, bool) or int(self.logreg_max_iter) != self.logreg_max_iter or self.logreg_max_iter < 1:
+            raise UsageError(f"logistic-regression iteration cap must be a positive integer, got {self.logreg_max_iter!r}", "pass --logreg-max-iter like 1000")
+        set_("logreg_refit", bool(self.logreg_refit))
+        set_("shots", parse_ints(self.shots, what="shots", option="--shots", minimum=0, allow_all=True) if self.shots not in ((), [], None, "") else ())
+        seeds = parse_ints(self.seeds, what="seeds", option="--seeds", keep_order=True) if self.seeds not in ((), [], None, "") else ()
+        if seeds:
+            set_("seed", seeds[0])
+        set_("seeds", seeds)
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """Every seed a run repeats over (the single ``seed`` unless ``seeds`` is given)."""
+        return self.seeds or (self.seed,)
+
+    @property
+    def run_shots(self) -> tuple[int | None, ...]:
+        """Training-set sizes a run repeats over: examples per class, None = every training row."""
+        return tuple(s or None for s in self.shots) if self.shots else (None,)
+
     @property
     def heads(self) -> list[tuple[float, float]]:
         """The (lr, wd) pair of every head, in head order (LR major, then weight decay)."""
         return [(lr, wd) for lr in self.lr_grid for wd in self.wd_grid]
 
-    def to_dict(self) -> dict:
+    def _all_fields(self) -> dict:
         d = asdict(self)
-        d["lr_grid"] = list(self.lr_grid)
-        d["wd_grid"] = list(self.wd_grid)
-        d["betas"] = list(self.betas)
+        for name, value in d.items():
+            if isinstance(value, tuple):
+                d[name] = list(value)
+        return d
+
+    def to_dict(self) -> dict:
+        """The record (and what the hash covers): every field that acts on this run's results."""
+        d = self._all_fields()
+        dropped = []
+        if self.methods == ("linear",):
+            dropped.append("methods")
+        if "knn" not in self.methods:
+            dropped += _KNN_FIELDS
+        if "logreg" not in self.methods:
+            dropped += _LOGREG_FIELDS
+        if not self.shots:
+            dropped.append("shots")
+        if len(self.seeds) <= 1:
+            dropped.append("seeds")
+        for name in dropped:
+            d.pop(name)
         return d
 
     @classmethod
@@ -159,6 +237,6 @@ class Protocol:
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def replace(self, **changes) -> "Protocol":
-        d = self.to_dict()
+        d = self._all_fields()
         d.update(changes)
         return Protocol.from_dict(d)

@@ -23,11 +23,12 @@ from featstore.errors import UsageError
 
 from .fit import COLUMNS
 from .protocol import Protocol
+from .summary import mean_std, summarize, summary_csv
 
 # the columns that name one probe (one line in the plot, one row in the table)
 PROBE_KEY = ("label", "view")
 
-RESULTS, PROTOCOL, PLOT = "results.csv", "protocol.json", "accuracy_vs_lr.png"
+RESULTS, PROTOCOL, PLOT, SUMMARY = "results.csv", "protocol.json", "accuracy_vs_lr.png", "summary.csv"
 
 
 def _cell(value) -> str:
@@ -115,16 +116,36 @@ def plot_panels(rows: list[dict], protocol: Protocol | None = None) -> list[tupl
     return panels
 
 
+def plot_rows(rows: list[dict]) -> list[dict]:
+    """The rows the LR plot shows: the linear heads of the first seed and training-set size."""
+    linear = [r for r in rows if r.get("method", "linear") == "linear"]
+    if not linear:
+        return []
+    first = (linear[0]["seed"], linear[0].get("shots"))
+    return [r for r in linear if (r["seed"], r.get("shots")) == first]
+
+
+def is_battery(rows: list[dict]) -> bool:
+    """More than today's single linear sweep: other methods, several seeds or few-shot sizes."""
+    return any(r.get("method", "linear") != "linear" or r.get("shots") is not None for r in rows) or len({r["seed"] for r in rows}) > 1
+
+
 def plot(rows: list[dict], path: Path, protocol: Protocol | None = None) -> None:
-    """Write :func:`figure` as a PNG."""
-    fig = figure(rows, protocol)
+    """Write :func:`figure` of :func:`plot_rows` as a PNG."""
+    shown = plot_rows(rows)
+    note = None
+    if is_battery(rows):
+        seeds = list(dict.fromkeys(r["seed"] for r in rows))
+        size = "every training row" if shown[0].get("shots") is None else f"{shown[0]['shots']} per class"
+        note = f"the linear probe of seed {shown[0]['seed']}" + (f" (of {len(seeds)})" if len(seeds) > 1 else "") + f", {size}; all methods, seeds and sizes: summary.csv"
+    fig = figure(shown, protocol, note)
     import matplotlib.pyplot as plt
 
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
-def figure(rows: list[dict], protocol: Protocol | None = None):
+def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None = None):
     """Selection-split and reported-split top-1 against LR (log axis), one line per store (× view
     × wd), the selected head starred with its LR written beside the star; the panels are
     :func:`plot_panels`, the title :func:`plot_title`, a legend on every panel with several lines.
@@ -179,7 +200,8 @@ def figure(rows: list[dict], protocol: Protocol | None = None):
     axes[0].set_ylabel("top-1 accuracy (%)")
     # wrap the title to the figure's width (about 12 characters an inch at this size): never clipped
     width = int(fig.get_figwidth() * 12)
-    fig.suptitle("\n".join(textwrap.fill(line, width) for line in plot_title(rows, protocol).split("\n")), fontsize=10)
+    title = plot_title(rows, protocol) + (f"\n{note}" if note else "")
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")), fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -188,10 +210,56 @@ def _pct(value) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def _reported(row: dict, metric: str):
+    return row.get(f"report_{metric}_pct")
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per store × view × method × shots over seeds (:mod:`probe.summary`), reported-split accuracies."""
+    return summarize(rows, _reported)
+
+
+def _shots_words(shots) -> str:
+    return "all" if shots is None else f"{shots}"
+
+
+def battery_table(rows: list[dict], protocol: Protocol | None = None) -> str:
+    """Per store × view × method × shots: the selected configuration(s) and the reported
+    accuracy as mean ± std (n seeds); a single seed shows the number alone."""
+    entries = summary(rows)
+    multi_view = len({(e["store"], e["view"]) for e in entries}) > len({e["store"] for e in entries})
+    has_top5 = any(e["report_top5_mean"] is not None for e in entries)
+    labels = {r["store"]: r["label"] for r in rows}
+    encoders = {r["store"]: r["encoder"] for r in rows}
+    head = ["label", "encoder"] + (["view"] if multi_view else []) + ["method", "shots", "selected", "reported top-1"]
+    head += (["reported top-5"] if has_top5 else []) + ["reported on"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    reported_as = {(r["store"], r["view"]): r["reported_as"] for r in rows}
+    for e in entries:
+        cells = [labels[e["store"]], encoders[e["store"]] or "—"] + ([e["view"]] if multi_view else [])
+        cells += [e["method"], _shots_words(e["shots"]), e["selected"], mean_std(e, "top1")]
+        cells += [mean_std(e, "top5")] if has_top5 else []
+        cells += [reported_as[(e["store"], e["view"])]]
+        lines.append("| " + " | ".join(cells) + " |")
+    r0 = rows[0]
+    seeds = sorted({r["seed"] for r in rows})
+    notes = f"protocol {r0['protocol_hash']}: methods {', '.join(dict.fromkeys(r['method'] for r in rows))}; seeds {', '.join(map(str, seeds))}"
+    notes += "; mean ± sample std (n seeds) of the selected configuration's reported accuracy" if len(seeds) > 1 else ""
+    notes += "; lr, k and C chosen on the selection split, never on the reported split"
+    if any(r["method"] == "logreg" and r.get("refit") for r in rows):
+        notes += "; logreg (refit): the selected C refit on train + selection rows, then reported once"
+    if any(r["select_split"] == r["report_split"] for r in rows):
+        notes += "; --select-on report: every reported number is the max over the reported split, optimistic"
+    return "\n".join(lines) + "\n\n" + notes + "\n"
+
+
 def markdown_table(rows: list[dict], protocol: Protocol | None = None) -> str:
     """Per store × view: the fixed-LR result (one head) or the selected LR, its selection and
     reported top-1, what the reported number is (``reported_as``), and the best-of-sweep head on
-    the reported split, labelled as such."""
+    the reported split, labelled as such. A battery run (methods, seeds, shots) gets
+    :func:`battery_table` instead."""
+    if is_battery(rows):
+        return battery_table(rows, protocol)
     groups = _groups(rows)
     multi_view = len({k[1] for k in groups}) > 1
     one_head = all(len(rs) == 1 for rs in groups.values())
@@ -227,7 +295,7 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None) -> str:
     return "\n".join(lines) + "\n\n" + notes + "\n"
 
 
-_OURS = (RESULTS, PROTOCOL, PLOT)
+_OURS = (RESULTS, PROTOCOL, PLOT, SUMMARY)
 
 
 def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -256,7 +324,8 @@ def new_run_folder(parent: str | os.PathLike) -> Path:
 
 
 def write_outputs(rows: list[dict], protocol: Protocol, out: str | os.PathLike, run: dict | None = None, overwrite: bool = False) -> dict[str, Path]:
-    """Write results.csv, protocol.json and accuracy_vs_lr.png as the folder ``out``, all or nothing."""
+    """Write results.csv, summary.csv, protocol.json and (with linear rows) accuracy_vs_lr.png as
+    the folder ``out``, all or nothing."""
     out = Path(os.path.abspath(check_out(out, overwrite)))  # absolute: "." has no name to build beside
     out.parent.mkdir(parents=True, exist_ok=True)
     build = out.with_name(f".{out.name}.building-{os.getpid()}")
@@ -265,15 +334,22 @@ def write_outputs(rows: list[dict], protocol: Protocol, out: str | os.PathLike, 
     try:
         (build / RESULTS).write_text(csv_text(rows))
         (build / PROTOCOL).write_text(protocol_json(protocol, run))
-        plot(rows, build / PLOT, protocol)
+        (build / SUMMARY).write_text(summary_csv(summary(rows)))
+        written = [SUMMARY, PROTOCOL, RESULTS]
+        if plot_rows(rows):
+            plot(rows, build / PLOT, protocol)
+            written.insert(0, PLOT)
         if out.exists():
             # an empty folder, or a previous run with --overwrite (checked above): its files are
             # replaced one by one, results.csv last (its presence means the run finished); the
-            # folder itself (owner, permissions, a mount point) and other files stay
-            for name in (PLOT, PROTOCOL, RESULTS):
+            # folder itself (owner, permissions, a mount point) and other files stay; a plot
+            # of a previous run that this run has none of is removed, not left to mislead
+            for name in written:
                 os.replace(build / name, out / name)
+            if PLOT not in written:
+                (out / PLOT).unlink(missing_ok=True)
         else:
             os.replace(build, out)
     finally:
         shutil.rmtree(build, ignore_errors=True)
-    return {name: out / name for name in _OURS}
+    return {name: out / name for name in written}

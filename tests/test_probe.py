@@ -126,7 +126,8 @@ def test_protocol_hash_stable_and_sensitive():
         "lr_grid": "1e-3,1e-2", "wd_grid": "0,1e-4", "optimizer": "adamw", "epochs": 7, "batch_size": 64, "momentum": 0.8,
         "betas": (0.8, 0.99), "eps": 1e-6, "schedule": "constant", "normalize": "l2", "val_fraction": 0.2, "seed": 3, "version": 99, "select_on": "holdout",
     }  # fmt: skip
-    assert set(changes) | {"selection"} == {f.name for f in fields(Protocol)}
+    battery = {"methods", "knn_k", "knn_temperature", "knn_weights", "logreg_C", "logreg_max_iter", "logreg_tol", "logreg_refit", "shots", "seeds"}
+    assert set(changes) | {"selection"} | battery == {f.name for f in fields(Protocol)}  # battery fields: tests/test_battery.py
     hashes = {p.hash}
     for name, value in changes.items():
         hashes.add(p.replace(**{name: value}).hash)
@@ -450,6 +451,13 @@ def test_cuda_sweep_matches_cpu(store):
     assert gpu[0]["device"].startswith("cuda") and gpu[0]["dtype"] in ("bfloat16", "float16")
     for a, b in zip(cpu, gpu):
         assert abs(a["select_top1_pct"] - b["select_top1_pct"]) <= 1.5 and abs(a["report_top1_pct"] - b["report_top1_pct"]) <= 1.5
+    # k-NN and logistic regression run in float32 on every device: the same choices, accuracies to rounding
+    p = Protocol(methods="knn,logreg", knn_k="1,5,20", logreg_C="1e-3:10:5")
+    cpu = probe.fit(store, p, device="cpu", warn=lambda m: None)
+    gpu = probe.fit(store, p, device="cuda", warn=lambda m: None)
+    for a, b in zip(cpu, gpu):
+        assert (a["method"], a["k"], a["C"], a["refit"], a["selected"]) == (b["method"], b["k"], b["C"], b["refit"], b["selected"])
+        assert abs(a["report_top1_pct"] - b["report_top1_pct"]) <= 0.3
 
 
 def test_stores_of_different_widths_get_their_own_heads(tmp_path, digits):
@@ -549,7 +557,7 @@ def test_out_is_never_silently_overwritten(store, tmp_path):
     (out / "stale.txt").write_text("notes")
     code, output = run_cli([*args, "--seed", "3", "--out", str(out), "--overwrite"])
     assert code == 0, output
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_lr.png", "protocol.json", "results.csv", "stale.txt"]  # others' files stay
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_lr.png", "protocol.json", "results.csv", "stale.txt", "summary.csv"]  # others' files stay
     assert len((out / "results.csv").read_text().splitlines()) == 2 and ",3," in (out / "results.csv").read_text()
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -64,5 +64,8 @@ if [ "${SKIP_PROBE:-0}" != 1 ]; then
 step "probe benchmark: ImageNet-size 13-LR sweep (target < 30 s on an H100)"
 timeout 120 $PY benchmarks/bench_probe.py --sizes imagenet --device "${DEVICE:-cuda}" --baseline-lrs 1 --out "$out" 2>&1 \
     | tee "$out/probe-gpu.log" || echo "probe benchmark FAILED or timed out; going on"
+step "battery benchmark: ImageNet-size k-NN, 1.28 M × 50 k × 384, k = 10, 20, 100, 200 (target < 60 s)"
+timeout 150 $PY benchmarks/bench_battery.py --parts knn --sizes imagenet --device "${DEVICE:-cuda}" --out "$out" 2>&1 \
+    | tee "$out/battery-gpu.log" || echo "battery benchmark FAILED or timed out; going on"
 fi
 exit "$rc"

@@ -1,0 +1,78 @@
+"""Across seeds: per store × view × method × shots, the selected configuration's reported
+accuracy as mean ± standard deviation (n seeds), and which settings were selected.
+
+The standard deviation is the sample one (ddof = 1, numpy), the spread papers report for
+few-shot evaluations over seeds; with a single seed it is left empty.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+
+SUMMARY_COLUMNS = [
+    "store", "view", "method", "shots", "n_seeds", "seeds", "report_split",
+    "report_top1_mean", "report_top1_std", "report_top5_mean", "report_top5_std", "selected", "protocol_hash",
+]  # fmt: skip
+
+
+def _setting(row: dict) -> str:
+    """The selected configuration of a row in a few characters: ``lr 0.01``, ``k 20``, ``C 0.1 (refit)``."""
+    method = row.get("method") or "linear"
+    if method == "knn":
+        return f"k {row['k']}"
+    if method == "logreg":
+        return f"C {row['C']:g}" + (" (refit)" if row.get("refit") else "")
+    text = f"lr {row['lr']:g}"
+    return text + (f" wd {row['wd']:g}" if row.get("wd") else "")
+
+
+def summarize(rows: list[dict], reported) -> list[dict]:
+    """One summary per store × view × method × shots (first-seen order) over the selected rows.
+
+    ``reported(row, "top1"|"top5")`` gives a selected row's accuracy on the reported split
+    (None when absent), so this module needs no knowledge of the CSV's split columns.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("selected"):
+            key = (r["store"], r["view"], r.get("method") or "linear", r.get("shots"))
+            groups.setdefault(key, []).append(r)
+    out = []
+    for (store, view, method, shots), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        entry = {"store": store, "view": view, "method": method, "shots": shots, "n_seeds": len(rs),
+                 "seeds": " ".join(str(r["seed"]) for r in rs), "report_split": rs[0].get("report_split"),
+                 "protocol_hash": rs[0].get("protocol_hash")}  # fmt: skip
+        for metric in ("top1", "top5"):
+            values = [reported(r, metric) for r in rs]
+            values = np.array([v for v in values if v is not None], dtype=float)
+            entry[f"report_{metric}_mean"] = round(float(values.mean()), 4) if len(values) else None
+            entry[f"report_{metric}_std"] = round(float(values.std(ddof=1)), 4) if len(values) > 1 else None
+        picks: dict[str, int] = {}
+        for r in rs:
+            picks[_setting(r)] = picks.get(_setting(r), 0) + 1
+        entry["selected"] = "; ".join(s if n == 1 and len(rs) == 1 else f"{s} ×{n}" for s, n in picks.items())
+        out.append(entry)
+    return out
+
+
+def summary_csv(summary: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SUMMARY_COLUMNS)
+    for s in summary:
+        w.writerow(["" if s.get(c) is None else s[c] for c in SUMMARY_COLUMNS])
+    return buf.getvalue()
+
+
+def mean_std(entry: dict, metric: str = "top1") -> str:
+    """``93.41 ± 0.12 (5)``, or ``93.41`` for a single seed, or ``—``."""
+    mean = entry.get(f"report_{metric}_mean")
+    if mean is None:
+        return "—"
+    if entry["n_seeds"] == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {entry[f'report_{metric}_std']:.2f} ({entry['n_seeds']})"

@@ -1,0 +1,326 @@
+"""The evaluation battery's pure parts: k-NN, logistic regression and few-shot samples, each
+against a reference (a direct float64 implementation, scikit-learn)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from featstore.errors import UsageError
+from probe import battery, fewshot, knn
+from probe import heads as H
+from probe import logreg
+from tests.test_probe import one_thread  # noqa: F401 (autouse fixture: one thread for small problems)
+
+
+def blobs(n: int, dim: int, classes: int, seed: int, sep: float = 0.6, offset: float = 0.0):
+    """Gaussian classes with random means (continuous data: exact similarity ties have probability 0)."""
+    rng = np.random.default_rng(1000 + classes)
+    means = rng.normal(size=(classes, dim)) * sep
+    r = np.random.default_rng(seed)
+    y = r.integers(0, classes, n)
+    x = means[y] + r.normal(size=(n, dim)) + offset
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------- k-NN
+
+
+def knn_reference(train_x, train_y, query_x, k, num_classes, temperature, weights):
+    """The rule written out in float64: full similarity matrix, full sort, one class-vote sum per row."""
+    a = train_x.astype(np.float64)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    q = query_x.astype(np.float64)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    sim = q @ a.T
+    order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    votes = np.zeros((len(q), num_classes))
+    for i in range(len(q)):
+        w = np.exp(sim[i, order[i]] / temperature) if weights == "exp" else np.ones(k)
+        np.add.at(votes[i], train_y[order[i]], w)
+    return votes, np.sort(sim, axis=1)[:, ::-1]
+
+
+def _knn_torch(train_x, train_y, query_x, ks, classes, **kw):
+    a = knn.l2_normalize(torch.from_numpy(train_x))
+    q = knn.l2_normalize(torch.from_numpy(query_x))
+    return knn.predict(a, torch.from_numpy(train_y), q, ks, classes, **kw)
+
+
+@pytest.mark.parametrize("weights", ["exp", "uniform"])
+def test_knn_equals_float64_reference(weights):
+    classes = 7
+    train_x, train_y = blobs(600, 16, classes, seed=0, offset=0.3)
+    query_x, query_y = blobs(250, 16, classes, seed=1, offset=0.3)
+    ks = (1, 5, 20, 100)
+    # chunk_elements forces several chunks of query rows (one chunk would hide a chunking bug)
+    pred = _knn_torch(train_x, train_y, query_x, ks, classes, temperature=0.07, weights=weights, chunk_elements=600 * 37)
+    assert pred.top1.shape == (4, 250) and pred.top5.shape == (4, 250, 5)
+    compared = 0
+    for j, k in enumerate(ks):
+        votes, sorted_sim = knn_reference(train_x, train_y, query_x, k, classes, 0.07, weights)
+        top = np.sort(votes, axis=1)[:, ::-1]
+        # "ties aside": rows whose k-th/(k+1)-th neighbours or top two vote totals are within rounding
+        clear = (sorted_sim[:, k - 1] - sorted_sim[:, k] > 1e-6) & (top[:, 0] - top[:, 1] > 1e-5 * top[:, 0])
+        assert clear.mean() > 0.8
+        expected = votes.argmax(1)
+        np.testing.assert_array_equal(pred.top1[j][clear], expected[clear])
+        # the top-5 lists rank classes by vote: their votes are non-increasing and start at the max
+        picked = np.take_along_axis(votes, pred.top5[j], axis=1)
+        assert (np.diff(picked, axis=1) <= 1e-6 * top[:, :1]).all()
+        compared += int(clear.sum())
+    assert compared > 800
+    acc = pred.accuracy(query_y)
+    np.testing.assert_allclose(acc["top1"], [(pred.top1[j] == query_y).mean() * 100 for j in range(4)])
+    assert acc["top1"][2] > 60  # the classes are separable enough for k-NN to work at all
+
+
+def test_knn_uniform_equals_sklearn():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    classes = 10
+    train_x, train_y = blobs(500, 12, classes, seed=2, sep=0.5, offset=0.2)
+    query_x, _ = blobs(200, 12, classes, seed=3, sep=0.5, offset=0.2)
+    ks = (10, 20, 100, 200)
+    pred = _knn_torch(train_x, train_y, query_x, ks, classes, weights="uniform", chunk_elements=500 * 64)
+    for j, k in enumerate(ks):
+        ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit(train_x, train_y).predict(query_x)
+        # uniform votes are integers, so vote ties are exact and both break them to the smaller class
+        np.testing.assert_array_equal(pred.top1[j], ref)
+
+
+def test_knn_k_larger_than_train_uses_every_row_and_ties_go_to_smaller_class():
+    train_x = np.array([[1, 0], [0, 1], [1, 1], [-1, 0.2]], np.float32)
+    train_y = np.array([2, 0, 1, 1])
+    query_x = np.array([[1, 0.1], [0.1, 1]], np.float32)
+    pred = _knn_torch(train_x, train_y, query_x, (1, 2, 50), 3, weights="uniform")
+    assert pred.ks == (1, 2, 50)
+    np.testing.assert_array_equal(pred.top1[0], [2, 0])  # the nearest row's class
+    np.testing.assert_array_equal(pred.top1[1], [1, 0])  # k=2: one vote each for 2 and 1 → 1; 0 and 1 → 0
+    np.testing.assert_array_equal(pred.top1[2], [1, 1])  # all 4 rows: class 1 has two votes
+    assert pred.top5.shape == (3, 2, 3)  # 3 classes: the "top-5" lists all 3
+
+
+def test_knn_settings_are_checked():
+    for bad in ([0, 10], [2.5], []):
+        with pytest.raises(UsageError):
+            knn.check_settings(bad, 0.07, "exp")
+    with pytest.raises(UsageError):
+        knn.check_settings([10], 0.0, "exp")
+    with pytest.raises(UsageError):
+        knn.check_settings([10], 0.07, "distance")
+    assert knn.check_settings([200, 10, 20, 10], 0.07, "uniform") == (10, 20, 200)
+
+
+# ------------------------------------------------------------------------ logistic regression
+
+
+def _standardized(train_x, *others):
+    t = torch.from_numpy(train_x)
+    stats = H.standardize_stats(t)
+    return [H.prepare(torch.from_numpy(a), "standardize", torch.float32, stats) for a in (train_x, *others)]
+
+
+@pytest.mark.parametrize("dtype, tol, obj_rtol", [(torch.float32, logreg.DEFAULT_TOL, 2e-6), (torch.float64, 1e-6, 1e-9)])
+def test_logreg_matches_sklearn_at_every_C(dtype, tol, obj_rtol):
+    """float32 at the default tolerance (what probe fit runs) and float64 at a tight one (the
+    solver itself): each C's test accuracy within 0.3 pt of scikit-learn's, and the objective
+    at our solution no higher than at scikit-learn's (to float rounding)."""
+    from sklearn.linear_model import LogisticRegression
+
+    classes = 6
+    train_x, train_y = blobs(3000, 24, classes, seed=4, sep=0.35)
+    test_x, test_y = blobs(2000, 24, classes, seed=5, sep=0.35)
+    train_x *= np.linspace(0.1, 5, 24, dtype=np.float32)  # scales that standardizing undoes
+    test_x *= np.linspace(0.1, 5, 24, dtype=np.float32)
+    xs, xt = _standardized(train_x, test_x)
+    x64 = xs.numpy().astype(np.float64)
+    Cs = np.logspace(-4, 2, 7)
+    path = logreg.fit_path(xs.to(dtype), torch.from_numpy(train_y), Cs, classes, tol=tol)
+    top1, top5 = path.predict(xt.to(dtype))
+    assert top1.shape == (7, 2000) and top5.shape == (7, 2000, 5)
+    np.testing.assert_array_equal(top1, top5[:, :, 0])
+    assert all(path.converged) and path.n_iter[0] > 0
+    accs = []
+    for i, C in enumerate(Cs):
+        ref = LogisticRegression(C=float(C), max_iter=1000, tol=tol).fit(x64, train_y)
+        ours = 100 * (top1[i] == test_y).mean()
+        theirs = 100 * ref.score(xt.numpy(), test_y)
+        assert abs(ours - theirs) <= 0.3, (C, ours, theirs)
+        obj_ref = logreg.sklearn_objective(x64, train_y, ref.coef_.T, ref.intercept_, C)
+        obj_ours = logreg.sklearn_objective(x64, train_y, path.weight[i].double().numpy(), path.bias[i].double().numpy(), C)
+        assert obj_ours == pytest.approx(path.objective[i], rel=1e-5)
+        assert obj_ours <= obj_ref * (1 + obj_rtol), (C, obj_ours, obj_ref)
+        accs.append(ours)
+    assert max(accs) > 60 and accs[0] < max(accs) - 3  # the grid spans under- to well-fitted
+
+
+def test_logreg_default_tolerance_path_and_refit_from_init():
+    classes = 4
+    x, y = blobs(1500, 10, classes, seed=6, sep=0.5)
+    (xs,) = _standardized(x)
+    yt = torch.from_numpy(y)
+    path = logreg.fit_path(xs, yt, [1e-3, 1e-2, 1e-1], classes)
+    assert path.Cs == (1e-3, 1e-2, 1e-1)
+    assert all(g <= logreg.DEFAULT_TOL for g in path.grad_max)
+    assert path.objective == sorted(path.objective)  # a larger C weighs the summed loss more
+    # the same C solved from the path's solution (a refit's start) needs few or no iterations
+    again = logreg.fit_path(xs, yt, [1e-1], classes, init=(path.weight[2], path.bias[2]))
+    assert again.n_iter[0] <= 2
+    assert again.objective[0] == pytest.approx(path.objective[2], rel=1e-4)
+    capped = logreg.fit_path(xs, yt, [1e2], classes, max_iter=2)
+    assert capped.n_iter == [2] and capped.converged == [False]
+
+
+def test_logreg_settings_are_checked():
+    with pytest.raises(UsageError):
+        logreg.check_settings([0.0, 1.0], 1e-4, 100)
+    with pytest.raises(UsageError):
+        logreg.check_settings([1.0], 0.0, 100)
+    with pytest.raises(UsageError):
+        logreg.check_settings([1.0], 1e-4, 0)
+
+
+def test_lbfgs_minimizes_a_quadratic_to_tolerance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(30, 30))
+    hess = torch.from_numpy(a @ a.T + 30 * np.eye(30))
+    target = torch.from_numpy(rng.normal(size=30))
+
+    def fg(p):
+        r = p - target
+        return float(0.5 * r @ hess @ r), hess @ r
+
+    sol, iters, g_max = logreg.lbfgs(fg, torch.zeros(30, dtype=torch.float64), tol=1e-6, max_iter=500)
+    assert g_max <= 1e-6 and 0 < iters < 200
+    torch.testing.assert_close(sol, target, rtol=0, atol=1e-7)  # |x - x*| <= |g| / 30, the smallest curvature
+
+
+# ------------------------------------------------------------------------------------ few-shot
+
+
+def test_fewshot_sample_is_class_balanced_nested_and_seeded():
+    labels = np.repeat(np.arange(5), [30, 12, 3, 40, 25])
+    np.random.default_rng(0).shuffle(labels)
+    usable = np.ones(len(labels), bool)
+    usable[::7] = False
+    rows = {s: fewshot.sample(labels, usable, s, seed=3) for s in (1, 5, 10)}
+    for s, r in rows.items():
+        assert usable[r].all() and (np.diff(r) > 0).all()
+        counts = np.bincount(labels[r], minlength=5)
+        expected = np.minimum(s, np.bincount(labels[usable], minlength=5))
+        np.testing.assert_array_equal(counts, expected)
+    assert set(rows[1]) <= set(rows[5]) <= set(rows[10])  # a larger sample extends a smaller one
+    np.testing.assert_array_equal(rows[5], fewshot.sample(labels, usable, 5, seed=3))
+    assert not np.array_equal(rows[5], fewshot.sample(labels, usable, 5, seed=4))
+    have = np.bincount(labels[usable], minlength=5)
+    assert fewshot.shortfall(labels, rows[10], 10) == {c: int(have[c]) for c in range(5) if have[c] < 10}
+    assert fewshot.shortfall(labels, rows[10], 10)  # the data above has classes short of 10
+    # a row another store cannot use is replaced by the next row of its class; the rest stay
+    fewer = usable.copy()
+    fewer[rows[5][0]] = False
+    other = fewshot.sample(labels, fewer, 5, seed=3)
+    assert len(set(rows[5]) - set(other)) == 1 and len(other) == len(rows[5])
+
+
+def test_parse_ints():
+    assert fewshot.parse_ints("25,1,5,5", what="shots", option="--shots", minimum=1) == (1, 5, 25)
+    assert fewshot.parse_ints([0, 3], what="seeds", option="--seeds") == (0, 3)
+    for bad in ("1,x", "0", "2.5", ""):
+        with pytest.raises(UsageError):
+            fewshot.parse_ints(bad, what="shots", option="--shots", minimum=1)
+
+
+# -------------------------------------------------------------- methods on one store × view
+
+
+def _roles(seed=7, classes=5):
+    out_x, out_y = {}, {}
+    for i, (role, n) in enumerate((("train", 900), ("select", 300), ("report", 400))):
+        x, y = blobs(n, 12, classes, seed=seed + i, sep=0.45, offset=0.5)
+        out_x[role], out_y[role] = torch.from_numpy(x), torch.from_numpy(y)
+    return out_x, out_y
+
+
+def _scrambled(y):
+    y = dict(y)
+    y["report"] = torch.from_numpy(np.random.default_rng(0).permutation(y["report"].numpy()))
+    return y
+
+
+def test_knn_method_selects_on_the_selection_split_and_reports_every_k():
+    x, y = _roles()
+    res = battery.run_knn(x, y, 5, (1, 10, 50), 0.07, "exp")
+    assert [c.settings["k"] for c in res.configs] == [1, 10, 50]
+    assert sum(c.selected for c in res.configs) == 1 and sum(c.best_report for c in res.configs) == 1
+    val = [c.metrics["select"]["top1"] for c in res.configs]
+    assert res.selected.metrics["select"]["top1"] == max(val)
+    assert all("train" not in c.metrics for c in res.configs)  # a row is its own nearest neighbour: no train accuracy
+    top1, top5 = res.predictions["report"]
+    assert top1.shape == (400,) and top5.shape == (400, 5)
+    assert res.selected.metrics["report"]["top1"] == pytest.approx((top1 == y["report"].numpy()).mean() * 100)
+    scrambled = battery.run_knn(x, _scrambled(y), 5, (1, 10, 50), 0.07, "exp")
+    assert scrambled.selected.settings == res.selected.settings
+
+
+def test_logreg_method_selects_then_refits_on_train_and_selection_rows():
+    x, y = _roles()
+    Cs = (1e-4, 1e-2, 1.0)
+    res = battery.run_logreg(x, y, 5, Cs, logreg.DEFAULT_TOL, 1000, refit=True)
+    path = [c for c in res.configs if not c.settings["refit"]]
+    assert [c.settings["C"] for c in path] == list(Cs) and not any(c.selected for c in path)
+    chosen = max(path, key=lambda c: (c.metrics["select"]["top1"], -c.settings["C"]))
+    final = res.selected
+    assert final.settings == {"C": chosen.settings["C"], "refit": True} and final is res.configs[-1]
+    assert "select" not in final.metrics and "report" in final.metrics  # the selection rows trained the refit
+    # the refit is the scikit-learn fit on train + val at that C, standardised on train + val
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    both = np.concatenate([x["train"].numpy(), x["select"].numpy()])
+    both_y = np.concatenate([y["train"].numpy(), y["select"].numpy()])
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=final.settings["C"], max_iter=1000)).fit(both, both_y)
+    assert final.metrics["report"]["top1"] == pytest.approx(100 * ref.score(x["report"].numpy(), y["report"].numpy()), abs=0.3)
+    assert res.predictions["report"][0].shape == (400,)
+    scrambled = battery.run_logreg(x, _scrambled(y), 5, Cs, logreg.DEFAULT_TOL, 1000, refit=True)
+    assert scrambled.selected.settings == final.settings
+    no_refit = battery.run_logreg(x, y, 5, Cs, logreg.DEFAULT_TOL, 1000, refit=False)
+    assert len(no_refit.configs) == 3 and no_refit.selected.settings == {"C": chosen.settings["C"], "refit": False}
+
+
+# ------------------------------------------------------------------------------------ protocol
+
+
+def test_default_protocol_hash_is_unchanged_by_the_battery():
+    from probe import Protocol
+
+    # the default (linear only, every row, one seed) hash of main before the battery existed: a
+    # battery field must never enter a default run's record (update only on a deliberate protocol change)
+    assert Protocol().hash == "31bde9ae39a5e9f4"
+    assert Protocol(methods="linear", seeds=[0]).hash == "31bde9ae39a5e9f4"
+    record = Protocol().to_dict()
+    assert not {"methods", "knn_k", "logreg_C", "shots", "seeds"} & set(record)
+
+
+def test_battery_settings_are_recorded_and_each_changes_the_hash():
+    from probe import Protocol
+
+    base = Protocol(methods="logreg,knn,linear", shots="1,5", seeds="0,1")
+    assert base.methods == ("linear", "knn", "logreg") and base.shots == (1, 5) and base.seeds == (0, 1)
+    assert Protocol.from_dict(json.loads(json.dumps(base.to_dict()))).hash == base.hash
+    changes = {"methods": "linear,knn", "knn_k": "10,20", "knn_temperature": 0.1, "knn_weights": "uniform", "logreg_C": "0.1,1",
+               "logreg_max_iter": 100, "logreg_tol": 1e-5, "logreg_refit": False, "shots": "1,all", "seeds": "0,1,2"}  # fmt: skip
+    hashes = {base.hash} | {base.replace(**{k: v}).hash for k, v in changes.items()}
+    assert len(hashes) == len(changes) + 1
+    # settings of a method that does not run do not act, so they do not split comparisons
+    assert Protocol(knn_k="5").hash == Protocol().hash
+    assert Protocol(methods="knn", logreg_C="1").hash == Protocol(methods="knn").hash
+    assert len(Protocol(methods="logreg").logreg_C) == 45 and Protocol(seeds="3,1").seed == 3
+    assert Protocol(shots="all,5").run_shots == (None, 5)
+    for bad in (dict(methods="svm"), dict(knn_k="0"), dict(knn_weights="distance"), dict(logreg_C="0,1"), dict(shots="x"), dict(seeds="-1"), dict(knn_temperature=0)):
+        with pytest.raises(UsageError):
+            Protocol(**bad)

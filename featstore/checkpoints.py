@@ -16,6 +16,7 @@ import argparse
 import fnmatch
 import math
 import pickle
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     dropped_heads: int = 0
+    dropped: list[str] = field(default_factory=list)  # the dropped head keys, named in the summary
     ignored: int = 0  # dropped by --ignore-keys
     taken: str = ""  # which copy of the network was loaded, and why
     notes: list[str] = field(default_factory=list)
@@ -45,7 +47,9 @@ class LoadReport:
                  f"dropped head/projection {self.dropped_heads}")
         if self.ignored:
             text += f", ignored by --ignore-keys {self.ignored}"
-        return "; ".join([text, *self.notes])
+        heads = Counter(k.split(".")[0] for k in self.dropped)  # which heads, so none goes unnoticed
+        named = ["dropped " + ", ".join(f"{h}.* ({n})" for h, n in heads.items())] if heads else []
+        return "; ".join([text, *named, *self.notes])
 
 
 def _safe_globals() -> list:
@@ -163,7 +167,7 @@ def load_weights(model: nn.Module, path: str | Path, arch: str = "", trust: bool
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     report = LoadReport(str(path), loaded=len(sd) - len(result.unexpected_keys), missing=missing,
-                        unexpected=list(result.unexpected_keys), dropped_heads=len(dropped), ignored=len(ignored),
+                        unexpected=list(result.unexpected_keys), dropped_heads=len(dropped), dropped=dropped, ignored=len(ignored),
                         taken=ckpt.taken, notes=notes)
     if report.unexpected:
         shown = ", ".join(report.unexpected[:3])

@@ -45,8 +45,9 @@ HEAD_NAMES = frozenset({
     "dino_head", "ibot_head",  # dinov2 dinov2/train/ssl_meta_arch.py
     "masked_embed",  # ibot models/vision_transformer.py (masked-patch token)
     "prototypes",  # swav src/resnet50.py, msn src/msn_train.py
-    # MAE's decoder is not part of the encoder (mae models_mae.py)
-    "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "decoder_pos_embed",
+    # MAE's decoder is not part of the encoder (mae models_mae.py), nor an autoencoder's
+    # (encoder.* + decoder.*, as examples/ssl_study/autoencoder.py saves it)
+    "decoder", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "decoder_pos_embed",
 })
 # Prefixes stripped when most keys share them
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "learner.")

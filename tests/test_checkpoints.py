@@ -45,6 +45,7 @@ def _layouts(sd: dict) -> dict[str, object]:
         "_orig_mod.": prefixed("_orig_mod."),
         "model.": prefixed("model."),
         "backbone.": {**prefixed("backbone."), "head.weight": torch.ones(2, 2)},
+        "autoencoder": {**prefixed("encoder."), "decoder.0.weight": torch.ones(8, 4, 3, 3), "decoder.1.bias": torch.ones(3)},
         "moco_v2": {"state_dict": {**prefixed("module.encoder_q."), **{"module.encoder_k." + k: v for k, v in momentum.items()},
                                    "queue": torch.zeros(128, 8), "queue_ptr": torch.zeros(1)}},
         "moco_v3": {"state_dict": {**prefixed("module.base_encoder."), **{"module.momentum_encoder." + k: v for k, v in momentum.items()},
@@ -106,6 +107,7 @@ def test_report_counts_and_dropped_heads():
     assert report.dropped_heads == 2  # fc.weight, fc.bias
     assert report.loaded == len(sd) - 2 and report.missing == [] and report.unexpected == []
     assert "loaded 120 tensors" in report.summary()
+    assert report.summary().endswith("dropped head/projection 2; dropped fc.* (2)")  # named, not just counted
 
 
 def test_missing_backbone_keys_are_listed(tmp_path):

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The whole study: pretrain SimCLR, autoencoder and jigsaw, extract them and a random-init
+# baseline, probe all four under one protocol.
+#
+#   examples/ssl_study/run.sh [--quick] [--data IMAGENETTE_DIR] [--out DIR] [--device auto|cpu|cuda] [--epochs N]
+#
+# --quick: 200 training images per class, 100 val images per class, 3-4 epochs; under 15 minutes
+# on a 2-core CPU. Without it: all of Imagenette and 100 epochs per method (meant for a GPU).
+# --epochs N sets every method's epochs.
+# Imagenette has train and val only: `probe fit` selects the learning rate on a seeded holdout of
+# train and reports on val, on which no choice was made.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+DATA="$REPO/../shared/data/imagenette"
+OUT="ssl-study"
+DEVICE="auto"
+QUICK=0
+EPOCHS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --data) DATA="$2"; shift ;;
+    --out) OUT="$2"; shift ;;
+    --device) DEVICE="$2"; shift ;;
+    --epochs) EPOCHS="$2"; shift ;;
+    -h|--help) sed -n '2,11p' "$0" | sed -E 's/^# ?//'; exit 0 ;;
+    *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ -d "$DATA/train" ] && [ -d "$DATA/val" ] || { echo "error: no train/ and val/ under '$DATA' (pass --data IMAGENETTE_DIR)" >&2; exit 2; }
+PY="${PYTHON:-python}"
+FEATSTORE="${FEATSTORE:-featstore}"
+PROBE="${PROBE:-probe}"
+
+if [ "$QUICK" = 1 ]; then
+  TRAIN_PER_CLASS=200; VAL_PER_CLASS=100
+  EPOCHS_simclr=3; EPOCHS_autoencoder=4; EPOCHS_jigsaw=4; PERMUTATIONS=24
+else
+  EPOCHS_simclr=100; EPOCHS_autoencoder=100; EPOCHS_jigsaw=100; PERMUTATIONS=100
+fi
+if [ -n "$EPOCHS" ]; then EPOCHS_simclr=$EPOCHS; EPOCHS_autoencoder=$EPOCHS; EPOCHS_jigsaw=$EPOCHS; fi
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+start=$(date +%s)
+echo "ssl study: data $DATA, out $OUT, quick=$QUICK, started $(date -u '+%Y-%m-%d %H:%M UTC')"
+
+# --quick: a subset as an ImageFolder of symlinks, the first N files of every class (sorted)
+if [ "$QUICK" = 1 ]; then
+  "$PY" - "$DATA" "$OUT/data" "$TRAIN_PER_CLASS" "$VAL_PER_CLASS" <<'PYEOF'
+import shutil, sys
+from pathlib import Path
+src, dst, n_train, n_val = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+shutil.rmtree(dst, ignore_errors=True)
+for split, n in (("train", n_train), ("val", n_val)):
+    for cls in sorted(p.name for p in (src / split).iterdir() if p.is_dir()):
+        (dst / split / cls).mkdir(parents=True)
+        for f in sorted(p for p in (src / split / cls).iterdir() if p.is_file())[:n]:
+            (dst / split / cls / f.name).symlink_to(f.resolve())
+PYEOF
+  DATA="$OUT/data"
+fi
+
+for method in simclr autoencoder jigsaw; do
+  epochs_var="EPOCHS_$method"
+  nice -n 10 "$PY" "$HERE/pretrain.py" --method "$method" --data "$DATA/train" --epochs "${!epochs_var}" \
+    --out "$OUT/checkpoints/$method.pth" --threads "${THREADS:-1}" --device "$DEVICE" --permutations "$PERMUTATIONS" | tee "$OUT/pretrain-$method.log"
+done
+
+extract() {  # name, then --weights FILE or --random-init
+  local name="$1"; shift
+  nice -n 10 "$FEATSTORE" extract --model "$HERE/encoder.py:build" "$@" --dataset "$DATA" --out "$OUT/stores/$name.zarr" \
+    --image-size 64 --resize 72 --interpolation bilinear --loader torch --device "$DEVICE" --no-progress 2>&1 | tee "$OUT/extract-$name.log"
+}
+for method in simclr autoencoder jigsaw; do extract "$method" --weights "$OUT/checkpoints/$method.pth"; done
+extract random --random-init
+
+nice -n 10 "$PROBE" fit --store "simclr=$OUT/stores/simclr.zarr" --store "autoencoder=$OUT/stores/autoencoder.zarr" \
+  --store "jigsaw=$OUT/stores/jigsaw.zarr" --store "random-init=$OUT/stores/random.zarr" --lr-grid 1e-4:1:9 \
+  --method linear,knn --device "$DEVICE" --out "$OUT/probe" --overwrite 2>&1 | tee "$OUT/probe.log"
+"$PY" "$HERE/plot_losses.py" "$OUT"/checkpoints/*.pth --out "$OUT/pretrain_loss.png"
+echo "ssl study: done in $(( $(date +%s) - start )) s; results in $OUT/probe, loss curves in $OUT/pretrain_loss.png"

@@ -144,22 +144,23 @@ def study(tmp_path_factory):
 
 
 def _probe(stores):
-    """Linear probe (probe.fit, one fixed LR; reported on val) and k-NN, both trained on train."""
+    """Linear probe (one fixed LR) and k-NN (k = 20), both probe.fit's, trained on train and reported
+    on val; per k-NN: each held-out image correct or not, from probe fit's own per-image predictions."""
     import probe
-    from sklearn.neighbors import KNeighborsClassifier
 
-    from featstore.store import FeatureStore
-
-    rows = probe.fit([str(p) for p in stores.values()], probe.Protocol(lr_grid=(0.01,), epochs=30), device="cpu")
-    linear = dict(zip(stores, rows))
-    # per held-out image: correct or not. scikit-learn's k-NN (cosine, k=20), not probe fit's: the
-    # paired interval needs per-image predictions, which probe fit does not return yet; its k-NN
-    # alone (k=20: SimCLR 29.0 vs random 22.7 here) cannot show the margin with unpaired intervals
-    knn = {}
+    protocol = probe.Protocol(lr_grid=(0.01,), epochs=30, methods=("linear", "knn"), knn_k=(KNN_K,))
+    rows = probe.fit([str(p) for p in stores.values()], protocol, device="cpu")
+    selected = {(r["store"], r["method"]): r for r in rows if r["selected"]}
+    linear, knn, paths = {}, {}, {}
     for name, path in stores.items():
-        fs = FeatureStore.open(path)
-        clf = KNeighborsClassifier(n_neighbors=KNN_K, metric="cosine").fit(fs.features("train", "features"), fs.labels("train"))
-        knn[name] = clf.predict(fs.features("val", "features")) == fs.labels("val")
+        linear[name] = selected[(str(path), "linear")]
+        pred = selected[(str(path), "knn")]["report_predictions"]
+        order = np.argsort(pred["paths"])  # paired by image: the same order for every encoder
+        paths[name] = pred["paths"][order]
+        knn[name] = (pred["pred"] == pred["target"])[order]
+        # the k-NN accuracy of the row is the mean of its per-image predictions
+        assert 100 * knn[name].mean() == pytest.approx(selected[(str(path), "knn")]["report_top1_pct"], abs=1e-4)  # the row is rounded to 4 decimals
+    assert all(np.array_equal(p, paths["random"]) for p in paths.values())
     return linear, knn
 
 

@@ -259,7 +259,8 @@ def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int
         if method == "linear":
             out += _linear(case, raw, labels, orders_cache, log, warn)
         else:
-            key = (method, rows_key)
+            # a logreg result depends on more than its rows: whether it was refit (never for few-shot)
+            key = (method, rows_key, method == "logreg" and case.shots is None)
             reused = key in memo
             if not reused:
                 run = _knn_result if method == "knn" else _logreg_result

@@ -165,3 +165,14 @@ def test_every_store_of_a_comparison_gets_the_same_few_shot_rows(tmp_path, digit
             np.testing.assert_array_equal(pa["pred"], pb["pred"])
     # and a different seed draws different rows
     assert not np.array_equal(sel[("a", 1, 0)]["report_predictions"]["pred"], sel[("a", 1, 1)]["report_predictions"]["pred"])
+
+
+def test_few_shot_as_large_as_every_row_is_not_the_refit_result(store):
+    # shots >= every class's size draws exactly the training rows: the rows match the full run's,
+    # but a few-shot logreg is never refit, so its result must not be the full run's (refit) one
+    p = Protocol(methods="logreg", shots="all,10000", **QUICK)
+    rows = probe.fit(store, p, device="cpu", warn=lambda m: None)
+    sel = _selected(rows)
+    full, few = sel[("logreg", None, 0)], sel[("logreg", 10000, 0)]
+    assert full["refit"] and full["n_train"] == few["n_train"] + few["n_select"]
+    assert not few["refit"] and not any(r["refit"] for r in rows if r["shots"] == 10000)

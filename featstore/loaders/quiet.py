@@ -21,22 +21,27 @@ import threading
 _NVIMGCODEC = rb"(?:\x1b\[[0-9;]*m)?\[(?:FATAL|ERROR|WARNING|INFO|DEBUG|TRACE)\] ?(?:\x1b\[0m)?\[[A-Za-z0-9_]+\]"
 # libjpeg(-turbo) messages a decoder can print about its input (jerror.h: every JWRN_*, the JERR_*
 # that data can cause), by the text before their first parameter; and libpng's own prefix
-_LIBJPEG = (rb"Corrupt JPEG data|Premature end of (?:JPEG|input) file|Invalid SOS parameters for sequential JPEG|"
-            rb"Warning: unknown JFIF revision number|Warning: thumbnail image size does not match|"
-            rb"Inconsistent progression sequence|Unknown Adobe color transform code|"
-            rb"Application transferred too (?:few|many) scanlines|Invalid component ID|DCT coefficient|"
-            rb"Bogus (?:Huffman table definition|JPEG colorspace|marker length|sampling factors|DAC|DHT|DQT)|"
-            rb"Sampling factors too large|Unsupported JPEG data precision|Invalid progressive/lossless parameters|"
-            rb"Too many color components|Unsupported color conversion request|Empty JPEG image|"
-            rb"Didn't expect more than one scan|Huffman code size table overflow|Missing Huffman code table entry|"
-            rb"Maximum supported image dimension|Empty input file|(?:Arithmetic|Huffman|Quantization) table 0x[0-9a-f]+ was not defined|"
-            rb"JPEG datastream contains no image|Not a JPEG file: starts with|Insufficient memory \(case|"
-            rb"Invalid JPEG file structure|Unsupported JPEG process|Unsupported marker type|Image too wide for this implementation|"
-            rb"Invalid restart interval|Fractional sampling not implemented|Requested features are incompatible|"
-            rb"libpng (?:warning|error): ")
-NOISE = re.compile(rb"^(?:" + _NVIMGCODEC + rb"|" + _LIBJPEG + rb")")
-# how a diagnostic line can begin: a partial line that starts so waits for its end
-_MAY_BE_NOISE = re.compile(rb"^(?:\x1b|\[|C|P|I|W|U|A)")
+_LIBJPEG = (
+    rb"Corrupt JPEG data", rb"Premature end of (?:JPEG|input) file", rb"Invalid SOS parameters for sequential JPEG",
+    rb"Warning: unknown JFIF revision number", rb"Warning: thumbnail image size does not match",
+    rb"Inconsistent progression sequence", rb"Unknown Adobe color transform code",
+    rb"Application transferred too (?:few|many) scanlines", rb"Invalid component ID", rb"DCT coefficient",
+    rb"Bogus (?:Huffman table definition|JPEG colorspace|marker length|sampling factors|DAC|DHT|DQT)",
+    rb"Sampling factors too large", rb"Unsupported JPEG data precision", rb"Invalid progressive/lossless parameters",
+    rb"Too many color components", rb"Unsupported color conversion request", rb"Empty JPEG image",
+    rb"Didn't expect more than one scan", rb"Huffman code size table overflow", rb"Missing Huffman code table entry",
+    rb"Maximum supported image dimension", rb"Empty input file",
+    rb"Arithmetic table 0x[0-9a-f]+ was not defined", rb"Huffman table 0x[0-9a-f]+ was not defined",
+    rb"Quantization table 0x[0-9a-f]+ was not defined",
+    rb"JPEG datastream contains no image", rb"Not a JPEG file: starts with", rb"Insufficient memory \(case",
+    rb"Invalid JPEG file structure", rb"Unsupported JPEG process", rb"Unsupported marker type", rb"Image too wide for this implementation",
+    rb"Invalid restart interval", rb"Fractional sampling not implemented", rb"Requested features are incompatible",
+    rb"libpng (?:warning|error): ",
+)
+NOISE = re.compile(rb"^(?:" + _NVIMGCODEC + rb"|" + b"|".join(_LIBJPEG) + rb")")
+# how a diagnostic line can begin (derived from the patterns, so the two cannot drift apart): a
+# partial line that starts so waits for its end
+_MAY_BE_NOISE = re.compile(rb"^(?:\x1b|\[|[" + re.escape(bytes(sorted({m[0] for m in _LIBJPEG}))) + rb"])")
 
 
 def is_decoder_noise(line: bytes) -> bool:

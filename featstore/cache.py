@@ -350,12 +350,13 @@ def plan_gc(older_than_days: float | None = None, max_size: int | None = None, p
     if older_than_days is None and max_size is None and not partial:
         raise UsageError("gc needs a rule", "pass --older-than DAYS, --max-size SIZE and/or --partial")
     now = time.time() if now is None else now
-    entries = sorted((e for e in list_stores() if not e.writing), key=lambda e: e.last_used)
+    listed = list_stores()  # one scan: it walks every file of every store
+    entries = sorted((e for e in listed if not e.writing), key=lambda e: e.last_used)
     remove = [e for e in entries if (partial and not e.complete)
               or (older_than_days is not None and now - e.last_used > older_than_days * 86400)]
     keep = [e for e in entries if e not in remove]
     if max_size is not None:
-        total = sum(e.size_bytes for e in keep) + sum(e.size_bytes for e in list_stores() if e.writing)
+        total = sum(e.size_bytes for e in keep) + sum(e.size_bytes for e in listed if e.writing)
         while keep and total > max_size:
             oldest = keep.pop(0)
             remove.append(oldest)

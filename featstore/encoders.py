@@ -212,11 +212,12 @@ class FeatureEncoder(nn.Module):
             self._block_outputs = []
             tokens = self.backbone.forward_features(x)  # final norm applied
             n_prefix = getattr(self.backbone, "num_prefix_tokens", 1)
+            if getattr(self.backbone, "cls_token", None) is None:  # no CLS token (I-JEPA): patch tokens only
+                self._block_outputs = []
+                return {"avgpool": tokens[:, n_prefix:].mean(dim=1)}
             norm = self.backbone.norm
             last4 = [norm(h)[:, 0] for h in self._block_outputs[-4:]]
             self._block_outputs = []
-            if getattr(self.backbone, "cls_token", None) is None:  # no CLS token (I-JEPA): patch tokens only
-                return {"avgpool": tokens[:, n_prefix:].mean(dim=1)}
             return {
                 "cls": tokens[:, 0],
                 "avgpool": tokens[:, n_prefix:].mean(dim=1),  # register tokens are prefix tokens: excluded

@@ -12,7 +12,7 @@ import hashlib
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -64,6 +64,13 @@ class _Store:
     plan: SplitPlan  # the first seed's (the one reported in protocol.json's run record)
     plans: dict[int, SplitPlan]  # per seed: the holdout is drawn per seed
     num_classes: int
+    _paths: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def paths(self, split: str) -> np.ndarray:
+        """A split's dataset paths, read once (every selected configuration's predictions need them)."""
+        if split not in self._paths:
+            self._paths[split] = self.store.paths(split)
+        return self._paths[split]
 
 
 def _open(path: str | os.PathLike) -> FeatureStore:
@@ -414,7 +421,7 @@ def _report_predictions(case: _Case, predictions: dict) -> dict | None:
     split = case.plan.report_source if role == "report" else case.plan.select_source
     rows = case.kept[role]
     top1, top5 = predictions[role]
-    return ImagePredictions(paths=case.info.store.paths(split)[rows], target=case.info.labels[split][rows], pred=top1, top5=top5)
+    return ImagePredictions(paths=case.info.paths(split)[rows], target=case.info.labels[split][rows], pred=top1, top5=top5)
 
 
 def _knn_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> list[dict]:

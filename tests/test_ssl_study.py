@@ -1,7 +1,8 @@
 """examples/ssl_study at CI scale: SimCLR, autoencoder and jigsaw pretrained on 600 real
-photographs (Imagenette train, 60 per class) at 32 px, extracted through ``featstore extract
---weights``, and probed against the same backbone at random init on 600 held-out photographs
-(Imagenette val, 60 per class).
+photographs (Imagenette train, 60 per class) at 32 px (jigsaw cuts its puzzles from 48-px
+images), extracted at 32 px through ``featstore extract --weights``, probed with ``probe fit``
+and compared with ``probe compare`` against the same backbone at random init on 600 held-out
+photographs (Imagenette val, 60 per class).
 
 Seeded throughout (subset, pretraining, probe), so the numbers are the same on every run of one
 machine. What it shows and what it cannot at this scale: docs/ssl_study.md.
@@ -9,6 +10,7 @@ machine. What it shows and what it cannot at this scale: docs/ssl_study.md.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -34,10 +36,17 @@ METHODS = ("simclr", "autoencoder", "jigsaw")
 HEADS = {"simclr": ("projection_head.",), "autoencoder": ("decoder.",), "jigsaw": ("fc.", "classifier.")}
 SIZE = 32
 TRAIN_PER_CLASS, HELD_OUT_PER_CLASS = 60, 60
-# SimCLR gets the budget: it is the method that separates from random init within CI's minutes;
-# the autoencoder and jigsaw need far more steps than CI has (measured: docs/ssl_study.md)
-EPOCHS = {"simclr": 10, "autoencoder": 3, "jigsaw": 3}
-EXTRA = {"jigsaw": ["--permutations", "24"]}  # with 100 permutations the loss stays at chance for the few steps CI affords
+# SimCLR gets the budget: it is the method that separates from random init within CI's minutes.
+# The autoencoder and jigsaw do not, even with several times these epochs (measured:
+# docs/ssl_study.md); they run long enough for their losses to fall and their checkpoints to load
+EPOCHS = {"simclr": 10, "autoencoder": 5, "jigsaw": 6}
+# SimCLR at batch 64 (its negatives are the batch); the autoencoder and jigsaw at pretrain.py's
+# defaults for them (batch 16, lr 5e-4); jigsaw's puzzles are cut from 48-px images, 1.5x the
+# probe's 32 px, as run.sh --quick cuts them from 96-px images for its 64-px probe
+EXTRA = {"simclr": ["--batch-size", "64"], "jigsaw": ["--permutations", "10", "--size", "48"]}
+# the paired 95% interval of SimCLR's difference to random init (linear and k-NN) starts above
+# this many points; what was measured: docs/ssl_study.md
+SIMCLR_MARGIN = 2.0
 KNN_K = 20
 
 
@@ -129,8 +138,7 @@ def study(tmp_path_factory):
         ckpt = tmp / f"{method}.pth"
         run = subprocess.run(
             [sys.executable, str(EXAMPLE / "pretrain.py"), "--method", method, "--data", str(data / "train"),
-             "--epochs", str(EPOCHS[method]), "--size", str(SIZE), "--batch-size", "64", "--device", "cpu",
-             *EXTRA.get(method, []), "--out", str(ckpt)],
+             "--epochs", str(EPOCHS[method]), "--size", str(SIZE), "--device", "cpu", *EXTRA.get(method, []), "--out", str(ckpt)],
             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert run.returncode == 0, run.stderr
         out["stdout"][method] = run.stdout
@@ -139,49 +147,55 @@ def study(tmp_path_factory):
         out["stores"][method] = tmp / f"{method}.zarr"
     _extract(data, tmp / "random.zarr", "--random-init")
     out["stores"]["random"] = tmp / "random.zarr"
-    out["linear"], out["knn"] = _probe(out["stores"])
+    out["rows"], out["compare"], out["predictions"] = _probe(out["stores"], tmp / "probe")
     return out
 
 
-def _probe(stores):
-    """Linear probe (one fixed LR) and k-NN (k = 20), both probe.fit's, trained on train and reported
-    on val; per k-NN: each held-out image correct or not, from probe fit's own per-image predictions."""
-    import probe
+def _probe(stores, results):
+    """`probe fit --method linear,knn` (linear at one fixed LR, k-NN at k = 20: nothing selected)
+    trained on train and reported on val, then `probe compare --reference random --json`: each
+    encoder's paired difference to random init on the same val images."""
+    from probe.cli import main as probe_cli
+    from probe.runs import load
 
-    protocol = probe.Protocol(lr_grid=(0.01,), epochs=30, methods=("linear", "knn"), knn_k=(KNN_K,))
-    rows = probe.fit([str(p) for p in stores.values()], protocol, device="cpu")
-    selected = {(r["store"], r["method"]): r for r in rows if r["selected"]}
-    linear, knn, paths = {}, {}, {}
-    for name, path in stores.items():
-        linear[name] = selected[(str(path), "linear")]
-        pred = selected[(str(path), "knn")]["report_predictions"]
-        order = np.argsort(pred["paths"])  # paired by image: the same order for every encoder
-        paths[name] = pred["paths"][order]
-        knn[name] = (pred["pred"] == pred["target"])[order]
-        # the k-NN accuracy of the row is the mean of its per-image predictions
-        assert 100 * knn[name].mean() == pytest.approx(selected[(str(path), "knn")]["report_top1_pct"], abs=1e-4)  # the row is rounded to 4 decimals
-    assert all(np.array_equal(p, paths["random"]) for p in paths.values())
-    return linear, knn
+    fit = CliRunner().invoke(probe_cli, [
+        "fit", *(a for name, path in stores.items() for a in ("--store", f"{name}={path}")), "--lr", "0.01", "--epochs", "30",
+        "--method", "linear,knn", "--knn-k", str(KNN_K), "--device", "cpu", "--out", str(results), "--quiet"])
+    assert fit.exit_code == 0, fit.output
+    compared = CliRunner().invoke(probe_cli, ["compare", str(results), "--reference", "random", "--json"])
+    assert compared.exit_code == 0, compared.output
+    rows = {(r["label"], r["method"]): r for r in json.loads(compared.output)["rows"]}
+    predictions = {(p.label, p.method): p for p in load(results).predictions}
+    assert set(rows) == set(predictions) == {(name, m) for name in stores for m in ("linear", "knn")}
+    return load(results).rows, rows, predictions
 
 
 def _wilson(row) -> tuple[float, float]:
-    """95% Wilson interval of a reported accuracy (percent), from scipy."""
-    n = row["n_report"]
-    k = round(row["report_top1_pct"] * n / 100)
-    ci = stats.binomtest(k, n).proportion_ci(0.95, method="wilson")
-    p, z = k / n, stats.norm.ppf(0.975)  # Wilson's score interval by hand
+    """95% Wilson interval (percent) of a compared head, checked against Wilson's formula."""
+    n, p = row["n"], row["top1"] / 100
+    z = stats.norm.ppf(0.975)
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    assert (ci.low, ci.high) == pytest.approx((centre - half, centre + half), abs=1e-12)
-    return round(100 * float(ci.low), 2), round(100 * float(ci.high), 2)
+    assert tuple(row["wilson95"]) == pytest.approx((100 * (centre - half), 100 * (centre + half)), abs=1e-9)
+    return tuple(row["wilson95"])
 
 
-def _paired_interval(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """95% interval of the paired difference of per-image correctness (percent), from scipy."""
-    ci = stats.ttest_rel(a.astype(float), b.astype(float)).confidence_interval(0.95)
-    d = a.astype(float) - b.astype(float)  # the same by hand: mean ± t * sd / sqrt(n)
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-    assert (ci.low, ci.high) == pytest.approx((d.mean() - half, d.mean() + half), abs=1e-12)
-    return round(100 * float(ci.low), 2), round(100 * float(ci.high), 2)
+def _paired_difference(study, method: str, probe_method: str) -> tuple[float, float, float]:
+    """``probe compare``'s difference (percentage points) of ``method`` to random init on the same
+    val images and its paired bootstrap 95% interval, checked against a direct computation from
+    predictions.csv: the mean of the per-image differences, and scipy's paired t interval of it
+    (the bootstrap's and the t interval agree to well under a point at n = 600 and up)."""
+    row = study["compare"][(method, probe_method)]
+    ours, ref = study["predictions"][(method, probe_method)], study["predictions"][("random", probe_method)]
+    order, ref_order = np.argsort(ours.paths), np.argsort(ref.paths)
+    assert np.array_equal(ours.paths[order], ref.paths[ref_order])  # the same images
+    a, b = ours.correct[order].astype(float), ref.correct[ref_order].astype(float)
+    assert row["n_paired"] == len(a) == 10 * HELD_OUT_PER_CLASS
+    assert row["delta"] == pytest.approx(100 * (a.mean() - b.mean()), abs=1e-9)
+    assert (row["n01"], row["n10"]) == (int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum()))
+    t = stats.ttest_rel(a, b).confidence_interval(0.95)
+    low, high = row["delta_ci95"]
+    assert low == pytest.approx(100 * t.low, abs=0.6) and high == pytest.approx(100 * t.high, abs=0.6), (row["delta_ci95"], t)
+    return row["delta"], low, high
 
 
 @pytest.mark.slow
@@ -193,7 +207,7 @@ def test_pretraining_loss_falls(study, method):
     printed = re.search(r"loss ([0-9.]+) \(epoch 1\) -> ([0-9.]+) \(epoch (\d+)\)", study["stdout"][method])
     assert printed and float(printed[1]) == pytest.approx(losses[0], abs=1e-4) and float(printed[2]) == pytest.approx(losses[-1], abs=1e-4)
     if method == "jigsaw":  # below chance: it tells permutations apart
-        assert losses[-1] < np.log(24)
+        assert losses[-1] < np.log(10) - 0.2
 
 
 @pytest.mark.slow
@@ -212,28 +226,39 @@ def test_weights_load_with_the_heads_dropped(study, method):
     assert report[5].startswith(f"; dropped {named}"), report[0]
 
 
+def _show(study):
+    """The numbers docs/ssl_study.md quotes (shown with -s)."""
+    for name in (*METHODS, "random"):
+        cells = []
+        for m in ("linear", "knn"):
+            row = study["compare"][(name, m)]
+            cells.append(f"{m} {row['top1']:.1f}% [{row['wilson95'][0]:.1f}, {row['wilson95'][1]:.1f}]"
+                         + (f" Δ {row['delta']:+.1f} [{row['delta_ci95'][0]:+.1f}, {row['delta_ci95'][1]:+.1f}] p {row['mcnemar_p']:.2g}"
+                            if name != "random" else ""))
+        print(f"{name}: " + "; ".join(cells))
+
+
 @pytest.mark.slow
 def test_simclr_beats_random_init_on_held_out_images(study):
-    """Linear probe: the two 95% intervals do not even overlap, which bounds the interval of the
-    difference whatever the correlation of the two on the same images; k-NN: the paired interval
-    of the difference excludes zero with room to spare."""
-    linear, knn = study["linear"], study["knn"]
-    for name in (*METHODS, "random"):  # shown with -s; docs/ssl_study.md quotes them
-        print(f"{name}: linear {linear[name]['report_top1_pct']:.1f}% {_wilson(linear[name])}, k-NN {100 * knn[name].mean():.1f}%"
-              + (f", k-NN difference to random {_paired_interval(knn[name], knn['random'])}" if name != "random" else ""))
-    assert linear["simclr"]["report_split"] == "val"
-    assert linear["simclr"]["n_report"] == linear["random"]["n_report"] == 10 * HELD_OUT_PER_CLASS
-    trained, random = _wilson(linear["simclr"]), _wilson(linear["random"])
-    assert trained[0] > random[1], (linear["simclr"]["report_top1_pct"], linear["random"]["report_top1_pct"], trained, random)
-    low, high = _paired_interval(knn["simclr"], knn["random"])
-    assert low > 2.0, (knn["simclr"].mean(), knn["random"].mean(), low, high)
+    """Linear probe: the two 95% intervals do not even overlap; linear and k-NN: the paired interval
+    of the difference starts above SIMCLR_MARGIN points."""
+    _show(study)
+    rows = {(r["label"], r["method"]): r for r in study["rows"] if r["selected"]}
+    assert rows[("simclr", "linear")]["report_split"] == "val"
+    trained, random = _wilson(study["compare"][("simclr", "linear")]), _wilson(study["compare"][("random", "linear")])
+    assert trained[0] > random[1], (trained, random)
+    for probe_method in ("linear", "knn"):
+        delta, low, high = _paired_difference(study, "simclr", probe_method)
+        assert low > SIMCLR_MARGIN, (probe_method, delta, low, high)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["autoencoder", "jigsaw"])
-@pytest.mark.xfail(strict=True, reason="at CI scale (600 images, 3 epochs, 32 px) the autoencoder and jigsaw do not "
-                   "separate from random init; measured with 30 epochs too (docs/ssl_study.md)")
+@pytest.mark.xfail(strict=True, reason="at CI scale the autoencoder and jigsaw do not separate from random init on the "
+                   "linear probe, nor with 3-6x the epochs (docs/ssl_study.md, the table of variants)")
 def test_autoencoder_and_jigsaw_beat_random_init_at_ci_scale(study, method):
-    linear, knn = study["linear"], study["knn"]
-    assert _wilson(linear[method])[0] > _wilson(linear["random"])[1]
-    assert _paired_interval(knn[method], knn["random"])[0] > 0
+    """What the issue asks of every method: the paired 95% interval of the difference to random
+    init starts above zero, on the linear probe and on k-NN."""
+    for probe_method in ("linear", "knn"):
+        delta, low, high = _paired_difference(study, method, probe_method)
+        assert low > 0, (probe_method, delta, low, high)

@@ -2,12 +2,16 @@
 data with neural networks"; the convolutional form of Masci et al. 2011, "Stacked convolutional
 auto-encoders for hierarchical feature extraction"), at small scale.
 
-The encoder (the shared backbone, convolutions then global average pooling) compresses the image
-into one 256-d code, the very vector a linear probe later reads; a decoder (a linear layer back
-to a 1/16-resolution map, then transposed convolutions) reconstructs the image from that code
-alone; the loss is the mean squared error against the (normalized) input. Decoding from the
-pooled code, not from the last spatial map, makes the probed vector itself the bottleneck. The
-decoder is thrown away after training.
+The encoder (the shared backbone) maps the image to its last feature map (256 channels at 1/16
+of the resolution: a 16x smaller spatial code with 4x fewer values than the normalized image has
+pixel values, the bottleneck); a decoder of transposed convolutions, mirror of the encoder's
+four stride-2 stages, rebuilds the image from that map; the loss is the mean squared error
+against the (normalized) input. The decoder is thrown away after training and the probe reads the
+map's global average, as for every method of the study.
+
+Decoding from the spatial map, not from its global average: measured at CI scale (docs/ssl_study.md,
+the table of variants), an autoencoder whose decoder started from the pooled 256-d vector probed
+below random init, the spatial one above it.
 
 Layout of the checkpoint: ``encoder.*`` and ``decoder.*``, the two attributes of the usual PyTorch
 autoencoder (``self.encoder = nn.Sequential(...)``, ``self.decoder = nn.Sequential(...)``, e.g.
@@ -23,7 +27,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from augment import each, normalize
-from encoder import SmallResNet
+from encoder import WIDTHS, SmallResNet
 
 
 def up(cin: int, cout: int) -> nn.Sequential:
@@ -34,14 +38,12 @@ class AutoEncoder(nn.Module):
     def __init__(self, size: int):
         super().__init__()
         self.encoder = SmallResNet()
-        w = (32, 64, 128, 256)
-        self.side = size // 16  # four x2 upsamplings undo the stem and the three stages
-        self.decoder = nn.Sequential(
-            nn.Linear(w[3], w[3] * self.side * self.side), nn.Unflatten(1, (w[3], self.side, self.side)), nn.ReLU(inplace=True),
-            up(w[3], w[2]), up(w[2], w[1]), up(w[1], w[0]), nn.ConvTranspose2d(w[0], 3, 4, 2, 1))
+        w = WIDTHS
+        # four x2 upsamplings undo the stem and the three stages
+        self.decoder = nn.Sequential(up(w[3], w[2]), up(w[2], w[1]), up(w[1], w[0]), nn.ConvTranspose2d(w[0], 3, 4, 2, 1))
         # light augmentation only: the input itself is the target
         self.augment = v2.Compose([v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()])
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize(each(self.augment, images), self.decoder[0].weight.device)
-        return F.mse_loss(self.decoder(self.encoder(x)), x)
+        x = normalize(each(self.augment, images), self.decoder[-1].weight.device)
+        return F.mse_loss(self.decoder(self.encoder.feature_map(x)), x)

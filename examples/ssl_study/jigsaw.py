@@ -2,18 +2,16 @@
 Solving Jigsaw Puzzles", arXiv:1603.09246), at small scale.
 
 The image is cut into a 3x3 grid; from each cell a slightly smaller tile is cropped at a random
-offset (the gap keeps edges from giving the answer away) and normalized on its own (so does
-colour and brightness). The tiles are shuffled by one permutation of a fixed set, and the network
+offset (the gap keeps edges from giving the answer away), its colour channels scaled at random
+(0.8-1.2 each) and the tile normalized on its own to zero mean and unit variance over all its
+pixels and channels (so brightness and contrast do not give the answer, while the tile's colours
+relative to each other stay: the reference PyTorch port, bbrattoli/JigsawPuzzlePytorch's
+JigsawImageLoader, does both). The tiles are shuffled by one permutation of a fixed set, and the network
 - the backbone run on every tile separately (shared weights), the nine tile features
 concatenated, a fully connected layer and a classifier - says which permutation it was. The
 permutation set is chosen by the paper's Algorithm 1 (greedy: each next permutation maximizes
 the summed Hamming distance to those already chosen) so the classes are far apart. The tile
 encoder is kept; ``fc`` and ``classifier`` are thrown away.
-
-Layout of the checkpoint: the tile encoder's parameters at the root (as the paper's Caffe net
-and its PyTorch port, bbrattoli/JigsawPuzzlePytorch, hold the convolutions beside ``fc6``/``fc7``/
-``classifier``), with the heads ``fc.*`` and ``classifier.*``, the way a torchvision ResNet
-holds its ``fc``; the permutation set is saved beside the state dict.
 """
 
 from __future__ import annotations
@@ -74,11 +72,20 @@ def cut_tiles(images: torch.Tensor, tile: int, generator: torch.Generator | None
 
 
 def normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
-    """Each tile to zero mean and unit variance per channel, as the paper does against shortcuts."""
+    """Each tile to zero mean and unit variance over its pixels and channels together, as the
+    reference port does (one mean and std per tile): brightness and contrast are gone, the
+    relative colours stay."""
     x = tiles.float()
-    mean = x.mean(dim=(-2, -1), keepdim=True)
-    std = x.std(dim=(-2, -1), keepdim=True).clamp_min(1.0)  # in uint8 levels: a flat tile stays flat
+    mean = x.mean(dim=(-3, -2, -1), keepdim=True)
+    std = x.std(dim=(-3, -2, -1), keepdim=True).clamp_min(1.0)  # in uint8 levels: a flat tile stays flat
     return (x - mean) / std  # unit variance, about the scale of ImageNet-normalized pixels at extraction
+
+
+def jitter_channels(tiles: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 9, C, t, t) float: every channel of every tile times a factor drawn from U(0.8, 1.2),
+    the reference port's rgb_jittering (against chromatic-aberration shortcuts)."""
+    factor = torch.rand(tiles.shape[:3] + (1, 1), generator=generator) * 0.4 + 0.8
+    return tiles * factor.to(tiles.device)
 
 
 class Jigsaw(SmallResNet):
@@ -89,9 +96,8 @@ class Jigsaw(SmallResNet):
         self.register_buffer("permutations", torch.from_numpy(hamming_permutations(num_permutations, seed)), persistent=False)
         self.fc = nn.Sequential(nn.Linear(GRID * GRID * self.out_dim, hidden), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(hidden, num_permutations)
-        # crop and flip the whole image first; grayscale some images so colour cannot solve it
-        self.augment = v2.Compose([v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                                   v2.RandomGrayscale(p=0.3)])
+        # crop and flip the whole image first
+        self.augment = v2.Compose([v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()])
 
     def puzzle_logits(self, tiles: torch.Tensor) -> torch.Tensor:
         b = tiles.shape[0]
@@ -101,7 +107,7 @@ class Jigsaw(SmallResNet):
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
         device = self.classifier.weight.device
-        tiles = normalize_tiles(cut_tiles(each(self.augment, images), self.tile).to(device))
+        tiles = normalize_tiles(jitter_channels(cut_tiles(each(self.augment, images), self.tile).float())).to(device)
         labels = torch.randint(0, len(self.permutations), (len(images),)).to(device)
         order = self.permutations[labels]  # (B, 9): position k shows tile order[k]
         shuffled = tiles[torch.arange(len(images), device=device)[:, None], order]

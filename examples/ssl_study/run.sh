@@ -4,8 +4,8 @@
 #
 #   examples/ssl_study/run.sh [--quick] [--data IMAGENETTE_DIR] [--out DIR] [--device auto|cpu|cuda] [--epochs N]
 #
-# --quick: 200 training images per class, 100 val images per class, 3-4 epochs; under 15 minutes
-# on a 2-core CPU. Without it: all of Imagenette and 100 epochs per method (meant for a GPU).
+# --quick: 200 training images per class, 100 val images per class, a few epochs per method; under
+# 15 minutes on a 2-core CPU. Without it: all of Imagenette and 100 epochs per method (meant for a GPU).
 # --epochs N sets every method's epochs.
 # Imagenette has train and val only: `probe fit` selects the learning rate on a seeded holdout of
 # train and reports on val, on which no choice was made.
@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --device) DEVICE="$2"; shift ;;
     --epochs) EPOCHS="$2"; shift ;;
-    -h|--help) sed -n '2,11p' "$0" | sed -E 's/^# ?//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed -E 's/^# ?//'; exit 0 ;;
     *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -36,10 +36,13 @@ PROBE="${PROBE:-probe}"
 
 if [ "$QUICK" = 1 ]; then
   TRAIN_PER_CLASS=200; VAL_PER_CLASS=100
-  EPOCHS_simclr=3; EPOCHS_autoencoder=4; EPOCHS_jigsaw=4; PERMUTATIONS=24
+  EPOCHS_simclr=3; EPOCHS_autoencoder=10; EPOCHS_jigsaw=8; PERMUTATIONS=10
 else
   EPOCHS_simclr=100; EPOCHS_autoencoder=100; EPOCHS_jigsaw=100; PERMUTATIONS=100
 fi
+# jigsaw cuts its puzzle from images 1.5x the probe's 64 px, so that its tiles are nearer the
+# scale of what the probe shows the encoder (the paper: 64-px tiles of 225-px crops, evaluated at 224)
+SIZE_simclr=64; SIZE_autoencoder=64; SIZE_jigsaw=96
 if [ -n "$EPOCHS" ]; then EPOCHS_simclr=$EPOCHS; EPOCHS_autoencoder=$EPOCHS; EPOCHS_jigsaw=$EPOCHS; fi
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -63,8 +66,8 @@ PYEOF
 fi
 
 for method in simclr autoencoder jigsaw; do
-  epochs_var="EPOCHS_$method"
-  nice -n 10 "$PY" "$HERE/pretrain.py" --method "$method" --data "$DATA/train" --epochs "${!epochs_var}" \
+  epochs_var="EPOCHS_$method"; size_var="SIZE_$method"
+  nice -n 10 "$PY" "$HERE/pretrain.py" --method "$method" --data "$DATA/train" --epochs "${!epochs_var}" --size "${!size_var}" \
     --out "$OUT/checkpoints/$method.pth" --threads "${THREADS:-1}" --device "$DEVICE" --permutations "$PERMUTATIONS" | tee "$OUT/pretrain-$method.log"
 done
 
@@ -79,5 +82,7 @@ extract random --random-init
 nice -n 10 "$PROBE" fit --store "simclr=$OUT/stores/simclr.zarr" --store "autoencoder=$OUT/stores/autoencoder.zarr" \
   --store "jigsaw=$OUT/stores/jigsaw.zarr" --store "random-init=$OUT/stores/random.zarr" --lr-grid 1e-4:1:9 \
   --method linear,knn --device "$DEVICE" --out "$OUT/probe" --overwrite 2>&1 | tee "$OUT/probe.log"
+# each encoder against random init on the same val images: paired bootstrap interval of the difference, McNemar
+"$PROBE" compare "$OUT/probe" --reference random-init | tee "$OUT/compare.md"
 "$PY" "$HERE/plot_losses.py" "$OUT"/checkpoints/*.pth --out "$OUT/pretrain_loss.png"
-echo "ssl study: done in $(( $(date +%s) - start )) s; results in $OUT/probe, loss curves in $OUT/pretrain_loss.png"
+echo "ssl study: done in $(( $(date +%s) - start )) s; results in $OUT/probe, comparison in $OUT/compare.md, loss curves in $OUT/pretrain_loss.png"

@@ -8,7 +8,7 @@ A small ResNet-style CNN for 64-px images (a ResNet-18 with a small-image stem w
 3x3 stem and three stages of two 3x3 convolutions (the first with stride 2), BatchNorm and ReLU,
 a residual shortcut per stage, then global average pooling. ``forward`` returns the pooled
 (B, 256) vector (featstore's ``features`` view); ``feature_map`` is the last spatial map, which
-the autoencoder's decoder starts from. Any input size works (jigsaw feeds it 18-px tiles).
+the autoencoder's decoder starts from. Any input size works (jigsaw feeds it 14- to 28-px tiles).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
         --epochs 20 --out simclr.pth
 
 Labels are never read: every image file under --data is used. All three methods share the
-backbone (encoder.py), the optimizer (AdamW, cosine schedule, so only the pretext task differs
-between them) and the data; each has its own augmentation and head. The checkpoint holds the
+backbone (encoder.py), the optimizer (AdamW, cosine schedule) and the data; each has its own
+augmentation, head, and default batch size and learning rate (DEFAULTS below). The checkpoint holds the
 whole model in the layout of that method's reference code under ``state_dict`` (see each
 method's module), plus ``method``, ``args`` and the per-epoch ``losses``.
 """

@@ -151,15 +151,16 @@ class BiasProfile:
                 break
             # Newton on the K intercepts; the all-ones direction (a shift of every logit) changes
             # nothing and gets unit curvature so that it is left alone
-            hessian = torch.diag(p_mean) - ppt + 1.0 / self.k
-            delta = torch.linalg.solve(hessian.double(), gb.double()).to(b.dtype)
+            hessian = (torch.diag(p_mean) - ppt + 1.0 / self.k).double()
+            hessian.diagonal().add_(1e-9)  # (classes whose p underflowed to 0 would make it singular)
+            delta = torch.linalg.solve(hessian, gb.double()).to(b.dtype)
             while True:  # damped: halve until the cross-entropy does not rise (rarely needed)
                 cand = b - t * delta
                 ce_c, p_c, ppt_c = self._stats(self._chunks(w, logits, fill=False), cand, probs)
                 if ce_c <= ce or t < 1e-3:
                     break
                 t *= 0.5
-            if ce_c > ce:
+            if not ce_c <= ce:  # (NaN included)
                 probs_at_b = False  # (``probs`` hold the rejected candidate's)
                 break  # no decrease in float arithmetic: b is as good as it gets
             b, ce, p_mean, ppt, t = cand, ce_c, p_c, ppt_c, min(1.0, 2 * t)

@@ -176,6 +176,27 @@ def test_logreg_default_tolerance_path_and_refit_from_init():
     assert capped.n_iter == [2] and capped.converged == [False]
 
 
+def test_logreg_with_classes_absent_from_the_training_rows():
+    """num_classes larger than the labels seen (a few-shot or filtered split): the absent classes'
+    intercepts go to −∞ within the intercept's Newton steps, the solves converge, and the model is
+    scikit-learn's fitted on the present classes."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(900, 10, 3, seed=9, sep=0.6)
+    (xs,) = _standardized(x)
+    path = logreg.fit_path(xs, torch.from_numpy(y), [1e-2, 1.0], 5)
+    assert all(path.converged) and max(path.grad_max) <= logreg.DEFAULT_TOL
+    assert bool((path.bias[:, 3:] < path.bias[:, :3].min() - 8).all())
+    top1, _ = path.predict(xs)
+    assert top1.max() <= 2
+    for i, C in enumerate(path.Cs):
+        ref = LogisticRegression(C=C, max_iter=1000).fit(xs.numpy().astype(np.float64), y)
+        assert (ref.predict(xs.numpy()) == top1[i]).mean() >= 0.995
+        obj_ref = logreg.sklearn_objective(xs.numpy(), y, ref.coef_.T, ref.intercept_, C)
+        obj_ours = logreg.sklearn_objective(xs.numpy(), y, path.weight[i, :, :3].numpy(), path.bias[i, :3].numpy(), C)
+        assert obj_ours == pytest.approx(obj_ref, rel=1e-4)
+
+
 def test_logreg_settings_are_checked():
     with pytest.raises(UsageError):
         logreg.check_settings([0.0, 1.0], 1e-4, 100)

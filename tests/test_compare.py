@@ -594,3 +594,25 @@ def test_rows_with_predictions_compare_equal():
     assert {"lr": 0.1, "report_predictions": a} == {"lr": 0.1, "report_predictions": b}
     b["pred"] = np.array([0, 1])
     assert a != b and a["pred"].shape == (2,)
+
+
+def test_report_names_the_report_split_not_its_description(tmp_path, three_encoders):
+    """probe report's titles say "on the test split", not the reported_as phrase of results.csv."""
+    import csv as csv_mod
+
+    from probe import leaderboard
+
+    target, a, b, _ = three_encoders
+    folder = results_folder(tmp_path / "run", {"r18": (target, a), "r50": (target, b)})
+    with open(folder / "results.csv", newline="") as f:
+        rows = list(csv_mod.DictReader(f))
+    for r in rows:
+        r["reported_as"] = "test (reported; selection on val)"  # as probe fit writes it
+    with open(folder / "results.csv", "w", newline="") as f:
+        w = csv_mod.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (g,) = leaderboard.gather([folder])
+    assert g.fields["report split"] == "test" and g.runs[0].report_splits == ["test"]
+    table = leaderboard.markdown([g], leaderboard.table_rows([g]))
+    assert "top-1 in percent on the test split;" in table and "(reported; selection on val)" not in table

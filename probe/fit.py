@@ -383,12 +383,15 @@ def _linear(case: _Case, raw, labels, orders_cache, log, warn) -> list[dict]:
     log(f"{info.label} [{case.view}]{_case_words(case)}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(kept['train'])} rows (D={dim}, C={info.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})")
     result = H.train(x["train"], labels["train"], heads, protocol, orders)
     finite = heads.finite().cpu().numpy()
-    metrics = {role: H.evaluate(heads, x[role], labels[role]) for role in x}
+    # every head's top-5 on the reported rows in one pass, before the features go (the chosen one
+    # is kept below); that role's accuracies are read from them, the other roles are streamed
+    shown = "report" if "report" in x else ("select" if case.plan.selects_on_report else None)
+    ranked = H.predict(heads, x[shown]) if shown else None
+    metrics = {role: H.accuracy(ranked, labels[role], heads.num_classes) if role == shown else H.evaluate(heads, x[role], labels[role]) for role in x}
     if case.plan.selects_on_report:
         metrics["report"] = metrics["select"]  # one split, evaluated once
-    # every head's top-5 on the reported rows in one pass, before the features go (the chosen one is kept below)
-    shown = "report" if "report" in x else ("select" if case.plan.selects_on_report else None)
-    top = {shown: H.predict(heads, x[shown]).cpu().numpy()} if shown else {}
+    top = {shown: ranked.cpu().numpy()} if shown else {}
+    del ranked
     seconds = case.seconds()
     train_loss = result.train_loss.cpu().numpy()
     del x

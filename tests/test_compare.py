@@ -420,6 +420,8 @@ def test_predict_agrees_with_logits_and_evaluate():
     acc = H.evaluate(heads, x, y)
     np.testing.assert_allclose(acc["top1"], (top[:, :, 0] == y.numpy()[:, None]).mean(0) * 100)
     np.testing.assert_allclose(acc["top5"], (top == y.numpy()[:, None, None]).any(-1).mean(0) * 100)
+    from_ranked = H.accuracy(H.predict(heads, x), y, 12)  # what probe fit reads off the reported split's ranking
+    assert from_ranked.keys() == acc.keys() and all(np.array_equal(from_ranked[k], acc[k]) for k in acc)
     assert H.predict(H.LinearHeads(16, 3, [0.1], [0.0]), x).shape == (301, 1, 3)  # k capped at the class count
 
 

@@ -33,12 +33,13 @@ from .predictions import PREDICTIONS
 from .predictions import of_rows as predictions_of
 from .predictions import write as write_predictions
 from .protocol import Protocol
+from .runs import PROTOCOL, RESULTS
 from .summary import mean_std, summarize, summary_csv
 
 # the columns that name one probe (one line in the plot, one row in the table)
 PROBE_KEY = ("label", "view")
 
-RESULTS, PROTOCOL, PLOT, SUMMARY = "results.csv", "protocol.json", "accuracy_vs_lr.png", "summary.csv"
+PLOT, SUMMARY = "accuracy_vs_lr.png", "summary.csv"  # results.csv and protocol.json: probe.runs (their reader)
 
 
 def _cell(value) -> str:

@@ -15,7 +15,7 @@ from featstore.errors import UsageError
 
 from . import predictions as P
 
-RESULTS, PROTOCOL = "results.csv", "protocol.json"
+RESULTS, PROTOCOL = "results.csv", "protocol.json"  # the file names probe.report writes
 
 
 def _value(text: str):

@@ -14,6 +14,7 @@ import json
 import math
 
 from .compare import fmt_interval, fmt_p
+from .predictions import ConfigKey
 from .runs import reported_top1, row_label, selection_top1
 
 _MAX_CLASS_BARS = 40  # more classes than this: the 20 largest gains and the 20 largest losses
@@ -43,10 +44,10 @@ def lr_figure(group) -> str | None:
     lines = []
     first_seed: dict[tuple, int] = {}  # one curve per store × view × shots: its first seed (the seeds overlap)
     for e in group.entries:
-        if e.key[2] != "linear" or first_seed.setdefault((e.label, e.key[1], e.key[3]), e.key[4]) != e.key[4]:
+        if e.key.method != "linear" or first_seed.setdefault((e.label, e.key.view, e.key.shots), e.key.seed) != e.key.seed:
             continue
-        rows = [r for r in e.run.rows if row_label(r) == row_label(e.row) and r["view"] == e.row["view"] and (r.get("method") or "linear") == e.key[2]
-                and str(r.get("shots") or "") == e.key[3] and int(r.get("seed") or 0) == e.key[4] and r.get("lr") is not None]  # fmt: skip
+        key = ConfigKey.of_row(e.row, row_label(e.row))  # under the run's own label (e.label may be renamed)
+        rows = [r for r in e.run.rows if ConfigKey.of_row(r, row_label(r)) == key and r.get("lr") is not None]
         if len({r["lr"] for r in rows}) > 1:
             lines.append((e, sorted(rows, key=lambda r: r["lr"])))
     if not lines:
@@ -56,7 +57,7 @@ def lr_figure(group) -> str | None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (e, rows) in enumerate(lines):
         color = colors[i % len(colors)]
-        name = f"{e.label} [{e.row['view']}]" + (f" {e.key[3]}-shot" if e.key[3] else "")
+        name = f"{e.label} [{e.row['view']}]" + (f" {e.key.shots}-shot" if e.key.shots else "")
         for ax, get in ((axes[0], selection_top1), (axes[1], reported_top1)):
             pts = [(r["lr"], get(r)) for r in rows if get(r) is not None]
             if pts:

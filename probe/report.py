@@ -29,7 +29,7 @@ from featstore.errors import UsageError
 from .compare import Comparison, compare, fmt_interval, fmt_p
 from .fit import COLUMNS
 from .intervals import N_RESAMPLES, seed_mean_interval
-from .predictions import PREDICTIONS
+from .predictions import PREDICTIONS, ConfigKey
 from .predictions import of_rows as predictions_of
 from .predictions import write as write_predictions
 from .protocol import Protocol
@@ -342,7 +342,7 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
             best = next((r for r in rs if r["best_report"]), None)
             cells += [f"{_pct(best['report_top1_pct'])} ({best['lr']:g})" if best else "— (nothing reported)"]
         if versus:
-            cells += _versus_cells(versus, sel)
+            cells += _versus_cells(versus, ConfigKey.of_row(sel))
         lines.append("| " + " | ".join(cells) + " |")
     r0 = rows[0]
     notes = f"protocol {r0['protocol_hash']}: {r0['optimizer']}, {r0['epochs']} epochs, batch {r0['batch_size']}, normalize {r0['normalize']}, seed {r0['seed']}, select on {r0['select_on']}"
@@ -359,11 +359,10 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
 
 def _versus_entry_cells(versus, label: str, entry: dict) -> list[str]:
     """A summary entry's Δ: the single seed's, or the mean ± std of the per-seed Δ over seeds."""
-    shots = "" if entry["shots"] is None else str(entry["shots"])
+    key = ConfigKey.make(label, entry["view"], entry["method"], entry["shots"], entry["seeds"] if entry["n_seeds"] == 1 else 0)
     if entry["n_seeds"] == 1:
-        seed = int(entry["seeds"])
-        return _versus_cells(versus, {"label": label, "view": entry["view"], "method": entry["method"], "shots": entry["shots"], "seed": seed})
-    s = next((s for s in versus.seeds if (s.label, s.view, s.method, s.shots) == (label, entry["view"], entry["method"], shots)), None)
+        return _versus_cells(versus, key)
+    s = next((s for s in versus.seeds if (s.label, s.view, s.method, s.shots) == key[:4]), None)  # every seed of the key
     if s is None or label == versus.reference:
         return ["reference" if label == versus.reference else "—", "—"]
     if s.delta_mean is None:
@@ -371,9 +370,8 @@ def _versus_entry_cells(versus, label: str, entry: dict) -> list[str]:
     return [f"{fmt_interval(s.delta_mean, s.delta_mean_ci95, digits=2, signed=True)} (± {s.delta_std:.2f} over {len(s.seeds)} seeds)", "per seed: probe compare"]
 
 
-def _versus_cells(versus, sel: dict) -> list[str]:
-    key = (sel["label"], sel["view"], sel.get("method") or "linear", "" if sel.get("shots") is None else str(sel["shots"]), sel["seed"])
-    row = next((c for c in versus.rows if (c.label, c.view, c.method, c.shots, c.seed) == key), None)
+def _versus_cells(versus, key: ConfigKey) -> list[str]:
+    row = next((c for c in versus.rows if c.key == key), None)
     if row is None:
         return ["—", "—"]
     if row.is_reference:

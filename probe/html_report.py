@@ -13,7 +13,8 @@ import io
 import json
 import math
 
-from .compare import fmt_interval, fmt_p
+from .compare import fmt_interval
+from .leaderboard import TEXT_COLUMNS, table_cells, table_head
 from .predictions import ConfigKey
 from .runs import reported_top1, row_label, selection_top1
 
@@ -154,21 +155,10 @@ def _figure(fig_id: str, png: str, caption: str) -> str:
 
 
 def _table(group_rows: list[dict], reference: str | None) -> str:
-    head = ["rank", "label", "encoder", "view", "method", "shots", "seed", "lr", "n", "top-1 [95% CI]", "Wilson 95%", f"Δ vs {reference or 'reference'} [95% CI]", "n01 / n10", "McNemar p"]
-    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table_head(reference)) + "</tr>"]
     for r in group_rows:
-        ci = (r["ci95_low"], r["ci95_high"]) if r["ci95_low"] is not None else None
-        wilson = "—" if r["wilson95_low"] is None or math.isnan(r["wilson95_low"]) else f"[{r['wilson95_low']:.1f}, {r['wilson95_high']:.1f}]"
-        if r["label"] == reference:
-            delta, disc = "reference", "—"
-        elif r["delta"] is None:
-            delta, disc = "—", "—"
-        else:
-            delta, disc = fmt_interval(r["delta"], (r["delta_ci95_low"], r["delta_ci95_high"]), signed=True), f"{r['n01']} / {r['n10']}"
-        cells = [r["rank"], r["label"], r["encoder"] or "—", r["view"], r["method"], r["shots"] or "all", r["seed"], "—" if r["lr"] is None else f"{r['lr']:g}",
-                 r["n"], fmt_interval(r["top1"], ci), wilson, delta, disc, fmt_p(r["mcnemar_p"])]  # fmt: skip
-        text_cols = {1, 2, 3, 4}
-        out.append("<tr>" + "".join(f'<td{" class=text" if i in text_cols else ""}>{html.escape(str(c))}</td>' for i, c in enumerate(cells)) + "</tr>")
+        cells = table_cells(r, reference)
+        out.append("<tr>" + "".join(f'<td{" class=text" if i in TEXT_COLUMNS else ""}>{html.escape(c)}</td>' for i, c in enumerate(cells)) + "</tr>")
     return "\n".join(out) + "</table>"
 
 

@@ -178,6 +178,30 @@ def csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+TEXT_COLUMNS = {1, 2, 3, 4}  # label, encoder, view, method: words (left-aligned in report.html); the rest are numbers
+
+
+def table_head(reference: str | None) -> list[str]:
+    """The leaderboard table's column titles (leaderboard.md and report.html)."""
+    return ["rank", "label", "encoder", "view", "method", "shots", "seed", "lr", "n", "top-1 [95% CI]", "Wilson 95%",
+            f"Δ vs {reference or 'reference'} [95% CI]", "n01 / n10", "McNemar p"]  # fmt: skip
+
+
+def table_cells(r: dict, reference: str | None) -> list[str]:
+    """One :func:`table_rows` row as the table's text cells, as both renderers show them."""
+    ci = (r["ci95_low"], r["ci95_high"]) if r["ci95_low"] is not None else None
+    wilson = "—" if r["wilson95_low"] is None or math.isnan(r["wilson95_low"]) else f"[{r['wilson95_low']:.1f}, {r['wilson95_high']:.1f}]"
+    if r["label"] == reference:
+        delta, disc = "reference", "—"
+    elif r["delta"] is None:
+        delta, disc = "— (no predictions)" if ci is None else "—", "—"
+    else:
+        delta, disc = fmt_interval(r["delta"], (r["delta_ci95_low"], r["delta_ci95_high"]), signed=True), f"{r['n01']} / {r['n10']}"
+    lr = "—" if r["lr"] is None else f"{r['lr']:g}"
+    return [str(r["rank"]), r["label"], str(r["encoder"] or "—"), r["view"], r["method"], r["shots"] or "all", str(r["seed"]), lr, str(r["n"]),
+            fmt_interval(r["top1"], ci), wilson, delta, disc, fmt_p(r["mcnemar_p"])]  # fmt: skip
+
+
 def markdown(groups: list[Group], rows: list[dict]) -> str:
     """One markdown table per group (one group unless --allow-mixed)."""
     out = []
@@ -187,20 +211,10 @@ def markdown(groups: list[Group], rows: list[dict]) -> str:
         if len(groups) > 1:
             out.append(f"### group {gi}: {g.title}\n")
         ref = g.comparison.reference if g.comparison else None
-        head = ["rank", "label", "encoder", "view", "method", "shots", "seed", "lr", "n", "top-1 [95% CI]", "Wilson 95%", f"Δ vs {ref or 'reference'} [95% CI]", "n01 / n10", "McNemar p"]
+        head = table_head(ref)
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for r in (r for r in rows if r["group"] == gi):
-            ci = (r["ci95_low"], r["ci95_high"]) if r["ci95_low"] is not None else None
-            wilson = "—" if r["wilson95_low"] is None or math.isnan(r["wilson95_low"]) else f"[{r['wilson95_low']:.1f}, {r['wilson95_high']:.1f}]"
-            if r["label"] == ref:
-                delta, disc = "reference", "—"
-            elif r["delta"] is None:
-                delta, disc = "— (no predictions)" if ci is None else "—", "—"
-            else:
-                delta, disc = fmt_interval(r["delta"], (r["delta_ci95_low"], r["delta_ci95_high"]), signed=True), f"{r['n01']} / {r['n10']}"
-            lr = "—" if r["lr"] is None else f"{r['lr']:g}"
-            cells = [str(r["rank"]), r["label"], str(r["encoder"] or "—"), r["view"], r["method"], r["shots"] or "all", str(r["seed"]), lr, str(r["n"]), fmt_interval(r["top1"], ci), wilson, delta, disc, fmt_p(r["mcnemar_p"])]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(table_cells(r, ref)) + " |")
         splits = g.fields["report split"]
         out.append("\n".join(lines) + f"\n\ntop-1 in percent on the {splits} split; 95% CI: percentile bootstrap over images "
                    f"({I.N_RESAMPLES} resamples, seed {I.BOOTSTRAP_SEED}); Wilson: score interval; Δ: paired bootstrap on the same images; "

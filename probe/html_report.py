@@ -140,9 +140,11 @@ def class_figure(group, report) -> str:
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }
-th { background: #f3f3f3; } td.text { text-align: left; }
+div.table { overflow-x: auto; margin: 1em 0; }
+table { border-collapse: collapse; font-size: 0.8em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.4em; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; white-space: normal; vertical-align: bottom; }
+td.text { text-align: left; white-space: normal; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; } figcaption { color: #555; font-size: 0.9em; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 .note { color: #555; font-size: 0.9em; }
@@ -159,7 +161,8 @@ def _table(group_rows: list[dict], reference: str | None) -> str:
     for r in group_rows:
         cells = table_cells(r, reference)
         out.append("<tr>" + "".join(f'<td{" class=text" if i in TEXT_COLUMNS else ""}>{html.escape(c)}</td>' for i, c in enumerate(cells)) + "</tr>")
-    return "\n".join(out) + "</table>"
+    # headers and labels wrap, numbers never: the table fits the page's width (a scroll bar only as a last resort)
+    return '<div class="table">' + "\n".join(out) + "</table></div>"
 
 
 def _protocol(group) -> str:
@@ -204,11 +207,13 @@ def render(groups, rows: list[dict]) -> str:
         if forest:
             body.append(_figure(f"g{gi}-forest", forest, "Each encoder's top-1 with its 95% interval; squares (and the dashed line, when it is one row): the reference."))
         if g.comparison:
-            body.append("<h3>Per class, against the reference</h3>")
             first_seed: dict[tuple, int] = {}  # one chart per store × view × method × shots: its first seed
             for c in g.comparison.per_class:
                 first_seed.setdefault((c.label, c.view, c.method, c.shots), c.seed)
-            if len({c.seed for c in g.comparison.per_class}) > 1:
+            charted = any(c.reference_view is not None for c in g.comparison.per_class)  # a single store has nothing to chart
+            if charted:
+                body.append("<h3>Per class, against the reference</h3>")
+            if charted and len({c.seed for c in g.comparison.per_class}) > 1:
                 body.append('<p class="note">With several seeds, the charts show each configuration\'s first seed; probe compare --json has every seed.</p>')
             for i, c in enumerate(g.comparison.per_class):
                 if c.reference_view is not None and first_seed[(c.label, c.view, c.method, c.shots)] == c.seed:

@@ -618,3 +618,15 @@ def test_report_names_the_report_split_not_its_description(tmp_path, three_encod
     assert g.fields["report split"] == "test" and g.runs[0].report_splits == ["test"]
     table = leaderboard.markdown([g], leaderboard.table_rows([g]))
     assert "top-1 in percent on the test split;" in table and "(reported; selection on val)" not in table
+
+
+def test_report_html_per_class_heading_only_with_something_under_it(tmp_path, three_encoders):
+    """A single store has no per-class chart against a reference: no empty "Per class" heading."""
+    from probe import leaderboard
+    from probe.html_report import render
+
+    target, a, b, _ = three_encoders
+    for name, encoders, charts in (("one", {"r18": (target, a)}, 0), ("two", {"r18": (target, a), "r50": (target, b)}, 1)):
+        groups = leaderboard.gather([results_folder(tmp_path / name, encoders)])
+        page = render(groups, leaderboard.table_rows(groups))
+        assert page.count("<h3>Per class, against the reference</h3>") == charts and page.count('id="g1-class-') == charts, name

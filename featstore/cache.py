@@ -152,7 +152,8 @@ class StoreEntry:
         return dict(asdict(self), state=self.state)
 
 
-def _tree_size(path: Path) -> int:
+def tree_size(path: Path) -> int:
+    """Bytes of every file under the folder ``path`` (symbolic links are not followed)."""
     total = 0
     stack = [path]
     while stack:
@@ -249,7 +250,7 @@ def _describe_local(p: Path) -> StoreEntry | None:
     done = 0
     if not attrs.get("complete"):
         done = sum(1 for _ in (p / PROGRESS).glob("*/unit-*.json"))
-    return entry_from_attrs(str(p), attrs, _tree_size(p), done, lock_holder(p) is not None, last_used(p, attrs))
+    return entry_from_attrs(str(p), attrs, tree_size(p), done, lock_holder(p) is not None, last_used(p, attrs))
 
 
 def list_stores(paths: list[str] | None = None) -> list[StoreEntry]:
@@ -305,7 +306,7 @@ def remove_store(path: str | os.PathLike) -> int:
 
     lock = StoreLock(p / PROGRESS / "lock.json")
     lock.acquire()  # raises while a live writer holds it; holding it keeps a new writer out while we delete
-    size, key = _tree_size(p), store_attrs(p).get("cache_key")
+    size, key = tree_size(p), store_attrs(p).get("cache_key")
     # rename first: readers never see a half-deleted store, and a crash leaves only a hidden folder
     trash = p.with_name(f".{p.name}.removing-{os.getpid()}")
     os.replace(p, trash)

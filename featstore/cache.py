@@ -434,10 +434,10 @@ def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
 
 
 def write_memo(path: Path, text: str) -> None:
+    from .store import write_atomic  # store.py imports this module
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError:
         pass  # a read-only home only costs speed

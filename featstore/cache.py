@@ -168,16 +168,10 @@ def tree_size(path: Path) -> int:
 
 def lock_holder(path: Path) -> dict | None:
     """The live process writing the store at ``path``, or None."""
-    from .lock import StoreLock, pid_alive
+    from .lock import StoreLock, is_stale
 
     holder = StoreLock(path / PROGRESS / "lock.json").holder()
-    if not holder:
-        return None
-    import socket
-
-    if holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1))):
-        return None
-    return holder
+    return None if not holder or is_stale(holder) else holder
 
 
 def entry_from_attrs(path: str, attrs: dict, size_bytes: int, units_done: int | None, writing: bool, used: float) -> StoreEntry:

@@ -108,17 +108,19 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     return shlex.join(args)
 
 
-def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progress: bool | str = True) -> ExtractResult:
+def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progress: bool | str = True, *,
+            recalled: bool = False) -> ExtractResult:
     """Run (or resume, or skip as up to date) one extraction. Raises FeatstoreError on user mistakes.
 
     ``progress``: True/"auto" shows a bar when stderr is a terminal and otherwise logs a line every
     FEATSTORE_PROGRESS_SECONDS (30); "bar", "lines" or False/"off" force one.
+    ``recalled``: the caller already asked :func:`recall_up_to_date` and got None (the CLI asks it
+    before importing torch), so the memo is not read a second time.
     """
     start = time.perf_counter()
     _validate(config)
-    recalled = recall_up_to_date(config)
-    if recalled is not None:
-        return recalled
+    if not recalled and (result := recall_up_to_date(config)) is not None:
+        return result
     progress = resolve_mode(progress)
     ranks = Ranks.from_env()
     device = resolve_device(config.device)

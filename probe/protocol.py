@@ -63,7 +63,7 @@ def check_knn(ks, temperature: float, weights: str) -> tuple[int, ...]:
 def check_logreg(Cs, tol: float, max_iter: int) -> tuple[float, ...]:
     """The logistic-regression settings' one check (Protocol's and logreg.fit_path's): the C grid
     as a sorted tuple of distinct positive floats; UsageError on a bad C, tolerance or iteration cap."""
-    Cs = parse_grid(Cs, what="C", option="--logreg-C")
+    Cs = parse_grid(Cs if Cs is None or isinstance(Cs, (str, int, float)) else list(Cs), what="C", option="--logreg-C")
     if not (math.isfinite(tol) and tol > 0):
         raise UsageError(f"logistic-regression tolerance must be positive, got {tol!r}", "pass --logreg-tol like 1e-4")
     if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:

@@ -36,6 +36,7 @@ from featstore.errors import UsageError
 
 from .protocol import DEFAULT_LOGREG_MAX_ITER as DEFAULT_MAX_ITER
 from .protocol import DEFAULT_LOGREG_TOL as DEFAULT_TOL
+from .protocol import check_logreg as check_settings  # one check for Protocol and fit_path
 
 HISTORY = 10  # L-BFGS memory (curvature pairs), scipy's default m
 GRAM_ROWS = 8192  # rows whose covariance preconditions (KroneckerPreconditioner)
@@ -74,17 +75,6 @@ class LogregPath:
                     top5[j, i : i + step] = best
                     top1[j, i : i + step] = best[:, 0]
         return top1, top5
-
-
-def check_settings(Cs, tol: float, max_iter: int) -> tuple[float, ...]:
-    values = sorted({float(c) for c in Cs})
-    if not values or not all(math.isfinite(c) and c > 0 for c in values):
-        raise UsageError(f"bad logistic-regression C grid {Cs!r}: every C must be positive", "pass --logreg-C like 1e-6:1e5:45 or 0.01,0.1,1")
-    if not (math.isfinite(tol) and tol > 0):
-        raise UsageError(f"logistic-regression tolerance must be positive, got {tol!r}")
-    if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
-        raise UsageError(f"logistic-regression iteration cap must be a positive integer, got {max_iter!r}")
-    return tuple(values)
 
 
 class BiasProfile:

@@ -152,7 +152,8 @@ class StoreEntry:
         return dict(asdict(self), state=self.state)
 
 
-def _tree_size(path: Path) -> int:
+def tree_size(path: Path) -> int:
+    """Bytes of every file under the folder ``path`` (symbolic links are not followed)."""
     total = 0
     stack = [path]
     while stack:
@@ -167,16 +168,10 @@ def _tree_size(path: Path) -> int:
 
 def lock_holder(path: Path) -> dict | None:
     """The live process writing the store at ``path``, or None."""
-    from .lock import StoreLock, pid_alive
+    from .lock import StoreLock, is_stale
 
     holder = StoreLock(path / PROGRESS / "lock.json").holder()
-    if not holder:
-        return None
-    import socket
-
-    if holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1))):
-        return None
-    return holder
+    return None if not holder or is_stale(holder) else holder
 
 
 def entry_from_attrs(path: str, attrs: dict, size_bytes: int, units_done: int | None, writing: bool, used: float) -> StoreEntry:
@@ -249,7 +244,7 @@ def _describe_local(p: Path) -> StoreEntry | None:
     done = 0
     if not attrs.get("complete"):
         done = sum(1 for _ in (p / PROGRESS).glob("*/unit-*.json"))
-    return entry_from_attrs(str(p), attrs, _tree_size(p), done, lock_holder(p) is not None, last_used(p, attrs))
+    return entry_from_attrs(str(p), attrs, tree_size(p), done, lock_holder(p) is not None, last_used(p, attrs))
 
 
 def list_stores(paths: list[str] | None = None) -> list[StoreEntry]:
@@ -305,7 +300,7 @@ def remove_store(path: str | os.PathLike) -> int:
 
     lock = StoreLock(p / PROGRESS / "lock.json")
     lock.acquire()  # raises while a live writer holds it; holding it keeps a new writer out while we delete
-    size, key = _tree_size(p), store_attrs(p).get("cache_key")
+    size, key = tree_size(p), store_attrs(p).get("cache_key")
     # rename first: readers never see a half-deleted store, and a crash leaves only a hidden folder
     trash = p.with_name(f".{p.name}.removing-{os.getpid()}")
     os.replace(p, trash)
@@ -433,10 +428,10 @@ def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
 
 
 def write_memo(path: Path, text: str) -> None:
+    from .store import write_atomic  # store.py imports this module
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError:
         pass  # a read-only home only costs speed

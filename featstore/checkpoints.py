@@ -33,11 +33,14 @@ class LoadReport:
     loaded: int
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
-    dropped_heads: int = 0
     dropped: list[str] = field(default_factory=list)  # the dropped head keys, named in the summary
     ignored: int = 0  # dropped by --ignore-keys
     taken: str = ""  # which copy of the network was loaded, and why
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def dropped_heads(self) -> int:
+        return len(self.dropped)
 
     def summary(self) -> str:
         text = f"weights {Path(self.path).name}: "
@@ -167,7 +170,7 @@ def load_weights(model: nn.Module, path: str | Path, arch: str = "", trust: bool
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     report = LoadReport(str(path), loaded=len(sd) - len(result.unexpected_keys), missing=missing,
-                        unexpected=list(result.unexpected_keys), dropped_heads=len(dropped), dropped=dropped, ignored=len(ignored),
+                        unexpected=list(result.unexpected_keys), dropped=dropped, ignored=len(ignored),
                         taken=ckpt.taken, notes=notes)
     if report.unexpected:
         shown = ", ".join(report.unexpected[:3])

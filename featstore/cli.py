@@ -74,7 +74,7 @@ def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoi
     if result is None:
         from .extract import extract as run_extract
 
-        result = run_extract(config, progress=not no_progress)
+        result = run_extract(config, progress=not no_progress, recalled=True)
     if as_json:
         click.echo(json.dumps(result.__dict__, indent=2))
     click.echo(result.summary(), err=as_json)

@@ -37,7 +37,7 @@ from .lock import StoreLock
 from .progress import Progress, resolve_mode
 from .ranks import Ranks, wait_until
 from .request import (ExtractConfig, ExtractResult, dataset_dirs, recall_up_to_date, refuse_url_out,  # noqa: F401 (re-exported)
-                      remember_request, request_of)
+                      remember_request, request_of, resolved_path)
 from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
 
 
@@ -85,19 +85,15 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     which would be another store); ``--overwrite`` is left out, since it would start over.
     """
     defaults = ExtractConfig(model="", dataset="", out="")
-
-    def path(value: str) -> str:
-        return str(Path(value).expanduser().resolve()) if Path(value).expanduser().exists() else value
-
     model = config.model
     if ":" in model and model.split(":", 1)[0].endswith(".py"):
         file, name = model.rsplit(":", 1)
-        model = f"{path(file)}:{name}"
-    dataset = config.dataset if config.dataset in BUILTIN_DATASETS else path(config.dataset)
+        model = f"{resolved_path(file)}:{name}"
+    dataset = config.dataset if config.dataset in BUILTIN_DATASETS else resolved_path(config.dataset)
     args = ["featstore", "extract", "--model", model, "--dataset", dataset, "--out", str(Path(config.out).resolve()),
             "--loader", loader_name]
-    options = [("data_root", "--data-root", path), ("weights", "--weights", path), ("views", "--views", ",".join),
-               ("device", "--device", str), ("batch_size", "--batch-size", str), ("workers", "--workers", str),
+    options = [("data_root", "--data-root", resolved_path), ("weights", "--weights", resolved_path),
+               ("views", "--views", ",".join), ("device", "--device", str), ("batch_size", "--batch-size", str), ("workers", "--workers", str),
                ("dtype", "--dtype", str), ("chunk_rows", "--chunk-rows", str), ("image_size", "--image-size", str),
                ("resize", "--resize", str), ("interpolation", "--interpolation", str),
                ("mean", "--mean", lambda v: ",".join(map(str, v))), ("std", "--std", lambda v: ",".join(map(str, v)))]
@@ -112,17 +108,19 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     return shlex.join(args)
 
 
-def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progress: bool | str = True) -> ExtractResult:
+def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progress: bool | str = True, *,
+            recalled: bool = False) -> ExtractResult:
     """Run (or resume, or skip as up to date) one extraction. Raises FeatstoreError on user mistakes.
 
     ``progress``: True/"auto" shows a bar when stderr is a terminal and otherwise logs a line every
     FEATSTORE_PROGRESS_SECONDS (30); "bar", "lines" or False/"off" force one.
+    ``recalled``: the caller already asked :func:`recall_up_to_date` and got None (the CLI asks it
+    before importing torch), so the memo is not read a second time.
     """
     start = time.perf_counter()
     _validate(config)
-    recalled = recall_up_to_date(config)
-    if recalled is not None:
-        return recalled
+    if not recalled and (result := recall_up_to_date(config)) is not None:
+        return result
     progress = resolve_mode(progress)
     ranks = Ranks.from_env()
     device = resolve_device(config.device)

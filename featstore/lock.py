@@ -22,6 +22,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def is_stale(holder: dict) -> bool:
+    """Whether a lock's holder is gone: a pid of this host no longer running (another host's cannot be checked)."""
+    return holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1)))
+
+
 class StoreLock:
     def __init__(self, path: Path, warn: Callable[[str], None] = lambda s: None, job: str = ""):
         self.path = Path(path)
@@ -48,7 +53,7 @@ class StoreLock:
                     if self.holder() is None:
                         self.path.unlink(missing_ok=True)
                     continue
-                if holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1))):
+                if is_stale(holder):
                     self.warn(f"taking over a stale lock of pid {holder.get('pid')} (no longer running) on {holder.get('host')}")
                     self.path.unlink(missing_ok=True)
                     continue

@@ -31,7 +31,11 @@ class Preset:
     dim: int  # width of the backbone's output (ViT embed dim, CNN pooled features)
     timm_kwargs: dict = field(default_factory=dict)
     pos_embed: str = "timm"
-    class_token: bool = True  # False: the model has no CLS token (I-JEPA), only avgpool
+
+    @property
+    def class_token(self) -> bool:
+        """False for a model built without a CLS token (I-JEPA), which has only avgpool."""
+        return self.timm_kwargs.get("class_token", True)
 
     @property
     def family(self) -> str:
@@ -115,7 +119,7 @@ _PRESET_LIST = [
            "https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar", "I-JEPA ViT-H/14 (target encoder, no CLS token)",
            "facebookresearch/ijepa src/models/vision_transformer.py (no CLS token; paper: average-pooled target encoder); "
            "src/helper.py load_checkpoint; crop 224 from 256 as MSN's logistic_eval.py", 1280,
-           {"class_token": False, "global_pool": "avg", "fc_norm": False}, pos_embed="scale", class_token=False),
+           {"class_token": False, "global_pool": "avg", "fc_norm": False}, pos_embed="scale"),
     Preset("simclr-r50", "tv:resnet50", _SIMCLR, "simclr_resnet50-1x.pth", "https://github.com/tonylins/simclr-converter",
            "SimCLR v1 ResNet-50 (1x) (TF weights converted)",
            "google-research/simclr data_util.py preprocess_for_eval (center crop 0.875, bicubic, no mean/std); tonylins/simclr-converter",

@@ -81,7 +81,8 @@ def refuse_url_out(out: str | None) -> None:
         )
 
 
-def _resolved(path: str | None) -> str | None:
+def resolved_path(path: str | None) -> str | None:
+    """``path`` made absolute when it names something that exists (else as typed, e.g. a builtin name)."""
     if path is None:
         return None
     p = Path(path).expanduser()
@@ -93,15 +94,15 @@ def request_of(config: ExtractConfig) -> dict:
     model = config.model
     if ".py:" in model:  # a builder file relative to the working directory
         target, _, attr = model.rpartition(":")
-        model = f"{_resolved(target)}:{attr}"
+        model = f"{resolved_path(target)}:{attr}"
     data_root = config.data_root
     if config.dataset == "imagenet" and data_root is None:
         data_root = os.environ.get("FEATSTORE_DATA")
     return {
         "model": model,
-        "dataset": _resolved(config.dataset),
-        "data_root": _resolved(data_root),
-        "weights": _resolved(config.weights),
+        "dataset": resolved_path(config.dataset),
+        "data_root": resolved_path(data_root),
+        "weights": resolved_path(config.weights),
         "random_init": config.random_init,
         "ignore_keys": sorted(config.ignore_keys),
         "views": sorted(config.views) if config.views else None,

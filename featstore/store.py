@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .cache import PROGRESS, is_url, mark_used, store_attrs
+from .cache import PROGRESS, is_url, mark_used, store_attrs, tree_size
 from .errors import FeatstoreError, UsageError
 from .lock import pid_alive
 
@@ -480,7 +480,7 @@ class FeatureStore:
             return int(fs.du(inner)) if fs.isdir(inner) else int(fs.size(inner))
         if self.path.is_file():
             return self.path.stat().st_size
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return tree_size(self.path)
 
     def info(self) -> dict:
         """Everything `featstore info` shows."""

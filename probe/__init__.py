@@ -6,8 +6,8 @@ rest of the evaluation battery (k-NN, logistic regression, few-shot, seeds) unde
     >>> rows = probe.fit("a.zarr", probe.Protocol(methods="linear,knn,logreg", shots="1,5,all", seeds="0,1,2"))
 """
 
-from .fit import COLUMNS, ProbeWarning, fit
+from .fit import COLUMNS, FitResult, ProbeWarning, fit, fit_run
 from .protocol import DEFAULT_LR_GRID, Protocol, parse_grid
 from .stores import StoreSpec
 
-__all__ = ["COLUMNS", "DEFAULT_LR_GRID", "ProbeWarning", "Protocol", "StoreSpec", "fit", "parse_grid"]
+__all__ = ["COLUMNS", "DEFAULT_LR_GRID", "FitResult", "ProbeWarning", "Protocol", "StoreSpec", "fit", "fit_run", "parse_grid"]

@@ -73,9 +73,10 @@ def run_knn(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], num_classes:
             continue
         preds[role] = knn.predict(train, y["train"], knn.l2_normalize(x[role]), ks, num_classes, temperature=temperature, weights=weights)
     ks = preds["select"].ks
+    accuracy = {role: p.accuracy(labels[role]) for role, p in preds.items()}  # role → metric → (K,)
     configs = []
     for j, k in enumerate(ks):
-        metrics = {role: _metrics(p.top1[j], p.top5[j], labels[role]) for role, p in preds.items()}
+        metrics = {role: {name: float(v[j]) for name, v in acc.items()} for role, acc in accuracy.items()}
         configs.append(Config({"k": k, "temperature": temperature if weights == "exp" else None, "weights": weights}, metrics))
     chosen = _choose([c.metrics["select"]["top1"] for c in configs], list(ks))
     configs[chosen].selected = True

@@ -83,7 +83,7 @@ def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, ep
     protocol.json and accuracy_vs_lr.png. --method linear,knn,logreg adds the k-NN and logistic
     regression evaluations (k and C chosen the same way); --shots and --seeds repeat everything
     per few-shot size and seed. Stores: --store, or --model with --dataset for a store in the cache."""
-    from .fit import fit
+    from .fit import fit_run
     from .report import new_run_folder, markdown_table
 
     if model or dataset or weights:
@@ -110,9 +110,10 @@ def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, ep
     out = out if out is not None else new_run_folder("probe-results")
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     warn = lambda m: click.echo(f"warning: {_one_line(m)}", err=True)  # noqa: E731
-    rows = fit(list(stores), protocol, views=list(views) or None, device=device, allow_different_data=allow_different_data,
-               out=out, overwrite=overwrite, log=log, warn=warn)  # fmt: skip
-    click.echo(markdown_table(rows, protocol))
+    result = fit_run(list(stores), protocol, views=list(views) or None, device=device, allow_different_data=allow_different_data,
+                     out=out, overwrite=overwrite, log=log, warn=warn)  # fmt: skip
+    rows = result.rows
+    click.echo(markdown_table(rows, protocol, result.digest))  # summary.csv's digest: nothing computed twice
     plot = ", accuracy_vs_lr.png" if any(r["method"] == "linear" for r in rows) else ""
     click.echo(f"wrote {out}/: results.csv ({len(rows)} rows), summary.csv, protocol.json, predictions.csv{plot}")
 

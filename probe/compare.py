@@ -18,7 +18,7 @@ import numpy as np
 from featstore.errors import UsageError
 
 from . import intervals as I
-from .predictions import Predictions, align
+from .predictions import ConfigKey, Predictions, align
 
 
 @dataclass
@@ -42,6 +42,10 @@ class Row:
     n01: int | None = None
     n10: int | None = None
     mcnemar_p: float | None = None
+
+    @property
+    def key(self) -> ConfigKey:
+        return ConfigKey(self.label, self.view, self.method, self.shots, self.seed)
 
 
 @dataclass
@@ -181,15 +185,15 @@ def compare(
     seeds = []
     by_config: dict[tuple, list[Row]] = {}
     for r in rows:
-        by_config.setdefault((r.label, r.view, r.method, r.shots), []).append(r)
+        by_config.setdefault(r.key[:4], []).append(r)  # every seed of a configuration
     for (label, view, method, shots), rs in by_config.items():
         if len(rs) < 2:
             continue
-        deltas = [paired.get((label, view, method, shots, r.seed)) for r in rs]
+        deltas = [paired.get(r.key) for r in rs]
         known = [d for d in deltas if d is not None]
         top_mean, top_std = I.mean_std([r.top1 for r in rs])
         d_mean, d_std = I.mean_std(known) if known else (None, None)
-        diffs = [aligned.get((label, view, method, shots, r.seed)) for r in rs]
+        diffs = [aligned.get(r.key) for r in rs]
         ci = None
         if all(d is not None for d in diffs) and all(np.array_equal(d[0], diffs[0][0]) for d in diffs):
             lo, hi = I.bootstrap_interval(sum(d[1].astype(np.int16) for d in diffs), per=len(diffs), **stats)

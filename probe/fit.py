@@ -14,6 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -25,7 +26,9 @@ from featstore.store import FeatureStore
 from . import battery, fewshot
 from . import heads as H
 from . import intervals as I
+from .compare import Comparison, compare
 from .predictions import ImagePredictions
+from .predictions import of_rows as predictions_of
 from .protocol import Protocol
 from .selection import SplitPlan, best_by, plan_splits, select
 from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
@@ -137,7 +140,30 @@ def _finite_rows(features: np.ndarray) -> np.ndarray:
     return ok
 
 
-def fit(
+@dataclass
+class FitResult:
+    """The rows of a probe run and the statistics over them, each computed once: ``comparison``
+    (:func:`probe.compare.compare` of every selected configuration's per-image predictions: its
+    bootstrap interval is the rows' ``ci95_*``) and, when asked for, ``digest`` (summary.csv's
+    per-seed entries and the difference to the first store: what the tables show)."""
+
+    rows: list[dict]
+    comparison: Comparison | None  # None when nothing was reported
+
+    @cached_property
+    def digest(self):
+        from .report import digest_of
+
+        return digest_of(self.rows, self.comparison)
+
+
+def fit(stores, protocol: Protocol | None = None, **options) -> list[dict]:
+    """The rows of :func:`fit_run` (its arguments, its docs): one dict per store × view × seed ×
+    shots × configuration."""
+    return fit_run(stores, protocol, **options).rows
+
+
+def fit_run(
     stores: Iterable[str | os.PathLike | StoreSpec] | str | os.PathLike | StoreSpec,
     protocol: Protocol | None = None,
     *,
@@ -148,10 +174,10 @@ def fit(
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
-) -> list[dict]:
+) -> FitResult:
     """Run every method of ``protocol`` (its LR grid, k grid, C path) on every store × view × seed × shots.
 
-    ``stores``: paths, ``[LABEL=]PATH[:VIEW]`` texts or :class:`StoreSpec`. Returns one dict per
+    ``stores``: paths, ``[LABEL=]PATH[:VIEW]`` texts or :class:`StoreSpec`. Its ``rows``: one dict per
     store × view × seed × shots × configuration with the keys of :data:`COLUMNS` (accuracies in
     percent; None where a split, top-5 or a method's column does not apply; 95% intervals of the
     reported top-1 in ``wilson95_*`` and, on the selected rows, ``ci95_*``); the selected row of
@@ -198,7 +224,9 @@ def fit(
     for info in infos:
         for view in info.views:
             rows.extend(_fit_one(info, view, protocol, dev, dtype, orders_cache, log, warn))
-    _add_intervals(rows)
+    predictions = predictions_of(rows)
+    result = FitResult(rows, compare(predictions) if predictions else None)
+    _add_intervals(rows, result.comparison)
     if out is not None:
         from .report import write_outputs
 
@@ -207,8 +235,8 @@ def fit(
                "stores": [{"label": i.label, "path": i.path, "views": i.views, "reported_as": i.plan.reported_as} for i in infos],
                # what probe compare / probe report need to pair and name results without the stores
                "dataset": {k: dataset.get(k) for k in ("name", "manifest_sha256", "class_names")}}  # fmt: skip
-        write_outputs(rows, protocol, out, run=run, overwrite=overwrite)
-    return rows
+        write_outputs(rows, protocol, out, run=run, overwrite=overwrite, digest=result.digest)
+    return result
 
 
 def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cache, log, warn) -> list[dict]:
@@ -355,12 +383,15 @@ def _linear(case: _Case, raw, labels, orders_cache, log, warn) -> list[dict]:
     log(f"{info.label} [{case.view}]{_case_words(case)}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(kept['train'])} rows (D={dim}, C={info.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})")
     result = H.train(x["train"], labels["train"], heads, protocol, orders)
     finite = heads.finite().cpu().numpy()
-    metrics = {role: H.evaluate(heads, x[role], labels[role]) for role in x}
+    # every head's top-5 on the reported rows in one pass, before the features go (the chosen one
+    # is kept below); that role's accuracies are read from them, the other roles are streamed
+    shown = "report" if "report" in x else ("select" if case.plan.selects_on_report else None)
+    ranked = H.predict(heads, x[shown]) if shown else None
+    metrics = {role: H.accuracy(ranked, labels[role], heads.num_classes) if role == shown else H.evaluate(heads, x[role], labels[role]) for role in x}
     if case.plan.selects_on_report:
         metrics["report"] = metrics["select"]  # one split, evaluated once
-    # every head's top-5 on the reported rows in one pass, before the features go (the chosen one is kept below)
-    shown = "report" if "report" in x else ("select" if case.plan.selects_on_report else None)
-    top = {shown: H.predict(heads, x[shown]).cpu().numpy()} if shown else {}
+    top = {shown: ranked.cpu().numpy()} if shown else {}
+    del ranked
     seconds = case.seconds()
     train_loss = result.train_loss.cpu().numpy()
     del x
@@ -461,14 +492,15 @@ def _logreg_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> 
     return out
 
 
-def _add_intervals(rows: list[dict]) -> None:
+def _add_intervals(rows: list[dict], comparison: Comparison | None) -> None:
     """The 95% intervals of every reported top-1: Wilson on every row (from the count), the
     percentile bootstrap over the images on the rows that keep per-image predictions (the
-    selected ones)."""
+    selected ones), taken from ``comparison`` (one row per such row, in row order)."""
+    boots = iter(comparison.rows if comparison else [])
     for r in rows:
         pct, n = r.get("report_top1_pct"), r.get("n_report")
         low, high = I.wilson_interval(round(pct * n / 100), n) if pct is not None and n else (None, None)
         r["wilson95_low"], r["wilson95_high"] = (round(low, 4), round(high, 4)) if low is not None else (None, None)
-        pred = r.get("report_predictions")
-        boot = I.bootstrap_interval(pred["pred"] == pred["target"]) if pred is not None and pct is not None else None
-        r["ci95_low"], r["ci95_high"] = (round(float(boot[0]), 4), round(float(boot[1]), 4)) if boot is not None and np.isfinite(boot).all() else (None, None)
+        boot = next(boots).ci95 if r.get("selected") and r.get("report_predictions") is not None else None  # predictions_of's rows
+        keep = boot is not None and pct is not None and np.isfinite(boot).all()
+        r["ci95_low"], r["ci95_high"] = (round(boot[0], 4), round(boot[1], 4)) if keep else (None, None)

@@ -236,21 +236,33 @@ def _top_classes(heads: LinearHeads, x: torch.Tensor, k: int):
 
 
 @torch.no_grad()
-def evaluate(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per-head top-1 and (with >= 5 classes) top-5 accuracy in percent, as (H,) float64 arrays."""
-    n = x.shape[0]
-    h, c = heads.num_heads, heads.num_classes
-    correct1 = torch.zeros(h, dtype=torch.int64, device=x.device)
-    correct5 = torch.zeros(h, dtype=torch.int64, device=x.device)
-    for i, top in _top_classes(heads, x, min(5, c)):
-        hit = top == y[i : i + top.shape[0], None, None]
-        correct1 += hit[:, :, 0].sum(0)
-        if c >= 5:
-            correct5 += hit.any(dim=-1).sum(0)
+def _hits(top: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, the rows of ``top`` ((rows, H, k) best classes) whose first / any of k is the label."""
+    hit = top == y[:, None, None]
+    return hit[:, :, 0].sum(0), hit.any(dim=-1).sum(0)
+
+
+def _percent(correct1: torch.Tensor, correct5: torch.Tensor, n: int, num_classes: int) -> dict[str, np.ndarray]:
     out = {"top1": correct1.cpu().numpy() * 100.0 / max(n, 1)}
-    if c >= 5:
+    if num_classes >= 5:
         out["top5"] = correct5.cpu().numpy() * 100.0 / max(n, 1)
     return out
+
+
+def evaluate(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-head top-1 and (with >= 5 classes) top-5 accuracy in percent, as (H,) float64 arrays."""
+    correct1 = torch.zeros(heads.num_heads, dtype=torch.int64, device=x.device)
+    correct5 = torch.zeros_like(correct1)
+    for i, top in _top_classes(heads, x, min(5, heads.num_classes)):
+        c1, c5 = _hits(top, y[i : i + top.shape[0]])
+        correct1 += c1
+        correct5 += c5
+    return _percent(correct1, correct5, x.shape[0], heads.num_classes)
+
+
+def accuracy(top: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, np.ndarray]:
+    """:func:`evaluate`'s numbers from :func:`predict`'s output (rows already ranked: no second pass)."""
+    return _percent(*_hits(top, y), top.shape[0], num_classes)
 
 
 @torch.no_grad()

@@ -13,7 +13,9 @@ import io
 import json
 import math
 
-from .compare import fmt_interval, fmt_p
+from .compare import fmt_interval
+from .leaderboard import TEXT_COLUMNS, table_cells, table_head
+from .predictions import ConfigKey
 from .runs import reported_top1, row_label, selection_top1
 
 _MAX_CLASS_BARS = 40  # more classes than this: the 20 largest gains and the 20 largest losses
@@ -43,10 +45,10 @@ def lr_figure(group) -> str | None:
     lines = []
     first_seed: dict[tuple, int] = {}  # one curve per store × view × shots: its first seed (the seeds overlap)
     for e in group.entries:
-        if e.key[2] != "linear" or first_seed.setdefault((e.label, e.key[1], e.key[3]), e.key[4]) != e.key[4]:
+        if e.key.method != "linear" or first_seed.setdefault((e.label, e.key.view, e.key.shots), e.key.seed) != e.key.seed:
             continue
-        rows = [r for r in e.run.rows if row_label(r) == row_label(e.row) and r["view"] == e.row["view"] and (r.get("method") or "linear") == e.key[2]
-                and str(r.get("shots") or "") == e.key[3] and int(r.get("seed") or 0) == e.key[4] and r.get("lr") is not None]  # fmt: skip
+        key = ConfigKey.of_row(e.row, row_label(e.row))  # under the run's own label (e.label may be renamed)
+        rows = [r for r in e.run.rows if ConfigKey.of_row(r, row_label(r)) == key and r.get("lr") is not None]
         if len({r["lr"] for r in rows}) > 1:
             lines.append((e, sorted(rows, key=lambda r: r["lr"])))
     if not lines:
@@ -56,7 +58,7 @@ def lr_figure(group) -> str | None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (e, rows) in enumerate(lines):
         color = colors[i % len(colors)]
-        name = f"{e.label} [{e.row['view']}]" + (f" {e.key[3]}-shot" if e.key[3] else "")
+        name = f"{e.label} [{e.row['view']}]" + (f" {e.key.shots}-shot" if e.key.shots else "")
         for ax, get in ((axes[0], selection_top1), (axes[1], reported_top1)):
             pts = [(r["lr"], get(r)) for r in rows if get(r) is not None]
             if pts:
@@ -138,9 +140,11 @@ def class_figure(group, report) -> str:
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }
-th { background: #f3f3f3; } td.text { text-align: left; }
+div.table { overflow-x: auto; margin: 1em 0; }
+table { border-collapse: collapse; font-size: 0.8em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.4em; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; white-space: normal; vertical-align: bottom; }
+td.text { text-align: left; white-space: normal; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; } figcaption { color: #555; font-size: 0.9em; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 .note { color: #555; font-size: 0.9em; }
@@ -153,22 +157,12 @@ def _figure(fig_id: str, png: str, caption: str) -> str:
 
 
 def _table(group_rows: list[dict], reference: str | None) -> str:
-    head = ["rank", "label", "encoder", "view", "method", "shots", "seed", "lr", "n", "top-1 [95% CI]", "Wilson 95%", f"Δ vs {reference or 'reference'} [95% CI]", "n01 / n10", "McNemar p"]
-    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table_head(reference)) + "</tr>"]
     for r in group_rows:
-        ci = (r["ci95_low"], r["ci95_high"]) if r["ci95_low"] is not None else None
-        wilson = "—" if r["wilson95_low"] is None or math.isnan(r["wilson95_low"]) else f"[{r['wilson95_low']:.1f}, {r['wilson95_high']:.1f}]"
-        if r["label"] == reference:
-            delta, disc = "reference", "—"
-        elif r["delta"] is None:
-            delta, disc = "—", "—"
-        else:
-            delta, disc = fmt_interval(r["delta"], (r["delta_ci95_low"], r["delta_ci95_high"]), signed=True), f"{r['n01']} / {r['n10']}"
-        cells = [r["rank"], r["label"], r["encoder"] or "—", r["view"], r["method"], r["shots"] or "all", r["seed"], "—" if r["lr"] is None else f"{r['lr']:g}",
-                 r["n"], fmt_interval(r["top1"], ci), wilson, delta, disc, fmt_p(r["mcnemar_p"])]  # fmt: skip
-        text_cols = {1, 2, 3, 4}
-        out.append("<tr>" + "".join(f'<td{" class=text" if i in text_cols else ""}>{html.escape(str(c))}</td>' for i, c in enumerate(cells)) + "</tr>")
-    return "\n".join(out) + "</table>"
+        cells = table_cells(r, reference)
+        out.append("<tr>" + "".join(f'<td{" class=text" if i in TEXT_COLUMNS else ""}>{html.escape(c)}</td>' for i, c in enumerate(cells)) + "</tr>")
+    # headers and labels wrap, numbers never: the table fits the page's width (a scroll bar only as a last resort)
+    return '<div class="table">' + "\n".join(out) + "</table></div>"
 
 
 def _protocol(group) -> str:
@@ -213,11 +207,13 @@ def render(groups, rows: list[dict]) -> str:
         if forest:
             body.append(_figure(f"g{gi}-forest", forest, "Each encoder's top-1 with its 95% interval; squares (and the dashed line, when it is one row): the reference."))
         if g.comparison:
-            body.append("<h3>Per class, against the reference</h3>")
             first_seed: dict[tuple, int] = {}  # one chart per store × view × method × shots: its first seed
             for c in g.comparison.per_class:
                 first_seed.setdefault((c.label, c.view, c.method, c.shots), c.seed)
-            if len({c.seed for c in g.comparison.per_class}) > 1:
+            charted = any(c.reference_view is not None for c in g.comparison.per_class)  # a single store has nothing to chart
+            if charted:
+                body.append("<h3>Per class, against the reference</h3>")
+            if charted and len({c.seed for c in g.comparison.per_class}) > 1:
                 body.append('<p class="note">With several seeds, the charts show each configuration\'s first seed; probe compare --json has every seed.</p>')
             for i, c in enumerate(g.comparison.per_class):
                 if c.reference_view is not None and first_seed[(c.label, c.view, c.method, c.shots)] == c.seed:

@@ -21,7 +21,7 @@ import torch
 from featstore.errors import UsageError
 
 from .protocol import DEFAULT_KNN_TEMPERATURE as DEFAULT_TEMPERATURE
-from .protocol import KNN_WEIGHTS as WEIGHTINGS
+from .protocol import check_knn as check_settings  # one check for Protocol and predict
 
 _CHUNK_ELEMENTS = 1 << 26  # similarity elements per chunk: 256 MiB in float32
 
@@ -42,21 +42,6 @@ class KnnPredictions:
         if self.top5.shape[2] >= 5:
             out["top5"] = (self.top5 == labels[None, :, None]).any(2).sum(1) * 100.0 / n
         return out
-
-
-def check_settings(ks, temperature: float, weights: str) -> tuple[int, ...]:
-    """The k grid as a sorted tuple of distinct positive ints; raise UsageError on bad settings."""
-    try:
-        values = sorted({int(k) for k in ks})
-    except (TypeError, ValueError):
-        raise UsageError(f"bad k-NN k grid {ks!r}", "pass --knn-k like 10,20,100,200") from None
-    if not values or values[0] < 1 or any(int(k) != float(k) for k in ks):
-        raise UsageError(f"bad k-NN k grid {ks!r}: every k must be a positive integer", "pass --knn-k like 10,20,100,200")
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise UsageError(f"k-NN temperature must be positive, got {temperature!r}", "pass --knn-temperature like 0.07")
-    if weights not in WEIGHTINGS:
-        raise UsageError(f"unknown k-NN weighting {weights!r}", f"use one of {', '.join(WEIGHTINGS)}")
-    return tuple(values)
 
 
 def l2_normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32, chunk_rows: int = 1 << 16) -> torch.Tensor:

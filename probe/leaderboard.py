@@ -19,7 +19,7 @@ from featstore.errors import UsageError
 
 from . import intervals as I
 from .compare import Comparison, compare, fmt_interval, fmt_p
-from .predictions import Predictions
+from .predictions import ConfigKey, Predictions
 from .runs import Run, load, reported_n, reported_top1, row_label
 
 LEADERBOARD_MD, LEADERBOARD_CSV, REPORT_HTML = "leaderboard.md", "leaderboard.csv", "report.html"
@@ -48,8 +48,8 @@ class Entry:
     predictions: Predictions | None
 
     @property
-    def key(self) -> tuple:
-        return (self.label, self.row["view"], self.row.get("method") or "linear", str(self.row.get("shots") or ""), int(self.row.get("seed") or 0))
+    def key(self) -> ConfigKey:
+        return ConfigKey.of_row(self.row, self.label)
 
 
 @dataclass
@@ -74,10 +74,10 @@ def _entries(runs: list[Run]) -> list[Entry]:
     for run in runs:
         rename = lambda label: f"{run.name}/{label}" if len(owners.get(label, ())) > 1 else label  # noqa: E731
         # matched by store path (in both files whatever the labels), view, method, shots, seed
-        preds = {(p.store, p.view, p.method, p.shots, p.seed): p for p in run.predictions or []}
+        preds = {ConfigKey.make(p.store, p.view, p.method, p.shots, p.seed): p for p in run.predictions or []}
         for r in run.selected:
             label = rename(row_label(r))
-            p = preds.get((str(r["store"]), r["view"], r.get("method") or "linear", str(r.get("shots") or ""), int(r.get("seed") or 0)))
+            p = preds.get(ConfigKey.of_row(r, str(r["store"])))
             if p is not None:
                 p = Predictions(label, p.store, p.view, p.method, p.shots, p.seed, p.paths, p.target, p.pred, p.top5)
             entries.append(Entry(run, label, r, p))
@@ -136,7 +136,7 @@ def table_rows(groups: list[Group]) -> list[dict]:
     difference to the group's reference."""
     out = []
     for gi, g in enumerate(groups, start=1):
-        rows = {(r.label, r.view, r.method, r.shots, r.seed): r for r in (g.comparison.rows if g.comparison else [])}
+        rows = {r.key: r for r in (g.comparison.rows if g.comparison else [])}
         items = []
         for e in g.entries:
             c = rows.get(e.key)
@@ -146,7 +146,7 @@ def table_rows(groups: list[Group]) -> list[dict]:
             items.append(
                 {
                     "group": gi, "label": e.label, "encoder": e.row.get("encoder"), "view": e.row["view"],
-                    "method": e.key[2], "shots": e.key[3], "seed": e.key[4], "lr": e.row.get("lr"), "n": n,
+                    "method": e.key.method, "shots": e.key.shots, "seed": e.key.seed, "lr": e.row.get("lr"), "n": n,
                     "top1": top1, "ci95_low": c.ci95[0] if c else None, "ci95_high": c.ci95[1] if c else None,
                     "wilson95_low": wilson[0], "wilson95_high": wilson[1],
                     "reference": g.comparison.reference if g.comparison else None,
@@ -178,6 +178,30 @@ def csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+TEXT_COLUMNS = {1, 2, 3, 4}  # label, encoder, view, method: words (left-aligned in report.html); the rest are numbers
+
+
+def table_head(reference: str | None) -> list[str]:
+    """The leaderboard table's column titles (leaderboard.md and report.html)."""
+    return ["rank", "label", "encoder", "view", "method", "shots", "seed", "lr", "n", "top-1 [95% CI]", "Wilson 95%",
+            f"Δ vs {reference or 'reference'} [95% CI]", "n01 / n10", "McNemar p"]  # fmt: skip
+
+
+def table_cells(r: dict, reference: str | None) -> list[str]:
+    """One :func:`table_rows` row as the table's text cells, as both renderers show them."""
+    ci = (r["ci95_low"], r["ci95_high"]) if r["ci95_low"] is not None else None
+    wilson = "—" if r["wilson95_low"] is None or math.isnan(r["wilson95_low"]) else f"[{r['wilson95_low']:.1f}, {r['wilson95_high']:.1f}]"
+    if r["label"] == reference:
+        delta, disc = "reference", "—"
+    elif r["delta"] is None:
+        delta, disc = "— (no predictions)" if ci is None else "—", "—"
+    else:
+        delta, disc = fmt_interval(r["delta"], (r["delta_ci95_low"], r["delta_ci95_high"]), signed=True), f"{r['n01']} / {r['n10']}"
+    lr = "—" if r["lr"] is None else f"{r['lr']:g}"
+    return [str(r["rank"]), r["label"], str(r["encoder"] or "—"), r["view"], r["method"], r["shots"] or "all", str(r["seed"]), lr, str(r["n"]),
+            fmt_interval(r["top1"], ci), wilson, delta, disc, fmt_p(r["mcnemar_p"])]  # fmt: skip
+
+
 def markdown(groups: list[Group], rows: list[dict]) -> str:
     """One markdown table per group (one group unless --allow-mixed)."""
     out = []
@@ -187,20 +211,10 @@ def markdown(groups: list[Group], rows: list[dict]) -> str:
         if len(groups) > 1:
             out.append(f"### group {gi}: {g.title}\n")
         ref = g.comparison.reference if g.comparison else None
-        head = ["rank", "label", "encoder", "view", "method", "shots", "seed", "lr", "n", "top-1 [95% CI]", "Wilson 95%", f"Δ vs {ref or 'reference'} [95% CI]", "n01 / n10", "McNemar p"]
+        head = table_head(ref)
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for r in (r for r in rows if r["group"] == gi):
-            ci = (r["ci95_low"], r["ci95_high"]) if r["ci95_low"] is not None else None
-            wilson = "—" if r["wilson95_low"] is None or math.isnan(r["wilson95_low"]) else f"[{r['wilson95_low']:.1f}, {r['wilson95_high']:.1f}]"
-            if r["label"] == ref:
-                delta, disc = "reference", "—"
-            elif r["delta"] is None:
-                delta, disc = "— (no predictions)" if ci is None else "—", "—"
-            else:
-                delta, disc = fmt_interval(r["delta"], (r["delta_ci95_low"], r["delta_ci95_high"]), signed=True), f"{r['n01']} / {r['n10']}"
-            lr = "—" if r["lr"] is None else f"{r['lr']:g}"
-            cells = [str(r["rank"]), r["label"], str(r["encoder"] or "—"), r["view"], r["method"], r["shots"] or "all", str(r["seed"]), lr, str(r["n"]), fmt_interval(r["top1"], ci), wilson, delta, disc, fmt_p(r["mcnemar_p"])]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(table_cells(r, ref)) + " |")
         splits = g.fields["report split"]
         out.append("\n".join(lines) + f"\n\ntop-1 in percent on the {splits} split; 95% CI: percentile bootstrap over images "
                    f"({I.N_RESAMPLES} resamples, seed {I.BOOTSTRAP_SEED}); Wilson: score interval; Δ: paired bootstrap on the same images; "

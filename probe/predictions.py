@@ -18,6 +18,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,6 +26,27 @@ from featstore.errors import UsageError
 
 PREDICTIONS = "predictions.csv"
 COLUMNS = ["label", "store", "view", "method", "shots", "seed", "path", "target", "pred", "correct", "top5"]
+
+
+class ConfigKey(NamedTuple):
+    """Which selected configuration a row, a prediction set or a comparison row is: the one identity
+    they are matched by. ``shots`` is "" for every training row."""
+
+    label: str
+    view: str
+    method: str
+    shots: str
+    seed: int
+
+    @classmethod
+    def make(cls, label, view, method, shots, seed) -> "ConfigKey":
+        """The key with the CSV's spellings normalised: no method = linear, no shots = "", no seed = 0."""
+        return cls(str(label), str(view), method or "linear", "" if shots is None else str(shots), int(seed or 0))
+
+    @classmethod
+    def of_row(cls, row: dict, label: str | None = None) -> "ConfigKey":
+        """A results row's key (probe.fit's or results.csv's), under ``label`` when given, else its ``label`` column."""
+        return cls.make(row["label"] if label is None else label, row["view"], row.get("method"), row.get("shots"), row.get("seed"))
 
 
 @dataclass(eq=False)  # arrays inside: identity, not element-wise, equality
@@ -61,8 +83,8 @@ class Predictions:
         return self.pred == self.target
 
     @property
-    def key(self) -> tuple[str, str, str, str, int]:
-        return (self.label, self.view, self.method, self.shots, self.seed)
+    def key(self) -> ConfigKey:
+        return ConfigKey(self.label, self.view, self.method, self.shots, self.seed)
 
 
 class ImagePredictions(dict):
@@ -88,8 +110,8 @@ def of_rows(rows: list[dict]) -> list[Predictions]:
     for r in rows:
         p = r.get("report_predictions")
         if r.get("selected") and p is not None:
-            shots = r.get("shots")
-            out.append(Predictions(r["label"], r["store"], r["view"], r.get("method") or "linear", "" if shots is None else shots, r["seed"], **p))
+            key = ConfigKey.of_row(r)
+            out.append(Predictions(key.label, r["store"], key.view, key.method, key.shots, key.seed, **p))
     return out
 
 

@@ -49,6 +49,28 @@ def _round_sig(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
 
+def check_knn(ks, temperature: float, weights: str) -> tuple[int, ...]:
+    """The k-NN settings' one check (Protocol's and knn.predict's): the k grid as a sorted tuple
+    of distinct positive ints; UsageError on a bad k, temperature or weighting."""
+    ks = parse_ints(ks if ks is None or isinstance(ks, (str, int, float)) else list(ks), what="k-NN k grid", option="--knn-k", minimum=1)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"k-NN temperature must be positive, got {temperature!r}", "pass --knn-temperature like 0.07")
+    if weights not in KNN_WEIGHTS:
+        raise UsageError(f"unknown k-NN weighting {weights!r}", f"use one of {', '.join(KNN_WEIGHTS)}")
+    return ks
+
+
+def check_logreg(Cs, tol: float, max_iter: int) -> tuple[float, ...]:
+    """The logistic-regression settings' one check (Protocol's and logreg.fit_path's): the C grid
+    as a sorted tuple of distinct positive floats; UsageError on a bad C, tolerance or iteration cap."""
+    Cs = parse_grid(Cs if Cs is None or isinstance(Cs, (str, int, float)) else list(Cs), what="C", option="--logreg-C")
+    if not (math.isfinite(tol) and tol > 0):
+        raise UsageError(f"logistic-regression tolerance must be positive, got {tol!r}", "pass --logreg-tol like 1e-4")
+    if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
+        raise UsageError(f"logistic-regression iteration cap must be a positive integer, got {max_iter!r}", "pass --logreg-max-iter like 1000")
+    return Cs
+
+
 def parse_grid(text: str | float | list | tuple, *, what: str = "learning rate", allow_zero: bool = False, option: str | None = None) -> tuple[float, ...]:
     """Parse ``1e-4,1e-3,0.01`` or ``start:stop:count`` (log-spaced) into a sorted tuple of floats."""
     option = option or ("--lr-grid" if what == "learning rate" else "--wd-grid")
@@ -165,16 +187,8 @@ class Protocol:
         if unknown or not methods:
             raise UsageError(f"unknown method {', '.join(unknown) or '(none)'}", f"pass --method with any of {', '.join(METHODS)}, e.g. linear,knn,logreg")
         set_("methods", tuple(m for m in METHODS if m in methods))  # canonical order: one hash per set
-        set_("knn_k", parse_ints(self.knn_k, what="k-NN k grid", option="--knn-k", minimum=1))
-        if not (math.isfinite(self.knn_temperature) and self.knn_temperature > 0):
-            raise UsageError(f"k-NN temperature must be positive, got {self.knn_temperature}", "pass --knn-temperature like 0.07")
-        if self.knn_weights not in KNN_WEIGHTS:
-            raise UsageError(f"unknown k-NN weighting {self.knn_weights!r}", f"use one of {', '.join(KNN_WEIGHTS)}")
-        set_("logreg_C", parse_grid(self.logreg_C, what="C", option="--logreg-C"))
-        if not (math.isfinite(self.logreg_tol) and self.logreg_tol > 0):
-            raise UsageError(f"logistic-regression tolerance must be positive, got {self.logreg_tol}", "pass --logreg-tol like 1e-4")
-        if isinstance(self.logreg_max_iter, bool) or int(self.logreg_max_iter) != self.logreg_max_iter or self.logreg_max_iter < 1:
-            raise UsageError(f"logistic-regression iteration cap must be a positive integer, got {self.logreg_max_iter!r}", "pass --logreg-max-iter like 1000")
+        set_("knn_k", check_knn(self.knn_k, self.knn_temperature, self.knn_weights))
+        set_("logreg_C", check_logreg(self.logreg_C, self.logreg_tol, self.logreg_max_iter))
         set_("logreg_refit", bool(self.logreg_refit))
         set_("shots", parse_ints(self.shots, what="shots", option="--shots", minimum=0, allow_all=True) if self.shots not in ((), [], None, "") else ())
         seeds = parse_ints(self.seeds, what="seeds", option="--seeds", keep_order=True) if self.seeds not in ((), [], None, "") else ()

@@ -18,6 +18,7 @@ import os
 import shutil
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +26,20 @@ import numpy as np
 from featstore import __version__
 from featstore.errors import UsageError
 
-from .compare import compare, fmt_interval, fmt_p
+from .compare import Comparison, compare, fmt_interval, fmt_p
 from .fit import COLUMNS
 from .intervals import N_RESAMPLES, seed_mean_interval
-from .predictions import PREDICTIONS
+from .predictions import PREDICTIONS, ConfigKey
 from .predictions import of_rows as predictions_of
 from .predictions import write as write_predictions
 from .protocol import Protocol
+from .runs import PROTOCOL, RESULTS
 from .summary import mean_std, summarize, summary_csv
 
 # the columns that name one probe (one line in the plot, one row in the table)
 PROBE_KEY = ("label", "view")
 
-RESULTS, PROTOCOL, PLOT, SUMMARY = "results.csv", "protocol.json", "accuracy_vs_lr.png", "summary.csv"
+PLOT, SUMMARY = "accuracy_vs_lr.png", "summary.csv"  # results.csv and protocol.json: probe.runs (their reader)
 
 
 def _cell(value) -> str:
@@ -225,35 +227,61 @@ def _reported(row: dict, metric: str):
 
 def summary(rows: list[dict]) -> list[dict]:
     """Per store × view × method × shots over seeds (:mod:`probe.summary`), reported-split
-    accuracies, with the 95% bootstrap interval of the (seed-mean) top-1 over the images."""
+    accuracies, with the 95% bootstrap interval of the (seed-mean) top-1 over the images. A single
+    seed's interval is its selected row's ``ci95_*`` (probe.fit's, the same bootstrap): only the
+    pooled intervals of several seeds are computed here."""
     entries = summarize(rows, _reported)
     for e in entries:
         key = (e["store"], e["view"], e["method"], e["shots"])
-        preds = [r["report_predictions"] for r in rows if r.get("selected") and r.get("report_predictions") is not None
-                 and (r["store"], r["view"], r.get("method") or "linear", r.get("shots")) == key]  # fmt: skip
+        chosen = [r for r in rows if r.get("selected") and r.get("report_predictions") is not None
+                  and (r["store"], r["view"], r.get("method") or "linear", r.get("shots")) == key]  # fmt: skip
+        preds = [r["report_predictions"] for r in chosen]
         e["ci95_low"] = e["ci95_high"] = None
+        if len(chosen) == 1 == e["n_seeds"]:
+            e["ci95_low"], e["ci95_high"] = chosen[0].get("ci95_low"), chosen[0].get("ci95_high")
         # seeds pool only when they scored the same images (a per-seed holdout does not)
-        if preds and len(preds) == e["n_seeds"] and all(np.array_equal(p["paths"], preds[0]["paths"]) for p in preds):
+        elif preds and len(preds) == e["n_seeds"] and all(np.array_equal(p["paths"], preds[0]["paths"]) for p in preds):
             low, high = seed_mean_interval([p["pred"] == p["target"] for p in preds])
             e["ci95_low"], e["ci95_high"] = (round(low, 4), round(high, 4)) if np.isfinite([low, high]).all() else (None, None)
     return entries
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What summary.csv and the tables add to a run's rows, computed once per run (every part is a
+    bootstrap over the images of each selected configuration)."""
+
+    summary: list[dict]  # :func:`summary`
+    versus: Comparison | None  # every selected head against the first store's; None with a single store
+
+
+def digest_of(rows: list[dict], comparison: Comparison | None = None) -> Digest:
+    """The :class:`Digest` of probe.fit's ``rows``; ``comparison``: ``compare(of_rows(rows))``
+    when the caller holds it already (probe.fit does)."""
+    if comparison is None:
+        preds = predictions_of(rows)
+        comparison = compare(preds) if len({p.label for p in preds}) > 1 else None
+    versus = comparison if comparison is not None and len({r.label for r in comparison.rows}) > 1 else None
+    return Digest(summary(rows), versus)
 
 
 def _shots_words(shots) -> str:
     return "all" if shots is None else f"{shots}"
 
 
-def battery_table(rows: list[dict], protocol: Protocol | None = None) -> str:
+def battery_table(rows: list[dict], protocol: Protocol | None = None, digest: Digest | None = None) -> str:
     """Per store × view × method × shots: the selected configuration(s) and the reported
-    accuracy as mean ± std (n seeds); a single seed shows the number alone."""
-    entries = summary(rows)
+    accuracy as mean ± std (n seeds); a single seed shows the number alone. ``digest``: the
+    rows' :func:`digest_of`, computed here when not given."""
+    digest = digest or digest_of(rows)
+    entries = digest.summary
     multi_view = len({(e["store"], e["view"]) for e in entries}) > len({e["store"] for e in entries})
     has_top5 = any(e["report_top5_mean"] is not None for e in entries)
     labels = {r["store"]: r["label"] for r in rows}
     encoders = {r["store"]: r["encoder"] for r in rows}
     head = ["label", "encoder"] + (["view"] if multi_view else []) + ["method", "shots", "selected", "reported top-1"]
     head += (["reported top-5"] if has_top5 else []) + ["reported on"]
-    versus = _versus_first(rows)
+    versus = digest.versus
     head += [f"Δ vs {versus.reference} [95% CI]", "McNemar p"] if versus else []
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     reported_as = {(r["store"], r["view"]): r["reported_as"] for r in rows}
@@ -277,13 +305,13 @@ def battery_table(rows: list[dict], protocol: Protocol | None = None) -> str:
     return "\n".join(lines) + "\n\n" + notes + "\n"
 
 
-def markdown_table(rows: list[dict], protocol: Protocol | None = None) -> str:
+def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: Digest | None = None) -> str:
     """Per store × view: the fixed-LR result (one head) or the selected LR, its selection and
     reported top-1, what the reported number is (``reported_as``), and the best-of-sweep head on
     the reported split, labelled as such. A battery run (methods, seeds, shots) gets
-    :func:`battery_table` instead."""
+    :func:`battery_table` instead. ``digest``: the rows' :func:`digest_of`, computed here when not given."""
     if is_battery(rows):
-        return battery_table(rows, protocol)
+        return battery_table(rows, protocol, digest)
     groups = _groups(rows)
     multi_view = len({k[1] for k in groups}) > 1
     one_head = all(len(rs) == 1 for rs in groups.values())
@@ -297,7 +325,7 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None) -> str:
     head += ["selection top-1 (split)", "reported top-1"] + (["reported top-5"] if has_top5 else []) + ["reported on"]
     best_column = not one_head and not on_report
     head += ["best-of-sweep on the reported split: top-1 (lr)"] if best_column else []
-    versus = _versus_first(rows)
+    versus = (digest or digest_of(rows)).versus
     if versus:
         head += [f"Δ vs {versus.reference} [95% CI]", "McNemar p"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -314,7 +342,7 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None) -> str:
             best = next((r for r in rs if r["best_report"]), None)
             cells += [f"{_pct(best['report_top1_pct'])} ({best['lr']:g})" if best else "— (nothing reported)"]
         if versus:
-            cells += _versus_cells(versus, sel)
+            cells += _versus_cells(versus, ConfigKey.of_row(sel))
         lines.append("| " + " | ".join(cells) + " |")
     r0 = rows[0]
     notes = f"protocol {r0['protocol_hash']}: {r0['optimizer']}, {r0['epochs']} epochs, batch {r0['batch_size']}, normalize {r0['normalize']}, seed {r0['seed']}, select on {r0['select_on']}"
@@ -329,21 +357,12 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None) -> str:
     return "\n".join(lines) + "\n\n" + notes + "\n"
 
 
-def _versus_first(rows: list[dict]):
-    """With 2+ labels holding predictions: the comparison of every selected head with the first label's."""
-    preds = predictions_of(rows)
-    if len({p.label for p in preds}) < 2:
-        return None
-    return compare(preds)
-
-
 def _versus_entry_cells(versus, label: str, entry: dict) -> list[str]:
     """A summary entry's Δ: the single seed's, or the mean ± std of the per-seed Δ over seeds."""
-    shots = "" if entry["shots"] is None else str(entry["shots"])
+    key = ConfigKey.make(label, entry["view"], entry["method"], entry["shots"], entry["seeds"] if entry["n_seeds"] == 1 else 0)
     if entry["n_seeds"] == 1:
-        seed = int(entry["seeds"])
-        return _versus_cells(versus, {"label": label, "view": entry["view"], "method": entry["method"], "shots": entry["shots"], "seed": seed})
-    s = next((s for s in versus.seeds if (s.label, s.view, s.method, s.shots) == (label, entry["view"], entry["method"], shots)), None)
+        return _versus_cells(versus, key)
+    s = next((s for s in versus.seeds if (s.label, s.view, s.method, s.shots) == key[:4]), None)  # every seed of the key
     if s is None or label == versus.reference:
         return ["reference" if label == versus.reference else "—", "—"]
     if s.delta_mean is None:
@@ -351,9 +370,8 @@ def _versus_entry_cells(versus, label: str, entry: dict) -> list[str]:
     return [f"{fmt_interval(s.delta_mean, s.delta_mean_ci95, digits=2, signed=True)} (± {s.delta_std:.2f} over {len(s.seeds)} seeds)", "per seed: probe compare"]
 
 
-def _versus_cells(versus, sel: dict) -> list[str]:
-    key = (sel["label"], sel["view"], sel.get("method") or "linear", "" if sel.get("shots") is None else str(sel["shots"]), sel["seed"])
-    row = next((c for c in versus.rows if (c.label, c.view, c.method, c.shots, c.seed) == key), None)
+def _versus_cells(versus, key: ConfigKey) -> list[str]:
+    row = next((c for c in versus.rows if c.key == key), None)
     if row is None:
         return ["—", "—"]
     if row.is_reference:
@@ -392,9 +410,12 @@ def new_run_folder(parent: str | os.PathLike) -> Path:
     return path
 
 
-def write_outputs(rows: list[dict], protocol: Protocol, out: str | os.PathLike, run: dict | None = None, overwrite: bool = False) -> dict[str, Path]:
+def write_outputs(
+    rows: list[dict], protocol: Protocol, out: str | os.PathLike, run: dict | None = None, overwrite: bool = False, digest: Digest | None = None
+) -> dict[str, Path]:
     """Write results.csv, summary.csv, protocol.json, predictions.csv and (with linear rows)
-    accuracy_vs_lr.png as the folder ``out``, all or nothing."""
+    accuracy_vs_lr.png as the folder ``out``, all or nothing. ``digest``: the rows'
+    :func:`digest_of` when the caller holds it (summary.csv is its ``summary``)."""
     out = Path(os.path.abspath(check_out(out, overwrite)))  # absolute: "." has no name to build beside
     out.parent.mkdir(parents=True, exist_ok=True)
     build = out.with_name(f".{out.name}.building-{os.getpid()}")
@@ -403,7 +424,7 @@ def write_outputs(rows: list[dict], protocol: Protocol, out: str | os.PathLike, 
     try:
         (build / RESULTS).write_text(csv_text(rows))
         (build / PROTOCOL).write_text(protocol_json(protocol, run))
-        (build / SUMMARY).write_text(summary_csv(summary(rows)))
+        (build / SUMMARY).write_text(summary_csv(digest.summary if digest else summary(rows)))
         write_predictions(predictions_of(rows), build / PREDICTIONS)
         written = [SUMMARY, PROTOCOL, PREDICTIONS, RESULTS]
         if plot_rows(rows):

@@ -15,7 +15,7 @@ from featstore.errors import UsageError
 
 from . import predictions as P
 
-RESULTS, PROTOCOL = "results.csv", "protocol.json"
+RESULTS, PROTOCOL = "results.csv", "protocol.json"  # the file names probe.report writes
 
 
 def _value(text: str):
@@ -85,7 +85,9 @@ class Run:
 
     @property
     def report_splits(self) -> list[str]:
-        return sorted({str(r.get("reported_as") or r.get("report_split")) for r in self.rows if r.get("selected")})
+        """The names of the splits the selected heads were reported on (``test``, ``val``; ``none``
+        where nothing was): the words "top-1 on the … split" and the report-split grouping use."""
+        return sorted({str(r.get("report_split") or "none") for r in self.rows if r.get("selected")})
 
     @property
     def selected(self) -> list[dict]:

@@ -4,6 +4,7 @@ against a reference (a direct float64 implementation, scikit-learn)."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -175,6 +176,46 @@ def test_logreg_default_tolerance_path_and_refit_from_init():
     assert capped.n_iter == [2] and capped.converged == [False]
 
 
+def test_logreg_with_classes_absent_from_the_training_rows():
+    """num_classes larger than the labels seen (a few-shot or filtered split): the absent classes'
+    intercepts go to −∞ within the intercept's Newton steps, the solves converge, and the model is
+    scikit-learn's fitted on the present classes."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(900, 10, 3, seed=9, sep=0.6)
+    (xs,) = _standardized(x)
+    path = logreg.fit_path(xs, torch.from_numpy(y), [1e-2, 1.0], 5)
+    assert all(path.converged) and max(path.grad_max) <= logreg.DEFAULT_TOL
+    assert bool((path.bias[:, 3:] < path.bias[:, :3].min() - 8).all())
+    top1, _ = path.predict(xs)
+    assert top1.max() <= 2
+    for i, C in enumerate(path.Cs):
+        ref = LogisticRegression(C=C, max_iter=1000).fit(xs.numpy().astype(np.float64), y)
+        assert (ref.predict(xs.numpy()) == top1[i]).mean() >= 0.995
+        obj_ref = logreg.sklearn_objective(xs.numpy(), y, ref.coef_.T, ref.intercept_, C)
+        obj_ours = logreg.sklearn_objective(xs.numpy(), y, path.weight[i, :, :3].numpy(), path.bias[i, :3].numpy(), C)
+        assert obj_ours == pytest.approx(obj_ref, rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_logreg_path_on_cuda_matches_cpu():
+    """The same path solved on the GPU: every C converged, the objective within float32 rounding
+    of the CPU solve's and of scikit-learn's scale, and the same predictions on ≥ 99.5% of rows."""
+    classes = 6
+    x, y = blobs(4000, 32, classes, seed=10, sep=0.3)
+    (xs,) = _standardized(x)
+    Cs = np.logspace(-4, 2, 7)
+    cpu = logreg.fit_path(xs, torch.from_numpy(y), Cs, classes)
+    gpu = logreg.fit_path(xs.cuda(), torch.from_numpy(y).cuda(), Cs, classes)
+    assert all(gpu.converged) and max(gpu.grad_max) <= logreg.DEFAULT_TOL
+    for i, C in enumerate(Cs):
+        mine = logreg.sklearn_objective(xs.numpy(), y, gpu.weight[i].cpu().numpy(), gpu.bias[i].cpu().numpy(), C)
+        ref = logreg.sklearn_objective(xs.numpy(), y, cpu.weight[i].numpy(), cpu.bias[i].numpy(), C)
+        assert mine == pytest.approx(ref, rel=1e-4)
+    assert (gpu.predict(xs.cuda())[0] == cpu.predict(xs)[0]).mean() >= 0.995
+
+
 def test_logreg_settings_are_checked():
     with pytest.raises(UsageError):
         logreg.check_settings([0.0, 1.0], 1e-4, 100)
@@ -182,6 +223,105 @@ def test_logreg_settings_are_checked():
         logreg.check_settings([1.0], 0.0, 100)
     with pytest.raises(UsageError):
         logreg.check_settings([1.0], 1e-4, 0)
+
+
+def _ce64(x, y, w, b):
+    """mean cross-entropy in float64 by autograd-able torch ops (the direct definition)."""
+    return torch.nn.functional.cross_entropy(x.double() @ w + b, y)
+
+
+@pytest.mark.parametrize("keep_logits", [True, False])
+def test_bias_profile_is_the_best_intercept_and_its_gradient(keep_logits):
+    """One pass of the profiled objective against float64 autograd: b* minimises the mean
+    cross-entropy over the intercept (its gradient below the inner tolerance, and scipy's
+    minimiser agrees), and CE, dW, db and the class factor E[diag p − p pᵀ] at (W, b*) are the
+    direct ones. Imbalanced classes, so b* is far from the start b = 0; chunks smaller than the
+    rows; with the logits kept and recomputed per Newton step."""
+    from scipy.optimize import minimize
+
+    classes = 5
+    x, y = blobs(1200, 16, classes, seed=7, sep=0.4)
+    y = np.where(np.arange(1200) % 3 == 0, 0, y)  # class 0 three times as frequent
+    (xs,) = _standardized(x)
+    yt = torch.from_numpy(y)
+    w = torch.from_numpy(np.random.default_rng(1).normal(scale=0.3, size=(16, classes)).astype(np.float32))
+    profile = logreg.BiasProfile(xs, yt, classes, tol=1e-4)
+    profile.step = 250  # five chunks, the last one short
+    profile.keep = keep_logits
+    ce, gw, gb, b, factor = profile(w, torch.zeros(classes))
+    assert float(gb.abs().max()) <= 1e-5
+
+    w64 = w.double()
+    ref = minimize(lambda v: float(_ce64(xs, yt, w64, torch.from_numpy(v))), np.zeros(classes), method="BFGS", options={"gtol": 1e-10})
+    shift = float((b.double() - torch.from_numpy(ref.x)).mean())  # b is defined up to a common shift
+    torch.testing.assert_close(b.double() - shift, torch.from_numpy(ref.x), rtol=0, atol=2e-4)
+
+    w_ = w64.clone().requires_grad_(True)
+    b_ = b.double().clone().requires_grad_(True)
+    loss = _ce64(xs, yt, w_, b_)
+    loss.backward()
+    assert ce == pytest.approx(loss.item(), rel=1e-6)
+    torch.testing.assert_close(gw.double(), w_.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gb.double(), b_.grad, rtol=0, atol=1e-6)
+    p = torch.softmax(xs.double() @ w64 + b.double(), 1)
+    direct = torch.diag(p.mean(0)) - p.t() @ p / len(p)
+    torch.testing.assert_close(factor.double(), direct, rtol=0, atol=1e-6)
+
+
+def test_kronecker_preconditioner_inverts_the_hessian_at_zero():
+    """At W = 0 every row has the same softmax covariance A (p = the class frequencies, b* their
+    log), so the Hessian of the profiled objective is exactly Σ ⊗ A + λI (Σ the features'
+    covariance; centred features do not couple W to b): the preconditioner built from
+    all rows undoes a float64 autograd Hessian-vector product (directions with zero class sum,
+    the only ones the objective has). From a row subsample it is close, not exact."""
+    classes, dim, lam = 4, 12, 0.05
+    x, y = blobs(900, dim, classes, seed=8, sep=0.5)
+    x = x @ np.random.default_rng(3).normal(size=(dim, dim)).astype(np.float32)  # correlated features
+    xt = torch.from_numpy(x - x.mean(0))  # centred: then the intercept does not couple to W at W = 0
+    yt = torch.from_numpy(y)
+    profile = logreg.BiasProfile(xt, yt, classes, tol=1e-4)
+    _, _, _, b, factor = profile(torch.zeros(dim, classes), torch.zeros(classes))
+    prec = logreg.KroneckerPreconditioner(xt, rows=len(x))
+    prec.lam = lam
+    prec.set_class_factor(factor)
+    prior = torch.from_numpy(np.bincount(y, minlength=classes) / len(y))
+    torch.testing.assert_close(factor.double(), torch.diag(prior) - torch.outer(prior, prior), rtol=0, atol=1e-6)
+
+    def objective(w):
+        return _ce64(xt, yt, w, b.double()) + 0.5 * lam * w.square().sum()
+
+    rng = np.random.default_rng(2)
+    v = torch.from_numpy(rng.normal(size=(dim, classes)))
+    v -= v.mean(1, keepdim=True)  # zero class sum
+    _, hv = torch.autograd.functional.hvp(objective, torch.zeros(dim, classes, dtype=torch.float64), v)
+    torch.testing.assert_close(prec(hv.float()).double(), v, rtol=0, atol=1e-5 * float(v.abs().max()))
+    sub = logreg.KroneckerPreconditioner(xt, rows=300)
+    sub.lam = lam
+    sub.set_class_factor(factor)
+    err = float((sub(hv.float()).double() - v).norm() / v.norm())
+    assert 1e-4 < err < 1.0, err  # an approximation (it is only a preconditioner), not the exact inverse
+
+
+def test_path_predictions():
+    """_extrapolate is exact for a path quadratic in log C (three known points) and linear with two;
+    _tangent steps along λ (H + λI)⁻¹ W with the preconditioner's Hessian."""
+    Cs = (0.01, 0.1, 1.0, 10.0)
+    curve = lambda c: torch.tensor([[1.0 + 2.0 * math.log(c) - 0.5 * math.log(c) ** 2]])  # noqa: E731
+    torch.testing.assert_close(logreg._extrapolate(Cs, 3, [curve(c) for c in Cs[:3]]), curve(10.0), rtol=1e-6, atol=1e-6)
+    line = lambda c: torch.tensor([[3.0 - math.log(c)]])  # noqa: E731
+    torch.testing.assert_close(logreg._extrapolate(Cs, 2, [line(c) for c in Cs[:2]]), line(1.0), rtol=1e-6, atol=1e-6)
+
+    class Scale:  # a preconditioner that is (2 + λ)⁻¹: H = 2I
+        lam = 0.0
+
+        def set_class_factor(self, factor):
+            pass
+
+        def __call__(self, v):
+            return v / (2 + self.lam)
+
+    w = torch.ones(3, 2)
+    torch.testing.assert_close(logreg._tangent(w, 0.5, 0.25, None, Scale()), w * (1 + 0.5 * 0.25 / 2.25))
 
 
 def test_lbfgs_minimizes_a_quadratic_to_tolerance():

@@ -119,6 +119,22 @@ def test_extract_without_out_caches_by_key_and_reruns_up_to_date_without_torch(h
     assert len(cache.list_stores()) == 2
 
 
+def test_cli_extract_asks_the_memo_once_per_command(home, small_folder, monkeypatch):
+    """The CLI asks the up-to-date memo before importing torch; on a miss, extract() does not ask again."""
+    import featstore.extract
+    import featstore.request
+
+    asked, recall = [], featstore.request.recall_up_to_date
+    for module in (featstore.request, featstore.extract):
+        monkeypatch.setattr(module, "recall_up_to_date", lambda config: asked.append(config) or recall(config))
+    args = ["extract", "--dataset", str(small_folder), "--model", "resnet18", "--random-init", "--loader", "torch", "--workers", "0",
+            "--image-size", "32", "--resize", "32", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    for status in ("created", "up to date"):
+        code, out = run(args)
+        assert code == 0 and f": {status}" in out, out
+    assert len(asked) == 2  # the miss, then the hit
+
+
 def test_changed_weights_are_not_up_to_date(home, small_folder, tmp_path):
     import torch
     import torchvision

@@ -420,6 +420,8 @@ def test_predict_agrees_with_logits_and_evaluate():
     acc = H.evaluate(heads, x, y)
     np.testing.assert_allclose(acc["top1"], (top[:, :, 0] == y.numpy()[:, None]).mean(0) * 100)
     np.testing.assert_allclose(acc["top5"], (top == y.numpy()[:, None, None]).any(-1).mean(0) * 100)
+    from_ranked = H.accuracy(H.predict(heads, x), y, 12)  # what probe fit reads off the reported split's ranking
+    assert from_ranked.keys() == acc.keys() and all(np.array_equal(from_ranked[k], acc[k]) for k in acc)
     assert H.predict(H.LinearHeads(16, 3, [0.1], [0.0]), x).shape == (301, 1, 3)  # k capped at the class count
 
 
@@ -594,3 +596,37 @@ def test_rows_with_predictions_compare_equal():
     assert {"lr": 0.1, "report_predictions": a} == {"lr": 0.1, "report_predictions": b}
     b["pred"] = np.array([0, 1])
     assert a != b and a["pred"].shape == (2,)
+
+
+def test_report_names_the_report_split_not_its_description(tmp_path, three_encoders):
+    """probe report's titles say "on the test split", not the reported_as phrase of results.csv."""
+    import csv as csv_mod
+
+    from probe import leaderboard
+
+    target, a, b, _ = three_encoders
+    folder = results_folder(tmp_path / "run", {"r18": (target, a), "r50": (target, b)})
+    with open(folder / "results.csv", newline="") as f:
+        rows = list(csv_mod.DictReader(f))
+    for r in rows:
+        r["reported_as"] = "test (reported; selection on val)"  # as probe fit writes it
+    with open(folder / "results.csv", "w", newline="") as f:
+        w = csv_mod.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (g,) = leaderboard.gather([folder])
+    assert g.fields["report split"] == "test" and g.runs[0].report_splits == ["test"]
+    table = leaderboard.markdown([g], leaderboard.table_rows([g]))
+    assert "top-1 in percent on the test split;" in table and "(reported; selection on val)" not in table
+
+
+def test_report_html_per_class_heading_only_with_something_under_it(tmp_path, three_encoders):
+    """A single store has no per-class chart against a reference: no empty "Per class" heading."""
+    from probe import leaderboard
+    from probe.html_report import render
+
+    target, a, b, _ = three_encoders
+    for name, encoders, charts in (("one", {"r18": (target, a)}, 0), ("two", {"r18": (target, a), "r50": (target, b)}, 1)):
+        groups = leaderboard.gather([results_folder(tmp_path / name, encoders)])
+        page = render(groups, leaderboard.table_rows(groups))
+        assert page.count("<h3>Per class, against the reference</h3>") == charts and page.count('id="g1-class-') == charts, name

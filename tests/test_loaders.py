@@ -189,14 +189,14 @@ def _forge_jpeg_size(path, width: int, height: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_jpeg_header_size_matches_pil(odd_images, imagenette_subset, tmp_path):
+def test_container_header_size_matches_pil(odd_images, imagenette_subset, tmp_path):
     import io
 
     from PIL import Image
 
-    from featstore.loaders.decode import jpeg_size
+    from featstore.loaders.containers import check_container
 
-    files = sorted(imagenette_subset.rglob("*.JPEG"))[:10] + [p for p in map(Path, odd_images) if p.suffix.lower() in (".jpg", ".jpeg")]
+    files = sorted(imagenette_subset.rglob("*.JPEG"))[:10] + [p for p in map(Path, odd_images) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
     for kind, kw in [("L", {}), ("RGB", {"progressive": True}), ("RGB", {"exif": b"Exif\x00\x00" + bytes(3000)})]:
         buf = io.BytesIO()
         Image.new(kind, (123, 45)).save(buf, format="JPEG", **kw)
@@ -205,8 +205,8 @@ def test_jpeg_header_size_matches_pil(odd_images, imagenette_subset, tmp_path):
     assert len(files) >= 14
     for f in files:
         with Image.open(f) as img:
-            assert jpeg_size(f.read_bytes()) == img.size, f
-    assert jpeg_size(b"\x89PNG\r\n\x1a\n") is None and jpeg_size(b"\xff\xd8\xff\xe0\x00") is None
+            assert check_container(f.read_bytes()).size == img.size, f
+    assert check_container(b"\x89PNG\r\n\x1a\n").size is None and check_container(b"\xff\xd8\xff\xe0\x00").size is None
 
 
 def test_jpeg_bomb_header_is_refused_before_decoding(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import struct
 import zlib
+from typing import NamedTuple
 
 JPEG_SOI = b"\xff\xd8"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -50,14 +51,28 @@ def image_format(data: bytes) -> str:
     return "other"
 
 
-def container_problem(data: bytes) -> str:
-    """Why ``data`` is not an intact JPEG/PNG ("" when it is one, or is another format)."""
+class ContainerCheck(NamedTuple):
+    problem: str  # why the data is not an intact JPEG/PNG; "" when it is one, or is another format
+    size: tuple[int, int] | None  # (width, height) from the header of an intact JPEG/PNG, else None
+
+
+def check_container(data: bytes) -> ContainerCheck:
+    """Is ``data`` an intact JPEG/PNG, and how large is the image its header declares?"""
     kind = image_format(data)
     if kind == "jpeg":
-        return jpeg_problem(data)
+        return check_jpeg(data)
     if kind == "png":
-        return png_problem(data)
-    return ""
+        return check_png(data)
+    return ContainerCheck("", None)
+
+
+def container_problem(data: bytes) -> str:
+    """Why ``data`` is not an intact JPEG/PNG ("" when it is one, or is another format)."""
+    return check_container(data).problem
+
+
+def _broken(problem: str) -> ContainerCheck:
+    return ContainerCheck(problem, None)
 
 
 def describe_non_image(data: bytes) -> str:
@@ -76,58 +91,60 @@ def describe_non_image(data: bytes) -> str:
 
 # ---------------------------------------------------------------------------------------- JPEG
 
-def jpeg_problem(data: bytes) -> str:
-    """"" for a structurally intact JPEG, else what is wrong with it."""
+def check_jpeg(data: bytes) -> ContainerCheck:
+    """The check of a JPEG: what is wrong with it, or its size when it is structurally intact."""
     n = len(data)
     if data[:2] != JPEG_SOI:
-        return "not a JPEG (no start-of-image marker)"
-    pos, frame, in_scans = 2, False, False
+        return _broken("not a JPEG (no start-of-image marker)")
+    pos, size, in_scans = 2, None, False
     while True:
         if pos >= n:
-            return "truncated JPEG: the file ends inside its header" if not in_scans else "truncated JPEG: no end-of-image marker"
+            return _broken("truncated JPEG: no end-of-image marker" if in_scans else "truncated JPEG: the file ends inside its header")
         if data[pos] != 0xFF:
-            return f"corrupt JPEG: expected a marker at byte {pos}"
+            return _broken(f"corrupt JPEG: expected a marker at byte {pos}")
         while pos < n and data[pos] == 0xFF:  # fill bytes
             pos += 1
         if pos >= n:
-            return "truncated JPEG: the file ends inside a marker"
+            return _broken("truncated JPEG: the file ends inside a marker")
         marker = data[pos]
         pos += 1
         if marker == _EOI:
-            return "" if in_scans else "corrupt JPEG: end-of-image before any image data"
+            return ContainerCheck("", size) if in_scans else _broken("corrupt JPEG: end-of-image before any image data")
         if marker in _STANDALONE:
             continue
         if marker in _UNSUPPORTED_SOF and not in_scans:
-            return f"unsupported JPEG: hierarchical frame (marker 0x{marker:02X})"
+            return _broken(f"unsupported JPEG: hierarchical frame (marker 0x{marker:02X})")
         if marker not in (_BETWEEN_SCANS if in_scans else _IN_HEADER):
             where = "between scans" if in_scans else "in the header"
-            return f"corrupt JPEG: unexpected marker 0x{marker:02X} {where} (byte {pos - 2})"
+            return _broken(f"corrupt JPEG: unexpected marker 0x{marker:02X} {where} (byte {pos - 2})")
         if pos + 2 > n:
-            return "truncated JPEG: the file ends inside a marker segment"
+            return _broken("truncated JPEG: the file ends inside a marker segment")
         length = int.from_bytes(data[pos:pos + 2], "big")
         if length < 2:
-            return f"corrupt JPEG: marker 0x{marker:02X} has a length of {length}"
+            return _broken(f"corrupt JPEG: marker 0x{marker:02X} has a length of {length}")
         if pos + length > n:
             if in_scans:  # a marker made of damaged image data, not a real one cut short
-                return f"corrupt JPEG: marker 0x{marker:02X} with an impossible length in the image data (byte {pos - 2})"
-            return f"truncated JPEG: the file ends inside a marker segment (0x{marker:02X})"
+                return _broken(f"corrupt JPEG: marker 0x{marker:02X} with an impossible length in the image data (byte {pos - 2})")
+            return _broken(f"truncated JPEG: the file ends inside a marker segment (0x{marker:02X})")
         segment = data[pos + 2:pos + length]
         if marker in _SUPPORTED_SOF:
             problem = _frame_problem(segment)
             if problem:
-                return problem
-            frame = True
+                return _broken(problem)
+            if size is None:  # the first frame header gives the image's size
+                height, width = struct.unpack(">HH", segment[1:5])
+                size = width, height
         pos += length
         if marker != _SOS:
             continue
-        if not frame:
-            return "corrupt JPEG: image data before any frame header"
+        if size is None:
+            return _broken("corrupt JPEG: image data before any frame header")
         if not segment or not 1 <= segment[0] <= 4 or len(segment) != 4 + 2 * segment[0]:
-            return "corrupt JPEG: malformed scan header"
+            return _broken("corrupt JPEG: malformed scan header")
         in_scans = True
         end = _END_OF_SCAN.search(data, pos)  # the scan's compressed data runs to the next marker
         if end is None:
-            return "truncated JPEG: the image data ends without an end-of-image marker"
+            return _broken("truncated JPEG: the image data ends without an end-of-image marker")
         pos = end.start()
 
 
@@ -150,34 +167,35 @@ def _frame_problem(segment: bytes) -> str:
 
 # ----------------------------------------------------------------------------------------- PNG
 
-def png_problem(data: bytes) -> str:
-    """"" for a PNG whose chunks are all present and intact up to IEND, else what is wrong."""
+def check_png(data: bytes) -> ContainerCheck:
+    """The check of a PNG: what is wrong with it, or its size when its chunks are all present and
+    intact up to IEND."""
     n = len(data)
     if data[:8] != PNG_SIGNATURE:
-        return "not a PNG (no signature)"
-    pos, first = 8, True
+        return _broken("not a PNG (no signature)")
+    pos, size = 8, None
     while True:
         if pos + 8 > n:
-            return "truncated PNG: no IEND chunk"
+            return _broken("truncated PNG: no IEND chunk")
         length = int.from_bytes(data[pos:pos + 4], "big")
         kind = data[pos + 4:pos + 8]
         if length > 0x7FFFFFFF or not kind.isalpha():
-            return f"corrupt PNG: malformed chunk header at byte {pos}"
+            return _broken(f"corrupt PNG: malformed chunk header at byte {pos}")
         end = pos + 12 + length
         if end > n:
-            return f"truncated PNG: the file ends inside a {kind.decode('ascii')} chunk"
+            return _broken(f"truncated PNG: the file ends inside a {kind.decode('ascii')} chunk")
         body = data[pos + 8:pos + 8 + length]
         if zlib.crc32(kind + body) != int.from_bytes(data[pos + 8 + length:end], "big"):
-            return f"corrupt PNG: CRC mismatch in the {kind.decode('ascii')} chunk"
-        if first:
+            return _broken(f"corrupt PNG: CRC mismatch in the {kind.decode('ascii')} chunk")
+        if size is None:
             if kind != b"IHDR" or length != 13:
-                return "corrupt PNG: the first chunk is not IHDR"
+                return _broken("corrupt PNG: the first chunk is not IHDR")
             width, height, depth, color = struct.unpack(">IIBB", body[:10])
             if not (0 < width < 2**31 and 0 < height < 2**31):
-                return f"corrupt PNG: image of {width}x{height} pixels"
+                return _broken(f"corrupt PNG: image of {width}x{height} pixels")
             if depth not in _PNG_BIT_DEPTHS.get(color, ()):
-                return f"corrupt PNG: bit depth {depth} with color type {color}"
-            first = False
+                return _broken(f"corrupt PNG: bit depth {depth} with color type {color}")
+            size = width, height
         if kind == b"IEND":
-            return ""
+            return ContainerCheck("", size)
         pos = end

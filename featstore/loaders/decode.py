@@ -10,12 +10,9 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .containers import PNG_SIGNATURE, container_problem, describe_non_image
+from .containers import check_container, describe_non_image
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-JPEG_MAGIC = b"\xff\xd8\xff"
-# start-of-frame markers (the ones that carry the image size); C4, C8 and CC are not frames
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 def read_encoded(path: str) -> tuple[bytes | None, str]:
@@ -33,52 +30,15 @@ def read_encoded(path: str) -> tuple[bytes | None, str]:
         return None, f"{type(e).__name__}: {e.strerror or e}"
     if not data:
         return None, "empty file (0 bytes)"
-    problem = container_problem(data)
+    # the size from the header the check parsed, not from PIL.Image.open: this runs on reader threads,
+    # where PIL's bomb check would need the process-wide warnings filters
+    problem, size = check_container(data)
     if problem:
         return None, problem
-    size, limit = jpeg_size(data) or png_size(data), Image.MAX_IMAGE_PIXELS
+    limit = Image.MAX_IMAGE_PIXELS
     if size is not None and limit is not None and size[0] * size[1] > limit:
         return None, f"DecompressionBombError: image size ({size[0] * size[1]} pixels) exceeds the limit of {limit} pixels"
     return data, ""
-
-
-def png_size(blob: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's IHDR; None when it is not a PNG."""
-    if blob[:8] != PNG_SIGNATURE or blob[12:16] != b"IHDR":
-        return None
-    return int.from_bytes(blob[16:20], "big"), int.from_bytes(blob[20:24], "big")
-
-
-def jpeg_size(blob: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header; None when it is not a JPEG or has none.
-
-    Marker walking rather than ``PIL.Image.open``: this runs on reader threads, where PIL's bomb
-    check would need the process-wide warnings filters, and it costs microseconds.
-    """
-    if blob[:3] != JPEG_MAGIC:
-        return None
-    pos, end = 2, len(blob)
-    while pos + 4 <= end:
-        if blob[pos] != 0xFF:
-            return None
-        marker = blob[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            pos += 2
-            continue
-        length = int.from_bytes(blob[pos + 2:pos + 4], "big")
-        if marker in _SOF:
-            if pos + 9 > end:
-                return None
-            height = int.from_bytes(blob[pos + 5:pos + 7], "big")
-            width = int.from_bytes(blob[pos + 7:pos + 9], "big")
-            return width, height
-        if marker == 0xDA or length < 2:  # scan data before any frame header
-            return None
-        pos += 2 + length
-    return None
 
 
 def open_rgb(path: str) -> Image.Image:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole study: pretrain SimCLR, autoencoder and jigsaw, extract them and a random-init
-# baseline, probe all four under one protocol.
+# baseline, probe all four under one protocol, and compare each with random init (probe compare).
 #
 #   examples/ssl_study/run.sh [--quick] [--data IMAGENETTE_DIR] [--out DIR] [--device auto|cpu|cuda] [--epochs N]
 #
@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --device) DEVICE="$2"; shift ;;
     --epochs) EPOCHS="$2"; shift ;;
-    -h|--help) sed -n '2,12p' "$0" | sed -E 's/^# ?//'; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed -E 's/^# ?//'; exit 0 ;;
     *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift

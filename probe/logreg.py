@@ -42,7 +42,9 @@ HISTORY = 10  # L-BFGS memory (curvature pairs), scipy's default m
 GRAM_ROWS = 8192  # rows whose covariance preconditions (KroneckerPreconditioner)
 _CHUNK_ELEMENTS = 1 << 22  # feature elements per chunk of rows (16 MiB in float32)
 _LOGIT_ELEMENTS = 1 << 28  # logits kept between the intercept's Newton steps up to this many (1 GiB in float32)
-_BIAS_STEPS = 20  # Newton steps on the intercept per pass, at most (1–3 from a warm start)
+_BIAS_STEPS = 50  # Newton steps on the intercept per pass, at most (1–3 from a warm start)
+_BIAS_MAX_STEP = 4.0  # largest change of one intercept per Newton step
+_CLASS_FLOOR = 1e-3  # smallest class-factor eigenvalue in the preconditioner, × 1/K (a uniform softmax's)
 
 
 @dataclass
@@ -144,6 +146,10 @@ class BiasProfile:
             hessian = (torch.diag(p_mean) - ppt + 1.0 / self.k).double()
             hessian.diagonal().add_(1e-9)  # (classes whose p underflowed to 0 would make it singular)
             delta = torch.linalg.solve(hessian, gb.double()).to(b.dtype)
+            # a class whose probability is ≈ 0 (absent from the rows, or far off after a warm
+            # start from other rows) has ≈ 0 curvature: its Newton step is huge and no halving
+            # makes it a decrease. Steps of at most 4 in any logit walk there instead (e⁴ per step)
+            delta *= min(1.0, _BIAS_MAX_STEP / float(delta.abs().max()))
             while True:  # damped: halve until the cross-entropy does not rise (rarely needed)
                 cand = b - t * delta
                 ce_c, p_c, ppt_c = self._stats(self._chunks(w, logits, fill=False), cand, probs)
@@ -183,19 +189,28 @@ class _Objective:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, tol: float, bias: torch.Tensor):
         self.profile = BiasProfile(x, y, num_classes, tol)
         self.lam = 0.0
-        self.bias = bias  # the latest b*: where the next intercept solve starts
-        self._kept: list[tuple[torch.Tensor, tuple]] = []
+        self.bias = bias  # b* of the last accepted point: where every intercept solve starts
+        self._accepted: tuple[torch.Tensor, tuple] | None = None
+        self._last: tuple[torch.Tensor, tuple] | None = None
         self.passes = 0
 
     def data(self, w: torch.Tensor) -> tuple:
-        """(mean CE, dW, db, b*, class factor) at W, from a kept pass when W is one of the last two."""
-        for kept_w, result in self._kept:
-            if kept_w is w:
-                return result
+        """(mean CE, dW, db, b*, class factor) at W, from a kept pass when W is the last accepted
+        or the last evaluated point."""
+        for kept in (self._accepted, self._last):
+            if kept is not None and kept[0] is w:
+                return kept[1]
+        # started from the accepted point's b*, not the last evaluated one: a rejected line-search
+        # candidate's intercept can be far off, and starting there made every later candidate fail
         result = self.profile(w, self.bias)
-        self.bias = result[3]
         self.passes += 1
-        self._kept = [(w, result), *self._kept[:1]]
+        self._last = (w, result)
+        return result
+
+    def accept(self, w: torch.Tensor) -> tuple:
+        """Make W the point whose pass is kept and whose b* starts the next intercept solves."""
+        result = self.data(w)
+        self._accepted, self.bias = (w, result), result[3]
         return result
 
     def __call__(self, w: torch.Tensor) -> tuple[float, torch.Tensor, float]:
@@ -242,7 +257,9 @@ class KroneckerPreconditioner:
         k = factor.shape[0]
         # the all-ones class direction moves no probability: unit curvature leaves it alone
         values, vectors = torch.linalg.eigh(factor.double() + 1.0 / max(k, 1))
-        self.a = values.clamp_min(0).to(self.s.dtype)[None, :]
+        # floored: a class of probability ≈ 0 has ≈ 0 curvature, and an unbounded first step
+        # along it (|W| in the hundreds, measured) sends the line search far from the solution
+        self.a = values.clamp_min(_CLASS_FLOOR / max(k, 1)).to(self.s.dtype)[None, :]
         self.u = vectors.to(self.s.dtype)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
@@ -400,7 +417,7 @@ def fit_path(
     solutions: list[torch.Tensor] = []
 
     def refresh(w):  # the class factor at each accepted point: its pass is a kept one (23 vs 24 passes)
-        precondition.set_class_factor(objective.data(w)[4])
+        precondition.set_class_factor(objective.accept(w)[4])
 
     weights, biases, iters, objectives, grads = [], [], [], [], []
     for i, C in enumerate(Cs):

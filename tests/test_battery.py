@@ -197,6 +197,70 @@ def test_logreg_with_classes_absent_from_the_training_rows():
         assert obj_ours == pytest.approx(obj_ref, rel=1e-4)
 
 
+def float64_gradient_max(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, C: float) -> float:
+    """The largest component of the scaled objective's gradient at (W, b), by autograd in float64
+    (scikit-learn's objective: the binary one when two classes are present, W's columns ±v/2)."""
+    x64 = x.double()
+    w = w.detach().double().requires_grad_(True)
+    b = b.detach().double().requires_grad_(True)
+    n = x.shape[0]
+    present = int((torch.bincount(y, minlength=w.shape[1]) > 0).sum())
+    lam = (2.0 if present == 2 else 1.0) / (C * n)
+    loss = torch.nn.functional.cross_entropy(x64 @ w + b, y) + 0.5 * lam * w.square().sum()
+    loss.backward()
+    return max(float(w.grad.abs().max()), float(b.grad.abs().max()))
+
+
+def assert_converged_means_tolerance(path: logreg.LogregPath, x: torch.Tensor, y: torch.Tensor, tol: float) -> None:
+    """Wherever a solve says it converged, the float64 gradient at what it returned meets ``tol``,
+    and the reported gradient is that one (to float32 rounding of a mean)."""
+    for i, C in enumerate(path.Cs):
+        true = float64_gradient_max(x, y, path.weight[i], path.bias[i], C)
+        assert abs(true - path.grad_max[i]) <= 0.1 * tol + 1e-3 * true, (C, true, path.grad_max[i])
+        if path.converged[i]:
+            assert true <= tol * (1 + 1e-3), (C, true, tol)
+
+
+def test_logreg_refit_from_a_path_solution_missing_a_class():
+    """A class absent from the path's rows but present in the refit's (train + select): the
+    refit starts where that class's intercept is ≈ −15 and its probability ≈ 0. Its Newton step
+    used to be ~10⁷ and never taken, the first L-BFGS step |W| ≈ 350, and every line-search
+    candidate's intercept solve started from the last rejected one: one iteration, "converged",
+    17 pt below scikit-learn. Now: scikit-learn's model, gradient within tolerance."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    means = np.random.default_rng(1005).normal(size=(5, 16)) * 0.6
+    r = np.random.default_rng(0)
+    y = r.integers(0, 5, 4000)
+    x = (means[y] + r.normal(size=(4000, 16))).astype(np.float32)
+    rows = np.arange(4000)
+    train = (rows < 2000) & (y != 4)
+    select = (rows >= 2000) & (rows < 3000)
+    report = rows >= 3000
+    roles = {"train": train, "select": select, "report": report}
+    xr = {k: torch.from_numpy(x[m]) for k, m in roles.items()}
+    yr = {k: torch.from_numpy(y[m]) for k, m in roles.items()}
+    res = battery.run_logreg(xr, yr, 5, (1e-2, 1.0, 100.0), logreg.DEFAULT_TOL, 1000, refit=True)
+    chosen = res.selected
+    assert chosen.settings["refit"] and chosen.extra["converged"] and chosen.extra["iterations"] > 1
+    C = chosen.settings["C"]
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000)).fit(x[train | select], y[train | select])
+    assert abs(chosen.metrics["report"]["top1"] - 100 * ref.score(x[report], y[report])) <= 0.3
+    # the refit itself, from the path's solution, its gradient checked in float64
+    (xs,) = _standardized(x[train | select])
+    ys = torch.from_numpy(y[train | select])
+    (xp,) = _standardized(x[train])
+    path = logreg.fit_path(xp, torch.from_numpy(y[train]), [C], 5)
+    assert float(path.bias[0, 4]) < float(path.bias[0, :4].min()) - 8
+    refit = logreg.fit_path(xs, ys, [C], 5, init=(path.weight[0], path.bias[0]))
+    assert refit.converged == [True]
+    assert_converged_means_tolerance(refit, xs, ys, logreg.DEFAULT_TOL)
+    obj_ref = logreg.sklearn_objective(xs.numpy(), y[train | select], ref[-1].coef_.T, ref[-1].intercept_, C)
+    assert refit.objective[0] == pytest.approx(obj_ref, rel=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_logreg_path_on_cuda_matches_cpu():

@@ -56,8 +56,8 @@ class LogregPath:
     bias: torch.Tensor  # (len(Cs), K)
     n_iter: list[int]  # L-BFGS iterations of each solve (warm-started from the previous C)
     objective: list[float]  # scikit-learn's objective C·ΣCE + ½‖W‖² at each solution
-    converged: list[bool]  # stopped before the iteration cap (gradient tolerance or no more progress)
-    grad_max: list[float]  # largest gradient component of the scaled objective at each solution
+    converged: list[bool]  # grad_max <= tol (else the iteration cap, or no step lowered the objective)
+    grad_max: list[float]  # largest gradient component of the scaled objective at each solution (its own pass)
     passes: int = 0  # passes over the training rows, the whole path (each one logits GEMM + gradient GEMM)
 
     def predict(self, x: torch.Tensor, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -306,18 +306,22 @@ class Memory:
 
 
 def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int, precondition=None, after_step=None) -> tuple[torch.Tensor, int, float]:
-    """Minimise a smooth convex function from ``theta``; returns (solution, iterations, max |gradient|).
+    """Minimise a smooth convex function from ``theta``; returns (solution, iterations, max |gradient|),
+    the gradient at the returned point: converged means it is <= ``tol``.
 
     ``fg(theta) -> (f, gradient)`` or ``(f, gradient, g_max)``, where ``g_max`` is the largest
     component of the gradient the tolerance is about (by default ``gradient``'s; the profiled
-    objective adds the intercept's). L-BFGS two-loop recursion with an Armijo backtracking line
-    search (step 1 first, then quadratic interpolation); it stops when ``g_max`` <= ``tol``
-    (scipy's pgtol), after ``max_iter`` iterations, or when the line search finds no decrease,
-    or an iteration lowers f by less than 1 ulp of its value (the objective is as low as the
-    dtype's arithmetic can tell: scipy's ``ftol`` rule). ``precondition(v)`` applies an
-    approximate inverse Hessian (the initial H0 up to L-BFGS's scalar; the first step is then
-    taken at its full length); ``after_step(theta)`` is called at each accepted point (to update
-    the preconditioner there: any positive definite H0 keeps the directions descending).
+    objective adds the intercept's). L-BFGS two-loop recursion with a backtracking line search
+    (step 1 first, then quadratic interpolation); it stops when ``g_max`` <= ``tol`` (scipy's
+    pgtol), after ``max_iter`` iterations, or when the line search finds no acceptable step
+    (then the gradient says how far from converged it is). A step is accepted on Armijo's rule,
+    or, where f's change is within its rounding (float32 logits near a solution: f can no longer
+    tell progress at a gradient above 1e-4, measured), on Hager and Zhang's approximate Wolfe
+    conditions, which look at the slope instead: the solve goes on to the tolerance rather than
+    stopping there. ``precondition(v)`` applies an approximate inverse Hessian (the initial H0 up
+    to L-BFGS's scalar; the first step is then taken at its full length); ``after_step(theta)`` is
+    called at each accepted point (to update the preconditioner there: any positive definite H0
+    keeps the directions descending).
     """
 
     def evaluate(point):
@@ -326,7 +330,7 @@ def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int, precondition=No
 
     memory = Memory(precondition=precondition)
     f, g, g_max = evaluate(theta)
-    ftol = torch.finfo(theta.dtype).eps
+    noise = 8 * torch.finfo(theta.dtype).eps  # relative rounding of f (a mean of float logits' log-softmax)
     if g_max <= tol:
         return theta, 0, g_max
     it = 0
@@ -346,17 +350,21 @@ def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int, precondition=No
             f_new, g_new, g_max_new = evaluate(cand)
             if f_new <= f + 1e-4 * t * slope:
                 break
+            # approximate Wolfe (Hager & Zhang 2005; δ = 0.1, σ = 0.9): f within rounding of f,
+            # and the slope along q still negative but flatter, or gently positive
+            slope_new = float((g_new * q).sum())
+            if f_new <= f + noise * max(abs(f), 1.0) and 0.9 * slope <= slope_new <= -0.8 * slope:
+                break
             # minimiser of the quadratic through f, slope and f_new, kept within [0.1 t, 0.5 t]
             t_q = -slope * t * t / (2.0 * (f_new - f - slope * t))
             t = min(max(t_q, 0.1 * t), 0.5 * t) if math.isfinite(t_q) else 0.5 * t
         else:
-            break  # no decrease found: as converged as float arithmetic allows
+            break  # no acceptable step: stop where we are (the gradient there says how far off)
         memory.add(cand - theta, g_new - g)
         if after_step is not None:
             after_step(cand)
-        stalled = (f - f_new) <= ftol * max(abs(f), abs(f_new), 1.0)
         theta, f, g, g_max = cand, f_new, g_new, g_max_new
-        if g_max <= tol or stalled:
+        if g_max <= tol:
             break
     return theta, it, g_max
 
@@ -419,7 +427,7 @@ def fit_path(
     def refresh(w):  # the class factor at each accepted point: its pass is a kept one (23 vs 24 passes)
         precondition.set_class_factor(objective.accept(w)[4])
 
-    weights, biases, iters, objectives, grads = [], [], [], [], []
+    weights, biases, iters, objectives, grads, converged = [], [], [], [], [], []
     for i, C in enumerate(Cs):
         objective.lam = precondition.lam = 1.0 / (C * n)
         start = w
@@ -436,15 +444,16 @@ def fit_path(
             start = guess
         precondition.lam = objective.lam
         refresh(start)
-        w, n_iter, g_max = lbfgs(objective, start, tol=tol, max_iter=max_iter, precondition=precondition, after_step=refresh)
-        loss, _, _ = objective(w)  # a kept data pass: no extra pass over x
+        w, n_iter, _ = lbfgs(objective, start, tol=tol, max_iter=max_iter, precondition=precondition, after_step=refresh)
+        # w is the last accepted point: its pass is kept, so loss, gradient and b* are all of it
+        loss, _, g_max = objective(w)
         solutions.append(w)
         weights.append(w.clone())
         biases.append(objective.data(w)[3].clone())
         iters.append(n_iter)
         objectives.append(loss * C * n)  # back to scikit-learn's scale: C·ΣCE + ½‖W‖²
         grads.append(g_max)
-    converged = [i < max_iter for i in iters]
+        converged.append(g_max <= tol)
     return LogregPath(Cs, torch.stack(weights), torch.stack(biases), iters, objectives, converged, grads, objective.passes)
 
 

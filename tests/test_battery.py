@@ -145,6 +145,7 @@ def test_logreg_matches_sklearn_at_every_C(dtype, tol, obj_rtol):
     assert top1.shape == (7, 2000) and top5.shape == (7, 2000, 5)
     np.testing.assert_array_equal(top1, top5[:, :, 0])
     assert all(path.converged) and path.n_iter[0] > 0
+    assert_converged_means_tolerance(path, xs.to(dtype), torch.from_numpy(train_y), tol)
     accs = []
     for i, C in enumerate(Cs):
         ref = LogisticRegression(C=float(C), max_iter=1000, tol=tol).fit(x64, train_y)
@@ -167,10 +168,12 @@ def test_logreg_default_tolerance_path_and_refit_from_init():
     path = logreg.fit_path(xs, yt, [1e-3, 1e-2, 1e-1], classes)
     assert path.Cs == (1e-3, 1e-2, 1e-1)
     assert all(g <= logreg.DEFAULT_TOL for g in path.grad_max)
+    assert_converged_means_tolerance(path, xs, yt, logreg.DEFAULT_TOL)
     assert path.objective == sorted(path.objective)  # a larger C weighs the summed loss more
     # the same C solved from the path's solution (a refit's start) needs few or no iterations
     again = logreg.fit_path(xs, yt, [1e-1], classes, init=(path.weight[2], path.bias[2]))
     assert again.n_iter[0] <= 2
+    assert_converged_means_tolerance(again, xs, yt, logreg.DEFAULT_TOL)
     assert again.objective[0] == pytest.approx(path.objective[2], rel=1e-4)
     capped = logreg.fit_path(xs, yt, [1e2], classes, max_iter=2)
     assert capped.n_iter == [2] and capped.converged == [False]
@@ -186,6 +189,7 @@ def test_logreg_with_classes_absent_from_the_training_rows():
     (xs,) = _standardized(x)
     path = logreg.fit_path(xs, torch.from_numpy(y), [1e-2, 1.0], 5)
     assert all(path.converged) and max(path.grad_max) <= logreg.DEFAULT_TOL
+    assert_converged_means_tolerance(path, xs, torch.from_numpy(y), logreg.DEFAULT_TOL)
     assert bool((path.bias[:, 3:] < path.bias[:, :3].min() - 8).all())
     top1, _ = path.predict(xs)
     assert top1.max() <= 2
@@ -259,6 +263,35 @@ def test_logreg_refit_from_a_path_solution_missing_a_class():
     assert_converged_means_tolerance(refit, xs, ys, logreg.DEFAULT_TOL)
     obj_ref = logreg.sklearn_objective(xs.numpy(), y[train | select], ref[-1].coef_.T, ref[-1].intercept_, C)
     assert refit.objective[0] == pytest.approx(obj_ref, rel=1e-5)
+
+
+def test_logreg_converged_means_the_gradient_meets_tol():
+    """``converged`` is grad ≤ tol at the returned point, recomputed here in float64, and the
+    reported gradient is the returned point's. Correlated features with well-separated classes: a
+    C where float32 could not tell the objective's decrease used to stop after one iteration,
+    "converged" at 2.4× the tolerance; at tol 1e-6, a line-search failure reported the gradient
+    of another pass than the returned intercept's (4.3e-6 reported, 1.1e-6 true)."""
+    rng = np.random.default_rng(1010)
+    means = rng.normal(size=(10, 64)) * 3.0
+    r = np.random.default_rng(30)
+    y = r.integers(0, 10, 2000)
+    x = means[y] + r.normal(size=(2000, 64))
+    x = x + 5 * r.normal(size=(2000, 1)) + 5 * x @ r.normal(size=(64, 64)) / 8
+    (xs,) = _standardized(x.astype(np.float32))
+    yt = torch.from_numpy(y)
+    path = logreg.fit_path(xs, yt, np.logspace(-6, 5, 45), 10)
+    assert all(path.converged)
+    assert_converged_means_tolerance(path, xs, yt, logreg.DEFAULT_TOL)
+
+    means = np.random.default_rng(1010).normal(size=(10, 64)) * 0.3
+    r = np.random.default_rng(0)
+    y = r.integers(0, 10, 5000)
+    x = means[y] + r.normal(size=(5000, 64))
+    x = x + 2 * r.normal(size=(5000, 1)) + 2 * x @ r.normal(size=(64, 64)) / 8
+    (xs,) = _standardized(x.astype(np.float32))
+    yt = torch.from_numpy(y)
+    tight = logreg.fit_path(xs, yt, np.logspace(-6, 5, 23)[:3], 10, tol=1e-6)
+    assert_converged_means_tolerance(tight, xs, yt, 1e-6)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,8 @@ W (D × K) and an unpenalised intercept b,
 
 solved here in its scaled form ``mean CE + ‖W‖² / (2 C n)`` (the same minimiser; scikit-learn
 scales it the same way, so ``tol`` means the same: the largest gradient component of the scaled
-objective, scipy's ``pgtol``). The whole C grid is one warm-started path: C ascending (largest
+objective, scipy's ``pgtol``). Where the rows hold two classes, scikit-learn fits its binary
+model instead, and so, in effect, does this (``fit_path``: λ doubles). The whole C grid is one warm-started path: C ascending (largest
 regularisation first), each solve starting from a prediction of its solution (the tangent of the
 path at the first C, then the polynomial extrapolation of the last solutions in log C).
 
@@ -179,7 +180,8 @@ def _minus_ones(m: int, g_like: torch.Tensor) -> torch.Tensor:
 
 
 class _Objective:
-    """F(W) = min_b mean CE(xW + b) + (λ/2)‖W‖², λ = 1/(C·n), over the (D × K) weights.
+    """F(W) = min_b mean CE(xW + b) + (λ/2)‖W‖², λ = 1/(C·n) (2/(C·n) for two classes, as
+    fit_path says), over the (D × K) weights.
 
     The data passes of the last two points are kept (with their b*): the solution at one C is
     the start of the next, where only the penalty differs, and a rejected extrapolated start
@@ -420,7 +422,13 @@ def fit_path(
     if init is not None:
         w.copy_(init[0])
         b.copy_(init[1])
-    objective = _Objective(x, y.to(x.device, torch.int64), num_classes, tol, bias=b)
+    y = y.to(x.device, torch.int64)
+    objective = _Objective(x, y, num_classes, tol, bias=b)
+    # scikit-learn fits the labels present in the rows, and two of them as one binary model
+    # (weights v, penalty ½‖v‖²); the two-column softmax with W = (−v/2, v/2) is that model with
+    # penalty ¼‖v‖², so λ doubles: the same solution, objective and gradient as scikit-learn's at C
+    present = int((torch.bincount(y, minlength=num_classes) > 0).sum())
+    scale = 2.0 if present == 2 else 1.0
     precondition = KroneckerPreconditioner(x)
     solutions: list[torch.Tensor] = []
 
@@ -429,13 +437,13 @@ def fit_path(
 
     weights, biases, iters, objectives, grads, converged = [], [], [], [], [], []
     for i, C in enumerate(Cs):
-        objective.lam = precondition.lam = 1.0 / (C * n)
+        objective.lam = precondition.lam = scale / (C * n)
         start = w
         here, _, g_max = objective(w)  # w's data pass is a kept one (after the first C): no pass over x
         # predict this C's solution unless w already meets the tolerance here, or the last solve
         # did not move (an extrapolation would give w again)
         if i == 1 and g_max > tol:
-            guess = _tangent(w, math.log(C / Cs[0]), 1.0 / (Cs[0] * n), objective.data(w)[4], precondition)
+            guess = _tangent(w, math.log(C / Cs[0]), scale / (Cs[0] * n), objective.data(w)[4], precondition)
         elif i >= 2 and iters[-1] > 0 and g_max > tol:
             guess = _extrapolate(Cs, i, solutions)
         else:
@@ -458,8 +466,15 @@ def fit_path(
 
 
 def sklearn_objective(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, C: float) -> float:
-    """C·ΣCE + ½‖W‖² in float64 (for comparing a solution with scikit-learn's)."""
-    logits = x.astype(np.float64) @ w.astype(np.float64) + b.astype(np.float64)
+    """scikit-learn's objective C·ΣCE + ½‖W‖² in float64 (for comparing a solution with
+    scikit-learn's). Two classes are its binary model, C·Σ log(1 + e^{∓(x·v + c)}) + ½‖v‖²: ``w``
+    (D × 1) is its ``coef_.T``, and a D × 2 softmax ``w`` is taken as v = w₁ − w₀, c = b₁ − b₀."""
+    w, b = w.astype(np.float64), np.asarray(b, np.float64).reshape(-1)
+    if w.shape[1] == 2:
+        w, b = w[:, 1:] - w[:, :1], b[1:] - b[:1]
+    if w.shape[1] == 1:  # binary: logits (0, x·v + c)
+        w, b = np.concatenate([np.zeros_like(w), w], 1), np.concatenate([[0.0], b])
+    logits = x.astype(np.float64) @ w + b
     logits -= logits.max(1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    return float(-C * logp[np.arange(len(y)), y].sum() + 0.5 * np.square(w.astype(np.float64)).sum())
+    return float(-C * logp[np.arange(len(y)), y].sum() + 0.5 * np.square(w).sum())

@@ -239,7 +239,9 @@ class KroneckerPreconditioner:
 
     def __init__(self, x: torch.Tensor, rows: int = GRAM_ROWS):
         n, d = x.shape
-        sub = x if n <= rows else x[torch.linspace(0, n - 1, rows, device=x.device).round().long()]
+        # evenly spaced rows in integer arithmetic (a float32 linspace rounds past n − 1 from n ≈ 2²⁴)
+        pick = torch.arange(rows, device=x.device, dtype=torch.int64) * (n - 1) // max(rows - 1, 1)
+        sub = x if n <= rows else x[pick]
         m = sub.shape[0]
         gram = torch.zeros(d, d, dtype=torch.float64, device=x.device)
         total = torch.zeros(d, dtype=torch.float64, device=x.device)

@@ -329,6 +329,17 @@ def test_logreg_two_classes_is_sklearns_binary_model(classes, labels):
         assert obj_ours == pytest.approx(obj_ref, rel=1e-6), C
 
 
+def test_kronecker_preconditioner_row_subsample_past_float32_integers():
+    """n − 1 = 2²⁴ + 3 rounds up in float32: a float linspace of row indices indexed past the end."""
+    n = (1 << 24) + 4
+    x = torch.zeros(n, 1)
+    x[-1] = 1.0
+    x[::3] = -1.0
+    prec = logreg.KroneckerPreconditioner(x, rows=4)  # rows 0, ⌊(n−1)/3⌋, ⌊2(n−1)/3⌋, n − 1
+    picked = x[torch.tensor([0, (n - 1) // 3, 2 * (n - 1) // 3, n - 1])]
+    assert float(prec.s.max()) == pytest.approx(float(picked.var(unbiased=False)), rel=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_logreg_path_on_cuda_matches_cpu():

@@ -388,9 +388,16 @@ def _extrapolate(Cs, i: int, solutions: list[torch.Tensor]) -> torch.Tensor:
     """The next solution predicted from the last two (linear) or three (quadratic) in log C: the
     path is smooth in log C (measured on the benchmark path: 64 iterations from the previous
     solution, 44 from the linear, then 31 → 29 from the quadratic prediction)."""
-    t = [math.log(c) for c in Cs[max(0, i - 3) : i]]
-    pts = solutions[-len(t) :]
     at = math.log(Cs[i])
+    t, pts = [], []
+    for c, sol in zip(reversed(Cs[:i]), reversed(solutions)):  # the newest first, at most three
+        # distinct C can share a log (1e-3 and its next float): one point per log, and none at
+        # the target's (the Lagrange weights would divide by zero)
+        if len(t) < 3 and all(abs(math.log(c) - u) > 1e-9 for u in (at, *t)):
+            t.append(math.log(c))
+            pts.append(sol)
+    if len(t) < 2:
+        return solutions[-1].clone()
     guess = torch.zeros_like(pts[-1])
     for j, (tj, pj) in enumerate(zip(t, pts)):
         weight = math.prod((at - tm) / (tj - tm) for m, tm in enumerate(t) if m != j)  # Lagrange basis

@@ -340,6 +340,25 @@ def test_kronecker_preconditioner_row_subsample_past_float32_integers():
     assert float(prec.s.max()) == pytest.approx(float(picked.var(unbiased=False)), rel=1e-6)
 
 
+def test_logreg_path_with_two_C_of_the_same_log():
+    """1e-3 and its next float are distinct C with one log: the extrapolation divided by zero.
+    Now it uses one point per log, and the path solves every C."""
+    Cs = (1e-4, 1e-3, 1e-3 * (1 + 2.3e-16), 1e-2, 1e-1)
+    assert Cs[1] != Cs[2] and math.log(Cs[1]) == math.log(Cs[2])
+    line = lambda c: torch.full((3, 2), math.log(c), dtype=torch.float64)  # noqa: E731
+    sols = [line(c) for c in Cs[:4]]
+    torch.testing.assert_close(logreg._extrapolate(Cs, 4, sols), line(0.1), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(logreg._extrapolate(Cs, 3, sols[:3]), line(1e-2), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(logreg._extrapolate(Cs, 2, sols[:2]), sols[1])  # at the last C's log: no prediction
+    x, y = blobs(1500, 12, 4, seed=4, sep=0.35)
+    (xs,) = _standardized(x)
+    yt = torch.from_numpy(y)
+    path = logreg.fit_path(xs, yt, Cs, 4)
+    assert all(path.converged)
+    assert_converged_means_tolerance(path, xs, yt, logreg.DEFAULT_TOL)
+    assert path.objective[2] == pytest.approx(path.objective[1], rel=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_logreg_path_on_cuda_matches_cpu():

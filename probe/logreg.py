@@ -45,6 +45,7 @@ _CHUNK_ELEMENTS = 1 << 22  # feature elements per chunk of rows (16 MiB in float
 _LOGIT_ELEMENTS = 1 << 28  # logits kept between the intercept's Newton steps up to this many (1 GiB in float32)
 _BIAS_STEPS = 50  # Newton steps on the intercept per pass, at most (1–3 from a warm start)
 _BIAS_MAX_STEP = 4.0  # largest change of one intercept per Newton step
+_STUCK = 20  # iterations without progress that f or the gradient can tell, before a solve gives up
 _CLASS_FLOOR = 1e-3  # smallest class-factor eigenvalue in the preconditioner, × 1/K (a uniform softmax's)
 
 
@@ -317,8 +318,9 @@ def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int, precondition=No
     component of the gradient the tolerance is about (by default ``gradient``'s; the profiled
     objective adds the intercept's). L-BFGS two-loop recursion with a backtracking line search
     (step 1 first, then quadratic interpolation); it stops when ``g_max`` <= ``tol`` (scipy's
-    pgtol), after ``max_iter`` iterations, or when the line search finds no acceptable step
-    (then the gradient says how far from converged it is). A step is accepted on Armijo's rule,
+    pgtol), after ``max_iter`` iterations, when the line search finds no acceptable step, or
+    after 20 iterations that neither lowered f beyond its rounding nor reached a new lowest
+    gradient (then the gradient says how far from converged it is). A step is accepted on Armijo's rule,
     or, where f's change is within its rounding (float32 logits near a solution: f can no longer
     tell progress at a gradient above 1e-4, measured), on Hager and Zhang's approximate Wolfe
     conditions, which look at the slope instead: the solve goes on to the tolerance rather than
@@ -337,7 +339,8 @@ def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int, precondition=No
     noise = 8 * torch.finfo(theta.dtype).eps  # relative rounding of f (a mean of float logits' log-softmax)
     if g_max <= tol:
         return theta, 0, g_max
-    it = 0
+    it = stuck = 0
+    best = g_max
     while it < max_iter:
         it += 1
         q = memory.direction(g)
@@ -367,8 +370,13 @@ def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int, precondition=No
         memory.add(cand - theta, g_new - g)
         if after_step is not None:
             after_step(cand)
+        # within f's rounding with no new lowest gradient for _STUCK iterations: float arithmetic
+        # cannot get closer (a tolerance below what float32 logits resolve; measured at 1e-7)
+        rounding = f - f_new <= noise * max(abs(f), 1.0)
+        stuck = stuck + 1 if rounding and g_max_new >= best else 0
+        best = min(best, g_max_new)
         theta, f, g, g_max = cand, f_new, g_new, g_max_new
-        if g_max <= tol:
+        if g_max <= tol or stuck >= _STUCK:
             break
     return theta, it, g_max
 

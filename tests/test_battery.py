@@ -501,6 +501,25 @@ def test_lbfgs_minimizes_a_quadratic_to_tolerance():
     torch.testing.assert_close(sol, target, rtol=0, atol=1e-7)  # |x - x*| <= |g| / 30, the smallest curvature
 
 
+
+def test_lbfgs_below_float_resolution_gives_up_unconverged():
+    """A tolerance the arithmetic cannot resolve (f rounded to float32 around 1e3, the gradient
+    noisy at 1e-6): the solve stops after a run of iterations without progress, returns the
+    gradient it has, above tol (so fit_path says not converged), and does not grind to the cap.
+    On the way there the slope-based acceptance keeps it going well below where f stops telling."""
+    rng = np.random.default_rng(1)
+    target = torch.from_numpy(rng.normal(size=20))
+    noise = torch.Generator().manual_seed(0)
+
+    def fg(p):
+        r = p - target
+        f = float(torch.tensor(1e3 + 0.5 * float(r @ r), dtype=torch.float32))  # resolves ~6e-5
+        return f, r + 1e-6 * torch.randn(20, generator=noise, dtype=torch.float64)
+
+    sol, iters, g_max = logreg.lbfgs(fg, torch.zeros(20, dtype=torch.float64), tol=1e-9, max_iter=500)
+    assert g_max > 1e-9 and iters < 100
+    assert float((sol - target).abs().max()) < 1e-4  # far below f's resolution in |r|: ~1e-2
+
 # ------------------------------------------------------------------------------------ few-shot
 
 

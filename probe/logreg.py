@@ -46,6 +46,7 @@ _LOGIT_ELEMENTS = 1 << 28  # logits kept between the intercept's Newton steps up
 _BIAS_STEPS = 50  # Newton steps on the intercept per pass, at most (1–3 from a warm start)
 _BIAS_MAX_STEP = 4.0  # largest change of one intercept per Newton step
 _STUCK = 20  # iterations without progress that f or the gradient can tell, before a solve gives up
+FULL_CLASSES = 64  # up to this many classes, the intercept's Newton and the class factor use the full K × K
 _CLASS_FLOOR = 1e-3  # smallest class-factor eigenvalue in the preconditioner, × 1/K (a uniform softmax's)
 
 
@@ -115,11 +116,14 @@ class BiasProfile:
             yield i, xc, self.y[i : i + self.step], zt
 
     def _stats(self, chunks, b: torch.Tensor, probs: torch.Tensor | None):
-        """mean CE, mean p and (1/n) Σ p pᵀ at intercept b (the probabilities into ``probs``)."""
+        """mean CE, mean p and (1/n) Σ p pᵀ at intercept b (the probabilities into ``probs``); for
+        more than FULL_CLASSES classes only that matrix's diagonal, (1/n) Σ p²: the K × K sum costs
+        n·K², more than the gradient GEMM's n·K·D from K ≈ D (measured at K = 1000, D = 768)."""
         n = self.x.shape[0]
         total = torch.zeros((), dtype=torch.float64, device=b.device)
         p_sum = torch.zeros_like(b)
-        ppt = torch.zeros(self.k, self.k, dtype=b.dtype, device=b.device)
+        full = self.k <= FULL_CLASSES
+        ppt = torch.zeros((self.k, self.k) if full else (self.k,), dtype=b.dtype, device=b.device)
         for i, _, yc, zt in chunks:
             # softmax along dim 0 of the (K × rows) logits: along a contiguous dimension of only
             # K = 10 classes torch's CPU softmax is ~15× slower than across rows
@@ -127,11 +131,15 @@ class BiasProfile:
             total -= logp.gather(0, yc[None, :]).sum(dtype=torch.float64)
             prob = logp.exp_() if probs is None else torch.exp(logp, out=probs[:, i : i + logp.shape[1]])
             p_sum += prob.sum(1)
-            ppt.addmm_(prob, prob.t())
+            if full:
+                ppt.addmm_(prob, prob.t())
+            else:
+                ppt += prob.square().sum(1)
         return float(total) / n, p_sum / n, ppt / n
 
     def __call__(self, w: torch.Tensor, b: torch.Tensor):
-        """(mean CE, dW (D × K), db (K), b*, class factor E[diag p − p pᵀ] (K × K)) at (W, b*(W))."""
+        """(mean CE, dW (D × K), db (K), b*, class factor E[diag p − p pᵀ] (K × K, or its diagonal
+        (K) for more than FULL_CLASSES classes)) at (W, b*(W))."""
         n, d = self.x.shape
         logits = probs = None
         if self.keep:
@@ -145,9 +153,12 @@ class BiasProfile:
                 break
             # Newton on the K intercepts; the all-ones direction (a shift of every logit) changes
             # nothing and gets unit curvature so that it is left alone
-            hessian = (torch.diag(p_mean) - ppt + 1.0 / self.k).double()
-            hessian.diagonal().add_(1e-9)  # (classes whose p underflowed to 0 would make it singular)
-            delta = torch.linalg.solve(hessian, gb.double()).to(b.dtype)
+            if ppt.dim() == 2:
+                hessian = (torch.diag(p_mean) - ppt + 1.0 / self.k).double()
+                hessian.diagonal().add_(1e-9)  # (classes whose p underflowed to 0 would make it singular)
+                delta = torch.linalg.solve(hessian, gb.double()).to(b.dtype)
+            else:  # many classes: the Hessian's diagonal (each p small, the coupling −p pᵀ weak)
+                delta = gb / (p_mean - ppt + 1e-9)
             # a class whose probability is ≈ 0 (absent from the rows, or far off after a warm
             # start from other rows) has ≈ 0 curvature: its Newton step is huge and no halving
             # makes it a decrease. Steps of at most 4 in any logit walk there instead (e⁴ per step)
@@ -162,7 +173,7 @@ class BiasProfile:
                 probs_at_b = False  # (``probs`` hold the rejected candidate's)
                 break  # no decrease in float arithmetic: b is as good as it gets
             b, ce, p_mean, ppt, t = cand, ce_c, p_c, ppt_c, min(1.0, 2 * t)
-        factor = torch.diag(p_mean) - ppt
+        factor = torch.diag(p_mean) - ppt if ppt.dim() == 2 else p_mean - ppt
         gw_t = torch.zeros(self.k, d, dtype=w.dtype, device=w.device)
         gb = torch.zeros_like(b)
         for i, xc, yc, zt in self._chunks(w, logits, fill=False):
@@ -260,6 +271,10 @@ class KroneckerPreconditioner:
 
     def set_class_factor(self, factor: torch.Tensor) -> None:
         k = factor.shape[0]
+        if factor.dim() == 1:  # a diagonal factor (many classes): no K × K eigendecomposition
+            self.a = factor.clamp_min(_CLASS_FLOOR / max(k, 1)).to(self.s.dtype)[None, :]
+            self.u = None
+            return
         # the all-ones class direction moves no probability: unit curvature leaves it alone
         values, vectors = torch.linalg.eigh(factor.double() + 1.0 / max(k, 1))
         # floored: a class of probability ≈ 0 has ≈ 0 curvature, and an unbounded first step
@@ -268,9 +283,11 @@ class KroneckerPreconditioner:
         self.u = vectors.to(self.s.dtype)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        z = self.q.t() @ v @ self.u
+        z = self.q.t() @ v
+        if self.u is not None:
+            z = z @ self.u
         z /= self.s * self.a + self.lam
-        return self.q @ z @ self.u.t()
+        return self.q @ (z if self.u is None else z @ self.u.t())
 
 
 class Memory:

@@ -359,6 +359,35 @@ def test_logreg_path_with_two_C_of_the_same_log():
     assert path.objective[2] == pytest.approx(path.objective[1], rel=1e-6)
 
 
+def test_logreg_many_classes_diagonal_class_statistics():
+    """More than FULL_CLASSES classes: the intercept's Newton steps and the preconditioner's class
+    factor use only the diagonal of E[p pᵀ] (the K × K sum, n·K² per step, cost more than the
+    gradient GEMM at K = 1000, D = 768), and the path is still scikit-learn's model."""
+    from sklearn.linear_model import LogisticRegression
+
+    classes = logreg.FULL_CLASSES + 16
+    x, y = blobs(4000, 12, classes, seed=2, sep=1.5)
+    (xs,) = _standardized(x)
+    yt = torch.from_numpy(y)
+    profile = logreg.BiasProfile(xs, yt, classes, tol=1e-4)
+    w = torch.from_numpy(np.random.default_rng(0).normal(size=(12, classes)).astype(np.float32)) * 0.1
+    _, _, db, b, factor = profile(w, torch.zeros(classes))
+    assert factor.shape == (classes,) and float(db.abs().max()) <= 1e-5
+    p = torch.softmax(xs.double() @ w.double() + b.double(), 1)
+    torch.testing.assert_close(factor.double(), p.mean(0) - p.square().mean(0), rtol=0, atol=1e-6)
+    Cs = [1e-2, 1.0]
+    path = logreg.fit_path(xs, yt, Cs, classes)
+    assert all(path.converged)
+    assert_converged_means_tolerance(path, xs, yt, logreg.DEFAULT_TOL)
+    x64 = xs.numpy().astype(np.float64)
+    top1, _ = path.predict(xs)
+    for i, C in enumerate(Cs):  # scikit-learn at the same tolerance: our objective no higher
+        ref = LogisticRegression(C=C, max_iter=1000).fit(x64, y)
+        obj_ref = logreg.sklearn_objective(x64, y, ref.coef_.T, ref.intercept_, C)
+        assert path.objective[i] <= obj_ref * (1 + 2e-6), (C, path.objective[i], obj_ref)
+        assert (top1[i] == ref.predict(x64)).mean() >= 0.995
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_logreg_path_on_cuda_matches_cpu():

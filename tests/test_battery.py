@@ -265,31 +265,29 @@ def test_logreg_refit_from_a_path_solution_missing_a_class():
     assert refit.objective[0] == pytest.approx(obj_ref, rel=1e-5)
 
 
+def _correlated(n: int, sep: float, mix: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """10 Gaussian classes in 64 dimensions, then a shared offset and a random mixing of the
+    features (strongly correlated columns, standardised)."""
+    means = np.random.default_rng(1010).normal(size=(10, 64)) * sep
+    r = np.random.default_rng(seed)
+    y = r.integers(0, 10, n)
+    x = means[y] + r.normal(size=(n, 64))
+    x = x + mix * r.normal(size=(n, 1)) + mix * x @ r.normal(size=(64, 64)) / 8
+    (xs,) = _standardized(x.astype(np.float32))
+    return xs, torch.from_numpy(y)
+
+
 def test_logreg_converged_means_the_gradient_meets_tol():
     """``converged`` is grad ≤ tol at the returned point, recomputed here in float64, and the
     reported gradient is the returned point's. Correlated features with well-separated classes: a
     C where float32 could not tell the objective's decrease used to stop after one iteration,
     "converged" at 2.4× the tolerance; at tol 1e-6, a line-search failure reported the gradient
     of another pass than the returned intercept's (4.3e-6 reported, 1.1e-6 true)."""
-    rng = np.random.default_rng(1010)
-    means = rng.normal(size=(10, 64)) * 3.0
-    r = np.random.default_rng(30)
-    y = r.integers(0, 10, 2000)
-    x = means[y] + r.normal(size=(2000, 64))
-    x = x + 5 * r.normal(size=(2000, 1)) + 5 * x @ r.normal(size=(64, 64)) / 8
-    (xs,) = _standardized(x.astype(np.float32))
-    yt = torch.from_numpy(y)
+    xs, yt = _correlated(2000, sep=3.0, mix=5.0, seed=30)
     path = logreg.fit_path(xs, yt, np.logspace(-6, 5, 45), 10)
     assert all(path.converged)
     assert_converged_means_tolerance(path, xs, yt, logreg.DEFAULT_TOL)
-
-    means = np.random.default_rng(1010).normal(size=(10, 64)) * 0.3
-    r = np.random.default_rng(0)
-    y = r.integers(0, 10, 5000)
-    x = means[y] + r.normal(size=(5000, 64))
-    x = x + 2 * r.normal(size=(5000, 1)) + 2 * x @ r.normal(size=(64, 64)) / 8
-    (xs,) = _standardized(x.astype(np.float32))
-    yt = torch.from_numpy(y)
+    xs, yt = _correlated(5000, sep=0.3, mix=2.0, seed=0)
     tight = logreg.fit_path(xs, yt, np.logspace(-6, 5, 23)[:3], 10, tol=1e-6)
     assert_converged_means_tolerance(tight, xs, yt, 1e-6)
 

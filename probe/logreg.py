@@ -8,9 +8,10 @@ W (D × K) and an unpenalised intercept b,
 solved here in its scaled form ``mean CE + ‖W‖² / (2 C n)`` (the same minimiser; scikit-learn
 scales it the same way, so ``tol`` means the same: the largest gradient component of the scaled
 objective, scipy's ``pgtol``). Where the rows hold two classes, scikit-learn fits its binary
-model instead, and so, in effect, does this (``fit_path``: λ doubles). The whole C grid is one warm-started path: C ascending (largest
-regularisation first), each solve starting from a prediction of its solution (the tangent of the
-path at the first C, then the polynomial extrapolation of the last solutions in log C).
+model instead, and so, in effect, does this (``fit_path``: λ doubles). The whole C grid is one
+warm-started path: C ascending (largest regularisation first), each solve starting from a
+prediction of its solution (the tangent of the path at the first C, then the polynomial
+extrapolation of the last solutions in log C).
 
 The intercept is profiled out (:class:`BiasProfile`): every function evaluation solves for the
 best intercept of its weights by Newton's method on K unknowns, so L-BFGS runs on W alone,
@@ -195,9 +196,10 @@ class _Objective:
     """F(W) = min_b mean CE(xW + b) + (λ/2)‖W‖², λ = 1/(C·n) (2/(C·n) for two classes, as
     fit_path says), over the (D × K) weights.
 
-    The data passes of the last two points are kept (with their b*): the solution at one C is
-    the start of the next, where only the penalty differs, and a rejected extrapolated start
-    leaves the solution's pass in place.
+    The data passes of the last accepted and the last evaluated point are kept (with their b*):
+    the solution at one C is the start of the next, where only the penalty differs, a rejected
+    extrapolated start leaves the solution's pass in place, and the point a solve returns (its
+    last accepted one) has its own pass for the reported loss, gradient and intercept.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, tol: float, bias: torch.Tensor):

@@ -479,7 +479,8 @@ def _logreg_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> 
     seconds = case.seconds()
     capped = [c.settings["C"] for c in res.configs if not c.extra["converged"]]
     if capped and not reused:
-        warn(f"{case.where}: logistic regression reached --logreg-max-iter {p.logreg_max_iter} at C {', '.join(f'{c:g}' for c in capped)}")
+        warn(f"{case.where}: logistic regression stopped above --logreg-tol {p.logreg_tol:g} at C {', '.join(f'{c:g}' for c in capped)}"
+             f" (--logreg-max-iter {p.logreg_max_iter} reached, or no step lowered the objective)")
     chosen = res.selected.settings["C"]
     if len(p.logreg_C) >= 3 and chosen in (p.logreg_C[0], p.logreg_C[-1]) and case.first:
         warn(f"{case.where}: the selected C {chosen:g} is at the edge of the grid; consider widening --logreg-C")

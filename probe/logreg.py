@@ -7,9 +7,11 @@ W (D × K) and an unpenalised intercept b,
 
 solved here in its scaled form ``mean CE + ‖W‖² / (2 C n)`` (the same minimiser; scikit-learn
 scales it the same way, so ``tol`` means the same: the largest gradient component of the scaled
-objective, scipy's ``pgtol``). The whole C grid is one warm-started path: C ascending (largest
-regularisation first), each solve starting from a prediction of its solution (the tangent of the
-path at the first C, then the polynomial extrapolation of the last solutions in log C).
+objective, scipy's ``pgtol``). Where the rows hold two classes, scikit-learn fits its binary
+model instead, and so, in effect, does this (``fit_path``: λ doubles). The whole C grid is one
+warm-started path: C ascending (largest regularisation first), each solve starting from a
+prediction of its solution (the tangent of the path at the first C, then the polynomial
+extrapolation of the last solutions in log C).
 
 The intercept is profiled out (:class:`BiasProfile`): every function evaluation solves for the
 best intercept of its weights by Newton's method on K unknowns, so L-BFGS runs on W alone,
@@ -42,7 +44,11 @@ HISTORY = 10  # L-BFGS memory (curvature pairs), scipy's default m
 GRAM_ROWS = 8192  # rows whose covariance preconditions (KroneckerPreconditioner)
 _CHUNK_ELEMENTS = 1 << 22  # feature elements per chunk of rows (16 MiB in float32)
 _LOGIT_ELEMENTS = 1 << 28  # logits kept between the intercept's Newton steps up to this many (1 GiB in float32)
-_BIAS_STEPS = 20  # Newton steps on the intercept per pass, at most (1–3 from a warm start)
+_BIAS_STEPS = 50  # Newton steps on the intercept per pass, at most (1–3 from a warm start)
+_BIAS_MAX_STEP = 4.0  # largest change of one intercept per Newton step
+_STUCK = 20  # iterations without progress that f or the gradient can tell, before a solve gives up
+FULL_CLASSES = 64  # up to this many classes, the intercept's Newton and the class factor use the full K × K
+_CLASS_FLOOR = 1e-3  # smallest class-factor eigenvalue in the preconditioner, × 1/K (a uniform softmax's)
 
 
 @dataclass
@@ -54,8 +60,8 @@ class LogregPath:
     bias: torch.Tensor  # (len(Cs), K)
     n_iter: list[int]  # L-BFGS iterations of each solve (warm-started from the previous C)
     objective: list[float]  # scikit-learn's objective C·ΣCE + ½‖W‖² at each solution
-    converged: list[bool]  # stopped before the iteration cap (gradient tolerance or no more progress)
-    grad_max: list[float]  # largest gradient component of the scaled objective at each solution
+    converged: list[bool]  # grad_max <= tol (else the iteration cap, or no step lowered the objective)
+    grad_max: list[float]  # largest gradient component of the scaled objective at each solution (its own pass)
     passes: int = 0  # passes over the training rows, the whole path (each one logits GEMM + gradient GEMM)
 
     def predict(self, x: torch.Tensor, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -111,11 +117,14 @@ class BiasProfile:
             yield i, xc, self.y[i : i + self.step], zt
 
     def _stats(self, chunks, b: torch.Tensor, probs: torch.Tensor | None):
-        """mean CE, mean p and (1/n) Σ p pᵀ at intercept b (the probabilities into ``probs``)."""
+        """mean CE, mean p and (1/n) Σ p pᵀ at intercept b (the probabilities into ``probs``); for
+        more than FULL_CLASSES classes only that matrix's diagonal, (1/n) Σ p²: the K × K sum costs
+        n·K², more than the gradient GEMM's n·K·D from K ≈ D (measured at K = 1000, D = 768)."""
         n = self.x.shape[0]
         total = torch.zeros((), dtype=torch.float64, device=b.device)
         p_sum = torch.zeros_like(b)
-        ppt = torch.zeros(self.k, self.k, dtype=b.dtype, device=b.device)
+        full = self.k <= FULL_CLASSES
+        ppt = torch.zeros((self.k, self.k) if full else (self.k,), dtype=b.dtype, device=b.device)
         for i, _, yc, zt in chunks:
             # softmax along dim 0 of the (K × rows) logits: along a contiguous dimension of only
             # K = 10 classes torch's CPU softmax is ~15× slower than across rows
@@ -123,11 +132,15 @@ class BiasProfile:
             total -= logp.gather(0, yc[None, :]).sum(dtype=torch.float64)
             prob = logp.exp_() if probs is None else torch.exp(logp, out=probs[:, i : i + logp.shape[1]])
             p_sum += prob.sum(1)
-            ppt.addmm_(prob, prob.t())
+            if full:
+                ppt.addmm_(prob, prob.t())
+            else:
+                ppt += prob.square().sum(1)
         return float(total) / n, p_sum / n, ppt / n
 
     def __call__(self, w: torch.Tensor, b: torch.Tensor):
-        """(mean CE, dW (D × K), db (K), b*, class factor E[diag p − p pᵀ] (K × K)) at (W, b*(W))."""
+        """(mean CE, dW (D × K), db (K), b*, class factor E[diag p − p pᵀ] (K × K, or its diagonal
+        (K) for more than FULL_CLASSES classes)) at (W, b*(W))."""
         n, d = self.x.shape
         logits = probs = None
         if self.keep:
@@ -141,9 +154,16 @@ class BiasProfile:
                 break
             # Newton on the K intercepts; the all-ones direction (a shift of every logit) changes
             # nothing and gets unit curvature so that it is left alone
-            hessian = (torch.diag(p_mean) - ppt + 1.0 / self.k).double()
-            hessian.diagonal().add_(1e-9)  # (classes whose p underflowed to 0 would make it singular)
-            delta = torch.linalg.solve(hessian, gb.double()).to(b.dtype)
+            if ppt.dim() == 2:
+                hessian = (torch.diag(p_mean) - ppt + 1.0 / self.k).double()
+                hessian.diagonal().add_(1e-9)  # (classes whose p underflowed to 0 would make it singular)
+                delta = torch.linalg.solve(hessian, gb.double()).to(b.dtype)
+            else:  # many classes: the Hessian's diagonal (each p small, the coupling −p pᵀ weak)
+                delta = gb / (p_mean - ppt + 1e-9)
+            # a class whose probability is ≈ 0 (absent from the rows, or far off after a warm
+            # start from other rows) has ≈ 0 curvature: its Newton step is huge and no halving
+            # makes it a decrease. Steps of at most 4 in any logit walk there instead (e⁴ per step)
+            delta *= min(1.0, _BIAS_MAX_STEP / float(delta.abs().max()))
             while True:  # damped: halve until the cross-entropy does not rise (rarely needed)
                 cand = b - t * delta
                 ce_c, p_c, ppt_c = self._stats(self._chunks(w, logits, fill=False), cand, probs)
@@ -154,7 +174,7 @@ class BiasProfile:
                 probs_at_b = False  # (``probs`` hold the rejected candidate's)
                 break  # no decrease in float arithmetic: b is as good as it gets
             b, ce, p_mean, ppt, t = cand, ce_c, p_c, ppt_c, min(1.0, 2 * t)
-        factor = torch.diag(p_mean) - ppt
+        factor = torch.diag(p_mean) - ppt if ppt.dim() == 2 else p_mean - ppt
         gw_t = torch.zeros(self.k, d, dtype=w.dtype, device=w.device)
         gb = torch.zeros_like(b)
         for i, xc, yc, zt in self._chunks(w, logits, fill=False):
@@ -173,29 +193,40 @@ def _minus_ones(m: int, g_like: torch.Tensor) -> torch.Tensor:
 
 
 class _Objective:
-    """F(W) = min_b mean CE(xW + b) + (λ/2)‖W‖², λ = 1/(C·n), over the (D × K) weights.
+    """F(W) = min_b mean CE(xW + b) + (λ/2)‖W‖², λ = 1/(C·n) (2/(C·n) for two classes, as
+    fit_path says), over the (D × K) weights.
 
-    The data passes of the last two points are kept (with their b*): the solution at one C is
-    the start of the next, where only the penalty differs, and a rejected extrapolated start
-    leaves the solution's pass in place.
+    The data passes of the last accepted and the last evaluated point are kept (with their b*):
+    the solution at one C is the start of the next, where only the penalty differs, a rejected
+    extrapolated start leaves the solution's pass in place, and the point a solve returns (its
+    last accepted one) has its own pass for the reported loss, gradient and intercept.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, tol: float, bias: torch.Tensor):
         self.profile = BiasProfile(x, y, num_classes, tol)
         self.lam = 0.0
-        self.bias = bias  # the latest b*: where the next intercept solve starts
-        self._kept: list[tuple[torch.Tensor, tuple]] = []
+        self.bias = bias  # b* of the last accepted point: where every intercept solve starts
+        self._accepted: tuple[torch.Tensor, tuple] | None = None
+        self._last: tuple[torch.Tensor, tuple] | None = None
         self.passes = 0
 
     def data(self, w: torch.Tensor) -> tuple:
-        """(mean CE, dW, db, b*, class factor) at W, from a kept pass when W is one of the last two."""
-        for kept_w, result in self._kept:
-            if kept_w is w:
-                return result
+        """(mean CE, dW, db, b*, class factor) at W, from a kept pass when W is the last accepted
+        or the last evaluated point."""
+        for kept in (self._accepted, self._last):
+            if kept is not None and kept[0] is w:
+                return kept[1]
+        # started from the accepted point's b*, not the last evaluated one: a rejected line-search
+        # candidate's intercept can be far off, and starting there made every later candidate fail
         result = self.profile(w, self.bias)
-        self.bias = result[3]
         self.passes += 1
-        self._kept = [(w, result), *self._kept[:1]]
+        self._last = (w, result)
+        return result
+
+    def accept(self, w: torch.Tensor) -> tuple:
+        """Make W the point whose pass is kept and whose b* starts the next intercept solves."""
+        result = self.data(w)
+        self._accepted, self.bias = (w, result), result[3]
         return result
 
     def __call__(self, w: torch.Tensor) -> tuple[float, torch.Tensor, float]:
@@ -222,7 +253,9 @@ class KroneckerPreconditioner:
 
     def __init__(self, x: torch.Tensor, rows: int = GRAM_ROWS):
         n, d = x.shape
-        sub = x if n <= rows else x[torch.linspace(0, n - 1, rows, device=x.device).round().long()]
+        # evenly spaced rows in integer arithmetic (a float32 linspace rounds past n − 1 from n ≈ 2²⁴)
+        pick = torch.arange(rows, device=x.device, dtype=torch.int64) * (n - 1) // max(rows - 1, 1)
+        sub = x if n <= rows else x[pick]
         m = sub.shape[0]
         gram = torch.zeros(d, d, dtype=torch.float64, device=x.device)
         total = torch.zeros(d, dtype=torch.float64, device=x.device)
@@ -240,15 +273,23 @@ class KroneckerPreconditioner:
 
     def set_class_factor(self, factor: torch.Tensor) -> None:
         k = factor.shape[0]
+        if factor.dim() == 1:  # a diagonal factor (many classes): no K × K eigendecomposition
+            self.a = factor.clamp_min(_CLASS_FLOOR / max(k, 1)).to(self.s.dtype)[None, :]
+            self.u = None
+            return
         # the all-ones class direction moves no probability: unit curvature leaves it alone
         values, vectors = torch.linalg.eigh(factor.double() + 1.0 / max(k, 1))
-        self.a = values.clamp_min(0).to(self.s.dtype)[None, :]
+        # floored: a class of probability ≈ 0 has ≈ 0 curvature, and an unbounded first step
+        # along it (|W| in the hundreds, measured) sends the line search far from the solution
+        self.a = values.clamp_min(_CLASS_FLOOR / max(k, 1)).to(self.s.dtype)[None, :]
         self.u = vectors.to(self.s.dtype)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        z = self.q.t() @ v @ self.u
+        z = self.q.t() @ v
+        if self.u is not None:
+            z = z @ self.u
         z /= self.s * self.a + self.lam
-        return self.q @ z @ self.u.t()
+        return self.q @ (z if self.u is None else z @ self.u.t())
 
 
 class Memory:
@@ -289,18 +330,23 @@ class Memory:
 
 
 def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int, precondition=None, after_step=None) -> tuple[torch.Tensor, int, float]:
-    """Minimise a smooth convex function from ``theta``; returns (solution, iterations, max |gradient|).
+    """Minimise a smooth convex function from ``theta``; returns (solution, iterations, max |gradient|),
+    the gradient at the returned point: converged means it is <= ``tol``.
 
     ``fg(theta) -> (f, gradient)`` or ``(f, gradient, g_max)``, where ``g_max`` is the largest
     component of the gradient the tolerance is about (by default ``gradient``'s; the profiled
-    objective adds the intercept's). L-BFGS two-loop recursion with an Armijo backtracking line
-    search (step 1 first, then quadratic interpolation); it stops when ``g_max`` <= ``tol``
-    (scipy's pgtol), after ``max_iter`` iterations, or when the line search finds no decrease,
-    or an iteration lowers f by less than 1 ulp of its value (the objective is as low as the
-    dtype's arithmetic can tell: scipy's ``ftol`` rule). ``precondition(v)`` applies an
-    approximate inverse Hessian (the initial H0 up to L-BFGS's scalar; the first step is then
-    taken at its full length); ``after_step(theta)`` is called at each accepted point (to update
-    the preconditioner there: any positive definite H0 keeps the directions descending).
+    objective adds the intercept's). L-BFGS two-loop recursion with a backtracking line search
+    (step 1 first, then quadratic interpolation); it stops when ``g_max`` <= ``tol`` (scipy's
+    pgtol), after ``max_iter`` iterations, when the line search finds no acceptable step, or
+    after 20 iterations that neither lowered f beyond its rounding nor reached a new lowest
+    gradient (then the gradient says how far from converged it is). A step is accepted on Armijo's rule,
+    or, where f's change is within its rounding (float32 logits near a solution: f can no longer
+    tell progress at a gradient above 1e-4, measured), on Hager and Zhang's approximate Wolfe
+    conditions, which look at the slope instead: the solve goes on to the tolerance rather than
+    stopping there. ``precondition(v)`` applies an approximate inverse Hessian (the initial H0 up
+    to L-BFGS's scalar; the first step is then taken at its full length); ``after_step(theta)`` is
+    called at each accepted point (to update the preconditioner there: any positive definite H0
+    keeps the directions descending).
     """
 
     def evaluate(point):
@@ -309,10 +355,11 @@ def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int, precondition=No
 
     memory = Memory(precondition=precondition)
     f, g, g_max = evaluate(theta)
-    ftol = torch.finfo(theta.dtype).eps
+    noise = 8 * torch.finfo(theta.dtype).eps  # relative rounding of f (a mean of float logits' log-softmax)
     if g_max <= tol:
         return theta, 0, g_max
-    it = 0
+    it = stuck = 0
+    best = g_max
     while it < max_iter:
         it += 1
         q = memory.direction(g)
@@ -329,17 +376,26 @@ def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int, precondition=No
             f_new, g_new, g_max_new = evaluate(cand)
             if f_new <= f + 1e-4 * t * slope:
                 break
+            # approximate Wolfe (Hager & Zhang 2005; δ = 0.1, σ = 0.9): f within rounding of f,
+            # and the slope along q still negative but flatter, or gently positive
+            slope_new = float((g_new * q).sum())
+            if f_new <= f + noise * max(abs(f), 1.0) and 0.9 * slope <= slope_new <= -0.8 * slope:
+                break
             # minimiser of the quadratic through f, slope and f_new, kept within [0.1 t, 0.5 t]
             t_q = -slope * t * t / (2.0 * (f_new - f - slope * t))
             t = min(max(t_q, 0.1 * t), 0.5 * t) if math.isfinite(t_q) else 0.5 * t
         else:
-            break  # no decrease found: as converged as float arithmetic allows
+            break  # no acceptable step: stop where we are (the gradient there says how far off)
         memory.add(cand - theta, g_new - g)
         if after_step is not None:
             after_step(cand)
-        stalled = (f - f_new) <= ftol * max(abs(f), abs(f_new), 1.0)
+        # within f's rounding with no new lowest gradient for _STUCK iterations: float arithmetic
+        # cannot get closer (a tolerance below what float32 logits resolve; measured at 1e-7)
+        rounding = f - f_new <= noise * max(abs(f), 1.0)
+        stuck = stuck + 1 if rounding and g_max_new >= best else 0
+        best = min(best, g_max_new)
         theta, f, g, g_max = cand, f_new, g_new, g_max_new
-        if g_max <= tol or stalled:
+        if g_max <= tol or stuck >= _STUCK:
             break
     return theta, it, g_max
 
@@ -359,9 +415,16 @@ def _extrapolate(Cs, i: int, solutions: list[torch.Tensor]) -> torch.Tensor:
     """The next solution predicted from the last two (linear) or three (quadratic) in log C: the
     path is smooth in log C (measured on the benchmark path: 64 iterations from the previous
     solution, 44 from the linear, then 31 → 29 from the quadratic prediction)."""
-    t = [math.log(c) for c in Cs[max(0, i - 3) : i]]
-    pts = solutions[-len(t) :]
     at = math.log(Cs[i])
+    t, pts = [], []
+    for c, sol in zip(reversed(Cs[:i]), reversed(solutions)):  # the newest first, at most three
+        # distinct C can share a log (1e-3 and its next float): one point per log, and none at
+        # the target's (the Lagrange weights would divide by zero)
+        if len(t) < 3 and all(abs(math.log(c) - u) > 1e-9 for u in (at, *t)):
+            t.append(math.log(c))
+            pts.append(sol)
+    if len(t) < 2:
+        return solutions[-1].clone()
     guess = torch.zeros_like(pts[-1])
     for j, (tj, pj) in enumerate(zip(t, pts)):
         weight = math.prod((at - tm) / (tj - tm) for m, tm in enumerate(t) if m != j)  # Lagrange basis
@@ -395,22 +458,28 @@ def fit_path(
     if init is not None:
         w.copy_(init[0])
         b.copy_(init[1])
-    objective = _Objective(x, y.to(x.device, torch.int64), num_classes, tol, bias=b)
+    y = y.to(x.device, torch.int64)
+    objective = _Objective(x, y, num_classes, tol, bias=b)
+    # scikit-learn fits the labels present in the rows, and two of them as one binary model
+    # (weights v, penalty ½‖v‖²); the two-column softmax with W = (−v/2, v/2) is that model with
+    # penalty ¼‖v‖², so λ doubles: the same solution, objective and gradient as scikit-learn's at C
+    present = int((torch.bincount(y, minlength=num_classes) > 0).sum())
+    scale = 2.0 if present == 2 else 1.0
     precondition = KroneckerPreconditioner(x)
     solutions: list[torch.Tensor] = []
 
     def refresh(w):  # the class factor at each accepted point: its pass is a kept one (23 vs 24 passes)
-        precondition.set_class_factor(objective.data(w)[4])
+        precondition.set_class_factor(objective.accept(w)[4])
 
-    weights, biases, iters, objectives, grads = [], [], [], [], []
+    weights, biases, iters, objectives, grads, converged = [], [], [], [], [], []
     for i, C in enumerate(Cs):
-        objective.lam = precondition.lam = 1.0 / (C * n)
+        objective.lam = precondition.lam = scale / (C * n)
         start = w
         here, _, g_max = objective(w)  # w's data pass is a kept one (after the first C): no pass over x
         # predict this C's solution unless w already meets the tolerance here, or the last solve
         # did not move (an extrapolation would give w again)
         if i == 1 and g_max > tol:
-            guess = _tangent(w, math.log(C / Cs[0]), 1.0 / (Cs[0] * n), objective.data(w)[4], precondition)
+            guess = _tangent(w, math.log(C / Cs[0]), scale / (Cs[0] * n), objective.data(w)[4], precondition)
         elif i >= 2 and iters[-1] > 0 and g_max > tol:
             guess = _extrapolate(Cs, i, solutions)
         else:
@@ -419,21 +488,29 @@ def fit_path(
             start = guess
         precondition.lam = objective.lam
         refresh(start)
-        w, n_iter, g_max = lbfgs(objective, start, tol=tol, max_iter=max_iter, precondition=precondition, after_step=refresh)
-        loss, _, _ = objective(w)  # a kept data pass: no extra pass over x
+        w, n_iter, _ = lbfgs(objective, start, tol=tol, max_iter=max_iter, precondition=precondition, after_step=refresh)
+        # w is the last accepted point: its pass is kept, so loss, gradient and b* are all of it
+        loss, _, g_max = objective(w)
         solutions.append(w)
         weights.append(w.clone())
         biases.append(objective.data(w)[3].clone())
         iters.append(n_iter)
         objectives.append(loss * C * n)  # back to scikit-learn's scale: C·ΣCE + ½‖W‖²
         grads.append(g_max)
-    converged = [i < max_iter for i in iters]
+        converged.append(g_max <= tol)
     return LogregPath(Cs, torch.stack(weights), torch.stack(biases), iters, objectives, converged, grads, objective.passes)
 
 
 def sklearn_objective(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, C: float) -> float:
-    """C·ΣCE + ½‖W‖² in float64 (for comparing a solution with scikit-learn's)."""
-    logits = x.astype(np.float64) @ w.astype(np.float64) + b.astype(np.float64)
+    """scikit-learn's objective C·ΣCE + ½‖W‖² in float64 (for comparing a solution with
+    scikit-learn's). Two classes are its binary model, C·Σ log(1 + e^{∓(x·v + c)}) + ½‖v‖²: ``w``
+    (D × 1) is its ``coef_.T``, and a D × 2 softmax ``w`` is taken as v = w₁ − w₀, c = b₁ − b₀."""
+    w, b = w.astype(np.float64), np.asarray(b, np.float64).reshape(-1)
+    if w.shape[1] == 2:
+        w, b = w[:, 1:] - w[:, :1], b[1:] - b[:1]
+    if w.shape[1] == 1:  # binary: logits (0, x·v + c)
+        w, b = np.concatenate([np.zeros_like(w), w], 1), np.concatenate([[0.0], b])
+    logits = x.astype(np.float64) @ w + b
     logits -= logits.max(1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    return float(-C * logp[np.arange(len(y)), y].sum() + 0.5 * np.square(w.astype(np.float64)).sum())
+    return float(-C * logp[np.arange(len(y)), y].sum() + 0.5 * np.square(w).sum())

@@ -176,3 +176,15 @@ def test_few_shot_as_large_as_every_row_is_not_the_refit_result(store):
     full, few = sel[("logreg", None, 0)], sel[("logreg", 10000, 0)]
     assert full["refit"] and full["n_train"] == few["n_train"] + few["n_select"]
     assert not few["refit"] and not any(r["refit"] for r in rows if r["shots"] == 10000)
+
+
+def test_logreg_warns_once_per_store_about_unconverged_C(store):
+    """A solve stopped above the tolerance (here by a one-iteration cap) is named in one line."""
+    messages = []
+    p = Protocol(methods="logreg", **{**QUICK, "logreg_C": "1e-3,10", "logreg_max_iter": 1, "logreg_refit": False})
+    rows = probe.fit(store, p, device="cpu", warn=messages.append)
+    unconverged = [m for m in messages if "logistic regression" in m]
+    assert len(unconverged) == 1 and "\n" not in unconverged[0]
+    assert "stopped above --logreg-tol 0.0001 at C " in unconverged[0] and "--logreg-max-iter 1" in unconverged[0]
+    assert "10" in unconverged[0].split(" at C ")[1]
+    assert len([r for r in rows if r["method"] == "logreg"]) == 2

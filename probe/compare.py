@@ -256,7 +256,9 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
         if c.reference_view is None:
             continue
         shown = c.classes if len(c.classes) <= 2 * max_classes else c.classes[:max_classes] + c.classes[-max_classes:]
-        title = f"\nper class, {c.label} [{c.view}] vs {comparison.reference} [{c.reference_view}]"
+        # several per-class tables of one store differ only in method, shots or seed: the title names them
+        probe_of = f"{c.method}" + (f", {c.shots}-shot" if c.shots else "") + (f", seed {c.seed}" if multi_seed else "")
+        title = f"\nper class, {probe_of}: {c.label} [{c.view}] vs {comparison.reference} [{c.reference_view}]"
         title += (f" ({max_classes} largest gains and losses of {len(c.classes)}; --json for all)" if len(shown) < len(c.classes) else "") + ":\n"
         out += title + "\n| class | n | top-1 | reference top-1 | Δ |\n|---|---|---|---|---|\n"
         for d in shown:

@@ -283,7 +283,7 @@ def test_probe_compare_command(tmp_path, three_encoders):
     folder = results_folder(tmp_path / "run", {"r18": (target, a), "r50": (target, b)})
     code, out = run_probe(["compare", str(folder)])
     assert code == 0, out
-    assert "| r50 | pool | linear | all | 900 |" in out and "/ 0 |" in out and "per class, r50 [pool] vs r18 [pool]" in out
+    assert "| r50 | pool | linear | all | 900 |" in out and "/ 0 |" in out and "per class, linear: r50 [pool] vs r18 [pool]" in out
     code, out = run_probe(["compare", str(folder), "--json", "--reference", "r50"])
     doc = json.loads(out)
     assert doc["reference"] == "r50"
@@ -630,3 +630,20 @@ def test_report_html_per_class_heading_only_with_something_under_it(tmp_path, th
         groups = leaderboard.gather([results_folder(tmp_path / name, encoders)])
         page = render(groups, leaderboard.table_rows(groups))
         assert page.count("<h3>Per class, against the reference</h3>") == charts and page.count('id="g1-class-') == charts, name
+
+
+def test_markdown_per_class_titles_name_the_probe(three_encoders):
+    """Two per-class tables of one store (linear and k-NN, or two shot counts) must not read the same."""
+    from probe.compare import compare, markdown
+
+    target, a, b, _ = three_encoders
+    paths = [f"val/{i:05d}.jpg" for i in range(len(target))]
+    sets = [P.Predictions(label, f"/s/{label}", "pool", method, shots, 0, paths, target, pred)
+            for method, shots in (("linear", ""), ("knn", ""), ("knn", "5"))
+            for label, pred in (("r18", a), ("r50", b))]  # fmt: skip
+    titles = [line for line in markdown(compare(sets, n_resamples=200)).splitlines() if line.startswith("per class")]
+    assert titles == [
+        "per class, linear: r50 [pool] vs r18 [pool]:",
+        "per class, knn: r50 [pool] vs r18 [pool]:",
+        "per class, knn, 5-shot: r50 [pool] vs r18 [pool]:",
+    ]

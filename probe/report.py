@@ -158,7 +158,8 @@ def plot(rows: list[dict], path: Path, protocol: Protocol | None = None) -> None
 
 def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None = None):
     """Selection-split and reported-split top-1 against LR (log axis), one line per store (× view
-    × wd), the selected head starred with its LR written beside the star; the panels are
+    × wd), the selected head starred, its LR written beside the star (one line) or in the legend
+    (several lines); the panels are
     :func:`plot_panels`, the title :func:`plot_title`, a legend on every panel with several lines.
     """
     import matplotlib
@@ -175,12 +176,17 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
     lines = 0
     lr_span = [r["lr"] for r in rows]
     mixed = {col: len({r["report_split" if col.startswith("report") else "select_split"] for r in rows}) > 1 for col, _ in panels}
+    # one line: the selected LR is written at its star; several: in the legend, beside the line's
+    # name (labels at the stars collide as soon as two stores select the same or a near LR)
+    several = sum(len({r["wd"] for r in rs}) for rs in groups.values()) > 1
     for i, (key, rs) in enumerate(groups.items()):
         color = colors[i % len(colors)]
         wds = sorted({r["wd"] for r in rs})
+        sel = next(r for r in rs if r["selected"])
         for j, wd in enumerate(wds):
             line = sorted((r for r in rs if r["wd"] == wd), key=lambda r: r["lr"])
             name = _name(key, with_view) + (f" wd={wd:g}" if len(wds) > 1 else "")
+            name += f" — ★ lr {sel['lr']:g}" if several and wd == sel["wd"] else ""
             lines += 1
             for ax, (col, _) in zip(axes, panels):
                 pts = [(r["lr"], r[col]) for r in line if r[col] is not None]
@@ -188,16 +194,16 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
                 split = line[0]["report_split" if col.startswith("report") else "select_split"]
                 if pts:
                     ax.plot(*zip(*pts), ["-", "--", ":", "-."][j % 4], marker="o", ms=3, color=color, label=name + (f" ({split})" if mixed[col] else ""))
-        sel = next(r for r in rs if r["selected"])
         for ax, (col, _) in zip(axes, panels):
             if sel[col] is None:
                 continue
             ax.plot(sel["lr"], sel[col], "*", ms=14, color=color, markeredgecolor="black", zorder=5)
+            if several:
+                continue
             # the selected head tops its selection curve: inside the grid the space below the star is
-            # free, at an end of the grid the space beside it (towards the axes' inside); stacked
-            # offsets keep several stores' labels apart
+            # free, at an end of the grid the space beside it (towards the axes' inside)
             end = "right" if sel["lr"] == max(lr_span) else "left" if sel["lr"] == min(lr_span) else None
-            offset = (0, -17 - 11 * i) if end is None else (-11 if end == "right" else 11, -11 * i)
+            offset = (0, -17) if end is None else (-11 if end == "right" else 11, 0)
             ax.annotate(f"lr {sel['lr']:g}", (sel["lr"], sel[col]), textcoords="offset points", xytext=offset, ha=end or "center",
                         va="top" if end is None else "center", fontsize=8, color=color, fontweight="bold", zorder=6,
                         bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})  # fmt: skip

@@ -49,6 +49,11 @@ def index_dir() -> Path:
     return home() / "index"
 
 
+def is_hdf5_path(path: str) -> bool:
+    """An exported HDF5 store, by its name (any case: FEATS.H5 too)."""
+    return path.lower().endswith((".h5", ".hdf5"))
+
+
 def is_url(path: str | os.PathLike) -> bool:
     return bool(_URL.match(str(path)))
 
@@ -213,7 +218,7 @@ def entry_from_attrs(path: str, attrs: dict, size_bytes: int, units_done: int | 
 
 def describe(path: str | os.PathLike) -> StoreEntry:
     """The ``ls`` entry of one store: a local .zarr folder, an exported .h5 file or a URL."""
-    if is_url(path) or str(path).endswith((".h5", ".hdf5")):
+    if is_url(path) or is_hdf5_path(str(path)):
         from .store import FeatureStore
 
         fs = FeatureStore.open(path)

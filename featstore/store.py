@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .cache import PROGRESS, is_url, mark_used, store_attrs, tree_size
+from .cache import PROGRESS, is_hdf5_path, is_url, mark_used, store_attrs, tree_size
 from .errors import FeatstoreError, UsageError
 from .lock import pid_alive
 
@@ -58,10 +58,6 @@ def _zarr():
 def is_store(path: str | os.PathLike) -> bool:
     """A local featstore Zarr store (exports and URLs are opened by :meth:`FeatureStore.open`)."""
     return store_attrs(path) is not None
-
-
-def _is_hdf5_path(path: str) -> bool:
-    return path.lower().endswith((".h5", ".hdf5"))
 
 
 def _refuse_credentials(url: str) -> None:
@@ -192,7 +188,7 @@ class FeatureStore:
 
     @property
     def format(self) -> str:
-        return "hdf5" if _is_hdf5_path(str(self.path)) else "zarr"
+        return "hdf5" if is_hdf5_path(str(self.path)) else "zarr"
 
     # ---------------------------------------------------------------- create / open
 
@@ -266,7 +262,7 @@ class FeatureStore:
             if mode != "r":
                 raise UsageError(f"{text!r} is a URL; featstore only reads stores at URLs", "extract locally, then upload")
             store = cls._open_url(text)
-        elif _is_hdf5_path(text) and Path(text).is_file():
+        elif is_hdf5_path(text) and Path(text).is_file():
             if mode != "r":
                 raise UsageError(f"{text!r} is an HDF5 export, read-only", "resume or extend the Zarr store it came from")
             from .export import open_hdf5
@@ -294,7 +290,7 @@ class FeatureStore:
         _refuse_credentials(url)
         fs, inner = _fsspec_fs(url)
         try:
-            if _is_hdf5_path(url):
+            if is_hdf5_path(url):
                 from .export import open_hdf5
 
                 if not fs.exists(inner):

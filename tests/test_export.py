@@ -291,6 +291,10 @@ def test_ls_describes_exports(digits_store, tmp_path):
     assert code == 0 and h5["views"] == {"pixels": 64, "copy": 64} and npz["views"] == {"copy": 64}
     assert h5["rows"] == npz["rows"] == 1797 and h5["invalid"] == npz["invalid"] == 2 and h5["state"] == "complete"
     assert npz["size_bytes"] == (tmp_path / "a.npz").stat().st_size
+    # the name's case does not matter, as for opening it (FeatureStore.open)
+    (tmp_path / "a.h5").rename(tmp_path / "A.H5")
+    code, output = run(["ls", "--json", str(tmp_path / "A.H5")])
+    assert code == 0 and json.loads(output)[0]["views"] == {"pixels": 64, "copy": 64}
 
 
 def test_a_url_without_its_fsspec_backend_is_a_one_line_error():

@@ -88,11 +88,6 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
     return normalize_checkpoint(obj, path.name)
 
 
-def normalize_state_dict(obj, name: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The backbone tensors of an already loaded checkpoint object."""
-    return normalize_checkpoint(obj, name).tensors
-
-
 def _torch_load(path: Path, trust: bool):
     try:
         with torch.serialization.safe_globals(_safe_globals()):

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import index_dir, is_url, store_attrs, write_memo
+from .cache import PROGRESS, index_dir, is_url, store_attrs, write_memo
 from .errors import UsageError
 from .store import DEFAULT_CHUNK_ROWS
 
@@ -130,7 +130,7 @@ def recall_up_to_date(config: ExtractConfig) -> ExtractResult | None:
         return None
     key, store = recalled
     attrs = store_attrs(store)
-    if not attrs or attrs.get("cache_key") != key or not attrs.get("complete") or (Path(store) / "_progress").exists():
+    if not attrs or attrs.get("cache_key") != key or not attrs.get("complete") or (Path(store) / PROGRESS).exists():
         return None
     from .cache import mark_used
 

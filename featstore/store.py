@@ -110,11 +110,7 @@ class FeatureArray:
 
     def select(self, rows) -> "FeatureArray":
         """These rows (a slice, an index array or a boolean mask), still unread."""
-        sub = FeatureArray.__new__(FeatureArray)
-        sub._array, sub.chunk_rows = self._array, self.chunk_rows
-        base = self._rows if self._rows is not None else np.arange(self._array.shape[0], dtype=np.int64)
-        sub._rows = base[rows]
-        return sub
+        return FeatureArray(self._array, rows if self._rows is None else self._rows[rows])
 
     def __getitem__(self, key):
         rows, cols = (key + (slice(None),))[:2] if isinstance(key, tuple) else (key, slice(None))

@@ -27,7 +27,7 @@ from . import battery, fewshot
 from . import heads as H
 from . import intervals as I
 from .compare import Comparison, compare
-from .predictions import ImagePredictions
+from .predictions import ConfigKey, ImagePredictions
 from .predictions import of_rows as predictions_of
 from .protocol import Protocol
 from .selection import SplitPlan, best_by, plan_splits, select
@@ -251,13 +251,18 @@ def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cac
     return rows
 
 
+def _first_case(protocol: Protocol, seed: int, shots: int | None) -> bool:
+    """The first seed × shots of a store × view: where once-per-probe warnings go."""
+    return seed == protocol.run_seeds[0] and shots == protocol.run_shots[0]
+
+
 def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int | None, features, finite, memo, dev, dtype, orders_cache, log, warn) -> list[dict]:
     t0 = time.perf_counter()
     fs, plan = info.store, info.plans[seed]
     roles = {"train": (plan.train_split, plan.train_rows), "select": (plan.select_source, plan.select_rows)}
     if plan.report_split is not None and not plan.selects_on_report:
         roles["report"] = (plan.report_source, plan.report_rows)
-    first = seed == protocol.run_seeds[0] and shots == protocol.run_shots[0]  # warn once per store × view
+    first = _first_case(protocol, seed, shots)  # warn once per store × view
     excluded_invalid = excluded_nonfinite = 0
     kept: dict[str, np.ndarray] = {}
     for role, (split, rows) in roles.items():
@@ -324,8 +329,7 @@ class _Case:
 
     @property
     def first(self) -> bool:
-        """The first seed × shots of its store × view: where once-per-probe warnings go."""
-        return self.seed == self.protocol.run_seeds[0] and self.shots == self.protocol.run_shots[0]
+        return _first_case(self.protocol, self.seed, self.shots)
 
     @property
     def where(self) -> str:
@@ -496,12 +500,12 @@ def _logreg_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> 
 def _add_intervals(rows: list[dict], comparison: Comparison | None) -> None:
     """The 95% intervals of every reported top-1: Wilson on every row (from the count), the
     percentile bootstrap over the images on the rows that keep per-image predictions (the
-    selected ones), taken from ``comparison`` (one row per such row, in row order)."""
-    boots = iter(comparison.rows if comparison else [])
+    selected ones), taken from ``comparison``'s row of the same configuration."""
+    boots = {c.key: c.ci95 for c in comparison.rows} if comparison else {}
     for r in rows:
         pct, n = r.get("report_top1_pct"), r.get("n_report")
         low, high = I.wilson_interval(round(pct * n / 100), n) if pct is not None and n else (None, None)
         r["wilson95_low"], r["wilson95_high"] = (round(low, 4), round(high, 4)) if low is not None else (None, None)
-        boot = next(boots).ci95 if r.get("selected") and r.get("report_predictions") is not None else None  # predictions_of's rows
+        boot = boots[ConfigKey.of_row(r)] if r.get("selected") and r.get("report_predictions") is not None else None
         keep = boot is not None and pct is not None and np.isfinite(boot).all()
         r["ci95_low"], r["ci95_high"] = (round(boot[0], 4), round(boot[1], 4)) if keep else (None, None)

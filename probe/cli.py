@@ -84,7 +84,7 @@ def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, ep
     regression evaluations (k and C chosen the same way); --shots and --seeds repeat everything
     per few-shot size and seed. Stores: --store, or --model with --dataset for a store in the cache."""
     from .fit import fit_run
-    from .report import new_run_folder, markdown_table
+    from .report import markdown_table, new_run_folder, plot_rows
 
     if model or dataset or weights:
         if not (model and dataset):
@@ -114,7 +114,7 @@ def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, ep
                      out=out, overwrite=overwrite, log=log, warn=warn)  # fmt: skip
     rows = result.rows
     click.echo(markdown_table(rows, protocol, result.digest))  # summary.csv's digest: nothing computed twice
-    plot = ", accuracy_vs_lr.png" if any(r["method"] == "linear" for r in rows) else ""
+    plot = ", accuracy_vs_lr.png" if plot_rows(rows) else ""  # the rule write_outputs plots by
     click.echo(f"wrote {out}/: results.csv ({len(rows)} rows), summary.csv, protocol.json, predictions.csv{plot}")
 
 

@@ -93,7 +93,7 @@ def main() -> None:
     rows = []
     if args.rounds:
         with tempfile.TemporaryDirectory() as work:
-            os.environ.setdefault("FEATSTORE_CACHE", str(Path(work) / "cache"))
+            os.environ["FEATSTORE_HOME"] = str(Path(work) / "cache")  # never the developer's own home (FEATSTORE_HOME wins over FEATSTORE_CACHE)
             rows = startup(args.baseline.resolve(), args.rounds, Path(work))
     print(f"{info['date']}  {info['host_cpu']}  load {info['load_average']}  git {info['git']}")
     if rows:

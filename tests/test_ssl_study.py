@@ -165,9 +165,10 @@ def _probe(stores, results):
     compared = CliRunner().invoke(probe_cli, ["compare", str(results), "--reference", "random", "--json"])
     assert compared.exit_code == 0, compared.output
     rows = {(r["label"], r["method"]): r for r in json.loads(compared.output)["rows"]}
-    predictions = {(p.label, p.method): p for p in load(results).predictions}
+    run = load(results)
+    predictions = {(p.label, p.method): p for p in run.predictions}
     assert set(rows) == set(predictions) == {(name, m) for name in stores for m in ("linear", "knn")}
-    return load(results).rows, rows, predictions
+    return run.rows, rows, predictions
 
 
 def _wilson(row) -> tuple[float, float]:

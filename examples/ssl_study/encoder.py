@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 WIDTHS = (32, 64, 128, 256)
-FEATURE_DIM = WIDTHS[-1]
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

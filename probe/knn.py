@@ -20,6 +20,7 @@ import torch
 
 from featstore.errors import UsageError
 
+from .heads import prepare
 from .protocol import DEFAULT_KNN_TEMPERATURE as DEFAULT_TEMPERATURE
 from .protocol import check_knn as check_settings  # one check for Protocol and predict
 
@@ -45,12 +46,9 @@ class KnnPredictions:
 
 
 def l2_normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32, chunk_rows: int = 1 << 16) -> torch.Tensor:
-    """Rows scaled to unit length, as a new ``dtype`` tensor on x's device (a zero row stays zero)."""
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    for i in range(0, x.shape[0], chunk_rows):
-        chunk = x[i : i + chunk_rows].float()
-        out[i : i + chunk_rows] = chunk / chunk.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return out
+    """Rows scaled to unit length, as a new ``dtype`` tensor on x's device (a zero row stays zero):
+    the linear probe's ``l2`` normalization."""
+    return prepare(x, "l2", dtype, chunk_rows=chunk_rows)
 
 
 @torch.no_grad()

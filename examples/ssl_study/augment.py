@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-# ImageNet statistics: featstore extract's defaults (--mean/--std), so pretraining and extraction agree
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+# featstore extract's defaults (--mean/--std), so pretraining and extraction agree
+from featstore.preprocess import IMAGENET_MEAN as MEAN
+from featstore.preprocess import IMAGENET_STD as STD
 
 
 def each(transform: v2.Transform, images: torch.Tensor) -> torch.Tensor:

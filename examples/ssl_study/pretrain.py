@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from featstore.device import resolve_device
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, from any working directory
 
 from autoencoder import AutoEncoder  # noqa: E402
@@ -78,7 +80,7 @@ def pretrain(args: argparse.Namespace, log=print) -> dict:
     files = image_files(args.data, args.limit, args.seed)
     images = load_images(files, side=args.size * 9 // 8)  # a margin for the random crops, as 72 -> 64
     options = {"simclr": {"temperature": args.temperature}, "jigsaw": {"num_permutations": args.permutations}}
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     log(f"{args.method} on {device}: {len(files)} images from {args.data} decoded at {images.shape[-1]} px in {time.perf_counter() - t0:.1f} s")
     model = METHODS[args.method](args.size, **options.get(args.method, {})).to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # export to HDF5
         nbytes = make_big_store(work / "big.zarr", args.rows)
-        x = np.random.default_rng(1).standard_normal((args.rows, DIM)).astype(np.float16)
+        x = np.random.default_rng(1).standard_normal((args.rows, DIM), dtype=np.float32).astype(np.float16)  # no float64 temporary
         from featstore.export import export
 
         def write_raw():

@@ -156,11 +156,17 @@ def _figure(fig_id: str, png: str, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
 
 
+def _breakable(text: str) -> str:
+    """``text`` escaped, with line-break opportunities after path separators: an encoder such as
+    ``/long/path/encoder.py:build`` wraps there instead of widening the table past the page."""
+    return html.escape(text).replace("/", "/<wbr>").replace(":", ":<wbr>")
+
+
 def _table(group_rows: list[dict], reference: str | None) -> str:
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table_head(reference)) + "</tr>"]
     for r in group_rows:
         cells = table_cells(r, reference)
-        out.append("<tr>" + "".join(f'<td{" class=text" if i in TEXT_COLUMNS else ""}>{html.escape(c)}</td>' for i, c in enumerate(cells)) + "</tr>")
+        out.append("<tr>" + "".join(f'<td class=text>{_breakable(c)}</td>' if i in TEXT_COLUMNS else f"<td>{html.escape(c)}</td>" for i, c in enumerate(cells)) + "</tr>")
     # headers and labels wrap, numbers never: the table fits the page's width (a scroll bar only as a last resort)
     return '<div class="table">' + "\n".join(out) + "</table></div>"
 

@@ -647,3 +647,12 @@ def test_markdown_per_class_titles_name_the_probe(three_encoders):
         "per class, knn: r50 [pool] vs r18 [pool]:",
         "per class, knn, 5-shot: r50 [pool] vs r18 [pool]:",
     ]
+
+
+def test_report_table_breaks_long_encoder_paths_only_at_separators():
+    """A file.py:build encoder wraps at its separators (the table stays inside 1300 px), and
+    nothing else in a text cell gets a break opportunity or loses its escaping."""
+    from probe.html_report import _breakable
+
+    assert _breakable("/work/ex/encoder.py:build") == "/<wbr>work/<wbr>ex/<wbr>encoder.py:<wbr>build"
+    assert _breakable("random-init <b>") == "random-init &lt;b&gt;"

@@ -12,6 +12,8 @@ from tests.image_kinds import write_good_images
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
+# the subset benchmarks/gpu/prepare.sh carries to the GPU machine, where ../shared is absent (train/ only)
+GPU_CARRIED_IMAGENETTE = REPO / "benchmarks" / "gpu" / "data" / "imagenette"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -44,12 +46,14 @@ def small_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def imagenette_subset(tmp_path_factory) -> Path:
-    """A few real photographs (2 per class) from ../shared/data/imagenette, copied as an ImageFolder."""
-    if not IMAGENETTE.is_dir():
+    """A few real photographs (3 of each of 6 classes) from ../shared/data/imagenette's val split, or on
+    the GPU machine from the carried train subset, copied as an ImageFolder."""
+    source = IMAGENETTE / "val" if IMAGENETTE.is_dir() else GPU_CARRIED_IMAGENETTE / "train"
+    if not source.is_dir():
         pytest.skip("../shared/data/imagenette is not present")
     root = tmp_path_factory.mktemp("imagenette")
-    for cls in sorted(p.name for p in (IMAGENETTE / "val").iterdir())[:6]:
-        files = sorted((IMAGENETTE / "val" / cls).iterdir())[:3]
+    for cls in sorted(p.name for p in source.iterdir())[:6]:
+        files = sorted((source / cls).iterdir())[:3]
         (root / cls).mkdir()
         for f in files:
             shutil.copy(f, root / cls / f.name)

@@ -45,20 +45,24 @@ def knn_reference(train_x, train_y, query_x, k, num_classes, temperature, weight
     return votes, np.sort(sim, axis=1)[:, ::-1]
 
 
-def _knn_torch(train_x, train_y, query_x, ks, classes, **kw):
-    a = knn.l2_normalize(torch.from_numpy(train_x))
-    q = knn.l2_normalize(torch.from_numpy(query_x))
-    return knn.predict(a, torch.from_numpy(train_y), q, ks, classes, **kw)
+def _knn_torch(train_x, train_y, query_x, ks, classes, device="cpu", **kw):
+    a = knn.l2_normalize(torch.from_numpy(train_x).to(device))
+    q = knn.l2_normalize(torch.from_numpy(query_x).to(device))
+    return knn.predict(a, torch.from_numpy(train_y).to(device), q, ks, classes, **kw)
 
 
+_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize("weights", ["exp", "uniform"])
-def test_knn_equals_float64_reference(weights):
+def test_knn_equals_float64_reference(weights, device):
     classes = 7
     train_x, train_y = blobs(600, 16, classes, seed=0, offset=0.3)
     query_x, query_y = blobs(250, 16, classes, seed=1, offset=0.3)
     ks = (1, 5, 20, 100)
     # chunk_elements forces several chunks of query rows (one chunk would hide a chunking bug)
-    pred = _knn_torch(train_x, train_y, query_x, ks, classes, temperature=0.07, weights=weights, chunk_elements=600 * 37)
+    pred = _knn_torch(train_x, train_y, query_x, ks, classes, device, temperature=0.07, weights=weights, chunk_elements=600 * 37)
     assert pred.top1.shape == (4, 250) and pred.top5.shape == (4, 250, 5)
     compared = 0
     for j, k in enumerate(ks):

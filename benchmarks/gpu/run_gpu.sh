@@ -3,18 +3,19 @@
 # package with --no-deps, run the GPU tests (capped at 150 s), then the extraction benchmark (ResNet-50
 # and DINOv2 ViT-S/14 at 224, on the upscaled 500×375 set first (the targets are set on it), then the
 # 224-px set, with every loader featstore has there), then the ImageNet-size probe sweep (capped at
-# 120 s). Estimated on an H100: ~20 s install, ~90 s tests, ~200 s extraction (capped at 330 s; its
-# JSON is rewritten after each model × set), ~60 s probe.
+# 120 s). Measured on an H200 (2026-11-29, benchmarks/RESULTS.md): 220 s in all (17 s install, 16 s
+# tests, 110 s extraction, then probe, k-NN and logreg); the caps (330 s for extraction, whose JSON is
+# rewritten after each model × set) only matter when something hangs.
 #
 # Here, once:   bash benchmarks/gpu/prepare.sh        (wheels + an Imagenette subset, size check)
 # Device call:  command "bash benchmarks/gpu/run_gpu.sh", carry ["benchmarks/gpu/wheels", "benchmarks/gpu/data"],
-#               timeout_s 480. Logs and JSON land in $OUT (benchmarks/out when run elsewhere).
+#               timeout_s 600. Logs and JSON land in $OUT (benchmarks/out when run elsewhere).
 # With DALI:    prepare_dali.sh here, park its parts with the calls it prints (same warm machine), then
 #               the call above: DALI is installed from the parts and benchmarked beside the others.
 # Knobs:        LIMIT (images per set), LOADERS (e.g. "dali": only those), MODELS (resnet50,dino), DEVICE (cuda),
 #               SKIP_TESTS=1, SKIP_PROBE=1 (for a second call that only adds a loader),
-#               SKIP_EXTRACT=1 (with SKIP_TESTS=1: a second call with only the probe and battery benchmarks;
-#               their caps add up to 390 s, the first call's to 480 s, so both do not fit in one 600 s call).
+#               SKIP_EXTRACT=1 (with SKIP_TESTS=1: a call with only the probe and battery benchmarks;
+#               with SKIP_PROBE=1 too: only the install, e.g. before profile_extract.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -76,4 +77,8 @@ step "battery benchmark: logreg 13-C path, 50 k × 512 × 10, on the GPU vs scik
 timeout 120 $PY benchmarks/bench_battery.py --parts logreg --device "${DEVICE:-cuda}" --out "$out" 2>&1 \
     | tee "$out/logreg-gpu.log" || echo "logreg benchmark FAILED or timed out; going on"
 fi
+# a device call returns at most 8 files: drop the probe benchmark's duplicate, and repeat the test
+# summary last, where the call's printed tail always shows it
+[ -n "${OUT:-}" ] && rm -f "$out/bench_probe-latest.json"
+if [ -f "$out/pytest-gpu.log" ]; then step summary; echo "pytest -m gpu: $(tail -n 1 "$out/pytest-gpu.log")"; fi
 exit "$rc"

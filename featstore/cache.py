@@ -378,7 +378,7 @@ def parse_size(text: str) -> int:
 def lookup(model: str, dataset: str, weights: str | None = None) -> str:
     """The one complete cached store of ``model`` on ``dataset`` (and ``weights`` when given),
     matched on what the stores record; no model is built. Errors list what exists."""
-    entries = list_stores()
+    entries = _entries_from_attrs()
     sha = None
     if weights is not None:
         if not Path(weights).expanduser().is_file():
@@ -400,12 +400,21 @@ def lookup(model: str, dataset: str, weights: str | None = None) -> str:
         raise UsageError(f"{len(complete)} cached stores match --model {model} --dataset {dataset}: {listed}",
                          "pass --weights FILE, or --store PATH to pick one")
     if matches:
-        raise UsageError(f"the cached store of --model {model} --dataset {dataset} is not complete ({matches[0].state}: {matches[0].path})",
+        first = _describe_local(Path(matches[0].path)) or matches[0]  # its progress: the one store worth a full look
+        raise UsageError(f"the cached store of --model {model} --dataset {dataset} is not complete ({first.state}: {first.path})",
                          f"finish it with `{command}`")
     have = sorted({f"{e.model} on {e.dataset_spec}" + ("" if e.complete else " (partial)") for e in entries})
     exists = f"the cache holds: {', '.join(have)}" if have else f"the cache ({stores_dir()}) is empty"
     raise UsageError(f"no cached store of --model {model} --dataset {dataset}" + (f" with weights {weights}" if weights else "") + f"; {exists}",
                      f"extract it first: `{command}`")
+
+
+def _entries_from_attrs() -> list[StoreEntry]:
+    """Every cached store's entry from its ``zarr.json`` alone, in ``list_stores`` order: what lookup
+    matches on. No tree walk, lock or last-use read, so size, progress, ``writing`` and ``last_used``
+    are left empty (lookup reads them for an incomplete match only)."""
+    return [entry_from_attrs(str(p), attrs, 0, None, False, 0.0)
+            for p in sorted(stores_dir().glob("*/*.zarr")) if (attrs := store_attrs(p)) is not None]
 
 
 # ---------------------------------------------------------------- memos: weights digests (request.py memoizes requests)

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -41,22 +42,31 @@ from common import MB, OUT_DIR, REPO, machine, table, write_json  # noqa: E402
 DIM = 768
 
 
-def timed(cmd: list[str], env: dict, repeats: int) -> dict:
-    """Median wall seconds and median CPU seconds (user + system) of a fresh process running ``cmd``.
-    On a shared machine the CPU time is the steadier number: wall time includes waiting for a core."""
+def timed(fn: Callable[[], object], repeats: int) -> dict:
+    """Median wall seconds and median CPU seconds (user + system, this process and the processes it
+    waited for) of ``fn()``. On a shared machine the CPU time is the steadier number: wall time
+    includes waiting for a core."""
     walls, cpus = [], []
     for _ in range(repeats):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t = time.perf_counter()
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        c, t = _cpu_seconds(), time.perf_counter()
+        fn()
         walls.append(time.perf_counter() - t)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+        cpus.append(_cpu_seconds() - c)
     return {"seconds": statistics.median(walls), "cpu_seconds": statistics.median(cpus)}
 
 
-def make_stores(home: Path, n: int) -> None:
-    """n complete cached stores (digits-sized: 1,797 rows x 512 float16, 3 splits), as extract leaves them."""
+def _cpu_seconds() -> float:
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
+
+def in_fresh_process(cmd: list[str], env: dict) -> Callable[[], object]:
+    return lambda: subprocess.run(cmd, env=env, check=True, capture_output=True)
+
+
+def make_stores(n: int) -> None:
+    """n complete cached stores (digits-sized: 1,797 rows x 512 float16, 3 splits), as extract leaves
+    them, where extract puts them (the cache of this process's $FEATSTORE_HOME)."""
+    from featstore.cache import default_store_path
     from featstore.store import FeatureStore
 
     rng = np.random.default_rng(0)
@@ -65,7 +75,7 @@ def make_stores(home: Path, n: int) -> None:
     for i in range(n):
         key = f"{i:012x}" + "0" * 52
         fs = FeatureStore.create(
-            home / "stores" / "digits" / f"model{i}-{key[:12]}.zarr",
+            default_store_path("digits", f"model{i}", key),
             splits={s: ([f"{s}/{j}.png" for j in range(m)], np.arange(m) % 10) for s, m in sizes.items()},
             views={"pool": 512}, dtype="float16",
             attrs={"encoder": {"name": f"model{i}", "arch": "tv:resnet18", "weights_path": None, "weights_sha256": "random-init"},
@@ -100,15 +110,16 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     py = sys.executable
     featstore = [py, "-m", "featstore.cli"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), FEATSTORE_HOME=str(work / "home"), OMP_NUM_THREADS="1")
+    os.environ["FEATSTORE_HOME"] = str(work / "home")  # make_stores fills it; every command reads it
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     results = []
     try:
         # ls over N stores
-        make_stores(work / "home", args.stores)
+        make_stores(args.stores)
         out = subprocess.run(featstore + ["ls"], env=env, check=True, capture_output=True, text=True).stdout
         assert len(out.strip().splitlines()) == args.stores + 1, out[:500]
-        results.append({"case": "python -c pass (baseline)", **timed([py, "-c", "pass"], env, args.repeats)})
-        results.append({"case": f"featstore ls, {args.stores} stores", **timed(featstore + ["ls"], env, args.repeats), "target": "< 1 s"})
+        results.append({"case": "python -c pass (baseline)", **timed(in_fresh_process([py, "-c", "pass"], env), args.repeats)})
+        results.append({"case": f"featstore ls, {args.stores} stores", **timed(in_fresh_process(featstore + ["ls"], env), args.repeats), "target": "< 1 s"})
 
         # up-to-date extract
         cmd = featstore + ["extract", "--model", "resnet18", "--random-init", "--dataset", "digits", "--image-size", "32",
@@ -116,9 +127,9 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run(cmd, env=env, check=True, capture_output=True)  # fills the cache (digits, the store, the memo)
         check = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
         assert "up to date" in check.stdout, check.stdout + check.stderr
-        torch_s = timed([py, "-c", "import torch"], env, args.repeats)
+        torch_s = timed(in_fresh_process([py, "-c", "import torch"], env), args.repeats)
         results.append({"case": "python -c 'import torch' (baseline)", **torch_s})
-        up = timed(cmd, env, args.repeats)
+        up = timed(in_fresh_process(cmd, env), args.repeats)
         results.append({"case": "featstore extract, up to date", **up, "ratio": up["seconds"] / torch_s["seconds"],
                         "cpu_ratio": up["cpu_seconds"] / torch_s["cpu_seconds"], "target": "< 2x import torch"})  # fmt: skip
 
@@ -141,14 +152,8 @@ def main(argv: list[str] | None = None) -> None:
 
         for case, fn, target in ((f"ndarray.tofile + fsync, {nbytes / MB:.0f} MB (baseline)", write_raw, None),
                                  (f"featstore export --to x.h5, {nbytes / MB:.0f} MB", write_h5, ">= 200 MB/s")):  # fmt: skip
-            walls, cpus = [], []
-            for _ in range(args.repeats):
-                t, c = time.perf_counter(), time.process_time()
-                fn()
-                walls.append(time.perf_counter() - t)
-                cpus.append(time.process_time() - c)
-            wall = statistics.median(walls)
-            results.append({"case": case, "seconds": wall, "cpu_seconds": statistics.median(cpus), "mb_per_s": nbytes / MB / wall, "target": target})
+            t = timed(fn, args.repeats)
+            results.append({"case": case, **t, "mb_per_s": nbytes / MB / t["seconds"], "target": target})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,6 +1,8 @@
 """Benchmark: the feature cache's everyday commands, each beside its baseline, in one run.
 
   ls             `featstore ls` (a fresh process) over N cached stores; baseline: `python -c pass`
+  lookup         featstore.cache.lookup (how `probe fit --model M --dataset D` finds its store) of
+                 one of those N stores, in a fresh process; baseline: `import featstore.cache` alone
   up to date     `featstore extract` of a store already in the cache (a fresh process);
                  baseline: `python -c "import torch"` (targets: ls < 1 s, up to date < 2x baseline)
   export .h5     featstore.export.export (what `featstore export STORE --to x.h5` runs) of a
@@ -12,7 +14,8 @@ Wall and CPU seconds (user + system, all threads) are both reported: on a shared
 wall time includes waiting for a core.
 
 Every command runs in a subprocess with its own $FEATSTORE_HOME under a temp dir; each time is the
-median of --repeats runs.
+median of --repeats runs. --baseline CHECKOUT times `ls` and lookup with another checkout's
+featstore too (e.g. before a change), right after this one's, in the same run.
 
     .venv/bin/python benchmarks/bench_cache.py
     .venv/bin/python benchmarks/bench_cache.py --stores 20 --rows 16384 --repeats 1   # quick
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stores", type=int, default=100, help="cached stores `ls` lists")
     ap.add_argument("--rows", type=int, default=262_144, help="rows of the exported store (x 768 float16)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baseline", type=Path, help="another checkout of featstore (e.g. before the change): ls and lookup are timed with it too")
     ap.add_argument("--out", default=str(OUT_DIR / "bench_cache.json"))
     args = ap.parse_args(argv)
 
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     featstore = [py, "-m", "featstore.cli"]
     os.environ["FEATSTORE_HOME"] = str(work / "home")  # make_stores fills it; every command reads it
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    checkouts = [("", env)] + ([(", baseline checkout", dict(env, PYTHONPATH=str(args.baseline.resolve())))]
+                               if args.baseline else [])  # fmt: skip
     results = []
     try:
         # ls over N stores
@@ -119,7 +125,22 @@ def main(argv: list[str] | None = None) -> None:
         out = subprocess.run(featstore + ["ls"], env=env, check=True, capture_output=True, text=True).stdout
         assert len(out.strip().splitlines()) == args.stores + 1, out[:500]
         results.append({"case": "python -c pass (baseline)", **timed(in_fresh_process([py, "-c", "pass"], env), args.repeats)})
-        results.append({"case": f"featstore ls, {args.stores} stores", **timed(in_fresh_process(featstore + ["ls"], env), args.repeats), "target": "< 1 s"})
+        for name, run_env in checkouts:
+            results.append({"case": f"featstore ls, {args.stores} stores{name}", **timed(in_fresh_process(featstore + ["ls"], run_env), args.repeats),
+                            "target": "< 1 s"})  # fmt: skip
+
+        # lookup of one of them by model and dataset
+        from featstore.cache import default_store_path
+
+        model = f"model{args.stores // 2}"
+        lookup = [py, "-c", f"from featstore.cache import lookup; print(lookup({model!r}, 'digits'))"]
+        for _, run_env in checkouts:
+            found = subprocess.run(lookup, env=run_env, check=True, capture_output=True, text=True).stdout.strip()
+            assert found == str(default_store_path("digits", model, f"{args.stores // 2:012x}" + "0" * 52)), found
+        results.append({"case": "python -c 'import featstore.cache' (baseline)",
+                        **timed(in_fresh_process([py, "-c", "import featstore.cache"], env), args.repeats)})  # fmt: skip
+        for name, run_env in checkouts:
+            results.append({"case": f"featstore.cache.lookup, {args.stores} stores{name}", **timed(in_fresh_process(lookup, run_env), args.repeats)})
 
         # up-to-date extract
         cmd = featstore + ["extract", "--model", "resnet18", "--random-init", "--dataset", "digits", "--image-size", "32",

@@ -66,6 +66,11 @@ def in_fresh_process(cmd: list[str], env: dict) -> Callable[[], object]:
     return lambda: subprocess.run(cmd, env=env, check=True, capture_output=True)
 
 
+def store_key(i: int) -> str:
+    """The cache key of the i-th store make_stores writes."""
+    return f"{i:012x}" + "0" * 52
+
+
 def make_stores(n: int) -> None:
     """n complete cached stores (digits-sized: 1,797 rows x 512 float16, 3 splits), as extract leaves
     them, where extract puts them (the cache of this process's $FEATSTORE_HOME)."""
@@ -76,7 +81,7 @@ def make_stores(n: int) -> None:
     sizes = {"train": 1078, "val": 359, "test": 360}
     x = rng.standard_normal((max(sizes.values()), 512)).astype(np.float16)
     for i in range(n):
-        key = f"{i:012x}" + "0" * 52
+        key = store_key(i)
         fs = FeatureStore.create(
             default_store_path("digits", f"model{i}", key),
             splits={s: ([f"{s}/{j}.png" for j in range(m)], np.arange(m) % 10) for s, m in sizes.items()},
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         lookup = [py, "-c", f"from featstore.cache import lookup; print(lookup({model!r}, 'digits'))"]
         for _, run_env in checkouts:
             found = subprocess.run(lookup, env=run_env, check=True, capture_output=True, text=True).stdout.strip()
-            assert found == str(default_store_path("digits", model, f"{args.stores // 2:012x}" + "0" * 52)), found
+            assert found == str(default_store_path("digits", model, store_key(args.stores // 2))), found
         results.append({"case": "python -c 'import featstore.cache' (baseline)",
                         **timed(in_fresh_process([py, "-c", "import featstore.cache"], env), args.repeats)})  # fmt: skip
         for name, run_env in checkouts:

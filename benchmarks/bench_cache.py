@@ -120,9 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     py = sys.executable
     featstore = [py, "-m", "featstore.cli"]
     os.environ["FEATSTORE_HOME"] = str(work / "home")  # make_stores fills it; every command reads it
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # PYTHONSAFEPATH: `python -c`/`-m` would put the working directory first on sys.path, and run
+    # the featstore of whatever checkout the benchmark was started in instead of PYTHONPATH's
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
     checkouts = [("", env)] + ([(", baseline checkout", dict(env, PYTHONPATH=str(args.baseline.resolve())))]
                                if args.baseline else [])  # fmt: skip
+    for _, run_env in checkouts:  # each command runs the checkout it is labelled with
+        where = subprocess.run([py, "-c", "import featstore; print(featstore.__file__)"], env=run_env, check=True, capture_output=True, text=True)
+        assert Path(where.stdout.strip()).is_relative_to(run_env["PYTHONPATH"]), (where.stdout, run_env["PYTHONPATH"])
     results = []
     try:
         # ls over N stores

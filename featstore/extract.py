@@ -37,7 +37,7 @@ from .lock import StoreLock
 from .progress import Progress, resolve_mode
 from .ranks import Ranks, wait_until
 from .request import (ExtractConfig, ExtractResult, dataset_dirs, recall_up_to_date, refuse_url_out,  # noqa: F401 (re-exported)
-                      remember_request, request_of, resolved_path)
+                      remember_request, request_of, resolved_model, resolved_path)
 from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
 
 
@@ -85,12 +85,8 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     which would be another store); ``--overwrite`` is left out, since it would start over.
     """
     defaults = ExtractConfig(model="", dataset="", out="")
-    model = config.model
-    if ":" in model and model.split(":", 1)[0].endswith(".py"):
-        file, name = model.rsplit(":", 1)
-        model = f"{resolved_path(file)}:{name}"
     dataset = config.dataset if config.dataset in BUILTIN_DATASETS else resolved_path(config.dataset)
-    args = ["featstore", "extract", "--model", model, "--dataset", dataset, "--out", str(Path(config.out).resolve()),
+    args = ["featstore", "extract", "--model", resolved_model(config.model), "--dataset", dataset, "--out", str(Path(config.out).resolve()),
             "--loader", loader_name]
     options = [("data_root", "--data-root", resolved_path), ("weights", "--weights", resolved_path),
                ("views", "--views", ",".join), ("device", "--device", str), ("batch_size", "--batch-size", str), ("workers", "--workers", str),

@@ -89,12 +89,16 @@ def resolved_path(path: str | None) -> str | None:
     return str(p.resolve()) if p.exists() else path
 
 
+def resolved_model(model: str) -> str:
+    """``model`` with a builder file's path made absolute (``file.py:build``, split as the encoder
+    loader splits it: at the last colon); any other model name as typed."""
+    target, _, attr = model.rpartition(":")
+    return f"{resolved_path(target)}:{attr}" if target.endswith(".py") else model
+
+
 def request_of(config: ExtractConfig) -> dict:
     """The request as typed, with relative paths made absolute: the memo's key."""
-    model = config.model
-    if ".py:" in model:  # a builder file relative to the working directory
-        target, _, attr = model.rpartition(":")
-        model = f"{resolved_path(target)}:{attr}"
+    model = resolved_model(config.model)
     data_root = config.data_root
     if config.dataset == "imagenet" and data_root is None:
         data_root = os.environ.get("FEATSTORE_DATA")

@@ -184,3 +184,20 @@ def test_resume_command_round_trips_through_the_cli_parser(tmp_path, monkeypatch
     assert (p["views"], p["batch_size"], p["dtype"], p["image_size"], p["resize"], p["interpolation"], p["mean"]) == \
         ("pool", 8, "float32", 32, 40, "bilinear", (0.5, 0.5, 0.5))
     assert p["random_init"] and p["strict"] and not p["overwrite"] and p["workers"] == 2
+
+
+def test_a_builder_file_is_made_absolute_alike_by_the_resume_command_and_the_request_memo(tmp_path, monkeypatch):
+    """``file.py:build`` split at its last colon, as the encoder loader splits it (a folder name may hold one)."""
+    from featstore.cli import cli
+    from featstore.extract import ExtractConfig, request_of, resolved_model, resume_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my:models").mkdir()
+    (tmp_path / "my:models" / "enc.py").write_text("def build():\n    raise NotImplementedError\n")
+    config = ExtractConfig(model="my:models/enc.py:build", dataset="digits", out="x.zarr")
+    expected = f"{tmp_path.resolve() / 'my:models' / 'enc.py'}:build"
+    assert request_of(config)["model"] == expected
+    args = shlex.split(resume_command(config, "torch"))
+    assert cli.commands["extract"].make_context("extract", args[2:]).params["model"] == expected
+    for name in ("resnet18", "tv:resnet50", "timm:vit_small_patch14_dinov2.lvd142m", "pkg.module:build", "missing.py:build"):
+        assert resolved_model(name) == name  # not a builder file here: as typed

@@ -260,7 +260,7 @@ def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int
     t0 = time.perf_counter()
     fs, plan = info.store, info.plans[seed]
     roles = {"train": (plan.train_split, plan.train_rows), "select": (plan.select_source, plan.select_rows)}
-    if plan.report_split is not None and not plan.selects_on_report:
+    if plan.reported_role == "report":  # else the selection rows (if any) are the reported ones
         roles["report"] = (plan.report_source, plan.report_rows)
     first = _first_case(protocol, seed, shots)  # warn once per store × view
     excluded_invalid = excluded_nonfinite = 0
@@ -345,12 +345,18 @@ class _Case:
         return round(time.perf_counter() - self.t0, 3)
 
     def row(self, method: str, metrics: dict[str, dict[str, float]], **fields) -> dict:
-        """A results row: the shared columns, ``fields`` (the method's own), ``metrics`` (role → top1/top5)."""
+        """A results row: the shared columns, ``fields`` (the method's own), ``metrics`` (role → top1/top5).
+
+        With --select-on report the selection rows are the reported ones (evaluated once): here,
+        and only here, their numbers become the report_* columns and the selected configuration
+        the best on the reported split."""
         fs, plan, p = self.info.store, self.plan, self.protocol
         encoder = fs.attrs.get("encoder", {}) or {}
         dataset = fs.attrs.get("dataset", {}) or {}
-        if plan.selects_on_report and "select" in metrics:
-            metrics = {**metrics, "report": metrics["select"]}  # one split, evaluated once
+        reported = plan.reported_role
+        if reported == "select":
+            metrics = {**metrics, "report": metrics["select"]} if "select" in metrics else metrics
+            fields = {**fields, "best_report": fields.get("selected", False)}
 
         def metric(role, k):
             v = metrics.get(role, {}).get(k)
@@ -362,7 +368,7 @@ class _Case:
             "dataset": dataset.get("name"), "view": self.view, "method": method, "shots": self.shots, "seed": self.seed,
             "select_on": p.select_on, "train_split": plan.train_split, "select_split": plan.select_split, "report_split": plan.report_split,
             "reported_as": plan.reported_as, "n_train": len(self.kept["train"]), "n_select": len(self.kept["select"]),
-            "n_report": len(self.kept["report"]) if "report" in self.kept else (len(self.kept["select"]) if plan.selects_on_report else None),
+            "n_report": len(self.kept[reported]) if reported else None,
             "excluded_invalid": self.excluded_invalid, "excluded_nonfinite": self.excluded_nonfinite,
             "train_top1_pct": metric("train", "top1"), "select_top1_pct": metric("select", "top1"), "report_top1_pct": metric("report", "top1"),
             "train_top5_pct": metric("train", "top5"), "select_top5_pct": metric("select", "top5"), "report_top5_pct": metric("report", "top5"),
@@ -393,11 +399,9 @@ def _linear(case: _Case, raw, labels, orders_cache, log, warn) -> list[dict]:
     finite = heads.finite().cpu().numpy()
     # every head's top-5 on the reported rows in one pass, before the features go (the chosen one
     # is kept below); that role's accuracies are read from them, the other roles are streamed
-    shown = "report" if "report" in x else ("select" if case.plan.selects_on_report else None)
+    shown = case.plan.reported_role
     ranked = H.predict(heads, x[shown]) if shown else None
     metrics = {role: H.accuracy(ranked, labels[role], heads.num_classes) if role == shown else H.evaluate(heads, x[role], labels[role]) for role in x}
-    if case.plan.selects_on_report:
-        metrics["report"] = metrics["select"]  # one split, evaluated once
     top = {shown: ranked.cpu().numpy()} if shown else {}
     del ranked
     seconds = case.seconds()
@@ -449,10 +453,10 @@ def _report_predictions(case: _Case, predictions: dict) -> dict | None:
     """The selected configuration's per-image predictions on the reported rows (the selection rows
     with --select-on report; None when nothing is reported): dataset paths, targets, top-1, top-5.
     Kept on the selected row (not a CSV column) for the per-image predictions file."""
-    role = "report" if "report" in predictions else ("select" if case.plan.selects_on_report else None)
+    role = case.plan.reported_role
     if role is None:
         return None
-    split = case.plan.report_source if role == "report" else case.plan.select_source
+    split = case.plan.report_source  # the selection rows' split too when they are the reported ones
     rows = case.kept[role]
     top1, top5 = predictions[role]
     return ImagePredictions(paths=case.info.paths(split)[rows], target=case.info.labels[split][rows], pred=top1, top5=top5)
@@ -490,9 +494,8 @@ def _setting_columns(case: _Case, method: str, config: battery.Config) -> dict:
 def _battery_rows(case: _Case, res: battery.MethodResult) -> list[dict]:
     """One row per k-NN k or logreg C; the selected one keeps its per-image predictions."""
     seconds = case.seconds()
-    on_report = case.plan.selects_on_report  # the selected one is the max over the reported split
     out = [case.row(res.method, c.metrics, **_setting_columns(case, res.method, c), selected=c.selected,
-                    best_report=c.best_report or (on_report and c.selected), sweep_seconds=seconds) for c in res.configs]  # fmt: skip
+                    best_report=c.best_report, sweep_seconds=seconds) for c in res.configs]  # fmt: skip
     next(r for r in out if r["selected"])["report_predictions"] = _report_predictions(case, res.predictions)
     return out
 

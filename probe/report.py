@@ -97,6 +97,11 @@ def _selection_words(row: dict, protocol: Protocol | None) -> str:
     return f"{protocol.val_fraction * 100:g}% {what} holdout" if protocol else f"{what} holdout"
 
 
+def _chosen_on_report(row: dict) -> bool:
+    """--select-on report: the row's LR, k or C was chosen on the split it reports."""
+    return row["report_split"] is not None and row["select_split"] == row["report_split"]
+
+
 def plot_title(rows: list[dict], protocol: Protocol | None = None) -> str:
     """Dataset, view(s) and protocol: what a reader needs to know which numbers these are."""
     r0 = rows[0]
@@ -116,7 +121,7 @@ def plot_title(rows: list[dict], protocol: Protocol | None = None) -> str:
 def plot_panels(rows: list[dict], protocol: Protocol | None = None) -> list[tuple[str, str]]:
     """(column, title) of each panel: only what exists. No reported panel when nothing is
     reported; one panel, titled max over the reported split, when the LR was chosen on it."""
-    on_report = all(r["report_split"] is not None and r["select_split"] == r["report_split"] for r in rows)
+    on_report = all(_chosen_on_report(r) for r in rows)
     select_splits = " / ".join(dict.fromkeys(_selection_words(r, protocol) for r in rows))
     report_splits = " / ".join(dict.fromkeys(str(r["report_split"]) for r in rows if r["report_split"] is not None))
     if on_report:
@@ -306,7 +311,7 @@ def battery_table(rows: list[dict], protocol: Protocol | None = None, digest: Di
     notes += "; lr, k and C chosen on the selection split, never on the reported split"
     if any(r["method"] == "logreg" and r.get("refit") for r in rows):
         notes += "; logreg (refit): the selected C refit on train + selection rows, then reported once"
-    if any(r["select_split"] == r["report_split"] for r in rows):
+    if any(_chosen_on_report(r) for r in rows):
         notes += "; --select-on report: every reported number is the max over the reported split, optimistic"
     return "\n".join(lines) + "\n\n" + notes + "\n"
 
@@ -322,7 +327,7 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
     multi_view = len({k[1] for k in groups}) > 1
     one_head = all(len(rs) == 1 for rs in groups.values())
     multi_wd = any(len({r["wd"] for r in rs}) > 1 for rs in groups.values())
-    on_report = all(r["report_split"] is not None and r["select_split"] == r["report_split"] for r in rows)
+    on_report = all(_chosen_on_report(r) for r in rows)
     has_top5 = any(r["report_top5_pct"] is not None or r["select_top5_pct"] is not None for r in rows)
     show_wd = multi_wd or (one_head and rows[0]["wd"])
     head = ["label", "encoder"] + (["view"] if multi_view else [])

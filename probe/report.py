@@ -34,7 +34,7 @@ from .predictions import of_rows as predictions_of
 from .predictions import write as write_predictions
 from .protocol import Protocol
 from .runs import PROTOCOL, RESULTS
-from .summary import mean_std, summarize, summary_csv
+from .summary import mean_std, selected_by_entry, summarize, summary_csv
 
 # the columns that name one probe (one line in the plot, one row in the table)
 PROBE_KEY = ("label", "view")
@@ -241,11 +241,11 @@ def summary(rows: list[dict]) -> list[dict]:
     accuracies, with the 95% bootstrap interval of the (seed-mean) top-1 over the images. A single
     seed's interval is its selected row's ``ci95_*`` (probe.fit's, the same bootstrap): only the
     pooled intervals of several seeds are computed here."""
-    entries = summarize(rows, _reported)
+    groups = selected_by_entry(rows)  # once: each entry's rows are looked up, not searched for
+    entries = summarize(rows, _reported, groups)
     for e in entries:
         key = (e["store"], e["view"], e["method"], e["shots"])
-        chosen = [r for r in rows if r.get("selected") and r.get("report_predictions") is not None
-                  and (r["store"], r["view"], r.get("method") or "linear", r.get("shots")) == key]  # fmt: skip
+        chosen = [r for r in groups[key] if r.get("report_predictions") is not None]
         preds = [r["report_predictions"] for r in chosen]
         e["ci95_low"] = e["ci95_high"] = None
         if len(chosen) == 1 == e["n_seeds"]:

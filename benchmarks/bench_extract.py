@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
              "(next to the repository), or pass --images FOLDER")
     try:
         device = resolve_device(args.device)
-        loaders = [choose_loader(name) for name in args.loaders]
+        loaders = [choose_loader(name, device) for name in args.loaders]
     except FeatstoreError as e:
         fail(e.one_line())
     info = machine()

@@ -126,7 +126,7 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
     device = resolve_device(config.device)
     if ranks.world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
-    loader_name = choose_loader(config.loader)
+    loader_name = choose_loader(config.loader, device)
     manifest = resolve_dataset(config.dataset, config.data_root)
     spec = resolve_encoder(
         config.model, weights=config.weights, random_init=config.random_init,

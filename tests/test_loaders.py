@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.loaders import Batch, dali_available
+from featstore.errors import UsageError
+from featstore.loaders import Batch, choose_loader, dali_available
 from featstore.loaders.dataloader import TorchLoader
 from featstore.preprocess import Preprocess
 from tests.conftest import centered_cosine, dali_or_skip
@@ -272,3 +273,17 @@ def test_gpu_loaders_match_reference_with_work_in_flight(backend, odd_images, im
     ok = [r for r in range(len(files)) if r not in errors]
     levels = _levels(images[ok], reference.images[ok], pre)
     assert levels.mean(dim=(1, 2, 3)).max() < 2.5
+
+
+def test_auto_loader_follows_the_device():
+    """auto: nvjpeg for a CUDA device (decided by the device asked for, not by what the machine has),
+    DALI's CPU pipeline on CPU where DALI imports, else the torch reference; explicit names pass
+    through, unknown ones and dali without DALI are one-line usage errors."""
+    assert choose_loader("auto", torch.device("cuda", 0)) == "nvjpeg"
+    assert choose_loader("auto", torch.device("cpu")) == ("dali" if dali_available() else "torch")
+    assert choose_loader("torch", torch.device("cuda")) == "torch"
+    with pytest.raises(UsageError, match="unknown loader 'pil'"):
+        choose_loader("pil", torch.device("cpu"))
+    if not dali_available():
+        with pytest.raises(UsageError, match="DALI cannot be imported"):
+            choose_loader("dali", torch.device("cpu"))

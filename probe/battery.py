@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import heads as H
-from . import knn, logreg
+from . import knn, logreg, topk
 
 
 @dataclass
@@ -42,12 +42,9 @@ class MethodResult:
         return next(c for c in self.configs if c.selected)
 
 
-def _metrics(top1: np.ndarray, top5: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    n = max(len(labels), 1)
-    out = {"top1": float((top1 == labels).sum() * 100.0 / n)}
-    if top5.shape[-1] >= 5:
-        out["top5"] = float((top5 == labels[:, None]).any(1).sum() * 100.0 / n)
-    return out
+def _metrics(ranked: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """One configuration's accuracies (:func:`probe.topk.accuracy` of its (N, ≤5) ranking) as floats."""
+    return {name: float(v) for name, v in topk.accuracy(ranked, labels).items()}
 
 
 def _choose(val_top1: list[float], keys: list[float]) -> int:
@@ -96,7 +93,7 @@ def run_logreg(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], num_class
     preds = {role: path.predict(xs[role]) for role in xs}
     configs = []
     for i, C in enumerate(path.Cs):
-        metrics = {role: _metrics(p[0][i], p[1][i], labels[role]) for role, p in preds.items()}
+        metrics = {role: _metrics(p[1][i], labels[role]) for role, p in preds.items()}
         extra = {"iterations": path.n_iter[i], "converged": path.converged[i]}
         configs.append(Config({"C": C, "refit": False}, metrics, extra=extra))
     chosen = _choose([c.metrics["select"]["top1"] for c in configs], list(path.Cs))
@@ -111,13 +108,13 @@ def run_logreg(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], num_class
     C = path.Cs[chosen]
     init = (path.weight[chosen], path.bias[chosen])
     final = logreg.fit_path(xr, both_y, [C], num_classes, tol=tol, max_iter=max_iter, init=init)
-    metrics = {"train": _metrics(*[a[0] for a in final.predict(xr)], both_y.cpu().numpy())}
+    metrics = {"train": _metrics(final.predict(xr)[1][0], both_y.cpu().numpy())}
     predictions = {}
     for role in x:
         if role in ("train", "select"):
             continue  # the selection rows trained the refit: no honest number to give
         top1, top5 = final.predict(H.prepare(x[role], "standardize", torch.float32, stats))
-        metrics[role] = _metrics(top1[0], top5[0], labels[role])
+        metrics[role] = _metrics(top5[0], labels[role])
         predictions[role] = (top1[0], top5[0])
     configs.append(Config({"C": C, "refit": True}, metrics, selected=True, extra={"iterations": final.n_iter[0], "converged": final.converged[0]}))
     return MethodResult("logreg", configs, predictions)

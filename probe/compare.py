@@ -196,8 +196,7 @@ def compare(
         diffs = [aligned.get(r.key) for r in rs]
         ci = None
         if all(d is not None for d in diffs) and all(np.array_equal(d[0], diffs[0][0]) for d in diffs):
-            lo, hi = I.bootstrap_interval(sum(d[1].astype(np.int16) for d in diffs), per=len(diffs), **stats)
-            ci = (float(lo), float(hi))
+            ci = I.seed_mean_interval([d[1] for d in diffs], **stats)
         seeds.append(SeedSummary(label, view, method, shots, [r.seed for r in rs], top_mean, top_std, deltas, d_mean, d_std, ci))
     return Comparison(reference, rows, seeds, per_class, class_names, n_resamples, bootstrap_seed)
 

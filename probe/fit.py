@@ -260,7 +260,7 @@ def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int
     t0 = time.perf_counter()
     fs, plan = info.store, info.plans[seed]
     roles = {"train": (plan.train_split, plan.train_rows), "select": (plan.select_source, plan.select_rows)}
-    if plan.report_split is not None and not plan.selects_on_report:
+    if plan.reported_role == "report":  # else the selection rows (if any) are the reported ones
         roles["report"] = (plan.report_source, plan.report_rows)
     first = _first_case(protocol, seed, shots)  # warn once per store × view
     excluded_invalid = excluded_nonfinite = 0
@@ -301,11 +301,10 @@ def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int
         else:
             # a logreg result depends on more than its rows: whether it was refit (never for few-shot)
             key = (method, rows_key, method == "logreg" and case.shots is None)
-            reused = key in memo
-            if not reused:
+            if key not in memo:  # a reused result's warnings were given with it
                 run = _knn_result if method == "knn" else _logreg_result
                 memo[key] = run(case, raw, labels, warn)
-            out += (_knn_rows if method == "knn" else _logreg_rows)(case, memo[key], reused, warn)
+            out += _battery_rows(case, memo[key])
         case.t0 = time.perf_counter()  # each method's rows carry its own seconds
     return out
 
@@ -332,8 +331,13 @@ class _Case:
         return _first_case(self.protocol, self.seed, self.shots)
 
     @property
+    def detail(self) -> str:
+        """``seed 1 5-shot``: what tells this case from the store × view's others ('' when nothing does)."""
+        return " ".join(([f"seed {self.seed}"] if len(self.protocol.run_seeds) > 1 else []) + ([f"{self.shots}-shot"] if self.shots else []))
+
+    @property
     def where(self) -> str:
-        return f"store {self.info.path!r} view {self.view!r}" + (f" seed {self.seed}" if len(self.protocol.run_seeds) > 1 else "") + (f" {self.shots}-shot" if self.shots else "")
+        return f"store {self.info.path!r} view {self.view!r}" + (f" {self.detail}" if self.detail else "")
 
     def seconds(self) -> float:
         if self.dev.type == "cuda":
@@ -341,12 +345,18 @@ class _Case:
         return round(time.perf_counter() - self.t0, 3)
 
     def row(self, method: str, metrics: dict[str, dict[str, float]], **fields) -> dict:
-        """A results row: the shared columns, ``fields`` (the method's own), ``metrics`` (role → top1/top5)."""
+        """A results row: the shared columns, ``fields`` (the method's own), ``metrics`` (role → top1/top5).
+
+        With --select-on report the selection rows are the reported ones (evaluated once): here,
+        and only here, their numbers become the report_* columns and the selected configuration
+        the best on the reported split."""
         fs, plan, p = self.info.store, self.plan, self.protocol
         encoder = fs.attrs.get("encoder", {}) or {}
         dataset = fs.attrs.get("dataset", {}) or {}
-        if plan.selects_on_report and "select" in metrics:
-            metrics = {**metrics, "report": metrics["select"]}  # one split, evaluated once
+        reported = plan.reported_role
+        if reported == "select":
+            metrics = {**metrics, "report": metrics["select"]} if "select" in metrics else metrics
+            fields = {**fields, "best_report": fields.get("selected", False)}
 
         def metric(role, k):
             v = metrics.get(role, {}).get(k)
@@ -358,7 +368,7 @@ class _Case:
             "dataset": dataset.get("name"), "view": self.view, "method": method, "shots": self.shots, "seed": self.seed,
             "select_on": p.select_on, "train_split": plan.train_split, "select_split": plan.select_split, "report_split": plan.report_split,
             "reported_as": plan.reported_as, "n_train": len(self.kept["train"]), "n_select": len(self.kept["select"]),
-            "n_report": len(self.kept["report"]) if "report" in self.kept else (len(self.kept["select"]) if plan.selects_on_report else None),
+            "n_report": len(self.kept[reported]) if reported else None,
             "excluded_invalid": self.excluded_invalid, "excluded_nonfinite": self.excluded_nonfinite,
             "train_top1_pct": metric("train", "top1"), "select_top1_pct": metric("select", "top1"), "report_top1_pct": metric("report", "top1"),
             "train_top5_pct": metric("train", "top5"), "select_top5_pct": metric("select", "top5"), "report_top5_pct": metric("report", "top5"),
@@ -384,16 +394,14 @@ def _linear(case: _Case, raw, labels, orders_cache, log, warn) -> list[dict]:
     wds = [wd for _, wd in protocol.heads]
     dim = x["train"].shape[1]
     heads = H.LinearHeads(dim, info.num_classes, lrs, wds, dev)
-    log(f"{info.label} [{case.view}]{_case_words(case)}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(kept['train'])} rows (D={dim}, C={info.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})")
+    log(f"{info.label} [{case.view}]{f' ({case.detail})' if case.detail else ''}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(kept['train'])} rows (D={dim}, C={info.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})")
     result = H.train(x["train"], labels["train"], heads, protocol, orders)
     finite = heads.finite().cpu().numpy()
     # every head's top-5 on the reported rows in one pass, before the features go (the chosen one
     # is kept below); that role's accuracies are read from them, the other roles are streamed
-    shown = "report" if "report" in x else ("select" if case.plan.selects_on_report else None)
+    shown = case.plan.reported_role
     ranked = H.predict(heads, x[shown]) if shown else None
     metrics = {role: H.accuracy(ranked, labels[role], heads.num_classes) if role == shown else H.evaluate(heads, x[role], labels[role]) for role in x}
-    if case.plan.selects_on_report:
-        metrics["report"] = metrics["select"]  # one split, evaluated once
     top = {shown: ranked.cpu().numpy()} if shown else {}
     del ranked
     seconds = case.seconds()
@@ -432,11 +440,6 @@ def _linear(case: _Case, raw, labels, orders_cache, log, warn) -> list[dict]:
     return out
 
 
-def _case_words(case: _Case) -> str:
-    words = (f" seed {case.seed}" if len(case.protocol.run_seeds) > 1 else "") + (f" {case.shots}-shot" if case.shots else "")
-    return f" ({words.strip()})" if words else ""
-
-
 def _knn_result(case: _Case, raw, labels, warn) -> battery.MethodResult:
     p = case.protocol
     n_train = len(case.kept["train"])
@@ -450,22 +453,13 @@ def _report_predictions(case: _Case, predictions: dict) -> dict | None:
     """The selected configuration's per-image predictions on the reported rows (the selection rows
     with --select-on report; None when nothing is reported): dataset paths, targets, top-1, top-5.
     Kept on the selected row (not a CSV column) for the per-image predictions file."""
-    role = "report" if "report" in predictions else ("select" if case.plan.selects_on_report else None)
+    role = case.plan.reported_role
     if role is None:
         return None
-    split = case.plan.report_source if role == "report" else case.plan.select_source
+    split = case.plan.report_source  # the selection rows' split too when they are the reported ones
     rows = case.kept[role]
     top1, top5 = predictions[role]
     return ImagePredictions(paths=case.info.paths(split)[rows], target=case.info.labels[split][rows], pred=top1, top5=top5)
-
-
-def _knn_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> list[dict]:
-    seconds = case.seconds()
-    on_report = case.plan.selects_on_report  # the selected one is the max over the reported split
-    out = [case.row("knn", c.metrics, k=c.settings["k"], temperature=c.settings["temperature"], normalize="l2",
-                    selected=c.selected, best_report=c.best_report or (on_report and c.selected), sweep_seconds=seconds) for c in res.configs]  # fmt: skip
-    next(r for r in out if r["selected"])["report_predictions"] = _report_predictions(case, res.predictions)
-    return out
 
 
 def _logreg_result(case: _Case, raw, labels, warn) -> battery.MethodResult:
@@ -475,24 +469,33 @@ def _logreg_result(case: _Case, raw, labels, warn) -> battery.MethodResult:
     # nothing) and on every training row (a few-shot refit would add the whole selection split to
     # k examples per class: no longer a few-shot result)
     refit = p.logreg_refit and "report" in raw and case.shots is None
-    return battery.run_logreg(raw, labels, case.info.num_classes, p.logreg_C, p.logreg_tol, p.logreg_max_iter, refit)
-
-
-def _logreg_rows(case: _Case, res: battery.MethodResult, reused: bool, warn) -> list[dict]:
-    p = case.protocol
-    seconds = case.seconds()
+    res = battery.run_logreg(raw, labels, case.info.num_classes, p.logreg_C, p.logreg_tol, p.logreg_max_iter, refit)
     capped = [c.settings["C"] for c in res.configs if not c.extra["converged"]]
-    if capped and not reused:
+    if capped:
         warn(f"{case.where}: logistic regression stopped above --logreg-tol {p.logreg_tol:g} at C {', '.join(f'{c:g}' for c in capped)}"
              f" (--logreg-max-iter {p.logreg_max_iter} reached, or no step lowered the objective)")
     chosen = res.selected.settings["C"]
     if len(p.logreg_C) >= 3 and chosen in (p.logreg_C[0], p.logreg_C[-1]) and case.first:
         warn(f"{case.where}: the selected C {chosen:g} is at the edge of the grid; consider widening --logreg-C")
-    on_report = case.plan.selects_on_report
-    n_refit = len(case.kept["train"]) + len(case.kept["select"])
-    out = [case.row("logreg", c.metrics, C=c.settings["C"], refit=c.settings["refit"], normalize="standardize",
-                    selected=c.selected, best_report=c.best_report or (on_report and c.selected), sweep_seconds=seconds,
-                    **({"n_train": n_refit} if c.settings["refit"] else {})) for c in res.configs]  # fmt: skip
+    return res
+
+
+def _setting_columns(case: _Case, method: str, config: battery.Config) -> dict:
+    """A k-NN or logreg configuration's own columns: its setting (k or C) and how it was fit."""
+    if method == "knn":
+        return {"k": config.settings["k"], "temperature": config.settings["temperature"], "normalize": "l2"}
+    refit = config.settings["refit"]
+    columns = {"C": config.settings["C"], "refit": refit, "normalize": "standardize"}
+    if refit:
+        columns["n_train"] = len(case.kept["train"]) + len(case.kept["select"])
+    return columns
+
+
+def _battery_rows(case: _Case, res: battery.MethodResult) -> list[dict]:
+    """One row per k-NN k or logreg C; the selected one keeps its per-image predictions."""
+    seconds = case.seconds()
+    out = [case.row(res.method, c.metrics, **_setting_columns(case, res.method, c), selected=c.selected,
+                    best_report=c.best_report, sweep_seconds=seconds) for c in res.configs]  # fmt: skip
     next(r for r in out if r["selected"])["report_predictions"] = _report_predictions(case, res.predictions)
     return out
 

@@ -21,6 +21,7 @@ import torch
 
 from featstore.errors import UsageError
 
+from . import topk
 from .protocol import Protocol
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm1d's default, so "standardize" is BatchNorm without affine
@@ -227,26 +228,18 @@ def train(x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protoc
 def _top_classes(heads: LinearHeads, x: torch.Tensor, k: int):
     """(start, (B, H, k) indices of the k best classes, best first) per chunk of rows of ``x``.
 
-    One ``topk`` serves top-1 (column 0) and top-5, so the accuracy :func:`evaluate` reports and
-    the per-image predictions of :func:`predict` agree image by image, ties included.
+    One ``topk`` serves top-1 (column 0) and top-5 (:mod:`probe.topk` scores both), so the
+    accuracy :func:`evaluate` reports and the per-image predictions of :func:`predict` agree
+    image by image, ties included.
     """
     chunk = max(1, _EVAL_ELEMENTS // (heads.num_heads * heads.num_classes))
     for i in range(0, x.shape[0], chunk):
         yield i, heads.logits(x[i : i + chunk]).topk(k, dim=-1).indices
 
 
-@torch.no_grad()
-def _hits(top: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per head, the rows of ``top`` ((rows, H, k) best classes) whose first / any of k is the label."""
-    hit = top == y[:, None, None]
-    return hit[:, :, 0].sum(0), hit.any(dim=-1).sum(0)
-
-
 def _percent(correct1: torch.Tensor, correct5: torch.Tensor, n: int, num_classes: int) -> dict[str, np.ndarray]:
-    out = {"top1": correct1.cpu().numpy() * 100.0 / max(n, 1)}
-    if num_classes >= 5:
-        out["top5"] = correct5.cpu().numpy() * 100.0 / max(n, 1)
-    return out
+    """Per-head hit counts, counted on the device, as :func:`probe.topk.percent`'s percentages."""
+    return topk.percent(correct1.cpu().numpy(), correct5.cpu().numpy(), n, num_classes)
 
 
 def evaluate(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
@@ -254,7 +247,7 @@ def evaluate(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
     correct1 = torch.zeros(heads.num_heads, dtype=torch.int64, device=x.device)
     correct5 = torch.zeros_like(correct1)
     for i, top in _top_classes(heads, x, min(5, heads.num_classes)):
-        c1, c5 = _hits(top, y[i : i + top.shape[0]])
+        c1, c5 = topk.hits(top, y[i : i + top.shape[0]])
         correct1 += c1
         correct5 += c5
     return _percent(correct1, correct5, x.shape[0], heads.num_classes)
@@ -262,7 +255,7 @@ def evaluate(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
 
 def accuracy(top: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, np.ndarray]:
     """:func:`evaluate`'s numbers from :func:`predict`'s output (rows already ranked: no second pass)."""
-    return _percent(*_hits(top, y), top.shape[0], num_classes)
+    return _percent(*topk.hits(top, y), top.shape[0], num_classes)
 
 
 @torch.no_grad()

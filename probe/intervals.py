@@ -169,10 +169,13 @@ def per_class_difference(target, correct, correct_reference) -> list[ClassDiffer
 
 
 
-def seed_mean_interval(correct_by_seed) -> tuple[float, float]:
-    """Bootstrap interval of the accuracy averaged over S seeds scored on the same N images
-    (``correct_by_seed``: (S, N)): the images are resampled, each image counting the seeds that
-    got it right (the spread between seeds is reported beside it as their std)."""
-    c = np.asarray(correct_by_seed, bool)
-    low, high = bootstrap_interval(c.sum(axis=0), per=c.shape[0])
+def seed_mean_interval(
+    scores_by_seed, *, n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
+    """Bootstrap interval of a per-image score averaged over S seeds scored on the same N images
+    (``scores_by_seed``: (S, N) of 0/1 correct, giving the seed-mean accuracy, or of -1/0/1 paired
+    differences, giving the seed-mean difference): the images are resampled, each image counting
+    the sum of its S scores (the spread between seeds is reported beside it as their std)."""
+    s = np.asarray(scores_by_seed)
+    low, high = bootstrap_interval(s.sum(axis=0, dtype=np.int16), per=s.shape[0], n_resamples=n_resamples, seed=seed, confidence=confidence)
     return (float(low), float(high))

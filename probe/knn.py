@@ -20,6 +20,7 @@ import torch
 
 from featstore.errors import UsageError
 
+from . import topk
 from .heads import prepare
 from .protocol import DEFAULT_KNN_TEMPERATURE as DEFAULT_TEMPERATURE
 from .protocol import check_knn as check_settings  # one check for Protocol and predict
@@ -37,12 +38,7 @@ class KnnPredictions:
 
     def accuracy(self, labels: np.ndarray) -> dict[str, np.ndarray]:
         """Top-1 and (with >= 5 classes) top-5 accuracy in percent per k, as (K,) float64."""
-        labels = np.asarray(labels)
-        n = max(len(labels), 1)
-        out = {"top1": (self.top1 == labels[None, :]).sum(1) * 100.0 / n}
-        if self.top5.shape[2] >= 5:
-            out["top5"] = (self.top5 == labels[None, :, None]).any(2).sum(1) * 100.0 / n
-        return out
+        return topk.accuracy(self.top5.transpose(1, 0, 2), np.asarray(labels))  # rows first; top-1 is column 0
 
 
 def l2_normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32, chunk_rows: int = 1 << 16) -> torch.Tensor:

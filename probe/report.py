@@ -34,7 +34,7 @@ from .predictions import of_rows as predictions_of
 from .predictions import write as write_predictions
 from .protocol import Protocol
 from .runs import PROTOCOL, RESULTS
-from .summary import mean_std, summarize, summary_csv
+from .summary import mean_std, selected_by_entry, summarize, summary_csv
 
 # the columns that name one probe (one line in the plot, one row in the table)
 PROBE_KEY = ("label", "view")
@@ -97,6 +97,11 @@ def _selection_words(row: dict, protocol: Protocol | None) -> str:
     return f"{protocol.val_fraction * 100:g}% {what} holdout" if protocol else f"{what} holdout"
 
 
+def _chosen_on_report(row: dict) -> bool:
+    """--select-on report: the row's LR, k or C was chosen on the split it reports."""
+    return row["report_split"] is not None and row["select_split"] == row["report_split"]
+
+
 def plot_title(rows: list[dict], protocol: Protocol | None = None) -> str:
     """Dataset, view(s) and protocol: what a reader needs to know which numbers these are."""
     r0 = rows[0]
@@ -116,7 +121,7 @@ def plot_title(rows: list[dict], protocol: Protocol | None = None) -> str:
 def plot_panels(rows: list[dict], protocol: Protocol | None = None) -> list[tuple[str, str]]:
     """(column, title) of each panel: only what exists. No reported panel when nothing is
     reported; one panel, titled max over the reported split, when the LR was chosen on it."""
-    on_report = all(r["report_split"] is not None and r["select_split"] == r["report_split"] for r in rows)
+    on_report = all(_chosen_on_report(r) for r in rows)
     select_splits = " / ".join(dict.fromkeys(_selection_words(r, protocol) for r in rows))
     report_splits = " / ".join(dict.fromkeys(str(r["report_split"]) for r in rows if r["report_split"] is not None))
     if on_report:
@@ -236,11 +241,11 @@ def summary(rows: list[dict]) -> list[dict]:
     accuracies, with the 95% bootstrap interval of the (seed-mean) top-1 over the images. A single
     seed's interval is its selected row's ``ci95_*`` (probe.fit's, the same bootstrap): only the
     pooled intervals of several seeds are computed here."""
-    entries = summarize(rows, _reported)
+    groups = selected_by_entry(rows)  # once: each entry's rows are looked up, not searched for
+    entries = summarize(rows, _reported, groups)
     for e in entries:
         key = (e["store"], e["view"], e["method"], e["shots"])
-        chosen = [r for r in rows if r.get("selected") and r.get("report_predictions") is not None
-                  and (r["store"], r["view"], r.get("method") or "linear", r.get("shots")) == key]  # fmt: skip
+        chosen = [r for r in groups[key] if r.get("report_predictions") is not None]
         preds = [r["report_predictions"] for r in chosen]
         e["ci95_low"] = e["ci95_high"] = None
         if len(chosen) == 1 == e["n_seeds"]:
@@ -306,7 +311,7 @@ def battery_table(rows: list[dict], protocol: Protocol | None = None, digest: Di
     notes += "; lr, k and C chosen on the selection split, never on the reported split"
     if any(r["method"] == "logreg" and r.get("refit") for r in rows):
         notes += "; logreg (refit): the selected C refit on train + selection rows, then reported once"
-    if any(r["select_split"] == r["report_split"] for r in rows):
+    if any(_chosen_on_report(r) for r in rows):
         notes += "; --select-on report: every reported number is the max over the reported split, optimistic"
     return "\n".join(lines) + "\n\n" + notes + "\n"
 
@@ -322,7 +327,7 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
     multi_view = len({k[1] for k in groups}) > 1
     one_head = all(len(rs) == 1 for rs in groups.values())
     multi_wd = any(len({r["wd"] for r in rs}) > 1 for rs in groups.values())
-    on_report = all(r["report_split"] is not None and r["select_split"] == r["report_split"] for r in rows)
+    on_report = all(_chosen_on_report(r) for r in rows)
     has_top5 = any(r["report_top5_pct"] is not None or r["select_top5_pct"] is not None for r in rows)
     show_wd = multi_wd or (one_head and rows[0]["wd"])
     head = ["label", "encoder"] + (["view"] if multi_view else [])

@@ -37,6 +37,15 @@ class SplitPlan:
         return self.report_split is not None and self.report_split == self.select_split
 
     @property
+    def reported_role(self) -> str | None:
+        """Whose rows the reported numbers come from: ``"report"`` (a split apart from the selection
+        rows), ``"select"`` (--select-on report: the selection rows, evaluated once, are the
+        reported ones) or None (nothing is reported)."""
+        if self.report_split is None:
+            return None
+        return "select" if self.selects_on_report else "report"
+
+    @property
     def selection_label(self) -> str:
         if self.select_split != "holdout":
             return self.select_split

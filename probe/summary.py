@@ -29,17 +29,25 @@ def _setting(row: dict) -> str:
     return text + (f" wd {row['wd']:g}" if row.get("wd") else "")
 
 
-def summarize(rows: list[dict], reported) -> list[dict]:
-    """One summary per store × view × method × shots (first-seen order) over the selected rows.
-
-    ``reported(row, "top1"|"top5")`` gives a selected row's accuracy on the reported split
-    (None when absent), so this module needs no knowledge of the CSV's split columns.
-    """
+def selected_by_entry(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """The selected rows (in row order) of each store × view × method × shots, first-seen order:
+    the rows behind one summary entry (its key: the entry's store, view, method, shots)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("selected"):
             key = (r["store"], r["view"], r.get("method") or "linear", r.get("shots"))
             groups.setdefault(key, []).append(r)
+    return groups
+
+
+def summarize(rows: list[dict], reported, groups: dict[tuple, list[dict]] | None = None) -> list[dict]:
+    """One summary per store × view × method × shots (first-seen order) over the selected rows.
+
+    ``reported(row, "top1"|"top5")`` gives a selected row's accuracy on the reported split
+    (None when absent), so this module needs no knowledge of the CSV's split columns.
+    ``groups``: the rows' :func:`selected_by_entry` when the caller holds it.
+    """
+    groups = selected_by_entry(rows) if groups is None else groups
     out = []
     for (store, view, method, shots), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])

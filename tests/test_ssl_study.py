@@ -31,6 +31,7 @@ sys.path.append(str(EXAMPLE))  # the example's modules (encoder, simclr, jigsaw,
 from encoder import build  # noqa: E402
 from jigsaw import cut_tiles, hamming_permutations, mean_hamming_distance  # noqa: E402
 from simclr import nt_xent  # noqa: E402
+from subset import make_subset  # noqa: E402
 
 METHODS = ("simclr", "autoencoder", "jigsaw")
 HEADS = {"simclr": ("projection_head.",), "autoencoder": ("decoder.",), "jigsaw": ("fc.", "classifier.")}
@@ -104,17 +105,27 @@ def test_cut_tiles_come_from_their_grid_cells():
         assert torch.equal(tiles[:, k, 0].long(), expected)
 
 
+def test_subset_takes_the_first_files_of_every_class(tmp_path):
+    """subset.py (run.sh --quick and this file's study): per split, the first N files of each class
+    by name ('all': every file), as symlinks to the originals; a stale subset is replaced."""
+    src = tmp_path / "src"
+    for split, count in (("train", 5), ("val", 3)):
+        for cls in ("b", "a"):
+            (src / split / cls).mkdir(parents=True)
+            for i in reversed(range(count)):
+                (src / split / cls / f"{cls}{i}.JPEG").write_bytes(bytes([i]))
+    (src / "train" / "notes.txt").write_text("not a class")
+    dst = tmp_path / "subset"
+    (dst / "stale").mkdir(parents=True)
+    subprocess.run([sys.executable, str(EXAMPLE / "subset.py"), str(src), str(dst), "2", "all"], check=True)
+    got = sorted(str(p.relative_to(dst)) for p in dst.rglob("*.JPEG"))
+    assert got == ["train/a/a0.JPEG", "train/a/a1.JPEG", "train/b/b0.JPEG", "train/b/b1.JPEG",
+                   "val/a/a0.JPEG", "val/a/a1.JPEG", "val/a/a2.JPEG", "val/b/b0.JPEG", "val/b/b1.JPEG", "val/b/b2.JPEG"]
+    assert all(p.is_symlink() and p.resolve() == (src / p.relative_to(dst)).resolve() for p in dst.rglob("*.JPEG"))
+    assert not (dst / "stale").exists()
+
+
 # --- the study at CI scale (real photographs; skipped without them) ------------------------------
-
-def _subset(root):
-    """An ImageFolder of symlinks: the first images of every class of Imagenette train and val."""
-    for split, n in (("train", TRAIN_PER_CLASS), ("val", HELD_OUT_PER_CLASS)):
-        for cls in sorted(p.name for p in (IMAGENETTE / split).iterdir()):
-            (root / split / cls).mkdir(parents=True)
-            for f in sorted((IMAGENETTE / split / cls).iterdir())[:n]:
-                (root / split / cls / f.name).symlink_to(f)
-    return root
-
 
 def _extract(data, out, *weights_args):
     from featstore.cli import cli
@@ -132,7 +143,7 @@ def study(tmp_path_factory):
     if not IMAGENETTE.is_dir():
         pytest.skip("../shared/data/imagenette is not present")
     tmp = tmp_path_factory.mktemp("ssl_study")
-    data = _subset(tmp / "data")
+    data = make_subset(IMAGENETTE, tmp / "data", {"train": TRAIN_PER_CLASS, "val": HELD_OUT_PER_CLASS})
     out = {"stdout": {}, "checkpoint": {}, "extract": {}, "stores": {}}
     for method in METHODS:
         ckpt = tmp / f"{method}.pth"

@@ -56,18 +56,7 @@ echo "ssl study: data $DATA, out $OUT, quick=$QUICK, started $(date -u '+%Y-%m-%
 
 # --quick: a subset as an ImageFolder of symlinks, the first N files of every class (sorted; all: every file)
 if [ "$QUICK" = 1 ]; then
-  "$PY" - "$DATA" "$OUT/data" "$TRAIN_PER_CLASS" "$VAL_PER_CLASS" <<'PYEOF'
-import shutil, sys
-from pathlib import Path
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-n_train, n_val = (None if n == "all" else int(n) for n in sys.argv[3:5])
-shutil.rmtree(dst, ignore_errors=True)
-for split, n in (("train", n_train), ("val", n_val)):
-    for cls in sorted(p.name for p in (src / split).iterdir() if p.is_dir()):
-        (dst / split / cls).mkdir(parents=True)
-        for f in sorted(p for p in (src / split / cls).iterdir() if p.is_file())[:n]:
-            (dst / split / cls / f.name).symlink_to(f.resolve())
-PYEOF
+  "$PY" "$HERE/subset.py" "$DATA" "$OUT/data" "$TRAIN_PER_CLASS" "$VAL_PER_CLASS"
   DATA="$OUT/data"
 fi
 

@@ -132,7 +132,8 @@ def class_figure(group, report) -> str:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel(f"Δ top-1 vs {comp.reference} [{report.reference_view}] (points)")
     shown = "" if len(classes) == len(report.classes) else f" — {len(classes)} largest gains and losses of {len(report.classes)}"
-    what = f"{report.label} [{report.view}" + ("" if report.method == "linear" else f" {report.method}") + (f" {report.shots}-shot" if report.shots else "") + "]"
+    # the probe always named: beside a k-NN panel, an unnamed linear one reads as "the" result
+    what = f"{report.label} [{report.view} {report.method}" + (f" {report.shots}-shot" if report.shots else "") + "]"
     ax.set_title(f"per class: {what} vs {comp.reference}{shown}")
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)

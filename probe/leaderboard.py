@@ -21,6 +21,7 @@ from . import intervals as I
 from .compare import Comparison, compare, fmt_interval, fmt_p
 from .predictions import ConfigKey, Predictions
 from .runs import Run, load, reported_n, reported_top1, row_label
+from .summary import setting
 
 LEADERBOARD_MD, LEADERBOARD_CSV, REPORT_HTML = "leaderboard.md", "leaderboard.csv", "report.html"
 
@@ -146,7 +147,7 @@ def table_rows(groups: list[Group]) -> list[dict]:
             items.append(
                 {
                     "group": gi, "label": e.label, "encoder": e.row.get("encoder"), "view": e.row["view"],
-                    "method": e.key.method, "shots": e.key.shots, "seed": e.key.seed, "lr": e.row.get("lr"), "n": n,
+                    "method": e.key.method, "shots": e.key.shots, "seed": e.key.seed, "selected": setting(e.row), "lr": e.row.get("lr"), "n": n,
                     "top1": top1, "ci95_low": c.ci95[0] if c else None, "ci95_high": c.ci95[1] if c else None,
                     "wilson95_low": wilson[0], "wilson95_high": wilson[1],
                     "reference": g.comparison.reference if g.comparison else None,
@@ -163,7 +164,7 @@ def table_rows(groups: list[Group]) -> list[dict]:
 
 
 CSV_COLUMNS = [
-    "group", "rank", "label", "encoder", "view", "method", "shots", "seed", "lr", "n", "top1", "ci95_low", "ci95_high",
+    "group", "rank", "label", "encoder", "view", "method", "shots", "seed", "selected", "lr", "n", "top1", "ci95_low", "ci95_high",
     "wilson95_low", "wilson95_high", "reference", "delta", "delta_ci95_low", "delta_ci95_high", "n01", "n10", "mcnemar_p",
     "report_split", "protocol_hash", "run",
 ]  # fmt: skip
@@ -183,7 +184,7 @@ TEXT_COLUMNS = {1, 2, 3, 4}  # label, encoder, view, method: words (left-aligned
 
 def table_head(reference: str | None) -> list[str]:
     """The leaderboard table's column titles (leaderboard.md and report.html)."""
-    return ["rank", "label", "encoder", "view", "method", "shots", "seed", "lr", "n", "top-1 [95% CI]", "Wilson 95%",
+    return ["rank", "label", "encoder", "view", "method", "shots", "seed", "selected", "n", "top-1 [95% CI]", "Wilson 95%",
             f"Δ vs {reference or 'reference'} [95% CI]", "n01 / n10", "McNemar p"]  # fmt: skip
 
 
@@ -197,8 +198,7 @@ def table_cells(r: dict, reference: str | None) -> list[str]:
         delta, disc = "— (no predictions)" if ci is None else "—", "—"
     else:
         delta, disc = fmt_interval(r["delta"], (r["delta_ci95_low"], r["delta_ci95_high"]), signed=True), f"{r['n01']} / {r['n10']}"
-    lr = "—" if r["lr"] is None else f"{r['lr']:g}"
-    return [str(r["rank"]), r["label"], str(r["encoder"] or "—"), r["view"], r["method"], r["shots"] or "all", str(r["seed"]), lr, str(r["n"]),
+    return [str(r["rank"]), r["label"], str(r["encoder"] or "—"), r["view"], r["method"], r["shots"] or "all", str(r["seed"]), r["selected"], str(r["n"]),
             fmt_interval(r["top1"], ci), wilson, delta, disc, fmt_p(r["mcnemar_p"])]  # fmt: skip
 
 

@@ -18,13 +18,15 @@ SUMMARY_COLUMNS = [
 ]  # fmt: skip
 
 
-def _setting(row: dict) -> str:
+def setting(row: dict) -> str:
     """The selected configuration of a row in a few characters: ``lr 0.01``, ``k 20``, ``C 0.1 (refit)``."""
     method = row.get("method") or "linear"
     if method == "knn":
         return f"k {row['k']}"
     if method == "logreg":
         return f"C {row['C']:g}" + (" (refit)" if row.get("refit") else "")
+    if row.get("lr") is None:  # a results.csv without the column (written before it existed)
+        return "—"
     text = f"lr {row['lr']:g}"
     return text + (f" wd {row['wd']:g}" if row.get("wd") else "")
 
@@ -61,7 +63,7 @@ def summarize(rows: list[dict], reported, groups: dict[tuple, list[dict]] | None
             entry[f"report_{metric}_std"] = round(float(values.std(ddof=1)), 4) if len(values) > 1 else None
         picks: dict[str, int] = {}
         for r in rs:
-            picks[_setting(r)] = picks.get(_setting(r), 0) + 1
+            picks[setting(r)] = picks.get(setting(r), 0) + 1
         entry["selected"] = "; ".join(s if n == 1 and len(rs) == 1 else f"{s} ×{n}" for s, n in picks.items())
         out.append(entry)
     return out

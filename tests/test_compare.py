@@ -588,6 +588,16 @@ def test_battery_predictions_summary_and_comparison(tmp_path):
 
     table = probe.report.markdown_table(rows)
     assert "Δ vs pix [95% CI]" in table and "over 2 seeds" in table
+    # the leaderboard names each row's selected configuration: lr, k or C, as the run chose it
+    from probe import leaderboard
+
+    (g,) = leaderboard.gather([tmp_path / "run"])
+    board = leaderboard.table_rows([g])
+    for r in board:
+        chosen = selected[(r["label"], r["method"], r["seed"])]
+        expected = {"linear": lambda: f"lr {chosen['lr']:g}", "knn": lambda: f"k {chosen['k']}", "logreg": lambda: f"C {chosen['C']:g} (refit)"}[r["method"]]()
+        assert r["selected"] == expected
+    assert "| selected |" in leaderboard.markdown([g], board) and {r["method"] for r in board} == {"linear", "knn", "logreg"}
 
 
 def test_rows_with_predictions_compare_equal():

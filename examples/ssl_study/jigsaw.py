@@ -12,6 +12,11 @@ concatenated, a fully connected layer and a classifier - says which permutation 
 permutation set is chosen by the paper's Algorithm 1 (greedy: each next permutation maximizes
 the summed Hamming distance to those already chosen) so the classes are far apart. The tile
 encoder is kept; ``fc`` and ``classifier`` are thrown away.
+
+Layout of the checkpoint: the tile encoder's parameters at the root (as the paper's Caffe net
+and its PyTorch port, bbrattoli/JigsawPuzzlePytorch, hold the convolutions beside ``fc6``/``fc7``/
+``classifier``), with the heads ``fc.*`` and ``classifier.*``, the way a torchvision ResNet
+holds its ``fc``; the permutation set is saved beside the state dict.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def bench_knn(size: str, device: torch.device, baseline: bool) -> list[dict]:
                "top1": " / ".join(f"{v:.2f}" for v in acc), "pred": pred if weights == "uniform" else None}  # fmt: skip
         if not baseline:  # no scikit-learn run to agree with: check against the rule in float64 instead
             same = float64_agreement(train_x, train_y, query_x[:CHECK_ROWS], pred.top1[:, :CHECK_ROWS], spec["classes"], weights)
-            row["note"] = f"top-1 = float64 direct rule on " + " / ".join(f"{v:.1f}%" for v in same) + f" of {CHECK_ROWS:,} rows"
+            row["note"] = "top-1 = float64 direct rule on " + " / ".join(f"{v:.1f}%" for v in same) + f" of {CHECK_ROWS:,} rows"
         rows.append(row)
         del a, q
     if baseline:

@@ -1,11 +1,11 @@
-"""examples/ssl_study at CI scale: SimCLR, autoencoder and jigsaw pretrained on 600 real
-photographs (Imagenette train, 60 per class) at 32 px (jigsaw cuts its puzzles from 48-px
-images), extracted at 32 px through ``featstore extract --weights``, probed with ``probe fit``
-and compared with ``probe compare`` against the same backbone at random init on 600 held-out
-photographs (Imagenette val, 60 per class).
+"""examples/ssl_study at CI scale: SimCLR, autoencoder and jigsaw pretrained for a few epochs on
+2,000 real photographs (Imagenette train, the first 200 per class: run.sh --quick's subset) at
+32 px (jigsaw cuts its puzzles from 48-px images), extracted at 32 px through ``featstore extract
+--weights``, probed with ``probe fit`` on those 2,000 and compared with ``probe compare`` against
+the same backbone at random init on all 3,925 held-out photographs of Imagenette val.
 
 Seeded throughout (subset, pretraining, probe), so the numbers are the same on every run of one
-machine. What it shows and what it cannot at this scale: docs/ssl_study.md.
+machine. What was measured and what it shows: docs/ssl_study.md.
 """
 
 from __future__ import annotations
@@ -36,19 +36,21 @@ from subset import make_subset  # noqa: E402
 METHODS = ("simclr", "autoencoder", "jigsaw")
 HEADS = {"simclr": ("projection_head.",), "autoencoder": ("decoder.",), "jigsaw": ("fc.", "classifier.")}
 SIZE = 32
-TRAIN_PER_CLASS, HELD_OUT_PER_CLASS = 60, 60
-# SimCLR gets the budget: it is the method that separates from random init within CI's minutes.
-# The autoencoder and jigsaw do not, even with several times these epochs (measured:
-# docs/ssl_study.md); they run long enough for their losses to fall and their checkpoints to load
-EPOCHS = {"simclr": 10, "autoencoder": 5, "jigsaw": 6}
+TRAIN_PER_CLASS = 200  # pretraining and probe training; all of val is held out
+VAL_IMAGES = 3925
+# Images buy more than epochs here: 600 images for 5-10 epochs left the autoencoder and jigsaw
+# inside random init's interval, 2,000 for 2-4 epochs (the same minutes) separates all three
+# (docs/ssl_study.md, "What the CI test shows")
+EPOCHS = {"simclr": 2, "autoencoder": 3, "jigsaw": 4}
 # SimCLR at batch 64 (its negatives are the batch); the autoencoder and jigsaw at pretrain.py's
 # defaults for them (batch 16, lr 5e-4); jigsaw's puzzles are cut from 48-px images, 1.5x the
 # probe's 32 px, as run.sh --quick cuts them from 96-px images for its 64-px probe
 EXTRA = {"simclr": ["--batch-size", "64"], "jigsaw": ["--permutations", "10", "--size", "48"]}
-# the paired 95% interval of SimCLR's difference to random init (linear and k-NN) starts above
-# this many points; what was measured: docs/ssl_study.md
-SIMCLR_MARGIN = 2.0
+# the paired 95% interval of each encoder's difference to random init (on the `features` view,
+# linear and k-NN) starts above this many points; the lower ends measured: docs/ssl_study.md
+MARGIN = {"simclr": 3.0, "autoencoder": 1.0, "jigsaw": 0.5}
 KNN_K = 20
+VIEWS = {"features": 256, "layer1": 64, "layer2": 128}
 
 
 # --- the losses and the permutation set, against direct computations (fast) -------------------
@@ -133,7 +135,7 @@ def _extract(data, out, *weights_args):
     result = CliRunner().invoke(cli, [
         "extract", "--model", f"{EXAMPLE / 'encoder.py'}:build", *weights_args, "--dataset", str(data), "--out", str(out),
         "--image-size", str(SIZE), "--resize", str(SIZE * 9 // 8), "--interpolation", "bilinear",
-        "--loader", "torch", "--workers", "0", "--dtype", "float32", "--no-progress"])
+        "--loader", "torch", "--workers", "2", "--dtype", "float32", "--no-progress"])
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -143,7 +145,7 @@ def study(tmp_path_factory):
     if not IMAGENETTE.is_dir():
         pytest.skip("../shared/data/imagenette is not present")
     tmp = tmp_path_factory.mktemp("ssl_study")
-    data = make_subset(IMAGENETTE, tmp / "data", {"train": TRAIN_PER_CLASS, "val": HELD_OUT_PER_CLASS})
+    data = make_subset(IMAGENETTE, tmp / "data", {"train": TRAIN_PER_CLASS, "val": None})
     out = {"stdout": {}, "checkpoint": {}, "extract": {}, "stores": {}}
     for method in METHODS:
         ckpt = tmp / f"{method}.pth"
@@ -163,15 +165,16 @@ def study(tmp_path_factory):
 
 
 def _probe(stores, results):
-    """`probe fit --method linear,knn` (linear at one fixed LR, k-NN at k = 20: nothing selected)
-    trained on train and reported on val, then `probe compare --reference random --json`: each
-    encoder's paired difference to random init on the same val images."""
+    """`probe fit --view features --method linear,knn` (linear at one fixed LR, k-NN at k = 20:
+    nothing selected) trained on train and reported on val, then `probe compare --reference random
+    --json`: each encoder's paired difference to random init on the same val images. The claims
+    are on the `features` view (the last stage, what the methods train), fixed in advance."""
     from probe.cli import main as probe_cli
     from probe.runs import load
 
     fit = CliRunner().invoke(probe_cli, [
-        "fit", *(a for name, path in stores.items() for a in ("--store", f"{name}={path}")), "--lr", "0.01", "--epochs", "30",
-        "--method", "linear,knn", "--knn-k", str(KNN_K), "--device", "cpu", "--out", str(results), "--quiet"])
+        "fit", *(a for name, path in stores.items() for a in ("--store", f"{name}={path}")), "--view", "features", "--lr", "0.01",
+        "--epochs", "30", "--method", "linear,knn", "--knn-k", str(KNN_K), "--device", "cpu", "--out", str(results), "--quiet"])
     assert fit.exit_code == 0, fit.output
     compared = CliRunner().invoke(probe_cli, ["compare", str(results), "--reference", "random", "--json"])
     assert compared.exit_code == 0, compared.output
@@ -202,7 +205,7 @@ def _paired_difference(study, method: str, probe_method: str) -> tuple[float, fl
     order, ref_order = np.argsort(ours.paths), np.argsort(ref.paths)
     assert np.array_equal(ours.paths[order], ref.paths[ref_order])  # the same images
     a, b = ours.correct[order].astype(float), ref.correct[ref_order].astype(float)
-    assert row["n_paired"] == len(a) == 10 * HELD_OUT_PER_CLASS
+    assert row["n_paired"] == len(a) == VAL_IMAGES
     assert row["delta"] == pytest.approx(100 * (a.mean() - b.mean()), abs=1e-9)
     n01, n10 = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
     assert (row["n01"], row["n10"]) == (n01, n10)
@@ -254,26 +257,32 @@ def _show(study):
 
 
 @pytest.mark.slow
-def test_simclr_beats_random_init_on_held_out_images(study):
-    """Linear probe: the two 95% intervals do not even overlap; linear and k-NN: the paired interval
-    of the difference starts above SIMCLR_MARGIN points."""
-    _show(study)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_beats_random_init_on_held_out_images(study, method):
+    """What the issue asks of every method: on the linear probe and on k-NN, the paired 95%
+    interval of the difference to random init on the same 3,925 val images starts above zero, by
+    at least MARGIN[method] points; SimCLR's linear Wilson interval lies wholly above random init's."""
+    if method == METHODS[0]:
+        _show(study)
     rows = {(r["label"], r["method"]): r for r in study["rows"] if r["selected"]}
-    assert rows[("simclr", "linear")]["report_split"] == "val"
-    trained, random = _wilson(study["compare"][("simclr", "linear")]), _wilson(study["compare"][("random", "linear")])
-    assert trained[0] > random[1], (trained, random)
+    assert rows[(method, "linear")]["report_split"] == "val" and rows[(method, "linear")]["view"] == "features"
     for probe_method in ("linear", "knn"):
-        delta, low, high = _paired_difference(study, "simclr", probe_method)
-        assert low > SIMCLR_MARGIN, (probe_method, delta, low, high)
+        delta, low, high = _paired_difference(study, method, probe_method)
+        assert low > MARGIN[method], (probe_method, delta, low, high)
+    if method == "simclr":
+        trained, random = _wilson(study["compare"][("simclr", "linear")]), _wilson(study["compare"][("random", "linear")])
+        assert trained[0] > random[1], (trained, random)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["autoencoder", "jigsaw"])
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="at CI scale the autoencoder and jigsaw do not separate from random init on the "
-                   "linear probe, nor with 3-6x the epochs (docs/ssl_study.md, the table of variants)")
-def test_autoencoder_and_jigsaw_beat_random_init_at_ci_scale(study, method):
-    """What the issue asks of every method: the paired 95% interval of the difference to random
-    init starts above zero, on the linear probe and on k-NN."""
-    for probe_method in ("linear", "knn"):
-        delta, low, high = _paired_difference(study, method, probe_method)
-        assert low > 0, (probe_method, delta, low, high)
+def test_stores_hold_every_stage_as_a_view(study):
+    """encoder.py:build gives featstore three views from one forward pass; `features` is the
+    primary one (the last stage, the only view the claims above use)."""
+    from featstore.store import FeatureStore
+
+    from probe.stores import primary_view
+
+    for name, path in study["stores"].items():
+        store = FeatureStore.open(path)
+        assert store.views == VIEWS and primary_view(store) == "features", name
+        assert store.num_rows("val") == VAL_IMAGES and store.num_rows("train") == 10 * TRAIN_PER_CLASS

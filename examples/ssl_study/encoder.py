@@ -7,8 +7,16 @@ A small ResNet-style CNN for 64-px images (a ResNet-18 with a small-image stem w
 ~20x slower per image on the 2-core CPU this study targets; see docs/ssl_study.md): a stride-2
 3x3 stem and three stages of two 3x3 convolutions (the first with stride 2), BatchNorm and ReLU,
 a residual shortcut per stage, then global average pooling. ``forward`` returns the pooled
-(B, 256) vector (featstore's ``features`` view); ``feature_map`` is the last spatial map, which
-the autoencoder's decoder starts from. Any input size works (jigsaw feeds it 14- to 28-px tiles).
+(B, 256) vector; ``feature_map`` is the last spatial map, which the autoencoder's decoder starts
+from. Any input size works (jigsaw feeds it 14- to 28-px tiles).
+
+``build`` returns the same network with three feature views for featstore, all from one forward
+pass: ``features`` (the pooled output of the last stage, what every method trains; the primary
+view) and ``layer1``/``layer2`` (the pooled outputs of the first two stages, 64-d and 128-d).
+A pretext task can shape the last stage for itself and leave the general features earlier
+(Goyal et al., "Scaling and Benchmarking Self-Supervised Visual Representation Learning", ICCV
+2019, probe every stage of a ResNet-50 and find jigsaw's best at res4, not res5), so the study
+probes every stage; its claims are made on ``features``, fixed before any number was seen.
 """
 
 from __future__ import annotations
@@ -52,6 +60,17 @@ class SmallResNet(nn.Module):
         return self.feature_map(x).mean(dim=(2, 3))
 
 
+class StageViews(SmallResNet):
+    """The backbone as featstore sees it: ``{view: (B, D)}`` with the pooled output of every stage.
+    The same parameters under the same names as SmallResNet, so every method's checkpoint loads."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h1 = self.layer1(self.stem(x))
+        h2 = self.layer2(h1)
+        return {"features": self.layer3(h2).mean(dim=(2, 3)), "layer1": h1.mean(dim=(2, 3)), "layer2": h2.mean(dim=(2, 3))}
+
+
 def build() -> nn.Module:
-    """The untrained backbone; featstore's ``--weights`` loads a checkpoint of any of the three methods."""
-    return SmallResNet()
+    """The untrained backbone with its three views; featstore's ``--weights`` loads a checkpoint of
+    any of the three methods."""
+    return StageViews()

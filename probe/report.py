@@ -76,6 +76,22 @@ def protocol_json(protocol: Protocol, run: dict | None = None) -> str:
     return json.dumps(record, indent=2) + "\n"
 
 
+_STYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D")
+
+
+def line_styles(keys) -> dict[tuple, tuple[int, str]]:
+    """(store label, view) of each line, in order → (colour index, line style). One view: a colour
+    per line. Several: one colour per store and one line style per view, because a colour per
+    line repeats after ten lines and the eye pairs a store's views by colour."""
+    keys = list(dict.fromkeys(keys))
+    labels = list(dict.fromkeys(k[0] for k in keys))
+    views = list(dict.fromkeys(k[1] for k in keys))
+    if len(views) == 1:
+        return {k: (i, _STYLES[0]) for i, k in enumerate(keys)}
+    return {k: (labels.index(k[0]), _STYLES[views.index(k[1]) % len(_STYLES)]) for k in keys}
+
+
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     """Rows grouped by probe (label × view), in first-seen order."""
     groups: dict[tuple, list[dict]] = {}
@@ -183,8 +199,10 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
     # one line: the selected LR is written at its star; several: in the legend, beside the line's
     # name (labels at the stars collide as soon as two stores select the same or a near LR)
     several = sum(len({r["wd"] for r in rs}) for rs in groups.values()) > 1
-    for i, (key, rs) in enumerate(groups.items()):
-        color = colors[i % len(colors)]
+    styles = line_styles((k[0], k[1]) for k in groups)  # several views: line style per view, wd by marker
+    for key, rs in groups.items():
+        color_index, view_style = styles[(key[0], key[1])]
+        color = colors[color_index % len(colors)]
         wds = sorted({r["wd"] for r in rs})
         sel = next(r for r in rs if r["selected"])
         for j, wd in enumerate(wds):
@@ -197,7 +215,8 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
                 # stores of different layouts (--allow-different-data): say each line's split
                 split = line[0]["report_split" if col.startswith("report") else "select_split"]
                 if pts:
-                    ax.plot(*zip(*pts), ["-", "--", ":", "-."][j % 4], marker="o", ms=3, color=color, label=name + (f" ({split})" if mixed[col] else ""))
+                    style, marker = (view_style, _MARKERS[j % 4]) if with_view else (_STYLES[j % 4], "o")
+                    ax.plot(*zip(*pts), style, marker=marker, ms=3, color=color, label=name + (f" ({split})" if mixed[col] else ""))
         for ax, (col, _) in zip(axes, panels):
             if sel[col] is None:
                 continue

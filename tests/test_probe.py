@@ -545,6 +545,25 @@ def test_plot_has_title_legends_and_selected_lr_written(tmp_path, digits):
     assert all(ax.get_legend() is None and [t.get_text() for t in ax.texts] == [selected["first"]] for ax in fig.axes)
 
 
+def test_plot_of_several_views_colours_by_store_and_styles_by_view(tmp_path, digits):
+    """Stores × views: a store's lines share one colour, a view's lines one line style, so twelve
+    and more lines stay readable (a colour per line repeats after ten)."""
+    layout = {"train": digits["train"], "val": digits["val"]}
+    stores = [f"{name}={make_store(tmp_path / f'{name}.zarr', layout, extra_views=('deep',))}" for name in ("first", "second")]
+    p = Protocol(lr_grid="1e-2,0.1", **FAST)
+    rows = probe.fit(stores, p, device="cpu", warn=lambda m: None)
+    fig = probe.report.figure(rows, p)
+    for ax in fig.axes:
+        lines = {line.get_label().split(" — ")[0]: line for line in ax.get_lines() if not line.get_label().startswith("_")}
+        assert set(lines) == {"first [pixels]", "first [deep]", "second [pixels]", "second [deep]"}
+        for store in ("first", "second"):
+            assert lines[f"{store} [pixels]"].get_color() == lines[f"{store} [deep]"].get_color()
+        assert lines["first [pixels]"].get_color() != lines["second [pixels]"].get_color()
+        for view in ("pixels", "deep"):
+            assert lines[f"first [{view}]"].get_linestyle() == lines[f"second [{view}]"].get_linestyle()
+        assert lines["first [pixels]"].get_linestyle() != lines["first [deep]"].get_linestyle()
+
+
 def test_out_is_never_silently_overwritten(store, tmp_path):
     out = tmp_path / "res"
     args = ["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--quiet"]

@@ -94,7 +94,7 @@ def jitter_channels(tiles: torch.Tensor, generator: torch.Generator | None = Non
 
 
 class Jigsaw(SmallResNet):
-    def __init__(self, size: int, num_permutations: int = 100, hidden: int = 512, seed: int = 0):
+    def __init__(self, size: int, num_permutations: int = 10, hidden: int = 512, seed: int = 0):
         super().__init__()
         self.cell = size // GRID
         self.tile = self.cell - max(1, self.cell // 7)  # 21-px cells -> 18-px tiles at 64 px

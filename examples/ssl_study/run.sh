@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The whole study: pretrain SimCLR, autoencoder and jigsaw, extract them and a random-init
 # baseline, probe all four under one protocol, and compare each with random init (probe compare).
+# Every store holds three views (encoder.py: `features`, the last stage, and `layer1`, `layer2`);
+# probe fit probes each and probe compare pairs each encoder's view with random init's same view.
 #
-#   examples/ssl_study/run.sh [--quick] [--data IMAGENETTE_DIR] [--out DIR] [--device auto|cpu|cuda] [--epochs N] [--seed N]
+#   examples/ssl_study/run.sh [--quick] [--data IMAGENETTE_DIR] [--out DIR] [--device auto|cpu|cuda] [--epochs N] [--seed N] [--permutations N]
 #
 # --quick: 200 training images per class, all of val, a few epochs per method; under 15 minutes
 # on a 2-core CPU. Without it: all of Imagenette and 100 epochs per method (meant for a GPU).
-# --epochs N sets every method's epochs; --seed N is the pretraining seed (default 0).
+# --epochs N sets every method's epochs; --seed N is the pretraining seed (default 0); --permutations N
+# is jigsaw's permutation set (default 10; the paper's 100 or 1000 for a long GPU run).
 # Imagenette has train and val only: `probe fit` selects the learning rate on a seeded holdout of
 # train and reports on val, on which no choice was made.
 set -euo pipefail
@@ -18,6 +21,7 @@ DEVICE="auto"
 QUICK=0
 EPOCHS=""
 SEED=0
+PERMUTATIONS=10
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -26,7 +30,8 @@ while [ $# -gt 0 ]; do
     --device) DEVICE="$2"; shift ;;
     --epochs) EPOCHS="$2"; shift ;;
     --seed) SEED="$2"; shift ;;
-    -h|--help) sed -n '2,11p' "$0" | sed -E 's/^# ?//'; exit 0 ;;
+    --permutations) PERMUTATIONS="$2"; shift ;;
+    -h|--help) sed -n '2,14p' "$0" | sed -E 's/^# ?//'; exit 0 ;;
     *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -41,9 +46,9 @@ if [ "$QUICK" = 1 ]; then
   # interval of each encoder's difference from random init; jigsaw's 16 epochs (8 gave a linear
   # gain of +2.2 [+0.6, +4.0] with seed 1) separate it on both probes with seeds 0 and 1 (docs/ssl_study.md)
   TRAIN_PER_CLASS=200; VAL_PER_CLASS=all
-  EPOCHS_simclr=3; EPOCHS_autoencoder=10; EPOCHS_jigsaw=16; PERMUTATIONS=10
+  EPOCHS_simclr=3; EPOCHS_autoencoder=10; EPOCHS_jigsaw=16
 else
-  EPOCHS_simclr=100; EPOCHS_autoencoder=100; EPOCHS_jigsaw=100; PERMUTATIONS=100
+  EPOCHS_simclr=100; EPOCHS_autoencoder=100; EPOCHS_jigsaw=100
 fi
 # jigsaw cuts its puzzle from images 1.5x the probe's 64 px, so that its tiles are nearer the
 # scale of what the probe shows the encoder (the paper: 64-px tiles of 225-px crops, evaluated at 224)
@@ -75,9 +80,11 @@ for method in simclr autoencoder jigsaw; do extract "$method" --weights "$OUT/ch
 extract random --random-init
 
 nice -n 10 "$PROBE" fit --store "simclr=$OUT/stores/simclr.zarr" --store "autoencoder=$OUT/stores/autoencoder.zarr" \
-  --store "jigsaw=$OUT/stores/jigsaw.zarr" --store "random-init=$OUT/stores/random.zarr" --lr-grid 1e-4:1:9 \
+  --store "jigsaw=$OUT/stores/jigsaw.zarr" --store "random-init=$OUT/stores/random.zarr" --lr-grid 1e-4:10:11 \
   --method linear,knn --device "$DEVICE" --out "$OUT/probe" --overwrite 2>&1 | tee "$OUT/probe.log"
 # each encoder against random init on the same val images: paired bootstrap interval of the difference, McNemar
 "$PROBE" compare "$OUT/probe" --reference random-init | tee "$OUT/compare.md"
+# the same comparison as a leaderboard and one self-contained HTML page (forest plot, per-class differences)
+"$PROBE" report "$OUT/probe" --reference random-init --out "$OUT/report" | tail -1
 "$PY" "$HERE/plot_losses.py" "$OUT"/checkpoints/*.pth --out "$OUT/pretrain_loss.png"
-echo "ssl study: done in $(( $(date +%s) - start )) s; results in $OUT/probe, comparison in $OUT/compare.md, loss curves in $OUT/pretrain_loss.png"
+echo "ssl study: done in $(( $(date +%s) - start )) s; results in $OUT/probe, comparison in $OUT/compare.md and $OUT/report/report.html, loss curves in $OUT/pretrain_loss.png"

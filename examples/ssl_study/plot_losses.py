@@ -42,7 +42,8 @@ def main() -> None:
         if chance is not None:
             ax.axhline(chance, ls="--", c="gray", lw=1, label="chance")
             ax.legend(frameon=False)
-        ax.set_title(f"{ckpt['method']} ({ckpt['images']} images, {ckpt['seconds']:.0f} s)")
+        task = f", {len(ckpt['permutations'])} permutations" if ckpt["method"] == "jigsaw" else ""
+        ax.set_title(f"{ckpt['method']}\n{ckpt['images']} images{task}, {ckpt['seconds']:.0f} s", fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("mean training loss")
         ax.grid(alpha=0.3)

@@ -16,7 +16,7 @@ import math
 from .compare import fmt_interval
 from .leaderboard import TEXT_COLUMNS, table_cells, table_head
 from .predictions import ConfigKey
-from .report import line_styles
+from .report import line_styles, place_legends
 from .runs import reported_top1, row_label, selection_top1
 
 _MAX_CLASS_BARS = 40  # more classes than this: the 20 largest gains and the 20 largest losses
@@ -57,15 +57,15 @@ def lr_figure(group) -> str | None:
     split = group.fields["report split"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = line_styles((e.label, e.row["view"]) for e, _ in lines)
+    styles = line_styles((e.label, e.row["view"], e.key.shots) for e, _ in lines)
     for e, rows in lines:
-        color_index, style = styles[(e.label, e.row["view"])]
+        color_index, style, marker = styles[(e.label, e.row["view"], e.key.shots)]
         color = colors[color_index % len(colors)]
         name = f"{e.label} [{e.row['view']}]" + (f" {e.key.shots}-shot" if e.key.shots else "")
         for ax, get in ((axes[0], selection_top1), (axes[1], reported_top1)):
             pts = [(r["lr"], get(r)) for r in rows if get(r) is not None]
             if pts:
-                ax.plot(*zip(*pts), style, marker="o", ms=3, color=color, label=name)
+                ax.plot(*zip(*pts), style, marker=marker, ms=3, color=color, label=name)
             if get(e.row) is not None:
                 ax.plot(e.row["lr"], get(e.row), "*", ms=14, color=color, markeredgecolor="black", zorder=5)
     selection = {r.get("select_split") or r.get("val_split") for r in group.entries[0].run.selected} - {None}
@@ -75,9 +75,9 @@ def lr_figure(group) -> str | None:
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     axes[0].set_ylabel("top-1 (%)")
     fig.suptitle("accuracy vs learning rate (★ = selected on the selection split)")
+    fig.tight_layout(rect=place_legends(fig, axes, max(len(lines), 2)))  # a legend even for one line, as the caption names it
     return _png(fig)
 
 

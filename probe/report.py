@@ -77,19 +77,50 @@ def protocol_json(protocol: Protocol, run: dict | None = None) -> str:
 
 
 _STYLES = ("-", "--", ":", "-.")
-_MARKERS = ("o", "s", "^", "D")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")  # no "*": the selected head's star
 
 
-def line_styles(keys) -> dict[tuple, tuple[int, str]]:
-    """(store label, view) of each line, in order → (colour index, line style). One view: a colour
-    per line. Several: one colour per store and one line style per view, because a colour per
-    line repeats after ten lines and the eye pairs a store's views by colour."""
+def line_styles(keys) -> dict[tuple, tuple[int, str, str]]:
+    """(store label, view, extra) of each line, in order → (colour index, line style, marker);
+    ``extra`` is what else tells lines apart (weight decay, few-shot size). One view and no
+    extras: a colour per line. Otherwise one colour per store, because a colour per line repeats
+    after ten lines and the eye pairs a store's lines by colour; then a line style per view (or
+    per extra, with one view) and a marker per extra (and per fifth view onwards)."""
     keys = list(dict.fromkeys(keys))
     labels = list(dict.fromkeys(k[0] for k in keys))
     views = list(dict.fromkeys(k[1] for k in keys))
-    if len(views) == 1:
-        return {k: (i, _STYLES[0]) for i, k in enumerate(keys)}
-    return {k: (labels.index(k[0]), _STYLES[views.index(k[1]) % len(_STYLES)]) for k in keys}
+    extras = list(dict.fromkeys(k[2] for k in keys))
+    if len(views) == 1 and len(extras) == 1:
+        return {k: (i, _STYLES[0], _MARKERS[0]) for i, k in enumerate(keys)}
+    out = {}
+    for k in keys:
+        v, e = views.index(k[1]), extras.index(k[2])
+        if len(views) == 1:
+            out[k] = (labels.index(k[0]), _STYLES[e % len(_STYLES)], _MARKERS[0])
+        else:
+            out[k] = (labels.index(k[0]), _STYLES[v % len(_STYLES)], _MARKERS[(v // len(_STYLES) * len(extras) + e) % len(_MARKERS)])
+    return out
+
+
+def place_legends(fig, axes, lines: int) -> tuple[float, float, float, float]:
+    """A legend on every panel while it is short; past LEGEND_INSIDE lines one legend in a strip
+    added to the right of the figure, where it hides no curve. Returns the rectangle the panels
+    keep (for ``tight_layout``)."""
+    if lines <= 1:
+        return (0, 0, 1, 1)
+    if lines <= LEGEND_INSIDE:
+        for ax in axes:
+            ax.legend(fontsize=8, loc="best")
+        return (0, 0, 1, 1)
+    handles, labels = axes[-1].get_legend_handles_labels()
+    width = fig.get_figwidth()
+    fig.set_figwidth(width + LEGEND_STRIP)
+    fig.legend(handles, labels, fontsize=8, loc="center right", frameon=False)
+    return (0, 0, width / (width + LEGEND_STRIP), 1)
+
+
+LEGEND_INSIDE = 6
+LEGEND_STRIP = 3.0  # inches for a legend of "label [view] — ★ lr 0.03162" lines
 
 
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -199,13 +230,12 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
     # one line: the selected LR is written at its star; several: in the legend, beside the line's
     # name (labels at the stars collide as soon as two stores select the same or a near LR)
     several = sum(len({r["wd"] for r in rs}) for rs in groups.values()) > 1
-    styles = line_styles((k[0], k[1]) for k in groups)  # several views: line style per view, wd by marker
+    styles = line_styles((k[0], k[1], r["wd"]) for k, rs in groups.items() for r in rs)
     for key, rs in groups.items():
-        color_index, view_style = styles[(key[0], key[1])]
-        color = colors[color_index % len(colors)]
         wds = sorted({r["wd"] for r in rs})
         sel = next(r for r in rs if r["selected"])
-        for j, wd in enumerate(wds):
+        color = colors[styles[(key[0], key[1], sel["wd"])][0] % len(colors)]  # the store's (or line's) colour
+        for wd in wds:
             line = sorted((r for r in rs if r["wd"] == wd), key=lambda r: r["lr"])
             name = _name(key, with_view) + (f" wd={wd:g}" if len(wds) > 1 else "")
             name += f" — ★ lr {sel['lr']:g}" if several and wd == sel["wd"] else ""
@@ -215,7 +245,7 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
                 # stores of different layouts (--allow-different-data): say each line's split
                 split = line[0]["report_split" if col.startswith("report") else "select_split"]
                 if pts:
-                    style, marker = (view_style, _MARKERS[j % 4]) if with_view else (_STYLES[j % 4], "o")
+                    _, style, marker = styles[(key[0], key[1], wd)]
                     ax.plot(*zip(*pts), style, marker=marker, ms=3, color=color, label=name + (f" ({split})" if mixed[col] else ""))
         for ax, (col, _) in zip(axes, panels):
             if sel[col] is None:
@@ -235,14 +265,13 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.grid(True, which="both", alpha=0.3)
-        if lines > 1:
-            ax.legend(fontsize=8, loc="best")
     axes[0].set_ylabel("top-1 accuracy (%)")
+    panel_rect = place_legends(fig, axes, lines)
     # wrap the title to the figure's width (about 12 characters an inch at this size): never clipped
     width = int(fig.get_figwidth() * 12)
     title = plot_title(rows, protocol) + (f"\n{note}" if note else "")
     fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")), fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=panel_rect)
     return fig
 
 

@@ -564,6 +564,34 @@ def test_plot_of_several_views_colours_by_store_and_styles_by_view(tmp_path, dig
         assert lines["first [pixels]"].get_linestyle() != lines["first [deep]"].get_linestyle()
 
 
+def test_line_styles_tell_every_line_apart():
+    """Stores × views × extras (wd, few-shot size): no two lines share colour, style and marker;
+    one view and no extras keeps a colour per line."""
+    from probe.report import line_styles
+
+    keys = [(s, v, e) for s in ("a", "b", "c") for v in ("v1", "v2", "v3", "v4", "v5") for e in (None, 5, 10)]
+    styles = line_styles(keys)
+    assert len(set(styles.values())) == len(keys)
+    assert all(styles[(s, v, e)][0] == "abc".index(s) for s, v, e in keys)  # a store's lines share its colour
+    alone = line_styles([("a", "f", None), ("b", "f", None), ("c", "f", None)])
+    assert [c for c, _, _ in alone.values()] == [0, 1, 2] and {st for _, st, _ in alone.values()} == {"-"}
+    shots = line_styles([("a", "f", None), ("a", "f", 5), ("b", "f", None), ("b", "f", 5)])
+    assert len(set(shots.values())) == 4 and shots[("a", "f", None)][0] == shots[("a", "f", 5)][0]
+
+
+def test_plot_with_many_lines_puts_one_legend_beside_the_panels(tmp_path, digits):
+    """Past six lines the legend leaves the panels (it covered the low-LR curves) for a strip on the right."""
+    layout = {"train": digits["train"], "val": digits["val"]}
+    stores = [f"s{i}={make_store(tmp_path / f's{i}.zarr', layout, extra_views=('deep',))}" for i in range(4)]
+    p = Protocol(lr_grid="1e-2,0.1", **FAST)
+    rows = probe.fit(stores, p, device="cpu", warn=lambda m: None)
+    fig = probe.report.figure(rows, p)
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    assert len(fig.legends) == 1 and len(fig.legends[0].get_texts()) == 8
+    right = max(ax.get_position().x1 for ax in fig.axes)
+    assert right < 0.8  # the panels end where the legend's strip begins
+
+
 def test_out_is_never_silently_overwritten(store, tmp_path):
     out = tmp_path / "res"
     args = ["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--quiet"]

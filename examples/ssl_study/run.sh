@@ -74,7 +74,7 @@ done
 extract() {  # name, then --weights FILE or --random-init
   local name="$1"; shift
   nice -n 10 "$FEATSTORE" extract --model "$HERE/encoder.py:build" "$@" --dataset "$DATA" --out "$OUT/stores/$name.zarr" \
-    --image-size 64 --resize 72 --interpolation bilinear --loader torch --device "$DEVICE" --no-progress 2>&1 | tee "$OUT/extract-$name.log"
+    --image-size 64 --resize 72 --interpolation bilinear --loader torch --device "$DEVICE" --overwrite --no-progress 2>&1 | tee "$OUT/extract-$name.log"
 }
 for method in simclr autoencoder jigsaw; do extract "$method" --weights "$OUT/checkpoints/$method.pth"; done
 extract random --random-init

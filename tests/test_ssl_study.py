@@ -1,4 +1,4 @@
-"""examples/ssl_study at CI scale: SimCLR, autoencoder and jigsaw pretrained for a few epochs on
+"""examples/ssl_study at CI scale: SimCLR, autoencoder and jigsaw pretrained for 2-6 epochs on
 2,000 real photographs (Imagenette train, the first 200 per class: run.sh --quick's subset) at
 32 px (jigsaw cuts its puzzles from 48-px images), extracted at 32 px through ``featstore extract
 --weights``, probed with ``probe fit`` on those 2,000 and compared with ``probe compare`` against
@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -39,16 +40,17 @@ SIZE = 32
 TRAIN_PER_CLASS = 200  # pretraining and probe training; all of val is held out
 VAL_IMAGES = 3925
 # Images buy more than epochs here: 600 images for 5-10 epochs left the autoencoder and jigsaw
-# inside random init's interval, 2,000 for 2-4 epochs (the same minutes) separates all three
-# (docs/ssl_study.md, "What the CI test shows")
-EPOCHS = {"simclr": 2, "autoencoder": 3, "jigsaw": 4}
+# inside random init's interval; 2,000 for 2-6 epochs (about 1.7x the pretraining time) separates
+# all three (docs/ssl_study.md, "What the CI test shows")
+EPOCHS = {"simclr": 2, "autoencoder": 3, "jigsaw": 6}
 # SimCLR at batch 64 (its negatives are the batch); the autoencoder and jigsaw at pretrain.py's
 # defaults for them (batch 16, lr 5e-4); jigsaw's puzzles are cut from 48-px images, 1.5x the
 # probe's 32 px, as run.sh --quick cuts them from 96-px images for its 64-px probe
 EXTRA = {"simclr": ["--batch-size", "64"], "jigsaw": ["--permutations", "10", "--size", "48"]}
 # the paired 95% interval of each encoder's difference to random init (on the `features` view,
-# linear and k-NN) starts above this many points; the lower ends measured: docs/ssl_study.md
-MARGIN = {"simclr": 3.0, "autoencoder": 1.0, "jigsaw": 0.5}
+# linear and k-NN) starts above this many points: 1-1.7 points below the lowest lower end over
+# pretraining seeds 0-3 (SimCLR 3.4, autoencoder 2.0, jigsaw 3.2; docs/ssl_study.md)
+MARGIN = {"simclr": 2.0, "autoencoder": 1.0, "jigsaw": 1.5}
 KNN_K = 20
 VIEWS = {"features": 256, "layer1": 64, "layer2": 128}
 
@@ -147,14 +149,23 @@ def study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ssl_study")
     data = make_subset(IMAGENETTE, tmp / "data", {"train": TRAIN_PER_CLASS, "val": None})
     out = {"stdout": {}, "checkpoint": {}, "extract": {}, "stores": {}}
+
+    def pretrain(method):
+        return subprocess.run(
+            [sys.executable, str(EXAMPLE / "pretrain.py"), "--method", method, "--data", str(data / "train"),
+             "--epochs", str(EPOCHS[method]), "--size", str(SIZE), "--device", "cpu", *EXTRA.get(method, []),
+             "--out", str(tmp / f"{method}.pth")],
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    # two single-threaded pretrainings at a time (CI has two cores): jigsaw, the longest, on one;
+    # SimCLR then the autoencoder on the other. Each is seeded and single-threaded, so its numbers
+    # do not depend on what runs beside it.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = dict(zip(("jigsaw", "simclr", "autoencoder"), pool.map(pretrain, ("jigsaw", "simclr", "autoencoder"))))
     for method in METHODS:
         ckpt = tmp / f"{method}.pth"
-        run = subprocess.run(
-            [sys.executable, str(EXAMPLE / "pretrain.py"), "--method", method, "--data", str(data / "train"),
-             "--epochs", str(EPOCHS[method]), "--size", str(SIZE), "--device", "cpu", *EXTRA.get(method, []), "--out", str(ckpt)],
-            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert run.returncode == 0, run.stderr
-        out["stdout"][method] = run.stdout
+        assert runs[method].returncode == 0, runs[method].stderr
+        out["stdout"][method] = runs[method].stdout
         out["checkpoint"][method] = torch.load(ckpt, weights_only=True)
         out["extract"][method] = _extract(data, tmp / f"{method}.zarr", "--weights", str(ckpt))
         out["stores"][method] = tmp / f"{method}.zarr"
@@ -239,7 +250,7 @@ def test_weights_load_with_the_heads_dropped(study, method):
                        study["extract"][method])
     assert report, study["extract"][method]
     assert tuple(map(int, report.groups()[:4])) == (len(backbone), 0, 0, len(heads))
-    # each head named: projection_head.* (8) / decoder.* (22) / fc.* (2), classifier.* (2)
+    # each head named: projection_head.* (8) / decoder.* (20) / fc.* (2), classifier.* (2)
     named = ", ".join(f"{h}.* ({n})" for h, n in Counter(k.split(".")[0] for k in heads).items())
     assert report[5].startswith(f"; dropped {named}"), report[0]
 

@@ -210,7 +210,7 @@ def _paired_difference(study, method: str, probe_method: str) -> tuple[float, fl
     val images and its paired bootstrap 95% interval, checked against a direct computation from
     predictions.csv: the mean of the per-image differences, the discordant counts and McNemar's
     exact p (scipy's binomial test), and scipy's paired t interval of the mean (the bootstrap's
-    and the t interval agree to well under a point at n = 600 and up)."""
+    and the t interval agree to well under a point at this n, 3,925)."""
     row = study["compare"][(method, probe_method)]
     ours, ref = study["predictions"][(method, probe_method)], study["predictions"][("random", probe_method)]
     order, ref_order = np.argsort(ours.paths), np.argsort(ref.paths)

@@ -4,7 +4,7 @@
         --image-size 64 --resize 72 --interpolation bilinear --dataset DIR --out simclr.zarr
 
 A small ResNet-style CNN for 64-px images (a ResNet-18 with a small-image stem was measured
-~20x slower per image on the 2-core CPU this study targets; see docs/ssl_study.md): a stride-2
+~33x slower per image on the 2-core CPU this study targets; see docs/ssl_study.md): a stride-2
 3x3 stem and three stages of two 3x3 convolutions (the first with stride 2), BatchNorm and ReLU,
 a residual shortcut per stage, then global average pooling. ``forward`` returns the pooled
 (B, 256) vector; ``feature_map`` is the last spatial map, which the autoencoder's decoder starts

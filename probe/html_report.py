@@ -57,7 +57,7 @@ def lr_figure(group) -> str | None:
     split = group.fields["report split"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = line_styles((e.label, e.row["view"], e.key.shots) for e, _ in lines)
+    styles = line_styles(((e.label, e.row["view"], e.key.shots) for e, _ in lines), len(colors))
     for e, rows in lines:
         color_index, style, marker = styles[(e.label, e.row["view"], e.key.shots)]
         color = colors[color_index % len(colors)]

@@ -80,25 +80,30 @@ _STYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")  # no "*": the selected head's star
 
 
-def line_styles(keys) -> dict[tuple, tuple[int, str, str]]:
+def line_styles(keys, colours: int = 10) -> dict[tuple, tuple[int, str, str]]:
     """(store label, view, extra) of each line, in order → (colour index, line style, marker);
     ``extra`` is what else tells lines apart (weight decay, few-shot size). One view and no
-    extras: a colour per line. Otherwise one colour per store, because a colour per line repeats
-    after ten lines and the eye pairs a store's lines by colour; then a line style per view (or
-    per extra, with one view) and a marker per extra (and per fifth view onwards)."""
+    extras: a colour per line. Otherwise one colour per store, because the eye pairs a store's
+    lines by colour; then a line style per view (or per extra, with one view) and a marker per
+    extra and per fifth view onwards. Past ``colours`` lines or stores the palette repeats, so
+    those get the next markers: no two lines look alike (up to the eight markers)."""
     keys = list(dict.fromkeys(keys))
     labels = list(dict.fromkeys(k[0] for k in keys))
     views = list(dict.fromkeys(k[1] for k in keys))
     extras = list(dict.fromkeys(k[2] for k in keys))
-    if len(views) == 1 and len(extras) == 1:
-        return {k: (i, _STYLES[0], _MARKERS[0]) for i, k in enumerate(keys)}
+    n_styles = len(_STYLES)
     out = {}
-    for k in keys:
+    for i, k in enumerate(keys):
         v, e = views.index(k[1]), extras.index(k[2])
-        if len(views) == 1:
-            out[k] = (labels.index(k[0]), _STYLES[e % len(_STYLES)], _MARKERS[0])
+        if len(views) == 1 and len(extras) == 1:
+            colour, style, marker, markers_used = i, 0, 0, 1
+        elif len(views) == 1:
+            colour, style, marker, markers_used = labels.index(k[0]), e % n_styles, e // n_styles, -(-len(extras) // n_styles)
         else:
-            out[k] = (labels.index(k[0]), _STYLES[v % len(_STYLES)], _MARKERS[(v // len(_STYLES) * len(extras) + e) % len(_MARKERS)])
+            colour, style = labels.index(k[0]), v % n_styles
+            marker, markers_used = v // n_styles * len(extras) + e, -(-len(views) // n_styles) * len(extras)
+        marker += colour // colours * markers_used  # the palette's second round: the next markers
+        out[k] = (colour, _STYLES[style], _MARKERS[marker % len(_MARKERS)])
     return out
 
 
@@ -230,7 +235,7 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
     # one line: the selected LR is written at its star; several: in the legend, beside the line's
     # name (labels at the stars collide as soon as two stores select the same or a near LR)
     several = sum(len({r["wd"] for r in rs}) for rs in groups.values()) > 1
-    styles = line_styles((k[0], k[1], r["wd"]) for k, rs in groups.items() for r in rs)
+    styles = line_styles(((k[0], k[1], r["wd"]) for k, rs in groups.items() for r in rs), len(colors))
     for key, rs in groups.items():
         wds = sorted({r["wd"] for r in rs})
         sel = next(r for r in rs if r["selected"])

@@ -577,6 +577,10 @@ def test_line_styles_tell_every_line_apart():
     assert [c for c, _, _ in alone.values()] == [0, 1, 2] and {st for _, st, _ in alone.values()} == {"-"}
     shots = line_styles([("a", "f", None), ("a", "f", 5), ("b", "f", None), ("b", "f", 5)])
     assert len(set(shots.values())) == 4 and shots[("a", "f", None)][0] == shots[("a", "f", 5)][0]
+    # more stores than the palette's ten colours: the second round gets other markers
+    for views in (("f",), ("f", "g")):
+        many = line_styles([(f"s{i}", v, None) for i in range(12) for v in views], colours=10)
+        assert len({(c % 10, st, m) for c, st, m in many.values()}) == 12 * len(views)
 
 
 def test_plot_with_many_lines_puts_one_legend_beside_the_panels(tmp_path, digits):

@@ -107,6 +107,10 @@ def line_styles(keys, colours: int = 10) -> dict[tuple, tuple[int, str, str]]:
     return out
 
 
+LEGEND_INSIDE = 6
+LEGEND_STRIP = 3.0  # inches for a legend of "label [view] — ★ lr 0.03162" lines
+
+
 def place_legends(fig, axes, lines: int) -> tuple[float, float, float, float]:
     """A legend on every panel while it is short; past LEGEND_INSIDE lines one legend in a strip
     added to the right of the figure, where it hides no curve. Returns the rectangle the panels
@@ -122,10 +126,6 @@ def place_legends(fig, axes, lines: int) -> tuple[float, float, float, float]:
     fig.set_figwidth(width + LEGEND_STRIP)
     fig.legend(handles, labels, fontsize=8, loc="center right", frameon=False)
     return (0, 0, width / (width + LEGEND_STRIP), 1)
-
-
-LEGEND_INSIDE = 6
-LEGEND_STRIP = 3.0  # inches for a legend of "label [view] — ★ lr 0.03162" lines
 
 
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -216,7 +216,7 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
     """Selection-split and reported-split top-1 against LR (log axis), one line per store (× view
     × wd), the selected head starred, its LR written beside the star (one line) or in the legend
     (several lines); the panels are
-    :func:`plot_panels`, the title :func:`plot_title`, a legend on every panel with several lines.
+    :func:`plot_panels`, the title :func:`plot_title`, the legends :func:`place_legends`.
     """
     import matplotlib
 

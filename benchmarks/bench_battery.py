@@ -1,10 +1,10 @@
 """Benchmark: the evaluation battery's methods against their usual implementations, in one run.
 
-  knn      probe.knn (chunked cosine similarity, one top-200 serving k = 10, 20, 100, 200) vs
+  knn      probe.methods.knn (chunked cosine similarity, one top-200 serving k = 10, 20, 100, 200) vs
            scikit-learn's brute-force KNeighborsClassifier(metric="cosine") predicting each k
            (4 fits + predicts), on 50,000 train × 10,000 query × 512 (10 classes).
            With CUDA also ImageNet size: 1,281,167 × 50,000 × 384, 1,000 classes (ours only).
-  logreg   probe.logreg's warm-started L-BFGS path over 13 C (1e-4…1e2) vs scikit-learn's
+  logreg   probe.methods.logreg's warm-started L-BFGS path over 13 C (1e-4…1e2) vs scikit-learn's
            LogisticRegression(lbfgs, warm_start=True, max_iter=1000) walking the same 13 C, on the
            same standardised 50,000 × 512 rows (10 classes); accuracy at every C compared.
   battery  ``probe.fit`` from a float16 Zarr store (CIFAR size: 50,000 train, 5,000 val, 10,000
@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_probe import synth, write_store  # noqa: E402
 from common import OUT_DIR, machine, sync, table, write_json  # noqa: E402
 from featstore.device import resolve_device  # noqa: E402
-from probe import heads as H  # noqa: E402
-from probe import knn, logreg  # noqa: E402
+from probe.methods import heads as H  # noqa: E402
+from probe.methods import knn, logreg  # noqa: E402
 
 KNN_SIZES = {
     "cifar": dict(train=50_000, query=10_000, dim=512, classes=10, sep=0.15),
@@ -63,7 +63,7 @@ def bench_knn(size: str, device: torch.device, baseline: bool) -> list[dict]:
         sync(device)
         seconds = time.perf_counter() - t
         acc = pred.accuracy(query_y.cpu().numpy())["top1"]
-        row = {"part": "knn", "size": size, "method": f"probe.knn {weights}, 4 k in one pass", "seconds": seconds,
+        row = {"part": "knn", "size": size, "method": f"probe.methods.knn {weights}, 4 k in one pass", "seconds": seconds,
                "top1": " / ".join(f"{v:.2f}" for v in acc), "pred": pred if weights == "uniform" else None}  # fmt: skip
         if not baseline:  # no scikit-learn run to agree with: check against the rule in float64 instead
             same = float64_agreement(train_x, train_y, query_x[:CHECK_ROWS], pred.top1[:, :CHECK_ROWS], spec["classes"], weights)
@@ -93,7 +93,7 @@ def bench_knn(size: str, device: torch.device, baseline: bool) -> list[dict]:
 
 def float64_agreement(train_x, train_y, query_x, top1, classes: int, weights: str, chunk: int = 50) -> list[float]:
     """Percent of rows whose top-1 per k equals the k-NN rule computed directly in float64 (full
-    similarity row, sort, vote sum, argmax: ties to the smaller class, as probe.knn)."""
+    similarity row, sort, vote sum, argmax: ties to the smaller class, as probe.methods.knn)."""
     a = train_x.double()
     a /= a.norm(dim=1, keepdim=True)
     q = query_x.double()
@@ -128,7 +128,7 @@ def bench_logreg(device: torch.device, baseline: bool) -> list[dict]:
     seconds = t_end - t
     yt = test_y.cpu().numpy()
     ours_acc = [float((top1[i] == yt).mean() * 100) for i in range(len(C_GRID))]
-    rows = [{"part": "logreg", "size": "cifar", "method": "probe.logreg warm-started L-BFGS path, 13 C", "seconds": seconds,
+    rows = [{"part": "logreg", "size": "cifar", "method": "probe.methods.logreg warm-started L-BFGS path, 13 C", "seconds": seconds,
              "top1": f"best {max(ours_acc):.2f}", "iterations": sum(path.n_iter), "per_c": ours_acc, "n_iter": path.n_iter,
              "passes": path.passes, "split_s": {"standardize": t_path - t, "path": t_predict - t_path, "predict": t_end - t_predict},
              "note": f"{path.passes} data passes; standardise {t_path - t:.2f} s + path {t_predict - t_path:.2f} s + predict {t_end - t_predict:.2f} s"}]  # fmt: skip
@@ -172,8 +172,8 @@ def bench_full_battery(device: torch.device) -> list[dict]:
         t = time.perf_counter()
         rows = probe.fit(path, protocol, device=device, warn=lambda m: None)
         seconds = time.perf_counter() - t
-    from probe.report import summary
-    from probe.summary import mean_std
+    from probe.output.tables import summary
+    from probe.results.summary import mean_std
 
     per_method = {}
     for r in rows:

@@ -5,7 +5,7 @@
                  one of those N stores, in a fresh process; baseline: `import featstore.cache` alone
   up to date     `featstore extract` of a store already in the cache (a fresh process);
                  baseline: `python -c "import torch"` (targets: ls < 1 s, up to date < 2x baseline)
-  export .h5     featstore.export.export (what `featstore export STORE --to x.h5` runs) of a
+  export .h5     featstore.store.export.export (what `featstore export STORE --to x.h5` runs) of a
                  ROWS x 768 float16 store, MB/s of feature bytes until the file is fsync'ed;
                  baseline: np.ndarray.tofile of the same bytes (+ fsync), i.e. this disk's write
                  speed (target >= 200 MB/s)
@@ -74,7 +74,7 @@ def store_key(i: int) -> str:
 def make_stores(n: int) -> None:
     """n complete cached stores (digits-sized: 1,797 rows x 512 float16, 3 splits), as extract leaves
     them, where extract puts them (the cache of this process's $FEATSTORE_HOME)."""
-    from featstore.cache import default_store_path
+    from featstore.home import default_store_path
     from featstore.store import FeatureStore
 
     rng = np.random.default_rng(0)
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                             "target": "< 1 s"})  # fmt: skip
 
         # lookup of one of them by model and dataset
-        from featstore.cache import default_store_path
+        from featstore.home import default_store_path
 
         model = f"model{args.stores // 2}"
         lookup = [py, "-c", f"from featstore.cache import lookup; print(lookup({model!r}, 'digits'))"]
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         # export to HDF5
         nbytes = make_big_store(work / "big.zarr", args.rows)
         x = np.random.default_rng(1).standard_normal((args.rows, DIM), dtype=np.float32).astype(np.float16)  # no float64 temporary
-        from featstore.export import export
+        from featstore.store.export import export
 
         def write_raw():
             with open(work / "raw.bin", "wb") as f:

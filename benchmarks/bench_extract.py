@@ -8,7 +8,7 @@ For each model × image set × loader:
              the loader just made, reused; channels_last; fp32 on CPU, bf16 autocast on CUDA, exactly
              as extract does: featstore.inference.BatchEncoder, or extract._encode in older
              trees), as many images as the set: images/s
-  e2e        featstore.extract.extract() into a fresh temp store: images/s over the whole call
+  e2e        featstore.extraction.extract() into a fresh temp store: images/s over the whole call
              (model build, worker start, decode, inference, store writes, finalize)
   e2e/min    e2e / min(decode, inference): 1.0 means the stages overlap perfectly
   baseline   the textbook loop on the same images, workers and device: torchvision ImageFolder +
@@ -140,7 +140,7 @@ def measure_decode(loader, paths: list[str], batch_size: int, device: torch.devi
 def tune_dali(args, model: str, images: list[Path], device: torch.device) -> list[dict]:
     """Decode-only images/s of the DALI loader over hardware-decoder shares × CPU threads (CUDA only),
     then the best of those without fancy upsampling (what matching the CPU decoders costs)."""
-    from featstore.encoders import resolve_encoder
+    from featstore.models.encoders import resolve_encoder
     from featstore.loaders.dali import DaliLoader
 
     pre = resolve_encoder(model, random_init=True).preprocess
@@ -168,7 +168,7 @@ def run_encoder(encoder, views: dict[str, int], device: torch.device, batches: l
     try:
         from featstore.inference import BatchEncoder
     except ImportError:  # featstore before featstore.inference: extract called extract._encode per batch
-        from featstore.extract import _encode
+        from featstore.extraction import _encode
 
         for i in range(steps):
             _encode(encoder, batches[i % len(batches)], views, device)
@@ -183,7 +183,7 @@ def run_encoder(encoder, views: dict[str, int], device: torch.device, batches: l
 
 
 def measure_inference(encoder, spec, batches: list[torch.Tensor], n: int, device: torch.device) -> float:
-    from featstore.encoders import feature_dims
+    from featstore.models.encoders import feature_dims
 
     views = feature_dims(encoder, spec.preprocess, device)  # every view, as extract computes by default
     run_encoder(encoder, views, device, batches, 3)  # warm-up (cudnn autotuning, allocator, pinned buffers)
@@ -209,7 +209,7 @@ def model_flops(encoder, spec, device: torch.device) -> float:
 
 def measure_e2e(args, model: str, folder: Path, loader: str, store: Path) -> float:
     """Seconds of one extract() call into a new store."""
-    from featstore.extract import ExtractConfig, extract
+    from featstore.extraction import ExtractConfig, extract
 
     config = ExtractConfig(model=model, dataset=str(folder), out=str(store), random_init=True, loader=loader,
                            device=args.device, batch_size=args.batch_size, workers=args.workers, overwrite=True)
@@ -244,7 +244,7 @@ def measure_textbook(spec, folder: Path, args, device: torch.device, out: Path) 
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from featstore.encoders import build_encoder
+    from featstore.models.encoders import build_encoder
 
     pre = spec.preprocess
     transform = transforms.Compose([
@@ -307,7 +307,7 @@ def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str],
     """Rounds interleave every method, so that load from other processes hits them alike; each
     number reported is the best round (interference only ever slows a run down). ``emit`` gets the
     rows of each set (one per loader) as soon as they are measured."""
-    from featstore.encoders import build_encoder, resolve_encoder
+    from featstore.models.encoders import build_encoder, resolve_encoder
 
     spec = resolve_encoder(model, random_init=True)
     encoder = build_encoder(spec).to(device).to(memory_format=torch.channels_last)

@@ -1,11 +1,11 @@
-"""Benchmark: a 13-LR linear-probe sweep, batched (probe.heads) vs the usual ways, in one run.
+"""Benchmark: a 13-LR linear-probe sweep, batched (probe.methods.heads) vs the usual ways, in one run.
 
 Sizes: ``cifar`` (50,000 × 512 train, 10 classes; CPU or GPU) and ``imagenet`` (1,281,167 × 768,
 1,000 classes; CUDA only, skipped without it). Features are synthetic (Gaussian classes with
 correlated noise, per-dimension scale and offset), so accuracy is comparable across methods but
 not with any paper. Measured in the same run:
 
-  batched    every head of the grid at once (probe.heads: one GEMM per step for all heads)
+  batched    every head of the grid at once (probe.methods.heads: one GEMM per step for all heads)
   (a) loop   the same grid as 13 sequential single-head trainings: nn.Linear, torch.optim.SGD,
              cosine LambdaLR, DataLoader(TensorDataset) over the cached, normalized features
   (b) sklearn LogisticRegression (lbfgs) over 13 C values on the same normalized features
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from featstore.device import compute_dtype, resolve_device  # noqa: E402
-from probe import heads as H  # noqa: E402
+from probe.methods import heads as H  # noqa: E402
 from probe.protocol import Protocol  # noqa: E402
 from probe.selection import select  # noqa: E402
 from common import matmul_rate, sync  # noqa: E402
@@ -74,7 +74,7 @@ def synth(n: int, dim: int, classes: int, sep: float, seed: int, device: torch.d
 
 
 def batched_sweep(data, protocol: Protocol, device: torch.device) -> dict:
-    """The probe.heads path: normalize on the device, train all heads at once, evaluate, select."""
+    """The probe.methods.heads path: normalize on the device, train all heads at once, evaluate, select."""
     sync(device)
     t0 = time.perf_counter()
     xs = {k: v[0].to(device) for k, v in data.items()}

@@ -1,9 +1,5 @@
-"""The featstore home and the stores cached in it.
-
-``$FEATSTORE_HOME`` (default ``~/.cache/featstore``; ``FEATSTORE_CACHE`` is the older name) holds
-the digits dataset, downloaded weights (``FEATSTORE_WEIGHTS`` overrides), the cached stores
-``stores/<dataset>/<model>-<first 12 hex of the cache key>.zarr`` and ``index/`` (memos that let an
-up-to-date ``extract`` answer without importing torch, and last-use times for ``gc``).
+"""The stores cached in the featstore home: list (``ls``), remove (``rm``, ``gc``) and look up by
+model and dataset. It sits above :mod:`featstore.store` and :mod:`featstore.home`, never below.
 
 Everything here reads a store's ``zarr.json`` as plain JSON: no zarr, no torch, so ``featstore ls``
 over hundreds of stores and an up-to-date extraction start in about Python's start-up time.
@@ -11,8 +7,6 @@ over hundreds of stores and an up-to-date extraction start in about Python's sta
 
 from __future__ import annotations
 
-import calendar
-import hashlib
 import json
 import os
 import re
@@ -22,96 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UsageError
-
-PROGRESS = "_progress"  # a store's folder of an extraction in progress (lock, unit markers); store.py uses it
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-# ---------------------------------------------------------------- the home
-
-
-def home() -> Path:
-    base = os.environ.get("FEATSTORE_HOME") or os.environ.get("FEATSTORE_CACHE")
-    if not base:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "featstore"
-    return Path(base).expanduser()
-
-
-def weights_dir() -> Path:
-    return Path(os.environ.get("FEATSTORE_WEIGHTS") or home() / "weights").expanduser()
-
-
-def stores_dir() -> Path:
-    return home() / "stores"
-
-
-def index_dir() -> Path:
-    return home() / "index"
-
-
-def is_hdf5_path(path: str) -> bool:
-    """An exported HDF5 store, by its name (any case: FEATS.H5 too)."""
-    return path.lower().endswith((".h5", ".hdf5"))
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    return bool(_URL.match(str(path)))
-
-
-def _slug(text: str) -> str:
-    """A file-name-safe spelling of a model or dataset name (``tv:resnet50`` → ``tv_resnet50``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
-
-
-def default_store_path(dataset: str, model: str, key: str) -> Path:
-    return stores_dir() / _slug(dataset) / f"{_slug(Path(model).name if model.endswith('.py') else model)}-{key[:12]}.zarr"
-
-
-def store_attrs(path: str | os.PathLike) -> dict | None:
-    """The attributes of the store at ``path`` (a local folder), or None when it is not a store."""
-    try:
-        attrs = json.loads((Path(path) / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
-        return None
-    return attrs if isinstance(attrs, dict) and "schema_version" in attrs else None
+from .home import file_sha256, index_dir, last_used, stores_dir
+from .store.locations import PROGRESS, is_hdf5_path, is_url, store_attrs, tree_size
 
 
 def find_by_key(key: str) -> list[Path]:
     """Cached stores whose cache key is ``key``, wherever their name puts them (found by content)."""
     return [p for p in sorted(stores_dir().glob(f"*/*-{key[:12]}.zarr")) if (store_attrs(p) or {}).get("cache_key") == key]
-
-
-# ---------------------------------------------------------------- last use (for gc)
-
-
-def mark_used(path: str | os.PathLike, key: str | None) -> None:
-    """Record that a cached store was read now (atime is unreliable: relatime, noatime mounts)."""
-    if not key:
-        return
-    try:
-        Path(path).resolve().relative_to(stores_dir().resolve())
-    except ValueError:
-        return  # only stores of the cache are collected
-    marker = index_dir() / "used" / key
-    try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    except OSError:
-        pass  # a read-only home: gc falls back to the store's completion time
-
-
-def last_used(path: Path, attrs: dict) -> float:
-    marker = index_dir() / "used" / str(attrs.get("cache_key"))
-    if marker.is_file():
-        return marker.stat().st_mtime
-    times = []
-    for field in ("completed", "created"):
-        if attrs.get(field):
-            try:
-                times.append(calendar.timegm(time.strptime(attrs[field], "%Y-%m-%dT%H:%M:%SZ")))  # UTC
-            except ValueError:
-                pass
-    return max(times) if times else path.stat().st_mtime
 
 
 # ---------------------------------------------------------------- listing
@@ -157,23 +68,9 @@ class StoreEntry:
         return dict(asdict(self), state=self.state)
 
 
-def tree_size(path: Path) -> int:
-    """Bytes of every file under the folder ``path`` (symbolic links are not followed)."""
-    total = 0
-    stack = [path]
-    while stack:
-        with os.scandir(stack.pop()) as entries:
-            for e in entries:
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-                elif e.is_file(follow_symlinks=False):
-                    total += e.stat(follow_symlinks=False).st_size
-    return total
-
-
 def lock_holder(path: Path) -> dict | None:
     """The live process writing the store at ``path``, or None."""
-    from .lock import StoreLock, is_stale
+    from .store.lock import StoreLock, is_stale
 
     holder = StoreLock(path / PROGRESS / "lock.json").holder()
     return None if not holder or is_stale(holder) else holder
@@ -301,7 +198,7 @@ def remove_store(path: str | os.PathLike) -> int:
         if not p.exists():
             raise UsageError(f"store {str(p)!r} not found", "see `featstore ls` for the cached stores")
         raise UsageError(f"{str(p)!r} is not a featstore store", "featstore only removes stores it wrote")
-    from .lock import StoreLock
+    from .store.lock import StoreLock
 
     lock = StoreLock(p / PROGRESS / "lock.json")
     lock.acquire()  # raises while a live writer holds it; holding it keeps a new writer out while we delete
@@ -417,35 +314,3 @@ def _entries_from_attrs() -> list[StoreEntry]:
             for p in sorted(stores_dir().glob("*/*.zarr")) if (attrs := store_attrs(p)) is not None]
 
 
-# ---------------------------------------------------------------- memos: weights digests (request.py memoizes requests)
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    """sha256 of a file, memoized per (path, size, mtime, inode): a 4 GB checkpoint is hashed once."""
-    p = Path(path).resolve()
-    st = p.stat()
-    stamp = f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
-    memo = index_dir() / "sha256" / hashlib.sha256(stamp.encode()).hexdigest()
-    try:
-        value = memo.read_text().strip()
-        if len(value) == 64:
-            return value
-    except OSError:
-        pass
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    value = h.hexdigest()
-    write_memo(memo, value)
-    return value
-
-
-def write_memo(path: Path, text: str) -> None:
-    from .store import write_atomic  # store.py imports this module
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text)
-    except OSError:
-        pass  # a read-only home only costs speed

@@ -72,7 +72,7 @@ def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoi
     )
     result = recall_up_to_date(config)  # an unchanged request answers without importing torch
     if result is None:
-        from .extract import extract as run_extract
+        from .extraction import extract as run_extract
 
         result = run_extract(config, progress=not no_progress, recalled=True)
     if as_json:
@@ -85,7 +85,7 @@ def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoi
 @debug_option
 def models(as_json, debug):
     """List the model presets: name, architecture, views with dims, expected weights file, source."""
-    from .presets import preset_table
+    from .models.presets import preset_table
 
     rows = preset_table()
     if as_json:
@@ -195,7 +195,7 @@ def gc_command(older_than, max_size, partial, dry_run, debug):
 @debug_option
 def export_command(store, to, view, overwrite, as_json, debug):
     """Write the complete STORE (a path or URL) as one HDF5 or .npz file."""
-    from .export import export
+    from .store.export import export
 
     result = export(store, to, view=view, overwrite=overwrite)
     if as_json:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import home
-from .datasets import Manifest, SplitManifest
+from .home import home
+from .manifest import Manifest, SplitManifest
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}

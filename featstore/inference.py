@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .device import compute_dtype
-from .encoders import FeatureEncoder
+from .models.encoders import FeatureEncoder
 
 
 def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:

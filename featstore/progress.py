@@ -104,3 +104,8 @@ class Progress:
             self.bar.close()
         elif self.mode == "lines" and self.lines and self.done >= self.total and self.reported < self.done:
             self._report(self.clock())  # logs that showed progress also show the end
+
+
+def log_to_stderr(message: str) -> None:
+    """The extraction's default log: one line on stderr, beside the progress output."""
+    print(message, file=sys.stderr, flush=True)

@@ -16,9 +16,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import PROGRESS, index_dir, is_url, store_attrs, write_memo
+from .home import index_dir, write_memo
 from .errors import UsageError
 from .store import DEFAULT_CHUNK_ROWS
+from .store.locations import PROGRESS, is_url, store_attrs
 
 
 @dataclass
@@ -136,7 +137,7 @@ def recall_up_to_date(config: ExtractConfig) -> ExtractResult | None:
     attrs = store_attrs(store)
     if not attrs or attrs.get("cache_key") != key or not attrs.get("complete") or (Path(store) / PROGRESS).exists():
         return None
-    from .cache import mark_used
+    from .home import mark_used
 
     mark_used(store, key)
     rows = {s: int(n) for s, n in attrs.get("splits", {}).items()}
@@ -185,7 +186,7 @@ def environment_stamp() -> dict:
         dali = importlib.util.find_spec("nvidia.dali") is not None
     except (ImportError, ValueError):
         dali = False
-    from . import __version__
+    from .version import __version__
 
     return {
         "featstore": __version__,

@@ -6,7 +6,8 @@ rest of the evaluation battery (k-NN, logistic regression, few-shot, seeds) unde
     >>> rows = probe.fit("a.zarr", probe.Protocol(methods="linear,knn,logreg", shots="1,5,all", seeds="0,1,2"))
 """
 
-from .fit import COLUMNS, FitResult, ProbeWarning, fit, fit_run
+from .fitting import FitResult, ProbeWarning, fit, fit_run
+from .results.columns import COLUMNS
 from .protocol import DEFAULT_LR_GRID, Protocol, parse_grid
 from .stores import StoreSpec
 

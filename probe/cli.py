@@ -83,8 +83,10 @@ def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, ep
     protocol.json and accuracy_vs_lr.png. --method linear,knn,logreg adds the k-NN and logistic
     regression evaluations (k and C chosen the same way); --shots and --seeds repeat everything
     per few-shot size and seed. Stores: --store, or --model with --dataset for a store in the cache."""
-    from .fit import fit_run
-    from .report import markdown_table, new_run_folder, plot_rows
+    from .fitting import fit_run
+    from .output.files import new_run_folder
+    from .output.plots import plot_rows
+    from .output.tables import markdown_table
 
     if model or dataset or weights:
         if not (model and dataset):
@@ -131,8 +133,8 @@ def compare_command(results_dir, reference, as_json, resamples, debug):
     import json
 
     from . import intervals
-    from .compare import compare, markdown
-    from .runs import load, require_predictions
+    from .comparison import compare, markdown
+    from .results.runs import load, require_predictions
 
     run = load(results_dir)
     comparison = compare(require_predictions(run), reference, class_names=run.class_names, n_resamples=resamples or intervals.N_RESAMPLES)
@@ -149,10 +151,10 @@ def report_command(folders, out, reference, allow_mixed, debug):
     """Gather the results folders of probe fit runs into one leaderboard (markdown + CSV) and one
     self-contained report.html: accuracy vs LR, a forest plot of intervals, per-class differences,
     the protocol record."""
-    from . import leaderboard
+    from .output import leaderboard
+    from .output.report import report
 
-    groups = leaderboard.gather(list(folders), allow_mixed=allow_mixed, reference=reference)
-    paths = leaderboard.write(groups, out)
+    paths = report(list(folders), out, reference=reference, allow_mixed=allow_mixed)
     click.echo(paths[leaderboard.LEADERBOARD_MD].read_text(encoding="utf-8"))
     click.echo(f"wrote {paths[leaderboard.LEADERBOARD_MD]}, {paths[leaderboard.LEADERBOARD_CSV]}, {paths[leaderboard.REPORT_HTML]}")
 

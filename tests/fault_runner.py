@@ -23,7 +23,7 @@ def _die():
 def main(argv: list[str]) -> int:
     mode, param = argv[0], argv[1]
     args = argv[argv.index("--") + 1:]
-    from featstore import store as store_module
+    from featstore.store import feature_store as store_module
     from featstore.cli import main as cli_main
 
     Store = store_module.FeatureStore

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from featstore.errors import UsageError
-from probe import battery, fewshot, knn
-from probe import heads as H
-from probe import logreg
+from probe import fewshot
+from probe.methods import battery, knn
+from probe.methods import heads as H
+from probe.methods import logreg
 from tests.test_probe import one_thread  # noqa: F401 (autouse fixture: one thread for small problems)
 
 

@@ -64,9 +64,9 @@ def test_battery_rows_selection_and_summary(store, tmp_path, digits):
     header = (tmp_path / "res" / "results.csv").read_text().splitlines()[0].split(",")
     assert {"method", "k", "temperature", "C", "shots", "seed", "refit"} <= set(header)
     assert (tmp_path / "res" / "accuracy_vs_lr.png").exists()
-    shown = probe.report.plot_rows(rows)  # the LR plot: the linear heads of the first seed only
+    shown = probe.output.plots.plot_rows(rows)  # the LR plot: the linear heads of the first seed only
     assert len(shown) == 2 and {(r["method"], r["seed"]) for r in shown} == {("linear", 0)}
-    table = probe.report.markdown_table(rows, p)
+    table = probe.output.tables.markdown_table(rows, p)
     assert "±" in table and "k-NN" not in table and "| knn |" in table
 
 

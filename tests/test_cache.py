@@ -16,9 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 from featstore import cache
+from featstore import home as featstore_home
 from featstore.cli import cli
 from featstore.errors import FeatstoreError, UsageError
-from featstore.extract import ExtractConfig, extract
+from featstore.extraction import ExtractConfig, extract
 from featstore.store import PROGRESS, FeatureStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,15 +75,15 @@ def hold_lock(store: Path) -> None:
 
 def test_home_holds_digits_weights_and_stores(home, monkeypatch):
     monkeypatch.delenv("FEATSTORE_WEIGHTS", raising=False)
-    assert cache.home() == home and cache.weights_dir() == home / "weights" and cache.stores_dir() == home / "stores"
+    assert featstore_home.home() == home and featstore_home.weights_dir() == home / "weights" and featstore_home.stores_dir() == home / "stores"
     monkeypatch.delenv("FEATSTORE_HOME")
     monkeypatch.setenv("FEATSTORE_CACHE", str(home / "old"))  # the older name still works
-    assert cache.home() == home / "old"
+    assert featstore_home.home() == home / "old"
     monkeypatch.delenv("FEATSTORE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xdg"))
-    assert cache.home() == home / "xdg" / "featstore"
+    assert featstore_home.home() == home / "xdg" / "featstore"
     monkeypatch.setenv("FEATSTORE_WEIGHTS", str(home / "w"))
-    from featstore.encoders import weights_dir
+    from featstore.models.encoders import weights_dir
 
     assert weights_dir() == home / "w"
 
@@ -121,11 +122,11 @@ def test_extract_without_out_caches_by_key_and_reruns_up_to_date_without_torch(h
 
 def test_cli_extract_asks_the_memo_once_per_command(home, small_folder, monkeypatch):
     """The CLI asks the up-to-date memo before importing torch; on a miss, extract() does not ask again."""
-    import featstore.extract
+    import featstore.extraction
     import featstore.request
 
     asked, recall = [], featstore.request.recall_up_to_date
-    for module in (featstore.request, featstore.extract):
+    for module in (featstore.request, featstore.extraction):
         monkeypatch.setattr(module, "recall_up_to_date", lambda config: asked.append(config) or recall(config))
     args = ["extract", "--dataset", str(small_folder), "--model", "resnet18", "--random-init", "--loader", "torch", "--workers", "0",
             "--image-size", "32", "--resize", "32", "--device", "cpu", "--dtype", "float32", "--no-progress"]
@@ -148,7 +149,7 @@ def test_changed_weights_are_not_up_to_date(home, small_folder, tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), weights)  # same path, new content
     second = extract(ExtractConfig(dataset=str(small_folder), **cfg), progress=False)
     assert second.status == "created" and second.store != first.store
-    assert FeatureStore.open(second.store).attrs["encoder"]["weights_sha256"] == cache.file_sha256(weights)
+    assert FeatureStore.open(second.store).attrs["encoder"]["weights_sha256"] == featstore_home.file_sha256(weights)
 
 
 def test_a_killed_cached_extraction_resumes_in_place_and_shows_as_partial(home, small_folder, monkeypatch):
@@ -180,10 +181,10 @@ def test_file_sha256_matches_hashlib_and_is_memoized(home, tmp_path):
 
     f = tmp_path / "w.bin"
     f.write_bytes(os.urandom(3 << 20))
-    assert cache.file_sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert featstore_home.file_sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
     assert len(list((home / "index" / "sha256").iterdir())) == 1
     f.write_bytes(b"other")  # size and mtime change: hashed again
-    assert cache.file_sha256(f) == hashlib.sha256(b"other").hexdigest()
+    assert featstore_home.file_sha256(f) == hashlib.sha256(b"other").hexdigest()
 
 
 def test_out_url_is_refused_and_creates_nothing(home, tmp_path, monkeypatch):
@@ -272,7 +273,7 @@ def test_gc_least_recently_used_first(home):
     hold_lock(busy)
     now = time.time()
     for days, k in ((40, "a"), (1, "b"), (20, "c"), (0, "d")):  # last used
-        cache.mark_used(stores[k], k * 64)
+        featstore_home.mark_used(stores[k], k * 64)
         os.utime(home / "index" / "used" / (k * 64), (now - days * 86400, now - days * 86400))
     sizes = {k: e.size_bytes for k, e in ((Path(e.path).name[5], e) for e in cache.list_stores())}
 
@@ -316,7 +317,7 @@ def test_lookup_finds_one_store_and_explains_none_or_several(home, tmp_path):
 
     weights = tmp_path / "finetuned.pth"
     weights.write_bytes(b"tuned")
-    tuned = make_cached(home / "stores" / "imagenet" / "dino-cccccccccccc.zarr", "c" * 64, sha=cache.file_sha256(weights),
+    tuned = make_cached(home / "stores" / "imagenet" / "dino-cccccccccccc.zarr", "c" * 64, sha=featstore_home.file_sha256(weights),
                         weights_path=str(weights))  # fmt: skip
     with pytest.raises(UsageError, match="2 cached stores match") as e:
         cache.lookup("dino", "imagenet")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.checkpoints import load_weights, read_checkpoint
+from featstore.models.checkpoints import load_weights, read_checkpoint
 from featstore.errors import FeatstoreError
-from featstore.extract import ExtractConfig, extract
+from featstore.extraction import ExtractConfig, extract
 from featstore.loaders.dataloader import TorchLoader
 from featstore.preprocess import Preprocess
 from featstore.store import FeatureStore
@@ -128,7 +128,7 @@ def test_dinov2_original_checkpoint_is_resampled(tmp_path):
     """An original DINOv2 file (518 px position embeddings, mask_token) loads into the 224 px preset."""
     import timm
 
-    from featstore.encoders import build_encoder, resolve_encoder
+    from featstore.models.encoders import build_encoder, resolve_encoder
 
     src = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=518)
     sd = {k: v for k, v in src.state_dict().items()}

@@ -16,8 +16,8 @@ from torch import nn
 
 from featstore.cli import cli
 from featstore.console import run_cli
-from featstore.encoders import build_encoder, resolve_encoder
-from featstore.presets import ALIASES, PRESETS
+from featstore.models.encoders import build_encoder, resolve_encoder
+from featstore.models.presets import ALIASES, PRESETS
 
 FAST = ["--image-size", "32", "--resize", "32", "--loader", "torch", "--workers", "0", "--no-progress", "--dtype", "float32"]
 

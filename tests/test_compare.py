@@ -1,4 +1,4 @@
-"""Intervals, paired tests and comparisons of encoders (probe.intervals, probe.compare), against
+"""Intervals, paired tests and comparisons of encoders (probe.intervals, probe.comparison), against
 direct computations: scipy's binomtest, a plain numpy bootstrap with the same seed."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from scipy.stats import binomtest
 
 from featstore.errors import UsageError
 from probe import intervals as I
-from probe import predictions as P
-from probe.compare import compare, fmt_interval, markdown
+from probe.results import predictions as P
+from probe.comparison import compare, fmt_interval, markdown
 
 
 def numpy_bootstrap(values, n_resamples, seed, confidence=0.95):
@@ -245,7 +245,8 @@ def results_folder(folder, encoders: dict, *, protocol=None, manifest="m" * 64, 
 
     ``encoders``: label → (target, pred); the middle LR is the selected head, scored by ``pred``.
     """
-    import probe.report
+    import probe.output.files
+    import probe.output.tables
     from probe.protocol import Protocol
 
     protocol = protocol or Protocol(lr_grid=LRS, epochs=3)
@@ -262,9 +263,9 @@ def results_folder(folder, encoders: dict, *, protocol=None, manifest="m" * 64, 
             rows.append(row)
         paths = [f"val/{i:05d}.jpg" for i in range(len(target))]
         sets.append(P.Predictions(label, f"/stores/{label}", "pool", "linear", "", 0, paths, target, pred))
-    (folder / "results.csv").write_text(probe.report.csv_text(rows))
+    (folder / "results.csv").write_text(probe.output.files.csv_text(rows))
     dataset = {"name": "imagenette", "manifest_sha256": manifest, "class_names": [f"n{c:08d}" for c in range(classes)]}
-    (folder / "protocol.json").write_text(probe.report.protocol_json(protocol, {"dataset": dataset}))
+    (folder / "protocol.json").write_text(probe.output.files.protocol_json(protocol, {"dataset": dataset}))
     P.write(sets, folder / P.PREDICTIONS)
     return folder
 
@@ -394,7 +395,7 @@ def test_same_label_in_two_runs_is_told_apart(tmp_path, three_encoders):
     target, a, b, _ = three_encoders
     run1 = results_folder(tmp_path / "monday", {"r18": (target, a)})
     run2 = results_folder(tmp_path / "tuesday", {"r18": (target, b)})
-    from probe import leaderboard
+    from probe.output import leaderboard
 
     (g,) = leaderboard.gather([run1, run2])
     assert [e.label for e in g.entries] == ["monday/r18", "tuesday/r18"]
@@ -404,7 +405,7 @@ def test_same_label_in_two_runs_is_told_apart(tmp_path, three_encoders):
 def test_predict_agrees_with_logits_and_evaluate():
     import torch
 
-    from probe import heads as H
+    from probe.methods import heads as H
 
     g = torch.Generator().manual_seed(0)
     heads = H.LinearHeads(16, 12, [1e-3, 1e-2, 1e-1], [0.0, 0.0, 0.0])
@@ -432,7 +433,7 @@ def test_tiny_sets_give_null_intervals_in_json():
 
 
 def test_report_of_results_without_predictions_uses_wilson(tmp_path, three_encoders):
-    from probe import leaderboard
+    from probe.output import leaderboard
 
     target, a, b, _ = three_encoders
     old = results_folder(tmp_path / "old", {"r18": (target, a), "r50": (target, b)})
@@ -489,10 +490,11 @@ def test_fit_writes_predictions_and_intervals(fitted):
 
 
 def test_fit_table_and_compare_agree(fitted):
-    import probe.report
+    import probe.output.files
+    import probe.output.tables
 
     run, rows, _ = fitted
-    table = probe.report.markdown_table(rows)
+    table = probe.output.tables.markdown_table(rows)
     code, out = run_probe(["compare", str(run), "--json"])
     assert code == 0, out
     doc = json.loads(out)
@@ -584,12 +586,13 @@ def test_battery_predictions_summary_and_comparison(tmp_path):
     assert [r["seed"] for r in knn] == [0, 1] and all(r["delta"] is not None for r in knn)
     (s,) = [s for s in doc["seeds"] if s["label"] == "sparse" and s["method"] == "knn"]
     assert s["delta_per_seed"] == [r["delta"] for r in knn] and s["delta_mean"] == pytest.approx(np.mean(s["delta_per_seed"]))
-    import probe.report
+    import probe.output.files
+    import probe.output.tables
 
-    table = probe.report.markdown_table(rows)
+    table = probe.output.tables.markdown_table(rows)
     assert "Δ vs pix [95% CI]" in table and "over 2 seeds" in table
     # the leaderboard names each row's selected configuration: lr, k or C, as the run chose it
-    from probe import leaderboard
+    from probe.output import leaderboard
 
     (g,) = leaderboard.gather([tmp_path / "run"])
     board = leaderboard.table_rows([g])
@@ -612,7 +615,7 @@ def test_report_names_the_report_split_not_its_description(tmp_path, three_encod
     """probe report's titles say "on the test split", not the reported_as phrase of results.csv."""
     import csv as csv_mod
 
-    from probe import leaderboard
+    from probe.output import leaderboard
 
     target, a, b, _ = three_encoders
     folder = results_folder(tmp_path / "run", {"r18": (target, a), "r50": (target, b)})
@@ -632,8 +635,8 @@ def test_report_names_the_report_split_not_its_description(tmp_path, three_encod
 
 def test_report_html_per_class_heading_only_with_something_under_it(tmp_path, three_encoders):
     """A single store has no per-class chart against a reference: no empty "Per class" heading."""
-    from probe import leaderboard
-    from probe.html_report import render
+    from probe.output import leaderboard
+    from probe.output.html import render
 
     target, a, b, _ = three_encoders
     for name, encoders, charts in (("one", {"r18": (target, a)}, 0), ("two", {"r18": (target, a), "r50": (target, b)}, 1)):
@@ -644,7 +647,7 @@ def test_report_html_per_class_heading_only_with_something_under_it(tmp_path, th
 
 def test_markdown_per_class_titles_name_the_probe(three_encoders):
     """Two per-class tables of one store (linear and k-NN, or two shot counts) must not read the same."""
-    from probe.compare import compare, markdown
+    from probe.comparison import compare, markdown
 
     target, a, b, _ = three_encoders
     paths = [f"val/{i:05d}.jpg" for i in range(len(target))]
@@ -662,7 +665,7 @@ def test_markdown_per_class_titles_name_the_probe(three_encoders):
 def test_report_table_breaks_long_encoder_paths_only_at_separators():
     """A file.py:build encoder wraps at its separators (the table stays inside 1300 px), and
     nothing else in a text cell gets a break opportunity or loses its escaping."""
-    from probe.html_report import _breakable
+    from probe.output.html import _breakable
 
     assert _breakable("/work/ex/encoder.py:build") == "/<wbr>work/<wbr>ex/<wbr>encoder.py:<wbr>build"
     assert _breakable("random-init <b>") == "random-init &lt;b&gt;"

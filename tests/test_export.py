@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from featstore.cli import cli
 from featstore.errors import FeatstoreError, UsageError
-from featstore.export import export
+from featstore.store.export import export
 from featstore.store import FeatureStore
-from probe.fit import fit
+from probe.fitting import fit
 from probe.protocol import Protocol
 from tests.test_cache import hold_lock, make_cached
 from tests.test_probe import digits_splits, make_store

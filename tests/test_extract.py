@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from featstore.digits import digit_index_from_path
-from featstore.extract import ExtractConfig, extract
+from featstore.extraction import ExtractConfig, extract
 from featstore.store import FeatureStore
 
 SMALL = dict(image_size=32, resize=32)  # digits are 8×8: no need for 224 px in tests
@@ -97,7 +97,7 @@ def test_vit_cls4_is_last_four_normed_cls_tokens(small_folder):
     """cls4's last block equals cls, and the views match timm's own forward_intermediates."""
     import torch
 
-    from featstore.encoders import build_encoder, resolve_encoder
+    from featstore.models.encoders import build_encoder, resolve_encoder
 
     spec = resolve_encoder("vit_small_patch16_224", random_init=True, preprocess_overrides=dict(image_size=32, resize=32))
     enc = build_encoder(spec)

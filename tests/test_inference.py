@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.encoders import build_encoder, resolve_encoder
+from featstore.models.encoders import build_encoder, resolve_encoder
 from featstore.inference import BatchEncoder, pad_to
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -79,7 +79,7 @@ def test_cuda_ring_matches_cpu():
 @cuda
 @pytest.mark.parametrize("loader", ["nvjpeg", "torch", "dali"])
 def test_extract_on_cuda_matches_cpu(loader, small_folder, tmp_path):
-    from featstore.extract import ExtractConfig, extract
+    from featstore.extraction import ExtractConfig, extract
     from featstore.loaders import dali_available
     from featstore.store import FeatureStore
 
@@ -104,7 +104,7 @@ def test_compile_gives_the_same_features(small_folder, tmp_path):
     """--compile (torch.compile, fixed shapes) changes speed, not numbers."""
     import textwrap
 
-    from featstore.extract import ExtractConfig, extract
+    from featstore.extraction import ExtractConfig, extract
     from featstore.store import FeatureStore
 
     builder = tmp_path / "tiny.py"

@@ -17,10 +17,11 @@ import click
 from click.testing import CliRunner
 
 import probe
-import probe.report
+import probe.output.plots
+import probe.output.tables
 from featstore.errors import UsageError
 from featstore.store import FeatureStore
-from probe import heads as H
+from probe.methods import heads as H
 from probe.cli import main as cli
 from probe.protocol import Protocol, parse_grid
 from probe.selection import stratified_holdout
@@ -274,8 +275,8 @@ def test_holdout_when_store_has_no_val(tmp_path, digits):
     assert sel["train_split"] == "all" and sel["select_split"] == "holdout" and sel["report_split"] is None
     assert all(r["report_top1_pct"] is None and r["n_report"] is None for r in rows) and not any(r["best_report"] for r in rows)
     assert sel["reported_as"].startswith("nothing reported") and any("only split is 'all'" in w for w in warnings)
-    assert "nothing reported" in probe.report.markdown_table(rows)
-    assert [c for c, _ in probe.report.plot_panels(rows)] == ["select_top1_pct"]
+    assert "nothing reported" in probe.output.tables.markdown_table(rows)
+    assert [c for c, _ in probe.output.plots.plot_panels(rows)] == ["select_top1_pct"]
     opted = probe.fit(only, Protocol(select_on="report", **FAST), device="cpu", warn=lambda m: None)
     sel = next(r for r in opted if r["selected"])
     assert sel["report_split"] == "holdout" and sel["report_top1_pct"] == sel["select_top1_pct"] and "max over the reported split" in sel["reported_as"]
@@ -487,9 +488,9 @@ def test_imagenet_layout_selects_on_train_holdout_and_reports_val(tmp_path, digi
     assert (r["train_split"], r["select_split"], r["report_split"]) == ("train", "holdout", "val")
     assert r["reported_as"] == "val (reported; selection on a 10% train holdout)"
     assert r["n_report"] == len(y) and r["n_train"] + r["n_select"] == len(digits["train"][1])
-    table = probe.report.markdown_table(a, p)
+    table = probe.output.tables.markdown_table(a, p)
     assert "val (reported; selection on a 10% train holdout)" in table and "(10% train holdout)" in table
-    panels = probe.report.plot_panels(a, p)
+    panels = probe.output.plots.plot_panels(a, p)
     assert [c for c, _ in panels] == ["select_top1_pct", "report_top1_pct"]
     assert "10% train holdout" in panels[0][1] and "reported: val" in panels[1][1]
 
@@ -505,9 +506,9 @@ def test_select_on_report_is_opt_in_and_labelled_everywhere(tmp_path, digits):
     assert all(r["reported_as"] == "val (max over the reported split)" for r in rows)
     with open(tmp_path / "res" / "results.csv") as f:
         assert {r["reported_as"] for r in csv.DictReader(f)} == {"val (max over the reported split)"}
-    table = probe.report.markdown_table(rows, p)
+    table = probe.output.tables.markdown_table(rows, p)
     assert "val (max over the reported split)" in table and "--select-on report" in table and "best-of-sweep" not in table
-    panels = probe.report.plot_panels(rows, p)
+    panels = probe.output.plots.plot_panels(rows, p)
     assert len(panels) == 1 and "max over the reported split" in panels[0][1]
     assert p.hash != p.replace(select_on="auto").hash
     code, output = run_cli(["fit", "--store", str(s), "--select-on", "val", "--lr", "0.1"])
@@ -529,7 +530,7 @@ def test_plot_has_title_legends_and_selected_lr_written(tmp_path, digits):
     b = make_store(tmp_path / "b.zarr", layout)
     p = Protocol(lr_grid="1e-3,1e-2,0.1", **FAST)
     rows = probe.fit([f"first={a}", f"second={b}"], p, device="cpu", warn=lambda m: None)
-    fig = probe.report.figure(rows, p)
+    fig = probe.output.plots.figure(rows, p)
     title = fig._suptitle.get_text()
     assert "digits" in title and "view pixels" in title and p.hash in title and "5 epochs" in title
     assert len(fig.axes) == 2
@@ -541,7 +542,7 @@ def test_plot_has_title_legends_and_selected_lr_written(tmp_path, digits):
         assert list(ax.texts) == []
     # a single store and a single line: no legend needed, the star still carries its LR
     alone = [r for r in rows if r["label"] == "first"]
-    fig = probe.report.figure(alone, p)
+    fig = probe.output.plots.figure(alone, p)
     assert all(ax.get_legend() is None and [t.get_text() for t in ax.texts] == [selected["first"]] for ax in fig.axes)
 
 
@@ -552,7 +553,7 @@ def test_plot_of_several_views_colours_by_store_and_styles_by_view(tmp_path, dig
     stores = [f"{name}={make_store(tmp_path / f'{name}.zarr', layout, extra_views=('deep',))}" for name in ("first", "second")]
     p = Protocol(lr_grid="1e-2,0.1", **FAST)
     rows = probe.fit(stores, p, device="cpu", warn=lambda m: None)
-    fig = probe.report.figure(rows, p)
+    fig = probe.output.plots.figure(rows, p)
     for ax in fig.axes:
         lines = {line.get_label().split(" — ")[0]: line for line in ax.get_lines() if not line.get_label().startswith("_")}
         assert set(lines) == {"first [pixels]", "first [deep]", "second [pixels]", "second [deep]"}
@@ -567,7 +568,7 @@ def test_plot_of_several_views_colours_by_store_and_styles_by_view(tmp_path, dig
 def test_line_styles_tell_every_line_apart():
     """Stores × views × extras (wd, few-shot size): no two lines share colour, style and marker;
     one view and no extras keeps a colour per line."""
-    from probe.report import line_styles
+    from probe.output.plots import line_styles
 
     keys = [(s, v, e) for s in ("a", "b", "c") for v in ("v1", "v2", "v3", "v4", "v5") for e in (None, 5, 10)]
     styles = line_styles(keys)
@@ -589,7 +590,7 @@ def test_plot_with_many_lines_puts_one_legend_beside_the_panels(tmp_path, digits
     stores = [f"s{i}={make_store(tmp_path / f's{i}.zarr', layout, extra_views=('deep',))}" for i in range(4)]
     p = Protocol(lr_grid="1e-2,0.1", **FAST)
     rows = probe.fit(stores, p, device="cpu", warn=lambda m: None)
-    fig = probe.report.figure(rows, p)
+    fig = probe.output.plots.figure(rows, p)
     assert all(ax.get_legend() is None for ax in fig.axes)
     assert len(fig.legends) == 1 and len(fig.legends[0].get_texts()) == 8
     right = max(ax.get_position().x1 for ax in fig.axes)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import probe
-import probe.report
+import probe.output.plots
+import probe.output.tables
 from featstore.errors import UsageError
 from featstore.store import FeatureStore
 from probe.protocol import Protocol
@@ -50,7 +51,7 @@ def test_primary_views_compare_a_cnn_with_a_vit(stores):
     assert sum(r["selected"] for r in rows) == 2 and len({r["protocol_hash"] for r in rows}) == 1
     assert any("share no feature view" in m and "pool" in m and "cls" in m for m in logs)
     assert primary_view(FeatureStore.open(stores["vit"])) == "cls" and primary_view(FeatureStore.open(stores["cnn"])) == "pool"
-    title = probe.report.plot_title(rows, P)
+    title = probe.output.plots.plot_title(rows, P)
     assert "views resnet18_a1_in1k: pool, dino: cls" in title
 
 
@@ -83,7 +84,7 @@ def test_default_labels_tell_stores_apart(stores):
     assert assign_labels([StoreSpec(str(stores["ft"]), "dino"), pair[1]], [FeatureStore.open(stores["ft"]), opened[1]]) == ["dino", "dino (dino.zarr)"]
     rows = probe.fit([stores["vit"], stores["ft"]], P, device="cpu", warn=lambda m: None)
     assert {r["label"] for r in rows} == {"dino", "my_dino_finetune"}
-    table = probe.report.markdown_table(rows, P)
+    table = probe.output.tables.markdown_table(rows, P)
     assert "| dino |" in table and "| my_dino_finetune |" in table
 
 

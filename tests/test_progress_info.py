@@ -169,7 +169,7 @@ def test_the_command_line_starts_without_heavy_imports():
 def test_resume_command_round_trips_through_the_cli_parser(tmp_path, monkeypatch):
     """Every option that shapes the store survives shlex + click; --overwrite never appears."""
     from featstore.cli import cli
-    from featstore.extract import ExtractConfig, resume_command
+    from featstore.extraction import ExtractConfig, resume_command
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "digits").mkdir()  # a folder named like the built-in dataset must not shadow it
@@ -189,7 +189,7 @@ def test_resume_command_round_trips_through_the_cli_parser(tmp_path, monkeypatch
 def test_a_builder_file_is_made_absolute_alike_by_the_resume_command_and_the_request_memo(tmp_path, monkeypatch):
     """``file.py:build`` split at its last colon, as the encoder loader splits it (a folder name may hold one)."""
     from featstore.cli import cli
-    from featstore.extract import ExtractConfig, request_of, resolved_model, resume_command
+    from featstore.extraction import ExtractConfig, request_of, resolved_model, resume_command
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my:models").mkdir()

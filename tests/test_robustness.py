@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from featstore import extract as extract_module
+from featstore import extraction as extract_module
 from featstore.errors import FeatstoreError, UsageError
-from featstore.extract import ExtractConfig, extract
-from featstore.lock import StoreLock
+from featstore.extraction import ExtractConfig, extract
+from featstore.store.lock import StoreLock
 from featstore.store import PROGRESS, FeatureStore
 from tests.conftest import dali_or_skip
 from tests.image_kinds import write_bad_files, write_cmyk_jpeg, write_good_images, write_png16
@@ -235,7 +235,7 @@ def test_trust_checkpoint_allows_pickled_extras(tmp_path):
 
     import torchvision
 
-    from featstore.checkpoints import read_checkpoint
+    from featstore.models.checkpoints import read_checkpoint
 
     sd = torchvision.models.resnet18(weights=None).state_dict()
     path = tmp_path / "with_args.pth"
@@ -283,8 +283,8 @@ def test_builder_by_module_path_and_its_errors(small_folder, tmp_path, monkeypat
 
 def test_cache_key_separates_cpu_and_cuda_features():
     from featstore.datasets import resolve_dataset
-    from featstore.encoders import resolve_encoder
-    from featstore.extract import cache_fields, cache_key
+    from featstore.models.encoders import resolve_encoder
+    from featstore.extraction import cache_fields, cache_key
 
     spec = resolve_encoder("resnet18", random_init=True)
     manifest = resolve_dataset("digits")

@@ -21,7 +21,7 @@ import torch
 import torchvision
 from torch import nn
 
-from featstore.encoders import build_encoder, resolve_encoder
+from featstore.models.encoders import build_encoder, resolve_encoder
 from featstore.errors import FeatstoreError
 
 IMAGES = {s: torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(s)) for s in (32, 56, 224)}
@@ -302,7 +302,7 @@ def test_ijepa_takes_target_encoder_no_cls(tmp_path):
     """ijepa src/train.py save_dict = {'encoder', 'predictor', 'target_encoder', 'opt', 'scaler', …};
     src/models/vision_transformer.py has no CLS token; the paper evaluates the average-pooled target encoder.
     A ViT-S of that layout stands in for the ViT-H/14 preset (same key names)."""
-    from featstore.checkpoints import load_weights
+    from featstore.models.checkpoints import load_weights
 
     model = _vit_s(class_token=False, global_pool="avg", fc_norm=False)
     sd = model.state_dict()

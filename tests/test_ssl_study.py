@@ -181,7 +181,7 @@ def _probe(stores, results):
     --json`: each encoder's paired difference to random init on the same val images. The claims
     are on the `features` view (the last stage, what the methods train), fixed in advance."""
     from probe.cli import main as probe_cli
-    from probe.runs import load
+    from probe.results.runs import load
 
     fit = CliRunner().invoke(probe_cli, [
         "fit", *(a for name, path in stores.items() for a in ("--store", f"{name}={path}")), "--view", "features", "--lr", "0.01",

@@ -1,4 +1,4 @@
-"""probe.topk, the one top-1/top-5 scoring rule of every method, against scikit-learn's
+"""probe.methods.topk, the one top-1/top-5 scoring rule of every method, against scikit-learn's
 top_k_accuracy_score on the same scores, on numpy rankings and on torch ones."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import top_k_accuracy_score
 
-from probe import topk
+from probe.methods import topk
 
 
 def _ranked(scores: np.ndarray) -> np.ndarray:

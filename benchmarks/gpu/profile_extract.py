@@ -1,4 +1,4 @@
-"""Where the time of a GPU extraction goes: one ``featstore.extract.extract()`` under torch.profiler.
+"""Where the time of a GPU extraction goes: one ``featstore.extraction.extract()`` under torch.profiler.
 
     python3 benchmarks/gpu/profile_extract.py --loader nvjpeg,dali --model resnet50 --limit 4096 --out $OUT
 
@@ -40,7 +40,7 @@ SYNC_CALLS = {"cudaEventSynchronize", "cudaStreamSynchronize", "cudaDeviceSynchr
 
 
 def extract_once(model: str, folder: Path, loader: str, store: Path, device: str, batch_size: int, workers: int) -> float:
-    from featstore.extract import ExtractConfig, extract
+    from featstore.extraction import ExtractConfig, extract
 
     config = ExtractConfig(model=model, dataset=str(folder), out=str(store), random_init=True, loader=loader,
                            device=device, batch_size=batch_size, workers=workers, overwrite=True)

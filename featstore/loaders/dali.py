@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..preprocess import Preprocess
-from . import Batch
+from .batch import Batch
 from .containers import image_format
 from .decode import decode_failure, decode_rgb, read_encoded
 from .quiet import DecoderNoiseFilter

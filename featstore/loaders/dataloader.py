@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..preprocess import Preprocess
-from . import Batch, normalize_on_device
+from .batch import Batch, normalize_on_device
 from .decode import decode_failure, decode_rgb, read_encoded
 
 

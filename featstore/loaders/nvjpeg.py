@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..preprocess import Preprocess
-from . import Batch, normalize_on_device
+from .batch import Batch, normalize_on_device
 from .containers import image_format
 from .decode import decode_failure, decode_rgb, read_encoded
 from .quiet import DecoderNoiseFilter

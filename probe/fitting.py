@@ -23,29 +23,18 @@ from featstore.device import compute_dtype, resolve_device
 from featstore.errors import FeatstoreError, UsageError
 from featstore.store import FeatureStore
 
-from . import battery, fewshot
-from . import heads as H
+from . import fewshot
 from . import intervals as I
-from .compare import Comparison, compare
-from .predictions import ConfigKey, ImagePredictions
-from .predictions import of_rows as predictions_of
+from .comparison import Comparison, compare
+from .methods import battery
+from .methods import heads as H
 from .protocol import Protocol
+from .results.columns import COLUMNS
+from .results.predictions import ConfigKey, ImagePredictions
+from .results.predictions import of_rows as predictions_of
 from .selection import SplitPlan, best_by, plan_splits, select
 from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
 
-# One row per store × view × seed × shots × method configuration (a linear head, a k, a C).
-# Accuracies are percent (*_pct). The select_* columns are the split the LR/k/C was chosen on,
-# report_* the split reported once (named in report_split, described in reported_as); report_*
-# never hold another split's numbers. Columns that do not apply to a method are empty.
-COLUMNS = [
-    "label", "store", "encoder", "weights_sha256", "dataset", "view", "method", "shots", "seed",
-    "lr", "wd", "k", "temperature", "C", "refit", "optimizer", "epochs",
-    "batch_size", "momentum", "normalize", "select_on", "train_split", "select_split", "report_split",
-    "reported_as", "n_train", "n_select", "n_report", "excluded_invalid", "excluded_nonfinite",
-    "train_top1_pct", "select_top1_pct", "report_top1_pct", "ci95_low", "ci95_high", "wilson95_low", "wilson95_high",
-    "train_top5_pct", "select_top5_pct", "report_top5_pct",
-    "train_loss", "diverged", "selected", "best_report", "protocol_hash", "device", "dtype", "sweep_seconds",
-]  # fmt: skip
 
 
 class ProbeWarning(UserWarning):
@@ -152,7 +141,7 @@ class FitResult:
 
     @cached_property
     def digest(self):
-        from .report import digest_of
+        from .output.tables import digest_of
 
         return digest_of(self.rows, self.comparison)
 
@@ -203,7 +192,7 @@ def fit_run(
             raise UsageError(f"store {spec.path!r} given twice", "pass each store once; --view A --view B probes several views of it")
         seen.add(key)
     if out is not None:
-        from .report import check_out
+        from .output.files import check_out
 
         check_out(out, overwrite)  # before hours of training, not after
     opened = [_open(s.path) for s in specs]
@@ -228,7 +217,7 @@ def fit_run(
     result = FitResult(rows, compare(predictions) if predictions else None)
     _add_intervals(rows, result.comparison)
     if out is not None:
-        from .report import write_outputs
+        from .output.files import write_outputs
 
         dataset = infos[0].store.attrs.get("dataset", {}) or {}
         run = {"device": str(dev), "dtype": str(dtype).replace("torch.", ""),

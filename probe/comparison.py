@@ -18,7 +18,7 @@ import numpy as np
 from featstore.errors import UsageError
 
 from . import intervals as I
-from .predictions import ConfigKey, Predictions, align
+from .results.predictions import ConfigKey, Predictions, align
 
 
 @dataclass

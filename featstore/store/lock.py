@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .errors import FeatstoreError
+from ..errors import FeatstoreError
 
 
 def pid_alive(pid: int) -> bool:

@@ -17,7 +17,6 @@ import os
 import queue
 import shlex
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,23 +25,21 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import cache
-from .datasets import BUILTIN_DATASETS, Manifest, resolve_dataset
+from .cache import find_by_key
+from .datasets import BUILTIN_DATASETS, resolve_dataset
 from .device import compute_dtype, resolve_device
-from .encoders import EncoderSpec, build_encoder, feature_dims, resolve_encoder, select_views
+from .home import default_store_path
+from .manifest import Manifest
+from .models.encoders import EncoderSpec, build_encoder, feature_dims, resolve_encoder, select_views
 from .errors import FeatstoreError, UsageError
 from .inference import BatchEncoder
 from .loaders import Batch, choose_loader, make_loader
-from .lock import StoreLock
-from .progress import Progress, resolve_mode
+from .store.lock import StoreLock
+from .progress import Progress, log_to_stderr, resolve_mode
 from .ranks import Ranks, wait_until
 from .request import (ExtractConfig, ExtractResult, dataset_dirs, recall_up_to_date, refuse_url_out,  # noqa: F401 (re-exported)
                       remember_request, request_of, resolved_model, resolved_path)
 from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest,
@@ -104,7 +101,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     return shlex.join(args)
 
 
-def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progress: bool | str = True, *,
+def extract(config: ExtractConfig, log: Callable[[str], None] = log_to_stderr, progress: bool | str = True, *,
             recalled: bool = False) -> ExtractResult:
     """Run (or resume, or skip as up to date) one extraction. Raises FeatstoreError on user mistakes.
 
@@ -186,8 +183,8 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = _stderr, progres
 def _cached_location(manifest: Manifest, model: str, key: str) -> Path:
     """Without --out: the cached store with this key wherever it is (two spellings of one model and
     data meet there), else its default place in the cache."""
-    found = cache.find_by_key(key)
-    return found[0] if found else cache.default_store_path(manifest.name, model, key)
+    found = find_by_key(key)
+    return found[0] if found else default_store_path(manifest.name, model, key)
 
 
 def _remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: str, out: Path) -> None:
@@ -364,7 +361,7 @@ class _UnitAssembler:
             del self.open[unit.index]
 
 
-def _run(store, manifest, encoder, views, loader_name, device, config, progress: str, ranks: Ranks, log=_stderr):
+def _run(store, manifest, encoder, views, loader_name, device, config, progress: str, ranks: Ranks, log=log_to_stderr):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     loader = make_loader(loader_name, store_preprocess(store), device, config.workers)

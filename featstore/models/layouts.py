@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import FeatstoreError
+from ..errors import FeatstoreError
 
 # Top-level entries holding the network the authors evaluate, tried before any other entry
 EVALUATED_ENTRIES = (

@@ -13,11 +13,11 @@ import io
 import json
 import math
 
-from .compare import fmt_interval
-from .leaderboard import TEXT_COLUMNS, table_cells, table_head
-from .predictions import ConfigKey
-from .report import line_styles, place_legends
-from .runs import reported_top1, row_label, selection_top1
+from ..comparison import fmt_interval
+from ..results.predictions import ConfigKey
+from ..results.runs import reported_top1, row_label, selection_top1
+from .leaderboard import TEXT_COLUMNS, differences, table_cells, table_head
+from .plots import line_styles, place_legends
 
 _MAX_CLASS_BARS = 40  # more classes than this: the 20 largest gains and the 20 largest losses
 
@@ -196,8 +196,6 @@ def _compact_json(value, indent: int = 0) -> str:
 def render(groups, rows: list[dict]) -> str:
     body = ["<h1>featstore probe report</h1>"]
     if len(groups) > 1:
-        from .leaderboard import differences
-
         mixed = html.escape(differences([r for g in groups for r in g.runs]))
         body.append(f'<p class="note">{len(groups)} groups (--allow-mixed): the results differ in {mixed}. '
                     "Each group is ranked on its own; results of different groups are not comparable.</p>")  # fmt: skip

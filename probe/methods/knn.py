@@ -22,8 +22,8 @@ from featstore.errors import UsageError
 
 from . import topk
 from .heads import prepare
-from .protocol import DEFAULT_KNN_TEMPERATURE as DEFAULT_TEMPERATURE
-from .protocol import check_knn as check_settings  # one check for Protocol and predict
+from ..protocol import DEFAULT_KNN_TEMPERATURE as DEFAULT_TEMPERATURE
+from ..protocol import check_knn as check_settings  # one check for Protocol and predict
 
 _CHUNK_ELEMENTS = 1 << 26  # similarity elements per chunk: 256 MiB in float32
 

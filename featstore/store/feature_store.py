@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 import warnings
@@ -27,9 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .cache import PROGRESS, is_hdf5_path, is_url, mark_used, store_attrs, tree_size
-from .errors import FeatstoreError, UsageError
+from ..version import __version__
+from ..atomic import write_atomic
+from ..errors import FeatstoreError, UsageError
+from ..home import mark_used
+from .hdf5 import open_hdf5
+from .locations import PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
 from .lock import pid_alive
 
 SCHEMA_VERSION = 1
@@ -58,23 +60,6 @@ def _zarr():
 def is_store(path: str | os.PathLike) -> bool:
     """A local featstore Zarr store (exports and URLs are opened by :meth:`FeatureStore.open`)."""
     return store_attrs(path) is not None
-
-
-def _refuse_credentials(url: str) -> None:
-    """Credentials never ride in a URL: they would reach logs, results and provenance."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", url):
-        raise UsageError("the store URL holds credentials (user:password@)",
-                         "remove them from the URL and configure them the fsspec way (environment, ~/.aws, ~/.config/fsspec)")
-
-
-def _fsspec_fs(url: str):
-    """The fsspec filesystem of ``url`` and the path in it; a missing backend is a one-line error."""
-    import fsspec
-
-    try:
-        return fsspec.core.url_to_fs(url)
-    except ImportError as e:
-        raise FeatstoreError(f"cannot read {url!r}: {e}", "install the fsspec backend it names (s3fs, gcsfs, aiohttp)") from e
 
 
 class FeatureArray:
@@ -156,16 +141,6 @@ def _remove_stale_builds(path: Path) -> None:
         pid = build.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(build, ignore_errors=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class FeatureStore:
@@ -261,8 +236,6 @@ class FeatureStore:
         elif is_hdf5_path(text) and Path(text).is_file():
             if mode != "r":
                 raise UsageError(f"{text!r} is an HDF5 export, read-only", "resume or extend the Zarr store it came from")
-            from .export import open_hdf5
-
             group, attrs = open_hdf5(text)
             store = cls(text, group, writable=False, attrs=attrs)
         else:
@@ -283,12 +256,10 @@ class FeatureStore:
 
     @classmethod
     def _open_url(cls, url: str) -> "FeatureStore":
-        _refuse_credentials(url)
-        fs, inner = _fsspec_fs(url)
+        refuse_credentials(url)
+        fs, inner = fsspec_fs(url)
         try:
             if is_hdf5_path(url):
-                from .export import open_hdf5
-
                 if not fs.exists(inner):
                     raise UsageError(f"store {url!r} not found", "check the URL")
                 group, attrs = open_hdf5(fs.open(inner, "rb"), name=url)
@@ -432,26 +403,26 @@ class FeatureStore:
             )
         return self
 
-    def _split(self, split: str):
+    def split_group(self, split: str):
         if split not in self.attrs["splits"]:
             raise UsageError(f"split {split!r} not in store {str(self.path)!r}", f"it has: {', '.join(self.splits)}")
         return self._group[split]
 
     def labels(self, split: str) -> np.ndarray:
-        return np.asarray(self._split(split)["labels"][:], dtype=np.int64)
+        return np.asarray(self.split_group(split)["labels"][:], dtype=np.int64)
 
     def paths(self, split: str) -> np.ndarray:
-        values = self._split(split)["paths"][:]
+        values = self.split_group(split)["paths"][:]
         return np.asarray([v.decode() if isinstance(v, bytes) else v for v in values.tolist()], dtype=object)
 
     def valid(self, split: str) -> np.ndarray:
-        return np.asarray(self._split(split)["valid"][:], dtype=bool)
+        return np.asarray(self.split_group(split)["valid"][:], dtype=bool)
 
     def features(self, split: str, view: str, rows=None) -> FeatureArray:
         """The (N, D) features of ``view``, lazily (NaN rows where ``valid`` is false); ``rows``
         (a slice, index array or boolean mask) selects rows. Nothing is read until indexed or
         converted: ``np.asarray(...)``, ``[...]`` or ``.read()``."""
-        group = self._split(split)
+        group = self.split_group(split)
         if view not in self.views:
             raise UsageError(f"view {view!r} not in store {str(self.path)!r}", f"it has: {', '.join(self.views)}")
         return FeatureArray(group["features"][view], rows)

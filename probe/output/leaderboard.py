@@ -13,15 +13,14 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from featstore.errors import UsageError
 
-from . import intervals as I
-from .compare import Comparison, compare, fmt_interval, fmt_p
-from .predictions import ConfigKey, Predictions
-from .runs import Run, load, reported_n, reported_top1, row_label
-from .summary import setting
+from .. import intervals as I
+from ..comparison import Comparison, compare, fmt_interval, fmt_p
+from ..results.predictions import ConfigKey, Predictions
+from ..results.runs import Run, load, reported_n, reported_top1, row_label
+from ..results.summary import setting
 
 LEADERBOARD_MD, LEADERBOARD_CSV, REPORT_HTML = "leaderboard.md", "leaderboard.csv", "report.html"
 
@@ -220,27 +219,3 @@ def markdown(groups: list[Group], rows: list[dict]) -> str:
                    f"({I.N_RESAMPLES} resamples, seed {I.BOOTSTRAP_SEED}); Wilson: score interval; Δ: paired bootstrap on the same images; "
                    f"McNemar: exact two-sided. Protocol {g.runs[0].protocol_hash}, {g.fields['dataset']}.\n")  # fmt: skip
     return "\n".join(out)
-
-
-def write(groups: list[Group], out: str | os.PathLike) -> dict[str, Path]:
-    """leaderboard.md, leaderboard.csv and report.html into ``out`` (temp files renamed into place)."""
-    from .html_report import render
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file", "pass a folder (it is created if missing)")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = table_rows(groups)
-    texts = {LEADERBOARD_MD: markdown(groups, rows), LEADERBOARD_CSV: csv_text(rows), REPORT_HTML: render(groups, rows)}
-    tag = f".{os.getpid()}.tmp"
-    final = {name: out / name for name in texts}
-    temps = {name: out / f".{name}{tag}" for name in texts}
-    try:
-        for name, text in texts.items():
-            temps[name].write_text(text, encoding="utf-8")
-        for name in texts:
-            os.replace(temps[name], final[name])
-    finally:
-        for t in temps.values():
-            t.unlink(missing_ok=True)
-    return final

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import FeatstoreError
+from ..errors import FeatstoreError
 from .layouts import HEAD_NAMES, Checkpoint, normalize_checkpoint, rename_for_model
 
 

@@ -36,9 +36,9 @@ import torch
 
 from featstore.errors import UsageError
 
-from .protocol import DEFAULT_LOGREG_MAX_ITER as DEFAULT_MAX_ITER
-from .protocol import DEFAULT_LOGREG_TOL as DEFAULT_TOL
-from .protocol import check_logreg as check_settings  # one check for Protocol and fit_path
+from ..protocol import DEFAULT_LOGREG_MAX_ITER as DEFAULT_MAX_ITER
+from ..protocol import DEFAULT_LOGREG_TOL as DEFAULT_TOL
+from ..protocol import check_logreg as check_settings  # one check for Protocol and fit_path
 
 HISTORY = 10  # L-BFGS memory (curvature pairs), scipy's default m
 GRAM_ROWS = 8192  # rows whose covariance preconditions (KroneckerPreconditioner)

@@ -22,7 +22,7 @@ import torch
 from featstore.errors import UsageError
 
 from . import topk
-from .protocol import Protocol
+from ..protocol import Protocol
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm1d's default, so "standardize" is BatchNorm without affine
 _EVAL_ELEMENTS = 1 << 24  # logits elements per evaluation chunk (64 MiB in float32)

@@ -21,9 +21,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .cache import file_sha256, weights_dir  # noqa: F401 (re-exported: weights_dir is part of the API)
-from .errors import FeatstoreError, UsageError
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from ..home import file_sha256, weights_dir  # noqa: F401 (re-exported: weights_dir is part of the API)
+from ..errors import FeatstoreError, UsageError
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .presets import PRESETS, Preset, find_preset
 
 VIT_VIEWS = ("cls", "avgpool", "cls4")

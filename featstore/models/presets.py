@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 # How the authors' own model resamples position embeddings for another grid (checkpoints.py applies it):
 #   "dino"  DINO / DINOv2 / iBOT interpolate_pos_encoding: bicubic, scale_factor (grid + 0.1) / old, no antialias

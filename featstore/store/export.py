@@ -23,7 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import FeatstoreError, UsageError
+from ..errors import FeatstoreError, UsageError
+from .feature_store import FeatureStore
 
 EXPORT_FORMATS = (".h5", ".hdf5", ".npz")
 
@@ -31,8 +32,6 @@ EXPORT_FORMATS = (".h5", ".hdf5", ".npz")
 def export(source: str, to: str, view: str | None = None, overwrite: bool = False,
            log: Callable[[str], None] = lambda s: None) -> dict:
     """Write the complete store ``source`` (a path or URL) to ``to`` (.h5/.hdf5, or .npz with one view)."""
-    from .store import FeatureStore
-
     target = Path(to).expanduser()
     suffix = target.suffix.lower()
     if suffix not in EXPORT_FORMATS:
@@ -122,7 +121,7 @@ def _raw_chunk_files(store, split: str, view: str, rows: int) -> list[Path] | No
     if store.format != "zarr" or not isinstance(store.path, Path) or np.dtype(store.attrs.get("dtype", "f2")).byteorder == ">":
         return None
     try:
-        array = store._split(split)["features"][view]
+        array = store.split_group(split)["features"][view]
         meta = array.metadata
         codecs = [type(c).__name__ for c in meta.codecs]
         endian = getattr(getattr(meta.codecs[0], "endian", None), "value", None)
@@ -149,28 +148,3 @@ def _write_npz(store, path: Path, view: str) -> int:
     with open(path, "wb") as f:  # np.savez appends .npz to a name that lacks it; a file object keeps ours
         np.savez(f, **arrays)
     return nbytes
-
-
-def open_hdf5(source, name: str | None = None):
-    """(root group, attributes) of an HDF5 export (a path or an open binary file). Raises a
-    FeatstoreError for a file that is not HDF5, is damaged, or is not a featstore export."""
-    import h5py
-
-    name = name or str(source)
-    try:
-        f = h5py.File(source, "r")
-    except OSError as e:
-        raise FeatstoreError(f"{name!r} is not a readable HDF5 file ({' '.join(str(e).split())[:200]})",
-                             "re-export it with `featstore export STORE --to FILE.h5`") from e
-    try:
-        attrs = {k: json.loads(v) for k, v in f.attrs.items()}
-    except (TypeError, ValueError, OSError):
-        attrs = {}
-    if "schema_version" not in attrs:
-        f.close()
-        raise UsageError(f"{name!r} is not a featstore export", "write one with `featstore export STORE --to FILE.h5`")
-    for split in attrs.get("splits", {}):
-        if split not in f or any(v not in f[split].get("features", {}) for v in attrs.get("views", {})):
-            f.close()
-            raise FeatstoreError(f"{name!r} lacks split {split!r} or one of its views", "the file is damaged; re-export it")
-    return f, attrs

@@ -1,0 +1,49 @@
+"""The batch contract every loader keeps, and the normalization they share on the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING, Iterator, Protocol
+
+if TYPE_CHECKING:  # torch and numpy are imported where used: `featstore --help` needs neither
+    import numpy as np
+    import torch
+
+    from ..preprocess import Preprocess
+
+
+@dataclass
+class Batch:
+    rows: np.ndarray  # int64 row indices into the split
+    images: torch.Tensor  # (B, 3, S, S) normalized, on the target device, channels_last
+    errors: dict[int, str] = field(default_factory=dict)  # row → why its image is a placeholder
+
+
+class Loader(Protocol):
+    name: str
+
+    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
+        """``paths[row]`` is the absolute path of ``row``; yield the batches of ``plan`` in order."""
+
+
+def normalize_on_device(images_uint8: torch.Tensor, preprocess: Preprocess, device: torch.device, channels_last_input: bool) -> torch.Tensor:
+    """uint8 (B,3,H,W) or (B,H,W,3) → float normalized (B,3,H,W), channels_last, on ``device``."""
+    import torch
+
+    x = images_uint8.to(device, non_blocking=True)
+    if channels_last_input:
+        x = x.permute(0, 3, 1, 2)  # NHWC storage viewed as NCHW: channels_last without a copy
+    mean, std = _scale(tuple(preprocess.mean), tuple(preprocess.std), device)
+    x = (x.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@lru_cache(maxsize=8)
+def _scale(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once: building a CUDA tensor from a Python list is a synchronous copy, which would stall
+    # the loader behind all queued GPU work on every batch
+    import torch
+
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)

@@ -1,0 +1,14 @@
+"""The feature store: its schema (create, resume, write whole units, read), where stores live
+(local folders, HDF5 exports, URLs), HDF5/npz export, and the writer's lock.
+
+``featstore.store`` never imports the extraction pipeline, the loaders or the models: it holds
+arrays and their provenance, whatever produced them.
+"""
+
+from .feature_store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, SCHEMA_VERSION, FeatureArray, FeatureStore, Unit, is_store
+from .locations import PROGRESS, is_hdf5_path, is_url
+
+__all__ = [
+    "DEFAULT_CHUNK_ROWS", "FEATURE_DTYPES", "PROGRESS", "SCHEMA_VERSION",
+    "FeatureArray", "FeatureStore", "Unit", "is_hdf5_path", "is_store", "is_url",
+]

@@ -1,0 +1,63 @@
+"""What a store location is, read without zarr or torch: a local folder (its ``zarr.json``), an
+HDF5 export (by its name), or a URL read through fsspec."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from ..errors import FeatstoreError, UsageError
+
+PROGRESS = "_progress"  # a store's folder of an extraction in progress (lock, unit markers)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_hdf5_path(path: str) -> bool:
+    """An exported HDF5 store, by its name (any case: FEATS.H5 too)."""
+    return path.lower().endswith((".h5", ".hdf5"))
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return bool(_URL.match(str(path)))
+
+
+def store_attrs(path: str | os.PathLike) -> dict | None:
+    """The attributes of the store at ``path`` (a local folder), or None when it is not a store."""
+    try:
+        attrs = json.loads((Path(path) / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return None
+    return attrs if isinstance(attrs, dict) and "schema_version" in attrs else None
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of every file under the folder ``path`` (symbolic links are not followed)."""
+    total = 0
+    stack = [path]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    total += e.stat(follow_symlinks=False).st_size
+    return total
+
+
+def refuse_credentials(url: str) -> None:
+    """Credentials never ride in a URL: they would reach logs, results and provenance."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", url):
+        raise UsageError("the store URL holds credentials (user:password@)",
+                         "remove them from the URL and configure them the fsspec way (environment, ~/.aws, ~/.config/fsspec)")
+
+
+def fsspec_fs(url: str):
+    """The fsspec filesystem of ``url`` and the path in it; a missing backend is a one-line error."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise FeatstoreError(f"cannot read {url!r}: {e}", "install the fsspec backend it names (s3fs, gcsfs, aiohttp)") from e

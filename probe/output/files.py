@@ -1,0 +1,133 @@
+"""Outputs of a probe run: results.csv, protocol.json, predictions.csv (per-image predictions of the
+selected heads), accuracy_vs_lr.png and a markdown summary (with intervals and, for 2+ stores, the
+difference to the first store), written as one folder.
+
+A results folder is never silently overwritten: a folder that is not empty is refused unless
+``overwrite`` (and even then only when it holds a previous probe run). Everything is rendered
+into a temp folder beside it first and moved into place only after all files were written, so a
+failed run leaves the previous results untouched and no partial file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from featstore.version import __version__
+from featstore.errors import UsageError
+
+from ..protocol import Protocol
+from ..results.columns import COLUMNS
+from ..results.predictions import PREDICTIONS
+from ..results.predictions import of_rows as predictions_of
+from ..results.predictions import write as write_predictions
+from ..results.runs import PROTOCOL, RESULTS
+from ..results.summary import summary_csv
+from .plots import plot, plot_rows
+from .tables import Digest, summary
+
+PLOT, SUMMARY = "accuracy_vs_lr.png", "summary.csv"  # results.csv and protocol.json: probe.runs (their reader)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}" if abs(value) < 1e-2 and value != 0 else repr(round(value, 6))
+    return str(value)
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow([_cell(r.get(c)) for c in COLUMNS])
+    return buf.getvalue()
+
+
+def protocol_json(protocol: Protocol, run: dict | None = None) -> str:
+    import torch
+
+    record = {
+        "protocol_hash": protocol.hash,
+        "protocol": protocol.to_dict(),
+        "run": {
+            **(run or {}),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "featstore_version": __version__,
+            "torch_version": torch.__version__,
+        },
+    }
+    return json.dumps(record, indent=2) + "\n"
+
+
+_OURS = (RESULTS, PROTOCOL, PLOT, SUMMARY, PREDICTIONS)
+
+
+def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an output folder that would lose results: a file, a folder holding anything (unless
+    ``overwrite``), or, even with ``overwrite``, a folder that is not a previous probe run."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file", "pass a folder (it is created if missing)")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise UsageError(f"--out {str(out)!r} already holds {', '.join(held[:3])}{'…' if len(held) > 3 else ''}",
+                         "pass a new --out folder, or --overwrite to replace a previous run")  # fmt: skip
+    if held and not any(name in _OURS for name in held):
+        raise UsageError(f"--out {str(out)!r} holds files that are not probe results ({', '.join(held[:3])})", "pass a new or empty --out folder")
+    return out
+
+
+def new_run_folder(parent: str | os.PathLike) -> Path:
+    """A fresh ``parent/run-YYYYMMDD-HHMMSS[-N]`` path (not created): the default results folder."""
+    base = Path(parent) / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def write_outputs(
+    rows: list[dict], protocol: Protocol, out: str | os.PathLike, run: dict | None = None, overwrite: bool = False, digest: Digest | None = None
+) -> dict[str, Path]:
+    """Write results.csv, summary.csv, protocol.json, predictions.csv and (with linear rows)
+    accuracy_vs_lr.png as the folder ``out``, all or nothing. ``digest``: the rows'
+    :func:`digest_of` when the caller holds it (summary.csv is its ``summary``)."""
+    out = Path(os.path.abspath(check_out(out, overwrite)))  # absolute: "." has no name to build beside
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = out.with_name(f".{out.name}.building-{os.getpid()}")
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir()
+    try:
+        (build / RESULTS).write_text(csv_text(rows))
+        (build / PROTOCOL).write_text(protocol_json(protocol, run))
+        (build / SUMMARY).write_text(summary_csv(digest.summary if digest else summary(rows)))
+        write_predictions(predictions_of(rows), build / PREDICTIONS)
+        written = [SUMMARY, PROTOCOL, PREDICTIONS, RESULTS]
+        if plot_rows(rows):
+            plot(rows, build / PLOT, protocol)
+            written.insert(0, PLOT)
+        if out.exists():
+            # an empty folder, or a previous run with --overwrite (checked above): its files are
+            # replaced one by one, results.csv last (its presence means the run finished); the
+            # folder itself (owner, permissions, a mount point) and other files stay; a plot
+            # of a previous run that this run has none of is removed, not left to mislead
+            for name in written:
+                os.replace(build / name, out / name)
+            if PLOT not in written:
+                (out / PLOT).unlink(missing_ok=True)
+        else:
+            os.replace(build, out)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return {name: out / name for name in written}

@@ -17,6 +17,7 @@ import click
 from click.testing import CliRunner
 
 import probe
+import probe.output.files
 import probe.output.plots
 import probe.output.tables
 from featstore.errors import UsageError
@@ -367,7 +368,7 @@ def test_failed_run_writes_nothing(store, tmp_path, monkeypatch):
     def boom(rows, path, protocol=None):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(probe.report, "plot", boom)
+    monkeypatch.setattr(probe.output.files, "plot", boom)
     code, output = run_cli(["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--out", str(out), "--overwrite"])
     assert_one_line_error(code, output, 1, "RuntimeError", "disk full")
     assert (out / "results.csv").read_text() == "previous\n"

@@ -1,3 +1,45 @@
-"""featstore: encode a labelled image dataset once with a frozen encoder into a Zarr store."""
+"""featstore: encode a labelled image dataset once with a frozen encoder into a Zarr store.
 
-__version__ = "0.1.0"
+    >>> import featstore
+    >>> result = featstore.extract(model="resnet18", dataset="digits", out="digits.zarr", random_init=True)
+    >>> store = featstore.open(result.store)
+    >>> store.features("train", "pool").shape
+    (1078, 512)
+
+Every public name is loaded on first use (module ``__getattr__``), so ``import featstore`` imports
+no torch, zarr or timm. The walk-through and the reference: docs/api.md.
+"""
+
+import importlib as _importlib
+
+from .version import __version__
+
+# public name -> the module that defines it (imported on first access)
+_LAZY = {
+    "open": "featstore.api",
+    "extract": "featstore.api",
+    "ls": "featstore.api",
+    "lookup": "featstore.api",
+    "export": "featstore.api",
+    "FeatureStore": "featstore.store.feature_store",
+    "ExtractConfig": "featstore.request",
+    "ExtractResult": "featstore.request",
+    "StoreEntry": "featstore.cache",
+    "FeatstoreError": "featstore.errors",
+    "UsageError": "featstore.errors",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featstore' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # found once; later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")} | {n for n in globals() if not n.startswith("_")})

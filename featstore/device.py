@@ -24,7 +24,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, fp32 on CPU (bf16 is ~5× slower on CPUs without bf16 units). Extraction
+    """bf16 on CUDA, fp32 on CPU (bf16 is far slower on CPUs without bf16 units; benchmarks/RESULTS.md). Extraction
     autocasts to it and records it in the cache key; probing trains in it. (An fp16 fallback would
     never apply: torch.cuda.is_bf16_supported() is true on every CUDA GPU, emulated before Ampere.)"""
     return torch.bfloat16 if device.type == "cuda" else torch.float32

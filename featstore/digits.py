@@ -33,11 +33,6 @@ def digits_split_indices() -> dict[str, np.ndarray]:
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
-def digit_index_from_path(path: str) -> int:
-    """The row of ``load_digits()`` a digits image was written from (its file name)."""
-    return int(Path(path).stem)
-
-
 def digits_manifest() -> Manifest:
     root = home() / f"digits-v{_LAYOUT_VERSION}"
     if not (root / ".complete").exists():

@@ -2,8 +2,8 @@
 copied device→host on a side stream into a ring of pinned buffers, consumed a few batches later.
 
 On CPU everything is synchronous (there is nothing to overlap with on the same cores), in fp32
-channels_last, which is the fastest CPU setting measured here (bf16 autocast is 5× slower on CPUs
-without bf16 units).
+channels_last, the fastest CPU setting measured (bf16 autocast is far slower on CPUs without bf16
+units; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

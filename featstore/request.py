@@ -24,6 +24,28 @@ from .store.locations import PROGRESS, is_url, store_attrs
 
 @dataclass
 class ExtractConfig:
+    """What one extraction is asked to do: ``featstore extract``'s options, one field each.
+
+    Parameters
+    ----------
+    model : str
+        A preset (``featstore models``), a timm name, ``tv:<torchvision name>`` or ``file.py:build``.
+    dataset : str
+        ``digits``, ``imagenet``, an ImageFolder folder or a CSV file list.
+    out : str, optional
+        The store to write; None: the cache, ``$FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr``.
+    data_root, weights, random_init, trust_checkpoint, ignore_keys
+        Where ``imagenet`` lives; the checkpoint; run untrained; allow pickled code; checkpoint key globs to drop.
+    views : list of str, optional
+        Views to store (default: all the model gives).
+    loader, device, batch_size, workers, dtype, chunk_rows, compile
+        ``auto|dali|nvjpeg|torch``; ``auto|cpu|cuda[:N]``; 64; 2; ``float16|float32``; 8192; False.
+    overwrite, strict
+        Replace another store at ``out``; stop at the first undecodable image.
+    image_size, resize, interpolation, mean, std
+        Overrides of the model's preprocessing.
+    """
+
     model: str
     dataset: str
     out: str | None = None  # None: the cache, $FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr
@@ -51,6 +73,22 @@ class ExtractConfig:
 
 @dataclass
 class ExtractResult:
+    """What :func:`featstore.extract` returns.
+
+    Attributes
+    ----------
+    store : str
+        The store's path.
+    status : {"created", "resumed", "up to date"}
+    rows : dict of str to int
+        Rows per split.
+    rows_written, invalid, nonfinite : int
+        Rows written by this run; undecodable rows; rows with NaN/Inf features.
+    seconds, images_per_second : float
+    nonfinite_paths : list of str
+        The first few paths with NaN/Inf features.
+    """
+
     store: str
     status: str  # "up to date", "created", "resumed"
     rows: dict[str, int]

@@ -4,11 +4,42 @@ rest of the evaluation battery (k-NN, logistic regression, few-shot, seeds) unde
     >>> import probe
     >>> rows = probe.fit(["a.zarr", "ft=b.zarr:cls4"], probe.Protocol(epochs=30), device="auto", out="probe-results/ab")
     >>> rows = probe.fit("a.zarr", probe.Protocol(methods="linear,knn,logreg", shots="1,5,all", seeds="0,1,2"))
+    >>> comparison = probe.compare("probe-results/ab")          # Δ top-1 vs the first store, same images
+    >>> paths = probe.report(["probe-results/ab"], out="report")  # leaderboard.md/.csv, report.html
+
+Every public name is loaded on first use (module ``__getattr__``), so ``import probe`` imports no
+torch. The walk-through and the reference: docs/api.md.
 """
 
-from .fitting import FitResult, ProbeWarning, fit, fit_run
-from .results.columns import COLUMNS
-from .protocol import DEFAULT_LR_GRID, Protocol, parse_grid
-from .stores import StoreSpec
+import importlib as _importlib
 
-__all__ = ["COLUMNS", "DEFAULT_LR_GRID", "FitResult", "ProbeWarning", "Protocol", "StoreSpec", "fit", "fit_run", "parse_grid"]
+# public name -> the module that defines it (imported on first access)
+_LAZY = {
+    "fit": "probe.api",
+    "fit_run": "probe.api",
+    "compare": "probe.api",
+    "report": "probe.api",
+    "Protocol": "probe.protocol",
+    "DEFAULT_LR_GRID": "probe.protocol",
+    "parse_grid": "probe.protocol",
+    "StoreSpec": "probe.stores",
+    "COLUMNS": "probe.results.columns",
+    "FitResult": "probe.fitting",
+    "ProbeWarning": "probe.fitting",
+    "Comparison": "probe.comparison",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'probe' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value  # found once; later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")} | {n for n in globals() if not n.startswith("_")})

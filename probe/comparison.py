@@ -81,6 +81,25 @@ class ClassReport:
 
 @dataclass
 class Comparison:
+    """What :func:`probe.compare` returns: every head against the reference store's, on the same images.
+
+    Attributes
+    ----------
+    reference : str
+        The reference store's label.
+    rows : list of Row
+        One per head: top-1 with its bootstrap and Wilson 95% intervals and, for all but the
+        reference, the paired difference (``delta``, ``delta_ci95``, ``n_paired``) and McNemar's
+        exact test (``n01``, ``n10``, ``mcnemar_p``).
+    seeds : list of SeedSummary
+        Per store × view × method × shots with several seeds: mean ± std and the per-seed deltas.
+    per_class : list of ClassReport
+        Per head, each class's accuracy and its difference to the reference, largest gain first.
+    class_names : list of str or None
+    n_resamples, bootstrap_seed : int
+        The bootstrap's settings.
+    """
+
     reference: str
     rows: list[Row]
     seeds: list[SeedSummary] = field(default_factory=list)

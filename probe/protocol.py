@@ -115,7 +115,45 @@ def parse_grid(text: str | float | list | tuple, *, what: str = "learning rate",
 
 @dataclass(frozen=True)
 class Protocol:
-    """Every hyperparameter that changes accuracy. The defaults are explained in docs/probe.md."""
+    """Every hyperparameter that changes accuracy. The defaults are explained in docs/probe.md.
+
+    Parameters
+    ----------
+    lr_grid, wd_grid : str, float or sequence of float
+        Learning rates (default ``"1e-5:1e-1:13"``) and weight decays (default ``0``): a list, a
+        comma text ``"1e-4,1e-3"`` or a log range ``"start:stop:count"``; sorted, de-duplicated,
+        rounded to 4 significant digits.
+    optimizer : {"sgd", "adamw"}, default "sgd"
+    epochs, batch_size : int, default 30, 256
+    momentum : float, default 0.9
+        SGD only (``betas``, ``eps``: AdamW only).
+    schedule : {"cosine", "constant"}, default "cosine"
+    normalize : {"none", "l2", "standardize"}, default "standardize"
+    select_on : {"auto", "holdout", "report"}, default "auto"
+        Where the LR (k, C) is chosen; ``val_fraction`` (0.1) is the seeded train holdout's share.
+    seed : int, default 0
+    seeds : sequence of int or str, default ()
+        Repeat everything per seed (``seed`` is then ``seeds[0]``).
+    methods : sequence of str or str, default ("linear",)
+        Any of ``linear``, ``knn``, ``logreg``.
+    shots : sequence of int or str, default ()
+        Few-shot training sets, examples per class; ``"all"`` (0) is every training row.
+    knn_k, knn_temperature, knn_weights
+        k-NN: neighbour counts (10, 20, 100, 200), T (0.07), ``"exp"`` or ``"uniform"`` votes.
+    logreg_C, logreg_max_iter, logreg_tol, logreg_refit
+        Logistic regression: the C grid (``"1e-6:1e5:45"``), L-BFGS cap (1000) and tolerance
+        (1e-4), and whether the chosen C is refit on train + selection rows (True).
+
+    Raises
+    ------
+    featstore.UsageError
+        Any value out of its range or choices.
+
+    Examples
+    --------
+    >>> probe.Protocol(lr_grid="1e-3:1e-1:5", epochs=10).lr_grid
+    (0.001, 0.003162, 0.01, 0.03162, 0.1)
+    """
 
     lr_grid: tuple[float, ...] = field(default_factory=lambda: parse_grid(DEFAULT_LR_GRID))
     wd_grid: tuple[float, ...] = (0.0,)

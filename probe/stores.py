@@ -25,7 +25,22 @@ _VIEW = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 @dataclass(frozen=True)
 class StoreSpec:
-    """One store of a comparison: its path, an optional label and an optional view of its own."""
+    """One store of a comparison: its path, an optional label and an optional view of its own.
+
+    Parameters
+    ----------
+    path : str
+        A store folder, an ``.h5`` export or a URL.
+    label : str, optional
+        Its name in tables, CSVs and plots (default: the weights file name, else the model name).
+    view : str, optional
+        Probe this view of this store only (default: the views of :func:`probe.fit`'s ``views``).
+
+    Examples
+    --------
+    >>> probe.StoreSpec("dinov2-ft.zarr", label="ft", view="cls4")   # as the text "ft=dinov2-ft.zarr:cls4"
+    StoreSpec(path='dinov2-ft.zarr', label='ft', view='cls4')
+    """
 
     path: str
     label: str | None = None

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.models.checkpoints import load_weights, read_checkpoint
+from featstore.models.checkpoints import load_weights
 from featstore.errors import FeatstoreError
 from featstore.extraction import ExtractConfig, extract
 from featstore.loaders.dataloader import TorchLoader
 from featstore.preprocess import Preprocess
 from featstore.store import FeatureStore
+from tests.helpers import read_checkpoint
 
 
 def _trained_resnet18() -> torch.nn.Module:
@@ -141,6 +142,25 @@ def test_dinov2_original_checkpoint_is_resampled(tmp_path):
     assert enc.backbone.pos_embed.shape == (1, 1 + 16, 384)
     torch.testing.assert_close(enc.backbone.blocks[3].attn.qkv.weight, src.blocks[3].attn.qkv.weight)
     assert "missing 0" in logs[0]
+
+
+def test_an_unknown_position_embedding_rule_is_an_error_not_maes_rule():
+    """A rule outside POS_EMBED_RULES once fell through to MAE's resampling; now it names the known rules."""
+    import dataclasses
+
+    from featstore.models.checkpoints import interpolate_patch_pos_embed, resample_pos_embed
+    from featstore.models.presets import POS_EMBED_RULES, PRESETS
+
+    patches = torch.randn(1, 8, 4, 4)
+    for rule in ("dino", "scale", "size"):
+        assert interpolate_patch_pos_embed(patches, (2, 2), rule).shape == (1, 8, 2, 2)
+    with pytest.raises(ValueError, match="unknown position-embedding rule 'mea'.*dino, scale, size"):
+        interpolate_patch_pos_embed(patches, (2, 2), "mea")
+    with pytest.raises(ValueError, match="unknown position-embedding rule 'dinov2'"):  # before any early return
+        resample_pos_embed({}, torch.nn.Linear(1, 1), "dinov2")
+    assert {p.pos_embed for p in PRESETS.values()} <= set(POS_EMBED_RULES)
+    with pytest.raises(ValueError, match="unknown pos_embed rule 'mae'"):
+        dataclasses.replace(next(iter(PRESETS.values())), pos_embed="mae")
 
 
 class _Evil:

@@ -74,7 +74,8 @@ def test_csv_with_integer_labels_and_errors(tmp_path):
 def test_digits_split_is_fixed_and_complete():
     from sklearn.datasets import load_digits
 
-    from featstore.digits import digit_index_from_path, digits_split_indices
+    from featstore.digits import digits_split_indices
+    from tests.helpers import digit_index_from_path
 
     a, b = digits_split_indices(), digits_split_indices()
     assert all(np.array_equal(a[s], b[s]) for s in a)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from featstore.digits import digit_index_from_path
 from featstore.extraction import ExtractConfig, extract
 from featstore.store import FeatureStore
+from tests.helpers import digit_index_from_path
 
 SMALL = dict(image_size=32, resize=32)  # digits are 8×8: no need for 224 px in tests
 

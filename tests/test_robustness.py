@@ -235,7 +235,7 @@ def test_trust_checkpoint_allows_pickled_extras(tmp_path):
 
     import torchvision
 
-    from featstore.models.checkpoints import read_checkpoint
+    from tests.helpers import read_checkpoint
 
     sd = torchvision.models.resnet18(weights=None).state_dict()
     path = tmp_path / "with_args.pth"

@@ -34,9 +34,9 @@ def choose_loader(name: str, device: torch.device) -> str:
     """``auto``: nvJPEG on a CUDA device, else DALI (CPU threads) where it imports, else torch.
     ``dali`` without DALI is an error.
 
-    On CUDA nvJPEG, not DALI: on an H200 (benchmarks/RESULTS.md, 2026-11-29) nvJPEG ran end to
-    end 1.33-1.36x faster than DALI on every model and image set measured (steady rate 1.1-1.8x),
-    because featstore feeds DALI's pipeline from the main thread. On CPU DALI's threads beat the DataLoader (RESULTS.md, run 5).
+    On CUDA nvJPEG, not DALI: it ran faster end to end on every model and image set measured,
+    because featstore feeds DALI's pipeline from the main thread; on CPU DALI's threads beat the
+    DataLoader (the numbers: benchmarks/RESULTS.md).
     """
     if name == "auto":
         if device.type == "cuda":

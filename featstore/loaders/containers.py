@@ -37,7 +37,7 @@ _STANDALONE = {0x01} | set(range(0xD0, 0xD8))  # TEM, RST0-7: no length field
 _IN_HEADER = frozenset(_TABLES | {_SOS} | _SUPPORTED_SOF)
 _BETWEEN_SCANS = frozenset(_TABLES | {_SOS})
 # inside compressed data 0xFF is followed by 0x00 (a stuffed byte), RST0-7 or another 0xFF (fill);
-# anything else is a marker that ends the scan (a C-speed search: ~10 µs for a 100 KB photo)
+# anything else is a marker that ends the scan (one regex search, at C speed; its cost: benchmarks/RESULTS.md)
 _END_OF_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _PNG_BIT_DEPTHS = {0: {1, 2, 4, 8, 16}, 2: {8, 16}, 3: {1, 2, 4, 8}, 4: {8, 16}, 6: {8, 16}}
 

@@ -64,8 +64,8 @@ class NvjpegLoader:
         """Resize and crop a batch; ``None`` becomes a zero placeholder.
 
         ``by_size`` (default: on CUDA) makes one call per distinct image size (datasets often have a
-        handful) rather than a handful of kernel launches per image; on CPU image by image measured
-        1.5× faster than whole-batch calls here (a batch of float images falls out of the caches).
+        handful) rather than a handful of kernel launches per image; on CPU image by image is the
+        faster (a batch of float images falls out of the caches; benchmarks/RESULTS.md).
         """
         size = self.pre.image_size
         by_size = self.device.type == "cuda" if by_size is None else by_size

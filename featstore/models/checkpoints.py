@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import FeatstoreError
 from .layouts import HEAD_NAMES, Checkpoint, normalize_checkpoint, rename_for_model
+from .presets import POS_EMBED_RULES
 
 
 @dataclass
@@ -66,11 +67,6 @@ def _safe_globals() -> list:
     allowed += [np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct]
     allowed += [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", object)) if n.endswith("DType")]
     return allowed
-
-
-def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
-    """The backbone tensors of a checkpoint file, loaded safely, with wrappers, copies and prefixes removed."""
-    return load_checkpoint(path, trust).tensors
 
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
@@ -222,6 +218,8 @@ def resample_pos_embed(sd: dict, model: nn.Module, rule: str) -> tuple[dict, lis
     timm's converter would resample with its antialiased interpolation, which gives other features
     than DINO/DINOv2/MSN/MAE code does; doing it here first leaves timm nothing to resample.
     """
+    if rule not in POS_EMBED_RULES:
+        raise ValueError(f"unknown position-embedding rule {rule!r} (one of {', '.join(POS_EMBED_RULES)})")
     pe = sd.get("pos_embed")
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if rule == "timm" or pe is None or pe.ndim != 3 or grid is None:
@@ -254,8 +252,10 @@ def interpolate_patch_pos_embed(patches: torch.Tensor, new: tuple[int, int], rul
         if tuple(out.shape[-2:]) != tuple(new):
             raise FeatstoreError(f"position embeddings {old_h}x{old_w} cannot be resampled to {new[0]}x{new[1]} by one scale factor", "use a square --image-size")
         return out
-    # mae util/pos_embed.py interpolate_pos_embed
-    return nn.functional.interpolate(patches, size=new, mode="bicubic", align_corners=False)
+    if rule == "size":
+        # mae util/pos_embed.py interpolate_pos_embed
+        return nn.functional.interpolate(patches, size=new, mode="bicubic", align_corners=False)
+    raise ValueError(f"unknown position-embedding rule {rule!r} (one of {', '.join(r for r in POS_EMBED_RULES if r != 'timm')})")
 
 
 def _pos_grid(tokens: int) -> tuple[int, int | None]:

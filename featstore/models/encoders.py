@@ -26,9 +26,6 @@ from ..errors import FeatstoreError, UsageError
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .presets import PRESETS, Preset, find_preset
 
-VIT_VIEWS = ("cls", "avgpool", "cls4")
-CNN_VIEWS = ("pool",)
-
 
 _TV_PRE = Preprocess(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 

@@ -32,6 +32,10 @@ class Preset:
     timm_kwargs: dict = field(default_factory=dict)
     pos_embed: str = "timm"
 
+    def __post_init__(self):
+        if self.pos_embed not in POS_EMBED_RULES:  # a typo here would otherwise resample like another codebase
+            raise ValueError(f"preset {self.name!r}: unknown pos_embed rule {self.pos_embed!r} (one of {', '.join(POS_EMBED_RULES)})")
+
     @property
     def class_token(self) -> bool:
         """False for a model built without a CLS token (I-JEPA), which has only avgpool."""

@@ -1,0 +1,218 @@
+"""The public Python API of probe: ``probe.fit``, ``fit_run``, ``compare``, ``report``.
+
+Each function imports its implementation when called, so ``import probe`` stays light (no torch,
+no zarr). ``probe/__init__.py`` exposes these names lazily; docs/api.md walks through them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for readers and type checkers only
+    from .comparison import Comparison
+    from .fitting import FitResult
+    from .protocol import Protocol
+
+
+def fit(stores, protocol: "Protocol | None" = None, *, views: Iterable[str] | str | None = None, device: str = "auto",
+        allow_different_data: bool = False, out: str | os.PathLike | None = None, overwrite: bool = False,
+        log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """Probe feature stores under one protocol and return one row per configuration.
+
+    The rows of :func:`fit_run` (same arguments): one dict per store × view × seed × shots ×
+    method configuration (for the default linear-only protocol, per store × view × lr × wd).
+
+    Parameters
+    ----------
+    stores : path, str, StoreSpec, or an iterable of them
+        Feature stores (folders, ``.h5`` exports, URLs); a text may be ``[LABEL=]PATH[:VIEW]`` as
+        on the command line. Several stores are one comparison under the same protocol.
+    protocol : Protocol, optional
+        Every hyperparameter (LR grid, epochs, methods, shots, seeds…); default ``Protocol()``.
+    views : str or iterable of str, optional
+        Views of every store without its own ``:VIEW``; default: every view the stores share,
+        else each store's primary view (``pool`` for a CNN, ``cls`` for a ViT).
+    device : {"auto", "cpu", "cuda"} or torch.device, default "auto"
+    allow_different_data : bool, default False
+        Compare stores whose dataset manifests differ (with a warning) instead of refusing.
+    out : path, optional
+        Also write results.csv, summary.csv, protocol.json, predictions.csv and
+        accuracy_vs_lr.png into this folder (all or nothing).
+    overwrite : bool, default False
+        Replace a previous probe run in ``out``; a folder holding other files is still refused.
+    log : callable, optional
+        Receives the progress lines (default: none).
+    warn : callable, optional
+        Receives warnings (default: Python ``warnings`` with category :class:`ProbeWarning`).
+
+    Returns
+    -------
+    list of dict
+        Keys of :data:`probe.COLUMNS` (accuracies in percent, ``*_top1_pct``; None where a column
+        does not apply). ``selected`` marks the configuration chosen on the selection split; its
+        row also holds ``report_predictions`` (per-image paths, target, top-1, top-5).
+
+    Raises
+    ------
+    featstore.UsageError
+        A store given twice, stores of different data, a bad view, ``out`` not empty.
+    featstore.FeatstoreError
+        A store that is missing or not complete.
+
+    Examples
+    --------
+    >>> rows = probe.fit(["a.zarr", "ft=b.zarr:cls4"], probe.Protocol(lr_grid="1e-3:1e-1:5", epochs=10),
+    ...                  out="results/ab")                                       # doctest: +SKIP
+    >>> [(r["label"], r["lr"], r["report_top1_pct"]) for r in rows if r["selected"]]  # doctest: +SKIP
+    """
+    return fit_run(stores, protocol, views=views, device=device, allow_different_data=allow_different_data, out=out,
+                   overwrite=overwrite, log=log, warn=warn).rows
+
+
+def fit_run(stores, protocol: "Protocol | None" = None, *, views: Iterable[str] | str | None = None, device: str = "auto",
+            allow_different_data: bool = False, out: str | os.PathLike | None = None, overwrite: bool = False,
+            log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> "FitResult":
+    """Run every method of ``protocol`` (its LR grid, k grid, C path) on every store × view × seed × shots.
+
+    The same as :func:`fit`, and the statistics computed over the rows, each once.
+
+    Parameters
+    ----------
+    stores, protocol, views, device, allow_different_data, out, overwrite, log, warn
+        As :func:`fit`.
+
+    Returns
+    -------
+    FitResult
+        ``rows`` (as :func:`fit` returns them; 95% intervals of the reported top-1 in
+        ``wilson95_*`` and, on the selected rows, ``ci95_*``), ``comparison`` (a
+        :class:`probe.comparison.Comparison` of every selected configuration's per-image
+        predictions against the first store; None when nothing was reported) and ``digest``
+        (summary.csv's per-seed entries and the difference to the first store).
+
+    Raises
+    ------
+    featstore.UsageError, featstore.FeatstoreError
+        As :func:`fit`.
+
+    Examples
+    --------
+    >>> result = probe.fit_run(["a.zarr", "b.zarr"], out="results/ab")           # doctest: +SKIP
+    >>> [(r.label, r.delta) for r in result.comparison.rows]                     # doctest: +SKIP
+    """
+    from .fitting import fit_run as run
+
+    return run(stores, protocol, views=views, device=device, allow_different_data=allow_different_data, out=out,
+               overwrite=overwrite, log=log, warn=warn)
+
+
+def compare(results, reference: str | None = None, *, class_names: list[str] | None = None,
+            n_resamples: int | None = None, bootstrap_seed: int | None = None) -> "Comparison":
+    """Compare every selected head with the reference store's, on the same images.
+
+    For each head: top-1 with a bootstrap and a Wilson 95% interval; against the reference's head
+    of the same method, shots and seed: the difference on the images both hold, its paired
+    bootstrap interval and McNemar's exact test; per seed and per class. No features are read.
+
+    Parameters
+    ----------
+    results : path, FitResult, list of dict or list of Predictions
+        What to compare: a results folder written by :func:`fit` (``out=``) or ``probe fit``
+        (its predictions.csv and class names are read); the :class:`FitResult` of
+        :func:`fit_run`; the rows :func:`fit` returned; or a list of
+        :class:`probe.results.predictions.Predictions`.
+    reference : str, optional
+        The store label every other store is compared with; default: the first store.
+    class_names : list of str, optional
+        Names of the classes in the per-class report; default: the results folder's (a folder),
+        else class indices.
+    n_resamples : int, optional
+        Bootstrap resamples (default 2000).
+    bootstrap_seed : int, optional
+        The bootstrap's seed (default 0).
+
+    Returns
+    -------
+    Comparison
+        ``reference`` (its label); ``rows`` (one per head: ``label``, ``view``, ``method``, ``top1``,
+        ``ci95``, ``wilson95``, and for all but the reference ``delta``, ``delta_ci95``,
+        ``n_paired``, ``mcnemar_p``); ``seeds``; ``per_class``; ``to_json()`` is
+        ``probe compare --json``'s document. ``probe.comparison.markdown(comparison)`` prints it.
+
+    Raises
+    ------
+    featstore.UsageError
+        A folder without results or predictions, no predictions at all, an unknown ``reference``.
+    TypeError
+        ``results`` of another type.
+
+    Examples
+    --------
+    >>> comparison = probe.compare("results/ab", reference="a")                 # doctest: +SKIP
+    >>> [(r.label, r.top1, r.delta, r.mcnemar_p) for r in comparison.rows]       # doctest: +SKIP
+    """
+    from . import intervals
+    from .comparison import compare as run
+    from .results.predictions import Predictions, of_rows
+
+    if isinstance(results, (str, os.PathLike)):
+        from .results.runs import load, require_predictions
+
+        loaded = load(Path(results))
+        predictions = require_predictions(loaded)
+        class_names = class_names if class_names is not None else loaded.class_names
+    elif hasattr(results, "rows") and hasattr(results, "comparison"):  # a FitResult (no torch import to check)
+        predictions = of_rows(results.rows)
+    elif isinstance(results, (list, tuple)) and all(isinstance(p, Predictions) for p in results):
+        predictions = list(results)
+    elif isinstance(results, (list, tuple)) and all(isinstance(r, dict) for r in results):
+        predictions = of_rows(list(results))
+    else:
+        raise TypeError("probe.compare() takes a results folder, a FitResult, the rows of probe.fit or a list of "
+                        f"Predictions, not {type(results).__name__}")
+    return run(predictions, reference, class_names=class_names,
+               n_resamples=intervals.N_RESAMPLES if n_resamples is None else n_resamples,
+               bootstrap_seed=intervals.BOOTSTRAP_SEED if bootstrap_seed is None else bootstrap_seed)
+
+
+def report(folders: "Iterable[str | os.PathLike] | str | os.PathLike", out: str | os.PathLike = "report", *,
+           reference: str | None = None, allow_mixed: bool = False) -> dict[str, Path]:
+    """Gather results folders of probe runs into one leaderboard and one self-contained report.html.
+
+    Parameters
+    ----------
+    folders : path or iterable of paths
+        Results folders written by :func:`fit` (``out=``) or ``probe fit --out``.
+    out : path, default "report"
+        The folder to write into (created if missing; the three files are replaced).
+    reference : str, optional
+        The store label the others are compared with; default: the first store.
+    allow_mixed : bool, default False
+        Rank results of different protocols, datasets or report splits as separate groups
+        instead of refusing them.
+
+    Returns
+    -------
+    dict of str to pathlib.Path
+        ``leaderboard.md``, ``leaderboard.csv`` and ``report.html`` → the path written.
+
+    Raises
+    ------
+    featstore.UsageError
+        A folder without results, results that cannot be ranked together (without
+        ``allow_mixed``), ``out`` naming a file.
+
+    Examples
+    --------
+    >>> paths = probe.report(["results/ab", "results/cd"], out="report")        # doctest: +SKIP
+    >>> sorted(paths)                                                           # doctest: +SKIP
+    ['leaderboard.csv', 'leaderboard.md', 'report.html']
+    """
+    from .output.report import report as write
+
+    if not isinstance(folders, (str, os.PathLike)):
+        folders = list(folders)
+    return write(folders, out, reference=reference, allow_mixed=allow_mixed)

@@ -89,7 +89,7 @@ def make_stores(n: int) -> None:
             attrs={"encoder": {"name": f"model{i}", "arch": "tv:resnet18", "weights_path": None, "weights_sha256": "random-init"},
                    "dataset": {"name": "digits", "spec": "digits", "manifest_sha256": "m"}, "cache_key": key},
         )  # fmt: skip
-        for s, m in sizes.items():
+        for s in sizes:
             for u in fs.units(s):
                 fs.write_unit(u, {"pool": x[: u.rows]}, np.ones(u.rows, bool))
         fs.finalize()

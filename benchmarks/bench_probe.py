@@ -202,7 +202,7 @@ def write_store(path: Path, data) -> Path:
     splits = {k: ([f"{i}" for i in range(len(y))], y.cpu().numpy()) for k, (x, y) in data.items()}
     store = FeatureStore.create(path, splits=splits, views={"feat": dim}, dtype="float16", chunk_rows=8192,
                                 attrs={"encoder": {"name": "synthetic"}, "dataset": {"name": "synthetic", "manifest_sha256": "bench"}})  # fmt: skip
-    for k, (x, y) in data.items():
+    for k, (x, _y) in data.items():
         x16 = x.cpu().to(torch.float16).numpy()
         for u in store.units(k):
             store.write_unit(u, {"feat": x16[u.start : u.stop]}, np.ones(u.rows, bool))

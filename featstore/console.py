@@ -21,7 +21,7 @@ class OneLineErrors(click.Group):
         sys.exit(run_cli(self, prog_name or self.name, args))
 
 
-def run_cli(group: click.Group, prog_name: str, args: list[str] | None = None) -> int:
+def run_cli(group: click.Group, prog_name: str | None, args: list[str] | None = None) -> int:
     """Run ``group`` on ``args``; return the exit code after printing any error as ``error: …``."""
     args = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in args or os.environ.get("FEATSTORE_DEBUG") == "1"

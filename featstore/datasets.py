@@ -165,7 +165,7 @@ def csv_manifest(csv_path: Path) -> Manifest:
         paths, labels = by_split.setdefault(split, ([], []))
         paths.append(rel)
         labels.append(label_of[r["label"]])
-    splits = {s: SplitManifest(s, tuple(p), np.asarray(l, np.int32)) for s, (p, l) in by_split.items()}
+    splits = {s: SplitManifest(s, tuple(p), np.asarray(y, np.int32)) for s, (p, y) in by_split.items()}
     return Manifest(csv_path.stem, root, tuple(class_names), splits)
 
 

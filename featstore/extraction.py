@@ -19,8 +19,9 @@ import shlex
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -83,9 +84,9 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     """
     defaults = ExtractConfig(model="", dataset="", out="")
     dataset = config.dataset if config.dataset in BUILTIN_DATASETS else resolved_path(config.dataset)
-    args = ["featstore", "extract", "--model", resolved_model(config.model), "--dataset", dataset, "--out", str(Path(config.out).resolve()),
+    args = ["featstore", "extract", "--model", resolved_model(config.model), "--dataset", dataset, "--out", str(Path(cast(str, config.out)).resolve()),
             "--loader", loader_name]
-    options = [("data_root", "--data-root", resolved_path), ("weights", "--weights", resolved_path),
+    options: list[tuple[str, str, Callable[[Any], str]]] = [("data_root", "--data-root", resolved_path), ("weights", "--weights", resolved_path),
                ("views", "--views", ",".join), ("device", "--device", str), ("batch_size", "--batch-size", str), ("workers", "--workers", str),
                ("dtype", "--dtype", str), ("chunk_rows", "--chunk-rows", str), ("image_size", "--image-size", str),
                ("resize", "--resize", str), ("interpolation", "--interpolation", str),
@@ -132,7 +133,8 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = log_to_stderr, p
     if config.out is None:
         out = _cached_location(manifest, config.model, key)
         config = dataclasses.replace(config, out=str(out))  # from here on the cached path is the --out
-    out = Path(config.out)
+    else:
+        out = Path(config.out)
     rows = {s: len(m) for s, m in manifest.splits.items()}
 
     if ranks.is_leader:

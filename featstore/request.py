@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 from .home import index_dir, write_memo
 from .errors import UsageError
@@ -120,6 +121,10 @@ def refuse_url_out(out: str | None) -> None:
         )
 
 
+@overload
+def resolved_path(path: str) -> str: ...
+@overload
+def resolved_path(path: None) -> None: ...
 def resolved_path(path: str | None) -> str | None:
     """``path`` made absolute when it names something that exists (else as typed, e.g. a builtin name)."""
     if path is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import click
 
 from featstore.console import OneLineErrors
@@ -102,7 +104,7 @@ def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, ep
         raise UsageError(f"--lr must be positive, got {lr:g}", "pass e.g. --lr 0.01")
     if seed is not None and seeds is not None:
         raise UsageError("--seed and --seeds are exclusive", "pass one --seed, or every seed in --seeds")
-    grid = (lr,) if lr is not None else (lr_grid or DEFAULT_LR_GRID)
+    grid = cast(tuple[float, ...], (lr,) if lr is not None else (lr_grid or DEFAULT_LR_GRID))  # a grid string: Protocol parses it
     protocol = Protocol(
         lr_grid=grid, wd_grid=wd_grid, optimizer=optimizer, epochs=epochs, batch_size=batch_size, momentum=momentum,
         normalize=normalize, select_on=select_on, val_fraction=val_fraction, seed=seed if seed is not None else _DEFAULTS.seed,

@@ -179,10 +179,11 @@ def compare(
     rows, per_class, paired, aligned = [], [], {}, {}
     for p in predictions:
         correct = p.correct
+        ci_low, ci_high = (float(v) for v in I.bootstrap_interval(correct, **stats))
         row = Row(
             p.label, p.view, p.method, p.shots, p.seed, len(correct),
             float(correct.mean() * 100.0) if len(correct) else math.nan,
-            tuple(float(v) for v in I.bootstrap_interval(correct, **stats)),
+            (ci_low, ci_high),
             I.wilson_interval(int(correct.sum()), len(correct)),
             is_reference=p.label == reference,
         )  # fmt: skip
@@ -212,9 +213,9 @@ def compare(
         known = [d for d in deltas if d is not None]
         top_mean, top_std = I.mean_std([r.top1 for r in rs])
         d_mean, d_std = I.mean_std(known) if known else (None, None)
-        diffs = [aligned.get(r.key) for r in rs]
+        diffs = [d for d in (aligned.get(r.key) for r in rs) if d is not None]
         ci = None
-        if all(d is not None for d in diffs) and all(np.array_equal(d[0], diffs[0][0]) for d in diffs):
+        if len(diffs) == len(rs) and all(np.array_equal(d[0], diffs[0][0]) for d in diffs):
             ci = I.seed_mean_interval([d[1] for d in diffs], **stats)
         seeds.append(SeedSummary(label, view, method, shots, [r.seed for r in rs], top_mean, top_std, deltas, d_mean, d_std, ci))
     return Comparison(reference, rows, seeds, per_class, class_names, n_resamples, bootstrap_seed)
@@ -267,7 +268,7 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
         for s in comparison.seeds:
             per = ", ".join("—" if d is None else f"{d:+.1f}" for d in s.delta_per_seed)
             dm = "—" if s.delta_mean is None else f"{s.delta_mean:+.2f} ± {s.delta_std:.2f}"
-            dci = fmt_interval(s.delta_mean, s.delta_mean_ci95, digits=2, signed=True) if s.delta_mean_ci95 else "—"
+            dci = fmt_interval(s.delta_mean, s.delta_mean_ci95, digits=2, signed=True) if s.delta_mean_ci95 and s.delta_mean is not None else "—"
             out += f"| {s.label} | {s.view} | {s.method} | {s.shots or 'all'} | {len(s.seeds)} | {s.top1_mean:.2f} ± {s.top1_std:.2f} | {per} | {dm} | {dci} |\n"
         out += "\nΔ mean [95% CI]: paired bootstrap over the images of the seed-averaged per-image difference.\n"
     for c in comparison.per_class:

@@ -164,8 +164,8 @@ def per_class_difference(target, correct, correct_reference) -> list[ClassDiffer
     (ties: class index)."""
     ours = per_class_accuracy(target, correct)
     ref = per_class_accuracy(target, correct_reference)
-    out = [ClassDifference(k, n, acc, ref[k][1], acc - ref[k][1]) for k, (n, acc) in ours.items()]
-    return sorted(out, key=lambda d: (-d.delta, d.target))
+    out = [(k, n, acc, ref[k][1], acc - ref[k][1]) for k, (n, acc) in ours.items()]
+    return [ClassDifference(*d) for d in sorted(out, key=lambda d: (-d[4], d[0]))]
 
 
 

@@ -71,7 +71,7 @@ def check_logreg(Cs, tol: float, max_iter: int) -> tuple[float, ...]:
     return Cs
 
 
-def parse_grid(text: str | float | list | tuple, *, what: str = "learning rate", allow_zero: bool = False, option: str | None = None) -> tuple[float, ...]:
+def parse_grid(text: str | float | list | tuple | None, *, what: str = "learning rate", allow_zero: bool = False, option: str | None = None) -> tuple[float, ...]:
     """Parse ``1e-4,1e-3,0.01`` or ``start:stop:count`` (log-spaced) into a sorted tuple of floats."""
     option = option or ("--lr-grid" if what == "learning rate" else "--wd-grid")
     if isinstance(text, (int, float)):

@@ -77,7 +77,7 @@ def primary_view(store: FeatureStore) -> str:
     """``pool`` for a CNN, ``cls`` for a ViT, else the first view the store was written with."""
     views = store.views
     family = (store.attrs.get("encoder") or {}).get("family")
-    preferred = PRIMARY_VIEW.get(family)
+    preferred = PRIMARY_VIEW.get(family) if isinstance(family, str) else None
     return preferred if preferred in views else next(iter(views))
 
 
@@ -97,13 +97,13 @@ def default_label(store: FeatureStore) -> str:
 def assign_labels(specs: list[StoreSpec], stores: list[FeatureStore]) -> list[str]:
     """One distinct label per store: the given one, or the default made unique by the store's path."""
     given = [s.label for s in specs if s.label]
-    twice = sorted({l for l in given if given.count(l) > 1})
+    twice = sorted({g for g in given if given.count(g) > 1})
     if twice:
         raise UsageError(f"label {twice[0]!r} given to several stores", "give each --store LABEL=PATH its own label")
     base = [s.label or default_label(fs) for s, fs in zip(specs, stores)]
     labels = []
     for i, (spec, fs) in enumerate(zip(specs, stores)):
-        others = [j for j, l in enumerate(base) if l == base[i] and j != i]
+        others = [j for j, b in enumerate(base) if b == base[i] and j != i]
         if spec.label or not others:
             labels.append(base[i])
             continue

@@ -59,7 +59,7 @@ def mean_hamming_distance(perms: np.ndarray) -> float:
 
 def cut_tiles(images: torch.Tensor, tile: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, C, S, S) -> (B, 9, C, tile, tile): one tile per grid cell at a random offset inside it."""
-    b, c, s, _ = images.shape
+    b, _, s, _ = images.shape
     cell = s // GRID
     if tile > cell:
         raise ValueError(f"tile {tile} does not fit a grid cell of {cell} px")

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Generator, Iterator
 from functools import lru_cache
-from typing import Iterator
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ class DaliLoader:
         pre = self.pre
         on_gpu = self.on_gpu
         # device and host memory sized up front for a stream of full batches
-        preallocate = {} if small else dict(
+        preallocate: dict[str, Any] = {} if small else dict(
             device_memory_padding=64 << 20, host_memory_padding=8 << 20, preallocate_width_hint=1024, preallocate_height_hint=1024,
         )
 
@@ -126,7 +127,7 @@ class DaliLoader:
 
     # ------------------------------------------------------------------ iteration
 
-    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
+    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Generator[Batch, None, None]:  # closed early by extraction
         if not plan:
             return
         with DecoderNoiseFilter():  # libjpeg/nvImageCodec print warnings from DALI's threads
@@ -157,6 +158,8 @@ class DaliLoader:
         pipe = self._pipeline(source(), max(len(p) for p in plan))
         try:
             for i, rows in enumerate(plan):
+                decoded: torch.Tensor | None
+                bad: dict[int, str] | None
                 try:
                     (out,) = pipe.run()
                     decoded, bad = self._to_torch(out), {}
@@ -174,12 +177,12 @@ class DaliLoader:
 
     def _assemble(self, rows: np.ndarray, ok_rows: list[int], decoded: torch.Tensor | None) -> torch.Tensor:
         if len(ok_rows) == len(rows):
-            return decoded
+            return cast(torch.Tensor, decoded)  # every row decoded: decoded holds them all
         images = self._placeholder(len(rows))
         if ok_rows:
             where = {r: i for i, r in enumerate(rows.tolist())}
             index = torch.as_tensor([where[r] for r in ok_rows], device=self.device)
-            images[index] = decoded[: len(ok_rows)].to(images.dtype)
+            images[index] = cast(torch.Tensor, decoded)[: len(ok_rows)].to(images.dtype)  # the decoded rows, ok_rows of them
         return images
 
     def _bisect(self, data: list[np.ndarray], rows: list[int]) -> tuple[list[torch.Tensor], dict[int, str]]:
@@ -235,7 +238,7 @@ def _nvimgcodec():
     # its Python binding logs refusals in colour on stderr unless told not to (read at import)
     os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
     try:
-        from nvidia import nvimgcodec
+        import nvidia.nvimgcodec as nvimgcodec
     except Exception:  # DALI without the binding: the container checks still apply
         return None
     return nvimgcodec

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Generator
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class TorchLoader:
         self.device = device
         self.workers = workers
 
-    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
+    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Generator[Batch, None, None]:  # closed early by extraction
         if not plan:
             return
         loader = DataLoader(

@@ -17,8 +17,10 @@ with ``record_stream``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import cast
 
 import numpy as np
 import torch
@@ -55,8 +57,8 @@ class NvjpegLoader:
         x = images.float()
         if size != (h, w):
             x = F.interpolate(x, size=size, mode=mode, antialias=mode != "nearest", align_corners=False if mode != "nearest" else None)
-        top = int(round((size[0] - pre.image_size) / 2.0))
-        left = int(round((size[1] - pre.image_size) / 2.0))
+        top = round((size[0] - pre.image_size) / 2.0)
+        left = round((size[1] - pre.image_size) / 2.0)
         x = x[..., top:top + pre.image_size, left:left + pre.image_size]
         return x.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -73,12 +75,13 @@ class NvjpegLoader:
         for i, image in enumerate(decoded):
             if image is not None:
                 groups.setdefault(tuple(image.shape) if by_size else i, []).append(i)
+        present = cast(list[torch.Tensor], decoded)  # read only at the rows in groups, none of them None
         if len(groups) == 1 and len(next(iter(groups.values()))) == len(decoded):
-            return self.resize_crop(torch.stack(decoded))
+            return self.resize_crop(torch.stack(present))
         placeholder = torch.zeros(3, size, size, dtype=torch.uint8, device=self.device)
         out: list[torch.Tensor] = [placeholder] * len(decoded)
         for rows in groups.values():
-            batch = decoded[rows[0]][None] if len(rows) == 1 else torch.stack([decoded[i] for i in rows])
+            batch = present[rows[0]][None] if len(rows) == 1 else torch.stack([present[i] for i in rows])
             for i, crop in zip(rows, self.resize_crop(batch)):
                 out[i] = crop
         return torch.stack(out)
@@ -101,16 +104,14 @@ class NvjpegLoader:
         errors: dict[int, str] = {}
         jpeg = [i for i, (b, _) in enumerate(blobs) if b is not None and image_format(b) == "jpeg"]
         if jpeg:
-            data = [torch.frombuffer(bytearray(blobs[i][0]), dtype=torch.uint8) for i in jpeg]
+            data = [torch.frombuffer(bytearray(cast(bytes, blobs[i][0])), dtype=torch.uint8) for i in jpeg]  # jpeg: rows with bytes
             try:
                 for i, img in zip(jpeg, self._decode_jpegs(data)):
                     images[i] = img
             except RuntimeError:  # one bad JPEG fails the batch: retry each alone, PIL for the ones that fail
                 for i, one in zip(jpeg, data):
-                    try:
+                    with contextlib.suppress(RuntimeError):
                         images[i] = self._decode_jpegs([one])[0]
-                    except RuntimeError:
-                        pass
         for i, (blob, reason) in enumerate(blobs):
             if images[i] is not None:
                 continue
@@ -123,7 +124,7 @@ class NvjpegLoader:
                 errors[i] = decode_failure(e, blob)
         return images, errors
 
-    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
+    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Generator[Batch, None, None]:  # closed early by extraction
         if not plan:
             return
         with DecoderNoiseFilter():  # libjpeg warns on stderr about data it decodes anyway

@@ -11,6 +11,7 @@ a reason, a file they decode with a warning is a valid row (see ``containers``).
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import re
@@ -86,10 +87,8 @@ class DecoderNoiseFilter:
             DecoderNoiseFilter._active -= 1
         if not self.owner:
             return
-        try:
+        with contextlib.suppress(Exception):
             sys.stderr.flush()
-        except Exception:
-            pass
         os.dup2(self.real, 2)  # closes the pipe's last write end: the forwarder reads EOF
         self.thread.join()
         os.close(self.read_end)

@@ -19,6 +19,7 @@ import pickle
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -225,7 +226,7 @@ def resample_pos_embed(sd: dict, model: nn.Module, rule: str) -> tuple[dict, lis
     if rule == "timm" or pe is None or pe.ndim != 3 or grid is None:
         return sd, []
     n_prefix, old = _pos_grid(pe.shape[1])
-    new = tuple(int(g) for g in grid)
+    new = cast(tuple[int, int], tuple(int(g) for g in grid))  # a ViT patch_embed.grid_size is (h, w)
     if old is None or (old, old) == new:
         return sd, []
     prefix, patches = pe[:, :n_prefix], pe[:, n_prefix:].float()
@@ -247,8 +248,8 @@ def interpolate_patch_pos_embed(patches: torch.Tensor, new: tuple[int, int], rul
         return nn.functional.interpolate(patches, scale_factor=scale, mode="bicubic", antialias=False)
     if rule == "scale":
         # msn src/deit.py, ijepa src/models/vision_transformer.py: scale_factor=math.sqrt(npatch / N)
-        scale = math.sqrt(new[0] * new[1] / (old_h * old_w))
-        out = nn.functional.interpolate(patches, scale_factor=scale, mode="bicubic")
+        factor = math.sqrt(new[0] * new[1] / (old_h * old_w))
+        out = nn.functional.interpolate(patches, scale_factor=factor, mode="bicubic")
         if tuple(out.shape[-2:]) != tuple(new):
             raise FeatstoreError(f"position embeddings {old_h}x{old_w} cannot be resampled to {new[0]}x{new[1]} by one scale factor", "use a square --image-size")
         return out

@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
@@ -145,8 +145,8 @@ def _timm_preprocess(name: str) -> Preprocess:
     """timm's pretrained_cfg for this model (and tag), as our preprocessing."""
     import timm.models
 
-    cfg = timm.models.get_pretrained_cfg(name)
-    cfg = cfg.to_dict() if cfg is not None else {}
+    pretrained = timm.models.get_pretrained_cfg(name)
+    cfg: dict[str, Any] = pretrained.to_dict() if pretrained is not None else {}
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
     crop_pct = float(cfg.get("crop_pct") or 0.875)
     interp = cfg.get("interpolation", "bicubic")
@@ -170,6 +170,8 @@ def _load_builder(name: str) -> Callable[[], nn.Module]:
             module = sys.modules.get(mod_name)  # resolve and build both ask: run the file once
             if module is None:
                 spec = importlib.util.spec_from_file_location(mod_name, path)
+                if spec is None or spec.loader is None:  # not for a .py file; typed Optional all the same
+                    raise UsageError(f"cannot import {target!r}", "pass --model path/to/file.py:function")
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[mod_name] = module
                 try:
@@ -198,7 +200,7 @@ class FeatureEncoder(nn.Module):
         self.family = family
         self._block_outputs: list[torch.Tensor] = []
         if family == "vit" and hasattr(backbone, "blocks"):
-            for block in list(backbone.blocks)[-4:]:
+            for block in list(cast(Any, backbone).blocks)[-4:]:
                 block.register_forward_hook(lambda _m, _i, out: self._block_outputs.append(out))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -207,12 +209,13 @@ class FeatureEncoder(nn.Module):
             return dict(out) if isinstance(out, dict) else {"features": out}
         if self.family == "vit" and hasattr(self.backbone, "forward_features") and hasattr(self.backbone, "blocks"):
             self._block_outputs = []
-            tokens = self.backbone.forward_features(x)  # final norm applied
+            vit: Any = self.backbone  # a timm ViT: forward_features, norm, num_prefix_tokens, cls_token
+            tokens = vit.forward_features(x)  # final norm applied
             n_prefix = getattr(self.backbone, "num_prefix_tokens", 1)
             if getattr(self.backbone, "cls_token", None) is None:  # no CLS token (I-JEPA): patch tokens only
                 self._block_outputs = []
                 return {"avgpool": tokens[:, n_prefix:].mean(dim=1)}
-            norm = self.backbone.norm
+            norm = vit.norm
             last4 = [norm(h)[:, 0] for h in self._block_outputs[-4:]]
             self._block_outputs = []
             return {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ DINO_VITS = {  # dino vision_transformer.py, ibot models/vision_transformer.py (
     "vit_tiny": (192, 3, 12), "vit_small": (384, 6, 12), "vit_base": (768, 12, 12), "vit_large": (1024, 16, 24),
 }
 MAE_VITS = {"base": (768, 12, 12), "large": (1024, 16, 24), "huge": (1280, 16, 32)}  # mae models_mae.py / models_vit.py
-PRESET_FOR = {("MoCo v3", "vit_small", 16): "mocov3-vits", ("MoCo v3", "vit_base", 16): "mocov3-vitb",
+PRESET_FOR: dict[tuple[str, str, int | None], str] = {("MoCo v3", "vit_small", 16): "mocov3-vits", ("MoCo v3", "vit_base", 16): "mocov3-vitb",
               ("DINO/iBOT", "vit_small", 16): "dinov1 or ibot-s", ("DINO/iBOT", "vit_small", 8): "dinov1-s8",
               ("DINO/iBOT", "vit_base", 16): "dinov1-b16 or ibot-b", ("DINO/iBOT", "vit_base", 8): "dinov1-b8",
               ("DINO/iBOT", "vit_large", 16): "ibot-l", ("MAE", "base", 16): "mae-b", ("MAE", "large", 16): "mae-l",
@@ -89,13 +90,14 @@ class Provenance:
             return cls("torchvision", arch)  # MoCo v1/v2 main_moco.py saves the torchvision name
         if args is not None:
             if isinstance(get("arch"), str):  # dino main_dino.py / ibot main_ibot.py save_dict['args']
-                a, patch = get("arch"), get("patch_size")
+                a = str(get("arch"))
+                patch = get("patch_size")
                 if a in DINO_VITS:
                     return cls("DINO/iBOT", a, int(patch) if patch else 16, DINO_VITS[a], a)
                 return cls("torchvision", a)
             m = re.fullmatch(r"(?:mae_)?vit_(base|large|huge)_patch(\d+)", str(get("model") or ""))
             if m:  # mae main_pretrain.py / main_linprobe.py save args.model
-                return cls("MAE", get("model"), int(m.group(2)), MAE_VITS[m.group(1)], m.group(1))
+                return cls("MAE", str(get("model")), int(m.group(2)), MAE_VITS[m.group(1)], m.group(1))
         return cls()
 
     @classmethod
@@ -113,7 +115,8 @@ class Provenance:
         """Refuse a model that contradicts the checkpoint's own record of its architecture."""
         label = label or arch or type(model).__name__
         if self.vit is not None and hasattr(model, "blocks") and hasattr(model, "patch_embed"):
-            have = (getattr(model, "embed_dim", None), _heads(model), len(model.blocks))
+            blocks: Any = model.blocks
+            have = (getattr(model, "embed_dim", None), _heads(model), len(blocks))
             patch = getattr(model.patch_embed, "patch_size", (None,))[0]
             if have != self.vit or (self.patch_size and patch != self.patch_size):
                 suggestion = PRESET_FOR.get((self.codebase, self.size, self.patch_size))
@@ -131,7 +134,8 @@ class Provenance:
 
 
 def _heads(model: nn.Module) -> int | None:
-    attn = getattr(model.blocks[0], "attn", None) if len(model.blocks) else None
+    blocks: Any = model.blocks
+    attn = getattr(blocks[0], "attn", None) if len(blocks) else None
     return getattr(attn, "num_heads", None)
 
 

@@ -15,7 +15,6 @@ gives the same results.
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..atomic import atomic_file
 from ..errors import FeatstoreError, UsageError
 from .feature_store import FeatureStore
 
@@ -45,18 +45,15 @@ def export(source: str, to: str, view: str | None = None, overwrite: bool = Fals
         raise UsageError("--view applies to .npz exports", "an HDF5 export holds every view")
     start = time.perf_counter()
     # write beside the target and rename: a killed export never leaves a half file under its name
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        if suffix == ".npz":
-            view = _one_view(store, view)
-            nbytes = _write_npz(store, tmp, view)
-        else:
-            nbytes = _write_hdf5(store, tmp)
-        os.replace(tmp, target)
+        with atomic_file(target) as tmp:
+            if suffix == ".npz":
+                view = _one_view(store, view)
+                nbytes = _write_npz(store, tmp, view)
+            else:
+                nbytes = _write_hdf5(store, tmp)
     except OSError as e:
         raise FeatstoreError(f"cannot write {to!r}: {e.strerror or e}", "check the folder is writable and has space") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     return {"store": str(store.path), "to": str(target), "format": suffix.lstrip("."), "view": view,
             "bytes": target.stat().st_size, "feature_bytes": nbytes, "seconds": seconds}

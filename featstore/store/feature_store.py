@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..version import __version__
-from ..atomic import write_atomic
+from ..atomic import atomic_folder, write_atomic
 from ..errors import FeatstoreError, UsageError
 from ..home import mark_used
 from .hdf5 import open_hdf5
@@ -185,43 +185,44 @@ class FeatureStore:
             raise FeatstoreError(f"{str(path)!r} already exists", "remove it or choose another path")
         # build beside the target and rename: a store is either absent or fully planned, never half-created
         _remove_stale_builds(path)
-        build = path.with_name(f".{path.name}.creating-{os.getpid()}")
-        shutil.rmtree(build, ignore_errors=True)
-        group = zarr.open_group(str(build), mode="w")
-        for split, (paths, labels) in splits.items():
-            n = len(paths)
-            sg = group.create_group(split)
-            rows = max(1, min(chunk_rows, n))
-            # dimension names let xarray and dask open the arrays (row is shared by a split's arrays)
-            sg.create_array("labels", shape=(n,), dtype="int32", chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(labels, np.int32)
-            sg.create_array("paths", shape=(n,), dtype=str, chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(paths, dtype=object)
-            sg.create_array("valid", shape=(n,), dtype="bool", chunks=(rows,), fill_value=False, dimension_names=("row",))
-            fg = sg.create_group("features")
-            for view, dim in views.items():
-                # no codec: zstd saves ~8% on float features but caps writes near 100 MB/s (benchmarks/RESULTS.md)
-                fg.create_array(view, shape=(n, dim), dtype=dtype, chunks=(rows, dim), fill_value=np.nan, compressors=None,
-                                dimension_names=("row", f"{view}_dim"))
-        progress = group.create_group(PROGRESS)
-        for split in splits:
-            progress.create_group(split)
-        meta = dict(attrs or {})
-        meta.update(
-            schema_version=SCHEMA_VERSION,
-            featstore_version=__version__,
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            splits={s: len(p) for s, (p, _) in splits.items()},
-            views=dict(views),
-            dtype=dtype,
-            chunk_rows=chunk_rows,
-            complete=False,
-        )
-        group.attrs.update(meta)
-        try:
-            os.replace(build, path)
-        except OSError as e:
-            shutil.rmtree(build, ignore_errors=True)
-            raise FeatstoreError(f"{str(path)!r} appeared while the store was being created ({e.strerror})",
-                                 "another extraction writes there; wait for it or choose another --out") from e
+
+        def place(build: Path, path: Path) -> None:
+            try:
+                os.replace(build, path)
+            except OSError as e:
+                raise FeatstoreError(f"{str(path)!r} appeared while the store was being created ({e.strerror})",
+                                     "another extraction writes there; wait for it or choose another --out") from e
+
+        with atomic_folder(path, "creating", place) as build:
+            group = zarr.open_group(str(build), mode="w")
+            for split, (paths, labels) in splits.items():
+                n = len(paths)
+                sg = group.create_group(split)
+                rows = max(1, min(chunk_rows, n))
+                # dimension names let xarray and dask open the arrays (row is shared by a split's arrays)
+                sg.create_array("labels", shape=(n,), dtype="int32", chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(labels, np.int32)
+                sg.create_array("paths", shape=(n,), dtype=str, chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(paths, dtype=object)
+                sg.create_array("valid", shape=(n,), dtype="bool", chunks=(rows,), fill_value=False, dimension_names=("row",))
+                fg = sg.create_group("features")
+                for view, dim in views.items():
+                    # no codec: zstd saves ~8% on float features but caps writes near 100 MB/s (benchmarks/RESULTS.md)
+                    fg.create_array(view, shape=(n, dim), dtype=dtype, chunks=(rows, dim), fill_value=np.nan, compressors=None,
+                                    dimension_names=("row", f"{view}_dim"))
+            progress = group.create_group(PROGRESS)
+            for split in splits:
+                progress.create_group(split)
+            meta = dict(attrs or {})
+            meta.update(
+                schema_version=SCHEMA_VERSION,
+                featstore_version=__version__,
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                splits={s: len(p) for s, (p, _) in splits.items()},
+                views=dict(views),
+                dtype=dtype,
+                chunk_rows=chunk_rows,
+                complete=False,
+            )
+            group.attrs.update(meta)
         return cls.open(path, mode="r+")
 
     @classmethod

@@ -14,10 +14,10 @@ import csv
 import io
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
+from featstore.atomic import atomic_folder
 from featstore.version import __version__
 from featstore.errors import UsageError
 
@@ -105,18 +105,9 @@ def write_outputs(
     :func:`digest_of` when the caller holds it (summary.csv is its ``summary``)."""
     out = Path(os.path.abspath(check_out(out, overwrite)))  # absolute: "." has no name to build beside
     out.parent.mkdir(parents=True, exist_ok=True)
-    build = out.with_name(f".{out.name}.building-{os.getpid()}")
-    shutil.rmtree(build, ignore_errors=True)
-    build.mkdir()
-    try:
-        (build / RESULTS).write_text(csv_text(rows))
-        (build / PROTOCOL).write_text(protocol_json(protocol, run))
-        (build / SUMMARY).write_text(summary_csv(digest.summary if digest else summary(rows)))
-        write_predictions(predictions_of(rows), build / PREDICTIONS)
-        written = [SUMMARY, PROTOCOL, PREDICTIONS, RESULTS]
-        if plot_rows(rows):
-            plot(rows, build / PLOT, protocol)
-            written.insert(0, PLOT)
+    written = [SUMMARY, PROTOCOL, PREDICTIONS, RESULTS]
+
+    def place(build: Path, out: Path) -> None:
         if out.exists():
             # an empty folder, or a previous run with --overwrite (checked above): its files are
             # replaced one by one, results.csv last (its presence means the run finished); the
@@ -128,6 +119,13 @@ def write_outputs(
                 (out / PLOT).unlink(missing_ok=True)
         else:
             os.replace(build, out)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
+
+    with atomic_folder(out, "building", place) as build:
+        (build / RESULTS).write_text(csv_text(rows))
+        (build / PROTOCOL).write_text(protocol_json(protocol, run))
+        (build / SUMMARY).write_text(summary_csv(digest.summary if digest else summary(rows)))
+        write_predictions(predictions_of(rows), build / PREDICTIONS)
+        if plot_rows(rows):
+            plot(rows, build / PLOT, protocol)
+            written.insert(0, PLOT)
     return {name: out / name for name in written}

@@ -10,8 +10,6 @@ failed run leaves the previous results untouched and no partial file.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import time
@@ -22,6 +20,7 @@ from featstore.version import __version__
 from featstore.errors import UsageError
 
 from ..protocol import Protocol
+from ..results import table_csv
 from ..results.columns import COLUMNS
 from ..results.predictions import PREDICTIONS
 from ..results.predictions import of_rows as predictions_of
@@ -34,23 +33,9 @@ from .tables import Digest, summary
 PLOT, SUMMARY = "accuracy_vs_lr.png", "summary.csv"  # results.csv and protocol.json: probe.runs (their reader)
 
 
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.6g}" if abs(value) < 1e-2 and value != 0 else repr(round(value, 6))
-    return str(value)
-
-
 def csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
-    for r in rows:
-        w.writerow([_cell(r.get(c)) for c in COLUMNS])
-    return buf.getvalue()
+    """results.csv: one line per row, the columns of :data:`probe.results.columns.COLUMNS`."""
+    return table_csv.csv_text(COLUMNS, rows)
 
 
 def protocol_json(protocol: Protocol, run: dict | None = None) -> str:

@@ -115,7 +115,7 @@ def _raw_chunk_files(store, split: str, view: str, rows: int) -> list[Path] | No
     """The chunk files of a local feature array whose bytes are exactly an HDF5 chunk of ``rows``
     rows (little-endian C-order, no codec, the same chunk shape; featstore writes them so), else
     None and the export reads through zarr."""
-    if store.format != "zarr" or not isinstance(store.path, Path) or np.dtype(store.attrs.get("dtype", "f2")).byteorder == ">":
+    if store.format != "zarr" or not isinstance(store.path, Path) or np.dtype(store.meta.dtype or "f2").byteorder == ">":
         return None
     try:
         array = store.split_group(split)["features"][view]

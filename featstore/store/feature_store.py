@@ -23,6 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from ..version import __version__
 from ..atomic import atomic_folder, write_atomic
 from ..errors import FeatstoreError, UsageError
 from ..home import mark_used
+from .attributes import StoreAttributes
 from .hdf5 import open_hdf5
 from .locations import PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
 from .lock import pid_alive
@@ -151,7 +153,15 @@ class FeatureStore:
         self._fs = fs  # (fsspec filesystem, path in it) of a URL; None for a local store
         self._group = group
         self.writable = writable
-        self.attrs: dict = attrs if attrs is not None else group.attrs.asdict()
+        self.attrs: dict[str, Any] = attrs if attrs is not None else group.attrs.asdict()
+        self._meta: StoreAttributes | None = None
+
+    @property
+    def meta(self) -> StoreAttributes:
+        """The attributes, typed (:attr:`attrs` is their JSON; change both through :meth:`update_attrs`)."""
+        if self._meta is None:
+            self._meta = StoreAttributes.from_dict(self.attrs)
+        return self._meta
 
     @property
     def location(self) -> str:
@@ -247,10 +257,11 @@ class FeatureStore:
                 raise UsageError(f"{str(path)!r} is not a featstore store", "pass a folder written by `featstore extract`")
             group = _zarr().open_group(str(path), mode="r+" if mode != "r" else "r")
             store = cls(path, group, writable=mode != "r")
-            mark_used(path, store.attrs.get("cache_key"))
-        if store.attrs.get("schema_version", 0) > SCHEMA_VERSION:
+            mark_used(path, store.meta.cache_key)
+        version = store.meta.schema_version
+        if version > SCHEMA_VERSION:
             raise FeatstoreError(
-                f"store {str(path)!r} has schema version {store.attrs['schema_version']}, newer than this featstore ({SCHEMA_VERSION})",
+                f"store {str(path)!r} has schema version {version}, newer than this featstore ({SCHEMA_VERSION})",
                 "upgrade featstore",
             )
         return store
@@ -286,22 +297,25 @@ class FeatureStore:
 
     @property
     def splits(self) -> list[str]:
-        return list(self.attrs["splits"])
+        return list(self.meta.splits)
 
     @property
     def views(self) -> dict[str, int]:
-        return dict(self.attrs["views"])
+        return dict(self.meta.views)
 
     @property
     def complete(self) -> bool:
-        return bool(self.attrs.get("complete"))
+        return self.meta.complete
 
     @property
     def chunk_rows(self) -> int:
-        return int(self.attrs["chunk_rows"])
+        rows = self.meta.chunk_rows
+        if rows is None:
+            raise FeatstoreError(f"store {str(self.path)!r} records no chunk_rows", "the store is damaged; rerun with --overwrite")
+        return rows
 
     def num_rows(self, split: str) -> int:
-        return int(self.attrs["splits"][split])
+        return self.meta.splits[split]
 
     def units(self, split: str) -> list[Unit]:
         n, rows = self.num_rows(split), self.chunk_rows
@@ -393,6 +407,7 @@ class FeatureStore:
             raise FeatstoreError(f"store {str(self.path)!r} is open read-only", "open it with mode='r+'")
         self._group.attrs.update(attrs)
         self.attrs.update(attrs)
+        self._meta = None
 
     # ---------------------------------------------------------------- read
 
@@ -405,7 +420,7 @@ class FeatureStore:
         return self
 
     def split_group(self, split: str):
-        if split not in self.attrs["splits"]:
+        if split not in self.meta.splits:
             raise UsageError(f"split {split!r} not in store {str(self.path)!r}", f"it has: {', '.join(self.splits)}")
         return self._group[split]
 
@@ -429,14 +444,14 @@ class FeatureStore:
         return FeatureArray(group["features"][view], rows)
 
     def invalid_rows(self, split: str | None = None) -> list[dict]:
-        invalid = self.attrs.get("invalid", {})
+        invalid = self.meta.invalid
         if split is not None:
             return list(invalid.get(split, []))
         return [dict(r, split=s) for s, rows in invalid.items() for r in rows]
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.attrs.get("dataset", {}).get("class_names", []))
+        return list(self.meta.dataset.class_names)
 
     def size_on_disk(self) -> int:
         if self._fs is not None:
@@ -448,28 +463,28 @@ class FeatureStore:
 
     def info(self) -> dict:
         """Everything `featstore info` shows."""
-        a = self.attrs
+        m = self.meta
         return {
             "path": str(self.path),
             "format": self.format,
-            "complete": self.complete,
-            "schema_version": a.get("schema_version"),
-            "featstore_version": a.get("featstore_version"),
-            "created": a.get("created"),
+            "complete": m.complete,
+            "schema_version": m.schema_version,
+            "featstore_version": m.featstore_version,
+            "created": m.created,
             "splits": {s: {"rows": self.num_rows(s), "invalid": len(self.invalid_rows(s))} for s in self.splits},
-            "pending_units": 0 if self.complete else len(self.pending_units()),
-            "views": self.views,
-            "dtype": a.get("dtype"),
-            "encoder": a.get("encoder", {}),
-            "preprocessing": a.get("preprocessing", {}),
-            "loader": a.get("loader"),
-            "dataset": {k: v for k, v in a.get("dataset", {}).items() if k != "class_names"},
-            "cache_key": a.get("cache_key"),
+            "pending_units": 0 if m.complete else len(self.pending_units()),
+            "views": m.views,
+            "dtype": m.dtype,
+            "encoder": m.encoder.raw,
+            "preprocessing": m.preprocessing,
+            "loader": m.loader,
+            "dataset": {k: v for k, v in m.dataset.raw.items() if k != "class_names"},
+            "cache_key": m.cache_key,
             # the last run: where it ran and how fast; the command that resumes or reruns it
-            "device": a.get("device"),
-            "images_per_second": a.get("images_per_second"),
-            "completed": a.get("completed"),
-            "command": a.get("command"),
+            "device": m.device,
+            "images_per_second": m.images_per_second,
+            "completed": m.completed,
+            "command": m.command,
             "invalid": self.invalid_rows(),
             "size_bytes": self.size_on_disk(),
         }

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from ..errors import FeatstoreError, UsageError
 from .attributes import StoreAttributes
 
 
-def open_hdf5(source, name: str | None = None):
+def open_hdf5(source: Any, name: str | None = None) -> tuple[Any, dict[str, Any]]:
     """(root group, attributes) of an HDF5 export (a path or an open binary file). Raises a
     FeatstoreError for a file that is not HDF5, is damaged, or is not a featstore export."""
     import h5py

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from .errors import UsageError
 from .home import file_sha256, index_dir, last_used, stores_dir
+from .store.attributes import StoreAttributes, store_label
 from .store.locations import PROGRESS, is_hdf5_path, is_url, store_attrs, tree_size
 
 
 def find_by_key(key: str) -> list[Path]:
     """Cached stores whose cache key is ``key``, wherever their name puts them (found by content)."""
-    return [p for p in sorted(stores_dir().glob(f"*/*-{key[:12]}.zarr")) if (store_attrs(p) or {}).get("cache_key") == key]
+    return [p for p in sorted(stores_dir().glob(f"*/*-{key[:12]}.zarr")) if StoreAttributes.from_dict(store_attrs(p)).cache_key == key]
 
 
 # ---------------------------------------------------------------- listing
@@ -77,39 +78,37 @@ def lock_holder(path: Path) -> dict | None:
 
 
 def entry_from_attrs(path: str, attrs: dict, size_bytes: int, units_done: int | None, writing: bool, used: float) -> StoreEntry:
-    enc, data, fields = attrs.get("encoder", {}), attrs.get("dataset", {}), attrs.get("cache_fields", {})
-    splits = attrs.get("splits", {})
-    chunk = int(attrs.get("chunk_rows") or 1)
-    units_total = sum(-(-int(n) // chunk) for n in splits.values())
-    sha = str(enc.get("weights_sha256") or "")
-    weights_file = Path(enc["weights_path"]).name if enc.get("weights_path") else ""
-    weights = f"{weights_file} ({sha[:8]})" if weights_file else sha or "-"
-    complete = bool(attrs.get("complete"))
+    meta = StoreAttributes.from_dict(attrs)
+    enc, data = meta.encoder, meta.dataset
+    chunk = meta.chunk_rows or 1
+    units_total = sum(-(-n // chunk) for n in meta.splits.values())
+    sha = enc.weights_sha256 or ""
+    weights = f"{enc.weights_file} ({sha[:8]})" if enc.weights_file else sha or "-"
     return StoreEntry(
         path=path,
-        label=Path(weights_file).stem if weights_file else str(enc.get("name", "?")),
-        model=str(enc.get("name", "?")),
-        arch=str(enc.get("arch", "?")),
+        label=store_label(meta, path),
+        model=enc.name or "?",
+        arch=enc.arch or "?",
         weights=weights,
         weights_sha256=sha,
-        dataset=str(data.get("name", "?")),
-        dataset_spec=str(data.get("spec", data.get("name", "?"))),
-        dataset_root=str(data.get("root", "")),
-        manifest_sha256=str(data.get("manifest_sha256", "")),
-        views=dict(attrs.get("views", {})),
-        dtype=str(attrs.get("dtype", "?")),
-        loader=str(attrs.get("loader", "?")),
-        compute=str(fields.get("compute", "?")),
-        rows=sum(int(n) for n in splits.values()),
-        invalid=sum(len(v) for v in attrs.get("invalid", {}).values()),
+        dataset=data.name or "?",
+        dataset_spec=data.spec or data.name or "?",
+        dataset_root=data.root or "",
+        manifest_sha256=data.manifest_sha256 or "",
+        views=dict(meta.views),
+        dtype=meta.dtype or "?",
+        loader=meta.loader or "?",
+        compute=str(meta.cache_fields.get("compute", "?")),
+        rows=meta.rows,
+        invalid=meta.invalid_count,
         size_bytes=size_bytes,
-        created=str(attrs.get("created", "")),
+        created=meta.created or "",
         last_used=used,
-        complete=complete,
-        units_done=units_total if complete else (units_done or 0),
+        complete=meta.complete,
+        units_done=units_total if meta.complete else (units_done or 0),
         units_total=units_total,
         writing=writing,
-        cache_key=str(attrs.get("cache_key", "")),
+        cache_key=meta.cache_key or "",
     )
 
 
@@ -144,7 +143,7 @@ def _describe_local(p: Path) -> StoreEntry | None:
     if attrs is None:
         return None
     done = 0
-    if not attrs.get("complete"):
+    if not StoreAttributes.from_dict(attrs).complete:
         done = sum(1 for _ in (p / PROGRESS).glob("*/unit-*.json"))
     return entry_from_attrs(str(p), attrs, tree_size(p), done, lock_holder(p) is not None, last_used(p, attrs))
 
@@ -202,7 +201,7 @@ def remove_store(path: str | os.PathLike) -> int:
 
     lock = StoreLock(p / PROGRESS / "lock.json")
     lock.acquire()  # raises while a live writer holds it; holding it keeps a new writer out while we delete
-    size, key = tree_size(p), store_attrs(p).get("cache_key")
+    size, key = tree_size(p), StoreAttributes.from_dict(store_attrs(p)).cache_key
     # rename first: readers never see a half-deleted store, and a crash leaves only a hidden folder
     trash = p.with_name(f".{p.name}.removing-{os.getpid()}")
     os.replace(p, trash)

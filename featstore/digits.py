@@ -7,12 +7,11 @@ folder. The split is stratified and seeded, so it is the same on every machine.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_folder
 from .home import home
 from .manifest import Manifest, SplitManifest
 
@@ -58,19 +57,18 @@ def _write_digits(root: Path) -> None:
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     root.parent.mkdir(parents=True, exist_ok=True)
     # build beside the target and rename, so a killed build never leaves a half-written dataset
-    tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root.parent))
-    try:
+    with atomic_folder(root, "building", _place) as tmp:
         for split, indices in digits_split_indices().items():
             for i in indices:
                 folder = tmp / split / str(int(digits.target[i]))
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
         (tmp / ".complete").write_text("ok\n")
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            if not (root / ".complete").exists():  # not a concurrent build that won the race
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _place(tmp: Path, root: Path) -> None:
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        if not (root / ".complete").exists():  # not a concurrent build that won the race
+            raise

@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import time
+from typing import Any
 from pathlib import Path
 
 from .atomic import write_atomic
@@ -26,7 +27,7 @@ from .atomic import write_atomic
 def home() -> Path:
     base = os.environ.get("FEATSTORE_HOME") or os.environ.get("FEATSTORE_CACHE")
     if not base:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "featstore"
+        return (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "featstore").expanduser()
     return Path(base).expanduser()
 
 
@@ -54,7 +55,7 @@ def default_store_path(dataset: str, model: str, key: str) -> Path:
 # ---------------------------------------------------------------- last use (for gc)
 
 
-def mark_used(path: str | os.PathLike, key: str | None) -> None:
+def mark_used(path: str | os.PathLike[str], key: str | None) -> None:
     """Record that a cached store was read now (atime is unreliable: relatime, noatime mounts)."""
     if not key:
         return
@@ -70,7 +71,7 @@ def mark_used(path: str | os.PathLike, key: str | None) -> None:
         pass  # a read-only home: gc falls back to the store's completion time
 
 
-def last_used(path: Path, attrs: dict) -> float:
+def last_used(path: Path, attrs: dict[str, Any]) -> float:
     marker = index_dir() / "used" / str(attrs.get("cache_key"))
     if marker.is_file():
         return marker.stat().st_mtime
@@ -87,7 +88,7 @@ def last_used(path: Path, attrs: dict) -> float:
 # ---------------------------------------------------------------- memos: weights digests (request.py memoizes requests)
 
 
-def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
+def file_sha256(path: str | os.PathLike[str], block: int = 1 << 20) -> str:
     """sha256 of a file, memoized per (path, size, mtime, inode): a 4 GB checkpoint is hashed once."""
     p = Path(path).resolve()
     st = p.stat()

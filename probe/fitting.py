@@ -75,8 +75,7 @@ def _labels_digest(labels: np.ndarray) -> str:
 
 def data_difference(a: _Store, b: _Store) -> str | None:
     """A description of how the data behind two stores differ, or None when it is the same."""
-    da, db = a.store.attrs.get("dataset", {}), b.store.attrs.get("dataset", {})
-    ma, mb = da.get("manifest_sha256"), db.get("manifest_sha256")
+    ma, mb = a.store.meta.dataset.manifest_sha256, b.store.meta.dataset.manifest_sha256
     if ma and mb and ma != mb:
         return f"dataset manifest_sha256 {ma[:12]}… vs {mb[:12]}…"
     if sorted(a.labels) != sorted(b.labels):
@@ -91,9 +90,9 @@ def data_difference(a: _Store, b: _Store) -> str | None:
 
 
 def _num_classes(store: FeatureStore, labels: dict[str, np.ndarray]) -> int:
-    dataset = store.attrs.get("dataset", {})
+    dataset = store.meta.dataset
     top = max((int(l.max()) + 1 for l in labels.values() if len(l)), default=0)
-    return max(top, int(dataset.get("num_classes") or 0), len(dataset.get("class_names") or []))
+    return max(top, dataset.num_classes or 0, len(dataset.class_names))
 
 
 def _prepare_store(path, label: str, views: list[str], fs: FeatureStore, protocol: Protocol, warn) -> _Store:
@@ -219,7 +218,7 @@ def fit_run(
     if out is not None:
         from .output.files import write_outputs
 
-        dataset = infos[0].store.attrs.get("dataset", {}) or {}
+        dataset = infos[0].store.meta.dataset.raw
         run = {"device": str(dev), "dtype": str(dtype).replace("torch.", ""),
                "stores": [{"label": i.label, "path": i.path, "views": i.views, "reported_as": i.plan.reported_as} for i in infos],
                # what probe compare / probe report need to pair and name results without the stores
@@ -340,8 +339,7 @@ class _Case:
         and only here, their numbers become the report_* columns and the selected configuration
         the best on the reported split."""
         fs, plan, p = self.info.store, self.plan, self.protocol
-        encoder = fs.attrs.get("encoder", {}) or {}
-        dataset = fs.attrs.get("dataset", {}) or {}
+        encoder, dataset = fs.meta.encoder, fs.meta.dataset
         reported = plan.reported_role
         if reported == "select":
             metrics = {**metrics, "report": metrics["select"]} if "select" in metrics else metrics
@@ -353,8 +351,8 @@ class _Case:
 
         row = {c: None for c in COLUMNS}
         row.update({
-            "label": self.info.label, "store": self.info.path, "encoder": encoder.get("name"), "weights_sha256": encoder.get("weights_sha256"),
-            "dataset": dataset.get("name"), "view": self.view, "method": method, "shots": self.shots, "seed": self.seed,
+            "label": self.info.label, "store": self.info.path, "encoder": encoder.name, "weights_sha256": encoder.weights_sha256,
+            "dataset": dataset.name, "view": self.view, "method": method, "shots": self.shots, "seed": self.seed,
             "select_on": p.select_on, "train_split": plan.train_split, "select_split": plan.select_split, "report_split": plan.report_split,
             "reported_as": plan.reported_as, "n_train": len(self.kept["train"]), "n_select": len(self.kept["select"]),
             "n_report": len(self.kept[reported]) if reported else None,

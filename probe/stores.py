@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featstore.errors import UsageError
-from featstore.store import FeatureStore
+from featstore.store import FeatureStore, store_label
 
 # the view each encoder family's extractor puts first (featstore.encoders.FeatureEncoder)
 PRIMARY_VIEW = {"vit": "cls", "cnn": "pool"}
@@ -76,22 +76,15 @@ def parse_store_spec(spec: str | os.PathLike | StoreSpec) -> StoreSpec:
 def primary_view(store: FeatureStore) -> str:
     """``pool`` for a CNN, ``cls`` for a ViT, else the first view the store was written with."""
     views = store.views
-    family = (store.attrs.get("encoder") or {}).get("family")
-    preferred = PRIMARY_VIEW.get(family) if isinstance(family, str) else None
+    family = store.meta.encoder.family
+    preferred = PRIMARY_VIEW.get(family) if family is not None else None
     return preferred if preferred in views else next(iter(views))
 
 
 def default_label(store: FeatureStore) -> str:
-    """The weights file's name without its suffix, else the model name, else the store's folder name."""
-    encoder = store.attrs.get("encoder") or {}
-    weights = encoder.get("weights_path")
-    if weights:
-        name = Path(weights).name
-        for suffix in (".safetensors", ".pth.tar", ".pth", ".pt", ".bin", ".ckpt", ".npz"):
-            if name.endswith(suffix):
-                return name[: -len(suffix)]
-        return Path(name).stem or name
-    return encoder.get("name") or Path(store.path).name
+    """The weights file's name without its suffix, else the model name, else the store's folder
+    name: :func:`featstore.store.store_label`, the label ``featstore ls`` shows."""
+    return store_label(store.meta, store.path)
 
 
 def assign_labels(specs: list[StoreSpec], stores: list[FeatureStore]) -> list[str]:

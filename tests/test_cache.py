@@ -226,6 +226,20 @@ def test_ls_lists_complete_partial_and_written_stores(home):
     assert any("partial 1/3 units" in line and str(part) in line for line in lines)
 
 
+def test_ls_and_probe_give_a_store_the_same_label(home, tmp_path):
+    """One label rule (featstore.store.store_label): ``x.pth.tar`` is ``x`` in ``featstore ls`` and in probe."""
+    from probe.stores import default_label
+
+    tar = make_cached(tmp_path / "t.zarr", "e" * 64, weights_path="/w/x.pth.tar")
+    bare = make_cached(tmp_path / "b.zarr", "f" * 64, weights_path="")
+    for path, label in ((tar, "x"), (bare, "dino")):
+        assert cache.describe(path).label == label
+        assert [e.label for e in cache.list_stores([str(path)])] == [label]
+        assert default_label(FeatureStore.open(path)) == label
+    code, output = run(["ls", "--json", str(tar)])
+    assert code == 0 and json.loads(output)[0]["label"] == "x"
+
+
 def test_ls_paths_and_bad_paths(home, tmp_path):
     elsewhere = make_cached(tmp_path / "mine" / "deep" / "s.zarr", "d" * 64)
     code, output = run(["ls", "--json", str(tmp_path / "mine")])  # a folder holding stores

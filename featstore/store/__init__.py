@@ -5,10 +5,12 @@
 arrays and their provenance, whatever produced them.
 """
 
+from .attributes import DatasetInfo, EncoderInfo, StoreAttributes, store_label
 from .feature_store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, SCHEMA_VERSION, FeatureArray, FeatureStore, Unit, is_store
 from .locations import PROGRESS, is_hdf5_path, is_url
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS", "FEATURE_DTYPES", "PROGRESS", "SCHEMA_VERSION",
-    "FeatureArray", "FeatureStore", "Unit", "is_hdf5_path", "is_store", "is_url",
+    "DatasetInfo", "EncoderInfo", "FeatureArray", "FeatureStore", "StoreAttributes", "Unit", "is_hdf5_path", "is_store", "is_url",
+    "store_label",
 ]

@@ -15,14 +15,14 @@ gives the same results.
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
+from ..atomic import atomic_file
 from ..errors import FeatstoreError, UsageError
 from .feature_store import FeatureStore
 
@@ -30,7 +30,7 @@ EXPORT_FORMATS = (".h5", ".hdf5", ".npz")
 
 
 def export(source: str, to: str, view: str | None = None, overwrite: bool = False,
-           log: Callable[[str], None] = lambda s: None) -> dict:
+           log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Write the complete store ``source`` (a path or URL) to ``to`` (.h5/.hdf5, or .npz with one view)."""
     target = Path(to).expanduser()
     suffix = target.suffix.lower()
@@ -45,24 +45,21 @@ def export(source: str, to: str, view: str | None = None, overwrite: bool = Fals
         raise UsageError("--view applies to .npz exports", "an HDF5 export holds every view")
     start = time.perf_counter()
     # write beside the target and rename: a killed export never leaves a half file under its name
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        if suffix == ".npz":
-            view = _one_view(store, view)
-            nbytes = _write_npz(store, tmp, view)
-        else:
-            nbytes = _write_hdf5(store, tmp)
-        os.replace(tmp, target)
+        with atomic_file(target) as tmp:
+            if suffix == ".npz":
+                view = _one_view(store, view)
+                nbytes = _write_npz(store, tmp, view)
+            else:
+                nbytes = _write_hdf5(store, tmp)
     except OSError as e:
         raise FeatstoreError(f"cannot write {to!r}: {e.strerror or e}", "check the folder is writable and has space") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     return {"store": str(store.path), "to": str(target), "format": suffix.lstrip("."), "view": view,
             "bytes": target.stat().st_size, "feature_bytes": nbytes, "seconds": seconds}
 
 
-def _one_view(store, view: str | None) -> str:
+def _one_view(store: FeatureStore, view: str | None) -> str:
     if view is None:
         return next(iter(store.views))  # the extractor's first view: cls for a ViT, pool for a CNN
     if view not in store.views:
@@ -70,11 +67,11 @@ def _one_view(store, view: str | None) -> str:
     return view
 
 
-def _provenance(store) -> dict:
+def _provenance(store: FeatureStore) -> dict[str, Any]:
     return dict(store.attrs, exported_from=str(store.path), exported=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
-def _write_hdf5(store, path: Path) -> int:
+def _write_hdf5(store: FeatureStore, path: Path) -> int:
     import h5py
 
     nbytes = 0
@@ -106,6 +103,7 @@ def _write_hdf5(store, path: Path) -> int:
                 starts = list(range(0, n, rows))
                 pending = reader.submit(source.__getitem__, slice(0, rows)) if starts else None
                 for i, start in enumerate(starts):
+                    assert pending is not None  # submitted before the loop, and again for each next chunk
                     block = pending.result()
                     if i + 1 < len(starts):
                         pending = reader.submit(source.__getitem__, slice(starts[i + 1], starts[i + 1] + rows))
@@ -114,11 +112,11 @@ def _write_hdf5(store, path: Path) -> int:
     return nbytes
 
 
-def _raw_chunk_files(store, split: str, view: str, rows: int) -> list[Path] | None:
+def _raw_chunk_files(store: FeatureStore, split: str, view: str, rows: int) -> list[Path] | None:
     """The chunk files of a local feature array whose bytes are exactly an HDF5 chunk of ``rows``
     rows (little-endian C-order, no codec, the same chunk shape; featstore writes them so), else
     None and the export reads through zarr."""
-    if store.format != "zarr" or not isinstance(store.path, Path) or np.dtype(store.attrs.get("dtype", "f2")).byteorder == ">":
+    if store.format != "zarr" or not isinstance(store.path, Path) or np.dtype(store.meta.dtype or "f2").byteorder == ">":
         return None
     try:
         array = store.split_group(split)["features"][view]
@@ -136,7 +134,7 @@ def _raw_chunk_files(store, split: str, view: str, rows: int) -> list[Path] | No
     return files if all(f.is_file() and f.stat().st_size == size for f in files) else None
 
 
-def _write_npz(store, path: Path, view: str) -> int:
+def _write_npz(store: FeatureStore, path: Path, view: str) -> int:
     arrays = {"view": np.asarray(view), "provenance": np.asarray(json.dumps(_provenance(store)))}
     nbytes = 0
     for split in store.splits:
@@ -146,5 +144,5 @@ def _write_npz(store, path: Path, view: str) -> int:
         arrays[f"{split}_paths"] = store.paths(split).astype(str)  # unicode, not object: loads without pickle
         nbytes += feats.nbytes
     with open(path, "wb") as f:  # np.savez appends .npz to a name that lacks it; a file object keeps ours
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     return nbytes

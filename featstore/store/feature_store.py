@@ -23,13 +23,15 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..version import __version__
-from ..atomic import write_atomic
+from ..atomic import atomic_folder, write_atomic
 from ..errors import FeatstoreError, UsageError
 from ..home import mark_used
+from .attributes import StoreAttributes
 from .hdf5 import open_hdf5
 from .locations import PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
 from .lock import pid_alive
@@ -51,13 +53,13 @@ class Unit:
         return self.stop - self.start
 
 
-def _zarr():
+def _zarr() -> Any:
     import zarr
 
     return zarr
 
 
-def is_store(path: str | os.PathLike) -> bool:
+def is_store(path: str | os.PathLike[str]) -> bool:
     """A local featstore Zarr store (exports and URLs are opened by :meth:`FeatureStore.open`)."""
     return store_attrs(path) is not None
 
@@ -67,9 +69,9 @@ class FeatureArray:
     so a 10 GB store can be inspected on a laptop. ``np.asarray(a)`` or ``a.read()`` reads every
     selected row, chunk by chunk; ``a.select(rows)`` narrows the selection without reading."""
 
-    def __init__(self, array, rows=None):
+    def __init__(self, array: Any, rows: Any = None) -> None:
         self._array = array  # a zarr array or an h5py dataset: both read row slices
-        self._rows = None if rows is None else np.arange(array.shape[0], dtype=np.int64)[rows]
+        self._rows: np.ndarray | None = None if rows is None else np.arange(array.shape[0], dtype=np.int64)[rows]
         chunks = getattr(array, "chunks", None)
         self.chunk_rows = int(chunks[0]) if chunks else DEFAULT_CHUNK_ROWS
 
@@ -79,7 +81,8 @@ class FeatureArray:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self._array.dtype)
+        dtype: np.dtype = np.dtype(self._array.dtype)
+        return dtype
 
     ndim = 2
 
@@ -93,11 +96,11 @@ class FeatureArray:
     def __repr__(self) -> str:
         return f"FeatureArray(shape={self.shape}, dtype={self.dtype}, lazy)"
 
-    def select(self, rows) -> "FeatureArray":
+    def select(self, rows: Any) -> "FeatureArray":
         """These rows (a slice, an index array or a boolean mask), still unread."""
         return FeatureArray(self._array, rows if self._rows is None else self._rows[rows])
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: Any) -> Any:
         rows, cols = (key + (slice(None),))[:2] if isinstance(key, tuple) else (key, slice(None))
         if isinstance(key, tuple) and len(key) > 2:
             raise IndexError(f"too many indices for a 2-d feature array: {key!r}")
@@ -107,11 +110,11 @@ class FeatureArray:
             return np.asarray(self._array[rows])[:, cols]  # contiguous: one read
         return self.select(rows).read()[:, cols]
 
-    def __array__(self, dtype=None, copy=None):
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         values = self.read()
         return values if dtype is None else values.astype(dtype)
 
-    def astype(self, dtype) -> np.ndarray:
+    def astype(self, dtype: Any) -> np.ndarray:
         return self.read().astype(dtype)
 
     def read(self) -> np.ndarray:
@@ -146,12 +149,21 @@ def _remove_stale_builds(path: Path) -> None:
 class FeatureStore:
     """A feature store on disk. Use :meth:`create` to start one and :meth:`open` to read or resume."""
 
-    def __init__(self, path: str | os.PathLike, group, writable: bool, attrs: dict | None = None, fs=None):
-        self.path = path if is_url(path) else Path(path)  # a URL stays a str (Path would mangle its //)
+    def __init__(self, path: str | os.PathLike[str], group: Any, writable: bool, attrs: dict[str, Any] | None = None,
+                 fs: tuple[Any, str] | None = None) -> None:
+        self.path: Path | str = os.fspath(path) if is_url(path) else Path(path)  # a URL stays a str (Path would mangle its //)
         self._fs = fs  # (fsspec filesystem, path in it) of a URL; None for a local store
         self._group = group
         self.writable = writable
-        self.attrs: dict = attrs if attrs is not None else group.attrs.asdict()
+        self.attrs: dict[str, Any] = attrs if attrs is not None else group.attrs.asdict()
+        self._meta: StoreAttributes | None = None
+
+    @property
+    def meta(self) -> StoreAttributes:
+        """The attributes, typed (:attr:`attrs` is their JSON; change both through :meth:`update_attrs`)."""
+        if self._meta is None:
+            self._meta = StoreAttributes.from_dict(self.attrs)
+        return self._meta
 
     @property
     def location(self) -> str:
@@ -166,13 +178,13 @@ class FeatureStore:
     @classmethod
     def create(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         *,
         splits: dict[str, tuple[list[str], np.ndarray]],
         views: dict[str, int],
         dtype: str = "float16",
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
-        attrs: dict | None = None,
+        attrs: dict[str, Any] | None = None,
     ) -> "FeatureStore":
         """Presize every array and freeze the plan. ``splits``: name → (relative paths, labels)."""
         if dtype not in FEATURE_DTYPES:
@@ -185,47 +197,48 @@ class FeatureStore:
             raise FeatstoreError(f"{str(path)!r} already exists", "remove it or choose another path")
         # build beside the target and rename: a store is either absent or fully planned, never half-created
         _remove_stale_builds(path)
-        build = path.with_name(f".{path.name}.creating-{os.getpid()}")
-        shutil.rmtree(build, ignore_errors=True)
-        group = zarr.open_group(str(build), mode="w")
-        for split, (paths, labels) in splits.items():
-            n = len(paths)
-            sg = group.create_group(split)
-            rows = max(1, min(chunk_rows, n))
-            # dimension names let xarray and dask open the arrays (row is shared by a split's arrays)
-            sg.create_array("labels", shape=(n,), dtype="int32", chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(labels, np.int32)
-            sg.create_array("paths", shape=(n,), dtype=str, chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(paths, dtype=object)
-            sg.create_array("valid", shape=(n,), dtype="bool", chunks=(rows,), fill_value=False, dimension_names=("row",))
-            fg = sg.create_group("features")
-            for view, dim in views.items():
-                # no codec: zstd saves ~8% on float features but caps writes near 100 MB/s (benchmarks/RESULTS.md)
-                fg.create_array(view, shape=(n, dim), dtype=dtype, chunks=(rows, dim), fill_value=np.nan, compressors=None,
-                                dimension_names=("row", f"{view}_dim"))
-        progress = group.create_group(PROGRESS)
-        for split in splits:
-            progress.create_group(split)
-        meta = dict(attrs or {})
-        meta.update(
-            schema_version=SCHEMA_VERSION,
-            featstore_version=__version__,
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            splits={s: len(p) for s, (p, _) in splits.items()},
-            views=dict(views),
-            dtype=dtype,
-            chunk_rows=chunk_rows,
-            complete=False,
-        )
-        group.attrs.update(meta)
-        try:
-            os.replace(build, path)
-        except OSError as e:
-            shutil.rmtree(build, ignore_errors=True)
-            raise FeatstoreError(f"{str(path)!r} appeared while the store was being created ({e.strerror})",
-                                 "another extraction writes there; wait for it or choose another --out") from e
+
+        def place(build: Path, path: Path) -> None:
+            try:
+                os.replace(build, path)
+            except OSError as e:
+                raise FeatstoreError(f"{str(path)!r} appeared while the store was being created ({e.strerror})",
+                                     "another extraction writes there; wait for it or choose another --out") from e
+
+        with atomic_folder(path, "creating", place) as build:
+            group = zarr.open_group(str(build), mode="w")
+            for split, (paths, labels) in splits.items():
+                n = len(paths)
+                sg = group.create_group(split)
+                rows = max(1, min(chunk_rows, n))
+                # dimension names let xarray and dask open the arrays (row is shared by a split's arrays)
+                sg.create_array("labels", shape=(n,), dtype="int32", chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(labels, np.int32)
+                sg.create_array("paths", shape=(n,), dtype=str, chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(paths, dtype=object)
+                sg.create_array("valid", shape=(n,), dtype="bool", chunks=(rows,), fill_value=False, dimension_names=("row",))
+                fg = sg.create_group("features")
+                for view, dim in views.items():
+                    # no codec: zstd saves ~8% on float features but caps writes near 100 MB/s (benchmarks/RESULTS.md)
+                    fg.create_array(view, shape=(n, dim), dtype=dtype, chunks=(rows, dim), fill_value=np.nan, compressors=None,
+                                    dimension_names=("row", f"{view}_dim"))
+            progress = group.create_group(PROGRESS)
+            for split in splits:
+                progress.create_group(split)
+            meta = dict(attrs or {})
+            meta.update(
+                schema_version=SCHEMA_VERSION,
+                featstore_version=__version__,
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                splits={s: len(p) for s, (p, _) in splits.items()},
+                views=dict(views),
+                dtype=dtype,
+                chunk_rows=chunk_rows,
+                complete=False,
+            )
+            group.attrs.update(meta)
         return cls.open(path, mode="r+")
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r") -> "FeatureStore":
+    def open(cls, path: str | os.PathLike[str], mode: str = "r") -> "FeatureStore":
         """A local Zarr store, an exported ``.h5`` file, or either at an ``s3://``, ``gs://`` or
         ``http(s)://`` URL (read-only, through fsspec; credentials from its usual configuration)."""
         text = os.fspath(path)
@@ -246,10 +259,11 @@ class FeatureStore:
                 raise UsageError(f"{str(path)!r} is not a featstore store", "pass a folder written by `featstore extract`")
             group = _zarr().open_group(str(path), mode="r+" if mode != "r" else "r")
             store = cls(path, group, writable=mode != "r")
-            mark_used(path, store.attrs.get("cache_key"))
-        if store.attrs.get("schema_version", 0) > SCHEMA_VERSION:
+            mark_used(path, store.meta.cache_key)
+        version = store.meta.schema_version
+        if version > SCHEMA_VERSION:
             raise FeatstoreError(
-                f"store {str(path)!r} has schema version {store.attrs['schema_version']}, newer than this featstore ({SCHEMA_VERSION})",
+                f"store {str(path)!r} has schema version {version}, newer than this featstore ({SCHEMA_VERSION})",
                 "upgrade featstore",
             )
         return store
@@ -285,22 +299,25 @@ class FeatureStore:
 
     @property
     def splits(self) -> list[str]:
-        return list(self.attrs["splits"])
+        return list(self.meta.splits)
 
     @property
     def views(self) -> dict[str, int]:
-        return dict(self.attrs["views"])
+        return dict(self.meta.views)
 
     @property
     def complete(self) -> bool:
-        return bool(self.attrs.get("complete"))
+        return self.meta.complete
 
     @property
     def chunk_rows(self) -> int:
-        return int(self.attrs["chunk_rows"])
+        rows = self.meta.chunk_rows
+        if rows is None:
+            raise FeatstoreError(f"store {str(self.path)!r} records no chunk_rows", "the store is damaged; rerun with --overwrite")
+        return rows
 
     def num_rows(self, split: str) -> int:
-        return int(self.attrs["splits"][split])
+        return self.meta.splits[split]
 
     def units(self, split: str) -> list[Unit]:
         n, rows = self.num_rows(split), self.chunk_rows
@@ -311,14 +328,21 @@ class FeatureStore:
         return f"{PROGRESS}/{unit.split}/unit-{unit.index:06d}.json"
 
     def _marker(self, unit: Unit) -> Path:
-        return self.path / self._marker_name(unit)
+        return self._local / self._marker_name(unit)
+
+    @property
+    def _local(self) -> Path:
+        """The path of a local store or export (a URL store is read-only and never reaches the callers)."""
+        if isinstance(self.path, Path):
+            return self.path
+        raise FeatstoreError(f"store {self.path!r} is not local", "featstore only writes local stores")
 
     def is_done(self, unit: Unit) -> bool:
         if self.complete:
             return True
         if self._fs is not None:
             fs, inner = self._fs
-            return fs.exists(f"{inner.rstrip('/')}/{self._marker_name(unit)}")
+            return bool(fs.exists(f"{inner.rstrip('/')}/{self._marker_name(unit)}"))
         return self._marker(unit).is_file()
 
     def pending_units(self, split: str | None = None) -> list[Unit]:
@@ -328,7 +352,7 @@ class FeatureStore:
     def clean_temp_files(self) -> int:
         """Remove temp files a killed writer left behind (ours and zarr's). Returns how many."""
         removed = 0
-        for p in self.path.rglob("*"):
+        for p in self._local.rglob("*"):
             if p.is_file() and (p.name.endswith(".tmp") or p.name.endswith(".partial")):
                 p.unlink(missing_ok=True)
                 removed += 1
@@ -355,15 +379,15 @@ class FeatureStore:
         }
         write_atomic(self._marker(unit), json.dumps(marker))
 
-    def finalize(self, extra_attrs: dict | None = None) -> None:
+    def finalize(self, extra_attrs: dict[str, Any] | None = None) -> None:
         """Verify every unit, gather the invalid rows' reasons, set ``complete``, drop progress files."""
         missing = self.pending_units()
         if missing:
             raise FeatstoreError(f"cannot finalize: {len(missing)} units not written yet", "rerun the same extract command to resume")
-        invalid: dict[str, list[dict]] = {}
+        invalid: dict[str, list[dict[str, Any]]] = {}
         for split in self.splits:
             paths = self._group[split]["paths"]
-            rows = []
+            rows: list[tuple[int, str]] = []
             for unit in self.units(split):
                 marker = json.loads(self._marker(unit).read_text())
                 if marker["rows"] != [unit.start, unit.stop]:
@@ -381,17 +405,18 @@ class FeatureStore:
         attrs = dict(extra_attrs or {})
         attrs.update(invalid=invalid, complete=True, completed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self.update_attrs(attrs)
-        shutil.rmtree(self.path / PROGRESS, ignore_errors=True)
+        shutil.rmtree(self._local / PROGRESS, ignore_errors=True)
         # one read of zarr.json describes the whole tree: fast remote opens, xarray's consolidated=True
         with warnings.catch_warnings():  # "not part of the v3 spec yet": zarr-python, xarray and dask read it
             warnings.simplefilter("ignore", UserWarning)
-            self._group = _zarr().consolidate_metadata(str(self.path))
+            self._group = _zarr().consolidate_metadata(str(self._local))
 
-    def update_attrs(self, attrs: dict) -> None:
+    def update_attrs(self, attrs: dict[str, Any]) -> None:
         if not self.writable:
             raise FeatstoreError(f"store {str(self.path)!r} is open read-only", "open it with mode='r+'")
         self._group.attrs.update(attrs)
         self.attrs.update(attrs)
+        self._meta = None
 
     # ---------------------------------------------------------------- read
 
@@ -403,8 +428,8 @@ class FeatureStore:
             )
         return self
 
-    def split_group(self, split: str):
-        if split not in self.attrs["splits"]:
+    def split_group(self, split: str) -> Any:
+        if split not in self.meta.splits:
             raise UsageError(f"split {split!r} not in store {str(self.path)!r}", f"it has: {', '.join(self.splits)}")
         return self._group[split]
 
@@ -418,7 +443,7 @@ class FeatureStore:
     def valid(self, split: str) -> np.ndarray:
         return np.asarray(self.split_group(split)["valid"][:], dtype=bool)
 
-    def features(self, split: str, view: str, rows=None) -> FeatureArray:
+    def features(self, split: str, view: str, rows: Any = None) -> FeatureArray:
         """The (N, D) features of ``view``, lazily (NaN rows where ``valid`` is false); ``rows``
         (a slice, index array or boolean mask) selects rows. Nothing is read until indexed or
         converted: ``np.asarray(...)``, ``[...]`` or ``.read()``."""
@@ -427,48 +452,49 @@ class FeatureStore:
             raise UsageError(f"view {view!r} not in store {str(self.path)!r}", f"it has: {', '.join(self.views)}")
         return FeatureArray(group["features"][view], rows)
 
-    def invalid_rows(self, split: str | None = None) -> list[dict]:
-        invalid = self.attrs.get("invalid", {})
+    def invalid_rows(self, split: str | None = None) -> list[dict[str, Any]]:
+        invalid = self.meta.invalid
         if split is not None:
             return list(invalid.get(split, []))
         return [dict(r, split=s) for s, rows in invalid.items() for r in rows]
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.attrs.get("dataset", {}).get("class_names", []))
+        return list(self.meta.dataset.class_names)
 
     def size_on_disk(self) -> int:
         if self._fs is not None:
             fs, inner = self._fs
             return int(fs.du(inner)) if fs.isdir(inner) else int(fs.size(inner))
-        if self.path.is_file():
-            return self.path.stat().st_size
-        return tree_size(self.path)
+        path = self._local
+        if path.is_file():
+            return path.stat().st_size
+        return tree_size(path)
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """Everything `featstore info` shows."""
-        a = self.attrs
+        m = self.meta
         return {
             "path": str(self.path),
             "format": self.format,
-            "complete": self.complete,
-            "schema_version": a.get("schema_version"),
-            "featstore_version": a.get("featstore_version"),
-            "created": a.get("created"),
+            "complete": m.complete,
+            "schema_version": m.schema_version,
+            "featstore_version": m.featstore_version,
+            "created": m.created,
             "splits": {s: {"rows": self.num_rows(s), "invalid": len(self.invalid_rows(s))} for s in self.splits},
-            "pending_units": 0 if self.complete else len(self.pending_units()),
-            "views": self.views,
-            "dtype": a.get("dtype"),
-            "encoder": a.get("encoder", {}),
-            "preprocessing": a.get("preprocessing", {}),
-            "loader": a.get("loader"),
-            "dataset": {k: v for k, v in a.get("dataset", {}).items() if k != "class_names"},
-            "cache_key": a.get("cache_key"),
+            "pending_units": 0 if m.complete else len(self.pending_units()),
+            "views": m.views,
+            "dtype": m.dtype,
+            "encoder": m.encoder.raw,
+            "preprocessing": m.preprocessing,
+            "loader": m.loader,
+            "dataset": {k: v for k, v in m.dataset.raw.items() if k != "class_names"},
+            "cache_key": m.cache_key,
             # the last run: where it ran and how fast; the command that resumes or reruns it
-            "device": a.get("device"),
-            "images_per_second": a.get("images_per_second"),
-            "completed": a.get("completed"),
-            "command": a.get("command"),
+            "device": m.device,
+            "images_per_second": m.images_per_second,
+            "completed": m.completed,
+            "command": m.command,
             "invalid": self.invalid_rows(),
             "size_bytes": self.size_on_disk(),
         }

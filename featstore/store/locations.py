@@ -7,6 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from ..errors import FeatstoreError, UsageError
 
@@ -19,11 +20,11 @@ def is_hdf5_path(path: str) -> bool:
     return path.lower().endswith((".h5", ".hdf5"))
 
 
-def is_url(path: str | os.PathLike) -> bool:
+def is_url(path: str | os.PathLike[str]) -> bool:
     return bool(_URL.match(str(path)))
 
 
-def store_attrs(path: str | os.PathLike) -> dict | None:
+def store_attrs(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The attributes of the store at ``path`` (a local folder), or None when it is not a store."""
     try:
         attrs = json.loads((Path(path) / "zarr.json").read_text()).get("attributes", {})
@@ -35,7 +36,7 @@ def store_attrs(path: str | os.PathLike) -> dict | None:
 def tree_size(path: Path) -> int:
     """Bytes of every file under the folder ``path`` (symbolic links are not followed)."""
     total = 0
-    stack = [path]
+    stack: list[str | Path] = [path]
     while stack:
         with os.scandir(stack.pop()) as entries:
             for e in entries:
@@ -53,11 +54,12 @@ def refuse_credentials(url: str) -> None:
                          "remove them from the URL and configure them the fsspec way (environment, ~/.aws, ~/.config/fsspec)")
 
 
-def fsspec_fs(url: str):
+def fsspec_fs(url: str) -> tuple[Any, str]:
     """The fsspec filesystem of ``url`` and the path in it; a missing backend is a one-line error."""
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url)
+        fs, inner = fsspec.core.url_to_fs(url)
+        return fs, str(inner)
     except ImportError as e:
         raise FeatstoreError(f"cannot read {url!r}: {e}", "install the fsspec backend it names (s3fs, gcsfs, aiohttp)") from e

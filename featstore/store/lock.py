@@ -7,7 +7,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import FeatstoreError
 
@@ -22,7 +22,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def is_stale(holder: dict) -> bool:
+def is_stale(holder: dict[str, Any]) -> bool:
     """Whether a lock's holder is gone: a pid of this host no longer running (another host's cannot be checked)."""
     return holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1)))
 
@@ -34,9 +34,10 @@ class StoreLock:
         self.job = job  # a torchrun job id: recorded so a second job is told whose lock it met
         self.held = False
 
-    def holder(self) -> dict | None:
+    def holder(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else None
         except (OSError, ValueError):
             return None
 
@@ -74,8 +75,8 @@ class StoreLock:
                 self.path.unlink(missing_ok=True)
             self.held = False
 
-    def __enter__(self):
+    def __enter__(self) -> "StoreLock":
         return self.acquire()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.release()

@@ -10,18 +10,17 @@ failed run leaves the previous results untouched and no partial file.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
+from featstore.atomic import atomic_folder
 from featstore.version import __version__
 from featstore.errors import UsageError
 
 from ..protocol import Protocol
+from ..results import table_csv
 from ..results.columns import COLUMNS
 from ..results.predictions import PREDICTIONS
 from ..results.predictions import of_rows as predictions_of
@@ -34,23 +33,9 @@ from .tables import Digest, summary
 PLOT, SUMMARY = "accuracy_vs_lr.png", "summary.csv"  # results.csv and protocol.json: probe.runs (their reader)
 
 
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.6g}" if abs(value) < 1e-2 and value != 0 else repr(round(value, 6))
-    return str(value)
-
-
 def csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
-    for r in rows:
-        w.writerow([_cell(r.get(c)) for c in COLUMNS])
-    return buf.getvalue()
+    """results.csv: one line per row, the columns of :data:`probe.results.columns.COLUMNS`."""
+    return table_csv.csv_text(COLUMNS, rows)
 
 
 def protocol_json(protocol: Protocol, run: dict | None = None) -> str:
@@ -105,18 +90,9 @@ def write_outputs(
     :func:`digest_of` when the caller holds it (summary.csv is its ``summary``)."""
     out = Path(os.path.abspath(check_out(out, overwrite)))  # absolute: "." has no name to build beside
     out.parent.mkdir(parents=True, exist_ok=True)
-    build = out.with_name(f".{out.name}.building-{os.getpid()}")
-    shutil.rmtree(build, ignore_errors=True)
-    build.mkdir()
-    try:
-        (build / RESULTS).write_text(csv_text(rows))
-        (build / PROTOCOL).write_text(protocol_json(protocol, run))
-        (build / SUMMARY).write_text(summary_csv(digest.summary if digest else summary(rows)))
-        write_predictions(predictions_of(rows), build / PREDICTIONS)
-        written = [SUMMARY, PROTOCOL, PREDICTIONS, RESULTS]
-        if plot_rows(rows):
-            plot(rows, build / PLOT, protocol)
-            written.insert(0, PLOT)
+    written = [SUMMARY, PROTOCOL, PREDICTIONS, RESULTS]
+
+    def place(build: Path, out: Path) -> None:
         if out.exists():
             # an empty folder, or a previous run with --overwrite (checked above): its files are
             # replaced one by one, results.csv last (its presence means the run finished); the
@@ -128,6 +104,13 @@ def write_outputs(
                 (out / PLOT).unlink(missing_ok=True)
         else:
             os.replace(build, out)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
+
+    with atomic_folder(out, "building", place) as build:
+        (build / RESULTS).write_text(csv_text(rows))
+        (build / PROTOCOL).write_text(protocol_json(protocol, run))
+        (build / SUMMARY).write_text(summary_csv(digest.summary if digest else summary(rows)))
+        write_predictions(predictions_of(rows), build / PREDICTIONS)
+        if plot_rows(rows):
+            plot(rows, build / PLOT, protocol)
+            written.insert(0, PLOT)
     return {name: out / name for name in written}

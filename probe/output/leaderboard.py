@@ -7,8 +7,6 @@ sha256) and the report split; otherwise they are refused, naming the field that 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -20,6 +18,7 @@ from .. import intervals as I
 from ..comparison import Comparison, compare, fmt_interval, fmt_p
 from ..results.predictions import ConfigKey, Predictions
 from ..results.runs import Run, load, reported_n, reported_top1, row_label
+from ..results import table_csv
 from ..results.summary import setting
 
 LEADERBOARD_MD, LEADERBOARD_CSV, REPORT_HTML = "leaderboard.md", "leaderboard.csv", "report.html"
@@ -170,12 +169,8 @@ CSV_COLUMNS = [
 
 
 def csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    for r in rows:
-        w.writerow(["" if r[c] is None or (isinstance(r[c], float) and math.isnan(r[c])) else (f"{r[c]:.6g}" if isinstance(r[c], float) else r[c]) for c in CSV_COLUMNS])
-    return buf.getvalue()
+    """leaderboard.csv: one line per :func:`table_rows` row."""
+    return table_csv.csv_text(CSV_COLUMNS, rows)
 
 
 TEXT_COLUMNS = {1, 2, 3, 4}  # label, encoder, view, method: words (left-aligned in report.html); the rest are numbers

@@ -4,8 +4,10 @@ one self-contained report.html."""
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
+from featstore.atomic import atomic_file
 from featstore.errors import UsageError
 
 from .html import render
@@ -53,15 +55,9 @@ def write(groups: list[Group], out: str | os.PathLike) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(groups)
     texts = {LEADERBOARD_MD: markdown(groups, rows), LEADERBOARD_CSV: csv_text(rows), REPORT_HTML: render(groups, rows)}
-    tag = f".{os.getpid()}.tmp"
     final = {name: out / name for name in texts}
-    temps = {name: out / f".{name}{tag}" for name in texts}
-    try:
-        for name, text in texts.items():
-            temps[name].write_text(text, encoding="utf-8")
-        for name in texts:
-            os.replace(temps[name], final[name])
-    finally:
-        for t in temps.values():
-            t.unlink(missing_ok=True)
+    # every file written before any is renamed (the stack renames in reverse order of entry: md, csv, html)
+    with ExitStack() as stack:
+        for name in reversed(list(texts)):
+            stack.enter_context(atomic_file(final[name])).write_text(texts[name], encoding="utf-8")
     return final

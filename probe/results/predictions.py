@@ -14,7 +14,6 @@ space separated (empty with fewer than 5 classes).
 from __future__ import annotations
 
 import csv
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import NamedTuple
 import numpy as np
 
 from featstore.errors import UsageError
+
+from . import table_csv
 
 PREDICTIONS = "predictions.csv"
 COLUMNS = ["label", "store", "view", "method", "shots", "seed", "path", "target", "pred", "correct", "top5"]
@@ -124,16 +125,16 @@ def align(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndarray]:
 
 
 def csv_text(predictions: list[Predictions]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
+    return table_csv.csv_text(COLUMNS, _lines(predictions))
+
+
+def _lines(predictions: list[Predictions]):
     for p in predictions:
         head = [p.label, p.store, p.view, p.method, p.shots, p.seed]
         top5 = [" ".join(map(str, row)) for row in p.top5.tolist()] if p.top5 is not None else [""] * len(p.paths)
         correct = p.correct.astype(np.int8).tolist()
         for path, t, y, c, t5 in zip(p.paths.tolist(), p.target.tolist(), p.pred.tolist(), correct, top5):
-            w.writerow(head + [path, t, y, c, t5])
-    return buf.getvalue()
+            yield head + [path, t, y, c, t5]
 
 
 def write(predictions: list[Predictions], path: str | os.PathLike) -> None:

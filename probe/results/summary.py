@@ -7,10 +7,9 @@ few-shot evaluations over seeds; with a single seed it is left empty.
 
 from __future__ import annotations
 
-import csv
-import io
-
 import numpy as np
+
+from .table_csv import csv_text
 
 SUMMARY_COLUMNS = [
     "store", "view", "method", "shots", "n_seeds", "seeds", "report_split",
@@ -70,12 +69,7 @@ def summarize(rows: list[dict], reported, groups: dict[tuple, list[dict]] | None
 
 
 def summary_csv(summary: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(SUMMARY_COLUMNS)
-    for s in summary:
-        w.writerow(["" if s.get(c) is None else s[c] for c in SUMMARY_COLUMNS])
-    return buf.getvalue()
+    return csv_text(SUMMARY_COLUMNS, summary)
 
 
 def mean_std(entry: dict, metric: str = "top1") -> str:

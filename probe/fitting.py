@@ -32,7 +32,7 @@ from .protocol import Protocol
 from .results.columns import COLUMNS
 from .results.predictions import ConfigKey, ImagePredictions
 from .results.predictions import of_rows as predictions_of
-from .selection import SplitPlan, best_by, plan_splits, select
+from .selection import SplitPlan, choose, plan_splits
 from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
 
 
@@ -406,8 +406,9 @@ def _linear(case: _Case, raw, labels, orders_cache, log, warn) -> list[dict]:
         return np.array([np.nan if not finite[h] else float(metrics[role]["top1"][h]) for h in range(len(lrs))], dtype=float)
 
     # selection reads the select role only: the reported split is never an input (unless opted in)
-    chosen = select(top1("select"), lrs, wds, finite)
-    best_report = best_by(top1("report"), lrs, wds, finite) if "report" in metrics else -1
+    keys = list(zip(lrs, wds))  # ties → the smaller lr, then wd
+    chosen = choose(top1("select"), keys, finite)
+    best_report = choose(top1("report"), keys, finite) if "report" in metrics else -1
     if not finite.all():
         bad_lrs = ", ".join(f"{lrs[h]:g}" + (f"/wd {wds[h]:g}" if len(protocol.wd_grid) > 1 else "") for h in np.flatnonzero(~finite))
         warn(f"{case.where}: {int((~finite).sum())} heads diverged (lr {bad_lrs}); they are never selected")

@@ -4,17 +4,19 @@ features in, one result per configuration out, the selection made on the selecti
 Inputs are the raw features of each role already on the device, with probe.fit's role names:
 ``train`` (what the method fits or searches), ``select`` (the selection split) and, where there
 is one apart from it, ``report``. The reported split is never an input to a choice: the k and C
-with the best ``select`` top-1 are chosen (ties → smaller k, smaller C), and only then is
+with the best ``select`` top-1 are chosen (:func:`probe.selection.choose`: ties → smaller k, smaller C), and only then is
 ``report`` looked at.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..selection import choose
 from . import heads as H
 from . import knn, logreg, topk
 
@@ -47,16 +49,10 @@ def _metrics(ranked: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {name: float(v) for name, v in topk.accuracy(ranked, labels).items()}
 
 
-def _choose(val_top1: list[float], keys: list[float]) -> int:
-    """Highest selection-split top-1; ties go to the smaller setting (k or C)."""
-    return min(range(len(val_top1)), key=lambda i: (-val_top1[i], keys[i]))
-
-
-def _mark_best_report(configs: list[Config]) -> None:
+def _mark_best_report(configs: list[Config], keys: list[tuple]) -> None:
     """The best configuration on the reported split (for comparison with papers only; never selected)."""
-    scored = [i for i, c in enumerate(configs) if "report" in c.metrics]
-    if scored:
-        best = min(scored, key=lambda i: (-configs[i].metrics["report"]["top1"], i))
+    best = choose([c.metrics["report"]["top1"] if "report" in c.metrics else math.nan for c in configs], keys)
+    if best >= 0:
         configs[best].best_report = True
 
 
@@ -75,9 +71,9 @@ def run_knn(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], num_classes:
     for j, k in enumerate(ks):
         metrics = {role: {name: float(v[j]) for name, v in acc.items()} for role, acc in accuracy.items()}
         configs.append(Config({"k": k, "temperature": temperature if weights == "exp" else None, "weights": weights}, metrics))
-    chosen = _choose([c.metrics["select"]["top1"] for c in configs], list(ks))
+    chosen = choose([c.metrics["select"]["top1"] for c in configs], [(k,) for k in ks])
     configs[chosen].selected = True
-    _mark_best_report(configs)
+    _mark_best_report(configs, [(k,) for k in ks])
     return MethodResult("knn", configs, {role: (p.top1[chosen], p.top5[chosen]) for role, p in preds.items()})
 
 
@@ -96,8 +92,8 @@ def run_logreg(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], num_class
         metrics = {role: _metrics(p[1][i], labels[role]) for role, p in preds.items()}
         extra = {"iterations": path.n_iter[i], "converged": path.converged[i]}
         configs.append(Config({"C": C, "refit": False}, metrics, extra=extra))
-    chosen = _choose([c.metrics["select"]["top1"] for c in configs], list(path.Cs))
-    _mark_best_report(configs)
+    chosen = choose([c.metrics["select"]["top1"] for c in configs], [(C,) for C in path.Cs])
+    _mark_best_report(configs, [(C,) for C in path.Cs])
     if not refit:
         configs[chosen].selected = True
         return MethodResult("logreg", configs, {role: (p[0][chosen], p[1][chosen]) for role, p in preds.items() if role != "train"})

@@ -12,6 +12,8 @@ import io
 
 import numpy as np
 
+from .. import methods
+
 SUMMARY_COLUMNS = [
     "store", "view", "method", "shots", "n_seeds", "seeds", "report_split",
     "report_top1_mean", "report_top1_std", "ci95_low", "ci95_high", "report_top5_mean", "report_top5_std", "selected", "protocol_hash",
@@ -19,16 +21,9 @@ SUMMARY_COLUMNS = [
 
 
 def setting(row: dict) -> str:
-    """The selected configuration of a row in a few characters: ``lr 0.01``, ``k 20``, ``C 0.1 (refit)``."""
-    method = row.get("method") or "linear"
-    if method == "knn":
-        return f"k {row['k']}"
-    if method == "logreg":
-        return f"C {row['C']:g}" + (" (refit)" if row.get("refit") else "")
-    if row.get("lr") is None:  # a results.csv without the column (written before it existed)
-        return "—"
-    text = f"lr {row['lr']:g}"
-    return text + (f" wd {row['wd']:g}" if row.get("wd") else "")
+    """The selected configuration of a row in a few characters (its method's
+    :meth:`~probe.methods.method.Method.setting`): ``lr 0.01``, ``k 20``, ``C 0.1 (refit)``."""
+    return methods.of_row(row).setting(row)
 
 
 def selected_by_entry(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -37,7 +32,7 @@ def selected_by_entry(rows: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("selected"):
-            key = (r["store"], r["view"], r.get("method") or "linear", r.get("shots"))
+            key = (r["store"], r["view"], r.get("method") or methods.UNNAMED, r.get("shots"))
             groups.setdefault(key, []).append(r)
     return groups
 

@@ -14,7 +14,6 @@ order of every epoch is drawn up front and moved to the device once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -190,15 +189,9 @@ def schedule_factor(protocol: Protocol, step: int, total: int) -> float:
     return 1.0
 
 
-@dataclass
-class TrainResult:
-    heads: LinearHeads
-    train_loss: torch.Tensor  # (H,) mean cross-entropy over the last epoch
-    steps: int
-
-
-def train(x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protocol, orders: torch.Tensor, progress=None) -> TrainResult:
-    """Train every head on (x, y) for ``protocol.epochs`` epochs.
+def train(x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protocol, orders: torch.Tensor) -> torch.Tensor:
+    """Train every head on (x, y) for ``protocol.epochs`` epochs; the (H,) mean cross-entropy of
+    each head over the last epoch.
 
     ``orders`` is the (epochs, N) minibatch order, already on the device; every head sees the
     same minibatches in the same order (the last minibatch of an epoch may be smaller).
@@ -220,9 +213,7 @@ def train(x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protoc
             loss += loss_sum
             heads.step(gw, gb, protocol, schedule_factor(protocol, t, total))
             t += 1
-        if progress is not None:
-            progress(epoch + 1, protocol.epochs)
-    return TrainResult(heads, loss / n, total)
+    return loss / n
 
 
 def _top_classes(heads: LinearHeads, x: torch.Tensor, k: int):

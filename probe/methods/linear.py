@@ -37,7 +37,7 @@ class Linear:
         dim = x["train"].shape[1]
         heads = H.LinearHeads(dim, case.num_classes, lrs, wds, dev)
         case.log(f"{case.name}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(case.rows['train'])} rows (D={dim}, C={case.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})")
-        train_loss = H.train(x["train"], case.y["train"], heads, protocol, orders).train_loss.cpu().numpy()
+        train_loss = H.train(x["train"], case.y["train"], heads, protocol, orders).cpu().numpy()
         finite = heads.finite().cpu().numpy()
         # every head's top-5 on the reported rows in one pass, before the features go (the chosen
         # one is kept below); that role's accuracies are read from them, the other roles are streamed

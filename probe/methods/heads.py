@@ -51,7 +51,8 @@ def standardize_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and 1/sqrt(var + eps) of ``x`` (biased variance, as BatchNorm), as float32.
 
     Each chunk's mean and centered variance (two passes, float32) are merged in float64 (Chan
-    et al.); chunks of ~8 MB keep the centered temporary in cache (6× faster than one big var_mean).
+    et al.); chunks of ~8 MB keep the centered temporary in cache, which one big var_mean over
+    the whole matrix does not (benchmarks/RESULTS.md, "Moved from docstrings").
     """
     n, d = x.shape
     step = max(1, (1 << 21) // max(d, 1))

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from featstore.device import compute_dtype, resolve_device  # noqa: E402
 from probe.methods import heads as H  # noqa: E402
 from probe.protocol import Protocol  # noqa: E402
-from probe.selection import select  # noqa: E402
+from probe.selection import choose  # noqa: E402
 from common import matmul_rate, sync  # noqa: E402
 
 SIZES = {
@@ -97,7 +97,7 @@ def batched_sweep(data, protocol: Protocol, device: torch.device) -> dict:
     finite = heads.finite().cpu().numpy()
     sync(device)
     t3 = time.perf_counter()
-    chosen = select(metrics["val"]["top1"], lrs, wds, finite)
+    chosen = choose(metrics["val"]["top1"], list(zip(lrs, wds)), finite)
     train_flops = protocol.epochs * 4 * n * dim * len(lrs) * classes  # forward GEMM + weight-gradient GEMM
     return {
         "seconds": t3 - t0,
@@ -313,7 +313,7 @@ def main(argv=None):
             label = "(a) 13 × DataLoader loop" + (f" [measured {len(subset)} LR × {loop_protocol.epochs} ep, ×{scale:g} extrapolated]" if a["extrapolated"] else "")
             if len(subset) == len(protocol.lr_grid):
                 lv = np.array([r["val_top1"] for r in a["per_lr"]])
-                chosen = select(lv, protocol.lr_grid, [0.0] * len(lv), np.ones(len(lv), bool))
+                chosen = choose(lv, [(lr, 0.0) for lr in protocol.lr_grid], np.ones(len(lv), bool))
                 a["selected"] = a["per_lr"][chosen]
                 sel = (f"lr {a['selected']['lr']:g}", f"{a['selected']['val_top1']:.2f}", f"{a['selected']['test_top1']:.2f}")
             else:

@@ -26,13 +26,13 @@ from featstore.store import FeatureStore
 from . import fewshot
 from . import intervals as I
 from .comparison import Comparison, compare
-from .methods import battery
-from .methods import heads as H
+from . import methods
+from .methods import Case, Method, MethodResult
 from .protocol import Protocol
 from .results.columns import COLUMNS
 from .results.predictions import ConfigKey, ImagePredictions
 from .results.predictions import of_rows as predictions_of
-from .selection import SplitPlan, best_by, plan_splits, select
+from .selection import SplitPlan, plan_splits
 from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
 
 
@@ -207,11 +207,11 @@ def fit_run(
             raise UsageError(message, "compare stores of the same dataset, or pass --allow-different-data")
         warn(message + " (compared anyway: --allow-different-data)")
 
-    orders_cache: dict[tuple[int, int], np.ndarray] = {}
+    cache: dict = {}  # what the methods keep from one case for the next (the linear heads' epoch orders)
     rows: list[dict] = []
     for info in infos:
         for view in info.views:
-            rows.extend(_fit_one(info, view, protocol, dev, dtype, orders_cache, log, warn))
+            rows.extend(_fit_one(info, view, protocol, dev, dtype, cache, log, warn))
     predictions = predictions_of(rows)
     result = FitResult(rows, compare(predictions) if predictions else None)
     _add_intervals(rows, result.comparison)
@@ -227,15 +227,15 @@ def fit_run(
     return result
 
 
-def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, orders_cache, log, warn) -> list[dict]:
+def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, cache: dict, log, warn) -> list[dict]:
     """Every seed × shots × method on one store × view; each split's features read once."""
     features: dict[str, np.ndarray] = {}
     finite: dict[str, np.ndarray] = {}
-    memo: dict[tuple, battery.MethodResult] = {}
+    memo: dict[tuple, MethodResult] = {}
     rows: list[dict] = []
     for seed in protocol.run_seeds:
         for shots in protocol.run_shots:
-            rows += _fit_case(info, view, protocol, seed, shots, features, finite, memo, dev, dtype, orders_cache, log, warn)
+            rows += _fit_case(info, view, protocol, seed, shots, features, finite, memo, dev, dtype, cache, log, warn)
     return rows
 
 
@@ -244,7 +244,7 @@ def _first_case(protocol: Protocol, seed: int, shots: int | None) -> bool:
     return seed == protocol.run_seeds[0] and shots == protocol.run_shots[0]
 
 
-def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int | None, features, finite, memo, dev, dtype, orders_cache, log, warn) -> list[dict]:
+def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int | None, features, finite, memo, dev, dtype, cache, log, warn) -> list[dict]:
     t0 = time.perf_counter()
     fs, plan = info.store, info.plans[seed]
     roles = {"train": (plan.train_split, plan.train_rows), "select": (plan.select_source, plan.select_rows)}
@@ -278,28 +278,33 @@ def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int
     # raw features on the device once per role; each method normalizes its own copy
     raw = {role: torch.from_numpy(np.ascontiguousarray(features[split][kept[role]])).to(dev) for role, (split, _) in roles.items()}
     labels = {role: torch.from_numpy(info.labels[split][kept[role]]).to(dev) for role, (split, _) in roles.items()}
-    case = _Case(info, view, protocol, plan, seed, shots, kept, excluded_invalid, excluded_nonfinite, dev, dtype, t0)
-    # k-NN and logistic regression have no randomness: a seed changes them only through the rows
-    # (holdout, few-shot sample), so a seed with the same rows as an earlier one reuses its result
+    rows_of = _Rows(info, view, protocol, plan, seed, shots, kept, excluded_invalid, excluded_nonfinite, dev, dtype, t0)
+    detail = rows_of.detail
+    case = Case(protocol=protocol, x=raw, y=labels, rows=kept, split_rows=fs.num_rows(plan.train_split), num_classes=info.num_classes,
+                seed=seed, shots=shots, reported_role=plan.reported_role, device=dev, dtype=dtype,
+                name=f"{info.label} [{view}]{f' ({detail})' if detail else ''}", where=rows_of.where, first=first,
+                first_view=view == info.views[0], first_seed=seed == protocol.run_seeds[0], warn=warn, log=log, cache=cache)  # fmt: skip
+    # a method without randomness (k-NN, logistic regression) changes with a seed only through the
+    # rows (holdout, few-shot sample), so a seed with the same rows as an earlier one reuses its result
     rows_key = tuple(hashlib.sha256(np.ascontiguousarray(kept[r]).tobytes()).hexdigest() for r in sorted(kept))
     out: list[dict] = []
-    for method in protocol.methods:
-        if method == "linear":
-            out += _linear(case, raw, labels, orders_cache, log, warn)
+    for name in protocol.methods:
+        method = methods.get(name)
+        if method.seeded:
+            result = method.run(case)
         else:
-            # a logreg result depends on more than its rows: whether it was refit (never for few-shot)
-            key = (method, rows_key, method == "logreg" and case.shots is None)
+            key = (name, rows_key, method.variant(case))
             if key not in memo:  # a reused result's warnings were given with it
-                run = _knn_result if method == "knn" else _logreg_result
-                memo[key] = run(case, raw, labels, warn)
-            out += _battery_rows(case, memo[key])
-        case.t0 = time.perf_counter()  # each method's rows carry its own seconds
+                memo[key] = method.run(case)
+            result = memo[key]
+        out += rows_of.method_rows(method, case, result)
+        rows_of.t0 = time.perf_counter()  # each method's rows carry its own seconds
     return out
 
 
 @dataclass
-class _Case:
-    """One store × view × seed × shots: what every method's rows share."""
+class _Rows:
+    """One store × view × seed × shots: what every method's rows share, and the rows made of a result."""
 
     info: _Store
     view: str
@@ -315,10 +320,6 @@ class _Case:
     t0: float
 
     @property
-    def first(self) -> bool:
-        return _first_case(self.protocol, self.seed, self.shots)
-
-    @property
     def detail(self) -> str:
         """``seed 1 5-shot``: what tells this case from the store × view's others ('' when nothing does)."""
         return " ".join(([f"seed {self.seed}"] if len(self.protocol.run_seeds) > 1 else []) + ([f"{self.shots}-shot"] if self.shots else []))
@@ -331,6 +332,14 @@ class _Case:
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
         return round(time.perf_counter() - self.t0, 3)
+
+    def method_rows(self, method: Method, case: Case, result: MethodResult) -> list[dict]:
+        """One row per configuration (a head, a k, a C); the selected one keeps its per-image predictions."""
+        seconds = self.seconds()
+        out = [self.row(method.name, c.metrics, **method.columns(case, c), selected=c.selected,
+                        best_report=c.best_report, sweep_seconds=seconds) for c in result.configs]  # fmt: skip
+        next(r for r in out if r["selected"])["report_predictions"] = self.report_predictions(result.predictions)
+        return out
 
     def row(self, method: str, metrics: dict[str, dict[str, float]], **fields) -> dict:
         """A results row: the shared columns, ``fields`` (the method's own), ``metrics`` (role → top1/top5).
@@ -364,127 +373,17 @@ class _Case:
         row.update(fields)
         return row
 
-
-def _linear(case: _Case, raw, labels, orders_cache, log, warn) -> list[dict]:
-    """Every (lr, wd) head at once (probe.heads), the LR chosen on the selection split."""
-    protocol, info, dev, dtype, kept = case.protocol, case.info, case.dev, case.dtype, case.kept
-    stats = H.standardize_stats(raw["train"]) if protocol.normalize == "standardize" else None
-    x = {role: H.prepare(t, protocol.normalize, dtype, stats) for role, t in raw.items()}
-
-    n_full = info.store.num_rows(case.plan.train_split)
-    key = (n_full, case.seed)
-    if key not in orders_cache:
-        orders_cache[key] = H.epoch_orders(n_full, protocol.epochs, case.seed)
-    orders = torch.from_numpy(H.restrict_orders(orders_cache[key], kept["train"])).to(dev)
-
-    lrs = [lr for lr, _ in protocol.heads]
-    wds = [wd for _, wd in protocol.heads]
-    dim = x["train"].shape[1]
-    heads = H.LinearHeads(dim, info.num_classes, lrs, wds, dev)
-    log(f"{info.label} [{case.view}]{f' ({case.detail})' if case.detail else ''}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(kept['train'])} rows (D={dim}, C={info.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})")
-    result = H.train(x["train"], labels["train"], heads, protocol, orders)
-    finite = heads.finite().cpu().numpy()
-    # every head's top-5 on the reported rows in one pass, before the features go (the chosen one
-    # is kept below); that role's accuracies are read from them, the other roles are streamed
-    shown = case.plan.reported_role
-    ranked = H.predict(heads, x[shown]) if shown else None
-    metrics = {role: H.accuracy(ranked, labels[role], heads.num_classes) if role == shown else H.evaluate(heads, x[role], labels[role]) for role in x}
-    top = {shown: ranked.cpu().numpy()} if shown else {}
-    del ranked
-    seconds = case.seconds()
-    train_loss = result.train_loss.cpu().numpy()
-    del x
-
-    def per_head(h):
-        if not finite[h]:
-            return {}
-        return {role: {k: float(v[h]) for k, v in m.items()} for role, m in metrics.items()}
-
-    def top1(role):
-        return np.array([np.nan if not finite[h] else float(metrics[role]["top1"][h]) for h in range(len(lrs))], dtype=float)
-
-    # selection reads the select role only: the reported split is never an input (unless opted in)
-    chosen = select(top1("select"), lrs, wds, finite)
-    best_report = best_by(top1("report"), lrs, wds, finite) if "report" in metrics else -1
-    if not finite.all():
-        bad_lrs = ", ".join(f"{lrs[h]:g}" + (f"/wd {wds[h]:g}" if len(protocol.wd_grid) > 1 else "") for h in np.flatnonzero(~finite))
-        warn(f"{case.where}: {int((~finite).sum())} heads diverged (lr {bad_lrs}); they are never selected")
-    if chosen < 0:
-        raise FeatstoreError(f"{case.where}: every head diverged", "lower the learning rates or use --normalize standardize")
-    if len(protocol.lr_grid) >= 3 and lrs[chosen] in (protocol.lr_grid[0], protocol.lr_grid[-1]) and case.first:
-        warn(f"{case.where}: the selected lr {lrs[chosen]:g} is at the edge of the grid; consider widening --lr-grid")
-
-    out = []
-    for h, (lr, wd) in enumerate(protocol.heads):
-        out.append(case.row(
-            "linear", per_head(h), lr=lr, wd=wd, optimizer=protocol.optimizer, epochs=protocol.epochs, batch_size=protocol.batch_size,
-            momentum=protocol.momentum, normalize=protocol.normalize,
-            train_loss=round(float(train_loss[h]), 6) if finite[h] and np.isfinite(train_loss[h]) else None,
-            diverged=not bool(finite[h]), selected=h == chosen, best_report=h == best_report, sweep_seconds=seconds,
-        ))  # fmt: skip
-    chosen_top = {role: (t[:, chosen, 0], t[:, chosen, :5] if t.shape[2] == 5 else None) for role, t in top.items()}
-    out[chosen]["report_predictions"] = _report_predictions(case, chosen_top)
-    return out
-
-
-def _knn_result(case: _Case, raw, labels, warn) -> battery.MethodResult:
-    p = case.protocol
-    n_train = len(case.kept["train"])
-    big = [k for k in p.knn_k if k > n_train]
-    if big and case.view == case.info.views[0] and case.seed == p.run_seeds[0]:
-        warn(f"{case.where}: k-NN k {', '.join(map(str, big))} exceed the {n_train} training rows; they use every training row")
-    return battery.run_knn(raw, labels, case.info.num_classes, p.knn_k, p.knn_temperature, p.knn_weights)
-
-
-def _report_predictions(case: _Case, predictions: dict) -> dict | None:
-    """The selected configuration's per-image predictions on the reported rows (the selection rows
-    with --select-on report; None when nothing is reported): dataset paths, targets, top-1, top-5.
-    Kept on the selected row (not a CSV column) for the per-image predictions file."""
-    role = case.plan.reported_role
-    if role is None:
-        return None
-    split = case.plan.report_source  # the selection rows' split too when they are the reported ones
-    rows = case.kept[role]
-    top1, top5 = predictions[role]
-    return ImagePredictions(paths=case.info.paths(split)[rows], target=case.info.labels[split][rows], pred=top1, top5=top5)
-
-
-def _logreg_result(case: _Case, raw, labels, warn) -> battery.MethodResult:
-    p = case.protocol
-    # refit on train + selection rows only when the reported split is another split (a refit that
-    # trained on the reported rows, --select-on report, or with nothing reported would mean
-    # nothing) and on every training row (a few-shot refit would add the whole selection split to
-    # k examples per class: no longer a few-shot result)
-    refit = p.logreg_refit and "report" in raw and case.shots is None
-    res = battery.run_logreg(raw, labels, case.info.num_classes, p.logreg_C, p.logreg_tol, p.logreg_max_iter, refit)
-    capped = [c.settings["C"] for c in res.configs if not c.extra["converged"]]
-    if capped:
-        warn(f"{case.where}: logistic regression stopped above --logreg-tol {p.logreg_tol:g} at C {', '.join(f'{c:g}' for c in capped)}"
-             f" (--logreg-max-iter {p.logreg_max_iter} reached, or no step lowered the objective)")
-    chosen = res.selected.settings["C"]
-    if len(p.logreg_C) >= 3 and chosen in (p.logreg_C[0], p.logreg_C[-1]) and case.first:
-        warn(f"{case.where}: the selected C {chosen:g} is at the edge of the grid; consider widening --logreg-C")
-    return res
-
-
-def _setting_columns(case: _Case, method: str, config: battery.Config) -> dict:
-    """A k-NN or logreg configuration's own columns: its setting (k or C) and how it was fit."""
-    if method == "knn":
-        return {"k": config.settings["k"], "temperature": config.settings["temperature"], "normalize": "l2"}
-    refit = config.settings["refit"]
-    columns = {"C": config.settings["C"], "refit": refit, "normalize": "standardize"}
-    if refit:
-        columns["n_train"] = len(case.kept["train"]) + len(case.kept["select"])
-    return columns
-
-
-def _battery_rows(case: _Case, res: battery.MethodResult) -> list[dict]:
-    """One row per k-NN k or logreg C; the selected one keeps its per-image predictions."""
-    seconds = case.seconds()
-    out = [case.row(res.method, c.metrics, **_setting_columns(case, res.method, c), selected=c.selected,
-                    best_report=c.best_report, sweep_seconds=seconds) for c in res.configs]  # fmt: skip
-    next(r for r in out if r["selected"])["report_predictions"] = _report_predictions(case, res.predictions)
-    return out
+    def report_predictions(self, predictions: dict) -> ImagePredictions | None:
+        """The selected configuration's per-image predictions on the reported rows (the selection rows
+        with --select-on report; None when nothing is reported): dataset paths, targets, top-1, top-5.
+        Kept on the selected row (not a CSV column) for the per-image predictions file."""
+        role = self.plan.reported_role
+        if role is None:
+            return None
+        split = self.plan.report_source  # the selection rows' split too when they are the reported ones
+        rows = self.kept[role]
+        top1, top5 = predictions[role]
+        return ImagePredictions(paths=self.info.paths(split)[rows], target=self.info.labels[split][rows], pred=top1, top5=top5)
 
 
 def _add_intervals(rows: list[dict], comparison: Comparison | None) -> None:

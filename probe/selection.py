@@ -1,6 +1,6 @@
 """Honest selection: which rows train, which select, which report, and which head is chosen.
 
-The reported split is never an input to :func:`select` (unless the user asks for
+The reported split is never an input to :func:`choose` (unless the user asks for
 ``select_on="report"``, which every output then labels "max over the reported split"); the
 holdout depends only on the labels and the seed, so two stores of the same dataset hold out the
 same rows.
@@ -9,9 +9,12 @@ same rows.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from featstore.errors import UsageError
 
@@ -125,14 +128,14 @@ def plan_splits(store_path: str, sizes: dict[str, int], train_labels_of, val_fra
     return SplitPlan(**held, report_split=report, report_source=report, report_rows=np.arange(sizes[report]), **common)
 
 
-def select(select_top1: np.ndarray, lrs, wds, finite: np.ndarray) -> int:
-    """Index of the head with the highest selection-split top-1; ties go to the smaller LR, then smaller wd."""
-    candidates = [h for h in range(len(select_top1)) if finite[h] and not math.isnan(select_top1[h])]
+def choose(scores: Sequence[float] | NDArray[np.floating[Any]], keys: Sequence[tuple[float, ...]], usable: Sequence[bool] | NDArray[np.bool_] | None = None) -> int:
+    """The one selection rule of every method: the index of the highest score among the usable,
+    non-NaN entries; ties go to the smallest key tuple (the smaller lr then wd, the smaller k, the
+    smaller C); -1 when no entry is usable.
+
+    The scores are the selection split's top-1 when choosing a configuration, the reported split's
+    only for the clearly labelled best-of-sweep (``best_report``)."""
+    candidates = [i for i in range(len(scores)) if (usable is None or usable[i]) and not math.isnan(scores[i])]
     if not candidates:
         return -1
-    return min(candidates, key=lambda h: (-select_top1[h], lrs[h], wds[h]))
-
-
-def best_by(metric: np.ndarray, lrs, wds, finite: np.ndarray) -> int:
-    """The best head by ``metric`` with the same tie rule (used for the clearly labelled best-of-sweep)."""
-    return select(metric, lrs, wds, finite)
+    return min(candidates, key=lambda i: (-scores[i], keys[i]))

@@ -12,9 +12,11 @@ import torch
 
 from featstore.errors import UsageError
 from probe import fewshot
-from probe.methods import battery, knn
+from probe.methods import knn
 from probe.methods import heads as H
 from probe.methods import logreg
+from probe.methods.logistic import run_logreg
+from probe.methods.neighbours import run_knn
 from tests.test_probe import one_thread  # noqa: F401 (autouse fixture: one thread for small problems)
 
 
@@ -251,7 +253,7 @@ def test_logreg_refit_from_a_path_solution_missing_a_class():
     roles = {"train": train, "select": select, "report": report}
     xr = {k: torch.from_numpy(x[m]) for k, m in roles.items()}
     yr = {k: torch.from_numpy(y[m]) for k, m in roles.items()}
-    res = battery.run_logreg(xr, yr, 5, (1e-2, 1.0, 100.0), logreg.DEFAULT_TOL, 1000, refit=True)
+    res = run_logreg(xr, yr, 5, (1e-2, 1.0, 100.0), logreg.DEFAULT_TOL, 1000, refit=True)
     chosen = res.selected
     assert chosen.settings["refit"] and chosen.extra["converged"] and chosen.extra["iterations"] > 1
     C = chosen.settings["C"]
@@ -606,7 +608,7 @@ def _scrambled(y):
 
 def test_knn_method_selects_on_the_selection_split_and_reports_every_k():
     x, y = _roles()
-    res = battery.run_knn(x, y, 5, (1, 10, 50), 0.07, "exp")
+    res = run_knn(x, y, 5, (1, 10, 50), 0.07, "exp")
     assert [c.settings["k"] for c in res.configs] == [1, 10, 50]
     assert sum(c.selected for c in res.configs) == 1 and sum(c.best_report for c in res.configs) == 1
     val = [c.metrics["select"]["top1"] for c in res.configs]
@@ -615,14 +617,14 @@ def test_knn_method_selects_on_the_selection_split_and_reports_every_k():
     top1, top5 = res.predictions["report"]
     assert top1.shape == (400,) and top5.shape == (400, 5)
     assert res.selected.metrics["report"]["top1"] == pytest.approx((top1 == y["report"].numpy()).mean() * 100)
-    scrambled = battery.run_knn(x, _scrambled(y), 5, (1, 10, 50), 0.07, "exp")
+    scrambled = run_knn(x, _scrambled(y), 5, (1, 10, 50), 0.07, "exp")
     assert scrambled.selected.settings == res.selected.settings
 
 
 def test_logreg_method_selects_then_refits_on_train_and_selection_rows():
     x, y = _roles()
     Cs = (1e-4, 1e-2, 1.0)
-    res = battery.run_logreg(x, y, 5, Cs, logreg.DEFAULT_TOL, 1000, refit=True)
+    res = run_logreg(x, y, 5, Cs, logreg.DEFAULT_TOL, 1000, refit=True)
     path = [c for c in res.configs if not c.settings["refit"]]
     assert [c.settings["C"] for c in path] == list(Cs) and not any(c.selected for c in path)
     chosen = max(path, key=lambda c: (c.metrics["select"]["top1"], -c.settings["C"]))
@@ -639,9 +641,9 @@ def test_logreg_method_selects_then_refits_on_train_and_selection_rows():
     ref = make_pipeline(StandardScaler(), LogisticRegression(C=final.settings["C"], max_iter=1000)).fit(both, both_y)
     assert final.metrics["report"]["top1"] == pytest.approx(100 * ref.score(x["report"].numpy(), y["report"].numpy()), abs=0.3)
     assert res.predictions["report"][0].shape == (400,)
-    scrambled = battery.run_logreg(x, _scrambled(y), 5, Cs, logreg.DEFAULT_TOL, 1000, refit=True)
+    scrambled = run_logreg(x, _scrambled(y), 5, Cs, logreg.DEFAULT_TOL, 1000, refit=True)
     assert scrambled.selected.settings == final.settings
-    no_refit = battery.run_logreg(x, y, 5, Cs, logreg.DEFAULT_TOL, 1000, refit=False)
+    no_refit = run_logreg(x, y, 5, Cs, logreg.DEFAULT_TOL, 1000, refit=False)
     assert len(no_refit.configs) == 3 and no_refit.selected.settings == {"C": chosen.settings["C"], "refit": False}
 
 

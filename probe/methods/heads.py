@@ -14,10 +14,11 @@ order of every epoch is drawn up front and moved to the device once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from featstore.errors import UsageError
 
@@ -28,13 +29,13 @@ BN_EPS = 1e-5  # torch.nn.BatchNorm1d's default, so "standardize" is BatchNorm w
 _EVAL_ELEMENTS = 1 << 24  # logits elements per evaluation chunk (64 MiB in float32)
 
 
-def epoch_orders(num_rows: int, epochs: int, seed: int) -> np.ndarray:
+def epoch_orders(num_rows: int, epochs: int, seed: int) -> NDArray[np.int64]:
     """(epochs, num_rows) minibatch order over all rows of a split, from one seeded generator."""
     g = torch.Generator().manual_seed(seed)
     return torch.stack([torch.randperm(num_rows, generator=g) for _ in range(epochs)]).numpy()
 
 
-def restrict_orders(orders: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def restrict_orders(orders: NDArray[np.int64], rows: NDArray[np.int64]) -> NDArray[np.int64]:
     """The orders of ``orders`` kept to ``rows`` (indices into the full split), renumbered 0..len(rows)-1.
 
     Drawing the order over the full split and then dropping unused rows keeps the order of the
@@ -42,7 +43,7 @@ def restrict_orders(orders: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """
     position = np.full(orders.shape[1], -1, dtype=np.int64)
     position[rows] = np.arange(len(rows))
-    mapped = position[orders]
+    mapped: NDArray[np.int64] = position[orders]
     return mapped[mapped >= 0].reshape(orders.shape[0], len(rows))
 
 
@@ -50,7 +51,8 @@ def standardize_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and 1/sqrt(var + eps) of ``x`` (biased variance, as BatchNorm), as float32.
 
     Each chunk's mean and centered variance (two passes, float32) are merged in float64 (Chan
-    et al.); chunks of ~8 MB keep the centered temporary in cache (6× faster than one big var_mean).
+    et al.); chunks of ~8 MB keep the centered temporary in cache, which one big var_mean over
+    the whole matrix does not (benchmarks/RESULTS.md, "Moved from docstrings").
     """
     n, d = x.shape
     step = max(1, (1 << 21) // max(d, 1))
@@ -70,7 +72,7 @@ def standardize_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), torch.rsqrt((m2 / n).float() + BN_EPS)
 
 
-def prepare(x: torch.Tensor, method: str, dtype: torch.dtype, stats=None, chunk_rows: int = 1 << 16) -> torch.Tensor:
+def prepare(x: torch.Tensor, method: str, dtype: torch.dtype, stats: tuple[torch.Tensor, torch.Tensor] | None = None, chunk_rows: int = 1 << 16) -> torch.Tensor:
     """Normalize ``x`` (any float dtype, already on its device) into a new ``dtype`` tensor, in chunks."""
     if method not in ("none", "l2", "standardize"):
         raise UsageError(f"unknown normalization {method!r}", "use none, l2 or standardize")
@@ -79,6 +81,7 @@ def prepare(x: torch.Tensor, method: str, dtype: torch.dtype, stats=None, chunk_
         chunk = x[i : i + chunk_rows].float()
         dst = out[i : i + chunk_rows]
         if method == "standardize":
+            assert stats is not None, "standardize needs standardize_stats' (mean, 1/std)"
             mean, inv_std = stats
             if dst.dtype == chunk.dtype:  # write in place: no temporary the size of the chunk
                 torch.sub(chunk, mean, out=dst).mul_(inv_std)
@@ -93,20 +96,20 @@ def prepare(x: torch.Tensor, method: str, dtype: torch.dtype, stats=None, chunk_
 class LinearHeads:
     """H linear classifiers D → C over the same features, stored as one (D, H·C) weight matrix."""
 
-    def __init__(self, dim: int, num_classes: int, lrs, wds, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        lrs = torch.as_tensor(lrs, dtype=torch.float64)
-        wds = torch.as_tensor(wds, dtype=torch.float64)
-        if lrs.shape != wds.shape or lrs.ndim != 1:
+    def __init__(self, dim: int, num_classes: int, lrs: Sequence[float], wds: Sequence[float], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        lr_t = torch.as_tensor(lrs, dtype=torch.float64)
+        wd_t = torch.as_tensor(wds, dtype=torch.float64)
+        if lr_t.shape != wd_t.shape or lr_t.ndim != 1:
             raise ValueError("lrs and wds must be 1-D and of the same length")
-        self.dim, self.num_classes, self.num_heads = int(dim), int(num_classes), len(lrs)
+        self.dim, self.num_classes, self.num_heads = int(dim), int(num_classes), len(lr_t)
         self.device = torch.device(device)
         hc = self.num_heads * self.num_classes
         # zero init: the problem is convex, and every head (and a lone reference head) starts identical
         # master weights and optimizer state in ``dtype`` (float32; float64 only for exactness tests)
         self.w = torch.zeros(self.dim, hc, device=self.device, dtype=dtype)
         self.b = torch.zeros(hc, device=self.device, dtype=dtype)
-        self.lrs = lrs.to(self.device, dtype)
-        self.wds = wds.to(self.device, dtype)
+        self.lrs = lr_t.to(self.device, dtype)
+        self.wds = wd_t.to(self.device, dtype)
         self._lr_cols = self.lrs.repeat_interleave(self.num_classes)
         self._wd_cols = self.wds.repeat_interleave(self.num_classes)
         self._minus_one = torch.full((1, 1, 1), -1.0, device=self.device, dtype=dtype)
@@ -190,15 +193,9 @@ def schedule_factor(protocol: Protocol, step: int, total: int) -> float:
     return 1.0
 
 
-@dataclass
-class TrainResult:
-    heads: LinearHeads
-    train_loss: torch.Tensor  # (H,) mean cross-entropy over the last epoch
-    steps: int
-
-
-def train(x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protocol, orders: torch.Tensor, progress=None) -> TrainResult:
-    """Train every head on (x, y) for ``protocol.epochs`` epochs.
+def train(x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protocol, orders: torch.Tensor) -> torch.Tensor:
+    """Train every head on (x, y) for ``protocol.epochs`` epochs; the (H,) mean cross-entropy of
+    each head over the last epoch.
 
     ``orders`` is the (epochs, N) minibatch order, already on the device; every head sees the
     same minibatches in the same order (the last minibatch of an epoch may be smaller).
@@ -220,12 +217,10 @@ def train(x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protoc
             loss += loss_sum
             heads.step(gw, gb, protocol, schedule_factor(protocol, t, total))
             t += 1
-        if progress is not None:
-            progress(epoch + 1, protocol.epochs)
-    return TrainResult(heads, loss / n, total)
+    return loss / n
 
 
-def _top_classes(heads: LinearHeads, x: torch.Tensor, k: int):
+def _top_classes(heads: LinearHeads, x: torch.Tensor, k: int) -> Iterator[tuple[int, torch.Tensor]]:
     """(start, (B, H, k) indices of the k best classes, best first) per chunk of rows of ``x``.
 
     One ``topk`` serves top-1 (column 0) and top-5 (:mod:`probe.topk` scores both), so the
@@ -237,12 +232,12 @@ def _top_classes(heads: LinearHeads, x: torch.Tensor, k: int):
         yield i, heads.logits(x[i : i + chunk]).topk(k, dim=-1).indices
 
 
-def _percent(correct1: torch.Tensor, correct5: torch.Tensor, n: int, num_classes: int) -> dict[str, np.ndarray]:
+def _percent(correct1: torch.Tensor, correct5: torch.Tensor, n: int, num_classes: int) -> dict[str, NDArray[np.float64]]:
     """Per-head hit counts, counted on the device, as :func:`probe.topk.percent`'s percentages."""
     return topk.percent(correct1.cpu().numpy(), correct5.cpu().numpy(), n, num_classes)
 
 
-def evaluate(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+def evaluate(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor) -> dict[str, NDArray[np.float64]]:
     """Per-head top-1 and (with >= 5 classes) top-5 accuracy in percent, as (H,) float64 arrays."""
     correct1 = torch.zeros(heads.num_heads, dtype=torch.int64, device=x.device)
     correct5 = torch.zeros_like(correct1)
@@ -253,7 +248,7 @@ def evaluate(heads: LinearHeads, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
     return _percent(correct1, correct5, x.shape[0], heads.num_classes)
 
 
-def accuracy(top: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, np.ndarray]:
+def accuracy(top: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, NDArray[np.float64]]:
     """:func:`evaluate`'s numbers from :func:`predict`'s output (rows already ranked: no second pass)."""
     return _percent(*topk.hits(top, y), top.shape[0], num_classes)
 

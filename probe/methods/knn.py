@@ -13,10 +13,12 @@ rows: ImageNet (1.28 M train × 50 k val) runs in blocks of a few hundred rows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from featstore.errors import UsageError
 
@@ -33,10 +35,10 @@ class KnnPredictions:
     """Per-k predictions of every evaluated row (row order as given)."""
 
     ks: tuple[int, ...]  # as asked (a k larger than the train set uses every train row)
-    top1: np.ndarray  # (K, N) int64 class index
-    top5: np.ndarray  # (K, N, min(5, C)) int64 class indices, best first
+    top1: NDArray[np.int64]  # (K, N) int64 class index
+    top5: NDArray[np.int64]  # (K, N, min(5, C)) int64 class indices, best first
 
-    def accuracy(self, labels: np.ndarray) -> dict[str, np.ndarray]:
+    def accuracy(self, labels: NDArray[np.int64]) -> dict[str, NDArray[np.float64]]:
         """Top-1 and (with >= 5 classes) top-5 accuracy in percent per k, as (K,) float64."""
         return topk.accuracy(self.top5.transpose(1, 0, 2), np.asarray(labels))  # rows first; top-1 is column 0
 
@@ -52,7 +54,7 @@ def predict(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
     query_x: torch.Tensor,
-    ks,
+    ks: Sequence[int],
     num_classes: int,
     *,
     temperature: float = DEFAULT_TEMPERATURE,

@@ -29,10 +29,12 @@ Gram preconditioner that came before, and scikit-learn's 95 iterations.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from featstore.errors import UsageError
 
@@ -50,6 +52,12 @@ _STUCK = 20  # iterations without progress that f or the gradient can tell, befo
 FULL_CLASSES = 64  # up to this many classes, the intercept's Newton and the class factor use the full K × K
 _CLASS_FLOOR = 1e-3  # smallest class-factor eigenvalue in the preconditioner, × 1/K (a uniform softmax's)
 
+Chunk = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]  # start row, rows, labels, transposed logits without the intercept
+Pass = tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # mean CE, dW, db, b*, class factor
+Precondition = Callable[[torch.Tensor], torch.Tensor]
+# an objective: θ → (f, gradient) or (f, gradient, the largest gradient component the tolerance is about)
+Objective = Callable[[torch.Tensor], tuple[float, torch.Tensor] | tuple[float, torch.Tensor, float]]
+
 
 @dataclass
 class LogregPath:
@@ -64,7 +72,7 @@ class LogregPath:
     grad_max: list[float]  # largest gradient component of the scaled objective at each solution (its own pass)
     passes: int = 0  # passes over the training rows, the whole path (each one logits GEMM + gradient GEMM)
 
-    def predict(self, x: torch.Tensor, index: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, x: torch.Tensor, index: int | None = None) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         """(top1 (P, N), top5 (P, N, min(5, K))) class indices for every C (or only ``index``)."""
         picks = range(len(self.Cs)) if index is None else [index]
         k = self.weight.shape[2]
@@ -104,7 +112,7 @@ class BiasProfile:
         self.step = max(1, _CHUNK_ELEMENTS // max(d, num_classes))
         self.keep = n * num_classes <= max(_LOGIT_ELEMENTS, n * d)
 
-    def _chunks(self, w: torch.Tensor, logits: torch.Tensor | None, fill: bool):
+    def _chunks(self, w: torch.Tensor, logits: torch.Tensor | None, fill: bool) -> Iterator[Chunk]:
         """(start row, rows, labels, transposed logits without the intercept) per chunk of rows."""
         for i in range(0, self.x.shape[0], self.step):
             xc = self.x[i : i + self.step]
@@ -116,7 +124,7 @@ class BiasProfile:
                     logits[:, i : i + self.step] = zt
             yield i, xc, self.y[i : i + self.step], zt
 
-    def _stats(self, chunks, b: torch.Tensor, probs: torch.Tensor | None):
+    def _stats(self, chunks: Iterator[Chunk], b: torch.Tensor, probs: torch.Tensor | None) -> tuple[float, torch.Tensor, torch.Tensor]:
         """mean CE, mean p and (1/n) Σ p pᵀ at intercept b (the probabilities into ``probs``); for
         more than FULL_CLASSES classes only that matrix's diagonal, (1/n) Σ p²: the K × K sum costs
         n·K², more than the gradient GEMM's n·K·D from K ≈ D (measured at K = 1000, D = 768)."""
@@ -138,7 +146,7 @@ class BiasProfile:
                 ppt += prob.square().sum(1)
         return float(total) / n, p_sum / n, ppt / n
 
-    def __call__(self, w: torch.Tensor, b: torch.Tensor):
+    def __call__(self, w: torch.Tensor, b: torch.Tensor) -> Pass:
         """(mean CE, dW (D × K), db (K), b*, class factor E[diag p − p pᵀ] (K × K, or its diagonal
         (K) for more than FULL_CLASSES classes)) at (W, b*(W))."""
         n, d = self.x.shape
@@ -206,11 +214,11 @@ class _Objective:
         self.profile = BiasProfile(x, y, num_classes, tol)
         self.lam = 0.0
         self.bias = bias  # b* of the last accepted point: where every intercept solve starts
-        self._accepted: tuple[torch.Tensor, tuple] | None = None
-        self._last: tuple[torch.Tensor, tuple] | None = None
+        self._accepted: tuple[torch.Tensor, Pass] | None = None
+        self._last: tuple[torch.Tensor, Pass] | None = None
         self.passes = 0
 
-    def data(self, w: torch.Tensor) -> tuple:
+    def data(self, w: torch.Tensor) -> Pass:
         """(mean CE, dW, db, b*, class factor) at W, from a kept pass when W is the last accepted
         or the last evaluated point."""
         for kept in (self._accepted, self._last):
@@ -223,7 +231,7 @@ class _Objective:
         self._last = (w, result)
         return result
 
-    def accept(self, w: torch.Tensor) -> tuple:
+    def accept(self, w: torch.Tensor) -> Pass:
         """Make W the point whose pass is kept and whose b* starts the next intercept solves."""
         result = self.data(w)
         self._accepted, self.bias = (w, result), result[3]
@@ -289,7 +297,8 @@ class KroneckerPreconditioner:
         if self.u is not None:
             z = z @ self.u
         z /= self.s * self.a + self.lam
-        return self.q @ (z if self.u is None else z @ self.u.t())
+        out: torch.Tensor = self.q @ (z if self.u is None else z @ self.u.t())
+        return out
 
 
 class Memory:
@@ -298,7 +307,7 @@ class Memory:
     on the benchmark's path with the Gram preconditioner, 24 vs 23 passes with the profiled
     intercept and the Kronecker one, so every solve starts fresh.)"""
 
-    def __init__(self, size: int = HISTORY, precondition=None):
+    def __init__(self, size: int = HISTORY, precondition: Precondition | None = None):
         self.size = size
         self.precondition = precondition
         self.pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / s·y)
@@ -329,7 +338,8 @@ class Memory:
         return q
 
 
-def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int, precondition=None, after_step=None) -> tuple[torch.Tensor, int, float]:
+def lbfgs(fg: Objective, theta: torch.Tensor, *, tol: float, max_iter: int, precondition: Precondition | None = None,
+          after_step: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, int, float]:
     """Minimise a smooth convex function from ``theta``; returns (solution, iterations, max |gradient|),
     the gradient at the returned point: converged means it is <= ``tol``.
 
@@ -349,7 +359,7 @@ def lbfgs(fg, theta: torch.Tensor, *, tol: float, max_iter: int, precondition=No
     keeps the directions descending).
     """
 
-    def evaluate(point):
+    def evaluate(point: torch.Tensor) -> tuple[float, torch.Tensor, float]:
         out = fg(point)
         return out[0], out[1], (out[2] if len(out) > 2 else float(out[1].abs().max()))
 
@@ -411,12 +421,13 @@ def _tangent(w: torch.Tensor, step: float, lam: float, class_factor: torch.Tenso
     return w + (step * lam) * precondition(w)
 
 
-def _extrapolate(Cs, i: int, solutions: list[torch.Tensor]) -> torch.Tensor:
+def _extrapolate(Cs: Sequence[float], i: int, solutions: list[torch.Tensor]) -> torch.Tensor:
     """The next solution predicted from the last two (linear) or three (quadratic) in log C: the
     path is smooth in log C (measured on the benchmark path: 64 iterations from the previous
     solution, 44 from the linear, then 31 → 29 from the quadratic prediction)."""
     at = math.log(Cs[i])
-    t, pts = [], []
+    t: list[float] = []
+    pts: list[torch.Tensor] = []
     for c, sol in zip(reversed(Cs[:i]), reversed(solutions)):  # the newest first, at most three
         # distinct C can share a log (1e-3 and its next float): one point per log, and none at
         # the target's (the Lagrange weights would divide by zero)
@@ -435,7 +446,7 @@ def _extrapolate(Cs, i: int, solutions: list[torch.Tensor]) -> torch.Tensor:
 def fit_path(
     x: torch.Tensor,
     y: torch.Tensor,
-    Cs,
+    Cs: Sequence[float] | str | float,
     num_classes: int,
     *,
     tol: float = DEFAULT_TOL,
@@ -468,10 +479,15 @@ def fit_path(
     precondition = KroneckerPreconditioner(x)
     solutions: list[torch.Tensor] = []
 
-    def refresh(w):  # the class factor at each accepted point: its pass is a kept one (23 vs 24 passes)
+    def refresh(w: torch.Tensor) -> None:  # the class factor at each accepted point: its pass is a kept one (23 vs 24 passes)
         precondition.set_class_factor(objective.accept(w)[4])
 
-    weights, biases, iters, objectives, grads, converged = [], [], [], [], [], []
+    weights: list[torch.Tensor] = []
+    biases: list[torch.Tensor] = []
+    iters: list[int] = []
+    objectives: list[float] = []
+    grads: list[float] = []
+    converged: list[bool] = []
     for i, C in enumerate(Cs):
         objective.lam = precondition.lam = scale / (C * n)
         start = w
@@ -501,7 +517,7 @@ def fit_path(
     return LogregPath(Cs, torch.stack(weights), torch.stack(biases), iters, objectives, converged, grads, objective.passes)
 
 
-def sklearn_objective(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, C: float) -> float:
+def sklearn_objective(x: NDArray[np.floating], y: NDArray[np.integer], w: NDArray[np.floating], b: NDArray[np.floating], C: float) -> float:
     """scikit-learn's objective C·ΣCE + ½‖W‖² in float64 (for comparing a solution with
     scikit-learn's). Two classes are its binary model, C·Σ log(1 + e^{∓(x·v + c)}) + ½‖v‖²: ``w``
     (D × 1) is its ``coef_.T``, and a D × 2 softmax ``w`` is taken as v = w₁ − w₀, c = b₁ − b₀."""

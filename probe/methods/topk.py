@@ -10,12 +10,19 @@ alike (hits are counted where the ranking lives: on the device for torch).
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import numpy as np
+import torch
+from numpy.typing import NDArray
+
+# a ranking and its labels: numpy arrays or torch tensors (counted where they live)
+Array = TypeVar("Array", NDArray[Any], torch.Tensor)
 
 TOP5 = 5
 
 
-def hits(ranked, labels):
+def hits(ranked: Array, labels: Array) -> tuple[Array, Array]:
     """(top-1 hits, top-5 hits): how many rows of ``ranked`` ((N, ..., k) class indices, best
     first; ``labels``: (N,)) have the label first / among their k classes, per trailing index
     (shape ``...``)."""
@@ -23,7 +30,7 @@ def hits(ranked, labels):
     return hit[..., 0].sum(0), hit.any(-1).sum(0)
 
 
-def percent(top1_hits, top5_hits, n: int, classes: int) -> dict[str, np.ndarray]:
+def percent(top1_hits: NDArray[Any], top5_hits: NDArray[Any], n: int, classes: int) -> dict[str, NDArray[np.float64]]:
     """Hit counts (numpy) over ``n`` rows as percentages (float64): ``top1`` and, with
     ``classes`` >= 5 (the problem's classes, or a ranking's width: min(5, C) is >= 5 exactly
     when C is), ``top5``."""
@@ -33,7 +40,7 @@ def percent(top1_hits, top5_hits, n: int, classes: int) -> dict[str, np.ndarray]
     return out
 
 
-def accuracy(ranked: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+def accuracy(ranked: NDArray[np.int64], labels: NDArray[np.int64]) -> dict[str, NDArray[np.float64]]:
     """Top-1 and (rankings of 5 classes) top-5 accuracy in percent of ``ranked`` ((N, ..., k)
     numpy class indices, best first) against ``labels`` (N,), per trailing index."""
     return percent(*hits(ranked, labels), len(labels), ranked.shape[-1])

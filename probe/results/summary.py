@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import methods
 from .table_csv import csv_text
 
 SUMMARY_COLUMNS = [
@@ -18,16 +19,9 @@ SUMMARY_COLUMNS = [
 
 
 def setting(row: dict) -> str:
-    """The selected configuration of a row in a few characters: ``lr 0.01``, ``k 20``, ``C 0.1 (refit)``."""
-    method = row.get("method") or "linear"
-    if method == "knn":
-        return f"k {row['k']}"
-    if method == "logreg":
-        return f"C {row['C']:g}" + (" (refit)" if row.get("refit") else "")
-    if row.get("lr") is None:  # a results.csv without the column (written before it existed)
-        return "—"
-    text = f"lr {row['lr']:g}"
-    return text + (f" wd {row['wd']:g}" if row.get("wd") else "")
+    """The selected configuration of a row in a few characters (its method's
+    :meth:`~probe.methods.method.Method.setting`): ``lr 0.01``, ``k 20``, ``C 0.1 (refit)``."""
+    return methods.of_row(row).setting(row)
 
 
 def selected_by_entry(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -36,7 +30,7 @@ def selected_by_entry(rows: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("selected"):
-            key = (r["store"], r["view"], r.get("method") or "linear", r.get("shots"))
+            key = (r["store"], r["view"], r.get("method") or methods.UNNAMED, r.get("shots"))
             groups.setdefault(key, []).append(r)
     return groups
 

@@ -1,0 +1,102 @@
+"""The linear probe as a :class:`~probe.methods.method.Method`: every (lr, wd) head of the sweep
+trained at once (:mod:`probe.methods.heads`), the head chosen on the selection rows."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any, cast
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from featstore.errors import FeatstoreError
+
+from ..selection import choose
+from . import heads as H
+from .method import Case, Config, Metrics, MethodResult, Ranking, mark_best_report
+
+
+class Linear:
+    """Batched linear heads over the protocol's lr × wd grid."""
+
+    name = "linear"
+    seeded = True  # the minibatch order is drawn from the seed
+
+    def variant(self, case: Case) -> Hashable:
+        return case.seed
+
+    def run(self, case: Case) -> MethodResult:
+        protocol, dev, dtype = case.protocol, case.device, case.dtype
+        stats = H.standardize_stats(case.x["train"]) if protocol.normalize == "standardize" else None
+        x = {role: H.prepare(t, protocol.normalize, dtype, stats) for role, t in case.x.items()}
+        orders = torch.from_numpy(H.restrict_orders(_epoch_orders(case), case.rows["train"])).to(dev)
+
+        lrs = [lr for lr, _ in protocol.heads]
+        wds = [wd for _, wd in protocol.heads]
+        dim = x["train"].shape[1]
+        heads = H.LinearHeads(dim, case.num_classes, lrs, wds, dev)
+        case.log(f"{case.name}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(case.rows['train'])} rows (D={dim}, C={case.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})")
+        train_loss = H.train(x["train"], case.y["train"], heads, protocol, orders).cpu().numpy()
+        finite = heads.finite().cpu().numpy()
+        # every head's top-5 on the reported rows in one pass, before the features go (the chosen
+        # one is kept below); that role's accuracies are read from them, the other roles are streamed
+        shown = case.reported_role
+        ranked = H.predict(heads, x[shown]) if shown else None
+        metrics: dict[str, dict[str, NDArray[np.float64]]] = {}
+        for role in x:
+            if role == shown and ranked is not None:
+                metrics[role] = H.accuracy(ranked, case.y[role], heads.num_classes)
+            else:
+                metrics[role] = H.evaluate(heads, x[role], case.y[role])
+        top = {shown: ranked.cpu().numpy()} if shown and ranked is not None else {}
+        del ranked, x
+
+        def per_head(h: int) -> Metrics:
+            if not finite[h]:
+                return {}
+            return {role: {k: float(v[h]) for k, v in m.items()} for role, m in metrics.items()}
+
+        def top1(role: str) -> NDArray[np.float64]:
+            return np.array([np.nan if not finite[h] else float(metrics[role]["top1"][h]) for h in range(len(lrs))], dtype=float)
+
+        keys = [(lr, wd) for lr, wd in zip(lrs, wds)]
+        # selection reads the select role only: the reported split is never an input (unless opted in)
+        chosen = choose(top1("select"), keys, finite)
+        if not finite.all():
+            bad_lrs = ", ".join(f"{lrs[h]:g}" + (f"/wd {wds[h]:g}" if len(protocol.wd_grid) > 1 else "") for h in np.flatnonzero(~finite))
+            case.warn(f"{case.where}: {int((~finite).sum())} heads diverged (lr {bad_lrs}); they are never selected")
+        if chosen < 0:
+            raise FeatstoreError(f"{case.where}: every head diverged", "lower the learning rates or use --normalize standardize")
+        if len(protocol.lr_grid) >= 3 and lrs[chosen] in (protocol.lr_grid[0], protocol.lr_grid[-1]) and case.first:
+            case.warn(f"{case.where}: the selected lr {lrs[chosen]:g} is at the edge of the grid; consider widening --lr-grid")
+
+        configs = []
+        for h, (lr, wd) in enumerate(protocol.heads):
+            loss = round(float(train_loss[h]), 6) if finite[h] and np.isfinite(train_loss[h]) else None
+            extra = {"train_loss": loss, "diverged": not bool(finite[h])}
+            configs.append(Config({"lr": lr, "wd": wd}, per_head(h), selected=h == chosen, extra=extra))
+        mark_best_report(configs, keys)
+        predictions: dict[str, Ranking] = {role: (t[:, chosen, 0], t[:, chosen, :5] if t.shape[2] == 5 else None) for role, t in top.items()}
+        return MethodResult(configs, predictions)
+
+    def columns(self, case: Case, config: Config) -> dict[str, Any]:
+        p = case.protocol
+        return {"lr": config.settings["lr"], "wd": config.settings["wd"], "optimizer": p.optimizer, "epochs": p.epochs,
+                "batch_size": p.batch_size, "momentum": p.momentum, "normalize": p.normalize,
+                "train_loss": config.extra["train_loss"], "diverged": config.extra["diverged"]}  # fmt: skip
+
+    def setting(self, row: Mapping[str, Any]) -> str:
+        if row.get("lr") is None:  # a results.csv without the column (written before it existed)
+            return "—"
+        text = f"lr {row['lr']:g}"
+        return text + (f" wd {row['wd']:g}" if row.get("wd") else "")
+
+
+def _epoch_orders(case: Case) -> NDArray[np.int64]:
+    """The (epochs, split rows) minibatch orders over the whole train split, drawn from the seed
+    once per run: every store of the same data (and every view) trains on the same order."""
+    key = ("linear.epoch_orders", case.split_rows, case.seed)
+    if key not in case.cache:
+        case.cache[key] = H.epoch_orders(case.split_rows, case.protocol.epochs, case.seed)
+    return cast(NDArray[np.int64], case.cache[key])

@@ -1,0 +1,124 @@
+"""What a probe method is to ``probe.fit``: the :class:`Method` protocol, the :class:`Case` it runs
+on and the :class:`MethodResult` it gives back.
+
+A method fits its whole grid (learning rates, k, C) on the ``train`` role, chooses one
+configuration on the ``select`` role only (:func:`probe.selection.choose`: the reported split is
+never an input to a choice), then evaluates the roles. ``probe.fit`` turns each configuration
+into a results row (the shared columns, plus the method's own: :meth:`Method.columns`) and
+keeps the selected configuration's per-row predictions. Adding a method is one module that
+implements the protocol and one entry in :data:`probe.methods.METHODS`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from ..protocol import Protocol as ProbeProtocol
+from ..selection import choose
+
+Metrics = dict[str, dict[str, float]]  # role → {"top1": %, "top5": % (>= 5 classes)}
+Ranking = tuple[NDArray[np.int64], NDArray[np.int64] | None]  # per row: top-1 (N,), top-5 (N, ≤5) or None
+
+
+@dataclass(frozen=True)
+class Case:
+    """One store × view × seed × shots as a method sees it: the rows of every role, already on
+    the device, and what its warnings and log lines need.
+
+    Roles: ``train`` (what the method fits or searches), ``select`` (the selection rows) and,
+    where there is one apart from them, ``report``."""
+
+    protocol: ProbeProtocol
+    x: Mapping[str, torch.Tensor]  # role → raw features (N, D) on the device; each method normalizes its own copy
+    y: Mapping[str, torch.Tensor]  # role → labels (N,) int64 on the device
+    rows: Mapping[str, NDArray[np.int64]]  # role → the rows' indices into their store split
+    split_rows: int  # rows of the whole train split (the linear heads' minibatch order is drawn over all of them)
+    num_classes: int
+    seed: int
+    shots: int | None
+    reported_role: str | None  # "report", "select" (--select-on report) or None (nothing reported)
+    device: torch.device
+    dtype: torch.dtype  # the compute dtype of the linear heads' features
+    name: str  # ``label [view] (seed 1 5-shot)``: how log lines name the case
+    where: str  # ``store 'p' view 'v' seed 1 5-shot``: how warnings name the case
+    first: bool  # the first seed × shots of this store × view: where once-per-probe warnings go
+    first_view: bool  # the store's first view
+    first_seed: bool  # the protocol's first seed
+    warn: Callable[[str], None]
+    log: Callable[[str], None]
+    # what a method keeps across the cases of one run (the linear heads' epoch orders, per split size and seed)
+    cache: dict[Hashable, object] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    """One configuration of a method: its settings, accuracy per role, and whether it is the selected one."""
+
+    settings: dict[str, Any]  # e.g. {"lr": 0.01, "wd": 0.0}, {"k": 20, "temperature": 0.07, "weights": "exp"}, {"C": 0.01, "refit": False}
+    metrics: Metrics  # empty for a configuration that has no numbers (a diverged head)
+    selected: bool = False
+    best_report: bool = False  # the best on the reported split (for comparison with papers only; never selected)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. a head's train loss, logreg iterations
+
+
+@dataclass
+class MethodResult:
+    """Every configuration of a method on one case, exactly one of them selected."""
+
+    configs: list[Config]
+    # the selected configuration's per-row predictions on each evaluated role it has them for
+    predictions: dict[str, Ranking]
+
+    @property
+    def selected(self) -> Config:
+        return next(c for c in self.configs if c.selected)
+
+
+def mark_best_report(configs: list[Config], keys: Sequence[tuple[float, ...]]) -> None:
+    """Mark the best configuration on the reported split, by :func:`probe.selection.choose`'s rule
+    (ties → the smallest key): for comparison with papers only, never selected. Configurations
+    without a reported number (a diverged head, nothing reported) are left out."""
+    scores = [c.metrics["report"]["top1"] if "report" in c.metrics else math.nan for c in configs]
+    best = choose(scores, keys)
+    if best >= 0:
+        configs[best].best_report = True
+
+
+class Method(Protocol):
+    """A probe method: the members ``probe.fit`` and the summaries use, and nothing else."""
+
+    @property
+    def name(self) -> str:
+        """Its name in ``--method`` and in the results' ``method`` column."""
+        ...
+
+    @property
+    def seeded(self) -> bool:
+        """Whether its result depends on the seed beyond the rows (the linear heads' minibatch
+        order). When False, ``probe.fit`` reuses a result for a later seed with the same rows and
+        :meth:`variant`, warnings included (they were given with it)."""
+        ...
+
+    def variant(self, case: Case) -> Hashable:
+        """What its result depends on besides the case's rows (and the protocol, the same for a run)."""
+        ...
+
+    def run(self, case: Case) -> MethodResult:
+        """Fit the grid on ``train``, choose on ``select`` only, evaluate the roles; give its
+        warnings through ``case.warn``."""
+        ...
+
+    def columns(self, case: Case, config: Config) -> dict[str, Any]:
+        """The results columns of one configuration that this method fills (its settings, how it was fit)."""
+        ...
+
+    def setting(self, row: Mapping[str, Any]) -> str:
+        """A results row's configuration in a few characters: ``lr 0.01``, ``k 20``, ``C 0.1 (refit)``."""
+        ...

@@ -1,0 +1,59 @@
+"""Weighted k-NN as a :class:`~probe.methods.method.Method`: every k of the grid in one pass
+(:mod:`probe.methods.knn`), the k chosen on the selection rows."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..selection import choose
+from . import knn
+from .method import Case, Config, MethodResult, mark_best_report
+
+
+class Knn:
+    """The DINO k-NN rule over the protocol's k grid."""
+
+    name = "knn"
+    seeded = False  # no randomness: a seed changes it only through the rows
+
+    def variant(self, case: Case) -> Hashable:
+        return None
+
+    def run(self, case: Case) -> MethodResult:
+        p = case.protocol
+        n_train = len(case.rows["train"])
+        big = [k for k in p.knn_k if k > n_train]
+        if big and case.first_view and case.first_seed:
+            case.warn(f"{case.where}: k-NN k {', '.join(map(str, big))} exceed the {n_train} training rows; they use every training row")
+        return run_knn(case.x, case.y, case.num_classes, p.knn_k, p.knn_temperature, p.knn_weights)
+
+    def columns(self, case: Case, config: Config) -> dict[str, Any]:
+        return {"k": config.settings["k"], "temperature": config.settings["temperature"], "normalize": "l2"}
+
+    def setting(self, row: Mapping[str, Any]) -> str:
+        return f"k {row['k']}"
+
+
+def run_knn(x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], num_classes: int, ks: Sequence[int], temperature: float, weights: str) -> MethodResult:
+    """Every k at once on every evaluated role but ``train`` (a row is its own nearest neighbour);
+    k selected on ``select``."""
+    train = knn.l2_normalize(x["train"])
+    labels = {role: t.cpu().numpy() for role, t in y.items()}
+    preds: dict[str, knn.KnnPredictions] = {}
+    for role in x:
+        if role == "train":
+            continue
+        preds[role] = knn.predict(train, y["train"], knn.l2_normalize(x[role]), ks, num_classes, temperature=temperature, weights=weights)
+    grid = preds["select"].ks
+    accuracy = {role: p.accuracy(labels[role]) for role, p in preds.items()}  # role → metric → (K,)
+    configs = []
+    for j, k in enumerate(grid):
+        metrics = {role: {name: float(v[j]) for name, v in acc.items()} for role, acc in accuracy.items()}
+        configs.append(Config({"k": k, "temperature": temperature if weights == "exp" else None, "weights": weights}, metrics))
+    chosen = choose([c.metrics["select"]["top1"] for c in configs], [(k,) for k in grid])
+    configs[chosen].selected = True
+    mark_best_report(configs, [(k,) for k in grid])
+    return MethodResult(configs, {role: (p.top1[chosen], p.top5[chosen]) for role, p in preds.items()})

@@ -88,6 +88,7 @@ def test_home_holds_digits_weights_and_stores(home, monkeypatch):
     assert weights_dir() == home / "w"
 
 
+@pytest.mark.slow
 def test_extract_without_out_caches_by_key_and_reruns_up_to_date_without_torch(home, small_folder, tmp_path):
     data = tmp_path / "pics"
     shutil.copytree(small_folder, data)

@@ -186,6 +186,7 @@ def test_info_on_missing_store(capsys, tmp_path):
     assert_one_line_error(err, "not found", "featstore extract")
 
 
+@pytest.mark.slow
 def test_console_script_exit_code_and_debug(tmp_path):
     """The installed entry point: one line by default, the traceback with --debug."""
     exe = Path(sys.executable).parent / "featstore"

@@ -209,6 +209,7 @@ def s3(digits_store, tmp_path_factory):
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
+@pytest.mark.slow
 def test_s3_store_info_ls_export_and_probe(s3, digits_store, tmp_path):
     remote = FeatureStore.open(f"{s3}/digits.zarr")
     same_store_contents(remote, FeatureStore.open(digits_store))

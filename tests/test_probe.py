@@ -118,6 +118,7 @@ def test_grid_syntax():
             parse_grid(bad)
 
 
+@pytest.mark.slow
 def test_protocol_hash_stable_and_sensitive():
     p = Protocol()
     assert p.hash == Protocol().hash == Protocol.from_dict(json.loads(json.dumps(p.to_dict()))).hash
@@ -434,6 +435,7 @@ def test_allow_different_data_warns(store, bad_stores, tmp_path):
     assert "warning: stores" in output and "different data" in output
 
 
+@pytest.mark.slow
 def test_debug_shows_traceback_and_console_script(tmp_path):
     code, output = run_cli(["fit", "--store", str(tmp_path / "nope.zarr"), "--debug"])
     assert code == 2 and "Traceback" in output and "error: store" in output

@@ -150,6 +150,7 @@ def test_every_option_of_extract_and_info_has_help():
         assert needle in text
 
 
+@pytest.mark.slow
 def test_the_command_line_starts_without_heavy_imports():
     """`featstore --help`, `extract --help` and `info` import neither torch nor zarr nor timm nor DALI
     (the measured start-up time is in benchmarks/RESULTS.md)."""

@@ -15,6 +15,8 @@ import pytest
 
 from featstore.store import PROGRESS, FeatureStore
 
+pytestmark = pytest.mark.slow  # every test here runs featstore extractions in subprocesses (kill, resume, ranks)
+
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["extract", "--model", "resnet18", "--random-init", "--dataset", "digits", "--image-size", "16", "--resize", "16",
         "--loader", "torch", "--workers", "0", "--batch-size", "32", "--chunk-rows", "64", "--no-progress"]

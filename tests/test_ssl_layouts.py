@@ -250,6 +250,7 @@ def _dino_args(arch="vit_small", patch_size=16) -> argparse.Namespace:
     return argparse.Namespace(arch=arch, patch_size=patch_size, out_dim=65536, lr=0.0005, epochs=100)
 
 
+@pytest.mark.slow
 def test_dino_full_checkpoint_takes_teacher_without_trust(vit_s, tmp_path):
     """dino main_dino.py save_dict = {'student': DDP state (module.backbone.*, module.head.*), 'teacher'
     (backbone.*, head.*), 'optimizer', 'epoch', 'args': Namespace, 'dino_loss'}; eval_linear.py takes 'teacher'."""
@@ -298,6 +299,7 @@ def test_msn_takes_target_encoder(vit_s, tmp_path):
     assert "took 'target_encoder' (MSN and I-JEPA evaluate the target encoder)" in report
 
 
+@pytest.mark.slow
 def test_ijepa_takes_target_encoder_no_cls(tmp_path):
     """ijepa src/train.py save_dict = {'encoder', 'predictor', 'target_encoder', 'opt', 'scaler', …};
     src/models/vision_transformer.py has no CLS token; the paper evaluates the average-pooled target encoder.
@@ -328,6 +330,7 @@ def _mocov3_vit_small() -> nn.Module:
                              norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=0).eval()
 
 
+@pytest.mark.slow
 def test_mocov3_vits_has_12_heads_and_wrong_heads_are_refused(tmp_path):
     """moco-v3 main_moco.py save_checkpoint({'epoch', 'arch', 'state_dict': DDP(MoCo_ViT) with
     module.base_encoder (head = projection MLP), module.momentum_encoder, module.predictor, 'optimizer', 'scaler'})."""
@@ -355,6 +358,7 @@ def test_mocov3_vits_has_12_heads_and_wrong_heads_are_refused(tmp_path):
         features("dinov1", path, 32)
 
 
+@pytest.mark.slow
 def test_mae_checkpoint_drops_decoder_without_trust(vit_s, tmp_path):
     """mae main_pretrain.py misc.save_model: {'model': models_mae.py state (encoder keys as timm's, mask_token,
     decoder_*), 'optimizer', 'epoch', 'scaler', 'args'}; main_linprobe.py evaluates the normed CLS token.
@@ -446,6 +450,7 @@ def _dinov2_hub_state(reg: bool) -> tuple[dict, nn.Module]:
     return sd, blocks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reg", [False, True], ids=["hub", "reg4"])
 def test_dinov2_at_224_gives_dinov2s_own_features(reg, tmp_path):
     sd, blocks = _dinov2_hub_state(reg)
@@ -463,6 +468,7 @@ def test_dinov2_at_224_gives_dinov2s_own_features(reg, tmp_path):
     assert (timm_pe - ours).abs().max() > 0.1
 
 
+@pytest.mark.slow
 def test_dinov2_training_checkpoint_block_chunks_teacher(tmp_path):
     """dinov2 dinov2/train/ssl_meta_arch.py: student / teacher = ModuleDict(backbone, dino_head, ibot_head);
     train.py saves the fvcore Checkpointer's {'model': model.state_dict(), 'optimizer', 'iteration'};

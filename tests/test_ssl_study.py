@@ -109,6 +109,7 @@ def test_cut_tiles_come_from_their_grid_cells():
         assert torch.equal(tiles[:, k, 0].long(), expected)
 
 
+@pytest.mark.slow
 def test_subset_takes_the_first_files_of_every_class(tmp_path):
     """subset.py (run.sh --quick and this file's study): per split, the first N files of each class
     by name ('all': every file), as symlinks to the originals; a stale subset is replaced."""

@@ -33,11 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_probe import synth, write_store  # noqa: E402
-from common import OUT_DIR, machine, sync, table, write_json  # noqa: E402
-from featstore.device import resolve_device  # noqa: E402
-from probe.methods import heads as H  # noqa: E402
-from probe.methods import knn, logreg  # noqa: E402
+from bench_probe import synth, write_store
+from common import OUT_DIR, machine, sync, table, write_json
+from featstore.device import resolve_device
+from probe.methods import heads as H
+from probe.methods import knn, logreg
 
 KNN_SIZES = {
     "cifar": dict(train=50_000, query=10_000, dim=512, classes=10, sep=0.15),
@@ -63,8 +63,14 @@ def bench_knn(size: str, device: torch.device, baseline: bool) -> list[dict]:
         sync(device)
         seconds = time.perf_counter() - t
         acc = pred.accuracy(query_y.cpu().numpy())["top1"]
-        row = {"part": "knn", "size": size, "method": f"probe.methods.knn {weights}, 4 k in one pass", "seconds": seconds,
-               "top1": " / ".join(f"{v:.2f}" for v in acc), "pred": pred if weights == "uniform" else None}  # fmt: skip
+        row = {
+            "part": "knn",
+            "size": size,
+            "method": f"probe.methods.knn {weights}, 4 k in one pass",
+            "seconds": seconds,
+            "top1": " / ".join(f"{v:.2f}" for v in acc),
+            "pred": pred if weights == "uniform" else None,
+        }
         if not baseline:  # no scikit-learn run to agree with: check against the rule in float64 instead
             same = float64_agreement(train_x, train_y, query_x[:CHECK_ROWS], pred.top1[:, :CHECK_ROWS], spec["classes"], weights)
             row["note"] = "top-1 = float64 direct rule on " + " / ".join(f"{v:.1f}%" for v in same) + f" of {CHECK_ROWS:,} rows"
@@ -81,9 +87,16 @@ def bench_knn(size: str, device: torch.device, baseline: bool) -> list[dict]:
         seconds = time.perf_counter() - t
         ours = rows[1].pop("pred")
         agree = [float((p == ours.top1[j]).mean() * 100) for j, p in enumerate(preds)]
-        rows.append({"part": "knn", "size": size, "method": "sklearn KNeighborsClassifier brute cosine, 4 × predict", "seconds": seconds,
-                     "top1": " / ".join(f"{(p == yq).mean() * 100:.2f}" for p in preds),
-                     "note": "uniform predictions identical to ours on " + " / ".join(f"{a:.2f}%" for a in agree) + " of rows"})  # fmt: skip
+        rows.append(
+            {
+                "part": "knn",
+                "size": size,
+                "method": "sklearn KNeighborsClassifier brute cosine, 4 × predict",
+                "seconds": seconds,
+                "top1": " / ".join(f"{(p == yq).mean() * 100:.2f}" for p in preds),
+                "note": "uniform predictions identical to ours on " + " / ".join(f"{a:.2f}%" for a in agree) + " of rows",
+            }
+        )
         for r in rows[:2]:
             r["speedup"] = seconds / r["seconds"]
     for r in rows:
@@ -128,10 +141,21 @@ def bench_logreg(device: torch.device, baseline: bool) -> list[dict]:
     seconds = t_end - t
     yt = test_y.cpu().numpy()
     ours_acc = [float((top1[i] == yt).mean() * 100) for i in range(len(C_GRID))]
-    rows = [{"part": "logreg", "size": "cifar", "method": "probe.methods.logreg warm-started L-BFGS path, 13 C", "seconds": seconds,
-             "top1": f"best {max(ours_acc):.2f}", "iterations": sum(path.n_iter), "per_c": ours_acc, "n_iter": path.n_iter,
-             "passes": path.passes, "split_s": {"standardize": t_path - t, "path": t_predict - t_path, "predict": t_end - t_predict},
-             "note": f"{path.passes} data passes; standardise {t_path - t:.2f} s + path {t_predict - t_path:.2f} s + predict {t_end - t_predict:.2f} s"}]  # fmt: skip
+    rows = [
+        {
+            "part": "logreg",
+            "size": "cifar",
+            "method": "probe.methods.logreg warm-started L-BFGS path, 13 C",
+            "seconds": seconds,
+            "top1": f"best {max(ours_acc):.2f}",
+            "iterations": sum(path.n_iter),
+            "per_c": ours_acc,
+            "n_iter": path.n_iter,
+            "passes": path.passes,
+            "split_s": {"standardize": t_path - t, "path": t_predict - t_path, "predict": t_end - t_predict},
+            "note": f"{path.passes} data passes; standardise {t_path - t:.2f} s + path {t_predict - t_path:.2f} s + predict {t_end - t_predict:.2f} s",
+        }
+    ]
     if baseline:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
@@ -148,9 +172,19 @@ def bench_logreg(device: torch.device, baseline: bool) -> list[dict]:
             sk_iter.append(int(np.max(model.n_iter_)))
         seconds = time.perf_counter() - t
         diff = max(abs(a - b) for a, b in zip(ours_acc, sk_acc))
-        rows.append({"part": "logreg", "size": "cifar", "method": "sklearn LogisticRegression lbfgs warm_start path, 13 C", "seconds": seconds,
-                     "top1": f"best {max(sk_acc):.2f}", "iterations": sum(sk_iter), "per_c": sk_acc, "n_iter": sk_iter,
-                     "note": f"largest |test top-1 difference| over the 13 C: {diff:.2f} pt"})  # fmt: skip
+        rows.append(
+            {
+                "part": "logreg",
+                "size": "cifar",
+                "method": "sklearn LogisticRegression lbfgs warm_start path, 13 C",
+                "seconds": seconds,
+                "top1": f"best {max(sk_acc):.2f}",
+                "iterations": sum(sk_iter),
+                "per_c": sk_acc,
+                "n_iter": sk_iter,
+                "note": f"largest |test top-1 difference| over the 13 C: {diff:.2f} pt",
+            }
+        )
         rows[0]["speedup"] = seconds / rows[0]["seconds"]
         # the same work as scikit-learn's timed part (its rows come standardised): path + predict
         rows[0]["speedup_path_predict"] = seconds / (rows[0]["split_s"]["path"] + rows[0]["split_s"]["predict"])
@@ -179,8 +213,18 @@ def bench_full_battery(device: torch.device) -> list[dict]:
     for r in rows:
         per_method[r["method"]] = per_method.get(r["method"], 0.0) + (r["sweep_seconds"] if r["selected"] else 0.0)
     text = "; ".join(f"{e['method']} {mean_std(e)} ({e['selected']})" for e in summary(rows))
-    return [{"part": "battery", "size": "cifar", "method": "probe.fit linear+knn+logreg, 5 seeds, float16 store", "seconds": seconds,
-             "top1": text, "note": "seconds per method, all seeds: " + ", ".join(f"{m} {v:.1f}" for m, v in per_method.items()) + f"; protocol {protocol.hash}"}]  # fmt: skip
+    return [
+        {
+            "part": "battery",
+            "size": "cifar",
+            "method": "probe.fit linear+knn+logreg, 5 seeds, float16 store",
+            "seconds": seconds,
+            "top1": text,
+            "note": "seconds per method, all seeds: "
+            + ", ".join(f"{m} {v:.1f}" for m, v in per_method.items())
+            + f"; protocol {protocol.hash}",
+        }
+    ]
 
 
 def main(argv=None):

@@ -32,15 +32,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import MB, OUT_DIR, REPO, machine, table, write_json  # noqa: E402
+from common import MB, OUT_DIR, REPO, machine, table, write_json
 
 DIM = 768
 
@@ -85,10 +85,14 @@ def make_stores(n: int) -> None:
         fs = FeatureStore.create(
             default_store_path("digits", f"model{i}", key),
             splits={s: ([f"{s}/{j}.png" for j in range(m)], np.arange(m) % 10) for s, m in sizes.items()},
-            views={"pool": 512}, dtype="float16",
-            attrs={"encoder": {"name": f"model{i}", "arch": "tv:resnet18", "weights_path": None, "weights_sha256": "random-init"},
-                   "dataset": {"name": "digits", "spec": "digits", "manifest_sha256": "m"}, "cache_key": key},
-        )  # fmt: skip
+            views={"pool": 512},
+            dtype="float16",
+            attrs={
+                "encoder": {"name": f"model{i}", "arch": "tv:resnet18", "weights_path": None, "weights_sha256": "random-init"},
+                "dataset": {"name": "digits", "spec": "digits", "manifest_sha256": "m"},
+                "cache_key": key,
+            },
+        )
         for s in sizes:
             for u in fs.units(s):
                 fs.write_unit(u, {"pool": x[: u.rows]}, np.ones(u.rows, bool))
@@ -98,8 +102,13 @@ def make_stores(n: int) -> None:
 def make_big_store(path: Path, rows: int) -> int:
     from featstore.store import FeatureStore
 
-    fs = FeatureStore.create(path, splits={"train": ([f"{i}.jpg" for i in range(rows)], np.zeros(rows, np.int32))},
-                             views={"cls": DIM}, dtype="float16", attrs={"encoder": {"name": "synthetic"}})  # fmt: skip
+    fs = FeatureStore.create(
+        path,
+        splits={"train": ([f"{i}.jpg" for i in range(rows)], np.zeros(rows, np.int32))},
+        views={"cls": DIM},
+        dtype="float16",
+        attrs={"encoder": {"name": "synthetic"}},
+    )
     block = np.random.default_rng(0).standard_normal((fs.chunk_rows, DIM)).astype(np.float16)
     for u in fs.units("train"):
         fs.write_unit(u, {"cls": block[: u.rows]}, np.ones(u.rows, bool))
@@ -112,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stores", type=int, default=100, help="cached stores `ls` lists")
     ap.add_argument("--rows", type=int, default=262_144, help="rows of the exported store (x 768 float16)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--baseline", type=Path, help="another checkout of featstore (e.g. before the change): ls and lookup are timed with it too")
+    ap.add_argument(
+        "--baseline", type=Path, help="another checkout of featstore (e.g. before the change): ls and lookup are timed with it too"
+    )
     ap.add_argument("--out", default=str(OUT_DIR / "bench_cache.json"))
     args = ap.parse_args(argv)
 
@@ -123,10 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     # PYTHONSAFEPATH: `python -c`/`-m` would put the working directory first on sys.path, and run
     # the featstore of whatever checkout the benchmark was started in instead of PYTHONPATH's
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
-    checkouts = [("", env)] + ([(", baseline checkout", dict(env, PYTHONPATH=str(args.baseline.resolve())))]
-                               if args.baseline else [])  # fmt: skip
+    checkouts = [("", env)] + ([(", baseline checkout", dict(env, PYTHONPATH=str(args.baseline.resolve())))] if args.baseline else [])
     for _, run_env in checkouts:  # each command runs the checkout it is labelled with
-        where = subprocess.run([py, "-c", "import featstore; print(featstore.__file__)"], env=run_env, check=True, capture_output=True, text=True)
+        where = subprocess.run(
+            [py, "-c", "import featstore; print(featstore.__file__)"], env=run_env, check=True, capture_output=True, text=True
+        )
         assert Path(where.stdout.strip()).is_relative_to(run_env["PYTHONPATH"]), (where.stdout, run_env["PYTHONPATH"])
     results = []
     try:
@@ -136,8 +148,13 @@ def main(argv: list[str] | None = None) -> None:
         assert len(out.strip().splitlines()) == args.stores + 1, out[:500]
         results.append({"case": "python -c pass (baseline)", **timed(in_fresh_process([py, "-c", "pass"], env), args.repeats)})
         for name, run_env in checkouts:
-            results.append({"case": f"featstore ls, {args.stores} stores{name}", **timed(in_fresh_process(featstore + ["ls"], run_env), args.repeats),
-                            "target": "< 1 s"})  # fmt: skip
+            results.append(
+                {
+                    "case": f"featstore ls, {args.stores} stores{name}",
+                    **timed(in_fresh_process(featstore + ["ls"], run_env), args.repeats),
+                    "target": "< 1 s",
+                }
+            )
 
         # lookup of one of them by model and dataset
         from featstore.home import default_store_path
@@ -147,22 +164,52 @@ def main(argv: list[str] | None = None) -> None:
         for _, run_env in checkouts:
             found = subprocess.run(lookup, env=run_env, check=True, capture_output=True, text=True).stdout.strip()
             assert found == str(default_store_path("digits", model, store_key(args.stores // 2))), found
-        results.append({"case": "python -c 'import featstore.cache' (baseline)",
-                        **timed(in_fresh_process([py, "-c", "import featstore.cache"], env), args.repeats)})  # fmt: skip
+        results.append(
+            {
+                "case": "python -c 'import featstore.cache' (baseline)",
+                **timed(in_fresh_process([py, "-c", "import featstore.cache"], env), args.repeats),
+            }
+        )
         for name, run_env in checkouts:
-            results.append({"case": f"featstore.cache.lookup, {args.stores} stores{name}", **timed(in_fresh_process(lookup, run_env), args.repeats)})
+            results.append(
+                {"case": f"featstore.cache.lookup, {args.stores} stores{name}", **timed(in_fresh_process(lookup, run_env), args.repeats)}
+            )
 
         # up-to-date extract
-        cmd = featstore + ["extract", "--model", "resnet18", "--random-init", "--dataset", "digits", "--image-size", "32",
-                           "--resize", "32", "--loader", "torch", "--workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+        cmd = featstore + [
+            "extract",
+            "--model",
+            "resnet18",
+            "--random-init",
+            "--dataset",
+            "digits",
+            "--image-size",
+            "32",
+            "--resize",
+            "32",
+            "--loader",
+            "torch",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
         subprocess.run(cmd, env=env, check=True, capture_output=True)  # fills the cache (digits, the store, the memo)
         check = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
         assert "up to date" in check.stdout, check.stdout + check.stderr
         torch_s = timed(in_fresh_process([py, "-c", "import torch"], env), args.repeats)
         results.append({"case": "python -c 'import torch' (baseline)", **torch_s})
         up = timed(in_fresh_process(cmd, env), args.repeats)
-        results.append({"case": "featstore extract, up to date", **up, "ratio": up["seconds"] / torch_s["seconds"],
-                        "cpu_ratio": up["cpu_seconds"] / torch_s["cpu_seconds"], "target": "< 2x import torch"})  # fmt: skip
+        results.append(
+            {
+                "case": "featstore extract, up to date",
+                **up,
+                "ratio": up["seconds"] / torch_s["seconds"],
+                "cpu_ratio": up["cpu_seconds"] / torch_s["cpu_seconds"],
+                "target": "< 2x import torch",
+            }
+        )
 
         # export to HDF5
         nbytes = make_big_store(work / "big.zarr", args.rows)
@@ -181,8 +228,10 @@ def main(argv: list[str] | None = None) -> None:
             with open(work / "x.h5", "rb+") as f:
                 os.fsync(f.fileno())
 
-        for case, fn, target in ((f"ndarray.tofile + fsync, {nbytes / MB:.0f} MB (baseline)", write_raw, None),
-                                 (f"featstore export --to x.h5, {nbytes / MB:.0f} MB", write_h5, ">= 200 MB/s")):  # fmt: skip
+        for case, fn, target in (
+            (f"ndarray.tofile + fsync, {nbytes / MB:.0f} MB (baseline)", write_raw, None),
+            (f"featstore export --to x.h5, {nbytes / MB:.0f} MB", write_h5, ">= 200 MB/s"),
+        ):
             t = timed(fn, args.repeats)
             results.append({"case": case, **t, "mb_per_s": nbytes / MB / t["seconds"], "target": target})
     finally:

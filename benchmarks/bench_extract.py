@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import IMAGENETTE, OUT_DIR, fail, machine, matmul_rate, sync, table, write_json  # noqa: E402
+from common import IMAGENETTE, OUT_DIR, fail, machine, matmul_rate, sync, table, write_json
 
 SETS = ("224", "upscaled")
 UPSCALED = (500, 375)  # width × height of a typical ImageNet landscape photo
@@ -140,8 +140,8 @@ def measure_decode(loader, paths: list[str], batch_size: int, device: torch.devi
 def tune_dali(args, model: str, images: list[Path], device: torch.device) -> list[dict]:
     """Decode-only images/s of the DALI loader over hardware-decoder shares × CPU threads (CUDA only),
     then the best of those without fancy upsampling (what matching the CPU decoders costs)."""
-    from featstore.models.encoders import resolve_encoder
     from featstore.loaders.dali import DaliLoader
+    from featstore.models.encoders import resolve_encoder
 
     pre = resolve_encoder(model, random_init=True).preprocess
     paths = [str(p) for p in images]
@@ -211,8 +211,17 @@ def measure_e2e(args, model: str, folder: Path, loader: str, store: Path) -> flo
     """Seconds of one extract() call into a new store."""
     from featstore.extraction import ExtractConfig, extract
 
-    config = ExtractConfig(model=model, dataset=str(folder), out=str(store), random_init=True, loader=loader,
-                           device=args.device, batch_size=args.batch_size, workers=args.workers, overwrite=True)
+    config = ExtractConfig(
+        model=model,
+        dataset=str(folder),
+        out=str(store),
+        random_init=True,
+        loader=loader,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        overwrite=True,
+    )
     t0 = time.perf_counter()
     result = extract(config, log=lambda s: None, progress=False)
     seconds = time.perf_counter() - t0
@@ -247,16 +256,17 @@ def measure_textbook(spec, folder: Path, args, device: torch.device, out: Path) 
     from featstore.models.encoders import build_encoder
 
     pre = spec.preprocess
-    transform = transforms.Compose([
-        transforms.Resize(pre.resize, interpolation=getattr(transforms.InterpolationMode, pre.interpolation.upper())),
-        transforms.CenterCrop(pre.image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(pre.mean, pre.std),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(pre.resize, interpolation=getattr(transforms.InterpolationMode, pre.interpolation.upper())),
+            transforms.CenterCrop(pre.image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(pre.mean, pre.std),
+        ]
+    )
     t0 = time.perf_counter()
     model = build_encoder(spec).backbone.to(device).eval()  # the same network, without featstore's wrapper
-    loader = DataLoader(datasets.ImageFolder(str(folder), transform=transform), batch_size=args.batch_size,
-                        num_workers=args.workers)
+    loader = DataLoader(datasets.ImageFolder(str(folder), transform=transform), batch_size=args.batch_size, num_workers=args.workers)
     features = []
     tuned, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False  # extract turned it on; the textbook loop does not
     try:
@@ -272,8 +282,9 @@ def measure_textbook(spec, folder: Path, args, device: torch.device, out: Path) 
 # ---------------------------------------------------------------- one model
 
 
-def measure_loader(args, model: str, spec, encoder, images: list[Path], folder: Path, one_batch: Path, loader_name: str,
-                   device: torch.device, tmp: Path) -> dict:
+def measure_loader(
+    args, model: str, spec, encoder, images: list[Path], folder: Path, one_batch: Path, loader_name: str, device: torch.device, tmp: Path
+) -> dict:
     """One round of decode, inference, e2e and store-write for one loader; rates in images/s.
 
     e2e over one batch is measured just before the full e2e: their difference is the steady rate,
@@ -297,13 +308,17 @@ def measure_loader(args, model: str, spec, encoder, images: list[Path], folder: 
     steady = more / (e2e_s - one_s) if more > 0 and e2e_s > one_s else None
     write_s = measure_store_write(store, tmp / "rewrite.zarr")
     shutil.rmtree(store)
-    print(f"{label}: decode {decode:.1f}, inference {inference:.1f}, e2e {e2e:.1f} img/s (1 batch {one_s:.1f} s, "
-          f"steady {f'{steady:.1f} img/s' if steady else 'n/a'}), write {write_s:.2f} s", flush=True)
+    print(
+        f"{label}: decode {decode:.1f}, inference {inference:.1f}, e2e {e2e:.1f} img/s (1 batch {one_s:.1f} s, "
+        f"steady {f'{steady:.1f} img/s' if steady else 'n/a'}), write {write_s:.2f} s",
+        flush=True,
+    )
     return dict(decode=decode, inference=inference, e2e=e2e, steady=steady, one_batch_s=one_s, write_s=write_s)
 
 
-def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str], device: torch.device, tmp: Path,
-              emit=lambda rows: None) -> None:
+def run_model(
+    args, model: str, sets: dict[str, list[Path]], loaders: list[str], device: torch.device, tmp: Path, emit=lambda rows: None
+) -> None:
     """Rounds interleave every method, so that load from other processes hits them alike; each
     number reported is the best round (interference only ever slows a run down). ``emit`` gets the
     rows of each set (one per loader) as soon as they are measured."""
@@ -332,19 +347,32 @@ def run_model(args, model: str, sets: dict[str, list[Path]], loaders: list[str],
             steady = max((m["steady"] for m in rounds[name] if m["steady"]), default=None)
             write_s = min(m["write_s"] for m in rounds[name])
             slower_stage = min(best["decode"], best["inference"])
-            rows.append(dict(
-                model=model, set=set_name, loader=name, images=len(images), **best,
-                e2e_over_min=best["e2e"] / slower_stage,
-                steady=steady, steady_over_min=steady / slower_stage if steady else None,
-                steady_over_inference=steady / best["inference"] if steady else None,
-                baseline=baseline, e2e_over_baseline=best["e2e"] / baseline,
-                one_batch_s=min(m["one_batch_s"] for m in rounds[name]),
-                ms_decode=1e3 / best["decode"], ms_inference=1e3 / best["inference"], ms_write=1e3 * write_s / len(images),
-                ms_e2e=1e3 / best["e2e"], rounds=rounds[name], baseline_rounds=baselines,
-                gflop_per_image=flops / 1e9, infer_tflops=flops * best["inference"] / 1e12,
-                infer_of_matmul=flops * best["inference"] / args.matmul_flops,
-                e2e_of_matmul=flops * best["e2e"] / args.matmul_flops,
-            ))
+            rows.append(
+                dict(
+                    model=model,
+                    set=set_name,
+                    loader=name,
+                    images=len(images),
+                    **best,
+                    e2e_over_min=best["e2e"] / slower_stage,
+                    steady=steady,
+                    steady_over_min=steady / slower_stage if steady else None,
+                    steady_over_inference=steady / best["inference"] if steady else None,
+                    baseline=baseline,
+                    e2e_over_baseline=best["e2e"] / baseline,
+                    one_batch_s=min(m["one_batch_s"] for m in rounds[name]),
+                    ms_decode=1e3 / best["decode"],
+                    ms_inference=1e3 / best["inference"],
+                    ms_write=1e3 * write_s / len(images),
+                    ms_e2e=1e3 / best["e2e"],
+                    rounds=rounds[name],
+                    baseline_rounds=baselines,
+                    gflop_per_image=flops / 1e9,
+                    infer_tflops=flops * best["inference"] / 1e12,
+                    infer_of_matmul=flops * best["inference"] / args.matmul_flops,
+                    e2e_of_matmul=flops * best["e2e"] / args.matmul_flops,
+                )
+            )
         emit(rows)
     del encoder
     if device.type == "cuda":
@@ -390,10 +418,32 @@ def measure_rss(rows: int, sources: list[Path], args, tmp: Path) -> dict:
         for i in range(rows):
             src = sources[i % len(sources)]
             w.writerow([str(src.resolve()), src.parent.name])
-    cmd = [sys.executable, "-m", "featstore.cli", "extract", "--model", "resnet18", "--random-init",
-           "--dataset", str(listing), "--out", str(tmp / f"rss-{rows}.zarr"), "--image-size", "32", "--resize", "32",
-           "--loader", args.rss_loader, "--device", "cpu", "--workers", str(args.workers), "--batch-size", "256",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "featstore.cli",
+        "extract",
+        "--model",
+        "resnet18",
+        "--random-init",
+        "--dataset",
+        str(listing),
+        "--out",
+        str(tmp / f"rss-{rows}.zarr"),
+        "--image-size",
+        "32",
+        "--resize",
+        "32",
+        "--loader",
+        args.rss_loader,
+        "--device",
+        "cpu",
+        "--workers",
+        str(args.workers),
+        "--batch-size",
+        "256",
+        "--no-progress",
+    ]
     print(f"rss {rows:,} rows: {' '.join(cmd[1:])}", flush=True)
     peak_pss, done = [0], threading.Event()
     t0 = time.perf_counter()
@@ -412,29 +462,54 @@ def measure_rss(rows: int, sources: list[Path], args, tmp: Path) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         fail(f"featstore extract failed for {rows} rows: {proc.stderr.read().strip()[-500:]}")
     shutil.rmtree(tmp / f"rss-{rows}.zarr")
-    return dict(rows=rows, seconds=seconds, images_per_s=rows / seconds,
-                main_peak_rss_mb=usage.ru_maxrss / 1024, tree_peak_pss_mb=peak_pss[0] / 1024)
+    return dict(
+        rows=rows,
+        seconds=seconds,
+        images_per_s=rows / seconds,
+        main_peak_rss_mb=usage.ru_maxrss / 1024,
+        tree_peak_pss_mb=peak_pss[0] / 1024,
+    )
 
 
 # ---------------------------------------------------------------- main
 
 
 RESULT_COLUMNS = [
-    ("model", "model", "s"), ("set", "set", "s"), ("loader", "loader", "s"), ("images", "images", "d"),
-    ("decode", "decode/s", ".1f"), ("inference", "infer/s", ".1f"), ("e2e", "e2e/s", ".1f"),
-    ("e2e_over_min", "e2e/min", ".2f"), ("steady", "steady/s", ".1f"), ("steady_over_min", "steady/min", ".2f"),
+    ("model", "model", "s"),
+    ("set", "set", "s"),
+    ("loader", "loader", "s"),
+    ("images", "images", "d"),
+    ("decode", "decode/s", ".1f"),
+    ("inference", "infer/s", ".1f"),
+    ("e2e", "e2e/s", ".1f"),
+    ("e2e_over_min", "e2e/min", ".2f"),
+    ("steady", "steady/s", ".1f"),
+    ("steady_over_min", "steady/min", ".2f"),
     ("steady_over_inference", "steady/infer", ".2f"),
-    ("baseline", "textbook/s", ".1f"), ("e2e_over_baseline", "e2e/textbook", ".2f"),
-    ("ms_decode", "ms decode", ".2f"), ("ms_inference", "ms infer", ".2f"), ("ms_write", "ms write", ".3f"),
-    ("ms_e2e", "ms e2e", ".2f"), ("one_batch_s", "1-batch e2e s", ".1f"),
-    ("gflop_per_image", "GFLOP/img", ".2f"), ("infer_tflops", "infer TFLOP/s", ".3f"),
-    ("infer_of_matmul", "infer/matmul", ".0%"), ("e2e_of_matmul", "e2e/matmul", ".0%"),
+    ("baseline", "textbook/s", ".1f"),
+    ("e2e_over_baseline", "e2e/textbook", ".2f"),
+    ("ms_decode", "ms decode", ".2f"),
+    ("ms_inference", "ms infer", ".2f"),
+    ("ms_write", "ms write", ".3f"),
+    ("ms_e2e", "ms e2e", ".2f"),
+    ("one_batch_s", "1-batch e2e s", ".1f"),
+    ("gflop_per_image", "GFLOP/img", ".2f"),
+    ("infer_tflops", "infer TFLOP/s", ".3f"),
+    ("infer_of_matmul", "infer/matmul", ".0%"),
+    ("e2e_of_matmul", "e2e/matmul", ".0%"),
 ]
-TUNE_COLUMNS = [("threads", "threads", "d"), ("hw_decoder_load", "hw_decoder_load", ".2f"),
-                ("fancy_upsampling", "fancy upsampling", ""), ("decode", "decode/s", ".1f")]
+TUNE_COLUMNS = [
+    ("threads", "threads", "d"),
+    ("hw_decoder_load", "hw_decoder_load", ".2f"),
+    ("fancy_upsampling", "fancy upsampling", ""),
+    ("decode", "decode/s", ".1f"),
+]
 RSS_COLUMNS = [
-    ("rows", "rows", ","), ("seconds", "seconds", ".0f"), ("images_per_s", "img/s", ".0f"),
-    ("main_peak_rss_mb", "main peak RSS MB", ".0f"), ("tree_peak_pss_mb", "tree peak PSS MB", ".0f"),
+    ("rows", "rows", ","),
+    ("seconds", "seconds", ".0f"),
+    ("images_per_s", "img/s", ".0f"),
+    ("main_peak_rss_mb", "main peak RSS MB", ".0f"),
+    ("tree_peak_pss_mb", "tree peak PSS MB", ".0f"),
 ]
 
 
@@ -446,9 +521,16 @@ def print_tables(results: list[dict], rss: list[dict]) -> None:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
-    ap.add_argument("--model", default="resnet18", help="comma-separated: resnet18, resnet50, dino, or any featstore model name; empty: none (memory check only)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    ap.add_argument(
+        "--model",
+        default="resnet18",
+        help="comma-separated: resnet18, resnet50, dino, or any featstore model name; empty: none (memory check only)",
+    )
     ap.add_argument("--images", default=str(IMAGENETTE), help="folder of JPEGs (its train/ is used when present)")
     ap.add_argument("--limit", type=int, default=512, help="images per set (evenly spaced over the folder; cycles past its end)")
     ap.add_argument("--set", default="224", help="comma-separated image sets: 224, upscaled")
@@ -459,8 +541,9 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of every measurement; the best is reported")
     ap.add_argument("--rss-rows", default="", help="comma-separated row counts for the memory check (e.g. 13394,133940); empty: skip")
     ap.add_argument("--rss-loader", default="torch")
-    ap.add_argument("--dali-tune", action="store_true",
-                    help="CUDA + DALI: also measure DALI decode over hw_decoder_load × threads on the first set")
+    ap.add_argument(
+        "--dali-tune", action="store_true", help="CUDA + DALI: also measure DALI decode over hw_decoder_load × threads on the first set"
+    )
     ap.add_argument("--out", default=str(OUT_DIR / "extract.json"))
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.model.split(",") if m.strip()]
@@ -478,22 +561,27 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from featstore.errors import FeatstoreError
     from featstore.device import resolve_device
+    from featstore.errors import FeatstoreError
     from featstore.loaders import choose_loader
 
     root = Path(args.images).expanduser()
     if not root.is_dir():
-        fail(f"image folder {root} not found; benchmarks read Imagenette from ../shared/data/imagenette "
-             "(next to the repository), or pass --images FOLDER")
+        fail(
+            f"image folder {root} not found; benchmarks read Imagenette from ../shared/data/imagenette "
+            "(next to the repository), or pass --images FOLDER"
+        )
     try:
         device = resolve_device(args.device)
         loaders = [choose_loader(name, device) for name in args.loaders]
     except FeatstoreError as e:
         fail(e.one_line())
     info = machine()
-    print(f"{info['date']}; {info['host_cpu']}, {info['cpus']} CPUs, load {info['load_average']}; device {device}"
-          f"{' (' + info['gpu'] + ')' if 'gpu' in info else ''}; batch {args.batch_size}, workers {args.workers}", flush=True)
+    print(
+        f"{info['date']}; {info['host_cpu']}, {info['cpus']} CPUs, load {info['load_average']}; device {device}"
+        f"{' (' + info['gpu'] + ')' if 'gpu' in info else ''}; batch {args.batch_size}, workers {args.workers}",
+        flush=True,
+    )
 
     if args.models:
         # the yardstick for the FLOP columns: a dense GEMM in the dtype extract computes in
@@ -511,9 +599,22 @@ def main(argv: list[str] | None = None) -> None:
 
     def save(partial: bool) -> Path:
         # rewritten after every set, so a run cut short (a device call's time limit) keeps what it measured
-        return write_json(args.out, {"benchmark": "extract", "machine": info, "command": " ".join(sys.argv), "device": str(device),
-                                     "batch_size": args.batch_size, "workers": args.workers, "images_root": str(root),
-                                     "partial": partial, "results": results, "rss": rss, "dali_tuning": tuning})
+        return write_json(
+            args.out,
+            {
+                "benchmark": "extract",
+                "machine": info,
+                "command": " ".join(sys.argv),
+                "device": str(device),
+                "batch_size": args.batch_size,
+                "workers": args.workers,
+                "images_root": str(root),
+                "partial": partial,
+                "results": results,
+                "rss": rss,
+                "dali_tuning": tuning,
+            },
+        )
 
     def emit(rows: list[dict]) -> None:
         results.extend(rows)

@@ -38,11 +38,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from featstore.device import compute_dtype, resolve_device  # noqa: E402
-from probe.methods import heads as H  # noqa: E402
-from probe.protocol import Protocol  # noqa: E402
-from probe.selection import choose  # noqa: E402
-from common import matmul_rate, sync  # noqa: E402
+from common import matmul_rate, sync
+from featstore.device import compute_dtype, resolve_device
+from probe.methods import heads as H
+from probe.protocol import Protocol
+from probe.selection import choose
 
 SIZES = {
     "cifar": dict(train=50_000, val=5_000, test=10_000, dim=512, classes=10, sep=0.15),
@@ -105,7 +105,11 @@ def batched_sweep(data, protocol: Protocol, device: torch.device) -> dict:
         "train_flops": train_flops,
         "val_top1": metrics["val"]["top1"].tolist(),
         "test_top1": metrics["test"]["top1"].tolist(),
-        "selected": {"lr": lrs[chosen], "val_top1": float(metrics["val"]["top1"][chosen]), "test_top1": float(metrics["test"]["top1"][chosen])},
+        "selected": {
+            "lr": lrs[chosen],
+            "val_top1": float(metrics["val"]["top1"][chosen]),
+            "test_top1": float(metrics["test"]["top1"][chosen]),
+        },
     }
 
 
@@ -174,10 +178,15 @@ def sklearn_sweep(data, c_values, max_iter: int) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model = LogisticRegression(C=float(c), max_iter=max_iter).fit(x["train"], y["train"])
-        per_c.append({
-            "C": float(c), "seconds": time.perf_counter() - t, "n_iter": int(np.max(model.n_iter_)),
-            "val_top1": 100.0 * model.score(x["val"], y["val"]), "test_top1": 100.0 * model.score(x["test"], y["test"]),
-        })  # fmt: skip
+        per_c.append(
+            {
+                "C": float(c),
+                "seconds": time.perf_counter() - t,
+                "n_iter": int(np.max(model.n_iter_)),
+                "val_top1": 100.0 * model.score(x["val"], y["val"]),
+                "test_top1": 100.0 * model.score(x["test"], y["test"]),
+            }
+        )
     best = min(per_c, key=lambda r: (-r["val_top1"], r["C"]))  # ties → smaller C, as probe's ties → smaller lr
     return {"per_c": per_c, "seconds": time.perf_counter() - t0, "selected": best}
 
@@ -200,8 +209,14 @@ def write_store(path: Path, data) -> Path:
 
     dim = data["train"][0].shape[1]
     splits = {k: ([f"{i}" for i in range(len(y))], y.cpu().numpy()) for k, (x, y) in data.items()}
-    store = FeatureStore.create(path, splits=splits, views={"feat": dim}, dtype="float16", chunk_rows=8192,
-                                attrs={"encoder": {"name": "synthetic"}, "dataset": {"name": "synthetic", "manifest_sha256": "bench"}})  # fmt: skip
+    store = FeatureStore.create(
+        path,
+        splits=splits,
+        views={"feat": dim},
+        dtype="float16",
+        chunk_rows=8192,
+        attrs={"encoder": {"name": "synthetic"}, "dataset": {"name": "synthetic", "manifest_sha256": "bench"}},
+    )
     for k, (x, _y) in data.items():
         x16 = x.cpu().to(torch.float16).numpy()
         for u in store.units(k):
@@ -235,7 +250,9 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=1024)
-    ap.add_argument("--baseline-lrs", type=int, default=13, help="LRs the (a) loop baseline runs; fewer are extrapolated to 13 and labelled so")
+    ap.add_argument(
+        "--baseline-lrs", type=int, default=13, help="LRs the (a) loop baseline runs; fewer are extrapolated to 13 and labelled so"
+    )
     ap.add_argument("--sklearn-max-iter", type=int, default=1000)
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and the BLAS under scikit-learn (default: torch's)")
@@ -254,20 +271,29 @@ def main(argv=None):
     protocol = Protocol(epochs=args.epochs, batch_size=args.batch_size)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
         "torch": torch.__version__,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "protocol": protocol.to_dict(),
         "protocol_hash": protocol.hash,
         "results": {},
-    }  # fmt: skip
+    }
     # the CPU may be shared: record the load so contended numbers can be told apart
     report["loadavg_start"] = os.getloadavg()
     rate = matmul_rate(device, compute_dtype(device))
     report["matmul_flops"] = rate
     print(f"device {device} ({compute_dtype(device)}); measured 4096³ matmul: {rate / 1e9:.1f} GFLOP/s", flush=True)
-    print(f"protocol {protocol.hash}: {len(protocol.lr_grid)} LRs {protocol.lr_grid[0]:g}…{protocol.lr_grid[-1]:g}, {protocol.epochs} epochs, batch {protocol.batch_size}, {protocol.optimizer}, {protocol.normalize}", flush=True)
+    print(
+        f"protocol {protocol.hash}: {len(protocol.lr_grid)} LRs {protocol.lr_grid[0]:g}…{protocol.lr_grid[-1]:g}, {protocol.epochs} epochs, batch {protocol.batch_size}, {protocol.optimizer}, {protocol.normalize}",
+        flush=True,
+    )
 
     lines = []
     widths = [9, 44, 10, 12, 10, 10, 9]
@@ -281,22 +307,69 @@ def main(argv=None):
             report["results"][size] = {"skipped": "no CUDA device"}
             continue
         t = time.perf_counter()
-        data = {k: synth(spec[k], spec["dim"], spec["classes"], spec["sep"], seed, device) for seed, k in enumerate(("train", "val", "test"))}
-        print(f"{size}: synthetic features {spec['train']}×{spec['dim']} ({spec['classes']} classes) made in {time.perf_counter() - t:.1f}s", flush=True)
+        data = {
+            k: synth(spec[k], spec["dim"], spec["classes"], spec["sep"], seed, device) for seed, k in enumerate(("train", "val", "test"))
+        }
+        print(
+            f"{size}: synthetic features {spec['train']}×{spec['dim']} ({spec['classes']} classes) made in {time.perf_counter() - t:.1f}s",
+            flush=True,
+        )
         res = {"spec": spec}
         b = batched_sweep(data, protocol, device)
         b["achieved_flops"] = b["train_flops"] / b["train_seconds"]
         b["fraction_of_matmul"] = b["achieved_flops"] / rate
         res["batched"] = b
-        print(f"  batched: {b['seconds']:.2f}s total, {b['train_seconds']:.2f}s training at {b['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * b['fraction_of_matmul']:.0f}% of matmul", flush=True)
-        lines.append(fmt_row([size, f"batched: {len(protocol.heads)} heads at once", f"{b['seconds']:.2f}", f"lr {b['selected']['lr']:g}", f"{b['selected']['val_top1']:.2f}", f"{b['selected']['test_top1']:.2f}", "1×"], widths))
-        lines.append(fmt_row([size, f"(c) FLOP rate: {b['achieved_flops'] / 1e9:.1f} of {rate / 1e9:.1f} GFLOP/s", f"{b['train_seconds']:.2f}", "", "", "", f"{100 * b['fraction_of_matmul']:.0f}%"], widths))
+        print(
+            f"  batched: {b['seconds']:.2f}s total, {b['train_seconds']:.2f}s training at {b['achieved_flops'] / 1e9:.1f} GFLOP/s = {100 * b['fraction_of_matmul']:.0f}% of matmul",
+            flush=True,
+        )
+        lines.append(
+            fmt_row(
+                [
+                    size,
+                    f"batched: {len(protocol.heads)} heads at once",
+                    f"{b['seconds']:.2f}",
+                    f"lr {b['selected']['lr']:g}",
+                    f"{b['selected']['val_top1']:.2f}",
+                    f"{b['selected']['test_top1']:.2f}",
+                    "1×",
+                ],
+                widths,
+            )
+        )
+        lines.append(
+            fmt_row(
+                [
+                    size,
+                    f"(c) FLOP rate: {b['achieved_flops'] / 1e9:.1f} of {rate / 1e9:.1f} GFLOP/s",
+                    f"{b['train_seconds']:.2f}",
+                    "",
+                    "",
+                    "",
+                    f"{100 * b['fraction_of_matmul']:.0f}%",
+                ],
+                widths,
+            )
+        )
 
         if size == "cifar":
             e = end_to_end(data, protocol, device)
             res["probe_fit_from_store"] = e
             print(f"  probe.fit from a float16 store: {e['seconds']:.2f}s", flush=True)
-            lines.append(fmt_row([size, "probe.fit end to end (float16 Zarr store)", f"{e['seconds']:.2f}", f"lr {e['selected']['lr']:g}", f"{e['selected']['val_top1']:.2f}", f"{e['selected']['test_top1']:.2f}", ""], widths))
+            lines.append(
+                fmt_row(
+                    [
+                        size,
+                        "probe.fit end to end (float16 Zarr store)",
+                        f"{e['seconds']:.2f}",
+                        f"lr {e['selected']['lr']:g}",
+                        f"{e['selected']['val_top1']:.2f}",
+                        f"{e['selected']['test_top1']:.2f}",
+                        "",
+                    ],
+                    widths,
+                )
+            )
 
         if not args.skip_baselines:
             k = max(1, min(args.baseline_lrs, len(protocol.lr_grid)))
@@ -310,7 +383,9 @@ def main(argv=None):
             a["extrapolated"] = scale != 1
             a["speedup_batched"] = a["seconds_for_sweep"] / b["seconds"]
             res["loop"] = a
-            label = "(a) 13 × DataLoader loop" + (f" [measured {len(subset)} LR × {loop_protocol.epochs} ep, ×{scale:g} extrapolated]" if a["extrapolated"] else "")
+            label = "(a) 13 × DataLoader loop" + (
+                f" [measured {len(subset)} LR × {loop_protocol.epochs} ep, ×{scale:g} extrapolated]" if a["extrapolated"] else ""
+            )
             if len(subset) == len(protocol.lr_grid):
                 lv = np.array([r["val_top1"] for r in a["per_lr"]])
                 chosen = choose(lv, [(lr, 0.0) for lr in protocol.lr_grid], np.ones(len(lv), bool))
@@ -318,14 +393,30 @@ def main(argv=None):
                 sel = (f"lr {a['selected']['lr']:g}", f"{a['selected']['val_top1']:.2f}", f"{a['selected']['test_top1']:.2f}")
             else:
                 sel = ("", "", "")
-            print(f"  (a) loop: {a['seconds_measured']:.1f}s measured, {a['seconds_for_sweep']:.1f}s for the sweep → batched is {a['speedup_batched']:.1f}× faster", flush=True)
+            print(
+                f"  (a) loop: {a['seconds_measured']:.1f}s measured, {a['seconds_for_sweep']:.1f}s for the sweep → batched is {a['speedup_batched']:.1f}× faster",
+                flush=True,
+            )
             lines.append(fmt_row([size, label, f"{a['seconds_for_sweep']:.2f}", *sel, f"{a['speedup_batched']:.1f}×"], widths))
             if size != "imagenet":
                 s = sklearn_sweep(data, C_GRID, args.sklearn_max_iter)
                 s["speedup_batched"] = s["seconds"] / b["seconds"]
                 res["sklearn"] = s
                 print(f"  (b) sklearn: {s['seconds']:.1f}s → batched is {s['speedup_batched']:.1f}× faster", flush=True)
-                lines.append(fmt_row([size, f"(b) sklearn LogisticRegression, 13 C (max_iter {args.sklearn_max_iter})", f"{s['seconds']:.2f}", f"C {s['selected']['C']:.3g}", f"{s['selected']['val_top1']:.2f}", f"{s['selected']['test_top1']:.2f}", f"{s['speedup_batched']:.1f}×"], widths))
+                lines.append(
+                    fmt_row(
+                        [
+                            size,
+                            f"(b) sklearn LogisticRegression, 13 C (max_iter {args.sklearn_max_iter})",
+                            f"{s['seconds']:.2f}",
+                            f"C {s['selected']['C']:.3g}",
+                            f"{s['selected']['val_top1']:.2f}",
+                            f"{s['selected']['test_top1']:.2f}",
+                            f"{s['speedup_batched']:.1f}×",
+                        ],
+                        widths,
+                    )
+                )
             else:
                 res["sklearn"] = {"skipped": "1.28M × 768 × 1000 classes is out of reach for lbfgs in a benchmark run"}
         report["results"][size] = res
@@ -343,15 +434,49 @@ def main(argv=None):
         dp = Protocol()
         db = batched_sweep(digits, dp, torch.device("cpu"))
         ds = sklearn_sweep(digits, np.logspace(-4, 4, 17), 5000)
-        report["results"]["digits"] = {"protocol": dp.to_dict(), "protocol_hash": dp.hash, "batched": db, "sklearn": ds, "test_top1_difference": db["selected"]["test_top1"] - ds["selected"]["test_top1"]}
-        lines.append(fmt_row(["digits", f"batched, default protocol {dp.hash[:8]}", f"{db['seconds']:.2f}", f"lr {db['selected']['lr']:g}", f"{db['selected']['val_top1']:.2f}", f"{db['selected']['test_top1']:.2f}", ""], widths))
-        lines.append(fmt_row(["digits", "sklearn LogisticRegression, 17 C", f"{ds['seconds']:.2f}", f"C {ds['selected']['C']:.3g}", f"{ds['selected']['val_top1']:.2f}", f"{ds['selected']['test_top1']:.2f}", ""], widths))
+        report["results"]["digits"] = {
+            "protocol": dp.to_dict(),
+            "protocol_hash": dp.hash,
+            "batched": db,
+            "sklearn": ds,
+            "test_top1_difference": db["selected"]["test_top1"] - ds["selected"]["test_top1"],
+        }
+        lines.append(
+            fmt_row(
+                [
+                    "digits",
+                    f"batched, default protocol {dp.hash[:8]}",
+                    f"{db['seconds']:.2f}",
+                    f"lr {db['selected']['lr']:g}",
+                    f"{db['selected']['val_top1']:.2f}",
+                    f"{db['selected']['test_top1']:.2f}",
+                    "",
+                ],
+                widths,
+            )
+        )
+        lines.append(
+            fmt_row(
+                [
+                    "digits",
+                    "sklearn LogisticRegression, 17 C",
+                    f"{ds['seconds']:.2f}",
+                    f"C {ds['selected']['C']:.3g}",
+                    f"{ds['selected']['val_top1']:.2f}",
+                    f"{ds['selected']['test_top1']:.2f}",
+                    "",
+                ],
+                widths,
+            )
+        )
 
     report["loadavg_end"] = os.getloadavg()
     table = "\n".join(lines)
     print()
     print(table)
-    print(f"load average at start {report['loadavg_start'][0]:.2f}, at end {report['loadavg_end'][0]:.2f} (1-minute; {os.cpu_count()} CPUs)")
+    print(
+        f"load average at start {report['loadavg_start'][0]:.2f}, at end {report['loadavg_end'][0]:.2f} (1-minute; {os.cpu_count()} CPUs)"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report["table"] = table

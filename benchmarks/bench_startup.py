@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGENETTE, OUT_DIR, REPO, fail, machine, table, write_json  # noqa: E402
+from common import IMAGENETTE, OUT_DIR, REPO, fail, machine, table, write_json
 
 MAIN = "from featstore.cli import main; main()"  # what the `featstore` console script runs
 
@@ -40,11 +40,30 @@ def _time(checkout: Path, args: list[str], cwd: Path) -> float:
 
 def startup(baseline: Path, rounds: int, work: Path) -> list[dict]:
     store = work / "digits.zarr"
-    extract = ["extract", "--model", "resnet18", "--random-init", "--dataset", "digits", "--out", str(store),
-               "--image-size", "16", "--resize", "16", "--loader", "torch", "--no-progress"]
+    extract = [
+        "extract",
+        "--model",
+        "resnet18",
+        "--random-init",
+        "--dataset",
+        "digits",
+        "--out",
+        str(store),
+        "--image-size",
+        "16",
+        "--resize",
+        "16",
+        "--loader",
+        "torch",
+        "--no-progress",
+    ]
     _time(REPO, extract, work)  # the store both checkouts then find up to date (same cache key)
-    commands = {"featstore --help": ["--help"], "featstore extract --help": ["extract", "--help"],
-                "featstore info STORE": ["info", str(store)], "featstore extract … (up to date)": extract}
+    commands = {
+        "featstore --help": ["--help"],
+        "featstore extract --help": ["extract", "--help"],
+        "featstore info STORE": ["info", str(store)],
+        "featstore extract … (up to date)": extract,
+    }
     times: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
         for name, args in commands.items():
@@ -53,9 +72,16 @@ def startup(baseline: Path, rounds: int, work: Path) -> list[dict]:
     rows = []
     for name in commands:
         base, ours = times[(name, "baseline")], times[(name, "this checkout")]
-        rows.append({"command": name, "baseline_best": min(base), "baseline_median": statistics.median(base),
-                     "ours_best": min(ours), "ours_median": statistics.median(ours),
-                     "speedup": statistics.median(base) / statistics.median(ours)})
+        rows.append(
+            {
+                "command": name,
+                "baseline_best": min(base),
+                "baseline_median": statistics.median(base),
+                "ours_best": min(ours),
+                "ours_median": statistics.median(ours),
+                "speedup": statistics.median(base) / statistics.median(ours),
+            }
+        )
     return rows
 
 
@@ -77,9 +103,13 @@ def checks(limit: int) -> dict:
             fn(b)
         return (time.perf_counter() - start) / len(blobs) * 1e6
 
-    return {"files": len(blobs), "mean_kb": sum(map(len, blobs)) / len(blobs) / 1e3,
-            "container_check_us": per_file(container_problem), "nvimgcodec_parse_us": per_file(_nvimgcodec_parses),
-            "pil_decode_us": per_file(decode_rgb)}
+    return {
+        "files": len(blobs),
+        "mean_kb": sum(map(len, blobs)) / len(blobs) / 1e3,
+        "container_check_us": per_file(container_problem),
+        "nvimgcodec_parse_us": per_file(_nvimgcodec_parses),
+        "pil_decode_us": per_file(decode_rgb),
+    }
 
 
 def main() -> None:
@@ -93,19 +123,33 @@ def main() -> None:
     rows = []
     if args.rounds:
         with tempfile.TemporaryDirectory() as work:
-            os.environ["FEATSTORE_HOME"] = str(Path(work) / "cache")  # never the developer's own home (FEATSTORE_HOME wins over FEATSTORE_CACHE)
+            os.environ["FEATSTORE_HOME"] = str(
+                Path(work) / "cache"
+            )  # never the developer's own home (FEATSTORE_HOME wins over FEATSTORE_CACHE)
             rows = startup(args.baseline.resolve(), args.rounds, Path(work))
     print(f"{info['date']}  {info['host_cpu']}  load {info['load_average']}  git {info['git']}")
     if rows:
-        print(table(rows, [("command", "command", "s"), ("baseline_best", "baseline best s", ".2f"),
-                           ("baseline_median", "median", ".2f"), ("ours_best", "ours best s", ".2f"),
-                           ("ours_median", "median", ".2f"), ("speedup", "median speedup", ".1f")]))
+        print(
+            table(
+                rows,
+                [
+                    ("command", "command", "s"),
+                    ("baseline_best", "baseline best s", ".2f"),
+                    ("baseline_median", "median", ".2f"),
+                    ("ours_best", "ours best s", ".2f"),
+                    ("ours_median", "median", ".2f"),
+                    ("speedup", "median speedup", ".1f"),
+                ],
+            )
+        )
     result = {"machine": info, "baseline": str(args.baseline), "rounds": args.rounds, "startup": rows}
     if args.check_files:
         result["checks"] = c = checks(args.check_files)
-        print(f"\nper photo ({c['files']} Imagenette JPEGs, {c['mean_kb']:.1f} KB mean): container check "
-              f"{c['container_check_us']:.0f} µs, nvImageCodec header parse {c['nvimgcodec_parse_us']:.1f} µs, "
-              f"PIL full decode {c['pil_decode_us']:.0f} µs")
+        print(
+            f"\nper photo ({c['files']} Imagenette JPEGs, {c['mean_kb']:.1f} KB mean): container check "
+            f"{c['container_check_us']:.0f} µs, nvImageCodec header parse {c['nvimgcodec_parse_us']:.1f} µs, "
+            f"PIL full decode {c['pil_decode_us']:.0f} µs"
+        )
     out = args.out or OUT_DIR / f"bench_startup-{time.strftime('%Y%m%d-%H%M%S')}.json"
     print(f"wrote {write_json(out, result)}")
 

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import MB, OUT_DIR, machine, table, write_json  # noqa: E402
+from common import MB, OUT_DIR, machine, table, write_json
 
 CHUNK_ROWS = 8192  # featstore's default unit
 VIEW = "cls"
@@ -71,8 +71,11 @@ def write_featstore(path: Path, x: np.ndarray) -> None:
 
     n = len(x)
     store = FeatureStore.create(
-        path, splits={"train": ([f"img/{i:07d}.jpg" for i in range(n)], np.zeros(n, np.int32))},
-        views={VIEW: x.shape[1]}, dtype=str(x.dtype), chunk_rows=CHUNK_ROWS,
+        path,
+        splits={"train": ([f"img/{i:07d}.jpg" for i in range(n)], np.zeros(n, np.int32))},
+        views={VIEW: x.shape[1]},
+        dtype=str(x.dtype),
+        chunk_rows=CHUNK_ROWS,
     )
     valid = np.ones(CHUNK_ROWS, bool)
     for unit in store.units("train"):
@@ -193,22 +196,45 @@ def main(argv: list[str] | None = None) -> None:
     # Gaussian features: like real ones, their low mantissa bits are noise, so codecs gain little
     x = np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32).astype(args.dtype)
     info = machine()
-    print(f"{args.rows:,} x {args.dim} {args.dtype} = {x.nbytes / MB:.1f} MB; {info['date']}, {info['host_cpu']}, "
-          f"{info['cpus']} CPUs, load {info['load_average']}", flush=True)
+    print(
+        f"{args.rows:,} x {args.dim} {args.dtype} = {x.nbytes / MB:.1f} MB; {info['date']}, {info['host_cpu']}, "
+        f"{info['cpus']} CPUs, load {info['load_average']}",
+        flush=True,
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="featstore-bench-store-", dir=args.dir) as tmp:
         for name in names:
             runs = [measure(name, x, Path(tmp)) for _ in range(args.repeats)]
             results.append(summarize(name, runs, x.nbytes))
             print(f"  {name}: done", flush=True)
-    print(table(results, [
-        ("format", "format", "s"), ("write_MBps", "write MB/s", ".0f"), ("write_cache_MBps", "write (cache) MB/s", ".0f"),
-        ("read_cold_MBps", "read cold MB/s", ".0f"), ("read_warm_MBps", "read warm MB/s", ".0f"), ("disk_ratio", "disk/raw", ".2f"),
-    ]))
+    print(
+        table(
+            results,
+            [
+                ("format", "format", "s"),
+                ("write_MBps", "write MB/s", ".0f"),
+                ("write_cache_MBps", "write (cache) MB/s", ".0f"),
+                ("read_cold_MBps", "read cold MB/s", ".0f"),
+                ("read_warm_MBps", "read warm MB/s", ".0f"),
+                ("disk_ratio", "disk/raw", ".2f"),
+            ],
+        )
+    )
     info["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(f"load average before {info['load_average']}, after {info['load_average_after']}")
-    path = write_json(args.out, {"benchmark": "store", "machine": info, "command": " ".join(sys.argv),
-                                 "rows": args.rows, "dim": args.dim, "dtype": args.dtype, "dir": args.dir, "results": results})
+    path = write_json(
+        args.out,
+        {
+            "benchmark": "store",
+            "machine": info,
+            "command": " ".join(sys.argv),
+            "rows": args.rows,
+            "dim": args.dim,
+            "dtype": args.dtype,
+            "dir": args.dir,
+            "results": results,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -40,6 +40,7 @@ def machine() -> dict:
 
 def _git_state() -> str:
     """The commit measured, and whether the package's code differed from it (others edit it in place)."""
+
     def git(*cmd):
         return subprocess.run(["git", *cmd], check=False, cwd=REPO, capture_output=True, text=True).stdout.strip()
 

@@ -12,7 +12,7 @@ no torch, zarr or timm. The walk-through and the reference: docs/api.md.
 
 import importlib as _importlib
 
-from .version import __version__
+from .version import __version__ as __version__
 
 # public name -> the module that defines it (imported on first access)
 _LAZY = {

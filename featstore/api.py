@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for readers and type checkers only: nothing heavy is imported at run time
     from .cache import StoreEntry
@@ -17,7 +18,7 @@ if TYPE_CHECKING:  # for readers and type checkers only: nothing heavy is import
     from .store import FeatureStore
 
 
-def open(path: str | os.PathLike, mode: str = "r") -> "FeatureStore":  # noqa: A001 (zarr.open's name, on purpose)
+def open(path: str | os.PathLike, mode: str = "r") -> FeatureStore:
     """Open a feature store for reading.
 
     Parameters
@@ -54,8 +55,9 @@ def open(path: str | os.PathLike, mode: str = "r") -> "FeatureStore":  # noqa: A
     return FeatureStore.open(path, mode=mode)
 
 
-def extract(config: "ExtractConfig | None" = None, /, *, log: Callable[[str], None] | None = None,
-            progress: bool | str = True, **fields) -> "ExtractResult":
+def extract(
+    config: ExtractConfig | None = None, /, *, log: Callable[[str], None] | None = None, progress: bool | str = True, **fields
+) -> ExtractResult:
     """Run a frozen encoder over a labelled image dataset into a store (or resume it, or find it up to date).
 
     Parameters
@@ -114,7 +116,7 @@ def extract(config: "ExtractConfig | None" = None, /, *, log: Callable[[str], No
     return run(config, log=log or log_to_stderr, progress=progress)
 
 
-def ls(paths: list[str | os.PathLike] | str | os.PathLike | None = None) -> "list[StoreEntry]":
+def ls(paths: list[str | os.PathLike] | str | os.PathLike | None = None) -> list[StoreEntry]:
     """List feature stores: those in the cache, or those at ``paths``.
 
     Parameters

@@ -239,8 +239,7 @@ class GcPlan:
         return sum(e.size_bytes for e in self.remove)
 
 
-def plan_gc(older_than_days: float | None = None, max_size: int | None = None, partial: bool = False,
-            now: float | None = None) -> GcPlan:
+def plan_gc(older_than_days: float | None = None, max_size: int | None = None, partial: bool = False, now: float | None = None) -> GcPlan:
     """Which cached stores ``gc`` removes: partial ones (with ``partial``, never one being written),
     those unused for ``older_than_days``, then least recently used first until the rest fit ``max_size``."""
     if older_than_days is None and max_size is None and not partial:
@@ -248,8 +247,9 @@ def plan_gc(older_than_days: float | None = None, max_size: int | None = None, p
     now = time.time() if now is None else now
     listed = list_stores()  # one scan: it walks every file of every store
     entries = sorted((e for e in listed if not e.writing), key=lambda e: e.last_used)
-    remove = [e for e in entries if (partial and not e.complete)
-              or (older_than_days is not None and now - e.last_used > older_than_days * 86400)]
+    remove = [
+        e for e in entries if (partial and not e.complete) or (older_than_days is not None and now - e.last_used > older_than_days * 86400)
+    ]
     keep = [e for e in entries if e not in remove]
     if max_size is not None:
         total = sum(e.size_bytes for e in keep) + sum(e.size_bytes for e in listed if e.writing)
@@ -285,31 +285,39 @@ def lookup(model: str, dataset: str, weights: str | None = None) -> str:
     def same_data(e: StoreEntry) -> bool:
         return dataset in (e.dataset_spec, e.dataset) or (root is not None and root == e.dataset_root)
 
-    matches = [e for e in entries if model in (e.model, e.arch, f"timm:{model}") and same_data(e)
-               and (sha is None or e.weights_sha256 == sha)]
+    matches = [
+        e for e in entries if model in (e.model, e.arch, f"timm:{model}") and same_data(e) and (sha is None or e.weights_sha256 == sha)
+    ]
     complete = [e for e in matches if e.complete]
     command = f"featstore extract --model {model} --dataset {dataset}" + (f" --weights {weights}" if weights else "")
     if len(complete) == 1:
         return complete[0].path
     if len(complete) > 1:
         listed = "; ".join(f"{e.path} [{e.weights}, views {','.join(e.views)}, {e.dtype}, {e.loader}, {e.compute}]" for e in complete)
-        raise UsageError(f"{len(complete)} cached stores match --model {model} --dataset {dataset}: {listed}",
-                         "pass --weights FILE, or --store PATH to pick one")
+        raise UsageError(
+            f"{len(complete)} cached stores match --model {model} --dataset {dataset}: {listed}",
+            "pass --weights FILE, or --store PATH to pick one",
+        )
     if matches:
         first = _describe_local(Path(matches[0].path)) or matches[0]  # its progress: the one store worth a full look
-        raise UsageError(f"the cached store of --model {model} --dataset {dataset} is not complete ({first.state}: {first.path})",
-                         f"finish it with `{command}`")
+        raise UsageError(
+            f"the cached store of --model {model} --dataset {dataset} is not complete ({first.state}: {first.path})",
+            f"finish it with `{command}`",
+        )
     have = sorted({f"{e.model} on {e.dataset_spec}" + ("" if e.complete else " (partial)") for e in entries})
     exists = f"the cache holds: {', '.join(have)}" if have else f"the cache ({stores_dir()}) is empty"
-    raise UsageError(f"no cached store of --model {model} --dataset {dataset}" + (f" with weights {weights}" if weights else "") + f"; {exists}",
-                     f"extract it first: `{command}`")
+    raise UsageError(
+        f"no cached store of --model {model} --dataset {dataset}" + (f" with weights {weights}" if weights else "") + f"; {exists}",
+        f"extract it first: `{command}`",
+    )
 
 
 def _entries_from_attrs() -> list[StoreEntry]:
     """Every cached store's entry from its ``zarr.json`` alone, in ``list_stores`` order: what lookup
     matches on. No tree walk, lock or last-use read, so size, progress, ``writing`` and ``last_used``
     are left empty (lookup reads them for an incomplete match only)."""
-    return [entry_from_attrs(str(p), attrs, 0, None, False, 0.0)
-            for p in sorted(stores_dir().glob("*/*.zarr")) if (attrs := store_attrs(p)) is not None]
-
-
+    return [
+        entry_from_attrs(str(p), attrs, 0, None, False, 0.0)
+        for p in sorted(stores_dir().glob("*/*.zarr"))
+        if (attrs := store_attrs(p)) is not None
+    ]

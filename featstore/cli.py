@@ -26,23 +26,51 @@ def cli(debug):
 
 
 @cli.command()
-@click.option("--model", required=True, help="Preset (featstore models lists them: dino, dinov2-b, mocov3-vits, mae-b, …), a timm name, tv:<torchvision name>, or file.py:build.")
-@click.option("--dataset", default="digits", show_default=True, help="digits, imagenet, an ImageFolder directory, or a CSV file list (path,label[,split]).")
-@click.option("--out", type=click.Path(), help="Store to write (a .zarr folder); rerunning the same command resumes it. Default: the cache, $FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr (see `featstore ls`).")
+@click.option(
+    "--model",
+    required=True,
+    help="Preset (featstore models lists them: dino, dinov2-b, mocov3-vits, mae-b, …), a timm name, tv:<torchvision name>, or file.py:build.",
+)
+@click.option(
+    "--dataset",
+    default="digits",
+    show_default=True,
+    help="digits, imagenet, an ImageFolder directory, or a CSV file list (path,label[,split]).",
+)
+@click.option(
+    "--out",
+    type=click.Path(),
+    help="Store to write (a .zarr folder); rerunning the same command resumes it. Default: the cache, $FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr (see `featstore ls`).",
+)
 @click.option("--data-root", type=click.Path(), help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet).")
 @click.option("--weights", type=click.Path(), help="Checkpoint (.pth/.pt/.safetensors), loaded with weights_only=True.")
 @click.option("--random-init", is_flag=True, help="Run the model untrained (no weights).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that needs arbitrary code to unpickle.")
-@click.option("--ignore-keys", multiple=True, metavar="GLOB", help="Drop checkpoint keys matching GLOB (repeatable), e.g. 'linear.*'; reported as ignored.")
+@click.option(
+    "--ignore-keys",
+    multiple=True,
+    metavar="GLOB",
+    help="Drop checkpoint keys matching GLOB (repeatable), e.g. 'linear.*'; reported as ignored.",
+)
 @click.option("--views", help="Comma-separated feature views (ViT: cls,avgpool,cls4; CNN: pool). Default: all.")
-@click.option("--loader", type=click.Choice(("auto",) + LOADERS), default="auto", show_default=True,
-              help="Image decoding: dali (GPU or CPU threads), nvjpeg (torchvision on CUDA), torch (PIL reference). "
-                   "auto: nvjpeg on CUDA (faster end to end than dali, measured), else dali where it imports, else torch.")
+@click.option(
+    "--loader",
+    type=click.Choice(("auto",) + LOADERS),
+    default="auto",
+    show_default=True,
+    help="Image decoding: dali (GPU or CPU threads), nvjpeg (torchvision on CUDA), torch (PIL reference). "
+    "auto: nvjpeg on CUDA (faster end to end than dali, measured), else dali where it imports, else torch.",
+)
 @click.option("--device", default="auto", show_default=True, help="Where the model runs: auto (cuda when present), cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass (and per decoded batch).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Decode workers (DataLoader processes / DALI threads).")
-@click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default="float16", show_default=True,
-              help="Stored feature precision (float32 if float16 overflows).")
+@click.option(
+    "--dtype",
+    type=click.Choice(FEATURE_DTYPES),
+    default="float16",
+    show_default=True,
+    help="Stored feature precision (float32 if float16 overflows).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
 @click.option("--strict", is_flag=True, help="Stop at the first undecodable image instead of recording it as an invalid row.")
 @click.option("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, show_default=True, help="Rows per chunk (and per resumable unit).")
@@ -52,23 +80,69 @@ def cli(debug):
 @click.option("--mean", callback=parse_triple, help="R,G,B mean in [0,1] (overrides the model's).")
 @click.option("--std", callback=parse_triple, help="R,G,B std in [0,1] (overrides the model's).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (fixed batch shapes; pays off on long GPU runs).")
-@click.option("--no-progress", is_flag=True,
-              help="No progress output. Otherwise a bar on a terminal, and in logs a line every "
-                   "$FEATSTORE_PROGRESS_SECONDS (30) with rows, img/s, ETA and invalid rows.")
+@click.option(
+    "--no-progress",
+    is_flag=True,
+    help="No progress output. Otherwise a bar on a terminal, and in logs a line every "
+    "$FEATSTORE_PROGRESS_SECONDS (30) with rows, img/s, ETA and invalid rows.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @debug_option
-def extract(model, dataset, out, data_root, weights, random_init, trust_checkpoint, ignore_keys, views, loader, device, batch_size,
-            workers, dtype, overwrite, strict, chunk_rows, image_size, resize, interpolation, mean, std, compile_model,
-            no_progress, as_json, debug):
+def extract(
+    model,
+    dataset,
+    out,
+    data_root,
+    weights,
+    random_init,
+    trust_checkpoint,
+    ignore_keys,
+    views,
+    loader,
+    device,
+    batch_size,
+    workers,
+    dtype,
+    overwrite,
+    strict,
+    chunk_rows,
+    image_size,
+    resize,
+    interpolation,
+    mean,
+    std,
+    compile_model,
+    no_progress,
+    as_json,
+    debug,
+):
     """Extract features of every image of DATASET with MODEL into the store OUT (default: the cache)."""
     from .request import ExtractConfig, recall_up_to_date
 
     config = ExtractConfig(
-        model=model, dataset=dataset, out=out, data_root=data_root, weights=weights, random_init=random_init,
-        trust_checkpoint=trust_checkpoint, ignore_keys=tuple(ignore_keys), views=[v.strip() for v in views.split(",") if v.strip()] if views else None,
-        loader=loader, device=device, batch_size=batch_size, workers=workers, dtype=dtype, overwrite=overwrite,
-        strict=strict, chunk_rows=chunk_rows, image_size=image_size, resize=resize, interpolation=interpolation,
-        mean=mean, std=std, compile=compile_model,
+        model=model,
+        dataset=dataset,
+        out=out,
+        data_root=data_root,
+        weights=weights,
+        random_init=random_init,
+        trust_checkpoint=trust_checkpoint,
+        ignore_keys=tuple(ignore_keys),
+        views=[v.strip() for v in views.split(",") if v.strip()] if views else None,
+        loader=loader,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        dtype=dtype,
+        overwrite=overwrite,
+        strict=strict,
+        chunk_rows=chunk_rows,
+        image_size=image_size,
+        resize=resize,
+        interpolation=interpolation,
+        mean=mean,
+        std=std,
+        compile=compile_model,
     )
     result = recall_up_to_date(config)  # an unchanged request answers without importing torch
     if result is None:
@@ -96,11 +170,22 @@ def models(as_json, debug):
 
 def format_models(rows: list[dict]) -> str:
     head = ("name", "aliases", "architecture", "views (dims)", "weights file")
-    table = [head] + [(r["name"], ", ".join(r["aliases"]) or "-", r["architecture"],
-                       ", ".join(f"{v} {d}" for v, d in r["views"].items()), r["weights_file"]) for r in rows]
+    table = [head] + [
+        (
+            r["name"],
+            ", ".join(r["aliases"]) or "-",
+            r["architecture"],
+            ", ".join(f"{v} {d}" for v, d in r["views"].items()),
+            r["weights_file"],
+        )
+        for r in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in table]
-    return "\n".join(lines) + "\n\nweights folder: $FEATSTORE_WEIGHTS (default $FEATSTORE_HOME/weights, ~/.cache/featstore/weights); URLs and sources: --json"
+    return (
+        "\n".join(lines)
+        + "\n\nweights folder: $FEATSTORE_WEIGHTS (default $FEATSTORE_HOME/weights, ~/.cache/featstore/weights); URLs and sources: --json"
+    )
 
 
 @cli.command()
@@ -141,8 +226,19 @@ def ls_command(paths, as_json, debug):
 def format_ls(entries) -> str:
     header = ("LABEL", "MODEL", "WEIGHTS", "DATASET", "VIEWS", "ROWS", "INVALID", "SIZE", "CREATED", "STATE", "PATH")
     rows = [header] + [
-        (e.label, e.model, e.weights, e.dataset, ",".join(f"{v}:{d}" for v, d in e.views.items()), f"{e.rows:,}",
-         str(e.invalid), _size(e.size_bytes), e.created[:16].replace("T", " "), e.state, e.path)
+        (
+            e.label,
+            e.model,
+            e.weights,
+            e.dataset,
+            ",".join(f"{v}:{d}" for v, d in e.views.items()),
+            f"{e.rows:,}",
+            str(e.invalid),
+            _size(e.size_bytes),
+            e.created[:16].replace("T", " "),
+            e.state,
+            e.path,
+        )
         for e in entries
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
@@ -183,12 +279,16 @@ def gc_command(older_than, max_size, partial, dry_run, debug):
         if not dry_run:
             remove_store(e.path)
         click.echo(f"{verb} {e.path} ({_size(e.size_bytes)}, {e.state})")
-    click.echo(f"{'would free' if dry_run else 'freed'} {_size(plan.freed)}; {len(plan.keep)} stores kept ({_size(sum(e.size_bytes for e in plan.keep))})")
+    click.echo(
+        f"{'would free' if dry_run else 'freed'} {_size(plan.freed)}; {len(plan.keep)} stores kept ({_size(sum(e.size_bytes for e in plan.keep))})"
+    )
 
 
 @cli.command("export")
 @click.argument("store")
-@click.option("--to", "to", required=True, type=click.Path(), help="FILE.h5 (every split and view, the store's schema) or FILE.npz (one view).")
+@click.option(
+    "--to", "to", required=True, type=click.Path(), help="FILE.h5 (every split and view, the store's schema) or FILE.npz (one view)."
+)
 @click.option("--view", help="The view of an .npz export (default: the first, cls for a ViT, pool for a CNN).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --to file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -215,7 +315,10 @@ def format_info(s: dict) -> str:
         f"preprocess resize {pre.get('resize')} {pre.get('interpolation')}, crop {pre.get('image_size')}, mean {pre.get('mean')}, std {pre.get('std')}  loader {s.get('loader')}",
         f"dataset    {data.get('name')} at {data.get('root')}  {data.get('num_classes')} classes  manifest {str(data.get('manifest_sha256'))[:16]}",
         "views      " + ", ".join(f"{v} ({d})" for v, d in s["views"].items()) + f"  dtype {s['dtype']}",
-        "splits     " + ", ".join(f"{name} {v['rows']:,} rows" + (f" ({v['invalid']} invalid)" if v["invalid"] else "") for name, v in s["splits"].items()),
+        "splits     "
+        + ", ".join(
+            f"{name} {v['rows']:,} rows" + (f" ({v['invalid']} invalid)" if v["invalid"] else "") for name, v in s["splits"].items()
+        ),
         f"created    {s['created']}  featstore {s['featstore_version']}  schema {s['schema_version']}",
     ]
     if s.get("complete") and s.get("device"):

@@ -50,7 +50,9 @@ def run_cli(group: click.Group, prog_name: str | None, args: list[str] | None = 
     except Exception as e:  # a bug or an unexpected environment problem: still one line by default
         if debug:
             traceback.print_exc()
-        click.echo(f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())[:500]} (rerun with --debug for the traceback)", err=True)
+        click.echo(
+            f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())[:500]} (rerun with --debug for the traceback)", err=True
+        )
         return 1
 
 

@@ -16,9 +16,7 @@ import numpy as np
 from .errors import UsageError
 from .manifest import Manifest, SplitManifest
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm"})
 SPLIT_NAMES = ("train", "val", "test")
 BUILTIN_DATASETS = ("digits", "imagenet")
 
@@ -62,7 +60,10 @@ def imagenet_manifest(data_root: str | os.PathLike | None) -> Manifest:
         raise UsageError(f"ImageNet root {str(root)!r} not found", "pass --data-root pointing at the folder holding train/ and val/")
     present = [s for s in ("train", "val") if (root / s).is_dir()]
     if not present:
-        raise UsageError(f"{str(root)!r} has no train/ or val/ folder", "ImageNet must be in the ILSVRC2012 layout train/<wnid>/*.JPEG, val/<wnid>/*.JPEG")
+        raise UsageError(
+            f"{str(root)!r} has no train/ or val/ folder",
+            "ImageNet must be in the ILSVRC2012 layout train/<wnid>/*.JPEG, val/<wnid>/*.JPEG",
+        )
     val = root / "val"
     if val.is_dir() and not any(p.is_dir() for p in val.iterdir()) and any(is_image_file(p) for p in val.iterdir()):
         raise UsageError(
@@ -79,7 +80,11 @@ def folder_manifest(root: Path) -> Manifest:
     classes = _class_folders(root)
     if not classes:
         loose = [p for p in root.iterdir() if is_image_file(p)]
-        hint = "put images into one sub-folder per class (ImageFolder layout)" if loose else "pass a folder holding one sub-folder of images per class"
+        hint = (
+            "put images into one sub-folder per class (ImageFolder layout)"
+            if loose
+            else "pass a folder holding one sub-folder of images per class"
+        )
         raise UsageError(f"no class folders in {str(root)!r}", hint)
     paths, labels = _scan_classes(root, classes, prefix="")
     _require_images(root, paths)
@@ -159,7 +164,9 @@ def csv_manifest(csv_path: Path) -> Manifest:
         p = Path(r["path"]).expanduser()
         full = p if p.is_absolute() else root / p
         if not full.is_file():
-            raise UsageError(f"{str(csv_path)!r} line {line}: image {r['path']!r} not found", "paths are relative to the CSV's folder, or absolute")
+            raise UsageError(
+                f"{str(csv_path)!r} line {line}: image {r['path']!r} not found", "paths are relative to the CSV's folder, or absolute"
+            )
         rel = os.path.relpath(full, root).replace(os.sep, "/")
         split = r.get("split") or "all"
         paths, labels = by_split.setdefault(split, ([], []))

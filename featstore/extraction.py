@@ -29,22 +29,30 @@ import torch
 from .cache import find_by_key
 from .datasets import BUILTIN_DATASETS, resolve_dataset
 from .device import compute_dtype, resolve_device
-from .home import default_store_path
-from .manifest import Manifest
-from .models.encoders import EncoderSpec, build_encoder, feature_dims, resolve_encoder, select_views
 from .errors import FeatstoreError, UsageError
+from .home import default_store_path
 from .inference import BatchEncoder
 from .loaders import Batch, choose_loader, make_loader
-from .store.lock import StoreLock
+from .manifest import Manifest
+from .models.encoders import EncoderSpec, build_encoder, feature_dims, resolve_encoder, select_views
 from .progress import Progress, log_to_stderr, resolve_mode
 from .ranks import Ranks, wait_until
-from .request import (ExtractConfig, ExtractResult, dataset_dirs, recall_up_to_date, refuse_url_out,  # noqa: F401 (re-exported)
-                      remember_request, request_of, resolved_model, resolved_path)
+from .request import (
+    ExtractConfig,
+    ExtractResult,
+    dataset_dirs,
+    recall_up_to_date,
+    refuse_url_out,
+    remember_request,
+    request_of,
+    resolved_model,
+    resolved_path,
+)
 from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, Unit, is_store
+from .store.lock import StoreLock
 
 
-def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest,
-                 device: torch.device) -> dict:
+def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest, device: torch.device) -> dict:
     """Everything that changes the stored numbers; two runs with equal fields give the same store."""
     return {
         # bf16 autocast on CUDA, fp32 on CPU: a store is never half one and half the other
@@ -84,26 +92,51 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     """
     defaults = ExtractConfig(model="", dataset="", out="")
     dataset = config.dataset if config.dataset in BUILTIN_DATASETS else resolved_path(config.dataset)
-    args = ["featstore", "extract", "--model", resolved_model(config.model), "--dataset", dataset, "--out", str(Path(cast(str, config.out)).resolve()),
-            "--loader", loader_name]
-    options: list[tuple[str, str, Callable[[Any], str]]] = [("data_root", "--data-root", resolved_path), ("weights", "--weights", resolved_path),
-               ("views", "--views", ",".join), ("device", "--device", str), ("batch_size", "--batch-size", str), ("workers", "--workers", str),
-               ("dtype", "--dtype", str), ("chunk_rows", "--chunk-rows", str), ("image_size", "--image-size", str),
-               ("resize", "--resize", str), ("interpolation", "--interpolation", str),
-               ("mean", "--mean", lambda v: ",".join(map(str, v))), ("std", "--std", lambda v: ",".join(map(str, v)))]
+    args = [
+        "featstore",
+        "extract",
+        "--model",
+        resolved_model(config.model),
+        "--dataset",
+        dataset,
+        "--out",
+        str(Path(cast(str, config.out)).resolve()),
+        "--loader",
+        loader_name,
+    ]
+    options: list[tuple[str, str, Callable[[Any], str]]] = [
+        ("data_root", "--data-root", resolved_path),
+        ("weights", "--weights", resolved_path),
+        ("views", "--views", ",".join),
+        ("device", "--device", str),
+        ("batch_size", "--batch-size", str),
+        ("workers", "--workers", str),
+        ("dtype", "--dtype", str),
+        ("chunk_rows", "--chunk-rows", str),
+        ("image_size", "--image-size", str),
+        ("resize", "--resize", str),
+        ("interpolation", "--interpolation", str),
+        ("mean", "--mean", lambda v: ",".join(map(str, v))),
+        ("std", "--std", lambda v: ",".join(map(str, v))),
+    ]
     for name, flag, text in options:
         value = getattr(config, name)
         if value is not None and value != getattr(defaults, name):
             args += [flag, text(value)]
-    for name, flag in (("random_init", "--random-init"), ("trust_checkpoint", "--trust-checkpoint"),
-                       ("strict", "--strict"), ("compile", "--compile")):
+    for name, flag in (
+        ("random_init", "--random-init"),
+        ("trust_checkpoint", "--trust-checkpoint"),
+        ("strict", "--strict"),
+        ("compile", "--compile"),
+    ):
         if getattr(config, name):
             args.append(flag)
     return shlex.join(args)
 
 
-def extract(config: ExtractConfig, log: Callable[[str], None] = log_to_stderr, progress: bool | str = True, *,
-            recalled: bool = False) -> ExtractResult:
+def extract(
+    config: ExtractConfig, log: Callable[[str], None] = log_to_stderr, progress: bool | str = True, *, recalled: bool = False
+) -> ExtractResult:
     """Run (or resume, or skip as up to date) one extraction. Raises FeatstoreError on user mistakes.
 
     ``progress``: True/"auto" shows a bar when stderr is a terminal and otherwise logs a line every
@@ -123,9 +156,12 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = log_to_stderr, p
     loader_name = choose_loader(config.loader, device)
     manifest = resolve_dataset(config.dataset, config.data_root)
     spec = resolve_encoder(
-        config.model, weights=config.weights, random_init=config.random_init,
-        preprocess_overrides=dict(image_size=config.image_size, resize=config.resize, interpolation=config.interpolation,
-                                  mean=config.mean, std=config.std),
+        config.model,
+        weights=config.weights,
+        random_init=config.random_init,
+        preprocess_overrides=dict(
+            image_size=config.image_size, resize=config.resize, interpolation=config.interpolation, mean=config.mean, std=config.std
+        ),
     )
     fields = cache_fields(spec, loader_name, config.views, config.dtype, manifest, device)
     key = cache_key(fields)
@@ -149,7 +185,11 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = log_to_stderr, p
             _remember(request, manifest, spec, key, out)
         return ExtractResult(str(out), "up to date", rows, 0, len(existing.invalid_rows()), 0, time.perf_counter() - start, 0.0)
 
-    encoder = build_encoder(spec, log=log, trust=config.trust_checkpoint, ignore_keys=config.ignore_keys).to(device).to(memory_format=torch.channels_last)
+    encoder = (
+        build_encoder(spec, log=log, trust=config.trust_checkpoint, ignore_keys=config.ignore_keys)
+        .to(device)
+        .to(memory_format=torch.channels_last)
+    )
     views = select_views(feature_dims(encoder, spec.preprocess, device), config.views)
 
     if request.out is None and ranks.is_leader:
@@ -172,14 +212,21 @@ def extract(config: ExtractConfig, log: Callable[[str], None] = log_to_stderr, p
             if ranks.world > 1:
                 wait_until(lambda: not store.pending_units(), "the other ranks' units", timeout=float("inf"), poll=1.0)
             run_seconds = time.perf_counter() - run_start
-            store.finalize({"device": str(device), "batch_size": config.batch_size, "world_size": ranks.world,
-                            "run_seconds": round(run_seconds, 3),  # of this (last) run: a resumed run counts its rows only
-                            "images_per_second": round(written / run_seconds, 2) if run_seconds > 0 else None})
+            store.finalize(
+                {
+                    "device": str(device),
+                    "batch_size": config.batch_size,
+                    "world_size": ranks.world,
+                    "run_seconds": round(run_seconds, 3),  # of this (last) run: a resumed run counts its rows only
+                    "images_per_second": round(written / run_seconds, 2) if run_seconds > 0 else None,
+                }
+            )
         invalid, label = len(store.invalid_rows()), str(out)  # all of the store's, resumed units included
         _remember(request, manifest, spec, key, out)
     seconds = time.perf_counter() - start
-    return ExtractResult(label, status, rows, written, invalid, len(nonfinite), seconds,
-                         written / seconds if seconds > 0 else 0.0, nonfinite[:5])
+    return ExtractResult(
+        label, status, rows, written, invalid, len(nonfinite), seconds, written / seconds if seconds > 0 else 0.0, nonfinite[:5]
+    )
 
 
 def _cached_location(manifest: Manifest, model: str, key: str) -> Path:
@@ -198,8 +245,9 @@ def _remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key:
     remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, inputs)
 
 
-def _create(out: Path, manifest: Manifest, spec: EncoderSpec, views: dict[str, int], loader_name: str, key: str,
-            fields: dict, config: ExtractConfig) -> FeatureStore:
+def _create(
+    out: Path, manifest: Manifest, spec: EncoderSpec, views: dict[str, int], loader_name: str, key: str, fields: dict, config: ExtractConfig
+) -> FeatureStore:
     """A new store at ``out`` with the full provenance (replacing the old one under --overwrite)."""
     if out.exists() and config.overwrite:
         _refuse_if_locked(out)
@@ -230,6 +278,7 @@ def _create(out: Path, manifest: Manifest, spec: EncoderSpec, views: dict[str, i
 
 def _store_of_job(out: Path, key: str, ranks: Ranks) -> FeatureStore:
     """A non-leader rank: the store rank 0 created or resumed for this job (same cache key)."""
+
     def ready():
         if not is_store(out):
             return None
@@ -250,7 +299,9 @@ def _existing_store(out: Path, key: str, fields: dict, overwrite: bool) -> Featu
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
             return None
-        raise UsageError(f"--out {str(out)!r} exists and is not a featstore store", "choose a new --out path; featstore never deletes other data")
+        raise UsageError(
+            f"--out {str(out)!r} exists and is not a featstore store", "choose a new --out path; featstore never deletes other data"
+        )
     store = FeatureStore.open(out, mode="r+")
     if overwrite:
         return None
@@ -326,7 +377,7 @@ class _UnitWriter:
 class _UnitAssembler:
     """Collects batch results into whole units and hands each finished unit to the writer."""
 
-    def __init__(self, views: dict[str, int], dtype: str, writer: "_UnitWriter", rel_paths):
+    def __init__(self, views: dict[str, int], dtype: str, writer: _UnitWriter, rel_paths):
         self.views = views
         self.dtype = np.dtype(dtype)
         self.writer = writer
@@ -337,12 +388,15 @@ class _UnitAssembler:
         self.nonfinite: set[str] = set()
 
     def add(self, unit: Unit, batch: Batch, feats: dict[str, np.ndarray]) -> None:
-        buf = self.open.setdefault(unit.index, {
-            "features": {v: np.empty((unit.rows, d), self.dtype) for v, d in self.views.items()},
-            "valid": np.ones(unit.rows, bool),
-            "invalid": {},
-            "filled": 0,
-        })
+        buf = self.open.setdefault(
+            unit.index,
+            {
+                "features": {v: np.empty((unit.rows, d), self.dtype) for v, d in self.views.items()},
+                "valid": np.ones(unit.rows, bool),
+                "invalid": {},
+                "filled": 0,
+            },
+        )
         local = batch.rows - unit.start
         bad = np.fromiter((r in batch.errors for r in batch.rows.tolist()), bool, len(batch.rows))
         for v in self.views:
@@ -388,7 +442,9 @@ def _run(store, manifest, encoder, views, loader_name, device, config, progress:
                 for (unit, _), batch in zip(planned, batches):
                     if config.strict and batch.errors:
                         row, reason = next(iter(batch.errors.items()))
-                        raise FeatstoreError(f"cannot decode {paths[row]}: {reason}", "fix or remove the file, or drop --strict to record it as invalid")
+                        raise FeatstoreError(
+                            f"cannot decode {paths[row]}: {reason}", "fix or remove the file, or drop --strict to record it as invalid"
+                        )
                     runner.submit((unit, batch), batch.images)
                     for (u, b), feats in runner.ready():
                         assembler.add(u, b, feats)

@@ -12,12 +12,13 @@ schema (``featstore.store`` sits above it, ``featstore.cache`` above both).
 from __future__ import annotations
 
 import calendar
+import contextlib
 import hashlib
 import os
 import re
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from .atomic import write_atomic
 
@@ -78,10 +79,8 @@ def last_used(path: Path, attrs: dict[str, Any]) -> float:
     times = []
     for field in ("completed", "created"):
         if attrs.get(field):
-            try:
+            with contextlib.suppress(ValueError):  # a garbled time: the other one, or the folder's mtime
                 times.append(calendar.timegm(time.strptime(attrs[field], "%Y-%m-%dT%H:%M:%SZ")))  # UTC
-            except ValueError:
-                pass
     return max(times) if times else path.stat().st_mtime
 
 

@@ -9,7 +9,8 @@ units; benchmarks/RESULTS.md).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +31,16 @@ def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
 class BatchEncoder:
     """``submit(item, images)`` runs the encoder; ``ready()`` yields ``(item, {view: float32 array})`` in order."""
 
-    def __init__(self, encoder: FeatureEncoder, views: dict[str, int], device: torch.device, batch_size: int,
-                 fixed_shapes: bool = False, compile: bool = False, ring: int = 3):
+    def __init__(
+        self,
+        encoder: FeatureEncoder,
+        views: dict[str, int],
+        device: torch.device,
+        batch_size: int,
+        fixed_shapes: bool = False,
+        compile: bool = False,
+        ring: int = 3,
+    ):
         self.views = views
         self.device = device
         self.batch_size = batch_size
@@ -43,8 +52,7 @@ class BatchEncoder:
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
             self.slots = [
-                {v: torch.empty((batch_size, d), dtype=torch.float32, pin_memory=True) for v, d in views.items()}
-                for _ in range(ring)
+                {v: torch.empty((batch_size, d), dtype=torch.float32, pin_memory=True) for v, d in views.items()} for _ in range(ring)
             ]
             # blocking: synchronize() sleeps instead of spinning a core the decode threads need
             self.events = [torch.cuda.Event(blocking=True) for _ in range(ring)]

@@ -56,7 +56,7 @@ class Preprocess:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
+    def from_dict(cls, d: dict) -> Preprocess:
         return cls(
             image_size=int(d["image_size"]),
             resize=int(d["resize"]),
@@ -65,7 +65,7 @@ class Preprocess:
             std=tuple(d["std"]),
         )
 
-    def with_overrides(self, **overrides) -> "Preprocess":
+    def with_overrides(self, **overrides) -> Preprocess:
         """A copy with every non-None override applied (the CLI flags)."""
         values = self.to_dict()
         values.update({k: v for k, v in overrides.items() if v is not None})

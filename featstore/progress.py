@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import UsageError
 
@@ -52,8 +52,15 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Counts rows as batches finish and reports them as ``mode`` says ("bar", "lines" or "off")."""
 
-    def __init__(self, total: int, label: str, mode: str, log: Callable[[str], None],
-                 interval: float | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        mode: str,
+        log: Callable[[str], None],
+        interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.total, self.label, self.mode, self.log = total, label, mode, log
         self.interval = progress_interval() if interval is None else interval
         self.clock = clock
@@ -68,8 +75,7 @@ class Progress:
 
             # the width is read now: while a loader runs, fd 2 may be a pipe (loaders/quiet.py)
             columns = shutil.get_terminal_size((100, 24)).columns
-            self.bar = tqdm(total=total, unit="img", file=sys.stderr, ncols=columns if columns > 0 else 100,
-                            smoothing=0.1, desc=label)
+            self.bar = tqdm(total=total, unit="img", file=sys.stderr, ncols=columns if columns > 0 else 100, smoothing=0.1, desc=label)
 
     def update(self, rows: int, invalid: int = 0) -> None:
         self.done += rows
@@ -96,8 +102,7 @@ class Progress:
             when = f"done in {format_duration(elapsed)}"
         else:
             when = f"ETA {format_duration((self.total - self.done) / rate)}" if rate > 0 else "ETA unknown"
-        return (f"{self.label}: {self.done:,}/{self.total:,} rows ({pct:.1f}%), {rate:.1f} img/s, {when}, "
-                f"{self.invalid} invalid")
+        return f"{self.label}: {self.done:,}/{self.total:,} rows ({pct:.1f}%), {rate:.1f} img/s, {when}, {self.invalid} invalid"
 
     def close(self) -> None:
         if self.bar is not None:

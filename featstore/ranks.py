@@ -24,7 +24,7 @@ class Ranks:
     job: str = ""
 
     @classmethod
-    def from_env(cls) -> "Ranks":
+    def from_env(cls) -> Ranks:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
@@ -48,5 +48,7 @@ def wait_until(condition, what: str, timeout: float, poll: float = 0.2):
         if value:
             return value
         if time.monotonic() > deadline:
-            raise FeatstoreError(f"timed out after {timeout:.0f} s waiting for {what}", "check that rank 0 is running and writing to the same --out")
+            raise FeatstoreError(
+                f"timed out after {timeout:.0f} s waiting for {what}", "check that rank 0 is running and writing to the same --out"
+            )
         time.sleep(poll)

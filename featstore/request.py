@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import overload
 
-from .home import index_dir, write_memo
 from .errors import UsageError
+from .home import index_dir, write_memo
 from .store import DEFAULT_CHUNK_ROWS
 from .store.locations import PROGRESS, is_url, store_attrs
 
@@ -157,8 +157,13 @@ def request_of(config: ExtractConfig) -> dict:
         "loader": config.loader,
         "device": config.device,
         "dtype": config.dtype,
-        "preprocess": [config.image_size, config.resize, config.interpolation, config.mean and list(config.mean),
-                       config.std and list(config.std)],
+        "preprocess": [
+            config.image_size,
+            config.resize,
+            config.interpolation,
+            config.mean and list(config.mean),
+            config.std and list(config.std),
+        ],
         "out": os.path.abspath(os.path.expanduser(config.out)) if config.out else None,
         "ranks": os.environ.get("WORLD_SIZE"),
     }

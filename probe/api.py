@@ -17,9 +17,18 @@ if TYPE_CHECKING:  # for readers and type checkers only
     from .protocol import Protocol
 
 
-def fit(stores, protocol: "Protocol | None" = None, *, views: Iterable[str] | str | None = None, device: str = "auto",
-        allow_different_data: bool = False, out: str | os.PathLike | None = None, overwrite: bool = False,
-        log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> list[dict]:
+def fit(
+    stores,
+    protocol: Protocol | None = None,
+    *,
+    views: Iterable[str] | str | None = None,
+    device: str = "auto",
+    allow_different_data: bool = False,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Probe feature stores under one protocol and return one row per configuration.
 
     The rows of :func:`fit_run` (same arguments): one dict per store × view × seed × shots ×
@@ -68,13 +77,31 @@ def fit(stores, protocol: "Protocol | None" = None, *, views: Iterable[str] | st
     ...                  out="results/ab")                                       # doctest: +SKIP
     >>> [(r["label"], r["lr"], r["report_top1_pct"]) for r in rows if r["selected"]]  # doctest: +SKIP
     """
-    return fit_run(stores, protocol, views=views, device=device, allow_different_data=allow_different_data, out=out,
-                   overwrite=overwrite, log=log, warn=warn).rows
+    return fit_run(
+        stores,
+        protocol,
+        views=views,
+        device=device,
+        allow_different_data=allow_different_data,
+        out=out,
+        overwrite=overwrite,
+        log=log,
+        warn=warn,
+    ).rows
 
 
-def fit_run(stores, protocol: "Protocol | None" = None, *, views: Iterable[str] | str | None = None, device: str = "auto",
-            allow_different_data: bool = False, out: str | os.PathLike | None = None, overwrite: bool = False,
-            log: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> "FitResult":
+def fit_run(
+    stores,
+    protocol: Protocol | None = None,
+    *,
+    views: Iterable[str] | str | None = None,
+    device: str = "auto",
+    allow_different_data: bool = False,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> FitResult:
     """Run every method of ``protocol`` (its LR grid, k grid, C path) on every store × view × seed × shots.
 
     The same as :func:`fit`, and the statistics computed over the rows, each once.
@@ -105,12 +132,27 @@ def fit_run(stores, protocol: "Protocol | None" = None, *, views: Iterable[str] 
     """
     from .fitting import fit_run as run
 
-    return run(stores, protocol, views=views, device=device, allow_different_data=allow_different_data, out=out,
-               overwrite=overwrite, log=log, warn=warn)
+    return run(
+        stores,
+        protocol,
+        views=views,
+        device=device,
+        allow_different_data=allow_different_data,
+        out=out,
+        overwrite=overwrite,
+        log=log,
+        warn=warn,
+    )
 
 
-def compare(results, reference: str | None = None, *, class_names: list[str] | None = None,
-            n_resamples: int | None = None, bootstrap_seed: int | None = None) -> "Comparison":
+def compare(
+    results,
+    reference: str | None = None,
+    *,
+    class_names: list[str] | None = None,
+    n_resamples: int | None = None,
+    bootstrap_seed: int | None = None,
+) -> Comparison:
     """Compare every selected head with the reference store's, on the same images.
 
     For each head: top-1 with a bootstrap and a Wilson 95% interval; against the reference's head
@@ -171,15 +213,26 @@ def compare(results, reference: str | None = None, *, class_names: list[str] | N
     elif isinstance(results, (list, tuple)) and all(isinstance(r, dict) for r in results):
         predictions = of_rows(list(results))
     else:
-        raise TypeError("probe.compare() takes a results folder, a FitResult, the rows of probe.fit or a list of "
-                        f"Predictions, not {type(results).__name__}")
-    return run(predictions, reference, class_names=class_names,
-               n_resamples=intervals.N_RESAMPLES if n_resamples is None else n_resamples,
-               bootstrap_seed=intervals.BOOTSTRAP_SEED if bootstrap_seed is None else bootstrap_seed)
+        raise TypeError(
+            "probe.compare() takes a results folder, a FitResult, the rows of probe.fit or a list of "
+            f"Predictions, not {type(results).__name__}"
+        )
+    return run(
+        predictions,
+        reference,
+        class_names=class_names,
+        n_resamples=intervals.N_RESAMPLES if n_resamples is None else n_resamples,
+        bootstrap_seed=intervals.BOOTSTRAP_SEED if bootstrap_seed is None else bootstrap_seed,
+    )
 
 
-def report(folders: "Iterable[str | os.PathLike] | str | os.PathLike", out: str | os.PathLike = "report", *,
-           reference: str | None = None, allow_mixed: bool = False) -> dict[str, Path]:
+def report(
+    folders: Iterable[str | os.PathLike] | str | os.PathLike,
+    out: str | os.PathLike = "report",
+    *,
+    reference: str | None = None,
+    allow_mixed: bool = False,
+) -> dict[str, Path]:
     """Gather results folders of probe runs into one leaderboard and one self-contained report.html.
 
     Parameters

@@ -29,57 +29,193 @@ def main():
 
 
 @main.command("fit")
-@click.option("--store", "stores", multiple=True, metavar="[LABEL=]PATH[:VIEW]",
-              help="Feature store (a folder, an .h5 export or a URL); repeat to compare stores under one protocol. LABEL names it "
-                   "in the table, CSV and plot (default: the weights file name, else the model name); VIEW probes that view of this store only.")  # fmt: skip
+@click.option(
+    "--store",
+    "stores",
+    multiple=True,
+    metavar="[LABEL=]PATH[:VIEW]",
+    help="Feature store (a folder, an .h5 export or a URL); repeat to compare stores under one protocol. LABEL names it "
+    "in the table, CSV and plot (default: the weights file name, else the model name); VIEW probes that view of this store only.",
+)
 @click.option("--model", help="Instead of --store: the cached store of this model (as given to `featstore extract`); needs --dataset.")
 @click.option("--dataset", help="With --model: the dataset the cached store was extracted from (digits, imagenet, a folder, a .csv).")
 @click.option("--weights", type=click.Path(), help="With --model: the checkpoint it was extracted with, when several are cached.")
-@click.option("--view", "views", multiple=True, metavar="NAME",
-              help="Feature view of every store without its own :VIEW; repeatable. Default: every view the stores share, "
-                   "else each store's primary view (pool for a CNN, cls for a ViT).")  # fmt: skip
-@click.option("--lr-grid", "lr_grid", is_flag=False, flag_value=DEFAULT_LR_GRID, default=None, metavar="[GRID]",
-              help=f"LR grid: a list 1e-4,1e-3,0.01 or a log range start:stop:count. Bare --lr-grid (or no --lr) means {DEFAULT_LR_GRID}.")  # fmt: skip
+@click.option(
+    "--view",
+    "views",
+    multiple=True,
+    metavar="NAME",
+    help="Feature view of every store without its own :VIEW; repeatable. Default: every view the stores share, "
+    "else each store's primary view (pool for a CNN, cls for a ViT).",
+)
+@click.option(
+    "--lr-grid",
+    "lr_grid",
+    is_flag=False,
+    flag_value=DEFAULT_LR_GRID,
+    default=None,
+    metavar="[GRID]",
+    help=f"LR grid: a list 1e-4,1e-3,0.01 or a log range start:stop:count. Bare --lr-grid (or no --lr) means {DEFAULT_LR_GRID}.",
+)
 @click.option("--lr", type=float, default=None, help="One fixed learning rate instead of a grid.")
 @click.option("--wd-grid", default="0", show_default=True, metavar="GRID", help="Weight-decay grid, same syntax (0 allowed in a list).")
 @click.option("--epochs", type=int, default=_DEFAULTS.epochs, show_default=True, help="Training epochs of every head.")
 @click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True, help="Minibatch rows, shared by every head.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_DEFAULTS.optimizer, show_default=True, help="sgd = SGD with momentum; both use a cosine schedule.")
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    default=_DEFAULTS.optimizer,
+    show_default=True,
+    help="sgd = SGD with momentum; both use a cosine schedule.",
+)
 @click.option("--momentum", type=float, default=_DEFAULTS.momentum, show_default=True, help="SGD momentum.")
-@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=_DEFAULTS.normalize, show_default=True,
-              help="Feature normalization; standardize = BatchNorm without affine, statistics from train.")  # fmt: skip
-@click.option("--select-on", type=click.Choice(SELECT_ON), default=_DEFAULTS.select_on, show_default=True,
-              help="Where the LR is chosen. auto: the val split when test is reported, else a seeded train holdout (never the "
-                   "reported split); holdout: always the train holdout; report: the reported split itself, labelled max over it.")  # fmt: skip
-@click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True,
-              help="Seeded stratified part of train held out for selection when there is no separate val split.")  # fmt: skip
-@click.option("--seed", type=int, default=None, help=f"Seeds the minibatch order, the holdout and few-shot samples.  [default: {_DEFAULTS.seed}]")
-@click.option("--seeds", default=None, metavar="LIST",
-              help="Repeat every method and shot count per seed, e.g. 0,1,2,3,4; the table shows mean ± std over seeds.")  # fmt: skip
-@click.option("--method", "methods", default="linear", show_default=True, metavar="LIST",
-              help=f"Methods to run, a comma list of {', '.join(METHODS)} (same stores, splits, seeds and samples).")  # fmt: skip
-@click.option("--shots", default=None, metavar="LIST",
-              help="Few-shot training sets: examples per class, e.g. 1,5,10,25 (add 'all' for every row). Default: every row.")  # fmt: skip
-@click.option("--knn-k", default=",".join(map(str, _DEFAULTS.knn_k)), show_default=True, metavar="LIST", help="k-NN: neighbour counts, all computed in one pass; k is chosen on the selection split.")
-@click.option("--knn-temperature", type=float, default=_DEFAULTS.knn_temperature, show_default=True, help="k-NN: T of the vote weight exp(cosine similarity / T).")
-@click.option("--knn-weights", type=click.Choice(KNN_WEIGHTS), default=_DEFAULTS.knn_weights, show_default=True, help="k-NN: exp(similarity / T) votes (DINO) or one vote per neighbour.")
-@click.option("--logreg-C", "logreg_c", default=DEFAULT_LOGREG_C, show_default=True, metavar="GRID",
-              help="Logistic regression: inverse L2 strengths (scikit-learn's C), a list or a log range start:stop:count.")  # fmt: skip
-@click.option("--logreg-max-iter", type=int, default=_DEFAULTS.logreg_max_iter, show_default=True, help="Logistic regression: L-BFGS iteration cap per C.")
-@click.option("--logreg-tol", type=float, default=_DEFAULTS.logreg_tol, show_default=True, help="Logistic regression: stop when every gradient component is below this (scikit-learn's tol).")
-@click.option("--refit/--no-refit", "logreg_refit", default=True, show_default=True,
-              help="Logistic regression: refit the selected C on train + selection rows before the one report.")  # fmt: skip
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where to train; auto = CUDA when present.")
-@click.option("--out", default=None, metavar="DIR",
-              help="Results folder (results.csv, protocol.json, accuracy_vs_lr.png); refused if not empty. "
-                   "Default: a new probe-results/run-<UTC time>/.")  # fmt: skip
+@click.option(
+    "--normalize",
+    type=click.Choice(NORMALIZATIONS),
+    default=_DEFAULTS.normalize,
+    show_default=True,
+    help="Feature normalization; standardize = BatchNorm without affine, statistics from train.",
+)
+@click.option(
+    "--select-on",
+    type=click.Choice(SELECT_ON),
+    default=_DEFAULTS.select_on,
+    show_default=True,
+    help="Where the LR is chosen. auto: the val split when test is reported, else a seeded train holdout (never the "
+    "reported split); holdout: always the train holdout; report: the reported split itself, labelled max over it.",
+)
+@click.option(
+    "--val-fraction",
+    type=float,
+    default=_DEFAULTS.val_fraction,
+    show_default=True,
+    help="Seeded stratified part of train held out for selection when there is no separate val split.",
+)
+@click.option(
+    "--seed", type=int, default=None, help=f"Seeds the minibatch order, the holdout and few-shot samples.  [default: {_DEFAULTS.seed}]"
+)
+@click.option(
+    "--seeds",
+    default=None,
+    metavar="LIST",
+    help="Repeat every method and shot count per seed, e.g. 0,1,2,3,4; the table shows mean ± std over seeds.",
+)
+@click.option(
+    "--method",
+    "methods",
+    default="linear",
+    show_default=True,
+    metavar="LIST",
+    help=f"Methods to run, a comma list of {', '.join(METHODS)} (same stores, splits, seeds and samples).",
+)
+@click.option(
+    "--shots",
+    default=None,
+    metavar="LIST",
+    help="Few-shot training sets: examples per class, e.g. 1,5,10,25 (add 'all' for every row). Default: every row.",
+)
+@click.option(
+    "--knn-k",
+    default=",".join(map(str, _DEFAULTS.knn_k)),
+    show_default=True,
+    metavar="LIST",
+    help="k-NN: neighbour counts, all computed in one pass; k is chosen on the selection split.",
+)
+@click.option(
+    "--knn-temperature",
+    type=float,
+    default=_DEFAULTS.knn_temperature,
+    show_default=True,
+    help="k-NN: T of the vote weight exp(cosine similarity / T).",
+)
+@click.option(
+    "--knn-weights",
+    type=click.Choice(KNN_WEIGHTS),
+    default=_DEFAULTS.knn_weights,
+    show_default=True,
+    help="k-NN: exp(similarity / T) votes (DINO) or one vote per neighbour.",
+)
+@click.option(
+    "--logreg-C",
+    "logreg_c",
+    default=DEFAULT_LOGREG_C,
+    show_default=True,
+    metavar="GRID",
+    help="Logistic regression: inverse L2 strengths (scikit-learn's C), a list or a log range start:stop:count.",
+)
+@click.option(
+    "--logreg-max-iter",
+    type=int,
+    default=_DEFAULTS.logreg_max_iter,
+    show_default=True,
+    help="Logistic regression: L-BFGS iteration cap per C.",
+)
+@click.option(
+    "--logreg-tol",
+    type=float,
+    default=_DEFAULTS.logreg_tol,
+    show_default=True,
+    help="Logistic regression: stop when every gradient component is below this (scikit-learn's tol).",
+)
+@click.option(
+    "--refit/--no-refit",
+    "logreg_refit",
+    default=True,
+    show_default=True,
+    help="Logistic regression: refit the selected C on train + selection rows before the one report.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to train; auto = CUDA when present.",
+)
+@click.option(
+    "--out",
+    default=None,
+    metavar="DIR",
+    help="Results folder (results.csv, protocol.json, accuracy_vs_lr.png); refused if not empty. "
+    "Default: a new probe-results/run-<UTC time>/.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace the previous probe run in --out.")
 @click.option("--allow-different-data", is_flag=True, help="Compare stores whose dataset manifests differ.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, select_on, val_fraction,
-                seed, seeds, methods, shots, knn_k, knn_temperature, knn_weights, logreg_c, logreg_max_iter, logreg_tol, logreg_refit,
-                device, out, overwrite, allow_different_data, quiet, debug):  # fmt: skip
+def fit_command(
+    stores,
+    model,
+    dataset,
+    weights,
+    views,
+    lr_grid,
+    lr,
+    wd_grid,
+    epochs,
+    batch_size,
+    optimizer,
+    momentum,
+    normalize,
+    select_on,
+    val_fraction,
+    seed,
+    seeds,
+    methods,
+    shots,
+    knn_k,
+    knn_temperature,
+    knn_weights,
+    logreg_c,
+    logreg_max_iter,
+    logreg_tol,
+    logreg_refit,
+    device,
+    out,
+    overwrite,
+    allow_different_data,
+    quiet,
+    debug,
+):
     """Train every head of the LR (× weight-decay) grid at once on each store × view, choose the LR
     on a selection split, report it once on another, and write results.csv, summary.csv,
     protocol.json and accuracy_vs_lr.png. --method linear,knn,logreg adds the k-NN and logistic
@@ -114,8 +250,17 @@ def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, ep
     out = out if out is not None else new_run_folder("probe-results")
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     warn = lambda m: click.echo(f"warning: {_one_line(m)}", err=True)  # noqa: E731
-    result = fit_run(list(stores), protocol, views=list(views) or None, device=device, allow_different_data=allow_different_data,
-                     out=out, overwrite=overwrite, log=log, warn=warn)  # fmt: skip
+    result = fit_run(
+        list(stores),
+        protocol,
+        views=list(views) or None,
+        device=device,
+        allow_different_data=allow_different_data,
+        out=out,
+        overwrite=overwrite,
+        log=log,
+        warn=warn,
+    )
     rows = result.rows
     click.echo(markdown_table(rows, protocol, result.digest))  # summary.csv's digest: nothing computed twice
     plot = ", accuracy_vs_lr.png" if plot_rows(rows) else ""  # the rule write_outputs plots by
@@ -124,7 +269,9 @@ def fit_command(stores, model, dataset, weights, views, lr_grid, lr, wd_grid, ep
 
 @main.command("compare", short_help="Each store vs a reference on the same images: intervals, paired Δ, McNemar, per class.")
 @click.argument("results_dir", metavar="RESULTS_DIR")
-@click.option("--reference", metavar="LABEL", default=None, help="Store label every other store is compared with. Default: the first store.")
+@click.option(
+    "--reference", metavar="LABEL", default=None, help="Store label every other store is compared with. Default: the first store."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
 @click.option("--resamples", type=click.IntRange(min=1000), default=None, help="Bootstrap resamples (default 2000, at least 1000).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -145,9 +292,19 @@ def compare_command(results_dir, reference, as_json, resamples, debug):
 
 @main.command("report", short_help="One leaderboard and report.html from several results folders.")
 @click.argument("folders", nargs=-1, required=True, metavar="DIR [DIR...]")
-@click.option("--out", default="report", show_default=True, metavar="DIR", help="Folder for leaderboard.md, leaderboard.csv and report.html (those three files are replaced if present).")
+@click.option(
+    "--out",
+    default="report",
+    show_default=True,
+    metavar="DIR",
+    help="Folder for leaderboard.md, leaderboard.csv and report.html (those three files are replaced if present).",
+)
 @click.option("--reference", metavar="LABEL", default=None, help="Store label the others are compared with. Default: the first store.")
-@click.option("--allow-mixed", is_flag=True, help="Report results of different protocols, datasets or report splits as separate groups instead of refusing.")
+@click.option(
+    "--allow-mixed",
+    is_flag=True,
+    help="Report results of different protocols, datasets or report splits as separate groups instead of refusing.",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def report_command(folders, out, reference, allow_mixed, debug):
     """Gather the results folders of probe fit runs into one leaderboard (markdown + CSV) and one

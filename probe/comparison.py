@@ -124,18 +124,33 @@ class Comparison:
         for c in self.per_class:
             per_class.setdefault(c.label, []).append(
                 {
-                    "view": c.view, "method": c.method, "shots": c.shots, "seed": c.seed, "reference_view": c.reference_view,
-                    "classes": [{"class": d.target, "name": self.class_name(d.target), "n": d.n, "top1": d.top1,
-                                 "top1_reference": d.top1_reference, "delta": d.delta} for d in c.classes],
+                    "view": c.view,
+                    "method": c.method,
+                    "shots": c.shots,
+                    "seed": c.seed,
+                    "reference_view": c.reference_view,
+                    "classes": [
+                        {
+                            "class": d.target,
+                            "name": self.class_name(d.target),
+                            "n": d.n,
+                            "top1": d.top1,
+                            "top1_reference": d.top1_reference,
+                            "delta": d.delta,
+                        }
+                        for d in c.classes
+                    ],
                 }
-            )  # fmt: skip
-        return _no_nan({
-            "reference": self.reference,
-            "interval": f"95% percentile bootstrap over images, {self.n_resamples} resamples, seed {self.bootstrap_seed}; wilson95: Wilson score",
-            "rows": rows,
-            "seeds": [asdict(s) for s in self.seeds],
-            "per_class": per_class,
-        })
+            )
+        return _no_nan(
+            {
+                "reference": self.reference,
+                "interval": f"95% percentile bootstrap over images, {self.n_resamples} resamples, seed {self.bootstrap_seed}; wilson95: Wilson score",
+                "rows": rows,
+                "seeds": [asdict(s) for s in self.seeds],
+                "per_class": per_class,
+            }
+        )
 
 
 def _no_nan(value):
@@ -172,7 +187,10 @@ def compare(
     keys = [p.key for p in predictions]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
-        raise UsageError(f"two prediction sets for label {dup[0]!r} view {dup[1]!r} method {dup[2]!r} shots {dup[3]!r} seed {dup[4]}", "give each store its own label")
+        raise UsageError(
+            f"two prediction sets for label {dup[0]!r} view {dup[1]!r} method {dup[2]!r} shots {dup[3]!r} seed {dup[4]}",
+            "give each store its own label",
+        )
     refs = [p for p in predictions if p.label == reference]
     stats = dict(n_resamples=n_resamples, seed=bootstrap_seed)
 
@@ -181,12 +199,17 @@ def compare(
         correct = p.correct
         ci_low, ci_high = (float(v) for v in I.bootstrap_interval(correct, **stats))
         row = Row(
-            p.label, p.view, p.method, p.shots, p.seed, len(correct),
+            p.label,
+            p.view,
+            p.method,
+            p.shots,
+            p.seed,
+            len(correct),
             float(correct.mean() * 100.0) if len(correct) else math.nan,
             (ci_low, ci_high),
             I.wilson_interval(int(correct.sum()), len(correct)),
             is_reference=p.label == reference,
-        )  # fmt: skip
+        )
         q = None if row.is_reference else _reference_for(p, refs)
         if q is not None:
             ia, ib = align(p, q)
@@ -244,10 +267,16 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
     """The comparison as markdown: one table of heads, the seed summaries, and per-class gains/losses."""
     rows = comparison.rows
     multi_seed = len({r.seed for r in rows}) > 1
-    head = ["label", "view", "method", "shots"] + (["seed"] if multi_seed else []) + ["n", "top-1 [95% CI]", f"Δ vs {comparison.reference} [95% CI]", "n01 / n10", "McNemar p"]
+    head = (
+        ["label", "view", "method", "shots"]
+        + (["seed"] if multi_seed else [])
+        + ["n", "top-1 [95% CI]", f"Δ vs {comparison.reference} [95% CI]", "n01 / n10", "McNemar p"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        cells = [r.label, r.view, r.method, r.shots or "all"] + ([str(r.seed)] if multi_seed else []) + [str(r.n), fmt_interval(r.top1, r.ci95)]
+        cells = (
+            [r.label, r.view, r.method, r.shots or "all"] + ([str(r.seed)] if multi_seed else []) + [str(r.n), fmt_interval(r.top1, r.ci95)]
+        )
         if r.is_reference:
             cells += ["reference", "—", "—"]
         elif r.delta is None:
@@ -268,7 +297,11 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
         for s in comparison.seeds:
             per = ", ".join("—" if d is None else f"{d:+.1f}" for d in s.delta_per_seed)
             dm = "—" if s.delta_mean is None else f"{s.delta_mean:+.2f} ± {s.delta_std:.2f}"
-            dci = fmt_interval(s.delta_mean, s.delta_mean_ci95, digits=2, signed=True) if s.delta_mean_ci95 and s.delta_mean is not None else "—"
+            dci = (
+                fmt_interval(s.delta_mean, s.delta_mean_ci95, digits=2, signed=True)
+                if s.delta_mean_ci95 and s.delta_mean is not None
+                else "—"
+            )
             out += f"| {s.label} | {s.view} | {s.method} | {s.shots or 'all'} | {len(s.seeds)} | {s.top1_mean:.2f} ± {s.top1_std:.2f} | {per} | {dm} | {dci} |\n"
         out += "\nΔ mean [95% CI]: paired bootstrap over the images of the seed-averaged per-image difference.\n"
     for c in comparison.per_class:
@@ -278,7 +311,9 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
         # several per-class tables of one store differ only in method, shots or seed: the title names them
         probe_of = f"{c.method}" + (f", {c.shots}-shot" if c.shots else "") + (f", seed {c.seed}" if multi_seed else "")
         title = f"\nper class, {probe_of}: {c.label} [{c.view}] vs {comparison.reference} [{c.reference_view}]"
-        title += (f" ({max_classes} largest gains and losses of {len(c.classes)}; --json for all)" if len(shown) < len(c.classes) else "") + ":\n"
+        title += (
+            f" ({max_classes} largest gains and losses of {len(c.classes)}; --json for all)" if len(shown) < len(c.classes) else ""
+        ) + ":\n"
         out += title + "\n| class | n | top-1 | reference top-1 | Δ |\n|---|---|---|---|---|\n"
         for d in shown:
             out += f"| {comparison.class_name(d.target)} | {d.n} | {d.top1:.1f} | {d.top1_reference:.1f} | {d.delta:+.1f} |\n"

@@ -13,6 +13,7 @@ import numpy as np
 
 from featstore.errors import UsageError
 
+
 def parse_ints(text, *, what: str, option: str, minimum: int = 0, allow_all: bool = False, keep_order: bool = False) -> tuple[int, ...]:
     """``1,5,10`` (or a list of ints) → a sorted tuple of distinct ints >= ``minimum``.
 

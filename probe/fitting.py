@@ -12,8 +12,8 @@ import hashlib
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -23,10 +23,9 @@ from featstore.device import compute_dtype, resolve_device
 from featstore.errors import FeatstoreError, UsageError
 from featstore.store import FeatureStore
 
-from . import fewshot
+from . import fewshot, methods
 from . import intervals as I
 from .comparison import Comparison, compare
-from . import methods
 from .methods import Case, Method, MethodResult
 from .protocol import Protocol
 from .results.columns import COLUMNS
@@ -34,7 +33,6 @@ from .results.predictions import ConfigKey, ImagePredictions
 from .results.predictions import of_rows as predictions_of
 from .selection import SplitPlan, plan_splits
 from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
-
 
 
 class ProbeWarning(UserWarning):
@@ -91,7 +89,7 @@ def data_difference(a: _Store, b: _Store) -> str | None:
 
 def _num_classes(store: FeatureStore, labels: dict[str, np.ndarray]) -> int:
     dataset = store.meta.dataset
-    top = max((int(l.max()) + 1 for l in labels.values() if len(l)), default=0)
+    top = max((int(y.max()) + 1 for y in labels.values() if len(y)), default=0)
     return max(top, dataset.num_classes or 0, len(dataset.class_names))
 
 
@@ -99,18 +97,26 @@ def _prepare_store(path, label: str, views: list[str], fs: FeatureStore, protoco
     splits = fs.splits
     sizes = {s: fs.num_rows(s) for s in splits}
     labels = {s: fs.labels(s) for s in splits}
-    for s, l in labels.items():
-        if len(l) and l.min() < 0:
+    for s, y in labels.items():
+        if len(y) and y.min() < 0:
             raise FeatstoreError(f"store {str(path)!r} split {s!r} has negative labels", "the store is damaged; re-extract it")
-    plans = {seed: plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, seed, protocol.select_on) for seed in protocol.run_seeds}
+    plans = {
+        seed: plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, seed, protocol.select_on)
+        for seed in protocol.run_seeds
+    }
     plan = plans[protocol.run_seeds[0]]
     if plan.report_split is None:
-        warn(f"store {str(path)!r}: {plan.reported_as}; "
-             "extract a dataset with a val or test split, or pass --select-on report for the max over the holdout")  # fmt: skip
+        warn(
+            f"store {str(path)!r}: {plan.reported_as}; "
+            "extract a dataset with a val or test split, or pass --select-on report for the max over the holdout"
+        )
     valid = {s: fs.valid(s) for s in {plan.train_split, plan.select_source, plan.report_source or plan.select_source}}
     train_valid = valid[plan.train_split][plan.train_rows]
     if not train_valid.any():
-        raise FeatstoreError(f"store {str(path)!r}: split {plan.train_split!r} has no valid rows to train on", "every image of it failed to decode; check the dataset")
+        raise FeatstoreError(
+            f"store {str(path)!r}: split {plan.train_split!r} has no valid rows to train on",
+            "every image of it failed to decode; check the dataset",
+        )
     train_classes = np.unique(labels[plan.train_split][plan.train_rows][train_valid])
     if len(train_classes) < 2:
         raise UsageError(
@@ -219,10 +225,13 @@ def fit_run(
         from .output.files import write_outputs
 
         dataset = infos[0].store.meta.dataset.raw
-        run = {"device": str(dev), "dtype": str(dtype).replace("torch.", ""),
-               "stores": [{"label": i.label, "path": i.path, "views": i.views, "reported_as": i.plan.reported_as} for i in infos],
-               # what probe compare / probe report need to pair and name results without the stores
-               "dataset": {k: dataset.get(k) for k in ("name", "manifest_sha256", "class_names")}}  # fmt: skip
+        run = {
+            "device": str(dev),
+            "dtype": str(dtype).replace("torch.", ""),
+            "stores": [{"label": i.label, "path": i.path, "views": i.views, "reported_as": i.plan.reported_as} for i in infos],
+            # what probe compare / probe report need to pair and name results without the stores
+            "dataset": {k: dataset.get(k) for k in ("name", "manifest_sha256", "class_names")},
+        }
         write_outputs(rows, protocol, out, run=run, overwrite=overwrite, digest=result.digest)
     return result
 
@@ -244,7 +253,9 @@ def _first_case(protocol: Protocol, seed: int, shots: int | None) -> bool:
     return seed == protocol.run_seeds[0] and shots == protocol.run_shots[0]
 
 
-def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int | None, features, finite, memo, dev, dtype, cache, log, warn) -> list[dict]:
+def _fit_case(
+    info: _Store, view: str, protocol: Protocol, seed: int, shots: int | None, features, finite, memo, dev, dtype, cache, log, warn
+) -> list[dict]:
     t0 = time.perf_counter()
     fs, plan = info.store, info.plans[seed]
     roles = {"train": (plan.train_split, plan.train_rows), "select": (plan.select_source, plan.select_rows)}
@@ -261,7 +272,9 @@ def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int
         ok = finite[split][rows]
         bad = valid & ~ok
         if bad.any() and first:
-            warn(f"store {info.path!r} view {view!r} split {split!r}{' (holdout)' if role == 'select' and plan.select_split == 'holdout' else ''}: {int(bad.sum())} valid rows have NaN/Inf features; they are excluded")
+            warn(
+                f"store {info.path!r} view {view!r} split {split!r}{' (holdout)' if role == 'select' and plan.select_split == 'holdout' else ''}: {int(bad.sum())} valid rows have NaN/Inf features; they are excluded"
+            )
         excluded_invalid += int((~valid).sum())
         excluded_nonfinite += int(bad.sum())
         kept[role] = rows[valid & ok]
@@ -270,10 +283,14 @@ def _fit_case(info: _Store, view: str, protocol: Protocol, seed: int, shots: int
             kept[role] = fewshot.sample(info.labels[split], kept[role], shots, seed)
             short = fewshot.shortfall(info.labels[split], kept[role], shots)
             if short and info.views.index(view) == 0:
-                warn(f"store {info.path!r} seed {seed}: {len(short)} classes have fewer than {shots} usable training rows; "
-                     f"they train on what they have ({', '.join(f'class {c}: {n}' for c, n in list(short.items())[:3])}{'…' if len(short) > 3 else ''})")  # fmt: skip
+                warn(
+                    f"store {info.path!r} seed {seed}: {len(short)} classes have fewer than {shots} usable training rows; "
+                    f"they train on what they have ({', '.join(f'class {c}: {n}' for c, n in list(short.items())[:3])}{'…' if len(short) > 3 else ''})"
+                )
         if len(kept[role]) == 0:
-            raise FeatstoreError(f"store {info.path!r} view {view!r}: no usable rows for {role} (split {split!r})", "every row is invalid or non-finite")
+            raise FeatstoreError(
+                f"store {info.path!r} view {view!r}: no usable rows for {role} (split {split!r})", "every row is invalid or non-finite"
+            )
 
     # raw features on the device once per role; each method normalizes its own copy
     raw = {role: torch.from_numpy(np.ascontiguousarray(features[split][kept[role]])).to(dev) for role, (split, _) in roles.items()}
@@ -322,7 +339,9 @@ class _Rows:
     @property
     def detail(self) -> str:
         """``seed 1 5-shot``: what tells this case from the store × view's others ('' when nothing does)."""
-        return " ".join(([f"seed {self.seed}"] if len(self.protocol.run_seeds) > 1 else []) + ([f"{self.shots}-shot"] if self.shots else []))
+        return " ".join(
+            ([f"seed {self.seed}"] if len(self.protocol.run_seeds) > 1 else []) + ([f"{self.shots}-shot"] if self.shots else [])
+        )
 
     @property
     def where(self) -> str:

@@ -62,9 +62,16 @@ def bootstrap_interval(
     rows = int(np.prod(x.shape[:-1], dtype=np.int64)) or 1
     batch = max(1, _BATCH_ELEMENTS // (n * rows))
     res = bootstrap(
-        (x,), _mean, n_resamples=n_resamples, batch=batch, vectorized=True, axis=-1,
-        confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
-    )  # fmt: skip
+        (x,),
+        _mean,
+        n_resamples=n_resamples,
+        batch=batch,
+        vectorized=True,
+        axis=-1,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     ci = res.confidence_interval
     return np.stack([np.asarray(ci.low), np.asarray(ci.high)], axis=-1) * 100.0 / per
 
@@ -166,7 +173,6 @@ def per_class_difference(target, correct, correct_reference) -> list[ClassDiffer
     ref = per_class_accuracy(target, correct_reference)
     out = [(k, n, acc, ref[k][1], acc - ref[k][1]) for k, (n, acc) in ours.items()]
     return [ClassDifference(*d) for d in sorted(out, key=lambda d: (-d[4], d[0]))]
-
 
 
 def seed_mean_interval(

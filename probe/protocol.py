@@ -67,11 +67,15 @@ def check_logreg(Cs, tol: float, max_iter: int) -> tuple[float, ...]:
     if not (math.isfinite(tol) and tol > 0):
         raise UsageError(f"logistic-regression tolerance must be positive, got {tol!r}", "pass --logreg-tol like 1e-4")
     if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
-        raise UsageError(f"logistic-regression iteration cap must be a positive integer, got {max_iter!r}", "pass --logreg-max-iter like 1000")
+        raise UsageError(
+            f"logistic-regression iteration cap must be a positive integer, got {max_iter!r}", "pass --logreg-max-iter like 1000"
+        )
     return Cs
 
 
-def parse_grid(text: str | float | list | tuple | None, *, what: str = "learning rate", allow_zero: bool = False, option: str | None = None) -> tuple[float, ...]:
+def parse_grid(
+    text: str | float | list | tuple | None, *, what: str = "learning rate", allow_zero: bool = False, option: str | None = None
+) -> tuple[float, ...]:
     """Parse ``1e-4,1e-3,0.01`` or ``start:stop:count`` (log-spaced) into a sorted tuple of floats."""
     option = option or ("--lr-grid" if what == "learning rate" else "--wd-grid")
     if isinstance(text, (int, float)):
@@ -89,7 +93,9 @@ def parse_grid(text: str | float | list | tuple | None, *, what: str = "learning
             try:
                 start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
             except ValueError:
-                raise UsageError(f"bad {what} grid {s!r}: start and stop must be numbers, count an integer", f"e.g. {option} 1e-5:1e-1:13") from None
+                raise UsageError(
+                    f"bad {what} grid {s!r}: start and stop must be numbers, count an integer", f"e.g. {option} 1e-5:1e-1:13"
+                ) from None
             if not (start > 0 and stop > 0):
                 raise UsageError(f"bad {what} grid {s!r}: a log range needs positive start and stop", f"e.g. {option} 1e-5:1e-1:13")
             if count < 1 or (count == 1 and start != stop):
@@ -103,7 +109,9 @@ def parse_grid(text: str | float | list | tuple | None, *, what: str = "learning
                 try:
                     values.append(float(item))
                 except ValueError:
-                    raise UsageError(f"bad {what} grid {s!r}: {item.strip()!r} is not a number", f"pass {option} like 1e-4,1e-3,0.01 or 1e-5:1e-1:13") from None
+                    raise UsageError(
+                        f"bad {what} grid {s!r}: {item.strip()!r} is not a number", f"pass {option} like 1e-4,1e-3,0.01 or 1e-5:1e-1:13"
+                    ) from None
     for v in values:
         if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
             need = "non-negative" if allow_zero else "positive"
@@ -223,12 +231,20 @@ class Protocol:
         methods = tuple(m.strip() for part in methods for m in str(part).split(",") if m.strip())
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
-            raise UsageError(f"unknown method {', '.join(unknown) or '(none)'}", f"pass --method with any of {', '.join(METHODS)}, e.g. linear,knn,logreg")
+            raise UsageError(
+                f"unknown method {', '.join(unknown) or '(none)'}",
+                f"pass --method with any of {', '.join(METHODS)}, e.g. linear,knn,logreg",
+            )
         set_("methods", tuple(m for m in METHODS if m in methods))  # canonical order: one hash per set
         set_("knn_k", check_knn(self.knn_k, self.knn_temperature, self.knn_weights))
         set_("logreg_C", check_logreg(self.logreg_C, self.logreg_tol, self.logreg_max_iter))
         set_("logreg_refit", bool(self.logreg_refit))
-        set_("shots", parse_ints(self.shots, what="shots", option="--shots", minimum=0, allow_all=True) if self.shots not in ((), [], None, "") else ())
+        set_(
+            "shots",
+            parse_ints(self.shots, what="shots", option="--shots", minimum=0, allow_all=True)
+            if self.shots not in ((), [], None, "")
+            else (),
+        )
         seeds = parse_ints(self.seeds, what="seeds", option="--seeds", keep_order=True) if self.seeds not in ((), [], None, "") else ()
         if seeds:
             set_("seed", seeds[0])
@@ -275,7 +291,7 @@ class Protocol:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Protocol":
+    def from_dict(cls, d: dict) -> Protocol:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -288,7 +304,7 @@ class Protocol:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-    def replace(self, **changes) -> "Protocol":
+    def replace(self, **changes) -> Protocol:
         d = self._all_fields()
         d.update(changes)
         return Protocol.from_dict(d)

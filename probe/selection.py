@@ -86,7 +86,9 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return np.flatnonzero(mask), hold
 
 
-def plan_splits(store_path: str, sizes: dict[str, int], train_labels_of, val_fraction: float, seed: int, select_on: str = "auto") -> SplitPlan:
+def plan_splits(
+    store_path: str, sizes: dict[str, int], train_labels_of, val_fraction: float, seed: int, select_on: str = "auto"
+) -> SplitPlan:
     """Train on ``train`` (or a store's only split), report once on ``test`` (else ``val``), and
     select on a split that is never the reported one unless ``select_on == "report"``.
 
@@ -102,7 +104,9 @@ def plan_splits(store_path: str, sizes: dict[str, int], train_labels_of, val_fra
     elif len(splits) == 1:
         train_split = splits[0]
     else:
-        raise UsageError(f"store {store_path!r} has no 'train' split (it has: {', '.join(splits)})", "a probe trains on the split named 'train'")
+        raise UsageError(
+            f"store {store_path!r} has no 'train' split (it has: {', '.join(splits)})", "a probe trains on the split named 'train'"
+        )
     report = next((s for s in ("test", "val") if s in splits and s != train_split), None)
     everything = np.arange(sizes[train_split])
     common = dict(train_split=train_split, select_on=select_on, val_fraction=val_fraction)
@@ -128,7 +132,11 @@ def plan_splits(store_path: str, sizes: dict[str, int], train_labels_of, val_fra
     return SplitPlan(**held, report_split=report, report_source=report, report_rows=np.arange(sizes[report]), **common)
 
 
-def choose(scores: Sequence[float] | NDArray[np.floating[Any]], keys: Sequence[tuple[float, ...]], usable: Sequence[bool] | NDArray[np.bool_] | None = None) -> int:
+def choose(
+    scores: Sequence[float] | NDArray[np.floating[Any]],
+    keys: Sequence[tuple[float, ...]],
+    usable: Sequence[bool] | NDArray[np.bool_] | None = None,
+) -> int:
     """The one selection rule of every method: the index of the highest score among the usable,
     non-NaN entries; ties go to the smallest key tuple (the smaller lr then wd, the smaller k, the
     smaller C); -1 when no entry is usable.

@@ -124,13 +124,18 @@ def resolve_views(specs: list[StoreSpec], stores: list[FeatureStore], views: lis
         for fs in rest:
             for v in chosen:
                 if v not in fs.views:
-                    raise UsageError(f"view {v!r} not in store {str(fs.path)!r}",
-                                     f"it has: {', '.join(fs.views)}; give that store its own view with --store {fs.path}:VIEW")  # fmt: skip
+                    raise UsageError(
+                        f"view {v!r} not in store {str(fs.path)!r}",
+                        f"it has: {', '.join(fs.views)}; give that store its own view with --store {fs.path}:VIEW",
+                    )
     elif rest:
         chosen = [v for v in rest[0].views if all(v in fs.views for fs in rest[1:])]
         if not chosen and log is not None:
-            log("the stores share no feature view: each uses its primary view ("
-                + ", ".join(f"{fs.path}: {primary_view(fs)}" for fs in rest) + "); pick one per store with --store PATH:VIEW")
+            log(
+                "the stores share no feature view: each uses its primary view ("
+                + ", ".join(f"{fs.path}: {primary_view(fs)}" for fs in rest)
+                + "); pick one per store with --store PATH:VIEW"
+            )
     out = []
     for spec, fs in zip(specs, stores):
         out.append([spec.view] if spec.view else (chosen or [primary_view(fs)]))

@@ -1,9 +1,9 @@
 """Run `featstore` in this process with a fault injected, for the crash tests.
 
-    python -m tests.fault_runner kill-in-unit K   -- featstore args…   SIGKILL halfway through writing unit #K
-    python -m tests.fault_runner kill-in-finalize STAGE -- featstore args…   SIGKILL inside finalize
-    python -m tests.fault_runner slow-units SECONDS -- featstore args…   sleep before every unit write
-    python -m tests.fault_runner none 0 -- featstore args…
+python -m tests.fault_runner kill-in-unit K   -- featstore args…   SIGKILL halfway through writing unit #K
+python -m tests.fault_runner kill-in-finalize STAGE -- featstore args…   SIGKILL inside finalize
+python -m tests.fault_runner slow-units SECONDS -- featstore args…   sleep before every unit write
+python -m tests.fault_runner none 0 -- featstore args…
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ def _die():
 
 def main(argv: list[str]) -> int:
     mode, param = argv[0], argv[1]
-    args = argv[argv.index("--") + 1:]
-    from featstore.store import feature_store as store_module
+    args = argv[argv.index("--") + 1 :]
     from featstore.cli import main as cli_main
+    from featstore.store import feature_store as store_module
 
     Store = store_module.FeatureStore
     if mode == "kill-in-unit":
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
                 # half of the first view's rows, then death: a torn unit with no marker
                 view = next(iter(features))
                 half = unit.start + max(1, unit.rows // 2)
-                self._group[unit.split]["features"][view][unit.start:half] = np.asarray(features[view][: half - unit.start])
+                self._group[unit.split]["features"][view][unit.start : half] = np.asarray(features[view][: half - unit.start])
                 _die()
             counter["n"] += 1
             return original(self, unit, features, valid, invalid)

@@ -54,7 +54,7 @@ def write_good_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
 
 def write_png16(path: Path, seed: int = 0, w: int = 80, h: int = 60) -> Path:
     """A 16-bit grayscale PNG."""
-    arr = (_photo(seed, w, h)[..., 0].astype(np.uint16) * 257)
+    arr = _photo(seed, w, h)[..., 0].astype(np.uint16) * 257
     Image.fromarray(arr).save(path)  # uint16 → mode I;16
     return path
 
@@ -85,6 +85,7 @@ def write_bad_files(folder: Path, good_source: np.ndarray | None = None) -> dict
 
 def _png_header_only(w: int, h: int) -> bytes:
     """A PNG whose header claims w×h pixels with (almost) no pixel data: a decompression bomb."""
+
     def chunk(tag: bytes, payload: bytes) -> bytes:
         return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload) & 0xFFFFFFFF)
 
@@ -94,13 +95,15 @@ def _png_header_only(w: int, h: int) -> bytes:
 
 # ---- damaged copies of real photographs (issue 10): what a scraped or half-downloaded dataset holds
 
-HTML_ERROR_PAGE = (b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>\n"
-                   b"<body><h1>Not Found</h1><p>The requested URL was not found on this server.</p></body></html>\n")
+HTML_ERROR_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>\n"
+    b"<body><h1>Not Found</h1><p>The requested URL was not found on this server.</p></body></html>\n"
+)
 
 
 def _scan_start(jpeg: bytes) -> int:
     sos = jpeg.index(b"\xff\xda")
-    return sos + 2 + int.from_bytes(jpeg[sos + 2:sos + 4], "big")
+    return sos + 2 + int.from_bytes(jpeg[sos + 2 : sos + 4], "big")
 
 
 def damaged_copy(kind: str, photo: bytes, seed: int = 0) -> bytes:
@@ -120,14 +123,14 @@ def damaged_copy(kind: str, photo: bytes, seed: int = 0) -> bytes:
     if kind == "garbled":  # a run of random bytes over the middle of the compressed data
         data = bytearray(photo)
         a = start + (len(photo) - start) // 3
-        data[a:a + (len(photo) - start) // 3] = rng.integers(0, 256, (len(photo) - start) // 3, dtype=np.uint8).tobytes()
+        data[a : a + (len(photo) - start) // 3] = rng.integers(0, 256, (len(photo) - start) // 3, dtype=np.uint8).tobytes()
         return bytes(data)
     if kind == "no_tables":  # intact structure, no quantization tables: every decoder refuses it
         out, pos = bytearray(photo[:2]), 2
         while photo[pos + 1] != 0xDA:
-            length = int.from_bytes(photo[pos + 2:pos + 4], "big")
+            length = int.from_bytes(photo[pos + 2 : pos + 4], "big")
             if photo[pos + 1] != 0xDB:
-                out += photo[pos:pos + 2 + length]
+                out += photo[pos : pos + 2 + length]
             pos += 2 + length
         return bytes(out + photo[pos:])
     if kind == "bitflips":

@@ -23,7 +23,16 @@ TINY = dict(random_init=True, loader="torch", workers=0, device="cpu", dtype="fl
 
 
 def test_the_public_names_exist_and_are_documented_numpydoc_style():
-    expected = {*FEATSTORE_API, "FeatureStore", "ExtractConfig", "ExtractResult", "StoreEntry", "FeatstoreError", "UsageError", "__version__"}
+    expected = {
+        *FEATSTORE_API,
+        "FeatureStore",
+        "ExtractConfig",
+        "ExtractResult",
+        "StoreEntry",
+        "FeatstoreError",
+        "UsageError",
+        "__version__",
+    }
     assert expected <= set(featstore.__all__) and expected <= set(dir(featstore))
     assert {*PROBE_API, "Protocol", "StoreSpec", "COLUMNS", "ProbeWarning", "FitResult", "Comparison"} <= set(probe.__all__)
     from featstore.version import __version__
@@ -57,12 +66,15 @@ def test_extract_takes_a_config_or_its_fields_and_refuses_anything_else(tmp_path
 
 @pytest.mark.slow
 def test_import_featstore_and_its_api_names_import_no_torch_zarr_or_timm():
-    code = ("import sys, featstore, probe\n"
-            "featstore.open, featstore.extract, featstore.ls, featstore.lookup, featstore.export, featstore.ExtractConfig\n"
-            "probe.fit, probe.compare, probe.report, probe.Protocol, probe.StoreSpec, probe.COLUMNS\n"
-            "print(sorted(m for m in ('torch', 'zarr', 'timm', 'torchvision', 'nvidia.dali') if m in sys.modules))\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    code = (
+        "import sys, featstore, probe\n"
+        "featstore.open, featstore.extract, featstore.ls, featstore.lookup, featstore.export, featstore.ExtractConfig\n"
+        "probe.fit, probe.compare, probe.report, probe.Protocol, probe.StoreSpec, probe.COLUMNS\n"
+        "print(sorted(m for m in ('torch', 'zarr', 'timm', 'torchvision', 'nvidia.dali') if m in sys.modules))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
 
@@ -86,14 +98,25 @@ def test_extract_open_fit_compare_report_end_to_end(tmp_path, monkeypatch):
     data = _two_class_images(tmp_path / "pics")
     stores = {}
     for size in (32, 48):
-        result = featstore.extract(model="resnet18", dataset=str(data), out=str(tmp_path / f"r18-{size}.zarr"),
-                                   image_size=size, resize=size, progress=False, log=lambda m: None, **TINY)
+        result = featstore.extract(
+            model="resnet18",
+            dataset=str(data),
+            out=str(tmp_path / f"r18-{size}.zarr"),
+            image_size=size,
+            resize=size,
+            progress=False,
+            log=lambda m: None,
+            **TINY,
+        )
         assert isinstance(result, featstore.ExtractResult)
         assert result.status == "created" and result.rows == {"test": 8, "train": 14, "val": 8} and result.invalid == 0
         stores[size] = result.store
     # the same request again: up to date, nothing written
-    again = featstore.extract(featstore.ExtractConfig(model="resnet18", dataset=str(data), out=stores[32], image_size=32, resize=32, **TINY),
-                              progress=False, log=lambda m: None)
+    again = featstore.extract(
+        featstore.ExtractConfig(model="resnet18", dataset=str(data), out=stores[32], image_size=32, resize=32, **TINY),
+        progress=False,
+        log=lambda m: None,
+    )
     assert again.status == "up to date"
 
     store = featstore.open(stores[32])

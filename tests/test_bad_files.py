@@ -28,9 +28,26 @@ from tests.image_kinds import BROKEN_CONTAINERS, damaged_copy, write_good_images
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 64
 # position in the split → kind; batches of 64: start, middle, end, and all five kinds in a row
-LAYOUT = {0: "text", 1: "html", 31: "empty", 32: "garbled", 33: "no_tables", 62: "truncated", 63: "text",
-          64: "garbled", 65: "text", 66: "empty", 67: "truncated", 68: "garbled", 69: "html",
-          96: "html", 100: "truncated", 101: "no_tables", 126: "empty", 127: "garbled"}
+LAYOUT = {
+    0: "text",
+    1: "html",
+    31: "empty",
+    32: "garbled",
+    33: "no_tables",
+    62: "truncated",
+    63: "text",
+    64: "garbled",
+    65: "text",
+    66: "empty",
+    67: "truncated",
+    68: "garbled",
+    69: "html",
+    96: "html",
+    100: "truncated",
+    101: "no_tables",
+    126: "empty",
+    127: "garbled",
+}
 DECODABLE_DAMAGE = {10: "bitflips", 70: "bitflips", 110: "bitflips"}
 ROWS = 128
 NOISE_MARKS = ("Corrupt JPEG", "Premature end", "[ERROR]", "[WARNING]", "\x1b[", "libjpeg", "Segmentation", "Fatal Python")
@@ -73,8 +90,26 @@ def messy_batches(tmp_path_factory) -> tuple[Path, set[str]]:
 
 def _extract(root: Path, out: Path, *extra: str, runner: tuple[str, ...] = ("-m", "featstore.cli")) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, *runner, "extract", "--model", "resnet18", "--random-init", "--dataset", str(root),
-           "--out", str(out), "--image-size", "32", "--resize", "32", "--batch-size", str(BATCH), "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        *runner,
+        "extract",
+        "--model",
+        "resnet18",
+        "--random-init",
+        "--dataset",
+        str(root),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--resize",
+        "32",
+        "--batch-size",
+        str(BATCH),
+        "--no-progress",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
 
@@ -112,8 +147,14 @@ def test_default_loader_survives_bad_files_in_full_batches_then_resume(messy_bat
     assert set(invalid) == bad
     assert FeatureStore.open(out).attrs["loader"] == "dali"
     kinds = {p: _kind(p) for p in invalid}
-    words = {"text": "text file", "html": "HTML page", "empty": "empty", "truncated": "truncated", "garbled": "corrupt JPEG",
-             "no_tables": "DALI could not decode"}  # the last passes the container check: DALI's batch is bisected
+    words = {
+        "text": "text file",
+        "html": "HTML page",
+        "empty": "empty",
+        "truncated": "truncated",
+        "garbled": "corrupt JPEG",
+        "no_tables": "DALI could not decode",
+    }  # the last passes the container check: DALI's batch is bisected
     for path, reason in invalid.items():
         assert words[kinds[path]] in reason, (path, reason)
 
@@ -126,8 +167,9 @@ def test_default_loader_survives_bad_files_in_full_batches_then_resume(messy_bat
     again = _extract(root, resumed, "--chunk-rows", "64")
     assert again.returncode == 0 and "resumed" in again.stdout, again.stderr[-2000:]
     assert _invalid(resumed) == invalid
-    np.testing.assert_allclose(FeatureStore.open(resumed).features("all", "pool"), FeatureStore.open(out).features("all", "pool"),
-                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        FeatureStore.open(resumed).features("all", "pool"), FeatureStore.open(out).features("all", "pool"), rtol=1e-3, atol=1e-3
+    )
 
 
 @pytest.mark.slow
@@ -144,7 +186,9 @@ def test_every_loader_calls_the_same_rows_invalid_for_the_same_reasons(messy_bat
     ours, default = _invalid(tmp_path / f"{loader}.zarr"), _invalid(reference)
     assert set(ours) == set(default) == bad
     # broken containers: the same reason; files only a decoder refuses: each decoder's own words
-    assert {p: r for p, r in ours.items() if _kind(p) in BROKEN_CONTAINERS} == {p: r for p, r in default.items() if _kind(p) in BROKEN_CONTAINERS}
+    assert {p: r for p, r in ours.items() if _kind(p) in BROKEN_CONTAINERS} == {
+        p: r for p, r in default.items() if _kind(p) in BROKEN_CONTAINERS
+    }
     assert all("could not" in r or "Error" in r for p, r in ours.items() if _kind(p) == "no_tables"), ours
 
 
@@ -195,7 +239,7 @@ def test_container_check_refuses_whatever_dalis_parser_refuses():
             elif mutation == 1:
                 data[cut] = int(rng.integers(256))  # one header byte changed
             else:
-                del data[cut:cut + int(rng.integers(1, 8))]  # bytes lost
+                del data[cut : cut + int(rng.integers(1, 8))]  # bytes lost
             data = bytes(data)
             tried += 1
             if container_problem(data):

@@ -12,9 +12,8 @@ import torch
 
 from featstore.errors import UsageError
 from probe import fewshot
-from probe.methods import knn
 from probe.methods import heads as H
-from probe.methods import logreg
+from probe.methods import knn, logreg
 from probe.methods.logistic import run_logreg
 from probe.methods.neighbours import run_knn
 from tests.test_probe import one_thread  # noqa: F401 (autouse fixture: one thread for small problems)
@@ -328,7 +327,9 @@ def test_logreg_two_classes_is_sklearns_binary_model(classes, labels):
         ours = 100 * (top1[i] == test_y).mean()
         assert abs(ours - 100 * ref.score(xt.numpy(), test_y)) <= 0.3, (C, ours)
         obj_ref = logreg.sklearn_objective(x64, np.searchsorted(labels, train_y), ref.coef_.T, ref.intercept_, C)
-        obj_ours = logreg.sklearn_objective(x64, np.searchsorted(labels, train_y), path.weight[i][:, cols].double().numpy(), path.bias[i][cols].double().numpy(), C)
+        obj_ours = logreg.sklearn_objective(
+            x64, np.searchsorted(labels, train_y), path.weight[i][:, cols].double().numpy(), path.bias[i][cols].double().numpy(), C
+        )
         # (the absent classes' probabilities are ≈ 1e-6, not 0: they move the full objective by ~2e-5)
         assert path.objective[i] == pytest.approx(obj_ours, rel=1e-5 if classes == 2 else 1e-4)
         assert obj_ours == pytest.approx(obj_ref, rel=1e-6), C
@@ -535,7 +536,6 @@ def test_lbfgs_minimizes_a_quadratic_to_tolerance():
     torch.testing.assert_close(sol, target, rtol=0, atol=1e-7)  # |x - x*| <= |g| / 30, the smallest curvature
 
 
-
 def test_lbfgs_below_float_resolution_gives_up_unconverged():
     """A tolerance the arithmetic cannot resolve (f rounded to float32 around 1e3, the gradient
     noisy at 1e-6): the solve stops after a run of iterations without progress, returns the
@@ -553,6 +553,7 @@ def test_lbfgs_below_float_resolution_gives_up_unconverged():
     sol, iters, g_max = logreg.lbfgs(fg, torch.zeros(20, dtype=torch.float64), tol=1e-9, max_iter=500)
     assert g_max > 1e-9 and iters < 100
     assert float((sol - target).abs().max()) < 1e-4  # far below f's resolution in |r|: ~1e-2
+
 
 # ------------------------------------------------------------------------------------ few-shot
 
@@ -667,8 +668,18 @@ def test_battery_settings_are_recorded_and_each_changes_the_hash():
     base = Protocol(methods="logreg,knn,linear", shots="1,5", seeds="0,1")
     assert base.methods == ("linear", "knn", "logreg") and base.shots == (1, 5) and base.seeds == (0, 1)
     assert Protocol.from_dict(json.loads(json.dumps(base.to_dict()))).hash == base.hash
-    changes = {"methods": "linear,knn", "knn_k": "10,20", "knn_temperature": 0.1, "knn_weights": "uniform", "logreg_C": "0.1,1",
-               "logreg_max_iter": 100, "logreg_tol": 1e-5, "logreg_refit": False, "shots": "1,all", "seeds": "0,1,2"}  # fmt: skip
+    changes = {
+        "methods": "linear,knn",
+        "knn_k": "10,20",
+        "knn_temperature": 0.1,
+        "knn_weights": "uniform",
+        "logreg_C": "0.1,1",
+        "logreg_max_iter": 100,
+        "logreg_tol": 1e-5,
+        "logreg_refit": False,
+        "shots": "1,all",
+        "seeds": "0,1,2",
+    }
     hashes = {base.hash} | {base.replace(**{k: v}).hash for k, v in changes.items()}
     assert len(hashes) == len(changes) + 1
     # settings of a method that does not run do not act, so they do not split comparisons
@@ -676,6 +687,14 @@ def test_battery_settings_are_recorded_and_each_changes_the_hash():
     assert Protocol(methods="knn", logreg_C="1").hash == Protocol(methods="knn").hash
     assert len(Protocol(methods="logreg").logreg_C) == 45 and Protocol(seeds="3,1").seed == 3
     assert Protocol(shots="all,5").run_shots == (None, 5)
-    for bad in (dict(methods="svm"), dict(knn_k="0"), dict(knn_weights="distance"), dict(logreg_C="0,1"), dict(shots="x"), dict(seeds="-1"), dict(knn_temperature=0)):
+    for bad in (
+        dict(methods="svm"),
+        dict(knn_k="0"),
+        dict(knn_weights="distance"),
+        dict(logreg_C="0,1"),
+        dict(shots="x"),
+        dict(seeds="-1"),
+        dict(knn_temperature=0),
+    ):
         with pytest.raises(UsageError):
             Protocol(**bad)

@@ -107,8 +107,30 @@ def _run(args):
 
 
 def test_cli_battery(store, tmp_path):
-    code, out = _run(["fit", "--store", str(store), "--method", "linear,knn,logreg", "--seeds", "0,1", "--shots", "5,all",
-                      "--knn-k", "1,5", "--logreg-C", "0.01,1", "--lr-grid", "0.01,0.1", "--epochs", "2", "--out", str(tmp_path / "r"), "--quiet"])  # fmt: skip
+    code, out = _run(
+        [
+            "fit",
+            "--store",
+            str(store),
+            "--method",
+            "linear,knn,logreg",
+            "--seeds",
+            "0,1",
+            "--shots",
+            "5,all",
+            "--knn-k",
+            "1,5",
+            "--logreg-C",
+            "0.01,1",
+            "--lr-grid",
+            "0.01,0.1",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path / "r"),
+            "--quiet",
+        ]
+    )
     assert code == 0, out
     assert "| linear | 5 |" in out and "| knn | all |" in out and "± " in out and "(2)" in out
     assert "summary.csv" in out
@@ -157,7 +179,9 @@ def test_every_store_of_a_comparison_gets_the_same_few_shot_rows(tmp_path, digit
     scaled = {k: (x * 3.0, y, ids) for k, (x, y, ids) in digits.items()}
     a = make_store(tmp_path / "a.zarr", digits)
     b = make_store(tmp_path / "b.zarr", scaled)
-    rows = probe.fit([f"a={a}", f"b={b}"], Protocol(methods="knn", shots="1,3", seeds="0,1", knn_k="1,3"), device="cpu", warn=lambda m: None)
+    rows = probe.fit(
+        [f"a={a}", f"b={b}"], Protocol(methods="knn", shots="1,3", seeds="0,1", knn_k="1,3"), device="cpu", warn=lambda m: None
+    )
     sel = {(r["label"], r["shots"], r["seed"]): r for r in rows if r["selected"]}
     for shots in (1, 3):
         for seed in (0, 1):

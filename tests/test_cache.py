@@ -39,24 +39,53 @@ def run(args, env=None):
     return result.exit_code, result.output
 
 
-def make_cached(path: Path, key: str, *, model="dino", dataset="imagenet", sha="a" * 64, rows=10, chunk_rows=4,
-                units=None, views=None, invalid_rows=(), weights_path="/w/dinov2_vits14_pretrain.pth") -> Path:
+def make_cached(
+    path: Path,
+    key: str,
+    *,
+    model="dino",
+    dataset="imagenet",
+    sha="a" * 64,
+    rows=10,
+    chunk_rows=4,
+    units=None,
+    views=None,
+    invalid_rows=(),
+    weights_path="/w/dinov2_vits14_pretrain.pth",
+) -> Path:
     """A store as extract writes it (cache key and fields in the attributes); ``units``: how many
     units to write (default all, then finalized), fewer leaves it partial."""
     views = views or {"cls": 6, "avgpool": 6}
     store = FeatureStore.create(
-        path, splits={"train": ([f"train/{i}.jpg" for i in range(rows)], np.arange(rows) % 2)}, views=views,
-        dtype="float32", chunk_rows=chunk_rows,
-        attrs={"encoder": {"name": model, "arch": f"timm:{model}", "family": "vit", "weights_path": weights_path, "weights_sha256": sha},
-               "dataset": {"name": dataset, "spec": dataset, "root": f"/data/{dataset}", "class_names": ["a", "b"], "num_classes": 2,
-                           "manifest_sha256": "m" * 64},
-               "loader": "torch", "cache_key": key, "cache_fields": {"compute": "cpu-fp32"}},
-    )  # fmt: skip
+        path,
+        splits={"train": ([f"train/{i}.jpg" for i in range(rows)], np.arange(rows) % 2)},
+        views=views,
+        dtype="float32",
+        chunk_rows=chunk_rows,
+        attrs={
+            "encoder": {"name": model, "arch": f"timm:{model}", "family": "vit", "weights_path": weights_path, "weights_sha256": sha},
+            "dataset": {
+                "name": dataset,
+                "spec": dataset,
+                "root": f"/data/{dataset}",
+                "class_names": ["a", "b"],
+                "num_classes": 2,
+                "manifest_sha256": "m" * 64,
+            },
+            "loader": "torch",
+            "cache_key": key,
+            "cache_fields": {"compute": "cpu-fp32"},
+        },
+    )
     all_units = store.units("train")
     for u in all_units[: len(all_units) if units is None else units]:
         valid = np.array([r not in invalid_rows for r in range(u.start, u.stop)])
-        store.write_unit(u, {v: np.full((u.rows, d), u.index, np.float32) for v, d in views.items()}, valid,
-                         {r - u.start: "broken" for r in invalid_rows if u.start <= r < u.stop})  # fmt: skip
+        store.write_unit(
+            u,
+            {v: np.full((u.rows, d), u.index, np.float32) for v, d in views.items()},
+            valid,
+            {r - u.start: "broken" for r in invalid_rows if u.start <= r < u.stop},
+        )
     if units is None:
         store.finalize()
     return path
@@ -75,7 +104,11 @@ def hold_lock(store: Path) -> None:
 
 def test_home_holds_digits_weights_and_stores(home, monkeypatch):
     monkeypatch.delenv("FEATSTORE_WEIGHTS", raising=False)
-    assert featstore_home.home() == home and featstore_home.weights_dir() == home / "weights" and featstore_home.stores_dir() == home / "stores"
+    assert (
+        featstore_home.home() == home
+        and featstore_home.weights_dir() == home / "weights"
+        and featstore_home.stores_dir() == home / "stores"
+    )
     monkeypatch.delenv("FEATSTORE_HOME")
     monkeypatch.setenv("FEATSTORE_CACHE", str(home / "old"))  # the older name still works
     assert featstore_home.home() == home / "old"
@@ -99,9 +132,11 @@ def test_extract_without_out_caches_by_key_and_reruns_up_to_date_without_torch(h
     assert first.status == "created" and store.complete and store.num_rows("train") == 16
 
     # the same command again, in a fresh process: answered from the cache without importing torch
-    code = ("import sys; from featstore.console import run_cli; from featstore.cli import cli; "
-            f"rc = run_cli(cli, 'featstore', {['extract', '--dataset', str(data), '--model', 'resnet18', '--random-init', '--loader', 'torch', '--workers', '0', '--image-size', '32', '--resize', '32', '--device', 'cpu', '--dtype', 'float32']!r}); "
-            "print('torch imported:', 'torch' in sys.modules, 'zarr imported:', 'zarr' in sys.modules); sys.exit(rc)")  # fmt: skip
+    code = (
+        "import sys; from featstore.console import run_cli; from featstore.cli import cli; "
+        f"rc = run_cli(cli, 'featstore', {['extract', '--dataset', str(data), '--model', 'resnet18', '--random-init', '--loader', 'torch', '--workers', '0', '--image-size', '32', '--resize', '32', '--device', 'cpu', '--dtype', 'float32']!r}); "
+        "print('torch imported:', 'torch' in sys.modules, 'zarr imported:', 'zarr' in sys.modules); sys.exit(rc)"
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO), FEATSTORE_HOME=str(home))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -129,8 +164,27 @@ def test_cli_extract_asks_the_memo_once_per_command(home, small_folder, monkeypa
     asked, recall = [], featstore.request.recall_up_to_date
     for module in (featstore.request, featstore.extraction):
         monkeypatch.setattr(module, "recall_up_to_date", lambda config: asked.append(config) or recall(config))
-    args = ["extract", "--dataset", str(small_folder), "--model", "resnet18", "--random-init", "--loader", "torch", "--workers", "0",
-            "--image-size", "32", "--resize", "32", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    args = [
+        "extract",
+        "--dataset",
+        str(small_folder),
+        "--model",
+        "resnet18",
+        "--random-init",
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+        "--image-size",
+        "32",
+        "--resize",
+        "32",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--no-progress",
+    ]
     for status in ("created", "up to date"):
         code, out = run(args)
         assert code == 0 and f": {status}" in out, out
@@ -248,7 +302,10 @@ def test_ls_paths_and_bad_paths(home, tmp_path):
     code, output = run(["ls", "--json", str(elsewhere)])
     assert code == 0 and json.loads(output)[0]["cache_key"] == "d" * 64
     (tmp_path / "empty").mkdir()
-    assert run(["ls", str(tmp_path / "empty")]) == (2, f"error: no featstore stores in {str(tmp_path / 'empty')!r} (pass store folders, or folders holding them)\n")
+    assert run(["ls", str(tmp_path / "empty")]) == (
+        2,
+        f"error: no featstore stores in {str(tmp_path / 'empty')!r} (pass store folders, or folders holding them)\n",
+    )
     code, output = run(["ls", str(tmp_path / "nope.zarr")])
     assert code == 2 and output.startswith("error: store") and "not found" in output
     code, output = run(["ls"])
@@ -332,8 +389,12 @@ def test_lookup_finds_one_store_and_explains_none_or_several(home, tmp_path):
 
     weights = tmp_path / "finetuned.pth"
     weights.write_bytes(b"tuned")
-    tuned = make_cached(home / "stores" / "imagenet" / "dino-cccccccccccc.zarr", "c" * 64, sha=featstore_home.file_sha256(weights),
-                        weights_path=str(weights))  # fmt: skip
+    tuned = make_cached(
+        home / "stores" / "imagenet" / "dino-cccccccccccc.zarr",
+        "c" * 64,
+        sha=featstore_home.file_sha256(weights),
+        weights_path=str(weights),
+    )
     with pytest.raises(UsageError, match="2 cached stores match") as e:
         cache.lookup("dino", "imagenet")
     assert "--weights" in e.value.hint
@@ -355,11 +416,24 @@ def test_probe_fit_by_model_and_dataset_equals_by_store(home, tmp_path):
     path = home / "stores" / "toy" / "tiny-abcdefabcdef.zarr"
     split = {"train": slice(0, 80), "val": slice(80, 100), "test": slice(100, 120)}
     store = FeatureStore.create(
-        path, splits={s: ([f"{i}.png" for i in range(r.start, r.stop)], labels[r]) for s, r in split.items()}, views={"pool": dim},
-        dtype="float32", chunk_rows=32,
-        attrs={"encoder": {"name": "tiny", "arch": "tv:tiny", "family": "cnn", "weights_path": None, "weights_sha256": "random-init"},
-               "dataset": {"name": "toy", "spec": "toy", "root": "/toy", "class_names": ["a", "b", "c"], "num_classes": 3, "manifest_sha256": "t"},
-               "cache_key": "abcdef" * 10 + "abcd"})  # fmt: skip
+        path,
+        splits={s: ([f"{i}.png" for i in range(r.start, r.stop)], labels[r]) for s, r in split.items()},
+        views={"pool": dim},
+        dtype="float32",
+        chunk_rows=32,
+        attrs={
+            "encoder": {"name": "tiny", "arch": "tv:tiny", "family": "cnn", "weights_path": None, "weights_sha256": "random-init"},
+            "dataset": {
+                "name": "toy",
+                "spec": "toy",
+                "root": "/toy",
+                "class_names": ["a", "b", "c"],
+                "num_classes": 3,
+                "manifest_sha256": "t",
+            },
+            "cache_key": "abcdef" * 10 + "abcd",
+        },
+    )
     for s in split:
         for u in store.units(s):
             store.write_unit(u, {"pool": x[split[s]][u.start : u.stop]}, np.ones(u.rows, bool))

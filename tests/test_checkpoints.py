@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.models.checkpoints import load_weights
 from featstore.errors import FeatstoreError
 from featstore.extraction import ExtractConfig, extract
 from featstore.loaders.dataloader import TorchLoader
+from featstore.models.checkpoints import load_weights
 from featstore.preprocess import Preprocess
 from featstore.store import FeatureStore
 from tests.helpers import read_checkpoint
@@ -40,17 +40,30 @@ def _layouts(sd: dict) -> dict[str, object]:
         "raw": sd,
         "state_dict": {"state_dict": sd, "epoch": 3},
         "model": {"model": sd, "optimizer": {"lr": 0.1}},
-        "teacher": {"teacher": {**prefixed("backbone."), "head.mlp.0.weight": torch.ones(4, 4)},
-                    "student": {**{"backbone." + k: torch.zeros_like(v) for k, v in sd.items()}}},
+        "teacher": {
+            "teacher": {**prefixed("backbone."), "head.mlp.0.weight": torch.ones(4, 4)},
+            "student": {**{"backbone." + k: torch.zeros_like(v) for k, v in sd.items()}},
+        },
         "module.": prefixed("module."),
         "_orig_mod.": prefixed("_orig_mod."),
         "model.": prefixed("model."),
         "backbone.": {**prefixed("backbone."), "head.weight": torch.ones(2, 2)},
         "autoencoder": {**prefixed("encoder."), "decoder.0.weight": torch.ones(8, 4, 3, 3), "decoder.1.bias": torch.ones(3)},
-        "moco_v2": {"state_dict": {**prefixed("module.encoder_q."), **{"module.encoder_k." + k: v for k, v in momentum.items()},
-                                   "queue": torch.zeros(128, 8), "queue_ptr": torch.zeros(1)}},
-        "moco_v3": {"state_dict": {**prefixed("module.base_encoder."), **{"module.momentum_encoder." + k: v for k, v in momentum.items()},
-                                   "module.predictor.0.weight": torch.ones(3, 3)}},
+        "moco_v2": {
+            "state_dict": {
+                **prefixed("module.encoder_q."),
+                **{"module.encoder_k." + k: v for k, v in momentum.items()},
+                "queue": torch.zeros(128, 8),
+                "queue_ptr": torch.zeros(1),
+            }
+        },
+        "moco_v3": {
+            "state_dict": {
+                **prefixed("module.base_encoder."),
+                **{"module.momentum_encoder." + k: v for k, v in momentum.items()},
+                "module.predictor.0.weight": torch.ones(3, 3),
+            }
+        },
     }
 
 
@@ -68,8 +81,21 @@ def reference(small_folder):
 
 
 def _extract(folder, weights, out, **kw):
-    extract(ExtractConfig(model="resnet18", dataset=str(folder), out=str(out), weights=str(weights), loader="torch",
-                          workers=0, dtype="float32", image_size=32, resize=32, **kw), progress=False)
+    extract(
+        ExtractConfig(
+            model="resnet18",
+            dataset=str(folder),
+            out=str(out),
+            weights=str(weights),
+            loader="torch",
+            workers=0,
+            dtype="float32",
+            image_size=32,
+            resize=32,
+            **kw,
+        ),
+        progress=False,
+    )
     return FeatureStore.open(out).features("val", "pool")[:]
 
 

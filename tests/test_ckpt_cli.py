@@ -120,7 +120,8 @@ def test_training_args_load_without_trust(capsys, small_folder, tmp_path):
 
 
 def test_identity_head_dropped_and_ignore_keys_reported(capsys, small_folder, tmp_path):
-    (tmp_path / "net.py").write_text(textwrap.dedent("""
+    (tmp_path / "net.py").write_text(
+        textwrap.dedent("""
         import torch
         from torch import nn
 
@@ -137,7 +138,8 @@ def test_identity_head_dropped_and_ignore_keys_reported(capsys, small_folder, tm
             net = Net()
             net.linear = nn.Identity()  # features, not logits
             return net
-    """))
+    """)
+    )
     torch.manual_seed(5)
     supervised = nn.Module()
     supervised.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -147,8 +149,9 @@ def test_identity_head_dropped_and_ignore_keys_reported(capsys, small_folder, tm
     model = f"{tmp_path / 'net.py'}:build"
     code, _, err, _ = extract_with(capsys, small_folder, tmp_path, model, tmp_path / "supervised.pth")
     assert_one_line_error(err, "2 tensors have no place in it", "aux_logits", "--ignore-keys")
-    code, _, err, out = extract_with(capsys, small_folder, tmp_path, model, tmp_path / "supervised.pth", "--ignore-keys", "aux_logits.*",
-                                     "--ignore-keys", "nothing.*")
+    code, _, err, out = extract_with(
+        capsys, small_folder, tmp_path, model, tmp_path / "supervised.pth", "--ignore-keys", "aux_logits.*", "--ignore-keys", "nothing.*"
+    )
     assert code == 0, err
     assert "loaded 2 tensors, missing 0, unexpected 0, dropped head/projection 2, ignored by --ignore-keys 2" in err
     assert "--ignore-keys matched nothing: nothing.*" in err
@@ -176,7 +179,7 @@ def test_aliases_resolve_to_their_preset():
 def test_suggestions_listed_once(capsys, tmp_path):
     code, _, err = run(capsys, "extract", "--model", "resnet19", "--random-init", "--out", tmp_path / "o.zarr")
     assert code == 2
-    hint = err[err.index("(did you mean"):]
+    hint = err[err.index("(did you mean") :]
     assert hint.count("resnet18") == 1, err
 
 

@@ -79,13 +79,40 @@ def test_out_holds_another_store(capsys, small_folder, tmp_path):
     out = tmp_path / "s.zarr"
     assert run(capsys, "extract", "--model", "resnet18", "--random-init", "--dataset", small_folder, "--out", out, *FAST)[0] == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    code, err = run(capsys, "extract", "--model", "resnet18", "--random-init", "--dataset", small_folder, "--out", out,
-                    *FAST[:-1], "--dtype", "float32", "--no-progress")
+    code, err = run(
+        capsys,
+        "extract",
+        "--model",
+        "resnet18",
+        "--random-init",
+        "--dataset",
+        small_folder,
+        "--out",
+        out,
+        *FAST[:-1],
+        "--dtype",
+        "float32",
+        "--no-progress",
+    )
     assert code == 2
     assert_one_line_error(err, "holds another store", "dtype", "--overwrite")
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
-    code, err = run(capsys, "extract", "--model", "resnet18", "--random-init", "--dataset", small_folder, "--out", out,
-                    *FAST[:-1], "--dtype", "float32", "--no-progress", "--overwrite")
+    code, err = run(
+        capsys,
+        "extract",
+        "--model",
+        "resnet18",
+        "--random-init",
+        "--dataset",
+        small_folder,
+        "--out",
+        out,
+        *FAST[:-1],
+        "--dtype",
+        "float32",
+        "--no-progress",
+        "--overwrite",
+    )
     assert code == 0
     from featstore.store import FeatureStore
 
@@ -143,25 +170,43 @@ def test_weights_do_not_fit(capsys, out, tmp_path, small_folder):
 
 
 def test_unknown_view(capsys, out, small_folder):
-    code, err = run(capsys, "extract", "--model", "resnet18", "--random-init", "--dataset", small_folder, "--views", "cls", "--out", out, *FAST)
+    code, err = run(
+        capsys, "extract", "--model", "resnet18", "--random-init", "--dataset", small_folder, "--views", "cls", "--out", out, *FAST
+    )
     assert code == 2
     assert_one_line_error(err, "unknown view 'cls'", "pool")
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag,value,needle", [
-    ("--batch-size", "0", "--batch-size must be >= 1"),
-    ("--workers", "-1", "--workers must be >= 0"),
-    ("--mean", "0.5,0.5", "needs 3 values"),
-    ("--std", "a,b,c", "not three comma-separated numbers"),
-    ("--resize", "16", "smaller than --image-size"),
-    ("--device", "tpu", "unknown device"),
-    ("--loader", "opencv", "Invalid value for '--loader'"),
-    ("--dtype", "int8", "Invalid value for '--dtype'"),
-])
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [
+        ("--batch-size", "0", "--batch-size must be >= 1"),
+        ("--workers", "-1", "--workers must be >= 0"),
+        ("--mean", "0.5,0.5", "needs 3 values"),
+        ("--std", "a,b,c", "not three comma-separated numbers"),
+        ("--resize", "16", "smaller than --image-size"),
+        ("--device", "tpu", "unknown device"),
+        ("--loader", "opencv", "Invalid value for '--loader'"),
+        ("--dtype", "int8", "Invalid value for '--dtype'"),
+    ],
+)
 def test_bad_flag_values(capsys, out, small_folder, flag, value, needle):
-    args = ["extract", "--model", "resnet18", "--random-init", "--dataset", small_folder, "--out", out,
-            "--image-size", "32", "--no-progress", flag, value]
+    args = [
+        "extract",
+        "--model",
+        "resnet18",
+        "--random-init",
+        "--dataset",
+        small_folder,
+        "--out",
+        out,
+        "--image-size",
+        "32",
+        "--no-progress",
+        flag,
+        value,
+    ]
     code, err = run(capsys, *args)
     assert code == 2
     assert_one_line_error(err, needle)
@@ -201,8 +246,9 @@ def test_console_script_exit_code_and_debug(tmp_path):
 def test_out_in_a_place_that_cannot_hold_it(capsys, small_folder, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a folder")
-    code, err = run(capsys, "extract", "--model", "resnet18", "--random-init", "--dataset", small_folder,
-                    "--out", blocker / "s.zarr", *FAST)
+    code, err = run(
+        capsys, "extract", "--model", "resnet18", "--random-init", "--dataset", small_folder, "--out", blocker / "s.zarr", *FAST
+    )
     assert code == 1
     assert_one_line_error(err, "cannot create the store", "writable")
     assert blocker.read_text() == "a file, not a folder"

@@ -13,8 +13,8 @@ from scipy.stats import binomtest
 
 from featstore.errors import UsageError
 from probe import intervals as I
-from probe.results import predictions as P
 from probe.comparison import compare, fmt_interval, markdown
+from probe.results import predictions as P
 
 
 def numpy_bootstrap(values, n_resamples, seed, confidence=0.95):
@@ -157,7 +157,10 @@ def test_compare_against_reference(three_encoders):
     # b's images in another order, and one image missing: pairs go by path
     order = np.random.default_rng(1).permutation(900)[:-1]
     paths = np.array([f"val/{i:05d}.jpg" for i in range(900)])
-    comp = compare([preds("a", a, target), preds("b", b[order], target[order], paths[order], view="cls"), preds("c", c, target)], class_names=[f"class{i}" for i in range(10)])
+    comp = compare(
+        [preds("a", a, target), preds("b", b[order], target[order], paths[order], view="cls"), preds("c", c, target)],
+        class_names=[f"class{i}" for i in range(10)],
+    )
     ra, rb, rc = comp.rows
     assert comp.reference == "a" and ra.is_reference and ra.delta is None
     assert rb.reference_view == "pool" and rb.n == 899 and rb.n_paired == 899
@@ -217,7 +220,10 @@ def test_seeds_give_per_seed_differences(three_encoders):
 def test_predictions_csv_round_trip(tmp_path, three_encoders):
     target, a, b, _ = three_encoders
     top5 = np.stack([a, (a + 1) % 10, (a + 2) % 10, (a + 3) % 10, (a + 4) % 10], axis=1)
-    sets = [P.Predictions("a", "a.zarr", "pool", "linear", "", 0, [f"val/{i}.jpg" for i in range(900)], target, a, top5), preds("b", b, target, seed=3)]
+    sets = [
+        P.Predictions("a", "a.zarr", "pool", "linear", "", 0, [f"val/{i}.jpg" for i in range(900)], target, a, top5),
+        preds("b", b, target, seed=3),
+    ]
     P.write(sets, tmp_path / P.PREDICTIONS)
     header = (tmp_path / P.PREDICTIONS).read_text().splitlines()[:2]
     assert header[0] == "label,store,view,method,shots,seed,path,target,pred,correct,top5"
@@ -256,10 +262,25 @@ def results_folder(folder, encoders: dict, *, protocol=None, manifest="m" * 64, 
         top1 = float((pred == target).mean() * 100)
         for lr in LRS:
             row = {c: None for c in probe.COLUMNS}
-            row.update(label=label, store=f"/stores/{label}", encoder="resnet18", dataset="imagenette", view="pool", lr=lr, wd=0.0, seed=0,
-                       report_split=report_split, reported_as=report_split, select_split="val", n_report=len(target), selected=lr == LRS[1],
-                       best_report=lr == LRS[1], select_top1_pct=top1 - abs(float(np.log10(lr)) + 2) * 5,
-                       report_top1_pct=top1 - abs(float(np.log10(lr)) + 2) * 7, protocol_hash=protocol.hash)  # fmt: skip
+            row.update(
+                label=label,
+                store=f"/stores/{label}",
+                encoder="resnet18",
+                dataset="imagenette",
+                view="pool",
+                lr=lr,
+                wd=0.0,
+                seed=0,
+                report_split=report_split,
+                reported_as=report_split,
+                select_split="val",
+                n_report=len(target),
+                selected=lr == LRS[1],
+                best_report=lr == LRS[1],
+                select_top1_pct=top1 - abs(float(np.log10(lr)) + 2) * 5,
+                report_top1_pct=top1 - abs(float(np.log10(lr)) + 2) * 7,
+                protocol_hash=protocol.hash,
+            )
             rows.append(row)
         paths = [f"val/{i:05d}.jpg" for i in range(len(target))]
         sets.append(P.Predictions(label, f"/stores/{label}", "pool", "linear", "", 0, paths, target, pred))
@@ -462,7 +483,9 @@ def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("fit")
     a = make_store(root / "pixels.zarr", d)
     b = make_store(root / "sparse.zarr", blurred)
-    rows = probe.fit([f"pix={a}", f"sparse={b}"], probe.Protocol(lr_grid="1e-3,1e-2,1e-1", **FAST), device="cpu", out=root / "run", warn=lambda m: None)
+    rows = probe.fit(
+        [f"pix={a}", f"sparse={b}"], probe.Protocol(lr_grid="1e-3,1e-2,1e-1", **FAST), device="cpu", out=root / "run", warn=lambda m: None
+    )
     return root / "run", rows, d
 
 
@@ -471,13 +494,18 @@ def test_fit_writes_predictions_and_intervals(fitted):
     run, rows, d = fitted
     sel = [r for r in rows if r["selected"]]
     back = P.read(run / P.PREDICTIONS)
-    assert [(p.label, p.view, p.method, p.shots, p.seed) for p in back] == [("pix", "pixels", "linear", "", 0), ("sparse", "pixels", "linear", "", 0)]
+    assert [(p.label, p.view, p.method, p.shots, p.seed) for p in back] == [
+        ("pix", "pixels", "linear", "", 0),
+        ("sparse", "pixels", "linear", "", 0),
+    ]
     test_ids = d["test"][2]
     for p, r in zip(back, sel):
         # one row per report-split image, in the store's order, scored as results.csv reports it
         assert list(p.paths) == [f"{int(i)}.png" for i in test_ids] and (p.target == d["test"][1]).all()
         assert p.correct.mean() * 100 == pytest.approx(r["report_top1_pct"], abs=1e-4)
-        assert (p.top5[:, 0] == p.pred).all() and ((p.top5 == p.target[:, None]).any(1).mean() * 100 == pytest.approx(r["report_top5_pct"], abs=1e-4))
+        assert (p.top5[:, 0] == p.pred).all() and (
+            (p.top5 == p.target[:, None]).any(1).mean() * 100 == pytest.approx(r["report_top5_pct"], abs=1e-4)
+        )
         np.testing.assert_allclose([r["ci95_low"], r["ci95_high"]], numpy_bootstrap(p.correct, I.N_RESAMPLES, I.BOOTSTRAP_SEED), atol=1e-4)
         assert (r["wilson95_low"], r["wilson95_high"]) == pytest.approx(I.wilson_interval(int(p.correct.sum()), len(p.correct)), abs=1e-4)
     others = [r for r in rows if not r["selected"]]
@@ -565,10 +593,14 @@ def test_battery_predictions_summary_and_comparison(tmp_path):
     d = digits_splits()
     a = make_store(tmp_path / "pixels.zarr", d)
     b = make_store(tmp_path / "sparse.zarr", {k: (x * (np.arange(64) % 4 != 0), y, i) for k, (x, y, i) in d.items()})
-    protocol = probe.Protocol(methods="linear,knn,logreg", seeds="0,1", lr_grid="1e-2,0.1", epochs=3, batch_size=128, knn_k="1,5,20", logreg_C="1e-3:10:5")
+    protocol = probe.Protocol(
+        methods="linear,knn,logreg", seeds="0,1", lr_grid="1e-2,0.1", epochs=3, batch_size=128, knn_k="1,5,20", logreg_C="1e-3:10:5"
+    )
     rows = probe.fit([f"pix={a}", f"sparse={b}"], protocol, device="cpu", out=tmp_path / "run", warn=lambda m: None)
     back = P.read(tmp_path / "run" / P.PREDICTIONS)
-    assert sorted((p.label, p.method, p.seed) for p in back) == sorted((l, m, s) for l in ("pix", "sparse") for m in ("linear", "knn", "logreg") for s in (0, 1))
+    assert sorted((p.label, p.method, p.seed) for p in back) == sorted(
+        (l, m, s) for l in ("pix", "sparse") for m in ("linear", "knn", "logreg") for s in (0, 1)
+    )
     selected = {(r["label"], r["method"], r["seed"]): r for r in rows if r["selected"]}
     for p in back:
         r = selected[(p.label, p.method, p.seed)]
@@ -598,7 +630,11 @@ def test_battery_predictions_summary_and_comparison(tmp_path):
     board = leaderboard.table_rows([g])
     for r in board:
         chosen = selected[(r["label"], r["method"], r["seed"])]
-        expected = {"linear": lambda: f"lr {chosen['lr']:g}", "knn": lambda: f"k {chosen['k']}", "logreg": lambda: f"C {chosen['C']:g} (refit)"}[r["method"]]()
+        expected = {
+            "linear": lambda: f"lr {chosen['lr']:g}",
+            "knn": lambda: f"k {chosen['k']}",
+            "logreg": lambda: f"C {chosen['C']:g} (refit)",
+        }[r["method"]]()
         assert r["selected"] == expected
     assert "| selected |" in leaderboard.markdown([g], board) and {r["method"] for r in board} == {"linear", "knn", "logreg"}
 
@@ -651,9 +687,11 @@ def test_markdown_per_class_titles_name_the_probe(three_encoders):
 
     target, a, b, _ = three_encoders
     paths = [f"val/{i:05d}.jpg" for i in range(len(target))]
-    sets = [P.Predictions(label, f"/s/{label}", "pool", method, shots, 0, paths, target, pred)
-            for method, shots in (("linear", ""), ("knn", ""), ("knn", "5"))
-            for label, pred in (("r18", a), ("r50", b))]  # fmt: skip
+    sets = [
+        P.Predictions(label, f"/s/{label}", "pool", method, shots, 0, paths, target, pred)
+        for method, shots in (("linear", ""), ("knn", ""), ("knn", "5"))
+        for label, pred in (("r18", a), ("r50", b))
+    ]
     titles = [line for line in markdown(compare(sets, n_resamples=200)).splitlines() if line.startswith("per class")]
     assert titles == [
         "per class, linear: r50 [pool] vs r18 [pool]:",

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from featstore.cli import cli
 from featstore.errors import FeatstoreError, UsageError
-from featstore.store.export import export
 from featstore.store import FeatureStore
+from featstore.store.export import export
 from probe.fitting import fit
 from probe.protocol import Protocol
 from tests.test_cache import hold_lock, make_cached
@@ -188,8 +188,12 @@ def s3(digits_store, tmp_path_factory):
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "featstore-test-key", "AWS_SECRET_ACCESS_KEY": "featstore-test-secret",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "featstore-test-key",
+        "AWS_SECRET_ACCESS_KEY": "featstore-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -17,8 +17,12 @@ SMALL = dict(image_size=32, resize=32)  # digits are 8×8: no need for 224 px in
 @pytest.fixture(scope="module")
 def digits_store(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "digits.zarr"
-    result = extract(ExtractConfig(model="resnet18", dataset="digits", out=str(out), random_init=True,
-                                   loader="torch", workers=0, batch_size=128, **SMALL), progress=False)
+    result = extract(
+        ExtractConfig(
+            model="resnet18", dataset="digits", out=str(out), random_init=True, loader="torch", workers=0, batch_size=128, **SMALL
+        ),
+        progress=False,
+    )
     return out, result
 
 
@@ -57,8 +61,12 @@ def test_digits_end_to_end(digits_store):
 def test_same_command_is_up_to_date(digits_store):
     out, _ = digits_store
     before = (out / "train" / "features" / "pool" / "c" / "0" / "0").stat().st_mtime_ns
-    result = extract(ExtractConfig(model="resnet18", dataset="digits", out=str(out), random_init=True,
-                                   loader="torch", workers=0, batch_size=128, **SMALL), progress=False)
+    result = extract(
+        ExtractConfig(
+            model="resnet18", dataset="digits", out=str(out), random_init=True, loader="torch", workers=0, batch_size=128, **SMALL
+        ),
+        progress=False,
+    )
     assert result.status == "up to date" and result.rows_written == 0
     assert (out / "train" / "features" / "pool" / "c" / "0" / "0").stat().st_mtime_ns == before
 
@@ -81,9 +89,21 @@ def test_info_json_and_text(digits_store, capsys):
 
 def test_vit_views_and_selection(small_folder, tmp_path):
     out = tmp_path / "vit.zarr"
-    extract(ExtractConfig(model="vit_small_patch16_224", dataset=str(small_folder), out=str(out), random_init=True,
-                          loader="torch", workers=0, views=["cls", "avgpool"], image_size=32, resize=32,
-                          dtype="float32"), progress=False)
+    extract(
+        ExtractConfig(
+            model="vit_small_patch16_224",
+            dataset=str(small_folder),
+            out=str(out),
+            random_init=True,
+            loader="torch",
+            workers=0,
+            views=["cls", "avgpool"],
+            image_size=32,
+            resize=32,
+            dtype="float32",
+        ),
+        progress=False,
+    )
     store = FeatureStore.open(out)
     assert store.views == {"cls": 384, "avgpool": 384}
     assert store.splits == ["train", "val"] and store.num_rows("train") == 16 and store.num_rows("val") == 8
@@ -120,8 +140,10 @@ def test_csv_dataset_with_splits(small_folder, tmp_path):
     csv_path = tmp_path / "list.csv"
     csv_path.write_text("\n".join(rows) + "\n")
     out = tmp_path / "csv.zarr"
-    extract(ExtractConfig(model="resnet18", dataset=str(csv_path), out=str(out), random_init=True, loader="torch",
-                          workers=0, **SMALL), progress=False)
+    extract(
+        ExtractConfig(model="resnet18", dataset=str(csv_path), out=str(out), random_init=True, loader="torch", workers=0, **SMALL),
+        progress=False,
+    )
     store = FeatureStore.open(out)
     assert sorted(store.splits) == ["train", "val"]
     assert store.num_rows("train") == 4 and store.num_rows("val") == 4

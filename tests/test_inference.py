@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from featstore.models.encoders import build_encoder, resolve_encoder
 from featstore.inference import BatchEncoder, pad_to
+from featstore.models.encoders import build_encoder, resolve_encoder
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -86,8 +86,9 @@ def test_extract_on_cuda_matches_cpu(loader, small_folder, tmp_path):
     if loader == "dali" and not dali_available():
         pytest.skip("DALI not installed")
     # batches of 4: several in flight at once, as in a real run
-    common = dict(model="resnet18", dataset=str(small_folder), random_init=True, workers=2, batch_size=4, image_size=64, resize=72,
-                  dtype="float32")
+    common = dict(
+        model="resnet18", dataset=str(small_folder), random_init=True, workers=2, batch_size=4, image_size=64, resize=72, dtype="float32"
+    )
     extract(ExtractConfig(out=str(tmp_path / "gpu.zarr"), device="cuda", loader=loader, **common), progress=False)
     extract(ExtractConfig(out=str(tmp_path / "cpu.zarr"), device="cpu", loader="torch", **common), progress=False)
     a = FeatureStore.open(tmp_path / "gpu.zarr").features("train", "pool")[:]
@@ -108,17 +109,31 @@ def test_compile_gives_the_same_features(small_folder, tmp_path):
     from featstore.store import FeatureStore
 
     builder = tmp_path / "tiny.py"
-    builder.write_text(textwrap.dedent("""
+    builder.write_text(
+        textwrap.dedent("""
         import torch
         def build():
             torch.manual_seed(0)
             return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(),
                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    """))
-    common = dict(model=f"{builder}:build", dataset=str(small_folder), loader="torch", workers=0, batch_size=5,
-                  image_size=32, resize=32, dtype="float32")
+    """)
+    )
+    common = dict(
+        model=f"{builder}:build",
+        dataset=str(small_folder),
+        loader="torch",
+        workers=0,
+        batch_size=5,
+        image_size=32,
+        resize=32,
+        dtype="float32",
+    )
     extract(ExtractConfig(out=str(tmp_path / "eager.zarr"), **common), progress=False)
     extract(ExtractConfig(out=str(tmp_path / "compiled.zarr"), compile=True, **common), progress=False)
     for split in ("train", "val"):
-        np.testing.assert_allclose(FeatureStore.open(tmp_path / "compiled.zarr").features(split, "features"),
-                                   FeatureStore.open(tmp_path / "eager.zarr").features(split, "features"), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            FeatureStore.open(tmp_path / "compiled.zarr").features(split, "features"),
+            FeatureStore.open(tmp_path / "eager.zarr").features(split, "features"),
+            rtol=1e-4,
+            atol=1e-5,
+        )

@@ -186,7 +186,7 @@ def _forge_jpeg_size(path, width: int, height: int) -> None:
     Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="JPEG")
     data = bytearray(buf.getvalue())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     path.write_bytes(bytes(data))
 
 
@@ -197,7 +197,9 @@ def test_container_header_size_matches_pil(odd_images, imagenette_subset, tmp_pa
 
     from featstore.loaders.containers import check_container
 
-    files = sorted(imagenette_subset.rglob("*.JPEG"))[:10] + [p for p in map(Path, odd_images) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    files = sorted(imagenette_subset.rglob("*.JPEG"))[:10] + [
+        p for p in map(Path, odd_images) if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+    ]
     for kind, kw in [("L", {}), ("RGB", {"progressive": True}), ("RGB", {"exif": b"Exif\x00\x00" + bytes(3000)})]:
         buf = io.BytesIO()
         Image.new(kind, (123, 45)).save(buf, format="JPEG", **kw)

@@ -10,10 +10,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
-import click
 from click.testing import CliRunner
 
 import probe
@@ -22,8 +22,8 @@ import probe.output.plots
 import probe.output.tables
 from featstore.errors import UsageError
 from featstore.store import FeatureStore
-from probe.methods import heads as H
 from probe.cli import main as cli
+from probe.methods import heads as H
 from probe.protocol import Protocol, parse_grid
 from probe.selection import stratified_holdout
 
@@ -42,7 +42,18 @@ def digits_splits(seed: int = 0):
     return {k: (x[i], y[i], i) for k, i in (("train", tr), ("val", va), ("test", te))}
 
 
-def make_store(path, splits: dict, *, view="pixels", dtype="float32", manifest="digits-manifest", invalid=None, finalize=True, extra_views=(), encoder=None):
+def make_store(
+    path,
+    splits: dict,
+    *,
+    view="pixels",
+    dtype="float32",
+    manifest="digits-manifest",
+    invalid=None,
+    finalize=True,
+    extra_views=(),
+    encoder=None,
+):
     """A store from {split: (features, labels, ids)}; ``invalid``: {split: rows} written as valid=False + NaN;
     ``encoder``: fields that replace the default encoder record (name, family, weights_path, …)."""
     invalid = invalid or {}
@@ -51,20 +62,42 @@ def make_store(path, splits: dict, *, view="pixels", dtype="float32", manifest="
     spec = {s: ([f"{int(i)}.png" for i in ids], labels) for s, (_, labels, ids) in splits.items()}
     classes = int(max(l.max() for _, l, _ in splits.values())) + 1
     store = FeatureStore.create(
-        path, splits=spec, views=views, dtype=dtype, chunk_rows=256,
+        path,
+        splits=spec,
+        views=views,
+        dtype=dtype,
+        chunk_rows=256,
         attrs={
-            "encoder": {"name": "pixels", "arch": "none", "family": "none", "weights_path": None, "weights_sha256": "0" * 64, **(encoder or {})},
-            "dataset": {"name": "digits", "root": "/data", "class_names": [str(c) for c in range(classes)], "num_classes": classes,
-                        "splits": list(splits), "manifest_sha256": manifest},
+            "encoder": {
+                "name": "pixels",
+                "arch": "none",
+                "family": "none",
+                "weights_path": None,
+                "weights_sha256": "0" * 64,
+                **(encoder or {}),
+            },
+            "dataset": {
+                "name": "digits",
+                "root": "/data",
+                "class_names": [str(c) for c in range(classes)],
+                "num_classes": classes,
+                "splits": list(splits),
+                "manifest_sha256": manifest,
+            },
         },
-    )  # fmt: skip
+    )
     for s, (x, _, _) in splits.items():
         x = x.copy()
         valid = np.ones(len(x), bool)
         valid[invalid.get(s, [])] = False
         x[~valid] = np.nan
         for u in store.units(s):
-            store.write_unit(u, {v: x[u.start : u.stop] for v in views}, valid[u.start : u.stop], {int(r) - u.start: "bad" for r in np.flatnonzero(~valid) if u.start <= r < u.stop} or None)
+            store.write_unit(
+                u,
+                {v: x[u.start : u.stop] for v in views},
+                valid[u.start : u.stop],
+                {int(r) - u.start: "bad" for r in np.flatnonzero(~valid) if u.start <= r < u.stop} or None,
+            )
     if finalize:
         store.finalize()
     return Path(path)
@@ -123,13 +156,38 @@ def test_protocol_hash_stable_and_sensitive():
     p = Protocol()
     assert p.hash == Protocol().hash == Protocol.from_dict(json.loads(json.dumps(p.to_dict()))).hash
     assert Protocol(lr_grid="0.1,0.01").hash == Protocol(lr_grid=[0.01, 0.1]).hash
-    other_process = subprocess.run([sys.executable, "-c", "from probe import Protocol; print(Protocol().hash)"], capture_output=True, text=True, check=True)
+    other_process = subprocess.run(
+        [sys.executable, "-c", "from probe import Protocol; print(Protocol().hash)"], capture_output=True, text=True, check=True
+    )
     assert other_process.stdout.strip() == p.hash
     changes = {
-        "lr_grid": "1e-3,1e-2", "wd_grid": "0,1e-4", "optimizer": "adamw", "epochs": 7, "batch_size": 64, "momentum": 0.8,
-        "betas": (0.8, 0.99), "eps": 1e-6, "schedule": "constant", "normalize": "l2", "val_fraction": 0.2, "seed": 3, "version": 99, "select_on": "holdout",
-    }  # fmt: skip
-    battery = {"methods", "knn_k", "knn_temperature", "knn_weights", "logreg_C", "logreg_max_iter", "logreg_tol", "logreg_refit", "shots", "seeds"}
+        "lr_grid": "1e-3,1e-2",
+        "wd_grid": "0,1e-4",
+        "optimizer": "adamw",
+        "epochs": 7,
+        "batch_size": 64,
+        "momentum": 0.8,
+        "betas": (0.8, 0.99),
+        "eps": 1e-6,
+        "schedule": "constant",
+        "normalize": "l2",
+        "val_fraction": 0.2,
+        "seed": 3,
+        "version": 99,
+        "select_on": "holdout",
+    }
+    battery = {
+        "methods",
+        "knn_k",
+        "knn_temperature",
+        "knn_weights",
+        "logreg_C",
+        "logreg_max_iter",
+        "logreg_tol",
+        "logreg_refit",
+        "shots",
+        "seeds",
+    }
     assert set(changes) | {"selection"} | battery == {f.name for f in fields(Protocol)}  # battery fields: tests/test_battery.py
     hashes = {p.hash}
     for name, value in changes.items():
@@ -137,7 +195,18 @@ def test_protocol_hash_stable_and_sensitive():
     assert len(hashes) == len(changes) + 1
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(optimizer="lbfgs"), dict(normalize="pca"), dict(momentum=1.0), dict(val_fraction=0.0), dict(lr_grid="0,1")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(epochs=0),
+        dict(batch_size=0),
+        dict(optimizer="lbfgs"),
+        dict(normalize="pca"),
+        dict(momentum=1.0),
+        dict(val_fraction=0.0),
+        dict(lr_grid="0,1"),
+    ],
+)
 def test_protocol_rejects_bad_values(bad):
     with pytest.raises(UsageError):
         Protocol(**bad)
@@ -175,7 +244,9 @@ def _batched_vs_single(digits, optimizer, dtype):
     x = torch.from_numpy(x).to(dtype)
     x = H.prepare(x, "standardize", dtype, H.standardize_stats(x))
     y = torch.from_numpy(y)
-    p = Protocol(lr_grid="1e-3,1e-2,0.1", wd_grid="0,1e-3", optimizer=optimizer, epochs=3, batch_size=100)  # 1078 rows: last batch is partial
+    p = Protocol(
+        lr_grid="1e-3,1e-2,0.1", wd_grid="0,1e-3", optimizer=optimizer, epochs=3, batch_size=100
+    )  # 1078 rows: last batch is partial
     orders = torch.from_numpy(H.epoch_orders(len(x), p.epochs, p.seed))
     batched = H.LinearHeads(x.shape[1], 10, *zip(*p.heads), dtype=dtype)
     H.train(x, y, batched, p, orders)
@@ -250,7 +321,9 @@ def test_selection_never_looks_at_test(tmp_path, digits):
     x, y, ids = digits["test"]
     scrambled["test"] = (x, np.random.default_rng(1).permutation(y)[::-1].copy(), ids)
     a = probe.fit([make_store(tmp_path / "a.zarr", digits)], Protocol(**FAST), device="cpu", warn=lambda m: None)
-    b = probe.fit([make_store(tmp_path / "b.zarr", scrambled)], Protocol(**FAST), device="cpu", warn=lambda m: None, allow_different_data=True)
+    b = probe.fit(
+        [make_store(tmp_path / "b.zarr", scrambled)], Protocol(**FAST), device="cpu", warn=lambda m: None, allow_different_data=True
+    )
     pick = lambda rows: next(r for r in rows if r["selected"])  # noqa: E731
     assert pick(a)["lr"] == pick(b)["lr"]
     assert [r["select_top1_pct"] for r in a] == [r["select_top1_pct"] for r in b]
@@ -262,7 +335,11 @@ def test_holdout_when_store_has_no_val(tmp_path, digits):
     s = make_store(tmp_path / "tt.zarr", two, manifest="m2")
     rows = probe.fit(s, Protocol(**FAST), device="cpu", warn=lambda m: None)
     r = rows[0]
-    assert r["select_split"] == "holdout" and r["report_split"] == "test" and r["reported_as"] == "test (reported; selection on a 10% train holdout)"
+    assert (
+        r["select_split"] == "holdout"
+        and r["report_split"] == "test"
+        and r["reported_as"] == "test (reported; selection on a 10% train holdout)"
+    )
     assert r["n_train"] + r["n_select"] == len(digits["train"][1]) and abs(r["n_select"] - 0.1 * len(digits["train"][1])) <= 10
     again = probe.fit(s, Protocol(**FAST), device="cpu", warn=lambda m: None)
     assert [r["select_top1_pct"] for r in rows] == [r["select_top1_pct"] for r in again]
@@ -281,7 +358,11 @@ def test_holdout_when_store_has_no_val(tmp_path, digits):
     assert [c for c, _ in probe.output.plots.plot_panels(rows)] == ["select_top1_pct"]
     opted = probe.fit(only, Protocol(select_on="report", **FAST), device="cpu", warn=lambda m: None)
     sel = next(r for r in opted if r["selected"])
-    assert sel["report_split"] == "holdout" and sel["report_top1_pct"] == sel["select_top1_pct"] and "max over the reported split" in sel["reported_as"]
+    assert (
+        sel["report_split"] == "holdout"
+        and sel["report_top1_pct"] == sel["select_top1_pct"]
+        and "max over the reported split" in sel["reported_as"]
+    )
 
 
 def test_two_stores_share_protocol_and_minibatch_order(tmp_path, digits):
@@ -307,7 +388,11 @@ def test_invalid_and_nonfinite_rows_are_excluded_and_counted(tmp_path, digits):
     rows = probe.fit(s, Protocol(**FAST), device="cpu", warn=warnings.append)
     r = rows[0]
     assert r["excluded_invalid"] == 3 and r["excluded_nonfinite"] == 1
-    assert r["n_train"] == len(digits["train"][1]) - 2 and r["n_select"] == len(digits["val"][1]) - 1 and r["n_report"] == len(digits["test"][1]) - 1
+    assert (
+        r["n_train"] == len(digits["train"][1]) - 2
+        and r["n_select"] == len(digits["val"][1]) - 1
+        and r["n_report"] == len(digits["test"][1]) - 1
+    )
     assert any("1 valid rows have NaN/Inf" in w and "'val'" in w for w in warnings)
 
 
@@ -331,15 +416,55 @@ def test_diverged_heads_are_flagged_and_never_selected(store):
 
 def test_cli_writes_csv_protocol_and_plot(store, tmp_path):
     out = tmp_path / "res"
-    code, output = run_cli(["fit", "--store", str(store), "--lr-grid", "1e-3:1e-1:5", "--wd-grid", "0,1e-4", "--epochs", "5", "--batch-size", "128", "--out", str(out)])
+    code, output = run_cli(
+        [
+            "fit",
+            "--store",
+            str(store),
+            "--lr-grid",
+            "1e-3:1e-1:5",
+            "--wd-grid",
+            "0,1e-4",
+            "--epochs",
+            "5",
+            "--batch-size",
+            "128",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, output
     with open(out / "results.csv") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
     assert reader.fieldnames == probe.COLUMNS
-    for col in ["label", "store", "encoder", "weights_sha256", "view", "lr", "wd", "epochs", "batch_size", "normalize", "seed", "select_on",
-                "select_split", "report_split", "reported_as", "train_top1_pct", "select_top1_pct", "report_top1_pct",
-                "train_top5_pct", "select_top5_pct", "report_top5_pct", "selected", "best_report", "protocol_hash", "sweep_seconds"]:  # fmt: skip
+    for col in [
+        "label",
+        "store",
+        "encoder",
+        "weights_sha256",
+        "view",
+        "lr",
+        "wd",
+        "epochs",
+        "batch_size",
+        "normalize",
+        "seed",
+        "select_on",
+        "select_split",
+        "report_split",
+        "reported_as",
+        "train_top1_pct",
+        "select_top1_pct",
+        "report_top1_pct",
+        "train_top5_pct",
+        "select_top5_pct",
+        "report_top5_pct",
+        "selected",
+        "best_report",
+        "protocol_hash",
+        "sweep_seconds",
+    ]:
         assert col in reader.fieldnames
     assert not {"test_top1", "val_top1", "seconds"} & set(reader.fieldnames)
     assert len(rows) == 10 and sum(r["selected"] == "true" for r in rows) == 1 and sum(r["best_report"] == "true" for r in rows) == 1
@@ -352,7 +477,9 @@ def test_cli_writes_csv_protocol_and_plot(store, tmp_path):
 
 
 def test_cli_fixed_lr_and_api_mirror(store, tmp_path):
-    code, output = run_cli(["fit", "--store", str(store), "--lr", "0.05", "--epochs", "3", "--batch-size", "256", "--out", str(tmp_path / "o"), "--quiet"])
+    code, output = run_cli(
+        ["fit", "--store", str(store), "--lr", "0.05", "--epochs", "3", "--batch-size", "256", "--out", str(tmp_path / "o"), "--quiet"]
+    )
     assert code == 0, output
     assert "lr (fixed)" in output and "best-of-sweep" not in output
     rows = probe.fit([store], Protocol(lr_grid=[0.05], epochs=3, batch_size=256), device="cpu")
@@ -412,7 +539,12 @@ def bad_stores(tmp_path_factory, digits):
         ("grid-neg", ["--store", "{good}", "--lr-grid", "1e-3,-1"], 2, ["-1.0 is not a positive number"]),
         ("both", ["--store", "{good}", "--lr", "0.1", "--lr-grid", "0.1,1"], 2, ["exclusive"]),
         ("single", ["--store", "{single}", "--lr", "0.1"], 2, ["single class"]),
-        ("manifest", ["--store", "{good}", "--store", "{other}", "--lr", "0.1"], 2, ["different data", "manifest_sha256", "--allow-different-data"]),
+        (
+            "manifest",
+            ["--store", "{good}", "--store", "{other}", "--lr", "0.1"],
+            2,
+            ["different data", "manifest_sha256", "--allow-different-data"],
+        ),
         ("allinvalid", ["--store", "{alltrainnan}", "--lr", "0.1"], 1, ["no valid rows"]),
         ("choice", ["--store", "{good}", "--normalize", "pca"], 2, ["pca"]),
         ("nostore", ["--lr", "0.1"], 2, ["--store"]),
@@ -430,7 +562,22 @@ def test_cli_bad_inputs(case, args, code, needles, bad_stores, store, tmp_path):
 
 
 def test_allow_different_data_warns(store, bad_stores, tmp_path):
-    code, output = run_cli(["fit", "--store", str(store), "--store", str(bad_stores["other"]), "--lr", "0.1", "--epochs", "1", "--allow-different-data", "--out", str(tmp_path / "o")])
+    code, output = run_cli(
+        [
+            "fit",
+            "--store",
+            str(store),
+            "--store",
+            str(bad_stores["other"]),
+            "--lr",
+            "0.1",
+            "--epochs",
+            "1",
+            "--allow-different-data",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 0, output
     assert "warning: stores" in output and "different data" in output
 
@@ -613,7 +760,14 @@ def test_out_is_never_silently_overwritten(store, tmp_path):
     (out / "stale.txt").write_text("notes")
     code, output = run_cli([*args, "--seed", "3", "--out", str(out), "--overwrite"])
     assert code == 0, output
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy_vs_lr.png", "predictions.csv", "protocol.json", "results.csv", "stale.txt", "summary.csv"]  # others' files stay
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy_vs_lr.png",
+        "predictions.csv",
+        "protocol.json",
+        "results.csv",
+        "stale.txt",
+        "summary.csv",
+    ]  # others' files stay
     assert len((out / "results.csv").read_text().splitlines()) == 2 and ",3," in (out / "results.csv").read_text()
     mine = tmp_path / "mine"
     mine.mkdir()

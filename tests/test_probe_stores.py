@@ -25,10 +25,19 @@ def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch")
     d = digits_splits()
     narrow = {k: (x[:, :40], y, i) for k, (x, y, i) in d.items()}
-    cnn = make_store(root / "r18.zarr", d, view="pool", encoder={"name": "resnet18", "family": "cnn", "weights_path": "/w/resnet18_a1_in1k.safetensors"})
+    cnn = make_store(
+        root / "r18.zarr", d, view="pool", encoder={"name": "resnet18", "family": "cnn", "weights_path": "/w/resnet18_a1_in1k.safetensors"}
+    )
     vit = make_store(root / "dino.zarr", narrow, view="cls", extra_views=("avgpool", "cls4"), encoder={"name": "dino", "family": "vit"})
-    vit2 = make_store(root / "other" / "dino.zarr", narrow, view="cls", encoder={"name": "dino", "family": "vit", "weights_path": "/w/dino_vitb16_pretrain.pth"})
-    ft = make_store(root / "ft.zarr", narrow, view="cls", encoder={"name": "dino", "family": "vit", "weights_path": "/w/my_dino_finetune.pth"})
+    vit2 = make_store(
+        root / "other" / "dino.zarr",
+        narrow,
+        view="cls",
+        encoder={"name": "dino", "family": "vit", "weights_path": "/w/dino_vitb16_pretrain.pth"},
+    )
+    ft = make_store(
+        root / "ft.zarr", narrow, view="cls", encoder={"name": "dino", "family": "vit", "weights_path": "/w/my_dino_finetune.pth"}
+    )
     return {"cnn": cnn, "vit": vit, "vit2": vit2, "ft": ft, "root": root}
 
 
@@ -57,8 +66,24 @@ def test_primary_views_compare_a_cnn_with_a_vit(stores):
 
 def test_per_store_view_and_labels_through_the_cli(stores, tmp_path):
     out = tmp_path / "res"
-    code, output = run_cli(["fit", "--store", f"cnn={stores['cnn']}", "--store", f"vit={stores['vit']}:cls4", "--lr-grid", "1e-2,0.1",
-                            "--epochs", "5", "--batch-size", "128", "--out", str(out), "--quiet"])  # fmt: skip
+    code, output = run_cli(
+        [
+            "fit",
+            "--store",
+            f"cnn={stores['cnn']}",
+            "--store",
+            f"vit={stores['vit']}:cls4",
+            "--lr-grid",
+            "1e-2,0.1",
+            "--epochs",
+            "5",
+            "--batch-size",
+            "128",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0, output
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -75,13 +100,20 @@ def test_default_labels_tell_stores_apart(stores):
     # weights file name, else the model name; a fine-tuned and a pretrained DINO differ
     assert assign_labels(specs, opened) == ["dino", "dino_vitb16_pretrain", "my_dino_finetune"]
     # equal defaults: the folder name, or the whole path when the folder names are equal too
-    twin = make_store(stores["root"] / "again" / "dino.zarr", {k: (x[:, :40], y, i) for k, (x, y, i) in digits_splits().items()},
-                      view="cls", encoder={"name": "dino", "family": "vit"})  # fmt: skip
+    twin = make_store(
+        stores["root"] / "again" / "dino.zarr",
+        {k: (x[:, :40], y, i) for k, (x, y, i) in digits_splits().items()},
+        view="cls",
+        encoder={"name": "dino", "family": "vit"},
+    )
     pair = [StoreSpec(str(stores["vit"])), StoreSpec(str(twin))]
     opened = [FeatureStore.open(stores["vit"]), FeatureStore.open(twin)]
     assert assign_labels(pair, opened) == [f"dino ({stores['vit']})", f"dino ({twin})"]
     # a default equal to another store's given label gives way to it
-    assert assign_labels([StoreSpec(str(stores["ft"]), "dino"), pair[1]], [FeatureStore.open(stores["ft"]), opened[1]]) == ["dino", "dino (dino.zarr)"]
+    assert assign_labels([StoreSpec(str(stores["ft"]), "dino"), pair[1]], [FeatureStore.open(stores["ft"]), opened[1]]) == [
+        "dino",
+        "dino (dino.zarr)",
+    ]
     rows = probe.fit([stores["vit"], stores["ft"]], P, device="cpu", warn=lambda m: None)
     assert {r["label"] for r in rows} == {"dino", "my_dino_finetune"}
     table = probe.output.tables.markdown_table(rows, P)

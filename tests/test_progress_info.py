@@ -102,8 +102,16 @@ def test_logs_get_progress_lines_and_info_shows_the_run(folder_with_bad_file, tm
     assert done == sorted(done) and done[-1] == 25 and {m.group(3) for m in lines} == {"25"}
     assert lines[-1].group(6).startswith("done in") and lines[-1].group(7) == "1"
     assert "\r" not in run.stderr and "it/s" not in run.stderr  # no tqdm bar in a log
-    quiet = _featstore("extract", *ARGS, "--dataset", str(folder_with_bad_file), "--out", str(tmp_path / "q.zarr"),
-                       "--no-progress", env={PROGRESS_SECONDS_ENV: "0"})
+    quiet = _featstore(
+        "extract",
+        *ARGS,
+        "--dataset",
+        str(folder_with_bad_file),
+        "--out",
+        str(tmp_path / "q.zarr"),
+        "--no-progress",
+        env={PROGRESS_SECONDS_ENV: "0"},
+    )
     assert quiet.returncode == 0 and quiet.stderr == ""
 
     store = FeatureStore.open(out)
@@ -118,12 +126,24 @@ def test_logs_get_progress_lines_and_info_shows_the_run(folder_with_bad_file, tm
 @pytest.mark.slow
 def test_info_of_an_incomplete_store_shows_the_command_that_resumes_it(folder_with_bad_file, tmp_path):
     out = tmp_path / "r.zarr"
-    killed = _featstore("extract", *ARGS, "--loader", "torch", "--chunk-rows", "8", "--dataset", str(folder_with_bad_file),
-                        "--out", str(out), "--no-progress", runner=("-m", "tests.fault_runner", "kill-in-unit", "1", "--"))
+    killed = _featstore(
+        "extract",
+        *ARGS,
+        "--loader",
+        "torch",
+        "--chunk-rows",
+        "8",
+        "--dataset",
+        str(folder_with_bad_file),
+        "--out",
+        str(out),
+        "--no-progress",
+        runner=("-m", "tests.fault_runner", "kill-in-unit", "1", "--"),
+    )
     assert killed.returncode == -9
     info = _featstore("info", str(out))
     assert "INCOMPLETE" in info.stdout
-    command = next(line for line in info.stdout.splitlines() if line.startswith("resume "))[len("resume"):].strip()
+    command = next(line for line in info.stdout.splitlines() if line.startswith("resume "))[len("resume") :].strip()
     args = shlex.split(command)
     assert args[:2] == ["featstore", "extract"] and "--overwrite" not in args
     assert args[args.index("--out") + 1] == str(out.resolve()) and args[args.index("--loader") + 1] == "torch"
@@ -154,15 +174,18 @@ def test_every_option_of_extract_and_info_has_help():
 def test_the_command_line_starts_without_heavy_imports():
     """`featstore --help`, `extract --help` and `info` import neither torch nor zarr nor timm nor DALI
     (the measured start-up time is in benchmarks/RESULTS.md)."""
-    code = ("import sys\n"
-            "from featstore.cli import cli\n"
-            "from featstore.console import run_cli\n"
-            "for args in (['--help'], ['extract', '--help'], ['info', '--help']):\n"
-            "    assert run_cli(cli, 'featstore', args) == 0\n"
-            "heavy = ('torch', 'zarr', 'timm', 'nvidia.dali', 'torchvision', 'PIL')\n"
-            "print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    code = (
+        "import sys\n"
+        "from featstore.cli import cli\n"
+        "from featstore.console import run_cli\n"
+        "for args in (['--help'], ['extract', '--help'], ['info', '--help']):\n"
+        "    assert run_cli(cli, 'featstore', args) == 0\n"
+        "heavy = ('torch', 'zarr', 'timm', 'nvidia.dali', 'torchvision', 'PIL')\n"
+        "print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120
+    )
     assert run.returncode == 0, run.stderr
     assert run.stderr.strip().splitlines()[-1] == "[]"
 
@@ -174,16 +197,35 @@ def test_resume_command_round_trips_through_the_cli_parser(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "digits").mkdir()  # a folder named like the built-in dataset must not shadow it
-    config = ExtractConfig(model="resnet18", dataset="digits", out="out dir/x.zarr", random_init=True, overwrite=True,
-                           views=["pool"], batch_size=8, dtype="float32", image_size=32, resize=40,
-                           interpolation="bilinear", mean=(0.5, 0.5, 0.5), strict=True)
+    config = ExtractConfig(
+        model="resnet18",
+        dataset="digits",
+        out="out dir/x.zarr",
+        random_init=True,
+        overwrite=True,
+        views=["pool"],
+        batch_size=8,
+        dtype="float32",
+        image_size=32,
+        resize=40,
+        interpolation="bilinear",
+        mean=(0.5, 0.5, 0.5),
+        strict=True,
+    )
     args = shlex.split(resume_command(config, "torch"))
     assert args[:2] == ["featstore", "extract"] and "--overwrite" not in args
     ctx = cli.commands["extract"].make_context("extract", args[2:])
     p = ctx.params
     assert p["dataset"] == "digits" and p["out"] == str(tmp_path / "out dir" / "x.zarr") and p["loader"] == "torch"
-    assert (p["views"], p["batch_size"], p["dtype"], p["image_size"], p["resize"], p["interpolation"], p["mean"]) == \
-        ("pool", 8, "float32", 32, 40, "bilinear", (0.5, 0.5, 0.5))
+    assert (p["views"], p["batch_size"], p["dtype"], p["image_size"], p["resize"], p["interpolation"], p["mean"]) == (
+        "pool",
+        8,
+        "float32",
+        32,
+        40,
+        "bilinear",
+        (0.5, 0.5, 0.5),
+    )
     assert p["random_init"] and p["strict"] and not p["overwrite"] and p["workers"] == 2
 
 

@@ -18,8 +18,27 @@ from featstore.store import PROGRESS, FeatureStore
 pytestmark = pytest.mark.slow  # every test here runs featstore extractions in subprocesses (kill, resume, ranks)
 
 REPO = Path(__file__).resolve().parent.parent
-ARGS = ["extract", "--model", "resnet18", "--random-init", "--dataset", "digits", "--image-size", "16", "--resize", "16",
-        "--loader", "torch", "--workers", "0", "--batch-size", "32", "--chunk-rows", "64", "--no-progress"]
+ARGS = [
+    "extract",
+    "--model",
+    "resnet18",
+    "--random-init",
+    "--dataset",
+    "digits",
+    "--image-size",
+    "16",
+    "--resize",
+    "16",
+    "--loader",
+    "torch",
+    "--workers",
+    "0",
+    "--batch-size",
+    "32",
+    "--chunk-rows",
+    "64",
+    "--no-progress",
+]
 
 
 def _env():
@@ -97,10 +116,15 @@ def test_kill_at_random_points_then_resume(clean, tmp_path):
     assert kills >= 10
 
 
-@pytest.mark.parametrize("mode,param", [
-    ("kill-in-unit", "0"), ("kill-in-unit", "20"),
-    ("kill-in-finalize", "before-complete"), ("kill-in-finalize", "after-complete"),
-])
+@pytest.mark.parametrize(
+    "mode,param",
+    [
+        ("kill-in-unit", "0"),
+        ("kill-in-unit", "20"),
+        ("kill-in-finalize", "before-complete"),
+        ("kill-in-finalize", "after-complete"),
+    ],
+)
 def test_kill_inside_unit_write_and_finalize(clean, tmp_path, mode, param):
     snapshot, _ = clean
     out = tmp_path / "s.zarr"
@@ -121,8 +145,15 @@ def test_ctrl_c_is_one_line_and_resumable(clean, tmp_path):
     snapshot, duration = clean
     out = tmp_path / "int.zarr"
     # a shell without job control starts background jobs with SIGINT ignored (as CI may): restore it
-    proc = subprocess.Popen(_cmd(out, "slow-units", "0.3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                            cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        _cmd(out, "slow-units", "0.3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while not list((out / PROGRESS).glob("*/unit-*.json")) and time.time() < deadline:  # mid-extraction
         time.sleep(0.05)

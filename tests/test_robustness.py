@@ -17,8 +17,8 @@ from PIL import Image
 from featstore import extraction as extract_module
 from featstore.errors import FeatstoreError, UsageError
 from featstore.extraction import ExtractConfig, extract
-from featstore.store.lock import StoreLock
 from featstore.store import PROGRESS, FeatureStore
+from featstore.store.lock import StoreLock
 from tests.conftest import dali_or_skip
 from tests.image_kinds import write_bad_files, write_cmyk_jpeg, write_good_images, write_png16
 
@@ -48,10 +48,15 @@ _on_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loader, device", [
-    ("torch", "cpu"), ("dali", "cpu"), ("nvjpeg", "cpu"),
-    *(pytest.param(name, "cuda", marks=_on_cuda) for name in ("torch", "dali", "nvjpeg")),
-])
+@pytest.mark.parametrize(
+    "loader, device",
+    [
+        ("torch", "cpu"),
+        ("dali", "cpu"),
+        ("nvjpeg", "cpu"),
+        *(pytest.param(name, "cuda", marks=_on_cuda) for name in ("torch", "dali", "nvjpeg")),
+    ],
+)
 def test_bad_files_are_recorded_and_good_rows_match(loader, device, messy, tmp_path, capsys):
     if loader == "dali":
         dali_or_skip()
@@ -104,12 +109,15 @@ def test_cache_hit_builds_no_model(small_folder, tmp_path, monkeypatch):
     assert result.status == "up to date" and "up to date" in result.summary()
 
 
-@pytest.mark.parametrize("change,field", [
-    (dict(image_size=48, resize=48), "preprocessing"),
-    (dict(interpolation="bicubic"), "preprocessing"),
-    (dict(dtype="float16"), "dtype"),
-    pytest.param(dict(views=["pool"]), "views", marks=pytest.mark.slow),  # measured over 1.5 s (the others about 1 s)
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (dict(image_size=48, resize=48), "preprocessing"),
+        (dict(interpolation="bicubic"), "preprocessing"),
+        (dict(dtype="float16"), "dtype"),
+        pytest.param(dict(views=["pool"]), "views", marks=pytest.mark.slow),  # measured over 1.5 s (the others about 1 s)
+    ],
+)
 def test_changed_key_is_refused_naming_fields(small_folder, tmp_path, change, field):
     out = tmp_path / "k.zarr"
     extract(_config(small_folder, out, loader="torch"), progress=False)
@@ -191,19 +199,42 @@ def test_disk_full_is_one_error_and_resumable(small_folder, tmp_path):
 
 def test_float16_overflow_is_reported(small_folder, tmp_path):
     model_file = tmp_path / "loud.py"
-    model_file.write_text(textwrap.dedent("""
+    model_file.write_text(
+        textwrap.dedent("""
         import torch
         class Loud(torch.nn.Module):
             def forward(self, x):
                 return x.mean(dim=(2, 3)) * 0 + 1e6   # finite in float32, Inf in float16
         def build():
             return Loud()
-    """))
-    result = extract(ExtractConfig(model=f"{model_file}:build", dataset=str(small_folder), out=str(tmp_path / "o.zarr"),
-                                   loader="torch", workers=0, image_size=32, resize=32), progress=False)
+    """)
+    )
+    result = extract(
+        ExtractConfig(
+            model=f"{model_file}:build",
+            dataset=str(small_folder),
+            out=str(tmp_path / "o.zarr"),
+            loader="torch",
+            workers=0,
+            image_size=32,
+            resize=32,
+        ),
+        progress=False,
+    )
     assert result.nonfinite == 24 and "--dtype float32" in result.summary()
-    ok = extract(ExtractConfig(model=f"{model_file}:build", dataset=str(small_folder), out=str(tmp_path / "o32.zarr"),
-                               loader="torch", workers=0, image_size=32, resize=32, dtype="float32"), progress=False)
+    ok = extract(
+        ExtractConfig(
+            model=f"{model_file}:build",
+            dataset=str(small_folder),
+            out=str(tmp_path / "o32.zarr"),
+            loader="torch",
+            workers=0,
+            image_size=32,
+            resize=32,
+            dtype="float32",
+        ),
+        progress=False,
+    )
     assert ok.nonfinite == 0
     store = FeatureStore.open(tmp_path / "o32.zarr")
     assert store.views == {"features": 3}
@@ -212,7 +243,8 @@ def test_float16_overflow_is_reported(small_folder, tmp_path):
 
 def test_user_builder_with_named_views(small_folder, tmp_path):
     model_file = tmp_path / "mine.py"
-    model_file.write_text(textwrap.dedent("""
+    model_file.write_text(
+        textwrap.dedent("""
         import torch
         class Two(torch.nn.Module):
             def __init__(self):
@@ -224,9 +256,21 @@ def test_user_builder_with_named_views(small_folder, tmp_path):
         def build():
             torch.manual_seed(0)
             return Two()
-    """))
-    extract(ExtractConfig(model=f"{model_file}:build", dataset=str(small_folder), out=str(tmp_path / "u.zarr"),
-                          loader="torch", workers=0, image_size=32, resize=32, views=["max"]), progress=False)
+    """)
+    )
+    extract(
+        ExtractConfig(
+            model=f"{model_file}:build",
+            dataset=str(small_folder),
+            out=str(tmp_path / "u.zarr"),
+            loader="torch",
+            workers=0,
+            image_size=32,
+            resize=32,
+            views=["max"],
+        ),
+        progress=False,
+    )
     store = FeatureStore.open(tmp_path / "u.zarr")
     assert store.views == {"max": 8} and store.attrs["encoder"]["family"] == "custom"
 
@@ -265,22 +309,36 @@ def test_builder_by_module_path_and_its_errors(small_folder, tmp_path, monkeypat
     pkg = tmp_path / "mymodels"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "nets.py").write_text(textwrap.dedent("""
+    (pkg / "nets.py").write_text(
+        textwrap.dedent("""
         import torch
         def build():
             torch.manual_seed(0)
             return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
         not_callable = 3
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    extract(ExtractConfig(model="mymodels.nets:build", dataset=str(small_folder), out=str(tmp_path / "m.zarr"),
-                          loader="torch", workers=0, image_size=32, resize=32), progress=False)
+    extract(
+        ExtractConfig(
+            model="mymodels.nets:build",
+            dataset=str(small_folder),
+            out=str(tmp_path / "m.zarr"),
+            loader="torch",
+            workers=0,
+            image_size=32,
+            resize=32,
+        ),
+        progress=False,
+    )
     store = FeatureStore.open(tmp_path / "m.zarr")
     assert store.views == {"features": 4} and store.attrs["encoder"]["arch"] == "user:mymodels.nets:build"
-    for spec, needle in (("mymodels.nets:missing", "has no callable 'missing'"),
-                         ("mymodels.nets:not_callable", "has no callable 'not_callable'"),
-                         ("mymodels.nope:build", "cannot import 'mymodels.nope'"),
-                         (f"{tmp_path / 'nope.py'}:build", "not found")):
+    for spec, needle in (
+        ("mymodels.nets:missing", "has no callable 'missing'"),
+        ("mymodels.nets:not_callable", "has no callable 'not_callable'"),
+        ("mymodels.nope:build", "cannot import 'mymodels.nope'"),
+        (f"{tmp_path / 'nope.py'}:build", "not found"),
+    ):
         with pytest.raises(UsageError, match=needle):
             extract(ExtractConfig(model=spec, dataset=str(small_folder), out=str(tmp_path / "x.zarr"), loader="torch"), progress=False)
     assert not (tmp_path / "x.zarr").exists()
@@ -288,8 +346,8 @@ def test_builder_by_module_path_and_its_errors(small_folder, tmp_path, monkeypat
 
 def test_cache_key_separates_cpu_and_cuda_features():
     from featstore.datasets import resolve_dataset
-    from featstore.models.encoders import resolve_encoder
     from featstore.extraction import cache_fields, cache_key
+    from featstore.models.encoders import resolve_encoder
 
     spec = resolve_encoder("resnet18", random_init=True)
     manifest = resolve_dataset("digits")

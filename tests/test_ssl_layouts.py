@@ -21,8 +21,8 @@ import torch
 import torchvision
 from torch import nn
 
-from featstore.models.encoders import build_encoder, resolve_encoder
 from featstore.errors import FeatstoreError
+from featstore.models.encoders import build_encoder, resolve_encoder
 
 IMAGES = {s: torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(s)) for s in (32, 56, 224)}
 
@@ -87,8 +87,15 @@ def _solo(model, method: str) -> dict:
     sd = m.state_dict()
     if method != "simclr":
         sd.update(prefixed("momentum_backbone.", perturbed(m.backbone.state_dict(), 1)))
-    return {"epoch": 9, "global_step": 90, "pytorch-lightning_version": "2.1.0", "state_dict": sd,
-            "optimizer_states": [], "lr_schedulers": [], "callbacks": {}}
+    return {
+        "epoch": 9,
+        "global_step": 90,
+        "pytorch-lightning_version": "2.1.0",
+        "state_dict": sd,
+        "optimizer_states": [],
+        "lr_schedulers": [],
+        "callbacks": {},
+    }
 
 
 def _lightly_byol(model) -> dict:
@@ -179,9 +186,18 @@ def _moco_v2(model) -> dict:
     """moco main_moco.py: {'epoch', 'arch', 'state_dict': DDP(MoCo) with module.encoder_q / encoder_k
     (fc an MLP with --mlp), module.queue, module.queue_ptr}."""
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    mlp = {"fc.0.weight": torch.randn(512, 512), "fc.0.bias": torch.zeros(512), "fc.2.weight": torch.randn(8, 512), "fc.2.bias": torch.zeros(8)}
-    state = {**prefixed("module.encoder_q.", {**sd, **mlp}), **prefixed("module.encoder_k.", {**perturbed(sd, 6), **mlp}),
-             "module.queue": torch.randn(8, 16), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
+    mlp = {
+        "fc.0.weight": torch.randn(512, 512),
+        "fc.0.bias": torch.zeros(512),
+        "fc.2.weight": torch.randn(8, 512),
+        "fc.2.bias": torch.zeros(8),
+    }
+    state = {
+        **prefixed("module.encoder_q.", {**sd, **mlp}),
+        **prefixed("module.encoder_k.", {**perturbed(sd, 6), **mlp}),
+        "module.queue": torch.randn(8, 16),
+        "module.queue_ptr": torch.zeros(1, dtype=torch.long),
+    }
     return {"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {}}
 
 
@@ -197,8 +213,11 @@ CNN_LAYOUTS = {
     "sthalles simclr": _sthalles,
     "moco v2": _moco_v2,
     # swav main_swav.py saves the DDP state: module.* with module.projection_head.* and module.prototypes.weight
-    "swav": lambda m: {**prefixed("module.", {k: v for k, v in m.state_dict().items() if not k.startswith("fc.")}),
-                       "module.projection_head.0.weight": torch.randn(8, 512), "module.prototypes.weight": torch.randn(16, 8)},
+    "swav": lambda m: {
+        **prefixed("module.", {k: v for k, v in m.state_dict().items() if not k.startswith("fc.")}),
+        "module.projection_head.0.weight": torch.randn(8, 512),
+        "module.prototypes.weight": torch.randn(16, 8),
+    },
     # mmselfsup tools/model_converters/extract_backbone_weights.py: {'state_dict': backbone keys}
     "mmselfsup extracted": lambda m: {"state_dict": {k: v for k, v in m.state_dict().items() if not k.startswith("fc.")}},
     # a single entry of another name holding the tensors
@@ -257,15 +276,22 @@ def test_dino_full_checkpoint_takes_teacher_without_trust(vit_s, tmp_path):
     model, ref = vit_s
     sd = model.state_dict()
     head = {"head.mlp.0.weight": torch.randn(16, 384), "head.last_layer.weight_g": torch.ones(8, 1)}
-    ckpt = {"student": prefixed("module.", {**prefixed("backbone.", perturbed(sd, 8)), **head}),
-            "teacher": {**prefixed("backbone.", sd), **head}, "optimizer": {"state": {}, "param_groups": []},
-            "epoch": 100, "args": _dino_args(), "dino_loss": {"center": torch.zeros(1, 16)}}
+    ckpt = {
+        "student": prefixed("module.", {**prefixed("backbone.", perturbed(sd, 8)), **head}),
+        "teacher": {**prefixed("backbone.", sd), **head},
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": 100,
+        "args": _dino_args(),
+        "dino_loss": {"center": torch.zeros(1, 16)},
+    }
     torch.save(ckpt, tmp_path / "checkpoint.pth")
     out, report = features("dinov1", tmp_path / "checkpoint.pth", 32)
     _assert_views(out, ref)
     assert "took 'teacher'" in report and "dropped head/projection 2" in report
     # the args say DINO vit_small (6 heads): MoCo v3's 12-head ViT-S is refused
-    with pytest.raises(FeatstoreError, match=r"trained as DINO/iBOT vit_small \(6 heads.*but mocov3-vits \[timm:vit_small_patch16_224\] has 12 heads"):
+    with pytest.raises(
+        FeatstoreError, match=r"trained as DINO/iBOT vit_small \(6 heads.*but mocov3-vits \[timm:vit_small_patch16_224\] has 12 heads"
+    ):
         features("mocov3-vits", tmp_path / "checkpoint.pth", 32)
 
 
@@ -275,8 +301,13 @@ def test_ibot_checkpoint_takes_teacher_and_drops_masked_embed(vit_s, tmp_path):
     model, ref = vit_s
     sd = {**model.state_dict(), "masked_embed": torch.zeros(1, 384)}
     head = {"head.mlp.0.weight": torch.randn(16, 384), "head.last_layer2.weight_g": torch.ones(8, 1)}
-    ckpt = {"student": prefixed("module.backbone.", perturbed(sd, 9)), "teacher": {**prefixed("backbone.", sd), **head},
-            "epoch": 800, "args": _dino_args(), "ibot_loss": {"center": torch.zeros(1, 16)}}
+    ckpt = {
+        "student": prefixed("module.backbone.", perturbed(sd, 9)),
+        "teacher": {**prefixed("backbone.", sd), **head},
+        "epoch": 800,
+        "args": _dino_args(),
+        "ibot_loss": {"center": torch.zeros(1, 16)},
+    }
     torch.save(ckpt, tmp_path / "checkpoint.pth")
     out, report = features("ibot-s", tmp_path / "checkpoint.pth", 32)
     _assert_views(out, ref)
@@ -290,9 +321,18 @@ def test_msn_takes_target_encoder(vit_s, tmp_path):
     model, ref = vit_s
     sd = model.state_dict()
     fc = {"fc.fc1.weight": torch.randn(16, 384), "fc.bn1.weight": torch.ones(16), "fc.fc3.weight": torch.randn(8, 16)}
-    ckpt = {"encoder": prefixed("module.", {**perturbed(sd, 10), **fc}), "opt": {"state": {}, "param_groups": []},
-            "prototypes": torch.randn(32, 8), "target_encoder": prefixed("module.", {**sd, **fc}), "epoch": 800,
-            "loss": 1.0, "batch_size": 32, "world_size": 8, "lr": 0.001, "temperature": 0.1}
+    ckpt = {
+        "encoder": prefixed("module.", {**perturbed(sd, 10), **fc}),
+        "opt": {"state": {}, "param_groups": []},
+        "prototypes": torch.randn(32, 8),
+        "target_encoder": prefixed("module.", {**sd, **fc}),
+        "epoch": 800,
+        "loss": 1.0,
+        "batch_size": 32,
+        "world_size": 8,
+        "lr": 0.001,
+        "temperature": 0.1,
+    }
     torch.save(ckpt, tmp_path / "vits16_800ep.pth.tar")
     out, report = features("msn-s", tmp_path / "vits16_800ep.pth.tar", 32)
     _assert_views(out, ref)
@@ -308,13 +348,23 @@ def test_ijepa_takes_target_encoder_no_cls(tmp_path):
 
     model = _vit_s(class_token=False, global_pool="avg", fc_norm=False)
     sd = model.state_dict()
-    ckpt = {"encoder": prefixed("module.", perturbed(sd, 12)), "predictor": {"module.predictor_embed.weight": torch.randn(8, 384)},
-            "target_encoder": prefixed("module.", sd), "opt": {}, "scaler": None, "epoch": 300, "loss": 0.1,
-            "batch_size": 16, "world_size": 8, "lr": 0.001}
+    ckpt = {
+        "encoder": prefixed("module.", perturbed(sd, 12)),
+        "predictor": {"module.predictor_embed.weight": torch.randn(8, 384)},
+        "target_encoder": prefixed("module.", sd),
+        "opt": {},
+        "scaler": None,
+        "epoch": 300,
+        "loss": 0.1,
+        "batch_size": 16,
+        "world_size": 8,
+        "lr": 0.001,
+    }
     path = tmp_path / "ijepa.pth.tar"
     torch.save(ckpt, path)
-    target = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=32, class_token=False,
-                               global_pool="avg", fc_norm=False)
+    target = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, num_classes=0, img_size=32, class_token=False, global_pool="avg", fc_norm=False
+    )
     report = load_weights(target, path, arch="timm:vit_small_patch16_224")
     _assert_views(_vit_features(target.eval(), IMAGES[32]), _vit_features(model, IMAGES[32]))
     assert "target_encoder" in report.taken
@@ -326,8 +376,17 @@ def _mocov3_vit_small() -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(13)
-    return VisionTransformer(img_size=32, patch_size=16, embed_dim=384, depth=12, num_heads=12, mlp_ratio=4, qkv_bias=True,
-                             norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=0).eval()
+    return VisionTransformer(
+        img_size=32,
+        patch_size=16,
+        embed_dim=384,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_classes=0,
+    ).eval()
 
 
 @pytest.mark.slow
@@ -337,10 +396,17 @@ def test_mocov3_vits_has_12_heads_and_wrong_heads_are_refused(tmp_path):
     model = _mocov3_vit_small()
     sd = model.state_dict()
     head = {"head.0.weight": torch.randn(16, 384), "head.1.weight": torch.ones(16), "head.3.weight": torch.randn(8, 16)}
-    ckpt = {"epoch": 300, "arch": "vit_small",
-            "state_dict": {**prefixed("module.base_encoder.", {**sd, **head}), **prefixed("module.momentum_encoder.", {**perturbed(sd, 14), **head}),
-                           "module.predictor.0.weight": torch.randn(16, 8)},
-            "optimizer": {"state": {}, "param_groups": []}, "scaler": {"scale": 65536.0}}
+    ckpt = {
+        "epoch": 300,
+        "arch": "vit_small",
+        "state_dict": {
+            **prefixed("module.base_encoder.", {**sd, **head}),
+            **prefixed("module.momentum_encoder.", {**perturbed(sd, 14), **head}),
+            "module.predictor.0.weight": torch.randn(16, 8),
+        },
+        "optimizer": {"state": {}, "param_groups": []},
+        "scaler": {"scale": 65536.0},
+    }
     path = tmp_path / "vit-s-300ep.pth.tar"
     torch.save(ckpt, path)
     out, report = features("mocov3-vits", path, 32)
@@ -364,9 +430,15 @@ def test_mae_checkpoint_drops_decoder_without_trust(vit_s, tmp_path):
     decoder_*), 'optimizer', 'epoch', 'scaler', 'args'}; main_linprobe.py evaluates the normed CLS token.
     A ViT-S with MAE's key names stands in for ViT-B/L/H (the same names)."""
     model, ref = vit_s
-    sd = {**model.state_dict(), "mask_token": torch.zeros(1, 1, 384), "decoder_embed.weight": torch.randn(8, 384),
-          "decoder_pos_embed": torch.zeros(1, 5, 8), "decoder_blocks.0.norm1.weight": torch.ones(8),
-          "decoder_norm.weight": torch.ones(8), "decoder_pred.weight": torch.randn(768, 8)}
+    sd = {
+        **model.state_dict(),
+        "mask_token": torch.zeros(1, 1, 384),
+        "decoder_embed.weight": torch.randn(8, 384),
+        "decoder_pos_embed": torch.zeros(1, 5, 8),
+        "decoder_blocks.0.norm1.weight": torch.ones(8),
+        "decoder_norm.weight": torch.ones(8),
+        "decoder_pred.weight": torch.randn(768, 8),
+    }
     args = argparse.Namespace(mask_ratio=0.75, norm_pix_loss=True, input_size=224)
     torch.save({"model": sd, "optimizer": {}, "epoch": 799, "scaler": {"scale": 1.0}, "args": args}, tmp_path / "checkpoint-799.pth")
     out, report = features("vit_small_patch16_224", tmp_path / "checkpoint-799.pth", 32)
@@ -383,8 +455,9 @@ def test_mae_checkpoint_drops_decoder_without_trust(vit_s, tmp_path):
 # ---------------------------------------------------------------- DINOv2: DINOv2's own interpolation
 
 
-def dinov2_interpolate_pos_encoding(pos_embed: torch.Tensor, w: int, h: int, patch_size: int = 14,
-                                    interpolate_offset: float = 0.1, interpolate_antialias: bool = False) -> torch.Tensor:
+def dinov2_interpolate_pos_encoding(
+    pos_embed: torch.Tensor, w: int, h: int, patch_size: int = 14, interpolate_offset: float = 0.1, interpolate_antialias: bool = False
+) -> torch.Tensor:
     """facebookresearch/dinov2 dinov2/models/vision_transformer.py DinoVisionTransformer.interpolate_pos_encoding
     (commit b8931f7), as written there, for a (1, 1 + M*M, D) position embedding and a w x h input."""
     N = pos_embed.shape[1] - 1
@@ -404,7 +477,8 @@ def dinov2_interpolate_pos_encoding(pos_embed: torch.Tensor, w: int, h: int, pat
     else:
         kwargs["size"] = (w0, h0)
     patch_pos_embed = nn.functional.interpolate(
-        patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic", antialias=interpolate_antialias, **kwargs)
+        patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic", antialias=interpolate_antialias, **kwargs
+    )
     assert (w0, h0) == patch_pos_embed.shape[-2:]
     patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
     return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
@@ -426,7 +500,7 @@ def dinov2_reference(sd: dict, blocks: nn.Module, x: torch.Tensor) -> dict[str, 
             t = blk(t)
         t = blocks.norm(t)
     n_reg = 0 if registers is None else registers.shape[1]
-    return {"cls": t[:, 0], "avgpool": t[:, 1 + n_reg:].mean(1)}
+    return {"cls": t[:, 0], "avgpool": t[:, 1 + n_reg :].mean(1)}
 
 
 @functools.cache
@@ -481,8 +555,12 @@ def test_dinov2_training_checkpoint_block_chunks_teacher(tmp_path):
             k = f"blocks.{i // 3}.{i}." + k.split(".", 2)[2]
         chunked[k] = v
     heads = {"dino_head.mlp.0.weight": torch.randn(16, 384), "ibot_head.mlp.0.weight": torch.randn(16, 384)}
-    model = {**prefixed("student.backbone.", perturbed(chunked, 17)), **prefixed("student.", heads),
-             **prefixed("teacher.backbone.", chunked), **prefixed("teacher.", heads)}
+    model = {
+        **prefixed("student.backbone.", perturbed(chunked, 17)),
+        **prefixed("student.", heads),
+        **prefixed("teacher.backbone.", chunked),
+        **prefixed("teacher.", heads),
+    }
     torch.save({"model": model, "optimizer": {"state": {}}, "iteration": 12500}, tmp_path / "model_0012499.rank_0.pth")
     out, report = features("dino", tmp_path / "model_0012499.rank_0.pth", 56)
     _assert_views(out, dinov2_reference(sd, blocks, IMAGES[56]))

@@ -57,6 +57,7 @@ VIEWS = {"features": 256, "layer1": 64, "layer2": 128}
 
 # --- the losses and the permutation set, against direct computations (fast) -------------------
 
+
 def test_nt_xent_matches_the_papers_equation():
     g = torch.Generator().manual_seed(0)
     z0, z1 = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64)
@@ -124,21 +125,54 @@ def test_subset_takes_the_first_files_of_every_class(tmp_path):
     (dst / "stale").mkdir(parents=True)
     subprocess.run([sys.executable, str(EXAMPLE / "subset.py"), str(src), str(dst), "2", "all"], check=True)
     got = sorted(str(p.relative_to(dst)) for p in dst.rglob("*.JPEG"))
-    assert got == ["train/a/a0.JPEG", "train/a/a1.JPEG", "train/b/b0.JPEG", "train/b/b1.JPEG",
-                   "val/a/a0.JPEG", "val/a/a1.JPEG", "val/a/a2.JPEG", "val/b/b0.JPEG", "val/b/b1.JPEG", "val/b/b2.JPEG"]
+    assert got == [
+        "train/a/a0.JPEG",
+        "train/a/a1.JPEG",
+        "train/b/b0.JPEG",
+        "train/b/b1.JPEG",
+        "val/a/a0.JPEG",
+        "val/a/a1.JPEG",
+        "val/a/a2.JPEG",
+        "val/b/b0.JPEG",
+        "val/b/b1.JPEG",
+        "val/b/b2.JPEG",
+    ]
     assert all(p.is_symlink() and p.resolve() == (src / p.relative_to(dst)).resolve() for p in dst.rglob("*.JPEG"))
     assert not (dst / "stale").exists()
 
 
 # --- the study at CI scale (real photographs; skipped without them) ------------------------------
 
+
 def _extract(data, out, *weights_args):
     from featstore.cli import cli
 
-    result = CliRunner().invoke(cli, [
-        "extract", "--model", f"{EXAMPLE / 'encoder.py'}:build", *weights_args, "--dataset", str(data), "--out", str(out),
-        "--image-size", str(SIZE), "--resize", str(SIZE * 9 // 8), "--interpolation", "bilinear",
-        "--loader", "torch", "--workers", "2", "--dtype", "float32", "--no-progress"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "extract",
+            "--model",
+            f"{EXAMPLE / 'encoder.py'}:build",
+            *weights_args,
+            "--dataset",
+            str(data),
+            "--out",
+            str(out),
+            "--image-size",
+            str(SIZE),
+            "--resize",
+            str(SIZE * 9 // 8),
+            "--interpolation",
+            "bilinear",
+            "--loader",
+            "torch",
+            "--workers",
+            "2",
+            "--dtype",
+            "float32",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -153,10 +187,27 @@ def study(tmp_path_factory):
 
     def pretrain(method):
         return subprocess.run(
-            [sys.executable, str(EXAMPLE / "pretrain.py"), "--method", method, "--data", str(data / "train"),
-             "--epochs", str(EPOCHS[method]), "--size", str(SIZE), "--device", "cpu", *EXTRA.get(method, []),
-             "--out", str(tmp / f"{method}.pth")],
-            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            [
+                sys.executable,
+                str(EXAMPLE / "pretrain.py"),
+                "--method",
+                method,
+                "--data",
+                str(data / "train"),
+                "--epochs",
+                str(EPOCHS[method]),
+                "--size",
+                str(SIZE),
+                "--device",
+                "cpu",
+                *EXTRA.get(method, []),
+                "--out",
+                str(tmp / f"{method}.pth"),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
 
     # two single-threaded pretrainings at a time (CI has two cores): jigsaw, the longest, on one;
     # SimCLR then the autoencoder on the other. Each is seeded and single-threaded, so its numbers
@@ -184,9 +235,28 @@ def _probe(stores, results):
     from probe.cli import main as probe_cli
     from probe.results.runs import load
 
-    fit = CliRunner().invoke(probe_cli, [
-        "fit", *(a for name, path in stores.items() for a in ("--store", f"{name}={path}")), "--view", "features", "--lr", "0.01",
-        "--epochs", "30", "--method", "linear,knn", "--knn-k", str(KNN_K), "--device", "cpu", "--out", str(results), "--quiet"])
+    fit = CliRunner().invoke(
+        probe_cli,
+        [
+            "fit",
+            *(a for name, path in stores.items() for a in ("--store", f"{name}={path}")),
+            "--view",
+            "features",
+            "--lr",
+            "0.01",
+            "--epochs",
+            "30",
+            "--method",
+            "linear,knn",
+            "--knn-k",
+            str(KNN_K),
+            "--device",
+            "cpu",
+            "--out",
+            str(results),
+            "--quiet",
+        ],
+    )
     assert fit.exit_code == 0, fit.output
     compared = CliRunner().invoke(probe_cli, ["compare", str(results), "--reference", "random", "--json"])
     assert compared.exit_code == 0, compared.output
@@ -247,8 +317,9 @@ def test_weights_load_with_the_heads_dropped(study, method):
     heads = [k for k in state if k.startswith(HEADS[method])]
     backbone = [k for k in state if not k.startswith(HEADS[method])]
     assert heads and len(backbone) == len(build().state_dict())
-    report = re.search(r"weights \S+: loaded (\d+) tensors, missing (\d+), unexpected (\d+), dropped head/projection (\d+)(.*)",
-                       study["extract"][method])
+    report = re.search(
+        r"weights \S+: loaded (\d+) tensors, missing (\d+), unexpected (\d+), dropped head/projection (\d+)(.*)", study["extract"][method]
+    )
     assert report, study["extract"][method]
     assert tuple(map(int, report.groups()[:4])) == (len(backbone), 0, 0, len(heads))
     # each head named: projection_head.* (8) / decoder.* (20) / fc.* (2), classifier.* (2)
@@ -262,9 +333,14 @@ def _show(study):
         cells = []
         for m in ("linear", "knn"):
             row = study["compare"][(name, m)]
-            cells.append(f"{m} {row['top1']:.1f}% [{row['wilson95'][0]:.1f}, {row['wilson95'][1]:.1f}]"
-                         + (f" Δ {row['delta']:+.1f} [{row['delta_ci95'][0]:+.1f}, {row['delta_ci95'][1]:+.1f}] p {row['mcnemar_p']:.2g}"
-                            if name != "random" else ""))
+            cells.append(
+                f"{m} {row['top1']:.1f}% [{row['wilson95'][0]:.1f}, {row['wilson95'][1]:.1f}]"
+                + (
+                    f" Δ {row['delta']:+.1f} [{row['delta_ci95'][0]:+.1f}, {row['delta_ci95'][1]:+.1f}] p {row['mcnemar_p']:.2g}"
+                    if name != "random"
+                    else ""
+                )
+            )
         print(f"{name}: " + "; ".join(cells))
 
 
@@ -291,7 +367,6 @@ def test_stores_hold_every_stage_as_a_view(study):
     """encoder.py:build gives featstore three views from one forward pass; `features` is the
     primary one (the last stage, the only view the claims above use)."""
     from featstore.store import FeatureStore
-
     from probe.stores import primary_view
 
     for name, path in study["stores"].items():

@@ -57,7 +57,10 @@ def main() -> int:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     if digest.hexdigest() != expected:
-        print(f"error: DALI archive sha256 {digest.hexdigest()[:12]}… is not {expected[:12]}…: re-park the parts of one prepare_dali.sh run", file=sys.stderr)
+        print(
+            f"error: DALI archive sha256 {digest.hexdigest()[:12]}… is not {expected[:12]}…: re-park the parts of one prepare_dali.sh run",
+            file=sys.stderr,
+        )
         return 1
     target = Path(args.target or sysconfig.get_paths()["purelib"])
     target.mkdir(parents=True, exist_ok=True)

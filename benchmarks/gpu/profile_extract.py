@@ -30,20 +30,42 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_extract import bench_folder, select_images, upscaled_images  # noqa: E402
+from bench_extract import bench_folder, select_images, upscaled_images
 
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 # calls that block the calling host thread until GPU work is done (cudaMalloc/cudaFree synchronize the device)
-SYNC_CALLS = {"cudaEventSynchronize", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpy2D",
-              "cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaFreeHost", "cuEventSynchronize", "cuStreamSynchronize",
-              "cuCtxSynchronize", "cuMemAlloc_v2", "cuMemFree_v2"}
+SYNC_CALLS = {
+    "cudaEventSynchronize",
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaMemcpy",
+    "cudaMemcpy2D",
+    "cudaMalloc",
+    "cudaFree",
+    "cudaHostAlloc",
+    "cudaFreeHost",
+    "cuEventSynchronize",
+    "cuStreamSynchronize",
+    "cuCtxSynchronize",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+}
 
 
 def extract_once(model: str, folder: Path, loader: str, store: Path, device: str, batch_size: int, workers: int) -> float:
     from featstore.extraction import ExtractConfig, extract
 
-    config = ExtractConfig(model=model, dataset=str(folder), out=str(store), random_init=True, loader=loader,
-                           device=device, batch_size=batch_size, workers=workers, overwrite=True)
+    config = ExtractConfig(
+        model=model,
+        dataset=str(folder),
+        out=str(store),
+        random_init=True,
+        loader=loader,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        overwrite=True,
+    )
     t0 = time.perf_counter()
     extract(config, log=lambda s: None, progress=False)
     return time.perf_counter() - t0
@@ -80,7 +102,10 @@ def summarize(trace_path: Path, wall_s: float, top: int = 15) -> dict:
         "wall_s": wall_s,
         "gpu_window_s": (window[1] - window[0]) / 1e6,
         "gpu_busy_s": busy / 1e6,
-        "streams": {s: {"busy_s": union_length(v) / 1e6, "events": len(v)} for s, v in sorted(per_stream.items(), key=lambda kv: -union_length(kv[1]))},
+        "streams": {
+            s: {"busy_s": union_length(v) / 1e6, "events": len(v)}
+            for s, v in sorted(per_stream.items(), key=lambda kv: -union_length(kv[1]))
+        },
         "kernels": [{"name": n, "s": t / 1e6, "calls": c} for n, (t, c) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]],
         "host_sync": {k: v / 1e6 for k, v in sorted(sync.items(), key=lambda kv: -kv[1])[:8]},
     }
@@ -118,10 +143,14 @@ def main() -> None:
             report[loader] = summary
             with open(trace, "rb") as src, gzip.open(out / f"trace-{args.model}-{loader}.json.gz", "wb", compresslevel=6) as dst:
                 shutil.copyfileobj(src, dst)
-            print(f"\n== {args.model} / {loader}: {len(images)} upscaled images in {wall:.2f} s under the profiler "
-                  f"({len(images) / wall:.0f} img/s)")
-            print(f"GPU busy {summary['gpu_busy_s']:.2f} s of {wall:.2f} s wall ({summary['gpu_busy_s'] / wall:.0%}); "
-                  f"first to last GPU event {summary['gpu_window_s']:.2f} s")
+            print(
+                f"\n== {args.model} / {loader}: {len(images)} upscaled images in {wall:.2f} s under the profiler "
+                f"({len(images) / wall:.0f} img/s)"
+            )
+            print(
+                f"GPU busy {summary['gpu_busy_s']:.2f} s of {wall:.2f} s wall ({summary['gpu_busy_s'] / wall:.0%}); "
+                f"first to last GPU event {summary['gpu_window_s']:.2f} s"
+            )
             for stream, s in summary["streams"].items():
                 print(f"  stream {stream}: busy {s['busy_s']:.3f} s over {s['events']} events")
             print("top GPU work (s, calls):")

@@ -24,18 +24,21 @@ from featstore.device import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, from any working directory
 
-from autoencoder import AutoEncoder  # noqa: E402
-from images import image_files, load_images  # noqa: E402
-from jigsaw import Jigsaw  # noqa: E402
-from simclr import SimCLR  # noqa: E402
+from autoencoder import AutoEncoder
+from images import image_files, load_images
+from jigsaw import Jigsaw
+from simclr import SimCLR
 
 METHODS = {"simclr": SimCLR, "autoencoder": AutoEncoder, "jigsaw": Jigsaw}
 # Per-method batch size and peak learning rate. SimCLR's negatives are the rest of its batch, so
 # it keeps a large one; the autoencoder and jigsaw have no use for a large batch, and on a CPU
 # budget small batches buy them several times more optimizer steps per second (measured: the
 # table of variants in docs/ssl_study.md), with a lower learning rate to match.
-DEFAULTS = {"simclr": {"batch_size": 128, "lr": 2e-3}, "autoencoder": {"batch_size": 16, "lr": 5e-4},
-            "jigsaw": {"batch_size": 16, "lr": 5e-4}}
+DEFAULTS = {
+    "simclr": {"batch_size": 128, "lr": 2e-3},
+    "autoencoder": {"batch_size": 16, "lr": 5e-4},
+    "jigsaw": {"batch_size": 16, "lr": 5e-4},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,8 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="AdamW peak learning rate (default: simclr 2e-3, autoencoder and jigsaw 5e-4)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--temperature", type=float, default=0.5, help="simclr: NT-Xent temperature (default 0.5)")
-    p.add_argument("--permutations", type=int, default=10,
-                   help="jigsaw: size of the permutation set (default 10: it beat 100 on every probe here, docs/ssl_study.md)")
+    p.add_argument(
+        "--permutations",
+        type=int,
+        default=10,
+        help="jigsaw: size of the permutation set (default 10: it beat 100 on every probe here, docs/ssl_study.md)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the CPU is shared)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -82,7 +89,9 @@ def pretrain(args: argparse.Namespace, log=print) -> dict:
     images = load_images(files, side=args.size * 9 // 8)  # a margin for the random crops, as 72 -> 64
     options = {"simclr": {"temperature": args.temperature}, "jigsaw": {"num_permutations": args.permutations}}
     device = resolve_device(args.device)
-    log(f"{args.method} on {device}: {len(files)} images from {args.data} decoded at {images.shape[-1]} px in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"{args.method} on {device}: {len(files)} images from {args.data} decoded at {images.shape[-1]} px in {time.perf_counter() - t0:.1f} s"
+    )
     model = METHODS[args.method](args.size, **options.get(args.method, {})).to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     batch = min(args.batch_size, len(images))
@@ -96,7 +105,7 @@ def pretrain(args: argparse.Namespace, log=print) -> dict:
         order = torch.randperm(len(images), generator=order_rng)
         running = 0.0
         for step in range(steps_per_epoch):
-            loss = model.loss(images[order[step * batch:(step + 1) * batch]])
+            loss = model.loss(images[order[step * batch : (step + 1) * batch]])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -119,8 +128,10 @@ def pretrain(args: argparse.Namespace, log=print) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     torch.save(checkpoint, tmp)
     tmp.replace(out)  # a killed run leaves no half-written checkpoint under the final name
-    log(f"{args.method}: loss {losses[0]:.4f} (epoch 1) -> {losses[-1]:.4f} (epoch {args.epochs}); "
-        f"saved {out} ({checkpoint['seconds']:.0f} s)")
+    log(
+        f"{args.method}: loss {losses[0]:.4f} (epoch 1) -> {losses[-1]:.4f} (epoch {args.epochs}); "
+        f"saved {out} ({checkpoint['seconds']:.0f} s)"
+    )
     return checkpoint
 
 

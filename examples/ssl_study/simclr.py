@@ -35,19 +35,22 @@ def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float) -> torch.Ten
 def simclr_augment(size: int) -> v2.Compose:
     """The paper's augmentation (appendix A) without blur, as it does for 32-px CIFAR-10: random
     resized crop (scale 0.08-1), flip, colour jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale p 0.2."""
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ]
+    )
 
 
 class ProjectionHead(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
-                                    nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)

@@ -28,7 +28,9 @@ class Loader(Protocol):
         """``paths[row]`` is the absolute path of ``row``; yield the batches of ``plan`` in order."""
 
 
-def normalize_on_device(images_uint8: torch.Tensor, preprocess: Preprocess, device: torch.device, channels_last_input: bool) -> torch.Tensor:
+def normalize_on_device(
+    images_uint8: torch.Tensor, preprocess: Preprocess, device: torch.device, channels_last_input: bool
+) -> torch.Tensor:
     """uint8 (B,3,H,W) or (B,H,W,3) → float normalized (B,3,H,W), channels_last, on ``device``."""
     import torch
 
@@ -46,5 +48,4 @@ def _scale(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
     # the loader behind all queued GPU work on every batch
     import torch
 
-    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0,
-            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0, torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0)

@@ -43,7 +43,7 @@ _PNG_BIT_DEPTHS = {0: {1, 2, 4, 8, 16}, 2: {8, 16}, 3: {1, 2, 4, 8}, 4: {8, 16},
 
 
 def image_format(data: bytes) -> str:
-    """"jpeg", "png" or "other", from the first bytes."""
+    """ "jpeg", "png" or "other", from the first bytes."""
     if data[:2] == JPEG_SOI:
         return "jpeg"
     if data[:8] == PNG_SIGNATURE:
@@ -91,6 +91,7 @@ def describe_non_image(data: bytes) -> str:
 
 # ---------------------------------------------------------------------------------------- JPEG
 
+
 def check_jpeg(data: bytes) -> ContainerCheck:
     """The check of a JPEG: what is wrong with it, or its size when it is structurally intact."""
     n = len(data)
@@ -119,14 +120,14 @@ def check_jpeg(data: bytes) -> ContainerCheck:
             return _broken(f"corrupt JPEG: unexpected marker 0x{marker:02X} {where} (byte {pos - 2})")
         if pos + 2 > n:
             return _broken("truncated JPEG: the file ends inside a marker segment")
-        length = int.from_bytes(data[pos:pos + 2], "big")
+        length = int.from_bytes(data[pos : pos + 2], "big")
         if length < 2:
             return _broken(f"corrupt JPEG: marker 0x{marker:02X} has a length of {length}")
         if pos + length > n:
             if in_scans:  # a marker made of damaged image data, not a real one cut short
                 return _broken(f"corrupt JPEG: marker 0x{marker:02X} with an impossible length in the image data (byte {pos - 2})")
             return _broken(f"truncated JPEG: the file ends inside a marker segment (0x{marker:02X})")
-        segment = data[pos + 2:pos + length]
+        segment = data[pos + 2 : pos + length]
         if marker in _SUPPORTED_SOF:
             problem = _frame_problem(segment)
             if problem:
@@ -167,6 +168,7 @@ def _frame_problem(segment: bytes) -> str:
 
 # ----------------------------------------------------------------------------------------- PNG
 
+
 def check_png(data: bytes) -> ContainerCheck:
     """The check of a PNG: what is wrong with it, or its size when its chunks are all present and
     intact up to IEND."""
@@ -177,15 +179,15 @@ def check_png(data: bytes) -> ContainerCheck:
     while True:
         if pos + 8 > n:
             return _broken("truncated PNG: no IEND chunk")
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8]
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
         if length > 0x7FFFFFFF or not kind.isalpha():
             return _broken(f"corrupt PNG: malformed chunk header at byte {pos}")
         end = pos + 12 + length
         if end > n:
             return _broken(f"truncated PNG: the file ends inside a {kind.decode('ascii')} chunk")
-        body = data[pos + 8:pos + 8 + length]
-        if zlib.crc32(kind + body) != int.from_bytes(data[pos + 8 + length:end], "big"):
+        body = data[pos + 8 : pos + 8 + length]
+        if zlib.crc32(kind + body) != int.from_bytes(data[pos + 8 + length : end], "big"):
             return _broken(f"corrupt PNG: CRC mismatch in the {kind.decode('ascii')} chunk")
         if size is None:
             if kind != b"IHDR" or length != 13:

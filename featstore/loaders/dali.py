@@ -67,8 +67,15 @@ class DaliLoader:
         pre = self.pre
         on_gpu = self.on_gpu
         # device and host memory sized up front for a stream of full batches
-        preallocate: dict[str, Any] = {} if small else dict(
-            device_memory_padding=64 << 20, host_memory_padding=8 << 20, preallocate_width_hint=1024, preallocate_height_hint=1024,
+        preallocate: dict[str, Any] = (
+            {}
+            if small
+            else dict(
+                device_memory_padding=64 << 20,
+                host_memory_padding=8 << 20,
+                preallocate_width_hint=1024,
+                preallocate_height_hint=1024,
+            )
         )
 
         @pipeline_def(
@@ -82,8 +89,14 @@ class DaliLoader:
             encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1, no_copy=False)
             if on_gpu:
                 # the same decoders as the main pipeline, so a bisected image decodes as it would have
-                images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB, hw_decoder_load=self.hw_decoder_load,
-                                           jpeg_fancy_upsampling=self.jpeg_fancy_upsampling, **preallocate)
+                images = fn.decoders.image(
+                    encoded,
+                    device="mixed",
+                    output_type=types.RGB,
+                    hw_decoder_load=self.hw_decoder_load,
+                    jpeg_fancy_upsampling=self.jpeg_fancy_upsampling,
+                    **preallocate,
+                )
             else:
                 images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
             images = fn.resize(images, resize_shorter=pre.resize, interp_type=getattr(types, _INTERP[pre.interpolation]), antialias=True)

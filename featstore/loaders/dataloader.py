@@ -14,15 +14,16 @@ from .decode import decode_failure, decode_rgb, read_encoded
 
 
 def build_transform(pre: Preprocess):
-    from torchvision.transforms import v2
-    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import InterpolationMode, v2
 
     interp = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
-    return v2.Compose([
-        v2.Resize(pre.resize, interpolation=interp[pre.interpolation], antialias=True),
-        v2.CenterCrop(pre.image_size),
-        v2.PILToTensor(),
-    ])
+    return v2.Compose(
+        [
+            v2.Resize(pre.resize, interpolation=interp[pre.interpolation], antialias=True),
+            v2.CenterCrop(pre.image_size),
+            v2.PILToTensor(),
+        ]
+    )
 
 
 class _Images(Dataset):

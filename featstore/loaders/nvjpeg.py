@@ -59,7 +59,7 @@ class NvjpegLoader:
             x = F.interpolate(x, size=size, mode=mode, antialias=mode != "nearest", align_corners=False if mode != "nearest" else None)
         top = round((size[0] - pre.image_size) / 2.0)
         left = round((size[1] - pre.image_size) / 2.0)
-        x = x[..., top:top + pre.image_size, left:left + pre.image_size]
+        x = x[..., top : top + pre.image_size, left : left + pre.image_size]
         return x.round_().clamp_(0, 255).to(torch.uint8)
 
     def crops(self, decoded: list[torch.Tensor | None], by_size: bool | None = None) -> torch.Tensor:

@@ -23,20 +23,41 @@ _NVIMGCODEC = rb"(?:\x1b\[[0-9;]*m)?\[(?:FATAL|ERROR|WARNING|INFO|DEBUG|TRACE)\]
 # libjpeg(-turbo) messages a decoder can print about its input (jerror.h: every JWRN_*, the JERR_*
 # that data can cause), by the text before their first parameter; and libpng's own prefix
 _LIBJPEG = (
-    rb"Corrupt JPEG data", rb"Premature end of (?:JPEG|input) file", rb"Invalid SOS parameters for sequential JPEG",
-    rb"Warning: unknown JFIF revision number", rb"Warning: thumbnail image size does not match",
-    rb"Inconsistent progression sequence", rb"Unknown Adobe color transform code",
-    rb"Application transferred too (?:few|many) scanlines", rb"Invalid component ID", rb"DCT coefficient",
+    rb"Corrupt JPEG data",
+    rb"Premature end of (?:JPEG|input) file",
+    rb"Invalid SOS parameters for sequential JPEG",
+    rb"Warning: unknown JFIF revision number",
+    rb"Warning: thumbnail image size does not match",
+    rb"Inconsistent progression sequence",
+    rb"Unknown Adobe color transform code",
+    rb"Application transferred too (?:few|many) scanlines",
+    rb"Invalid component ID",
+    rb"DCT coefficient",
     rb"Bogus (?:Huffman table definition|JPEG colorspace|marker length|sampling factors|DAC|DHT|DQT)",
-    rb"Sampling factors too large", rb"Unsupported JPEG data precision", rb"Invalid progressive/lossless parameters",
-    rb"Too many color components", rb"Unsupported color conversion request", rb"Empty JPEG image",
-    rb"Didn't expect more than one scan", rb"Huffman code size table overflow", rb"Missing Huffman code table entry",
-    rb"Maximum supported image dimension", rb"Empty input file",
-    rb"Arithmetic table 0x[0-9a-f]+ was not defined", rb"Huffman table 0x[0-9a-f]+ was not defined",
+    rb"Sampling factors too large",
+    rb"Unsupported JPEG data precision",
+    rb"Invalid progressive/lossless parameters",
+    rb"Too many color components",
+    rb"Unsupported color conversion request",
+    rb"Empty JPEG image",
+    rb"Didn't expect more than one scan",
+    rb"Huffman code size table overflow",
+    rb"Missing Huffman code table entry",
+    rb"Maximum supported image dimension",
+    rb"Empty input file",
+    rb"Arithmetic table 0x[0-9a-f]+ was not defined",
+    rb"Huffman table 0x[0-9a-f]+ was not defined",
     rb"Quantization table 0x[0-9a-f]+ was not defined",
-    rb"JPEG datastream contains no image", rb"Not a JPEG file: starts with", rb"Insufficient memory \(case",
-    rb"Invalid JPEG file structure", rb"Unsupported JPEG process", rb"Unsupported marker type", rb"Image too wide for this implementation",
-    rb"Invalid restart interval", rb"Fractional sampling not implemented", rb"Requested features are incompatible",
+    rb"JPEG datastream contains no image",
+    rb"Not a JPEG file: starts with",
+    rb"Insufficient memory \(case",
+    rb"Invalid JPEG file structure",
+    rb"Unsupported JPEG process",
+    rb"Unsupported marker type",
+    rb"Image too wide for this implementation",
+    rb"Invalid restart interval",
+    rb"Fractional sampling not implemented",
+    rb"Requested features are incompatible",
     rb"libpng (?:warning|error): ",
 )
 NOISE = re.compile(rb"^(?:" + _NVIMGCODEC + rb"|" + b"|".join(_LIBJPEG) + rb")")
@@ -59,7 +80,7 @@ class DecoderNoiseFilter:
     _active = 0
     _lock = threading.Lock()
 
-    def __enter__(self) -> "DecoderNoiseFilter":
+    def __enter__(self) -> DecoderNoiseFilter:
         with DecoderNoiseFilter._lock:
             DecoderNoiseFilter._active += 1
             self.owner = DecoderNoiseFilter._active == 1
@@ -118,4 +139,4 @@ class DecoderNoiseFilter:
 
 def _write_all(fd: int, data: bytes) -> None:
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]

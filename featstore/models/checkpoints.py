@@ -48,8 +48,10 @@ class LoadReport:
         text = f"weights {Path(self.path).name}: "
         if self.taken:
             text += f"took {self.taken}; "
-        text += (f"loaded {self.loaded} tensors, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
-                 f"dropped head/projection {self.dropped_heads}")
+        text += (
+            f"loaded {self.loaded} tensors, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+            f"dropped head/projection {self.dropped_heads}"
+        )
         if self.ignored:
             text += f", ignored by --ignore-keys {self.ignored}"
         heads = Counter(k.split(".")[0] for k in self.dropped)  # which heads, so none goes unnoticed
@@ -79,7 +81,9 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
         try:
             obj = load_file(str(path))
         except Exception as e:  # safetensors raises its own (Rust) error types
-            raise FeatstoreError(f"{path.name!r} is not a readable safetensors file ({e})", "pass a valid .safetensors, .pth or .pt checkpoint") from e
+            raise FeatstoreError(
+                f"{path.name!r} is not a readable safetensors file ({e})", "pass a valid .safetensors, .pth or .pt checkpoint"
+            ) from e
     else:
         obj = _torch_load(path, trust)
     return normalize_checkpoint(obj, path.name)
@@ -91,14 +95,19 @@ def _torch_load(path: Path, trust: bool):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # weights_only names the global it refused; anything else is garbage
-            raise FeatstoreError(f"{path.name!r} is not a PyTorch checkpoint", "pass a .pth/.pt/.safetensors file saved by torch.save or safetensors") from e
+            raise FeatstoreError(
+                f"{path.name!r} is not a PyTorch checkpoint", "pass a .pth/.pt/.safetensors file saved by torch.save or safetensors"
+            ) from e
         if not trust:
             raise FeatstoreError(
                 f"{path.name!r} needs arbitrary code to load (it pickles more than tensors), refused",
                 "pass --trust-checkpoint only if you trust its source, or re-save it as a plain state dict / safetensors",
             ) from e
     except Exception as e:  # garbage bytes make the unpickler fail in arbitrary ways
-        raise FeatstoreError(f"{path.name!r} is not a PyTorch checkpoint ({type(e).__name__})", "pass a .pth/.pt/.safetensors file saved by torch.save or safetensors") from e
+        raise FeatstoreError(
+            f"{path.name!r} is not a PyTorch checkpoint ({type(e).__name__})",
+            "pass a .pth/.pt/.safetensors file saved by torch.save or safetensors",
+        ) from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except ModuleNotFoundError as e:
@@ -107,12 +116,20 @@ def _torch_load(path: Path, trust: bool):
             f"install {e.name} to unpickle it, or re-save the checkpoint as a plain state dict / safetensors",
         ) from e
     except Exception as e:
-        raise FeatstoreError(f"{path.name!r} could not be unpickled ({type(e).__name__}: {e})",
-                             "re-save the checkpoint as a plain state dict / safetensors") from e
+        raise FeatstoreError(
+            f"{path.name!r} could not be unpickled ({type(e).__name__}: {e})", "re-save the checkpoint as a plain state dict / safetensors"
+        ) from e
 
 
-def load_weights(model: nn.Module, path: str | Path, arch: str = "", trust: bool = False,
-                 ignore_keys: tuple[str, ...] | list[str] = (), pos_embed: str = "timm", model_name: str = "") -> LoadReport:
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    arch: str = "",
+    trust: bool = False,
+    ignore_keys: tuple[str, ...] | list[str] = (),
+    pos_embed: str = "timm",
+    model_name: str = "",
+) -> LoadReport:
     """Load ``path`` into ``model``; raise when backbone parameters are missing, shapes differ, or the
     checkpoint says it was trained as another architecture.
 
@@ -161,9 +178,16 @@ def load_weights(model: nn.Module, path: str | Path, arch: str = "", trust: bool
         )
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    report = LoadReport(str(path), loaded=len(sd) - len(result.unexpected_keys), missing=missing,
-                        unexpected=list(result.unexpected_keys), dropped=dropped, ignored=len(ignored),
-                        taken=ckpt.taken, notes=notes)
+    report = LoadReport(
+        str(path),
+        loaded=len(sd) - len(result.unexpected_keys),
+        missing=missing,
+        unexpected=list(result.unexpected_keys),
+        dropped=dropped,
+        ignored=len(ignored),
+        taken=ckpt.taken,
+        notes=notes,
+    )
     if report.unexpected:
         shown = ", ".join(report.unexpected[:3])
         raise FeatstoreError(
@@ -234,7 +258,11 @@ def resample_pos_embed(sd: dict, model: nn.Module, rule: str) -> tuple[dict, lis
     patches = interpolate_patch_pos_embed(patches, new, rule)
     out = torch.cat([prefix.float(), patches.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1)], dim=1).to(pe.dtype)
     sd = {**sd, "pos_embed": out}
-    names = {"dino": "DINO's interpolate_pos_encoding", "scale": "MSN/I-JEPA's interpolate_pos_encoding", "size": "MAE's interpolate_pos_embed"}
+    names = {
+        "dino": "DINO's interpolate_pos_encoding",
+        "scale": "MSN/I-JEPA's interpolate_pos_encoding",
+        "size": "MAE's interpolate_pos_embed",
+    }
     return sd, [f"position embeddings {old}x{old} -> {new[0]}x{new[1]} as {names[rule]}"]
 
 
@@ -251,7 +279,10 @@ def interpolate_patch_pos_embed(patches: torch.Tensor, new: tuple[int, int], rul
         factor = math.sqrt(new[0] * new[1] / (old_h * old_w))
         out = nn.functional.interpolate(patches, scale_factor=factor, mode="bicubic")
         if tuple(out.shape[-2:]) != tuple(new):
-            raise FeatstoreError(f"position embeddings {old_h}x{old_w} cannot be resampled to {new[0]}x{new[1]} by one scale factor", "use a square --image-size")
+            raise FeatstoreError(
+                f"position embeddings {old_h}x{old_w} cannot be resampled to {new[0]}x{new[1]} by one scale factor",
+                "use a square --image-size",
+            )
         return out
     if rule == "size":
         # mae util/pos_embed.py interpolate_pos_embed

@@ -14,18 +14,18 @@ import importlib.util
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from ..home import file_sha256, weights_dir  # noqa: F401 (re-exported: weights_dir is part of the API)
 from ..errors import FeatstoreError, UsageError
+from ..home import file_sha256, weights_dir
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .presets import PRESETS, Preset, find_preset
-
 
 _TV_PRE = Preprocess(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 
@@ -82,7 +82,9 @@ def resolve_encoder(
         elif arch.startswith("user:"):
             pass  # a user's builder brings its own weights
         else:
-            raise FeatstoreError(f"no weights for {name!r}", "pass --weights FILE (.pth/.pt/.safetensors), or --random-init to run untrained")
+            raise FeatstoreError(
+                f"no weights for {name!r}", "pass --weights FILE (.pth/.pt/.safetensors), or --random-init to run untrained"
+            )
     sha = file_sha256(weights_path) if weights_path else ("user-builder" if arch.startswith("user:") and not random_init else "random-init")
     return EncoderSpec(name, arch, _family(arch), pre, str(weights_path.resolve()) if weights_path else None, sha)
 
@@ -227,8 +229,9 @@ class FeatureEncoder(nn.Module):
         return {"cls" if self.family == "vit" else "pool": out.flatten(1)}
 
 
-def build_encoder(spec: EncoderSpec, log: Callable[[str], None] = lambda s: None, trust: bool = False,
-                  ignore_keys: tuple[str, ...] | list[str] = ()) -> FeatureEncoder:
+def build_encoder(
+    spec: EncoderSpec, log: Callable[[str], None] = lambda s: None, trust: bool = False, ignore_keys: tuple[str, ...] | list[str] = ()
+) -> FeatureEncoder:
     """Build the backbone (no download ever), load the weights, wrap it for feature views.
 
     ``ignore_keys``: globs of checkpoint keys to drop (reported), for heads of other names.
@@ -252,12 +255,21 @@ def build_encoder(spec: EncoderSpec, log: Callable[[str], None] = lambda s: None
     else:
         backbone = _load_builder(arch[5:])()
         if not isinstance(backbone, nn.Module):
-            raise UsageError(f"{arch[5:]!r} returned {type(backbone).__name__}, not an nn.Module", "the builder must return a torch.nn.Module")
+            raise UsageError(
+                f"{arch[5:]!r} returned {type(backbone).__name__}, not an nn.Module", "the builder must return a torch.nn.Module"
+            )
     if spec.weights_path:
         from .checkpoints import load_weights
 
-        report = load_weights(backbone, spec.weights_path, arch=arch, trust=trust, ignore_keys=ignore_keys,
-                              pos_embed=pos_embed_rule(arch, preset), model_name=spec.name)
+        report = load_weights(
+            backbone,
+            spec.weights_path,
+            arch=arch,
+            trust=trust,
+            ignore_keys=ignore_keys,
+            pos_embed=pos_embed_rule(arch, preset),
+            model_name=spec.name,
+        )
         log(report.summary())
     return FeatureEncoder(backbone.eval(), spec.family).eval()
 
@@ -307,7 +319,9 @@ def feature_dims(encoder: FeatureEncoder, preprocess: Preprocess, device: torch.
         out = encoder(x.contiguous(memory_format=torch.channels_last))
     for view, t in out.items():
         if t.ndim != 2:
-            raise FeatstoreError(f"view {view!r} has shape {tuple(t.shape)}, not (batch, dim)", "the model's forward must return (B, D) features")
+            raise FeatstoreError(
+                f"view {view!r} has shape {tuple(t.shape)}, not (batch, dim)", "the model's forward must return (B, D) features"
+            )
     return {k: int(v.shape[1]) for k, v in out.items()}
 
 
@@ -318,4 +332,3 @@ def select_views(available: dict[str, int], requested: list[str] | None) -> dict
     if unknown:
         raise UsageError(f"unknown view {', '.join(map(repr, unknown))}", f"this model gives: {', '.join(available)}")
     return {v: available[v] for v in requested}
-

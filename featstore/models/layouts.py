@@ -30,26 +30,52 @@ EVALUATED_ENTRIES = (
 WRAPPER_ENTRIES = ("state_dict", "model", "model_state_dict", "module", "net", "network", "encoder", "resnet", "student")
 
 # First key components that are momentum / target copies or training-only parts, never the evaluated network
-MOMENTUM_COPIES = frozenset({
-    "momentum_backbone", "momentum_projector",  # solo-learn solo/methods/base.py, byol.py, mocov3.py
-    "backbone_momentum", "projection_head_momentum",  # lightly examples/pytorch/byol.py
-    "target_net",  # mmpretrain mmpretrain/models/selfsup/byol.py (CosineEMA of backbone+neck)
-    "encoder_k", "momentum_encoder",  # mmpretrain moco.py, mmselfsup 0.x moco.py, moco main_moco.py, moco-v3 moco/builder.py
-    "queue", "queue_ptr",  # MoCo v1/v2 moco/builder.py
-    "online_predictor",  # byol-pytorch byol_pytorch.py
-})
+MOMENTUM_COPIES = frozenset(
+    {
+        "momentum_backbone",
+        "momentum_projector",  # solo-learn solo/methods/base.py, byol.py, mocov3.py
+        "backbone_momentum",
+        "projection_head_momentum",  # lightly examples/pytorch/byol.py
+        "target_net",  # mmpretrain mmpretrain/models/selfsup/byol.py (CosineEMA of backbone+neck)
+        "encoder_k",
+        "momentum_encoder",  # mmpretrain moco.py, mmselfsup 0.x moco.py, moco main_moco.py, moco-v3 moco/builder.py
+        "queue",
+        "queue_ptr",  # MoCo v1/v2 moco/builder.py
+        "online_predictor",  # byol-pytorch byol_pytorch.py
+    }
+)
 # Module names of heads and training-only parameters: dropped when the model has no such module
-HEAD_NAMES = frozenset({
-    "fc", "head", "heads", "classifier", "projector", "predictor", "projection_head", "prediction_head",
-    "projection", "prediction", "head_dist", "mask_token", "queue", "queue_ptr",
-    "neck",  # mmselfsup / mmpretrain necks (projection MLPs)
-    "dino_head", "ibot_head",  # dinov2 dinov2/train/ssl_meta_arch.py
-    "masked_embed",  # ibot models/vision_transformer.py (masked-patch token)
-    "prototypes",  # swav src/resnet50.py, msn src/msn_train.py
-    # MAE's decoder is not part of the encoder (mae models_mae.py), nor an autoencoder's
-    # (encoder.* + decoder.*, as examples/ssl_study/autoencoder.py saves it)
-    "decoder", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "decoder_pos_embed",
-})
+HEAD_NAMES = frozenset(
+    {
+        "fc",
+        "head",
+        "heads",
+        "classifier",
+        "projector",
+        "predictor",
+        "projection_head",
+        "prediction_head",
+        "projection",
+        "prediction",
+        "head_dist",
+        "mask_token",
+        "queue",
+        "queue_ptr",
+        "neck",  # mmselfsup / mmpretrain necks (projection MLPs)
+        "dino_head",
+        "ibot_head",  # dinov2 dinov2/train/ssl_meta_arch.py
+        "masked_embed",  # ibot models/vision_transformer.py (masked-patch token)
+        "prototypes",  # swav src/resnet50.py, msn src/msn_train.py
+        # MAE's decoder is not part of the encoder (mae models_mae.py), nor an autoencoder's
+        # (encoder.* + decoder.*, as examples/ssl_study/autoencoder.py saves it)
+        "decoder",
+        "decoder_embed",
+        "decoder_blocks",
+        "decoder_norm",
+        "decoder_pred",
+        "decoder_pos_embed",
+    }
+)
 # Prefixes stripped when most keys share them
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "learner.")
 
@@ -57,14 +83,24 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", 
 # (embed dim, heads, depth) of the ViT it builds
 MOCOV3_VITS = {"vit_small": (384, 12, 12), "vit_base": (768, 12, 12)}  # moco-v3 vits.py (arch saved by main_moco.py)
 DINO_VITS = {  # dino vision_transformer.py, ibot models/vision_transformer.py (args.arch, args.patch_size)
-    "vit_tiny": (192, 3, 12), "vit_small": (384, 6, 12), "vit_base": (768, 12, 12), "vit_large": (1024, 16, 24),
+    "vit_tiny": (192, 3, 12),
+    "vit_small": (384, 6, 12),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 16, 24),
 }
 MAE_VITS = {"base": (768, 12, 12), "large": (1024, 16, 24), "huge": (1280, 16, 32)}  # mae models_mae.py / models_vit.py
-PRESET_FOR: dict[tuple[str, str, int | None], str] = {("MoCo v3", "vit_small", 16): "mocov3-vits", ("MoCo v3", "vit_base", 16): "mocov3-vitb",
-              ("DINO/iBOT", "vit_small", 16): "dinov1 or ibot-s", ("DINO/iBOT", "vit_small", 8): "dinov1-s8",
-              ("DINO/iBOT", "vit_base", 16): "dinov1-b16 or ibot-b", ("DINO/iBOT", "vit_base", 8): "dinov1-b8",
-              ("DINO/iBOT", "vit_large", 16): "ibot-l", ("MAE", "base", 16): "mae-b", ("MAE", "large", 16): "mae-l",
-              ("MAE", "huge", 14): "mae-h"}
+PRESET_FOR: dict[tuple[str, str, int | None], str] = {
+    ("MoCo v3", "vit_small", 16): "mocov3-vits",
+    ("MoCo v3", "vit_base", 16): "mocov3-vitb",
+    ("DINO/iBOT", "vit_small", 16): "dinov1 or ibot-s",
+    ("DINO/iBOT", "vit_small", 8): "dinov1-s8",
+    ("DINO/iBOT", "vit_base", 16): "dinov1-b16 or ibot-b",
+    ("DINO/iBOT", "vit_base", 8): "dinov1-b8",
+    ("DINO/iBOT", "vit_large", 16): "ibot-l",
+    ("MAE", "base", 16): "mae-b",
+    ("MAE", "large", 16): "mae-l",
+    ("MAE", "huge", 14): "mae-h",
+}
 
 
 @dataclass
@@ -78,7 +114,7 @@ class Provenance:
     size: str = ""  # the architecture's size name in that codebase (vit_small, base, …)
 
     @classmethod
-    def of(cls, obj) -> "Provenance":
+    def of(cls, obj) -> Provenance:
         if not isinstance(obj, dict):
             return cls()
         args = obj.get("args")
@@ -101,7 +137,7 @@ class Provenance:
         return cls()
 
     @classmethod
-    def of_mocov3_vit(cls, sd: dict) -> "Provenance":
+    def of_mocov3_vit(cls, sd: dict) -> Provenance:
         """A base_encoder / momentum_encoder layout without 'arch' is still MoCo v3 (moco-v3 moco/builder.py),
         whose ViTs all have 12 heads (vits.py): width, depth and patch come from the tensors."""
         if "blocks.0.attn.qkv.weight" not in sd or "patch_embed.proj.weight" not in sd:
@@ -129,8 +165,10 @@ class Provenance:
         if self.codebase == "torchvision" and re.fullmatch(r"(wide_)?resnet\d+(_\d+)?|resnext\S+", self.arch):
             base = arch.split(":", 1)[-1].split(".")[0]
             if re.fullmatch(r"(wide_)?resnet\d+(_\d+)?|resnext\S+", base) and base != self.arch:
-                raise FeatstoreError(f"weights {name!r} were trained as {self.arch} but the model is {label}",
-                                     f"use --model tv:{self.arch} or the preset for this checkpoint")
+                raise FeatstoreError(
+                    f"weights {name!r} were trained as {self.arch} but the model is {label}",
+                    f"use --model tv:{self.arch} or the preset for this checkpoint",
+                )
 
 
 def _heads(model: nn.Module) -> int | None:
@@ -190,7 +228,9 @@ def _unwrap(obj, name: str) -> tuple[dict, str]:
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, dict):
-        raise FeatstoreError(f"{name!r} holds a {type(obj).__name__}, not a state dict", "save the model with torch.save(model.state_dict(), path)")
+        raise FeatstoreError(
+            f"{name!r} holds a {type(obj).__name__}, not a state dict", "save the model with torch.save(model.state_dict(), path)"
+        )
     return obj, taken
 
 
@@ -199,7 +239,7 @@ def _firsts(sd: dict) -> Counter:
 
 
 def _keep(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def _select_copy(sd: dict) -> tuple[dict, str]:
@@ -231,7 +271,7 @@ def _select_copy(sd: dict) -> tuple[dict, str]:
             # strip a prefix that most keys share (a DINO teacher is backbone.* plus head.*)
             with_prefix = sum(k.startswith(prefix) for k in sd)
             if with_prefix and with_prefix >= len(sd) / 2:
-                sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+                sd = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in sd.items()}
                 break
         if not sd:
             raise FeatstoreError("the checkpoint holds no backbone tensors", "pass the checkpoint of a trained model")
@@ -253,10 +293,11 @@ def rename_for_model(sd: dict, model_keys, children: list[str]) -> tuple[dict, l
         sd = {(_CHUNKED.sub(r"blocks.\2.\3", k) if _CHUNKED.match(k) else k): v for k, v in sd.items()}
         notes.append("block chunks blocks.C.I.* renamed blocks.I.*")
     firsts = {k.split(".", 1)[0] for k in sd} - HEAD_NAMES
-    if firsts and all(f.isdigit() for f in firsts) and not any(k.split(".", 1)[0].isdigit() for k in model_keys):
-        # lightly examples: backbone = nn.Sequential(*list(resnet.children())[:-1]) numbers the children
-        if max(int(f) for f in firsts) < len(children):
-            sd = {(children[int(k.split(".", 1)[0])] + "." + k.split(".", 1)[1] if k.split(".", 1)[0].isdigit() else k): v
-                  for k, v in sd.items()}
-            notes.append("Sequential child numbers renamed to the model's children")
+    numbered = firsts and all(f.isdigit() for f in firsts) and not any(k.split(".", 1)[0].isdigit() for k in model_keys)
+    # lightly examples: backbone = nn.Sequential(*list(resnet.children())[:-1]) numbers the children
+    if numbered and max(int(f) for f in firsts) < len(children):
+        sd = {
+            (children[int(k.split(".", 1)[0])] + "." + k.split(".", 1)[1] if k.split(".", 1)[0].isdigit() else k): v for k, v in sd.items()
+        }
+        notes.append("Sequential child numbers renamed to the model's children")
     return sd, notes

@@ -70,8 +70,17 @@ def _dinov2(name: str, size: str, letter: str, dim: int, reg: bool) -> Preset:
     base = f"dinov2_vit{letter}14"
     full = base + ("_reg4" if reg else "")
     arch = f"timm:vit_{size}_patch14{'_reg4' if reg else ''}_dinov2"
-    return Preset(name, arch, _BICUBIC, f"{full}_pretrain.pth", _DINOV2_URL.format(base, full),
-                  f"DINOv2 ViT-{letter.upper() if letter != 'g' else 'g'}/14{' with 4 registers' if reg else ''}", _DINOV2_SRC, dim, pos_embed="dino")
+    return Preset(
+        name,
+        arch,
+        _BICUBIC,
+        f"{full}_pretrain.pth",
+        _DINOV2_URL.format(base, full),
+        f"DINOv2 ViT-{letter.upper() if letter != 'g' else 'g'}/14{' with 4 registers' if reg else ''}",
+        _DINOV2_SRC,
+        dim,
+        pos_embed="dino",
+    )
 
 
 def _dino(name: str, arch: str, file: str, description: str, dim: int) -> Preset:
@@ -93,68 +102,192 @@ _PRESET_LIST = [
     _dino("dinov1-b8", "timm:vit_base_patch8_224", "dino_vitbase8_pretrain", "DINO ViT-B/8", 768),
     _dino("dinov1-r50", "tv:resnet50", "dino_resnet50_pretrain", "DINO ResNet-50", 2048),
     # MoCo v3's vits.py: vit_small has 12 heads (timm's has 6), same tensor shapes: the preset carries it
-    Preset("mocov3-vits", "timm:vit_small_patch16_224", _BILINEAR, "vit-s-300ep.pth.tar",
-           "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar", "MoCo v3 ViT-S/16 (12 heads)",
-           "facebookresearch/moco-v3 vits.py (vit_small: 12 heads); main_lincls.py (Resize(256), CenterCrop(224))", 384,
-           {"num_heads": 12}),
-    Preset("mocov3-vitb", "timm:vit_base_patch16_224", _BILINEAR, "vit-b-300ep.pth.tar",
-           "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar", "MoCo v3 ViT-B/16",
-           "facebookresearch/moco-v3 vits.py; main_lincls.py (Resize(256), CenterCrop(224))", 768),
-    Preset("mocov3-r50", "tv:resnet50", _BILINEAR, "r-50-1000ep.pth.tar",
-           "https://dl.fbaipublicfiles.com/moco-v3/r-50-1000ep/r-50-1000ep.pth.tar", "MoCo v3 ResNet-50 (1000 ep)",
-           _TV_SRC.format("facebookresearch/moco-v3 main_lincls.py"), 2048),
-    *[Preset(f"mae-{s}", f"timm:vit_{size}_patch{p}_224", _BICUBIC, f"mae_pretrain_vit_{size}.pth",
-             f"https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{size}.pth", f"MAE ViT-{s.upper()}/{p}",
-             "facebookresearch/mae main_linprobe.py (Resize(256, interpolation=3), CenterCrop(224), --cls_token); models_vit.py",
-             dim, pos_embed="size")
-      for s, size, p, dim in (("b", "base", 16, 768), ("l", "large", 16, 1024), ("h", "huge", 14, 1280))],
-    *[Preset(f"ibot-{s}", f"timm:vit_{size}_patch16_224", _BICUBIC, f"ibot_{folder}_checkpoint_teacher.pth",
-             _IBOT_URL.format(folder), f"iBOT ViT-{s.upper()}/16 (teacher)",
-             "bytedance/ibot evaluation/eval_linear.py (Resize(256, interpolation=3), CenterCrop(224)); models/vision_transformer.py",
-             dim, pos_embed="dino")
-      for s, size, folder, dim in (("s", "small", "vits_16", 384), ("b", "base", "vitb_16", 768), ("l", "large", "vitl_16", 1024))],
-    *[Preset(f"msn-{s}", f"timm:vit_{size}_patch16_224", _BILINEAR, file, f"https://dl.fbaipublicfiles.com/msn/{file}",
-             f"MSN ViT-{s.upper()}/16 (target encoder)",
-             "facebookresearch/msn logistic_eval.py (Resize(256), CenterCrop(224); loads checkpoint['target_encoder']); src/deit.py",
-             dim, pos_embed="scale")
-      for s, size, file, dim in (("s", "small", "vits16_800ep.pth.tar", 384), ("b", "base", "vitb16_600ep.pth.tar", 768),
-                                 ("l", "large", "vitl16_600ep.pth.tar", 1024))],
-    Preset("ijepa-h14", "timm:vit_huge_patch14_224", _BILINEAR, "IN1K-vit.h.14-300e.pth.tar",
-           "https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar", "I-JEPA ViT-H/14 (target encoder, no CLS token)",
-           "facebookresearch/ijepa src/models/vision_transformer.py (no CLS token; paper: average-pooled target encoder); "
-           "src/helper.py load_checkpoint; crop 224 from 256 as MSN's logistic_eval.py", 1280,
-           {"class_token": False, "global_pool": "avg", "fc_norm": False}, pos_embed="scale"),
-    Preset("simclr-r50", "tv:resnet50", _SIMCLR, "simclr_resnet50-1x.pth", "https://github.com/tonylins/simclr-converter",
-           "SimCLR v1 ResNet-50 (1x) (TF weights converted)",
-           "google-research/simclr data_util.py preprocess_for_eval (center crop 0.875, bicubic, no mean/std); tonylins/simclr-converter",
-           2048),
-    Preset("byol-r50", "tv:resnet50", _BICUBIC, "byol_resnet50.pth", "https://github.com/deepmind/deepmind-research/tree/master/byol",
-           "BYOL ResNet-50 (JAX weights converted)",
-           "deepmind-research/byol utils/dataset.py preprocess_for_eval (crop 224/256, bicubic)", 2048),
-    Preset("swav-r50", "tv:resnet50", _BILINEAR, "swav_800ep_pretrain.pth.tar",
-           "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar", "SwAV ResNet-50 (800 ep)",
-           _TV_SRC.format("facebookresearch/swav eval_linear.py"), 2048),
-    Preset("barlowtwins-r50", "tv:resnet50", _BILINEAR, "barlowtwins_resnet50.pth",
-           "https://dl.fbaipublicfiles.com/barlowtwins/ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth",
-           "Barlow Twins ResNet-50",
-           _TV_SRC.format("facebookresearch/barlowtwins evaluate.py"), 2048),
-    Preset("vicreg-r50", "tv:resnet50", _BILINEAR, "vicreg_resnet50.pth", "https://dl.fbaipublicfiles.com/vicreg/resnet50.pth",
-           "VICReg ResNet-50", _TV_SRC.format("facebookresearch/vicreg evaluate.py"), 2048),
-    Preset("mocov2-r50", "tv:resnet50", _BILINEAR, "moco_v2_800ep_pretrain.pth.tar",
-           "https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar",
-           "MoCo v2 ResNet-50 (800 ep)", _TV_SRC.format("facebookresearch/moco main_lincls.py"), 2048),
-    Preset("resnet50", "tv:resnet50", _BILINEAR, "resnet50-11ad3fa6.pth", "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
-           "torchvision ResNet-50 (supervised)", _TV_SRC.format("torchvision references/classification"), 2048),
-    Preset("resnet18", "tv:resnet18", _BILINEAR, "resnet18-f37072fd.pth", "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-           "torchvision ResNet-18 (supervised)", _TV_SRC.format("torchvision references/classification"), 512),
+    Preset(
+        "mocov3-vits",
+        "timm:vit_small_patch16_224",
+        _BILINEAR,
+        "vit-s-300ep.pth.tar",
+        "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar",
+        "MoCo v3 ViT-S/16 (12 heads)",
+        "facebookresearch/moco-v3 vits.py (vit_small: 12 heads); main_lincls.py (Resize(256), CenterCrop(224))",
+        384,
+        {"num_heads": 12},
+    ),
+    Preset(
+        "mocov3-vitb",
+        "timm:vit_base_patch16_224",
+        _BILINEAR,
+        "vit-b-300ep.pth.tar",
+        "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
+        "MoCo v3 ViT-B/16",
+        "facebookresearch/moco-v3 vits.py; main_lincls.py (Resize(256), CenterCrop(224))",
+        768,
+    ),
+    Preset(
+        "mocov3-r50",
+        "tv:resnet50",
+        _BILINEAR,
+        "r-50-1000ep.pth.tar",
+        "https://dl.fbaipublicfiles.com/moco-v3/r-50-1000ep/r-50-1000ep.pth.tar",
+        "MoCo v3 ResNet-50 (1000 ep)",
+        _TV_SRC.format("facebookresearch/moco-v3 main_lincls.py"),
+        2048,
+    ),
+    *[
+        Preset(
+            f"mae-{s}",
+            f"timm:vit_{size}_patch{p}_224",
+            _BICUBIC,
+            f"mae_pretrain_vit_{size}.pth",
+            f"https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{size}.pth",
+            f"MAE ViT-{s.upper()}/{p}",
+            "facebookresearch/mae main_linprobe.py (Resize(256, interpolation=3), CenterCrop(224), --cls_token); models_vit.py",
+            dim,
+            pos_embed="size",
+        )
+        for s, size, p, dim in (("b", "base", 16, 768), ("l", "large", 16, 1024), ("h", "huge", 14, 1280))
+    ],
+    *[
+        Preset(
+            f"ibot-{s}",
+            f"timm:vit_{size}_patch16_224",
+            _BICUBIC,
+            f"ibot_{folder}_checkpoint_teacher.pth",
+            _IBOT_URL.format(folder),
+            f"iBOT ViT-{s.upper()}/16 (teacher)",
+            "bytedance/ibot evaluation/eval_linear.py (Resize(256, interpolation=3), CenterCrop(224)); models/vision_transformer.py",
+            dim,
+            pos_embed="dino",
+        )
+        for s, size, folder, dim in (("s", "small", "vits_16", 384), ("b", "base", "vitb_16", 768), ("l", "large", "vitl_16", 1024))
+    ],
+    *[
+        Preset(
+            f"msn-{s}",
+            f"timm:vit_{size}_patch16_224",
+            _BILINEAR,
+            file,
+            f"https://dl.fbaipublicfiles.com/msn/{file}",
+            f"MSN ViT-{s.upper()}/16 (target encoder)",
+            "facebookresearch/msn logistic_eval.py (Resize(256), CenterCrop(224); loads checkpoint['target_encoder']); src/deit.py",
+            dim,
+            pos_embed="scale",
+        )
+        for s, size, file, dim in (
+            ("s", "small", "vits16_800ep.pth.tar", 384),
+            ("b", "base", "vitb16_600ep.pth.tar", 768),
+            ("l", "large", "vitl16_600ep.pth.tar", 1024),
+        )
+    ],
+    Preset(
+        "ijepa-h14",
+        "timm:vit_huge_patch14_224",
+        _BILINEAR,
+        "IN1K-vit.h.14-300e.pth.tar",
+        "https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar",
+        "I-JEPA ViT-H/14 (target encoder, no CLS token)",
+        "facebookresearch/ijepa src/models/vision_transformer.py (no CLS token; paper: average-pooled target encoder); "
+        "src/helper.py load_checkpoint; crop 224 from 256 as MSN's logistic_eval.py",
+        1280,
+        {"class_token": False, "global_pool": "avg", "fc_norm": False},
+        pos_embed="scale",
+    ),
+    Preset(
+        "simclr-r50",
+        "tv:resnet50",
+        _SIMCLR,
+        "simclr_resnet50-1x.pth",
+        "https://github.com/tonylins/simclr-converter",
+        "SimCLR v1 ResNet-50 (1x) (TF weights converted)",
+        "google-research/simclr data_util.py preprocess_for_eval (center crop 0.875, bicubic, no mean/std); tonylins/simclr-converter",
+        2048,
+    ),
+    Preset(
+        "byol-r50",
+        "tv:resnet50",
+        _BICUBIC,
+        "byol_resnet50.pth",
+        "https://github.com/deepmind/deepmind-research/tree/master/byol",
+        "BYOL ResNet-50 (JAX weights converted)",
+        "deepmind-research/byol utils/dataset.py preprocess_for_eval (crop 224/256, bicubic)",
+        2048,
+    ),
+    Preset(
+        "swav-r50",
+        "tv:resnet50",
+        _BILINEAR,
+        "swav_800ep_pretrain.pth.tar",
+        "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar",
+        "SwAV ResNet-50 (800 ep)",
+        _TV_SRC.format("facebookresearch/swav eval_linear.py"),
+        2048,
+    ),
+    Preset(
+        "barlowtwins-r50",
+        "tv:resnet50",
+        _BILINEAR,
+        "barlowtwins_resnet50.pth",
+        "https://dl.fbaipublicfiles.com/barlowtwins/ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth",
+        "Barlow Twins ResNet-50",
+        _TV_SRC.format("facebookresearch/barlowtwins evaluate.py"),
+        2048,
+    ),
+    Preset(
+        "vicreg-r50",
+        "tv:resnet50",
+        _BILINEAR,
+        "vicreg_resnet50.pth",
+        "https://dl.fbaipublicfiles.com/vicreg/resnet50.pth",
+        "VICReg ResNet-50",
+        _TV_SRC.format("facebookresearch/vicreg evaluate.py"),
+        2048,
+    ),
+    Preset(
+        "mocov2-r50",
+        "tv:resnet50",
+        _BILINEAR,
+        "moco_v2_800ep_pretrain.pth.tar",
+        "https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar",
+        "MoCo v2 ResNet-50 (800 ep)",
+        _TV_SRC.format("facebookresearch/moco main_lincls.py"),
+        2048,
+    ),
+    Preset(
+        "resnet50",
+        "tv:resnet50",
+        _BILINEAR,
+        "resnet50-11ad3fa6.pth",
+        "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
+        "torchvision ResNet-50 (supervised)",
+        _TV_SRC.format("torchvision references/classification"),
+        2048,
+    ),
+    Preset(
+        "resnet18",
+        "tv:resnet18",
+        _BILINEAR,
+        "resnet18-f37072fd.pth",
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+        "torchvision ResNet-18 (supervised)",
+        _TV_SRC.format("torchvision references/classification"),
+        512,
+    ),
 ]
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
 
 
 def _aliases() -> dict[str, str]:
-    out = {"dinov2": "dino", "dinov2-s": "dino", "dinov2_reg4": "dino-reg4", "dinov2-s_reg4": "dino-reg4",
-           "dino-vits16": "dinov1", "dino-vits8": "dinov1-s8", "dino-vitb16": "dinov1-b16", "dino-vitb8": "dinov1-b8",
-           "dino-resnet50": "dinov1-r50"}
+    out = {
+        "dinov2": "dino",
+        "dinov2-s": "dino",
+        "dinov2_reg4": "dino-reg4",
+        "dinov2-s_reg4": "dino-reg4",
+        "dino-vits16": "dinov1",
+        "dino-vits8": "dinov1-s8",
+        "dino-vitb16": "dinov1-b16",
+        "dino-vitb8": "dinov1-b8",
+        "dino-resnet50": "dinov1-r50",
+    }
     for x in "blg":
         out[f"dinov2-{x}"] = f"dino-{x}"
         out[f"dinov2-{x}_reg4"] = f"dino-{x}-reg4"  # timm spells the register variants _reg4
@@ -176,8 +309,15 @@ def aliases_of(name: str) -> list[str]:
 def preset_table() -> list[dict]:
     """One row per preset, for ``featstore models``."""
     return [
-        {"name": p.name, "aliases": aliases_of(p.name), "architecture": f"{p.description} [{p.arch}]",
-         "views": p.views(), "weights_file": p.weights_file, "weights_url": p.weights_url,
-         "preprocessing": p.preprocess.to_dict(), "source": p.source}
+        {
+            "name": p.name,
+            "aliases": aliases_of(p.name),
+            "architecture": f"{p.description} [{p.arch}]",
+            "views": p.views(),
+            "weights_file": p.weights_file,
+            "weights_url": p.weights_url,
+            "preprocessing": p.preprocess.to_dict(),
+            "source": p.source,
+        }
         for p in PRESETS.values()
     ]

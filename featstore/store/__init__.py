@@ -10,7 +10,18 @@ from .feature_store import DEFAULT_CHUNK_ROWS, FEATURE_DTYPES, SCHEMA_VERSION, F
 from .locations import PROGRESS, is_hdf5_path, is_url
 
 __all__ = [
-    "DEFAULT_CHUNK_ROWS", "FEATURE_DTYPES", "PROGRESS", "SCHEMA_VERSION",
-    "DatasetInfo", "EncoderInfo", "FeatureArray", "FeatureStore", "StoreAttributes", "Unit", "is_hdf5_path", "is_store", "is_url",
+    "DEFAULT_CHUNK_ROWS",
+    "FEATURE_DTYPES",
+    "PROGRESS",
+    "SCHEMA_VERSION",
+    "DatasetInfo",
+    "EncoderInfo",
+    "FeatureArray",
+    "FeatureStore",
+    "StoreAttributes",
+    "Unit",
+    "is_hdf5_path",
+    "is_store",
+    "is_url",
     "store_label",
 ]

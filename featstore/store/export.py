@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -29,13 +30,17 @@ from .feature_store import FeatureStore
 EXPORT_FORMATS = (".h5", ".hdf5", ".npz")
 
 
-def export(source: str, to: str, view: str | None = None, overwrite: bool = False,
-           log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def export(
+    source: str, to: str, view: str | None = None, overwrite: bool = False, log: Callable[[str], None] = lambda s: None
+) -> dict[str, Any]:
     """Write the complete store ``source`` (a path or URL) to ``to`` (.h5/.hdf5, or .npz with one view)."""
     target = Path(to).expanduser()
     suffix = target.suffix.lower()
     if suffix not in EXPORT_FORMATS:
-        raise UsageError(f"cannot export to {to!r}: unknown format {suffix or '(no suffix)'!r}", "use --to FILE.h5 (whole store) or --to FILE.npz (one view)")
+        raise UsageError(
+            f"cannot export to {to!r}: unknown format {suffix or '(no suffix)'!r}",
+            "use --to FILE.h5 (whole store) or --to FILE.npz (one view)",
+        )
     if target.exists() and not overwrite:
         raise UsageError(f"{to!r} already exists", "pass --overwrite to replace it, or choose another --to")
     if not target.parent.is_dir():
@@ -55,8 +60,15 @@ def export(source: str, to: str, view: str | None = None, overwrite: bool = Fals
     except OSError as e:
         raise FeatstoreError(f"cannot write {to!r}: {e.strerror or e}", "check the folder is writable and has space") from e
     seconds = time.perf_counter() - start
-    return {"store": str(store.path), "to": str(target), "format": suffix.lstrip("."), "view": view,
-            "bytes": target.stat().st_size, "feature_bytes": nbytes, "seconds": seconds}
+    return {
+        "store": str(store.path),
+        "to": str(target),
+        "format": suffix.lstrip("."),
+        "view": view,
+        "bytes": target.stat().st_size,
+        "feature_bytes": nbytes,
+        "seconds": seconds,
+    }
 
 
 def _one_view(store: FeatureStore, view: str | None) -> str:
@@ -82,7 +94,9 @@ def _write_hdf5(store: FeatureStore, path: Path) -> int:
             g = f.create_group(split)
             n = store.num_rows(split)
             g.create_dataset("labels", data=store.labels(split).astype(np.int32))
-            g.create_dataset("paths", data=store.paths(split).astype(str).tolist() if n else [], dtype=h5py.string_dtype("utf-8"), shape=(n,))
+            g.create_dataset(
+                "paths", data=store.paths(split).astype(str).tolist() if n else [], dtype=h5py.string_dtype("utf-8"), shape=(n,)
+            )
             g.create_dataset("valid", data=store.valid(split))
             for name in ("labels", "paths", "valid"):
                 g[name].dims[0].label = "row"
@@ -123,8 +137,12 @@ def _raw_chunk_files(store: FeatureStore, split: str, view: str, rows: int) -> l
         meta = array.metadata
         codecs = [type(c).__name__ for c in meta.codecs]
         endian = getattr(getattr(meta.codecs[0], "endian", None), "value", None)
-        if (codecs != ["BytesCodec"] or endian not in ("little", None) or tuple(meta.chunk_grid.chunk_shape) != (rows, array.shape[1])
-                or getattr(array, "order", "C") != "C"):  # fmt: skip
+        if (
+            codecs != ["BytesCodec"]
+            or endian not in ("little", None)
+            or tuple(meta.chunk_grid.chunk_shape) != (rows, array.shape[1])
+            or getattr(array, "order", "C") != "C"
+        ):
             return None
         folder = store.path / split / "features" / view
         files = [folder / meta.chunk_key_encoding.encode_chunk_key((i, 0)) for i in range(-(-array.shape[0] // rows))]

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from ..version import __version__
 from ..atomic import atomic_folder, write_atomic
 from ..errors import FeatstoreError, UsageError
 from ..home import mark_used
+from ..version import __version__
 from .attributes import StoreAttributes
 from .hdf5 import open_hdf5
 from .locations import PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
@@ -96,7 +96,7 @@ class FeatureArray:
     def __repr__(self) -> str:
         return f"FeatureArray(shape={self.shape}, dtype={self.dtype}, lazy)"
 
-    def select(self, rows: Any) -> "FeatureArray":
+    def select(self, rows: Any) -> FeatureArray:
         """These rows (a slice, an index array or a boolean mask), still unread."""
         return FeatureArray(self._array, rows if self._rows is None else self._rows[rows])
 
@@ -149,8 +149,14 @@ def _remove_stale_builds(path: Path) -> None:
 class FeatureStore:
     """A feature store on disk. Use :meth:`create` to start one and :meth:`open` to read or resume."""
 
-    def __init__(self, path: str | os.PathLike[str], group: Any, writable: bool, attrs: dict[str, Any] | None = None,
-                 fs: tuple[Any, str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        group: Any,
+        writable: bool,
+        attrs: dict[str, Any] | None = None,
+        fs: tuple[Any, str] | None = None,
+    ) -> None:
         self.path: Path | str = os.fspath(path) if is_url(path) else Path(path)  # a URL stays a str (Path would mangle its //)
         self._fs = fs  # (fsspec filesystem, path in it) of a URL; None for a local store
         self._group = group
@@ -185,7 +191,7 @@ class FeatureStore:
         dtype: str = "float16",
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         attrs: dict[str, Any] | None = None,
-    ) -> "FeatureStore":
+    ) -> FeatureStore:
         """Presize every array and freeze the plan. ``splits``: name → (relative paths, labels)."""
         if dtype not in FEATURE_DTYPES:
             raise UsageError(f"unknown feature dtype {dtype!r}", f"use one of {', '.join(FEATURE_DTYPES)}")
@@ -202,8 +208,10 @@ class FeatureStore:
             try:
                 os.replace(build, path)
             except OSError as e:
-                raise FeatstoreError(f"{str(path)!r} appeared while the store was being created ({e.strerror})",
-                                     "another extraction writes there; wait for it or choose another --out") from e
+                raise FeatstoreError(
+                    f"{str(path)!r} appeared while the store was being created ({e.strerror})",
+                    "another extraction writes there; wait for it or choose another --out",
+                ) from e
 
         with atomic_folder(path, "creating", place) as build:
             group = zarr.open_group(str(build), mode="w")
@@ -212,14 +220,25 @@ class FeatureStore:
                 sg = group.create_group(split)
                 rows = max(1, min(chunk_rows, n))
                 # dimension names let xarray and dask open the arrays (row is shared by a split's arrays)
-                sg.create_array("labels", shape=(n,), dtype="int32", chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(labels, np.int32)
-                sg.create_array("paths", shape=(n,), dtype=str, chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(paths, dtype=object)
+                sg.create_array("labels", shape=(n,), dtype="int32", chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(
+                    labels, np.int32
+                )
+                sg.create_array("paths", shape=(n,), dtype=str, chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(
+                    paths, dtype=object
+                )
                 sg.create_array("valid", shape=(n,), dtype="bool", chunks=(rows,), fill_value=False, dimension_names=("row",))
                 fg = sg.create_group("features")
                 for view, dim in views.items():
                     # no codec: zstd saves ~8% on float features but caps writes near 100 MB/s (benchmarks/RESULTS.md)
-                    fg.create_array(view, shape=(n, dim), dtype=dtype, chunks=(rows, dim), fill_value=np.nan, compressors=None,
-                                    dimension_names=("row", f"{view}_dim"))
+                    fg.create_array(
+                        view,
+                        shape=(n, dim),
+                        dtype=dtype,
+                        chunks=(rows, dim),
+                        fill_value=np.nan,
+                        compressors=None,
+                        dimension_names=("row", f"{view}_dim"),
+                    )
             progress = group.create_group(PROGRESS)
             for split in splits:
                 progress.create_group(split)
@@ -238,7 +257,7 @@ class FeatureStore:
         return cls.open(path, mode="r+")
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], mode: str = "r") -> "FeatureStore":
+    def open(cls, path: str | os.PathLike[str], mode: str = "r") -> FeatureStore:
         """A local Zarr store, an exported ``.h5`` file, or either at an ``s3://``, ``gs://`` or
         ``http(s)://`` URL (read-only, through fsspec; credentials from its usual configuration)."""
         text = os.fspath(path)
@@ -269,7 +288,7 @@ class FeatureStore:
         return store
 
     @classmethod
-    def _open_url(cls, url: str) -> "FeatureStore":
+    def _open_url(cls, url: str) -> FeatureStore:
         refuse_credentials(url)
         fs, inner = fsspec_fs(url)
         try:
@@ -293,7 +312,9 @@ class FeatureStore:
         except FeatstoreError:
             raise
         except (OSError, ValueError) as e:
-            raise FeatstoreError(f"cannot read {url!r}: {type(e).__name__}: {e}", "check the URL and your credentials (fsspec configuration)") from e
+            raise FeatstoreError(
+                f"cannot read {url!r}: {type(e).__name__}: {e}", "check the URL and your credentials (fsspec configuration)"
+            ) from e
 
     # ---------------------------------------------------------------- plan
 
@@ -369,7 +390,9 @@ class FeatureStore:
         split = self._group[unit.split]
         for view, values in features.items():
             if values.shape != (unit.rows, self.views[view]):
-                raise FeatstoreError(f"unit {unit.split}#{unit.index} view {view!r}: got shape {values.shape}, expected {(unit.rows, self.views[view])}")
+                raise FeatstoreError(
+                    f"unit {unit.split}#{unit.index} view {view!r}: got shape {values.shape}, expected {(unit.rows, self.views[view])}"
+                )
             split["features"][view][unit.start : unit.stop] = values
         split["valid"][unit.start : unit.stop] = np.asarray(valid, bool)
         marker = {
@@ -391,7 +414,9 @@ class FeatureStore:
             for unit in self.units(split):
                 marker = json.loads(self._marker(unit).read_text())
                 if marker["rows"] != [unit.start, unit.stop]:
-                    raise FeatstoreError(f"unit marker {self._marker(unit).name} of split {split!r} does not match the plan", "rerun with --overwrite")
+                    raise FeatstoreError(
+                        f"unit marker {self._marker(unit).name} of split {split!r} does not match the plan", "rerun with --overwrite"
+                    )
                 rows.extend((int(r), reason) for r, reason in marker["invalid"].items())
             if rows:
                 path_values = paths[:]
@@ -420,7 +445,7 @@ class FeatureStore:
 
     # ---------------------------------------------------------------- read
 
-    def require_complete(self) -> "FeatureStore":
+    def require_complete(self) -> FeatureStore:
         if not self.complete:
             raise UsageError(
                 f"store {str(self.path)!r} is incomplete ({len(self.pending_units())} units not written)",

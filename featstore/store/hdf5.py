@@ -18,8 +18,10 @@ def open_hdf5(source: Any, name: str | None = None) -> tuple[Any, dict[str, Any]
     try:
         f = h5py.File(source, "r")
     except OSError as e:
-        raise FeatstoreError(f"{name!r} is not a readable HDF5 file ({' '.join(str(e).split())[:200]})",
-                             "re-export it with `featstore export STORE --to FILE.h5`") from e
+        raise FeatstoreError(
+            f"{name!r} is not a readable HDF5 file ({' '.join(str(e).split())[:200]})",
+            "re-export it with `featstore export STORE --to FILE.h5`",
+        ) from e
     try:
         attrs = {k: json.loads(v) for k, v in f.attrs.items()}
     except (TypeError, ValueError, OSError):

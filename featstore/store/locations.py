@@ -50,8 +50,10 @@ def tree_size(path: Path) -> int:
 def refuse_credentials(url: str) -> None:
     """Credentials never ride in a URL: they would reach logs, results and provenance."""
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", url):
-        raise UsageError("the store URL holds credentials (user:password@)",
-                         "remove them from the URL and configure them the fsspec way (environment, ~/.aws, ~/.config/fsspec)")
+        raise UsageError(
+            "the store URL holds credentials (user:password@)",
+            "remove them from the URL and configure them the fsspec way (environment, ~/.aws, ~/.config/fsspec)",
+        )
 
 
 def fsspec_fs(url: str) -> tuple[Any, str]:

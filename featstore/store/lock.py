@@ -6,8 +6,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import FeatstoreError
 
@@ -41,7 +42,7 @@ class StoreLock:
         except (OSError, ValueError):
             return None
 
-    def acquire(self) -> "StoreLock":
+    def acquire(self) -> StoreLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "job": self.job}
         for _ in range(3):
@@ -61,7 +62,7 @@ class StoreLock:
                 raise FeatstoreError(
                     f"store is being written by pid {holder.get('pid')} on host {holder.get('host')}",
                     f"wait for it to finish; if that process is gone, delete {self.path}",
-                )
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
@@ -75,7 +76,7 @@ class StoreLock:
                 self.path.unlink(missing_ok=True)
             self.held = False
 
-    def __enter__(self) -> "StoreLock":
+    def __enter__(self) -> StoreLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

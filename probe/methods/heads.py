@@ -22,8 +22,8 @@ from numpy.typing import NDArray
 
 from featstore.errors import UsageError
 
-from . import topk
 from ..protocol import Protocol
+from . import topk
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm1d's default, so "standardize" is BatchNorm without affine
 _EVAL_ELEMENTS = 1 << 24  # logits elements per evaluation chunk (64 MiB in float32)
@@ -72,7 +72,9 @@ def standardize_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), torch.rsqrt((m2 / n).float() + BN_EPS)
 
 
-def prepare(x: torch.Tensor, method: str, dtype: torch.dtype, stats: tuple[torch.Tensor, torch.Tensor] | None = None, chunk_rows: int = 1 << 16) -> torch.Tensor:
+def prepare(
+    x: torch.Tensor, method: str, dtype: torch.dtype, stats: tuple[torch.Tensor, torch.Tensor] | None = None, chunk_rows: int = 1 << 16
+) -> torch.Tensor:
     """Normalize ``x`` (any float dtype, already on its device) into a new ``dtype`` tensor, in chunks."""
     if method not in ("none", "l2", "standardize"):
         raise UsageError(f"unknown normalization {method!r}", "use none, l2 or standardize")
@@ -96,7 +98,15 @@ def prepare(x: torch.Tensor, method: str, dtype: torch.dtype, stats: tuple[torch
 class LinearHeads:
     """H linear classifiers D → C over the same features, stored as one (D, H·C) weight matrix."""
 
-    def __init__(self, dim: int, num_classes: int, lrs: Sequence[float], wds: Sequence[float], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        lrs: Sequence[float],
+        wds: Sequence[float],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         lr_t = torch.as_tensor(lrs, dtype=torch.float64)
         wd_t = torch.as_tensor(wds, dtype=torch.float64)
         if lr_t.shape != wd_t.shape or lr_t.ndim != 1:

@@ -22,10 +22,10 @@ from numpy.typing import NDArray
 
 from featstore.errors import UsageError
 
-from . import topk
-from .heads import prepare
 from ..protocol import DEFAULT_KNN_TEMPERATURE as DEFAULT_TEMPERATURE
 from ..protocol import check_knn as check_settings  # one check for Protocol and predict
+from . import topk
+from .heads import prepare
 
 _CHUNK_ELEMENTS = 1 << 26  # similarity elements per chunk: 256 MiB in float32
 

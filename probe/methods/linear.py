@@ -14,7 +14,7 @@ from featstore.errors import FeatstoreError
 
 from ..selection import choose
 from . import heads as H
-from .method import Case, Config, Metrics, MethodResult, Ranking, mark_best_report
+from .method import Case, Config, MethodResult, Metrics, Ranking, mark_best_report
 
 
 class Linear:
@@ -36,7 +36,9 @@ class Linear:
         wds = [wd for _, wd in protocol.heads]
         dim = x["train"].shape[1]
         heads = H.LinearHeads(dim, case.num_classes, lrs, wds, dev)
-        case.log(f"{case.name}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(case.rows['train'])} rows (D={dim}, C={case.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})")
+        case.log(
+            f"{case.name}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(case.rows['train'])} rows (D={dim}, C={case.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})"
+        )
         train_loss = H.train(x["train"], case.y["train"], heads, protocol, orders).cpu().numpy()
         finite = heads.finite().cpu().numpy()
         # every head's top-5 on the reported rows in one pass, before the features go (the chosen
@@ -77,7 +79,9 @@ class Linear:
             extra = {"train_loss": loss, "diverged": not bool(finite[h])}
             configs.append(Config({"lr": lr, "wd": wd}, per_head(h), selected=h == chosen, extra=extra))
         mark_best_report(configs, keys)
-        predictions: dict[str, Ranking] = {role: (t[:, chosen, 0], t[:, chosen, :5] if t.shape[2] == 5 else None) for role, t in top.items()}
+        predictions: dict[str, Ranking] = {
+            role: (t[:, chosen, 0], t[:, chosen, :5] if t.shape[2] == 5 else None) for role, t in top.items()
+        }
         return MethodResult(configs, predictions)
 
     def columns(self, case: Case, config: Config) -> dict[str, Any]:

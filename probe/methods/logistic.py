@@ -38,8 +38,10 @@ class Logreg:
         res = run_logreg(case.x, case.y, case.num_classes, p.logreg_C, p.logreg_tol, p.logreg_max_iter, self.refits(case))
         capped = [c.settings["C"] for c in res.configs if not c.extra["converged"]]
         if capped:
-            case.warn(f"{case.where}: logistic regression stopped above --logreg-tol {p.logreg_tol:g} at C {', '.join(f'{c:g}' for c in capped)}"
-                      f" (--logreg-max-iter {p.logreg_max_iter} reached, or no step lowered the objective)")
+            case.warn(
+                f"{case.where}: logistic regression stopped above --logreg-tol {p.logreg_tol:g} at C {', '.join(f'{c:g}' for c in capped)}"
+                f" (--logreg-max-iter {p.logreg_max_iter} reached, or no step lowered the objective)"
+            )
         chosen = res.selected.settings["C"]
         if len(p.logreg_C) >= 3 and chosen in (p.logreg_C[0], p.logreg_C[-1]) and case.first:
             case.warn(f"{case.where}: the selected C {chosen:g} is at the edge of the grid; consider widening --logreg-C")
@@ -61,7 +63,15 @@ def _metrics(ranked: NDArray[np.int64], labels: NDArray[np.int64]) -> dict[str, 
     return {name: float(v) for name, v in topk.accuracy(ranked, labels).items()}
 
 
-def run_logreg(x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], num_classes: int, Cs: Sequence[float], tol: float, max_iter: int, refit: bool) -> MethodResult:
+def run_logreg(
+    x: Mapping[str, torch.Tensor],
+    y: Mapping[str, torch.Tensor],
+    num_classes: int,
+    Cs: Sequence[float],
+    tol: float,
+    max_iter: int,
+    refit: bool,
+) -> MethodResult:
     """The C path on ``train`` (standardised with train statistics), C selected on ``select``;
     with ``refit``, the selected C solved again on train + select (standardised with their
     statistics) and that model reported: one more configuration, marked ``refit`` and selected.
@@ -97,5 +107,7 @@ def run_logreg(x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], num
         top1, top5 = final.predict(H.prepare(x[role], "standardize", torch.float32, stats))
         metrics[role] = _metrics(top5[0], labels[role])
         predictions[role] = (top1[0], top5[0])
-    configs.append(Config({"C": C, "refit": True}, metrics, selected=True, extra={"iterations": final.n_iter[0], "converged": final.converged[0]}))
+    configs.append(
+        Config({"C": C, "refit": True}, metrics, selected=True, extra={"iterations": final.n_iter[0], "converged": final.converged[0]})
+    )
     return MethodResult(configs, predictions)

@@ -338,8 +338,15 @@ class Memory:
         return q
 
 
-def lbfgs(fg: Objective, theta: torch.Tensor, *, tol: float, max_iter: int, precondition: Precondition | None = None,
-          after_step: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, int, float]:
+def lbfgs(
+    fg: Objective,
+    theta: torch.Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    precondition: Precondition | None = None,
+    after_step: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, int, float]:
     """Minimise a smooth convex function from ``theta``; returns (solution, iterations, max |gradient|),
     the gradient at the returned point: converged means it is <= ``tol``.
 
@@ -410,7 +417,7 @@ def lbfgs(fg: Objective, theta: torch.Tensor, *, tol: float, max_iter: int, prec
     return theta, it, g_max
 
 
-def _tangent(w: torch.Tensor, step: float, lam: float, class_factor: torch.Tensor, precondition: "KroneckerPreconditioner") -> torch.Tensor:
+def _tangent(w: torch.Tensor, step: float, lam: float, class_factor: torch.Tensor, precondition: KroneckerPreconditioner) -> torch.Tensor:
     """w + step · dW/d(log C) at the solution w for λ = 1/(C·n): differentiating the optimality
     condition ∇CE(W) + λW = 0 gives dW/d(log C) = λ (H + λI)⁻¹ W, with the preconditioner's
     Kronecker Hessian for H (Euler's predictor; where only one solution is known yet. On the

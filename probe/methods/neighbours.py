@@ -37,7 +37,9 @@ class Knn:
         return f"k {row['k']}"
 
 
-def run_knn(x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], num_classes: int, ks: Sequence[int], temperature: float, weights: str) -> MethodResult:
+def run_knn(
+    x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], num_classes: int, ks: Sequence[int], temperature: float, weights: str
+) -> MethodResult:
     """Every k at once on every evaluated role but ``train`` (a row is its own nearest neighbour);
     k selected on ``select``."""
     train = knn.l2_normalize(x["train"])

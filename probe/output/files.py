@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from featstore.atomic import atomic_folder
-from featstore.version import __version__
 from featstore.errors import UsageError
+from featstore.version import __version__
 
 from ..protocol import Protocol
 from ..results import table_csv
@@ -65,10 +65,14 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
         raise UsageError(f"--out {str(out)!r} is a file", "pass a folder (it is created if missing)")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if held and not overwrite:
-        raise UsageError(f"--out {str(out)!r} already holds {', '.join(held[:3])}{'…' if len(held) > 3 else ''}",
-                         "pass a new --out folder, or --overwrite to replace a previous run")  # fmt: skip
+        raise UsageError(
+            f"--out {str(out)!r} already holds {', '.join(held[:3])}{'…' if len(held) > 3 else ''}",
+            "pass a new --out folder, or --overwrite to replace a previous run",
+        )
     if held and not any(name in _OURS for name in held):
-        raise UsageError(f"--out {str(out)!r} holds files that are not probe results ({', '.join(held[:3])})", "pass a new or empty --out folder")
+        raise UsageError(
+            f"--out {str(out)!r} holds files that are not probe results ({', '.join(held[:3])})", "pass a new or empty --out folder"
+        )
     return out
 
 
@@ -83,7 +87,12 @@ def new_run_folder(parent: str | os.PathLike) -> Path:
 
 
 def write_outputs(
-    rows: list[dict], protocol: Protocol, out: str | os.PathLike, run: dict | None = None, overwrite: bool = False, digest: Digest | None = None
+    rows: list[dict],
+    protocol: Protocol,
+    out: str | os.PathLike,
+    run: dict | None = None,
+    overwrite: bool = False,
+    digest: Digest | None = None,
 ) -> dict[str, Path]:
     """Write results.csv, summary.csv, protocol.json, predictions.csv and (with linear rows)
     accuracy_vs_lr.png as the folder ``out``, all or nothing. ``digest``: the rows'

@@ -99,7 +99,13 @@ def forest_figure(group, rows: list[dict]) -> str | None:
         else:
             ax.plot(r["top1"], y, "o", color=color)
         ref_values += [r["top1"]] if is_ref else []
-        ax.annotate(fmt_interval(r["top1"], (lo, hi)) + ("" if boot else " (Wilson)"), (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=9)
+        ax.annotate(
+            fmt_interval(r["top1"], (lo, hi)) + ("" if boot else " (Wilson)"),
+            (1.01, y),
+            xycoords=("axes fraction", "data"),
+            va="center",
+            fontsize=9,
+        )
     if len(ref_values) == 1:  # several reference rows (methods, seeds): their squares mark them
         ax.axvline(ref_values[0], color="gray", ls="--", lw=1, label=f"reference ({group.comparison.reference})")
         ax.legend(fontsize=8, loc="lower right")
@@ -114,7 +120,10 @@ def forest_figure(group, rows: list[dict]) -> str | None:
     ax.set_yticklabels([name(r) for r in reversed(items)])
     ax.set_xlabel(f"top-1 on {group.fields['report split']} (%), 95% interval")
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title("accuracy of each encoder" + ("" if len(ref_values) == 1 else f" (squares: the reference, {group.comparison.reference})" if ref_values else ""))
+    ax.set_title(
+        "accuracy of each encoder"
+        + ("" if len(ref_values) == 1 else f" (squares: the reference, {group.comparison.reference})" if ref_values else "")
+    )
     return _png(fig)
 
 
@@ -156,8 +165,10 @@ pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 
 
 def _figure(fig_id: str, png: str, caption: str) -> str:
-    return (f'<figure id="{fig_id}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
+    return (
+        f'<figure id="{fig_id}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{png}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def _breakable(text: str) -> str:
@@ -170,15 +181,33 @@ def _table(group_rows: list[dict], reference: str | None) -> str:
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table_head(reference)) + "</tr>"]
     for r in group_rows:
         cells = table_cells(r, reference)
-        out.append("<tr>" + "".join(f'<td class=text>{_breakable(c)}</td>' if i in TEXT_COLUMNS else f"<td>{html.escape(c)}</td>" for i, c in enumerate(cells)) + "</tr>")
+        out.append(
+            "<tr>"
+            + "".join(
+                f"<td class=text>{_breakable(c)}</td>" if i in TEXT_COLUMNS else f"<td>{html.escape(c)}</td>" for i, c in enumerate(cells)
+            )
+            + "</tr>"
+        )
     # headers and labels wrap, numbers never: the table fits the page's width (a scroll bar only as a last resort)
     return '<div class="table">' + "\n".join(out) + "</table></div>"
 
 
 def _protocol(group) -> str:
-    runs = [{"folder": str(run.folder), "protocol_hash": run.protocol_hash, **{k: v for k, v in (run.record.get("run") or {}).items() if k != "dataset"}} for run in group.runs]
+    runs = [
+        {
+            "folder": str(run.folder),
+            "protocol_hash": run.protocol_hash,
+            **{k: v for k, v in (run.record.get("run") or {}).items() if k != "dataset"},
+        }
+        for run in group.runs
+    ]
     dataset = {k: v for k, v in group.runs[0].dataset.items() if k != "class_names"}
-    record = {"protocol_hash": group.runs[0].protocol_hash, "protocol": group.runs[0].record.get("protocol"), "dataset": dataset, "runs": runs}
+    record = {
+        "protocol_hash": group.runs[0].protocol_hash,
+        "protocol": group.runs[0].record.get("protocol"),
+        "dataset": dataset,
+        "runs": runs,
+    }
     return f"<pre>{html.escape(_compact_json(record))}</pre>"
 
 
@@ -197,23 +226,39 @@ def render(groups, rows: list[dict]) -> str:
     body = ["<h1>featstore probe report</h1>"]
     if len(groups) > 1:
         mixed = html.escape(differences([r for g in groups for r in g.runs]))
-        body.append(f'<p class="note">{len(groups)} groups (--allow-mixed): the results differ in {mixed}. '
-                    "Each group is ranked on its own; results of different groups are not comparable.</p>")  # fmt: skip
+        body.append(
+            f'<p class="note">{len(groups)} groups (--allow-mixed): the results differ in {mixed}. '
+            "Each group is ranked on its own; results of different groups are not comparable.</p>"
+        )
     for gi, g in enumerate(groups, start=1):
         ref = g.comparison.reference if g.comparison else None
         body.append(f"<h2>{'group ' + str(gi) + ': ' if len(groups) > 1 else ''}{html.escape(g.title)}</h2>")
         body.append(_table([r for r in rows if r["group"] == gi], ref))
-        body.append('<p class="note">top-1 in percent; 95% CI: percentile bootstrap over the images of the report split; '
-                    "Δ: store − reference on the same images, paired bootstrap; n01: images only the store gets right, n10: only the reference; "
-                    "McNemar: exact two-sided p.</p>")  # fmt: skip
+        body.append(
+            '<p class="note">top-1 in percent; 95% CI: percentile bootstrap over the images of the report split; '
+            "Δ: store − reference on the same images, paired bootstrap; n01: images only the store gets right, n10: only the reference; "
+            "McNemar: exact two-sided p.</p>"
+        )
         lr = lr_figure(g)
         if lr:
-            body.append(_figure(f"g{gi}-lr", lr, "Accuracy vs learning rate of the linear probe, every store overlaid (first seed); the star is the LR selected on the selection split."))
+            body.append(
+                _figure(
+                    f"g{gi}-lr",
+                    lr,
+                    "Accuracy vs learning rate of the linear probe, every store overlaid (first seed); the star is the LR selected on the selection split.",
+                )
+            )
         else:
             body.append('<p class="note">No LR sweep in these results (fixed learning rate).</p>')
         forest = forest_figure(g, [r for r in rows if r["group"] == gi])
         if forest:
-            body.append(_figure(f"g{gi}-forest", forest, "Each encoder's top-1 with its 95% interval; squares (and the dashed line, when it is one row): the reference."))
+            body.append(
+                _figure(
+                    f"g{gi}-forest",
+                    forest,
+                    "Each encoder's top-1 with its 95% interval; squares (and the dashed line, when it is one row): the reference.",
+                )
+            )
         if g.comparison:
             first_seed: dict[tuple, int] = {}  # one chart per store × view × method × shots: its first seed
             for c in g.comparison.per_class:
@@ -222,11 +267,25 @@ def render(groups, rows: list[dict]) -> str:
             if charted:
                 body.append("<h3>Per class, against the reference</h3>")
             if charted and len({c.seed for c in g.comparison.per_class}) > 1:
-                body.append('<p class="note">With several seeds, the charts show each configuration\'s first seed; probe compare --json has every seed.</p>')
+                body.append(
+                    '<p class="note">With several seeds, the charts show each configuration\'s first seed; probe compare --json has every seed.</p>'
+                )
             for i, c in enumerate(g.comparison.per_class):
                 if c.reference_view is not None and first_seed[(c.label, c.view, c.method, c.shots)] == c.seed:
-                    body.append(_figure(f"g{gi}-class-{i}", class_figure(g, c), f"Per-class top-1 difference, {c.label} [{c.view}] {c.method}{' ' + c.shots + '-shot' if c.shots else ''}{' seed ' + str(c.seed) if len(first_seed) < len(g.comparison.per_class) else ''} − {ref} [{c.reference_view}]; labels: reference→store accuracy."))
+                    body.append(
+                        _figure(
+                            f"g{gi}-class-{i}",
+                            class_figure(g, c),
+                            f"Per-class top-1 difference, {c.label} [{c.view}] {c.method}{' ' + c.shots + '-shot' if c.shots else ''}{' seed ' + str(c.seed) if len(first_seed) < len(g.comparison.per_class) else ''} − {ref} [{c.reference_view}]; labels: reference→store accuracy.",
+                        )
+                    )
         else:
-            body.append('<p class="note">No per-image predictions in these results: intervals are Wilson intervals, no paired difference.</p>')
+            body.append(
+                '<p class="note">No per-image predictions in these results: intervals are Wilson intervals, no paired difference.</p>'
+            )
         body.append("<h3>Protocol</h3>" + _protocol(g))
-    return f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>featstore probe report</title><style>{_CSS}</style></head>\n<body>\n' + "\n".join(body) + "\n</body></html>\n"
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>featstore probe report</title><style>{_CSS}</style></head>\n<body>\n'
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )

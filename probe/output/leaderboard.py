@@ -16,9 +16,9 @@ from featstore.errors import UsageError
 
 from .. import intervals as I
 from ..comparison import Comparison, compare, fmt_interval, fmt_p
+from ..results import table_csv
 from ..results.predictions import ConfigKey, Predictions
 from ..results.runs import Run, load, reported_n, reported_top1, row_label
-from ..results import table_csv
 from ..results.summary import setting
 
 LEADERBOARD_MD, LEADERBOARD_CSV, REPORT_HTML = "leaderboard.md", "leaderboard.csv", "report.html"
@@ -71,7 +71,10 @@ def _entries(runs: list[Run]) -> list[Entry]:
             owners.setdefault(row_label(r), set()).add(id(run))
     entries = []
     for run in runs:
-        rename = lambda label: f"{run.name}/{label}" if len(owners.get(label, ())) > 1 else label  # noqa: E731
+
+        def rename(label: str, run: Run = run) -> str:
+            return f"{run.name}/{label}" if len(owners.get(label, ())) > 1 else label
+
         # matched by store path (in both files whatever the labels), view, method, shots, seed
         preds = {ConfigKey.make(p.store, p.view, p.method, p.shots, p.seed): p for p in run.predictions or []}
         for r in run.selected:
@@ -116,7 +119,10 @@ def gather(folders: list[str | os.PathLike], *, allow_mixed: bool = False, refer
         values = {name: get(run) for name, get in GROUP_FIELDS.items()}
         groups.setdefault(tuple(values.values()), Group(values, [])).runs.append(run)
     if len(groups) > 1 and not allow_mixed:
-        raise UsageError(f"these results differ in {differences(runs)}", "compare results of one protocol, dataset and report split, or pass --allow-mixed to report them as separate groups")
+        raise UsageError(
+            f"these results differ in {differences(runs)}",
+            "compare results of one protocol, dataset and report split, or pass --allow-mixed to report them as separate groups",
+        )
     out = list(groups.values())
     for g in out:
         g.entries = _entries(g.runs)
@@ -125,7 +131,9 @@ def gather(folders: list[str | os.PathLike], *, allow_mixed: bool = False, refer
             labels = [p.label for p in with_preds]
             ref = reference if reference in labels else None
             if reference is not None and ref is None and len(out) == 1:
-                raise UsageError(f"no store labelled {reference!r} in these results", f"--reference is one of: {', '.join(dict.fromkeys(labels))}")
+                raise UsageError(
+                    f"no store labelled {reference!r} in these results", f"--reference is one of: {', '.join(dict.fromkeys(labels))}"
+                )
             g.comparison = compare(with_preds, ref, class_names=g.runs[0].class_names)
     return out
 
@@ -200,7 +208,9 @@ def markdown(groups: list[Group], rows: list[dict]) -> str:
     """One markdown table per group (one group unless --allow-mixed)."""
     out = []
     if len(groups) > 1:
-        out.append(f"{len(groups)} groups, ranked separately (--allow-mixed): the results differ in {differences([r for g in groups for r in g.runs])}.\n")
+        out.append(
+            f"{len(groups)} groups, ranked separately (--allow-mixed): the results differ in {differences([r for g in groups for r in g.runs])}.\n"
+        )
     for gi, g in enumerate(groups, start=1):
         if len(groups) > 1:
             out.append(f"### group {gi}: {g.title}\n")
@@ -210,7 +220,9 @@ def markdown(groups: list[Group], rows: list[dict]) -> str:
         for r in (r for r in rows if r["group"] == gi):
             lines.append("| " + " | ".join(table_cells(r, ref)) + " |")
         splits = g.fields["report split"]
-        out.append("\n".join(lines) + f"\n\ntop-1 in percent on the {splits} split; 95% CI: percentile bootstrap over images "
-                   f"({I.N_RESAMPLES} resamples, seed {I.BOOTSTRAP_SEED}); Wilson: score interval; Δ: paired bootstrap on the same images; "
-                   f"McNemar: exact two-sided. Protocol {g.runs[0].protocol_hash}, {g.fields['dataset']}.\n")  # fmt: skip
+        out.append(
+            "\n".join(lines) + f"\n\ntop-1 in percent on the {splits} split; 95% CI: percentile bootstrap over images "
+            f"({I.N_RESAMPLES} resamples, seed {I.BOOTSTRAP_SEED}); Wilson: score interval; Δ: paired bootstrap on the same images; "
+            f"McNemar: exact two-sided. Protocol {g.runs[0].protocol_hash}, {g.fields['dataset']}.\n"
+        )
     return "\n".join(out)

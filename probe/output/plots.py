@@ -73,8 +73,10 @@ def plot_title(rows: list[dict], protocol: Protocol | None = None) -> str:
         view_text = "views " + ", ".join(f"{k[0]}: {k[1]}" for k in groups)
     else:
         view_text = "views " + ", ".join(views)
-    return (f"{datasets} — linear probe, {view_text}\n{r0['optimizer']}, {r0['epochs']} epochs, batch {r0['batch_size']}, "
-            f"normalize {r0['normalize']}, seed {r0['seed']}, select on {r0['select_on']} — protocol {r0['protocol_hash']}")  # fmt: skip
+    return (
+        f"{datasets} — linear probe, {view_text}\n{r0['optimizer']}, {r0['epochs']} epochs, batch {r0['batch_size']}, "
+        f"normalize {r0['normalize']}, seed {r0['seed']}, select on {r0['select_on']} — protocol {r0['protocol_hash']}"
+    )
 
 
 def plot_panels(rows: list[dict], protocol: Protocol | None = None) -> list[tuple[str, str]]:
@@ -107,7 +109,11 @@ def plot(rows: list[dict], path: Path, protocol: Protocol | None = None) -> None
     if is_battery(rows):
         seeds = list(dict.fromkeys(r["seed"] for r in rows))
         size = "every training row" if shown[0].get("shots") is None else f"{shown[0]['shots']} per class"
-        note = f"the linear probe of seed {shown[0]['seed']}" + (f" (of {len(seeds)})" if len(seeds) > 1 else "") + f", {size}; all methods, seeds and sizes: summary.csv"
+        note = (
+            f"the linear probe of seed {shown[0]['seed']}"
+            + (f" (of {len(seeds)})" if len(seeds) > 1 else "")
+            + f", {size}; all methods, seeds and sizes: summary.csv"
+        )
     fig = figure(shown, protocol, note)
     import matplotlib.pyplot as plt
 
@@ -165,9 +171,19 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
             # free, at an end of the grid the space beside it (towards the axes' inside)
             end = "right" if sel["lr"] == max(lr_span) else "left" if sel["lr"] == min(lr_span) else None
             offset = (0, -17) if end is None else (-11 if end == "right" else 11, 0)
-            ax.annotate(f"lr {sel['lr']:g}", (sel["lr"], sel[col]), textcoords="offset points", xytext=offset, ha=end or "center",
-                        va="top" if end is None else "center", fontsize=8, color=color, fontweight="bold", zorder=6,
-                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})  # fmt: skip
+            ax.annotate(
+                f"lr {sel['lr']:g}",
+                (sel["lr"], sel[col]),
+                textcoords="offset points",
+                xytext=offset,
+                ha=end or "center",
+                va="top" if end is None else "center",
+                fontsize=8,
+                color=color,
+                fontweight="bold",
+                zorder=6,
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+            )
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title, fontsize=9)
         ax.set_xscale("log")

@@ -15,6 +15,7 @@ from ..results.predictions import of_rows as predictions_of
 from ..results.rows import by_probe, chosen_on_report, is_battery, selection_words
 from ..results.summary import mean_std, selected_by_entry, summarize
 
+
 def _pct(value) -> str:
     return "—" if value is None else f"{value:.2f}"
 
@@ -93,7 +94,9 @@ def battery_table(rows: list[dict], protocol: Protocol | None = None, digest: Di
         lines.append("| " + " | ".join(cells) + " |")
     r0 = rows[0]
     seeds = sorted({r["seed"] for r in rows})
-    notes = f"protocol {r0['protocol_hash']}: methods {', '.join(dict.fromkeys(r['method'] for r in rows))}; seeds {', '.join(map(str, seeds))}"
+    notes = (
+        f"protocol {r0['protocol_hash']}: methods {', '.join(dict.fromkeys(r['method'] for r in rows))}; seeds {', '.join(map(str, seeds))}"
+    )
     notes += "; mean ± sample std (n seeds) of the selected configuration's reported accuracy" if len(seeds) > 1 else ""
     notes += "; lr, k and C chosen on the selection split, never on the reported split"
     if any(r["method"] == "logreg" and r.get("refit") for r in rows):
@@ -127,12 +130,16 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
     if versus:
         head += [f"Δ vs {versus.reference} [95% CI]", "McNemar p"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for key, rs in groups.items():
+    for rs in groups.values():
         sel = next(r for r in rs if r["selected"])
         cells = [sel["label"], sel["encoder"] or "—"] + ([sel["view"]] if multi_view else [])
         cells += [f"{sel['lr']:g}"]
         cells += [f"{sel['wd']:g}"] if show_wd else []
-        reported = fmt_interval(sel["report_top1_pct"], (sel.get("ci95_low"), sel.get("ci95_high")), digits=2) if sel["report_top1_pct"] is not None else "—"
+        reported = (
+            fmt_interval(sel["report_top1_pct"], (sel.get("ci95_low"), sel.get("ci95_high")), digits=2)
+            if sel["report_top1_pct"] is not None
+            else "—"
+        )
         cells += [f"{_pct(sel['select_top1_pct'])} ({selection_words(sel, protocol)})", reported]
         cells += [_pct(sel["report_top5_pct"])] if has_top5 else []
         cells += [sel["reported_as"]]
@@ -165,7 +172,10 @@ def _versus_entry_cells(versus, label: str, entry: dict) -> list[str]:
         return ["reference" if label == versus.reference else "—", "—"]
     if s.delta_mean is None:
         return ["—", "—"]
-    return [f"{fmt_interval(s.delta_mean, s.delta_mean_ci95, digits=2, signed=True)} (± {s.delta_std:.2f} over {len(s.seeds)} seeds)", "per seed: probe compare"]
+    return [
+        f"{fmt_interval(s.delta_mean, s.delta_mean_ci95, digits=2, signed=True)} (± {s.delta_std:.2f} over {len(s.seeds)} seeds)",
+        "per seed: probe compare",
+    ]
 
 
 def _versus_cells(versus, key: ConfigKey) -> list[str]:

@@ -40,12 +40,12 @@ class ConfigKey(NamedTuple):
     seed: int
 
     @classmethod
-    def make(cls, label, view, method, shots, seed) -> "ConfigKey":
+    def make(cls, label, view, method, shots, seed) -> ConfigKey:
         """The key with the CSV's spellings normalised: no method = linear, no shots = "", no seed = 0."""
         return cls(str(label), str(view), method or "linear", "" if shots is None else str(shots), int(seed or 0))
 
     @classmethod
-    def of_row(cls, row: dict, label: str | None = None) -> "ConfigKey":
+    def of_row(cls, row: dict, label: str | None = None) -> ConfigKey:
         """A results row's key (probe.fit's or results.csv's), under ``label`` when given, else its ``label`` column."""
         return cls.make(row["label"] if label is None else label, row["view"], row.get("method"), row.get("shots"), row.get("seed"))
 
@@ -96,7 +96,10 @@ class ImagePredictions(dict):
     def __eq__(self, other) -> bool:
         if not isinstance(other, dict) or self.keys() != other.keys():
             return False
-        return all((a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b)) for a, b in ((self[k], other[k]) for k in self))
+        return all(
+            (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+            for a, b in ((self[k], other[k]) for k in self)
+        )
 
     def __ne__(self, other) -> bool:  # dict's own __ne__ would compare the arrays element-wise
         return not self.__eq__(other)
@@ -149,7 +152,10 @@ def read(path: str | os.PathLike) -> list[Predictions]:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise UsageError(f"{str(path)!r} is not a predictions file: no column {', '.join(missing)}", "it is written by `probe fit` beside results.csv")
+            raise UsageError(
+                f"{str(path)!r} is not a predictions file: no column {', '.join(missing)}",
+                "it is written by `probe fit` beside results.csv",
+            )
         for line, r in enumerate(reader, start=2):
             key = (r["label"], r["store"], r["view"], r["method"], r["shots"], r["seed"])
             g = groups.setdefault(key, {"paths": [], "target": [], "pred": [], "top5": []})
@@ -158,7 +164,10 @@ def read(path: str | os.PathLike) -> list[Predictions]:
                 g["pred"].append(int(r["pred"]))
                 g["top5"].append([int(v) for v in r["top5"].split()] if r["top5"] else None)
             except ValueError:
-                raise UsageError(f"{str(path)!r} line {line}: target, pred and top5 must be class indices", "the file was edited or truncated; rerun probe fit") from None
+                raise UsageError(
+                    f"{str(path)!r} line {line}: target, pred and top5 must be class indices",
+                    "the file was edited or truncated; rerun probe fit",
+                ) from None
             g["paths"].append(r["path"])
     out = []
     for (label, store, view, method, shots, seed), g in groups.items():

@@ -108,7 +108,9 @@ def load(folder: str | os.PathLike) -> Run:
     try:
         record = json.loads((folder / PROTOCOL).read_text())
     except FileNotFoundError:
-        raise UsageError(f"{str(folder)!r} holds no {PROTOCOL}", "results without their protocol record cannot be compared safely") from None
+        raise UsageError(
+            f"{str(folder)!r} holds no {PROTOCOL}", "results without their protocol record cannot be compared safely"
+        ) from None
     except json.JSONDecodeError as e:
         raise UsageError(f"{str(folder / PROTOCOL)!r} is not valid JSON ({e.msg})", "rerun probe fit") from None
     preds_path = folder / P.PREDICTIONS
@@ -118,7 +120,11 @@ def load(folder: str | os.PathLike) -> Run:
 
 def require_predictions(run: Run) -> list[P.Predictions]:
     if run.predictions is None:
-        raise UsageError(f"{str(run.folder)!r} holds no {P.PREDICTIONS}", "results of an older probe fit; rerun it to get per-image predictions")
+        raise UsageError(
+            f"{str(run.folder)!r} holds no {P.PREDICTIONS}", "results of an older probe fit; rerun it to get per-image predictions"
+        )
     if not run.predictions:
-        raise UsageError(f"the run in {str(run.folder)!r} reported no split, so there is nothing to compare", "probe stores with a val or test split")
+        raise UsageError(
+            f"the run in {str(run.folder)!r} reported no split, so there is nothing to compare", "probe stores with a val or test split"
+        )
     return run.predictions

@@ -46,9 +46,16 @@ def summarize(rows: list[dict], reported, groups: dict[tuple, list[dict]] | None
     out = []
     for (store, view, method, shots), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
-        entry = {"store": store, "view": view, "method": method, "shots": shots, "n_seeds": len(rs),
-                 "seeds": " ".join(str(r["seed"]) for r in rs), "report_split": rs[0].get("report_split"),
-                 "protocol_hash": rs[0].get("protocol_hash")}  # fmt: skip
+        entry = {
+            "store": store,
+            "view": view,
+            "method": method,
+            "shots": shots,
+            "n_seeds": len(rs),
+            "seeds": " ".join(str(r["seed"]) for r in rs),
+            "report_split": rs[0].get("report_split"),
+            "protocol_hash": rs[0].get("protocol_hash"),
+        }
         for metric in ("top1", "top5"):
             values = [reported(r, metric) for r in rs]
             values = np.array([v for v in values if v is not None], dtype=float)

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -258,8 +259,12 @@ def _fit_case(
 ) -> list[dict]:
     t0 = time.perf_counter()
     fs, plan = info.store, info.plans[seed]
-    roles = {"train": (plan.train_split, plan.train_rows), "select": (plan.select_source, plan.select_rows)}
+    roles: dict[str, tuple[str, np.ndarray]] = {
+        "train": (plan.train_split, plan.train_rows),
+        "select": (plan.select_source, plan.select_rows),
+    }
     if plan.reported_role == "report":  # else the selection rows (if any) are the reported ones
+        assert plan.report_source is not None and plan.report_rows is not None  # a "report" role has its own split
         roles["report"] = (plan.report_source, plan.report_rows)
     first = _first_case(protocol, seed, shots)  # warn once per store × view
     excluded_invalid = excluded_nonfinite = 0
@@ -377,7 +382,7 @@ class _Rows:
             v = metrics.get(role, {}).get(k)
             return None if v is None else round(float(v), 4)
 
-        row = {c: None for c in COLUMNS}
+        row: dict[str, Any] = {c: None for c in COLUMNS}
         row.update({
             "label": self.info.label, "store": self.info.path, "encoder": encoder.name, "weights_sha256": encoder.weights_sha256,
             "dataset": dataset.name, "view": self.view, "method": method, "shots": self.shots, "seed": self.seed,
@@ -400,6 +405,7 @@ class _Rows:
         if role is None:
             return None
         split = self.plan.report_source  # the selection rows' split too when they are the reported ones
+        assert split is not None  # set whenever a role is reported
         rows = self.kept[role]
         top1, top5 = predictions[role]
         return ImagePredictions(paths=self.info.paths(split)[rows], target=self.info.labels[split][rows], pred=top1, top5=top5)
@@ -412,8 +418,13 @@ def _add_intervals(rows: list[dict], comparison: Comparison | None) -> None:
     boots = {c.key: c.ci95 for c in comparison.rows} if comparison else {}
     for r in rows:
         pct, n = r.get("report_top1_pct"), r.get("n_report")
-        low, high = I.wilson_interval(round(pct * n / 100), n) if pct is not None and n else (None, None)
-        r["wilson95_low"], r["wilson95_high"] = (round(low, 4), round(high, 4)) if low is not None else (None, None)
+        if pct is not None and n:
+            low, high = I.wilson_interval(round(pct * n / 100), n)
+            r["wilson95_low"], r["wilson95_high"] = round(low, 4), round(high, 4)
+        else:
+            r["wilson95_low"], r["wilson95_high"] = None, None
         boot = boots[ConfigKey.of_row(r)] if r.get("selected") and r.get("report_predictions") is not None else None
-        keep = boot is not None and pct is not None and np.isfinite(boot).all()
-        r["ci95_low"], r["ci95_high"] = (round(boot[0], 4), round(boot[1], 4)) if keep else (None, None)
+        if boot is not None and pct is not None and np.isfinite(boot).all():
+            r["ci95_low"], r["ci95_high"] = round(boot[0], 4), round(boot[1], 4)
+        else:
+            r["ci95_low"], r["ci95_high"] = None, None

@@ -109,7 +109,7 @@ def plan_splits(
         )
     report = next((s for s in ("test", "val") if s in splits and s != train_split), None)
     everything = np.arange(sizes[train_split])
-    common = dict(train_split=train_split, select_on=select_on, val_fraction=val_fraction)
+    common: dict[str, Any] = dict(train_split=train_split, select_on=select_on, val_fraction=val_fraction)
     if select_on == "report" and report is not None:
         rows = np.arange(sizes[report])
         return SplitPlan(train_rows=everything, select_split=report, select_source=report, select_rows=rows,
@@ -123,7 +123,7 @@ def plan_splits(
             f"store {store_path!r}: no rows to hold out for selection from split {train_split!r}",
             "the split is too small; raise --val-fraction or add a 'val' split",
         )
-    held = dict(train_rows=train_rows, select_split="holdout", select_source=train_split, select_rows=hold)
+    held: dict[str, Any] = dict(train_rows=train_rows, select_split="holdout", select_source=train_split, select_rows=hold)
     if report is None:
         # a single split: the holdout is all there is; reported only on explicit request, labelled
         if select_on == "report":

@@ -57,8 +57,8 @@ def summarize(rows: list[dict], reported, groups: dict[tuple, list[dict]] | None
             "protocol_hash": rs[0].get("protocol_hash"),
         }
         for metric in ("top1", "top5"):
-            values = [reported(r, metric) for r in rs]
-            values = np.array([v for v in values if v is not None], dtype=float)
+            found = [reported(r, metric) for r in rs]
+            values = np.array([v for v in found if v is not None], dtype=float)
             entry[f"report_{metric}_mean"] = round(float(values.mean()), 4) if len(values) else None
             entry[f"report_{metric}_std"] = round(float(values.std(ddof=1)), 4) if len(values) > 1 else None
         picks: dict[str, int] = {}

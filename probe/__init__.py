@@ -15,8 +15,8 @@ import importlib as _importlib
 
 # public name -> the module that defines it (imported on first access)
 _LAZY = {
-    "fit": "probe.api",
-    "fit_run": "probe.api",
+    "fit": "probe.fitting",
+    "fit_run": "probe.fitting",
     "compare": "probe.api",
     "report": "probe.api",
     "Protocol": "probe.protocol",

@@ -1,148 +1,19 @@
-"""The public Python API of probe: ``probe.fit``, ``fit_run``, ``compare``, ``report``.
+"""The public Python API of probe beyond the sweep itself (``probe.fit`` and ``probe.fit_run``
+live in :mod:`probe.fitting`): ``compare`` and ``report``.
 
-Each function imports its implementation when called, so ``import probe`` stays light (no torch,
-no zarr). ``probe/__init__.py`` exposes these names lazily; docs/api.md walks through them.
+Each function imports its implementation when called. ``probe/__init__.py`` exposes these names
+lazily; docs/api.md walks through them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for readers and type checkers only
     from .comparison import Comparison
-    from .fitting import FitResult
-    from .protocol import Protocol
-
-
-def fit(
-    stores,
-    protocol: Protocol | None = None,
-    *,
-    views: Iterable[str] | str | None = None,
-    device: str = "auto",
-    allow_different_data: bool = False,
-    out: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    log: Callable[[str], None] | None = None,
-    warn: Callable[[str], None] | None = None,
-) -> list[dict]:
-    """Probe feature stores under one protocol and return one row per configuration.
-
-    The rows of :func:`fit_run` (same arguments): one dict per store × view × seed × shots ×
-    method configuration (for the default linear-only protocol, per store × view × lr × wd).
-
-    Parameters
-    ----------
-    stores : path, str, StoreSpec, or an iterable of them
-        Feature stores (folders, ``.h5`` exports, URLs); a text may be ``[LABEL=]PATH[:VIEW]`` as
-        on the command line. Several stores are one comparison under the same protocol.
-    protocol : Protocol, optional
-        Every hyperparameter (LR grid, epochs, methods, shots, seeds…); default ``Protocol()``.
-    views : str or iterable of str, optional
-        Views of every store without its own ``:VIEW``; default: every view the stores share,
-        else each store's primary view (``pool`` for a CNN, ``cls`` for a ViT).
-    device : {"auto", "cpu", "cuda"} or torch.device, default "auto"
-    allow_different_data : bool, default False
-        Compare stores whose dataset manifests differ (with a warning) instead of refusing.
-    out : path, optional
-        Also write results.csv, summary.csv, protocol.json, predictions.csv and
-        accuracy_vs_lr.png into this folder (all or nothing).
-    overwrite : bool, default False
-        Replace a previous probe run in ``out``; a folder holding other files is still refused.
-    log : callable, optional
-        Receives the progress lines (default: none).
-    warn : callable, optional
-        Receives warnings (default: Python ``warnings`` with category :class:`ProbeWarning`).
-
-    Returns
-    -------
-    list of dict
-        Keys of :data:`probe.COLUMNS` (accuracies in percent, ``*_top1_pct``; None where a column
-        does not apply). ``selected`` marks the configuration chosen on the selection split; its
-        row also holds ``report_predictions`` (per-image paths, target, top-1, top-5).
-
-    Raises
-    ------
-    featstore.UsageError
-        A store given twice, stores of different data, a bad view, ``out`` not empty.
-    featstore.FeatstoreError
-        A store that is missing or not complete.
-
-    Examples
-    --------
-    >>> rows = probe.fit(["a.zarr", "ft=b.zarr:cls4"], probe.Protocol(lr_grid="1e-3:1e-1:5", epochs=10),
-    ...                  out="results/ab")                                       # doctest: +SKIP
-    >>> [(r["label"], r["lr"], r["report_top1_pct"]) for r in rows if r["selected"]]  # doctest: +SKIP
-    """
-    return fit_run(
-        stores,
-        protocol,
-        views=views,
-        device=device,
-        allow_different_data=allow_different_data,
-        out=out,
-        overwrite=overwrite,
-        log=log,
-        warn=warn,
-    ).rows
-
-
-def fit_run(
-    stores,
-    protocol: Protocol | None = None,
-    *,
-    views: Iterable[str] | str | None = None,
-    device: str = "auto",
-    allow_different_data: bool = False,
-    out: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    log: Callable[[str], None] | None = None,
-    warn: Callable[[str], None] | None = None,
-) -> FitResult:
-    """Run every method of ``protocol`` (its LR grid, k grid, C path) on every store × view × seed × shots.
-
-    The same as :func:`fit`, and the statistics computed over the rows, each once.
-
-    Parameters
-    ----------
-    stores, protocol, views, device, allow_different_data, out, overwrite, log, warn
-        As :func:`fit`.
-
-    Returns
-    -------
-    FitResult
-        ``rows`` (as :func:`fit` returns them; 95% intervals of the reported top-1 in
-        ``wilson95_*`` and, on the selected rows, ``ci95_*``), ``comparison`` (a
-        :class:`probe.comparison.Comparison` of every selected configuration's per-image
-        predictions against the first store; None when nothing was reported) and ``digest``
-        (summary.csv's per-seed entries and the difference to the first store).
-
-    Raises
-    ------
-    featstore.UsageError, featstore.FeatstoreError
-        As :func:`fit`.
-
-    Examples
-    --------
-    >>> result = probe.fit_run(["a.zarr", "b.zarr"], out="results/ab")           # doctest: +SKIP
-    >>> [(r.label, r.delta) for r in result.comparison.rows]                     # doctest: +SKIP
-    """
-    from .fitting import fit_run as run
-
-    return run(
-        stores,
-        protocol,
-        views=views,
-        device=device,
-        allow_different_data=allow_different_data,
-        out=out,
-        overwrite=overwrite,
-        log=log,
-        warn=warn,
-    )
 
 
 def compare(

@@ -152,9 +152,55 @@ class FitResult:
         return digest_of(self.rows, self.comparison)
 
 
-def fit(stores, protocol: Protocol | None = None, **options) -> list[dict]:
-    """The rows of :func:`fit_run` (its arguments, its docs): one dict per store × view × seed ×
-    shots × configuration."""
+def fit(stores, protocol: Protocol | None = None, **options: Any) -> list[dict]:
+    """Probe feature stores under one protocol and return one row per configuration.
+
+    The rows of :func:`fit_run` (same arguments): one dict per store × view × seed × shots ×
+    method configuration (for the default linear-only protocol, per store × view × lr × wd).
+
+    Parameters
+    ----------
+    stores : path, str, StoreSpec, or an iterable of them
+        Feature stores (folders, ``.h5`` exports, URLs); a text may be ``[LABEL=]PATH[:VIEW]`` as
+        on the command line. Several stores are one comparison under the same protocol.
+    protocol : Protocol, optional
+        Every hyperparameter (LR grid, epochs, methods, shots, seeds…); default ``Protocol()``.
+    views : str or iterable of str, optional
+        Views of every store without its own ``:VIEW``; default: every view the stores share,
+        else each store's primary view (``pool`` for a CNN, ``cls`` for a ViT).
+    device : {"auto", "cpu", "cuda"} or torch.device, default "auto"
+    allow_different_data : bool, default False
+        Compare stores whose dataset manifests differ (with a warning) instead of refusing.
+    out : path, optional
+        Also write results.csv, summary.csv, protocol.json, predictions.csv and
+        accuracy_vs_lr.png into this folder (all or nothing).
+    overwrite : bool, default False
+        Replace a previous probe run in ``out``; a folder holding other files is still refused.
+    log : callable, optional
+        Receives the progress lines (default: none).
+    warn : callable, optional
+        Receives warnings (default: Python ``warnings`` with category :class:`ProbeWarning`).
+
+    Returns
+    -------
+    list of dict
+        Keys of :data:`probe.COLUMNS` (accuracies in percent, ``*_top1_pct``; None where a column
+        does not apply). ``selected`` marks the configuration chosen on the selection split; its
+        row also holds ``report_predictions`` (per-image paths, target, top-1, top-5).
+
+    Raises
+    ------
+    featstore.UsageError
+        A store given twice, stores of different data, a bad view, ``out`` not empty.
+    featstore.FeatstoreError
+        A store that is missing or not complete.
+
+    Examples
+    --------
+    >>> rows = probe.fit(["a.zarr", "ft=b.zarr:cls4"], probe.Protocol(lr_grid="1e-3:1e-1:5", epochs=10),
+    ...                  out="results/ab")                                       # doctest: +SKIP
+    >>> [(r["label"], r["lr"], r["report_top1_pct"]) for r in rows if r["selected"]]  # doctest: +SKIP
+    """
     return fit_run(stores, protocol, **options).rows
 
 
@@ -172,14 +218,31 @@ def fit_run(
 ) -> FitResult:
     """Run every method of ``protocol`` (its LR grid, k grid, C path) on every store × view × seed × shots.
 
-    ``stores``: paths, ``[LABEL=]PATH[:VIEW]`` texts or :class:`StoreSpec`. Its ``rows``: one dict per
-    store × view × seed × shots × configuration with the keys of :data:`COLUMNS` (accuracies in
-    percent; None where a split, top-5 or a method's column does not apply; 95% intervals of the
-    reported top-1 in ``wilson95_*`` and, on the selected rows, ``ci95_*``); the selected row of
-    every method also holds ``report_predictions`` (per-image paths, target, top-1, top-5; see
-    :func:`probe.predictions.of_rows`). With ``out``, also writes results.csv, summary.csv,
-    protocol.json, predictions.csv and accuracy_vs_lr.png into that folder (all or nothing); a
-    folder that is not empty is refused unless ``overwrite``.
+    The same as :func:`fit`, and the statistics computed over the rows, each once.
+
+    Parameters
+    ----------
+    stores, protocol, views, device, allow_different_data, out, overwrite, log, warn
+        As :func:`fit`.
+
+    Returns
+    -------
+    FitResult
+        ``rows`` (as :func:`fit` returns them; 95% intervals of the reported top-1 in
+        ``wilson95_*`` and, on the selected rows, ``ci95_*``), ``comparison`` (a
+        :class:`probe.comparison.Comparison` of every selected configuration's per-image
+        predictions against the first store; None when nothing was reported) and ``digest``
+        (summary.csv's per-seed entries and the difference to the first store).
+
+    Raises
+    ------
+    featstore.UsageError, featstore.FeatstoreError
+        As :func:`fit`.
+
+    Examples
+    --------
+    >>> result = probe.fit_run(["a.zarr", "b.zarr"], out="results/ab")           # doctest: +SKIP
+    >>> [(r.label, r.delta) for r in result.comparison.rows]                     # doctest: +SKIP
     """
     protocol = protocol or Protocol()
     warn = warn or _default_warn

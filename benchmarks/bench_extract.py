@@ -168,7 +168,7 @@ def run_encoder(encoder, views: dict[str, int], device: torch.device, batches: l
     try:
         from featstore.inference import BatchEncoder
     except ImportError:  # featstore before featstore.inference: extract called extract._encode per batch
-        from featstore.extraction import _encode
+        from featstore.extract import _encode  # the module's name in those versions
 
         for i in range(steps):
             _encode(encoder, batches[i % len(batches)], views, device)

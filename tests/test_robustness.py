@@ -346,7 +346,7 @@ def test_builder_by_module_path_and_its_errors(small_folder, tmp_path, monkeypat
 
 def test_cache_key_separates_cpu_and_cuda_features():
     from featstore.datasets import resolve_dataset
-    from featstore.extraction import cache_fields, cache_key
+    from featstore.job import cache_fields, cache_key
     from featstore.models.encoders import resolve_encoder
 
     spec = resolve_encoder("resnet18", random_init=True)

@@ -1,0 +1,201 @@
+"""The store an extraction job writes: its cache key, whether it is created, resumed or already up
+to date, what is remembered for the torch-free up-to-date check, and the command that resumes it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from .cache import find_by_key
+from .datasets import BUILTIN_DATASETS
+from .device import compute_dtype
+from .errors import FeatstoreError, UsageError
+from .home import default_store_path
+from .manifest import Manifest
+from .models.encoders import EncoderSpec
+from .ranks import Ranks, wait_until
+from .request import ExtractConfig, dataset_dirs, refuse_url_out, remember_request, request_of, resolved_model, resolved_path
+from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, is_store
+from .store.lock import StoreLock
+
+
+def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest, device: torch.device) -> dict:
+    """Everything that changes the stored numbers; two runs with equal fields give the same store."""
+    return {
+        # bf16 autocast on CUDA, fp32 on CPU: a store is never half one and half the other
+        "compute": f"{device.type}-{'bf16' if compute_dtype(device) == torch.bfloat16 else 'fp32'}",
+        "encoder": spec.name,
+        "arch": spec.arch,
+        "weights_sha256": spec.weights_sha256,
+        "preprocessing": spec.preprocess.to_dict(),
+        "loader": loader,
+        "views": sorted(views) if views else "all",
+        "dtype": dtype,
+        "manifest_sha256": manifest.sha256,
+    }
+
+
+def cache_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def validate(config: ExtractConfig) -> None:
+    refuse_url_out(config.out)
+    if config.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {config.batch_size}", "e.g. --batch-size 64")
+    if config.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {config.workers}", "e.g. --workers 2")
+    if config.dtype not in FEATURE_DTYPES:
+        raise UsageError(f"unknown --dtype {config.dtype!r}", f"use one of {', '.join(FEATURE_DTYPES)}")
+    if config.chunk_rows < 1:
+        raise UsageError(f"--chunk-rows must be >= 1, got {config.chunk_rows}", "e.g. --chunk-rows 8192")
+
+
+def resume_command(config: ExtractConfig, loader_name: str) -> str:
+    """The `featstore extract` command that resumes (or reruns) this extraction, from any folder.
+
+    Paths are made absolute; the loader is the one chosen (``auto`` could choose another elsewhere,
+    which would be another store); ``--overwrite`` is left out, since it would start over.
+    """
+    defaults = ExtractConfig(model="", dataset="", out="")
+    dataset = config.dataset if config.dataset in BUILTIN_DATASETS else resolved_path(config.dataset)
+    args = [
+        "featstore",
+        "extract",
+        "--model",
+        resolved_model(config.model),
+        "--dataset",
+        dataset,
+        "--out",
+        str(Path(cast(str, config.out)).resolve()),
+        "--loader",
+        loader_name,
+    ]
+    options: list[tuple[str, str, Callable[[Any], str]]] = [
+        ("data_root", "--data-root", resolved_path),
+        ("weights", "--weights", resolved_path),
+        ("views", "--views", ",".join),
+        ("device", "--device", str),
+        ("batch_size", "--batch-size", str),
+        ("workers", "--workers", str),
+        ("dtype", "--dtype", str),
+        ("chunk_rows", "--chunk-rows", str),
+        ("image_size", "--image-size", str),
+        ("resize", "--resize", str),
+        ("interpolation", "--interpolation", str),
+        ("mean", "--mean", lambda v: ",".join(map(str, v))),
+        ("std", "--std", lambda v: ",".join(map(str, v))),
+    ]
+    for name, flag, text in options:
+        value = getattr(config, name)
+        if value is not None and value != getattr(defaults, name):
+            args += [flag, text(value)]
+    for name, flag in (
+        ("random_init", "--random-init"),
+        ("trust_checkpoint", "--trust-checkpoint"),
+        ("strict", "--strict"),
+        ("compile", "--compile"),
+    ):
+        if getattr(config, name):
+            args.append(flag)
+    return shlex.join(args)
+
+
+def cached_location(manifest: Manifest, model: str, key: str) -> Path:
+    """Without --out: the cached store with this key wherever it is (two spellings of one model and
+    data meet there), else its default place in the cache."""
+    found = find_by_key(key)
+    return found[0] if found else default_store_path(manifest.name, model, key)
+
+
+def remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: str, out: Path) -> None:
+    """Let the same request answer "up to date" next time without importing torch (request.py)."""
+    if Path(config.dataset).suffix.lower() == ".csv":
+        inputs = [str(Path(config.dataset).expanduser().resolve())]
+    else:
+        inputs = dataset_dirs(manifest.root)
+    remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, inputs)
+
+
+def create_store(
+    out: Path, manifest: Manifest, spec: EncoderSpec, views: dict[str, int], loader_name: str, key: str, fields: dict, config: ExtractConfig
+) -> FeatureStore:
+    """A new store at ``out`` with the full provenance (replacing the old one under --overwrite)."""
+    if out.exists() and config.overwrite:
+        _refuse_if_locked(out)
+        shutil.rmtree(out)
+    try:
+        return FeatureStore.create(
+            out,
+            splits={s: (list(m.paths), m.labels) for s, m in manifest.splits.items()},
+            views=views,
+            dtype=config.dtype,
+            chunk_rows=config.chunk_rows,
+            attrs={
+                "encoder": spec.to_dict(),
+                "preprocessing": spec.preprocess.to_dict(),
+                "dataset": {**manifest.to_dict(), "spec": config.dataset},
+                "loader": loader_name,
+                "cache_key": key,
+                "cache_fields": fields,
+                "command": resume_command(config, loader_name),  # what `featstore info` offers to resume it
+            },
+        )
+    except OSError as e:
+        raise FeatstoreError(
+            f"cannot create the store at {str(out)!r}: {e.strerror or e}",
+            "check that the parent folder exists, is writable and has space",
+        ) from e
+
+
+def store_of_job(out: Path, key: str, ranks: Ranks) -> FeatureStore:
+    """A non-leader rank: the store rank 0 created or resumed for this job (same cache key)."""
+
+    def ready():
+        if not is_store(out):
+            return None
+        store = FeatureStore.open(out, mode="r+")
+        return store if store.attrs.get("job") == ranks.job else None
+
+    store = wait_until(ready, f"rank 0 to prepare {str(out)!r}", timeout=float(os.environ.get("FEATSTORE_RANK_WAIT", "1800")))
+    if store.attrs.get("cache_key") != key:
+        raise FeatstoreError(f"rank {ranks.rank} computed another cache key than rank 0", "every rank must run the same command")
+    return store
+
+
+def existing_store(out: Path, key: str, fields: dict, overwrite: bool) -> FeatureStore | None:
+    """The store to resume (same key), None to create one, or an error naming why not."""
+    if not out.exists():
+        return None
+    if not is_store(out):
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+            return None
+        raise UsageError(
+            f"--out {str(out)!r} exists and is not a featstore store", "choose a new --out path; featstore never deletes other data"
+        )
+    store = FeatureStore.open(out, mode="r+")
+    if overwrite:
+        return None
+    if store.attrs.get("cache_key") == key:
+        return store
+    old = store.attrs.get("cache_fields", {})
+    differing = [k for k in fields if old.get(k) != fields[k]]
+    raise UsageError(
+        f"--out {str(out)!r} holds another store (different {', '.join(differing) or 'schema'})",
+        "pass --overwrite to replace it, or choose another --out",
+    )
+
+
+def _refuse_if_locked(out: Path) -> None:
+    lock = StoreLock(out / PROGRESS / "lock.json")
+    lock.acquire()  # raises when a live writer holds it
+    lock.release()

@@ -1,6 +1,6 @@
 """The feature store schema (Zarr v3): create, resume, write whole units, finalize, read.
 
-Layout (see DESIGN.md)::
+Layout (see docs/design.md)::
 
     feats.zarr/zarr.json            attrs: provenance, views, cache key, complete
     feats.zarr/<split>/labels       int32 (N,)

@@ -10,8 +10,7 @@ Every public name is loaded on first use (module ``__getattr__``), so ``import f
 no torch, zarr or timm. The walk-through and the reference: docs/api.md.
 """
 
-import importlib as _importlib
-
+from .lazy import lazy_names
 from .version import __version__ as __version__
 
 # public name -> the module that defines it (imported on first access)
@@ -32,14 +31,4 @@ _LAZY = {
 __all__ = sorted([*_LAZY, "__version__"])
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'featstore' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value  # found once; later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")} | {n for n in globals() if not n.startswith("_")})
+__getattr__, __dir__ = lazy_names("featstore", _LAZY, globals())

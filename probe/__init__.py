@@ -11,7 +11,7 @@ Every public name is loaded on first use (module ``__getattr__``), so ``import p
 torch. The walk-through and the reference: docs/api.md.
 """
 
-import importlib as _importlib
+from featstore.lazy import lazy_names
 
 # public name -> the module that defines it (imported on first access)
 _LAZY = {
@@ -32,14 +32,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'probe' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value  # found once; later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")} | {n for n in globals() if not n.startswith("_")})
+__getattr__, __dir__ = lazy_names("probe", _LAZY, globals())

@@ -59,12 +59,8 @@ def _sync(f: IO[Any], fsync: bool) -> None:
         os.fsync(f.fileno())
 
 
-def _replace(build: Path, path: Path) -> None:
-    os.replace(build, path)
-
-
 @contextmanager
-def atomic_folder(path: Path, tag: str = "building", place: Callable[[Path, Path], None] = _replace) -> Iterator[Path]:
+def atomic_folder(path: Path, tag: str = "building", place: Callable[[Path, Path], None] = os.replace) -> Iterator[Path]:
     """Yield an empty hidden folder ``.NAME.TAG-PID`` beside ``path`` (a leftover of that name is
     removed first) to build ``path`` in. When the block ends without error, ``place(build, path)``
     moves it into place (default: one rename); whatever is left of the build folder afterwards, or

@@ -73,7 +73,28 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
         raise UsageError(
             f"--out {str(out)!r} holds files that are not probe results ({', '.join(held[:3])})", "pass a new or empty --out folder"
         )
+    _check_writable(out)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse ``out`` when its results could not be written there: the folder it would be made
+    in (its nearest existing ancestor) is a file or refuses a file. Tried with a real temporary
+    file, not ``os.access``: that answers yes to root on a read-only mount."""
+    import tempfile
+
+    place = Path(os.path.abspath(out))
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise UsageError(f"--out {str(out)!r} cannot be made: {str(place)!r} is a file", "pass a folder path that is not inside a file")
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"--out {str(out)!r} is not writable ({e.strerror or type(e).__name__} in {str(place)!r})", "pass a folder you can write to"
+        ) from None
 
 
 def new_run_folder(parent: str | os.PathLike) -> Path:

@@ -92,6 +92,13 @@ def main():
     help="Seeded stratified part of train held out for selection when there is no separate val split.",
 )
 @click.option(
+    "--test-fraction",
+    type=float,
+    default=None,
+    help="A store with a single split (a plain class-folder dataset's 'all'): draw this seeded, stratified share of "
+    "every class as the report split 'drawn-test', before the selection holdout, e.g. 0.2.",
+)
+@click.option(
     "--seed", type=int, default=None, help=f"Seeds the minibatch order, the holdout and few-shot samples.  [default: {_DEFAULTS.seed}]"
 )
 @click.option(
@@ -198,6 +205,7 @@ def fit_command(
     normalize,
     select_on,
     val_fraction,
+    test_fraction,
     seed,
     seeds,
     methods,
@@ -243,7 +251,7 @@ def fit_command(
     grid = cast(tuple[float, ...], (lr,) if lr is not None else (lr_grid or DEFAULT_LR_GRID))  # a grid string: Protocol parses it
     protocol = Protocol(
         lr_grid=grid, wd_grid=wd_grid, optimizer=optimizer, epochs=epochs, batch_size=batch_size, momentum=momentum,
-        normalize=normalize, select_on=select_on, val_fraction=val_fraction, seed=seed if seed is not None else _DEFAULTS.seed,
+        normalize=normalize, select_on=select_on, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed if seed is not None else _DEFAULTS.seed,
         seeds=seeds or (), methods=methods, shots=shots or (), knn_k=knn_k, knn_temperature=knn_temperature, knn_weights=knn_weights,
         logreg_C=logreg_c, logreg_max_iter=logreg_max_iter, logreg_tol=logreg_tol, logreg_refit=logreg_refit,
     )  # fmt: skip

@@ -32,7 +32,7 @@ from .protocol import Protocol
 from .results.columns import COLUMNS
 from .results.predictions import ConfigKey, ImagePredictions
 from .results.predictions import of_rows as predictions_of
-from .selection import SplitPlan, plan_splits
+from .selection import SplitPlan, plan_splits, single_split_advice
 from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
 
 
@@ -101,16 +101,14 @@ def _prepare_store(path, label: str, views: list[str], fs: FeatureStore, protoco
     for s, y in labels.items():
         if len(y) and y.min() < 0:
             raise FeatstoreError(f"store {str(path)!r} split {s!r} has negative labels", "the store is damaged; re-extract it")
+    drawn: dict[str, Any] = dict(test_fraction=protocol.test_fraction, test_seed=protocol.seed)  # one test draw for every seed
     plans = {
-        seed: plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, seed, protocol.select_on)
+        seed: plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, seed, protocol.select_on, **drawn)
         for seed in protocol.run_seeds
     }
     plan = plans[protocol.run_seeds[0]]
     if plan.report_split is None:
-        warn(
-            f"store {str(path)!r}: {plan.reported_as}; "
-            "extract a dataset with a val or test split, or pass --select-on report for the max over the holdout"
-        )
+        warn(f"store {str(path)!r}: {plan.reported_as}; {single_split_advice(str(path))}")
     valid = {s: fs.valid(s) for s in {plan.train_split, plan.select_source, plan.report_source or plan.select_source}}
     train_valid = valid[plan.train_split][plan.train_rows]
     if not train_valid.any():

@@ -175,6 +175,7 @@ def test_protocol_hash_stable_and_sensitive():
         "seed": 3,
         "version": 99,
         "select_on": "holdout",
+        "test_fraction": 0.2,
     }
     battery = {
         "methods",

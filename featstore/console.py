@@ -41,7 +41,9 @@ def run_cli(group: click.Group, prog_name: str | None, args: list[str] | None = 
     args = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in args or os.environ.get("FEATSTORE_DEBUG") == "1"
     try:
-        result = click.Group.main(group, args=args, prog_name=prog_name, standalone_mode=False)
+        # ctx.obj["argv"]: the command line as typed, for the records that repeat a run (probe's protocol.json)
+        argv = [prog_name or group.name or "", *args]
+        result = click.Group.main(group, args=args, prog_name=prog_name, standalone_mode=False, obj={"argv": argv})
         return result if isinstance(result, int) else 0
     except FeatstoreError as e:
         if debug:

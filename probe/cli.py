@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import cast
 
 import click
+from click.core import ParameterSource
 
 from featstore.console import OneLineErrors
 from featstore.errors import UsageError
@@ -186,6 +188,13 @@ def main():
     "Default: a new probe-results/run-<UTC time>/.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace the previous probe run in --out.")
+@click.option(
+    "--rerun",
+    metavar="DIR",
+    default=None,
+    help="Repeat the run recorded in DIR/protocol.json: its stores (refused if one's content changed), labels, views and "
+    "protocol. Takes only --out, --overwrite, --device, --quiet.",
+)
 @click.option("--allow-different-data", is_flag=True, help="Compare stores whose dataset manifests differ.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -220,6 +229,7 @@ def fit_command(
     device,
     out,
     overwrite,
+    rerun,
     allow_different_data,
     quiet,
     debug,
@@ -234,6 +244,47 @@ def fit_command(
     from .output.plots import plot_rows
     from .output.tables import markdown_table
 
+    ctx = click.get_current_context()
+    command = (ctx.obj or {}).get("argv")
+    if rerun is not None:
+        from .rerun import load_rerun
+
+        given = [p.opts[0] for p in ctx.command.params if ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+        other = [o for o in given if o not in ("--rerun", "--out", "--overwrite", "--device", "--quiet", "--debug")]
+        if other:
+            raise UsageError(f"--rerun takes the stores and protocol from {rerun!r}, not from {', '.join(other)}", "drop those options")
+        again = load_rerun(rerun)
+        stores, views, allow_different_data = tuple(again.stores), tuple(again.views or ()), again.allow_different_data
+        protocol = again.protocol
+    else:
+        stores, protocol = _stores_and_protocol(**{k: ctx.params[k] for k in inspect.signature(_stores_and_protocol).parameters})
+    out = out if out is not None else new_run_folder("probe-results")
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    warn = lambda m: click.echo(f"warning: {_one_line(m)}", err=True)  # noqa: E731
+    result = fit_run(
+        list(stores),
+        protocol,
+        views=list(views) or None,
+        device=device,
+        allow_different_data=allow_different_data,
+        out=out,
+        overwrite=overwrite,
+        log=log,
+        warn=warn,
+        command=command,
+    )
+    rows = result.rows
+    click.echo(markdown_table(rows, protocol, result.digest))  # summary.csv's digest: nothing computed twice
+    plot = ", accuracy_vs_lr.png" if plot_rows(rows) else ""  # the rule write_outputs plots by
+    click.echo(f"wrote {out}/: results.csv ({len(rows)} rows), summary.csv, protocol.json, predictions.csv{plot}")
+
+
+def _stores_and_protocol(
+    stores, model, dataset, weights, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, select_on,
+    val_fraction, test_fraction, seed, seeds, methods, shots, knn_k, knn_temperature, knn_weights, logreg_c, logreg_max_iter,
+    logreg_tol, logreg_refit,
+) -> tuple[tuple, Protocol]:  # fmt: skip
+    """The stores and the protocol of fit's options."""
     if model or dataset or weights:
         if not (model and dataset):
             raise UsageError("--model and --dataset go together", "pass both to find a cached store, e.g. --model dino --dataset imagenet")
@@ -255,24 +306,7 @@ def fit_command(
         seeds=seeds or (), methods=methods, shots=shots or (), knn_k=knn_k, knn_temperature=knn_temperature, knn_weights=knn_weights,
         logreg_C=logreg_c, logreg_max_iter=logreg_max_iter, logreg_tol=logreg_tol, logreg_refit=logreg_refit,
     )  # fmt: skip
-    out = out if out is not None else new_run_folder("probe-results")
-    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
-    warn = lambda m: click.echo(f"warning: {_one_line(m)}", err=True)  # noqa: E731
-    result = fit_run(
-        list(stores),
-        protocol,
-        views=list(views) or None,
-        device=device,
-        allow_different_data=allow_different_data,
-        out=out,
-        overwrite=overwrite,
-        log=log,
-        warn=warn,
-    )
-    rows = result.rows
-    click.echo(markdown_table(rows, protocol, result.digest))  # summary.csv's digest: nothing computed twice
-    plot = ", accuracy_vs_lr.png" if plot_rows(rows) else ""  # the rule write_outputs plots by
-    click.echo(f"wrote {out}/: results.csv ({len(rows)} rows), summary.csv, protocol.json, predictions.csv{plot}")
+    return stores, protocol
 
 
 @main.command("compare", short_help="Each store vs a reference on the same images: intervals, paired Δ, McNemar, per class.")

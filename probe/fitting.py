@@ -213,6 +213,7 @@ def fit_run(
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    command: list[str] | None = None,
 ) -> FitResult:
     """Run every method of ``protocol`` (its LR grid, k grid, C path) on every store × view × seed × shots.
 
@@ -222,6 +223,8 @@ def fit_run(
     ----------
     stores, protocol, views, device, allow_different_data, out, overwrite, log, warn
         As :func:`fit`.
+    command : list of str, optional
+        The command line that started the run (protocol.json records it).
 
     Returns
     -------
@@ -287,10 +290,17 @@ def fit_run(
         from .output.files import write_outputs
 
         dataset = infos[0].store.meta.dataset.raw
+        from .provenance import environment, store_record
+
         run = {
             "device": str(dev),
             "dtype": str(dtype).replace("torch.", ""),
-            "stores": [{"label": i.label, "path": i.path, "views": i.views, "reported_as": i.plan.reported_as} for i in infos],
+            **environment(command),
+            "allow_different_data": allow_different_data,
+            "stores": [
+                {"label": i.label, "path": i.path, **store_record(i.store), "views": i.views, "reported_as": i.plan.reported_as}
+                for i in infos
+            ],
             # what probe compare / probe report need to pair and name results without the stores
             "dataset": {k: dataset.get(k) for k in ("name", "manifest_sha256", "class_names")},
         }

@@ -11,6 +11,7 @@ from click.core import ParameterSource
 from featstore.console import OneLineErrors
 from featstore.errors import UsageError
 
+from .output.paper import SPREADS
 from .protocol import DEFAULT_LOGREG_C, DEFAULT_LR_GRID, KNN_WEIGHTS, METHODS, NORMALIZATIONS, OPTIMIZERS, SELECT_ON, Protocol
 
 _DEFAULTS = Protocol()
@@ -241,7 +242,7 @@ def fit_command(
     per few-shot size and seed. Stores: --store, or --model with --dataset for a store in the cache."""
     from .fitting import fit_run
     from .output.files import new_run_folder
-    from .output.plots import plot_rows
+    from .output.plots import plot_name
     from .output.tables import markdown_table
 
     ctx = click.get_current_context()
@@ -275,7 +276,7 @@ def fit_command(
     )
     rows = result.rows
     click.echo(markdown_table(rows, protocol, result.digest))  # summary.csv's digest: nothing computed twice
-    plot = ", accuracy_vs_lr.png" if plot_rows(rows) else ""  # the rule write_outputs plots by
+    plot = f", {plot_name(rows)}" if plot_name(rows) else ""  # the rule write_outputs plots by
     click.echo(f"wrote {out}/: results.csv ({len(rows)} rows), summary.csv, protocol.json, predictions.csv{plot}")
 
 
@@ -315,9 +316,14 @@ def _stores_and_protocol(
     "--reference", metavar="LABEL", default=None, help="Store label every other store is compared with. Default: the first store."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
+@click.option("--latex", is_flag=True, help="Print a table for a paper instead (booktabs): Δ vs the reference [95% CI], McNemar p, Holm p.")
+@click.option("--markdown", "as_markdown", is_flag=True, help="Print that paper table as markdown instead.")
+@click.option(
+    "--spread", type=click.Choice(SPREADS), default="ci", show_default=True, help="Paper tables: the 95%% interval, or ± std over seeds."
+)
 @click.option("--resamples", type=click.IntRange(min=1000), default=None, help="Bootstrap resamples (default 2000, at least 1000).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def compare_command(results_dir, reference, as_json, resamples, debug):
+def compare_command(results_dir, reference, as_json, latex, as_markdown, spread, resamples, debug):
     """Each store of a probe fit run against the reference, on the same images: top-1 with 95%
     intervals, the difference with its paired bootstrap interval, McNemar's exact test, per seed
     and per class. Reads RESULTS_DIR/predictions.csv (no features needed)."""
@@ -327,8 +333,23 @@ def compare_command(results_dir, reference, as_json, resamples, debug):
     from .comparison import compare, markdown
     from .results.runs import load, require_predictions
 
+    if sum((as_json, latex, as_markdown)) > 1:
+        raise UsageError("--json, --latex and --markdown are exclusive", "pass one of them")
     run = load(results_dir)
     comparison = compare(require_predictions(run), reference, class_names=run.class_names, n_resamples=resamples or intervals.N_RESAMPLES)
+    if latex or as_markdown:
+        from .output import paper
+
+        dataset = run.dataset.get("name") or "the dataset"
+        split = ", ".join(run.report_splits)
+        caption = (
+            f"Top-1 difference (points) to {comparison.reference} on the same images of the {split} split of {dataset}, "
+            "paired bootstrap 95% interval; McNemar exact test, Holm-adjusted over every comparison of the table; "
+            f"in bold: Holm $p$ < {paper.ALPHA:g}."
+        )
+        table = paper.compare_table(comparison, spread=spread, caption=caption)
+        click.echo(paper.latex(table) if latex else paper.markdown(table), nl=False)
+        return
     click.echo(json.dumps(comparison.to_json(), indent=2) if as_json else markdown(comparison))
 
 
@@ -347,17 +368,32 @@ def compare_command(results_dir, reference, as_json, resamples, debug):
     is_flag=True,
     help="Report results of different protocols, datasets or report splits as separate groups instead of refusing.",
 )
+@click.option("--per-seed", is_flag=True, help="One leaderboard row per seed (default: each store's seeds are one row, mean ± std).")
+@click.option("--latex", is_flag=True, help="Also write table.tex: each store's top-1 per method, the best per method in bold (booktabs).")
+@click.option("--markdown", "as_markdown", is_flag=True, help="Also write table.md: the same table as markdown.")
+@click.option(
+    "--spread", type=click.Choice(SPREADS), default="ci", show_default=True, help="Paper tables: the 95%% interval, or ± std over seeds."
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def report_command(folders, out, reference, allow_mixed, debug):
+def report_command(folders, out, reference, allow_mixed, per_seed, latex, as_markdown, spread, debug):
     """Gather the results folders of probe fit runs into one leaderboard (markdown + CSV) and one
     self-contained report.html: accuracy vs LR, a forest plot of intervals, per-class differences,
     the protocol record."""
     from .output import leaderboard
     from .output.report import report
 
-    paths = report(list(folders), out, reference=reference, allow_mixed=allow_mixed)
+    paths = report(
+        list(folders),
+        out,
+        reference=reference,
+        allow_mixed=allow_mixed,
+        per_seed=per_seed,
+        latex=latex,
+        markdown=as_markdown,
+        spread=spread,
+    )
     click.echo(paths[leaderboard.LEADERBOARD_MD].read_text(encoding="utf-8"))
-    click.echo(f"wrote {paths[leaderboard.LEADERBOARD_MD]}, {paths[leaderboard.LEADERBOARD_CSV]}, {paths[leaderboard.REPORT_HTML]}")
+    click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 from featstore.errors import UsageError
 
 from . import intervals as I
+from .multiple_testing import holm
 from .results.predictions import ConfigKey, Predictions, align
 
 
@@ -42,6 +43,7 @@ class Row:
     n01: int | None = None
     n10: int | None = None
     mcnemar_p: float | None = None
+    mcnemar_p_holm: float | None = None  # adjusted together with every other row's test (Holm)
 
     @property
     def key(self) -> ConfigKey:
@@ -225,6 +227,8 @@ def compare(
         per_class.append(ClassReport(p.label, p.view, p.method, p.shots, p.seed, q.view if q else None, classes))
         rows.append(row)
 
+    for r, adjusted in zip(rows, holm([r.mcnemar_p for r in rows])):
+        r.mcnemar_p_holm = adjusted
     seeds = []
     by_config: dict[tuple, list[Row]] = {}
     for r in rows:
@@ -267,10 +271,12 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
     """The comparison as markdown: one table of heads, the seed summaries, and per-class gains/losses."""
     rows = comparison.rows
     multi_seed = len({r.seed for r in rows}) > 1
+    tests = sum(r.mcnemar_p is not None for r in rows)
     head = (
         ["label", "view", "method", "shots"]
         + (["seed"] if multi_seed else [])
         + ["n", "top-1 [95% CI]", f"Δ vs {comparison.reference} [95% CI]", "n01 / n10", "McNemar p"]
+        + (["Holm p"] if tests > 1 else [])
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
@@ -285,12 +291,15 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
             vs = f" vs {r.reference_view}" if r.reference_view != r.view else ""
             paired = f" on {r.n_paired}" if r.n_paired != r.n else ""
             cells += [fmt_interval(r.delta, r.delta_ci95, signed=True) + vs + paired, f"{r.n01} / {r.n10}", fmt_p(r.mcnemar_p)]
+        cells += [fmt_p(r.mcnemar_p_holm)] if tests > 1 else []
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines) + "\n"
     out += (
         f"\ntop-1 in percent, 95% percentile bootstrap over images ({comparison.n_resamples} resamples, seed {comparison.bootstrap_seed}); "
         "Δ = store − reference on the same images, paired bootstrap; n01 = images only the store gets right, n10 = only the reference; "
-        "McNemar exact two-sided p.\n"
+        "McNemar exact two-sided p"
+        + (f"; Holm p: the {tests} McNemar p-values adjusted together (family-wise error)" if tests > 1 else "")
+        + ".\n"
     )
     if comparison.seeds:
         out += "\n| label | view | method | shots | seeds | top-1 mean ± std | Δ per seed | Δ mean ± std | Δ mean [95% CI] |\n|---|---|---|---|---|---|---|---|---|\n"

@@ -32,7 +32,7 @@ from .protocol import Protocol
 from .results.columns import COLUMNS
 from .results.predictions import ConfigKey, ImagePredictions
 from .results.predictions import of_rows as predictions_of
-from .selection import SplitPlan, plan_splits, single_split_advice
+from .selection import SplitPlan, described, plan_splits, single_split_advice
 from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
 
 
@@ -108,7 +108,7 @@ def _prepare_store(path, label: str, views: list[str], fs: FeatureStore, protoco
     }
     plan = plans[protocol.run_seeds[0]]
     if plan.report_split is None:
-        warn(f"store {str(path)!r}: {plan.reported_as}; {single_split_advice(str(path))}")
+        warn(f"store {str(path)!r}: {described(plan, protocol.fixed)}; {single_split_advice(str(path))}")
     valid = {s: fs.valid(s) for s in {plan.train_split, plan.select_source, plan.report_source or plan.select_source}}
     train_valid = valid[plan.train_split][plan.train_rows]
     if not train_valid.any():
@@ -298,7 +298,13 @@ def fit_run(
             **environment(command),
             "allow_different_data": allow_different_data,
             "stores": [
-                {"label": i.label, "path": i.path, **store_record(i.store), "views": i.views, "reported_as": i.plan.reported_as}
+                {
+                    "label": i.label,
+                    "path": i.path,
+                    **store_record(i.store),
+                    "views": i.views,
+                    "reported_as": described(i.plan, protocol.fixed),
+                }
                 for i in infos
             ],
             # what probe compare / probe report need to pair and name results without the stores
@@ -458,7 +464,7 @@ class _Rows:
             "label": self.info.label, "store": self.info.path, "encoder": encoder.name, "weights_sha256": encoder.weights_sha256,
             "dataset": dataset.name, "view": self.view, "method": method, "shots": self.shots, "seed": self.seed,
             "select_on": p.select_on, "train_split": plan.train_split, "select_split": plan.select_split, "report_split": plan.report_split,
-            "reported_as": plan.reported_as, "n_train": len(self.kept["train"]), "n_select": len(self.kept["select"]),
+            "reported_as": described(plan, p.fixed), "n_train": len(self.kept["train"]), "n_select": len(self.kept["select"]),
             "n_report": len(self.kept[reported]) if reported else None,
             "excluded_invalid": self.excluded_invalid, "excluded_nonfinite": self.excluded_nonfinite,
             "train_top1_pct": metric("train", "top1"), "select_top1_pct": metric("select", "top1"), "report_top1_pct": metric("report", "top1"),

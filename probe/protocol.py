@@ -270,6 +270,22 @@ class Protocol:
         return tuple(s or None for s in self.shots) if self.shots else (None,)
 
     @property
+    def fixed(self) -> str | None:
+        """The one setting of a protocol that selects nothing (every method has a single
+        configuration: one lr and wd, one k, one C), e.g. ``lr 0.01``; None when it selects."""
+        grids = {
+            "linear": (
+                len(self.lr_grid) * len(self.wd_grid),
+                f"lr {self.lr_grid[0]:g}" + (f" wd {self.wd_grid[0]:g}" if self.wd_grid[0] else ""),
+            ),
+            "knn": (len(self.knn_k), f"k {self.knn_k[0]}"),
+            "logreg": (len(self.logreg_C), f"C {self.logreg_C[0]:g}"),
+        }
+        if any(grids[m][0] > 1 for m in self.methods):
+            return None
+        return ", ".join(grids[m][1] for m in self.methods)
+
+    @property
     def heads(self) -> list[tuple[float, float]]:
         """The (lr, wd) pair of every head, in head order (LR major, then weight decay)."""
         return [(lr, wd) for lr in self.lr_grid for wd in self.wd_grid]

@@ -73,6 +73,21 @@ class SplitPlan:
         return f"{self.report_split} (reported; selection on {self.selection_label})"
 
 
+def described(plan: SplitPlan, fixed: str | None) -> str:
+    """``plan.reported_as``, or with a protocol that selects nothing (``fixed``: its one setting,
+    e.g. ``lr 0.01``) the same without selection words: ``test (reported; fixed lr 0.01, nothing
+    selected)``. A train holdout is still kept out of training then, and that is said."""
+    if fixed is None:
+        return plan.reported_as
+    unused = f"; {plan.selection_label} kept out of training, unused" if plan.select_split == "holdout" else ""
+    what = f"fixed {fixed}, nothing selected{unused}"
+    if plan.report_split is None:
+        return f"nothing reported (the store's only split is {plan.train_split!r}; {what})"
+    if plan.test_fraction is not None:
+        return f"{plan.report_split} (a seeded, stratified {plan.test_fraction * 100:g}% of {plan.train_split!r}; reported; {what})"
+    return f"{plan.report_split} (reported; {what})"
+
+
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split row indices into (train, holdout), ``fraction`` of every class held out, seeded.
 

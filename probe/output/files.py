@@ -27,10 +27,10 @@ from ..results.predictions import of_rows as predictions_of
 from ..results.predictions import write as write_predictions
 from ..results.runs import PROTOCOL, RESULTS
 from ..results.summary import summary_csv
-from .plots import plot, plot_rows
+from .plots import FIXED_PLOT, PLOT, plot, plot_name
 from .tables import Digest, summary
 
-PLOT, SUMMARY = "accuracy_vs_lr.png", "summary.csv"  # results.csv and protocol.json: probe.runs (their reader)
+SUMMARY = "summary.csv"  # results.csv and protocol.json: probe.runs (their reader); the plots' names: probe.output.plots
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -54,7 +54,7 @@ def protocol_json(protocol: Protocol, run: dict | None = None) -> str:
     return json.dumps(record, indent=2) + "\n"
 
 
-_OURS = (RESULTS, PROTOCOL, PLOT, SUMMARY, PREDICTIONS)
+_OURS = (RESULTS, PROTOCOL, PLOT, FIXED_PLOT, SUMMARY, PREDICTIONS)
 
 
 def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -130,8 +130,8 @@ def write_outputs(
             # of a previous run that this run has none of is removed, not left to mislead
             for name in written:
                 os.replace(build / name, out / name)
-            if PLOT not in written:
-                (out / PLOT).unlink(missing_ok=True)
+            for stale in {PLOT, FIXED_PLOT} - set(written):
+                (out / stale).unlink(missing_ok=True)
         else:
             os.replace(build, out)
 
@@ -140,7 +140,8 @@ def write_outputs(
         (build / PROTOCOL).write_text(protocol_json(protocol, run))
         (build / SUMMARY).write_text(summary_csv(digest.summary if digest else summary(rows)))
         write_predictions(predictions_of(rows), build / PREDICTIONS)
-        if plot_rows(rows):
-            plot(rows, build / PLOT, protocol)
-            written.insert(0, PLOT)
+        name = plot_name(rows)
+        if name:
+            plot(rows, build / name, protocol)
+            written.insert(0, name)
     return {name: out / name for name in written}

@@ -379,15 +379,20 @@ def titles(groups: list[Group]) -> list[str]:
     return out
 
 
+# fields a record leaves out at their default (one method, one seed, every row, no drawn test): filled in to compare
+_LEFT_OUT_AT_DEFAULT = ("methods", "seeds", "shots", "test_fraction")
+
+
 def _with_defaults(protocols: list[dict]) -> list[dict]:
-    """The records with the fields a record leaves out (those that do not act on its run: the
-    k-NN settings without k-NN…) at their defaults, so only real differences show."""
     from dataclasses import asdict
 
-    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(Protocol()).items()}
-    return [{**defaults, **p} for p in protocols]
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(Protocol()).items() if k in _LEFT_OUT_AT_DEFAULT}
+    return [{**defaults, "seeds": [p.get("seed", 0)], **p} for p in protocols]  # a single seed: the `seed` field
 
 
 def _differing_fields(protocols: list[dict]) -> list[str]:
+    """The protocol fields whose values differ; a field that acts in some runs only (the k-NN
+    settings where one run has no k-NN) is not a difference: ``methods`` already says it."""
     full = _with_defaults(protocols)
-    return sorted({k for p in full for k in p if len({json.dumps(q.get(k), sort_keys=True) for q in full}) > 1})
+    shared = set.intersection(*(set(p) for p in full)) if full else set()
+    return sorted(k for k in shared if len({json.dumps(q.get(k), sort_keys=True) for q in full}) > 1)

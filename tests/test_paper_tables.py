@@ -13,12 +13,11 @@ import pytest
 import probe
 from probe.comparison import compare, fmt_p
 from probe.multiple_testing import holm
-from probe.output import leaderboard, paper
+from probe.output import leaderboard
 from probe.output.html import forest, render
 from probe.protocol import Protocol
 from probe.results.runs import load
 from tests.test_probe import FAST, digits, make_store, one_thread, run_cli  # noqa: F401 (fixtures)
-
 
 # ---------------------------------------------------------------- Holm
 
@@ -110,7 +109,7 @@ def test_report_writes_latex_and_markdown_tables_with_the_best_per_method_in_bol
     for column, method in ((1, "linear"), (2, "knn")):
         best = max((r for r in board if r["method"] == method), key=lambda r: r["top1"])
         for line in body:
-            cell = line.rstrip(r" \\").split(" & ")[column]
+            cell = line.removesuffix(r" \\").split(" & ")[column]
             assert cell.startswith(r"\textbf{") == line.startswith(best["label"] + " "), (method, line)
         r = next(r for r in board if r["method"] == method and r["label"] == "noisier")
         assert f"{r['top1']:.1f} [{r['ci95_low']:.1f}, {r['ci95_high']:.1f}]" in tex  # the seed-mean and its interval

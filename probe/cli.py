@@ -344,7 +344,8 @@ def compare_command(results_dir, reference, as_json, latex, as_markdown, spread,
         split = ", ".join(run.report_splits)
         caption = (
             f"Top-1 difference (points) to {comparison.reference} on the same images of the {split} split of {dataset}, "
-            "paired bootstrap 95% interval; McNemar exact test, Holm-adjusted over every comparison of the table; "
+            "paired bootstrap 95% interval; McNemar's exact test (several seeds: the exact sign-flip test of the seed-mean "
+            "difference), Holm-adjusted over every comparison of the table; "
             f"in bold: Holm $p$ < {paper.ALPHA:g}."
         )
         table = paper.compare_table(comparison, spread=spread, caption=caption)

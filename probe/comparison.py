@@ -66,6 +66,8 @@ class SeedSummary:
     delta_std: float | None
     # paired bootstrap over images of the seed-mean difference (seeds scored on the same images)
     delta_mean_ci95: tuple[float, float] | None = None
+    # exact sign-flip test of the seed-averaged per-image difference (McNemar's for one seed); same images only
+    p_sign: float | None = None
 
 
 @dataclass
@@ -241,10 +243,11 @@ def compare(
         top_mean, top_std = I.mean_std([r.top1 for r in rs])
         d_mean, d_std = I.mean_std(known) if known else (None, None)
         diffs = [d for d in (aligned.get(r.key) for r in rs) if d is not None]
-        ci = None
+        ci = p_sign = None
         if len(diffs) == len(rs) and all(np.array_equal(d[0], diffs[0][0]) for d in diffs):
             ci = I.seed_mean_interval([d[1] for d in diffs], **stats)
-        seeds.append(SeedSummary(label, view, method, shots, [r.seed for r in rs], top_mean, top_std, deltas, d_mean, d_std, ci))
+            p_sign = I.seed_mean_sign_test([d[1] for d in diffs])
+        seeds.append(SeedSummary(label, view, method, shots, [r.seed for r in rs], top_mean, top_std, deltas, d_mean, d_std, ci, p_sign))
     return Comparison(reference, rows, seeds, per_class, class_names, n_resamples, bootstrap_seed)
 
 
@@ -302,7 +305,7 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
         + ".\n"
     )
     if comparison.seeds:
-        out += "\n| label | view | method | shots | seeds | top-1 mean ± std | Δ per seed | Δ mean ± std | Δ mean [95% CI] |\n|---|---|---|---|---|---|---|---|---|\n"
+        out += "\n| label | view | method | shots | seeds | top-1 mean ± std | Δ per seed | Δ mean ± std | Δ mean [95% CI] | sign-flip p |\n|---|---|---|---|---|---|---|---|---|---|\n"
         for s in comparison.seeds:
             per = ", ".join("—" if d is None else f"{d:+.1f}" for d in s.delta_per_seed)
             dm = "—" if s.delta_mean is None else f"{s.delta_mean:+.2f} ± {s.delta_std:.2f}"
@@ -311,8 +314,12 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
                 if s.delta_mean_ci95 and s.delta_mean is not None
                 else "—"
             )
-            out += f"| {s.label} | {s.view} | {s.method} | {s.shots or 'all'} | {len(s.seeds)} | {s.top1_mean:.2f} ± {s.top1_std:.2f} | {per} | {dm} | {dci} |\n"
-        out += "\nΔ mean [95% CI]: paired bootstrap over the images of the seed-averaged per-image difference.\n"
+            sp = "—" if s.delta_mean is None else fmt_p(s.p_sign)
+            out += f"| {s.label} | {s.view} | {s.method} | {s.shots or 'all'} | {len(s.seeds)} | {s.top1_mean:.2f} ± {s.top1_std:.2f} | {per} | {dm} | {dci} | {sp} |\n"
+        out += (
+            "\nΔ mean [95% CI]: paired bootstrap over the images of the seed-averaged per-image difference; sign-flip p: exact "
+            "two-sided test of that difference, each image's seeds flipped together (McNemar's test for one seed).\n"
+        )
     for c in comparison.per_class:
         if c.reference_view is None:
             continue

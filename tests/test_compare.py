@@ -629,7 +629,7 @@ def test_battery_predictions_summary_and_comparison(tmp_path):
     from probe.output import leaderboard
 
     (g,) = leaderboard.gather([tmp_path / "run"])
-    board = leaderboard.table_rows([g])
+    board = leaderboard.table_rows([g], per_seed=True)  # the default table is over seeds: "lr 0.1 ×2"
     for r in board:
         chosen = selected[(r["label"], r["method"], r["seed"])]
         expected = {

@@ -35,6 +35,21 @@ def test_holm_by_hand_and_against_statsmodels():
         assert holm(list(p)) == pytest.approx(list(multitest.multipletests(p, method="holm")[1]), abs=1e-12)
 
 
+def test_sign_flip_test_is_mcnemar_for_one_seed_and_exact_for_several():
+    from probe import intervals as I
+
+    for n01, n10 in ((3, 24), (10, 12), (0, 5), (40, 25), (0, 0)):
+        d = np.array([1] * n01 + [-1] * n10 + [0] * 30, dtype=np.int8)
+        assert I.seed_mean_sign_test(d[None]) == pytest.approx(I.mcnemar(d > 0, d < 0).p, rel=1e-9)
+    # three seeds: the exact tail against a direct enumeration of every sign pattern of 12 images
+    rng = np.random.default_rng(3)
+    d = rng.choice([-1, 0, 1], size=(3, 12), p=[0.25, 0.35, 0.4]).astype(np.int8)
+    k = d.sum(axis=0)
+    signs = np.array(np.meshgrid(*[[-1, 1]] * 12)).reshape(12, -1).T  # all 4096 flips
+    exact = np.mean(np.abs(signs @ np.abs(k)) >= abs(k.sum()))
+    assert I.seed_mean_sign_test(d) == pytest.approx(exact, rel=1e-12)
+
+
 # ---------------------------------------------------------------- runs
 
 
@@ -90,7 +105,15 @@ def test_leaderboard_ranks_within_each_method_over_seeds(runs):
     per_seed = leaderboard.table_rows([g], per_seed=True)
     assert len(per_seed) == 12 and {r["rank"] for r in per_seed} == {1, 2, 3}
     tested = [r for r in per_seed if r["mcnemar_p"] is not None]
-    assert len(tested) == 8 and [r["mcnemar_p_holm"] for r in tested] == pytest.approx(holm([r["mcnemar_p"] for r in tested]))
+    assert len(tested) == 8 and all(r["p"] == r["mcnemar_p"] for r in tested)
+    assert [r["p_holm"] for r in tested] == pytest.approx(holm([r["mcnemar_p"] for r in tested]))
+    # over seeds: the exact sign-flip test of the seed-mean difference, Holm over the table's 4 tests
+    pooled = [r for r in board if r["p"] is not None]
+    assert len(pooled) == 4 and all(r["mcnemar_p"] is None for r in pooled)
+    assert [r["p"] for r in pooled] == [
+        next(s.p_sign for s in g.comparison.seeds if (s.label, s.method) == (r["label"], r["method"])) for r in pooled
+    ]
+    assert [r["p_holm"] for r in pooled] == pytest.approx(holm([r["p"] for r in pooled]))
     assert "| Holm p |" in leaderboard.markdown([g], per_seed, per_seed=True) and "| seed |" in leaderboard.markdown([g], per_seed, True)
     assert "| seeds |" in leaderboard.markdown([g], board)
 
@@ -135,7 +158,8 @@ def test_compare_paper_table_gives_delta_interval_p_and_holm_p(runs):
     for r, h in zip(others, adjusted):
         line = next(line for line in out.splitlines() if line.startswith(r.label + " "))
         assert f"{r.delta:+.1f} [{r.delta_ci95[0]:+.1f}, {r.delta_ci95[1]:+.1f}]" in line
-        assert fmt_p(r.mcnemar_p) in line and fmt_p(h) in line and r.mcnemar_p_holm == pytest.approx(h)
+        assert line.split(" & ")[3:] == [fmt_p(r.mcnemar_p), fmt_p(h) + r" \\"] or line.split(" & ")[4] == rf"\textbf{{{fmt_p(h)}}} \\"
+        assert r.mcnemar_p_holm == pytest.approx(h)
     code, md = run_cli(["compare", str(root / "fixed"), "--markdown"])
     assert code == 0 and md.startswith("| encoder | method | Δ top-1 vs clean | McNemar p | Holm p |")
     code, plain = run_cli(["compare", str(root / "fixed")])

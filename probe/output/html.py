@@ -144,7 +144,7 @@ def forest(group, rows: list[dict]):
                 dx.errorbar(r["delta"], y, xerr=[[r["delta"] - dlo], [dhi - r["delta"]]], fmt="o", color=dcolor, capsize=4, ms=6)
             else:
                 dx.plot(r["delta"], y, "o", color=dcolor)
-            p = f", p {fmt_p(r['mcnemar_p'])}" if r["mcnemar_p"] is not None else ""
+            p = f", p {fmt_p(r['p'])}" if r.get("p") is not None else ""
             dx.annotate(
                 fmt_interval(r["delta"], (dlo, dhi), signed=True) + p,
                 (1.01, y),

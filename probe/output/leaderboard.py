@@ -147,15 +147,18 @@ def table_rows(groups: list[Group], *, per_seed: bool = False) -> list[dict]:
     """The leaderboard: per group and per method (× shots), every store ranked by top-1, best
     first, with its interval and its difference to the group's reference. By default a store's
     seeds are one row (mean ± std over seeds, the seed-mean interval and difference); with
-    ``per_seed`` every seed is its own row (ranked within its seed). ``mcnemar_p_holm``: the
-    McNemar p-values of a group adjusted together (Holm), beside the raw ones."""
+    ``per_seed`` every seed is its own row (ranked within its seed). ``p``: the row's paired test
+    (McNemar's for one seed, the sign-flip test of the seed-mean difference over seeds), ``p_holm``:
+    the p-values of a group adjusted together (Holm), beside the raw ones."""
     out = []
     for gi, g in enumerate(groups, start=1):
         rows = _seed_rows(gi, g)
         if not per_seed:
             rows = _over_seeds(g, rows)
-        for r, adjusted in zip(rows, holm([r["mcnemar_p"] for r in rows])):
-            r["mcnemar_p_holm"] = adjusted
+        for r in rows:
+            r.setdefault("p", r["mcnemar_p"])
+        for r, adjusted in zip(rows, holm([r["p"] for r in rows])):
+            r["p_holm"] = adjusted
         blocks: dict[tuple, list[dict]] = {}  # ranked within a method × shots (× seed): never across methods
         for r in rows:
             blocks.setdefault((r["method"], r["shots"]) + ((r["seed"],) if per_seed else ()), []).append(r)
@@ -222,7 +225,7 @@ def _over_seeds(g: Group, rows: list[dict]) -> list[dict]:
             merged["ci95_low"], merged["ci95_high"] = (low, high) if np.isfinite([low, high]).all() else (None, None)
         s = summaries.get(key)
         if s is not None and s.delta_mean is not None:
-            merged["delta"], merged["delta_std"] = s.delta_mean, s.delta_std
+            merged["delta"], merged["delta_std"], merged["p"] = s.delta_mean, s.delta_std, s.p_sign
             if s.delta_mean_ci95 is not None:
                 merged["delta_ci95_low"], merged["delta_ci95_high"] = s.delta_mean_ci95
         out.append(merged)
@@ -232,7 +235,7 @@ def _over_seeds(g: Group, rows: list[dict]) -> list[dict]:
 CSV_COLUMNS = [
     "group", "rank", "label", "encoder", "view", "method", "shots", "seed", "n_seeds", "seeds", "selected", "lr", "n",
     "top1", "top1_std", "ci95_low", "ci95_high", "wilson95_low", "wilson95_high", "reference", "delta", "delta_std",
-    "delta_ci95_low", "delta_ci95_high", "n01", "n10", "mcnemar_p", "mcnemar_p_holm", "report_split", "protocol_hash", "run",
+    "delta_ci95_low", "delta_ci95_high", "n01", "n10", "mcnemar_p", "p", "p_holm", "report_split", "protocol_hash", "run",
 ]  # fmt: skip
 
 
@@ -249,7 +252,7 @@ def table_head(reference: str | None, per_seed: bool = False, fixed: bool = Fals
     protocol that selects nothing (its settings are given, not selected)."""
     top1 = "top-1 [95% CI]" if per_seed else "top-1 (± std over seeds) [95% CI]"
     return ["rank", "label", "encoder", "view", "method", "shots", "seed" if per_seed else "seeds", "setting (fixed)" if fixed else "selected", "n", top1,
-            "Wilson 95%", f"Δ vs {reference or 'reference'} [95% CI]", "n01 / n10", "McNemar p", "Holm p"]  # fmt: skip
+            "Wilson 95%", f"Δ vs {reference or 'reference'} [95% CI]", "n01 / n10", "paired p", "Holm p"]  # fmt: skip
 
 
 def top1_cell(r: dict) -> str:
@@ -275,7 +278,7 @@ def table_cells(r: dict, reference: str | None, per_seed: bool = False) -> list[
         disc = f"{r['n01']} / {r['n10']}" if r["n01"] is not None else "—"
     seed = str(r["seed"]) if per_seed else r.get("seeds") or str(r["seed"])
     return [str(r["rank"]), r["label"], str(r["encoder"] or "—"), r["view"], r["method"], r["shots"] or "all", seed, r["selected"], str(r["n"]),
-            top1_cell(r), wilson, delta, disc, fmt_p(r["mcnemar_p"]), fmt_p(r.get("mcnemar_p_holm"))]  # fmt: skip
+            top1_cell(r), wilson, delta, disc, fmt_p(r.get("p")), fmt_p(r.get("p_holm"))]  # fmt: skip
 
 
 def markdown(groups: list[Group], rows: list[dict], per_seed: bool = False) -> str:
@@ -303,16 +306,16 @@ def notes(g: Group, rows: list[dict], per_seed: bool = False) -> str:
     text = (
         f"top-1 in percent on the {g.fields['report split']} split, ranked within each method; 95% CI: percentile bootstrap over "
         f"images ({I.N_RESAMPLES} resamples, seed {I.BOOTSTRAP_SEED}); Wilson: score interval; Δ: paired bootstrap on the same images; "
-        "McNemar: exact two-sided"
+        "paired p: McNemar's exact two-sided test"
     )
-    tests = sum(r["mcnemar_p"] is not None for r in rows)
-    if tests > 1:
-        text += f"; Holm p: the {tests} McNemar p-values of this table adjusted together (family-wise error)"
     if any(r.get("n_seeds", 1) > 1 for r in rows):
         text += (
-            "; several seeds: mean ± sample std over seeds (n), the CI and Δ of the seed-mean over the same images, "
-            "McNemar per seed only (--per-seed shows every seed)"
+            "; several seeds: mean ± sample std over seeds (n), the CI, Δ and p of the seed-mean over the same images "
+            "(p: exact sign-flip test of the seed-averaged per-image difference, McNemar's for one seed; --per-seed shows every seed)"
         )
+    tests = sum(r.get("p") is not None for r in rows)
+    if tests > 1:
+        text += f"; Holm p: the {tests} p-values of this table adjusted together (family-wise error)"
     return text + f". {fixed_or_sweep(g.runs[0])}, protocol {g.runs[0].protocol_hash}, {g.fields['dataset']}."
 
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..comparison import Comparison, fmt_p
+from ..multiple_testing import holm
 
 ALPHA = 0.05  # a difference is set in bold when its Holm-adjusted p is below this
 SPREADS = ("ci", "std")  # what follows a number: its 95% interval, or ± the sample std over seeds
@@ -72,33 +73,31 @@ def report_table(rows: list[dict], *, spread: str = "ci", caption: str = "") -> 
 
 def compare_table(comparison: Comparison, *, spread: str = "ci", caption: str = "") -> Table:
     """Every store but the reference: Δ top-1 vs the reference with its paired 95% interval, the
-    McNemar p and the Holm-adjusted p over every test of the comparison. Several seeds: the
-    seed-mean Δ (its interval, or ± std), and the largest of the seeds' p-values (raw and Holm):
-    significant in every seed when it is small."""
+    paired p (McNemar's exact test; several seeds: the sign-flip test of the seed-mean difference)
+    and the Holm-adjusted p over the table's tests."""
     several_shots = len({r.shots for r in comparison.rows}) > 1
     seeds = {(s.label, s.view, s.method, s.shots): s for s in comparison.seeds}
-    out, seen = [], set()
+    out, ps, seen = [], [], set()
     for r in comparison.rows:
         key = (r.label, r.view, r.method, r.shots)
         if r.is_reference or key in seen:
             continue
         seen.add(key)
         name = r.label + (f" [{r.view}]" if r.reference_view and r.reference_view != r.view else "")
-        method = _column(r.method, r.shots, several_shots)
         s = seeds.get(key)
         if s is None:
-            delta = _number(r.delta, r.delta_ci95, None, 1, spread, signed=True)
-            p, p_holm = r.mcnemar_p, r.mcnemar_p_holm
+            delta, p = _number(r.delta, r.delta_ci95, None, 1, spread, signed=True), r.mcnemar_p
         else:
-            delta = _number(s.delta_mean, s.delta_mean_ci95, s.delta_std, len(s.seeds), spread, signed=True)
-            group = [q for q in comparison.rows if (q.label, q.view, q.method, q.shots) == key]
-            ps, hs = [q.mcnemar_p for q in group], [q.mcnemar_p_holm for q in group]
-            p = None if any(v is None for v in ps) else max(ps)  # type: ignore[type-var]
-            p_holm = None if any(v is None for v in hs) else max(hs)  # type: ignore[type-var]
-        out.append([name, method, delta, fmt_p(p), fmt_p(p_holm)])
-    significant = [row[4] != "—" and float(row[4]) < ALPHA for row in out]  # after Holm: Δ and its Holm p in bold
+            delta, p = _number(s.delta_mean, s.delta_mean_ci95, s.delta_std, len(s.seeds), spread, signed=True), s.p_sign
+        out.append([name, _column(r.method, r.shots, several_shots), delta, fmt_p(p)])
+        ps.append(p)
+    adjusted = holm(ps)
+    for row, h in zip(out, adjusted):
+        row.append(fmt_p(h))
+    significant = [h is not None and h < ALPHA for h in adjusted]  # after Holm: Δ and its Holm p in bold
     bold = [[False, False, sig, False, sig] for sig in significant]
-    columns = ["encoder", "method", f"Δ top-1 vs {comparison.reference}", "McNemar $p$", "Holm $p$"]
+    test = "sign-flip $p$" if seeds else "McNemar $p$"
+    columns = ["encoder", "method", f"Δ top-1 vs {comparison.reference}", test, "Holm $p$"]
     return Table(columns, out, bold, caption, align="llrrr")
 
 

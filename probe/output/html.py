@@ -298,17 +298,17 @@ def render(groups, rows: list[dict], per_seed: bool = False) -> str:
             )
         else:
             body.append('<p class="note">No LR sweep of the linear probe in these results.</p>')
-        forest = forest_figure(g, [r for r in plotted if r["group"] == gi])
+        shown = [r for r in plotted if r["group"] == gi]
+        forest = forest_figure(g, shown)
         if forest:
-            body.append(
-                _figure(
-                    f"g{gi}-forest",
-                    forest,
-                    "Left: each store's top-1 with its 95% interval (squares and the dashed line: the reference). "
-                    "Right: its paired difference to the reference on the same images, with the paired bootstrap 95% interval "
-                    "(green/red: the interval excludes 0). Several seeds: their mean.",
-                )
+            own = "each store's top-1 with its 95% interval (squares and the dashed line: the reference)"
+            paired = (
+                f"Left: {own}. Right: its paired difference to the reference on the same images, with the paired bootstrap "
+                "95% interval (green/red: the interval excludes 0)."
+                if any(r["delta"] is not None for r in shown)
+                else own[0].upper() + own[1:] + "."
             )
+            body.append(_figure(f"g{gi}-forest", forest, paired + " Several seeds: their mean."))
         if g.comparison:
             first_seed: dict[tuple, int] = {}  # one chart per store × view × method × shots: its first seed
             for c in g.comparison.per_class:

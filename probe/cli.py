@@ -255,6 +255,8 @@ def fit_command(
         if other:
             raise UsageError(f"--rerun takes the stores and protocol from {rerun!r}, not from {', '.join(other)}", "drop those options")
         again = load_rerun(rerun)
+        if again.drift:
+            click.echo(f"warning: {again.drift}; the numbers may differ", err=True)
         stores, views, allow_different_data = tuple(again.stores), tuple(again.views or ()), again.allow_different_data
         protocol = again.protocol
     else:

@@ -288,10 +288,9 @@ def fit_run(
     _add_intervals(rows, result.comparison)
     if out is not None:
         from .output.files import write_outputs
-
-        dataset = infos[0].store.meta.dataset.raw
         from .provenance import environment, store_record
 
+        dataset = infos[0].store.meta.dataset.raw
         run = {
             "device": str(dev),
             "dtype": str(dtype).replace("torch.", ""),

@@ -11,7 +11,7 @@ from featstore.errors import UsageError
 from featstore.store import FeatureStore
 
 from .protocol import PROTOCOL_VERSION, Protocol
-from .provenance import DIGEST_SCHEME, store_digest
+from .provenance import DIGEST_SCHEME, environment, store_digest
 from .results.runs import PROTOCOL, load_record
 from .stores import StoreSpec
 
@@ -25,6 +25,7 @@ class Rerun:
     views: list[str] | None
     allow_different_data: bool
     command: list[str] | None  # the original command line
+    drift: str | None = None  # how the code running the rerun differs from the recorded (version, commit)
 
 
 def _specs(folder: Path, stores: list[dict]) -> tuple[list[StoreSpec], list[str] | None]:
@@ -80,4 +81,15 @@ def load_rerun(folder: str | os.PathLike) -> Rerun:
     run = record.get("run") or {}
     specs, views = _specs(folder, run.get("stores") or [])
     check_unchanged(run["stores"])
-    return Rerun(specs, protocol, views, bool(run.get("allow_different_data")), run.get("command"))
+    return Rerun(specs, protocol, views, bool(run.get("allow_different_data")), run.get("command"), code_drift(run))
+
+
+def code_drift(run: dict) -> str | None:
+    """``recorded with featstore 0.1.0 at commit 1a2b3c4d5e6f, rerun with … at …`` when the
+    version or the commit differs from the recorded one (numbers may then differ); else None."""
+    now = environment(None)
+    then = (run.get("featstore_version"), run.get("git_commit"))
+    if then == (now["featstore_version"], now["git_commit"]):
+        return None
+    words = lambda version, commit: f"featstore {version} at commit {commit[:12] if commit else 'unknown'}"  # noqa: E731
+    return f"the run was recorded with {words(*then)}, this rerun runs {words(now['featstore_version'], now['git_commit'])}"

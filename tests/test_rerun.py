@@ -58,6 +58,13 @@ def test_protocol_json_records_how_to_repeat_the_run_and_rerun_repeats_it(tmp_pa
     rerun = json.loads((elsewhere / "again" / "protocol.json").read_text())
     assert rerun["run"]["command"][:3] == ["probe", "fit", "--rerun"] and rerun["run"]["stores"][1]["digest"] == run["stores"][1]["digest"]
 
+    assert "warning: the run was recorded with" not in output  # the same code: nothing to warn about
+    record = json.loads((tmp_path / "first" / "protocol.json").read_text())
+    record["run"]["git_commit"] = "0" * 40
+    (tmp_path / "first" / "protocol.json").write_text(json.dumps(record))
+    code, output = run_cli(["fit", "--rerun", str(tmp_path / "first"), "--out", "other-code", "--quiet"])
+    assert code == 0 and f"warning: the run was recorded with featstore {__version__} at commit 000000000000" in output
+
     # options that would change the run are refused with --rerun
     code, output = run_cli(["fit", "--rerun", str(tmp_path / "first"), "--epochs", "3"])
     assert_one_line_error(code, output, 2, "--rerun", "--epochs")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 
@@ -20,13 +21,29 @@ class OneLineErrors(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         sys.exit(run_cli(self, prog_name or self.name, args))
 
+    # click turns a closed pipe into exit 1 on its own; caught before it (--help is printed while
+    # the context is made, a command's output while it is invoked), it ends as a closed pipe does
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:
+            raise click.exceptions.Exit(closed_pipe_exit()) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise click.exceptions.Exit(closed_pipe_exit()) from None
+
 
 def run_cli(group: click.Group, prog_name: str | None, args: list[str] | None = None) -> int:
     """Run ``group`` on ``args``; return the exit code after printing any error as ``error: …``."""
     args = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in args or os.environ.get("FEATSTORE_DEBUG") == "1"
     try:
-        result = click.Group.main(group, args=args, prog_name=prog_name, standalone_mode=False)
+        # ctx.obj["argv"]: the command line as typed, for the records that repeat a run (probe's protocol.json)
+        argv = [prog_name or group.name or "", *args]
+        result = click.Group.main(group, args=args, prog_name=prog_name, standalone_mode=False, obj={"argv": argv})
         return result if isinstance(result, int) else 0
     except FeatstoreError as e:
         if debug:
@@ -44,6 +61,8 @@ def run_cli(group: click.Group, prog_name: str | None, args: list[str] | None = 
         message = " ".join(e.format_message().split())
         click.echo(f"error: {message} (see `{prog_name}{sub} --help`)", err=True)
         return e.exit_code
+    except BrokenPipeError:
+        return closed_pipe_exit()
     except (KeyboardInterrupt, click.Abort):
         click.echo(f"error: {getattr(group, 'interrupted', 'interrupted')}", err=True)
         return 130
@@ -54,6 +73,20 @@ def run_cli(group: click.Group, prog_name: str | None, args: list[str] | None = 
             f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())[:500]} (rerun with --debug for the traceback)", err=True
         )
         return 1
+
+
+def closed_pipe_exit() -> int:
+    """The reader of stdout went away (``probe compare … | head``): end as ``cat`` or ``yes`` do,
+    silently with 128 + SIGPIPE. Python ignores SIGPIPE, so the write raised instead of killing
+    the process; stdout is pointed at /dev/null so that the interpreter's final flush of the
+    unwritten buffer does not print "Exception ignored … BrokenPipeError" on the way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout (a test runner's stream): nothing to flush later
+        pass
+    return 128 + signal.SIGPIPE
 
 
 def parse_triple(ctx, param, value):

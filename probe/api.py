@@ -103,6 +103,10 @@ def report(
     *,
     reference: str | None = None,
     allow_mixed: bool = False,
+    per_seed: bool = False,
+    latex: bool = False,
+    markdown: bool = False,
+    spread: str = "ci",
 ) -> dict[str, Path]:
     """Gather results folders of probe runs into one leaderboard and one self-contained report.html.
 
@@ -117,11 +121,18 @@ def report(
     allow_mixed : bool, default False
         Rank results of different protocols, datasets or report splits as separate groups
         instead of refusing them.
+    per_seed : bool, default False
+        One leaderboard row per seed; by default a store's seeds are one row (mean ± std).
+    latex, markdown : bool, default False
+        Also write ``table.tex`` (booktabs) / ``table.md``: each store's top-1 per method, the
+        best per method in bold, for a paper.
+    spread : {"ci", "std"}, default "ci"
+        What those tables give beside a number: its 95% interval, or ± the std over seeds.
 
     Returns
     -------
     dict of str to pathlib.Path
-        ``leaderboard.md``, ``leaderboard.csv`` and ``report.html`` → the path written.
+        ``leaderboard.md``, ``leaderboard.csv`` and ``report.html`` (and the tables asked for) → the path written.
 
     Raises
     ------
@@ -139,4 +150,6 @@ def report(
 
     if not isinstance(folders, (str, os.PathLike)):
         folders = list(folders)
-    return write(folders, out, reference=reference, allow_mixed=allow_mixed)
+    return write(
+        folders, out, reference=reference, allow_mixed=allow_mixed, per_seed=per_seed, latex=latex, markdown=markdown, spread=spread
+    )

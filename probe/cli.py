@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import cast
 
 import click
+from click.core import ParameterSource
 
 from featstore.console import OneLineErrors
 from featstore.errors import UsageError
 
+from .output.paper import SPREADS
 from .protocol import DEFAULT_LOGREG_C, DEFAULT_LR_GRID, KNN_WEIGHTS, METHODS, NORMALIZATIONS, OPTIMIZERS, SELECT_ON, Protocol
 
 _DEFAULTS = Protocol()
@@ -90,6 +93,13 @@ def main():
     default=_DEFAULTS.val_fraction,
     show_default=True,
     help="Seeded stratified part of train held out for selection when there is no separate val split.",
+)
+@click.option(
+    "--test-fraction",
+    type=float,
+    default=None,
+    help="A store with a single split (a plain class-folder dataset's 'all'): draw this seeded, stratified share of "
+    "every class as the report split 'drawn-test', before the selection holdout, e.g. 0.2.",
 )
 @click.option(
     "--seed", type=int, default=None, help=f"Seeds the minibatch order, the holdout and few-shot samples.  [default: {_DEFAULTS.seed}]"
@@ -179,6 +189,13 @@ def main():
     "Default: a new probe-results/run-<UTC time>/.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace the previous probe run in --out.")
+@click.option(
+    "--rerun",
+    metavar="DIR",
+    default=None,
+    help="Repeat the run recorded in DIR/protocol.json: its stores (refused if one's content changed), labels, views and "
+    "protocol. Takes only --out, --overwrite, --device, --quiet.",
+)
 @click.option("--allow-different-data", is_flag=True, help="Compare stores whose dataset manifests differ.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -198,6 +215,7 @@ def fit_command(
     normalize,
     select_on,
     val_fraction,
+    test_fraction,
     seed,
     seeds,
     methods,
@@ -212,6 +230,7 @@ def fit_command(
     device,
     out,
     overwrite,
+    rerun,
     allow_different_data,
     quiet,
     debug,
@@ -223,9 +242,52 @@ def fit_command(
     per few-shot size and seed. Stores: --store, or --model with --dataset for a store in the cache."""
     from .fitting import fit_run
     from .output.files import new_run_folder
-    from .output.plots import plot_rows
+    from .output.plots import plot_name
     from .output.tables import markdown_table
 
+    ctx = click.get_current_context()
+    command = (ctx.obj or {}).get("argv")
+    if rerun is not None:
+        from .rerun import load_rerun
+
+        given = [p.opts[0] for p in ctx.command.params if ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+        other = [o for o in given if o not in ("--rerun", "--out", "--overwrite", "--device", "--quiet", "--debug")]
+        if other:
+            raise UsageError(f"--rerun takes the stores and protocol from {rerun!r}, not from {', '.join(other)}", "drop those options")
+        again = load_rerun(rerun)
+        if again.drift:
+            click.echo(f"warning: {again.drift}; the numbers may differ", err=True)
+        stores, views, allow_different_data = tuple(again.stores), tuple(again.views or ()), again.allow_different_data
+        protocol = again.protocol
+    else:
+        stores, protocol = _stores_and_protocol(**{k: ctx.params[k] for k in inspect.signature(_stores_and_protocol).parameters})
+    out = out if out is not None else new_run_folder("probe-results")
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    warn = lambda m: click.echo(f"warning: {_one_line(m)}", err=True)  # noqa: E731
+    result = fit_run(
+        list(stores),
+        protocol,
+        views=list(views) or None,
+        device=device,
+        allow_different_data=allow_different_data,
+        out=out,
+        overwrite=overwrite,
+        log=log,
+        warn=warn,
+        command=command,
+    )
+    rows = result.rows
+    click.echo(markdown_table(rows, protocol, result.digest))  # summary.csv's digest: nothing computed twice
+    plot = f", {plot_name(rows)}" if plot_name(rows) else ""  # the rule write_outputs plots by
+    click.echo(f"wrote {out}/: results.csv ({len(rows)} rows), summary.csv, protocol.json, predictions.csv{plot}")
+
+
+def _stores_and_protocol(
+    stores, model, dataset, weights, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, select_on,
+    val_fraction, test_fraction, seed, seeds, methods, shots, knn_k, knn_temperature, knn_weights, logreg_c, logreg_max_iter,
+    logreg_tol, logreg_refit,
+) -> tuple[tuple, Protocol]:  # fmt: skip
+    """The stores and the protocol of fit's options."""
     if model or dataset or weights:
         if not (model and dataset):
             raise UsageError("--model and --dataset go together", "pass both to find a cached store, e.g. --model dino --dataset imagenet")
@@ -243,28 +305,11 @@ def fit_command(
     grid = cast(tuple[float, ...], (lr,) if lr is not None else (lr_grid or DEFAULT_LR_GRID))  # a grid string: Protocol parses it
     protocol = Protocol(
         lr_grid=grid, wd_grid=wd_grid, optimizer=optimizer, epochs=epochs, batch_size=batch_size, momentum=momentum,
-        normalize=normalize, select_on=select_on, val_fraction=val_fraction, seed=seed if seed is not None else _DEFAULTS.seed,
+        normalize=normalize, select_on=select_on, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed if seed is not None else _DEFAULTS.seed,
         seeds=seeds or (), methods=methods, shots=shots or (), knn_k=knn_k, knn_temperature=knn_temperature, knn_weights=knn_weights,
         logreg_C=logreg_c, logreg_max_iter=logreg_max_iter, logreg_tol=logreg_tol, logreg_refit=logreg_refit,
     )  # fmt: skip
-    out = out if out is not None else new_run_folder("probe-results")
-    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
-    warn = lambda m: click.echo(f"warning: {_one_line(m)}", err=True)  # noqa: E731
-    result = fit_run(
-        list(stores),
-        protocol,
-        views=list(views) or None,
-        device=device,
-        allow_different_data=allow_different_data,
-        out=out,
-        overwrite=overwrite,
-        log=log,
-        warn=warn,
-    )
-    rows = result.rows
-    click.echo(markdown_table(rows, protocol, result.digest))  # summary.csv's digest: nothing computed twice
-    plot = ", accuracy_vs_lr.png" if plot_rows(rows) else ""  # the rule write_outputs plots by
-    click.echo(f"wrote {out}/: results.csv ({len(rows)} rows), summary.csv, protocol.json, predictions.csv{plot}")
+    return stores, protocol
 
 
 @main.command("compare", short_help="Each store vs a reference on the same images: intervals, paired Δ, McNemar, per class.")
@@ -273,9 +318,14 @@ def fit_command(
     "--reference", metavar="LABEL", default=None, help="Store label every other store is compared with. Default: the first store."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
+@click.option("--latex", is_flag=True, help="Print a table for a paper instead (booktabs): Δ vs the reference [95% CI], McNemar p, Holm p.")
+@click.option("--markdown", "as_markdown", is_flag=True, help="Print that paper table as markdown instead.")
+@click.option(
+    "--spread", type=click.Choice(SPREADS), default="ci", show_default=True, help="Paper tables: the 95%% interval, or ± std over seeds."
+)
 @click.option("--resamples", type=click.IntRange(min=1000), default=None, help="Bootstrap resamples (default 2000, at least 1000).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def compare_command(results_dir, reference, as_json, resamples, debug):
+def compare_command(results_dir, reference, as_json, latex, as_markdown, spread, resamples, debug):
     """Each store of a probe fit run against the reference, on the same images: top-1 with 95%
     intervals, the difference with its paired bootstrap interval, McNemar's exact test, per seed
     and per class. Reads RESULTS_DIR/predictions.csv (no features needed)."""
@@ -285,8 +335,24 @@ def compare_command(results_dir, reference, as_json, resamples, debug):
     from .comparison import compare, markdown
     from .results.runs import load, require_predictions
 
+    if sum((as_json, latex, as_markdown)) > 1:
+        raise UsageError("--json, --latex and --markdown are exclusive", "pass one of them")
     run = load(results_dir)
     comparison = compare(require_predictions(run), reference, class_names=run.class_names, n_resamples=resamples or intervals.N_RESAMPLES)
+    if latex or as_markdown:
+        from .output import paper
+
+        dataset = run.dataset.get("name") or "the dataset"
+        split = ", ".join(run.report_splits)
+        caption = (
+            f"Top-1 difference (points) to {comparison.reference} on the same images of the {split} split of {dataset}, "
+            "paired bootstrap 95% interval; McNemar's exact test (several seeds: the exact sign-flip test of the seed-mean "
+            "difference), Holm-adjusted over every comparison of the table; "
+            f"in bold: Holm $p$ < {paper.ALPHA:g}."
+        )
+        table = paper.compare_table(comparison, spread=spread, caption=caption)
+        click.echo(paper.latex(table) if latex else paper.markdown(table), nl=False)
+        return
     click.echo(json.dumps(comparison.to_json(), indent=2) if as_json else markdown(comparison))
 
 
@@ -305,17 +371,32 @@ def compare_command(results_dir, reference, as_json, resamples, debug):
     is_flag=True,
     help="Report results of different protocols, datasets or report splits as separate groups instead of refusing.",
 )
+@click.option("--per-seed", is_flag=True, help="One leaderboard row per seed (default: each store's seeds are one row, mean ± std).")
+@click.option("--latex", is_flag=True, help="Also write table.tex: each store's top-1 per method, the best per method in bold (booktabs).")
+@click.option("--markdown", "as_markdown", is_flag=True, help="Also write table.md: the same table as markdown.")
+@click.option(
+    "--spread", type=click.Choice(SPREADS), default="ci", show_default=True, help="Paper tables: the 95%% interval, or ± std over seeds."
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def report_command(folders, out, reference, allow_mixed, debug):
+def report_command(folders, out, reference, allow_mixed, per_seed, latex, as_markdown, spread, debug):
     """Gather the results folders of probe fit runs into one leaderboard (markdown + CSV) and one
     self-contained report.html: accuracy vs LR, a forest plot of intervals, per-class differences,
     the protocol record."""
     from .output import leaderboard
     from .output.report import report
 
-    paths = report(list(folders), out, reference=reference, allow_mixed=allow_mixed)
+    paths = report(
+        list(folders),
+        out,
+        reference=reference,
+        allow_mixed=allow_mixed,
+        per_seed=per_seed,
+        latex=latex,
+        markdown=as_markdown,
+        spread=spread,
+    )
     click.echo(paths[leaderboard.LEADERBOARD_MD].read_text(encoding="utf-8"))
-    click.echo(f"wrote {paths[leaderboard.LEADERBOARD_MD]}, {paths[leaderboard.LEADERBOARD_CSV]}, {paths[leaderboard.REPORT_HTML]}")
+    click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 from featstore.errors import UsageError
 
 from . import intervals as I
+from .multiple_testing import holm
 from .results.predictions import ConfigKey, Predictions, align
 
 
@@ -42,6 +43,7 @@ class Row:
     n01: int | None = None
     n10: int | None = None
     mcnemar_p: float | None = None
+    mcnemar_p_holm: float | None = None  # adjusted together with every other row's test (Holm)
 
     @property
     def key(self) -> ConfigKey:
@@ -64,6 +66,8 @@ class SeedSummary:
     delta_std: float | None
     # paired bootstrap over images of the seed-mean difference (seeds scored on the same images)
     delta_mean_ci95: tuple[float, float] | None = None
+    # exact sign-flip test of the seed-averaged per-image difference (McNemar's for one seed); same images only
+    p_sign: float | None = None
 
 
 @dataclass
@@ -225,6 +229,8 @@ def compare(
         per_class.append(ClassReport(p.label, p.view, p.method, p.shots, p.seed, q.view if q else None, classes))
         rows.append(row)
 
+    for r, adjusted in zip(rows, holm([r.mcnemar_p for r in rows])):
+        r.mcnemar_p_holm = adjusted
     seeds = []
     by_config: dict[tuple, list[Row]] = {}
     for r in rows:
@@ -237,10 +243,11 @@ def compare(
         top_mean, top_std = I.mean_std([r.top1 for r in rs])
         d_mean, d_std = I.mean_std(known) if known else (None, None)
         diffs = [d for d in (aligned.get(r.key) for r in rs) if d is not None]
-        ci = None
+        ci = p_sign = None
         if len(diffs) == len(rs) and all(np.array_equal(d[0], diffs[0][0]) for d in diffs):
             ci = I.seed_mean_interval([d[1] for d in diffs], **stats)
-        seeds.append(SeedSummary(label, view, method, shots, [r.seed for r in rs], top_mean, top_std, deltas, d_mean, d_std, ci))
+            p_sign = I.seed_mean_sign_test([d[1] for d in diffs])
+        seeds.append(SeedSummary(label, view, method, shots, [r.seed for r in rs], top_mean, top_std, deltas, d_mean, d_std, ci, p_sign))
     return Comparison(reference, rows, seeds, per_class, class_names, n_resamples, bootstrap_seed)
 
 
@@ -267,10 +274,12 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
     """The comparison as markdown: one table of heads, the seed summaries, and per-class gains/losses."""
     rows = comparison.rows
     multi_seed = len({r.seed for r in rows}) > 1
+    tests = sum(r.mcnemar_p is not None for r in rows)
     head = (
         ["label", "view", "method", "shots"]
         + (["seed"] if multi_seed else [])
         + ["n", "top-1 [95% CI]", f"Δ vs {comparison.reference} [95% CI]", "n01 / n10", "McNemar p"]
+        + (["Holm p"] if tests > 1 else [])
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
@@ -285,15 +294,18 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
             vs = f" vs {r.reference_view}" if r.reference_view != r.view else ""
             paired = f" on {r.n_paired}" if r.n_paired != r.n else ""
             cells += [fmt_interval(r.delta, r.delta_ci95, signed=True) + vs + paired, f"{r.n01} / {r.n10}", fmt_p(r.mcnemar_p)]
+        cells += [fmt_p(r.mcnemar_p_holm)] if tests > 1 else []
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines) + "\n"
     out += (
         f"\ntop-1 in percent, 95% percentile bootstrap over images ({comparison.n_resamples} resamples, seed {comparison.bootstrap_seed}); "
         "Δ = store − reference on the same images, paired bootstrap; n01 = images only the store gets right, n10 = only the reference; "
-        "McNemar exact two-sided p.\n"
+        "McNemar exact two-sided p"
+        + (f"; Holm p: the {tests} McNemar p-values adjusted together (family-wise error)" if tests > 1 else "")
+        + ".\n"
     )
     if comparison.seeds:
-        out += "\n| label | view | method | shots | seeds | top-1 mean ± std | Δ per seed | Δ mean ± std | Δ mean [95% CI] |\n|---|---|---|---|---|---|---|---|---|\n"
+        out += "\n| label | view | method | shots | seeds | top-1 mean ± std | Δ per seed | Δ mean ± std | Δ mean [95% CI] | sign-flip p |\n|---|---|---|---|---|---|---|---|---|---|\n"
         for s in comparison.seeds:
             per = ", ".join("—" if d is None else f"{d:+.1f}" for d in s.delta_per_seed)
             dm = "—" if s.delta_mean is None else f"{s.delta_mean:+.2f} ± {s.delta_std:.2f}"
@@ -302,8 +314,12 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
                 if s.delta_mean_ci95 and s.delta_mean is not None
                 else "—"
             )
-            out += f"| {s.label} | {s.view} | {s.method} | {s.shots or 'all'} | {len(s.seeds)} | {s.top1_mean:.2f} ± {s.top1_std:.2f} | {per} | {dm} | {dci} |\n"
-        out += "\nΔ mean [95% CI]: paired bootstrap over the images of the seed-averaged per-image difference.\n"
+            sp = "—" if s.delta_mean is None else fmt_p(s.p_sign)
+            out += f"| {s.label} | {s.view} | {s.method} | {s.shots or 'all'} | {len(s.seeds)} | {s.top1_mean:.2f} ± {s.top1_std:.2f} | {per} | {dm} | {dci} | {sp} |\n"
+        out += (
+            "\nΔ mean [95% CI]: paired bootstrap over the images of the seed-averaged per-image difference; sign-flip p: exact "
+            "two-sided test of that difference, each image's seeds flipped together (McNemar's test for one seed).\n"
+        )
     for c in comparison.per_class:
         if c.reference_view is None:
             continue

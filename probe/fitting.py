@@ -32,7 +32,7 @@ from .protocol import Protocol
 from .results.columns import COLUMNS
 from .results.predictions import ConfigKey, ImagePredictions
 from .results.predictions import of_rows as predictions_of
-from .selection import SplitPlan, plan_splits
+from .selection import SplitPlan, described, plan_splits, single_split_advice
 from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
 
 
@@ -101,16 +101,14 @@ def _prepare_store(path, label: str, views: list[str], fs: FeatureStore, protoco
     for s, y in labels.items():
         if len(y) and y.min() < 0:
             raise FeatstoreError(f"store {str(path)!r} split {s!r} has negative labels", "the store is damaged; re-extract it")
+    drawn: dict[str, Any] = dict(test_fraction=protocol.test_fraction, test_seed=protocol.seed)  # one test draw for every seed
     plans = {
-        seed: plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, seed, protocol.select_on)
+        seed: plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, seed, protocol.select_on, **drawn)
         for seed in protocol.run_seeds
     }
     plan = plans[protocol.run_seeds[0]]
     if plan.report_split is None:
-        warn(
-            f"store {str(path)!r}: {plan.reported_as}; "
-            "extract a dataset with a val or test split, or pass --select-on report for the max over the holdout"
-        )
+        warn(f"store {str(path)!r}: {described(plan, protocol.fixed)}; {single_split_advice(str(path))}")
     valid = {s: fs.valid(s) for s in {plan.train_split, plan.select_source, plan.report_source or plan.select_source}}
     train_valid = valid[plan.train_split][plan.train_rows]
     if not train_valid.any():
@@ -215,6 +213,7 @@ def fit_run(
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    command: list[str] | None = None,
 ) -> FitResult:
     """Run every method of ``protocol`` (its LR grid, k grid, C path) on every store × view × seed × shots.
 
@@ -224,6 +223,8 @@ def fit_run(
     ----------
     stores, protocol, views, device, allow_different_data, out, overwrite, log, warn
         As :func:`fit`.
+    command : list of str, optional
+        The command line that started the run (protocol.json records it).
 
     Returns
     -------
@@ -287,12 +288,24 @@ def fit_run(
     _add_intervals(rows, result.comparison)
     if out is not None:
         from .output.files import write_outputs
+        from .provenance import environment, store_record
 
         dataset = infos[0].store.meta.dataset.raw
         run = {
             "device": str(dev),
             "dtype": str(dtype).replace("torch.", ""),
-            "stores": [{"label": i.label, "path": i.path, "views": i.views, "reported_as": i.plan.reported_as} for i in infos],
+            **environment(command),
+            "allow_different_data": allow_different_data,
+            "stores": [
+                {
+                    "label": i.label,
+                    "path": i.path,
+                    **store_record(i.store),
+                    "views": i.views,
+                    "reported_as": described(i.plan, protocol.fixed),
+                }
+                for i in infos
+            ],
             # what probe compare / probe report need to pair and name results without the stores
             "dataset": {k: dataset.get(k) for k in ("name", "manifest_sha256", "class_names")},
         }
@@ -450,7 +463,7 @@ class _Rows:
             "label": self.info.label, "store": self.info.path, "encoder": encoder.name, "weights_sha256": encoder.weights_sha256,
             "dataset": dataset.name, "view": self.view, "method": method, "shots": self.shots, "seed": self.seed,
             "select_on": p.select_on, "train_split": plan.train_split, "select_split": plan.select_split, "report_split": plan.report_split,
-            "reported_as": plan.reported_as, "n_train": len(self.kept["train"]), "n_select": len(self.kept["select"]),
+            "reported_as": described(plan, p.fixed), "n_train": len(self.kept["train"]), "n_select": len(self.kept["select"]),
             "n_report": len(self.kept[reported]) if reported else None,
             "excluded_invalid": self.excluded_invalid, "excluded_nonfinite": self.excluded_nonfinite,
             "train_top1_pct": metric("train", "top1"), "select_top1_pct": metric("select", "top1"), "report_top1_pct": metric("report", "top1"),

@@ -185,3 +185,40 @@ def seed_mean_interval(
     s = np.asarray(scores_by_seed)
     low, high = bootstrap_interval(s.sum(axis=0, dtype=np.int16), per=s.shape[0], n_resamples=n_resamples, seed=seed, confidence=confidence)
     return (float(low), float(high))
+
+
+def seed_mean_sign_test(differences_by_seed) -> float:
+    """Exact two-sided sign-flip (randomization) test of a seed-averaged paired difference.
+
+    ``differences_by_seed``: (S, N) per-image differences (-1/0/1: store right and reference
+    wrong = 1) of S seeds on the same N images. Under the null hypothesis the two encoders are
+    exchangeable on every image, so each image's summed difference k_i (−S…S) is as likely
+    +|k_i| as −|k_i|, all seeds' signs flipping together. The statistic T = Σ k_i is then a sum
+    of independent ±|k_i|; its exact distribution is the convolution, over each size m = 1…S,
+    of m·(2·Binomial(c_m, ½) − c_m) where c_m counts the images with |k_i| = m. Returns
+    P(|T| ≥ |t|) under it. With one seed it is McNemar's exact test (a binomial test of n01
+    among n01 + n10), which the tests check.
+    """
+    from scipy.stats import binom
+
+    d = np.asarray(differences_by_seed)
+    if d.ndim == 1:
+        d = d[None]
+    k = np.abs(d.sum(axis=0, dtype=np.int64))
+    t = int(d.sum(dtype=np.int64))
+    seeds = d.shape[0]
+    # the pmf of T on the integers -M…M, M = Σ|k_i|, index = value + M
+    total = int(k.sum())
+    if total == 0:
+        return 1.0
+    pmf = np.ones(1)  # the empty sum: 0 with probability 1
+    for m in range(1, seeds + 1):
+        c = int(np.count_nonzero(k == m))
+        if c == 0:
+            continue
+        part = np.zeros(2 * m * c + 1)
+        part[:: 2 * m] = binom.pmf(np.arange(c + 1), c, 0.5)  # m·(2j − c) for j = 0…c, shifted by m·c
+        pmf = np.convolve(pmf, part)
+    values = np.arange(len(pmf)) - total
+    tail = pmf[np.abs(values) >= abs(t) - 1e-9].sum()
+    return float(min(1.0, tail))

@@ -139,6 +139,10 @@ class Protocol:
     normalize : {"none", "l2", "standardize"}, default "standardize"
     select_on : {"auto", "holdout", "report"}, default "auto"
         Where the LR (k, C) is chosen; ``val_fraction`` (0.1) is the seeded train holdout's share.
+    test_fraction : float, optional
+        A store with a single split (a plain class-folder dataset's ``all``): this share of every
+        class is drawn, seeded by ``seed`` and stratified, as the report split ``drawn-test``
+        before the selection holdout is taken from the rest.
     seed : int, default 0
     seeds : sequence of int or str, default ()
         Repeat everything per seed (``seed`` is then ``seeds[0]``).
@@ -174,6 +178,7 @@ class Protocol:
     schedule: str = "cosine"
     normalize: str = "standardize"
     val_fraction: float = 0.1
+    test_fraction: float | None = None  # a store with one split: the share drawn as its report split
     selection: str = "val_top1"
     select_on: str = "auto"
     seed: int = 0
@@ -225,6 +230,10 @@ class Protocol:
             raise UsageError(f"eps must be positive, got {self.eps}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UsageError(f"validation fraction must be in (0, 1), got {self.val_fraction}", "pass --val-fraction like 0.1")
+        if self.test_fraction is not None:
+            set_("test_fraction", float(self.test_fraction))
+            if not 0.0 < self.test_fraction < 1.0:
+                raise UsageError(f"test fraction must be in (0, 1), got {self.test_fraction}", "pass --test-fraction like 0.2")
 
     def _check_battery(self, set_) -> None:
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
@@ -261,6 +270,22 @@ class Protocol:
         return tuple(s or None for s in self.shots) if self.shots else (None,)
 
     @property
+    def fixed(self) -> str | None:
+        """The one setting of a protocol that selects nothing (every method has a single
+        configuration: one lr and wd, one k, one C), e.g. ``lr 0.01``; None when it selects."""
+        grids = {
+            "linear": (
+                len(self.lr_grid) * len(self.wd_grid),
+                f"lr {self.lr_grid[0]:g}" + (f" wd {self.wd_grid[0]:g}" if self.wd_grid[0] else ""),
+            ),
+            "knn": (len(self.knn_k), f"k {self.knn_k[0]}"),
+            "logreg": (len(self.logreg_C), f"C {self.logreg_C[0]:g}"),
+        }
+        if any(grids[m][0] > 1 for m in self.methods):
+            return None
+        return ", ".join(grids[m][1] for m in self.methods)
+
+    @property
     def heads(self) -> list[tuple[float, float]]:
         """The (lr, wd) pair of every head, in head order (LR major, then weight decay)."""
         return [(lr, wd) for lr in self.lr_grid for wd in self.wd_grid]
@@ -284,6 +309,8 @@ class Protocol:
             dropped += _LOGREG_FIELDS
         if not self.shots:
             dropped.append("shots")
+        if self.test_fraction is None:  # runs without it keep the hash they had before it existed
+            dropped.append("test_fraction")
         if len(self.seeds) <= 1:
             dropped.append("seeds")
         for name in dropped:

@@ -33,6 +33,7 @@ class SplitPlan:
     report_rows: np.ndarray | None
     select_on: str  # the protocol's rule: auto | holdout | report
     val_fraction: float
+    test_fraction: float | None = None  # set when the reported rows were drawn from the store's only split
 
     @property
     def selects_on_report(self) -> bool:
@@ -53,17 +54,38 @@ class SplitPlan:
         if self.select_split != "holdout":
             return self.select_split
         what = "train" if self.train_split == "train" else repr(self.train_split)
-        return f"a {self.val_fraction * 100:g}% {what} holdout"
+        rest = " (of the rows left after the test draw)" if self.test_fraction is not None else ""
+        return f"a {self.val_fraction * 100:g}% {what} holdout{rest}"
 
     @property
     def reported_as(self) -> str:
         """What the reported number is, in words: the label every output carries."""
         if self.report_split is None:
             return f"nothing reported (the store's only split is {self.train_split!r}; selection on {self.selection_label})"
+        if self.test_fraction is not None:
+            drawn = f"a seeded, stratified {self.test_fraction * 100:g}% of {self.train_split!r} drawn before selection"
+            if self.selects_on_report:
+                return f"{self.report_split} ({drawn}; max over the reported split)"
+            return f"{self.report_split} ({drawn}; reported; selection on {self.selection_label})"
         if self.selects_on_report:
             where = f", {self.selection_label}" if self.select_split == "holdout" else ""
             return f"{self.report_split} (max over the reported split{where})"
         return f"{self.report_split} (reported; selection on {self.selection_label})"
+
+
+def described(plan: SplitPlan, fixed: str | None) -> str:
+    """``plan.reported_as``, or with a protocol that selects nothing (``fixed``: its one setting,
+    e.g. ``lr 0.01``) the same without selection words: ``test (reported; fixed lr 0.01, nothing
+    selected)``. A train holdout is still kept out of training then, and that is said."""
+    if fixed is None:
+        return plan.reported_as
+    unused = f"; {plan.selection_label} kept out of training, unused" if plan.select_split == "holdout" else ""
+    what = f"fixed {fixed}, nothing selected{unused}"
+    if plan.report_split is None:
+        return f"nothing reported (the store's only split is {plan.train_split!r}; {what})"
+    if plan.test_fraction is not None:
+        return f"{plan.report_split} (a seeded, stratified {plan.test_fraction * 100:g}% of {plan.train_split!r}; reported; {what})"
+    return f"{plan.report_split} (reported; {what})"
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,8 +108,19 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return np.flatnonzero(mask), hold
 
 
+DRAWN_TEST = "drawn-test"  # the report split --test-fraction draws from a store's only split
+
+
 def plan_splits(
-    store_path: str, sizes: dict[str, int], train_labels_of, val_fraction: float, seed: int, select_on: str = "auto"
+    store_path: str,
+    sizes: dict[str, int],
+    train_labels_of,
+    val_fraction: float,
+    seed: int,
+    select_on: str = "auto",
+    *,
+    test_fraction: float | None = None,
+    test_seed: int = 0,
 ) -> SplitPlan:
     """Train on ``train`` (or a store's only split), report once on ``test`` (else ``val``), and
     select on a split that is never the reported one unless ``select_on == "report"``.
@@ -96,8 +129,12 @@ def plan_splits(
     ``val_fraction`` holdout of train otherwise (ImageNet's train + val: select on the holdout,
     report val); ``holdout`` always uses the holdout; ``report`` selects on the reported split.
     ``sizes``: split name → rows; ``train_labels_of(split)`` gives a split's labels (read only
-    when a holdout is needed).
+    when a holdout is needed). ``test_fraction`` (a store with one split only): that share of
+    every class is drawn as the report split :data:`DRAWN_TEST` with ``test_seed`` (the same rows
+    for every run seed and every store of the dataset), before anything else is held out.
     """
+    if test_fraction is not None:
+        return _plan_drawn_test(store_path, sizes, train_labels_of, val_fraction, seed, select_on, test_fraction, test_seed)
     splits = list(sizes)
     if "train" in splits:
         train_split = "train"
@@ -130,6 +167,46 @@ def plan_splits(
             return SplitPlan(**held, report_split="holdout", report_source=train_split, report_rows=hold, **common)
         return SplitPlan(**held, report_split=None, report_source=None, report_rows=None, **common)
     return SplitPlan(**held, report_split=report, report_source=report, report_rows=np.arange(sizes[report]), **common)
+
+
+def single_split_advice(store_path: str) -> str:
+    """What to run when a store's only split leaves nothing to report on: the exact command."""
+    import shlex
+
+    return (
+        f"to report a number, rerun with a drawn test split: `probe fit --store {shlex.quote(store_path)} --test-fraction 0.2` "
+        "(with your other options; 20% of every class, seeded, drawn before selection), or extract the dataset with its own "
+        "splits: `featstore extract ... --split train=0.7,val=0.1,test=0.2`"
+    )
+
+
+def _plan_drawn_test(
+    store_path: str, sizes: dict[str, int], labels_of, val_fraction: float, seed: int, select_on: str, test_fraction: float, test_seed: int
+) -> SplitPlan:
+    """--test-fraction: the report rows drawn first (seeded, stratified), then the selection
+    holdout from the rest, so the reported rows never train or select (unless --select-on report)."""
+    splits = list(sizes)
+    if len(splits) != 1:
+        raise UsageError(
+            f"--test-fraction draws a test split from a store's only split, but store {store_path!r} has {', '.join(splits)}",
+            "drop --test-fraction: the store's own test (else val) split is reported",
+        )
+    (only,) = splits
+    labels = labels_of(only)
+    rest, test = stratified_holdout(labels, test_fraction, test_seed)
+    if len(test) == 0:
+        raise UsageError(f"store {store_path!r}: no rows to draw a test split from {only!r}", "the split is too small")
+    common: dict[str, Any] = dict(train_split=only, select_on=select_on, val_fraction=val_fraction, test_fraction=test_fraction)
+    drawn: dict[str, Any] = dict(report_split=DRAWN_TEST, report_source=only, report_rows=test)
+    if select_on == "report":
+        return SplitPlan(train_rows=rest, select_split=DRAWN_TEST, select_source=only, select_rows=test, **drawn, **common)
+    keep, hold = stratified_holdout(labels[rest], val_fraction, seed)
+    if len(hold) == 0:
+        raise UsageError(
+            f"store {store_path!r}: no rows left to hold out for selection after the test draw",
+            "raise --val-fraction or lower --test-fraction",
+        )
+    return SplitPlan(train_rows=rest[keep], select_split="holdout", select_source=only, select_rows=rest[hold], **drawn, **common)
 
 
 def choose(

@@ -398,18 +398,20 @@ def test_probe_report_refuses_mixed_results(tmp_path, three_encoders):
     other_protocol = results_folder(tmp_path / "p", {"r50": (target, b)}, protocol=Protocol(lr_grid=LRS, epochs=4))
     other_data = results_folder(tmp_path / "d", {"r50": (target, b)}, manifest="x" * 64)
     other_split = results_folder(tmp_path / "s", {"r50": (target, b)}, report_split="val")
-    for folder, field in ((other_protocol, "protocol hash"), (other_data, "dataset"), (other_split, "report split")):
+    for folder, field in ((other_protocol, "protocol"), (other_data, "dataset"), (other_split, "report split")):
         code, out = run_probe(["report", str(base), str(folder), "--out", str(tmp_path / "rep")])
         assert code == 2 and out.count("error:") == 1 and f"differ in {field} (" in out and "--allow-mixed" in out, out
-        assert ("; epochs 3 vs 4" in out) == (field == "protocol hash")
+        # only the protocol fields that differ, not the hashes
+        assert ("differ in protocol (epochs 3 vs 4)" in out) == (field == "protocol"), out
         assert not (tmp_path / "rep").exists()  # nothing written
     code, out = run_probe(["report", str(base), str(other_protocol), str(other_data), "--out", str(tmp_path / "rep"), "--allow-mixed"])
     assert code == 0, out
-    assert "### group 1: protocol hash" in out and "### group 3:" in out
+    assert "### group 1: LR sweep 0.001…0.1 (3)" in out and "### group 2: LR sweep 0.001…0.1 (3); epochs 4" in out, out
+    assert "### group 3: LR sweep 0.001…0.1 (3); epochs 3; manifest xxxxxxxxxxxx" in out
     board = list(csv.DictReader(open(tmp_path / "rep" / "leaderboard.csv")))
     assert [(r["group"], r["label"], r["rank"]) for r in board] == [("1", "r18", "1"), ("2", "r50", "1"), ("3", "r50", "1")]
-    assert "3 groups (--allow-mixed): the results differ in protocol hash and dataset (" in (tmp_path / "rep" / "report.html").read_text()
-    assert "3 groups, ranked separately (--allow-mixed): the results differ in protocol hash and dataset" in out
+    assert "3 groups (--allow-mixed): the results differ in protocol and dataset (" in (tmp_path / "rep" / "report.html").read_text()
+    assert "3 groups, ranked separately (--allow-mixed): the results differ in protocol and dataset" in out
 
 
 def test_same_label_in_two_runs_is_told_apart(tmp_path, three_encoders):
@@ -627,7 +629,7 @@ def test_battery_predictions_summary_and_comparison(tmp_path):
     from probe.output import leaderboard
 
     (g,) = leaderboard.gather([tmp_path / "run"])
-    board = leaderboard.table_rows([g])
+    board = leaderboard.table_rows([g], per_seed=True)  # the default table is over seeds: "lr 0.1 ×2"
     for r in board:
         chosen = selected[(r["label"], r["method"], r["seed"])]
         expected = {
@@ -666,7 +668,7 @@ def test_report_names_the_report_split_not_its_description(tmp_path, three_encod
     (g,) = leaderboard.gather([folder])
     assert g.fields["report split"] == "test" and g.runs[0].report_splits == ["test"]
     table = leaderboard.markdown([g], leaderboard.table_rows([g]))
-    assert "top-1 in percent on the test split;" in table and "(reported; selection on val)" not in table
+    assert "top-1 in percent on the test split, ranked within each method;" in table and "(reported; selection on val)" not in table
 
 
 def test_report_html_per_class_heading_only_with_something_under_it(tmp_path, three_encoders):

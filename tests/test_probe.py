@@ -175,6 +175,7 @@ def test_protocol_hash_stable_and_sensitive():
         "seed": 3,
         "version": 99,
         "select_on": "holdout",
+        "test_fraction": 0.2,
     }
     battery = {
         "methods",
@@ -761,7 +762,7 @@ def test_out_is_never_silently_overwritten(store, tmp_path):
     code, output = run_cli([*args, "--seed", "3", "--out", str(out), "--overwrite"])
     assert code == 0, output
     assert sorted(p.name for p in out.iterdir()) == [
-        "accuracy_vs_lr.png",
+        "accuracy.png",  # a fixed lr: each store's accuracy with its interval, no LR axis
         "predictions.csv",
         "protocol.json",
         "results.csv",

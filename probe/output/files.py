@@ -27,10 +27,10 @@ from ..results.predictions import of_rows as predictions_of
 from ..results.predictions import write as write_predictions
 from ..results.runs import PROTOCOL, RESULTS
 from ..results.summary import summary_csv
-from .plots import plot, plot_rows
+from .plots import FIXED_PLOT, PLOT, plot, plot_name
 from .tables import Digest, summary
 
-PLOT, SUMMARY = "accuracy_vs_lr.png", "summary.csv"  # results.csv and protocol.json: probe.runs (their reader)
+SUMMARY = "summary.csv"  # results.csv and protocol.json: probe.runs (their reader); the plots' names: probe.output.plots
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -54,7 +54,7 @@ def protocol_json(protocol: Protocol, run: dict | None = None) -> str:
     return json.dumps(record, indent=2) + "\n"
 
 
-_OURS = (RESULTS, PROTOCOL, PLOT, SUMMARY, PREDICTIONS)
+_OURS = (RESULTS, PROTOCOL, PLOT, FIXED_PLOT, SUMMARY, PREDICTIONS)
 
 
 def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -73,7 +73,28 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
         raise UsageError(
             f"--out {str(out)!r} holds files that are not probe results ({', '.join(held[:3])})", "pass a new or empty --out folder"
         )
+    _check_writable(out)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse ``out`` when its results could not be written there: the folder it would be made
+    in (its nearest existing ancestor) is a file or refuses a file. Tried with a real temporary
+    file, not ``os.access``: that answers yes to root on a read-only mount."""
+    import tempfile
+
+    place = Path(os.path.abspath(out))
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise UsageError(f"--out {str(out)!r} cannot be made: {str(place)!r} is a file", "pass a folder path that is not inside a file")
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"--out {str(out)!r} is not writable ({e.strerror or type(e).__name__} in {str(place)!r})", "pass a folder you can write to"
+        ) from None
 
 
 def new_run_folder(parent: str | os.PathLike) -> Path:
@@ -109,8 +130,8 @@ def write_outputs(
             # of a previous run that this run has none of is removed, not left to mislead
             for name in written:
                 os.replace(build / name, out / name)
-            if PLOT not in written:
-                (out / PLOT).unlink(missing_ok=True)
+            for stale in {PLOT, FIXED_PLOT} - set(written):
+                (out / stale).unlink(missing_ok=True)
         else:
             os.replace(build, out)
 
@@ -119,7 +140,8 @@ def write_outputs(
         (build / PROTOCOL).write_text(protocol_json(protocol, run))
         (build / SUMMARY).write_text(summary_csv(digest.summary if digest else summary(rows)))
         write_predictions(predictions_of(rows), build / PREDICTIONS)
-        if plot_rows(rows):
-            plot(rows, build / PLOT, protocol)
-            written.insert(0, PLOT)
+        name = plot_name(rows)
+        if name:
+            plot(rows, build / name, protocol)
+            written.insert(0, name)
     return {name: out / name for name in written}

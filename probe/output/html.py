@@ -13,10 +13,10 @@ import io
 import json
 import math
 
-from ..comparison import fmt_interval
+from ..comparison import fmt_interval, fmt_p
 from ..results.predictions import ConfigKey
 from ..results.runs import reported_top1, row_label, selection_top1
-from .leaderboard import TEXT_COLUMNS, differences, table_cells, table_head
+from .leaderboard import TEXT_COLUMNS, differences, fixed_or_sweep, notes, selects, table_cells, table_head, table_rows, titles
 from .plots import line_styles, place_legends
 
 _MAX_CLASS_BARS = 40  # more classes than this: the 20 largest gains and the 20 largest losses
@@ -81,13 +81,42 @@ def lr_figure(group) -> str | None:
     return _png(fig)
 
 
+def _probe_name(r: dict, methods: bool, seeds: bool) -> str:
+    words = (
+        [r["view"]]
+        + ([r["method"]] if methods else [])
+        + ([f"{r['shots']}-shot" if r["shots"] else "all"] if r.get("several_shots") else [])
+    )
+    return f"{r['label']} [{' '.join(words)}]" + (f" seed {r['seed']}" if seeds and r.get("seed") is not None else "")
+
+
 def forest_figure(group, rows: list[dict]) -> str | None:
-    """Each encoder's top-1 with its 95% interval (bootstrap; Wilson where no predictions exist)."""
+    """:func:`forest` as an embedded PNG; None when no row has a top-1."""
+    fig = forest(group, rows)
+    return None if fig is None else _png(fig)
+
+
+def forest(group, rows: list[dict]):
+    """Two panels on one row per store: its own top-1 with its 95% interval (bootstrap; Wilson
+    where no predictions exist), and beside it the paired difference to the reference on the
+    same images with its paired bootstrap interval (the number that says whether a store is
+    better). Rows over seeds show the seed-mean and its interval."""
     plt = _pyplot()
     items = [r for r in rows if r["top1"] is not None]
     if not items:
         return None
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(items) + 1.4))
+    methods = len({i["method"] for i in items}) > 1
+    shots = len({i["shots"] for i in items}) > 1
+    seeds = len({i.get("seed") for i in items}) > 1
+    items = [{**r, "several_shots": shots} for r in items]
+    paired = any(r["delta"] is not None for r in items)
+    ref = group.comparison.reference if group.comparison else None
+    height = 0.42 * len(items) + 1.5
+    if paired:
+        fig, (ax, dx) = plt.subplots(1, 2, figsize=(13, height), sharey=True, gridspec_kw={"width_ratios": [1, 1], "wspace": 0.55})
+    else:
+        fig, ax = plt.subplots(figsize=(9, height))
+        dx = None
     ref_values = []
     for y, r in enumerate(reversed(items)):
         boot = r["ci95_low"] is not None
@@ -99,32 +128,44 @@ def forest_figure(group, rows: list[dict]) -> str | None:
         else:
             ax.plot(r["top1"], y, "o", color=color)
         ref_values += [r["top1"]] if is_ref else []
-        ax.annotate(
-            fmt_interval(r["top1"], (lo, hi)) + ("" if boot else " (Wilson)"),
-            (1.01, y),
-            xycoords=("axes fraction", "data"),
-            va="center",
-            fontsize=9,
-        )
+        spread = f" ± {r['top1_std']:.1f}" if r.get("top1_std") is not None else ""
+        text = fmt_interval(r["top1"], (lo, hi)) + spread + ("" if boot else " (Wilson)")
+        ax.annotate(text, (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=8)
+        if dx is None:
+            continue
+        if is_ref:
+            dx.plot(0, y, "s", color="black", ms=6)
+            dx.annotate("reference", (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=8)
+        elif r["delta"] is not None:
+            dlo, dhi = r["delta_ci95_low"], r["delta_ci95_high"]
+            clear = dlo is not None and (dlo > 0 or dhi < 0)
+            dcolor = ("tab:green" if r["delta"] > 0 else "tab:red") if clear else "tab:gray"
+            if dlo is not None:
+                dx.errorbar(r["delta"], y, xerr=[[r["delta"] - dlo], [dhi - r["delta"]]], fmt="o", color=dcolor, capsize=4, ms=6)
+            else:
+                dx.plot(r["delta"], y, "o", color=dcolor)
+            p = f", p {fmt_p(r['p'])}" if r.get("p") is not None else ""
+            dx.annotate(
+                fmt_interval(r["delta"], (dlo, dhi), signed=True) + p,
+                (1.01, y),
+                xycoords=("axes fraction", "data"),
+                va="center",
+                fontsize=8,
+            )
     if len(ref_values) == 1:  # several reference rows (methods, seeds): their squares mark them
-        ax.axvline(ref_values[0], color="gray", ls="--", lw=1, label=f"reference ({group.comparison.reference})")
-        ax.legend(fontsize=8, loc="lower right")
-    methods = len({i["method"] for i in items}) > 1
-    seeds = len({i["seed"] for i in items}) > 1
-
-    def name(r):
-        words = [r["view"]] + ([r["method"]] if methods else []) + ([f"{r['shots']}-shot"] if r["shots"] else [])
-        return f"{r['label']} [{' '.join(words)}]" + (f" seed {r['seed']}" if seeds else "")
-
+        ax.axvline(ref_values[0], color="gray", ls="--", lw=1)  # no legend: it would cover a row; the caption says it
     ax.set_yticks(range(len(items)))
-    ax.set_yticklabels([name(r) for r in reversed(items)])
-    ax.set_xlabel(f"top-1 on {group.fields['report split']} (%), 95% interval")
+    ax.set_yticklabels([_probe_name(r, methods, seeds) for r in reversed(items)])
+    over = " (mean over seeds)" if any(r.get("n_seeds", 1) > 1 for r in items) else ""
+    ax.set_xlabel(f"top-1 on {group.fields['report split']} (%){over}, 95% interval")
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(
-        "accuracy of each encoder"
-        + ("" if len(ref_values) == 1 else f" (squares: the reference, {group.comparison.reference})" if ref_values else "")
-    )
-    return _png(fig)
+    ax.set_title("each store's accuracy" + (f" (squares: the reference, {ref})" if len(ref_values) > 1 else ""), fontsize=10)
+    if dx is not None:
+        dx.axvline(0, color="black", lw=0.8)
+        dx.set_xlabel(f"Δ top-1 vs {ref} (points){over}, paired 95% interval")
+        dx.grid(axis="x", alpha=0.3)
+        dx.set_title(f"paired difference to {ref} on the same images", fontsize=10)
+    return fig
 
 
 def class_figure(group, report) -> str:
@@ -159,7 +200,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.4em; text-align: right; white
 th { background: #f3f3f3; white-space: normal; vertical-align: bottom; }
 td.text { text-align: left; white-space: normal; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; } figcaption { color: #555; font-size: 0.9em; }
-pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+pre { background: #f7f7f7; padding: 1em; font-size: 0.85em; white-space: pre-wrap; overflow-wrap: anywhere; }
 .note { color: #555; font-size: 0.9em; }
 """
 
@@ -177,10 +218,10 @@ def _breakable(text: str) -> str:
     return html.escape(text).replace("/", "/<wbr>").replace(":", ":<wbr>")
 
 
-def _table(group_rows: list[dict], reference: str | None) -> str:
-    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table_head(reference)) + "</tr>"]
+def _table(group_rows: list[dict], reference: str | None, per_seed: bool = False, fixed: bool = False) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table_head(reference, per_seed, fixed)) + "</tr>"]
     for r in group_rows:
-        cells = table_cells(r, reference)
+        cells = table_cells(r, reference, per_seed)
         out.append(
             "<tr>"
             + "".join(
@@ -222,7 +263,7 @@ def _compact_json(value, indent: int = 0) -> str:
     return json.dumps(value, default=str)
 
 
-def render(groups, rows: list[dict]) -> str:
+def render(groups, rows: list[dict], per_seed: bool = False) -> str:
     body = ["<h1>featstore probe report</h1>"]
     if len(groups) > 1:
         mixed = html.escape(differences([r for g in groups for r in g.runs]))
@@ -230,16 +271,18 @@ def render(groups, rows: list[dict]) -> str:
             f'<p class="note">{len(groups)} groups (--allow-mixed): the results differ in {mixed}. '
             "Each group is ranked on its own; results of different groups are not comparable.</p>"
         )
+    names = titles(groups)
+    plotted = table_rows(groups) if per_seed else rows  # the plots average the seeds, whatever the table shows
     for gi, g in enumerate(groups, start=1):
         ref = g.comparison.reference if g.comparison else None
-        body.append(f"<h2>{'group ' + str(gi) + ': ' if len(groups) > 1 else ''}{html.escape(g.title)}</h2>")
-        body.append(_table([r for r in rows if r["group"] == gi], ref))
+        fixed = not selects(g.runs[0])
+        body.append(f"<h2>{'group ' + str(gi) + ': ' if len(groups) > 1 else ''}{html.escape(names[gi - 1])}</h2>")
+        mine = [r for r in rows if r["group"] == gi]
+        body.append(_table(mine, ref, per_seed, fixed))
         body.append(
-            '<p class="note">top-1 in percent; 95% CI: percentile bootstrap over the images of the report split; '
-            "Δ: store − reference on the same images, paired bootstrap; n01: images only the store gets right, n10: only the reference; "
-            "McNemar: exact two-sided p.</p>"
+            f'<p class="note">{html.escape(notes(g, mine, per_seed))} n01: images only the store gets right, n10: only the reference.</p>'
         )
-        lr = lr_figure(g)
+        lr = None if fixed else lr_figure(g)
         if lr:
             body.append(
                 _figure(
@@ -248,17 +291,24 @@ def render(groups, rows: list[dict]) -> str:
                     "Accuracy vs learning rate of the linear probe, every store overlaid (first seed); the star is the LR selected on the selection split.",
                 )
             )
-        else:
-            body.append('<p class="note">No LR sweep in these results (fixed learning rate).</p>')
-        forest = forest_figure(g, [r for r in rows if r["group"] == gi])
-        if forest:
+        elif fixed:
             body.append(
-                _figure(
-                    f"g{gi}-forest",
-                    forest,
-                    "Each encoder's top-1 with its 95% interval; squares (and the dashed line, when it is one row): the reference.",
-                )
+                f'<p class="note">{html.escape(fixed_or_sweep(g.runs[0]))}: one configuration per method, nothing is selected; '
+                "the figure below shows each store's accuracy with its interval.</p>"
             )
+        else:
+            body.append('<p class="note">No LR sweep of the linear probe in these results.</p>')
+        shown = [r for r in plotted if r["group"] == gi]
+        forest = forest_figure(g, shown)
+        if forest:
+            own = "each store's top-1 with its 95% interval (squares and the dashed line: the reference)"
+            paired = (
+                f"Left: {own}. Right: its paired difference to the reference on the same images, with the paired bootstrap "
+                "95% interval (green/red: the interval excludes 0)."
+                if any(r["delta"] is not None for r in shown)
+                else own[0].upper() + own[1:] + "."
+            )
+            body.append(_figure(f"g{gi}-forest", forest, paired + " Several seeds: their mean."))
         if g.comparison:
             first_seed: dict[tuple, int] = {}  # one chart per store × view × method × shots: its first seed
             for c in g.comparison.per_class:

@@ -73,9 +73,11 @@ def plot_title(rows: list[dict], protocol: Protocol | None = None) -> str:
         view_text = "views " + ", ".join(f"{k[0]}: {k[1]}" for k in groups)
     else:
         view_text = "views " + ", ".join(views)
+    fixed = all(len({r["lr"] for r in rs}) == 1 for rs in groups.values())
+    how = f"fixed lr {r0['lr']:g}, nothing selected" if fixed else f"select on {r0['select_on']}"
     return (
         f"{datasets} — linear probe, {view_text}\n{r0['optimizer']}, {r0['epochs']} epochs, batch {r0['batch_size']}, "
-        f"normalize {r0['normalize']}, seed {r0['seed']}, select on {r0['select_on']} — protocol {r0['protocol_hash']}"
+        f"normalize {r0['normalize']}, seed {r0['seed']}, {how} — protocol {r0['protocol_hash']}"
     )
 
 
@@ -102,8 +104,64 @@ def plot_rows(rows: list[dict]) -> list[dict]:
     return [r for r in linear if (r["seed"], r.get("shots")) == first]
 
 
+PLOT, FIXED_PLOT = "accuracy_vs_lr.png", "accuracy.png"
+
+
+def is_fixed(rows: list[dict]) -> bool:
+    """A fixed learning rate: every linear probe of the plotted rows has a single head."""
+    return all(len(rs) == 1 for rs in by_probe(plot_rows(rows)).values())
+
+
+def plot_name(rows: list[dict]) -> str | None:
+    """The figure a run gets: accuracy_vs_lr.png for an LR sweep, accuracy.png (each store's
+    accuracy with its interval) for a fixed LR with a reported split, none without linear rows."""
+    shown = plot_rows(rows)
+    if not shown:
+        return None
+    if is_fixed(rows):
+        return FIXED_PLOT if any(r["report_top1_pct"] is not None for r in shown) else None
+    return PLOT
+
+
+def fixed_figure(rows: list[dict], protocol: Protocol | None = None, note: str | None = None):
+    """A fixed LR selects nothing, so there is no LR axis: each store × view's reported top-1 with
+    its 95% interval (percentile bootstrap over the images; Wilson where there is none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["report_top1_pct"] is not None]
+    with_view = len({r["view"] for r in shown}) > 1
+    fig, ax = plt.subplots(figsize=(8.5, 0.5 * len(shown) + 1.9))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for y, r in enumerate(reversed(shown)):
+        boot = r.get("ci95_low") is not None
+        lo, hi = (r["ci95_low"], r["ci95_high"]) if boot else (r.get("wilson95_low"), r.get("wilson95_high"))
+        top = r["report_top1_pct"]
+        color = colors[(len(shown) - 1 - y) % len(colors)]
+        if lo is not None:
+            ax.errorbar(top, y, xerr=[[top - lo], [hi - top]], fmt="o", color=color, capsize=4, ms=7)
+            text = f"{top:.1f} [{lo:.1f}, {hi:.1f}]" + ("" if boot else " Wilson")
+        else:
+            ax.plot(top, y, "o", color=color, ms=7)
+            text = f"{top:.1f}"
+        ax.annotate(text, (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=8)
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels([probe_name((r["label"], r["view"]), with_view) for r in reversed(shown)])
+    ax.set_ylim(-0.6, len(shown) - 0.4)
+    splits = " / ".join(dict.fromkeys(str(r["report_split"]) for r in shown))
+    ax.set_xlabel(f"{splits} top-1 accuracy (%), 95% interval")
+    ax.grid(axis="x", alpha=0.3)
+    title = plot_title(rows, protocol) + (f"\n{note}" if note else "")
+    width = int(fig.get_figwidth() * 12)
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def plot(rows: list[dict], path: Path, protocol: Protocol | None = None) -> None:
-    """Write :func:`figure` of :func:`plot_rows` as a PNG."""
+    """Write :func:`figure` of :func:`plot_rows` as a PNG (:func:`fixed_figure` for a fixed LR)."""
     shown = plot_rows(rows)
     note = None
     if is_battery(rows):
@@ -114,7 +172,7 @@ def plot(rows: list[dict], path: Path, protocol: Protocol | None = None) -> None
             + (f" (of {len(seeds)})" if len(seeds) > 1 else "")
             + f", {size}; all methods, seeds and sizes: summary.csv"
         )
-    fig = figure(shown, protocol, note)
+    fig = fixed_figure(shown, protocol, note) if is_fixed(rows) else figure(shown, protocol, note)
     import matplotlib.pyplot as plt
 
     fig.savefig(path, dpi=110, format="png")

@@ -123,7 +123,10 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
     head = ["label", "encoder"] + (["view"] if multi_view else [])
     head += ["lr (fixed)"] if one_head else ["selected lr"]
     head += ["wd"] if show_wd else []
-    head += ["selection top-1 (split)", "reported top-1"] + (["reported top-5"] if has_top5 else []) + ["reported on"]
+    # a fixed LR selects nothing: no selection column (its split's accuracy stays in results.csv)
+    head += (
+        ([] if one_head else ["selection top-1 (split)"]) + ["reported top-1"] + (["reported top-5"] if has_top5 else []) + ["reported on"]
+    )
     best_column = not one_head and not on_report
     head += ["best-of-sweep on the reported split: top-1 (lr)"] if best_column else []
     versus = (digest or digest_of(rows)).versus
@@ -140,7 +143,7 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
             if sel["report_top1_pct"] is not None
             else "—"
         )
-        cells += [f"{_pct(sel['select_top1_pct'])} ({selection_words(sel, protocol)})", reported]
+        cells += ([] if one_head else [f"{_pct(sel['select_top1_pct'])} ({selection_words(sel, protocol)})"]) + [reported]
         cells += [_pct(sel["report_top5_pct"])] if has_top5 else []
         cells += [sel["reported_as"]]
         if best_column:
@@ -150,12 +153,13 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
             cells += _versus_cells(versus, ConfigKey.of_row(sel))
         lines.append("| " + " | ".join(cells) + " |")
     r0 = rows[0]
-    notes = f"protocol {r0['protocol_hash']}: {r0['optimizer']}, {r0['epochs']} epochs, batch {r0['batch_size']}, normalize {r0['normalize']}, seed {r0['seed']}, select on {r0['select_on']}"
+    how = f"fixed lr {r0['lr']:g}, nothing selected" if one_head else f"select on {r0['select_on']}"
+    notes = f"protocol {r0['protocol_hash']}: {r0['optimizer']}, {r0['epochs']} epochs, batch {r0['batch_size']}, normalize {r0['normalize']}, seed {r0['seed']}, {how}"
     if any(r.get("ci95_low") is not None for r in rows):
         notes += f"; [95% CI]: percentile bootstrap over the reported images ({N_RESAMPLES} resamples)"
     if versus:
         notes += f"; Δ: top-1 minus {versus.reference}'s on the same images, paired bootstrap interval, McNemar exact test (probe compare for per-class detail)"
-    if on_report:
+    if on_report and not one_head:
         notes += "; the LR was chosen on the reported split itself (--select-on report): every reported number is the max over the reported split, optimistic"
     elif not one_head:
         notes += "; selected = highest selection-split top-1 (ties → smaller lr), never looking at the reported split; best-of-sweep is picked on the reported split, for comparison with papers only"

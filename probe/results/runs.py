@@ -94,6 +94,21 @@ class Run:
         return [r for r in self.rows if r.get("selected")]
 
 
+def load_record(folder: str | os.PathLike) -> dict:
+    """A results folder's protocol.json."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"results folder {str(folder)!r} not found", "pass the --out folder of a probe fit run")
+    try:
+        return json.loads((folder / PROTOCOL).read_text())
+    except FileNotFoundError:
+        raise UsageError(
+            f"{str(folder)!r} holds no {PROTOCOL}", "results without their protocol record cannot be compared safely"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{str(folder / PROTOCOL)!r} is not valid JSON ({e.msg})", "rerun probe fit") from None
+
+
 def load(folder: str | os.PathLike) -> Run:
     folder = Path(folder)
     results = folder / RESULTS
@@ -105,14 +120,7 @@ def load(folder: str | os.PathLike) -> Run:
         rows = [{k: _value(v) for k, v in r.items()} for r in csv.DictReader(f)]
     if not rows:
         raise UsageError(f"{str(results)!r} has no rows", "rerun probe fit")
-    try:
-        record = json.loads((folder / PROTOCOL).read_text())
-    except FileNotFoundError:
-        raise UsageError(
-            f"{str(folder)!r} holds no {PROTOCOL}", "results without their protocol record cannot be compared safely"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{str(folder / PROTOCOL)!r} is not valid JSON ({e.msg})", "rerun probe fit") from None
+    record = load_record(folder)
     preds_path = folder / P.PREDICTIONS
     predictions = P.read(preds_path) if preds_path.is_file() else None
     return Run(folder, rows, record, predictions)

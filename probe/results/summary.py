@@ -13,7 +13,7 @@ from .. import methods
 from .table_csv import csv_text
 
 SUMMARY_COLUMNS = [
-    "store", "view", "method", "shots", "n_seeds", "seeds", "report_split",
+    "label", "store", "view", "method", "shots", "n_seeds", "seeds", "report_split",
     "report_top1_mean", "report_top1_std", "ci95_low", "ci95_high", "report_top5_mean", "report_top5_std", "selected", "protocol_hash",
 ]  # fmt: skip
 
@@ -47,6 +47,7 @@ def summarize(rows: list[dict], reported, groups: dict[tuple, list[dict]] | None
     for (store, view, method, shots), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         entry = {
+            "label": rs[0].get("label"),  # --store LABEL=…: what tables and papers call the store
             "store": store,
             "view": view,
             "method": method,

@@ -1,0 +1,88 @@
+"""What makes a probe run repeatable and citable: the command line, the package version and git
+commit it ran, and each store's absolute location and content digest (protocol.json's ``run``).
+
+:func:`store_digest` is the one place that says what "the same store" means, so that it can later
+be switched to the per-unit content digests a store records itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from featstore.store import FeatureStore, is_url
+from featstore.version import __version__
+
+DIGEST_SCHEME = "attrs+labels+valid+end-chunks/sha256"  # recorded beside every digest: another scheme is never compared with it
+
+
+def store_digest(fs: FeatureStore) -> str:
+    """A cheap, stable digest of a complete store's content: sha256 over its attributes (encoder
+    and weights digest, dataset manifest digest, splits, views, invalid rows, the completion time
+    that every re-extraction renews), every split's labels and validity mask, and the features of
+    each split's first and last chunk of rows in every view. Bounded reading (two chunks per
+    split and view): features rewritten in place only in the middle, with the same attributes,
+    are not detected."""
+    h = hashlib.sha256()
+    h.update(json.dumps(fs.attrs, sort_keys=True, separators=(",", ":"), default=str).encode())
+    for split in sorted(fs.splits):
+        h.update(split.encode() + b"\0")
+        h.update(np.ascontiguousarray(fs.labels(split), dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(fs.valid(split), dtype=bool).tobytes())
+        n, rows = fs.num_rows(split), fs.chunk_rows
+        ends = sorted({(0, min(rows, n)), (max(0, n - rows), n)})
+        for view in sorted(fs.views):
+            for start, stop in ends:
+                h.update(view.encode() + b"\0")
+                h.update(np.ascontiguousarray(fs.features(split, view)[start:stop]).tobytes())
+    return h.hexdigest()
+
+
+def location(fs: FeatureStore) -> str:
+    """The store's absolute path (a URL as it is): where a rerun finds it from any folder."""
+    return str(fs.path) if is_url(str(fs.path)) else os.path.abspath(fs.path)
+
+
+def git_commit(source: Path | None = None) -> dict[str, str | bool | None]:
+    """The commit of the git checkout this package runs from (``commit``; None when it is not run
+    from one, e.g. an installed wheel) and whether tracked files differ from it (``dirty``)."""
+    package = (source or Path(__file__).resolve().parent).resolve()
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    # a checkout of this project: the package folder sits at its top (not a venv inside someone's repo)
+    if top is None or Path(top).resolve() != package.parent:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def environment(command: list[str] | None) -> dict:
+    """The run record's provenance: the command line (as a list and as one shell line), the
+    working folder it ran in, the featstore version and git commit."""
+    git = git_commit()
+    return {
+        "command": list(command) if command is not None else None,
+        "command_line": shlex.join(command) if command is not None else None,
+        "cwd": os.getcwd(),
+        "featstore_version": __version__,
+        "git_commit": git["commit"],
+        "git_dirty": git["dirty"],
+    }
+
+
+def store_record(fs: FeatureStore) -> dict:
+    """A store's location and digest, as protocol.json records them."""
+    return {"location": location(fs), "digest": store_digest(fs), "digest_scheme": DIGEST_SCHEME}

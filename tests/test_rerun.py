@@ -1,0 +1,90 @@
+"""Issue 23 item 5: protocol.json records the command line, version, git commit, absolute store
+locations and content digests; ``probe fit --rerun DIR`` repeats the run, refusing a changed store."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from featstore.store import FeatureStore
+from featstore.version import __version__
+from probe.provenance import git_commit, store_digest
+from tests.test_probe import assert_one_line_error, digits, make_store, one_thread, run_cli  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows(folder: Path) -> list[dict]:
+    with open(folder / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_protocol_json_records_how_to_repeat_the_run_and_rerun_repeats_it(tmp_path, digits, monkeypatch):
+    a = make_store(tmp_path / "a.zarr", digits)
+    b = make_store(tmp_path / "b.zarr", {k: (x * 0.5 + 1, y, i) for k, (x, y, i) in digits.items()})
+    monkeypatch.chdir(tmp_path)  # relative store paths, as a user types them
+    args = ["fit", "--store", "A=a.zarr", "--store", "B=b.zarr", "--lr-grid", "0.01,0.1", "--epochs", "2", "--out", "first", "--quiet"]
+    code, output = run_cli(args)
+    assert code == 0, output
+    run = json.loads((tmp_path / "first" / "protocol.json").read_text())["run"]
+    assert run["command"] == ["probe", *args] and run["command_line"] == "probe " + " ".join(args) and run["cwd"] == str(tmp_path)
+    assert run["featstore_version"] == __version__
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0 and (ROOT / "probe").is_dir():  # run from this checkout
+        assert run["git_commit"] == head.stdout.strip() and isinstance(run["git_dirty"], bool)
+    else:
+        assert run["git_commit"] is None
+    assert [s["location"] for s in run["stores"]] == [str(a), str(b)]
+    assert [s["digest"] for s in run["stores"]] == [store_digest(FeatureStore.open(p)) for p in (a, b)]
+    assert re.fullmatch("[0-9a-f]{64}", run["stores"][0]["digest"]) and run["stores"][0]["digest"] != run["stores"][1]["digest"]
+
+    # from another folder: the absolute locations find the stores
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, output = run_cli(["fit", "--rerun", str(tmp_path / "first"), "--out", "again", "--quiet"])
+    assert code == 0, output
+    first, again = _rows(tmp_path / "first"), _rows(elsewhere / "again")
+    keep = ["label", "lr", "selected", "select_top1_pct", "report_top1_pct", "ci95_low", "ci95_high", "protocol_hash"]
+    assert [{k: r[k] for k in keep} for r in first] == [{k: r[k] for k in keep} for r in again]
+    rerun = json.loads((elsewhere / "again" / "protocol.json").read_text())
+    assert rerun["run"]["command"][:3] == ["probe", "fit", "--rerun"] and rerun["run"]["stores"][1]["digest"] == run["stores"][1]["digest"]
+
+    assert "warning: the run was recorded with" not in output  # the same code: nothing to warn about
+    record = json.loads((tmp_path / "first" / "protocol.json").read_text())
+    record["run"]["git_commit"] = "0" * 40
+    (tmp_path / "first" / "protocol.json").write_text(json.dumps(record))
+    code, output = run_cli(["fit", "--rerun", str(tmp_path / "first"), "--out", "other-code", "--quiet"])
+    assert code == 0 and f"warning: the run was recorded with featstore {__version__} at commit 000000000000" in output
+
+    # options that would change the run are refused with --rerun
+    code, output = run_cli(["fit", "--rerun", str(tmp_path / "first"), "--epochs", "3"])
+    assert_one_line_error(code, output, 2, "--rerun", "--epochs")
+
+    # a store extracted again at the same path, with other features, is refused, naming it
+    shutil.rmtree(b)
+    make_store(b, {k: (x * 0.5 + 2, y, i) for k, (x, y, i) in digits.items()})
+    assert store_digest(FeatureStore.open(b)) != run["stores"][1]["digest"]
+    code, output = run_cli(["fit", "--rerun", str(tmp_path / "first"), "--out", "third"])
+    assert_one_line_error(code, output, 2, "store 'B'", str(b), "changed since the run")
+    assert not (elsewhere / "third").exists()
+
+
+def test_git_commit_is_null_outside_a_checkout(tmp_path):
+    package = tmp_path / "site-packages" / "probe"
+    package.mkdir(parents=True)
+    assert git_commit(package) == {"commit": None, "dirty": None}
+
+
+def test_citation_file_names_this_version():
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["version"] == __version__ and cff["title"].startswith("featstore")
+    assert cff["authors"] and cff["license"] == "Apache-2.0"

@@ -180,6 +180,9 @@ def main():
 )
 @click.option("--overwrite", is_flag=True, help="Replace the previous probe run in --out.")
 @click.option("--allow-different-data", is_flag=True, help="Compare stores whose dataset manifests differ.")
+@click.option(
+    "--no-verify", is_flag=True, help="Skip checking what is read against the stores' content digests (schema and label checks stay)."
+)
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def fit_command(
@@ -213,6 +216,7 @@ def fit_command(
     out,
     overwrite,
     allow_different_data,
+    no_verify,
     quiet,
     debug,
 ):
@@ -260,6 +264,7 @@ def fit_command(
         overwrite=overwrite,
         log=log,
         warn=warn,
+        verify=not no_verify,
     )
     rows = result.rows
     click.echo(markdown_table(rows, protocol, result.digest))  # summary.csv's digest: nothing computed twice

@@ -71,7 +71,7 @@ def _open(path: str | os.PathLike, verify: bool, warn: Callable[[str], None]) ->
     and the command that repairs it)."""
     fs = FeatureStore.open(path, verify=verify).require_complete()
     require_readable(fs)
-    if verify and fs.read_check is None:
+    if verify and not fs.digests.present:
         warn(
             f"store {str(path)!r} records no content digests (written before featstore recorded them): its rows are read "
             "unchecked; `featstore verify` checks what it can, `featstore extract ... --repair` adds digests"

@@ -182,7 +182,7 @@ class FeatureStore:
         self.writable = writable
         self.attrs: dict[str, Any] = attrs if attrs is not None else group.attrs.asdict()
         self._meta: StoreAttributes | None = None
-        self.read_check: ReadCheck | None = None  # set by open(verify=True) on a store that records digests
+        self.read_check: ReadCheck | None = None  # set by open(): checks reads (digests too with verify=True)
         self._unit_arrays: dict[str, list[str]] = {}  # split → arrays each unit writes (not the create-time ones)
 
     @property
@@ -309,12 +309,14 @@ class FeatureStore:
                 f"store {str(path)!r} has schema version {version}, newer than this featstore ({SCHEMA_VERSION})",
                 "upgrade featstore",
             )
-        if verify:
-            recorded = Recorded.from_attrs(store.attrs)
-            if recorded.present:
-                store.read_check = ReadCheck(
-                    recorded, dict(store.meta.splits), store.chunk_rows, str(store.path), repair_hint(store.attrs, store.format == "hdf5")
-                )
+        # reads always turn an unreadable chunk into a one-line refusal; with verify they check digests too
+        store.read_check = ReadCheck(
+            Recorded.from_attrs(store.attrs) if verify else Recorded(),
+            dict(store.meta.splits),
+            store.meta.chunk_rows or DEFAULT_CHUNK_ROWS,
+            str(store.path),
+            repair_hint(store.attrs, store.format == "hdf5"),
+        )
         return store
 
     @classmethod

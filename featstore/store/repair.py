@@ -25,6 +25,7 @@ from ..atomic import write_atomic
 from ..errors import FeatstoreError
 from .digests import ATTRIBUTE, Recorded, digests_of, unit_bounds
 from .feature_store import FeatureStore
+from .locations import PROGRESS
 from .verify import verify_store
 
 
@@ -49,6 +50,7 @@ def reopen_damaged(store: FeatureStore, plan: dict[str, tuple[list[str], np.ndar
     if store.complete:
         recorded = store.digests
         for split in store.splits:
+            (store._local / PROGRESS / split).mkdir(parents=True, exist_ok=True)
             invalid = {int(r["row"]): str(r.get("reason", "")) for r in store.invalid_rows(split)}
             created = set(recorded.created.get(split, []))
             for unit in store.units(split):

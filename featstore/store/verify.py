@@ -210,7 +210,7 @@ def label_problems(split: str, labels: np.ndarray, classes: int | None, offset: 
     allowed = f"[0, {classes})" if classes is not None else ">= 0"
     return [
         Problem(
-            f"{len(rows)} labels outside {allowed}{lost}, e.g. {int(values[0])} at row {int(rows[0])}",
+            f"{len(rows)} label{'s' if len(rows) != 1 else ''} outside {allowed}{lost}, e.g. {int(values[0])} at row {int(rows[0])}",
             split,
             "labels",
             (int(rows[0]), int(rows[-1]) + 1),
@@ -282,22 +282,31 @@ def _verify_split(store: FeatureStore, split: str, recorded: Recorded, classes: 
                 values = np.asarray(array[lo:hi])
             except Exception as e:  # truncated/garbled chunk: zarr, numcodecs and h5py raise many types
                 reason = " ".join(str(e).split())[:120]
-                for i in ids:
-                    report.add(Problem(f"cannot be read ({type(e).__name__}: {reason})", split, name, bounds[i]), i, plan)
+                what = f"cannot be read ({type(e).__name__}: {reason})"
+                if plan:
+                    report.add(Problem(what, split, name, (lo, hi)), None, plan)
+                for i in [] if plan else ids:
+                    report.add(Problem(what, split, name, bounds[i]), i)
                 continue
             report.bytes += values.nbytes
+            lost_here = sorted(c for c in (missing or ()) if lo <= c * chunk < hi)
+            if lost_here and (report.digests or plan):
+                for c in lost_here:  # one line per chunk file (a create-time array's one chunk spans every unit)
+                    rows = (c * chunk, min((c + 1) * chunk, n))
+                    units = [i for i in ids if bounds[i][0] < rows[1] and bounds[i][1] > rows[0]]
+                    for i in units:
+                        report.damaged_units.setdefault(split, set()).update([] if plan else [i])
+                    report.add(Problem(f"chunk file missing (reads as the fill value {_fill(array)})", split, name, rows), None, plan)
+                continue
             for i in ids:
                 a, b = bounds[i]
                 report.units += 1
-                rows = values[a - lo : b - lo]
-                lost = _lost_chunks(missing, a, b, chunk)
-                if lost and (report.digests or plan):
-                    report.add(Problem(f"chunk file missing (reads as the fill value {_fill(array)})", split, name, (a, b)), i, plan)
-                    continue
-                if lost and name.startswith("features/"):
+                rows_ = values[a - lo : b - lo]
+                if _lost_chunks(missing, a, b, chunk) and name.startswith("features/"):
                     missing_features.setdefault(name, set()).add(i)
-                if digests is not None and i < len(digests) and digests[i] is not None and rows_digest(rows) != digests[i]:
-                    report.add(Problem("does not match its digest (changed or lost since it was written)", split, name, (a, b)), i, plan)
+                if digests is not None and i < len(digests) and digests[i] is not None and rows_digest(rows_) != digests[i]:
+                    problem = Problem("does not match its digest (changed or lost since it was written)", split, name, (a, b))
+                    report.add(problem, None if plan else i, plan)
             if name == "labels":
                 for problem in label_problems(split, values.astype(np.int64), classes, lo):
                     report.add(problem, None, True)

@@ -313,8 +313,8 @@ def _verify_split(store: FeatureStore, split: str, recorded: Recorded, classes: 
             if name == "valid":
                 valid[lo:hi] = values.astype(bool)
                 valid_read[lo:hi] = True
-    for name, units in missing_features.items():  # a store without digests: a lost chunk reads as NaN
-        for i in sorted(units):
+    for name, lost_units in missing_features.items():  # a store without digests: a lost chunk reads as NaN
+        for i in sorted(lost_units):
             a, b = bounds[i]
             if valid[a:b].any():
                 report.add(Problem("chunk file missing: valid rows read as NaN", split, name, (a, b)), i)

@@ -379,7 +379,10 @@ def test_repair_gives_a_store_without_digests_its_digests(extracted, tmp_path):
     out = Path(shutil.copytree(extracted, tmp_path / "old.zarr"))
     _edit_json(out / "zarr.json", lambda m: m["attributes"].pop(ATTRIBUTE))
     (out / "train" / "valid" / "c" / "5").unlink()
-    assert verify_store(FeatureStore.open(out)).problems[0].line() == "train/valid rows 320-383: 64 rows read as invalid but none is recorded invalid"
+    assert (
+        verify_store(FeatureStore.open(out)).problems[0].line()
+        == "train/valid rows 320-383: 64 rows read as invalid but none is recorded invalid"
+    )
     result = _extract(out, repair=True)
     assert result.status == "repaired" and result.rows_written == 64
     repaired, clean = _contents(out), _contents(extracted)

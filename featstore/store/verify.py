@@ -94,9 +94,13 @@ class VerifyReport:
         }
 
 
-def _trailing(dim: Any) -> tuple[int, ...]:
-    """A view's per-row shape from its recorded dimension (an int, or a list for a patch view)."""
-    return tuple(int(d) for d in dim) if isinstance(dim, (list, tuple)) else (int(dim),)
+def _trailing(dim: Any) -> tuple[int, ...] | None:
+    """A view's per-row shape from its recorded dimension (an int, or a list for a patch view);
+    None (not checked) for a record of another form."""
+    try:
+        return tuple(int(d) for d in dim) if isinstance(dim, (list, tuple)) else (int(dim),)
+    except (TypeError, ValueError):
+        return None
 
 
 def _required(store: FeatureStore) -> dict[str, tuple[tuple[int, ...] | None, str]]:

@@ -416,3 +416,19 @@ def test_repair_and_overwrite_contradict(tmp_path, capsys):
     code = run_cli(cli, "featstore", ["extract", "--model", "resnet18", "--out", str(tmp_path / "x.zarr"), "--repair", "--overwrite"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --repair and --overwrite contradict each other") and len(err.splitlines()) == 1
+
+
+def test_probe_fit_command_refuses_on_one_line_and_no_verify_skips_the_digests(store, tmp_path, capsys):
+    from probe.cli import main as probe_cli
+
+    FeatureStore.open(store, mode="r+").split_group("val")["features/cls"][3, 0] = 2.0
+    args = ["fit", "--store", str(store), "--lr", "0.1", "--epochs", "1", "--device", "cpu", "--quiet"]
+    code = run_cli(probe_cli, "probe", [*args, "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 1 and not (tmp_path / "a").exists()
+    assert err.splitlines() == [
+        f"error: store {str(store)!r} is damaged: val/features/cls rows 0-63 do not match their digest (changed or lost since they "
+        f"were written) (repair it: {COMMAND} --repair)"
+    ]
+    assert run_cli(probe_cli, "probe", [*args, "--out", str(tmp_path / "b"), "--no-verify"]) == 0
+    assert (tmp_path / "b" / "results.csv").is_file()

@@ -432,3 +432,48 @@ def test_probe_fit_command_refuses_on_one_line_and_no_verify_skips_the_digests(s
     ]
     assert run_cli(probe_cli, "probe", [*args, "--out", str(tmp_path / "b"), "--no-verify"]) == 0
     assert (tmp_path / "b" / "results.csv").is_file()
+
+
+def _partial(path: Path, units: int) -> FeatureStore:
+    """A store in progress: the first ``units`` train units written, nothing else."""
+    data = _data()
+    store = FeatureStore.create(path, splits={s: (_paths(s, len(y)), y) for s, (y, _) in data.items()}, views={"cls": 8}, chunk_rows=64,
+                                attrs={"dataset": {"class_names": CLASSES, "num_classes": 3}})  # fmt: skip
+    x = data["train"][1]
+    for u in store.units("train")[:units]:
+        store.write_unit(u, {"cls": x[u.start : u.stop]}, np.ones(u.rows, bool))
+    return store
+
+
+def test_an_incomplete_store_has_its_written_units_checked_and_repair_drops_the_damaged_ones(tmp_path):
+    from featstore.store.repair import reopen_damaged
+
+    store = _partial(tmp_path / "p.zarr", 3)
+    assert verify_store(FeatureStore.open(store.path)).ok
+    store.split_group("train")["features/cls"][130, 1] = 4.0  # unit 2
+    report = verify_store(FeatureStore.open(store.path))
+    assert [p.line() for p in report.problems] == [
+        "train/features/cls rows 128-191: does not match its digest (changed or lost since it was written)"
+    ]
+    assert any(n.startswith("incomplete: 6 units") for n in report.notes)
+    data = _data()
+    assert reopen_damaged(FeatureStore.open(store.path, mode="r+"), {s: (_paths(s, len(y)), y) for s, (y, _) in data.items()}) == 1
+    assert [(u.split, u.index) for u in FeatureStore.open(store.path).pending_units("train")] == [("train", 2), ("train", 3), ("train", 4)]
+
+
+def test_a_store_begun_before_digests_gets_them_when_it_is_finished(tmp_path):
+    store = _partial(tmp_path / "old.zarr", 2)
+    for marker in (store.path / "_progress" / "train").glob("unit-*.json"):  # markers of the previous featstore
+        _edit_json(marker, lambda m: m.pop("digests"))
+    _edit_json(store.path / "zarr.json", lambda m: m["attributes"].pop(ATTRIBUTE))
+    store = FeatureStore.open(store.path, mode="r+")
+    data = _data()
+    for split, (_, x) in data.items():
+        for u in store.pending_units(split):
+            store.write_unit(u, {"cls": x[u.start : u.stop]}, np.ones(u.rows, bool))
+    store.finalize()
+    recorded = FeatureStore.open(store.path).digests
+    assert recorded.present and len(recorded.splits["train"]["features/cls"]) == 5 and len(recorded.splits["train"]["labels"]) == 5
+    assert verify_store(FeatureStore.open(store.path)).ok
+    FeatureStore.open(store.path, mode="r+").split_group("train")["features/cls"][5, 5] = 3.0  # a unit written before the upgrade
+    assert not verify_store(FeatureStore.open(store.path)).ok

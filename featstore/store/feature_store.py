@@ -241,9 +241,10 @@ class FeatureStore:
                 sg = group.create_group(split)
                 rows = max(1, min(chunk_rows, n))
                 # dimension names let xarray and dask open the arrays (row is shared by a split's arrays)
-                sg.create_array("labels", shape=(n,), dtype="int32", chunks=(max(1, n),), fill_value=LABEL_FILL, dimension_names=("row",))[
-                    :
-                ] = np.asarray(labels, np.int32)
+                label_array = sg.create_array(
+                    "labels", shape=(n,), dtype="int32", chunks=(max(1, n),), fill_value=LABEL_FILL, dimension_names=("row",)
+                )
+                label_array[:] = np.asarray(labels, np.int32)
                 sg.create_array("paths", shape=(n,), dtype=str, chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(
                     paths, dtype=object
                 )

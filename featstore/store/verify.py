@@ -279,7 +279,7 @@ def _verify_split(store: FeatureStore, split: str, recorded: Recorded, classes: 
         step = max(store.chunk_rows, -(-chunk // store.chunk_rows) * store.chunk_rows)
         for lo in range(0, n, step):
             hi = min(lo + step, n)
-            ids = [i for i, (a, b) in enumerate(bounds) if a >= lo and b <= hi and i in done]
+            ids = [i for i, (a, b) in enumerate(bounds) if a >= lo and b <= hi and (plan or i in done)]
             if not ids:
                 continue
             try:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,31 +276,33 @@ def _verify_split(store: FeatureStore, split: str, recorded: Recorded, classes: 
             report.add(Problem("no digest recorded for this array", split, name))
         elif digests is not None and len(digests) != len(bounds):
             report.add(Problem(f"{len(digests)} digests recorded for {len(bounds)} units", split, name))
-        # read whole units, and a create-time array's single chunk once
-        step = max(store.chunk_rows, -(-chunk // store.chunk_rows) * store.chunk_rows)
+        # whole units at a time (a create-time array's one chunk once); the next block is read while
+        # this one is hashed (zarr's decoding and hashlib both release the GIL)
+        unit_rows = store.chunk_rows
+        step = max(unit_rows, -(-chunk // unit_rows) * unit_rows)
+        blocks = []
         for lo in range(0, n, step):
             hi = min(lo + step, n)
-            ids = [i for i, (a, b) in enumerate(bounds) if a >= lo and b <= hi and (plan or i in done)]
-            if not ids:
-                continue
-            try:
-                values = np.asarray(array[lo:hi])
-            except Exception as e:  # truncated/garbled chunk: zarr, numcodecs and h5py raise many types
-                reason = " ".join(str(e).split())[:120]
-                what = f"cannot be read ({type(e).__name__}: {reason})"
+            ids = [i for i in range(lo // unit_rows, -(-hi // unit_rows)) if plan or i in done]
+            if ids:
+                blocks.append((lo, hi, ids))
+        for (lo, hi, ids), read in zip(blocks, _prefetched(array, [(lo, hi) for lo, hi, _ in blocks])):
+            if isinstance(read, Exception):  # truncated/garbled chunk: zarr, numcodecs and h5py raise many types
+                what = f"cannot be read ({type(read).__name__}: {' '.join(str(read).split())[:120]})"
                 if plan:
                     report.add(Problem(what, split, name, (lo, hi)), None, plan)
                 for i in [] if plan else ids:
                     report.add(Problem(what, split, name, bounds[i]), i)
                 continue
+            values = read
             report.bytes += values.nbytes
             lost_here = sorted(c for c in (missing or ()) if lo <= c * chunk < hi)
             if lost_here and (report.digests or plan):
                 for c in lost_here:  # one line per chunk file (a create-time array's one chunk spans every unit)
                     rows = (c * chunk, min((c + 1) * chunk, n))
-                    units = [i for i in ids if bounds[i][0] < rows[1] and bounds[i][1] > rows[0]]
-                    for i in units:
-                        report.damaged_units.setdefault(split, set()).update([] if plan else [i])
+                    if not plan:
+                        units = [i for i in ids if bounds[i][0] < rows[1] and bounds[i][1] > rows[0]]
+                        report.damaged_units.setdefault(split, set()).update(units)
                     report.add(Problem(f"chunk file missing (reads as the fill value {_fill(array)})", split, name, rows), None, plan)
                 continue
             for i in ids:
@@ -324,6 +327,25 @@ def _verify_split(store: FeatureStore, split: str, recorded: Recorded, classes: 
                 report.add(Problem("chunk file missing: valid rows read as NaN", split, name, (a, b)), i)
     if store.complete and valid_read.all():
         _check_invalid_rows(store, split, valid, bounds, report)
+
+
+def _prefetched(array: Any, ranges: list[tuple[int, int]]) -> Iterator[np.ndarray | Exception]:
+    """The rows of each range, in order, each read while the previous one is used (one read ahead);
+    a read that fails yields its exception."""
+
+    def read(lo: int, hi: int) -> np.ndarray | Exception:
+        try:
+            return np.asarray(array[lo:hi])
+        except Exception as e:
+            return e
+
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(read, *ranges[0]) if ranges else None
+        for k in range(len(ranges)):
+            assert ahead is not None
+            current = ahead.result()
+            ahead = pool.submit(read, *ranges[k + 1]) if k + 1 < len(ranges) else None
+            yield current
 
 
 def _lost_chunks(missing: set[int] | None, a: int, b: int, chunk: int) -> bool:

@@ -477,3 +477,14 @@ def test_a_store_begun_before_digests_gets_them_when_it_is_finished(tmp_path):
     assert verify_store(FeatureStore.open(store.path)).ok
     FeatureStore.open(store.path, mode="r+").split_group("train")["features/cls"][5, 5] = 3.0  # a unit written before the upgrade
     assert not verify_store(FeatureStore.open(store.path)).ok
+
+
+def test_an_empty_split_verifies(tmp_path):
+    store = FeatureStore.create(tmp_path / "e.zarr", splits={"train": (["a", "b"], np.array([0, 1])), "test": ([], np.array([], int))},
+                                views={"v": 2}, chunk_rows=2)  # fmt: skip
+    for u in store.pending_units():
+        store.write_unit(u, {"v": np.ones((u.rows, 2))}, np.ones(u.rows, bool))
+    store.finalize()
+    report = verify_store(FeatureStore.open(store.path))
+    assert report.ok, [p.line() for p in report.problems]
+    assert report.units == 4  # train's one unit × labels, paths, valid, features/v; test has none

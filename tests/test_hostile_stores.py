@@ -488,3 +488,15 @@ def test_an_empty_split_verifies(tmp_path):
     report = verify_store(FeatureStore.open(store.path))
     assert report.ok, [p.line() for p in report.problems]
     assert report.units == 4  # train's one unit × labels, paths, valid, features/v; test has none
+
+
+def test_featstore_open_verify_checks_what_is_read(store):
+    import featstore
+
+    FeatureStore.open(store, mode="r+").split_group("train")["features/cls"][200, 0] = 9.0  # unit 3
+    opened = featstore.open(store, verify=True)
+    features = opened.features("train", "cls")
+    assert features[0:192].shape == (192, 8)  # units 0-2 are intact: read and checked
+    with pytest.raises(StoreDamaged, match="train/features/cls rows 192-255"):
+        features[192:256]
+    assert featstore.open(store).features("train", "cls")[200, 0] == 9.0  # unverified: as it is

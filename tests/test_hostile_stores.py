@@ -500,3 +500,12 @@ def test_featstore_open_verify_checks_what_is_read(store):
     with pytest.raises(StoreDamaged, match="train/features/cls rows 192-255"):
         features[192:256]
     assert featstore.open(store).features("train", "cls")[200, 0] == 9.0  # unverified: as it is
+
+
+def test_a_shape_that_disagrees_with_the_schema_is_refused(store, capsys):
+    _edit_json(store / "zarr.json", lambda m: m["attributes"]["views"].update(cls=9))
+    refusal(store, "train/features/cls: has rows of shape (8,), the schema says (9,)", verify=False)
+    code = run_cli(cli, "featstore", ["verify", str(store), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and report["ok"] is False and len(report["problems"]) == 3  # one per split
+    assert report["problems"][0] == "train/features/cls: has rows of shape (8,), the schema says (9,)"

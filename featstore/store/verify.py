@@ -141,7 +141,9 @@ def schema_problems(store: FeatureStore) -> list[Problem]:
             want = required.get(name)
             if want is not None:
                 trailing, kind = want
-                if trailing is not None and shape[1:] != trailing:
+                # a view recorded by its channels alone (an int) may hold (h, w, C) rows: patch tokens
+                patch = trailing is not None and len(trailing) == 1 and len(shape) > 2 and shape[-1] == trailing[0]
+                if trailing is not None and shape[1:] != trailing and not patch:
                     problems.append(Problem(f"has rows of shape {shape[1:]}, the schema says {trailing}", split, name))
                 if _kind(array.dtype) != kind:
                     problems.append(Problem(f"has dtype {array.dtype}, the schema says {kind}", split, name))

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # for readers and type checkers only: nothing heavy is import
     from .store import FeatureStore
 
 
-def open(path: str | os.PathLike, mode: str = "r") -> FeatureStore:
+def open(path: str | os.PathLike, mode: str = "r", verify: bool = False) -> FeatureStore:
     """Open a feature store for reading.
 
     Parameters
@@ -29,6 +29,10 @@ def open(path: str | os.PathLike, mode: str = "r") -> FeatureStore:
     mode : {"r", "r+"}, default "r"
         ``"r+"`` opens a local Zarr store for writing (what an extraction does); URLs and HDF5
         exports are read-only.
+    verify : bool, default False
+        Check every unit a read covers wholly against the store's content digests (what
+        ``probe fit`` does); a damaged one raises a one-line ``FeatstoreError`` naming the split,
+        array and rows. ``featstore verify`` checks the whole store.
 
     Returns
     -------
@@ -52,7 +56,7 @@ def open(path: str | os.PathLike, mode: str = "r") -> FeatureStore:
     """
     from .store import FeatureStore
 
-    return FeatureStore.open(path, mode=mode)
+    return FeatureStore.open(path, mode=mode, verify=verify)
 
 
 def extract(

@@ -72,6 +72,7 @@ def cli(debug):
     help="Stored feature precision (float32 if float16 overflows).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out.")
+@click.option("--repair", is_flag=True, help="Verify the store at --out and re-extract just its damaged units (see `featstore verify`).")
 @click.option("--strict", is_flag=True, help="Stop at the first undecodable image instead of recording it as an invalid row.")
 @click.option("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, show_default=True, help="Rows per chunk (and per resumable unit).")
 @click.option("--image-size", type=int, help="Crop size (overrides the model's preprocessing).")
@@ -104,6 +105,7 @@ def extract(
     workers,
     dtype,
     overwrite,
+    repair,
     strict,
     chunk_rows,
     image_size,
@@ -143,6 +145,7 @@ def extract(
         mean=mean,
         std=std,
         compile=compile_model,
+        repair=repair,
     )
     result = recall_up_to_date(config)  # an unchanged request answers without importing torch
     if result is None:
@@ -202,6 +205,35 @@ def info(store, as_json, debug):
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(format_info(summary))
+
+
+@cli.command("verify")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@debug_option
+def verify_command(store, as_json, debug):
+    """Check every unit of every array of STORE against its content digest, and its schema, chunk
+    files, labels and invalid rows. One line per problem (split, array, rows); exit 1 if any."""
+    from .store import FeatureStore
+    from .store.digests import repair_hint
+    from .store.verify import verify_store
+
+    opened = FeatureStore.open(store)
+    report = verify_store(opened)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for note in report.notes:
+            click.echo(f"note: {note}")
+        for problem in report.problems:
+            click.echo(f"damaged: {problem.line()}")
+        what = f"{report.units:,} units, {_size(report.bytes)} in {report.seconds:.1f} s"
+        if report.ok:
+            click.echo(f"{report.store}: ok ({what}{', digests' if report.digests else ', no digests'})")
+        else:
+            click.echo(f"{report.store}: {len(report.problems)} problems ({what}); {repair_hint(opened.attrs, opened.format == 'hdf5')}")
+    if not report.ok:
+        click.get_current_context().exit(1)
 
 
 @cli.command("ls")

@@ -17,7 +17,18 @@ import torch
 
 from .datasets import resolve_dataset
 from .device import resolve_device
-from .job import cache_fields, cache_key, cached_location, create_store, existing_store, remember, resume_command, store_of_job, validate
+from .job import (
+    cache_fields,
+    cache_key,
+    cached_location,
+    create_store,
+    existing_store,
+    remember,
+    repair_store,
+    resume_command,
+    store_of_job,
+    validate,
+)
 from .loaders import choose_loader
 from .models.encoders import build_encoder, feature_dims, resolve_encoder, select_views
 from .pipeline import run_units
@@ -74,6 +85,8 @@ def extract(
         existing = existing_store(out, key, fields, config.overwrite)
     else:
         existing = store_of_job(out, key, ranks)
+    if config.repair:
+        existing = repair_store(existing, out, manifest, ranks, log)  # its damaged units pending again
     if existing is not None and existing.complete:
         if ranks.is_leader:
             shutil.rmtree(out / PROGRESS, ignore_errors=True)  # a run killed right after completing left it
@@ -94,7 +107,7 @@ def extract(
     if existing is None:
         store, status = create_store(out, manifest, spec, views, loader_name, key, fields, config), "created"
     else:
-        store, status = existing, "resumed"
+        store, status = existing, "repaired" if config.repair else "resumed"
 
     run_start = time.perf_counter()
     if not ranks.is_leader:

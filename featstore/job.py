@@ -25,6 +25,7 @@ from .ranks import Ranks, wait_until
 from .request import ExtractConfig, dataset_dirs, refuse_url_out, remember_request, request_of, resolved_model, resolved_path
 from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, is_store
 from .store.lock import StoreLock
+from .store.repair import reopen_damaged
 
 
 def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest, device: torch.device) -> dict:
@@ -57,6 +58,8 @@ def validate(config: ExtractConfig) -> None:
         raise UsageError(f"unknown --dtype {config.dtype!r}", f"use one of {', '.join(FEATURE_DTYPES)}")
     if config.chunk_rows < 1:
         raise UsageError(f"--chunk-rows must be >= 1, got {config.chunk_rows}", "e.g. --chunk-rows 8192")
+    if config.repair and config.overwrite:
+        raise UsageError("--repair and --overwrite contradict each other", "--repair keeps the store's intact units; pass one")
 
 
 def resume_command(config: ExtractConfig, loader_name: str) -> str:
@@ -199,3 +202,21 @@ def _refuse_if_locked(out: Path) -> None:
     lock = StoreLock(out / PROGRESS / "lock.json")
     lock.acquire()  # raises when a live writer holds it
     lock.release()
+
+
+def repair_store(existing: FeatureStore | None, out: Path, manifest: Manifest, ranks: Ranks, log: Callable[[str], None]) -> FeatureStore:
+    """``--repair``: the store at ``out`` verified, its damaged units made pending again (so the
+    ordinary resume re-extracts just them); an intact store is returned complete."""
+    if ranks.world > 1:
+        raise UsageError("--repair runs in one process", "run it without torchrun; the repair re-extracts only the damaged units")
+    if existing is None:
+        raise UsageError(f"no store to repair at {str(out)!r}", "run the same command without --repair to extract it")
+    with StoreLock(out / PROGRESS / "lock.json", warn=log):
+        plan = {s: (list(m.paths), m.labels) for s, m in manifest.splits.items()}
+        units = reopen_damaged(existing, plan, log)
+    if units:
+        log(f"repair: re-extracting {units} damaged units of {out}")
+    else:
+        log(f"repair: every unit of {out} verified intact")
+        shutil.rmtree(out / PROGRESS, ignore_errors=True)
+    return existing

@@ -43,6 +43,8 @@ class ExtractConfig:
         ``auto|dali|nvjpeg|torch``; ``auto|cpu|cuda[:N]``; 64; 2; ``float16|float32``; 8192; False.
     overwrite, strict
         Replace another store at ``out``; stop at the first undecodable image.
+    repair
+        Verify the store at ``out`` and re-extract just its damaged units (``featstore verify``).
     image_size, resize, interpolation, mean, std
         Overrides of the model's preprocessing.
     """
@@ -70,6 +72,7 @@ class ExtractConfig:
     interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    repair: bool = False
 
 
 @dataclass
@@ -91,7 +94,7 @@ class ExtractResult:
     """
 
     store: str
-    status: str  # "up to date", "created", "resumed"
+    status: str  # "up to date", "created", "resumed", "repaired"
     rows: dict[str, int]
     rows_written: int
     invalid: int
@@ -176,7 +179,7 @@ def recall_up_to_date(config: ExtractConfig) -> ExtractResult | None:
 
     start = time.perf_counter()
     refuse_url_out(config.out)
-    if config.overwrite or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if config.overwrite or config.repair or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
     recalled = recall_request(request_of(config))
     if recalled is None:

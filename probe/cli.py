@@ -194,9 +194,12 @@ def main():
     metavar="DIR",
     default=None,
     help="Repeat the run recorded in DIR/protocol.json: its stores (refused if one's content changed), labels, views and "
-    "protocol. Takes only --out, --overwrite, --device, --quiet.",
+    "protocol. Takes only --out, --overwrite, --device, --no-verify, --quiet.",
 )
 @click.option("--allow-different-data", is_flag=True, help="Compare stores whose dataset manifests differ.")
+@click.option(
+    "--no-verify", is_flag=True, help="Skip checking what is read against the stores' content digests (schema and label checks stay)."
+)
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def fit_command(
@@ -232,6 +235,7 @@ def fit_command(
     overwrite,
     rerun,
     allow_different_data,
+    no_verify,
     quiet,
     debug,
 ):
@@ -251,7 +255,7 @@ def fit_command(
         from .rerun import load_rerun
 
         given = [p.opts[0] for p in ctx.command.params if ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
-        other = [o for o in given if o not in ("--rerun", "--out", "--overwrite", "--device", "--quiet", "--debug")]
+        other = [o for o in given if o not in ("--rerun", "--out", "--overwrite", "--device", "--no-verify", "--quiet", "--debug")]
         if other:
             raise UsageError(f"--rerun takes the stores and protocol from {rerun!r}, not from {', '.join(other)}", "drop those options")
         again = load_rerun(rerun)
@@ -275,6 +279,7 @@ def fit_command(
         log=log,
         warn=warn,
         command=command,
+        verify=not no_verify,
     )
     rows = result.rows
     click.echo(markdown_table(rows, protocol, result.digest))  # summary.csv's digest: nothing computed twice

@@ -23,6 +23,7 @@ import torch
 from featstore.device import compute_dtype, resolve_device
 from featstore.errors import FeatstoreError, UsageError
 from featstore.store import FeatureStore
+from featstore.store.verify import require_labels, require_readable
 
 from . import fewshot, methods
 from . import intervals as I
@@ -64,8 +65,18 @@ class _Store:
         return self._paths[split]
 
 
-def _open(path: str | os.PathLike) -> FeatureStore:
-    return FeatureStore.open(path).require_complete()
+def _open(path: str | os.PathLike, verify: bool, warn: Callable[[str], None]) -> FeatureStore:
+    """A complete store whose arrays agree with its schema; with ``verify`` every unit read is
+    checked against its content digest (a damaged one is refused, naming the split, array, rows
+    and the command that repairs it)."""
+    fs = FeatureStore.open(path, verify=verify).require_complete()
+    require_readable(fs)
+    if verify and not fs.digests.present:
+        warn(
+            f"store {str(path)!r} records no content digests (written before featstore recorded them): its rows are read "
+            "unchecked; `featstore verify` checks what it can, `featstore extract ... --repair` adds digests"
+        )
+    return fs
 
 
 def _labels_digest(labels: np.ndarray) -> str:
@@ -88,19 +99,11 @@ def data_difference(a: _Store, b: _Store) -> str | None:
     return None
 
 
-def _num_classes(store: FeatureStore, labels: dict[str, np.ndarray]) -> int:
-    dataset = store.meta.dataset
-    top = max((int(y.max()) + 1 for y in labels.values() if len(y)), default=0)
-    return max(top, dataset.num_classes or 0, len(dataset.class_names))
-
-
 def _prepare_store(path, label: str, views: list[str], fs: FeatureStore, protocol: Protocol, warn) -> _Store:
     splits = fs.splits
     sizes = {s: fs.num_rows(s) for s in splits}
     labels = {s: fs.labels(s) for s in splits}
-    for s, y in labels.items():
-        if len(y) and y.min() < 0:
-            raise FeatstoreError(f"store {str(path)!r} split {s!r} has negative labels", "the store is damaged; re-extract it")
+    num_classes = require_labels(fs, labels)  # labels outside [0, classes) are refused, never trained on
     drawn: dict[str, Any] = dict(test_fraction=protocol.test_fraction, test_seed=protocol.seed)  # one test draw for every seed
     plans = {
         seed: plan_splits(str(path), sizes, labels.__getitem__, protocol.val_fraction, seed, protocol.select_on, **drawn)
@@ -122,7 +125,7 @@ def _prepare_store(path, label: str, views: list[str], fs: FeatureStore, protoco
             f"store {str(path)!r}: the training rows have a single class (label {train_classes[0]})",
             "a linear probe needs labels of at least 2 classes",
         )
-    return _Store(str(path), label, views, fs, labels, valid, plan, plans, _num_classes(fs, labels))
+    return _Store(str(path), label, views, fs, labels, valid, plan, plans, num_classes)
 
 
 def _finite_rows(features: np.ndarray) -> np.ndarray:
@@ -178,6 +181,9 @@ def fit(stores, protocol: Protocol | None = None, **options: Any) -> list[dict]:
         Receives the progress lines (default: none).
     warn : callable, optional
         Receives warnings (default: Python ``warnings`` with category :class:`ProbeWarning`).
+    verify : bool, default True
+        Check every unit read against the store's content digests and refuse a damaged store
+        (naming the split, array and rows, and the ``featstore extract ... --repair`` that repairs it).
 
     Returns
     -------
@@ -214,6 +220,7 @@ def fit_run(
     log: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
     command: list[str] | None = None,
+    verify: bool = True,
 ) -> FitResult:
     """Run every method of ``protocol`` (its LR grid, k grid, C path) on every store × view × seed × shots.
 
@@ -221,7 +228,7 @@ def fit_run(
 
     Parameters
     ----------
-    stores, protocol, views, device, allow_different_data, out, overwrite, log, warn
+    stores, protocol, views, device, allow_different_data, out, overwrite, log, warn, verify
         As :func:`fit`.
     command : list of str, optional
         The command line that started the run (protocol.json records it).
@@ -265,7 +272,7 @@ def fit_run(
         from .output.files import check_out
 
         check_out(out, overwrite)  # before hours of training, not after
-    opened = [_open(s.path) for s in specs]
+    opened = [_open(s.path, verify, warn) for s in specs]
     store_views = resolve_views(specs, opened, list(views) if views else None, log)
     labels = assign_labels(specs, opened)
     infos = [_prepare_store(s.path, label, v, fs, protocol, warn) for s, label, v, fs in zip(specs, labels, store_views, opened)]

@@ -2,7 +2,7 @@
 commit it ran, and each store's absolute location and content digest (protocol.json's ``run``).
 
 :func:`store_digest` is the one place that says what "the same store" means, so that it can later
-be switched to the per-unit content digests a store records itself.
+use the per-unit content digests a store records itself where it has them.
 """
 
 from __future__ import annotations
@@ -19,18 +19,30 @@ import numpy as np
 from featstore.store import FeatureStore, is_url
 from featstore.version import __version__
 
-DIGEST_SCHEME = "attrs+labels+valid+end-chunks/sha256"  # recorded beside every digest: another scheme is never compared with it
+UNIT_DIGESTS = "attrs+unit-digests/sha256"  # a store that records per-unit content digests (featstore verify)
+END_CHUNKS = "attrs+labels+valid+end-chunks/sha256"  # a store written before them
+SCHEMES = (UNIT_DIGESTS, END_CHUNKS)  # recorded beside every digest: another scheme is never compared with it
+
+
+def digest_scheme(fs: FeatureStore) -> str:
+    """How :func:`store_digest` takes this store's digest."""
+    return UNIT_DIGESTS if fs.digests.present else END_CHUNKS
 
 
 def store_digest(fs: FeatureStore) -> str:
-    """A cheap, stable digest of a complete store's content: sha256 over its attributes (encoder
-    and weights digest, dataset manifest digest, splits, views, invalid rows, the completion time
-    that every re-extraction renews), every split's labels and validity mask, and the features of
-    each split's first and last chunk of rows in every view. Bounded reading (two chunks per
-    split and view): features rewritten in place only in the middle, with the same attributes,
-    are not detected."""
+    """A stable digest of a complete store's content.
+
+    A store that records per-unit content digests (every array of every unit, :mod:`featstore.store.digests`)
+    is named by sha256 over its attributes, those digests included: no data is read, and a value
+    edited in place is refused by the verified read itself. A store written before them is named by
+    sha256 over its attributes (encoder and weights digest, dataset manifest digest, splits, views,
+    invalid rows, the completion time every re-extraction renews), every split's labels and validity
+    mask, and the features of each split's first and last chunk of rows in every view; that bounded
+    read misses features rewritten in place only in the middle, with the same attributes."""
     h = hashlib.sha256()
     h.update(json.dumps(fs.attrs, sort_keys=True, separators=(",", ":"), default=str).encode())
+    if digest_scheme(fs) == UNIT_DIGESTS:
+        return h.hexdigest()
     for split in sorted(fs.splits):
         h.update(split.encode() + b"\0")
         h.update(np.ascontiguousarray(fs.labels(split), dtype=np.int64).tobytes())
@@ -85,4 +97,4 @@ def environment(command: list[str] | None) -> dict:
 
 def store_record(fs: FeatureStore) -> dict:
     """A store's location and digest, as protocol.json records them."""
-    return {"location": location(fs), "digest": store_digest(fs), "digest_scheme": DIGEST_SCHEME}
+    return {"location": location(fs), "digest": store_digest(fs), "digest_scheme": digest_scheme(fs)}

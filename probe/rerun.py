@@ -11,7 +11,7 @@ from featstore.errors import UsageError
 from featstore.store import FeatureStore
 
 from .protocol import PROTOCOL_VERSION, Protocol
-from .provenance import DIGEST_SCHEME, environment, store_digest
+from .provenance import END_CHUNKS, SCHEMES, digest_scheme, environment, store_digest
 from .results.runs import PROTOCOL, load_record
 from .stores import StoreSpec
 
@@ -51,10 +51,12 @@ def check_unchanged(stores: list[dict]) -> None:
     """Refuse a store whose content digest differs from the recorded one (re-extracted, another
     encoder's weights, other images): the rerun would not repeat the run."""
     for s in stores:
-        if s.get("digest_scheme", DIGEST_SCHEME) != DIGEST_SCHEME:
-            raise UsageError(f"store {s['label']!r}: digest scheme {s['digest_scheme']!r} is not this probe's", "rerun with that version")
-        now = store_digest(FeatureStore.open(s["location"]).require_complete())
-        if now != s["digest"]:
+        scheme = s.get("digest_scheme", END_CHUNKS)
+        if scheme not in SCHEMES:
+            raise UsageError(f"store {s['label']!r}: digest scheme {scheme!r} is not this probe's", "rerun with that version")
+        fs = FeatureStore.open(s["location"]).require_complete()
+        now = store_digest(fs)
+        if digest_scheme(fs) != scheme or now != s["digest"]:
             raise UsageError(
                 f"store {s['label']!r} at {s['location']!r} changed since the run (content digest {s['digest'][:12]}… then, {now[:12]}… now)",
                 "a changed store gives other numbers; run probe fit afresh instead of --rerun",

@@ -45,7 +45,7 @@ def export(
         raise UsageError(f"{to!r} already exists", "pass --overwrite to replace it, or choose another --to")
     if not target.parent.is_dir():
         raise UsageError(f"folder {str(target.parent)!r} does not exist", "create it first, or choose another --to")
-    store = FeatureStore.open(source).require_complete()
+    store = FeatureStore.open(source, verify=True).require_complete()  # a damaged store is refused, not exported
     if suffix != ".npz" and view is not None:
         raise UsageError("--view applies to .npz exports", "an HDF5 export holds every view")
     start = time.perf_counter()

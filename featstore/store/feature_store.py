@@ -12,6 +12,12 @@ Layout (see docs/design.md)::
 A unit is a chunk-aligned row range. Its rows are written whole, then its marker is written
 atomically (temp file + rename); ``complete`` is set last, after every unit is verified. A killed
 extraction therefore resumes with no duplicate and no missing row.
+
+Each unit's marker carries a content digest of every array's rows (:mod:`.digests`), gathered into
+the ``digests`` attribute when the store is finalized; a store opened with ``verify=True`` checks
+every unit it reads against them and refuses a damaged one (``featstore verify`` checks them all).
+Fill values cannot pass for data: a lost chunk of ``labels`` reads -1, of ``features`` NaN, of
+``valid`` False (and every chunk is written, so a missing one is damage).
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ from ..errors import FeatstoreError, UsageError
 from ..home import mark_used
 from ..version import __version__
 from .attributes import StoreAttributes
+from .digests import ATTRIBUTE, ReadCheck, Recorded, array_names, digests_of, repair_hint, rows_digest, unit_bounds
 from .hdf5 import open_hdf5
 from .locations import PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
 from .lock import pid_alive
 
 SCHEMA_VERSION = 1
+LABEL_FILL = -1  # what a lost labels chunk reads as: never a class
 DEFAULT_CHUNK_ROWS = 8192
 FEATURE_DTYPES = ("float16", "float32")
 
@@ -69,11 +77,21 @@ class FeatureArray:
     so a 10 GB store can be inspected on a laptop. ``np.asarray(a)`` or ``a.read()`` reads every
     selected row, chunk by chunk; ``a.select(rows)`` narrows the selection without reading."""
 
-    def __init__(self, array: Any, rows: Any = None) -> None:
+    def __init__(self, array: Any, rows: Any = None, check: Any = None) -> None:
         self._array = array  # a zarr array or an h5py dataset: both read row slices
         self._rows: np.ndarray | None = None if rows is None else np.arange(array.shape[0], dtype=np.int64)[rows]
         chunks = getattr(array, "chunks", None)
         self.chunk_rows = int(chunks[0]) if chunks else DEFAULT_CHUNK_ROWS
+        self._check = check  # (split, array name, ReadCheck) of a verifying store, else None
+
+    def _block(self, lo: int, hi: int) -> np.ndarray:
+        """Rows lo:hi as read; a verifying store checks every unit they cover wholly."""
+        if self._check is None:
+            return np.asarray(self._array[lo:hi])
+        split, name, check = self._check
+        block = np.asarray(check.read(split, name, lo, hi, lambda: self._array[lo:hi]))
+        check.check(split, name, block, lo)
+        return block
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -98,7 +116,7 @@ class FeatureArray:
 
     def select(self, rows: Any) -> FeatureArray:
         """These rows (a slice, an index array or a boolean mask), still unread."""
-        return FeatureArray(self._array, rows if self._rows is None else self._rows[rows])
+        return FeatureArray(self._array, rows if self._rows is None else self._rows[rows], self._check)
 
     def __getitem__(self, key: Any) -> Any:
         rows, cols = (key + (slice(None),))[:2] if isinstance(key, tuple) else (key, slice(None))
@@ -107,7 +125,8 @@ class FeatureArray:
         if isinstance(rows, (int, np.integer)):
             return self.select([rows]).read()[0][cols]
         if self._rows is None and isinstance(rows, slice) and rows.step in (None, 1):
-            return np.asarray(self._array[rows])[:, cols]  # contiguous: one read
+            lo, hi, _ = rows.indices(int(self._array.shape[0]))
+            return self._block(lo, max(lo, hi))[:, cols]  # contiguous: one read
         return self.select(rows).read()[:, cols]
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
@@ -124,7 +143,7 @@ class FeatureArray:
         out = np.empty((n, dim), self.dtype)
         if index is None:
             for start in range(0, n, self.chunk_rows):
-                out[start : start + self.chunk_rows] = self._array[start : start + self.chunk_rows]
+                out[start : start + self.chunk_rows] = self._block(start, min(start + self.chunk_rows, n))
             return out
         if n == 0:
             return out
@@ -133,7 +152,7 @@ class FeatureArray:
         cuts = np.flatnonzero(np.diff(ordered // self.chunk_rows)) + 1
         for group in np.split(np.arange(n), cuts):
             lo, hi = int(ordered[group[0]]), int(ordered[group[-1]]) + 1
-            block = np.asarray(self._array[lo:hi])
+            block = self._block(lo, hi)
             out[order[group]] = block[ordered[group] - lo]
         return out
 
@@ -163,6 +182,8 @@ class FeatureStore:
         self.writable = writable
         self.attrs: dict[str, Any] = attrs if attrs is not None else group.attrs.asdict()
         self._meta: StoreAttributes | None = None
+        self.read_check: ReadCheck | None = None  # set by open(): checks reads (digests too with verify=True)
+        self._unit_arrays: dict[str, list[str]] = {}  # split → arrays each unit writes (not the create-time ones)
 
     @property
     def meta(self) -> StoreAttributes:
@@ -220,9 +241,10 @@ class FeatureStore:
                 sg = group.create_group(split)
                 rows = max(1, min(chunk_rows, n))
                 # dimension names let xarray and dask open the arrays (row is shared by a split's arrays)
-                sg.create_array("labels", shape=(n,), dtype="int32", chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(
-                    labels, np.int32
+                label_array = sg.create_array(
+                    "labels", shape=(n,), dtype="int32", chunks=(max(1, n),), fill_value=LABEL_FILL, dimension_names=("row",)
                 )
+                label_array[:] = np.asarray(labels, np.int32)
                 sg.create_array("paths", shape=(n,), dtype=str, chunks=(max(1, n),), dimension_names=("row",))[:] = np.asarray(
                     paths, dtype=object
                 )
@@ -243,6 +265,7 @@ class FeatureStore:
             for split in splits:
                 progress.create_group(split)
             meta = dict(attrs or {})
+            meta[ATTRIBUTE] = _created_digests(group, {s: len(p) for s, (p, _) in splits.items()}, chunk_rows).to_attrs()
             meta.update(
                 schema_version=SCHEMA_VERSION,
                 featstore_version=__version__,
@@ -257,9 +280,11 @@ class FeatureStore:
         return cls.open(path, mode="r+")
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], mode: str = "r") -> FeatureStore:
+    def open(cls, path: str | os.PathLike[str], mode: str = "r", verify: bool = False) -> FeatureStore:
         """A local Zarr store, an exported ``.h5`` file, or either at an ``s3://``, ``gs://`` or
-        ``http(s)://`` URL (read-only, through fsspec; credentials from its usual configuration)."""
+        ``http(s)://`` URL (read-only, through fsspec; credentials from its usual configuration).
+        ``verify``: check every unit read against the store's digests (a damaged one raises
+        :class:`~featstore.store.digests.StoreDamaged`); a store written before digests is read unchecked."""
         text = os.fspath(path)
         if is_url(text):
             if mode != "r":
@@ -285,6 +310,14 @@ class FeatureStore:
                 f"store {str(path)!r} has schema version {version}, newer than this featstore ({SCHEMA_VERSION})",
                 "upgrade featstore",
             )
+        # reads always turn an unreadable chunk into a one-line refusal; with verify they check digests too
+        store.read_check = ReadCheck(
+            Recorded.from_attrs(store.attrs) if verify else Recorded(),
+            dict(store.meta.splits),
+            store.meta.chunk_rows or DEFAULT_CHUNK_ROWS,
+            str(store.path),
+            repair_hint(store.attrs, store.format == "hdf5"),
+        )
         return store
 
     @classmethod
@@ -388,19 +421,37 @@ class FeatureStore:
         if set(features) != set(self.views):
             raise FeatstoreError(f"unit features have views {sorted(features)}, the store {sorted(self.views)}")
         split = self._group[unit.split]
+        written: dict[str, np.ndarray] = {}  # array → the unit's rows as stored (their digests need no read back)
         for view, values in features.items():
             if values.shape != (unit.rows, self.views[view]):
                 raise FeatstoreError(
                     f"unit {unit.split}#{unit.index} view {view!r}: got shape {values.shape}, expected {(unit.rows, self.views[view])}"
                 )
-            split["features"][view][unit.start : unit.stop] = values
-        split["valid"][unit.start : unit.stop] = np.asarray(valid, bool)
+            written[f"features/{view}"] = np.asarray(values, dtype=split["features"][view].dtype)
+        written["valid"] = np.asarray(valid, bool)
+        for name, values in written.items():
+            # every chunk is written, even one equal to the fill value: a missing chunk is then always damage
+            split[name].with_config({"write_empty_chunks": True})[unit.start : unit.stop] = values
         marker = {
             "rows": [unit.start, unit.stop],
             "invalid": {str(k): v for k, v in sorted((invalid or {}).items())},
             "written": time.time(),
+            "digests": self._unit_digests(unit, written),
         }
         write_atomic(self._marker(unit), json.dumps(marker))
+
+    def _unit_digests(self, unit: Unit, written: dict[str, np.ndarray]) -> dict[str, str]:
+        """The digest of each array's rows of ``unit``: every array of the split but those written
+        when the store was created (their digests are in the attributes already); an array this
+        unit did not write itself is read back."""
+        if unit.split not in self._unit_arrays:
+            created = Recorded.from_attrs(self.attrs).created.get(unit.split, [])
+            self._unit_arrays[unit.split] = [a for a in array_names(self._group[unit.split]) if a not in created]
+        split = self._group[unit.split]
+        return {
+            name: rows_digest(written[name] if name in written else split[name][unit.start : unit.stop])
+            for name in self._unit_arrays[unit.split]
+        }
 
     def finalize(self, extra_attrs: dict[str, Any] | None = None) -> None:
         """Verify every unit, gather the invalid rows' reasons, set ``complete``, drop progress files."""
@@ -408,9 +459,13 @@ class FeatureStore:
         if missing:
             raise FeatstoreError(f"cannot finalize: {len(missing)} units not written yet", "rerun the same extract command to resume")
         invalid: dict[str, list[dict[str, Any]]] = {}
+        recorded = Recorded.from_attrs(self.attrs)
         for split in self.splits:
             paths = self._group[split]["paths"]
             rows: list[tuple[int, str]] = []
+            arrays = recorded.splits.setdefault(split, {})
+            created = set(recorded.created.get(split, []))
+            from_units: dict[str, list[str]] = {}
             for unit in self.units(split):
                 marker = json.loads(self._marker(unit).read_text())
                 if marker["rows"] != [unit.start, unit.stop]:
@@ -418,6 +473,12 @@ class FeatureStore:
                         f"unit marker {self._marker(unit).name} of split {split!r} does not match the plan", "rerun with --overwrite"
                     )
                 rows.extend((int(r), reason) for r, reason in marker["invalid"].items())
+                # a marker of an older featstore (a resumed store) has none: its rows as they are now
+                digests = marker.get("digests") or self._unit_digests(unit, {})
+                for name, digest in digests.items():
+                    if name not in created:
+                        from_units.setdefault(name, []).append(digest)
+            arrays.update(from_units)  # a repaired store's units replace what it recorded before
             if rows:
                 path_values = paths[:]
                 invalid[split] = [{"row": r, "path": str(path_values[r]), "reason": reason} for r, reason in sorted(rows)]
@@ -428,6 +489,7 @@ class FeatureStore:
                     "the store is damaged; rerun with --overwrite",
                 )
         attrs = dict(extra_attrs or {})
+        attrs[ATTRIBUTE] = recorded.to_attrs()
         attrs.update(invalid=invalid, complete=True, completed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self.update_attrs(attrs)
         shutil.rmtree(self._local / PROGRESS, ignore_errors=True)
@@ -458,15 +520,25 @@ class FeatureStore:
             raise UsageError(f"split {split!r} not in store {str(self.path)!r}", f"it has: {', '.join(self.splits)}")
         return self._group[split]
 
+    def _whole(self, split: str, name: str) -> np.ndarray:
+        """Every row of a split's array, checked against its digests when the store verifies reads."""
+        array = self.split_group(split)[name]
+        if self.read_check is None:
+            return np.asarray(array[:])
+        n = int(array.shape[0])
+        values = np.asarray(self.read_check.read(split, name, 0, n, lambda: array[:]))
+        self.read_check.check(split, name, values)
+        return values
+
     def labels(self, split: str) -> np.ndarray:
-        return np.asarray(self.split_group(split)["labels"][:], dtype=np.int64)
+        return np.asarray(self._whole(split, "labels"), dtype=np.int64)
 
     def paths(self, split: str) -> np.ndarray:
-        values = self.split_group(split)["paths"][:]
+        values = self._whole(split, "paths")
         return np.asarray([v.decode() if isinstance(v, bytes) else v for v in values.tolist()], dtype=object)
 
     def valid(self, split: str) -> np.ndarray:
-        return np.asarray(self.split_group(split)["valid"][:], dtype=bool)
+        return np.asarray(self._whole(split, "valid"), dtype=bool)
 
     def features(self, split: str, view: str, rows: Any = None) -> FeatureArray:
         """The (N, D) features of ``view``, lazily (NaN rows where ``valid`` is false); ``rows``
@@ -475,13 +547,19 @@ class FeatureStore:
         group = self.split_group(split)
         if view not in self.views:
             raise UsageError(f"view {view!r} not in store {str(self.path)!r}", f"it has: {', '.join(self.views)}")
-        return FeatureArray(group["features"][view], rows)
+        check = None if self.read_check is None else (split, f"features/{view}", self.read_check)
+        return FeatureArray(group["features"][view], rows, check)
 
     def invalid_rows(self, split: str | None = None) -> list[dict[str, Any]]:
         invalid = self.meta.invalid
         if split is not None:
             return list(invalid.get(split, []))
         return [dict(r, split=s) for s, rows in invalid.items() for r in rows]
+
+    @property
+    def digests(self) -> Recorded:
+        """The content digests the store records (none for a store written before them)."""
+        return Recorded.from_attrs(self.attrs)
 
     @property
     def class_names(self) -> list[str]:
@@ -523,3 +601,20 @@ class FeatureStore:
             "invalid": self.invalid_rows(),
             "size_bytes": self.size_on_disk(),
         }
+
+
+def _created_digests(group: Any, rows: dict[str, int], chunk_rows: int) -> Recorded:
+    """The digests of the arrays :meth:`FeatureStore.create` filled (labels, paths): each unit's
+    rows, read back once; the arrays left to the units are not written yet and have none."""
+    recorded = Recorded(algorithm=None)
+    for split, n in rows.items():
+        sg = group[split]
+        bounds = unit_bounds(n, chunk_rows)
+        arrays = {}
+        for name in array_names(sg):
+            array = sg[name]
+            if n and array.nchunks_initialized:
+                arrays[name] = [d for _, d in sorted(digests_of(np.asarray(array[:]), bounds).items())]
+        recorded.splits[split] = arrays
+        recorded.created[split] = sorted(arrays)
+    return recorded

@@ -159,10 +159,11 @@ def main():
 )
 @click.option(
     "--refit/--no-refit",
-    "logreg_refit",
+    "refit",
     default=True,
     show_default=True,
-    help="Logistic regression: refit the selected C on train + selection rows before the one report.",
+    help="After selection, fit the chosen lr / k / C again on train + holdout (logreg: + val too) and report that; "
+    "--no-refit reports the model fit without the holdout.",
 )
 @click.option(
     "--device",
@@ -208,7 +209,7 @@ def fit_command(
     logreg_c,
     logreg_max_iter,
     logreg_tol,
-    logreg_refit,
+    refit,
     device,
     out,
     overwrite,
@@ -245,7 +246,7 @@ def fit_command(
         lr_grid=grid, wd_grid=wd_grid, optimizer=optimizer, epochs=epochs, batch_size=batch_size, momentum=momentum,
         normalize=normalize, select_on=select_on, val_fraction=val_fraction, seed=seed if seed is not None else _DEFAULTS.seed,
         seeds=seeds or (), methods=methods, shots=shots or (), knn_k=knn_k, knn_temperature=knn_temperature, knn_weights=knn_weights,
-        logreg_C=logreg_c, logreg_max_iter=logreg_max_iter, logreg_tol=logreg_tol, logreg_refit=logreg_refit,
+        logreg_C=logreg_c, logreg_max_iter=logreg_max_iter, logreg_tol=logreg_tol, refit=refit,
     )  # fmt: skip
     out = out if out is not None else new_run_folder("probe-results")
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))

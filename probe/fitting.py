@@ -366,7 +366,7 @@ def _fit_case(
     rows_of = _Rows(info, view, protocol, plan, seed, shots, kept, excluded_invalid, excluded_nonfinite, dev, dtype, t0)
     detail = rows_of.detail
     case = Case(protocol=protocol, x=raw, y=labels, rows=kept, split_rows=fs.num_rows(plan.train_split), num_classes=info.num_classes,
-                seed=seed, shots=shots, reported_role=plan.reported_role, device=dev, dtype=dtype,
+                seed=seed, shots=shots, reported_role=plan.reported_role, select_split=plan.select_split, device=dev, dtype=dtype,
                 name=f"{info.label} [{view}]{f' ({detail})' if detail else ''}", where=rows_of.where, first=first,
                 first_view=view == info.views[0], first_seed=seed == protocol.run_seeds[0], warn=warn, log=log, cache=cache)  # fmt: skip
     # a method without randomness (k-NN, logistic regression) changes with a seed only through the
@@ -423,10 +423,16 @@ class _Rows:
     def method_rows(self, method: Method, case: Case, result: MethodResult) -> list[dict]:
         """One row per configuration (a head, a k, a C); the selected one keeps its per-image predictions."""
         seconds = self.seconds()
-        out = [self.row(method.name, c.metrics, **method.columns(case, c), selected=c.selected,
+        out = [self.row(method.name, c.metrics, **method.columns(case, c), **self.refit_columns(c), selected=c.selected,
                         best_report=c.best_report, sweep_seconds=seconds) for c in result.configs]  # fmt: skip
         next(r for r in out if r["selected"])["report_predictions"] = self.report_predictions(result.predictions)
         return out
+
+    def refit_columns(self, config) -> dict[str, Any]:
+        """``refit`` on every method's rows; a refit's ``n_train`` counts the selection rows it also trained on."""
+        if not config.settings.get("refit"):
+            return {"refit": False}
+        return {"refit": True, "n_train": len(self.kept["train"]) + len(self.kept["select"])}
 
     def row(self, method: str, metrics: dict[str, dict[str, float]], **fields) -> dict:
         """A results row: the shared columns, ``fields`` (the method's own), ``metrics`` (role → top1/top5).

@@ -147,3 +147,16 @@ def choose(
     if not candidates:
         return -1
     return min(candidates, key=lambda i: (-scores[i], keys[i]))
+
+
+def refits(refit: bool, reported_role: str | None, shots: int | None, select_split: str, *, val: bool = False) -> bool:
+    """Whether the reported model is fit once more after selection, on the training rows and the
+    selection rows together, at the chosen setting (scikit-learn's ``GridSearchCV(refit=True)``),
+    so that the reported number uses every training row, as the authors' protocols do.
+
+    Only when ``refit`` (the protocol's), when a split apart from the selection rows is reported
+    (a refit on the reported rows, ``--select-on report``, or with nothing to report would mean
+    nothing), on every training row (a few-shot refit would add the whole selection split to k
+    examples per class), and when the selection rows are a holdout of the training split — or,
+    with ``val`` (logistic regression, as DINOv2's), a val split as well."""
+    return refit and reported_role == "report" and shots is None and (select_split == "holdout" or val)

@@ -184,7 +184,7 @@ def test_protocol_hash_stable_and_sensitive():
         "logreg_C",
         "logreg_max_iter",
         "logreg_tol",
-        "logreg_refit",
+        "refit",
         "shots",
         "seeds",
     }

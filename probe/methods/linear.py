@@ -111,13 +111,19 @@ def _refit(case: Case, chosen: Config, configs: list[Config]) -> MethodResult:
     protocol, dev, dtype = case.protocol, case.device, case.dtype
     rows = np.concatenate([case.rows["train"], case.rows["select"]])
     order = np.argsort(rows, kind="stable")
-    where = torch.from_numpy(order).to(dev)
-    raw = torch.cat([case.x["train"], case.x["select"]]).index_select(0, where)
-    y = torch.cat([case.y["train"], case.y["select"]]).index_select(0, where)
+    rows = rows[order]
+    # each train / holdout row copied once, straight to its place in split order
+    place = torch.from_numpy(np.argsort(order)).to(dev)
+    n = len(case.rows["train"])
+    raw = torch.empty((len(rows), case.x["train"].shape[1]), dtype=case.x["train"].dtype, device=dev)
+    y = torch.empty(len(rows), dtype=case.y["train"].dtype, device=dev)
+    for part, role in ((place[:n], "train"), (place[n:], "select")):
+        raw.index_copy_(0, part, case.x[role])
+        y.index_copy_(0, part, case.y[role])
     stats = H.standardize_stats(raw) if protocol.normalize == "standardize" else None
     x = H.prepare(raw, protocol.normalize, dtype, stats)
     del raw
-    orders = torch.from_numpy(H.restrict_orders(_epoch_orders(case), rows[order])).to(dev)
+    orders = torch.from_numpy(H.restrict_orders(_epoch_orders(case), rows)).to(dev)
     lr, wd = chosen.settings["lr"], chosen.settings["wd"]
     head = H.LinearHeads(x.shape[1], case.num_classes, [lr], [wd], dev)
     case.log(f"{case.name}: refit of lr {lr:g}{f' wd {wd:g}' if wd else ''} on {len(rows)} rows (train + holdout)")

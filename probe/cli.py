@@ -169,10 +169,11 @@ def main():
 )
 @click.option(
     "--refit/--no-refit",
-    "logreg_refit",
+    "refit",
     default=True,
     show_default=True,
-    help="Logistic regression: refit the selected C on train + selection rows before the one report.",
+    help="After selection, fit the chosen lr / k / C again on train + holdout (logreg: + val too) and report that; "
+    "--no-refit reports the model fit without the holdout.",
 )
 @click.option(
     "--device",
@@ -229,7 +230,7 @@ def fit_command(
     logreg_c,
     logreg_max_iter,
     logreg_tol,
-    logreg_refit,
+    refit,
     device,
     out,
     overwrite,
@@ -290,7 +291,7 @@ def fit_command(
 def _stores_and_protocol(
     stores, model, dataset, weights, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, select_on,
     val_fraction, test_fraction, seed, seeds, methods, shots, knn_k, knn_temperature, knn_weights, logreg_c, logreg_max_iter,
-    logreg_tol, logreg_refit,
+    logreg_tol, refit,
 ) -> tuple[tuple, Protocol]:  # fmt: skip
     """The stores and the protocol of fit's options."""
     if model or dataset or weights:
@@ -312,7 +313,7 @@ def _stores_and_protocol(
         lr_grid=grid, wd_grid=wd_grid, optimizer=optimizer, epochs=epochs, batch_size=batch_size, momentum=momentum,
         normalize=normalize, select_on=select_on, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed if seed is not None else _DEFAULTS.seed,
         seeds=seeds or (), methods=methods, shots=shots or (), knn_k=knn_k, knn_temperature=knn_temperature, knn_weights=knn_weights,
-        logreg_C=logreg_c, logreg_max_iter=logreg_max_iter, logreg_tol=logreg_tol, logreg_refit=logreg_refit,
+        logreg_C=logreg_c, logreg_max_iter=logreg_max_iter, logreg_tol=logreg_tol, refit=refit,
     )  # fmt: skip
     return stores, protocol
 

@@ -111,7 +111,7 @@ def _prepare_store(path, label: str, views: list[str], fs: FeatureStore, protoco
     }
     plan = plans[protocol.run_seeds[0]]
     if plan.report_split is None:
-        warn(f"store {str(path)!r}: {described(plan, protocol.fixed)}; {single_split_advice(str(path))}")
+        warn(f"store {str(path)!r}: {described(plan, protocol.fixed, protocol.refit)}; {single_split_advice(str(path))}")
     valid = {s: fs.valid(s) for s in {plan.train_split, plan.select_source, plan.report_source or plan.select_source}}
     train_valid = valid[plan.train_split][plan.train_rows]
     if not train_valid.any():
@@ -309,7 +309,7 @@ def fit_run(
                     "path": i.path,
                     **store_record(i.store),
                     "views": i.views,
-                    "reported_as": described(i.plan, protocol.fixed),
+                    "reported_as": described(i.plan, protocol.fixed, protocol.refit),
                 }
                 for i in infos
             ],
@@ -386,7 +386,7 @@ def _fit_case(
     rows_of = _Rows(info, view, protocol, plan, seed, shots, kept, excluded_invalid, excluded_nonfinite, dev, dtype, t0)
     detail = rows_of.detail
     case = Case(protocol=protocol, x=raw, y=labels, rows=kept, split_rows=fs.num_rows(plan.train_split), num_classes=info.num_classes,
-                seed=seed, shots=shots, reported_role=plan.reported_role, device=dev, dtype=dtype,
+                seed=seed, shots=shots, reported_role=plan.reported_role, select_split=plan.select_split, device=dev, dtype=dtype,
                 name=f"{info.label} [{view}]{f' ({detail})' if detail else ''}", where=rows_of.where, first=first,
                 first_view=view == info.views[0], first_seed=seed == protocol.run_seeds[0], warn=warn, log=log, cache=cache)  # fmt: skip
     # a method without randomness (k-NN, logistic regression) changes with a seed only through the
@@ -443,10 +443,16 @@ class _Rows:
     def method_rows(self, method: Method, case: Case, result: MethodResult) -> list[dict]:
         """One row per configuration (a head, a k, a C); the selected one keeps its per-image predictions."""
         seconds = self.seconds()
-        out = [self.row(method.name, c.metrics, **method.columns(case, c), selected=c.selected,
+        out = [self.row(method.name, c.metrics, **method.columns(case, c), **self.refit_columns(c), selected=c.selected,
                         best_report=c.best_report, sweep_seconds=seconds) for c in result.configs]  # fmt: skip
         next(r for r in out if r["selected"])["report_predictions"] = self.report_predictions(result.predictions)
         return out
+
+    def refit_columns(self, config) -> dict[str, Any]:
+        """``refit`` on every method's rows; a refit's ``n_train`` counts the selection rows it also trained on."""
+        if not config.settings.get("refit"):
+            return {"refit": False}
+        return {"refit": True, "n_train": len(self.kept["train"]) + len(self.kept["select"])}
 
     def row(self, method: str, metrics: dict[str, dict[str, float]], **fields) -> dict:
         """A results row: the shared columns, ``fields`` (the method's own), ``metrics`` (role → top1/top5).
@@ -470,7 +476,7 @@ class _Rows:
             "label": self.info.label, "store": self.info.path, "encoder": encoder.name, "weights_sha256": encoder.weights_sha256,
             "dataset": dataset.name, "view": self.view, "method": method, "shots": self.shots, "seed": self.seed,
             "select_on": p.select_on, "train_split": plan.train_split, "select_split": plan.select_split, "report_split": plan.report_split,
-            "reported_as": described(plan, p.fixed), "n_train": len(self.kept["train"]), "n_select": len(self.kept["select"]),
+            "reported_as": described(plan, p.fixed, p.refit), "n_train": len(self.kept["train"]), "n_select": len(self.kept["select"]),
             "n_report": len(self.kept[reported]) if reported else None,
             "excluded_invalid": self.excluded_invalid, "excluded_nonfinite": self.excluded_nonfinite,
             "train_top1_pct": metric("train", "top1"), "select_top1_pct": metric("select", "top1"), "report_top1_pct": metric("report", "top1"),

@@ -41,7 +41,10 @@ DEFAULT_LOGREG_TOL = 1e-4  # scikit-learn's tol: max |gradient| of the mean-scal
 # when k-NN runs, and so on. A default run (linear only, all rows, one seed) therefore keeps the
 # record and hash it had before the battery existed.
 _KNN_FIELDS = ("knn_k", "knn_temperature", "knn_weights")
-_LOGREG_FIELDS = ("logreg_C", "logreg_max_iter", "logreg_tol", "logreg_refit")
+_LOGREG_FIELDS = ("logreg_C", "logreg_max_iter", "logreg_tol")
+# ``refit`` acts on every method (the reported model is fit again on train + holdout), so it is
+# always recorded: it entered the default record with #27, which changed the default hash.
+_LEGACY_NAMES = {"logreg_refit": "refit"}  # protocol.json records written before #27
 
 
 def _round_sig(value: float, digits: int = 4) -> float:
@@ -152,9 +155,13 @@ class Protocol:
         Few-shot training sets, examples per class; ``"all"`` (0) is every training row.
     knn_k, knn_temperature, knn_weights
         k-NN: neighbour counts (10, 20, 100, 200), T (0.07), ``"exp"`` or ``"uniform"`` votes.
-    logreg_C, logreg_max_iter, logreg_tol, logreg_refit
-        Logistic regression: the C grid (``"1e-6:1e5:45"``), L-BFGS cap (1000) and tolerance
-        (1e-4), and whether the chosen C is refit on train + selection rows (True).
+    logreg_C, logreg_max_iter, logreg_tol
+        Logistic regression: the C grid (``"1e-6:1e5:45"``), L-BFGS cap (1000) and tolerance (1e-4).
+    refit : bool, default True
+        After selection, fit the reported model again on the training rows and the selection rows
+        (:func:`probe.selection.refits` says where): every method when the selection rows are a
+        holdout of train, logistic regression on train + val too. False: report the model fit
+        before selection, on train minus the holdout.
 
     Raises
     ------
@@ -191,7 +198,7 @@ class Protocol:
     logreg_C: tuple[float, ...] = field(default_factory=lambda: parse_grid(DEFAULT_LOGREG_C, what="C", option="--logreg-C"))
     logreg_max_iter: int = DEFAULT_LOGREG_MAX_ITER
     logreg_tol: float = DEFAULT_LOGREG_TOL
-    logreg_refit: bool = True
+    refit: bool = True
     shots: tuple[int, ...] = ()  # examples per class; 0 = every training row; () = every training row only
     seeds: tuple[int, ...] = ()  # () = just ``seed``; else every seed in turn (seed = seeds[0])
 
@@ -247,7 +254,7 @@ class Protocol:
         set_("methods", tuple(m for m in METHODS if m in methods))  # canonical order: one hash per set
         set_("knn_k", check_knn(self.knn_k, self.knn_temperature, self.knn_weights))
         set_("logreg_C", check_logreg(self.logreg_C, self.logreg_tol, self.logreg_max_iter))
-        set_("logreg_refit", bool(self.logreg_refit))
+        set_("refit", bool(self.refit))
         set_(
             "shots",
             parse_ints(self.shots, what="shots", option="--shots", minimum=0, allow_all=True)
@@ -320,6 +327,10 @@ class Protocol:
     @classmethod
     def from_dict(cls, d: dict) -> Protocol:
         names = {f.name for f in fields(cls)}
+        d = dict(d)
+        for old, new in _LEGACY_NAMES.items():
+            if old in d:  # read under today's name; the hash is today's (refit now acts on every method)
+                d.setdefault(new, d.pop(old))
         unknown = set(d) - names
         if unknown:
             raise UsageError(f"unknown protocol fields: {', '.join(sorted(unknown))}")

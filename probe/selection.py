@@ -73,13 +73,19 @@ class SplitPlan:
         return f"{self.report_split} (reported; selection on {self.selection_label})"
 
 
-def described(plan: SplitPlan, fixed: str | None) -> str:
+def described(plan: SplitPlan, fixed: str | None, refit: bool = False) -> str:
     """``plan.reported_as``, or with a protocol that selects nothing (``fixed``: its one setting,
     e.g. ``lr 0.01``) the same without selection words: ``test (reported; fixed lr 0.01, nothing
-    selected)``. A train holdout is still kept out of training then, and that is said."""
+    selected)``. What becomes of a train holdout then is said: with ``refit`` (the protocol's) the
+    reported model is trained again on train + holdout, without it the holdout is left out, unused."""
     if fixed is None:
         return plan.reported_as
-    unused = f"; {plan.selection_label} kept out of training, unused" if plan.select_split == "holdout" else ""
+    unused = ""
+    if plan.select_split == "holdout":
+        if refit and plan.report_split is not None:
+            unused = f"; trained on train + {plan.selection_label} (refit)"
+        else:
+            unused = f"; {plan.selection_label} kept out of training, unused"
     what = f"fixed {fixed}, nothing selected{unused}"
     if plan.report_split is None:
         return f"nothing reported (the store's only split is {plan.train_split!r}; {what})"
@@ -224,3 +230,16 @@ def choose(
     if not candidates:
         return -1
     return min(candidates, key=lambda i: (-scores[i], keys[i]))
+
+
+def refits(refit: bool, reported_role: str | None, shots: int | None, select_split: str, *, val: bool = False) -> bool:
+    """Whether the reported model is fit once more after selection, on the training rows and the
+    selection rows together, at the chosen setting (scikit-learn's ``GridSearchCV(refit=True)``),
+    so that the reported number uses every training row, as the authors' protocols do.
+
+    Only when ``refit`` (the protocol's), when a split apart from the selection rows is reported
+    (a refit on the reported rows, ``--select-on report``, or with nothing to report would mean
+    nothing), on every training row (a few-shot refit would add the whole selection split to k
+    examples per class), and when the selection rows are a holdout of the training split — or,
+    with ``val`` (logistic regression, as DINOv2's), a val split as well."""
+    return refit and reported_role == "report" and shots is None and (select_split == "holdout" or val)

@@ -654,12 +654,14 @@ def test_logreg_method_selects_then_refits_on_train_and_selection_rows():
 def test_default_protocol_hash_is_unchanged_by_the_battery():
     from probe import Protocol
 
-    # the default (linear only, every row, one seed) hash of main before the battery existed: a
-    # battery field must never enter a default run's record (update only on a deliberate protocol change)
-    assert Protocol().hash == "31bde9ae39a5e9f4"
-    assert Protocol(methods="linear", seeds=[0]).hash == "31bde9ae39a5e9f4"
+    # the default (linear only, every row, one seed) hash: a battery field must never enter a
+    # default run's record (update only on a deliberate protocol change). It was 31bde9ae39a5e9f4
+    # until #27 added ``refit`` (the linear heads refit on train + holdout change what is reported)
+    assert Protocol().hash == "4b098dff815f0f20"
+    assert Protocol(methods="linear", seeds=[0]).hash == "4b098dff815f0f20"
     record = Protocol().to_dict()
     assert not {"methods", "knn_k", "logreg_C", "shots", "seeds"} & set(record)
+    assert record["refit"] is True and Protocol(refit=False).hash != Protocol().hash  # the choice is in the hash
 
 
 def test_battery_settings_are_recorded_and_each_changes_the_hash():
@@ -676,7 +678,7 @@ def test_battery_settings_are_recorded_and_each_changes_the_hash():
         "logreg_C": "0.1,1",
         "logreg_max_iter": 100,
         "logreg_tol": 1e-5,
-        "logreg_refit": False,
+        "refit": False,
         "shots": "1,all",
         "seeds": "0,1,2",
     }

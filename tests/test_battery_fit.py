@@ -205,7 +205,7 @@ def test_few_shot_as_large_as_every_row_is_not_the_refit_result(store):
 def test_logreg_warns_once_per_store_about_unconverged_C(store):
     """A solve stopped above the tolerance (here by a one-iteration cap) is named in one line."""
     messages = []
-    p = Protocol(methods="logreg", **{**QUICK, "logreg_C": "1e-3,10", "logreg_max_iter": 1, "logreg_refit": False})
+    p = Protocol(methods="logreg", **{**QUICK, "logreg_C": "1e-3,10", "logreg_max_iter": 1, "refit": False})
     rows = probe.fit(store, p, device="cpu", warn=messages.append)
     unconverged = [m for m in messages if "logistic regression" in m]
     assert len(unconverged) == 1 and "\n" not in unconverged[0]

@@ -185,7 +185,7 @@ def test_protocol_hash_stable_and_sensitive():
         "logreg_C",
         "logreg_max_iter",
         "logreg_tol",
-        "logreg_refit",
+        "refit",
         "shots",
         "seeds",
     }
@@ -636,7 +636,9 @@ def test_imagenet_layout_selects_on_train_holdout_and_reports_val(tmp_path, digi
     r = pick(a)
     assert (r["train_split"], r["select_split"], r["report_split"]) == ("train", "holdout", "val")
     assert r["reported_as"] == "val (reported; selection on a 10% train holdout)"
-    assert r["n_report"] == len(y) and r["n_train"] + r["n_select"] == len(digits["train"][1])
+    # the reported head is the chosen lr refit on train + holdout (#27); the sweep's heads trained without the holdout
+    assert r["n_report"] == len(y) and r["refit"] and r["n_train"] == len(digits["train"][1])
+    assert all(h["n_train"] + h["n_select"] == len(digits["train"][1]) for h in a if not h["refit"])
     table = probe.output.tables.markdown_table(a, p)
     assert "val (reported; selection on a 10% train holdout)" in table and "(10% train holdout)" in table
     panels = probe.output.plots.plot_panels(a, p)

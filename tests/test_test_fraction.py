@@ -51,7 +51,10 @@ def test_fit_reports_a_number_on_a_single_split_store(only_all, tmp_path):
     sel = next(r for r in rows if r["selected"])
     assert sel["report_split"] == DRAWN_TEST and sel["n_report"] == sum(round(0.2 * (y == c).sum()) for c in range(10))
     assert sel["report_top1_pct"] is not None and sel["report_top1_pct"] > 80 and sel["ci95_low"] is not None
-    assert sel["n_train"] + sel["n_select"] + sel["n_report"] == len(y)
+    # the refit (the default) trains the reported head on train + the selection holdout: every row not reported
+    assert sel["refit"] and sel["n_train"] + sel["n_report"] == len(y)
+    swept = [r for r in rows if not r["refit"]]
+    assert all(r["n_train"] + r["n_select"] + r["n_report"] == len(y) for r in swept)
     assert "drawn before selection" in sel["reported_as"] and not any("nothing reported" in w for w in warnings)
     import json
 

@@ -1,8 +1,10 @@
 """The linear probe as a :class:`~probe.methods.method.Method`: every (lr, wd) head of the sweep
-trained at once (:mod:`probe.methods.heads`), the head chosen on the selection rows."""
+trained at once (:mod:`probe.methods.heads`), the head chosen on the selection rows, then (when
+those rows are a holdout of train) that head trained again on train + holdout and reported."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping
 from typing import Any, cast
 
@@ -24,7 +26,7 @@ class Linear:
     seeded = True  # the minibatch order is drawn from the seed
 
     def variant(self, case: Case) -> Hashable:
-        return case.seed
+        return (case.seed, case.refits())
 
     def run(self, case: Case) -> MethodResult:
         protocol, dev, dtype = case.protocol, case.device, case.dtype
@@ -73,12 +75,16 @@ class Linear:
         if len(protocol.lr_grid) >= 3 and lrs[chosen] in (protocol.lr_grid[0], protocol.lr_grid[-1]) and case.first:
             case.warn(f"{case.where}: the selected lr {lrs[chosen]:g} is at the edge of the grid; consider widening --lr-grid")
 
+        refit = case.refits()
         configs = []
         for h, (lr, wd) in enumerate(protocol.heads):
             loss = round(float(train_loss[h]), 6) if finite[h] and np.isfinite(train_loss[h]) else None
             extra = {"train_loss": loss, "diverged": not bool(finite[h])}
-            configs.append(Config({"lr": lr, "wd": wd}, per_head(h), selected=h == chosen, extra=extra))
+            configs.append(Config({"lr": lr, "wd": wd, "refit": False}, per_head(h), selected=h == chosen and not refit, extra=extra))
         mark_best_report(configs, keys)
+        if refit:
+            del top
+            return _refit(case, configs[chosen], configs)
         predictions: dict[str, Ranking] = {
             role: (t[:, chosen, 0], t[:, chosen, :5] if t.shape[2] == 5 else None) for role, t in top.items()
         }
@@ -93,8 +99,48 @@ class Linear:
     def setting(self, row: Mapping[str, Any]) -> str:
         if row.get("lr") is None:  # a results.csv without the column (written before it existed)
             return "—"
-        text = f"lr {row['lr']:g}"
-        return text + (f" wd {row['wd']:g}" if row.get("wd") else "")
+        text = f"lr {row['lr']:g}" + (f" wd {row['wd']:g}" if row.get("wd") else "")
+        return text + (" (refit)" if row.get("refit") else "")
+
+
+def _refit(case: Case, chosen: Config, configs: list[Config]) -> MethodResult:
+    """The chosen head trained again, alone, on train + holdout (both rows of the train split,
+    put back in split order) under the same protocol: normalization statistics of those rows,
+    the epoch orders of the seed restricted to them, epochs, batch size, schedule. It is the head
+    a sweep of that one (lr, wd) would train on every usable train row (tested); reported once."""
+    protocol, dev, dtype = case.protocol, case.device, case.dtype
+    rows = np.concatenate([case.rows["train"], case.rows["select"]])
+    order = np.argsort(rows, kind="stable")
+    rows = rows[order]
+    # each train / holdout row copied once, straight to its place in split order
+    place = torch.from_numpy(np.argsort(order)).to(dev)
+    n = len(case.rows["train"])
+    raw = torch.empty((len(rows), case.x["train"].shape[1]), dtype=case.x["train"].dtype, device=dev)
+    y = torch.empty(len(rows), dtype=case.y["train"].dtype, device=dev)
+    for part, role in ((place[:n], "train"), (place[n:], "select")):
+        raw.index_copy_(0, part, case.x[role])
+        y.index_copy_(0, part, case.y[role])
+    stats = H.standardize_stats(raw) if protocol.normalize == "standardize" else None
+    x = H.prepare(raw, protocol.normalize, dtype, stats)
+    del raw
+    orders = torch.from_numpy(H.restrict_orders(_epoch_orders(case), rows)).to(dev)
+    lr, wd = chosen.settings["lr"], chosen.settings["wd"]
+    head = H.LinearHeads(x.shape[1], case.num_classes, [lr], [wd], dev)
+    case.log(f"{case.name}: refit of lr {lr:g}{f' wd {wd:g}' if wd else ''} on {len(rows)} rows (train + holdout)")
+    train_loss = float(H.train(x, y, head, protocol, orders)[0])
+    if not bool(head.finite()[0]):
+        raise FeatstoreError(
+            f"{case.where}: the refit of lr {lr:g} on train + holdout diverged", "lower the learning rates, or pass --no-refit"
+        )
+    metrics = {"train": {k: float(v[0]) for k, v in H.evaluate(head, x, y).items()}}
+    del x
+    report = H.prepare(case.x["report"], protocol.normalize, dtype, stats)
+    ranked = H.predict(head, report)
+    metrics["report"] = {k: float(v[0]) for k, v in H.accuracy(ranked, case.y["report"], head.num_classes).items()}
+    top = ranked[:, 0].cpu().numpy()
+    extra = {"train_loss": round(train_loss, 6) if math.isfinite(train_loss) else None, "diverged": False}
+    configs.append(Config({"lr": lr, "wd": wd, "refit": True}, metrics, selected=True, extra=extra))
+    return MethodResult(configs, {"report": (top[:, 0], top[:, :5] if top.shape[1] == 5 else None)})
 
 
 def _epoch_orders(case: Case) -> NDArray[np.int64]:

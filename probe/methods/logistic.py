@@ -24,11 +24,9 @@ class Logreg:
     seeded = False  # no randomness: a seed changes it only through the rows
 
     def refits(self, case: Case) -> bool:
-        """Refit on train + selection rows only when the reported split is another split (a refit
-        that trained on the reported rows, --select-on report, or with nothing reported would mean
-        nothing) and on every training row (a few-shot refit would add the whole selection split
-        to k examples per class: no longer a few-shot result)."""
-        return case.protocol.logreg_refit and "report" in case.x and case.shots is None
+        """Refit on train + selection rows, a store's val split included (as DINOv2's logistic
+        regression), under :func:`probe.selection.refits`' conditions."""
+        return case.refits(val=True)
 
     def variant(self, case: Case) -> Hashable:
         return self.refits(case)
@@ -48,11 +46,7 @@ class Logreg:
         return res
 
     def columns(self, case: Case, config: Config) -> dict[str, Any]:
-        refit = config.settings["refit"]
-        columns = {"C": config.settings["C"], "refit": refit, "normalize": "standardize"}
-        if refit:
-            columns["n_train"] = len(case.rows["train"]) + len(case.rows["select"])
-        return columns
+        return {"C": config.settings["C"], "normalize": "standardize"}
 
     def setting(self, row: Mapping[str, Any]) -> str:
         return f"C {row['C']:g}" + (" (refit)" if row.get("refit") else "")

@@ -21,7 +21,7 @@ import torch
 from numpy.typing import NDArray
 
 from ..protocol import Protocol as ProbeProtocol
-from ..selection import choose
+from ..selection import choose, refits
 
 Metrics = dict[str, dict[str, float]]  # role → {"top1": %, "top5": % (>= 5 classes)}
 Ranking = tuple[NDArray[np.int64], NDArray[np.int64] | None]  # per row: top-1 (N,), top-5 (N, ≤5) or None
@@ -44,6 +44,7 @@ class Case:
     seed: int
     shots: int | None
     reported_role: str | None  # "report", "select" (--select-on report) or None (nothing reported)
+    select_split: str  # where the selection rows come from: a store split, or "holdout" (a seeded part of train)
     device: torch.device
     dtype: torch.dtype  # the compute dtype of the linear heads' features
     name: str  # ``label [view] (seed 1 5-shot)``: how log lines name the case
@@ -56,12 +57,20 @@ class Case:
     # what a method keeps across the cases of one run (the linear heads' epoch orders, per split size and seed)
     cache: dict[Hashable, object] = field(default_factory=dict)
 
+    def refits(self, *, val: bool = False) -> bool:
+        """Whether the chosen configuration is fit again on train + selection rows and that model
+        reported (:func:`probe.selection.refits`; ``val``: on a store's val split too)."""
+        return refits(self.protocol.refit, self.reported_role, self.shots, self.select_split, val=val)
+
 
 @dataclass
 class Config:
     """One configuration of a method: its settings, accuracy per role, and whether it is the selected one."""
 
-    settings: dict[str, Any]  # e.g. {"lr": 0.01, "wd": 0.0}, {"k": 20, "temperature": 0.07, "weights": "exp"}, {"C": 0.01, "refit": False}
+    # e.g. {"lr": 0.01, "wd": 0.0, "refit": False}, {"k": 20, "temperature": 0.07, "weights": "exp", "refit": False};
+    # "refit": True on the one configuration fit again on train + selection rows after selection
+    # (it is then the selected one, and has no selection-split numbers: those rows trained it)
+    settings: dict[str, Any]
     metrics: Metrics  # empty for a configuration that has no numbers (a diverged head)
     selected: bool = False
     best_report: bool = False  # the best on the reported split (for comparison with papers only; never selected)

@@ -15,6 +15,7 @@ import math
 
 from ..comparison import fmt_interval, fmt_p
 from ..results.predictions import ConfigKey
+from ..results.rows import chosen_on_selection, sweep_rows
 from ..results.runs import reported_top1, row_label, selection_top1
 from .leaderboard import TEXT_COLUMNS, differences, fixed_or_sweep, notes, selects, table_cells, table_head, table_rows, titles
 from .plots import line_styles, place_legends
@@ -51,7 +52,7 @@ def lr_figure(group) -> str | None:
         key = ConfigKey.of_row(e.row, row_label(e.row))  # under the run's own label (e.label may be renamed)
         rows = [r for r in e.run.rows if ConfigKey.of_row(r, row_label(r)) == key and r.get("lr") is not None]
         if len({r["lr"] for r in rows}) > 1:
-            lines.append((e, sorted(rows, key=lambda r: r["lr"])))
+            lines.append((e, sorted(rows, key=lambda r: r["lr"])))  # a refit row (its star's ◆) is drawn apart
     if not lines:
         return None
     split = group.fields["report split"]
@@ -62,12 +63,15 @@ def lr_figure(group) -> str | None:
         color_index, style, marker = styles[(e.label, e.row["view"], e.key.shots)]
         color = colors[color_index % len(colors)]
         name = f"{e.label} [{e.row['view']}]" + (f" {e.key.shots}-shot" if e.key.shots else "")
+        chosen = chosen_on_selection(rows, e.row)  # e.row itself, or the sweep head it refits
         for ax, get in ((axes[0], selection_top1), (axes[1], reported_top1)):
-            pts = [(r["lr"], get(r)) for r in rows if get(r) is not None]
+            pts = [(r["lr"], get(r)) for r in sweep_rows(rows) if get(r) is not None]
             if pts:
                 ax.plot(*zip(*pts), style, marker=marker, ms=3, color=color, label=name)
-            if get(e.row) is not None:
-                ax.plot(e.row["lr"], get(e.row), "*", ms=14, color=color, markeredgecolor="black", zorder=5)
+            if get(chosen) is not None:
+                ax.plot(e.row["lr"], get(chosen), "*", ms=14, color=color, markeredgecolor="black", zorder=5)
+            if chosen is not e.row and get(e.row) is not None:  # the reported refit (train + holdout)
+                ax.plot(e.row["lr"], get(e.row), "D", ms=7, color=color, markeredgecolor="black", zorder=6)
     selection = {r.get("select_split") or r.get("val_split") for r in group.entries[0].run.selected} - {None}
     axes[0].set_title(f"selection split ({', '.join(sorted(selection)) or 'val'})")
     axes[1].set_title(f"report split ({split})")
@@ -76,7 +80,11 @@ def lr_figure(group) -> str | None:
         ax.set_xlabel("learning rate")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%)")
-    fig.suptitle("accuracy vs learning rate (★ = selected on the selection split)")
+    refit = any(e.row.get("refit") for e, _ in lines)
+    fig.suptitle(
+        "accuracy vs learning rate (★ = selected on the selection split"
+        + ("; ◆ = its refit on train + holdout, reported)" if refit else ")")
+    )
     fig.tight_layout(rect=place_legends(fig, axes, max(len(lines), 2)))  # a legend even for one line, as the caption names it
     return _png(fig)
 

@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 from ..protocol import Protocol
-from ..results.rows import by_probe, chosen_on_report, is_battery, probe_name, selection_words
+from ..results.rows import by_probe, chosen_on_report, chosen_on_selection, is_battery, probe_name, selection_words, sweep_rows
 
 _STYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")  # no "*": the selected head's star
@@ -91,7 +91,10 @@ def plot_panels(rows: list[dict], protocol: Protocol | None = None) -> list[tupl
         return [("report_top1_pct", f"{report_splits} top-1: max over the reported split (the LR is chosen on it)")]
     panels = [("select_top1_pct", f"selection: {select_splits} top-1; ★ = selected head")]
     if any(r["report_top1_pct"] is not None for r in rows):
-        panels.append(("report_top1_pct", f"reported: {report_splits} top-1 of every head; ★ = the selected head"))
+        if any(r.get("refit") for r in rows):  # the reported number is the refit's, not the star's
+            panels.append(("report_top1_pct", f"reported: {report_splits} top-1; ★ = selected head, ◆ = its refit (reported)"))
+        else:
+            panels.append(("report_top1_pct", f"reported: {report_splits} top-1 of every head; ★ = the selected head"))
     return panels
 
 
@@ -206,6 +209,8 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
     for key, rs in groups.items():
         wds = sorted({r["wd"] for r in rs})
         sel = next(r for r in rs if r["selected"])
+        chosen = chosen_on_selection(rs, sel)  # the star's head; sel is its refit when they differ
+        rs = sweep_rows(rs)
         color = colors[styles[(key[0], key[1], sel["wd"])][0] % len(colors)]  # the store's (or line's) colour
         for wd in wds:
             line = sorted((r for r in rs if r["wd"] == wd), key=lambda r: r["lr"])
@@ -220,9 +225,11 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
                     _, style, marker = styles[(key[0], key[1], wd)]
                     ax.plot(*zip(*pts), style, marker=marker, ms=3, color=color, label=name + (f" ({split})" if mixed[col] else ""))
         for ax, (col, _) in zip(axes, panels):
-            if sel[col] is None:
+            if sel is not chosen and sel[col] is not None:  # the reported refit (train + holdout), beside its sweep head
+                ax.plot(sel["lr"], sel[col], "D", ms=7, color=color, markeredgecolor="black", zorder=6)
+            if chosen[col] is None:
                 continue
-            ax.plot(sel["lr"], sel[col], "*", ms=14, color=color, markeredgecolor="black", zorder=5)
+            ax.plot(sel["lr"], chosen[col], "*", ms=14, color=color, markeredgecolor="black", zorder=5)
             if several:
                 continue
             # the selected head tops its selection curve: inside the grid the space below the star is
@@ -231,7 +238,7 @@ def figure(rows: list[dict], protocol: Protocol | None = None, note: str | None 
             offset = (0, -17) if end is None else (-11 if end == "right" else 11, 0)
             ax.annotate(
                 f"lr {sel['lr']:g}",
-                (sel["lr"], sel[col]),
+                (sel["lr"], chosen[col]),
                 textcoords="offset points",
                 xytext=offset,
                 ha=end or "center",

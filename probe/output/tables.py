@@ -12,7 +12,7 @@ from ..intervals import N_RESAMPLES, seed_mean_interval
 from ..protocol import Protocol
 from ..results.predictions import ConfigKey
 from ..results.predictions import of_rows as predictions_of
-from ..results.rows import by_probe, chosen_on_report, is_battery, selection_words
+from ..results.rows import by_probe, chosen_on_report, chosen_on_selection, is_battery, selection_words, sweep_rows
 from ..results.summary import mean_std, selected_by_entry, summarize
 
 
@@ -99,8 +99,8 @@ def battery_table(rows: list[dict], protocol: Protocol | None = None, digest: Di
     )
     notes += "; mean ± sample std (n seeds) of the selected configuration's reported accuracy" if len(seeds) > 1 else ""
     notes += "; lr, k and C chosen on the selection split, never on the reported split"
-    if any(r["method"] == "logreg" and r.get("refit") for r in rows):
-        notes += "; logreg (refit): the selected C refit on train + selection rows, then reported once"
+    if any(r.get("refit") for r in rows):
+        notes += "; (refit): the selected lr, k or C fit again on train + selection rows (the holdout; logreg: val too), then reported once"
     if any(chosen_on_report(r) for r in rows):
         notes += "; --select-on report: every reported number is the max over the reported split, optimistic"
     return "\n".join(lines) + "\n\n" + notes + "\n"
@@ -115,7 +115,7 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
         return battery_table(rows, protocol, digest)
     groups = by_probe(rows)
     multi_view = len({k[1] for k in groups}) > 1
-    one_head = all(len(rs) == 1 for rs in groups.values())
+    one_head = all(len(sweep_rows(rs)) == 1 for rs in groups.values())
     multi_wd = any(len({r["wd"] for r in rs}) > 1 for rs in groups.values())
     on_report = all(chosen_on_report(r) for r in rows)
     has_top5 = any(r["report_top5_pct"] is not None or r["select_top5_pct"] is not None for r in rows)
@@ -135,15 +135,16 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for rs in groups.values():
         sel = next(r for r in rs if r["selected"])
+        chosen = chosen_on_selection(rs, sel)  # sel itself, or the sweep's head that sel refits
         cells = [sel["label"], sel["encoder"] or "—"] + ([sel["view"]] if multi_view else [])
-        cells += [f"{sel['lr']:g}"]
+        cells += [f"{sel['lr']:g}" + (" (refit)" if sel.get("refit") else "")]
         cells += [f"{sel['wd']:g}"] if show_wd else []
         reported = (
             fmt_interval(sel["report_top1_pct"], (sel.get("ci95_low"), sel.get("ci95_high")), digits=2)
             if sel["report_top1_pct"] is not None
             else "—"
         )
-        cells += ([] if one_head else [f"{_pct(sel['select_top1_pct'])} ({selection_words(sel, protocol)})"]) + [reported]
+        cells += ([] if one_head else [f"{_pct(chosen['select_top1_pct'])} ({selection_words(sel, protocol)})"]) + [reported]
         cells += [_pct(sel["report_top5_pct"])] if has_top5 else []
         cells += [sel["reported_as"]]
         if best_column:
@@ -159,6 +160,8 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
         notes += f"; [95% CI]: percentile bootstrap over the reported images ({N_RESAMPLES} resamples)"
     if versus:
         notes += f"; Δ: top-1 minus {versus.reference}'s on the same images, paired bootstrap interval, McNemar exact test (probe compare for per-class detail)"
+    if any(r.get("refit") for r in rows):
+        notes += "; (refit): the selected head trained again on train + holdout (same protocol), then reported once"
     if on_report and not one_head:
         notes += "; the LR was chosen on the reported split itself (--select-on report): every reported number is the max over the reported split, optimistic"
     elif not one_head:

@@ -37,3 +37,21 @@ def chosen_on_report(row: dict) -> bool:
 def is_battery(rows: list[dict]) -> bool:
     """More than today's single linear sweep: other methods, several seeds or few-shot sizes."""
     return any(r.get("method", "linear") != "linear" or r.get("shots") is not None for r in rows) or len({r["seed"] for r in rows}) > 1
+
+
+_SETTINGS = ("method", "seed", "shots", "lr", "wd", "k", "C")  # a configuration within one probe's rows
+
+
+def sweep_rows(rows: list[dict]) -> list[dict]:
+    """The rows of the sweeps themselves: the configurations compared on the selection split (not the refits)."""
+    return [r for r in rows if not r.get("refit")]
+
+
+def chosen_on_selection(rows: list[dict], selected: dict) -> dict:
+    """The row of the configuration chosen on the selection split: ``selected`` itself, or, when it
+    is a refit (trained on train + selection rows, so without a selection-split number), the
+    sweep's row of the same settings in ``rows``."""
+    if not selected.get("refit"):
+        return selected
+    key = tuple(selected.get(c) for c in _SETTINGS)
+    return next((r for r in sweep_rows(rows) if tuple(r.get(c) for c in _SETTINGS) == key), selected)

@@ -277,6 +277,9 @@ def _cli_error(capsys, *args) -> str:
 
 def test_malformed_folders_are_one_line_errors(folders, tmp_path, capsys, small_folder):
     base = ["extract", "--model", "m", "--dataset", small_folder, "--out", tmp_path / "o.zarr", "--loader", "torch", "--no-progress"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "has no config.json" in _cli_error(capsys, *base, "--weights", empty)
     bad = _copy(folders["ViTModel"], tmp_path)
     (bad / "config.json").unlink()
     assert "has no config.json" in _cli_error(capsys, *base, "--weights", bad)
@@ -288,6 +291,9 @@ def test_malformed_folders_are_one_line_errors(folders, tmp_path, capsys, small_
     (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertModel"]}))
     line = _cli_error(capsys, *base, "--weights", bad)
     assert "'BertModel'" in line and "Dinov2Model" in line
+
+    (bad / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "model_type"}))
+    assert "has no 'model_type'" in _cli_error(capsys, *base, "--weights", bad)
 
     (bad / "config.json").write_text(json.dumps({**cfg, "hidden_size": 64, "intermediate_size": 128}))
     line = _cli_error(capsys, *base, "--weights", bad)

@@ -135,10 +135,11 @@ class TransformersFolder:
 
 
 def is_transformers_folder(path: str | os.PathLike) -> bool:
-    """A folder with a config.json, or a weights file beside a config.json that names a layout featstore runs."""
+    """Any folder (--weights DIR can only mean one; read_folder says what it lacks), or a weights file
+    beside a config.json that names a layout featstore runs (the model.safetensors of a folder)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        return (p / "config.json").is_file() or any((p / w).is_file() for w in WEIGHT_FILES)
+        return True
     if p.is_file() and p.name in WEIGHT_FILES[::2] and (p.parent / "config.json").is_file():
         try:
             return _architecture(json.loads((p.parent / "config.json").read_text())) in LAYOUTS
@@ -176,6 +177,8 @@ def read_folder(
             f"transformers folders featstore runs: {', '.join(LAYOUTS)}",
         )
     layout = LAYOUTS[architecture]
+    if not isinstance(config.get("model_type"), str):
+        raise FeatstoreError(f"{config_file} has no 'model_type'", again)
     if layout.sub_config and not isinstance(config.get(layout.sub_config), dict):
         raise FeatstoreError(f"{config_file}: {architecture} without a {layout.sub_config!r} section", again)
     weights: tuple[Path, ...] = ()
@@ -223,7 +226,13 @@ def build_model(folder: TransformersFolder, random_init: bool = False, log: Call
             "pip install 'featstore[hf]' (transformers 5)",
         ) from e
     cls = getattr(transformers, folder.layout.model_class)
-    config = _config(transformers, folder)
+    try:
+        config = _config(transformers, folder)
+    except Exception as e:  # transformers' config classes validate their values in their own ways
+        raise FeatstoreError(
+            f"{folder.path / 'config.json'} is not a valid {folder.architecture} config ({type(e).__name__}: {str(e)[:200]})",
+            folder.fetch_hint or "repair config.json or download the folder again",
+        ) from e
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # transformers' own load table and bars: featstore reports the load itself
     hf_logging.disable_progress_bar()

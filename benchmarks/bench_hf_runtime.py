@@ -5,8 +5,9 @@ conversion would run): forward time of featstore's encoder for each, same archit
     .venv/bin/python benchmarks/bench_hf_runtime.py --models dinov2-s --batch-size 4 --rounds 1   # smoke
 
 Each model is saved once by transformers' save_pretrained (random weights: speed does not depend on
-them) and loaded through featstore's --weights DIR path; the twin is the timm model featstore builds
-for the same architecture (random init). Both are featstore ``FeatureEncoder``s giving all their
+them) and run by featstore's transformers path (transformers_folder.build_model); the twin is the
+timm model featstore builds for the same architecture (random init; what hf_to_timm.py converts a
+Dinov2Model folder into). Both are featstore ``FeatureEncoder``s giving all their
 views, fed channels_last float32 pixels as the pipeline feeds them, under inference_mode (and bf16
 autocast on CUDA, as the pipeline runs). The two are timed alternately, round by round; the best
 round counts (other processes only slow a run down). On CPU the process's CPU time is reported
@@ -38,13 +39,14 @@ def build(name: str, folder: Path, device):
     import torch
     import transformers
 
-    from featstore.models.encoders import build_encoder, resolve_encoder
+    from featstore.models.encoders import FeatureEncoder, build_encoder, resolve_encoder
+    from featstore.models.transformers_folder import build_model, read_folder
 
     config_cls, kwargs, twin = MODELS[name]
     config = getattr(transformers, config_cls)(**kwargs)
     getattr(transformers, MODEL_CLASS[config_cls])(config).save_pretrained(folder / name)
     sizes = dict(image_size=224, resize=256)
-    hf = build_encoder(resolve_encoder(name, weights=folder / name, preprocess_overrides=sizes))
+    hf = FeatureEncoder(build_model(read_folder(folder / name)), "custom").eval()  # transformers' forward, whatever featstore picks
     tm = build_encoder(resolve_encoder(twin, random_init=True, preprocess_overrides=sizes))
     return {
         "transformers": hf.to(device).to(memory_format=torch.channels_last),

@@ -47,8 +47,8 @@ def _dinov2(**kw):
 
 # layout -> (model to save, a processor to save or None, native crop, another crop)
 LAYOUTS = {
-    "Dinov2Model": (lambda: _dinov2(), None, 56, 70),
-    "Dinov2Model-swiglu": (lambda: _dinov2(use_swiglu_ffn=True), None, 56, 42),  # ViT-g's MLP
+    "Dinov2Model": (lambda: _dinov2(), None, 56, 42),  # converted to timm: fewer patches, resampled without antialias
+    "Dinov2Model-swiglu": (lambda: _dinov2(use_swiglu_ffn=True), None, 56, 70),  # ViT-g's MLP: run by transformers
     "Dinov2WithRegistersModel": (
         lambda: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**SMALL, image_size=56, patch_size=14, num_register_tokens=4)),
         lambda: T.BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, resample=3),
@@ -202,7 +202,8 @@ def test_load_report_names_layout_and_what_was_dropped(folders):
         "SiglipModel": ("SiglipVisionModel", ["text tower (text_model.*", "logit_bias"]),
         "ViTMAEForPreTraining": ("ViTMAEModel", ["decoder (decoder.*", "mask_ratio 0"]),
         "ViTModel": ("ViTModel", ["pooler (pooler.*, 2 tensors)"]),
-        "Dinov2Model": ("Dinov2Model", ["dropped nothing"]),
+        "Dinov2Model": ("converted to timm VisionTransformer", ["dropped mask token (embeddings.mask_token, 1 tensor)"]),
+        "Dinov2Model-swiglu": ("Dinov2Model, loaded", ["by transformers", "dropped nothing"]),
     }
     for name, (layout, needles) in expected.items():
         logs: list[str] = []
@@ -303,6 +304,19 @@ def test_malformed_folders_are_one_line_errors(folders, tmp_path, capsys, small_
     line = _cli_error(capsys, *base, "--weights", bad)
     assert "lack" in line and "layers.4" in line, line
 
+    dino = _copy(folders["Dinov2Model"], tmp_path / "dino")  # the timm twin's loader: the same refusals
+    dcfg = json.loads((dino / "config.json").read_text())
+    (dino / "config.json").write_text(json.dumps({**dcfg, "hidden_size": 64}))
+    line = _cli_error(capsys, *base, "--weights", dino)
+    assert "differ in shape" in line and "cls_token (1, 1, 32) in the file vs (1, 1, 64) from config.json" in line, line
+    (dino / "config.json").write_text(json.dumps({**dcfg, "num_hidden_layers": 5}))
+    assert "lack" in _cli_error(capsys, *base, "--weights", dino)
+    (dino / "config.json").write_text(json.dumps({**dcfg, "num_hidden_layers": 3}))
+    assert "no place in Dinov2Model, e.g. blocks.3." in _cli_error(capsys, *base, "--weights", dino)
+    (dino / "config.json").write_text(json.dumps(dcfg))
+    (dino / "model.safetensors").write_bytes(b"garbage")
+    assert "not a readable safetensors file" in _cli_error(capsys, *base, "--weights", dino)
+
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / "model.safetensors").write_bytes(b"garbage")
     assert "cannot load the weights" in _cli_error(capsys, *base, "--weights", bad)
@@ -358,6 +372,8 @@ def test_hub_model_resolves_offline_by_refs_and_revision(folders, hub, small_fol
     assert enc["name"] == "hf:acme/tiny" and enc["weights_path"] is None
     assert enc["details"]["hub"]["commit"] == NEW and enc["details"]["hub"]["repo_id"] == "acme/tiny"
     assert v1.attrs["encoder"]["details"]["hub"]["commit"] == OLD
+    assert enc["details"]["runtime"] == "transformers"  # SwiGLU: no timm twin
+    assert v1.attrs["encoder"]["details"]["runtime"] == "timm VisionTransformer (converted)"
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import FeatstoreError, UsageError
 from ..home import file_sha256, weights_dir
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .hf_to_timm import build_twin, timm_twin
 from .hub_cache import is_hub_name, resolve_hub_model
 from .presets import PRESETS, Preset, find_preset
 from .transformers_folder import TransformersFolder, build_model, is_transformers_folder, read_folder
@@ -121,7 +122,8 @@ def _resolve_transformers(name: str, weights: str | os.PathLike | None, random_i
         folder = read_folder(cast(str, weights))
         weights_path = str(folder.path)
     sha = "random-init" if random_init else folder.weights_sha256()
-    details = {**folder.details(), **details}
+    runtime = "timm VisionTransformer (converted)" if timm_twin(folder) is not None else "transformers"
+    details = {**folder.details(), "runtime": runtime, **details}
     pre = folder.preprocess.with_overrides(**overrides)
     return EncoderSpec(name, folder.arch, "vit", pre, weights_path, sha, tuple(folder.inputs()), details)
 
@@ -281,9 +283,11 @@ def build_encoder(
     """
     torch.manual_seed(0)  # --random-init is reproducible
     arch = spec.arch
-    if arch.startswith("hf:"):  # a transformers folder: transformers runs it and gives the views
-        views = build_model(_transformers_folder(spec), random_init=spec.weights_sha256 == "random-init", log=log)
-        return FeatureEncoder(views, "custom").eval()
+    if arch.startswith("hf:"):  # a transformers folder: its timm twin where there is one, else transformers runs it
+        folder, random = _transformers_folder(spec), spec.weights_sha256 == "random-init"
+        if timm_twin(folder) is not None:
+            return FeatureEncoder(build_twin(folder, spec.preprocess.image_size, random, log).eval(), "vit").eval()
+        return FeatureEncoder(build_model(folder, random_init=random, log=log), "custom").eval()
     preset = find_preset(spec.name) if not arch.startswith("user:") else None
     if arch.startswith("timm:"):
         import timm

@@ -7,10 +7,11 @@ transformers 5 renames the attention keys that hub files and ``save_pretrained``
 the features are those of transformers' forward: position embeddings are resampled for another
 crop size by each model's own ``interpolate_pos_encoding``.
 
-Why transformers runs the model rather than a converted timm twin: measured on the same ViT-S/14
-(benchmarks/bench_hf_runtime.py, RESULTS.md #28) the two take the same time, and running the
-authors-of-record code keeps the features exactly transformers' at every size, with nothing to
-keep in step with its renames. transformers is imported only when such a folder is given.
+Which runs: a plain ``Dinov2Model`` config is converted into its timm twin (hf_to_timm.py), which
+took 8–11% less CPU time per image than transformers' forward (benchmarks/bench_hf_runtime.py,
+RESULTS.md #28) and needs no transformers import; every other layout is run by transformers itself,
+which keeps the features exactly transformers' at every size with nothing to keep in step with its
+key renames. transformers is imported only when it runs a folder.
 
 Views, as transformers defines the outputs: ``cls`` is the normed CLS token (``pooler_output``
 for DINOv2, CLIP's post-layernormed CLS), ``avgpool`` the mean of the final normed patch tokens

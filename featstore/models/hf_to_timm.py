@@ -1,0 +1,170 @@
+"""A transformers ``Dinov2Model`` folder converted into the timm ViT featstore runs for the DINOv2 presets.
+
+The timm twin took 8–11% less CPU time per image than transformers' forward of the same networks
+(benchmarks/bench_hf_runtime.py, RESULTS.md #28), and needs no transformers import. The conversion
+is exact: the keys are renamed (q, k and v concatenated into timm's qkv), and the position
+embeddings are resampled once at load time as transformers' ``Dinov2Embeddings.interpolate_pos_encoding``
+does at every forward (bicubic to the new grid, ``align_corners=False``, no antialias: the "size" rule
+of checkpoints.py). Any other config (SwiGLU MLP, another activation, registers, a .bin file) is
+run by transformers itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import FeatstoreError
+from .transformers_folder import TransformersFolder
+
+# transformers' file key (hub files and save_pretrained's, and transformers 5's own names) -> timm's
+_EMBEDDINGS = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+_LAYER = re.compile(r"encoder\.layers?\.(\d+)\.(.+)")
+_IN_LAYER = {
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
+}
+_QKV = {
+    "attention.attention.query": "q",
+    "attention.attention.key": "k",
+    "attention.attention.value": "v",
+    "attention.q_proj": "q",
+    "attention.k_proj": "k",
+    "attention.v_proj": "v",
+}
+
+
+def timm_twin(folder: TransformersFolder) -> dict[str, Any] | None:
+    """The timm VisionTransformer arguments of the folder's network, or None when transformers must run it."""
+    c = folder.config
+    plain = (
+        folder.architecture == "Dinov2Model"
+        and c.get("hidden_act", "gelu") == "gelu"
+        and not c.get("use_swiglu_ffn", False)
+        and int(c.get("num_channels", 3)) == 3
+        and isinstance(c.get("patch_size", 14), int)
+        and all(p.suffix == ".safetensors" for p in folder.weights)
+    )
+    if not plain:
+        return None
+    dim = int(c.get("hidden_size", 768))
+    return dict(
+        patch_size=int(c.get("patch_size", 14)),
+        embed_dim=dim,
+        depth=int(c.get("num_hidden_layers", 12)),
+        num_heads=int(c.get("num_attention_heads", 12)),
+        mlp_ratio=c.get("mlp_ratio", 4),  # both make int(hidden * mlp_ratio) units
+        qkv_bias=bool(c.get("qkv_bias", True)),
+        init_values=float(c.get("layerscale_value", 1.0)),
+        norm_layer=partial(nn.LayerNorm, eps=float(c.get("layer_norm_eps", 1e-6))),
+        act_layer=nn.GELU,  # transformers' "gelu" is the exact erf GELU, as nn.GELU()
+        num_classes=0,
+        global_pool="token",
+    )
+
+
+def convert(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(timm state dict, the file's keys with no place in it)."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    other = []
+    for key, value in sd.items():
+        if key in _EMBEDDINGS:
+            out[_EMBEDDINGS[key]] = value
+            continue
+        m = _LAYER.fullmatch(key)
+        if m is None:
+            other.append(key)
+            continue
+        block, rest = m.groups()
+        name, _, leaf = rest.rpartition(".")
+        if name in _QKV:
+            qkv.setdefault((block, leaf), {})[_QKV[name]] = value
+        elif name in _IN_LAYER:
+            out[f"blocks.{block}.{_IN_LAYER[name]}.{leaf}"] = value
+        elif rest in _IN_LAYER:  # the layer-scale parameters have no leaf name
+            out[f"blocks.{block}.{_IN_LAYER[rest]}"] = value
+        else:
+            other.append(key)
+    for (block, leaf), parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise FeatstoreError(f"layer {block} of the file lacks {sorted({'q', 'k', 'v'} - set(parts))} {leaf}", None)
+        out[f"blocks.{block}.attn.qkv.{leaf}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out, other
+
+
+def build_twin(folder: TransformersFolder, image_size: int, random_init: bool, log: Callable[[str], None]) -> nn.Module:
+    """The timm ViT of a Dinov2Model folder, its weights converted (the caller wraps it for views)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from .checkpoints import resample_pos_embed
+
+    kwargs = timm_twin(folder)
+    assert kwargs is not None
+    label = f"{folder.architecture} [converted to timm VisionTransformer]"
+    if random_init:
+        torch.manual_seed(0)
+        model = VisionTransformer(img_size=image_size, **kwargs)
+        log(f"{label} from {folder.path.name}/config.json: random init")
+        return model
+    with torch.device("meta"):
+        model = VisionTransformer(img_size=image_size, **kwargs)
+    model = model.to_empty(device="cpu")  # every tensor is replaced below; a missing one is refused
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in folder.weights:
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own (Rust) error types
+            raise FeatstoreError(
+                f"{f.name!r} in {folder.path} is not a readable safetensors file ({e})",
+                folder.fetch_hint or "check the folder's weights file (download it again)",
+            ) from e
+    sd, other = convert(sd)
+    # the model's grid: transformers resamples at each forward with this rule; here once, at load time
+    sd, resampled = resample_pos_embed(sd, model, "size")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = [k for k in sd if k in shapes and tuple(sd[k].shape) != shapes[k]]
+    if bad:
+        k = bad[0]
+        raise FeatstoreError(
+            f"weights in {folder.path} do not fit its config.json ({folder.architecture}): {len(bad)} tensors differ in shape, "
+            f"e.g. {k} {tuple(sd[k].shape)} in the file vs {shapes[k]} from config.json",
+            "config.json and the weights come from different models: " + (folder.fetch_hint or "download the folder again"),
+        )
+    missing = sorted(shapes.keys() - sd.keys())
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FeatstoreError(
+            f"weights in {folder.path} lack {len(missing)} parameters of {folder.architecture}: {shown}",
+            "the folder's weights do not hold the whole model: " + (folder.fetch_hint or "download the folder again"),
+        )
+    unplaced = [k for k in sd if k not in shapes] + [k for k in other if k != "embeddings.mask_token"]
+    if unplaced:
+        raise FeatstoreError(
+            f"weights in {folder.path} have {len(unplaced)} tensors with no place in {folder.architecture}, e.g. {unplaced[0]}",
+            "config.json and the weights come from different models: " + (folder.fetch_hint or "download the folder again"),
+        )
+    model.load_state_dict(sd)
+    dropped = "; dropped mask token (embeddings.mask_token, 1 tensor)" if "embeddings.mask_token" in other else "; dropped nothing"
+    log(f"weights {folder.path.name}: {label}, loaded {len(sd)} tensors{dropped}" + "".join(f"; {n}" for n in resampled))
+    return model

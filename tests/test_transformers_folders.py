@@ -200,8 +200,9 @@ def test_load_report_names_layout_and_what_was_dropped(folders):
     expected = {
         "CLIPModel": ("CLIPVisionModelWithProjection", ["text tower (text_model.*", "text projection (text_projection.*", "logit_scale"]),
         "SiglipModel": ("SiglipVisionModel", ["text tower (text_model.*", "logit_bias"]),
-        "ViTMAEForPreTraining": ("ViTMAEModel", ["decoder (decoder.*", "mask_ratio 0"]),
-        "ViTModel": ("ViTModel", ["pooler (pooler.*, 2 tensors)"]),
+        "ViTMAEForPreTraining": ("ViTMAEForPreTraining [converted to timm", ["decoder (decoder.*", "random masking off"]),
+        "ViTModel": ("ViTModel [converted to timm", ["pooler (pooler.*, 2 tensors)"]),
+        "IJepaModel": ("IJepaModel [converted to timm", ["dropped nothing"]),
         "Dinov2Model": ("converted to timm VisionTransformer", ["dropped mask token (embeddings.mask_token, 1 tensor)"]),
         "Dinov2Model-swiglu": ("Dinov2Model, loaded", ["by transformers", "dropped nothing"]),
     }
@@ -281,14 +282,14 @@ def test_malformed_folders_are_one_line_errors(folders, tmp_path, capsys, small_
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "has no config.json" in _cli_error(capsys, *base, "--weights", empty)
-    bad = _copy(folders["ViTModel"], tmp_path)
+    bad = _copy(folders["CLIPVisionModel"], tmp_path)  # run by transformers: its loader's refusals
     (bad / "config.json").unlink()
     assert "has no config.json" in _cli_error(capsys, *base, "--weights", bad)
 
     (bad / "config.json").write_text("{not json")
     assert "not readable JSON" in _cli_error(capsys, *base, "--weights", bad)
 
-    cfg = json.loads((folders["ViTModel"] / "config.json").read_text())
+    cfg = json.loads((folders["CLIPVisionModel"] / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertModel"]}))
     line = _cli_error(capsys, *base, "--weights", bad)
     assert "'BertModel'" in line and "Dinov2Model" in line
@@ -298,7 +299,7 @@ def test_malformed_folders_are_one_line_errors(folders, tmp_path, capsys, small_
 
     (bad / "config.json").write_text(json.dumps({**cfg, "hidden_size": 64, "intermediate_size": 128}))
     line = _cli_error(capsys, *base, "--weights", bad)
-    assert "differ in shape" in line and "embeddings.cls_token (1, 1, 32) in the file vs (1, 1, 64) from config.json" in line, line
+    assert "differ in shape" in line and "(32,) in the file vs (64,) from config.json" in line, line
 
     (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5}))
     line = _cli_error(capsys, *base, "--weights", bad)
@@ -455,7 +456,7 @@ def test_hub_snapshot_without_weights_names_the_download(hub, folders, capsys, s
 
 
 @pytest.mark.slow
-def test_transformers_is_imported_only_for_a_transformers_folder():
+def test_transformers_is_imported_only_when_it_runs_a_folder(folders):
     import subprocess
     import sys
 
@@ -465,6 +466,11 @@ def test_transformers_is_imported_only_for_a_transformers_folder():
         "from featstore.models.encoders import build_encoder, resolve_encoder\n"
         "build_encoder(resolve_encoder('resnet18', random_init=True))\n"
         "print('transformers' in sys.modules)\n"
+        "build_encoder(resolve_encoder('m', weights=sys.argv[1]))  # converted to timm: no transformers either\n"
+        "print('transformers' in sys.modules)\n"
+        "build_encoder(resolve_encoder('m', weights=sys.argv[2]))  # run by transformers\n"
+        "print('transformers' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
-    assert out.stdout.strip() == "False", out.stderr
+    args = [sys.executable, "-c", code, str(folders["Dinov2Model"]), str(folders["SiglipVisionModel"])]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    assert out.stdout.split() == ["False", "False", "True"], out.stderr

@@ -1,11 +1,15 @@
-"""A transformers ``Dinov2Model`` folder converted into the timm ViT featstore runs for the DINOv2 presets.
+"""transformers ViT folders converted into the timm ViT featstore already runs: ``Dinov2Model``,
+``ViTModel`` (DINO v1 on the hub), ``ViTMAEModel`` / ``ViTMAEForPreTraining`` (the encoder) and
+``IJepaModel``.
 
 The timm twin took 8–11% less CPU time per image than transformers' forward of the same networks
 (benchmarks/bench_hf_runtime.py, RESULTS.md #28), and needs no transformers import. The conversion
 is exact: the keys are renamed (q, k and v concatenated into timm's qkv), and the position
-embeddings are resampled once at load time as transformers' ``Dinov2Embeddings.interpolate_pos_encoding``
-does at every forward (bicubic to the new grid, ``align_corners=False``, no antialias: the "size" rule
-of checkpoints.py). Any other config (SwiGLU MLP, another activation, registers, a .bin file) is
+embeddings are resampled once at load time as these models' ``interpolate_pos_encoding`` does at
+every forward (bicubic to the new grid, ``align_corners=False``, no antialias: the "size" rule of
+checkpoints.py). MAE's encoder sees every patch in order (its random masking, at ratio 0, only
+shuffles them). Any other config (SwiGLU MLP, another activation, a .bin file) and the layouts
+with no exact twin built (DINOv2 with registers, whose resampling antialiases; CLIP; SigLIP) are
 run by transformers itself.
 """
 
@@ -20,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import FeatstoreError
-from .transformers_folder import TransformersFolder
+from .transformers_folder import TransformersFolder, dropped_text
 
 # transformers' file key (hub files and save_pretrained's, and transformers 5's own names) -> timm's
 _EMBEDDINGS = {
@@ -31,14 +35,18 @@ _EMBEDDINGS = {
     "layernorm.weight": "norm.weight",
     "layernorm.bias": "norm.bias",
 }
-_LAYER = re.compile(r"encoder\.layers?\.(\d+)\.(.+)")
+_LAYER = re.compile(r"(?:encoder\.layers?|layers)\.(\d+)\.(.+)")
 _IN_LAYER = {
-    "norm1": "norm1",
+    "norm1": "norm1",  # DINOv2
     "norm2": "norm2",
+    "layernorm_before": "norm1",  # ViT, ViTMAE, I-JEPA
+    "layernorm_after": "norm2",
     "layer_scale1.lambda1": "ls1.gamma",
     "layer_scale2.lambda1": "ls2.gamma",
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
     "attention.output.dense": "attn.proj",
     "attention.o_proj": "attn.proj",
 }
@@ -52,32 +60,48 @@ _QKV = {
 }
 
 
+# the layouts with a twin -> (file key prefix of the encoder, tensors the twin does not need, note for the report)
+TWINS = {
+    "Dinov2Model": ("", ("embeddings.mask_token",), ""),
+    "ViTModel": ("", ("pooler", "embeddings.mask_token"), ""),
+    "ViTMAEModel": ("", (), "MAE's random masking off (every patch, in order)"),
+    "ViTMAEForPreTraining": ("vit.", ("decoder",), "MAE's random masking off (every patch, in order)"),
+    "IJepaModel": ("", ("pooler", "embeddings.mask_token"), ""),
+}
+
+
 def timm_twin(folder: TransformersFolder) -> dict[str, Any] | None:
     """The timm VisionTransformer arguments of the folder's network, or None when transformers must run it."""
     c = folder.config
+    dinov2 = folder.architecture == "Dinov2Model"
+    dim = int(c.get("hidden_size", 768))
+    ratio = float(c.get("mlp_ratio", 4)) if dinov2 else int(c.get("intermediate_size", 4 * dim)) / dim
     plain = (
-        folder.architecture == "Dinov2Model"
+        folder.architecture in TWINS
         and c.get("hidden_act", "gelu") == "gelu"
         and not c.get("use_swiglu_ffn", False)
         and int(c.get("num_channels", 3)) == 3
-        and isinstance(c.get("patch_size", 14), int)
+        and isinstance(c.get("patch_size", 16), int)
+        and (dinov2 or int(dim * ratio) == int(c.get("intermediate_size", 4 * dim)))
         and all(p.suffix == ".safetensors" for p in folder.weights)
     )
     if not plain:
         return None
-    dim = int(c.get("hidden_size", 768))
+    ijepa = folder.architecture == "IJepaModel"
     return dict(
-        patch_size=int(c.get("patch_size", 14)),
+        patch_size=int(c.get("patch_size", 14 if dinov2 else 16)),
         embed_dim=dim,
         depth=int(c.get("num_hidden_layers", 12)),
         num_heads=int(c.get("num_attention_heads", 12)),
-        mlp_ratio=c.get("mlp_ratio", 4),  # both make int(hidden * mlp_ratio) units
+        mlp_ratio=ratio,  # both make int(hidden * mlp_ratio) units
         qkv_bias=bool(c.get("qkv_bias", True)),
-        init_values=float(c.get("layerscale_value", 1.0)),
-        norm_layer=partial(nn.LayerNorm, eps=float(c.get("layer_norm_eps", 1e-6))),
+        init_values=float(c.get("layerscale_value", 1.0)) if dinov2 else None,
+        norm_layer=partial(nn.LayerNorm, eps=float(c.get("layer_norm_eps", 1e-6 if dinov2 else 1e-12))),
         act_layer=nn.GELU,  # transformers' "gelu" is the exact erf GELU, as nn.GELU()
         num_classes=0,
-        global_pool="token",
+        class_token=not ijepa,  # I-JEPA has none: avgpool only
+        global_pool="avg" if ijepa else "token",
+        fc_norm=False,  # the final norm stays on the tokens (forward_features), as transformers' layernorm
     )
 
 
@@ -139,6 +163,9 @@ def build_twin(folder: TransformersFolder, image_size: int, random_init: bool, l
                 f"{f.name!r} in {folder.path} is not a readable safetensors file ({e})",
                 folder.fetch_hint or "check the folder's weights file (download it again)",
             ) from e
+    prefix, droppable, note = TWINS[folder.architecture]
+    if prefix:  # a pretraining model's file: the encoder under its prefix, the rest (the decoder) dropped
+        sd = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in sd.items()}
     sd, other = convert(sd)
     # the model's grid: transformers resamples at each forward with this rule; here once, at load time
     sd, resampled = resample_pos_embed(sd, model, "size")
@@ -158,13 +185,17 @@ def build_twin(folder: TransformersFolder, image_size: int, random_init: bool, l
             f"weights in {folder.path} lack {len(missing)} parameters of {folder.architecture}: {shown}",
             "the folder's weights do not hold the whole model: " + (folder.fetch_hint or "download the folder again"),
         )
-    unplaced = [k for k in sd if k not in shapes] + [k for k in other if k != "embeddings.mask_token"]
+    dropped = [k for k in other if any(k == d or k.startswith(d + ".") for d in droppable)]
+    unplaced = [k for k in sd if k not in shapes] + [k for k in other if k not in dropped]
     if unplaced:
         raise FeatstoreError(
             f"weights in {folder.path} have {len(unplaced)} tensors with no place in {folder.architecture}, e.g. {unplaced[0]}",
             "config.json and the weights come from different models: " + (folder.fetch_hint or "download the folder again"),
         )
     model.load_state_dict(sd)
-    dropped = "; dropped mask token (embeddings.mask_token, 1 tensor)" if "embeddings.mask_token" in other else "; dropped nothing"
-    log(f"weights {folder.path.name}: {label}, loaded {len(sd)} tensors{dropped}" + "".join(f"; {n}" for n in resampled))
+    log(
+        "; ".join(
+            [f"weights {folder.path.name}: {label}, loaded {len(sd)} tensors", dropped_text(dropped), *([note] if note else []), *resampled]
+        )
+    )
     return model

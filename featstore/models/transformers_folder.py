@@ -7,7 +7,8 @@ transformers 5 renames the attention keys that hub files and ``save_pretrained``
 the features are those of transformers' forward: position embeddings are resampled for another
 crop size by each model's own ``interpolate_pos_encoding``.
 
-Which runs: a plain ``Dinov2Model`` config is converted into its timm twin (hf_to_timm.py), which
+Which runs: ``Dinov2Model``, ``ViTModel``, ``ViTMAE*`` and ``IJepaModel`` folders with a plain config
+are converted into their timm twin (hf_to_timm.py), which
 took 8–11% less CPU time per image than transformers' forward (benchmarks/bench_hf_runtime.py,
 RESULTS.md #28) and needs no transformers import; every other layout is run by transformers itself,
 which keeps the features exactly transformers' at every size with nothing to keep in step with its
@@ -76,6 +77,7 @@ _DROPPED_NAMES = {
     "logit_bias": "logit bias",
     "pooler": "pooler",
     "decoder": "decoder",
+    "embeddings.mask_token": "mask token",
 }
 
 
@@ -213,6 +215,18 @@ def _weight_files(path: Path, again: str) -> tuple[Path, ...]:
     raise FeatstoreError(f"{str(path)!r} has a config.json but no weights ({' / '.join(WEIGHT_FILES[::2])})", again)
 
 
+def dropped_text(keys: list[str]) -> str:
+    """``dropped text tower (text_model.*, 68 tensors), …`` for the load report."""
+    groups = Counter(k.split(".", 1)[0] if not k.startswith("embeddings.mask_token") else "embeddings.mask_token" for k in keys)
+    if not groups:
+        return "dropped nothing"
+    parts = []
+    for k, n in sorted(groups.items()):
+        spelled = f"{k}.*" if any(u.startswith(k + ".") for u in keys) else k
+        parts.append(f"{_DROPPED_NAMES.get(k, k)} ({spelled}, {n} tensor{'s' if n > 1 else ''})")
+    return "dropped " + ", ".join(parts)
+
+
 # ---------------------------------------------------------------- building (imports transformers)
 
 
@@ -300,17 +314,8 @@ def _load(cls, config, folder: TransformersFolder):
         )
     if info.get("error_msgs"):
         raise FeatstoreError(f"weights in {folder.path} do not load into {label}: {info['error_msgs'][0][:200]}", folder.fetch_hint or None)
-    unexpected = sorted(info.get("unexpected_keys") or [])
-    dropped = Counter(k.split(".", 1)[0] for k in unexpected)
-    text = f"weights {folder.path.name}: {label}, loaded {len(model.state_dict())} tensors by transformers"
-    if dropped:
-        parts = []
-        for k, n in sorted(dropped.items()):
-            keys = f"{k}.*" if any(u.startswith(k + ".") for u in unexpected) else k
-            parts.append(f"{_DROPPED_NAMES.get(k, k)} ({keys}, {n} tensor{'s' if n > 1 else ''})")
-        text += "; dropped " + ", ".join(parts)
-    else:
-        text += "; dropped nothing"
+    text = f"weights {folder.path.name}: {label}, loaded {len(model.state_dict())} tensors by transformers; "
+    text += dropped_text(sorted(info.get("unexpected_keys") or []))
     if folder.layout.model_class == "ViTMAEModel":
         text += "; MAE random masking off (mask_ratio 0)"
     return model, text

@@ -29,7 +29,8 @@ def cli(debug):
 @click.option(
     "--model",
     required=True,
-    help="Preset (featstore models lists them: dino, dinov2-b, mocov3-vits, mae-b, …), a timm name, tv:<torchvision name>, or file.py:build.",
+    help="Preset (featstore models lists them: dino, dinov2-b, mocov3-vits, mae-b, …), a timm name, tv:<torchvision name>, file.py:build, "
+    "or hf:ORG/NAME[@REVISION] from the local Hugging Face hub cache (never downloaded).",
 )
 @click.option(
     "--dataset",
@@ -43,7 +44,12 @@ def cli(debug):
     help="Store to write (a .zarr folder); rerunning the same command resumes it. Default: the cache, $FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr (see `featstore ls`).",
 )
 @click.option("--data-root", type=click.Path(), help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet).")
-@click.option("--weights", type=click.Path(), help="Checkpoint (.pth/.pt/.safetensors), loaded with weights_only=True.")
+@click.option(
+    "--weights",
+    type=click.Path(),
+    help="Checkpoint (.pth/.pt/.safetensors), loaded with weights_only=True; or a transformers model folder "
+    "(config.json + model.safetensors), whose config gives the architecture and preprocessing.",
+)
 @click.option("--random-init", is_flag=True, help="Run the model untrained (no weights).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that needs arbitrary code to unpickle.")
 @click.option(

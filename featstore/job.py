@@ -41,6 +41,8 @@ def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype:
         "views": sorted(views) if views else "all",
         "dtype": dtype,
         "manifest_sha256": manifest.sha256,
+        # a transformers folder's layout, config digest and preprocessing source (not where the hub cache keeps it)
+        **({"encoder_details": {k: v for k, v in spec.details.items() if k != "hub"}} if spec.details else {}),
     }
 
 
@@ -125,7 +127,7 @@ def remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: 
         inputs = [str(Path(config.dataset).expanduser().resolve())]
     else:
         inputs = dataset_dirs(manifest.root)
-    remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, inputs)
+    remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, [*spec.inputs, *inputs])
 
 
 def create_store(

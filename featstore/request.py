@@ -30,13 +30,15 @@ class ExtractConfig:
     Parameters
     ----------
     model : str
-        A preset (``featstore models``), a timm name, ``tv:<torchvision name>`` or ``file.py:build``.
+        A preset (``featstore models``), a timm name, ``tv:<torchvision name>``, ``file.py:build`` or
+        ``hf:ORG/NAME[@REVISION]`` (a model in the local Hugging Face hub cache).
     dataset : str
         ``digits``, ``imagenet``, an ImageFolder folder or a CSV file list.
     out : str, optional
         The store to write; None: the cache, ``$FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr``.
     data_root, weights, random_init, trust_checkpoint, ignore_keys
-        Where ``imagenet`` lives; the checkpoint; run untrained; allow pickled code; checkpoint key globs to drop.
+        Where ``imagenet`` lives; the checkpoint (or a transformers model folder); run untrained; allow pickled
+        code; checkpoint key globs to drop.
     views : list of str, optional
         Views to store (default: all the model gives).
     loader, device, batch_size, workers, dtype, chunk_rows, compile

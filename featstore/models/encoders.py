@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,7 +25,10 @@ from torch import nn
 from ..errors import FeatstoreError, UsageError
 from ..home import file_sha256, weights_dir
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .hf_to_timm import build_twin, timm_twin
+from .hub_cache import is_hub_name, resolve_hub_model
 from .presets import PRESETS, Preset, find_preset
+from .transformers_folder import TransformersFolder, build_model, is_transformers_folder, read_folder
 
 _TV_PRE = Preprocess(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 
@@ -40,6 +43,8 @@ class EncoderSpec:
     preprocess: Preprocess
     weights_path: str | None
     weights_sha256: str  # "random-init" when no weights were loaded
+    inputs: tuple[str, ...] = ()  # other files the resolution read (a transformers folder's config, a hub ref): stamped by the memo
+    details: dict = field(default_factory=dict)  # more provenance (a transformers folder's layout, config digest, hub commit)
 
     def to_dict(self) -> dict:
         return {
@@ -48,6 +53,7 @@ class EncoderSpec:
             "family": self.family,
             "weights_path": self.weights_path,
             "weights_sha256": self.weights_sha256,
+            **({"details": self.details} if self.details else {}),
         }
 
 
@@ -58,6 +64,8 @@ def resolve_encoder(
     preprocess_overrides: dict | None = None,
 ) -> EncoderSpec:
     """Check that ``name`` exists and that weights are available, without building the model."""
+    if is_hub_name(name) or (weights is not None and is_transformers_folder(weights)):
+        return _resolve_transformers(name, weights, random_init, preprocess_overrides or {})
     preset = find_preset(name)
     if preset is not None:
         name = preset.name  # an alias and its preset share stores
@@ -87,6 +95,43 @@ def resolve_encoder(
             )
     sha = file_sha256(weights_path) if weights_path else ("user-builder" if arch.startswith("user:") and not random_init else "random-init")
     return EncoderSpec(name, arch, _family(arch), pre, str(weights_path.resolve()) if weights_path else None, sha)
+
+
+def _resolve_transformers(name: str, weights: str | os.PathLike | None, random_init: bool, overrides: dict) -> EncoderSpec:
+    """``hf:ORG/NAME`` from the local hub cache, or ``--weights DIR`` (a transformers folder): the
+    architecture and preprocessing are the folder's, the name is what the user typed."""
+    details: dict = {}
+    if is_hub_name(name):
+        if weights is not None:
+            raise UsageError(f"--model {name} brings its own weights", "drop --weights (or pass --weights DIR with another --model name)")
+        hub = resolve_hub_model(name)
+        folder = read_folder(
+            hub.folder, random_init, fetch_hint=f"run {hub.fetch_command}", extra_inputs=(str(hub.ref_file),) if hub.ref_file else ()
+        )
+        details["hub"] = {
+            "repo_id": hub.repo_id,
+            "revision": hub.revision,
+            "commit": hub.commit,
+            "folder": str(hub.folder),
+            "chosen": hub.how,
+        }
+        weights_path = None  # the store goes by the hub name; the snapshot folder is in details
+    else:
+        if random_init:
+            raise UsageError("--weights and --random-init exclude each other", "pass one of them")
+        folder = read_folder(cast(str, weights))
+        weights_path = str(folder.path)
+    sha = "random-init" if random_init else folder.weights_sha256()
+    runtime = "timm VisionTransformer (converted)" if timm_twin(folder) is not None else "transformers"
+    details = {**folder.details(), "runtime": runtime, **details}
+    pre = folder.preprocess.with_overrides(**overrides)
+    return EncoderSpec(name, folder.arch, "vit", pre, weights_path, sha, tuple(folder.inputs()), details)
+
+
+def _transformers_folder(spec: EncoderSpec) -> TransformersFolder:
+    """The folder a resolved transformers spec was read from (a hub model's snapshot, not refs/main again)."""
+    hub = spec.details.get("hub")
+    return read_folder(hub["folder"] if hub else cast(str, spec.weights_path), random_init=spec.weights_sha256 == "random-init")
 
 
 def _arch_and_preprocess(name: str) -> tuple[str, Preprocess, Preset | None]:
@@ -238,6 +283,11 @@ def build_encoder(
     """
     torch.manual_seed(0)  # --random-init is reproducible
     arch = spec.arch
+    if arch.startswith("hf:"):  # a transformers folder: its timm twin where there is one, else transformers runs it
+        folder, random = _transformers_folder(spec), spec.weights_sha256 == "random-init"
+        if timm_twin(folder) is not None:
+            return FeatureEncoder(build_twin(folder, spec.preprocess.image_size, random, log).eval(), "vit").eval()
+        return FeatureEncoder(build_model(folder, random_init=random, log=log), "custom").eval()
     preset = find_preset(spec.name) if not arch.startswith("user:") else None
     if arch.startswith("timm:"):
         import timm

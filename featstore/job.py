@@ -20,7 +20,8 @@ from .device import compute_dtype
 from .errors import FeatstoreError, UsageError
 from .home import default_store_path
 from .manifest import Manifest
-from .models.encoders import EncoderSpec
+from .models.encoders import EncoderSpec, pos_embed_rule
+from .models.presets import find_preset
 from .ranks import Ranks, wait_until
 from .request import ExtractConfig, dataset_dirs, refuse_url_out, remember_request, request_of, resolved_model, resolved_path
 from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, is_store
@@ -29,7 +30,7 @@ from .store.lock import StoreLock
 
 def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest, device: torch.device) -> dict:
     """Everything that changes the stored numbers; two runs with equal fields give the same store."""
-    return {
+    fields = {
         # bf16 autocast on CUDA, fp32 on CPU: a store is never half one and half the other
         "compute": f"{device.type}-{'bf16' if compute_dtype(device) == torch.bfloat16 else 'fp32'}",
         "encoder": spec.name,
@@ -41,6 +42,10 @@ def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype:
         "dtype": dtype,
         "manifest_sha256": manifest.sha256,
     }
+    if pos_embed_rule(spec.arch, find_preset(spec.name)) == "dinov2-reg":
+        # stores of the register models made before they had their own resampling hold other features
+        fields["pos_embed"] = "dinov2-reg"
+    return fields
 
 
 def cache_key(fields: dict) -> str:

@@ -260,6 +260,7 @@ def resample_pos_embed(sd: dict, model: nn.Module, rule: str) -> tuple[dict, lis
     sd = {**sd, "pos_embed": out}
     names = {
         "dino": "DINO's interpolate_pos_encoding",
+        "dinov2-reg": "DINOv2-reg's interpolate_pos_encoding (offset 0, antialiased)",
         "scale": "MSN/I-JEPA's interpolate_pos_encoding",
         "size": "MAE's interpolate_pos_embed",
     }
@@ -267,13 +268,17 @@ def resample_pos_embed(sd: dict, model: nn.Module, rule: str) -> tuple[dict, lis
 
 
 def interpolate_patch_pos_embed(patches: torch.Tensor, new: tuple[int, int], rule: str) -> torch.Tensor:
-    """(1, D, H, W) patch position embeddings to ``new`` (h, w), bicubic, never antialiased."""
+    """(1, D, H, W) patch position embeddings to ``new`` (h, w), bicubic, antialiased only where the authors' model is."""
     old_h, old_w = patches.shape[-2:]
     if rule == "dino":
         # dinov2/models/vision_transformer.py interpolate_pos_encoding (interpolate_offset=0.1): the scale
         # factor, not the size, sets the sampling positions; dino/vision_transformer.py does the same
         scale = ((new[0] + 0.1) / old_h, (new[1] + 0.1) / old_w)
         return nn.functional.interpolate(patches, scale_factor=scale, mode="bicubic", antialias=False)
+    if rule == "dinov2-reg":
+        # the same function as built by hub/backbones.py dinov2_*_reg (interpolate_offset=0.0,
+        # interpolate_antialias=True): the size, not a scale factor, and antialiased when shrinking
+        return nn.functional.interpolate(patches, size=new, mode="bicubic", antialias=True)
     if rule == "scale":
         # msn src/deit.py, ijepa src/models/vision_transformer.py: scale_factor=math.sqrt(npatch / N)
         factor = math.sqrt(new[0] * new[1] / (old_h * old_w))

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import FeatstoreError, UsageError
 from ..home import file_sha256, weights_dir
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from .presets import PRESETS, Preset, find_preset
+from .presets import PRESETS, Preset, dinov2_rule, find_preset
 
 _TV_PRE = Preprocess(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 
@@ -299,10 +299,13 @@ def _construct(make: Callable[[], nn.Module], weights_follow: bool) -> nn.Module
 
 
 def pos_embed_rule(arch: str, preset: Preset | None) -> str:
-    """How the authors' code resamples position embeddings: the preset's rule; DINOv2's for any timm dinov2 name."""
+    """How the authors' code resamples position embeddings: the preset's rule; for any timm dinov2 name,
+    that of the DINOv2 model it names (timm spells the register models ``*_reg4_dinov2``)."""
     if preset is not None:
         return preset.pos_embed
-    return "dino" if arch.startswith("timm:") and "dinov2" in arch else "timm"
+    if arch.startswith("timm:") and "dinov2" in arch:
+        return dinov2_rule("_reg" in arch)
+    return "timm"
 
 
 def _strip_torchvision_head(model: nn.Module) -> None:

@@ -45,7 +45,11 @@ def cli(debug):
 @click.option("--data-root", type=click.Path(), help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet).")
 @click.option("--weights", type=click.Path(), help="Checkpoint (.pth/.pt/.safetensors), loaded with weights_only=True.")
 @click.option("--random-init", is_flag=True, help="Run the model untrained (no weights).")
-@click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that needs arbitrary code to unpickle.")
+@click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Unpickle a checkpoint's own classes, running their code (without it they load as inert placeholders).",
+)
 @click.option(
     "--ignore-keys",
     multiple=True,

@@ -43,6 +43,13 @@ def cli(debug):
     help="Store to write (a .zarr folder); rerunning the same command resumes it. Default: the cache, $FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr (see `featstore ls`).",
 )
 @click.option("--data-root", type=click.Path(), help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet).")
+@click.option(
+    "--split",
+    "split_spec",
+    metavar="NAME=FRACTION,...",
+    help="Split a dataset without splits, seeded and stratified per class, e.g. train=0.7,val=0.1,test=0.2.",
+)
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of --split (recorded in the store and its cache key).")
 @click.option("--weights", type=click.Path(), help="Checkpoint (.pth/.pt/.safetensors), loaded with weights_only=True.")
 @click.option("--random-init", is_flag=True, help="Run the model untrained (no weights).")
 @click.option(
@@ -97,6 +104,8 @@ def extract(
     dataset,
     out,
     data_root,
+    split_spec,
+    split_seed,
     weights,
     random_init,
     trust_checkpoint,
@@ -147,6 +156,8 @@ def extract(
         mean=mean,
         std=std,
         compile=compile_model,
+        split=split_spec,
+        split_seed=split_seed,
     )
     result = recall_up_to_date(config)  # an unchanged request answers without importing torch
     if result is None:

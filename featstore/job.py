@@ -24,6 +24,7 @@ from .models.encoders import EncoderSpec, pos_embed_rule
 from .models.presets import find_preset
 from .ranks import Ranks, wait_until
 from .request import ExtractConfig, dataset_dirs, refuse_url_out, remember_request, request_of, resolved_model, resolved_path
+from .splits import parse_split
 from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, is_store
 from .store.lock import StoreLock
 
@@ -42,6 +43,8 @@ def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype:
         "dtype": dtype,
         "manifest_sha256": manifest.sha256,
     }
+    if manifest.split:  # the manifest digest has the drawn splits; the seed and fractions are named too
+        fields["split"] = manifest.split
     if pos_embed_rule(spec.arch, find_preset(spec.name)) == "dinov2-reg":
         # stores of the register models made before they had their own resampling hold other features
         fields["pos_embed"] = "dinov2-reg"
@@ -62,6 +65,10 @@ def validate(config: ExtractConfig) -> None:
         raise UsageError(f"unknown --dtype {config.dtype!r}", f"use one of {', '.join(FEATURE_DTYPES)}")
     if config.chunk_rows < 1:
         raise UsageError(f"--chunk-rows must be >= 1, got {config.chunk_rows}", "e.g. --chunk-rows 8192")
+    if config.split is not None:
+        parse_split(config.split, config.split_seed)
+    elif config.split_seed:
+        raise UsageError("--split-seed is the seed of --split, which is not given", "add e.g. --split train=0.7,val=0.1,test=0.2")
 
 
 def resume_command(config: ExtractConfig, loader_name: str) -> str:
@@ -98,6 +105,8 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         ("interpolation", "--interpolation", str),
         ("mean", "--mean", lambda v: ",".join(map(str, v))),
         ("std", "--std", lambda v: ",".join(map(str, v))),
+        ("split", "--split", str),
+        ("split_seed", "--split-seed", str),
     ]
     for name, flag, text in options:
         value = getattr(config, name)

@@ -43,6 +43,8 @@ class ExtractConfig:
         ``auto|dali|nvjpeg|torch``; ``auto|cpu|cuda[:N]``; 64; 2; ``float16|float32``; 8192; False.
     overwrite, strict
         Replace another store at ``out``; stop at the first undecodable image.
+    split, split_seed
+        ``train=0.7,val=0.1,test=0.2``: seeded, stratified splits of a dataset without any (splits.py); the seed.
     image_size, resize, interpolation, mean, std
         Overrides of the model's preprocessing.
     """
@@ -70,6 +72,8 @@ class ExtractConfig:
     interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    split: str | None = None
+    split_seed: int = 0
 
 
 @dataclass
@@ -165,6 +169,7 @@ def request_of(config: ExtractConfig) -> dict:
             config.std and list(config.std),
         ],
         "out": os.path.abspath(os.path.expanduser(config.out)) if config.out else None,
+        **({"split": [config.split, config.split_seed]} if config.split else {}),  # absent: old memos stay valid
         "ranks": os.environ.get("WORLD_SIZE"),
     }
 

@@ -333,6 +333,11 @@ def format_info(s: dict) -> str:
         "splits     "
         + ", ".join(
             f"{name} {v['rows']:,} rows" + (f" ({v['invalid']} invalid)" if v["invalid"] else "") for name, v in s["splits"].items()
+        )
+        + (
+            f"  (--split {','.join(f'{k}={f:g}' for k, f in data['split']['fractions'].items())}, seed {data['split']['seed']})"
+            if data.get("split")
+            else ""
         ),
         f"created    {s['created']}  featstore {s['featstore_version']}  schema {s['schema_version']}",
     ]

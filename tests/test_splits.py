@@ -167,6 +167,8 @@ def test_extract_with_split_writes_scored_splits_and_probe_reports_test(capsys, 
     expected = expected_assignment(per_class, [("train", 0.7), ("val", 0.1), ("test", 0.2)], 5)
     assert {p: s for s in ("train", "val", "test") for p in store.paths(s)} == expected
 
+    code, stdout, _ = extract(capsys, "info", out)
+    assert code == 0 and "splits     train 21 rows, val 3 rows, test 6 rows  (--split train=0.7,val=0.1,test=0.2, seed 5)" in stdout
     # another seed is another store (cache key), the same request is up to date
     code, stdout, err = extract(capsys, "extract", "--dataset", plain_folder, "--split", SPEC, "--split-seed", "5", "--out", out, *FAST)
     assert code == 0 and "up to date" in stdout + err

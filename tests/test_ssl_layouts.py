@@ -14,7 +14,9 @@ import copy
 import functools
 import math
 from functools import partial
+from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -672,3 +674,17 @@ def test_reg4_file_for_the_plain_model_names_the_register_tokens(tmp_path):
     with pytest.raises(FeatstoreError) as e:
         features("dino", tmp_path / "dinov2_vits14_reg4_pretrain.pth", 56)
     assert "register_tokens" in e.value.message and "lack" not in e.value.message and "_reg4" in e.value.hint
+
+
+def test_register_stores_have_their_own_cache_key():
+    """Stores of the register presets extracted with the plain models' resampling (before issue 23) hold
+    other features: the cache fields name the rule, so they are not reused; the plain presets' keys stay."""
+    from featstore.job import cache_fields
+    from featstore.manifest import Manifest, SplitManifest
+
+    manifest = Manifest("m", Path("/m"), ("a",), {"all": SplitManifest("all", ("a/1.jpg",), np.zeros(1, np.int32))})
+    cpu = torch.device("cpu")
+    reg = cache_fields(resolve_encoder("dino-reg4", random_init=True), "torch", None, "float16", manifest, cpu)
+    plain = cache_fields(resolve_encoder("dino", random_init=True), "torch", None, "float16", manifest, cpu)
+    timm_reg = cache_fields(resolve_encoder("vit_small_patch14_reg4_dinov2", random_init=True), "torch", None, "float16", manifest, cpu)
+    assert reg["pos_embed"] == timm_reg["pos_embed"] == "dinov2-reg" and "pos_embed" not in plain

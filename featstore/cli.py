@@ -45,13 +45,24 @@ def cli(debug):
 )
 @click.option("--data-root", type=click.Path(), help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet).")
 @click.option(
+    "--split",
+    "split_spec",
+    metavar="NAME=FRACTION,...",
+    help="Split a dataset without splits, seeded and stratified per class, e.g. train=0.7,val=0.1,test=0.2.",
+)
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of --split (recorded in the store and its cache key).")
+@click.option(
     "--weights",
     type=click.Path(),
     help="Checkpoint (.pth/.pt/.safetensors), loaded with weights_only=True; or a transformers model folder "
     "(config.json + model.safetensors), whose config gives the architecture and preprocessing.",
 )
 @click.option("--random-init", is_flag=True, help="Run the model untrained (no weights).")
-@click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that needs arbitrary code to unpickle.")
+@click.option(
+    "--trust-checkpoint",
+    is_flag=True,
+    help="Unpickle a checkpoint's own classes, running their code (without it they load as inert placeholders).",
+)
 @click.option(
     "--ignore-keys",
     multiple=True,
@@ -100,6 +111,8 @@ def extract(
     dataset,
     out,
     data_root,
+    split_spec,
+    split_seed,
     weights,
     random_init,
     trust_checkpoint,
@@ -152,6 +165,8 @@ def extract(
         std=std,
         compile=compile_model,
         repair=repair,
+        split=split_spec,
+        split_seed=split_seed,
     )
     result = recall_up_to_date(config)  # an unchanged request answers without importing torch
     if result is None:
@@ -356,6 +371,11 @@ def format_info(s: dict) -> str:
         "splits     "
         + ", ".join(
             f"{name} {v['rows']:,} rows" + (f" ({v['invalid']} invalid)" if v["invalid"] else "") for name, v in s["splits"].items()
+        )
+        + (
+            f"  (--split {','.join(f'{k}={f:g}' for k, f in data['split']['fractions'].items())}, seed {data['split']['seed']})"
+            if data.get("split")
+            else ""
         ),
         f"created    {s['created']}  featstore {s['featstore_version']}  schema {s['schema_version']}",
     ]

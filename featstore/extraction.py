@@ -35,6 +35,7 @@ from .pipeline import run_units
 from .progress import log_to_stderr, resolve_mode
 from .ranks import Ranks, wait_until
 from .request import ExtractConfig, ExtractResult, recall_up_to_date, request_of, resolved_model
+from .splits import apply_split, parse_split
 from .store import PROGRESS
 from .store.lock import StoreLock
 
@@ -63,6 +64,8 @@ def extract(
         device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     loader_name = choose_loader(config.loader, device)
     manifest = resolve_dataset(config.dataset, config.data_root)
+    if config.split is not None:
+        manifest = apply_split(manifest, parse_split(config.split, config.split_seed))
     spec = resolve_encoder(
         config.model,
         weights=config.weights,

@@ -20,9 +20,11 @@ from .device import compute_dtype
 from .errors import FeatstoreError, UsageError
 from .home import default_store_path
 from .manifest import Manifest
-from .models.encoders import EncoderSpec
+from .models.encoders import EncoderSpec, pos_embed_rule
+from .models.presets import find_preset
 from .ranks import Ranks, wait_until
 from .request import ExtractConfig, dataset_dirs, refuse_url_out, remember_request, request_of, resolved_model, resolved_path
+from .splits import parse_split
 from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, is_store
 from .store.lock import StoreLock
 from .store.repair import reopen_damaged
@@ -30,7 +32,7 @@ from .store.repair import reopen_damaged
 
 def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest, device: torch.device) -> dict:
     """Everything that changes the stored numbers; two runs with equal fields give the same store."""
-    return {
+    fields = {
         # bf16 autocast on CUDA, fp32 on CPU: a store is never half one and half the other
         "compute": f"{device.type}-{'bf16' if compute_dtype(device) == torch.bfloat16 else 'fp32'}",
         "encoder": spec.name,
@@ -44,6 +46,12 @@ def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype:
         # a transformers folder's layout, config digest and preprocessing source (not where the hub cache keeps it)
         **({"encoder_details": {k: v for k, v in spec.details.items() if k != "hub"}} if spec.details else {}),
     }
+    if manifest.split:  # the manifest digest has the drawn splits; the seed and fractions are named too
+        fields["split"] = manifest.split
+    if pos_embed_rule(spec.arch, find_preset(spec.name)) == "dinov2-reg":
+        # stores of the register models made before they had their own resampling hold other features
+        fields["pos_embed"] = "dinov2-reg"
+    return fields
 
 
 def cache_key(fields: dict) -> str:
@@ -62,6 +70,10 @@ def validate(config: ExtractConfig) -> None:
         raise UsageError(f"--chunk-rows must be >= 1, got {config.chunk_rows}", "e.g. --chunk-rows 8192")
     if config.repair and config.overwrite:
         raise UsageError("--repair and --overwrite contradict each other", "--repair keeps the store's intact units; pass one")
+    if config.split is not None:
+        parse_split(config.split, config.split_seed)
+    elif config.split_seed:
+        raise UsageError("--split-seed is the seed of --split, which is not given", "add e.g. --split train=0.7,val=0.1,test=0.2")
 
 
 def resume_command(config: ExtractConfig, loader_name: str) -> str:
@@ -98,6 +110,8 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         ("interpolation", "--interpolation", str),
         ("mean", "--mean", lambda v: ",".join(map(str, v))),
         ("std", "--std", lambda v: ",".join(map(str, v))),
+        ("split", "--split", str),
+        ("split_seed", "--split-seed", str),
     ]
     for name, flag, text in options:
         value = getattr(config, name)

@@ -27,6 +27,7 @@ class Manifest:
     root: Path
     class_names: tuple[str, ...]
     splits: dict[str, SplitManifest]
+    split: dict | None = field(default=None, compare=False)  # how --split drew the splits (splits.py), if it did
 
     @property
     def sha256(self) -> str:
@@ -51,4 +52,5 @@ class Manifest:
             "num_classes": len(self.class_names),
             "splits": {k: len(v) for k, v in self.splits.items()},
             "manifest_sha256": self.sha256,
+            **({"split": self.split} if self.split else {}),
         }

@@ -47,6 +47,8 @@ class ExtractConfig:
         Replace another store at ``out``; stop at the first undecodable image.
     repair
         Verify the store at ``out`` and re-extract just its damaged units (``featstore verify``).
+    split, split_seed
+        ``train=0.7,val=0.1,test=0.2``: seeded, stratified splits of a dataset without any (splits.py); the seed.
     image_size, resize, interpolation, mean, std
         Overrides of the model's preprocessing.
     """
@@ -75,6 +77,8 @@ class ExtractConfig:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     repair: bool = False
+    split: str | None = None
+    split_seed: int = 0
 
 
 @dataclass
@@ -170,6 +174,7 @@ def request_of(config: ExtractConfig) -> dict:
             config.std and list(config.std),
         ],
         "out": os.path.abspath(os.path.expanduser(config.out)) if config.out else None,
+        **({"split": [config.split, config.split_seed]} if config.split else {}),  # absent: old memos stay valid
         "ranks": os.environ.get("WORLD_SIZE"),
     }
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +8,12 @@ import pytest
 import torch
 
 from tests.image_kinds import write_good_images
+from tests.photos import write_photo_folder
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
-# the subset benchmarks/gpu/prepare.sh carries to the GPU machine, where ../shared is absent (train/ only)
-GPU_CARRIED_IMAGENETTE = REPO / "benchmarks" / "gpu" / "data" / "imagenette"
+# hundreds of real photos for the benchmarks and the tests that need that many (never copied into the
+# repository); FEATSTORE_TEST_IMAGENETTE points elsewhere (a missing path shows what skips without it)
+IMAGENETTE = Path(os.environ.get("FEATSTORE_TEST_IMAGENETTE") or REPO.parent / "shared" / "data" / "imagenette")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -45,19 +45,10 @@ def small_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def imagenette_subset(tmp_path_factory) -> Path:
-    """A few real photographs (3 of each of 6 classes) from ../shared/data/imagenette's val split, or on
-    the GPU machine from the carried train subset, copied as an ImageFolder."""
-    source = IMAGENETTE / "val" if IMAGENETTE.is_dir() else GPU_CARRIED_IMAGENETTE / "train"
-    if not source.is_dir():
-        pytest.skip("../shared/data/imagenette is not present")
-    root = tmp_path_factory.mktemp("imagenette")
-    for cls in sorted(p.name for p in source.iterdir())[:6]:
-        files = sorted((source / cls).iterdir())[:3]
-        (root / cls).mkdir()
-        for f in files:
-            shutil.copy(f, root / cls / f.name)
-    return root
+def real_photos(tmp_path_factory) -> Path:
+    """Real photographs as an ImageFolder (6 classes x 4), made from the ones shipped in tests/data/photos:
+    no test that needs a few real JPEGs skips in a fresh clone."""
+    return write_photo_folder(tmp_path_factory.mktemp("photos"))
 
 
 def dali_or_skip():

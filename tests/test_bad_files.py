@@ -22,8 +22,9 @@ from PIL import Image
 from featstore.loaders.containers import container_problem, image_format
 from featstore.loaders.quiet import DecoderNoiseFilter, is_decoder_noise
 from featstore.store import FeatureStore
-from tests.conftest import IMAGENETTE, dali_or_skip
+from tests.conftest import dali_or_skip
 from tests.image_kinds import BROKEN_CONTAINERS, damaged_copy, write_good_images
+from tests.photos import photo_jpegs
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 64
@@ -54,10 +55,8 @@ NOISE_MARKS = ("Corrupt JPEG", "Premature end", "[ERROR]", "[WARNING]", "\x1b[",
 
 
 def _photos(n: int) -> list[bytes]:
-    if not IMAGENETTE.is_dir():
-        pytest.skip("../shared/data/imagenette is not present")
-    files = sorted((IMAGENETTE / "val").rglob("*.JPEG"))[:: max(1, 3925 // n)][:n]
-    return [f.read_bytes() for f in files]
+    """Real photo JPEGs: the ones shipped with the tests and crops of them (tests/photos.py)."""
+    return photo_jpegs(n, originals=True)
 
 
 def _pil_decodes(data: bytes) -> bool:

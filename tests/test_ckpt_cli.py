@@ -86,9 +86,10 @@ def test_cifar_stem_resnet_for_imagenet_resnet(capsys, small_folder, tmp_path):
     assert_one_line_error(err, "conv1 is 3x3, the model's 7x7", "CIFAR-stem")
 
 
-def test_trusted_checkpoint_needing_a_missing_module(capsys, small_folder, tmp_path, monkeypatch):
-    """mmengine checkpoints pickle mmengine objects (message_hub: HistoryBuffer): without the module,
-    --trust-checkpoint still fails, on one line naming the module."""
+def test_checkpoint_pickling_a_missing_module_loads_with_placeholders(capsys, small_folder, tmp_path, monkeypatch):
+    """mmengine checkpoints pickle mmengine objects (message_hub: HistoryBuffer). Without the module the
+    tensors still load, with and without --trust-checkpoint: the object is an inert placeholder, named
+    in the report (before issue 23: "needs arbitrary code", and with the flag "module not installed")."""
     (tmp_path / "fake_mmengine_logging.py").write_text("class HistoryBuffer:\n    def __init__(self):\n        self.data = [1, 2]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import fake_mmengine_logging
@@ -97,12 +98,11 @@ def test_trusted_checkpoint_needing_a_missing_module(capsys, small_folder, tmp_p
     torch.save({"meta": {}, "state_dict": _resnet18_sd(), "message_hub": fake_mmengine_logging.HistoryBuffer()}, path)
     monkeypatch.delitem(sys.modules, "fake_mmengine_logging")
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
-    code, _, err, _ = extract_with(capsys, small_folder, tmp_path, "resnet18", path)
-    assert code == 1
-    assert_one_line_error(err, "needs arbitrary code", "--trust-checkpoint")
-    code, _, err, out = extract_with(capsys, small_folder, tmp_path, "resnet18", path, "--trust-checkpoint")
-    assert code == 1 and not out.exists()
-    assert_one_line_error(err, "the Python module 'fake_mmengine_logging', which is not installed")
+    for extra in ([], ["--trust-checkpoint", "--overwrite"]):
+        code, _, err, out = extract_with(capsys, small_folder, tmp_path, "resnet18", path, *extra)
+        assert code == 0 and out.exists(), err
+        assert "missing 0, unexpected 0" in err
+        assert "inert placeholders (no code run) for 1 pickled classes: fake_mmengine_logging.HistoryBuffer" in err
 
 
 def test_training_args_load_without_trust(capsys, small_folder, tmp_path):

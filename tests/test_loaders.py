@@ -78,9 +78,9 @@ def _features_agree(a: torch.Tensor, b: torch.Tensor):
     assert np.median(other) < 0.9
 
 
-def test_dali_matches_torch_on_real_photos(imagenette_subset):
+def test_dali_matches_torch_on_real_photos(real_photos):
     dali_or_skip()
-    files = sorted(str(p) for p in imagenette_subset.rglob("*.JPEG"))
+    files = sorted(str(p) for p in real_photos.rglob("*.JPEG"))
     a, b = _compare(files)
     _features_agree(a, b)
 
@@ -141,12 +141,12 @@ def test_plan_is_followed_exactly_and_bad_files_become_placeholders(backend, odd
         assert _levels(good[r][None], reference.images[r][None], PRE).mean() < 2.5
 
 
-def test_nvjpeg_loader_matches_reference_on_cpu(odd_images, imagenette_subset, tmp_path):
+def test_nvjpeg_loader_matches_reference_on_cpu(odd_images, real_photos, tmp_path):
     """The torchvision.io loader (nvJPEG on CUDA) runs its tensor preprocessing on CPU here."""
     from featstore.loaders.nvjpeg import NvjpegLoader
 
     bad = write_bad_files(tmp_path / "bad")
-    photos = sorted(str(p) for p in imagenette_subset.rglob("*.JPEG"))[:8]
+    photos = sorted(str(p) for p in real_photos.rglob("*.JPEG"))[:8]
     files = photos + odd_images + [str(tmp_path / "bad" / n) for n in bad]
     plan = [np.arange(0, 8), np.arange(8, len(files))]
     batches = _load(NvjpegLoader(PRE, CPU, 2), files, plan)
@@ -190,16 +190,14 @@ def _forge_jpeg_size(path, width: int, height: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_container_header_size_matches_pil(odd_images, imagenette_subset, tmp_path):
+def test_container_header_size_matches_pil(odd_images, real_photos, tmp_path):
     import io
 
     from PIL import Image
 
     from featstore.loaders.containers import check_container
 
-    files = sorted(imagenette_subset.rglob("*.JPEG"))[:10] + [
-        p for p in map(Path, odd_images) if p.suffix.lower() in (".jpg", ".jpeg", ".png")
-    ]
+    files = sorted(real_photos.rglob("*.JPEG"))[:10] + [p for p in map(Path, odd_images) if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
     for kind, kw in [("L", {}), ("RGB", {"progressive": True}), ("RGB", {"exif": b"Exif\x00\x00" + bytes(3000)})]:
         buf = io.BytesIO()
         Image.new(kind, (123, 45)).save(buf, format="JPEG", **kw)
@@ -237,7 +235,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("backend", ["nvjpeg", "dali"])
-def test_gpu_loaders_match_reference_with_work_in_flight(backend, odd_images, imagenette_subset, tmp_path):
+def test_gpu_loaders_match_reference_with_work_in_flight(backend, odd_images, real_photos, tmp_path):
     """Decode on the GPU while earlier batches are still being read by queued kernels (as in extract).
 
     nvJPEG's hardware engine does not wait for the stream it is given (pytorch/vision#9606): a decode
@@ -249,7 +247,7 @@ def test_gpu_loaders_match_reference_with_work_in_flight(backend, odd_images, im
     if backend == "dali":
         dali_or_skip()
     bad = write_bad_files(tmp_path / "bad")
-    photos = [str(p) for p in sorted(imagenette_subset.rglob("*.JPEG"))[:24]]
+    photos = [str(p) for p in sorted(real_photos.rglob("*.JPEG"))[:24]]
     files = photos + odd_images + [str(tmp_path / "bad" / n) for n in bad]
     plan = [np.arange(s, min(s + 4, len(files))) for s in range(0, len(files), 4)]
     # 112 px crops: a batch of 4 (600 KB as float32) lives in the caching allocator's small-block

@@ -14,7 +14,9 @@ import copy
 import functools
 import math
 from functools import partial
+from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -22,7 +24,9 @@ import torchvision
 from torch import nn
 
 from featstore.errors import FeatstoreError
-from featstore.models.encoders import build_encoder, resolve_encoder
+from featstore.models.checkpoints import resample_pos_embed
+from featstore.models.encoders import build_encoder, pos_embed_rule, resolve_encoder
+from featstore.models.presets import PRESETS
 
 IMAGES = {s: torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(s)) for s in (32, 56, 224)}
 
@@ -454,44 +458,99 @@ def test_mae_checkpoint_drops_decoder_without_trust(vit_s, tmp_path):
 
 # ---------------------------------------------------------------- DINOv2: DINOv2's own interpolation
 
-
-def dinov2_interpolate_pos_encoding(
-    pos_embed: torch.Tensor, w: int, h: int, patch_size: int = 14, interpolate_offset: float = 0.1, interpolate_antialias: bool = False
-) -> torch.Tensor:
-    """facebookresearch/dinov2 dinov2/models/vision_transformer.py DinoVisionTransformer.interpolate_pos_encoding
-    (commit b8931f7), as written there, for a (1, 1 + M*M, D) position embedding and a w x h input."""
-    N = pos_embed.shape[1] - 1
-    pos_embed = pos_embed.float()
-    class_pos_embed = pos_embed[:, 0]
-    patch_pos_embed = pos_embed[:, 1:]
-    dim = pos_embed.shape[-1]
-    w0 = w // patch_size
-    h0 = h // patch_size
-    M = int(math.sqrt(N))
-    assert N == M * M
-    kwargs = {}
-    if interpolate_offset:
-        sx = float(w0 + interpolate_offset) / M
-        sy = float(h0 + interpolate_offset) / M
-        kwargs["scale_factor"] = (sx, sy)
-    else:
-        kwargs["size"] = (w0, h0)
-    patch_pos_embed = nn.functional.interpolate(
-        patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic", antialias=interpolate_antialias, **kwargs
-    )
-    assert (w0, h0) == patch_pos_embed.shape[-2:]
-    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
-    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+# facebookresearch/dinov2 at commit b8931f7bf91576930313be2c6d6af376033b35f0, transcribed (the authors' files are
+# Apache-2.0 but are not copied into this repository): hub/backbones.py _make_dinov2_model's defaults, and what
+# each hub function passes on top of them to dinov2/models/vision_transformer.py DinoVisionTransformer.
+HUB_DEFAULTS = dict(
+    img_size=518,
+    patch_size=14,
+    init_values=1.0,
+    ffn_layer="mlp",
+    block_chunks=0,
+    num_register_tokens=0,
+    interpolate_antialias=False,
+    interpolate_offset=0.1,
+)
+_HUB_REG = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+HUB_BACKBONES = {
+    "dinov2_vits14": dict(arch_name="vit_small"),
+    "dinov2_vitb14": dict(arch_name="vit_base"),
+    "dinov2_vitl14": dict(arch_name="vit_large"),
+    "dinov2_vitg14": dict(arch_name="vit_giant2", ffn_layer="swiglufused"),
+    "dinov2_vits14_reg": dict(arch_name="vit_small", **_HUB_REG),
+    "dinov2_vitb14_reg": dict(arch_name="vit_base", **_HUB_REG),
+    "dinov2_vitl14_reg": dict(arch_name="vit_large", **_HUB_REG),
+    "dinov2_vitg14_reg": dict(arch_name="vit_giant2", ffn_layer="swiglufused", **_HUB_REG),
+}
 
 
-def dinov2_reference(sd: dict, blocks: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def hub_kwargs(hub_name: str) -> dict:
+    """The DinoVisionTransformer keyword arguments hub/backbones.py ``hub_name()`` builds with."""
+    return {**HUB_DEFAULTS, **HUB_BACKBONES[hub_name]}
+
+
+def hub_name_of(weights_file: str) -> str:
+    """hub/utils.py _make_dinov2_model_name spells the file dinov2_vits14_reg4_pretrain.pth, the function dinov2_vits14_reg."""
+    return weights_file.removesuffix("_pretrain.pth").replace("_reg4", "_reg")
+
+
+class DinoVisionTransformerPositions:
+    """dinov2/models/vision_transformer.py DinoVisionTransformer, the part that resamples: __init__ keeps
+    interpolate_offset / interpolate_antialias / patch_size as given, interpolate_pos_encoding as written there."""
+
+    def __init__(self, pos_embed: torch.Tensor, *, patch_size=16, interpolate_antialias=False, interpolate_offset=0.1, **_):
+        self.pos_embed = pos_embed
+        self.patch_size = patch_size
+        self.interpolate_antialias = interpolate_antialias
+        self.interpolate_offset = interpolate_offset
+
+    def interpolate_pos_encoding(self, x, w, h):
+        previous_dtype = x.dtype
+        npatch = x.shape[1] - 1
+        N = self.pos_embed.shape[1] - 1
+        if npatch == N and w == h:
+            return self.pos_embed
+        pos_embed = self.pos_embed.float()
+        class_pos_embed = pos_embed[:, 0]
+        patch_pos_embed = pos_embed[:, 1:]
+        dim = x.shape[-1]
+        w0 = w // self.patch_size
+        h0 = h // self.patch_size
+        M = int(math.sqrt(N))  # Recover the number of patches in each dimension
+        assert N == M * M
+        kwargs = {}
+        if self.interpolate_offset:
+            sx = float(w0 + self.interpolate_offset) / M
+            sy = float(h0 + self.interpolate_offset) / M
+            kwargs["scale_factor"] = (sx, sy)
+        else:
+            kwargs["size"] = (w0, h0)
+        patch_pos_embed = nn.functional.interpolate(
+            patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2),
+            mode="bicubic",
+            antialias=self.interpolate_antialias,
+            **kwargs,
+        )
+        assert (w0, h0) == patch_pos_embed.shape[-2:]
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+        return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1).to(previous_dtype)
+
+
+def dinov2_interpolate_pos_encoding(pos_embed: torch.Tensor, w: int, h: int, hub_name: str = "dinov2_vits14") -> torch.Tensor:
+    """The position embedding the authors' model built by ``hub_name()`` adds to a w x h input."""
+    kw = hub_kwargs(hub_name)
+    tokens = torch.zeros(1, 1 + (w // kw["patch_size"]) * (h // kw["patch_size"]), pos_embed.shape[-1])
+    return DinoVisionTransformerPositions(pos_embed, **kw).interpolate_pos_encoding(tokens, w, h)
+
+
+def dinov2_reference(sd: dict, blocks: nn.Module, x: torch.Tensor, hub_name: str = "dinov2_vits14") -> dict[str, torch.Tensor]:
     """DinoVisionTransformer.prepare_tokens_with_masks + forward_features on the original tensors
     (cls_token, pos_embed with the CLS position, register_tokens inserted after the position embedding),
     with transformer blocks and final norm holding the same tensors."""
     B, nc, w, h = x.shape
     t = nn.functional.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=14).flatten(2).transpose(1, 2)
     t = torch.cat((sd["cls_token"].expand(B, -1, -1), t), dim=1)
-    t = t + dinov2_interpolate_pos_encoding(sd["pos_embed"], w, h)
+    t = t + dinov2_interpolate_pos_encoding(sd["pos_embed"], w, h, hub_name)
     registers = sd.get("register_tokens")
     if registers is not None:
         t = torch.cat((t[:, :1], registers.expand(B, -1, -1), t[:, 1:]), dim=1)
@@ -531,15 +590,53 @@ def test_dinov2_at_224_gives_dinov2s_own_features(reg, tmp_path):
     name = f"dinov2_vits14{'_reg4' if reg else ''}_pretrain.pth"
     torch.save(sd, tmp_path / name)
     out, report = features("dinov2_reg4" if reg else "dinov2", tmp_path / name, 224)
-    ref = dinov2_reference(sd, blocks, IMAGES[224])
+    hub = hub_name_of(name)  # the register model is built with offset 0 and antialiasing (issue 23)
+    ref = dinov2_reference(sd, blocks, IMAGES[224], hub)
     _assert_views(out, ref)
-    assert "37x37 -> 16x16 as DINO's interpolate_pos_encoding" in report
-    # timm's antialiased resampling (what was loaded before) gives other features: this test can fail
+    assert f"37x37 -> 16x16 as {'DINOv2-reg' if reg else 'DINO'}'s interpolate_pos_encoding" in report
+    # the other DINOv2 rule (what the register presets used before issue 23) gives other features: this test
+    # can fail. timm's resample_abs_pos_embed (bicubic to the size, antialiased) is the register models' rule
+    # and differs from the plain models'.
     from timm.layers import resample_abs_pos_embed
 
     timm_pe = resample_abs_pos_embed(sd["pos_embed"], (16, 16), num_prefix_tokens=1)
-    ours = dinov2_interpolate_pos_encoding(sd["pos_embed"], 224, 224)
-    assert (timm_pe - ours).abs().max() > 0.1
+    ours = dinov2_interpolate_pos_encoding(sd["pos_embed"], 224, 224, hub)
+    other = dinov2_interpolate_pos_encoding(sd["pos_embed"], 224, 224, "dinov2_vits14" if reg else "dinov2_vits14_reg")
+    assert (other - ours).abs().max() > 0.1
+    assert ((timm_pe - ours).abs().max() < 1e-5) if reg else ((timm_pe - ours).abs().max() > 0.1)
+
+
+class _Grid(nn.Module):
+    """A ViT as far as the resampling sees it: a patch grid."""
+
+    def __init__(self, grid):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.grid_size = grid
+
+
+DINOV2_PRESETS = sorted(n for n, p in PRESETS.items() if p.arch.endswith("_dinov2"))
+
+
+@pytest.mark.parametrize("name", DINOV2_PRESETS)
+@pytest.mark.parametrize("size", [224, 98, 602])
+def test_every_dinov2_preset_resamples_as_the_hub_model_it_names(name, size):
+    """Each DINOv2 preset (and the timm name it builds) resamples its 37x37 embedding as the authors' model
+    built by the hub/backbones.py function of its weights file: the *_reg models with offset 0 + antialias."""
+    preset = PRESETS[name]
+    hub = hub_name_of(preset.weights_file)
+    assert hub in HUB_BACKBONES
+    g = torch.Generator().manual_seed(len(name))
+    pe = torch.randn(1, 1 + 37 * 37, preset.dim, generator=g)
+    grid = (size // 14, size // 14)
+    expected = dinov2_interpolate_pos_encoding(pe, size, size, hub)
+    for rule in (preset.pos_embed, pos_embed_rule(preset.arch, None)):
+        sd, notes = resample_pos_embed({"pos_embed": pe}, _Grid(grid), rule)
+        torch.testing.assert_close(sd["pos_embed"], expected, rtol=0, atol=1e-5)
+        assert notes == [
+            f"position embeddings 37x37 -> {grid[0]}x{grid[1]} as {'DINOv2-reg' if hub.endswith('_reg') else 'DINO'}'s interpolate_pos_encoding"
+            + (" (offset 0, antialiased)" if hub.endswith("_reg") else "")
+        ]
 
 
 @pytest.mark.slow
@@ -577,3 +674,17 @@ def test_reg4_file_for_the_plain_model_names_the_register_tokens(tmp_path):
     with pytest.raises(FeatstoreError) as e:
         features("dino", tmp_path / "dinov2_vits14_reg4_pretrain.pth", 56)
     assert "register_tokens" in e.value.message and "lack" not in e.value.message and "_reg4" in e.value.hint
+
+
+def test_register_stores_have_their_own_cache_key():
+    """Stores of the register presets extracted with the plain models' resampling (before issue 23) hold
+    other features: the cache fields name the rule, so they are not reused; the plain presets' keys stay."""
+    from featstore.job import cache_fields
+    from featstore.manifest import Manifest, SplitManifest
+
+    manifest = Manifest("m", Path("/m"), ("a",), {"all": SplitManifest("all", ("a/1.jpg",), np.zeros(1, np.int32))})
+    cpu = torch.device("cpu")
+    reg = cache_fields(resolve_encoder("dino-reg4", random_init=True), "torch", None, "float16", manifest, cpu)
+    plain = cache_fields(resolve_encoder("dino", random_init=True), "torch", None, "float16", manifest, cpu)
+    timm_reg = cache_fields(resolve_encoder("vit_small_patch14_reg4_dinov2", random_init=True), "torch", None, "float16", manifest, cpu)
+    assert reg["pos_embed"] == timm_reg["pos_embed"] == "dinov2-reg" and "pos_embed" not in plain

@@ -1,7 +1,10 @@
 """Safe, loud checkpoint loading: a published SSL checkpoint goes into the network its authors evaluated.
 
-``weights_only=True`` always; pickled metadata that is plain data (``argparse.Namespace`` under
-``args``, numpy scalars and arrays) is allowed by name, anything else needs ``--trust-checkpoint``.
+``weights_only=True`` first; pickled metadata that is plain data (``argparse.Namespace`` under
+``args``, numpy scalars and arrays) is allowed by name. A file pickling other classes (a config of
+the training script's ``__main__``, an OmegaConf object, a whole module) loads with inert
+placeholders for them, running none of their code (``safe_unpickle.py``), and the report names them;
+``--trust-checkpoint`` runs their code instead, where their modules are installed.
 The layouts of the main self-supervised codebases are recognised (see ``layouts.py`` for the key
 rules and where each comes from): the evaluated copy is taken (DINO/iBOT/DINOv2 teacher, MSN/I-JEPA
 target encoder, MoCo query encoder, BYOL online network), momentum copies and heads are dropped,
@@ -16,10 +19,11 @@ import argparse
 import fnmatch
 import math
 import pickle
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,6 +31,7 @@ from torch import nn
 from ..errors import FeatstoreError
 from .layouts import HEAD_NAMES, Checkpoint, normalize_checkpoint, rename_for_model
 from .presets import POS_EMBED_RULES
+from .safe_unpickle import inert_load, system_calls
 
 
 @dataclass
@@ -73,8 +78,11 @@ def _safe_globals() -> list:
 
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
-    """The backbone tensors plus what the file says about itself (provenance, which copy was taken)."""
+    """The backbone tensors plus what the file says about itself (provenance, which copy was taken,
+    which pickled classes were stood in for by inert placeholders)."""
     path = Path(path)
+    placeholders: list[str] = []
+    obj: Any
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -85,40 +93,82 @@ def load_checkpoint(path: str | Path, trust: bool = False) -> Checkpoint:
                 f"{path.name!r} is not a readable safetensors file ({e})", "pass a valid .safetensors, .pth or .pt checkpoint"
             ) from e
     else:
-        obj = _torch_load(path, trust)
-    return normalize_checkpoint(obj, path.name)
-
-
-def _torch_load(path: Path, trust: bool):
+        obj, placeholders = _torch_load(path, trust)
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = normalize_checkpoint(obj, path.name)
+    except FeatstoreError as e:
+        if not placeholders:
+            raise
+        raise FeatstoreError(
+            f"{e.message} outside the objects it pickles, loaded as inert placeholders ({_names(placeholders)})",
+            "pass --trust-checkpoint to run their code if you trust its source, or re-save the state dict / safetensors",
+        ) from e
+    ckpt.placeholders = placeholders
+    return ckpt
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _torch_load(path: Path, trust: bool) -> tuple[object, list[str]]:
+    """The unpickled file and the placeholders it needed: weights_only first; a file that pickles other
+    classes is loaded with inert placeholders for them (safe_unpickle.py), or with its own classes,
+    running their code, under --trust-checkpoint."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol")  # the inert unpickler reads any protocol
+            return torch.load(path, map_location="cpu", weights_only=True), []
     except pickle.UnpicklingError as e:
-        if "GLOBAL" not in str(e):  # weights_only names the global it refused; anything else is garbage
-            raise FeatstoreError(
-                f"{path.name!r} is not a PyTorch checkpoint", "pass a .pth/.pt/.safetensors file saved by torch.save or safetensors"
-            ) from e
-        if not trust:
-            raise FeatstoreError(
-                f"{path.name!r} needs arbitrary code to load (it pickles more than tensors), refused",
-                "pass --trust-checkpoint only if you trust its source, or re-save it as a plain state dict / safetensors",
-            ) from e
+        # weights_only names the global it refused; anything else is garbage, or an opcode it lacks
+        # (protocol 4's FRAME), which the inert unpickler below reads
+        refused_global = "GLOBAL" in str(e)
     except Exception as e:  # garbage bytes make the unpickler fail in arbitrary ways
         raise FeatstoreError(
             f"{path.name!r} is not a PyTorch checkpoint ({type(e).__name__})",
             "pass a .pth/.pt/.safetensors file saved by torch.save or safetensors",
         ) from e
+    if trust and refused_global:
+        _refuse_system_calls(path, _static_globals(path))  # even a trusted file gets no os.system
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False), []
+        except (ModuleNotFoundError, AttributeError):
+            pass  # a class of a module not installed, or of the training script's __main__: placeholders
+        except Exception as e:
+            raise FeatstoreError(
+                f"{path.name!r} could not be unpickled ({type(e).__name__}: {e})",
+                "re-save the checkpoint as a plain state dict / safetensors",
+            ) from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except ModuleNotFoundError as e:
-        raise FeatstoreError(
-            f"{path.name!r} pickles objects of the Python module {e.name!r}, which is not installed",
-            f"install {e.name} to unpickle it, or re-save the checkpoint as a plain state dict / safetensors",
-        ) from e
+        obj, placeholders = inert_load(path, _safe_globals())
     except Exception as e:
+        if not refused_global:
+            raise FeatstoreError(
+                f"{path.name!r} is not a PyTorch checkpoint", "pass a .pth/.pt/.safetensors file saved by torch.save or safetensors"
+            ) from e
         raise FeatstoreError(
-            f"{path.name!r} could not be unpickled ({type(e).__name__}: {e})", "re-save the checkpoint as a plain state dict / safetensors"
+            f"{path.name!r} could not be unpickled, even with inert placeholders for its classes ({type(e).__name__}: {e})",
+            "re-save the checkpoint as a plain state dict / safetensors",
         ) from e
+    _refuse_system_calls(path, placeholders)
+    return obj, placeholders
+
+
+def _static_globals(path: Path) -> list[str]:
+    """The globals a zip checkpoint's pickle names, read without unpickling (none for the legacy format)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        return []
+
+
+def _refuse_system_calls(path: Path, names: list[str]) -> None:
+    bad = system_calls(names)
+    if bad:
+        raise FeatstoreError(
+            f"{path.name!r} pickles calls to {_names(bad)}, which no checkpoint needs: refused, nothing was run",
+            "do not use this file; whoever made it can re-save the model's state dict (torch.save(model.state_dict())) or safetensors",
+        )
 
 
 def load_weights(
@@ -144,6 +194,8 @@ def load_weights(
     ckpt.provenance.check(model, arch, name, label)
     sd = dict(ckpt.tensors)  # our own copy: timm's converter mutates the dict it is given
     notes: list[str] = []
+    if ckpt.placeholders:
+        notes.append(f"inert placeholders (no code run) for {len(ckpt.placeholders)} pickled classes: {_names(ckpt.placeholders)}")
 
     ignored = [k for k in sd if any(fnmatch.fnmatchcase(k, g) for g in ignore_keys)]
     for k in ignored:
@@ -260,6 +312,7 @@ def resample_pos_embed(sd: dict, model: nn.Module, rule: str) -> tuple[dict, lis
     sd = {**sd, "pos_embed": out}
     names = {
         "dino": "DINO's interpolate_pos_encoding",
+        "dinov2-reg": "DINOv2-reg's interpolate_pos_encoding (offset 0, antialiased)",
         "scale": "MSN/I-JEPA's interpolate_pos_encoding",
         "size": "MAE's interpolate_pos_embed",
     }
@@ -267,13 +320,17 @@ def resample_pos_embed(sd: dict, model: nn.Module, rule: str) -> tuple[dict, lis
 
 
 def interpolate_patch_pos_embed(patches: torch.Tensor, new: tuple[int, int], rule: str) -> torch.Tensor:
-    """(1, D, H, W) patch position embeddings to ``new`` (h, w), bicubic, never antialiased."""
+    """(1, D, H, W) patch position embeddings to ``new`` (h, w), bicubic, antialiased only where the authors' model is."""
     old_h, old_w = patches.shape[-2:]
     if rule == "dino":
         # dinov2/models/vision_transformer.py interpolate_pos_encoding (interpolate_offset=0.1): the scale
         # factor, not the size, sets the sampling positions; dino/vision_transformer.py does the same
         scale = ((new[0] + 0.1) / old_h, (new[1] + 0.1) / old_w)
         return nn.functional.interpolate(patches, scale_factor=scale, mode="bicubic", antialias=False)
+    if rule == "dinov2-reg":
+        # the same function as built by hub/backbones.py dinov2_*_reg (interpolate_offset=0.0,
+        # interpolate_antialias=True): the size, not a scale factor, and antialiased when shrinking
+        return nn.functional.interpolate(patches, size=new, mode="bicubic", antialias=True)
     if rule == "scale":
         # msn src/deit.py, ijepa src/models/vision_transformer.py: scale_factor=math.sqrt(npatch / N)
         factor = math.sqrt(new[0] * new[1] / (old_h * old_w))

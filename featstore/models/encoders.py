@@ -27,7 +27,7 @@ from ..home import file_sha256, weights_dir
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .hf_to_timm import build_twin, timm_twin
 from .hub_cache import is_hub_name, resolve_hub_model
-from .presets import PRESETS, Preset, find_preset
+from .presets import PRESETS, Preset, dinov2_rule, find_preset
 from .transformers_folder import TransformersFolder, build_model, is_transformers_folder, read_folder
 
 _TV_PRE = Preprocess(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
@@ -349,10 +349,13 @@ def _construct(make: Callable[[], nn.Module], weights_follow: bool) -> nn.Module
 
 
 def pos_embed_rule(arch: str, preset: Preset | None) -> str:
-    """How the authors' code resamples position embeddings: the preset's rule; DINOv2's for any timm dinov2 name."""
+    """How the authors' code resamples position embeddings: the preset's rule; for any timm dinov2 name,
+    that of the DINOv2 model it names (timm spells the register models ``*_reg4_dinov2``)."""
     if preset is not None:
         return preset.pos_embed
-    return "dino" if arch.startswith("timm:") and "dinov2" in arch else "timm"
+    if arch.startswith("timm:") and "dinov2" in arch:
+        return dinov2_rule("_reg" in arch)
+    return "timm"
 
 
 def _strip_torchvision_head(model: nn.Module) -> None:

@@ -182,6 +182,7 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     provenance: Provenance = field(default_factory=Provenance)
     taken: str = ""  # which copy of the network was taken, and why
+    placeholders: list[str] = field(default_factory=list)  # pickled classes loaded as inert placeholders
 
 
 def normalize_checkpoint(obj, name: str = "checkpoint") -> Checkpoint:

@@ -13,10 +13,12 @@ from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 # How the authors' own model resamples position embeddings for another grid (checkpoints.py applies it):
 #   "dino"  DINO / DINOv2 / iBOT interpolate_pos_encoding: bicubic, scale_factor (grid + 0.1) / old, no antialias
+#   "dinov2-reg"  DINOv2 with registers: the same function built by hub/backbones.py dinov2_*_reg with
+#           interpolate_offset=0.0, interpolate_antialias=True: bicubic to the new size, antialiased
 #   "scale" MSN / I-JEPA: bicubic, scale_factor sqrt(new tokens / old tokens), no antialias
 #   "size"  MAE util/pos_embed.py: bicubic to the new size, align_corners=False, no antialias
 #   "timm"  timm's resample_abs_pos_embed (antialiased)
-POS_EMBED_RULES = ("dino", "scale", "size", "timm")
+POS_EMBED_RULES = ("dino", "dinov2-reg", "scale", "size", "timm")
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,20 @@ _BILINEAR = Preprocess(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 _SIMCLR = Preprocess(224, 256, "bicubic", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 _DINOV2_SRC = "facebookresearch/dinov2 dinov2/data/transforms.py make_classification_eval_transform (256 bicubic, crop 224); hub/backbones.py (interpolate_offset=0.1)"
+_DINOV2_REG_SRC = (
+    "facebookresearch/dinov2 dinov2/data/transforms.py make_classification_eval_transform (256 bicubic, crop 224); "
+    "hub/backbones.py dinov2_*_reg (interpolate_offset=0.0, interpolate_antialias=True)"
+)
 _DINO_SRC = "facebookresearch/dino eval_linear.py (Resize(256, interpolation=3), CenterCrop(224)); vision_transformer.py"
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{1}_pretrain.pth"
 _DINO_URL = "https://dl.fbaipublicfiles.com/dino/{0}/{0}.pth"
 _IBOT_URL = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/{0}/checkpoint_teacher.pth"
 _TV_SRC = "{0} (Resize(256), CenterCrop(224), bilinear, ImageNet mean/std)"
+
+
+def dinov2_rule(registers: bool) -> str:
+    """hub/backbones.py builds the register models with another resampling than the plain ones."""
+    return "dinov2-reg" if registers else "dino"
 
 
 def _dinov2(name: str, size: str, letter: str, dim: int, reg: bool) -> Preset:
@@ -77,9 +88,9 @@ def _dinov2(name: str, size: str, letter: str, dim: int, reg: bool) -> Preset:
         f"{full}_pretrain.pth",
         _DINOV2_URL.format(base, full),
         f"DINOv2 ViT-{letter.upper() if letter != 'g' else 'g'}/14{' with 4 registers' if reg else ''}",
-        _DINOV2_SRC,
+        _DINOV2_REG_SRC if reg else _DINOV2_SRC,
         dim,
-        pos_embed="dino",
+        pos_embed=dinov2_rule(reg),
     )
 
 

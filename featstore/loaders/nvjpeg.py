@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from ..preprocess import Preprocess
 from .batch import Batch, normalize_on_device
 from .containers import image_format
-from .decode import decode_failure, decode_rgb, read_encoded
+from .decode import decode_failure, decode_rgb
 from .quiet import DecoderNoiseFilter
+from .verdicts import Verdicts, read_verified
 
 
 class NvjpegLoader:
@@ -124,15 +125,17 @@ class NvjpegLoader:
                 errors[i] = decode_failure(e, blob)
         return images, errors
 
-    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Generator[Batch, None, None]:  # closed early by extraction
+    def batches(
+        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None
+    ) -> Generator[Batch, None, None]:  # closed early by extraction
         if not plan:
             return
         with DecoderNoiseFilter():  # libjpeg warns on stderr about data it decodes anyway
-            yield from self._batches(paths, plan)
+            yield from self._batches(paths, plan, verdicts)
 
-    def _batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
+    def _batches(self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None) -> Iterator[Batch]:
         def read(rows: np.ndarray):
-            return self.pool.submit(lambda: [read_encoded(paths[r]) for r in rows.tolist()])
+            return self.pool.submit(lambda: [read_verified(paths[r], verdicts[r] if verdicts is not None else None) for r in rows.tolist()])
 
         # read ahead: file reads of the next two batches overlap decode and inference of this one
         reads = {k: read(plan[k]) for k in range(min(2, len(plan)))}

@@ -68,7 +68,7 @@ def extract(
         the cache, ``$FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr``), ``weights``,
         ``random_init``, ``views``, ``loader``, ``device``, ``batch_size``, ``workers``, ``dtype``,
         ``image_size``, ``resize``, ``interpolation``, ``mean``, ``std``, ``overwrite``, ``strict``,
-        ``chunk_rows``, ``compile``, ``data_root``, ``trust_checkpoint``, ``ignore_keys``.
+        ``chunk_rows``, ``compile``, ``cuda_graphs``, ``data_root``, ``trust_checkpoint``, ``ignore_keys``.
     log : callable, optional
         Receives each progress or notice line (default: written to stderr).
     progress : bool or {"auto", "bar", "lines", "off"}, default True

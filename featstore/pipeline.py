@@ -141,7 +141,7 @@ def run_units(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     loader = make_loader(loader_name, store_preprocess(store), device, config.workers)
-    runner = BatchEncoder(encoder, views, device, config.batch_size, compile=config.compile)
+    runner = BatchEncoder(encoder, views, device, config.batch_size, compile=config.compile, cuda_graphs=config.cuda_graphs, log=log)
     ordinal = {(u.split, u.index): g for g, u in enumerate(u for s in store.splits for u in store.units(s))}
     pending = [u for u in store.pending_units() if ranks.owns(ordinal[(u.split, u.index)])]
     label = f"extract {store.path.name}" + (f" (rank {ranks.rank})" if ranks.world > 1 else "")

@@ -92,7 +92,7 @@ def worker(args) -> None:
             t0, c0 = time.perf_counter(), time.thread_time()
             result = extract(config, log=lines.append, progress=False)
             thread, wall = time.thread_time() - c0, time.perf_counter() - t0
-            checks = [float(m.group(1)) for ln in lines if (m := re.search(r"([\d.]+) files/s", ln))]
+            checks = [float(m.group(1).replace(",", "")) for ln in lines if (m := re.search(r"([\d,.]+) files/s", ln))]
             if phase == "warm-up":
                 continue
             results.append(

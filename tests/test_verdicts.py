@@ -209,3 +209,16 @@ def test_extraction_logs_the_check_rate_and_a_second_store_checks_nothing(small_
     assert len(logs[0]) == 2 and all("files/s" in ln for ln in logs[0]), logs[0]  # train and val
     assert logs[1] and all("unchanged since their check" in ln for ln in logs[1]), logs[1]
     assert os.listdir(Path(os.environ["FEATSTORE_HOME"]) / "checks")
+
+
+def test_dali_batches_of_a_resumed_plan_are_bitwise_those_of_the_full_plan(imagenette_subset):
+    """What a resumed extraction relies on: a batch's pixels do not depend on the batches before it."""
+    dali_or_skip()
+    from featstore.loaders.dali import DaliLoader
+
+    files = sorted(str(p) for p in imagenette_subset.rglob("*.JPEG"))[:15]
+    full = [np.arange(0, 6), np.arange(6, 12), np.arange(12, 15)]
+    first = list(DaliLoader(PRE, CPU, 2).batches(files, full))
+    resumed = list(DaliLoader(PRE, CPU, 2).batches(files, full[1:]))
+    for a, b in zip(first[1:], resumed):
+        assert a.rows.tolist() == b.rows.tolist() and torch.equal(a.images, b.images)

@@ -209,7 +209,7 @@ class DaliLoader:
     def _batches(self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None, tmp: Path) -> Iterator[Batch]:
         feed = self._feed(paths, plan, verdicts, tmp)
         pipe = self._pipeline(feed.files, feed.labels, max(len(p) for p in plan))
-        alive: deque = deque()  # (DALI output, event after torch's use): see keep_alive
+        alive: deque = deque()  # [(DALI output, torch's view of it), event after torch's use]: see keep_alive
         try:
             for i, rows in enumerate(plan):
                 ok_rows = feed.ok_rows[i]
@@ -224,7 +224,7 @@ class DaliLoader:
                         raise _OutOfStep(f"DALI returned rows {ids[keep].tolist()[:8]}…, expected {ok_rows[:8]}…")
                     decoded = decoded[: len(ok_rows)]  # the padding is last in every batch
                     if self.on_gpu:
-                        alive.append([out, None])
+                        alive.append([(out, decoded), None])
                 except _OutOfStep:
                     raise
                 except Exception:  # a file DALI cannot decode: find it, keep the rest of the batch

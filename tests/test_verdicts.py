@@ -187,8 +187,12 @@ def test_dali_batch_of_only_bad_files_and_a_bisected_batch(tmp_path, imagenette_
 
 
 def test_extraction_logs_the_check_rate_and_a_second_store_checks_nothing(small_folder, tmp_path):
+    import shutil
+
     from featstore.extraction import ExtractConfig, extract
 
+    data = tmp_path / "data"  # a folder of its own: the session's featstore home may know small_folder's files
+    shutil.copytree(small_folder, data)
     builder = tmp_path / "tiny.py"
     builder.write_text("import torch\ndef build():\n    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())\n")
     logs: list[list[str]] = []
@@ -196,7 +200,7 @@ def test_extraction_logs_the_check_rate_and_a_second_store_checks_nothing(small_
         lines: list[str] = []
         config = ExtractConfig(
             model=f"{builder}:build",
-            dataset=str(small_folder),
+            dataset=str(data),
             out=str(tmp_path / f"{name}.zarr"),
             loader="torch",
             device="cpu",

@@ -124,13 +124,40 @@ def plan(n: int, batch_size: int) -> list[np.ndarray]:
     return [np.arange(s, min(s + batch_size, n), dtype=np.int64) for s in range(0, n, batch_size)]
 
 
+def file_verdicts(paths: list[str]):
+    """The file checks' verdicts (featstore versions since issue 22 check each file once, before
+    extracting: decode-only is then measured without them, as extract runs it); None before."""
+    try:
+        from featstore.loaders.verdicts import check_files
+    except ImportError:
+        return None
+    verdicts, _ = check_files(paths, range(len(paths)), None, os.cpu_count() or 1)
+    return verdicts
+
+
+def warm_checks(folder: Path) -> float | None:
+    """Check a bench folder's files into the cache extract reads (so that every timed extract finds
+    them checked, as a rerun does); the check's rate in files/s, None before issue 22."""
+    try:
+        from featstore.datasets import resolve_dataset
+        from featstore.loaders.verdicts import cache_path, check_files
+    except ImportError:
+        return None
+    manifest = resolve_dataset(str(folder))
+    paths = [p for s in manifest.splits for p in manifest.absolute_paths(s)]
+    _, report = check_files(paths, range(len(paths)), cache_path(manifest.name, manifest.root), os.cpu_count() or 1)
+    return report.rate
+
+
 def measure_decode(loader, paths: list[str], batch_size: int, device: torch.device) -> tuple[float, list[torch.Tensor]]:
     """images/s of the loader alone; also returns two decoded batches to feed inference."""
-    for _ in loader.batches(paths, plan(min(len(paths), 2 * batch_size), batch_size)):
+    verdicts = file_verdicts(paths)
+    extra = () if verdicts is None else (verdicts,)
+    for _ in loader.batches(paths, plan(min(len(paths), 2 * batch_size), batch_size), *extra):
         pass  # warm-up: worker start, first decodes
     kept: list[torch.Tensor] = []
     t0 = time.perf_counter()
-    for batch in loader.batches(paths, plan(len(paths), batch_size)):
+    for batch in loader.batches(paths, plan(len(paths), batch_size), *extra):
         if len(kept) < 2 and len(batch.rows) == batch_size:
             kept.append(batch.images.clone())
     sync(device)
@@ -332,6 +359,10 @@ def run_model(
         folder = bench_folder(images, tmp / f"{model}-{set_name}")
         # one batch end to end: what every run pays once (model build, workers, store create/finalize)
         one_batch = bench_folder(images[: args.batch_size], tmp / f"{model}-{set_name}-1batch")
+        checks_per_s = warm_checks(folder)
+        warm_checks(one_batch)
+        if checks_per_s:
+            print(f"{model} / {set_name}: file checks {checks_per_s:.0f} files/s (once per file; every extract below finds them cached)")
         rounds: dict[str, list[dict]] = {name: [] for name in loaders}
         baselines = []
         for r in range(args.rounds):
@@ -360,6 +391,7 @@ def run_model(
                     steady_over_inference=steady / best["inference"] if steady else None,
                     baseline=baseline,
                     e2e_over_baseline=best["e2e"] / baseline,
+                    checks_per_s=checks_per_s,
                     one_batch_s=min(m["one_batch_s"] for m in rounds[name]),
                     ms_decode=1e3 / best["decode"],
                     ms_inference=1e3 / best["inference"],

@@ -72,7 +72,7 @@ def extract(
         the cache, ``$FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr``), ``weights``,
         ``random_init``, ``views``, ``loader``, ``device``, ``batch_size``, ``workers``, ``dtype``,
         ``image_size``, ``resize``, ``interpolation``, ``mean``, ``std``, ``overwrite``, ``strict``,
-        ``chunk_rows``, ``compile``, ``data_root``, ``trust_checkpoint``, ``ignore_keys``, ``split``
+        ``chunk_rows``, ``compile``, ``cuda_graphs``, ``data_root``, ``trust_checkpoint``, ``ignore_keys``, ``split``
         (``"train=0.7,val=0.1,test=0.2"``: seeded stratified splits of a dataset without any), ``split_seed``.
     log : callable, optional
         Receives each progress or notice line (default: written to stderr).

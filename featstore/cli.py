@@ -98,6 +98,7 @@ def cli(debug):
 @click.option("--mean", callback=parse_triple, help="R,G,B mean in [0,1] (overrides the model's).")
 @click.option("--std", callback=parse_triple, help="R,G,B std in [0,1] (overrides the model's).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (fixed batch shapes; pays off on long GPU runs).")
+@click.option("--no-cuda-graphs", is_flag=True, help="On CUDA, run the forward eagerly instead of replaying it from a CUDA graph.")
 @click.option(
     "--no-progress",
     is_flag=True,
@@ -133,6 +134,7 @@ def extract(
     mean,
     std,
     compile_model,
+    no_cuda_graphs,
     no_progress,
     as_json,
     debug,
@@ -167,6 +169,7 @@ def extract(
         repair=repair,
         split=split_spec,
         split_seed=split_seed,
+        cuda_graphs=not no_cuda_graphs,
     )
     result = recall_up_to_date(config)  # an unchanged request answers without importing torch
     if result is None:

@@ -125,6 +125,8 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     ):
         if getattr(config, name):
             args.append(flag)
+    if not config.cuda_graphs:
+        args.append("--no-cuda-graphs")
     return shlex.join(args)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import torch
 from .errors import FeatstoreError
 from .inference import BatchEncoder
 from .loaders import Batch, make_loader
+from .loaders.verdicts import Verdicts, cache_path, check_files
 from .manifest import Manifest
 from .preprocess import Preprocess
 from .progress import Progress, log_to_stderr
@@ -139,7 +141,7 @@ def run_units(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     loader = make_loader(loader_name, store_preprocess(store), device, config.workers)
-    runner = BatchEncoder(encoder, views, device, config.batch_size, compile=config.compile)
+    runner = BatchEncoder(encoder, views, device, config.batch_size, compile=config.compile, cuda_graphs=config.cuda_graphs, log=log)
     ordinal = {(u.split, u.index): g for g, u in enumerate(u for s in store.splits for u in store.units(s))}
     pending = [u for u in store.pending_units() if ranks.owns(ordinal[(u.split, u.index)])]
     label = f"extract {store.path.name}" + (f" (rank {ranks.rank})" if ranks.world > 1 else "")
@@ -154,9 +156,10 @@ def run_units(
                 continue
             planned = plan_batches(units, config.batch_size)
             paths = manifest.absolute_paths(split)
+            verdicts = check_split(paths, planned, manifest, config.workers, log)
             assembler = _UnitAssembler(views, config.dtype, writer, manifest.splits[split].paths)
             # closed as soon as the split is done: a loader may hold threads, pipelines, fd 2 (quiet.py)
-            with contextlib.closing(loader.batches(paths, [r for _, r in planned])) as batches:
+            with contextlib.closing(loader.batches(paths, [r for _, r in planned], verdicts)) as batches:
                 for (unit, _), batch in zip(planned, batches):
                     if config.strict and batch.errors:
                         row, reason = next(iter(batch.errors.items()))
@@ -178,6 +181,14 @@ def run_units(
         bar.close()
         writer.close(raise_error=finished)
     return written, invalid, sorted(nonfinite)
+
+
+def check_split(paths: list[str], planned: list[tuple[Unit, np.ndarray]], manifest: Manifest, workers: int, log) -> Verdicts:
+    """The file checks of the rows about to be extracted, once per file (cached across runs), off the hot path."""
+    rows = np.concatenate([r for _, r in planned])
+    verdicts, report = check_files(paths, rows, cache_path(manifest.name, manifest.root), max(workers, os.cpu_count() or 1), log)
+    log(report.line())
+    return verdicts
 
 
 def store_preprocess(store: FeatureStore) -> Preprocess:

@@ -41,8 +41,8 @@ class ExtractConfig:
         code; checkpoint key globs to drop.
     views : list of str, optional
         Views to store (default: all the model gives).
-    loader, device, batch_size, workers, dtype, chunk_rows, compile
-        ``auto|dali|nvjpeg|torch``; ``auto|cpu|cuda[:N]``; 64; 2; ``float16|float32``; 8192; False.
+    loader, device, batch_size, workers, dtype, chunk_rows, compile, cuda_graphs
+        ``auto|dali|nvjpeg|torch``; ``auto|cpu|cuda[:N]``; 64; 2; ``float16|float32``; 8192; False; True.
     overwrite, strict
         Replace another store at ``out``; stop at the first undecodable image.
     repair
@@ -71,6 +71,7 @@ class ExtractConfig:
     strict: bool = False
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     compile: bool = False
+    cuda_graphs: bool = True  # the forward replayed from a CUDA graph (featstore.inference); same features
     image_size: int | None = None
     resize: int | None = None
     interpolation: str | None = None

@@ -132,7 +132,7 @@ def default_run(messy_batches, tmp_path_factory) -> tuple[Path, subprocess.Compl
     dali_or_skip()
     root, _ = messy_batches
     out = tmp_path_factory.mktemp("default") / "dali.zarr"
-    return out, _extract(root, out)  # default loader: DALI here
+    return out, _extract(root, out, "--loader", "dali")  # DALI: the loader whose decoder once crashed on such files
 
 
 @pytest.mark.slow
@@ -159,11 +159,13 @@ def test_default_loader_survives_bad_files_in_full_batches_then_resume(messy_bat
 
     # killed after its first unit (batch 0, bad files at its start, middle and end), then resumed
     resumed = tmp_path / "resumed.zarr"
-    killed = _extract(root, resumed, "--chunk-rows", "64", runner=("-m", "tests.fault_runner", "kill-in-unit", "1", "--"))
+    killed = _extract(
+        root, resumed, "--chunk-rows", "64", "--loader", "dali", runner=("-m", "tests.fault_runner", "kill-in-unit", "1", "--")
+    )
     assert killed.returncode == -9
     store = FeatureStore.open(resumed)
     assert not store.complete and len(store.pending_units()) == 1
-    again = _extract(root, resumed, "--chunk-rows", "64")
+    again = _extract(root, resumed, "--chunk-rows", "64", "--loader", "dali")
     assert again.returncode == 0 and "resumed" in again.stdout, again.stderr[-2000:]
     assert _invalid(resumed) == invalid
     np.testing.assert_allclose(

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_extract import bench_folder, select_images, upscaled_images
+from bench_extract import bench_folder, select_images, upscaled_images, warm_checks
 
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 # calls that block the calling host thread until GPU work is done (cudaMalloc/cudaFree synchronize the device)
@@ -132,6 +132,8 @@ def main() -> None:
         tmp = Path(tmp)
         folder = bench_folder(images, tmp / "images")
         warm = bench_folder(images[: 2 * args.batch_size], tmp / "warm")
+        for f in (folder, warm):  # the file checks run once per file, before extracting: not profiled
+            warm_checks(f)
         for loader in args.loader.split(","):
             extract_once(args.model, warm, loader, tmp / "warm.zarr", args.device, args.batch_size, args.workers)
             with torch.profiler.profile(activities=activities) as prof:

@@ -1,84 +1,125 @@
 #!/usr/bin/env bash
-# The GPU checks in one device call (no network is touched): install zarr from carried wheels and the
-# package with --no-deps, run the GPU tests (capped at 150 s), then the extraction benchmark (ResNet-50
-# and DINOv2 ViT-S/14 at 224, on the upscaled 500×375 set first (the targets are set on it), then the
-# 224-px set, with every loader featstore has there), then the ImageNet-size probe sweep (capped at
-# 120 s). Measured on an H200 (2026-11-29, benchmarks/RESULTS.md): 220 s in all (17 s install, 16 s
-# tests, 110 s extraction, then probe, k-NN and logreg); the caps (330 s for extraction, whose JSON is
-# rewritten after each model × set) only matter when something hangs.
+# Issue 22's GPU checks and measurements in one device call (no network is touched):
+#   install (zarr from carried wheels, the package with --no-deps, DALI from parked parts) and
+#   byte-compile everything; the GPU tests (CUDA graph vs eager, loaders on CUDA, ...);
+#   whether decode_jpeg releases the GIL on CUDA (benchmarks/gil_release.py);
+#   the forward eager vs CUDA graph (bench_forward.py; COMPILE=1 adds torch.compile reduce-overhead);
+#   extraction (bench_extract.py): ResNet-50 and ViT-S/14 (dino) on the upscaled 500×375 set and the
+#   224 set, nvJPEG and DALI (+ torch with LOADERS), decode-only, inference-only, e2e, steady, textbook;
+#   profile_extract.py (GPU busy / window, ResNet-50, both loaders); torchrun on two GPUs when there
+#   are two (bench_ranks.py); then targets22.py judges every target from the JSON.
+# Planned to fit ~8 minutes: each step is capped (timeout) so the call ends under 480 s even when
+# something hangs (install ~20 s, tests <= 90, GIL 30, forward <= 60, extraction <= 210, profile <= 70,
+# torchrun <= 120 only with 2 GPUs); the extraction JSON is rewritten after every model × set.
 #
 # Here, once:   bash benchmarks/gpu/prepare.sh        (wheels + an Imagenette subset, size check)
+#               bash benchmarks/gpu/prepare_dali.sh   (DALI in parts); on one warm machine, park each part:
+#               run(command="bash benchmarks/gpu/park_dali.sh K", carry=["benchmarks/gpu/dali/K"]) for K = 1, 2, 3
 # Device call:  command "bash benchmarks/gpu/run_gpu.sh", carry ["benchmarks/gpu/wheels", "benchmarks/gpu/data"],
-#               timeout_s 600. Logs and JSON land in $OUT (benchmarks/out when run elsewhere).
-# With DALI:    prepare_dali.sh here, park its parts with the calls it prints (same warm machine), then
-#               the call above: DALI is installed from the parts and benchmarked beside the others.
-# Knobs:        LIMIT (images per set), LOADERS (e.g. "dali": only those), MODELS (resnet50,dino), DEVICE (cuda),
-#               SKIP_TESTS=1, SKIP_PROBE=1 (for a second call that only adds a loader),
-#               SKIP_EXTRACT=1 (with SKIP_TESTS=1: a call with only the probe and battery benchmarks;
-#               with SKIP_PROBE=1 too: only the install, e.g. before profile_extract.py).
+#               timeout_s 600. What comes back ($OUT): run.log, issue22-targets.json and results.tar.gz (every
+#               JSON and log); unpack it into benchmarks/gpu/results/<date>-<gpu>/ and commit.
+# Dry run on a CPU machine (checks the script and every script it calls, small sizes, no install):
+#               DRY_RUN=1 PY=.venv/bin/python bash benchmarks/gpu/run_gpu.sh
+# Knobs:        LIMIT (images per set), LOADERS (nvjpeg,dali), MODELS (resnet50,dino), DEVICE (cuda), BATCH (256),
+#               SKIP_TESTS=1, SKIP_INSTALL=1, COMPILE=1, RUN_PROBE=1 (the probe and battery benchmarks of earlier issues),
+#               KEEP_TRACES=1 (the profiler's gzipped Chrome traces into the tarball).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PY:-python3}
-LIMIT=${LIMIT:-12288}  # images per set: ~3 s of steady e2e per measurement at H100 rates; the call stays under 8 minutes
-out="${OUT:-benchmarks/out}"
+DRY_RUN=${DRY_RUN:-0}
+if [ "$DRY_RUN" = 1 ]; then
+    DEVICE=${DEVICE:-cpu} LIMIT=${LIMIT:-96} BATCH=${BATCH:-32} MODELS=${MODELS:-resnet18} LOADERS=${LOADERS:-nvjpeg,dali}
+    SKIP_INSTALL=${SKIP_INSTALL:-1} SKIP_TESTS=${SKIP_TESTS:-1} PROFILE_LIMIT=${PROFILE_LIMIT:-64}
+fi
+DEVICE=${DEVICE:-cuda}
+LIMIT=${LIMIT:-12288}  # images per set: ~3 s of steady e2e per measurement at H100 rates
+BATCH=${BATCH:-256}
+MODELS=${MODELS:-resnet50,dino}
+PROFILE_LIMIT=${PROFILE_LIMIT:-4096}
+out="${OUT:-benchmarks/gpu/results/$(date +%F)-issue22}"
 mkdir -p "$out"
+exec > >(tee -a "$out/run.log") 2>&1
 step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)"; }
+run_capped() {  # run_capped SECONDS NAME CMD...: a capped step whose failure is reported, not fatal
+    local cap=$1 name=$2 rc
+    shift 2
+    timeout "$cap" "$@"
+    rc=$?
+    [ "$rc" -eq 0 ] || echo "step '$name' FAILED or timed out (exit $rc); going on"
+    return 0
+}
 
 step machine
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader || { echo "error: no GPU here" >&2; exit 1; }
-echo "cpus: $(nproc); python: $($PY -V 2>&1)"
+if [ "$DRY_RUN" != 1 ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader || { echo "error: no GPU here" >&2; exit 1; }
+fi
+echo "cpus: $(nproc); python: $($PY -V 2>&1); device: $DEVICE; limit $LIMIT; batch $BATCH; models $MODELS"
 
-step install
-[ -d benchmarks/gpu/wheels ] || { echo "error: benchmarks/gpu/wheels missing: run prepare.sh here and carry it" >&2; exit 1; }
-$PY -m pip install -q --no-index --find-links benchmarks/gpu/wheels zarr numcodecs donfig google-crc32c || exit 1
-if ! $PY -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
-    echo "editable install failed; using the checkout through PYTHONPATH" >&2
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+    step install
+    [ -d benchmarks/gpu/wheels ] || { echo "error: benchmarks/gpu/wheels missing: run prepare.sh here and carry it" >&2; exit 1; }
+    $PY -m pip install -q --no-index --find-links benchmarks/gpu/wheels zarr numcodecs donfig google-crc32c || exit 1
+    if ! $PY -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
+        echo "editable install failed; using the checkout through PYTHONPATH" >&2
+        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    if $PY benchmarks/gpu/install_dali.py; then
+        $PY -c "import nvidia.dali as d; print('DALI', d.__version__)" || echo "DALI installed but does not import; going on without it"
+    fi
+else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if $PY benchmarks/gpu/install_dali.py; then
-    $PY -c "import nvidia.dali as d; print('DALI', d.__version__)" || echo "DALI installed but does not import; going on without it"
-fi
-$PY -c "import featstore, zarr, torch, torchvision, timm; print('featstore', featstore.__version__, '| zarr', zarr.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__)" || exit 1
+step "byte-compile and import"
+$PY -m compileall -q featstore benchmarks >/dev/null || { echo "error: a file does not compile with $($PY -V 2>&1)" >&2; exit 1; }
+$PY -c "import featstore, zarr, torch, torchvision, timm; from featstore.loaders import dali_available; print('featstore', featstore.__version__, '| zarr', zarr.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| DALI', dali_available())" || exit 1
 
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-step "pytest -m gpu"
-timeout 150 $PY -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/pytest-gpu.log"
-rc=${PIPESTATUS[0]}
-case $rc in 0) ;; 5) echo "no GPU tests collected" ;; *) echo "GPU tests FAILED (exit $rc); benchmarking anyway" ;; esac
-fi
-
-rc=${rc:-0}
-if [ "${SKIP_EXTRACT:-0}" != 1 ]; then
-step "extraction benchmark"
 images=../shared/data/imagenette
 [ -d "$images" ] || images=benchmarks/gpu/data/imagenette
 [ -d "$images" ] || { echo "error: no images: carry benchmarks/gpu/data (prepare.sh makes it)" >&2; exit 1; }
-# torch always; nvjpeg and DALI when this featstore has them and they import here
 loaders=${LOADERS:-$($PY -c "
-from featstore.loaders import LOADERS, dali_available
-names = ['torch'] + [n for n in ('nvjpeg',) if n in LOADERS] + (['dali'] if 'dali' in LOADERS and dali_available() else [])
-print(','.join(names))")}
+from featstore.loaders import dali_available
+print(','.join(['nvjpeg'] + (['dali'] if dali_available() else [])))")}
 echo "images: $images; loaders: $loaders"
-timeout 330 $PY benchmarks/bench_extract.py --model "${MODELS:-resnet50,dino}" --set upscaled,224 --loader "$loaders" --device "${DEVICE:-cuda}" \
-    --batch-size 256 --workers "$(nproc)" --limit "$LIMIT" --images "$images" --dali-tune --out "$out/extract-gpu.json" 2>&1 \
-    | tee "$out/extract-gpu.log"
-rc=${PIPESTATUS[0]}
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    step "pytest -m gpu"
+    timeout 90 $PY -m pytest -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$out/pytest-gpu.log"
+    echo "pytest -m gpu exit ${PIPESTATUS[0]}"
 fi
 
-if [ "${SKIP_PROBE:-0}" != 1 ]; then
-step "probe benchmark: ImageNet-size 13-LR sweep (target < 30 s on an H100)"
-timeout 120 $PY benchmarks/bench_probe.py --sizes imagenet --device "${DEVICE:-cuda}" --baseline-lrs 1 --out "$out" 2>&1 \
-    | tee "$out/probe-gpu.log" || echo "probe benchmark FAILED or timed out; going on"
-step "battery benchmark: ImageNet-size k-NN, 1.28 M × 50 k × 384, k = 10, 20, 100, 200 (target < 60 s)"
-timeout 150 $PY benchmarks/bench_battery.py --parts knn --sizes imagenet --device "${DEVICE:-cuda}" --out "$out" 2>&1 \
-    | tee "$out/battery-gpu.log" || echo "battery benchmark FAILED or timed out; going on"
-step "battery benchmark: logreg 13-C path, 50 k × 512 × 10, on the GPU vs scikit-learn on the CPU (target >= 10x)"
-timeout 120 $PY benchmarks/bench_battery.py --parts logreg --device "${DEVICE:-cuda}" --out "$out" 2>&1 \
-    | tee "$out/logreg-gpu.log" || echo "logreg benchmark FAILED or timed out; going on"
+step "does decode_jpeg release the GIL on $DEVICE?"
+run_capped 30 gil $PY benchmarks/gil_release.py --device "$DEVICE" --images "$images" --seconds 2 --out "$out/gil-$DEVICE.json"
+
+step "forward: eager vs CUDA graph${COMPILE:+ vs torch.compile}"
+run_capped "$([ "${COMPILE:-0}" = 1 ] && echo 200 || echo 60)" forward $PY benchmarks/gpu/bench_forward.py --model "$MODELS" --device "$DEVICE" \
+    --batch-size "$BATCH" --steps "$([ "$DRY_RUN" = 1 ] && echo 2 || echo 40)" $([ "${COMPILE:-0}" = 1 ] && echo --compile) --out "$out/forward.json"
+
+step "extraction benchmark (upscaled set first: the targets are set on it)"
+run_capped 210 extract $PY benchmarks/bench_extract.py --model "$MODELS" --set upscaled,224 --loader "$loaders" --device "$DEVICE" \
+    --batch-size "$BATCH" --workers "$(nproc)" --limit "$LIMIT" --images "$images" --out "$out/extract-gpu.json"
+
+step "profile: GPU busy / window"
+run_capped 70 profile $PY benchmarks/gpu/profile_extract.py --loader "$loaders" --model "${MODELS%%,*}" --limit "$PROFILE_LIMIT" \
+    --images "$images" --device "$DEVICE" --batch-size "$BATCH" --out "$out"
+
+step "torchrun: two GPUs vs one"
+run_capped 120 ranks $PY benchmarks/gpu/bench_ranks.py --model "${MODELS%%,*}" --images "$images" --batch-size "$BATCH" \
+    $([ "$DRY_RUN" = 1 ] && echo --dry-run) --out "$out/ranks.json"
+
+if [ "${RUN_PROBE:-0}" = 1 ]; then
+    step "probe and battery benchmarks (earlier issues' targets)"
+    run_capped 120 probe $PY benchmarks/bench_probe.py --sizes imagenet --device "$DEVICE" --baseline-lrs 1 --out "$out"
+    run_capped 150 knn $PY benchmarks/bench_battery.py --parts knn --sizes imagenet --device "$DEVICE" --out "$out"
+    run_capped 120 logreg $PY benchmarks/bench_battery.py --parts logreg --device "$DEVICE" --out "$out"
 fi
-# a device call returns at most 8 files: drop the probe benchmark's duplicate, and repeat the test
-# summary last, where the call's printed tail always shows it
-[ -n "${OUT:-}" ] && rm -f "$out/bench_probe-latest.json"
-if [ -f "$out/pytest-gpu.log" ]; then step summary; echo "pytest -m gpu: $(tail -n 1 "$out/pytest-gpu.log")"; fi
-exit "$rc"
+
+step "issue 22 targets"
+$PY benchmarks/gpu/targets22.py "$out"
+[ "${KEEP_TRACES:-0}" = 1 ] || rm -f "$out"/trace-*.json.gz
+rm -f "$out/bench_probe-latest.json"
+# a device call brings back few files: everything in one tarball, the verdict and the log beside it
+tar -C "$out" -czf "$out.tar.gz" --exclude=run.log . && mv "$out.tar.gz" "$out/results.tar.gz"
+[ -z "${OUT:-}" ] || find "$out" -maxdepth 1 -type f ! -name run.log ! -name issue22-targets.json ! -name results.tar.gz -delete
+step done
+ls -l "$out"

@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # torch and numpy are imported where used: `featstore --help`
     import torch
 
     from ..preprocess import Preprocess
+    from .verdicts import Verdicts
 
 
 @dataclass
@@ -24,8 +25,11 @@ class Batch:
 class Loader(Protocol):
     name: str
 
-    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Generator[Batch, None, None]:  # closed early by extraction
-        """``paths[row]`` is the absolute path of ``row``; yield the batches of ``plan`` in order."""
+    def batches(
+        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None
+    ) -> Generator[Batch, None, None]:  # closed early by extraction
+        """``paths[row]`` is the absolute path of ``row``; yield the batches of ``plan`` in order.
+        ``verdicts``: the file checks' verdicts by row (``verdicts.check_files``); files are checked as they are read without."""
 
 
 def normalize_on_device(

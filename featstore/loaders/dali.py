@@ -1,45 +1,68 @@
-"""NVIDIA DALI loader: decode, resize, crop and normalize in a DALI pipeline.
+"""NVIDIA DALI loader: DALI reads, decodes, resizes, crops and normalizes on its own threads.
 
 With CUDA the decoder runs on device "mixed" (nvJPEG, hardware decoder where present) and every
 later operator on the GPU; without CUDA the whole pipeline runs on CPU threads (``device_id=None``).
+The main thread only calls ``pipe.run()`` and hands DALI's output to torch without a copy (DLPack:
+NHWC storage is a channels_last NCHW view).
 
-Files are fed through ``fn.external_source`` rather than ``fn.readers.file`` so that every batch is
-exactly a planned batch (batches never span store units, the last one is not padded, and rows map
-to outputs one to one), which is what makes resumed extraction bitwise identical. A batch that DALI
-fails to decode is bisected with small pipelines to find the offending file(s); their rows become
-placeholders with a reason, and the rest of the batch is decoded as usual.
+DALI reads the files itself (``fn.readers.file``, prefetching ``prefetch_queue_depth`` batches
+ahead). Its file list is the plan's batches one after the other, each padded to the pipeline's batch
+size with a tiny JPEG, and its labels are the row ids (-1 for padding): so every DALI batch is
+exactly one planned batch (batches never span store units), the padding is dropped by row id, and
+a resumed extraction feeds the same batches as an uninterrupted one, hence writes the same bytes.
+Ranks own whole units (``featstore.ranks``), so each rank lists its own units' files; DALI's
+``shard_id``/``num_shards`` would cut through units and are not used.
 
-Only bytes DALI can parse reach it. DALI 2.4's decoder parses the headers of a batch of more than
+Only files DALI can parse reach it. DALI 2.4's decoder parses the headers of a batch of more than
 4 x (threads + 1) samples in parallel blocks on its thread pool; when nvImageCodec refuses one
 sample's header (status #4, e.g. a 13-byte text file named .JPEG) inside a worker's block, the
 failure races with the other blocks and the process dies with SIGSEGV in
 ``ImageDecoder<CPUBackend>`` (reproduced: 64 real photos + 1 text file, 2 threads, ~4 runs in 5;
 12 samples or fewer parse serially and fail cleanly, which is why small batches hid it). A crash
-cannot be caught or bisected, so every file is checked before it is fed: JPEG and PNG must have an
-intact container (``containers``) and must parse with nvImageCodec's own parser (the one DALI's
-decoder calls, a few microseconds); other formats (BMP, TIFF, WebP, GIF, …) are decoded with PIL
-and fed as lossless PNG, so DALI's resize still applies to them. What fails is an invalid row with
-a reason; decode errors after parsing are ordinary exceptions, handled by the bisection.
+cannot be caught or bisected, so every file has a verdict before the pipeline is built
+(``verdicts``: made once per file, on a pool, cached across runs): JPEG and PNG must have an intact
+container and must parse with nvImageCodec's own parser (the one DALI's decoder calls); other
+formats (BMP, TIFF, WebP, GIF, …) are decoded with PIL, on a thread pool before the run, into
+lossless PNGs in a temporary folder, so DALI's resize still applies to them. What fails is an
+invalid row with a reason. A batch that DALI fails to decode (an error after parsing) is bisected
+with small pipelines fed the files' bytes, so only the offending rows become invalid.
 """
 
 from __future__ import annotations
 
 import io
-import os
+import tempfile
+from collections import deque
 from collections.abc import Generator, Iterator
-from functools import lru_cache
-from typing import Any, cast
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
 
 from ..preprocess import Preprocess
 from .batch import Batch
-from .containers import image_format
 from .decode import decode_failure, decode_rgb, read_encoded
 from .quiet import DecoderNoiseFilter
+from .verdicts import Verdict, Verdicts, _nvimgcodec, check_files, nvimgcodec_parses
 
 _INTERP = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR", "nearest": "INTERP_NN"}
+_PAD = -1  # the label of a padding sample
+
+
+class _Feed(NamedTuple):
+    """What DALI's reader is given, and per planned batch what it holds."""
+
+    files: list[str]  # every planned batch's readable files, then padding up to the batch size
+    labels: list[int]  # row ids; _PAD for padding
+    ok_rows: list[list[int]]  # per batch: the rows DALI decodes, in order
+    errors: list[dict[int, str]]  # per batch: rows refused before decoding, and why
+    sources: dict[int, str]  # row → the file DALI reads for it (a PNG made from another format)
+
+
+class _OutOfStep(AssertionError):
+    """DALI's reader returned other rows than the plan's batch (never expected: a bug, not bad data)."""
 
 
 class DaliLoader:
@@ -50,6 +73,9 @@ class DaliLoader:
     # chroma upsampled as libjpeg-turbo does (DALI on CPU, PIL), so features do not depend on where
     # an image was decoded; --dali-tune also measures its cost
     jpeg_fancy_upsampling = True
+    # batches a GPU output of DALI is kept referenced after it was handed out: its memory goes back
+    # to DALI's pool, which is not ordered after torch's stream, only once torch's work on it is done
+    keep_alive = 4
 
     def __init__(self, preprocess: Preprocess, device: torch.device, workers: int):
         self.pre = preprocess
@@ -57,80 +83,108 @@ class DaliLoader:
         self.threads = max(1, workers)
         self.on_gpu = device.type == "cuda"
         self.prefetch = 2
+        self._dlpack = True  # False once torch.from_dlpack refused a DALI GPU tensor: copy instead
 
-    # ------------------------------------------------------------------ pipeline
+    # ------------------------------------------------------------------ pipelines
 
-    def _pipeline(self, source, batch_size: int, small: bool = False):
-        """``small``: one thread and no preallocation (same decoders), for the short-lived pipelines of a bisection."""
-        from nvidia.dali import fn, pipeline_def, types
-
-        pre = self.pre
-        on_gpu = self.on_gpu
-        # device and host memory sized up front for a stream of full batches
-        preallocate: dict[str, Any] = (
-            {}
-            if small
-            else dict(
-                device_memory_padding=64 << 20,
-                host_memory_padding=8 << 20,
-                preallocate_width_hint=1024,
-                preallocate_height_hint=1024,
-            )
-        )
+    def _pipeline(self, files: list[str], labels: list[int], batch_size: int):
+        """The run's pipeline: DALI reads ``files`` (batch_size of them per iteration) and labels them."""
+        from nvidia.dali import fn, pipeline_def
 
         @pipeline_def(
             batch_size=batch_size,
-            num_threads=1 if small else self.threads,
-            device_id=(self.device.index or 0) if on_gpu else None,
+            num_threads=self.threads,
+            device_id=(self.device.index or 0) if self.on_gpu else None,
             prefetch_queue_depth=self.prefetch,
             exec_dynamic=True,  # an operator error fails one iteration, not the pipeline
         )
         def pipe():
-            encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1, no_copy=False)
-            if on_gpu:
-                # the same decoders as the main pipeline, so a bisected image decodes as it would have
-                images = fn.decoders.image(
-                    encoded,
-                    device="mixed",
-                    output_type=types.RGB,
-                    hw_decoder_load=self.hw_decoder_load,
-                    jpeg_fancy_upsampling=self.jpeg_fancy_upsampling,
-                    **preallocate,
-                )
-            else:
-                images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-            images = fn.resize(images, resize_shorter=pre.resize, interp_type=getattr(types, _INTERP[pre.interpolation]), antialias=True)
-            return fn.crop_mirror_normalize(
-                images,
-                crop=(pre.image_size, pre.image_size),
-                crop_pos_x=0.5,
-                crop_pos_y=0.5,
-                mean=[m * 255.0 for m in pre.mean],
-                std=[s * 255.0 for s in pre.std],
-                dtype=types.FLOAT16 if on_gpu else types.FLOAT,
-                output_layout="HWC",  # NHWC storage = a channels_last NCHW tensor, no copy
+            encoded, rows = fn.readers.file(
+                files=files, labels=labels, random_shuffle=False, prefetch_queue_depth=self.prefetch, name="files"
             )
+            return self._preprocess(encoded, small=False), rows
 
         p = pipe()
         p.build()
         return p
 
-    def _to_torch(self, tensor_list) -> torch.Tensor:
-        """DALI batch (B, S, S, 3) → torch (B, 3, S, S) channels_last view on the target device.
+    def _bytes_pipeline(self, data: list[np.ndarray]):
+        """A short-lived pipeline fed ``data`` (encoded images) for a bisection: one thread, the same operators."""
+        from nvidia.dali import fn, pipeline_def, types
 
-        One device-to-device copy into torch-owned memory (~77 MB for 256 fp16 224² images, tens of
-        microseconds at HBM bandwidth) on torch's stream, so the tensor's lifetime does not depend
-        on when DALI recycles its output buffers; no layout change.
+        @pipeline_def(
+            batch_size=len(data),
+            num_threads=1,
+            device_id=(self.device.index or 0) if self.on_gpu else None,
+            prefetch_queue_depth=self.prefetch,
+            exec_dynamic=True,
+        )
+        def pipe():
+            encoded = fn.external_source(source=iter([data]), batch=True, dtype=types.UINT8, ndim=1, no_copy=False)
+            return self._preprocess(encoded, small=True)
+
+        p = pipe()
+        p.build()
+        return p
+
+    def _preprocess(self, encoded, small: bool):
+        """decode → resize shorter side → center crop → normalize, NHWC: the same operators in every pipeline,
+        so a bisected image decodes as it would have. ``small``: no preallocation."""
+        from nvidia.dali import fn, types
+
+        pre = self.pre
+        if self.on_gpu:
+            # device and host memory sized up front for a stream of full batches
+            preallocate: dict[str, Any] = (
+                {}
+                if small
+                else dict(
+                    device_memory_padding=64 << 20,
+                    host_memory_padding=8 << 20,
+                    preallocate_width_hint=1024,
+                    preallocate_height_hint=1024,
+                )
+            )
+            images = fn.decoders.image(
+                encoded,
+                device="mixed",
+                output_type=types.RGB,
+                hw_decoder_load=self.hw_decoder_load,
+                jpeg_fancy_upsampling=self.jpeg_fancy_upsampling,
+                **preallocate,
+            )
+        else:
+            images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=pre.resize, interp_type=getattr(types, _INTERP[pre.interpolation]), antialias=True)
+        return fn.crop_mirror_normalize(
+            images,
+            crop=(pre.image_size, pre.image_size),
+            crop_pos_x=0.5,
+            crop_pos_y=0.5,
+            mean=[m * 255.0 for m in pre.mean],
+            std=[s * 255.0 for s in pre.std],
+            dtype=types.FLOAT16 if self.on_gpu else types.FLOAT,
+            output_layout="HWC",  # NHWC storage = a channels_last NCHW tensor, no copy
+        )
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        """DALI batch (B, S, S, 3) → torch (B, 3, S, S) channels_last view, without a copy (DLPack).
+
+        On CUDA torch's current stream is handed to DALI, which orders its output before it; where
+        DLPack is refused, one device-to-device copy into torch-owned memory on that stream.
         """
+        dense = tensor_list.as_tensor()
+        if not self.on_gpu:
+            return torch.from_dlpack(dense).permute(0, 3, 1, 2)
+        if self._dlpack:
+            try:
+                return torch.from_dlpack(dense).permute(0, 3, 1, 2)
+            except (TypeError, RuntimeError, BufferError):
+                self._dlpack = False
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        shape = (len(tensor_list), self.pre.image_size, self.pre.image_size, 3)
-        dtype = torch.float16 if self.on_gpu else torch.float32
-        out = torch.empty(shape, dtype=dtype, device=self.device)
-        if self.on_gpu:
-            feed_ndarray(tensor_list.as_tensor(), out, cuda_stream=torch.cuda.current_stream(self.device))
-        else:
-            out.copy_(torch.from_numpy(tensor_list.as_array()))
+        out = torch.empty(tuple(dense.shape()), dtype=torch.float16, device=self.device)
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
         return out.permute(0, 3, 1, 2)
 
     def _placeholder(self, n: int) -> torch.Tensor:
@@ -140,53 +194,102 @@ class DaliLoader:
 
     # ------------------------------------------------------------------ iteration
 
-    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Generator[Batch, None, None]:  # closed early by extraction
+    def batches(
+        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None
+    ) -> Generator[Batch, None, None]:  # closed early by extraction
+        """``verdicts[row]`` (optional): the file checks' verdict on ``paths[row]``; made here where missing."""
         if not plan:
             return
-        with DecoderNoiseFilter():  # libjpeg/nvImageCodec print warnings from DALI's threads
-            yield from self._batches(paths, plan)
+        with (
+            DecoderNoiseFilter(),
+            tempfile.TemporaryDirectory(prefix="featstore-dali-") as tmp,
+        ):  # libjpeg/nvImageCodec warn from DALI's threads
+            yield from self._batches(paths, plan, verdicts, Path(tmp))
 
-    def _batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
-        # per batch index, popped when consumed so memory stays bounded on long runs
-        read_errors: dict[int, dict[int, str]] = {}
-        fed: dict[int, tuple[list[int], list[np.ndarray]]] = {}  # rows and bytes, kept for a bisection
-
-        def source():
-            # runs ahead of the consumer by the prefetch depth; files that cannot be fed (missing,
-            # empty, broken, not parseable) are left out of the batch and reported with it
-            for i, rows in enumerate(plan):
-                data, errors, ok_rows = [], {}, []
-                for r in rows.tolist():
-                    blob, reason = dali_input(paths[r])
-                    if blob is None:
-                        errors[r] = reason
-                    else:
-                        data.append(np.frombuffer(blob, dtype=np.uint8))
-                        ok_rows.append(r)
-                read_errors[i] = errors
-                fed[i] = (ok_rows, data)
-                # DALI needs a non-empty batch; the tiny JPEG's output is discarded
-                yield data or [_tiny_jpeg()]
-
-        pipe = self._pipeline(source(), max(len(p) for p in plan))
+    def _batches(self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None, tmp: Path) -> Iterator[Batch]:
+        feed = self._feed(paths, plan, verdicts, tmp)
+        pipe = self._pipeline(feed.files, feed.labels, max(len(p) for p in plan))
+        alive: deque = deque()  # [(DALI output, torch's view of it), event after torch's use]: see keep_alive
         try:
             for i, rows in enumerate(plan):
+                ok_rows = feed.ok_rows[i]
                 decoded: torch.Tensor | None
                 bad: dict[int, str] | None
                 try:
-                    (out,) = pipe.run()
+                    out, labels = pipe.run()
                     decoded, bad = self._to_torch(out), {}
+                    ids = np.asarray(labels.as_tensor()).reshape(-1)
+                    keep = ids != _PAD
+                    if ids[keep].tolist() != ok_rows:  # DALI's reader went out of step with the plan: a bug
+                        raise _OutOfStep(f"DALI returned rows {ids[keep].tolist()[:8]}…, expected {ok_rows[:8]}…")
+                    decoded = decoded[: len(ok_rows)]  # the padding is last in every batch
+                    if self.on_gpu:
+                        alive.append([(out, decoded), None])
+                except _OutOfStep:
+                    raise
                 except Exception:  # a file DALI cannot decode: find it, keep the rest of the batch
                     decoded, bad = None, None
-                ok_rows, data = fed.pop(i)  # filled by source() before run() returned or raised
-                if bad is None:  # the bytes already read are decoded again, not the files
+                if bad is None:  # the batch's files are read and decoded again in ever smaller pipelines
+                    data = [np.frombuffer(_read(feed.sources.get(r, paths[r])), dtype=np.uint8) for r in ok_rows]
                     decoded_parts, bad = self._bisect(data, ok_rows)
                     ok_rows = [r for r in ok_rows if r not in bad]
                     decoded = torch.cat(decoded_parts) if decoded_parts else None
-                errors = {**read_errors.pop(i), **bad}
-                yield Batch(rows, self._assemble(rows, ok_rows, decoded), errors)
+                yield Batch(rows, self._assemble(rows, ok_rows, decoded), {**feed.errors[i], **bad})
+                if alive:
+                    self._release(alive)
         finally:
+            alive.clear()
             del pipe
+
+    def _release(self, alive: deque) -> None:
+        """The consumer has queued its work on the last batch: mark it, and let go of outputs it is done with."""
+        if alive[-1][1] is None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            alive[-1][1] = event
+        while len(alive) > self.keep_alive:
+            _, event = alive.popleft()
+            event.synchronize()  # long done, keep_alive batches ago: does not wait in practice
+
+    def _feed(self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None, tmp: Path) -> _Feed:
+        """The reader's file list for ``plan``: refused files left out (with their reason), other formats as PNGs."""
+        rows = [r for p in plan for r in p.tolist()]
+        given = {r: verdicts[r] for r in rows} if verdicts is not None else {}
+        missing = [r for r in rows if given.get(r) is None]
+        if missing:  # called without verdicts (or with gaps): check those files now, on a pool, uncached
+            found, _ = check_files(paths, missing, None, self.threads)
+            given.update((r, found[r]) for r in missing)
+        verdict = cast(dict[int, Verdict], given)
+        problems = {r: verdict[r].dali_problem() for r in rows}
+        unasked = [r for r in rows if not problems[r] and verdict[r].kind in ("jpeg", "png") and verdict[r].dali_parses < 0]
+        if unasked and _nvimgcodec() is not None:  # checked where its parser was not importable: ask it now
+            for r in unasked:
+                data, reason = read_encoded(paths[r])
+                parsed = verdict[r]._replace(dali_parses=nvimgcodec_parses(data) if data is not None else -1)
+                problems[r] = reason if data is None else parsed.dali_problem()
+        others = [r for r in rows if not problems[r] and verdict[r].kind == "other"]
+        sources: dict[int, str] = {}
+        if others:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="featstore-png") as pool:
+                for r, (png, reason) in zip(others, pool.map(lambda r: _as_png(paths[r], tmp / f"{r}.png"), others)):
+                    if png is None:
+                        problems[r] = reason
+                    else:
+                        sources[r] = png
+        size = max(len(p) for p in plan)
+        pad = str(tmp / "pad.jpg")
+        Path(pad).write_bytes(_tiny_jpeg().tobytes())
+        files: list[str] = []
+        labels: list[int] = []
+        ok_rows: list[list[int]] = []
+        errors: list[dict[int, str]] = []
+        for p in plan:
+            good = [r for r in p.tolist() if not problems[r]]
+            files += [sources.get(r, paths[r]) for r in good] + [pad] * (size - len(good))
+            labels += good + [_PAD] * (size - len(good))
+            ok_rows.append(good)
+            errors.append({r: problems[r] for r in p.tolist() if problems[r]})
+        return _Feed(files, labels, ok_rows, errors, sources)
 
     def _assemble(self, rows: np.ndarray, ok_rows: list[int], decoded: torch.Tensor | None) -> torch.Tensor:
         if len(ok_rows) == len(rows):
@@ -203,9 +306,9 @@ class DaliLoader:
         if not data:
             return [], {}
         try:
-            pipe = self._pipeline(iter([data]), len(data), small=True)
+            pipe = self._bytes_pipeline(data)
             (out,) = pipe.run()
-            result = self._to_torch(out)
+            result = self._to_torch(out).clone()  # owned by torch: the pipeline goes now
             del pipe
             return [result], {}
         except Exception as e:
@@ -217,44 +320,30 @@ class DaliLoader:
         return left + right, {**bad_left, **bad_right}
 
 
-def dali_input(path: str) -> tuple[bytes | None, str]:
-    """The bytes to feed DALI for ``path`` (see the module docstring), or None and why the row is invalid."""
+def _read(path: str) -> bytes:
+    data, _ = read_encoded(path)
+    return data if data is not None else b""
+
+
+def _as_png(path: str, dest: Path) -> tuple[str | None, str]:
+    """A file of another format (BMP, TIFF, WebP, GIF, …) decoded by PIL and written as a lossless PNG
+    for DALI (which then sees exactly PIL's pixels), or None and why it cannot be."""
     data, reason = read_encoded(path)
     if data is None:
         return None, reason
-    if image_format(data) in ("jpeg", "png"):
-        if not _nvimgcodec_parses(data):
-            return None, f"{image_format(data).upper()} header that DALI's decoder cannot parse"
-        return data, ""
     try:
         image = decode_rgb(data)
     except Exception as e:
         return None, decode_failure(e, data)
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)  # lossless: DALI sees exactly PIL's pixels
-    return buf.getvalue(), ""
+    image.save(buf, format="PNG", compress_level=1)
+    dest.write_bytes(buf.getvalue())
+    return str(dest), ""
 
 
 def _nvimgcodec_parses(data: bytes) -> bool:
     """Whether nvImageCodec's parser (the one DALI's decoder uses) reads the header; True when it is not importable."""
-    codec = _nvimgcodec()
-    if codec is None:
-        return True
-    try:
-        return codec.CodeStream(data).width > 0
-    except Exception:
-        return False
-
-
-@lru_cache(maxsize=1)
-def _nvimgcodec():
-    # its Python binding logs refusals in colour on stderr unless told not to (read at import)
-    os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
-    try:
-        import nvidia.nvimgcodec as nvimgcodec
-    except Exception:  # DALI without the binding: the container checks still apply
-        return None
-    return nvimgcodec
+    return nvimgcodec_parses(data) != 0
 
 
 def _first_line(e: Exception) -> str:
@@ -264,9 +353,7 @@ def _first_line(e: Exception) -> str:
 
 
 def _tiny_jpeg() -> np.ndarray:
-    """A valid 1×1 JPEG, fed when every file of a batch is unreadable (DALI cannot run an empty batch)."""
-    import io
-
+    """A valid 1×1 JPEG: the padding of short batches (its output is dropped by row id)."""
     from PIL import Image
 
     buf = io.BytesIO()

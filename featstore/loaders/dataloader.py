@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..preprocess import Preprocess
 from .batch import Batch, normalize_on_device
-from .decode import decode_failure, decode_rgb, read_encoded
+from .decode import decode_failure, decode_rgb
+from .verdicts import Verdicts, read_verified
 
 
 def build_transform(pre: Preprocess):
@@ -27,8 +28,9 @@ def build_transform(pre: Preprocess):
 
 
 class _Images(Dataset):
-    def __init__(self, paths: list[str], pre: Preprocess):
+    def __init__(self, paths: list[str], pre: Preprocess, verdicts: Verdicts | None):
         self.paths = paths
+        self.verdicts = verdicts
         self.pre = pre
         self.transform = build_transform(pre)
 
@@ -37,7 +39,7 @@ class _Images(Dataset):
 
     def __getitem__(self, row: int):
         # the same reading and container checks as the other loaders, so the same files are refused
-        data, reason = read_encoded(self.paths[row])
+        data, reason = read_verified(self.paths[row], self.verdicts[row] if self.verdicts is not None else None)
         if data is not None:
             try:
                 return row, self.transform(decode_rgb(data)), ""
@@ -62,11 +64,13 @@ class TorchLoader:
         self.device = device
         self.workers = workers
 
-    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Generator[Batch, None, None]:  # closed early by extraction
+    def batches(
+        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None
+    ) -> Generator[Batch, None, None]:  # closed early by extraction
         if not plan:
             return
         loader = DataLoader(
-            _Images(paths, self.pre),
+            _Images(paths, self.pre, verdicts),
             batch_sampler=[p.tolist() for p in plan],
             num_workers=self.workers,
             collate_fn=_collate,

@@ -17,28 +17,35 @@ _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 def read_encoded(path: str) -> tuple[bytes | None, str]:
     """The file's bytes, or None and why not. Every loader reads through here, so all refuse the same files.
+    (``read_checked`` also gives the image size the header declares.)
 
     Refused: unreadable and empty files, JPEGs and PNGs whose container is broken (truncated,
     garbled markers, text named .jpg: see ``containers``), and images whose header claims more
     pixels than PIL allows (``open_rgb`` refuses those too): a GPU decoder would allocate the whole
     claimed image before finding out the data is not there.
     """
+    data, reason, _ = read_checked(path)
+    return data, reason
+
+
+def read_checked(path: str) -> tuple[bytes | None, str, tuple[int, int] | None]:
+    """``read_encoded``'s answer and the (width, height) the header declares (None: not a JPEG/PNG, or refused)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        return None, f"{type(e).__name__}: {e.strerror or e}"
+        return None, f"{type(e).__name__}: {e.strerror or e}", None
     if not data:
-        return None, "empty file (0 bytes)"
+        return None, "empty file (0 bytes)", None
     # the size from the header the check parsed, not from PIL.Image.open: this runs on reader threads,
     # where PIL's bomb check would need the process-wide warnings filters
     problem, size = check_container(data)
     if problem:
-        return None, problem
+        return None, problem, None
     limit = Image.MAX_IMAGE_PIXELS
     if size is not None and limit is not None and size[0] * size[1] > limit:
-        return None, f"DecompressionBombError: image size ({size[0] * size[1]} pixels) exceeds the limit of {limit} pixels"
-    return data, ""
+        return None, f"DecompressionBombError: image size ({size[0] * size[1]} pixels) exceeds the limit of {limit} pixels", None
+    return data, "", size
 
 
 def open_rgb(path: str) -> Image.Image:

@@ -11,13 +11,22 @@ so that no multi-gigabyte buffer is allocated on the GPU for them.
 CUDA decode runs with a side stream current: torchvision allocates the outputs on the current
 stream, but nvJPEG's hardware engine writes them without waiting for that stream's queued work, so
 on the main stream it could be handed (and overwrite) memory that queued kernels still read
-(pytorch/vision#9606, seen on H100). Outputs from the side stream are handed to the main stream
-with ``record_stream``.
+(pytorch/vision#9606, seen on H100). So the decoded images are kept referenced until the
+resize/normalize kernels that read them have finished (an event the producer waits for), and only
+then go back to the side stream's pool.
+
+Reading, decoding and preprocessing run on a producer thread, ``depth`` batches ahead of the main
+thread, which only launches the model: ``decode_jpeg`` releases the GIL while it decodes (measured
+with ``benchmarks/gil_release.py``: benchmarks/RESULTS.md, issue 22). On CUDA the producer works on
+its own stream; each finished batch carries one event the main stream waits for and one
+``record_stream`` (not one per image).
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
@@ -29,8 +38,9 @@ import torch.nn.functional as F
 from ..preprocess import Preprocess
 from .batch import Batch, normalize_on_device
 from .containers import image_format
-from .decode import decode_failure, decode_rgb, read_encoded
+from .decode import decode_failure, decode_rgb
 from .quiet import DecoderNoiseFilter
+from .verdicts import Verdicts, read_verified
 
 
 class NvjpegLoader:
@@ -41,6 +51,8 @@ class NvjpegLoader:
         self.device = device
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="featstore-read")
         self.decode_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.prep_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # the producer's resize/normalize
+        self.depth = 2  # finished batches waiting for the main thread
 
     def resize_crop(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) → uint8 (N, 3, S, S): shorter side to ``resize`` (antialiased), center crop.
@@ -91,13 +103,11 @@ class NvjpegLoader:
 
         if self.decode_stream is None:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        main = torch.cuda.current_stream(self.device)
+        current = torch.cuda.current_stream(self.device)  # the producer's stream
         with torch.cuda.stream(self.decode_stream):
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        main.wait_stream(self.decode_stream)
-        for image in decoded:
-            image.record_stream(main)  # freed blocks go back to the side stream's pool only after main is done
-        return decoded
+        current.wait_stream(self.decode_stream)
+        return decoded  # kept referenced by the producer until its work on them is done (no record_stream per image)
 
     def _decode(self, blobs: list[tuple[bytes | None, str]]) -> tuple[list[torch.Tensor | None], dict[int, str]]:
         images: list[torch.Tensor | None] = [None] * len(blobs)
@@ -124,22 +134,71 @@ class NvjpegLoader:
                 errors[i] = decode_failure(e, blob)
         return images, errors
 
-    def batches(self, paths: list[str], plan: list[np.ndarray]) -> Generator[Batch, None, None]:  # closed early by extraction
+    def batches(
+        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None
+    ) -> Generator[Batch, None, None]:  # closed early by extraction
         if not plan:
             return
         with DecoderNoiseFilter():  # libjpeg warns on stderr about data it decodes anyway
-            yield from self._batches(paths, plan)
+            yield from self._batches(paths, plan, verdicts)
 
-    def _batches(self, paths: list[str], plan: list[np.ndarray]) -> Iterator[Batch]:
+    def _batches(self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None) -> Iterator[Batch]:
+        """The main thread only takes finished batches; reading, decoding and preprocessing run ahead on
+        a producer thread (torchvision's decode releases the GIL: benchmarks/gil_release.py)."""
+        ready: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(paths, plan, verdicts, ready, stop), name="featstore-nvjpeg", daemon=True)
+        producer.start()
+        main = torch.cuda.current_stream(self.device) if self.prep_stream is not None else None
+        try:
+            for rows in plan:
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                images, local_errors, done = item
+                if main is not None:
+                    main.wait_event(done)
+                    images.record_stream(main)  # one per batch: its memory is reused only after main's work on it
+                yield Batch(rows, images, {int(rows[i]): reason for i, reason in local_errors.items()})
+        finally:
+            stop.set()
+            with contextlib.suppress(queue.Empty):
+                while True:  # unblock a producer waiting to put
+                    ready.get_nowait()
+            producer.join()
+
+    def _produce(self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None, ready: queue.Queue, stop: threading.Event):
         def read(rows: np.ndarray):
-            return self.pool.submit(lambda: [read_encoded(paths[r]) for r in rows.tolist()])
+            return self.pool.submit(lambda: [read_verified(paths[r], verdicts[r] if verdicts is not None else None) for r in rows.tolist()])
 
-        # read ahead: file reads of the next two batches overlap decode and inference of this one
-        reads = {k: read(plan[k]) for k in range(min(2, len(plan)))}
-        for k, rows in enumerate(plan):
-            if k + 2 < len(plan):
-                reads[k + 2] = read(plan[k + 2])
-            blobs = reads.pop(k).result()
-            decoded, local_errors = self._decode(blobs)
-            images = normalize_on_device(self.crops(decoded), self.pre, self.device, channels_last_input=False)
-            yield Batch(rows, images, {int(rows[i]): reason for i, reason in local_errors.items()})
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            with torch.cuda.stream(self.prep_stream) if self.prep_stream is not None else contextlib.nullcontext():
+                # read ahead: file reads of the next two batches overlap decode of this one
+                reads = {k: read(plan[k]) for k in range(min(2, len(plan)))}
+                for k in range(len(plan)):
+                    if k + 2 < len(plan):
+                        reads[k + 2] = read(plan[k + 2])
+                    blobs = reads.pop(k).result()
+                    decoded, local_errors = self._decode(blobs)
+                    images = normalize_on_device(self.crops(decoded), self.pre, self.device, channels_last_input=False)
+                    done = None
+                    if self.prep_stream is not None:
+                        done = torch.cuda.Event()
+                        done.record(self.prep_stream)
+                        # the decoded images go back to the decode stream's pool only once the crops have read
+                        # them (nvJPEG's hardware engine writes without waiting for queued work; see above)
+                        done.synchronize()
+                    del decoded
+                    if not put((images, local_errors, done)):
+                        return
+        except BaseException as e:  # raised in the consumer
+            put(e)

@@ -113,10 +113,10 @@ def main():
 @click.option(
     "--method",
     "methods",
-    default="linear",
-    show_default=True,
+    multiple=True,
     metavar="LIST",
-    help=f"Methods to run, a comma list of {', '.join(METHODS)} (same stores, splits, seeds and samples).",
+    help=f"Methods to run, a comma list of {', '.join(METHODS)} (same stores, splits, seeds and samples); "
+    "repeat it or list them: --method linear --method knn = --method linear,knn.  [default: linear]",
 )
 @click.option(
     "--shots",
@@ -312,7 +312,7 @@ def _stores_and_protocol(
     protocol = Protocol(
         lr_grid=grid, wd_grid=wd_grid, optimizer=optimizer, epochs=epochs, batch_size=batch_size, momentum=momentum,
         normalize=normalize, select_on=select_on, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed if seed is not None else _DEFAULTS.seed,
-        seeds=seeds or (), methods=methods, shots=shots or (), knn_k=knn_k, knn_temperature=knn_temperature, knn_weights=knn_weights,
+        seeds=seeds or (), methods=",".join(methods) or "linear", shots=shots or (), knn_k=knn_k, knn_temperature=knn_temperature, knn_weights=knn_weights,
         logreg_C=logreg_c, logreg_max_iter=logreg_max_iter, logreg_tol=logreg_tol, refit=refit,
     )  # fmt: skip
     return stores, protocol

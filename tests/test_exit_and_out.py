@@ -52,3 +52,15 @@ def test_closed_pipe_exits_like_cat_without_a_traceback(module, args):
     proc = _closed_stdout(module, *args)
     assert proc.stderr == ""  # no traceback, no "Exception ignored … BrokenPipeError", no error line
     assert proc.returncode == 128 + signal.SIGPIPE  # what a shell reports for `cat big | head -1` under pipefail
+
+
+def test_method_given_twice_runs_both(store, tmp_path):
+    """`--method linear --method knn` used to keep the last one only, silently."""
+    import csv
+
+    out = tmp_path / "o"
+    code, output = run_cli(
+        ["fit", "--store", str(store), "--lr", "0.05", "--epochs", "1", "--method", "linear", "--method", "knn", "--out", str(out)]
+    )
+    assert code == 0, output
+    assert {r["method"] for r in csv.DictReader((out / "results.csv").open())} == {"linear", "knn"}

@@ -79,6 +79,13 @@ def cli(debug):
 @click.option("--interpolation", type=click.Choice(INTERPOLATIONS), help="Resize filter (overrides the model's).")
 @click.option("--mean", callback=parse_triple, help="R,G,B mean in [0,1] (overrides the model's).")
 @click.option("--std", callback=parse_triple, help="R,G,B std in [0,1] (overrides the model's).")
+@click.option(
+    "--labels",
+    type=click.Choice(["dense", "sparse"]),
+    default="dense",
+    show_default=True,
+    help="A CSV file list's integer labels: dense 0..C-1, or sparse (the distinct labels, sorted, become classes 0..K-1).",
+)
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (fixed batch shapes; pays off on long GPU runs).")
 @click.option(
     "--no-progress",
@@ -111,6 +118,7 @@ def extract(
     interpolation,
     mean,
     std,
+    labels,
     compile_model,
     no_progress,
     as_json,
@@ -142,6 +150,7 @@ def extract(
         interpolation=interpolation,
         mean=mean,
         std=std,
+        labels=labels,
         compile=compile_model,
     )
     result = recall_up_to_date(config)  # an unchanged request answers without importing torch

@@ -93,6 +93,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         ("interpolation", "--interpolation", str),
         ("mean", "--mean", lambda v: ",".join(map(str, v))),
         ("std", "--std", lambda v: ",".join(map(str, v))),
+        ("labels", "--labels", str),
     ]
     for name, flag, text in options:
         value = getattr(config, name)
@@ -135,7 +136,7 @@ def create_store(
     try:
         return FeatureStore.create(
             out,
-            splits={s: (list(m.paths), m.labels) for s, m in manifest.splits.items()},
+            splits={s: (manifest.stored_paths(s), m.labels) for s, m in manifest.splits.items()},
             views=views,
             dtype=config.dtype,
             chunk_rows=config.chunk_rows,

@@ -45,6 +45,9 @@ class ExtractConfig:
         Replace another store at ``out``; stop at the first undecodable image.
     image_size, resize, interpolation, mean, std
         Overrides of the model's preprocessing.
+    labels
+        A CSV file list's integer labels: ``dense`` (0..C-1, each used) or ``sparse`` (the distinct
+        labels, sorted, become classes 0..K-1; the class names record the mapping).
     """
 
     model: str
@@ -70,6 +73,7 @@ class ExtractConfig:
     interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    labels: str = "dense"  # a CSV's integer labels: dense 0..C-1, or sparse (mapped, sorted, to 0..K-1)
 
 
 @dataclass
@@ -166,6 +170,7 @@ def request_of(config: ExtractConfig) -> dict:
         ],
         "out": os.path.abspath(os.path.expanduser(config.out)) if config.out else None,
         "ranks": os.environ.get("WORLD_SIZE"),
+        **({"labels": config.labels} if config.labels != "dense" else {}),
     }
 
 

@@ -95,3 +95,192 @@ def test_lock_of_a_killed_holder_is_free_and_a_live_one_is_not(tmp_path):
     assert any(f"stale lock of pid {holder.pid}" in w for w in warnings)
     lock.release()
     assert not path.exists()
+
+
+# ------------------------------------------------------------------ items 2, 3, 5: what the dataset walk lets in
+
+
+def _images(folder: Path, names: list[str]) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(names):
+        Image.new("RGB", (40, 30), (40 * k % 256, 90, 10)).save(folder / name)
+
+
+def test_fifo_socket_and_broken_link_named_like_images_are_skipped_and_counted(tmp_path):
+    import socket as socket_module
+
+    from featstore.datasets import resolve_dataset
+
+    _images(tmp_path / "a", ["1.jpg", "2.jpg"])
+    _images(tmp_path / "b", ["3.png"])
+    os.mkfifo(tmp_path / "a" / "x.jpg")
+    (tmp_path / "b" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "b" / "ok.jpg").symlink_to(tmp_path / "a" / "1.jpg")  # a link to a regular file is an image
+    sock = socket_module.socket(socket_module.AF_UNIX)
+    sock.bind(str(tmp_path / "b" / "s.png"))
+    try:
+        m = resolve_dataset(str(tmp_path))
+    finally:
+        sock.close()
+    assert m.splits["all"].paths == ("a/1.jpg", "a/2.jpg", "b/3.png", "b/ok.jpg")
+    assert m.splits["all"].labels.tolist() == [0, 0, 1, 1]
+    assert m.skipped == [
+        "skipped 1 FIFOs (named pipes): a/x.jpg",
+        "skipped 1 broken symlinks: b/gone.jpg",
+        "skipped 1 sockets: b/s.png",
+    ]
+    assert m.to_dict()["skipped"] == m.skipped
+
+
+def test_a_fifo_swapped_in_after_the_manifest_is_refused_without_blocking(tmp_path):
+    import threading
+
+    from featstore.loaders.decode import read_encoded
+
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)
+    result: list = []
+    reader = threading.Thread(target=lambda: result.append(read_encoded(str(fifo))), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # blocked in open(): unblock it (a writer appears), then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=10)
+        pytest.fail("reading a FIFO blocked")
+    assert result == [(None, "not a regular file (a FIFO, socket, device or folder)")]
+
+
+def test_symlink_loop_does_not_multiply_a_class_and_a_linked_folder_is_walked_once(tmp_path):
+    from featstore.datasets import resolve_dataset
+
+    _images(tmp_path / "cat", ["1.jpg", "2.jpg"])
+    _images(tmp_path / "cat" / "sub", ["3.jpg"])
+    _images(tmp_path / "dog", ["4.jpg"])
+    _images(tmp_path / "elsewhere", ["5.jpg"])
+    (tmp_path / "cat" / "loop").symlink_to(".")  # ln -s . cat/loop
+    (tmp_path / "cat" / "sub" / "up").symlink_to("..")
+    (tmp_path / "cat" / "again").symlink_to("sub")  # a second name for a folder walked anyway
+    (tmp_path / "dog" / "more").symlink_to(tmp_path / "elsewhere" / ".." / "elsewhere")  # not walked yet: followed
+    m = resolve_dataset(str(tmp_path))
+    assert m.class_names == ("cat", "dog", "elsewhere")
+    paths = m.splits["all"].paths
+    assert paths == ("cat/1.jpg", "cat/2.jpg", "cat/sub/3.jpg", "dog/4.jpg", "dog/more/5.jpg", "elsewhere/5.jpg")
+    assert m.skipped == ["skipped 3 directory symlinks to folders already walked: cat/again, cat/loop, cat/sub/up"]
+
+
+def test_a_non_utf8_file_name_round_trips_through_the_manifest(tmp_path):
+    from featstore.datasets import resolve_dataset
+
+    _images(tmp_path / "a", ["1.jpg"])
+    _images(tmp_path / "b", ["2.jpg"])
+    raw = b"caf\xe9.jpg"  # Latin-1, not UTF-8
+    os.rename(tmp_path / "b" / "2.jpg", os.fsencode(tmp_path / "b") + b"/" + raw)
+    m = resolve_dataset(str(tmp_path))
+    name = m.splits["all"].paths[1]
+    assert os.fsencode(name) == b"b/" + raw  # the walk keeps the bytes (as surrogate escapes)
+    assert len(m.sha256) == 64  # the digest used to raise UnicodeEncodeError here
+    from featstore.manifest import stored_path
+
+    assert m.stored_paths("all") == ["a/1.jpg", "b/caf\\xe9.jpg"]
+    assert m.to_dict()["raw_paths"] == {"all": {"1": (b"b/" + raw).hex()}}
+    assert stored_path("b/café.jpg") == "b/café.jpg"  # valid UTF-8 stays as it is
+    assert open(m.absolute_paths("all")[1], "rb").read()[:2] == b"\xff\xd8"  # the loaders open it by its real name
+
+
+@pytest.mark.slow
+def test_extraction_with_a_non_utf8_name_a_fifo_and_a_loop_completes(tmp_path):
+    """The whole run as a user starts it: the bad name is a row of the store (its text escaped), the
+    FIFO and the loop are left out and said so, nothing hangs (both CPU loaders)."""
+    from featstore.store import FeatureStore
+
+    data = tmp_path / "data"
+    _images(data / "a", ["1.jpg", "2.jpg"])
+    _images(data / "b", ["3.jpg"])
+    os.rename(data / "b" / "3.jpg", os.fsencode(data / "b") + b"/\xff3.jpg")
+    os.mkfifo(data / "a" / "x.jpg")
+    (data / "a" / "loop").symlink_to(".")
+    for loader in ("torch", "dali"):
+        if loader == "dali":
+            pytest.importorskip("nvidia.dali")
+        out = tmp_path / f"{loader}.zarr"
+        run = subprocess.run(
+            [sys.executable, "-m", "featstore.cli", "extract", "--model", "resnet18", "--random-init", "--dataset", str(data)]
+            + ["--out", str(out), "--image-size", "32", "--resize", "32", "--loader", loader, "--device", "cpu", "--no-progress"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"},
+        )
+        assert run.returncode == 0, run.stderr
+        assert "skipped 1 FIFOs (named pipes): a/x.jpg" in run.stderr
+        assert "skipped 1 directory symlinks to folders already walked: a/loop" in run.stderr
+        store = FeatureStore.open(out)
+        assert store.complete
+        assert list(store.paths("all")) == ["a/1.jpg", "a/2.jpg", "b/\\xff3.jpg"]
+        assert store.valid("all").all()
+        assert store.attrs["dataset"]["raw_paths"] == {"all": {"2": b"b/\xff3.jpg".hex()}}
+
+
+# ------------------------------------------------------------------ items 5 and 7: CSV file lists
+
+
+def _csv(tmp_path: Path, text: str | bytes, images: int = 4) -> Path:
+    _images(tmp_path, [f"{k}.jpg" for k in range(images)])
+    path = tmp_path / "list.csv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def test_csv_row_without_a_label_is_an_error_naming_the_line(tmp_path):
+    from featstore.datasets import resolve_dataset
+    from featstore.errors import UsageError
+
+    path = _csv(tmp_path, "path,label\n0.jpg,0\n1.jpg,2\n2.jpg\n3.jpg,1\n")
+    with pytest.raises(UsageError, match=r"line 4 \('2.jpg'\) has no label"):
+        resolve_dataset(str(path))
+
+
+def test_csv_integer_labels_must_be_dense_unless_sparse_is_asked(tmp_path):
+    from featstore.datasets import resolve_dataset
+    from featstore.errors import UsageError
+
+    path = _csv(tmp_path, "path,label\n0.jpg,0\n1.jpg,5000000\n2.jpg,0\n3.jpg,7\n")
+    start = time.perf_counter()
+    with pytest.raises(UsageError, match=r"run to 5000000 \(line 3\) with 3 distinct values") as e:
+        resolve_dataset(str(path))
+    assert "--labels sparse" in e.value.hint
+    m = resolve_dataset(str(path), labels="sparse")
+    assert time.perf_counter() - start < 5  # 5,000,001 classes took 116 s
+    assert m.class_names == ("0", "7", "5000000")
+    assert m.splits["all"].labels.tolist() == [0, 2, 0, 1]
+    assert m.to_dict()["label_mapping"].startswith("sparse")
+
+
+def test_csv_mixing_integer_and_text_labels_is_an_error(tmp_path):
+    from featstore.datasets import resolve_dataset
+    from featstore.errors import UsageError
+
+    path = _csv(tmp_path, "path,label\n0.jpg,0\n1.jpg,2\n2.jpg,cat\n3.jpg,1\n")
+    with pytest.raises(UsageError, match=r"line 4: label 'cat' is not an integer, but line 2's label '0' is one"):
+        resolve_dataset(str(path))
+
+
+def test_csv_with_a_byte_order_mark_is_read(tmp_path):
+    from featstore.datasets import resolve_dataset
+
+    path = _csv(tmp_path, "\ufeffpath,label,split\n0.jpg,1,train\n1.jpg,0,train\n2.jpg,1,val\n3.jpg,0,val\n".encode())
+    m = resolve_dataset(str(path))
+    assert m.class_names == ("0", "1")
+    assert m.splits["train"].paths == ("0.jpg", "1.jpg") and m.splits["val"].labels.tolist() == [1, 0]
+
+
+def test_latin1_csv_is_a_one_line_error_naming_the_line(tmp_path):
+    from featstore.datasets import resolve_dataset
+    from featstore.errors import UsageError
+
+    path = _csv(tmp_path, "path,label\n0.jpg,chat\n1.jpg,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=r"line 3 is not UTF-8 text \(byte 0xE9 at column 10\)") as e:
+        resolve_dataset(str(path))
+    assert "iconv" in e.value.hint

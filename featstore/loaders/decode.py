@@ -5,6 +5,8 @@ for every image mode we meet in real folders."""
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -24,7 +26,12 @@ def read_encoded(path: str) -> tuple[bytes | None, str]:
     claimed image before finding out the data is not there.
     """
     try:
-        with open(path, "rb") as f:
+        # non-blocking open: a FIFO swapped in after the manifest was made must not hang the reader
+        # (the dataset walk keeps them out of manifests); on a regular file the flag does nothing
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None, "not a regular file (a FIFO, socket, device or folder)"
             data = f.read()
     except OSError as e:
         return None, f"{type(e).__name__}: {e.strerror or e}"

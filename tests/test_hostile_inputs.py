@@ -284,3 +284,87 @@ def test_latin1_csv_is_a_one_line_error_naming_the_line(tmp_path):
     with pytest.raises(UsageError, match=r"line 3 is not UTF-8 text \(byte 0xE9 at column 10\)") as e:
         resolve_dataset(str(path))
     assert "iconv" in e.value.hint
+
+
+# ------------------------------------------------------------------ item 4: EXIF orientation in every loader
+
+IMAGENETTE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenette"
+
+
+def _real_photo():
+    from PIL import Image
+
+    photos = sorted((IMAGENETTE / "val").glob("*/*.JPEG"))[:1] if IMAGENETTE.is_dir() else []
+    if not photos:
+        pytest.skip("../shared/data/imagenette is not present")
+    with Image.open(photos[0]) as img:
+        rgb = img.convert("RGB")
+    return rgb.crop((0, 0, rgb.width, rgb.height * 3 // 4))  # not square, so a quarter turn changes the shape
+
+
+@pytest.fixture(scope="module")
+def oriented(tmp_path_factory):
+    """A real photo stored sideways with EXIF orientation 6, its physically rotated copy (lossless:
+    PIL's decode of the stored pixels, turned), and the stored pixels without the tag."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("orientation")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _real_photo().save(folder / "o6.jpg", quality=92, exif=exif.tobytes())
+    with Image.open(folder / "o6.jpg") as img:
+        stored = img.convert("RGB")
+    stored.transpose(Image.Transpose.ROTATE_270).save(folder / "rotated.png")
+    stored.save(folder / "sideways.png")
+    return folder
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali", "nvjpeg"])
+def test_every_loader_turns_an_orientation_6_photo_like_its_rotated_copy(oriented, loader):
+    import numpy as np
+    import torch
+
+    from featstore.loaders import make_loader
+    from featstore.preprocess import Preprocess
+
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    pre = Preprocess(image_size=96, resize=112)
+    files = [str(oriented / n) for n in ("o6.jpg", "rotated.png", "sideways.png")]
+    (batch,) = make_loader(loader, pre, torch.device("cpu"), 1).batches(files, [np.arange(3)])
+    assert not batch.errors
+    jpeg, rotated, sideways = batch.images.float()
+    # equal on CPU (measured: 0.0 for all three; a GPU decoder rounds differently); the unturned image is ~0.9 away
+    assert (jpeg - rotated).abs().mean() < 0.03
+    assert (jpeg - sideways).abs().mean() > 0.3
+
+
+def test_exif_orientation_tensor_turns_match_pil_exif_transpose(oriented):
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    from featstore.orientation import exif_orientation, orient
+
+    stored = Image.open(oriented / "sideways.png").convert("RGB").resize((30, 20))
+    for k in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = k
+        buf = io.BytesIO()
+        stored.save(buf, format="JPEG", exif=exif.tobytes())
+        assert exif_orientation(buf.getvalue()) == k
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB"))
+        # the stored pixels turned, compared with PIL turning the same pixels (decoded, so JPEG noise is common to both)
+        decoded = torch.from_numpy(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).copy()).permute(2, 0, 1)
+        assert np.array_equal(orient(decoded, k).permute(1, 2, 0).numpy(), expected), k
+    assert exif_orientation((oriented / "o6.jpg").read_bytes()) == 6
+    assert exif_orientation((oriented / "rotated.png").read_bytes()) == 1
+
+
+def test_preprocessing_provenance_records_the_orientation():
+    from featstore.preprocess import Preprocess
+
+    assert Preprocess().to_dict()["orientation"] == "exif"
+    assert Preprocess.from_dict(Preprocess().to_dict()) == Preprocess()

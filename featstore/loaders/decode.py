@@ -1,6 +1,6 @@
 """Reading image files for every loader: their bytes, with unreadable, empty, structurally broken
 (``containers``) and decompression-bomb files refused with a reason, and PIL decoding to 8-bit RGB
-for every image mode we meet in real folders."""
+for every image mode we meet in real folders, turned upright by its EXIF orientation (``orientation``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..orientation import upright
 from .containers import check_container, describe_non_image
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -62,7 +63,7 @@ def decode_rgb(data: bytes) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return to_rgb(img)
+            return to_rgb(upright(img))  # EXIF orientation, as DALI's decoders apply it
 
 
 def decode_failure(error: Exception, data: bytes) -> str:

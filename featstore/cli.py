@@ -80,6 +80,12 @@ def cli(debug):
 @click.option("--mean", callback=parse_triple, help="R,G,B mean in [0,1] (overrides the model's).")
 @click.option("--std", callback=parse_triple, help="R,G,B std in [0,1] (overrides the model's).")
 @click.option(
+    "--max-decode-pixels",
+    type=int,
+    help="Pixels decoding and resizing may hold at once: batches are decoded in groups under it, an image over it "
+    "alone is an invalid row. Default: a sixth of the memory at 16 bytes a pixel, at least twice PIL's image limit.",
+)
+@click.option(
     "--labels",
     type=click.Choice(["dense", "sparse"]),
     default="dense",
@@ -118,6 +124,7 @@ def extract(
     interpolation,
     mean,
     std,
+    max_decode_pixels,
     labels,
     compile_model,
     no_progress,
@@ -150,6 +157,7 @@ def extract(
         interpolation=interpolation,
         mean=mean,
         std=std,
+        max_decode_pixels=max_decode_pixels,
         labels=labels,
         compile=compile_model,
     )

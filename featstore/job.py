@@ -55,6 +55,8 @@ def validate(config: ExtractConfig) -> None:
         raise UsageError(f"--workers must be >= 0, got {config.workers}", "e.g. --workers 2")
     if config.dtype not in FEATURE_DTYPES:
         raise UsageError(f"unknown --dtype {config.dtype!r}", f"use one of {', '.join(FEATURE_DTYPES)}")
+    if config.max_decode_pixels is not None and config.max_decode_pixels < 1:
+        raise UsageError(f"--max-decode-pixels must be >= 1, got {config.max_decode_pixels}", "e.g. --max-decode-pixels 200000000")
     if config.chunk_rows < 1:
         raise UsageError(f"--chunk-rows must be >= 1, got {config.chunk_rows}", "e.g. --chunk-rows 8192")
 
@@ -94,6 +96,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         ("mean", "--mean", lambda v: ",".join(map(str, v))),
         ("std", "--std", lambda v: ",".join(map(str, v))),
         ("labels", "--labels", str),
+        ("max_decode_pixels", "--max-decode-pixels", str),
     ]
     for name, flag, text in options:
         value = getattr(config, name)

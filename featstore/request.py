@@ -45,6 +45,9 @@ class ExtractConfig:
         Replace another store at ``out``; stop at the first undecodable image.
     image_size, resize, interpolation, mean, std
         Overrides of the model's preprocessing.
+    max_decode_pixels
+        Pixels the loader may decode and resize at once: batches are decoded in groups under it, an
+        image over it alone is an invalid row (default: a sixth of the memory, see ``decode_budget``).
     labels
         A CSV file list's integer labels: ``dense`` (0..C-1, each used) or ``sparse`` (the distinct
         labels, sorted, become classes 0..K-1; the class names record the mapping).
@@ -73,6 +76,7 @@ class ExtractConfig:
     interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    max_decode_pixels: int | None = None  # pixels one decode may hold (None: from the machine's memory)
     labels: str = "dense"  # a CSV's integer labels: dense 0..C-1, or sparse (mapped, sorted, to 0..K-1)
 
 

@@ -368,3 +368,159 @@ def test_preprocessing_provenance_records_the_orientation():
 
     assert Preprocess().to_dict()["orientation"] == "exif"
     assert Preprocess.from_dict(Preprocess().to_dict()) == Preprocess()
+
+
+# ------------------------------------------------------------------ item 8: a decode budget
+
+
+def test_split_by_budget_and_refusals_are_exact():
+    from featstore.decode_budget import decode_cost, refusal, resized_size, split_by_budget
+
+    assert split_by_budget([4, 4, 4, 1, 9, 0, 3], 8) == [[0, 1], [2, 3], [4], [5, 6]]
+    assert split_by_budget([], 8) == []
+    assert resized_size((200000, 1), 256) == (51200000, 256)
+    assert resized_size((300, 600), 256) == (256, 512)
+    assert decode_cost((300, 600), 256) == 300 * 600 + 256 * 512
+    # the trial's 274-byte PNG: its decode is 200,000 pixels, its resize 13 billion
+    assert "resized to 51200000x256 (13107200000 pixels), over the limit of 89478485" in refusal((200000, 1), 256, 10**12, 89478485)
+    assert refusal((9000, 9000), 256, 10**9, 89478485) == ""
+    assert refusal((9000, 9000), 256, 50_000_000, 89478485).endswith("over --max-decode-pixels 50000000")
+    assert decode_cost(None, 256) == 0 and refusal(None, 256, 1, 1) == ""
+
+
+def test_default_budget_never_refuses_what_the_bomb_limit_allows():
+    from PIL import Image
+
+    from featstore.decode_budget import decode_cost, default_max_decode_pixels
+
+    limit = Image.MAX_IMAGE_PIXELS
+    budget = default_max_decode_pixels(limit)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert budget == max(2 * limit, memory // 6 // 16)
+    side = int(limit**0.5)  # the largest square image the bomb limit allows, at an ImageNet resize
+    assert decode_cost((side, side), 256) <= budget
+
+
+def test_header_sizes_agree_with_pil_for_every_format(tmp_path):
+    from PIL import Image
+
+    from featstore.image_header import image_size_from_header
+
+    image = Image.new("RGB", (37, 21), (10, 200, 30))
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 30000  # a large APP1 segment before the frame header
+    image.save(tmp_path / "a.jpg", exif=exif.tobytes())
+    image.save(tmp_path / "p.jpg", progressive=True)
+    for ext in ("png", "bmp", "gif", "webp", "tiff", "ppm"):
+        image.save(tmp_path / f"a.{ext}")
+    for f in sorted(tmp_path.iterdir()):
+        assert image_size_from_header(f) == (37, 21), f.name
+    (tmp_path / "t.jpg").write_text("<html>not an image</html>")
+    os.mkfifo(tmp_path / "f.png")
+    assert image_size_from_header(tmp_path / "t.jpg") is None
+    assert image_size_from_header(tmp_path / "f.png") is None  # and it did not block
+    assert image_size_from_header(tmp_path / "missing.png") is None
+
+
+def _long_png(path: Path, width: int) -> None:
+    """A 1-pixel-high PNG of ``width`` pixels: a few hundred bytes on disk."""
+    from PIL import Image
+
+    Image.new("RGB", (width, 1), (200, 30, 30)).save(path)
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali", "nvjpeg"])
+def test_budget_splits_a_batch_without_changing_it_and_refuses_an_impossible_resize(imagenette_subset, tmp_path, loader):
+    import numpy as np
+    import torch
+
+    from featstore.decode_budget import decode_cost
+    from featstore.image_header import image_size_from_header
+    from featstore.loaders import make_loader
+    from featstore.preprocess import Preprocess
+
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    photos = sorted(str(p) for p in imagenette_subset.glob("*/*"))[:7]
+    # at resize 32, 100000x1 resizes to 3,200,000x32: over the bomb limit, refused before any decode
+    _long_png(tmp_path / "long.png", 100_000)
+    files = photos[:3] + [str(tmp_path / "long.png")] + photos[3:]
+    pre = Preprocess(image_size=32, resize=32)
+    plan = [np.arange(5), np.arange(5, 8)]
+    (whole_a, whole_b) = make_loader(loader, pre, torch.device("cpu"), 1, 10**12).batches(files, plan)
+    # a budget of two photos: every planned batch is decoded in groups
+    two = 2 * max(decode_cost(image_size_from_header(p), 32) for p in photos)
+    budgeted = make_loader(loader, pre, torch.device("cpu"), 1, two)
+    assert [len(g) for g in budgeted.plan(files, plan)[1]] == [2, 2, 2, 1]
+    (split_a, split_b) = budgeted.batches(files, plan)
+    for whole, split in ((whole_a, split_a), (whole_b, split_b)):
+        assert split.rows.tolist() == whole.rows.tolist()
+        assert torch.equal(split.images, whole.images)
+        assert split.errors == whole.errors
+    assert list(split_a.errors) == [3] and "resized to 3200000x32" in split_a.errors[3]
+
+
+RSS_SCRIPT = """
+import json, resource, sys, numpy as np, torch
+from featstore.loaders import make_loader
+from featstore.preprocess import Preprocess
+loader, files, budget = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
+errors = {}
+pre = Preprocess(interpolation="nearest")  # the memory is the decode's; a cheap resize keeps the test short
+for batch in make_loader(loader, pre, torch.device("cpu"), 2, budget).batches(files, [np.arange(len(files))]):
+    errors.update(batch.errors)
+peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+print(json.dumps({"peak_kb": peak, "errors": {str(k): v for k, v in errors.items()}}))
+"""
+
+
+def _peak_rss(loader: str, files: list[Path], budget: int) -> tuple[int, dict]:
+    run = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, loader, ",".join(map(str, files)), str(budget)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    return out["peak_kb"] * 1024, out["errors"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["dali", "torch", "nvjpeg"])
+def test_peak_memory_of_large_pngs_stays_within_the_documented_bound(tmp_path, loader):
+    """32 3000x3000 PNGs (100 KB each on disk) and the trial's 200000x1 PNG, at resize 256, as one
+    planned batch: peak RSS must stay within the small-image
+    baseline plus 16 bytes x --max-decode-pixels plus 256 MB (``memory_bound``, the bound the docs
+    state). Unbounded, DALI and nvJPEG decoded all 32 at once (about 4 bytes a pixel over the
+    baseline, 1.1 GB, measured)."""
+    import shutil
+
+    from PIL import Image, ImageDraw
+
+    from featstore.decode_budget import memory_bound
+
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    big = Image.new("RGB", (3000, 3000), (30, 120, 200))
+    draw = ImageDraw.Draw(big)
+    for k in range(0, 3000, 300):
+        draw.line((0, k, 3000, 3000 - k), fill=(255, 0, 0), width=20)
+    big.save(tmp_path / "large0.png", compress_level=1)
+    big.resize((300, 300)).save(tmp_path / "small0.png")
+    large, small = [], []
+    for k in range(32):
+        large.append(tmp_path / f"large{k}.png")
+        small.append(tmp_path / f"small{k}.png")
+        if k:
+            shutil.copy(large[0], large[k])
+            shutil.copy(small[0], small[k])
+    _long_png(tmp_path / "long.png", 200_000)
+    budget = 10_000_000  # one 3000x3000 image (9 M pixels, plus its resize) per group
+    baseline, _ = _peak_rss(loader, small, budget)
+    peak, errors = _peak_rss(loader, [*large, tmp_path / "long.png"], budget)
+    with open(os.environ.get("FEATSTORE_RSS_LOG", os.devnull), "a") as log:  # the numbers, for benchmarks/RESULTS.md
+        print(loader, baseline // 2**20, peak // 2**20, file=log)
+    assert list(errors) == ["32"] and "resized to 51200000x256" in errors["32"]
+    assert peak - baseline <= memory_bound(budget), f"{loader}: {(peak - baseline) / 2**20:.0f} MB over the baseline"

@@ -70,6 +70,7 @@ def test_stale_lock_is_taken_over_by_exactly_one_of_many_simultaneous_starts(tmp
         assert outcomes.count("refused") == contenders - 1
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_holder_is_free_and_a_live_one_is_not(tmp_path):
     path = tmp_path / "lock.json"
     holder = subprocess.Popen(
@@ -331,7 +332,7 @@ def test_every_loader_turns_an_orientation_6_photo_like_its_rotated_copy(oriente
         pytest.importorskip("nvidia.dali")
     pre = Preprocess(image_size=96, resize=112)
     files = [str(oriented / n) for n in ("o6.jpg", "rotated.png", "sideways.png")]
-    (batch,) = make_loader(loader, pre, torch.device("cpu"), 1).batches(files, [np.arange(3)])
+    (batch,) = make_loader(loader, pre, torch.device("cpu"), 0).batches(files, [np.arange(3)])
     assert not batch.errors
     jpeg, rotated, sideways = batch.images.float()
     # equal on CPU (measured: 0.0 for all three; a GPU decoder rounds differently); the unturned image is ~0.9 away
@@ -447,10 +448,10 @@ def test_budget_splits_a_batch_without_changing_it_and_refuses_an_impossible_res
     files = photos[:3] + [str(tmp_path / "long.png")] + photos[3:]
     pre = Preprocess(image_size=32, resize=32)
     plan = [np.arange(5), np.arange(5, 8)]
-    (whole_a, whole_b) = make_loader(loader, pre, torch.device("cpu"), 1, 10**12).batches(files, plan)
+    (whole_a, whole_b) = make_loader(loader, pre, torch.device("cpu"), 0, 10**12).batches(files, plan)
     # a budget of two photos: every planned batch is decoded in groups
     two = 2 * max(decode_cost(image_size_from_header(p), 32) for p in photos)
-    budgeted = make_loader(loader, pre, torch.device("cpu"), 1, two)
+    budgeted = make_loader(loader, pre, torch.device("cpu"), 0, two)
     assert [len(g) for g in budgeted.plan(files, plan)[1]] == [2, 2, 2, 1]
     (split_a, split_b) = budgeted.batches(files, plan)
     for whole, split in ((whole_a, split_a), (whole_b, split_b)):

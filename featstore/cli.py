@@ -97,6 +97,19 @@ def cli(debug):
 @click.option("--interpolation", type=click.Choice(INTERPOLATIONS), help="Resize filter (overrides the model's).")
 @click.option("--mean", callback=parse_triple, help="R,G,B mean in [0,1] (overrides the model's).")
 @click.option("--std", callback=parse_triple, help="R,G,B std in [0,1] (overrides the model's).")
+@click.option(
+    "--max-decode-pixels",
+    type=int,
+    help="Pixels decoding and resizing may hold at once: batches are decoded in groups under it, an image over it "
+    "alone is an invalid row. Default: a sixth of the memory at 16 bytes a pixel, at least twice PIL's image limit.",
+)
+@click.option(
+    "--labels",
+    type=click.Choice(["dense", "sparse"]),
+    default="dense",
+    show_default=True,
+    help="A CSV file list's integer labels: dense 0..C-1, or sparse (the distinct labels, sorted, become classes 0..K-1).",
+)
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (fixed batch shapes; pays off on long GPU runs).")
 @click.option("--no-cuda-graphs", is_flag=True, help="On CUDA, run the forward eagerly instead of replaying it from a CUDA graph.")
 @click.option(
@@ -133,6 +146,8 @@ def extract(
     interpolation,
     mean,
     std,
+    max_decode_pixels,
+    labels,
     compile_model,
     no_cuda_graphs,
     no_progress,
@@ -165,6 +180,8 @@ def extract(
         interpolation=interpolation,
         mean=mean,
         std=std,
+        max_decode_pixels=max_decode_pixels,
+        labels=labels,
         compile=compile_model,
         repair=repair,
         split=split_spec,

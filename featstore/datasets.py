@@ -7,12 +7,13 @@ CSV file list with ``path,label[,split]`` columns.
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
 import numpy as np
 
+from .csv_list import label_map, read_file_list
+from .dataset_walk import Skipped, walk_images
 from .errors import UsageError
 from .manifest import Manifest, SplitManifest
 
@@ -25,8 +26,8 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def resolve_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Manifest:
-    """Turn what the user typed after ``--dataset`` into a Manifest."""
+def resolve_dataset(spec: str, data_root: str | os.PathLike | None = None, labels: str = "dense") -> Manifest:
+    """Turn what the user typed after ``--dataset`` into a Manifest (``labels``: a CSV's integer labels, dense or sparse)."""
     if spec == "digits":
         from .digits import digits_manifest
 
@@ -35,7 +36,7 @@ def resolve_dataset(spec: str, data_root: str | os.PathLike | None = None) -> Ma
         return imagenet_manifest(data_root)
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".csv":
-        return csv_manifest(path)
+        return csv_manifest(path, labels)
     if not path.exists():
         raise UsageError(
             f"dataset {spec!r} not found",
@@ -86,9 +87,11 @@ def folder_manifest(root: Path) -> Manifest:
             else "pass a folder holding one sub-folder of images per class"
         )
         raise UsageError(f"no class folders in {str(root)!r}", hint)
-    paths, labels = _scan_classes(root, classes, prefix="")
+    skipped = Skipped()
+    paths, labels = _scan_classes(root, classes, skipped)
     _require_images(root, paths)
-    return Manifest(root.name, root.resolve(), tuple(classes), {"all": SplitManifest("all", tuple(paths), np.asarray(labels, np.int32))})
+    split = SplitManifest("all", tuple(paths), np.asarray(labels, np.int32))
+    return Manifest(root.name, root.resolve(), tuple(classes), {"all": split}, skipped=skipped.lines())
 
 
 def _manifest_from_split_folders(name: str, root: Path, splits: list[str]) -> Manifest:
@@ -96,31 +99,29 @@ def _manifest_from_split_folders(name: str, root: Path, splits: list[str]) -> Ma
     if not class_names:
         raise UsageError(f"no class folders in the split folders of {str(root)!r}", "use the layout <split>/<class>/<image>")
     out = {}
+    skipped = Skipped()
     for split in splits:
-        paths, labels = _scan_classes(root / split, class_names, prefix=f"{split}/")
+        paths, labels = _scan_classes(root / split, class_names, skipped, relative_to=root)
         if paths:
             out[split] = SplitManifest(split, tuple(paths), np.asarray(labels, np.int32))
     _require_images(root, [p for s in out.values() for p in s.paths])
-    return Manifest(name, root.resolve(), tuple(class_names), out)
+    return Manifest(name, root.resolve(), tuple(class_names), out, skipped=skipped.lines())
 
 
 def _class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_classes(folder: Path, class_names: list[str], prefix: str) -> tuple[list[str], list[int]]:
+def _scan_classes(folder: Path, class_names: list[str], skipped: Skipped, relative_to: Path | None = None) -> tuple[list[str], list[int]]:
+    """Every image of every class folder under ``folder`` (see ``dataset_walk`` for what is left out and why)."""
     paths, labels = [], []
     for label, cls in enumerate(class_names):
         class_dir = folder / cls
         if not class_dir.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            rel_dir = Path(dirpath).relative_to(folder).as_posix()
-            for fname in sorted(filenames):
-                if not fname.startswith(".") and is_image_file(fname):
-                    paths.append(f"{prefix}{rel_dir}/{fname}")
-                    labels.append(label)
+        found = walk_images(class_dir, relative_to or folder, is_image_file, skipped)
+        paths += found
+        labels += [label] * len(found)
     return paths, labels
 
 
@@ -132,53 +133,25 @@ def _require_images(root: Path, paths: list[str]) -> None:
         )
 
 
-def csv_manifest(csv_path: Path) -> Manifest:
+def csv_manifest(csv_path: Path, labels: str = "dense") -> Manifest:
+    """The manifest of a CSV file list (``csv_list`` reads it strictly); ``labels``: dense or sparse integers."""
     if not csv_path.is_file():
         raise UsageError(f"file list {str(csv_path)!r} not found", "pass an existing CSV with columns path,label[,split]")
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "path" not in columns or "label" not in columns:
-            raise UsageError(
-                f"{str(csv_path)!r} lacks a 'path' or 'label' column (has: {', '.join(columns) or 'none'})",
-                "the first line must be a header such as path,label,split",
-            )
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-    if not rows:
-        raise UsageError(f"{str(csv_path)!r} lists no images", "add one line per image: path,label[,split]")
+    rows = read_file_list(csv_path)
     root = csv_path.parent.resolve()
-    raw_labels = [r["label"] for r in rows]
-    if all(_is_int(v) for v in raw_labels):
-        ints = [int(v) for v in raw_labels]
-        if min(ints) < 0:
-            raise UsageError(f"{str(csv_path)!r} has negative labels", "integer labels must be 0..C-1")
-        class_names = [str(i) for i in range(max(ints) + 1)]
-        label_of = {v: int(v) for v in raw_labels}
-    else:
-        class_names = sorted(set(raw_labels))
-        label_of = {c: i for i, c in enumerate(class_names)}
-    by_split: dict[str, tuple[list[str], list[int]]] = {}
-    for line, r in enumerate(rows, start=2):
-        if not r["path"]:
-            raise UsageError(f"{str(csv_path)!r} line {line} has an empty path", "every line needs path,label")
-        p = Path(r["path"]).expanduser()
+    relative = []
+    for line, path in zip(rows.lines, rows.paths):
+        p = Path(path).expanduser()
         full = p if p.is_absolute() else root / p
         if not full.is_file():
-            raise UsageError(
-                f"{str(csv_path)!r} line {line}: image {r['path']!r} not found", "paths are relative to the CSV's folder, or absolute"
-            )
-        rel = os.path.relpath(full, root).replace(os.sep, "/")
-        split = r.get("split") or "all"
-        paths, labels = by_split.setdefault(split, ([], []))
+            what = "is not a regular file (a FIFO, socket, device or folder)" if full.exists() else "not found"
+            raise UsageError(f"{str(csv_path)!r} line {line}: image {path!r} {what}", "paths are relative to the CSV's folder, or absolute")
+        relative.append(os.path.relpath(full, root).replace(os.sep, "/"))
+    mapping = label_map(rows, csv_path, labels)
+    by_split: dict[str, tuple[list[str], list[int]]] = {}
+    for rel, label, split in zip(relative, rows.labels, rows.splits):
+        paths, ys = by_split.setdefault(split, ([], []))
         paths.append(rel)
-        labels.append(label_of[r["label"]])
+        ys.append(mapping.index[label])
     splits = {s: SplitManifest(s, tuple(p), np.asarray(y, np.int32)) for s, (p, y) in by_split.items()}
-    return Manifest(csv_path.stem, root, tuple(class_names), splits)
-
-
-def _is_int(value: str) -> bool:
-    try:
-        int(value)
-    except ValueError:
-        return False
-    return True
+    return Manifest(csv_path.stem, root, mapping.class_names, splits, label_mapping="sparse" if mapping.mode == "sparse" else "")

@@ -63,9 +63,12 @@ def extract(
     if ranks.world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     loader_name = choose_loader(config.loader, device)
-    manifest = resolve_dataset(config.dataset, config.data_root)
+    manifest = resolve_dataset(config.dataset, config.data_root, config.labels)
     if config.split is not None:
         manifest = apply_split(manifest, parse_split(config.split, config.split_seed))
+    if ranks.is_leader:
+        for line in manifest.skipped:  # FIFOs, broken links, folders reached twice: left out, and said so
+            log(line)
     spec = resolve_encoder(
         config.model,
         weights=config.weights,

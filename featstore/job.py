@@ -66,6 +66,8 @@ def validate(config: ExtractConfig) -> None:
         raise UsageError(f"--workers must be >= 0, got {config.workers}", "e.g. --workers 2")
     if config.dtype not in FEATURE_DTYPES:
         raise UsageError(f"unknown --dtype {config.dtype!r}", f"use one of {', '.join(FEATURE_DTYPES)}")
+    if config.max_decode_pixels is not None and config.max_decode_pixels < 1:
+        raise UsageError(f"--max-decode-pixels must be >= 1, got {config.max_decode_pixels}", "e.g. --max-decode-pixels 200000000")
     if config.chunk_rows < 1:
         raise UsageError(f"--chunk-rows must be >= 1, got {config.chunk_rows}", "e.g. --chunk-rows 8192")
     if config.repair and config.overwrite:
@@ -112,6 +114,8 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         ("std", "--std", lambda v: ",".join(map(str, v))),
         ("split", "--split", str),
         ("split_seed", "--split-seed", str),
+        ("labels", "--labels", str),
+        ("max_decode_pixels", "--max-decode-pixels", str),
     ]
     for name, flag, text in options:
         value = getattr(config, name)
@@ -156,7 +160,7 @@ def create_store(
     try:
         return FeatureStore.create(
             out,
-            splits={s: (list(m.paths), m.labels) for s, m in manifest.splits.items()},
+            splits={s: (manifest.stored_paths(s), m.labels) for s, m in manifest.splits.items()},
             views=views,
             dtype=config.dtype,
             chunk_rows=config.chunk_rows,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,18 +29,39 @@ class Manifest:
     class_names: tuple[str, ...]
     splits: dict[str, SplitManifest]
     split: dict | None = field(default=None, compare=False)  # how --split drew the splits (splits.py), if it did
+    # what the dataset walk left out (FIFOs, broken links, folders reached twice): one log line per reason
+    skipped: list[str] = field(default_factory=list, compare=False)
+    # "sparse": a CSV's integer labels mapped, sorted, to classes 0..K-1; class_names[i] is the label of class i
+    label_mapping: str = ""
 
     @property
     def sha256(self) -> str:
         """A digest of everything that decides which rows exist and what their labels are."""
         h = hashlib.sha256()
-        h.update("\n".join(self.class_names).encode())
+        # file names are bytes on POSIX: one that is not UTF-8 is held as surrogate-escaped text and
+        # digested as its raw bytes (plain .encode() refused it and aborted the run)
+        h.update("\n".join(self.class_names).encode("utf-8", "surrogateescape"))
         for split_name in sorted(self.splits):
             split = self.splits[split_name]
             h.update(f"\n#split {split_name} {len(split)}\n".encode())
             for path, label in sorted(zip(split.paths, split.labels.tolist())):
-                h.update(f"{path}\t{label}\n".encode())
+                h.update(f"{path}\t{label}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
+
+    def stored_paths(self, split: str) -> list[str]:
+        """The split's paths as a store keeps them (UTF-8 text): a name with bytes that are not
+        UTF-8 becomes its text with those bytes written ``\\xNN``; ``raw_paths`` keeps the bytes."""
+        return [stored_path(p) for p in self.splits[split].paths]
+
+    def raw_paths(self) -> dict[str, dict[str, str]]:
+        """Per split, row → the raw bytes (hex) of each path that is not UTF-8: the lossless record
+        of what ``stored_paths`` had to escape."""
+        out: dict[str, dict[str, str]] = {}
+        for name, split in self.splits.items():
+            raw = {str(row): os.fsencode(p).hex() for row, p in enumerate(split.paths) if stored_path(p) != p}
+            if raw:
+                out[name] = raw
+        return out
 
     def absolute_paths(self, split: str) -> list[str]:
         return [str(self.root / p) for p in self.splits[split].paths]
@@ -53,4 +75,16 @@ class Manifest:
             "splits": {k: len(v) for k, v in self.splits.items()},
             "manifest_sha256": self.sha256,
             **({"split": self.split} if self.split else {}),
+            **({"raw_paths": raw} if (raw := self.raw_paths()) else {}),
+            **({"skipped": list(self.skipped)} if self.skipped else {}),
+            **({"label_mapping": f"{self.label_mapping}: class i is the integer label class_names[i]"} if self.label_mapping else {}),
         }
+
+
+def stored_path(path: str) -> str:
+    """``path`` as UTF-8 text: unchanged when it is valid UTF-8, else its undecodable bytes as ``\\xNN``."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path

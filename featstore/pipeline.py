@@ -140,7 +140,7 @@ def run_units(
     """Encode and write every pending unit this rank owns; (rows written, invalid rows, paths with NaN/Inf features)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    loader = make_loader(loader_name, store_preprocess(store), device, config.workers)
+    loader = make_loader(loader_name, store_preprocess(store), device, config.workers, config.max_decode_pixels)
     runner = BatchEncoder(encoder, views, device, config.batch_size, compile=config.compile, cuda_graphs=config.cuda_graphs, log=log)
     ordinal = {(u.split, u.index): g for g, u in enumerate(u for s in store.splits for u in store.units(s))}
     pending = [u for u in store.pending_units() if ranks.owns(ordinal[(u.split, u.index)])]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import UsageError
+from .orientation import ORIENTATION
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,6 +54,7 @@ class Preprocess:
         d = asdict(self)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        d["orientation"] = ORIENTATION  # every loader turns images upright by their EXIF orientation first
         return d
 
     @classmethod

@@ -51,6 +51,12 @@ class ExtractConfig:
         ``train=0.7,val=0.1,test=0.2``: seeded, stratified splits of a dataset without any (splits.py); the seed.
     image_size, resize, interpolation, mean, std
         Overrides of the model's preprocessing.
+    max_decode_pixels
+        Pixels the loader may decode and resize at once: batches are decoded in groups under it, an
+        image over it alone is an invalid row (default: a sixth of the memory, see ``decode_budget``).
+    labels
+        A CSV file list's integer labels: ``dense`` (0..C-1, each used) or ``sparse`` (the distinct
+        labels, sorted, become classes 0..K-1; the class names record the mapping).
     """
 
     model: str
@@ -80,6 +86,8 @@ class ExtractConfig:
     repair: bool = False
     split: str | None = None
     split_seed: int = 0
+    max_decode_pixels: int | None = None  # pixels one decode may hold (None: from the machine's memory)
+    labels: str = "dense"  # a CSV's integer labels: dense 0..C-1, or sparse (mapped, sorted, to 0..K-1)
 
 
 @dataclass
@@ -177,6 +185,7 @@ def request_of(config: ExtractConfig) -> dict:
         "out": os.path.abspath(os.path.expanduser(config.out)) if config.out else None,
         **({"split": [config.split, config.split_seed]} if config.split else {}),  # absent: old memos stay valid
         "ranks": os.environ.get("WORLD_SIZE"),
+        **({"labels": config.labels} if config.labels != "dense" else {}),
     }
 
 

@@ -9,6 +9,7 @@ at most one of its other images across each cut, to the neighbouring split.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -114,4 +115,4 @@ def apply_split(manifest: Manifest, spec: SplitSpec) -> Manifest:
             paths += sorted(p for _, p in members[start:stop])
             split_labels += [label] * (stop - start)
     splits = {name: SplitManifest(name, tuple(p), np.asarray(y, np.int32)) for name, (p, y) in assigned.items()}
-    return Manifest(manifest.name, manifest.root, manifest.class_names, splits, split=spec.to_dict())
+    return dataclasses.replace(manifest, splits=splits, split=spec.to_dict())

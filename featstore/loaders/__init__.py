@@ -53,15 +53,26 @@ def choose_loader(name: str, device: torch.device) -> str:
     return name
 
 
-def make_loader(name: str, preprocess: Preprocess, device: torch.device, workers: int) -> Loader:
+def make_loader(name: str, preprocess: Preprocess, device: torch.device, workers: int, max_decode_pixels: int | None = None) -> Loader:
+    """The loader ``name``, decoding under a budget of ``max_decode_pixels`` (default: from the
+    machine's memory; see ``featstore.decode_budget``)."""
+    from PIL import Image
+
+    from ..decode_budget import default_max_decode_pixels
+    from .budget import BudgetedLoader
+
+    inner: Loader
     if name == "dali":
         from .dali import DaliLoader
 
-        return DaliLoader(preprocess, device, workers)
-    if name == "nvjpeg":
+        inner = DaliLoader(preprocess, device, workers)
+    elif name == "nvjpeg":
         from .nvjpeg import NvjpegLoader
 
-        return NvjpegLoader(preprocess, device, workers)
-    from .dataloader import TorchLoader
+        inner = NvjpegLoader(preprocess, device, workers)
+    else:
+        from .dataloader import TorchLoader
 
-    return TorchLoader(preprocess, device, workers)
+        inner = TorchLoader(preprocess, device, workers)
+    budget = max_decode_pixels or default_max_decode_pixels(Image.MAX_IMAGE_PIXELS)
+    return BudgetedLoader(inner, preprocess, device, budget, workers)

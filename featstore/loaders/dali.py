@@ -41,6 +41,7 @@ from typing import Any, NamedTuple, cast
 import numpy as np
 import torch
 
+from ..manifest import stored_path
 from ..preprocess import Preprocess
 from .batch import Batch
 from .decode import decode_failure, decode_rgb, read_encoded
@@ -276,6 +277,11 @@ class DaliLoader:
                         problems[r] = reason
                     else:
                         sources[r] = png
+        for r in rows:
+            if not problems[r] and r not in sources and stored_path(paths[r]) != paths[r]:
+                # DALI's reader takes UTF-8 names only: a file named in other bytes is read through a link
+                (tmp / f"{r}.link").symlink_to(paths[r])
+                sources[r] = str(tmp / f"{r}.link")
         size = max(len(p) for p in plan)
         pad = str(tmp / "pad.jpg")
         Path(pad).write_bytes(_tiny_jpeg().tobytes())

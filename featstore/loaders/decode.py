@@ -1,15 +1,18 @@
 """Reading image files for every loader: their bytes, with unreadable, empty, structurally broken
 (``containers``) and decompression-bomb files refused with a reason, and PIL decoding to 8-bit RGB
-for every image mode we meet in real folders."""
+for every image mode we meet in real folders, turned upright by its EXIF orientation (``orientation``)."""
 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..orientation import upright
 from .containers import check_container, describe_non_image
 
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -31,7 +34,12 @@ def read_encoded(path: str) -> tuple[bytes | None, str]:
 def read_checked(path: str) -> tuple[bytes | None, str, tuple[int, int] | None]:
     """``read_encoded``'s answer and the (width, height) the header declares (None: not a JPEG/PNG, or refused)."""
     try:
-        with open(path, "rb") as f:
+        # non-blocking open: a FIFO swapped in after the manifest was made must not hang the reader
+        # (the dataset walk keeps them out of manifests); on a regular file the flag does nothing
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None, "not a regular file (a FIFO, socket, device or folder)", None
             data = f.read()
     except OSError as e:
         return None, f"{type(e).__name__}: {e.strerror or e}", None
@@ -62,7 +70,7 @@ def decode_rgb(data: bytes) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return to_rgb(img)
+            return to_rgb(upright(img))  # EXIF orientation, as DALI's decoders apply it
 
 
 def decode_failure(error: Exception, data: bytes) -> str:

@@ -5,6 +5,8 @@ Without CUDA it runs the same code on CPU (libjpeg-turbo decode), which is how i
 tested against the reference loader. When the batched decode fails, each JPEG is retried alone, so a
 bad file does not change how its batch neighbours are decoded. Files the JPEG decoder cannot take
 (PNG, CMYK, broken files) are decoded with PIL; those that fail become placeholders with a reason.
+Decoded JPEGs are turned upright by their EXIF orientation here (``orientation``), because
+``decode_jpeg`` ignores it on CUDA; PIL's decodes are turned in ``decode``.
 JPEGs whose header is over PIL's decompression-bomb limit are refused when read (``read_encoded``),
 so that no multi-gigabyte buffer is allocated on the GPU for them.
 
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..orientation import exif_orientation, orient
 from ..preprocess import Preprocess
 from .batch import Batch, normalize_on_device
 from .containers import image_format
@@ -117,11 +120,11 @@ class NvjpegLoader:
             data = [torch.frombuffer(bytearray(cast(bytes, blobs[i][0])), dtype=torch.uint8) for i in jpeg]  # jpeg: rows with bytes
             try:
                 for i, img in zip(jpeg, self._decode_jpegs(data)):
-                    images[i] = img
+                    images[i] = orient(img, exif_orientation(cast(bytes, blobs[i][0])))
             except RuntimeError:  # one bad JPEG fails the batch: retry each alone, PIL for the ones that fail
                 for i, one in zip(jpeg, data):
                     with contextlib.suppress(RuntimeError):
-                        images[i] = self._decode_jpegs([one])[0]
+                        images[i] = orient(self._decode_jpegs([one])[0], exif_orientation(cast(bytes, blobs[i][0])))
         for i, (blob, reason) in enumerate(blobs):
             if images[i] is not None:
                 continue

@@ -168,18 +168,29 @@ def _version_tag() -> str:
     return f"{CHECKS_VERSION} pixels<={Image.MAX_IMAGE_PIXELS} nvimgcodec={_nvimgcodec() is not None}"
 
 
+def _key(path: str) -> str:
+    """The cache's key for ``path``: itself, or for a name that is not UTF-8 (sqlite takes only UTF-8
+    text) its raw bytes in hex after a NUL, which no path contains."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "\0raw:" + os.fsencode(path).hex()
+    return path
+
+
 def _check_chunk(paths: list[str], cache: Path | None) -> list[tuple[Verdict, bool]]:
     """Each file's verdict and whether it was checked now (False: its cached verdict still holds)."""
     cached: dict[str, Verdict] = {}
     if cache is not None:
         with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(cache, timeout=120)) as db:
             marks = ",".join("?" * len(paths))
+            keys = [_key(p) for p in paths]
             cached = {
-                row[0]: Verdict(*row[1:]) for row in db.execute(f"SELECT path, {_COLUMNS} FROM verdicts WHERE path IN ({marks})", paths)
+                row[0]: Verdict(*row[1:]) for row in db.execute(f"SELECT path, {_COLUMNS} FROM verdicts WHERE path IN ({marks})", keys)
             }
     out = []
     for path in paths:
-        old = cached.get(path)
+        old = cached.get(_key(path))
         if old is not None:
             try:
                 st = os.stat(path)
@@ -279,7 +290,7 @@ def check_files(
                     if new:
                         checked += 1
                         if v.size >= 0:
-                            fresh.append((paths[r], *v))
+                            fresh.append((_key(paths[r]), *v))
                 if fresh and db is not None and kept:
                     try:
                         db.execute("BEGIN IMMEDIATE")

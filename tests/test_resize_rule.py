@@ -175,3 +175,35 @@ def test_dali_stores_name_the_size_rule_in_their_cache_key():
         assert "size_rule" not in cache_fields(spec, name, None, "float16", manifest, CPU)
     # the torch-free "up to date" memo is keyed on the environment: one from before the rule is not trusted
     assert environment_stamp()["size_rule"] == SIZE_RULE
+
+
+@pytest.mark.slow
+def test_an_old_dali_store_is_not_reused(small_folder, tmp_path):
+    """A store DALI made with the old rounding (its cache fields without ``size_rule``) is neither
+    resumed nor reported up to date: with --out it is refused, naming the rule; from the cache, a new
+    store is extracted beside it."""
+    dali_or_skip()
+    from featstore.errors import UsageError
+    from featstore.extraction import ExtractConfig, cache_key, extract
+    from featstore.store import FeatureStore
+
+    def make_old(path: Path) -> str:
+        store = FeatureStore.open(path, mode="r+")
+        fields = {k: v for k, v in store.attrs["cache_fields"].items() if k != "size_rule"}
+        store.update_attrs({"cache_fields": fields, "cache_key": cache_key(fields)})
+        return cache_key(fields)
+
+    common = dict(model="resnet18", dataset=str(small_folder), random_init=True, loader="dali", device="cpu", image_size=32, resize=36)
+    out = tmp_path / "old.zarr"
+    extract(ExtractConfig(out=str(out), **common), progress=False)
+    make_old(out)
+    with pytest.raises(UsageError, match="size_rule"):
+        extract(ExtractConfig(out=str(out), **common), progress=False)
+
+    cached = Path(extract(ExtractConfig(**common), progress=False).store)
+    new_key = FeatureStore.open(cached).attrs["cache_key"]
+    old_key = make_old(cached)
+    cached.rename(cached.with_name(cached.name.replace(new_key[:12], old_key[:12])))  # where an old run left it
+    again = extract(ExtractConfig(**common), progress=False)
+    assert again.status != "up to date" and Path(again.store) == cached
+    assert FeatureStore.open(cached).attrs["cache_key"] == new_key

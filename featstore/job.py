@@ -22,6 +22,7 @@ from .home import default_store_path
 from .manifest import Manifest
 from .models.encoders import EncoderSpec, pos_embed_rule
 from .models.presets import find_preset
+from .preprocess import SIZE_RULE
 from .ranks import Ranks, wait_until
 from .request import ExtractConfig, dataset_dirs, refuse_url_out, remember_request, request_of, resolved_model, resolved_path
 from .splits import parse_split
@@ -48,6 +49,10 @@ def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype:
     }
     if manifest.split:  # the manifest digest has the drawn splits; the seed and fractions are named too
         fields["split"] = manifest.split
+    if loader == "dali":
+        # DALI stores made before DALI sized and cropped as torchvision does hold other pixels (the torch
+        # and nvJPEG loaders always did: their keys stay); old DALI stores lack this field, so are not reused
+        fields["size_rule"] = SIZE_RULE
     if pos_embed_rule(spec.arch, find_preset(spec.name)) == "dinov2-reg":
         # stores of the register models made before they had their own resampling hold other features
         fields["pos_embed"] = "dinov2-reg"

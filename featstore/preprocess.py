@@ -10,6 +10,25 @@ from .orientation import ORIENTATION
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+# The output size and crop placement every loader follows: torchvision's Resize(int) and CenterCrop
+# (resized_size, center_crop_offset). DALI's resize_shorter rounded the long side instead and its
+# centered crop rounded offsets half up, so DALI stores made before it followed this rule hold other
+# pixels (up to ~6 gray levels per image); the cache key of a DALI store names the rule (job.cache_fields).
+SIZE_RULE = "torchvision-int-long-side"
+
+
+def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
+    """(height, width) after torchvision's ``Resize(resize)``: the shorter side becomes ``resize``, the
+    longer ``int(resize * long / short)``, truncated (640 x 427 at 256 → 383 x 256, not 384)."""
+    if width <= height:
+        return int(resize * height / width), resize
+    return resize, int(resize * width / height)
+
+
+def center_crop_offset(length: int, crop: int) -> int:
+    """Where torchvision's ``CenterCrop`` starts along a side: ``round((length - crop) / 2)``, Python's
+    round, so a half offset goes to the even neighbour (1.5 → 2, 80.5 → 80)."""
+    return round((length - crop) / 2.0)
 
 
 @dataclass(frozen=True)

@@ -254,10 +254,13 @@ def environment_stamp() -> dict:
         dali = importlib.util.find_spec("nvidia.dali") is not None
     except (ImportError, ValueError):
         dali = False
+    from .preprocess import SIZE_RULE
     from .version import __version__
 
     return {
         "featstore": __version__,
+        # a memo made before a loader changed its output (same version, editable install) is not trusted
+        "size_rule": SIZE_RULE,
         "timm": version("timm"),
         "torchvision": version("torchvision"),
         "torch": version("torch"),

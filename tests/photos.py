@@ -20,8 +20,8 @@ SHIPPED = sorted(PHOTO_DIR.glob("*.jpg"))
 
 def photo_jpegs(n: int, seed: int = 0, originals: bool = False) -> list[bytes]:
     """``n`` distinct real-photo JPEG files (bytes), the same on every machine; with ``originals`` the
-    first three are the shipped files (640 x 427 and 512 x 600, which the loaders downscale: DALI's
-    resize_shorter rounds a fractional long side, torchvision's Resize truncates it, see benchmarks/RESULTS.md issue 23)."""
+    first three are the shipped files (640 x 427 and 512 x 600, which the loaders downscale to a fractional
+    long side, truncated as torchvision's Resize does: tests/test_resize_rule.py)."""
     out = [p.read_bytes() for p in SHIPPED][:n] if originals else []
     rng = np.random.default_rng(seed)
     sources = [Image.open(p).convert("RGB") for p in SHIPPED]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import io
 import tempfile
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -129,9 +129,10 @@ class DaliLoader:
         return p
 
     def _preprocess(self, encoded, small: bool):
-        """decode → resize shorter side → center crop → normalize, NHWC: the same operators in every pipeline,
-        so a bisected image decodes as it would have. ``small``: no preallocation."""
+        """decode → resize shorter side (torchvision's sizes) → center crop → normalize, NHWC: the same
+        operators in every pipeline, so a bisected image decodes as it would have. ``small``: no preallocation."""
         from nvidia.dali import fn, types
+        from nvidia.dali import math as dmath
 
         pre = self.pre
         if self.on_gpu:
@@ -156,12 +157,23 @@ class DaliLoader:
             )
         else:
             images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=pre.resize, interp_type=getattr(types, _INTERP[pre.interpolation]), antialias=True)
+        # torchvision's sizes and crop offsets (preprocess.resized_size, center_crop_offset), per sample
+        # from the decoded shape: resize_shorter would round a fractional long side (383.7 → 384, not 383)
+        # and crop_pos 0.5 rounds a half offset up (78.5 → 79, not 78)
+        shape = images.shape()
+        height, width = _resized_size(shape[0], shape[1], pre.resize, dmath.max)
+        images = fn.resize(
+            images,
+            resize_x=fn.cast(width, dtype=types.FLOAT),
+            resize_y=fn.cast(height, dtype=types.FLOAT),
+            interp_type=getattr(types, _INTERP[pre.interpolation]),
+            antialias=True,
+        )
         return fn.crop_mirror_normalize(
             images,
             crop=(pre.image_size, pre.image_size),
-            crop_pos_x=0.5,
-            crop_pos_y=0.5,
+            crop_pos_x=_crop_pos(width, pre.image_size, dmath.max),
+            crop_pos_y=_crop_pos(height, pre.image_size, dmath.max),
             mean=[m * 255.0 for m in pre.mean],
             std=[s * 255.0 for s in pre.std],
             dtype=types.FLOAT16 if self.on_gpu else types.FLOAT,
@@ -324,6 +336,27 @@ class DaliLoader:
         left, bad_left = self._bisect(data[:mid], rows[:mid])
         right, bad_right = self._bisect(data[mid:], rows[mid:])
         return left + right, {**bad_left, **bad_right}
+
+
+def _resized_size(height: Any, width: Any, resize: int, maximum: Callable) -> tuple[Any, Any]:
+    """``preprocess.resized_size`` in integer arithmetic, for DALI's graph (shape nodes, ``dali.math.max``)
+    as for ints: the longer side ``resize * long // short`` equals torchvision's ``int(resize * long / short)``
+    (a non-integer quotient is at least 1/short from the next integer, far more than the float division's
+    error while resize * long < 2**53), and the shorter side's formula gives at most ``resize``."""
+    return maximum(resize, (resize * height) // width), maximum(resize, (resize * width) // height)
+
+
+def _crop_anchor(length: Any, crop: int) -> Any:
+    """``preprocess.center_crop_offset`` in integer arithmetic: (length - crop) / 2, a half going to the
+    even neighbour as Python's round does."""
+    margin = length - crop
+    half = margin // 2
+    return half + (margin & 1) * (half & 1)
+
+
+def _crop_pos(length: Any, crop: int, maximum: Callable) -> Any:
+    """The ``crop_pos`` DALI turns into the anchor ``_crop_anchor`` (it computes round(pos * margin))."""
+    return _crop_anchor(length, crop) / maximum(length - crop, 1)
 
 
 def _read(path: str) -> bytes:

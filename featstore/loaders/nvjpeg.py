@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..orientation import exif_orientation, orient
-from ..preprocess import Preprocess
+from ..preprocess import Preprocess, center_crop_offset, resized_size
 from .batch import Batch, normalize_on_device
 from .containers import image_format
 from .decode import decode_failure, decode_rgb
@@ -64,16 +64,13 @@ class NvjpegLoader:
         """
         pre = self.pre
         h, w = images.shape[-2:]
-        if w <= h:
-            size = (int(pre.resize * h / w), pre.resize)
-        else:
-            size = (pre.resize, int(pre.resize * w / h))
+        size = resized_size(h, w, pre.resize)
         mode = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}[pre.interpolation]
         x = images.float()
         if size != (h, w):
             x = F.interpolate(x, size=size, mode=mode, antialias=mode != "nearest", align_corners=False if mode != "nearest" else None)
-        top = round((size[0] - pre.image_size) / 2.0)
-        left = round((size[1] - pre.image_size) / 2.0)
+        top = center_crop_offset(size[0], pre.image_size)
+        left = center_crop_offset(size[1], pre.image_size)
         x = x[..., top : top + pre.image_size, left : left + pre.image_size]
         return x.round_().clamp_(0, 255).to(torch.uint8)
 

@@ -1,3 +1,3 @@
 """The installed featstore version (recorded in every store and probe run)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

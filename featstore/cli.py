@@ -314,7 +314,9 @@ def format_info(s: dict) -> str:
         f"encoder    {enc.get('name')} [{enc.get('arch')}]  weights {enc.get('weights_path') or '-'}  sha256 {str(enc.get('weights_sha256'))[:16]}",
         f"preprocess resize {pre.get('resize')} {pre.get('interpolation')}, crop {pre.get('image_size')}, mean {pre.get('mean')}, std {pre.get('std')}  loader {s.get('loader')}",
         f"dataset    {data.get('name')} at {data.get('root')}  {data.get('num_classes')} classes  manifest {str(data.get('manifest_sha256'))[:16]}",
-        "views      " + ", ".join(f"{v} ({d})" for v, d in s["views"].items()) + f"  dtype {s['dtype']}",
+        "views      "
+        + ", ".join(f"{v} ({'×'.join(map(str, d)) if isinstance(d, list) else d})" for v, d in s["views"].items())
+        + f"  dtype {s['dtype']}",
         "splits     "
         + ", ".join(
             f"{name} {v['rows']:,} rows" + (f" ({v['invalid']} invalid)" if v["invalid"] else "") for name, v in s["splits"].items()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .datasets import resolve_dataset
+from .dense import dense_plan, record_patch_layers
 from .device import resolve_device
 from .job import cache_fields, cache_key, cached_location, create_store, existing_store, remember, resume_command, store_of_job, validate
 from .loaders import choose_loader
@@ -87,12 +88,15 @@ def extract(
         .to(device)
         .to(memory_format=torch.channels_last)
     )
-    views = select_views(feature_dims(encoder, spec.preprocess, device), config.views)
+    views = select_views(feature_dims(encoder, spec.preprocess, device), config.views, spec.family)
+    if existing is None and ranks.is_leader:
+        config = dense_plan(config, out, manifest, views, log)  # the size check and unit rows of patch views
 
     if request.out is None and ranks.is_leader:
         log(f"store {out}")
     if existing is None:
         store, status = create_store(out, manifest, spec, views, loader_name, key, fields, config), "created"
+        record_patch_layers(store, encoder.patch_layers)
     else:
         store, status = existing, "resumed"
 

@@ -17,6 +17,7 @@ import torch
 
 from .device import compute_dtype
 from .models.encoders import FeatureEncoder
+from .store import RowShape, row_shape
 
 
 def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -34,7 +35,7 @@ class BatchEncoder:
     def __init__(
         self,
         encoder: FeatureEncoder,
-        views: dict[str, int],
+        views: dict[str, RowShape],
         device: torch.device,
         batch_size: int,
         fixed_shapes: bool = False,
@@ -52,7 +53,8 @@ class BatchEncoder:
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
             self.slots = [
-                {v: torch.empty((batch_size, d), dtype=torch.float32, pin_memory=True) for v, d in views.items()} for _ in range(ring)
+                {v: torch.empty((batch_size, *row_shape(d)), dtype=torch.float32, pin_memory=True) for v, d in views.items()}
+                for _ in range(ring)
             ]
             # blocking: synchronize() sleeps instead of spinning a core the decode threads need
             self.events = [torch.cuda.Event(blocking=True) for _ in range(ring)]

@@ -23,7 +23,7 @@ from .manifest import Manifest
 from .models.encoders import EncoderSpec
 from .ranks import Ranks, wait_until
 from .request import ExtractConfig, dataset_dirs, refuse_url_out, remember_request, request_of, resolved_model, resolved_path
-from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, is_store
+from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, RowShape, is_store
 from .store.lock import StoreLock
 
 
@@ -126,7 +126,14 @@ def remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: 
 
 
 def create_store(
-    out: Path, manifest: Manifest, spec: EncoderSpec, views: dict[str, int], loader_name: str, key: str, fields: dict, config: ExtractConfig
+    out: Path,
+    manifest: Manifest,
+    spec: EncoderSpec,
+    views: dict[str, RowShape],
+    loader_name: str,
+    key: str,
+    fields: dict,
+    config: ExtractConfig,
 ) -> FeatureStore:
     """A new store at ``out`` with the full provenance (replacing the old one under --overwrite)."""
     if out.exists() and config.overwrite:

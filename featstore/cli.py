@@ -35,14 +35,19 @@ def cli(debug):
     "--dataset",
     default="digits",
     show_default=True,
-    help="digits, imagenet, an ImageFolder directory, or a CSV file list (path,label[,split]).",
+    help="digits, imagenet, an ImageFolder directory, or a CSV file list (path,label[,split]); dense targets: "
+    "nyu-depth-v2, a Pascal VOC folder, or a folder SPLIT/images + SPLIT/depth and/or SPLIT/masks (docs/dense.md).",
 )
 @click.option(
     "--out",
     type=click.Path(),
     help="Store to write (a .zarr folder); rerunning the same command resumes it. Default: the cache, $FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr (see `featstore ls`).",
 )
-@click.option("--data-root", type=click.Path(), help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet).")
+@click.option(
+    "--data-root",
+    type=click.Path(),
+    help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet), or 'nyu-depth-v2' (the .mat and splits.mat).",
+)
 @click.option("--weights", type=click.Path(), help="Checkpoint (.pth/.pt/.safetensors), loaded with weights_only=True.")
 @click.option("--random-init", is_flag=True, help="Run the model untrained (no weights).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow a checkpoint that needs arbitrary code to unpickle.")
@@ -79,6 +84,7 @@ def cli(debug):
 @click.option("--interpolation", type=click.Choice(INTERPOLATIONS), help="Resize filter (overrides the model's).")
 @click.option("--mean", callback=parse_triple, help="R,G,B mean in [0,1] (overrides the model's).")
 @click.option("--std", callback=parse_triple, help="R,G,B std in [0,1] (overrides the model's).")
+@click.option("--depth-scale", type=float, help="Metres per unit of 16-bit depth PNGs (dense datasets; default 0.001: millimetres).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (fixed batch shapes; pays off on long GPU runs).")
 @click.option(
     "--no-progress",
@@ -111,6 +117,7 @@ def extract(
     interpolation,
     mean,
     std,
+    depth_scale,
     compile_model,
     no_progress,
     as_json,
@@ -143,6 +150,7 @@ def extract(
         mean=mean,
         std=std,
         compile=compile_model,
+        depth_scale=depth_scale,
     )
     result = recall_up_to_date(config)  # an unchanged request answers without importing torch
     if result is None:

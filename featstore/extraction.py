@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .datasets import resolve_dataset
 from .dense import dense_plan, record_patch_layers
+from .dense_targets import resolve_with_targets, target_fields, write_dense_targets
 from .device import resolve_device
 from .job import cache_fields, cache_key, cached_location, create_store, existing_store, remember, resume_command, store_of_job, validate
 from .loaders import choose_loader
@@ -52,7 +52,7 @@ def extract(
     if ranks.world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     loader_name = choose_loader(config.loader, device)
-    manifest = resolve_dataset(config.dataset, config.data_root)
+    manifest, targets = resolve_with_targets(config.dataset, config.data_root, config.depth_scale)  # targets: dense datasets
     spec = resolve_encoder(
         config.model,
         weights=config.weights,
@@ -62,6 +62,8 @@ def extract(
         ),
     )
     fields = cache_fields(spec, loader_name, config.views, config.dtype, manifest, device)
+    if targets is not None:
+        fields["targets"] = target_fields(manifest, targets)
     key = cache_key(fields)
     request = config  # as asked: what the up-to-date memo is keyed on
     if config.out is None:
@@ -107,6 +109,8 @@ def extract(
     else:
         with StoreLock(out / PROGRESS / "lock.json", warn=log, job=ranks.job):
             store.clean_temp_files()
+            if targets is not None and "targets" not in store.attrs:
+                write_dense_targets(store, manifest, targets, spec.preprocess, fields["targets"], log)
             if ranks.world > 1:
                 store.update_attrs({"job": ranks.job})  # the other ranks start writing now
             written, _, nonfinite = run_units(store, manifest, encoder, views, loader_name, device, config, progress, ranks, log)

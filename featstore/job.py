@@ -16,6 +16,7 @@ import torch
 
 from .cache import find_by_key
 from .datasets import BUILTIN_DATASETS
+from .dense_layouts import NYU
 from .device import compute_dtype
 from .errors import FeatstoreError, UsageError
 from .home import default_store_path
@@ -66,7 +67,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     which would be another store); ``--overwrite`` is left out, since it would start over.
     """
     defaults = ExtractConfig(model="", dataset="", out="")
-    dataset = config.dataset if config.dataset in BUILTIN_DATASETS else resolved_path(config.dataset)
+    dataset = config.dataset if config.dataset in (*BUILTIN_DATASETS, NYU) else resolved_path(config.dataset)
     args = [
         "featstore",
         "extract",
@@ -93,6 +94,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         ("interpolation", "--interpolation", str),
         ("mean", "--mean", lambda v: ",".join(map(str, v))),
         ("std", "--std", lambda v: ",".join(map(str, v))),
+        ("depth_scale", "--depth-scale", str),
     ]
     for name, flag, text in options:
         value = getattr(config, name)

@@ -70,6 +70,7 @@ class ExtractConfig:
     interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    depth_scale: float | None = None  # metres per unit of a 16-bit depth PNG (dense datasets; default 0.001)
 
 
 @dataclass
@@ -166,6 +167,7 @@ def request_of(config: ExtractConfig) -> dict:
         ],
         "out": os.path.abspath(os.path.expanduser(config.out)) if config.out else None,
         "ranks": os.environ.get("WORLD_SIZE"),
+        **({"depth_scale": config.depth_scale} if config.depth_scale is not None else {}),
     }
 
 

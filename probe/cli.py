@@ -180,6 +180,20 @@ def main():
 )
 @click.option("--overwrite", is_flag=True, help="Replace the previous probe run in --out.")
 @click.option("--allow-different-data", is_flag=True, help="Compare stores whose dataset manifests differ.")
+@click.option(
+    "--task",
+    type=click.Choice(("classify", "depth", "seg")),
+    default="classify",
+    show_default=True,
+    help="depth / seg: dense heads on a patch view (--view patch|patch4) against the store's targets (docs/dense.md).",
+)
+@click.option("--depth-head", type=click.Choice(("bins", "linear")), default="bins", show_default=True,
+              help="--task depth: DINOv2's 256-bin head, or one log-depth output per token.")  # fmt: skip
+@click.option(
+    "--save-predictions", is_flag=True, help="--task depth/seg: write the reported split's depth or label maps (predictions/*.npz)."
+)
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="--task depth/seg: tokens held resident (e.g. 2G); beyond it they stream in row blocks. Default: a quarter of RAM / GPU memory.")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def fit_command(
@@ -213,6 +227,10 @@ def fit_command(
     out,
     overwrite,
     allow_different_data,
+    task,
+    depth_head,
+    save_predictions,
+    max_memory,
     quiet,
     debug,
 ):
@@ -249,6 +267,17 @@ def fit_command(
     )  # fmt: skip
     out = out if out is not None else new_run_folder("probe-results")
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    if task != "classify":  # dense probes: probe.dense
+        from .dense.fit import DEFAULT_BATCH, fit_dense, parse_memory, summary_table
+
+        if click.get_current_context().get_parameter_source("batch_size") == click.core.ParameterSource.DEFAULT:
+            protocol = protocol.replace(batch_size=DEFAULT_BATCH)  # images per minibatch, not rows
+        dense = fit_dense(list(stores), protocol, task, view=views[0] if views else None, head=depth_head, out=out, overwrite=overwrite,
+                          save_predictions=save_predictions, max_memory=parse_memory(max_memory), device=device,
+                          allow_different_data=allow_different_data, log=log)  # fmt: skip
+        click.echo(summary_table(dense))
+        click.echo(f"wrote {dense.out}/: {', '.join(dense.files)}")
+        return
     warn = lambda m: click.echo(f"warning: {_one_line(m)}", err=True)  # noqa: E731
     result = fit_run(
         list(stores),

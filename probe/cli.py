@@ -312,8 +312,13 @@ def compare_command(results_dir, reference, as_json, resamples, debug):
 
     from . import intervals
     from .comparison import compare, markdown
+    from .dense import compare as dense
     from .results.runs import load, require_predictions
 
+    if dense.is_dense_run(results_dir):  # probe fit --task depth|seg: per-image metrics, paired bootstrap, Wilcoxon
+        task, differences = dense.compare_dense(results_dir, reference, n_resamples=resamples or dense.N_RESAMPLES)
+        click.echo(json.dumps(dense.to_json(task, differences), indent=2) if as_json else dense.markdown(task, differences))
+        return
     run = load(results_dir)
     comparison = compare(require_predictions(run), reference, class_names=run.class_names, n_resamples=resamples or intervals.N_RESAMPLES)
     click.echo(json.dumps(comparison.to_json(), indent=2) if as_json else markdown(comparison))

@@ -1,6 +1,6 @@
 """Synthetic scenes with exact depth, rendered for the dense-probe tests: a floor plane under
 perspective, a back wall and a box, at a random scale, in fog: intensity falls with depth,
-I = A·e^(−βd) + F·(1 − e^(−βd)), seen through a per-image gamma γ: the green and blue channels hold
+I = A·e^(−βd) + F·(1 − e^(−βd)), seen through a per-image gamma γ (log-uniform in [1/8, 8]): the green and blue channels hold
 I^γ, the red channel the reference 0.5^γ. Masks: 0 floor, 1 wall, 2 box.
 
 :data:`FOG_ENCODER` is a ``file.py:build`` encoder that exposes the right signal: per 8×8 patch, the
@@ -8,7 +8,7 @@ fog-inverted depth of its pixels (γ read from the red channel), as (B, C, h, w)
 is the same architecture untrained: a random 1×1 projection of each patch's pixels, which cannot
 undo γ (a ratio of logarithms of two channels). A random-init ViT is no such contrast: its random
 nonlinear features of the patch's pixels are a basis rich enough for a linear head to undo γ and the
-fog at true scale (δ1 ≈ 0.97 measured), which is why the test uses this pair.
+fog at true scale (δ1 ≈ 0.97 measured with γ in [1/2, 2]), which is why the test uses this pair.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def render(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, np.nda
         depth, mask = depth[::-1], mask[::-1]
     fog = np.exp(-BETA * depth)
     intensity = (A * fog + F * (1 - fog)) * (1 + rng.normal(0, 0.01, depth.shape))  # a little texture
-    gamma = rng.uniform(0.5, 2.0)
+    gamma = np.exp(rng.uniform(np.log(0.125), np.log(8.0)))
     channels = [np.full_like(intensity, 0.5**gamma), intensity**gamma, intensity**gamma]
     img = np.clip(np.round(np.stack(channels, axis=2) * 255), 1, 255).astype(np.uint8)
     return img, depth.astype(np.float32), mask

@@ -231,3 +231,46 @@ def test_stores_with_other_targets_are_refused(scenes, tmp_path):
         fit_dense([str(store), str(out)], PROTOCOL, "depth", out=tmp_path / "r")
     with pytest.raises(UsageError, match="no mask targets|no patch view"):
         fit_dense([str(store)], PROTOCOL, "seg", view="nope", out=tmp_path / "r2")
+
+
+def test_sig_loss_is_dinov2s_per_head():
+    """dinov2/eval/depth/models/losses/sigloss.py: g = log(pred+eps) − log(gt+eps) over gt > 0 of the
+    batch, sqrt(var(g) + 0.15·mean(g)²), torch.var unbiased; here for each head at once."""
+    from probe.dense.heads import sig_loss
+
+    rng = np.random.default_rng(2)
+    target = torch.tensor(rng.uniform(0, 5, (3, 6, 7)), dtype=torch.float32)
+    target[target < 1] = 0
+    pred = torch.tensor(rng.uniform(0.5, 6, (3, 4, 6, 7)), dtype=torch.float32)
+    got = sig_loss(pred, target)
+    for h in range(4):
+        valid = target > 0
+        g = torch.log(pred[:, h][valid] + 1e-3) - torch.log(target[valid] + 1e-3)
+        assert float(got[h]) == pytest.approx(float(torch.sqrt(torch.var(g) + 0.15 * torch.pow(torch.mean(g), 2))), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compare_calls_the_better_encoder(scenes, tmp_path):
+    """The fog encoder reaches δ1 >= 0.9, an untrained one of the same architecture does not, and
+    compare calls the difference: Δ per image, paired bootstrap interval excluding 0, Wilcoxon p < 0.01."""
+    from featstore.console import run_cli
+    from probe.cli import main
+    from probe.dense.compare import compare_dense
+
+    root, good = scenes
+    data = root / "data"
+    rand = tmp_path / "rand.zarr"
+    extract(ExtractConfig(model=write_encoder(root, random_init=True), dataset=str(data), out=str(rand), image_size=64, resize=64,
+                          **UNNORMALISED), progress=False)  # fmt: skip
+    out = tmp_path / "run"
+    fit_dense([f"fog={good}", f"random={rand}"], PROTOCOL, "depth", head="linear", out=out)
+    task, diffs = compare_dense(out, reference="fog")
+    by = {d.metric: d for d in diffs}
+    per = list(csv.DictReader(open(out / "predictions.csv")))
+    rmse = {(r["store"], int(r["row"])): float(r["rmse"]) for r in per}
+    rows = sorted({k[1] for k in rmse})
+    assert by["rmse"].delta == pytest.approx(np.mean([rmse["random", r] - rmse["fog", r] for r in rows]), rel=1e-6)
+    assert by["delta1"].reference_value >= 0.9 > by["delta1"].value  # δ1 at true scale: the fog encoder, not the untrained one
+    assert by["rmse"].delta > 0 and by["rmse"].low > 0 and by["rmse"].p < 0.01
+    assert by["delta1"].high < 0 and by["delta1"].p < 0.01
+    assert run_cli(main, "probe", ["compare", str(out), "--reference", "fog"]) == 0

@@ -36,6 +36,7 @@ from ..results import table_csv
 from ..selection import SplitPlan, choose, plan_splits
 from ..stores import StoreSpec, assign_labels, parse_store_spec
 from . import metrics
+from .compare import safe_name
 from .heads import DenseHeads, DenseSpec
 from .tokens import Tokens, train_stats
 
@@ -386,20 +387,16 @@ def _write(out: Path, rows: list[dict[str, Any]], images: list[dict[str, Any]], 
         (build / "predictions.csv").write_text(table_csv.csv_text(_columns(images), images))
         (build / "protocol.json").write_text(json.dumps(record, indent=2) + "\n")
         if confusions:
-            np.savez_compressed(build / "confusion.npz", **confusions)  # type: ignore[arg-type]
+            np.savez_compressed(build / "confusion.npz", **{safe_name(k): v for k, v in confusions.items()})  # type: ignore[arg-type]
             written.append("confusion.npz")
         if saved:
             (build / "predictions").mkdir()
             for label, arrays in saved.items():
-                np.savez_compressed(build / "predictions" / f"{_safe(label)}.npz", **arrays)  # type: ignore[arg-type]
+                np.savez_compressed(build / "predictions" / f"{safe_name(label)}.npz", **arrays)  # type: ignore[arg-type]
             written.append("predictions/")
         if _plot(rows, build / f"{run['task']}_vs_lr.png"):
             written.append(f"{run['task']}_vs_lr.png")
     return written
-
-
-def _safe(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:

@@ -82,24 +82,25 @@ class DenseHeads(LinearHeads):
             self.b.fill_(float(start))
 
     def token_outputs(self, patches: torch.Tensor, cls: torch.Tensor | None) -> torch.Tensor:
-        """(B, G, K, h, w) raw outputs of every head."""
+        """(B, h, w, G, K) raw outputs of every head (bins, log depth or logits last: contiguous)."""
         b, h, w, c = patches.shape
         g, k = self.num_heads, self.num_classes
         out = torch.mm(patches.reshape(-1, c), self.w[:c]).view(b, h * w, g * k)
         if cls is not None and self.cls_channels:
-            out = out + torch.mm(cls, self.w[c:])[:, None, :]
-        out = out + self.b
-        return out.view(b, h, w, g, k).permute(0, 3, 4, 1, 2)
+            out = out + (torch.mm(cls, self.w[c:]) + self.b)[:, None, :]  # the CLS term once per image
+        else:
+            out = out + self.b
+        return out.view(b, h, w, g, k)
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
-        """Depth heads: (B, G, h, w) metres from (B, G, K, h, w); seg: the logits as they are."""
+        """Depth heads: (B, G, h, w) metres; seg: (B, G, K, h, w) logits; from (B, h, w, G, K)."""
         if self.spec.head == "bins":
             p = F.relu(raw) + BIN_EPS
-            p = p / p.sum(dim=2, keepdim=True)
-            return torch.einsum("bgkhw,k->bghw", p, self.bins)
+            depth = torch.matmul(p, self.bins) / p.sum(dim=-1)  # the expected bin under the normalised weights
+            return depth.permute(0, 3, 1, 2)
         if self.spec.head == "linear":
-            return raw[:, :, 0].exp()
-        return raw
+            return raw[..., 0].exp().permute(0, 3, 1, 2)
+        return raw.permute(0, 3, 4, 1, 2)
 
     def predict(self, patches: torch.Tensor, cls: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
         """Depth (B, G, H, W) or class logits (B, G, K, H, W) at ``size``, bilinear (align_corners=False)."""
@@ -140,9 +141,9 @@ class DenseHeads(LinearHeads):
 
 def sig_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(G,) SigLoss of (B, G, H, W) predictions against (B, H, W) depth over pixels with depth > 0."""
-    valid = (target > 0)[:, None].to(pred.dtype)
-    n = valid.sum().clamp_min(2)
-    g = (torch.log(pred.clamp_min(0) + SIG_EPS) - torch.log(target[:, None] + SIG_EPS)) * valid
-    mean = g.sum(dim=(0, 2, 3)) / n
-    var = (((g - mean[None, :, None, None]) * valid) ** 2).sum(dim=(0, 2, 3)) / (n - 1)  # torch.var's unbiased estimate
+    valid = target > 0
+    if int(valid.sum()) < 2:
+        return pred.sum(dim=(0, 2, 3)) * 0.0  # nothing to learn from this batch
+    g = torch.log(pred.transpose(0, 1)[:, valid].clamp_min(0) + SIG_EPS) - torch.log(target[valid] + SIG_EPS)  # (G, valid pixels)
+    var, mean = torch.var_mean(g, dim=1)  # unbiased, as torch.var in DINOv2's SigLoss
     return torch.sqrt(var + SIG_LAMBDA * mean**2)

@@ -6,6 +6,7 @@ targets that are a smooth function of the tokens; val/test 10% each. The matmul 
 machine is measured in the same run, and the batched sweep's useful GEMM FLOPs are compared to it.
 
     python benchmarks/bench_dense.py [--images 1000] [--heads linear,bins] [--threads 1] [--separate]
+    python benchmarks/bench_dense.py --rss 250,1000,4000 --max-memory 64M   # peak RSS of streamed runs as N grows
 """
 
 from __future__ import annotations
@@ -70,7 +71,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--separate", action="store_true", help="also run the 13 LRs one at a time")
+    ap.add_argument("--rss", default=None, help="N values: peak RSS of a 1-epoch streamed run per N, each in its own process")
+    ap.add_argument("--max-memory", default="64M")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one --rss measurement
     args = ap.parse_args()
+    if args.one:
+        return measure_rss(Path(args.one), args.max_memory)
+    if args.rss:
+        return rss_sweep([int(n) for n in args.rss.split(",")], args.max_memory)
     if args.threads:
         torch.set_num_threads(args.threads)
     rate = matmul_rate(torch.device("cpu"), torch.float32)
@@ -105,6 +113,37 @@ def main() -> None:
                    {"machine": machine(), "images": args.images, "matmul_gflops": rate / 1e9, "peak_rss_mib": peak_rss, "rows": rows})  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure_rss(store: Path, max_memory: str) -> None:
+    from probe.dense.fit import parse_memory
+
+    fit_dense([str(store)], Protocol(lr_grid=[1e-3], epochs=1, batch_size=16), "depth", head="linear", out=store.parent / "o",
+              device="cpu", max_memory=parse_memory(max_memory))  # fmt: skip
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def rss_sweep(sizes: list[int], max_memory: str) -> None:
+    import subprocess
+
+    rows = []
+    for n in sizes:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_dense_rss-"))
+        try:
+            store = make_store(tmp / "s.zarr", n)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", str(store), "--max-memory", max_memory], capture_output=True, text=True, check=True
+            )
+            tokens_mib = n * GRID * GRID * C * 4 / 2**20
+            rows.append({"images": n, "tokens_mib": tokens_mib, "peak_rss_mib": float(out.stdout.strip().splitlines()[-1])})
+            print(rows[-1], flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        table(rows, [("images", "images", "d"), ("tokens_mib", "train tokens float32 MiB", ".0f"), ("peak_rss_mib", "peak RSS MiB", ".0f")])
+    )
+    write_json(Path(__file__).parent / "out" / f"bench_dense_rss-{time.strftime('%Y%m%d-%H%M%S')}.json",
+               {"machine": machine(), "max_memory": max_memory, "rows": rows})  # fmt: skip
 
 
 if __name__ == "__main__":

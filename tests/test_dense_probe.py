@@ -274,3 +274,11 @@ def test_compare_calls_the_better_encoder(scenes, tmp_path):
     assert by["rmse"].delta > 0 and by["rmse"].low > 0 and by["rmse"].p < 0.01
     assert by["delta1"].high < 0 and by["delta1"].p < 0.01
     assert run_cli(main, "probe", ["compare", str(out), "--reference", "fog"]) == 0
+
+
+def test_upsample_is_bilinear_interpolation():
+    from probe.dense.heads import upsample
+
+    x = torch.randn(2, 3, 5, 7, 6, dtype=torch.float64)
+    ref = torch.nn.functional.interpolate(x.view(2, 15, 7, 6), size=(28, 24), mode="bilinear", align_corners=False).view(2, 3, 5, 28, 24)
+    torch.testing.assert_close(upsample(x, (28, 24)), ref)

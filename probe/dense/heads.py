@@ -104,11 +104,7 @@ class DenseHeads(LinearHeads):
 
     def predict(self, patches: torch.Tensor, cls: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
         """Depth (B, G, H, W) or class logits (B, G, K, H, W) at ``size``, bilinear (align_corners=False)."""
-        out = self.decode(self.token_outputs(patches, cls))
-        if self.spec.task == "depth":
-            return F.interpolate(out, size=size, mode="bilinear", align_corners=False)
-        b, g, k, h, w = out.shape
-        return F.interpolate(out.reshape(b, g * k, h, w), size=size, mode="bilinear", align_corners=False).view(b, g, k, *size)
+        return upsample(self.decode(self.token_outputs(patches, cls)), size)
 
     def losses(self, patches: torch.Tensor, cls: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
         """(G,) loss of every head on a minibatch; ``target`` (B, H, W) at the loss resolution."""
@@ -147,3 +143,20 @@ def sig_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     g = torch.log(pred.transpose(0, 1)[:, valid].clamp_min(0) + SIG_EPS) - torch.log(target[valid] + SIG_EPS)  # (G, valid pixels)
     var, mean = torch.var_mean(g, dim=1)  # unbiased, as torch.var in DINOv2's SigLoss
     return torch.sqrt(var + SIG_LAMBDA * mean**2)
+
+
+def _interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n_out, n_in): 1-D linear interpolation as F.interpolate(mode="linear", align_corners=False) does it."""
+    eye = torch.eye(n_in, device=device, dtype=dtype)[:, None, :]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0, :].T.contiguous()
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of the last two dims (align_corners=False) as two small GEMMs: the same
+    numbers as F.interpolate(mode="bilinear"), whose backward on CPUs is a slow scatter."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    uh = _interpolation_matrix(h, size[0], x.device, x.dtype)
+    uw = _interpolation_matrix(w, size[1], x.device, x.dtype)
+    return torch.matmul(torch.matmul(uh, x), uw.T)

@@ -195,7 +195,7 @@ def _evaluate(
     and the predictions of head ``keep`` (depth maps float32 / label maps uint8) when asked."""
     g, size = heads.num_heads, target.shape[1:]
     per_pixel = g * int(np.prod(size)) * (heads.num_classes if heads.spec.task == "seg" else 1)
-    batch = max(1, _EVAL_ELEMENTS // per_pixel)
+    batch = max(1, min(_EVAL_ELEMENTS // per_pixel, tokens.block_rows))  # the tokens' memory bound holds here too
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in range(g)]
     kept: list[np.ndarray] = []
     k = heads.num_classes

@@ -36,14 +36,19 @@ def cli(debug):
     "--dataset",
     default="digits",
     show_default=True,
-    help="digits, imagenet, an ImageFolder directory, or a CSV file list (path,label[,split]).",
+    help="digits, imagenet, an ImageFolder directory, or a CSV file list (path,label[,split]); dense targets: "
+    "nyu-depth-v2, a Pascal VOC folder, or a folder SPLIT/images + SPLIT/depth and/or SPLIT/masks (docs/dense.md).",
 )
 @click.option(
     "--out",
     type=click.Path(),
     help="Store to write (a .zarr folder); rerunning the same command resumes it. Default: the cache, $FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr (see `featstore ls`).",
 )
-@click.option("--data-root", type=click.Path(), help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet).")
+@click.option(
+    "--data-root",
+    type=click.Path(),
+    help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet), or 'nyu-depth-v2' (the .mat and splits.mat).",
+)
 @click.option(
     "--split",
     "split_spec",
@@ -110,6 +115,7 @@ def cli(debug):
     show_default=True,
     help="A CSV file list's integer labels: dense 0..C-1, or sparse (the distinct labels, sorted, become classes 0..K-1).",
 )
+@click.option("--depth-scale", type=float, help="Metres per unit of 16-bit depth PNGs (dense datasets; default 0.001: millimetres).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (fixed batch shapes; pays off on long GPU runs).")
 @click.option("--no-cuda-graphs", is_flag=True, help="On CUDA, run the forward eagerly instead of replaying it from a CUDA graph.")
 @click.option(
@@ -148,6 +154,7 @@ def extract(
     std,
     max_decode_pixels,
     labels,
+    depth_scale,
     compile_model,
     no_cuda_graphs,
     no_progress,
@@ -187,6 +194,7 @@ def extract(
         split=split_spec,
         split_seed=split_seed,
         cuda_graphs=not no_cuda_graphs,
+        depth_scale=depth_scale,
     )
     result = recall_up_to_date(config)  # an unchanged request answers without importing torch
     if result is None:
@@ -387,7 +395,9 @@ def format_info(s: dict) -> str:
         f"encoder    {enc.get('name')} [{enc.get('arch')}]  weights {enc.get('weights_path') or '-'}  sha256 {str(enc.get('weights_sha256'))[:16]}",
         f"preprocess resize {pre.get('resize')} {pre.get('interpolation')}, crop {pre.get('image_size')}, mean {pre.get('mean')}, std {pre.get('std')}  loader {s.get('loader')}",
         f"dataset    {data.get('name')} at {data.get('root')}  {data.get('num_classes')} classes  manifest {str(data.get('manifest_sha256'))[:16]}",
-        "views      " + ", ".join(f"{v} ({d})" for v, d in s["views"].items()) + f"  dtype {s['dtype']}",
+        "views      "
+        + ", ".join(f"{v} ({'×'.join(map(str, d)) if isinstance(d, list) else d})" for v, d in s["views"].items())
+        + f"  dtype {s['dtype']}",
         "splits     "
         + ", ".join(
             f"{name} {v['rows']:,} rows" + (f" ({v['invalid']} invalid)" if v["invalid"] else "") for name, v in s["splits"].items()

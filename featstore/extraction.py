@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .datasets import resolve_dataset
+from .dense import dense_plan, record_patch_layers
+from .dense_targets import resolve_with_targets, target_fields, write_dense_targets
 from .device import resolve_device
 from .job import (
     cache_fields,
@@ -63,7 +64,8 @@ def extract(
     if ranks.world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     loader_name = choose_loader(config.loader, device)
-    manifest = resolve_dataset(config.dataset, config.data_root, config.labels)
+    # targets: where a dense dataset's depth maps or masks are (None for classification)
+    manifest, targets = resolve_with_targets(config.dataset, config.data_root, config.depth_scale, config.labels)
     if config.split is not None:
         manifest = apply_split(manifest, parse_split(config.split, config.split_seed))
     if ranks.is_leader:
@@ -78,6 +80,8 @@ def extract(
         ),
     )
     fields = cache_fields(spec, loader_name, config.views, config.dtype, manifest, device)
+    if targets is not None:
+        fields["targets"] = target_fields(manifest, targets)
     key = cache_key(fields)
     request = config  # as asked: what the up-to-date memo is keyed on
     if config.out is None:
@@ -106,12 +110,15 @@ def extract(
         .to(device)
         .to(memory_format=torch.channels_last)
     )
-    views = select_views(feature_dims(encoder, spec.preprocess, device), config.views)
+    views = select_views(feature_dims(encoder, spec.preprocess, device), config.views, spec.family)
+    if existing is None and ranks.is_leader:
+        config = dense_plan(config, out, manifest, views, log)  # the size check and unit rows of patch views
 
     if request.out is None and ranks.is_leader:
         log(f"store {out}")
     if existing is None:
         store, status = create_store(out, manifest, spec, views, loader_name, key, fields, config), "created"
+        record_patch_layers(store, encoder.patch_layers)
     else:
         store, status = existing, "repaired" if config.repair else "resumed"
 
@@ -122,6 +129,8 @@ def extract(
     else:
         with StoreLock(out / PROGRESS / "lock.json", warn=log, job=ranks.job):
             store.clean_temp_files()
+            if targets is not None and "targets" not in store.attrs:
+                write_dense_targets(store, manifest, targets, spec.preprocess, fields["targets"], log)
             if ranks.world > 1:
                 store.update_attrs({"job": ranks.job})  # the other ranks start writing now
             written, _, nonfinite = run_units(store, manifest, encoder, views, loader_name, device, config, progress, ranks, log)

@@ -16,7 +16,7 @@ units; benchmarks/RESULTS.md).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 
 from .device import compute_dtype
 from .models.encoders import FeatureEncoder
+from .store import RowShape, row_shape
 
 
 def pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -41,7 +42,7 @@ class BatchEncoder:
     def __init__(
         self,
         encoder: FeatureEncoder,
-        views: dict[str, int],
+        views: dict[str, RowShape],
         device: torch.device,
         batch_size: int,
         fixed_shapes: bool = False,
@@ -65,7 +66,8 @@ class BatchEncoder:
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
             self.slots = [
-                {v: torch.empty((batch_size, d), dtype=torch.float32, pin_memory=True) for v, d in views.items()} for _ in range(ring)
+                {v: torch.empty((batch_size, *row_shape(d)), dtype=torch.float32, pin_memory=True) for v, d in views.items()}
+                for _ in range(ring)
             ]
             # blocking: synchronize() sleeps instead of spinning a core the decode threads need
             self.events = [torch.cuda.Event(blocking=True) for _ in range(ring)]
@@ -173,7 +175,7 @@ class _GraphedForward:
         self.graph.replay()
         return {k: v.clone() for k, v in self.static_out.items()}
 
-    def agrees_with(self, eager: dict[str, torch.Tensor], views: dict[str, int]) -> tuple[bool, float]:
+    def agrees_with(self, eager: dict[str, torch.Tensor], views: Mapping[str, object]) -> tuple[bool, float]:
         """Whether the replay of the captured batch gives the eager features within bf16 rounding."""
         worst = 0.0
         for v in views:

@@ -16,6 +16,7 @@ import torch
 
 from .cache import find_by_key
 from .datasets import BUILTIN_DATASETS
+from .dense_layouts import NYU
 from .device import compute_dtype
 from .errors import FeatstoreError, UsageError
 from .home import default_store_path
@@ -26,7 +27,7 @@ from .preprocess import SIZE_RULE
 from .ranks import Ranks, wait_until
 from .request import ExtractConfig, dataset_dirs, refuse_url_out, remember_request, request_of, resolved_model, resolved_path
 from .splits import parse_split
-from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, is_store
+from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, RowShape, is_store
 from .store.lock import StoreLock
 from .store.repair import reopen_damaged
 
@@ -90,7 +91,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     which would be another store); ``--overwrite`` is left out, since it would start over.
     """
     defaults = ExtractConfig(model="", dataset="", out="")
-    dataset = config.dataset if config.dataset in BUILTIN_DATASETS else resolved_path(config.dataset)
+    dataset = config.dataset if config.dataset in (*BUILTIN_DATASETS, NYU) else resolved_path(config.dataset)
     args = [
         "featstore",
         "extract",
@@ -121,6 +122,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         ("split_seed", "--split-seed", str),
         ("labels", "--labels", str),
         ("max_decode_pixels", "--max-decode-pixels", str),
+        ("depth_scale", "--depth-scale", str),
     ]
     for name, flag, text in options:
         value = getattr(config, name)
@@ -156,7 +158,14 @@ def remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: 
 
 
 def create_store(
-    out: Path, manifest: Manifest, spec: EncoderSpec, views: dict[str, int], loader_name: str, key: str, fields: dict, config: ExtractConfig
+    out: Path,
+    manifest: Manifest,
+    spec: EncoderSpec,
+    views: dict[str, RowShape],
+    loader_name: str,
+    key: str,
+    fields: dict,
+    config: ExtractConfig,
 ) -> FeatureStore:
     """A new store at ``out`` with the full provenance (replacing the old one under --overwrite)."""
     if out.exists() and config.overwrite:

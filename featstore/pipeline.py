@@ -26,7 +26,7 @@ from .manifest import Manifest
 from .preprocess import Preprocess
 from .progress import Progress, log_to_stderr
 from .ranks import Ranks
-from .store import FeatureStore, Unit
+from .store import FeatureStore, RowShape, Unit, row_shape
 
 
 def plan_batches(units: list[Unit], batch_size: int) -> list[tuple[Unit, np.ndarray]]:
@@ -85,7 +85,7 @@ class _UnitWriter:
 class _UnitAssembler:
     """Collects batch results into whole units and hands each finished unit to the writer."""
 
-    def __init__(self, views: dict[str, int], dtype: str, writer: _UnitWriter, rel_paths):
+    def __init__(self, views: dict[str, RowShape], dtype: str, writer: _UnitWriter, rel_paths):
         self.views = views
         self.dtype = np.dtype(dtype)
         self.writer = writer
@@ -99,7 +99,7 @@ class _UnitAssembler:
         buf = self.open.setdefault(
             unit.index,
             {
-                "features": {v: np.empty((unit.rows, d), self.dtype) for v, d in self.views.items()},
+                "features": {v: np.empty((unit.rows, *row_shape(d)), self.dtype) for v, d in self.views.items()},
                 "valid": np.ones(unit.rows, bool),
                 "invalid": {},
                 "filled": 0,
@@ -113,7 +113,7 @@ class _UnitAssembler:
             values[bad] = np.nan
             buf["features"][v][local] = values
             # NaN/Inf from a decodable image: float16 overflow or a broken model
-            broken = ~(np.isfinite(values).all(axis=1) | bad)
+            broken = ~(np.isfinite(values.reshape(len(values), -1)).all(axis=1) | bad)
             self.nonfinite.update(self.rel_paths[r] for r in batch.rows[broken].tolist())
         buf["valid"][local] = ~bad
         buf["invalid"].update(batch.errors)

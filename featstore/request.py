@@ -88,6 +88,7 @@ class ExtractConfig:
     split_seed: int = 0
     max_decode_pixels: int | None = None  # pixels one decode may hold (None: from the machine's memory)
     labels: str = "dense"  # a CSV's integer labels: dense 0..C-1, or sparse (mapped, sorted, to 0..K-1)
+    depth_scale: float | None = None  # metres per unit of a 16-bit depth PNG (dense datasets; default 0.001)
 
 
 @dataclass
@@ -186,6 +187,7 @@ def request_of(config: ExtractConfig) -> dict:
         **({"split": [config.split, config.split_seed]} if config.split else {}),  # absent: old memos stay valid
         "ranks": os.environ.get("WORLD_SIZE"),
         **({"labels": config.labels} if config.labels != "dense" else {}),
+        **({"depth_scale": config.depth_scale} if config.depth_scale is not None else {}),
     }
 
 

@@ -201,6 +201,20 @@ def main():
 @click.option(
     "--no-verify", is_flag=True, help="Skip checking what is read against the stores' content digests (schema and label checks stay)."
 )
+@click.option(
+    "--task",
+    type=click.Choice(("classify", "depth", "seg")),
+    default="classify",
+    show_default=True,
+    help="depth / seg: dense heads on a patch view (--view patch|patch4) against the store's targets (docs/dense.md).",
+)
+@click.option("--depth-head", type=click.Choice(("bins", "linear")), default="bins", show_default=True,
+              help="--task depth: DINOv2's 256-bin head, or one log-depth output per token.")  # fmt: skip
+@click.option(
+    "--save-predictions", is_flag=True, help="--task depth/seg: write the reported split's depth or label maps (predictions/*.npz)."
+)
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="--task depth/seg: tokens held resident (e.g. 2G); beyond it they stream in row blocks. Default: a quarter of RAM / GPU memory.")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def fit_command(
@@ -237,6 +251,10 @@ def fit_command(
     rerun,
     allow_different_data,
     no_verify,
+    task,
+    depth_head,
+    save_predictions,
+    max_memory,
     quiet,
     debug,
 ):
@@ -268,6 +286,17 @@ def fit_command(
         stores, protocol = _stores_and_protocol(**{k: ctx.params[k] for k in inspect.signature(_stores_and_protocol).parameters})
     out = out if out is not None else new_run_folder("probe-results")
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    if task != "classify":  # dense probes: probe.dense
+        from .dense.fit import DEFAULT_BATCH, fit_dense, parse_memory, summary_table
+
+        if ctx.get_parameter_source("batch_size") == ParameterSource.DEFAULT:
+            protocol = protocol.replace(batch_size=DEFAULT_BATCH)  # images per minibatch, not rows
+        dense = fit_dense(list(stores), protocol, task, view=views[0] if views else None, head=depth_head, out=out, overwrite=overwrite,
+                          save_predictions=save_predictions, max_memory=parse_memory(max_memory), device=device,
+                          allow_different_data=allow_different_data, log=log)  # fmt: skip
+        click.echo(summary_table(dense))
+        click.echo(f"wrote {dense.out}/: {', '.join(dense.files)}")
+        return
     warn = lambda m: click.echo(f"warning: {_one_line(m)}", err=True)  # noqa: E731
     result = fit_run(
         list(stores),
@@ -339,10 +368,17 @@ def compare_command(results_dir, reference, as_json, latex, as_markdown, spread,
 
     from . import intervals
     from .comparison import compare, markdown
+    from .dense import compare as dense
     from .results.runs import load, require_predictions
 
     if sum((as_json, latex, as_markdown)) > 1:
         raise UsageError("--json, --latex and --markdown are exclusive", "pass one of them")
+    if dense.is_dense_run(results_dir):  # probe fit --task depth|seg: per-image metrics, paired bootstrap, Wilcoxon
+        if latex:
+            raise UsageError("--latex is not written for dense runs yet", "use --markdown or --json")
+        task, differences = dense.compare_dense(results_dir, reference, n_resamples=resamples or dense.N_RESAMPLES)
+        click.echo(json.dumps(dense.to_json(task, differences), indent=2) if as_json else dense.markdown(task, differences))
+        return
     run = load(results_dir)
     comparison = compare(require_predictions(run), reference, class_names=run.class_names, n_resamples=resamples or intervals.N_RESAMPLES)
     if latex or as_markdown:

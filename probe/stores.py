@@ -129,7 +129,7 @@ def resolve_views(specs: list[StoreSpec], stores: list[FeatureStore], views: lis
                         f"it has: {', '.join(fs.views)}; give that store its own view with --store {fs.path}:VIEW",
                     )
     elif rest:
-        chosen = [v for v in rest[0].views if all(v in fs.views for fs in rest[1:])]
+        chosen = [v for v in rest[0].views if v not in rest[0].patch_views and all(v in fs.views for fs in rest[1:])]  # patch views: --task
         if not chosen and log is not None:
             log(
                 "the stores share no feature view: each uses its primary view ("

@@ -246,14 +246,23 @@ class FeatureEncoder(nn.Module):
         self.backbone = backbone
         self.family = family
         self._block_outputs: list[torch.Tensor] = []
+        self._feature_map: torch.Tensor | None = None
+        self.patch_layers: dict[str, list[int]] = {}  # patch view → the block indices its tokens come from
         if family == "vit" and hasattr(backbone, "blocks"):
-            for block in list(cast(Any, backbone).blocks)[-4:]:
+            blocks = list(cast(Any, backbone).blocks)
+            for block in blocks[-4:]:
                 block.register_forward_hook(lambda _m, _i, out: self._block_outputs.append(out))
+            self.patch_layers = {"patch": [len(blocks) - 1], "patch4": list(range(max(0, len(blocks) - 4), len(blocks)))}
+        elif family == "cnn" and not hasattr(backbone, "forward_features") and isinstance(getattr(backbone, "avgpool", None), nn.Module):
+            # a torchvision CNN: its last feature map is the input of the global pool
+            cast(nn.Module, backbone.avgpool).register_forward_hook(lambda _m, i, _o: setattr(self, "_feature_map", i[0]))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.family == "custom":
             out = self.backbone(x)
-            return dict(out) if isinstance(out, dict) else {"features": out}
+            views = dict(out) if isinstance(out, dict) else {"features": out}
+            # a (B, C, h, w) map is a patch view, stored channels last as (B, h, w, C)
+            return {v: t.permute(0, 2, 3, 1) if t.ndim == 4 else t for v, t in views.items()}
         if self.family == "vit" and hasattr(self.backbone, "forward_features") and hasattr(self.backbone, "blocks"):
             self._block_outputs = []
             vit: Any = self.backbone  # a timm ViT: forward_features, norm, num_prefix_tokens, cls_token
@@ -261,17 +270,48 @@ class FeatureEncoder(nn.Module):
             n_prefix = getattr(self.backbone, "num_prefix_tokens", 1)
             if getattr(self.backbone, "cls_token", None) is None:  # no CLS token (I-JEPA): patch tokens only
                 self._block_outputs = []
-                return {"avgpool": tokens[:, n_prefix:].mean(dim=1)}
+                patches = tokens[:, n_prefix:]
+                return {"avgpool": patches.mean(dim=1), "patch": patches.unflatten(1, _patch_grid(vit, x, patches.shape[1]))}
             norm = vit.norm
-            last4 = [norm(h)[:, 0] for h in self._block_outputs[-4:]]
+            normed = [norm(h) for h in self._block_outputs[-4:]]
             self._block_outputs = []
+            grid = _patch_grid(vit, x, tokens.shape[1] - n_prefix)
             return {
                 "cls": tokens[:, 0],
                 "avgpool": tokens[:, n_prefix:].mean(dim=1),  # register tokens are prefix tokens: excluded
-                "cls4": torch.cat(last4, dim=-1),
+                "cls4": torch.cat([h[:, 0] for h in normed], dim=-1),
+                # the final patch tokens as a grid, and DINOv2's lin.4 tokens (last four blocks, normed)
+                "patch": tokens[:, n_prefix:].unflatten(1, grid),
+                "patch4": torch.cat([h[:, n_prefix:] for h in normed], dim=-1).unflatten(1, grid),
             }
+        if self.family == "cnn" and hasattr(self.backbone, "forward_features") and hasattr(self.backbone, "forward_head"):
+            cnn: Any = self.backbone  # a timm CNN: forward is forward_head(forward_features(x))
+            feature_map = cnn.forward_features(x)
+            return {"pool": cnn.forward_head(feature_map).flatten(1), "patch": feature_map.permute(0, 2, 3, 1)}
+        self._feature_map = None
         out = self.backbone(x)
-        return {"cls" if self.family == "vit" else "pool": out.flatten(1)}
+        views = {"cls" if self.family == "vit" else "pool": out.flatten(1)}
+        if self._feature_map is not None and self._feature_map.ndim == 4:
+            views["patch"] = self._feature_map.permute(0, 2, 3, 1)
+        self._feature_map = None
+        return views
+
+
+PATCH_VIEWS = ("patch", "patch4")  # patch-token views a preset gives; stored only when asked for (--views)
+
+
+def _patch_grid(vit: Any, x: torch.Tensor, tokens: int) -> tuple[int, int]:
+    """(h, w) of a ViT's patch tokens for input ``x``."""
+    size = getattr(getattr(vit, "patch_embed", None), "patch_size", None)
+    if size is not None:
+        ph, pw = (size, size) if isinstance(size, int) else size
+        h, w = x.shape[-2] // ph, x.shape[-1] // pw
+        if h * w == tokens:
+            return h, w
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise FeatstoreError(f"cannot arrange {tokens} patch tokens in a grid", "this model's patch views are not supported")
+    return side, side
 
 
 def build_encoder(
@@ -365,22 +405,25 @@ def _strip_torchvision_head(model: nn.Module) -> None:
             return
 
 
-def feature_dims(encoder: FeatureEncoder, preprocess: Preprocess, device: torch.device) -> dict[str, int]:
-    """Dims of every view, from one forward pass on a blank image."""
+def feature_dims(encoder: FeatureEncoder, preprocess: Preprocess, device: torch.device) -> dict[str, int | tuple[int, ...]]:
+    """Dims of every view (D, or (h, w, C) of a patch view), from one forward pass on a blank image."""
     x = torch.zeros(1, 3, preprocess.image_size, preprocess.image_size, device=device)
     with torch.inference_mode():
         out = encoder(x.contiguous(memory_format=torch.channels_last))
     for view, t in out.items():
-        if t.ndim != 2:
+        if t.ndim not in (2, 4):
             raise FeatstoreError(
-                f"view {view!r} has shape {tuple(t.shape)}, not (batch, dim)", "the model's forward must return (B, D) features"
+                f"view {view!r} has shape {tuple(t.shape)}, not (batch, dim) or (batch, channels, h, w)",
+                "the model's forward must return (B, D) features or (B, C, h, w) feature maps",
             )
-    return {k: int(v.shape[1]) for k, v in out.items()}
+    return {k: int(v.shape[1]) if v.ndim == 2 else tuple(int(s) for s in v.shape[1:]) for k, v in out.items()}
 
 
-def select_views(available: dict[str, int], requested: list[str] | None) -> dict[str, int]:
+def select_views(available: dict[str, Any], requested: list[str] | None, family: str | None = None) -> dict[str, Any]:
+    """The requested views; by default every global view, and a preset's patch views only when named
+    (they are tens of times larger). A user builder's views are all stored."""
     if not requested:
-        return dict(available)
+        return {v: d for v, d in available.items() if family == "custom" or v not in PATCH_VIEWS}
     unknown = [v for v in requested if v not in available]
     if unknown:
         raise UsageError(f"unknown view {', '.join(map(repr, unknown))}", f"this model gives: {', '.join(available)}")

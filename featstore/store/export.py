@@ -26,6 +26,7 @@ import numpy as np
 from ..atomic import atomic_file
 from ..errors import FeatstoreError, UsageError
 from .feature_store import FeatureStore
+from .patch import patch_dims
 
 EXPORT_FORMATS = (".h5", ".hdf5", ".npz")
 
@@ -101,12 +102,16 @@ def _write_hdf5(store: FeatureStore, path: Path) -> int:
             for name in ("labels", "paths", "valid"):
                 g[name].dims[0].label = "row"
             fg = g.create_group("features")
-            for view, dim in store.views.items():
-                source = store.features(split, view)
+            for view in store.views:
+                shape = store.row_shape(view)
+                patch = view in store.patch_views
+                source: Any = store.patches(split, view) if patch else store.features(split, view)
                 rows = max(1, min(store.chunk_rows, n))
                 # no compression: exports run at disk speed (float features gain little from it)
-                ds = fg.create_dataset(view, shape=(n, dim), dtype=source.dtype, chunks=(rows, dim) if n else None)
-                ds.dims[0].label, ds.dims[1].label = "row", f"{view}_dim"
+                ds = fg.create_dataset(view, shape=(n, *shape), dtype=source.dtype, chunks=(rows, *shape) if n else None)
+                for axis, label in enumerate(patch_dims(view, shape, store.patch_views) if patch else ("row", f"{view}_dim")):
+                    ds.dims[axis].label = label
+                dim = int(np.prod(shape))
                 files = _raw_chunk_files(store, split, view, rows)
                 if files is not None:
                     for i, chunk in enumerate(files):  # the bytes are HDF5's chunk as they are: no decode, no copy
@@ -156,7 +161,7 @@ def _write_npz(store: FeatureStore, path: Path, view: str) -> int:
     arrays = {"view": np.asarray(view), "provenance": np.asarray(json.dumps(_provenance(store)))}
     nbytes = 0
     for split in store.splits:
-        arrays[f"{split}_features"] = feats = store.features(split, view).read()
+        arrays[f"{split}_features"] = feats = (store.patches if view in store.patch_views else store.features)(split, view).read()
         arrays[f"{split}_labels"] = store.labels(split).astype(np.int32)
         arrays[f"{split}_valid"] = store.valid(split)
         arrays[f"{split}_paths"] = store.paths(split).astype(str)  # unicode, not object: loads without pickle

@@ -42,6 +42,7 @@ from .digests import ATTRIBUTE, ReadCheck, Recorded, array_names, digests_of, re
 from .hdf5 import open_hdf5
 from .locations import PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
 from .lock import pid_alive
+from .patch import PatchArray, RowShape, create_patch_array, is_patch_shape, patch_dims, row_shape
 
 SCHEMA_VERSION = 1
 LABEL_FILL = -1  # what a lost labels chunk reads as: never a class
@@ -208,12 +209,13 @@ class FeatureStore:
         path: str | os.PathLike[str],
         *,
         splits: dict[str, tuple[list[str], np.ndarray]],
-        views: dict[str, int],
+        views: dict[str, RowShape],
         dtype: str = "float16",
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         attrs: dict[str, Any] | None = None,
     ) -> FeatureStore:
-        """Presize every array and freeze the plan. ``splits``: name → (relative paths, labels)."""
+        """Presize every array and freeze the plan. ``splits``: name → (relative paths, labels);
+        ``views``: name → D, or (h, w, C) for a patch view (:mod:`featstore.store.patch`)."""
         if dtype not in FEATURE_DTYPES:
             raise UsageError(f"unknown feature dtype {dtype!r}", f"use one of {', '.join(FEATURE_DTYPES)}")
         if chunk_rows < 1:
@@ -251,6 +253,10 @@ class FeatureStore:
                 sg.create_array("valid", shape=(n,), dtype="bool", chunks=(rows,), fill_value=False, dimension_names=("row",))
                 fg = sg.create_group("features")
                 for view, dim in views.items():
+                    if is_patch_shape(dim):
+                        grids = {v: row_shape(d) for v, d in views.items() if is_patch_shape(d)}
+                        create_patch_array(fg, view, n, row_shape(dim), rows, dtype, patch_dims(view, row_shape(dim), grids))
+                        continue
                     # no codec: zstd saves ~8% on float features but caps writes near 100 MB/s (benchmarks/RESULTS.md)
                     fg.create_array(
                         view,
@@ -271,7 +277,8 @@ class FeatureStore:
                 featstore_version=__version__,
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 splits={s: len(p) for s, (p, _) in splits.items()},
-                views=dict(views),
+                views={v: row_shape(d)[-1] for v, d in views.items()},  # a patch view's channels: readers of views see ints
+                patch_views={v: {"shape": list(row_shape(d))} for v, d in views.items() if is_patch_shape(d)},
                 dtype=dtype,
                 chunk_rows=chunk_rows,
                 complete=False,
@@ -360,6 +367,16 @@ class FeatureStore:
         return dict(self.meta.views)
 
     @property
+    def patch_views(self) -> dict[str, tuple[int, ...]]:
+        """Patch view → (h, w, C) of each row; empty for a store of global views only."""
+        recorded = self.attrs.get("patch_views") or {}
+        return {str(v): tuple(int(s) for s in info["shape"]) for v, info in recorded.items()}
+
+    def row_shape(self, view: str) -> tuple[int, ...]:
+        """(D,) of a global view, (h, w, C) of a patch view."""
+        return self.patch_views.get(view) or (self.views[view],)
+
+    @property
     def complete(self) -> bool:
         return self.meta.complete
 
@@ -423,10 +440,9 @@ class FeatureStore:
         split = self._group[unit.split]
         written: dict[str, np.ndarray] = {}  # array → the unit's rows as stored (their digests need no read back)
         for view, values in features.items():
-            if values.shape != (unit.rows, self.views[view]):
-                raise FeatstoreError(
-                    f"unit {unit.split}#{unit.index} view {view!r}: got shape {values.shape}, expected {(unit.rows, self.views[view])}"
-                )
+            expected = (unit.rows, *self.row_shape(view))
+            if values.shape != expected:
+                raise FeatstoreError(f"unit {unit.split}#{unit.index} view {view!r}: got shape {values.shape}, expected {expected}")
             written[f"features/{view}"] = np.asarray(values, dtype=split["features"][view].dtype)
         written["valid"] = np.asarray(valid, bool)
         for name, values in written.items():
@@ -543,12 +559,23 @@ class FeatureStore:
     def features(self, split: str, view: str, rows: Any = None) -> FeatureArray:
         """The (N, D) features of ``view``, lazily (NaN rows where ``valid`` is false); ``rows``
         (a slice, index array or boolean mask) selects rows. Nothing is read until indexed or
-        converted: ``np.asarray(...)``, ``[...]`` or ``.read()``."""
+        converted: ``np.asarray(...)``, ``[...]`` or ``.read()``. A patch view: :meth:`patches`."""
         group = self.split_group(split)
         if view not in self.views:
             raise UsageError(f"view {view!r} not in store {str(self.path)!r}", f"it has: {', '.join(self.views)}")
+        if view in self.patch_views:
+            raise UsageError(f"view {view!r} is a patch view of shape (N, {', '.join(map(str, self.patch_views[view]))})",
+                             "read it with store.patches(split, view), or probe it with `probe fit --task depth|seg`")  # fmt: skip
         check = None if self.read_check is None else (split, f"features/{view}", self.read_check)
         return FeatureArray(group["features"][view], rows, check)
+
+    def patches(self, split: str, view: str, rows: Any = None) -> PatchArray:
+        """The (N, h, w, C) tokens of patch view ``view``, lazily, like :meth:`features`."""
+        group = self.split_group(split)
+        if view not in self.patch_views:
+            patch = ", ".join(self.patch_views) or "none"
+            raise UsageError(f"view {view!r} is not a patch view of store {str(self.path)!r}", f"its patch views: {patch}")
+        return PatchArray(group["features"][view], rows)
 
     def invalid_rows(self, split: str | None = None) -> list[dict[str, Any]]:
         invalid = self.meta.invalid
@@ -586,7 +613,7 @@ class FeatureStore:
             "created": m.created,
             "splits": {s: {"rows": self.num_rows(s), "invalid": len(self.invalid_rows(s))} for s in self.splits},
             "pending_units": 0 if m.complete else len(self.pending_units()),
-            "views": m.views,
+            "views": {v: list(self.row_shape(v)) if v in self.patch_views else d for v, d in m.views.items()},
             "dtype": m.dtype,
             "encoder": m.encoder.raw,
             "preprocessing": m.preprocessing,

@@ -1,0 +1,131 @@
+"""Dense targets of an extraction: read each image's depth map / mask, put it through exactly the
+image's resize and center crop (nearest neighbour: no invented depths or classes), and store it beside
+the features with its provenance (:mod:`featstore.store.targets`). The targets enter the cache key."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import resolve_dataset
+from .dense_layouts import TargetSpec, is_dense_dataset, resolve_dense
+from .manifest import Manifest
+from .preprocess import Preprocess
+from .store import IGNORE, FeatureStore, write_split_targets
+
+
+def resolve_with_targets(
+    spec: str, data_root: str | os.PathLike[str] | None, depth_scale: float | None, labels: str = "dense"
+) -> tuple[Manifest, TargetSpec | None]:
+    """The manifest of ``--dataset``, and where its dense targets are (None for a classification dataset)."""
+    if is_dense_dataset(spec):
+        return resolve_dense(spec, data_root, depth_scale)
+    return resolve_dataset(spec, data_root, labels), None
+
+
+def target_fields(manifest: Manifest, spec: TargetSpec) -> dict:
+    """What the cache key learns of the targets: how they are read, and a digest of every target file's bytes."""
+    h = hashlib.sha256()
+    for split in sorted(manifest.splits):
+        for image in manifest.splits[split].paths:
+            for kind, path in sorted(spec.files(manifest.root, image).items()):
+                h.update(f"{image}\t{kind}\t".encode())
+                h.update(hashlib.sha256(path.read_bytes()).digest() if path is not None else b"-")
+    return {**spec.to_dict(), "files_sha256": h.hexdigest()}
+
+
+def load_target(path: Path, kind: str, depth_scale: float) -> np.ndarray:
+    """(H, W) float32 metres (depth) or uint8 classes (mask). Raises ValueError with the reason."""
+    from PIL import Image
+
+    if kind == "depth" and path.suffix == ".npy":
+        values = np.load(path, allow_pickle=False)
+        if values.ndim != 2:
+            raise ValueError(f"depth {path.name} has shape {values.shape}, not (H, W)")
+        return np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    with Image.open(path) as im:
+        if kind == "depth":
+            if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
+                raise ValueError(f"depth {path.name} is a {im.mode} PNG, not 16-bit")
+            return np.asarray(im, dtype=np.float32) * np.float32(depth_scale)
+        if im.mode not in ("L", "P"):
+            raise ValueError(f"mask {path.name} is a {im.mode} PNG, not one class index per pixel (L or P)")
+        return np.asarray(im, dtype=np.uint8)
+
+
+def align(target: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """``target`` resized and cropped exactly as the image is (torchvision's size rule), nearest neighbour."""
+    import torch
+    from torchvision.transforms import InterpolationMode, v2
+
+    t = torch.from_numpy(np.array(target, copy=True))[None]  # a writable copy: torch refuses read-only arrays
+    t = v2.Resize(pre.resize, interpolation=InterpolationMode.NEAREST_EXACT)(t)
+    return v2.CenterCrop(pre.image_size)(t)[0].numpy()
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image, from its header."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def write_dense_targets(
+    store: FeatureStore, manifest: Manifest, spec: TargetSpec, pre: Preprocess, fields: dict, log: Callable[[str], None]
+) -> None:
+    """Every split's aligned targets into ``store``, then the ``targets`` attribute (written last:
+    a store without it has its targets written again on resume)."""
+    size = pre.image_size
+    invalid: dict[str, list[dict]] = {}
+    labels_seen = 0
+    for split, sm in manifest.splits.items():
+        n = len(sm)
+        arrays = {
+            kind: np.full((n, size, size), IGNORE, np.uint8) if kind == "mask" else np.zeros((n, size, size), np.float32)
+            for kind in spec.kinds
+        }
+        valid = np.ones(n, bool)
+        for row, image in enumerate(sm.paths):
+            try:
+                files = spec.files(manifest.root, image)
+                missing = [k for k in spec.kinds if files.get(k) is None]
+                if missing:
+                    raise ValueError(f"no {' or '.join(missing)} file for {Path(image).name}")
+                expected = image_size(manifest.root / image)
+                for kind in spec.kinds:
+                    path = files[kind]
+                    assert path is not None  # checked above
+                    target = load_target(path, kind, spec.depth_scale)
+                    if target.shape != expected:
+                        raise ValueError(
+                            f"{kind} {path.name} is {target.shape[1]}×{target.shape[0]}, the image {expected[1]}×{expected[0]}"
+                        )
+                    arrays[kind][row] = align(target, pre)
+            except (OSError, ValueError) as e:
+                valid[row] = False
+                for kind in spec.kinds:
+                    arrays[kind][row] = IGNORE if kind == "mask" else 0
+                invalid.setdefault(split, []).append({"row": row, "path": image, "reason": str(e)})
+        if "mask" in arrays and valid.any():
+            labels = arrays["mask"][valid]
+            labels_seen = max(labels_seen, int(labels[labels != IGNORE].astype(np.int64).max(initial=-1)) + 1)
+        write_split_targets(store, split, arrays, valid)
+    bad = sum(len(v) for v in invalid.values())
+    if bad:
+        log(f"{bad} rows have no usable target (first: {next(iter(invalid.values()))[0]['reason']}); they are left out of dense probes")
+    store.update_attrs(
+        {
+            "targets": {
+                **fields,
+                "size": [size, size],
+                "num_classes": max(len(spec.class_names), labels_seen) if "mask" in spec.kinds else None,
+                "invalid": invalid,
+                "resize": "nearest-exact, then the image's center crop",
+            }
+        }
+    )

@@ -1,0 +1,154 @@
+"""``probe compare`` of a dense run: each store against the reference on the same images.
+
+Depth: Δ RMSE, Δ AbsRel and Δ δ1 (true scale and aligned) as means over images of the per-image
+differences, each with a paired percentile bootstrap interval (the images are resampled, both stores
+scored on the same draw: ``scipy.stats.bootstrap(paired=True)``) and the Wilcoxon signed-rank test's
+p (``scipy.stats.wilcoxon``) on the per-image differences. Segmentation: Δ mIoU and Δ pixel accuracy
+of the summed confusion matrices, the bootstrap resampling images and summing their confusion matrices
+again; p from the Wilcoxon test on the per-image mIoU differences.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featstore.errors import UsageError
+
+from . import metrics
+
+DEPTH_COMPARED = ("rmse", "absrel", "delta1", "rmse_ssa", "delta1_ssa")
+SEG_COMPARED = ("miou", "pixel_acc")
+N_RESAMPLES = 2000
+SEED = 0
+
+
+def is_dense_run(folder: str | Path) -> bool:
+    try:
+        record = json.loads((Path(folder) / "protocol.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return record.get("task") in ("depth", "seg")
+
+
+@dataclass(frozen=True)
+class Difference:
+    store: str
+    reference: str
+    metric: str
+    value: float  # the store's reported value
+    reference_value: float
+    delta: float  # store − reference
+    low: float
+    high: float
+    p: float
+    images: int
+
+
+def _per_image(folder: Path) -> dict[str, dict[int, dict[str, float]]]:
+    out: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
+    with open(folder / "predictions.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            out[r["store"]][int(r["row"])] = {k: float(v) for k, v in r.items() if k not in ("store", "split", "row", "path") and v != ""}
+    return out
+
+
+def compare_dense(folder: str | Path, reference: str | None = None, n_resamples: int = N_RESAMPLES) -> tuple[str, list[Difference]]:
+    """(task, the differences of every other store from the reference)."""
+    from scipy import stats
+
+    folder = Path(folder)
+    record = json.loads((folder / "protocol.json").read_text())
+    task = record["task"]
+    per = _per_image(folder)
+    labels = [s["label"] for s in record["run"]["stores"]]
+    if len(labels) < 2:
+        raise UsageError(f"{str(folder)!r} holds one store", "run probe fit --task with two or more --store to compare them")
+    reference = reference or labels[0]
+    if reference not in per:
+        raise UsageError(f"no store {reference!r} in {str(folder)!r}", f"it has: {', '.join(labels)}")
+    confusion = np.load(folder / "confusion.npz") if task == "seg" else None
+    out = []
+    rng = np.random.default_rng(SEED)
+    for label in labels:
+        if label == reference:
+            continue
+        rows = sorted(set(per[label]) & set(per[reference]))
+        if len(rows) < 2:
+            raise UsageError(f"stores {label!r} and {reference!r} share fewer than 2 reported images", "compare stores of the same dataset")
+        if task == "seg":
+            assert confusion is not None
+            ref_rows, lab_rows = sorted(per[reference]), sorted(per[label])
+            a = confusion[_key(label, confusion.files)][np.searchsorted(lab_rows, rows)]
+            b = confusion[_key(reference, confusion.files)][np.searchsorted(ref_rows, rows)]
+            draws = rng.integers(0, len(rows), (n_resamples, len(rows)))
+            counts = np.stack([np.bincount(d, minlength=len(rows)) for d in draws])  # (R, N) images drawn
+            flat_a, flat_b = a.reshape(len(rows), -1), b.reshape(len(rows), -1)
+            for m in SEG_COMPARED:
+                va, vb = metrics.seg_scores(a.sum(0))[m], metrics.seg_scores(b.sum(0))[m]
+                boot = np.array(
+                    [
+                        metrics.seg_scores((c @ flat_a).reshape(a.shape[1:]))[m] - metrics.seg_scores((c @ flat_b).reshape(b.shape[1:]))[m]
+                        for c in counts
+                    ]
+                )
+                diff = np.array([per[label][r][m] - per[reference][r][m] for r in rows])
+                p = float(stats.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+                low, high = np.percentile(boot, [2.5, 97.5])
+                out.append(Difference(label, reference, m, va, vb, va - vb, float(low), float(high), p, len(rows)))
+            continue
+        for m in DEPTH_COMPARED:
+            x = np.array([per[label][r].get(m, np.nan) for r in rows])
+            y = np.array([per[reference][r].get(m, np.nan) for r in rows])
+            ok = np.isfinite(x) & np.isfinite(y)
+            x, y = x[ok], y[ok]
+            res = stats.bootstrap((x, y), lambda a, b, axis=-1: np.mean(a - b, axis=axis), paired=True, vectorized=True,
+                                  n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(SEED))  # fmt: skip
+            diff = x - y
+            p = float(stats.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+            ci = res.confidence_interval
+            out.append(
+                Difference(
+                    label,
+                    reference,
+                    m,
+                    float(x.mean()),
+                    float(y.mean()),
+                    float(diff.mean()),
+                    float(ci.low),
+                    float(ci.high),
+                    p,
+                    int(ok.sum()),
+                )
+            )
+    return task, out
+
+
+def safe_name(label: str) -> str:
+    """A store label as a file / npz key name (labels may hold paths and colons)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def _key(label: str, files: list[str]) -> str:
+    if safe_name(label) in files:
+        return safe_name(label)
+    raise UsageError(f"confusion.npz has no store {label!r}", "rerun probe fit --task seg")
+
+
+def markdown(task: str, differences: list[Difference]) -> str:
+    lines = [f"dense {task}: each store − reference on the same images (95% paired bootstrap interval; Wilcoxon signed-rank p)", "",
+             "| store | reference | metric | store | reference | Δ | 95% interval | p | images |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for d in differences:
+        lines.append(f"| {d.store} | {d.reference} | {d.metric} | {d.value:.4f} | {d.reference_value:.4f} | {d.delta:+.4f} | "
+                     f"[{d.low:+.4f}, {d.high:+.4f}] | {d.p:.2g} | {d.images} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def to_json(task: str, differences: list[Difference]) -> dict[str, Any]:
+    return {"task": task, "differences": [d.__dict__ for d in differences]}

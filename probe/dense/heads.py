@@ -1,0 +1,162 @@
+"""Every (lr, wd) dense head of a sweep as one batched object, trained at once on cached patch tokens.
+
+The heads share their input, so, as :class:`probe.methods.heads.LinearHeads` (which this extends and
+whose optimizer step it reuses: SGD with momentum or AdamW, per-head lr and wd as column vectors),
+their 1×1 weights sit side by side in one (C_in, G·K) matrix: a minibatch costs one GEMM over its
+tokens whatever G is. Gradients come from autograd; each head's loss depends on its own columns only,
+so the gradient of the summed loss is each head's own gradient.
+
+- depth, ``bins`` (DINOv2's linear head, dinov2/hub/depthers.py + BNHead): the input is the patch
+  token ⊕ the image's CLS token (where the store has one), standardized with train statistics (the
+  eval-mode BatchNorm); 256 outputs, ReLU + 0.1 normalised over bins ("linear" norm), the expected
+  value over uniform bins [min_depth, max_depth] is the depth, upsampled bilinearly to the target.
+  The CLS term is computed once per image, not once per token (the same product, factored).
+- depth, ``linear``: one output per token, the log depth (a log-linear regression head).
+- seg: the patch token → K class logits, upsampled bilinearly, cross-entropy ignoring 255.
+
+Depth is trained with DINOv2's scale-invariant log loss (SigLoss: sqrt(Var g + 0.15 (E g)²) with
+g = log(pred + eps) − log(gt + eps) over the batch's valid pixels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..methods.heads import LinearHeads
+from ..protocol import Protocol
+
+SIG_LAMBDA = 0.15  # DINOv2's SigLoss: the weight of the squared mean log error
+SIG_EPS = 1e-3  # SigLoss's eps ("avoid grad explode")
+BIN_EPS = 0.1  # DINOv2's "linear" normalisation over bins: relu(logit) + 0.1
+IGNORE = 255
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """What a dense head is: task ("depth"/"seg"), head ("bins"/"linear"/"seg"), outputs per token,
+    the depth range of the bins, and the resolution the loss is computed at."""
+
+    task: str
+    head: str
+    outputs: int  # 256 bins, 1 log depth, or K classes
+    min_depth: float = 1e-3
+    max_depth: float = 10.0
+    loss_size: tuple[int, int] = (64, 64)
+    log_depth_mean: float | None = None  # the linear head's initial output: the train pixels' mean log depth
+
+    def to_dict(self) -> dict[str, object]:
+        return {"task": self.task, "head": self.head, "outputs": self.outputs, "min_depth": self.min_depth,
+                "max_depth": self.max_depth, "loss_size": list(self.loss_size), "log_depth_mean": self.log_depth_mean}  # fmt: skip
+
+
+class DenseHeads(LinearHeads):
+    """G dense heads over patch tokens (B, h, w, C) and optionally CLS tokens (B, C_cls)."""
+
+    def __init__(
+        self,
+        spec: DenseSpec,
+        channels: int,
+        cls_channels: int,
+        lrs: Sequence[float],
+        wds: Sequence[float],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(channels + cls_channels, spec.outputs, lrs, wds, device, dtype)
+        self.spec = spec
+        self.channels, self.cls_channels = channels, cls_channels
+        if spec.head == "bins":
+            # zero weights and a bias of 1 give equal bin probabilities (every head starts at the middle
+            # of the range) with the ReLUs open: at 0 their gradient would be 0 and nothing would learn
+            self.b.fill_(1.0)
+            self.bins = torch.linspace(spec.min_depth, spec.max_depth, spec.outputs, device=self.device, dtype=dtype)
+        elif spec.head == "linear":
+            # start at the train pixels' geometric mean depth (the bins head starts mid-range): SigLoss's
+            # pull on the mean log error is weak (λ = 0.15), so a far start costs many steps
+            start = spec.log_depth_mean if spec.log_depth_mean is not None else 0.5 * (math.log(spec.min_depth) + math.log(spec.max_depth))
+            self.b.fill_(float(start))
+
+    def token_outputs(self, patches: torch.Tensor, cls: torch.Tensor | None) -> torch.Tensor:
+        """(B, h, w, G, K) raw outputs of every head (bins, log depth or logits last: contiguous)."""
+        b, h, w, c = patches.shape
+        g, k = self.num_heads, self.num_classes
+        out = torch.mm(patches.reshape(-1, c), self.w[:c]).view(b, h * w, g * k)
+        if cls is not None and self.cls_channels:
+            out = out + (torch.mm(cls, self.w[c:]) + self.b)[:, None, :]  # the CLS term once per image
+        else:
+            out = out + self.b
+        return out.view(b, h, w, g, k)
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        """Depth heads: (B, G, h, w) metres; seg: (B, G, K, h, w) logits; from (B, h, w, G, K)."""
+        if self.spec.head == "bins":
+            p = F.relu(raw) + BIN_EPS
+            depth = torch.matmul(p, self.bins) / p.sum(dim=-1)  # the expected bin under the normalised weights
+            return depth.permute(0, 3, 1, 2)
+        if self.spec.head == "linear":
+            return raw[..., 0].exp().permute(0, 3, 1, 2)
+        return raw.permute(0, 3, 4, 1, 2)
+
+    def predict(self, patches: torch.Tensor, cls: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+        """Depth (B, G, H, W) or class logits (B, G, K, H, W) at ``size``, bilinear (align_corners=False)."""
+        return upsample(self.decode(self.token_outputs(patches, cls)), size)
+
+    def losses(self, patches: torch.Tensor, cls: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+        """(G,) loss of every head on a minibatch; ``target`` (B, H, W) at the loss resolution."""
+        pred = self.predict(patches, cls, (target.shape[-2], target.shape[-1]))
+        if self.spec.task == "depth":
+            return sig_loss(pred, target)
+        b, g, k, h, w = pred.shape
+        labels = target.long()[:, None].expand(b, g, h, w).reshape(b * g, h, w)
+        ce = F.cross_entropy(pred.reshape(b * g, k, h, w), labels, ignore_index=IGNORE, reduction="none").view(b, g, h, w)
+        valid = (target != IGNORE)[:, None].to(ce.dtype)
+        return (ce * valid).sum(dim=(0, 2, 3)) / valid.sum().clamp_min(1)
+
+    def train_step(
+        self, patches: torch.Tensor, cls: torch.Tensor | None, target: torch.Tensor, protocol: Protocol, factor: float
+    ) -> torch.Tensor:
+        """One optimizer step of every head on a minibatch; the (G,) losses before it."""
+        self.w.requires_grad_(True)
+        self.b.requires_grad_(True)
+        try:
+            loss = self.losses(patches, cls, target)
+            finite = torch.isfinite(loss)
+            gw, gb = torch.autograd.grad(torch.where(finite, loss, torch.zeros_like(loss)).sum(), [self.w, self.b])
+        finally:
+            self.w.requires_grad_(False)
+            self.b.requires_grad_(False)
+        with torch.no_grad():
+            self.step(gw, gb, protocol, factor)
+        return loss.detach()
+
+
+def sig_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(G,) SigLoss of (B, G, H, W) predictions against (B, H, W) depth over pixels with depth > 0."""
+    valid = target > 0
+    if int(valid.sum()) < 2:
+        return pred.sum(dim=(0, 2, 3)) * 0.0  # nothing to learn from this batch
+    g = torch.log(pred.transpose(0, 1)[:, valid].clamp_min(0) + SIG_EPS) - torch.log(target[valid] + SIG_EPS)  # (G, valid pixels)
+    var, mean = torch.var_mean(g, dim=1)  # unbiased, as torch.var in DINOv2's SigLoss
+    return torch.sqrt(var + SIG_LAMBDA * mean**2)
+
+
+def _interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n_out, n_in): 1-D linear interpolation as F.interpolate(mode="linear", align_corners=False) does it."""
+    eye = torch.eye(n_in, device=device, dtype=dtype)[:, None, :]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0, :].T.contiguous()
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of the last two dims (align_corners=False) as two small GEMMs: the same
+    numbers as F.interpolate(mode="bilinear"), whose backward on CPUs is a slow scatter."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    uh = _interpolation_matrix(h, size[0], x.device, x.dtype)
+    uw = _interpolation_matrix(w, size[1], x.device, x.dtype)
+    return torch.matmul(torch.matmul(uh, x), uw.T)

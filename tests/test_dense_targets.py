@@ -1,0 +1,182 @@
+"""Datasets with dense targets (#24 item 2): the folder layout (16-bit PNG / .npy depth, masks),
+NYU-Depth v2's labeled .mat with splits.mat, Pascal VOC; targets aligned with the image's resize and
+crop, stored beside the features with their provenance, part of the cache key; bad targets are
+invalid rows with a reason."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from featstore.cli import cli
+from featstore.console import run_cli
+from featstore.extraction import ExtractConfig, extract
+from featstore.store import FeatureStore, read_targets, target_info, target_valid
+
+# a 1-layer builder: extraction in a fraction of a second
+BUILDER = """
+import torch
+from torch import nn
+
+class Pool(nn.Module):
+    def forward(self, x):
+        return {"patch": nn.functional.avg_pool2d(x, 4)}
+
+def build():
+    return Pool()
+"""
+
+
+def _builder(tmp_path):
+    path = tmp_path / "pool.py"
+    path.write_text(BUILDER)
+    return f"{path}:build"
+
+
+def _halves(h, w):
+    """An image red left of its middle and blue right of it; its mask 1 left, 2 right; depth 1 m / 3 m."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, : w // 2, 0] = 255
+    img[:, w // 2 :, 2] = 255
+    mask = np.where(np.arange(w)[None, :] < w // 2, 1, 2).repeat(h, 0).astype(np.uint8)
+    depth_mm = np.where(mask == 1, 1000, 3000).astype(np.uint16)
+    return img, mask, depth_mm
+
+
+def write_dense_folder(root, sizes=((40, 64), (64, 40), (48, 48)), splits=("train", "val")):
+    for split in splits:
+        for sub in ("images", "depth", "masks"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        for i, (h, w) in enumerate(sizes):
+            img, mask, depth = _halves(h, w)
+            Image.fromarray(img).save(root / split / "images" / f"im{i}.png")
+            Image.fromarray(mask, mode="L").save(root / split / "masks" / f"im{i}.png")
+            Image.fromarray(depth).save(root / split / "depth" / f"im{i}.png")  # uint16 → a 16-bit PNG
+    return root
+
+
+def _extract(tmp_path, dataset, name="s.zarr", **kw):
+    out = tmp_path / name
+    args = dict(model=_builder(tmp_path), dataset=str(dataset), out=str(out), image_size=16, resize=20, loader="torch", workers=0)
+    args.update(kw)
+    return extract(ExtractConfig(**args), progress=False), out
+
+
+def test_folder_targets_follow_the_image_resize_and_crop(tmp_path):
+    """The stored mask's class at each pixel is the colour of the loaded image's pixel there."""
+    import torch
+
+    from featstore.loaders import make_loader
+    from featstore.pipeline import store_preprocess
+
+    root = write_dense_folder(tmp_path / "data")
+    _, out = _extract(tmp_path, root)
+    store = FeatureStore.open(out)
+    info = target_info(store)
+    assert info["kinds"] == ["depth", "mask"] and info["size"] == [16, 16] and info["num_classes"] == 3 and info["invalid"] == {}
+    assert info["depth_scale"] == 0.001 and len(info["files_sha256"]) == 64
+    for split in ("train", "val"):
+        mask = read_targets(store, split, "mask")
+        depth = read_targets(store, split, "depth")
+        assert mask.shape == (3, 16, 16) and depth.dtype == np.float32 and target_valid(store, split).all()
+        np.testing.assert_array_equal(depth, np.where(mask == 1, 1.0, 3.0))  # 1000 mm → 1 m
+        loader = make_loader("torch", store_preprocess(store), torch.device("cpu"), 0)
+        paths = [str(root / p) for p in store.paths(split)]
+        images = next(iter(loader.batches(paths, [np.arange(3)]))).images.numpy()  # normalized (3, 16, 16)
+        red = images[:, 0] > images[:, 2]
+        interior = np.abs(images[:, 0] - images[:, 2]) > 1  # the one resampled column between halves is blended
+        np.testing.assert_array_equal(mask[interior], np.where(red[interior], 1, 2))
+        assert (mask[:, :, :7] == 1).all() and (mask[:, :, 9:] == 2).all()
+
+
+def test_npy_depth_scale_and_the_cache_key(tmp_path):
+    root = write_dense_folder(tmp_path / "data", splits=("train",))
+    r1, out1 = _extract(tmp_path, root, "a.zarr")
+    r2, out2 = _extract(tmp_path, root, "b.zarr", depth_scale=0.0002)  # a 16-bit PNG of 0.2 mm units
+    s1, s2 = FeatureStore.open(out1), FeatureStore.open(out2)
+    np.testing.assert_allclose(read_targets(s2, "train", "depth"), read_targets(s1, "train", "depth") * 0.2, rtol=1e-3)
+    assert s1.attrs["cache_key"] != s2.attrs["cache_key"]
+    assert "--depth-scale 0.0002" in s2.attrs["command"]
+    # a changed target file is another store too
+    (root / "train" / "depth" / "im0.png").unlink()
+    np.save(root / "train" / "depth" / "im0.npy", np.full((40, 64), 2.5, np.float32))
+    _, out3 = _extract(tmp_path, root, "c.zarr")
+    s3 = FeatureStore.open(out3)
+    assert s3.attrs["cache_key"] != s1.attrs["cache_key"]
+    assert (read_targets(s3, "train", "depth")[0] == np.float32(2.5)).all()  # .npy: metres, no scale
+
+
+def test_missing_and_mis_sized_targets_are_invalid_rows(tmp_path):
+    root = write_dense_folder(tmp_path / "data", splits=("train",))
+    (root / "train" / "masks" / "im1.png").unlink()
+    Image.fromarray(np.zeros((10, 10), np.uint8), mode="L").save(root / "train" / "masks" / "im2.png")
+    _, out = _extract(tmp_path, root)
+    store = FeatureStore.open(out)
+    np.testing.assert_array_equal(target_valid(store, "train"), [True, False, False])
+    reasons = {r["row"]: r["reason"] for r in target_info(store)["invalid"]["train"]}
+    assert reasons[1] == "no mask file for im1.png"
+    assert reasons[2] == "mask im2.png is 10×10, the image 48×48"
+    assert (read_targets(store, "train", "mask")[1:] == 255).all()  # nothing to learn from them
+
+
+def _write_nyu(root, n=6, h=24, w=32):
+    import h5py
+    import scipy.io
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (n, h, w, 3), dtype=np.uint8)
+    depths = rng.uniform(0.5, 10, (n, h, w)).astype(np.float32)
+    root.mkdir()
+    with h5py.File(root / "nyu_depth_v2_labeled.mat", "w") as f:  # MATLAB v7.3 stores arrays column-major: dims reversed
+        f["images"] = images.transpose(0, 3, 2, 1)  # (N, 3, W, H)
+        f["depths"] = depths.transpose(0, 2, 1)  # (N, W, H)
+    scipy.io.savemat(root / "splits.mat", {"trainNdxs": np.array([[1], [3], [4], [6]]), "testNdxs": np.array([[2], [5]])})
+    return images, depths
+
+
+def test_nyu_labeled_mat_and_its_split(tmp_path):
+    images, depths = _write_nyu(tmp_path / "nyu")
+    result, out = _extract(tmp_path, "nyu-depth-v2", data_root=str(tmp_path / "nyu"), image_size=24, resize=24)
+    store = FeatureStore.open(out)
+    assert result.rows == {"train": 4, "test": 2}
+    assert list(store.paths("test")) == ["test/images/0002.png", "test/images/0005.png"]
+    # 32×24 → shorter side 24 is already 24: the crop takes the middle 24 columns
+    np.testing.assert_allclose(read_targets(store, "test", "depth"), depths[[1, 4]][:, :, 4:28], rtol=1e-3)
+    converted = store.meta.dataset.root
+    assert converted is not None
+    np.testing.assert_array_equal(np.asarray(Image.open(f"{converted}/train/images/0003.png")), images[2])
+    assert "--dataset nyu-depth-v2" in store.attrs["command"]
+
+
+def test_nyu_without_splits_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "nyu").mkdir()
+    (tmp_path / "nyu" / "nyu_depth_v2_labeled.mat").write_bytes(b"x")
+    code = run_cli(cli, "featstore", ["extract", "--model", _builder(tmp_path), "--dataset", "nyu-depth-v2", "--data-root",
+                                      str(tmp_path / "nyu"), "--out", str(tmp_path / "o.zarr")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "splits.mat" in err and err.startswith("error:")
+
+
+def test_voc_segmentation_layout(tmp_path):
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    names = {"train": ["2007_000001", "2007_000002"], "val": ["2007_000003"]}
+    palette = [0, 0, 0, 128, 0, 0] + [0] * (253 * 3) + [224, 224, 192]  # 256 colours, 255 = the boundary
+    for split, ns in names.items():
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ns) + "\n")
+        for n in ns:
+            img, mask, _ = _halves(40, 40)
+            Image.fromarray(img).save(voc / "JPEGImages" / f"{n}.jpg")
+            mask[:, 18:22] = 255  # VOC's boundary band: ignore
+            m = Image.fromarray(np.where(mask == 2, 15, mask).astype(np.uint8), mode="P")
+            m.putpalette(palette)
+            m.save(voc / "SegmentationClass" / f"{n}.png")
+    _, out = _extract(tmp_path, tmp_path / "VOCdevkit", image_size=20, resize=20)
+    store = FeatureStore.open(out)
+    info = target_info(store)
+    assert info["layout"] == "voc" and info["class_names"][15] == "person" and info["num_classes"] == 21
+    mask = read_targets(store, "train", "mask")
+    assert set(np.unique(mask).tolist()) == {1, 15, 255}
+    assert (mask[:, :, 9:11] == 255).all() and (mask[:, :, :9] == 1).all()
+    assert store.num_rows("val") == 1

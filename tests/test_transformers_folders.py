@@ -224,7 +224,9 @@ def test_model_safetensors_file_inside_a_folder_loads_the_folder(folders):
     encoder = build_encoder(spec)
     with torch.inference_mode():
         out = encoder(torch.zeros(1, 3, 56, 56))
-    assert set(out) == {"cls", "avgpool", "cls4"} and out["cls4"].shape == (1, 128)
+    # the global views; the timm twin also gives patch-token views (#24), stored only when asked for
+    assert set(out) == {"cls", "avgpool", "cls4", "patch", "patch4"} and out["cls4"].shape == (1, 128)
+    assert out["patch"].shape[:3] == (1, 4, 4) and out["patch4"].shape[-1] == 4 * out["patch"].shape[-1]
 
 
 def test_preprocessor_config_is_read_and_overridable(folders):

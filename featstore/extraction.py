@@ -111,6 +111,7 @@ def extract(
         .to(memory_format=torch.channels_last)
     )
     views = select_views(feature_dims(encoder, spec.preprocess, device), config.views, spec.family)
+    encoder.only(views)  # what is not stored is not computed
     if existing is None and ranks.is_leader:
         config = dense_plan(config, out, manifest, views, log)  # the size check and unit rows of patch views
 

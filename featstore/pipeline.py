@@ -156,7 +156,7 @@ def run_units(
                 continue
             planned = plan_batches(units, config.batch_size)
             paths = manifest.absolute_paths(split)
-            verdicts = check_split(paths, planned, manifest, config.workers, log)
+            verdicts = check_split(paths, planned, manifest, config.workers, log, report=progress != "off")
             assembler = _UnitAssembler(views, config.dtype, writer, manifest.splits[split].paths)
             # closed as soon as the split is done: a loader may hold threads, pipelines, fd 2 (quiet.py)
             with contextlib.closing(loader.batches(paths, [r for _, r in planned], verdicts)) as batches:
@@ -183,11 +183,15 @@ def run_units(
     return written, invalid, sorted(nonfinite)
 
 
-def check_split(paths: list[str], planned: list[tuple[Unit, np.ndarray]], manifest: Manifest, workers: int, log) -> Verdicts:
-    """The file checks of the rows about to be extracted, once per file (cached across runs), off the hot path."""
+def check_split(
+    paths: list[str], planned: list[tuple[Unit, np.ndarray]], manifest: Manifest, workers: int, log, report: bool = True
+) -> Verdicts:
+    """The file checks of the rows about to be extracted, once per file (cached across runs), off the hot path;
+    with ``report`` (progress not off) their count and rate are logged, one line per split."""
     rows = np.concatenate([r for _, r in planned])
-    verdicts, report = check_files(paths, rows, cache_path(manifest.name, manifest.root), max(workers, os.cpu_count() or 1), log)
-    log(report.line())
+    verdicts, checked = check_files(paths, rows, cache_path(manifest.name, manifest.root), max(workers, os.cpu_count() or 1), log)
+    if report:
+        log(checked.line())
     return verdicts
 
 

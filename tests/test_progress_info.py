@@ -96,7 +96,10 @@ def test_logs_get_progress_lines_and_info_shows_the_run(folder_with_bad_file, tm
     out = tmp_path / "p.zarr"
     run = _featstore("extract", *ARGS, "--dataset", str(folder_with_bad_file), "--out", str(out), env={PROGRESS_SECONDS_ENV: "0"})
     assert run.returncode == 0, run.stderr
-    lines = [LINE.match(line) for line in run.stderr.splitlines()]
+    checks = [line for line in run.stderr.splitlines() if line.startswith("file checks: ")]
+    counts = [re.search(r"checked (\d+) of (\d+) files in [\d.]+ s \([\d,]+ files/s", line) for line in checks]  # one per split
+    assert checks and all(counts) and sum(int(m.group(2)) for m in counts if m) == 25, run.stderr
+    lines = [LINE.match(line) for line in run.stderr.splitlines() if not line.startswith("file checks: ")]
     assert lines and all(lines), run.stderr
     done = [int(m.group(2).replace(",", "")) for m in lines]
     assert done == sorted(done) and done[-1] == 25 and {m.group(3) for m in lines} == {"25"}

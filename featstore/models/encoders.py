@@ -248,6 +248,7 @@ class FeatureEncoder(nn.Module):
         self._block_outputs: list[torch.Tensor] = []
         self._feature_map: torch.Tensor | None = None
         self.patch_layers: dict[str, list[int]] = {}  # patch view → the block indices its tokens come from
+        self.wanted: frozenset[str] | None = None  # views to compute (None: all); see only()
         if family == "vit" and hasattr(backbone, "blocks"):
             blocks = list(cast(Any, backbone).blocks)
             for block in blocks[-4:]:
@@ -256,6 +257,12 @@ class FeatureEncoder(nn.Module):
         elif family == "cnn" and not hasattr(backbone, "forward_features") and isinstance(getattr(backbone, "avgpool", None), nn.Module):
             # a torchvision CNN: its last feature map is the input of the global pool
             cast(nn.Module, backbone.avgpool).register_forward_hook(lambda _m, i, _o: setattr(self, "_feature_map", i[0]))
+
+    def only(self, views: Any) -> FeatureEncoder:
+        """Compute only ``views`` from now on: a view nobody stores costs nothing (patch4 concatenates
+        four blocks' tokens, a copy of 4x the tokens per batch)."""
+        self.wanted = frozenset(views)
+        return self
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.family == "custom":
@@ -276,14 +283,16 @@ class FeatureEncoder(nn.Module):
             normed = [norm(h) for h in self._block_outputs[-4:]]
             self._block_outputs = []
             grid = _patch_grid(vit, x, tokens.shape[1] - n_prefix)
-            return {
+            views = {
                 "cls": tokens[:, 0],
                 "avgpool": tokens[:, n_prefix:].mean(dim=1),  # register tokens are prefix tokens: excluded
                 "cls4": torch.cat([h[:, 0] for h in normed], dim=-1),
-                # the final patch tokens as a grid, and DINOv2's lin.4 tokens (last four blocks, normed)
+                # the final patch tokens as a grid (a view of them, no copy)
                 "patch": tokens[:, n_prefix:].unflatten(1, grid),
-                "patch4": torch.cat([h[:, n_prefix:] for h in normed], dim=-1).unflatten(1, grid),
             }
+            if self.wanted is None or "patch4" in self.wanted:  # DINOv2's lin.4 tokens (last four blocks, normed): a copy
+                views["patch4"] = torch.cat([h[:, n_prefix:] for h in normed], dim=-1).unflatten(1, grid)
+            return views
         if self.family == "cnn" and hasattr(self.backbone, "forward_features") and hasattr(self.backbone, "forward_head"):
             cnn: Any = self.backbone  # a timm CNN: forward is forward_head(forward_features(x))
             feature_map = cnn.forward_features(x)

@@ -423,7 +423,8 @@ def compare_command(results_dir, reference, as_json, latex, as_markdown, spread,
 def report_command(folders, out, reference, allow_mixed, per_seed, latex, as_markdown, spread, debug):
     """Gather the results folders of probe fit runs into one leaderboard (markdown + CSV) and one
     self-contained report.html: accuracy vs LR, a forest plot of intervals, per-class differences,
-    the protocol record."""
+    the protocol record. Dense runs (probe fit --task depth|seg): image | truth | each store's
+    prediction for the first 4 reported images, the LR curves and the paired comparison."""
     from .dense.compare import is_dense_run
     from .output import leaderboard
     from .output.report import report

@@ -13,7 +13,7 @@ from PIL import Image
 
 from featstore.cli import cli as featstore_cli
 from featstore.console import run_cli
-from featstore.errors import FeatstoreError
+from featstore.errors import FeatstoreError, UsageError
 from featstore.extraction import ExtractConfig, extract
 from featstore.store import FeatureStore, read_targets, target_valid
 from probe.cli import main as probe_cli
@@ -93,6 +93,15 @@ def test_report_of_a_seg_run_without_saved_predictions_says_how_to_get_them(stor
     assert "rerun its probe fit with --save-predictions" in page
     assert page.count("<img") == 1  # the LR curves; no panel
     assert "mIoU" in (out / "leaderboard.md").read_text()
+    from probe.dense.report import report
+
+    (tmp_path / "classify").mkdir()
+    (tmp_path / "classify" / "protocol.json").write_text(json.dumps({"protocol": {}}))  # a classification run's record
+    with pytest.raises(UsageError, match="is not a dense run"):
+        report([run, tmp_path / "classify"], tmp_path / "mixed")
+    with pytest.raises(UsageError, match="no store 'nope' in these runs"):
+        report([run], tmp_path / "ref", reference="nope")
+    assert not (tmp_path / "mixed").exists() and not (tmp_path / "ref").exists()  # refused before writing
 
 
 def test_crop_is_torchvisions_resize_and_center_crop():

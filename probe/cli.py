@@ -293,7 +293,7 @@ def fit_command(
             protocol = protocol.replace(batch_size=DEFAULT_BATCH)  # images per minibatch, not rows
         dense = fit_dense(list(stores), protocol, task, view=views[0] if views else None, head=depth_head, out=out, overwrite=overwrite,
                           save_predictions=save_predictions, max_memory=parse_memory(max_memory), device=device,
-                          allow_different_data=allow_different_data, log=log)  # fmt: skip
+                          allow_different_data=allow_different_data, log=log, verify=not no_verify)  # fmt: skip
         click.echo(summary_table(dense))
         click.echo(f"wrote {dense.out}/: {', '.join(dense.files)}")
         return
@@ -423,10 +423,19 @@ def compare_command(results_dir, reference, as_json, latex, as_markdown, spread,
 def report_command(folders, out, reference, allow_mixed, per_seed, latex, as_markdown, spread, debug):
     """Gather the results folders of probe fit runs into one leaderboard (markdown + CSV) and one
     self-contained report.html: accuracy vs LR, a forest plot of intervals, per-class differences,
-    the protocol record."""
+    the protocol record. Dense runs (probe fit --task depth|seg): image | truth | each store's
+    prediction for the first 4 reported images, the LR curves and the paired comparison."""
+    from .dense.compare import is_dense_run
     from .output import leaderboard
     from .output.report import report
 
+    if any(is_dense_run(f) for f in folders):  # probe fit --task depth|seg: images, truth and predictions (probe.dense.report)
+        from .dense.report import report as dense_report
+
+        paths = dense_report(list(folders), out, reference=reference, latex=latex, markdown=as_markdown)
+        click.echo(paths[leaderboard.LEADERBOARD_MD].read_text(encoding="utf-8"))
+        click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+        return
     paths = report(
         list(folders),
         out,

@@ -7,6 +7,8 @@ HDF5 layout (readable with plain h5py, no featstore needed)::
     /<split>/paths             utf-8 str (N,)
     /<split>/valid             bool (N,)
     /<split>/features/<view>   float16|float32 (N, D), chunks of whole rows
+    /<split>/targets/<name>    dense targets where the store has them (depth float16, mask uint8,
+                               valid bool; as stored), so dense probes run from the export too
 
 ``FeatureStore.open("feats.h5")`` reads it like the Zarr store, so ``probe fit --store feats.h5``
 gives the same results.
@@ -27,6 +29,7 @@ from ..atomic import atomic_file
 from ..errors import FeatstoreError, UsageError
 from .feature_store import FeatureStore
 from .patch import patch_dims
+from .targets import stored_targets
 
 EXPORT_FORMATS = (".h5", ".hdf5", ".npz")
 
@@ -128,7 +131,22 @@ def _write_hdf5(store: FeatureStore, path: Path) -> int:
                         pending = reader.submit(source.__getitem__, slice(starts[i + 1], starts[i + 1] + rows))
                     ds[start : start + len(block)] = block
                     nbytes += block.nbytes
+            _write_targets(store, split, g)
     return nbytes
+
+
+def _write_targets(store: FeatureStore, split: str, group: Any) -> None:
+    """``<split>/targets/*`` as stored, read checked against their digests (which the export keeps)."""
+    source = store.split_group(split)
+    if "targets" not in source:
+        return
+    tg = group.create_group("targets")
+    for name in sorted(source["targets"]):
+        values = stored_targets(store, split, name)
+        chunks = (max(1, min(store.chunk_rows, len(values))), *values.shape[1:]) if len(values) else None
+        ds = tg.create_dataset(name, data=values, chunks=chunks, compression="gzip" if values.ndim > 1 else None)
+        for axis, label in enumerate(("row", "target_y", "target_x")[: values.ndim]):
+            ds.dims[axis].label = label
 
 
 def _raw_chunk_files(store: FeatureStore, split: str, view: str, rows: int) -> list[Path] | None:

@@ -575,7 +575,8 @@ class FeatureStore:
         if view not in self.patch_views:
             patch = ", ".join(self.patch_views) or "none"
             raise UsageError(f"view {view!r} is not a patch view of store {str(self.path)!r}", f"its patch views: {patch}")
-        return PatchArray(group["features"][view], rows)
+        check = None if self.read_check is None else (split, f"features/{view}", self.read_check)
+        return PatchArray(group["features"][view], rows, check)
 
     def invalid_rows(self, split: str | None = None) -> list[dict[str, Any]]:
         invalid = self.meta.invalid

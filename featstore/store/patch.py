@@ -99,11 +99,24 @@ class PatchArray:
     """The (N, h, w, C) tokens of one patch view, read on demand. ``chunks(rows)`` yields row blocks
     in order, so a probe holds one block at a time; ``read()`` reads every selected row."""
 
-    def __init__(self, array: Any, rows: Any = None) -> None:
+    def __init__(self, array: Any, rows: Any = None, check: Any = None) -> None:
         self._array = array
         self._rows: np.ndarray | None = None if rows is None else np.arange(array.shape[0], dtype=np.int64)[rows]
         chunks = getattr(array, "chunks", None)
         self.chunk_rows = int(chunks[0]) if chunks else 64
+        self._check = check  # (split, array name, ReadCheck) of a verifying store, else None
+
+    def _block(self, lo: int, hi: int) -> np.ndarray:
+        """Stored rows lo:hi. A verifying store reads the whole units around them (a digest covers a
+        unit, and the codec decodes whole chunks anyway) and checks each against its digest."""
+        if self._check is None:
+            return np.asarray(self._array[lo:hi])
+        split, name, check = self._check
+        step = check.chunk_rows
+        a, b = lo - lo % step, min(-(-hi // step) * step, int(self._array.shape[0]))
+        block = np.asarray(check.read(split, name, a, b, lambda: self._array[a:b]))
+        check.check(split, name, block, a)
+        return block[lo - a : hi - a]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -129,7 +142,7 @@ class PatchArray:
         return f"PatchArray(shape={self.shape}, dtype={self.dtype}, lazy)"
 
     def select(self, rows: Any) -> PatchArray:
-        return PatchArray(self._array, rows if self._rows is None else self._rows[rows])
+        return PatchArray(self._array, rows if self._rows is None else self._rows[rows], self._check)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         rows = key[0] if isinstance(key, tuple) else key
@@ -138,7 +151,8 @@ class PatchArray:
         if isinstance(rows, (int, np.integer)):
             values = self.select([rows]).read()[0][rest]
         elif self._rows is None and isinstance(rows, slice) and rows.step in (None, 1):
-            values = np.asarray(self._array[rows])[(slice(None), *rest)]
+            lo, hi, _ = rows.indices(int(self._array.shape[0]))
+            values = self._block(lo, max(lo, hi))[(slice(None), *rest)]
         else:
             values = self.select(rows).read()[(slice(None), *rest)]
         return values
@@ -159,7 +173,7 @@ class PatchArray:
         out = np.empty(self.shape, self.dtype)
         if self._rows is None:
             for start in range(0, n, self.chunk_rows):
-                out[start : start + self.chunk_rows] = self._array[start : start + self.chunk_rows]
+                out[start : start + self.chunk_rows] = self._block(start, min(start + self.chunk_rows, n))
             return out
         if n == 0:
             return out
@@ -168,6 +182,6 @@ class PatchArray:
         cuts = np.flatnonzero(np.diff(ordered // self.chunk_rows)) + 1
         for group in np.split(np.arange(n), cuts):
             lo, hi = int(ordered[group[0]]), int(ordered[group[-1]]) + 1
-            block = np.asarray(self._array[lo:hi])
+            block = self._block(lo, hi)
             out[order[group]] = block[ordered[group] - lo]
         return out

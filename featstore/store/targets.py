@@ -57,8 +57,9 @@ def read_targets(store: FeatureStore, split: str, kind: str, rows: Any = None) -
         have = ", ".join(info.get("kinds", [])) or "none"
         raise UsageError(f"store {str(store.path)!r} has no {kind} targets (it has: {have})",
                          "extract a dataset with dense targets (docs/dense.md): SPLIT/images with SPLIT/depth or SPLIT/masks, VOC or nyu-depth-v2")  # fmt: skip
-    array = store.split_group(split)["targets"][kind]
-    values: np.ndarray = np.asarray(array[:] if rows is None else array[:][rows])
+    values: np.ndarray = stored_targets(store, split, kind)
+    if rows is not None:
+        values = values[rows]
     if kind == "depth":
         values = values.astype(np.float32)
     return values
@@ -66,6 +67,18 @@ def read_targets(store: FeatureStore, split: str, kind: str, rows: Any = None) -
 
 def target_valid(store: FeatureStore, split: str) -> np.ndarray:
     """Rows whose every target was read and aligned (and whose image decoded)."""
-    valid: np.ndarray = np.asarray(store.split_group(split)["targets"]["valid"][:], bool)
+    valid: np.ndarray = np.asarray(stored_targets(store, split, "valid"), bool)
     both: np.ndarray = np.logical_and(valid, store.valid(split))
     return both
+
+
+def stored_targets(store: FeatureStore, split: str, name: str) -> np.ndarray:
+    """Every row of ``<split>/targets/<name>`` as stored (its dtype): an unreadable chunk is a one-line refusal, and a store
+    opened with ``verify=True`` checks each unit against the digest its extraction recorded."""
+    array = store.split_group(split)["targets"][name]
+    check = store.read_check
+    if check is None:
+        return np.asarray(array[:])
+    values = np.asarray(check.read(split, f"targets/{name}", 0, int(array.shape[0]), lambda: array[:]))
+    check.check(split, f"targets/{name}", values)
+    return values

@@ -39,6 +39,7 @@ from . import metrics
 from .compare import safe_name
 from .heads import DenseHeads, DenseSpec
 from .tokens import Tokens, train_stats
+from .verified import open_verified
 
 TASKS = ("depth", "seg")
 DEPTH_HEADS = ("bins", "linear")
@@ -97,11 +98,11 @@ def parse_memory(text: str | int | None) -> int | None:
 
 
 def _open(
-    specs: list[StoreSpec], task: str, view: str | None, allow_different_data: bool
+    specs: list[StoreSpec], task: str, view: str | None, allow_different_data: bool, verify: bool, log: Callable[[str], None]
 ) -> list[tuple[StoreSpec, FeatureStore, str, str | None]]:
     opened = []
     for spec in specs:
-        fs = FeatureStore.open(spec.path).require_complete()
+        fs = open_verified(spec.path, verify, log)
         v = spec.view or view or next((p for p in ("patch", "patch4") if p in fs.patch_views), next(iter(fs.patch_views), None))
         if v is None or v not in fs.patch_views:
             have = ", ".join(fs.patch_views) or "none"
@@ -254,6 +255,7 @@ def fit_dense(
     device: str = "auto",
     allow_different_data: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    verify: bool = True,
 ) -> DenseResult:
     """Train and select the dense heads of ``task`` on each store, write the results folder ``out``."""
     if task not in TASKS:
@@ -269,7 +271,7 @@ def fit_dense(
     specs = [parse_store_spec(s) for s in stores]
     if not specs:
         raise UsageError("no store given", "pass --store PATH")
-    opened = _open(specs, task, view, allow_different_data)
+    opened = _open(specs, task, view, allow_different_data, verify, log)
     labels = assign_labels([s for s, _, _, _ in opened], [fs for _, fs, _, _ in opened])
     rows_out: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []

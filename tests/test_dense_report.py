@@ -1,0 +1,203 @@
+"""Dense runs in probe report (image | truth | predictions, LR curves, the paired comparison), dense
+reads checked against the stores' digests (patch tokens and targets), and targets in .h5 exports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featstore.cli import cli as featstore_cli
+from featstore.console import run_cli
+from featstore.errors import FeatstoreError, UsageError
+from featstore.extraction import ExtractConfig, extract
+from featstore.store import FeatureStore, read_targets, target_valid
+from probe.cli import main as probe_cli
+from probe.dense.fit import fit_dense
+from probe.dense.report import GREY, _crop, colour_depth, load_run, palette, panel
+from probe.protocol import Protocol
+from tests.dense_scenes import write_encoder, write_scenes
+
+UNNORMALISED = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), loader="torch", workers=0)
+FAST = Protocol(lr_grid="1e-3:1e-1:3", epochs=4, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense-report")
+    data = write_scenes(root / "data", {"train": 16, "val": 8, "test": 8})
+    out = {}
+    for name, random_init in (("fog", False), ("random", True)):
+        out[name] = root / f"{name}.zarr"
+        extract(ExtractConfig(model=write_encoder(root, random_init=random_init), dataset=str(data), out=str(out[name]), image_size=64,
+                              resize=64, **UNNORMALISED), progress=False)  # fmt: skip
+    return root, out
+
+
+# ---------------------------------------------------------------- probe report on dense runs
+
+
+@pytest.mark.slow
+def test_report_of_a_depth_run_shows_images_truth_predictions_and_the_comparison(stores, tmp_path, capsys):
+    root, paths = stores
+    run = tmp_path / "run"
+    fit_dense([f"fog={paths['fog']}", f"random={paths['random']}"], FAST, "depth", head="linear", out=run, save_predictions=True)
+    out = tmp_path / "report"
+    assert run_cli(probe_cli, "probe", ["report", str(run), "--out", str(out), "--reference", "fog", "--markdown"]) == 0
+    page = (out / "report.html").read_text()
+    assert page.count("<img") == 2  # the image panel and the LR curves
+    assert "r1-panel" in page and "r1-lr" in page and "Wilcoxon p" in page and "δ1" in page
+    md = (out / "leaderboard.md").read_text()
+    assert "| random | fog | RMSE (m) |" in md
+    table = (out / "table.md").read_text()
+    assert table.startswith("| store | RMSE (m)") and "| fog |" in table and "reference" in table
+    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+    assert [r["store"] for r in rows] == ["fog", "random"]
+    # the numbers are the run's own: the selected rows of results.csv, and probe compare's Δ
+    selected = {r["store"]: r for r in csv.DictReader(open(run / "results.csv")) if r["selected"] == "true"}
+    assert [float(r["rmse"]) for r in rows] == pytest.approx([float(selected[s]["rmse"]) for s in ("fog", "random")])
+    delta = float(selected["random"]["rmse"]) - float(selected["fog"]["rmse"])
+    assert f"{delta:+.4f}" in md
+
+    # the panel: the first 4 reported rows, the store's truth, the saved predictions, the crops of the files
+    p = panel(load_run(run))
+    saved = np.load(run / "predictions" / "fog.npz")
+    assert p.rows.tolist() == sorted(saved["rows"].tolist())[:4] and p.split == "test"
+    fs = FeatureStore.open(paths["fog"])
+    np.testing.assert_array_equal(p.truth, read_targets(fs, "test", "depth", p.rows))
+    where = {int(r): i for i, r in enumerate(saved["rows"].tolist())}
+    np.testing.assert_array_equal(p.predictions["fog"], saved["prediction"][[where[r] for r in p.rows.tolist()]])
+    files = [root / "data" / str(q) if not str(q).startswith("/") else q for q in fs.paths("test")[p.rows]]
+    for image, file in zip(p.images, files):  # 64×64 scenes at --resize 64 --image-size 64: the file itself
+        np.testing.assert_array_equal(image, np.asarray(Image.open(file).convert("RGB")))
+    t = p.truth[0]
+    assert p.depth_range(0) == (float(t[t > 0].min()), float(t[t > 0].max()))
+
+    assert run_cli(probe_cli, "probe", ["report", str(run), "--out", str(tmp_path / "r2"), "--latex"]) != 0
+    err = capsys.readouterr().err
+    assert "error: probe report --latex is not written for dense runs yet" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_report_of_a_seg_run_without_saved_predictions_says_how_to_get_them(stores, tmp_path):
+    _, paths = stores
+    run = tmp_path / "seg"
+    fit_dense([str(paths["fog"])], Protocol(lr_grid="1e-2:1:2", epochs=2, batch_size=8), "seg", out=run)
+    out = tmp_path / "report"
+    assert run_cli(probe_cli, "probe", ["report", str(run), "--out", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "rerun its probe fit with --save-predictions" in page
+    assert page.count("<img") == 1  # the LR curves; no panel
+    assert "mIoU" in (out / "leaderboard.md").read_text()
+    from probe.dense.report import report
+
+    (tmp_path / "classify").mkdir()
+    (tmp_path / "classify" / "protocol.json").write_text(json.dumps({"protocol": {}}))  # a classification run's record
+    with pytest.raises(UsageError, match="is not a dense run"):
+        report([run, tmp_path / "classify"], tmp_path / "mixed")
+    with pytest.raises(UsageError, match="no store 'nope' in these runs"):
+        report([run], tmp_path / "ref", reference="nope")
+    assert not (tmp_path / "mixed").exists() and not (tmp_path / "ref").exists()  # refused before writing
+
+
+def test_crop_is_torchvisions_resize_and_center_crop():
+    from torchvision.transforms import InterpolationMode, v2
+
+    from featstore.preprocess import Preprocess
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (45, 77, 3), dtype=np.uint8))
+    for resize, size, interpolation, mode in (
+        (40, 32, "bicubic", InterpolationMode.BICUBIC),
+        (33, 33, "bilinear", InterpolationMode.BILINEAR),
+    ):
+        pre = Preprocess(image_size=size, resize=resize, interpolation=interpolation)
+        path = f"/tmp/_crop_{resize}.png"
+        image.save(path)
+        expected = v2.CenterCrop(size)(v2.Resize(resize, interpolation=mode)(image))  # PIL in, PIL out
+        got = _crop(path, pre)
+        assert got.shape == (size, size, 3)
+        np.testing.assert_array_equal(got, np.asarray(expected))
+
+
+def test_palette_is_pascal_vocs_with_ignore_grey():
+    p = palette()
+    # VOC's colour map: background black, aeroplane (128,0,0), bicycle (0,128,0), person (192,128,128)
+    assert tuple(p[0]) == (0, 0, 0) and tuple(p[1]) == (128, 0, 0) and tuple(p[2]) == (0, 128, 0) and tuple(p[15]) == (192, 128, 128)
+    assert tuple(p[255]) == GREY
+    depth = np.array([[0.0, 1.0], [2.0, 9.0]], np.float32)
+    rgb = colour_depth(depth, 1.0, 2.0)
+    assert tuple(rgb[0, 0]) == GREY  # no depth
+    assert tuple(rgb[1, 1]) == tuple(rgb[1, 0])  # clipped at the row's range
+    assert tuple(rgb[0, 1]) != tuple(rgb[1, 0])
+
+
+# ---------------------------------------------------------------- verification of dense reads
+
+
+def _damage(store, array, split):
+    """Change one row's values in place through zarr: every chunk still decodes, only digests can tell."""
+    import zarr
+
+    a = zarr.open_group(str(store), mode="r+")[split][array]
+    values = np.asarray(a[0:1])
+    a[0:1] = (values.astype(np.float32) + 1).astype(values.dtype) if values.dtype.kind == "f" else values
+    return a
+
+
+@pytest.mark.slow
+def test_damaged_patch_tokens_and_targets_are_named_and_refused(stores, tmp_path, capsys):
+    _, paths = stores
+    args = ["--task", "depth", "--depth-head", "linear", "--lr-grid", "1e-3:1e-2:2", "--epochs", "1", "--quiet"]
+    for array in ("features/patch", "targets/depth"):
+        store = shutil.copytree(paths["fog"], tmp_path / array.replace("/", "_"))
+        _damage(store, array, "train")
+        assert run_cli(featstore_cli, "featstore", ["verify", str(store)]) == 1
+        out = capsys.readouterr().out
+        assert f"damaged: train/{array} rows 0-" in out, out
+        code = run_cli(probe_cli, "probe", ["fit", "--store", str(store), *args, "--out", str(tmp_path / f"r-{array[:4]}")])
+        err = capsys.readouterr().err
+        assert code != 0 and f"train/{array} rows 0-" in err and "do not match their digest" in err, err
+        assert len(err.strip().splitlines()) == 1
+        # --no-verify reads the changed values: the digests are what caught them
+        assert (
+            run_cli(probe_cli, "probe", ["fit", "--store", str(store), *args, "--no-verify", "--out", str(tmp_path / f"n-{array[:4]}")])
+            == 0
+        )
+        capsys.readouterr()
+    # a whole-store read of the patches checks every unit; a selection reads whole units around its rows
+    fs = FeatureStore.open(tmp_path / "features_patch", verify=True)
+    with pytest.raises(FeatstoreError, match="train/features/patch rows 0-"):
+        fs.patches("train", "patch").select([1]).read()
+    FeatureStore.open(tmp_path / "features_patch", verify=True).patches("val", "patch").read()  # other splits stay readable
+    with pytest.raises(FeatstoreError, match="train/targets/depth"):
+        read_targets(FeatureStore.open(tmp_path / "targets_depth", verify=True), "train", "depth")
+
+
+# ---------------------------------------------------------------- targets in .h5 exports
+
+
+@pytest.mark.slow
+def test_an_h5_export_carries_the_targets_and_runs_the_same_dense_probe(stores, tmp_path, capsys):
+    _, paths = stores
+    h5 = tmp_path / "fog.h5"
+    assert run_cli(featstore_cli, "featstore", ["export", str(paths["fog"]), "--to", str(h5)]) == 0
+    zs, hs = FeatureStore.open(paths["fog"]), FeatureStore.open(h5, verify=True)
+    for split in zs.splits:
+        for kind in ("depth", "mask"):
+            a, b = read_targets(zs, split, kind), read_targets(hs, split, kind)
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(target_valid(zs, split), target_valid(hs, split))
+    capsys.readouterr()
+    assert run_cli(featstore_cli, "featstore", ["verify", str(h5)]) == 0, capsys.readouterr().out
+    protocol = Protocol(lr_grid="1e-3:1e-1:2", epochs=2, batch_size=8)
+    a = fit_dense([str(paths["fog"])], protocol, "depth", head="linear", out=tmp_path / "from-zarr")
+    b = fit_dense([str(h5)], protocol, "depth", head="linear", out=tmp_path / "from-h5")
+    for ra, rb in zip(a.rows, b.rows):
+        assert rb["rmse"] == pytest.approx(ra["rmse"], rel=1e-5) and rb["selected"] == ra["selected"]
+    assert json.loads((tmp_path / "from-h5" / "protocol.json").read_text())["task"] == "depth"

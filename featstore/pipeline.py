@@ -156,7 +156,7 @@ def run_units(
                 continue
             planned = plan_batches(units, config.batch_size)
             paths = manifest.absolute_paths(split)
-            verdicts = check_split(paths, planned, manifest, config.workers, log, report=progress != "off")
+            verdicts = check_split(paths, planned, manifest, config.workers, log)
             assembler = _UnitAssembler(views, config.dtype, writer, manifest.splits[split].paths)
             # closed as soon as the split is done: a loader may hold threads, pipelines, fd 2 (quiet.py)
             with contextlib.closing(loader.batches(paths, [r for _, r in planned], verdicts)) as batches:
@@ -183,15 +183,12 @@ def run_units(
     return written, invalid, sorted(nonfinite)
 
 
-def check_split(
-    paths: list[str], planned: list[tuple[Unit, np.ndarray]], manifest: Manifest, workers: int, log, report: bool = True
-) -> Verdicts:
+def check_split(paths: list[str], planned: list[tuple[Unit, np.ndarray]], manifest: Manifest, workers: int, log) -> Verdicts:
     """The file checks of the rows about to be extracted, once per file (cached across runs), off the hot path;
-    with ``report`` (progress not off) their count and rate are logged, one line per split."""
+    their count and rate are logged (a notice, not progress: it is logged with --no-progress too), one line per split."""
     rows = np.concatenate([r for _, r in planned])
     verdicts, checked = check_files(paths, rows, cache_path(manifest.name, manifest.root), max(workers, os.cpu_count() or 1), log)
-    if report:
-        log(checked.line())
+    log(checked.line())
     return verdicts
 
 

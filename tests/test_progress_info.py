@@ -115,7 +115,8 @@ def test_logs_get_progress_lines_and_info_shows_the_run(folder_with_bad_file, tm
         "--no-progress",
         env={PROGRESS_SECONDS_ENV: "0"},
     )
-    assert quiet.returncode == 0 and quiet.stderr == ""
+    # no progress lines; the file checks' one-line summary per split is a notice and stays
+    assert quiet.returncode == 0 and all(line.startswith("file checks: ") for line in quiet.stderr.splitlines()), quiet.stderr
 
     store = FeatureStore.open(out)
     assert store.attrs["device"] == "cpu" and store.attrs["images_per_second"] > 0

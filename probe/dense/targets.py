@@ -20,8 +20,9 @@ class TargetRows:
     """The (N, H, W) targets of some rows of a split, read on demand: each read touches only the
     stored chunks its rows live in."""
 
-    def __init__(self, array: Any, rows: np.ndarray) -> None:
+    def __init__(self, array: Any, rows: np.ndarray, check: Any = None) -> None:
         self._array, self.rows = array, np.asarray(rows, np.int64)
+        self._check = check  # (split, array name, ReadCheck) of a store opened with verify=True, else None
         self.chunk_rows = int(array.chunks[0])
         self.shape = (len(self.rows), *(int(s) for s in array.shape[1:]))
 
@@ -37,8 +38,20 @@ class TargetRows:
         if len(rows):
             for group in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(ordered // self.chunk_rows)) + 1):
                 lo, hi = int(ordered[group[0]]), int(ordered[group[-1]]) + 1
-                out[order[group]] = np.asarray(self._array[lo:hi])[ordered[group] - lo]
+                out[order[group]] = self._block(lo, hi)[ordered[group] - lo]
         return out
+
+    def _block(self, lo: int, hi: int) -> np.ndarray:
+        """Stored rows lo:hi; a verifying store reads the whole units around them and checks each
+        against its digest (as featstore.store.PatchArray does for tokens)."""
+        if self._check is None:
+            return np.asarray(self._array[lo:hi])
+        split, name, check = self._check
+        step = int(check.chunk_rows)
+        a, b = lo - lo % step, min(-(-hi // step) * step, int(self._array.shape[0]))
+        block = np.asarray(check.read(split, name, a, b, lambda: self._array[a:b]))
+        check.check(split, name, block, a)
+        return block[lo - a : hi - a]
 
     def chunks(self, block: int) -> Iterator[tuple[int, np.ndarray]]:
         """(start, targets) of consecutive blocks of at most ``block`` rows."""
@@ -48,7 +61,8 @@ class TargetRows:
 
 def targets(fs: FeatureStore, split: str, kind: str, rows: np.ndarray) -> TargetRows:
     """The targets ``kind`` of ``rows`` of ``split``, lazily."""
-    return TargetRows(fs.split_group(split)["targets"][kind], rows)
+    check = getattr(fs, "read_check", None)  # stores that verify their reads (featstore ≥ the dense-report merge)
+    return TargetRows(fs.split_group(split)["targets"][kind], rows, None if check is None else (split, f"targets/{kind}", check))
 
 
 def read(array: TargetRows, positions: np.ndarray | None = None) -> np.ndarray:

@@ -4,7 +4,7 @@ glibc serves allocations above its mmap threshold with mmap and returns them on 
 threshold is dynamic: every freed mmapped buffer raises it (up to 32 MiB), after which the streamed
 token blocks, decoded chunks and evaluation batches (1-64 MiB each) come from the heap, where they
 fragment it and are not given back. Measured (benchmarks/RESULTS.md, #24 memory): a streamed run's
-peak RSS then grows ~0.15 MiB per image; with the threshold fixed, flat. Setting it fixes the
+peak RSS then grew ~0.15-0.2 MiB per image; with the threshold fixed, flat. Setting it fixes the
 threshold (and disables the dynamic raise) for the whole process, which costs an mmap per large
 buffer: negligible beside decoding or multiplying it.
 """

@@ -16,6 +16,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ import torch
 
 from featstore.atomic import atomic_folder
 from featstore.errors import UsageError
-from featstore.store import FeatureStore, read_targets, target_info, target_valid
+from featstore.store import FeatureStore, target_info, target_valid
 
 from ..methods.heads import schedule_factor
 from ..output.files import check_out
@@ -36,8 +38,11 @@ from ..results import table_csv
 from ..selection import SplitPlan, choose, plan_splits
 from ..stores import StoreSpec, assign_labels, parse_store_spec
 from . import metrics
+from . import targets as dense_targets
+from .allocator import fix_mmap_threshold
 from .compare import safe_name
 from .heads import DenseHeads, DenseSpec
+from .prediction_file import PredictionFile, write_npz
 from .tokens import Tokens, train_stats
 from .verified import open_verified
 
@@ -145,10 +150,7 @@ def _plan(fs: FeatureStore, path: str, protocol: Protocol) -> tuple[SplitPlan, d
 
 
 def _loss_targets(target: np.ndarray, size: tuple[int, int], task: str) -> torch.Tensor:
-    t = torch.from_numpy(target.astype(np.float32))[:, None]
-    if tuple(t.shape[-2:]) != size:
-        t = torch.nn.functional.interpolate(t, size=size, mode="nearest-exact")  # no blended depths or classes
-    return t[:, 0] if task == "depth" else t[:, 0].round().to(torch.uint8)
+    return dense_targets.at_size(target, size, task)
 
 
 def _dense_spec(task: str, head: str, fs: FeatureStore, view: str, train_rows: np.ndarray, split: str) -> DenseSpec:
@@ -157,11 +159,9 @@ def _dense_spec(task: str, head: str, fs: FeatureStore, view: str, train_rows: n
     loss_size = (min(int(size[0]), UPSAMPLE * h), min(int(size[1]), UPSAMPLE * w))
     if task == "seg":
         return DenseSpec("seg", "seg", int(target_info(fs)["num_classes"]), loss_size=loss_size)
-    depth = read_targets(fs, split, "depth", train_rows)
-    top = float(depth.max()) if depth.size else 10.0
+    top, mean_log = dense_targets.depth_range(dense_targets.targets(fs, split, "depth", train_rows))
     max_depth = float(math.ceil(top * 1.05 * 10) / 10)  # the bins cover the train depths with a margin, in 10 cm steps
-    valid = depth[depth > 0]
-    log_mean = round(float(np.log(valid).mean()), 6) if valid.size else None
+    log_mean = round(mean_log, 6) if mean_log is not None else None
     return DenseSpec("depth", head, N_BINS if head == "bins" else 1, 1e-3, max_depth, loss_size, log_mean if head == "linear" else None)
 
 
@@ -190,41 +190,52 @@ def _train(
 
 @torch.no_grad()
 def _evaluate(
-    heads: DenseHeads, tokens: Tokens, target: np.ndarray, keep: int | None
-) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None, np.ndarray | None]:
-    """Per head: per-image metrics (depth) or per-image confusion matrices (seg, under "confusion");
-    and the predictions of head ``keep`` (depth maps float32 / label maps uint8) when asked."""
+    heads: DenseHeads,
+    tokens: Tokens,
+    target: dense_targets.TargetRows,
+    keep: int | None,
+    sink: PredictionFile | None = None,
+    budget: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Per head: per-image metrics (depth; seg: per-image mIoU and pixel accuracy and the summed
+    confusion matrix under "confusion_sum"); for head ``keep`` (seg) also the per-image confusion
+    matrices under "confusion". The predictions of head ``keep`` (depth maps float32 / label maps
+    uint8) go to ``sink`` batch by batch. Memory: one batch of predictions and targets, plus
+    O(N × G) per-image numbers (and O(N × K²) confusions of one head)."""
     g, size = heads.num_heads, target.shape[1:]
-    per_pixel = g * int(np.prod(size)) * (heads.num_classes if heads.spec.task == "seg" else 1)
-    batch = max(1, min(_EVAL_ELEMENTS // per_pixel, tokens.block_rows))  # the tokens' memory bound holds here too
-    parts: list[list[dict[str, np.ndarray]]] = [[] for _ in range(g)]
-    kept: list[np.ndarray] = []
     k = heads.num_classes
+    per_pixel = g * int(np.prod(size)) * (k if heads.spec.task == "seg" else 1)
+    elements = _EVAL_ELEMENTS if budget is None else max(1, min(_EVAL_ELEMENTS, budget // 16))
+    batch = max(1, min(elements // per_pixel, tokens.block_rows))  # the tokens' memory bound holds here too
+    parts: list[list[dict[str, np.ndarray]]] = [[] for _ in range(g)]
+    sums = np.zeros((g, k, k), np.int64) if heads.spec.task == "seg" else None
     for positions, (patches, cls) in tokens.in_order(batch):
         out = heads.predict(patches, cls, (int(size[0]), int(size[1])))
-        gt = target[positions]
-        if heads.spec.task == "seg":
+        gt = dense_targets.read(target, positions)
+        if sums is not None:
             labels = out.argmax(dim=2).cpu().numpy().astype(np.uint8)  # (B, G, H, W)
+            conf = metrics.confusions(labels, gt, k)  # (B, G, K, K)
+            sums += conf.sum(0)
             for h in range(g):
-                conf = np.stack([metrics.confusion(labels[i, h], gt[i], k) for i in range(len(positions))])
-                parts[h].append({"confusion": conf})
+                parts[h].append(metrics.seg_per_image_from_confusion(conf[:, h]))
             if keep is not None:
-                kept.append(labels[:, keep])
+                parts[keep][-1]["confusion"] = conf[:, keep]
+                if sink is not None:
+                    sink.append(labels[:, keep])
         else:
             depth = out.cpu().numpy()  # (B, G, H, W)
             for h in range(g):
                 per = {f"{m}": v for m, v in metrics.depth_per_image(depth[:, h], gt).items()}
                 per.update({f"{m}_ssa": v for m, v in metrics.depth_per_image(depth[:, h], gt, aligned=True).items()})
                 parts[h].append(per)
-            if keep is not None:
-                kept.append(depth[:, keep].astype(np.float32))
+            if sink is not None and keep is not None:
+                sink.append(depth[:, keep])
+        del out
     joined = [{name: np.concatenate([p[name] for p in head]) for name in head[0]} if head else {} for head in parts]
-    if heads.spec.task == "seg":
-        for head in joined:
-            if "confusion" in head:
-                head.update(metrics.seg_per_image_from_confusion(head["confusion"]))
-    predictions = np.concatenate(kept) if kept else None
-    return joined, predictions, None
+    if sums is not None:
+        for h, head in enumerate(joined):
+            head["confusion_sum"] = sums[h]
+    return joined
 
 
 def _summary(task: str, per_image: dict[str, np.ndarray]) -> dict[str, float]:
@@ -232,8 +243,8 @@ def _summary(task: str, per_image: dict[str, np.ndarray]) -> dict[str, float]:
     if not per_image:
         return {}
     if task == "seg":
-        return metrics.seg_scores(per_image["confusion"].sum(0))
-    return {m: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for m, v in per_image.items()}
+        return metrics.seg_scores(per_image["confusion_sum"])
+    return {m: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for m, v in per_image.items() if v.ndim == 1}
 
 
 def dense_hash(protocol: Protocol, spec: DenseSpec, view: str) -> str:
@@ -266,6 +277,7 @@ def fit_dense(
         raise UsageError(f"dense probes standardize their tokens (DINOv2's BatchNorm), not --normalize {protocol.normalize}",
                          "leave --normalize at standardize")  # fmt: skip
     out = Path(os.path.abspath(check_out(out, overwrite)))
+    fix_mmap_threshold()  # streamed blocks must not fragment the heap (allocator.py): peak memory then stays flat as N grows
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     budget = max_memory or default_memory(dev)
     specs = [parse_store_spec(s) for s in stores]
@@ -275,97 +287,109 @@ def fit_dense(
     labels = assign_labels([s for s, _, _, _ in opened], [fs for _, fs, _, _ in opened])
     rows_out: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
-    saved: dict[str, dict[str, np.ndarray]] = {}
+    saved: dict[str, dict[str, Any]] = {}
+    scratch: Path | None = None  # --save-predictions' maps on disk until the results folder is written
     confusions: dict[str, np.ndarray] = {}
     spec0: DenseSpec | None = None
     reported_as = ""
-    for (sspec, fs, v, cls_view), label in zip(opened, labels):
-        plan, rows = _plan(fs, sspec.path, protocol)
-        reported_as = plan.reported_as
-        spec = _dense_spec(task, head, fs, v, rows["train"], plan.train_split)
-        spec0 = spec0 or spec
-        if spec != spec0:
-            spec = spec0  # every store gets the same head (the bins of the first store's train depths)
-        kind = TARGET_KIND[task]
-        log(f"{label} [{v}{' ⊕ ' + cls_view if cls_view else ''}]: {task} ({spec.head}), {len(protocol.heads)} heads, "
-            f"{len(rows['train'])} train rows, loss at {spec.loss_size[0]}×{spec.loss_size[1]}")  # fmt: skip
-        stats = train_stats(fs, plan.train_split, v, cls_view, rows["train"], max(1, budget // (int(np.prod(fs.patch_views[v])) * 8)), dev)
-        train = Tokens(fs, plan.train_split, v, cls_view, rows["train"], stats, dev, budget)
-        if not train.in_memory:
-            log(f"  streaming: {train.block_rows} rows per block (--max-memory {budget / (1 << 20):.0f} MiB)")
-        c = fs.patch_views[v][2]
-        heads = DenseHeads(spec, c, fs.views[cls_view] if cls_view else 0, [lr for lr, _ in protocol.heads],
-                           [wd for _, wd in protocol.heads], dev)  # fmt: skip
-        start = time.perf_counter()
-        train_loss = _train(heads, train, _loss_targets(read_targets(fs, plan.train_split, kind, rows["train"]), spec.loss_size, task),
-                            protocol, protocol.seed, log)  # fmt: skip
-        seconds = time.perf_counter() - start
-        del train
-        finite = heads.finite().cpu().numpy() & np.isfinite(train_loss.numpy())
-        evaluations: dict[str, list[dict[str, np.ndarray]]] = {}
-        for role in ("select", "report"):
-            if role not in rows or (role == "report" and plan.selects_on_report):
-                continue
-            source = plan.select_source if role == "select" else plan.report_source
-            assert source is not None
-            toks = Tokens(fs, source, v, cls_view, rows[role], stats, dev, budget)
-            evaluations[role], _, _ = _evaluate(heads, toks, read_targets(fs, source, kind, rows[role]), None)
-        if plan.selects_on_report:
-            evaluations["report"] = evaluations["select"]
-        summaries = {role: [_summary(task, e) for e in ev] for role, ev in evaluations.items()}
-        key = "miou" if task == "seg" else "rmse"
-        sign = 1.0 if task == "seg" else -1.0
-        scores = [sign * s.get(key, float("nan")) for s in summaries["select"]]
-        usable = finite & np.isfinite(scores)
-        if not usable.any():
-            raise UsageError(f"store {sspec.path!r}: every head diverged", "lower the --lr-grid")
-        chosen = choose(scores, [(lr, wd) for lr, wd in protocol.heads], usable)
-        best_report = None
-        if "report" in summaries:
-            rscores = [sign * s.get(key, float("nan")) for s in summaries["report"]]
-            best_report = choose(rscores, [(lr, wd) for lr, wd in protocol.heads], finite & np.isfinite(rscores))
-        for i, (lr, wd) in enumerate(protocol.heads):
-            row: dict[str, Any] = {"store": label, "path": sspec.path, "view": v, "task": task, "head": spec.head, "lr": lr, "wd": wd,
-                                   "selected": i == chosen, "best_report": i == best_report, "diverged": not finite[i],
-                                   "train_loss": float(train_loss[i]), "train_seconds": round(seconds, 3),
-                                   "select_split": plan.selection_label, "report_split": plan.report_split or ""}  # fmt: skip
-            for role, prefix in (("select", "select_"), ("report", "")):
-                for m, value in summaries.get(role, [{}] * len(protocol.heads))[i].items():
-                    row[prefix + m] = value
-            rows_out.append(row)
-        if plan.report_split is not None and plan.report_source is not None:
-            source = plan.report_source
-            toks = Tokens(fs, source, v, cls_view, rows["report"], stats, dev, budget)
-            target = read_targets(fs, source, kind, rows["report"])
-            per, pred, _ = _evaluate_one(heads, toks, target, chosen)
-            paths = fs.paths(source)[rows["report"]]
-            for j, r in enumerate(rows["report"].tolist()):
-                images.append({"store": label, "split": plan.report_split, "row": r, "path": str(paths[j]),
-                               **{m: float(per[m][j]) for m in per if m != "confusion"}})  # fmt: skip
-            if task == "seg":
-                confusions[label] = per["confusion"]
-            if save_predictions and pred is not None:
-                saved[label] = {"prediction": pred, "rows": rows["report"], "paths": paths.astype(str), "split": np.asarray(source),
-                                "lr": np.asarray(protocol.heads[chosen][0]), "wd": np.asarray(protocol.heads[chosen][1])}  # fmt: skip
-        sel = summaries["select"][chosen]
-        log(f"  chosen lr {protocol.heads[chosen][0]:g} wd {protocol.heads[chosen][1]:g} ({key} {sel.get(key, float('nan')):.4f} on "
-            f"{plan.selection_label}); trained in {seconds:.1f} s")  # fmt: skip
-    assert spec0 is not None
-    run = {"task": task, "view": view, "head": spec0.head, "dense": spec0.to_dict(), "reported_as": reported_as,
-           "stores": [{"label": lab, "path": s.path} for (s, _, _, _), lab in zip(opened, labels)]}  # fmt: skip
-    files = _write(out, rows_out, images, protocol, spec0, run, saved, confusions, view or opened[0][2])
+    try:
+        for (sspec, fs, v, cls_view), label in zip(opened, labels):
+            plan, rows = _plan(fs, sspec.path, protocol)
+            reported_as = plan.reported_as
+            spec = _dense_spec(task, head, fs, v, rows["train"], plan.train_split)
+            spec0 = spec0 or spec
+            if spec != spec0:
+                spec = spec0  # every store gets the same head (the bins of the first store's train depths)
+            kind = TARGET_KIND[task]
+            log(f"{label} [{v}{' ⊕ ' + cls_view if cls_view else ''}]: {task} ({spec.head}), {len(protocol.heads)} heads, "
+                f"{len(rows['train'])} train rows, loss at {spec.loss_size[0]}×{spec.loss_size[1]}")  # fmt: skip
+            stats = train_stats(
+                fs, plan.train_split, v, cls_view, rows["train"], max(1, budget // (int(np.prod(fs.patch_views[v])) * 8)), dev
+            )
+            train = Tokens(fs, plan.train_split, v, cls_view, rows["train"], stats, dev, budget)
+            if not train.in_memory:
+                log(f"  streaming: {train.block_rows} rows per block (--max-memory {budget / (1 << 20):.0f} MiB)")
+            c = fs.patch_views[v][2]
+            heads = DenseHeads(spec, c, fs.views[cls_view] if cls_view else 0, [lr for lr, _ in protocol.heads],
+                               [wd for _, wd in protocol.heads], dev)  # fmt: skip
+            start = time.perf_counter()
+            loss_targets = dense_targets.loss_targets(
+                dense_targets.targets(fs, plan.train_split, kind, rows["train"]), spec.loss_size, task
+            )
+            train_loss = _train(heads, train, loss_targets, protocol, protocol.seed, log)
+            del loss_targets
+            seconds = time.perf_counter() - start
+            del train
+            finite = heads.finite().cpu().numpy() & np.isfinite(train_loss.numpy())
+            evaluations: dict[str, list[dict[str, np.ndarray]]] = {}
+            for role in ("select", "report"):
+                if role not in rows or (role == "report" and plan.selects_on_report):
+                    continue
+                source = plan.select_source if role == "select" else plan.report_source
+                assert source is not None
+                toks = Tokens(fs, source, v, cls_view, rows[role], stats, dev, budget)
+                evaluations[role] = _evaluate(heads, toks, dense_targets.targets(fs, source, kind, rows[role]), None, budget=budget)
+                del toks
+            if plan.selects_on_report:
+                evaluations["report"] = evaluations["select"]
+            summaries = {role: [_summary(task, e) for e in ev] for role, ev in evaluations.items()}
+            key = "miou" if task == "seg" else "rmse"
+            sign = 1.0 if task == "seg" else -1.0
+            scores = [sign * s.get(key, float("nan")) for s in summaries["select"]]
+            usable = finite & np.isfinite(scores)
+            if not usable.any():
+                raise UsageError(f"store {sspec.path!r}: every head diverged", "lower the --lr-grid")
+            chosen = choose(scores, [(lr, wd) for lr, wd in protocol.heads], usable)
+            best_report = None
+            if "report" in summaries:
+                rscores = [sign * s.get(key, float("nan")) for s in summaries["report"]]
+                best_report = choose(rscores, [(lr, wd) for lr, wd in protocol.heads], finite & np.isfinite(rscores))
+            for i, (lr, wd) in enumerate(protocol.heads):
+                row: dict[str, Any] = {"store": label, "path": sspec.path, "view": v, "task": task, "head": spec.head, "lr": lr, "wd": wd,
+                                       "selected": i == chosen, "best_report": i == best_report, "diverged": not finite[i],
+                                       "train_loss": float(train_loss[i]), "train_seconds": round(seconds, 3),
+                                       "select_split": plan.selection_label, "report_split": plan.report_split or ""}  # fmt: skip
+                for role, prefix in (("select", "select_"), ("report", "")):
+                    for m, value in summaries.get(role, [{}] * len(protocol.heads))[i].items():
+                        row[prefix + m] = value
+                rows_out.append(row)
+            if plan.report_split is not None and plan.report_source is not None:
+                source = plan.report_source
+                toks = Tokens(fs, source, v, cls_view, rows["report"], stats, dev, budget)
+                target = dense_targets.targets(fs, source, kind, rows["report"])
+                sink = None
+                if save_predictions:
+                    if scratch is None:
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-predictions-", dir=out.parent))
+                    sink = PredictionFile(scratch / f"{len(saved)}.raw", target.shape, np.uint8 if task == "seg" else np.float32)
+                per = _evaluate(heads, toks, target, chosen, sink, budget)[chosen]
+                del toks
+                paths = fs.paths(source)[rows["report"]]
+                for j, r in enumerate(rows["report"].tolist()):
+                    images.append({"store": label, "split": plan.report_split, "row": r, "path": str(paths[j]),
+                                   **{m: float(per[m][j]) for m in per if per[m].ndim == 1}})  # fmt: skip
+                if task == "seg":
+                    confusions[label] = per["confusion"]
+                if sink is not None:
+                    sink.close()
+                    saved[label] = {"prediction": sink, "rows": rows["report"], "paths": paths.astype(str), "split": np.asarray(source),
+                                    "lr": np.asarray(protocol.heads[chosen][0]), "wd": np.asarray(protocol.heads[chosen][1])}  # fmt: skip
+            sel = summaries["select"][chosen]
+            log(f"  chosen lr {protocol.heads[chosen][0]:g} wd {protocol.heads[chosen][1]:g} ({key} {sel.get(key, float('nan')):.4f} on "
+                f"{plan.selection_label}); trained in {seconds:.1f} s")  # fmt: skip
+        assert spec0 is not None
+        run = {"task": task, "view": view, "head": spec0.head, "dense": spec0.to_dict(), "reported_as": reported_as,
+               "stores": [{"label": lab, "path": s.path} for (s, _, _, _), lab in zip(opened, labels)]}  # fmt: skip
+        files = _write(out, rows_out, images, protocol, spec0, run, saved, confusions, view or opened[0][2])
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return DenseResult(rows_out, images, out, files)
 
 
-def _evaluate_one(
-    heads: DenseHeads, tokens: Tokens, target: np.ndarray, head: int
-) -> tuple[dict[str, np.ndarray], np.ndarray | None, None]:
-    joined, pred, _ = _evaluate(heads, tokens, target, head)
-    return joined[head], pred, None
-
-
 def _write(out: Path, rows: list[dict[str, Any]], images: list[dict[str, Any]], protocol: Protocol, spec: DenseSpec, run: dict[str, Any],
-           saved: dict[str, dict[str, np.ndarray]], confusions: dict[str, np.ndarray], view: str) -> list[str]:  # fmt: skip
+           saved: dict[str, dict[str, Any]], confusions: dict[str, np.ndarray], view: str) -> list[str]:  # fmt: skip
     """The results folder, all or nothing (built beside and renamed, as probe fit's)."""
     import featstore
     from featstore.version import __version__
@@ -394,7 +418,7 @@ def _write(out: Path, rows: list[dict[str, Any]], images: list[dict[str, Any]], 
         if saved:
             (build / "predictions").mkdir()
             for label, arrays in saved.items():
-                np.savez_compressed(build / "predictions" / f"{safe_name(label)}.npz", **arrays)  # type: ignore[arg-type]
+                write_npz(build / "predictions" / f"{safe_name(label)}.npz", arrays)
             written.append("predictions/")
         if _plot(rows, build / f"{run['task']}_vs_lr.png"):
             written.append(f"{run['task']}_vs_lr.png")

@@ -20,6 +20,7 @@ g = log(pred + eps) − log(gt + eps) over the batch's valid pixels).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,15 +125,63 @@ class DenseHeads(LinearHeads):
         self.w.requires_grad_(True)
         self.b.requires_grad_(True)
         try:
-            loss = self.losses(patches, cls, target)
-            finite = torch.isfinite(loss)
-            gw, gb = torch.autograd.grad(torch.where(finite, loss, torch.zeros_like(loss)).sum(), [self.w, self.b])
+            if self.spec.task == "depth":
+                loss, gw, gb = self._depth_gradients(patches, cls, target)
+            else:
+                loss = self.losses(patches, cls, target)
+                finite = torch.isfinite(loss)
+                gw, gb = torch.autograd.grad(torch.where(finite, loss, torch.zeros_like(loss)).sum(), [self.w, self.b])
         finally:
             self.w.requires_grad_(False)
             self.b.requires_grad_(False)
         with torch.no_grad():
             self.step(gw, gb, protocol, factor)
         return loss.detach()
+
+    def _depth_gradients(
+        self, patches: torch.Tensor, cls: torch.Tensor | None, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SigLoss of every head and its gradient, the same numbers as autograd through :meth:`losses`:
+        the per-pixel part (upsampling, logs, SigLoss) in closed form, which costs a few passes over the
+        (B, G, H, W) predictions instead of autograd's gathers and scatters of the valid pixels; autograd
+        only for the token-resolution decode (the bins' normalisation or the exp), given that gradient."""
+        depth = self.decode(self.token_outputs(patches, cls))  # (B, G, h, w), in the autograd graph
+        size = (int(target.shape[-2]), int(target.shape[-1]))
+        with torch.no_grad():
+            # the per-pixel work in each map's transposed layout (W, H): the upsampling is then two plain
+            # GEMMs each way, without broadcast copies of the interpolation matrices
+            loss, grad = sig_loss_and_grad(upsample_transposed(depth.detach(), size), target.transpose(1, 2).contiguous())
+            grad = upsample_transposed_adjoint(grad, (depth.shape[-2], depth.shape[-1]))
+            # a diverged head learns nothing more (at token resolution: 16× fewer values than the loss's)
+            grad = torch.where(torch.isfinite(loss)[None, :, None, None], torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), 0.0)
+        gw, gb = torch.autograd.grad(depth, [self.w, self.b], grad_outputs=grad)
+        return loss, gw, gb
+
+
+def sig_loss_and_grad(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G,) :func:`sig_loss` of (B, G, H, W) predictions and its gradient with respect to them; ``pred``
+    is overwritten (it becomes the gradient: a few in-place passes over the largest tensor of a step).
+
+    With g = log(pred + eps) − log(gt + eps) on the n valid pixels (0 elsewhere), L = sqrt(Var g + λ (E g)²)
+    and dL/dg_i = ((g_i − E g) / (n − 1) + λ E g / n) / L (the unbiased variance's own mean term cancels)."""
+    valid = target > 0
+    n = int(valid.sum())
+    heads = pred.shape[1]
+    if n < 2:
+        return pred.new_zeros(heads), pred.zero_()
+    mask = valid.to(pred.dtype)[:, None]  # (B, 1, H, W)
+    log_gt = torch.log(torch.where(valid, target, 1.0 - SIG_EPS) + SIG_EPS)[:, None]  # 0 where there is no depth
+    q = pred.clamp_min_(0).add_(SIG_EPS).masked_fill_(~valid[:, None], 1.0)  # pred + eps, and 1 (log 0) where there is no depth
+    g = torch.log(q).sub_(log_gt)  # 0 where there is no depth
+    s1 = g.sum(dim=(0, 2, 3), dtype=torch.float64)
+    s2 = torch.einsum("bghw,bghw->g", g, g).double()
+    mean = s1 / n
+    var = (s2 - n * mean * mean).clamp_min(0) / (n - 1)
+    loss = torch.sqrt(var + SIG_LAMBDA * mean * mean)
+    scale = (1.0 / (n - 1) / loss).to(pred.dtype)
+    shift = ((SIG_LAMBDA / n - 1.0 / (n - 1)) * mean / loss).to(pred.dtype)
+    grad = g.mul_(scale[None, :, None, None]).addcmul_(mask, shift[None, :, None, None]).div_(q)
+    return loss.to(pred.dtype), grad
 
 
 def sig_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -145,8 +194,10 @@ def sig_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(var + SIG_LAMBDA * mean**2)
 
 
+@functools.lru_cache(maxsize=32)
 def _interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(n_out, n_in): 1-D linear interpolation as F.interpolate(mode="linear", align_corners=False) does it."""
+    """(n_out, n_in): 1-D linear interpolation as F.interpolate(mode="linear", align_corners=False) does it
+    (cached: a training step would otherwise rebuild it)."""
     eye = torch.eye(n_in, device=device, dtype=dtype)[:, None, :]
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0, :].T.contiguous()
 
@@ -160,3 +211,33 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     uh = _interpolation_matrix(h, size[0], x.device, x.dtype)
     uw = _interpolation_matrix(w, size[1], x.device, x.dtype)
     return torch.matmul(torch.matmul(uh, x), uw.T)
+
+
+def upsample_transpose(grad: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The adjoint of :func:`upsample` to ``size``: the gradient at the input of a gradient at its output."""
+    h, w = grad.shape[-2:]
+    if (h, w) == tuple(size):
+        return grad
+    uh = _interpolation_matrix(size[0], h, grad.device, grad.dtype)
+    uw = _interpolation_matrix(size[1], w, grad.device, grad.dtype)
+    return torch.matmul(torch.matmul(uh.T, grad), uw)
+
+
+def upsample_transposed(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``upsample(x, size).transpose(-1, -2)``, contiguous, for (B, G, h, w) ``x``: X Uwᵀ as one GEMM,
+    then (Uh (X Uwᵀ))ᵀ = (X Uwᵀ)ᵀ Uhᵀ as another (the transpose between them copies the small
+    intermediate only)."""
+    b, g, h, w = x.shape
+    uh = _interpolation_matrix(h, size[0], x.device, x.dtype)
+    uw = _interpolation_matrix(w, size[1], x.device, x.dtype)
+    a = torch.mm(x.reshape(-1, w), uw.T).view(b * g, h, size[1])
+    return torch.mm(a.transpose(1, 2).reshape(-1, h), uh.T).view(b, g, size[1], size[0])
+
+
+def upsample_transposed_adjoint(grad: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The gradient at the (B, G, h, w) input of :func:`upsample_transposed` from one at its (B, G, W, H) output."""
+    b, g, big_w, big_h = grad.shape
+    uh = _interpolation_matrix(size[0], big_h, grad.device, grad.dtype)
+    uw = _interpolation_matrix(size[1], big_w, grad.device, grad.dtype)
+    a = torch.mm(grad.reshape(-1, big_h), uh).view(b * g, big_w, size[0])  # (Uhᵀ G)ᵀ per map
+    return torch.mm(a.transpose(1, 2).reshape(-1, big_w), uw).view(b, g, size[0], size[1])

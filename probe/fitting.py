@@ -23,7 +23,7 @@ import torch
 from featstore.device import compute_dtype, resolve_device
 from featstore.errors import FeatstoreError, UsageError
 from featstore.store import FeatureStore
-from featstore.store.verify import require_labels, require_readable
+from featstore.store.verify import require_labels
 
 from . import fewshot, methods
 from . import intervals as I
@@ -34,7 +34,7 @@ from .results.columns import COLUMNS
 from .results.predictions import ConfigKey, ImagePredictions
 from .results.predictions import of_rows as predictions_of
 from .selection import SplitPlan, described, plan_splits, single_split_advice
-from .stores import StoreSpec, assign_labels, parse_store_spec, resolve_views
+from .stores import StoreSpec, assign_labels, open_checked, parse_store_spec, resolve_views
 
 
 class ProbeWarning(UserWarning):
@@ -63,20 +63,6 @@ class _Store:
         if split not in self._paths:
             self._paths[split] = self.store.paths(split)
         return self._paths[split]
-
-
-def _open(path: str | os.PathLike, verify: bool, warn: Callable[[str], None]) -> FeatureStore:
-    """A complete store whose arrays agree with its schema; with ``verify`` every unit read is
-    checked against its content digest (a damaged one is refused, naming the split, array, rows
-    and the command that repairs it)."""
-    fs = FeatureStore.open(path, verify=verify).require_complete()
-    require_readable(fs)
-    if verify and not fs.digests.present:
-        warn(
-            f"store {str(path)!r} records no content digests (written before featstore recorded them): its rows are read "
-            "unchecked; `featstore verify` checks what it can, `featstore extract ... --repair` adds digests"
-        )
-    return fs
 
 
 def _labels_digest(labels: np.ndarray) -> str:
@@ -272,7 +258,7 @@ def fit_run(
         from .output.files import check_out
 
         check_out(out, overwrite)  # before hours of training, not after
-    opened = [_open(s.path, verify, warn) for s in specs]
+    opened = [open_checked(s.path, verify, warn) for s in specs]
     store_views = resolve_views(specs, opened, list(views) if views else None, log)
     labels = assign_labels(specs, opened)
     infos = [_prepare_store(s.path, label, v, fs, protocol, warn) for s, label, v, fs in zip(specs, labels, store_views, opened)]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from featstore.errors import UsageError
 from featstore.store import FeatureStore, store_label
+from featstore.store.verify import require_readable
 
 # the view each encoder family's extractor puts first (featstore.encoders.FeatureEncoder)
 PRIMARY_VIEW = {"vit": "cls", "cnn": "pool"}
@@ -140,3 +142,17 @@ def resolve_views(specs: list[StoreSpec], stores: list[FeatureStore], views: lis
     for spec, fs in zip(specs, stores):
         out.append([spec.view] if spec.view else (chosen or [primary_view(fs)]))
     return out
+
+
+def open_checked(path: str | os.PathLike, verify: bool, warn: Callable[[str], None], read: str = "its rows") -> FeatureStore:
+    """A complete store whose arrays agree with its schema; with ``verify`` every unit read is
+    checked against its content digest (a damaged one is refused, naming the split, array, rows
+    and the command that repairs it). ``read`` names what a store without digests has read unchecked."""
+    fs = FeatureStore.open(path, verify=verify).require_complete()
+    require_readable(fs)
+    if verify and not fs.digests.present:
+        warn(
+            f"store {str(path)!r} records no content digests (written before featstore recorded them): {read} are read "
+            "unchecked; `featstore verify` checks what it can, `featstore extract ... --repair` adds digests"
+        )
+    return fs

@@ -36,7 +36,7 @@ from ..output.files import check_out
 from ..protocol import Protocol
 from ..results import table_csv
 from ..selection import SplitPlan, choose, plan_splits
-from ..stores import StoreSpec, assign_labels, parse_store_spec
+from ..stores import StoreSpec, assign_labels, open_checked, parse_store_spec
 from . import metrics
 from . import targets as dense_targets
 from .allocator import fix_mmap_threshold
@@ -44,7 +44,6 @@ from .compare import safe_name
 from .heads import DenseHeads, DenseSpec
 from .prediction_file import PredictionFile, write_npz
 from .tokens import Tokens, train_stats
-from .verified import open_verified
 
 TASKS = ("depth", "seg")
 DEPTH_HEADS = ("bins", "linear")
@@ -107,7 +106,7 @@ def _open(
 ) -> list[tuple[StoreSpec, FeatureStore, str, str | None]]:
     opened = []
     for spec in specs:
-        fs = open_verified(spec.path, verify, log)
+        fs = open_checked(spec.path, verify, lambda m: log(f"warning: {m}"), read="its tokens and targets")
         v = spec.view or view or next((p for p in ("patch", "patch4") if p in fs.patch_views), next(iter(fs.patch_views), None))
         if v is None or v not in fs.patch_views:
             have = ", ".join(fs.patch_views) or "none"

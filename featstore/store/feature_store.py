@@ -43,6 +43,7 @@ from .hdf5 import open_hdf5
 from .locations import PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
 from .lock import pid_alive
 from .patch import PatchArray, RowShape, create_patch_array, is_patch_shape, patch_dims, row_shape
+from .rows import LazyRows
 
 SCHEMA_VERSION = 1
 LABEL_FILL = -1  # what a lost labels chunk reads as: never a class
@@ -73,89 +74,21 @@ def is_store(path: str | os.PathLike[str]) -> bool:
     return store_attrs(path) is not None
 
 
-class FeatureArray:
-    """The (N, D) features of one view, read on demand: indexing reads only the chunks it touches,
-    so a 10 GB store can be inspected on a laptop. ``np.asarray(a)`` or ``a.read()`` reads every
-    selected row, chunk by chunk; ``a.select(rows)`` narrows the selection without reading."""
+class FeatureArray(LazyRows):
+    """The (N, D) features of one view, read on demand (:class:`~featstore.store.rows.LazyRows`)."""
 
-    def __init__(self, array: Any, rows: Any = None, check: Any = None) -> None:
-        self._array = array  # a zarr array or an h5py dataset: both read row slices
-        self._rows: np.ndarray | None = None if rows is None else np.arange(array.shape[0], dtype=np.int64)[rows]
-        chunks = getattr(array, "chunks", None)
-        self.chunk_rows = int(chunks[0]) if chunks else DEFAULT_CHUNK_ROWS
-        self._check = check  # (split, array name, ReadCheck) of a verifying store, else None
-
-    def _block(self, lo: int, hi: int) -> np.ndarray:
-        """Rows lo:hi as read; a verifying store checks every unit they cover wholly."""
-        if self._check is None:
-            return np.asarray(self._array[lo:hi])
-        split, name, check = self._check
-        block = np.asarray(check.read(split, name, lo, hi, lambda: self._array[lo:hi]))
-        check.check(split, name, block, lo)
-        return block
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (len(self._rows) if self._rows is not None else int(self._array.shape[0]), int(self._array.shape[1]))
-
-    @property
-    def dtype(self) -> np.dtype:
-        dtype: np.dtype = np.dtype(self._array.dtype)
-        return dtype
-
+    default_chunk_rows = DEFAULT_CHUNK_ROWS
     ndim = 2
 
     @property
-    def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1] * self.dtype.itemsize
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __repr__(self) -> str:
-        return f"FeatureArray(shape={self.shape}, dtype={self.dtype}, lazy)"
-
-    def select(self, rows: Any) -> FeatureArray:
-        """These rows (a slice, an index array or a boolean mask), still unread."""
-        return FeatureArray(self._array, rows if self._rows is None else self._rows[rows], self._check)
+    def shape(self) -> tuple[int, int]:
+        n, dim = super().shape
+        return (n, dim)
 
     def __getitem__(self, key: Any) -> Any:
-        rows, cols = (key + (slice(None),))[:2] if isinstance(key, tuple) else (key, slice(None))
         if isinstance(key, tuple) and len(key) > 2:
             raise IndexError(f"too many indices for a 2-d feature array: {key!r}")
-        if isinstance(rows, (int, np.integer)):
-            return self.select([rows]).read()[0][cols]
-        if self._rows is None and isinstance(rows, slice) and rows.step in (None, 1):
-            lo, hi, _ = rows.indices(int(self._array.shape[0]))
-            return self._block(lo, max(lo, hi))[:, cols]  # contiguous: one read
-        return self.select(rows).read()[:, cols]
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        values = self.read()
-        return values if dtype is None else values.astype(dtype)
-
-    def astype(self, dtype: Any) -> np.ndarray:
-        return self.read().astype(dtype)
-
-    def read(self) -> np.ndarray:
-        """Every selected row, in selection order, read chunk by chunk (each chunk once)."""
-        index = self._rows if self._rows is not None else None
-        n, dim = self.shape
-        out = np.empty((n, dim), self.dtype)
-        if index is None:
-            for start in range(0, n, self.chunk_rows):
-                out[start : start + self.chunk_rows] = self._block(start, min(start + self.chunk_rows, n))
-            return out
-        if n == 0:
-            return out
-        order = np.argsort(index, kind="stable")
-        ordered = index[order]
-        cuts = np.flatnonzero(np.diff(ordered // self.chunk_rows)) + 1
-        for group in np.split(np.arange(n), cuts):
-            lo, hi = int(ordered[group[0]]), int(ordered[group[-1]]) + 1
-            block = self._block(lo, hi)
-            out[order[group]] = block[ordered[group] - lo]
-        return out
+        return super().__getitem__(key)
 
 
 def _remove_stale_builds(path: Path) -> None:

@@ -10,13 +10,14 @@ patch store is tens of times larger than a global one, so the disk matters more 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import FeatstoreError
+from .rows import LazyRows
 
 RowShape = int | tuple[int, ...]
 UNIT_BYTES = 64 << 20  # a unit of patch tokens in memory (the writer holds two): rows are capped to fit
@@ -95,16 +96,11 @@ def create_patch_array(group: Any, view: str, n: int, shape: tuple[int, ...], ro
     )
 
 
-class PatchArray:
-    """The (N, h, w, C) tokens of one patch view, read on demand. ``chunks(rows)`` yields row blocks
-    in order, so a probe holds one block at a time; ``read()`` reads every selected row."""
+class PatchArray(LazyRows):
+    """The (N, h, w, C) tokens of one patch view, read on demand (:class:`~featstore.store.rows.LazyRows`).
+    ``chunks(rows)`` yields row blocks in order, so a probe holds one block at a time."""
 
-    def __init__(self, array: Any, rows: Any = None, check: Any = None) -> None:
-        self._array = array
-        self._rows: np.ndarray | None = None if rows is None else np.arange(array.shape[0], dtype=np.int64)[rows]
-        chunks = getattr(array, "chunks", None)
-        self.chunk_rows = int(chunks[0]) if chunks else 64
-        self._check = check  # (split, array name, ReadCheck) of a verifying store, else None
+    ndim = 4
 
     def _block(self, lo: int, hi: int) -> np.ndarray:
         """Stored rows lo:hi. A verifying store reads the whole units around them (a digest covers a
@@ -120,68 +116,5 @@ class PatchArray:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        n = len(self._rows) if self._rows is not None else int(self._array.shape[0])
-        _, h, w, c = (int(s) for s in self._array.shape)
+        n, h, w, c = super().shape
         return (n, h, w, c)
-
-    ndim = 4
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        dtype: np.dtype[Any] = np.dtype(self._array.dtype)
-        return dtype
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __repr__(self) -> str:
-        return f"PatchArray(shape={self.shape}, dtype={self.dtype}, lazy)"
-
-    def select(self, rows: Any) -> PatchArray:
-        return PatchArray(self._array, rows if self._rows is None else self._rows[rows], self._check)
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        rows = key[0] if isinstance(key, tuple) else key
-        rest = key[1:] if isinstance(key, tuple) else ()
-        values: np.ndarray
-        if isinstance(rows, (int, np.integer)):
-            values = self.select([rows]).read()[0][rest]
-        elif self._rows is None and isinstance(rows, slice) and rows.step in (None, 1):
-            lo, hi, _ = rows.indices(int(self._array.shape[0]))
-            values = self._block(lo, max(lo, hi))[(slice(None), *rest)]
-        else:
-            values = self.select(rows).read()[(slice(None), *rest)]
-        return values
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        values = self.read()
-        return values if dtype is None else values.astype(dtype)
-
-    def chunks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(offset, block) for consecutive blocks of at most ``rows`` selected rows (default one chunk)."""
-        step = rows or self.chunk_rows
-        for start in range(0, len(self), step):
-            yield start, self[start : start + step] if self._rows is None else self.select(slice(start, start + step)).read()
-
-    def read(self) -> np.ndarray:
-        """Every selected row, in selection order; each stored chunk is read once."""
-        n = len(self)
-        out = np.empty(self.shape, self.dtype)
-        if self._rows is None:
-            for start in range(0, n, self.chunk_rows):
-                out[start : start + self.chunk_rows] = self._block(start, min(start + self.chunk_rows, n))
-            return out
-        if n == 0:
-            return out
-        order = np.argsort(self._rows, kind="stable")
-        ordered = self._rows[order]
-        cuts = np.flatnonzero(np.diff(ordered // self.chunk_rows)) + 1
-        for group in np.split(np.arange(n), cuts):
-            lo, hi = int(ordered[group[0]]), int(ordered[group[-1]]) + 1
-            block = self._block(lo, hi)
-            out[order[group]] = block[ordered[group] - lo]
-        return out

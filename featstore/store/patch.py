@@ -102,18 +102,6 @@ class PatchArray(LazyRows):
 
     ndim = 4
 
-    def _block(self, lo: int, hi: int) -> np.ndarray:
-        """Stored rows lo:hi. A verifying store reads the whole units around them (a digest covers a
-        unit, and the codec decodes whole chunks anyway) and checks each against its digest."""
-        if self._check is None:
-            return np.asarray(self._array[lo:hi])
-        split, name, check = self._check
-        step = check.chunk_rows
-        a, b = lo - lo % step, min(-(-hi // step) * step, int(self._array.shape[0]))
-        block = np.asarray(check.read(split, name, a, b, lambda: self._array[a:b]))
-        check.check(split, name, block, a)
-        return block[lo - a : hi - a]
-
     @property
     def shape(self) -> tuple[int, int, int, int]:
         n, h, w, c = super().shape

@@ -4,7 +4,7 @@ patch view's tokens (N, h, w, C).
 Indexing reads only the chunks it touches, so a 10 GB store can be inspected on a laptop;
 ``np.asarray(a)`` or ``a.read()`` reads every selected row, each stored chunk once;
 ``a.select(rows)`` narrows the selection without reading. A verifying store checks what is read
-against its unit digests (``_block``)."""
+against its unit digests, whole units at a time (``_block``)."""
 
 from __future__ import annotations
 
@@ -27,13 +27,17 @@ class LazyRows:
         self._check = check  # (split, array name, ReadCheck) of a verifying store, else None
 
     def _block(self, lo: int, hi: int) -> np.ndarray:
-        """Stored rows lo:hi as read; a verifying store checks every unit they cover wholly."""
+        """Stored rows lo:hi. A verifying store reads the whole units around them (a digest covers a
+        unit, and the codec decodes whole chunks anyway) and checks each against its digest, so a
+        read of a few rows is checked too."""
         if self._check is None:
             return np.asarray(self._array[lo:hi])
         split, name, check = self._check
-        block = np.asarray(check.read(split, name, lo, hi, lambda: self._array[lo:hi]))
-        check.check(split, name, block, lo)
-        return block
+        step = check.chunk_rows
+        a, b = lo - lo % step, min(-(-hi // step) * step, int(self._array.shape[0]))
+        block = np.asarray(check.read(split, name, a, b, lambda: self._array[a:b]))
+        check.check(split, name, block, a)
+        return block[lo - a : hi - a]
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -5,7 +5,7 @@ Synthetic store: N images × 16×16 tokens × 384 dims (float16, with a CLS view
 targets that are a smooth function of the tokens; val/test 10% each. The matmul rate of this
 machine is measured in the same run, and the batched sweep's useful GEMM FLOPs are compared to it.
 
-    python benchmarks/bench_dense.py [--images 1000] [--heads linear,bins] [--threads 1] [--separate]
+    python benchmarks/bench_dense.py [--images 1000] [--heads linear,bins] [--precision fp32,bf16] [--threads 1] [--separate]
     python benchmarks/bench_dense.py --rss 250,1000,4000 --max-memory 64M   # peak RSS of streamed runs as N grows
 """
 
@@ -55,11 +55,12 @@ def gemm_flops(n: int, heads: int, outputs: int, epochs: int) -> float:
     return 2 * 2 * n * GRID * GRID * C * heads * outputs * epochs
 
 
-def run(store: Path, out: Path, protocol: Protocol, head: str) -> tuple[float, float, float]:
+def run(store: Path, out: Path, protocol: Protocol, head: str, precision: str | None = None) -> tuple[float, float, float]:
     shutil.rmtree(out, ignore_errors=True)
     lines: list[str] = []
     wall, cpu = time.perf_counter(), time.thread_time()
-    result = fit_dense([str(store)], protocol, "depth", head=head, out=out, device="cpu", log=lines.append)
+    extra = {"precision": precision} if precision else {}  # (absent: a tree from before --precision, as a baseline)
+    result = fit_dense([str(store)], protocol, "depth", head=head, out=out, device="cpu", log=lines.append, **extra)
     train = next(r["train_seconds"] for r in result.rows)
     return time.perf_counter() - wall, time.thread_time() - cpu, train
 
@@ -71,6 +72,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--separate", action="store_true", help="also run the 13 LRs one at a time")
+    ap.add_argument(
+        "--precision", default="fp32,bf16", help="dtypes of the token GEMMs to run (comma-separated; 'none': the fit's default)"
+    )
     ap.add_argument("--rss", default=None, help="N values: peak RSS of a 1-epoch streamed run per N, each in its own process")
     ap.add_argument("--max-memory", default="64M")
     ap.add_argument("--lrs", type=int, default=1, help="--rss: heads in the grid")
@@ -83,35 +87,41 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rate = matmul_rate(torch.device("cpu"), torch.float32)
+    rate_bf16 = matmul_rate(torch.device("cpu"), torch.bfloat16)
     tmp = Path(tempfile.mkdtemp(prefix="bench_dense-"))
     try:
         store = make_store(tmp / "s.zarr", args.images)
         grid = "1e-5:1e-1:13"
         rows = []
-        for head in args.heads.split(","):
+        for head, precision in [(h, p) for h in args.heads.split(",") for p in args.precision.split(",")]:
             outputs = 256 if head == "bins" else 1
             protocol = Protocol(lr_grid=grid, epochs=args.epochs, batch_size=16)
-            wall, cpu, train = run(store, tmp / f"o-{head}", protocol, head)
+            wall, cpu, train = run(store, tmp / f"o-{head}-{precision}", protocol, head, None if precision == "none" else precision)
             flops = gemm_flops(args.images, 13, outputs, args.epochs)
-            rows.append({"head": head, "mode": "13 heads at once", "train_s": train, "wall_s": wall, "cpu_s": cpu,
-                         "gflops": flops / train / 1e9, "of_matmul": flops / train / rate})  # fmt: skip
+            own = rate_bf16 if precision == "bf16" else rate
+            rows.append({"head": head, "precision": precision, "mode": "13 heads at once", "train_s": train, "wall_s": wall, "cpu_s": cpu,
+                         "gflops": flops / train / 1e9, "of_matmul": flops / train / rate, "of_own_matmul": flops / train / own})  # fmt: skip
             print(rows[-1], flush=True)
             if args.separate:
                 total_train, total_wall = 0.0, 0.0
                 for lr in Protocol(lr_grid=grid).lr_grid:
-                    w, _, t = run(store, tmp / f"o-{head}-{lr}", Protocol(lr_grid=[lr], epochs=args.epochs, batch_size=16), head)
+                    w, _, t = run(store, tmp / f"o-{head}-{lr}", Protocol(lr_grid=[lr], epochs=args.epochs, batch_size=16), head,
+                                  None if precision == "none" else precision)  # fmt: skip
                     total_train += t
                     total_wall += w
-                rows.append({"head": head, "mode": "13 separate runs", "train_s": total_train, "wall_s": total_wall, "cpu_s": None,
-                             "gflops": flops / total_train / 1e9, "of_matmul": flops / total_train / rate})  # fmt: skip
+                rows.append({"head": head, "precision": precision, "mode": "13 separate runs", "train_s": total_train, "wall_s": total_wall, "cpu_s": None,
+                             "gflops": flops / total_train / 1e9, "of_matmul": flops / total_train / rate, "of_own_matmul": flops / total_train / own})  # fmt: skip
                 print(rows[-1], flush=True)
         peak_rss = peak_rss_mib()
-        print(f"matmul rate {rate / 1e9:.1f} GFLOP/s (float32, {torch.get_num_threads()} threads); peak RSS {peak_rss:.0f} MiB")
-        cols = [("head", "head", "s"), ("mode", "mode", "s"), ("train_s", "train s", ".1f"), ("wall_s", "wall s", ".1f"),
-                ("gflops", "GEMM GFLOP/s", ".1f"), ("of_matmul", "of matmul rate", ".0%")]  # fmt: skip
+        print(
+            f"matmul rate {rate / 1e9:.1f} GFLOP/s float32, {rate_bf16 / 1e9:.1f} bf16 ({torch.get_num_threads()} threads); peak RSS {peak_rss:.0f} MiB"
+        )
+        cols = [("head", "head", "s"), ("precision", "GEMMs", "s"), ("mode", "mode", "s"), ("train_s", "train s", ".1f"), ("wall_s", "wall s", ".1f"),
+                ("gflops", "GEMM GFLOP/s", ".1f"), ("of_matmul", "of fp32 matmul rate", ".0%"), ("of_own_matmul", "of its dtype's rate", ".0%")]  # fmt: skip
         print(table(rows, cols))
         write_json(Path(__file__).parent / "out" / f"bench_dense-{time.strftime('%Y%m%d-%H%M%S')}.json",
-                   {"machine": machine(), "images": args.images, "matmul_gflops": rate / 1e9, "peak_rss_mib": peak_rss, "rows": rows})  # fmt: skip
+                   {"machine": machine(), "images": args.images, "matmul_gflops": rate / 1e9, "matmul_bf16_gflops": rate_bf16 / 1e9,
+                    "peak_rss_mib": peak_rss, "rows": rows})  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -215,6 +215,8 @@ def main():
 )
 @click.option("--max-memory", default=None, metavar="SIZE",
               help="--task depth/seg: tokens held resident (e.g. 2G); beyond it they stream in row blocks. Default: a quarter of RAM / GPU memory.")  # fmt: skip
+@click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True,
+              help="--task depth/seg: dtype of the token GEMMs (auto: bf16 on CUDA and on CPUs with bf16 units, else fp32); weights, loss and metrics stay fp32.")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def fit_command(
@@ -255,6 +257,7 @@ def fit_command(
     depth_head,
     save_predictions,
     max_memory,
+    precision,
     quiet,
     debug,
 ):
@@ -293,7 +296,7 @@ def fit_command(
             protocol = protocol.replace(batch_size=DEFAULT_BATCH)  # images per minibatch, not rows
         dense = fit_dense(list(stores), protocol, task, view=views[0] if views else None, head=depth_head, out=out, overwrite=overwrite,
                           save_predictions=save_predictions, max_memory=parse_memory(max_memory), device=device,
-                          allow_different_data=allow_different_data, log=log, verify=not no_verify)  # fmt: skip
+                          allow_different_data=allow_different_data, log=log, verify=not no_verify, precision=precision)  # fmt: skip
         click.echo(summary_table(dense))
         click.echo(f"wrote {dense.out}/: {', '.join(dense.files)}")
         return

@@ -42,6 +42,7 @@ from . import targets as dense_targets
 from .allocator import fix_mmap_threshold
 from .compare import safe_name
 from .heads import DenseHeads, DenseSpec
+from .precision import matmul_dtype
 from .prediction_file import PredictionFile, write_npz
 from .tokens import Tokens, train_stats
 
@@ -266,6 +267,7 @@ def fit_dense(
     allow_different_data: bool = False,
     log: Callable[[str], None] = lambda s: None,
     verify: bool = True,
+    precision: str = "auto",
 ) -> DenseResult:
     """Train and select the dense heads of ``task`` on each store, write the results folder ``out``."""
     if task not in TASKS:
@@ -279,6 +281,7 @@ def fit_dense(
     fix_mmap_threshold()  # streamed blocks must not fragment the heap (allocator.py): peak memory then stays flat as N grows
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     budget = max_memory or default_memory(dev)
+    low = matmul_dtype(precision, dev)
     specs = [parse_store_spec(s) for s in stores]
     if not specs:
         raise UsageError("no store given", "pass --store PATH")
@@ -310,7 +313,7 @@ def fit_dense(
                 log(f"  streaming: {train.block_rows} rows per block (--max-memory {budget / (1 << 20):.0f} MiB)")
             c = fs.patch_views[v][2]
             heads = DenseHeads(spec, c, fs.views[cls_view] if cls_view else 0, [lr for lr, _ in protocol.heads],
-                               [wd for _, wd in protocol.heads], dev)  # fmt: skip
+                               [wd for _, wd in protocol.heads], dev, matmul_dtype=low)  # fmt: skip
             start = time.perf_counter()
             loss_targets = dense_targets.loss_targets(
                 dense_targets.targets(fs, plan.train_split, kind, rows["train"]), spec.loss_size, task
@@ -379,6 +382,7 @@ def fit_dense(
                 f"{plan.selection_label}); trained in {seconds:.1f} s")  # fmt: skip
         assert spec0 is not None
         run = {"task": task, "view": view, "head": spec0.head, "dense": spec0.to_dict(), "reported_as": reported_as,
+               "matmul_dtype": str(low).replace("torch.", ""),
                "stores": [{"label": lab, "path": s.path} for (s, _, _, _), lab in zip(opened, labels)]}  # fmt: skip
         files = _write(out, rows_out, images, protocol, spec0, run, saved, confusions, view or opened[0][2])
     finally:

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 
 from ..methods.heads import LinearHeads
 from ..protocol import Protocol
+from . import bins as bins_decode
 
 SIG_LAMBDA = 0.15  # DINOv2's SigLoss: the weight of the squared mean log error
 SIG_EPS = 1e-3  # SigLoss's eps ("avoid grad explode")
-BIN_EPS = 0.1  # DINOv2's "linear" normalisation over bins: relu(logit) + 0.1
+BIN_EPS = bins_decode.BIN_EPS
 IGNORE = 255
 
 
@@ -67,9 +68,12 @@ class DenseHeads(LinearHeads):
         wds: Sequence[float],
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        matmul_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(channels + cls_channels, spec.outputs, lrs, wds, device, dtype)
         self.spec = spec
+        # the dtype of the token GEMM and its weight gradient (precision.py); the master weights stay ``dtype``
+        self.matmul_dtype = matmul_dtype or dtype
         self.channels, self.cls_channels = channels, cls_channels
         if spec.head == "bins":
             # zero weights and a bias of 1 give equal bin probabilities (every head starts at the middle
@@ -86,7 +90,13 @@ class DenseHeads(LinearHeads):
         """(B, h, w, G, K) raw outputs of every head (bins, log depth or logits last: contiguous)."""
         b, h, w, c = patches.shape
         g, k = self.num_heads, self.num_classes
-        out = torch.mm(patches.reshape(-1, c), self.w[:c]).view(b, h * w, g * k)
+        if self.matmul_dtype != self.w.dtype:
+            # mixed precision: the cast of the weights is in the graph, so autograd's weight gradient is
+            # the same low-precision GEMM (tokensᵀ × output gradient), then cast back to the master dtype
+            low = torch.mm(patches.reshape(-1, c).to(self.matmul_dtype), self.w[:c].to(self.matmul_dtype))
+            out = low.to(self.w.dtype).view(b, h * w, g * k)
+        else:
+            out = torch.mm(patches.reshape(-1, c), self.w[:c]).view(b, h * w, g * k)
         if cls is not None and self.cls_channels:
             out = out + (torch.mm(cls, self.w[c:]) + self.b)[:, None, :]  # the CLS term once per image
         else:
@@ -105,7 +115,43 @@ class DenseHeads(LinearHeads):
 
     def predict(self, patches: torch.Tensor, cls: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
         """Depth (B, G, H, W) or class logits (B, G, K, H, W) at ``size``, bilinear (align_corners=False)."""
+        if self.spec.head == "bins" and not torch.is_grad_enabled():
+            return upsample(self._bins_forward(patches, cls, keep=False)[0], size)
         return upsample(self.decode(self.token_outputs(patches, cls)), size)
+
+    def _bins_forward(
+        self, patches: torch.Tensor, cls: torch.Tensor | None, keep: bool = True
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The bins head's depth (B, G, h, w) without autograd (bins.py), and what its backward needs:
+        the tokens and the logits in the matmul dtype, the per-image term, the (T, G) depths and Z."""
+        b, h, w, c = patches.shape
+        x = patches.reshape(-1, c).to(self.matmul_dtype)
+        low = torch.mm(x, self.w[:c].to(self.matmul_dtype))
+        if cls is not None and self.cls_channels:
+            term = torch.addmm(self.b, cls, self.w[c:])  # the CLS term once per image, not once per token
+        else:
+            term = self.b.expand(b, -1)
+        depth, z, open_ = bins_decode.forward(low, term, self.bins, h * w, keep)
+        return depth.view(b, h, w, self.num_heads).permute(0, 3, 1, 2), (x, open_, term, depth, z)
+
+    def _bins_gradients(
+        self,
+        saved: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor],
+        cls: torch.Tensor | None,
+        grad: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and bias gradients of :meth:`_bins_forward` given a (B, G, h, w) gradient at its depths."""
+        x, open_, term, depth, z = saved
+        assert open_ is not None
+        c = x.shape[1]
+        glow, sums = bins_decode.backward(
+            open_, term.shape[0], self.bins, depth, z, grad.permute(0, 2, 3, 1).reshape(-1, self.num_heads), x.dtype
+        )
+        gw = torch.zeros_like(self.w)
+        gw[:c] = torch.mm(x.t(), glow)  # the weight-gradient GEMM, in the matmul dtype (cast on the copy)
+        if cls is not None and self.cls_channels:
+            gw[c:] = torch.mm(cls.t(), sums)
+        return gw, sums.sum(dim=0)
 
     def losses(self, patches: torch.Tensor, cls: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
         """(G,) loss of every head on a minibatch; ``target`` (B, H, W) at the loss resolution."""
@@ -145,7 +191,11 @@ class DenseHeads(LinearHeads):
         the per-pixel part (upsampling, logs, SigLoss) in closed form, which costs a few passes over the
         (B, G, H, W) predictions instead of autograd's gathers and scatters of the valid pixels; autograd
         only for the token-resolution decode (the bins' normalisation or the exp), given that gradient."""
-        depth = self.decode(self.token_outputs(patches, cls))  # (B, G, h, w), in the autograd graph
+        if self.spec.head == "bins":
+            with torch.no_grad():
+                depth, saved = self._bins_forward(patches, cls)  # its backward is by hand (bins.py)
+        else:
+            depth = self.decode(self.token_outputs(patches, cls))  # (B, G, h, w), in the autograd graph
         size = (int(target.shape[-2]), int(target.shape[-1]))
         with torch.no_grad():
             # the per-pixel work in each map's transposed layout (W, H): the upsampling is then two plain
@@ -154,7 +204,11 @@ class DenseHeads(LinearHeads):
             grad = upsample_transposed_adjoint(grad, (depth.shape[-2], depth.shape[-1]))
             # a diverged head learns nothing more (at token resolution: 16× fewer values than the loss's)
             grad = torch.where(torch.isfinite(loss)[None, :, None, None], torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), 0.0)
-        gw, gb = torch.autograd.grad(depth, [self.w, self.b], grad_outputs=grad)
+        if self.spec.head == "bins":
+            with torch.no_grad():
+                gw, gb = self._bins_gradients(saved, cls, grad)
+        else:
+            gw, gb = torch.autograd.grad(depth, [self.w, self.b], grad_outputs=grad)
         return loss, gw, gb
 
 

@@ -377,9 +377,14 @@ def compare_command(results_dir, reference, as_json, latex, as_markdown, spread,
     if sum((as_json, latex, as_markdown)) > 1:
         raise UsageError("--json, --latex and --markdown are exclusive", "pass one of them")
     if dense.is_dense_run(results_dir):  # probe fit --task depth|seg: per-image metrics, paired bootstrap, Wilcoxon
-        if latex:
-            raise UsageError("--latex is not written for dense runs yet", "use --markdown or --json")
         task, differences = dense.compare_dense(results_dir, reference, n_resamples=resamples or dense.N_RESAMPLES)
+        if latex or as_markdown:
+            from .dense.report import compare_paper_table
+            from .output import paper
+
+            table = compare_paper_table(task, differences)
+            click.echo(paper.latex(table) if latex else paper.markdown(table), nl=False)
+            return
         click.echo(json.dumps(dense.to_json(task, differences), indent=2) if as_json else dense.markdown(task, differences))
         return
     run = load(results_dir)

@@ -77,9 +77,25 @@ def test_report_of_a_depth_run_shows_images_truth_predictions_and_the_comparison
     t = p.truth[0]
     assert p.depth_range(0) == (float(t[t > 0].min()), float(t[t > 0].max()))
 
-    assert run_cli(probe_cli, "probe", ["report", str(run), "--out", str(tmp_path / "r2"), "--latex"]) != 0
-    err = capsys.readouterr().err
-    assert "error: probe report --latex is not written for dense runs yet" in err and len(err.strip().splitlines()) == 1
+    # --latex: the same table as table.md, booktabs; the Δ cells are probe compare's numbers, in bold where Holm p < 0.05
+    assert run_cli(probe_cli, "probe", ["report", str(run), "--out", str(tmp_path / "r2"), "--latex", "--reference", "fog"]) == 0
+    tex = (tmp_path / "r2" / "table.tex").read_text()
+    assert tex.startswith("\\begin{table}") and "\\toprule" in tex and "\\bottomrule" in tex
+    body = [line for line in tex.splitlines() if line.startswith(("fog", "random", "\\textbf{fog", "\\textbf{random"))]
+    assert [line.split(" & ")[0].replace("\\textbf{", "").rstrip("}") for line in body] == ["fog", "random"]
+    from probe.dense.compare import compare_dense
+
+    _, differences = compare_dense(run, "fog")
+    d = next(d for d in differences if d.metric == "rmse" and d.store == "random")
+    assert f"{d.delta:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" in tex
+    rmse = {s: float(selected[s]["rmse"]) for s in ("fog", "random")}
+    best = min(rmse, key=rmse.get)
+    assert f"\\textbf{{{rmse[best]:.4f}}}" in tex or f"\\textbf{{{rmse[best]:.3f}}}" in tex  # the lower RMSE in bold
+    capsys.readouterr()
+    assert run_cli(probe_cli, "probe", ["compare", str(run), "--reference", "fog", "--latex"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("\\begin{table}") and "Holm" in printed and f"{d.delta:+.4f}" in printed
+    assert printed.count(" \\\\") == len(differences) + 1  # a line per store × metric, and the header
 
 
 @pytest.mark.slow

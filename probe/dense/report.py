@@ -28,6 +28,9 @@ from featstore.errors import FeatstoreError, UsageError
 from featstore.preprocess import Preprocess, center_crop_offset, resized_size
 from featstore.store import IGNORE, FeatureStore, read_targets, target_info
 
+from ..comparison import fmt_p
+from ..multiple_testing import holm
+from ..output import paper
 from ..output.html import _CSS, _compact_json, _figure, _png, _pyplot
 from ..output.leaderboard import LEADERBOARD_CSV, LEADERBOARD_MD, REPORT_HTML
 from ..output.plots import line_styles, place_legends
@@ -35,7 +38,7 @@ from ..results import table_csv
 from .compare import Difference, compare_dense, is_dense_run, safe_name
 
 PANEL_IMAGES = 4  # images shown per run: the first reported rows every store has predictions for
-TABLE_MD = "table.md"
+TABLE_MD, TABLE_TEX = "table.md", "table.tex"
 KIND = {"depth": "depth", "seg": "mask"}
 SUMMARY = {"depth": ("rmse", "absrel", "delta1", "rmse_ssa", "delta1_ssa"), "seg": ("miou", "pixel_acc")}
 NAMES = {"rmse": "RMSE (m)", "absrel": "AbsRel", "delta1": "δ1", "rmse_ssa": "RMSE aligned", "delta1_ssa": "δ1 aligned",
@@ -335,26 +338,67 @@ def comparison_markdown(differences: Sequence[Difference]) -> str:
     return "\n".join(lines)
 
 
-def paper_markdown(run: DenseRun, differences: Sequence[Difference], reference: str | None) -> str:
-    """table.md: per store its metrics, and Δ [95% interval] and p against the reference."""
+LOWER_IS_BETTER = frozenset({"rmse", "absrel", "log10", "rmse_ssa", "absrel_ssa"})
+
+
+def paper_table(run: DenseRun, differences: Sequence[Difference], reference: str | None) -> paper.Table:
+    """Per store its metrics (the best per column in bold, ties all bold), then Δ [95% interval] and
+    the Wilcoxon p against the reference (in bold where the Holm-adjusted p over the table is < 0.05)."""
     names = SUMMARY[run.task]
     compared = [m for m in names if any(d.metric == m for d in differences)]
-    head = ["store", *(NAMES[m] for m in names), *(f"Δ {NAMES[m]} [95% CI], p" for m in compared)]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    rows = summary_rows(run)
+    best = {}
+    for m in names:
+        values = [float(r[m]) for r in rows if r.get(m) not in (None, "")]
+        best[m] = (min if m in LOWER_IS_BETTER else max)(values, default=None)
     by = {(d.store, d.metric): d for d in differences}
-    for r in summary_rows(run):
-        cells = [str(r["store"]), *(_num(r[m]) for m in names)]
+    adjusted = dict(zip([(d.store, d.metric) for d in differences], holm([d.p for d in differences])))
+    out, bold = [], []
+    for r in rows:
+        store = str(r["store"])
+        line, marks = [store], [False]
+        for m in names:
+            line.append(_num(r[m]))
+            marks.append(best[m] is not None and r.get(m) not in (None, "") and _num(float(r[m])) == _num(best[m]))
         for m in compared:
-            d = by.get((str(r["store"]), m))
-            cells.append("reference" if d is None else f"{d.delta:+.4f} [{d.low:+.4f}, {d.high:+.4f}], p {d.p:.2g}")
-        lines.append("| " + " | ".join(cells) + " |")
-    split = next((str(r["report_split"]) for r in summary_rows(run)), "report")
-    what = "Δ: store − reference on the same images, paired bootstrap 95% interval; p: Wilcoxon signed-rank on the per-image differences"
-    return (
-        "\n".join(lines)
-        + f"\n\nDense {run.task} probe on the {split} split ({run.folder.name}); {what}"
-        + (f"; reference {reference}.\n" if reference else ".\n")
+            d = by.get((store, m))
+            line.append("reference" if d is None else f"{d.delta:+.4f} [{d.low:+.4f}, {d.high:+.4f}], p {d.p:.2g}")
+            h = adjusted.get((store, m))
+            marks.append(h is not None and h < paper.ALPHA)
+        out.append(line)
+        bold.append(marks)
+    split = next((str(r["report_split"]) for r in rows), "report")
+    what = ("Δ: store − reference on the same images, paired bootstrap 95% interval; $p$: Wilcoxon signed-rank on the per-image "
+            f"differences, in bold where its Holm-adjusted $p$ over the table is < {paper.ALPHA:g}; the best value per metric in bold")  # fmt: skip
+    caption = f"Dense {run.task} probe on the {split} split ({run.folder.name}); {what}" + (
+        f"; reference {reference}." if reference else "."
     )
+    head = ["store", *(NAMES[m] for m in names), *(f"Δ {NAMES[m]} [95% CI], p" for m in compared)]
+    return paper.Table(head, out, bold, caption, align="l" + "r" * (len(head) - 1))
+
+
+def paper_markdown(run: DenseRun, differences: Sequence[Difference], reference: str | None) -> str:
+    """table.md: :func:`paper_table` as GitHub markdown."""
+    return paper.markdown(paper_table(run, differences, reference))
+
+
+def paper_latex(run: DenseRun, differences: Sequence[Difference], reference: str | None) -> str:
+    """table.tex: :func:`paper_table` as a booktabs LaTeX table."""
+    return paper.latex(paper_table(run, differences, reference))
+
+
+def compare_paper_table(task: str, differences: Sequence[Difference]) -> paper.Table:
+    """``probe compare --latex/--markdown`` of a dense run: each store × metric, Δ to the reference with
+    its paired bootstrap 95% interval, the Wilcoxon p and the Holm-adjusted p over the table (bold < 0.05)."""
+    adjusted = holm([d.p for d in differences])
+    out = [[d.store, NAMES.get(d.metric, d.metric), f"{d.delta:+.4f} [{d.low:+.4f}, {d.high:+.4f}]", fmt_p(d.p), fmt_p(h)]
+           for d, h in zip(differences, adjusted)]  # fmt: skip
+    significant = [h is not None and h < paper.ALPHA for h in adjusted]
+    reference = differences[0].reference if differences else "the reference"
+    caption = (f"Dense {task} probe: each store − {reference} on the same images, paired bootstrap 95% interval; Wilcoxon "
+               f"signed-rank $p$ on the per-image differences, Holm-adjusted over the table; in bold: Holm $p$ < {paper.ALPHA:g}.")  # fmt: skip
+    return paper.Table(["encoder", "metric", f"Δ vs {reference}", "Wilcoxon $p$", "Holm $p$"], out,
+                       [[False, False, s, False, s] for s in significant], caption, align="llrrr")  # fmt: skip
 
 
 def _html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -436,8 +480,6 @@ def report(
     markdown: bool = False,
 ) -> dict[str, Path]:
     """leaderboard.md, leaderboard.csv and report.html (and table.md with ``markdown``) of dense runs."""
-    if latex:
-        raise UsageError("probe report --latex is not written for dense runs yet", "use --markdown (table.md), or probe compare --json")
     not_dense = [str(f) for f in folders if not is_dense_run(Path(f))]
     if not_dense:
         raise UsageError(f"{not_dense[0]!r} is not a dense run (probe fit --task depth|seg), the others are",
@@ -469,6 +511,8 @@ def report(
     texts = {LEADERBOARD_MD: "\n".join(md), LEADERBOARD_CSV: table_csv.csv_text(columns, rows), REPORT_HTML: page}
     if markdown:
         texts[TABLE_MD] = "\n".join(paper_markdown(run, diffs, ref) for run, (ref, diffs) in zip(runs, compared))
+    if latex:
+        texts[TABLE_TEX] = "\n".join(paper_latex(run, diffs, ref) for run, (ref, diffs) in zip(runs, compared))
     out.mkdir(parents=True, exist_ok=True)
     final = {name: out / name for name in texts}
     with ExitStack() as stack:  # every file written before any is renamed

@@ -72,3 +72,9 @@ def test_precision_choice():
     assert matmul_dtype("auto", cpu) == (torch.bfloat16 if cpu_multiplies_bf16() else torch.float32)
     with pytest.raises(UsageError, match="--precision"):
         matmul_dtype("fp8", cpu)
+
+
+def test_the_log_linear_head_keeps_float32_gemms():
+    spec = DenseSpec("depth", "linear", 1, 1e-3, 8.0, (24, 20), 0.5)
+    assert DenseHeads(spec, 12, 5, [1e-3], [0.0], matmul_dtype=torch.bfloat16).matmul_dtype == torch.float32
+    assert _heads(torch.float32, torch.bfloat16).matmul_dtype == torch.bfloat16

@@ -281,7 +281,7 @@ def fit_dense(
     fix_mmap_threshold()  # streamed blocks must not fragment the heap (allocator.py): peak memory then stays flat as N grows
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     budget = max_memory or default_memory(dev)
-    low = matmul_dtype(precision, dev)
+    low = ran = matmul_dtype(precision, dev)
     specs = [parse_store_spec(s) for s in stores]
     if not specs:
         raise UsageError("no store given", "pass --store PATH")
@@ -314,6 +314,7 @@ def fit_dense(
             c = fs.patch_views[v][2]
             heads = DenseHeads(spec, c, fs.views[cls_view] if cls_view else 0, [lr for lr, _ in protocol.heads],
                                [wd for _, wd in protocol.heads], dev, matmul_dtype=low)  # fmt: skip
+            ran = heads.matmul_dtype  # what ran (the log-linear head keeps float32)
             start = time.perf_counter()
             loss_targets = dense_targets.loss_targets(
                 dense_targets.targets(fs, plan.train_split, kind, rows["train"]), spec.loss_size, task
@@ -382,7 +383,7 @@ def fit_dense(
                 f"{plan.selection_label}); trained in {seconds:.1f} s")  # fmt: skip
         assert spec0 is not None
         run = {"task": task, "view": view, "head": spec0.head, "dense": spec0.to_dict(), "reported_as": reported_as,
-               "matmul_dtype": str(low).replace("torch.", ""),
+               "matmul_dtype": str(ran).replace("torch.", ""),
                "stores": [{"label": lab, "path": s.path} for (s, _, _, _), lab in zip(opened, labels)]}  # fmt: skip
         files = _write(out, rows_out, images, protocol, spec0, run, saved, confusions, view or opened[0][2])
     finally:

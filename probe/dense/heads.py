@@ -72,8 +72,9 @@ class DenseHeads(LinearHeads):
     ) -> None:
         super().__init__(channels + cls_channels, spec.outputs, lrs, wds, device, dtype)
         self.spec = spec
-        # the dtype of the token GEMM and its weight gradient (precision.py); the master weights stay ``dtype``
-        self.matmul_dtype = matmul_dtype or dtype
+        # the dtype of the token GEMM and its weight gradient (precision.py); the master weights stay ``dtype``.
+        # Not for the log-linear head: one output per head is memory-bound, bf16 would only cost precision
+        self.matmul_dtype = dtype if spec.head == "linear" else (matmul_dtype or dtype)
         self.channels, self.cls_channels = channels, cls_channels
         if spec.head == "bins":
             # zero weights and a bias of 1 give equal bin probabilities (every head starts at the middle

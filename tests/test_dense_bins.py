@@ -78,3 +78,36 @@ def test_the_log_linear_head_keeps_float32_gemms():
     spec = DenseSpec("depth", "linear", 1, 1e-3, 8.0, (24, 20), 0.5)
     assert DenseHeads(spec, 12, 5, [1e-3], [0.0], matmul_dtype=torch.bfloat16).matmul_dtype == torch.float32
     assert _heads(torch.float32, torch.bfloat16).matmul_dtype == torch.bfloat16
+
+
+def test_seg_step_equals_autograd_through_the_cross_entropy():
+    """The seg head's closed-form cross-entropy gradient: the same losses and weights after one step as
+    autograd through ``losses`` (ignored pixels included), and a diverged head that does not move."""
+    torch.manual_seed(4)
+    spec = DenseSpec("seg", "seg", 5, loss_size=(24, 20))
+    lrs = [1e-2, 1e-1, 1.0]
+    a = DenseHeads(spec, 12, 5, lrs, [0.0, 1e-4, 0.0], dtype=torch.float64)
+    b = DenseHeads(spec, 12, 5, lrs, [0.0, 1e-4, 0.0], dtype=torch.float64)
+    w0 = torch.randn_like(a.w) * 0.3
+    w0[:, 10:15] = float("nan")  # head 2 diverged
+    a.w.copy_(w0)
+    b.w.copy_(w0)
+    patches, cls = torch.randn(3, 6, 5, 12, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    target = torch.randint(0, 5, (3, 24, 20)).to(torch.uint8)
+    target[:, :4] = 255
+    protocol = Protocol(lr_grid=lrs, epochs=1, batch_size=3)
+    got = a.train_step(patches, cls, target, protocol, 1.0)
+    b.w.requires_grad_(True)
+    b.b.requires_grad_(True)
+    loss = b.losses(patches, cls, target)
+    finite = torch.isfinite(loss)
+    gw, gb = torch.autograd.grad(torch.where(finite, loss, torch.zeros_like(loss)).sum(), [b.w, b.b])
+    b.w.requires_grad_(False)
+    b.b.requires_grad_(False)
+    with torch.no_grad():
+        b.step(gw, gb, protocol, 1.0)
+    torch.testing.assert_close(got[:2], loss.detach()[:2])
+    assert not torch.isfinite(got[2])
+    torch.testing.assert_close(a.w[:, :10], b.w[:, :10])
+    torch.testing.assert_close(a.b[:10], b.b[:10])
+    assert not torch.equal(a.w[:, :5], w0[:, :5])

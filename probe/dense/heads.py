@@ -175,9 +175,7 @@ class DenseHeads(LinearHeads):
             if self.spec.task == "depth":
                 loss, gw, gb = self._depth_gradients(patches, cls, target)
             else:
-                loss = self.losses(patches, cls, target)
-                finite = torch.isfinite(loss)
-                gw, gb = torch.autograd.grad(torch.where(finite, loss, torch.zeros_like(loss)).sum(), [self.w, self.b])
+                loss, gw, gb = self._seg_gradients(patches, cls, target)
         finally:
             self.w.requires_grad_(False)
             self.b.requires_grad_(False)
@@ -210,6 +208,45 @@ class DenseHeads(LinearHeads):
                 gw, gb = self._bins_gradients(saved, cls, grad)
         else:
             gw, gb = torch.autograd.grad(depth, [self.w, self.b], grad_outputs=grad)
+        return loss, gw, gb
+
+    def _seg_gradients(
+        self, patches: torch.Tensor, cls: torch.Tensor | None, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cross-entropy of every head (mean over the batch's labelled pixels, 255 ignored) and its gradient,
+        the same numbers as autograd through :meth:`losses`: per image, the upsampled logits' log-softmax,
+        softmax − one-hot on the labelled pixels, and the upsampling's adjoint back to tokens, in closed
+        form (autograd would keep the (B, G, K, H, W) logits and a chain of their copies); autograd only
+        for the token GEMM, given that gradient."""
+        raw = self.token_outputs(patches, cls)  # (B, h, w, G, K), in the autograd graph
+        b, h, w, g, k = raw.shape
+        size = (int(target.shape[-2]), int(target.shape[-1]))
+        # the bilinear upsampling as two GEMMs on the grid dims, classes last (contiguous): the log-softmax
+        # then runs along memory and the adjoint lands in raw's own layout, with no transposed copies
+        uh = _interpolation_matrix(h, size[0], raw.device, raw.dtype)
+        uw = _interpolation_matrix(w, size[1], raw.device, raw.dtype)
+        with torch.no_grad():
+            labels = target.long()
+            valid = labels != IGNORE
+            n = max(int(valid.sum()), 1)
+            safe = torch.where(valid, labels, 0)
+            total = torch.zeros(g, dtype=torch.float64, device=raw.device)
+            grad = torch.empty(raw.shape, dtype=raw.dtype, device=raw.device)
+            for i in range(b):  # one image's (H, W, G, K) logits at a time: a few MiB
+                across = torch.matmul(uw, raw[i].detach().reshape(h, w, g * k))  # (h, W, G·K)
+                up = torch.mm(uh, across.reshape(h, -1)).view(size[0], size[1], g, k)
+                logp = torch.log_softmax(up, dim=-1)
+                index = safe[i][:, :, None, None].expand(size[0], size[1], g, 1)
+                mask = valid[i].to(logp.dtype)[:, :, None]
+                total -= (logp.gather(3, index)[..., 0] * mask).sum(dim=(0, 1), dtype=torch.float64)
+                p = logp.exp_().scatter_add_(3, index, torch.full(index.shape, -1.0, dtype=logp.dtype, device=logp.device))
+                p.mul_(mask.div_(n)[..., None])  # softmax − one-hot, on labelled pixels, over the batch's count
+                back = torch.mm(uh.t(), p.view(size[0], -1)).view(h, size[1], g * k)  # the adjoint, in reverse order
+                grad[i] = torch.matmul(uw.t(), back).view(h, w, g, k)
+            loss = (total / n).to(raw.dtype)
+            # a diverged head learns nothing more
+            grad = torch.where(torch.isfinite(loss)[:, None], torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), 0.0)
+        gw, gb = torch.autograd.grad(raw, [self.w, self.b], grad_outputs=grad)
         return loss, gw, gb
 
 

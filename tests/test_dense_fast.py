@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from probe.dense.heads import DenseHeads, DenseSpec, sig_loss, sig_loss_and_grad, upsample, upsample_transpose
+from tests.helpers import autograd_step
 
 
 def test_upsample_transpose_is_the_adjoint_of_upsample():
@@ -47,16 +48,7 @@ def test_depth_train_step_equals_autograd_through_the_loss(head):
 
     protocol = Protocol(lr_grid=lrs, epochs=1, batch_size=4)
     got = a.train_step(patches, cls, target, protocol, 1.0)
-    # the reference: autograd through the per-pixel loss
-    b.w.requires_grad_(True)
-    b.b.requires_grad_(True)
-    loss = b.losses(patches, cls, target)
-    finite = torch.isfinite(loss)
-    gw, gb = torch.autograd.grad(torch.where(finite, loss, torch.zeros_like(loss)).sum(), [b.w, b.b])
-    b.w.requires_grad_(False)
-    b.b.requires_grad_(False)
-    with torch.no_grad():
-        b.step(gw, gb, protocol, 1.0)
+    loss = autograd_step(b, patches, cls, target, protocol)
     torch.testing.assert_close(got[:2], loss.detach()[:2])
     assert not torch.isfinite(got[2])
     k = spec.outputs

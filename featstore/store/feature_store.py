@@ -41,7 +41,7 @@ from ..version import __version__
 from .attributes import StoreAttributes
 from .digests import ATTRIBUTE, ReadCheck, Recorded, array_names, digests_of, repair_hint, rows_digest, unit_bounds
 from .hdf5 import open_hdf5
-from .locations import PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
+from .locations import FRESH, PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
 from .lock import pid_alive
 from .patch import PatchArray, RowShape, create_patch_array, is_patch_shape, patch_dims, row_shape
 from .remote import Remote, refuse_unwritable
@@ -298,7 +298,7 @@ class FeatureStore:
             zarr = _zarr()
             from zarr.storage import FsspecStore
 
-            store = FsspecStore.from_url(url, read_only=not writable)  # its own async filesystem, on zarr's event loop
+            store = FsspecStore.from_url(url, read_only=not writable, storage_options=dict(FRESH))  # its own async filesystem, on zarr's event loop
             group = zarr.open_group(store=store, mode="r+" if writable else "r", zarr_format=3)
             return cls(url, group, writable=writable, fs=(fs, inner))
         except FeatstoreError:

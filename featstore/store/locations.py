@@ -62,12 +62,17 @@ def refuse_credentials(url: str) -> None:
         )
 
 
+# other processes write the stores featstore reads and writes at URLs (ranks, nodes, `ls` of a store
+# being written): fsspec's cached listings would hide their objects (s3fs even answers "not found")
+FRESH = {"use_listings_cache": False}
+
+
 def fsspec_fs(url: str) -> tuple[Any, str]:
     """The fsspec filesystem of ``url`` and the path in it; a missing backend is a one-line error."""
     import fsspec
 
     try:
-        fs, inner = fsspec.core.url_to_fs(url)
+        fs, inner = fsspec.core.url_to_fs(url, **FRESH)
         return fs, str(inner)
     except ImportError as e:
         raise FeatstoreError(f"cannot read {url!r}: {e}", "install the fsspec backend it names (s3fs, gcsfs, aiohttp)") from e

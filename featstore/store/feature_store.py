@@ -120,6 +120,7 @@ class FeatureStore:
         self._meta: StoreAttributes | None = None
         self.read_check: ReadCheck | None = None  # set by open(): checks reads (digests too with verify=True)
         self._unit_arrays: dict[str, list[str]] = {}  # split → arrays each unit writes (not the create-time ones)
+        self._writers: dict[str, Any] = {}  # "split/array" → the array, opened once (:meth:`_writer`)
 
     @property
     def meta(self) -> StoreAttributes:
@@ -298,7 +299,9 @@ class FeatureStore:
             zarr = _zarr()
             from zarr.storage import FsspecStore
 
-            store = FsspecStore.from_url(url, read_only=not writable, storage_options=dict(FRESH))  # its own async filesystem, on zarr's event loop
+            store = FsspecStore.from_url(
+                url, read_only=not writable, storage_options=dict(FRESH)
+            )  # its own async filesystem, on zarr's event loop
             group = zarr.open_group(store=store, mode="r+" if writable else "r", zarr_format=3)
             return cls(url, group, writable=writable, fs=(fs, inner))
         except FeatstoreError:
@@ -411,17 +414,15 @@ class FeatureStore:
             raise FeatstoreError(f"store {str(self.path)!r} is open read-only", "open it with mode='r+'")
         if set(features) != set(self.views):
             raise FeatstoreError(f"unit features have views {sorted(features)}, the store {sorted(self.views)}")
-        split = self._group[unit.split]
         written: dict[str, np.ndarray] = {}  # array → the unit's rows as stored (their digests need no read back)
         for view, values in features.items():
             expected = (unit.rows, *self.row_shape(view))
             if values.shape != expected:
                 raise FeatstoreError(f"unit {unit.split}#{unit.index} view {view!r}: got shape {values.shape}, expected {expected}")
-            written[f"features/{view}"] = np.asarray(values, dtype=split["features"][view].dtype)
+            written[f"features/{view}"] = np.asarray(values, dtype=self._writer(unit.split, f"features/{view}").dtype)
         written["valid"] = np.asarray(valid, bool)
         for name, values in written.items():
-            # every chunk is written, even one equal to the fill value: a missing chunk is then always damage
-            split[name].with_config({"write_empty_chunks": True})[unit.start : unit.stop] = values
+            self._writer(unit.split, name)[unit.start : unit.stop] = values
         marker = {
             "rows": [unit.start, unit.stop],
             "invalid": {str(k): v for k, v in sorted((invalid or {}).items())},
@@ -430,6 +431,14 @@ class FeatureStore:
         }
         self._write_marker(unit, json.dumps(marker))
 
+    def _writer(self, split: str, name: str) -> Any:
+        """The array a unit writes, opened once per store (at a URL each open is a metadata request).
+        Every chunk is written, even one equal to the fill value: a missing chunk is then always damage."""
+        key = f"{split}/{name}"
+        if key not in self._writers:
+            self._writers[key] = self._group[key].with_config({"write_empty_chunks": True})
+        return self._writers[key]
+
     def _unit_digests(self, unit: Unit, written: dict[str, np.ndarray]) -> dict[str, str]:
         """The digest of each array's rows of ``unit``: every array of the split but those written
         when the store was created (their digests are in the attributes already); an array this
@@ -437,9 +446,8 @@ class FeatureStore:
         if unit.split not in self._unit_arrays:
             created = Recorded.from_attrs(self.attrs).created.get(unit.split, [])
             self._unit_arrays[unit.split] = [a for a in array_names(self._group[unit.split]) if a not in created]
-        split = self._group[unit.split]
         return {
-            name: rows_digest(written[name] if name in written else split[name][unit.start : unit.stop])
+            name: rows_digest(written[name] if name in written else self._group[f"{unit.split}/{name}"][unit.start : unit.stop])
             for name in self._unit_arrays[unit.split]
         }
 

@@ -217,3 +217,21 @@ def test_an_out_url_featstore_cannot_write_is_refused():
         "error: cannot write a store to 'https://example.org/x.zarr': featstore writes to s3:// and gs:// URLs "
         "(write to s3://BUCKET/PREFIX/NAME.zarr (or gs://), or to a local folder)"
     )
+
+
+def test_a_home_at_a_url_keeps_the_stores_there_and_the_rest_local(monkeypatch, tmp_path):
+    from featstore import home
+
+    monkeypatch.setenv("FEATSTORE_HOME", "s3://bucket/team/featstore/")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("FEATSTORE_WEIGHTS", raising=False)
+    assert home.home_url() == "s3://bucket/team/featstore"
+    assert home.stores_dir() == "s3://bucket/team/featstore/stores"
+    assert (
+        home.default_store_path("digits", "tv:resnet18", "ab" * 32)
+        == "s3://bucket/team/featstore/stores/digits/tv_resnet18-abababababab.zarr"
+    )
+    assert home.home() == tmp_path / "featstore" and home.weights_dir() == tmp_path / "featstore" / "weights"
+    assert home.index_dir() == tmp_path / "featstore" / "index"
+    monkeypatch.setenv("FEATSTORE_HOME", str(tmp_path / "h"))  # a folder: everything there, as before
+    assert home.home_url() is None and home.stores_dir() == tmp_path / "h" / "stores"

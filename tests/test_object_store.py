@@ -235,3 +235,21 @@ def test_a_home_at_a_url_keeps_the_stores_there_and_the_rest_local(monkeypatch, 
     assert home.index_dir() == tmp_path / "featstore" / "index"
     monkeypatch.setenv("FEATSTORE_HOME", str(tmp_path / "h"))  # a folder: everything there, as before
     assert home.home_url() is None and home.stores_dir() == tmp_path / "h" / "stores"
+
+
+@pytest.mark.slow
+def test_rm_of_a_store_at_a_url(s3, plan):
+    from featstore.cache import remove_store
+
+    small = {k: (v[0][:20], v[1][:20], v[2][:20]) for k, v in plan.items()}
+    url = f"{s3}/rm/digits.zarr"
+    store = _create(url, small)
+    _write(store, small, store.pending_units())
+    store.finalize()
+    with store_lock(url), pytest.raises(FeatstoreError, match="store is being written by pid"):
+        remove_store(url)  # a live writer's lease keeps rm out
+    assert FeatureStore.open(url).complete
+    assert remove_store(url) > 3 * 20 * 64 * 4
+    assert objects(url) == []
+    with pytest.raises(UsageError, match="not found"):
+        remove_store(url)

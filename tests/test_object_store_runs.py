@@ -114,7 +114,7 @@ def test_a_second_writer_is_refused_while_one_writes(s3, clean):
 
 def test_the_cache_on_s3(s3, clean, tmp_path):
     """FEATSTORE_HOME=s3://…: extraction without --out caches the store there; ls lists it, the
-    same request finds it up to date, probe finds it by model and dataset, rm deletes it."""
+    same request finds it up to date, probe finds it by model and dataset, verify checks it, gc deletes it."""
     env = dict(_env(), FEATSTORE_HOME=f"{s3}/home", FEATSTORE_CACHE="", XDG_CACHE_HOME=str(tmp_path / "local"))
     first = _run(None, env=env)
     assert first.returncode == 0, first.stderr
@@ -136,8 +136,10 @@ def test_the_cache_on_s3(s3, clean, tmp_path):
     assert fit.returncode == 0, fit.stderr
     assert stored in (tmp_path / "fit" / "results.csv").read_text()
 
-    removed = _featstore("rm", stored, env=env)
-    assert removed.returncode == 0, removed.stderr
+    verified = _featstore("verify", stored, env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    collected = _featstore("gc", "--older-than", "0", env=env)  # by completion time: a URL keeps no use times
+    assert collected.returncode == 0 and stored in collected.stdout, collected.stdout + collected.stderr
     assert objects(stored) == [] and "no stores in" in _featstore("ls", env=env).stdout
 
 

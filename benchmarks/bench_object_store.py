@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import MB, machine, table, write_json  # noqa: E402
-from featstore.store import FeatureStore  # noqa: E402
+from benchmarks.common import MB, machine, table, write_json
+from featstore.store import FeatureStore
 
 
 class _Requests(logging.Handler):

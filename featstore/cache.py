@@ -32,7 +32,11 @@ def _cached(pattern: str = "*/*.zarr") -> list[tuple[Path | str, dict]]:
     top = Remote.of(root)
     top.fs.invalidate_cache(top.root)
     found: list[tuple[Path | str, dict]] = []
-    for inner in sorted(top.fs.glob(f"{top.root}/{pattern}")):
+    try:
+        below = sorted(top.fs.glob(f"{top.root}/{pattern}"))
+    except FileNotFoundError:  # no bucket yet: an empty cache
+        below = []
+    for inner in below:
         url = f"{root}/{str(inner)[len(top.root) + 1 :]}"
         if (attrs := Remote.of(url).attrs()) is not None:
             found.append((url, attrs))

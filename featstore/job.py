@@ -266,6 +266,7 @@ def _remote_store(url: str, log: Callable[[str], None]) -> bool:
     remote = Remote.of(url)
     if remote.attrs() is not None:
         return True
+    remote.require_bucket()
     if remote.half_created():
         with store_lock(url, warn=log):
             if remote.half_created():

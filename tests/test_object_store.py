@@ -253,3 +253,22 @@ def test_rm_of_a_store_at_a_url(s3, plan):
     assert objects(url) == []
     with pytest.raises(UsageError, match="not found"):
         remove_store(url)
+
+
+def test_a_missing_bucket_or_an_unreachable_endpoint_is_one_line(s3, monkeypatch):
+    from featstore.job import existing_store
+
+    with pytest.raises(FeatstoreError, match="the bucket 'no-such-bucket' does not exist") as missing:
+        existing_store("s3://no-such-bucket/x.zarr", "k", {}, False)
+    assert "aws s3 mb s3://no-such-bucket" in missing.value.hint
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(FeatstoreError, match="cannot read s3://feats/y.zarr: EndpointConnectionError") as unreachable:
+            existing_store("s3://feats/y.zarr", "k", {}, False)
+        assert "AWS_ENDPOINT_URL" in unreachable.value.hint
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()

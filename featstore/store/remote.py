@@ -65,9 +65,18 @@ class Remote:
     def read(self, name: str) -> bytes | None:
         """The object ``name`` (relative to the prefix), or None when it does not exist."""
         try:
-            return bytes(self.fs.cat_file(self.key(name)))
+            return bytes(self._call(lambda: self.fs.cat_file(self.key(name)), "read"))
         except FileNotFoundError:
             return None
+
+    def require_bucket(self) -> None:
+        """A missing bucket is one line before any work is done (featstore never creates buckets)."""
+        bucket = self.root.split("/", 1)[0]
+        if not self._call(lambda: self.fs.exists(bucket), "read"):
+            raise FeatstoreError(
+                f"cannot write to {self.url}: the bucket {bucket!r} does not exist",
+                f"create it first (e.g. `aws s3 mb s3://{bucket}`) or check the URL and AWS_ENDPOINT_URL",
+            )
 
     def read_json(self, name: str) -> Any:
         data = self.read(name)
@@ -98,7 +107,7 @@ class Remote:
             return True
 
     def exists(self, name: str) -> bool:
-        return bool(self.fs.exists(self.key(name)))
+        return bool(self._call(lambda: self.fs.exists(self.key(name)), "read"))
 
     def names(self, folder: str) -> list[str]:
         """The objects below ``folder`` (relative names), listed afresh (fsspec caches listings,
@@ -106,7 +115,7 @@ class Remote:
         self.fs.invalidate_cache(self.key(folder))
         prefix = self.key(folder).rstrip("/") + "/"
         try:
-            return [str(p)[len(self.root) + 1 :] for p in self.fs.find(prefix)]
+            return [str(p)[len(self.root) + 1 :] for p in self._call(lambda: self.fs.find(prefix), "read")]
         except FileNotFoundError:
             return []
 
@@ -166,16 +175,24 @@ class Remote:
             "another extraction writes there; wait for it or choose another --out",
         )
 
-    def _call(self, do: Callable[[], Any]) -> Any:
-        """One request; a refusal of the server (no such bucket, access denied) is one line."""
+    def _call(self, do: Callable[[], Any], what: str = "write to") -> Any:
+        """One request; a refusal of the server (no such bucket, access denied, no connection) is one line.
+        FileExistsError (a create-only write that found the object), FileNotFoundError on a read
+        (no such object) and TypeError (a backend without create-only writes) go to the caller."""
         try:
             return do()
-        except (FileExistsError, FileNotFoundError, TypeError):
+        except (FileExistsError, TypeError):
             raise
-        except (OSError, ValueError) as e:
+        except FileNotFoundError as e:
+            if what == "read":
+                raise
             raise FeatstoreError(
-                f"cannot write to {self.url}: {type(e).__name__}: {e}",
-                "check the bucket exists and your credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)",
+                f"cannot write to {self.url}: {e}", "check the bucket exists (featstore never creates one) and the URL"
+            ) from e
+        except Exception as e:  # botocore's connection and credential errors are not OSErrors
+            raise FeatstoreError(
+                f"cannot {what} {self.url}: {type(e).__name__}: {e}",
+                "check AWS_ENDPOINT_URL, the network and your credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)",
             ) from e
 
 

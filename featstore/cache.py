@@ -168,7 +168,9 @@ def last_used_of(attrs: dict) -> float:
 
 def describe(path: str | os.PathLike) -> StoreEntry:
     """The ``ls`` entry of one store: a local .zarr folder, an exported .h5 file or a URL."""
-    if is_url(path) and not is_hdf5_path(str(path)) and str(path).split("://")[0].lower() in ("s3", "gs", "gcs", "memory"):
+    from .store.remote import WRITABLE_SCHEMES, scheme
+
+    if is_url(path) and not is_hdf5_path(str(path)) and scheme(str(path)) in WRITABLE_SCHEMES:
         from .store import FeatureStore
 
         entry = _describe_remote(os.fspath(path))

@@ -35,7 +35,8 @@ class ExtractConfig:
     dataset : str
         ``digits``, ``imagenet``, an ImageFolder folder or a CSV file list.
     out : str, optional
-        The store to write; None: the cache, ``$FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr``.
+        The store to write (a folder, or an ``s3://``/``gs://`` URL: docs/scale.md); None: the cache,
+        ``$FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr``.
     data_root, weights, random_init, trust_checkpoint, ignore_keys
         Where ``imagenet`` lives; the checkpoint (or a transformers model folder); run untrained; allow pickled
         code; checkpoint key globs to drop.

@@ -29,6 +29,7 @@ def moto_s3(bucket: str = "feats") -> Iterator[str]:
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    _reset(env["AWS_ENDPOINT_URL"])  # moto keeps its buckets in this process's memory, across servers
     try:
         import s3fs
 
@@ -36,6 +37,7 @@ def moto_s3(bucket: str = "feats") -> Iterator[str]:
         s3fs.S3FileSystem().mkdir(bucket)
         yield f"s3://{bucket}"
     finally:
+        _reset(env["AWS_ENDPOINT_URL"])  # the next server (another module's) starts empty too
         server.stop()
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -49,3 +51,10 @@ def objects(url: str) -> list[str]:
     from featstore.store.remote import Remote
 
     return Remote.of(url).names("")
+
+
+def _reset(endpoint: str) -> None:
+    """Empty moto's in-process backends (every bucket of every server this process started)."""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()

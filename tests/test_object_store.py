@@ -272,3 +272,26 @@ def test_a_missing_bucket_or_an_unreachable_endpoint_is_one_line(s3, monkeypatch
         assert "AWS_ENDPOINT_URL" in unreachable.value.hint
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_removal_killed_half_way_is_cleared_by_the_next_run(s3, monkeypatch):
+    """`--overwrite` and `rm` mark the prefix first: killed between deletes, the leftover is a
+    half-created store the next run clears, not foreign objects it refuses."""
+    from featstore.job import existing_store
+
+    url = f"{s3}/removal/x.zarr"
+    remote = Remote.of(url)
+    remote.put("zarr.json", json.dumps({"attributes": {"schema_version": 1}}).encode())
+    remote.put("train/labels/c/0", b"labels")
+    calls = []
+
+    def dies(keys):  # the batched delete never happens: killed
+        calls.append(keys)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(remote.fs, "rm", dies)
+    with pytest.raises(KeyboardInterrupt):
+        remote.remove_store()
+    monkeypatch.undo()
+    assert calls and sorted(objects(url)) == [CREATING, "train/labels/c/0"]  # zarr.json gone: no store to a reader
+    assert existing_store(url, "k", {}, False) is None and objects(url) == []

@@ -127,13 +127,17 @@ class Remote:
         self.fs.invalidate_cache(self.key(folder))
 
     def remove_store(self) -> None:
-        """Delete the store here, ``zarr.json`` first (from then on it is no store to any reader),
-        leaving the lease to its holder (the caller)."""
+        """Delete the store here, leaving the lease to its holder (the caller). The creation marker
+        goes first and ``zarr.json`` next: from then on no reader sees a store, and a removal killed
+        half-way leaves what the next run clears as a half-created store."""
+        self.put(CREATING, json.dumps({"pid": os.getpid(), "removing": True}).encode())
         if self.exists("zarr.json"):
             self._call(lambda: self.fs.rm_file(self.key("zarr.json")))
-        keys = [self.key(n) for n in self.names("") if n != f"{PROGRESS}/lock.json"]
+        keep = {f"{PROGRESS}/lock.json", CREATING}
+        keys = [self.key(n) for n in self.names("") if n not in keep]
         if keys:
             self._call(lambda: self.fs.rm(keys))
+        self._call(lambda: self.fs.rm_file(self.key(CREATING)))
         self.fs.invalidate_cache(self.key())
 
     def size(self) -> int:

@@ -134,13 +134,14 @@ def entry_from_attrs(path: str, attrs: dict, size_bytes: int, units_done: int | 
     )
 
 
-def _describe_remote(url: str) -> StoreEntry | None:
-    """The entry of a Zarr store at an object-storage URL (its progress and lease read there), None when none is there."""
+def _describe_remote(url: str, attrs: dict | None = None) -> StoreEntry | None:
+    """The entry of a Zarr store at an object-storage URL (its progress and lease read there), None
+    when none is there; ``attrs``: its attributes when the caller has just read them."""
     from .store.lease import LEASE, is_live
     from .store.remote import Remote
 
     remote = Remote.of(url)
-    attrs = remote.attrs()
+    attrs = attrs if attrs is not None else remote.attrs()
     if attrs is None:
         return None
     meta = StoreAttributes.from_dict(attrs)
@@ -214,8 +215,10 @@ def _describe_local(p: Path) -> StoreEntry | None:
 def list_stores(paths: list[str] | None = None) -> list[StoreEntry]:
     """Every store of the cache, or of ``paths`` (stores, or folders searched for stores)."""
     if not paths:
-        cached = [p for p, _ in _cached()]
-        return [e for p in cached if (e := _describe_local(p) if isinstance(p, Path) else _describe_remote(p)) is not None]
+        root = stores_dir()
+        if isinstance(root, Path):  # each zarr.json read once
+            return [e for p in sorted(root.glob("*/*.zarr")) if (e := _describe_local(p)) is not None]
+        return [e for p, attrs in _cached() if (e := _describe_remote(str(p), attrs)) is not None]
     found: list[StoreEntry] = []
     for raw in paths:
         p = Path(raw)

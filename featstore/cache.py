@@ -21,9 +21,31 @@ from .store.attributes import StoreAttributes, store_label
 from .store.locations import PROGRESS, is_hdf5_path, is_url, store_attrs, tree_size
 
 
-def find_by_key(key: str) -> list[Path]:
+def _cached(pattern: str = "*/*.zarr") -> list[tuple[Path | str, dict]]:
+    """(location, attributes) of every cached store whose name matches ``pattern``, in name order:
+    folders of the local cache, or prefixes of a cache at a URL (``FEATSTORE_HOME=s3://…``)."""
+    root = stores_dir()
+    if isinstance(root, Path):
+        return [(p, attrs) for p in sorted(root.glob(pattern)) if (attrs := store_attrs(p)) is not None]
+    from .store.remote import Remote
+
+    top = Remote.of(root)
+    top.fs.invalidate_cache(top.root)
+    found: list[tuple[Path | str, dict]] = []
+    try:
+        below = sorted(top.fs.glob(f"{top.root}/{pattern}"))
+    except FileNotFoundError:  # no bucket yet: an empty cache
+        below = []
+    for inner in below:
+        url = f"{root}/{str(inner)[len(top.root) + 1 :]}"
+        if (attrs := Remote.of(url).attrs()) is not None:
+            found.append((url, attrs))
+    return found
+
+
+def find_by_key(key: str) -> list[Path | str]:
     """Cached stores whose cache key is ``key``, wherever their name puts them (found by content)."""
-    return [p for p in sorted(stores_dir().glob(f"*/*-{key[:12]}.zarr")) if StoreAttributes.from_dict(store_attrs(p)).cache_key == key]
+    return [p for p, attrs in _cached(f"*/*-{key[:12]}.zarr") if StoreAttributes.from_dict(attrs).cache_key == key]
 
 
 # ---------------------------------------------------------------- listing
@@ -112,8 +134,50 @@ def entry_from_attrs(path: str, attrs: dict, size_bytes: int, units_done: int | 
     )
 
 
+def _describe_remote(url: str, attrs: dict | None = None) -> StoreEntry | None:
+    """The entry of a Zarr store at an object-storage URL (its progress and lease read there), None
+    when none is there; ``attrs``: its attributes when the caller has just read them."""
+    from .store.lease import LEASE, is_live
+    from .store.remote import Remote
+
+    remote = Remote.of(url)
+    attrs = attrs if attrs is not None else remote.attrs()
+    if attrs is None:
+        return None
+    meta = StoreAttributes.from_dict(attrs)
+    done, writing = 0, False
+    if not meta.complete:
+        names = remote.names(PROGRESS)
+        done = sum(1 for n in names if n.rsplit("/", 1)[-1].startswith("unit-"))
+        holder = remote.read_json(LEASE)
+        writing = isinstance(holder, dict) and is_live(holder, time.time())
+    used = last_used_of(attrs)
+    return entry_from_attrs(url, attrs, remote.size(), done, writing, used)
+
+
+def last_used_of(attrs: dict) -> float:
+    """A store at a URL was last used when it was completed (or created): object storage keeps no use times."""
+    import calendar
+
+    for field in ("completed", "created"):
+        try:
+            return float(calendar.timegm(time.strptime(str(attrs.get(field)), "%Y-%m-%dT%H:%M:%SZ")))
+        except ValueError:
+            continue
+    return 0.0
+
+
 def describe(path: str | os.PathLike) -> StoreEntry:
     """The ``ls`` entry of one store: a local .zarr folder, an exported .h5 file or a URL."""
+    from .store.remote import WRITABLE_SCHEMES, scheme
+
+    if is_url(path) and not is_hdf5_path(str(path)) and scheme(str(path)) in WRITABLE_SCHEMES:
+        from .store import FeatureStore
+
+        entry = _describe_remote(os.fspath(path))
+        if entry is not None:
+            return entry
+        FeatureStore.open(path)  # raises the right error (not found / not a store)
     if is_url(path) or is_hdf5_path(str(path)):
         from .store import FeatureStore
 
@@ -151,7 +215,10 @@ def _describe_local(p: Path) -> StoreEntry | None:
 def list_stores(paths: list[str] | None = None) -> list[StoreEntry]:
     """Every store of the cache, or of ``paths`` (stores, or folders searched for stores)."""
     if not paths:
-        return [e for p in sorted(stores_dir().glob("*/*.zarr")) if (e := _describe_local(p)) is not None]
+        root = stores_dir()
+        if isinstance(root, Path):  # each zarr.json read once
+            return [e for p in sorted(root.glob("*/*.zarr")) if (e := _describe_local(p)) is not None]
+        return [e for p, attrs in _cached() if (e := _describe_remote(str(p), attrs)) is not None]
     found: list[StoreEntry] = []
     for raw in paths:
         p = Path(raw)
@@ -186,7 +253,7 @@ def _stores_below(folder: Path) -> list[Path]:
 def remove_store(path: str | os.PathLike) -> int:
     """Delete one store (refused while a live process writes it). Returns the bytes freed."""
     if is_url(path):
-        raise UsageError(f"cannot remove {str(path)!r}: featstore does not write to URLs", "delete it with your storage's own tools")
+        return _remove_remote(os.fspath(path))
     p = Path(path)
     if p.is_file() and p.suffix.lower() in (".h5", ".hdf5", ".npz"):
         _require_export(p)
@@ -208,6 +275,23 @@ def remove_store(path: str | os.PathLike) -> int:
     shutil.rmtree(trash, ignore_errors=True)
     if key:
         (index_dir() / "used" / key).unlink(missing_ok=True)
+    return size
+
+
+def _remove_remote(url: str) -> int:
+    """Delete one Zarr store at an s3:// or gs:// URL (refused while a live writer holds its lease)."""
+    from .store.lease import store_lock
+    from .store.remote import Remote, refuse_unwritable
+
+    refuse_unwritable(url)
+    remote = Remote.of(url)
+    if remote.attrs() is None:
+        if not remote.names(""):
+            raise UsageError(f"store {url!r} not found", "see `featstore ls` for the cached stores")
+        raise UsageError(f"{url!r} is not a featstore store", "featstore only removes stores it wrote")
+    with store_lock(url):  # raises while a live writer holds it; holding it keeps a new writer out
+        size = remote.size()
+        remote.remove_store()  # zarr.json first: from then on no reader sees a store
     return size
 
 
@@ -299,7 +383,8 @@ def lookup(model: str, dataset: str, weights: str | None = None) -> str:
             "pass --weights FILE, or --store PATH to pick one",
         )
     if matches:
-        first = _describe_local(Path(matches[0].path)) or matches[0]  # its progress: the one store worth a full look
+        where = matches[0].path  # its progress: the one store worth a full look
+        first = (_describe_remote(where) if is_url(where) else _describe_local(Path(where))) or matches[0]
         raise UsageError(
             f"the cached store of --model {model} --dataset {dataset} is not complete ({first.state}: {first.path})",
             f"finish it with `{command}`",
@@ -316,8 +401,4 @@ def _entries_from_attrs() -> list[StoreEntry]:
     """Every cached store's entry from its ``zarr.json`` alone, in ``list_stores`` order: what lookup
     matches on. No tree walk, lock or last-use read, so size, progress, ``writing`` and ``last_used``
     are left empty (lookup reads them for an incomplete match only)."""
-    return [
-        entry_from_attrs(str(p), attrs, 0, None, False, 0.0)
-        for p in sorted(stores_dir().glob("*/*.zarr"))
-        if (attrs := store_attrs(p)) is not None
-    ]
+    return [entry_from_attrs(str(p), attrs, 0, None, False, 0.0) for p, attrs in _cached()]

@@ -42,7 +42,7 @@ def cli(debug):
 @click.option(
     "--out",
     type=click.Path(),
-    help="Store to write (a .zarr folder); rerunning the same command resumes it. Default: the cache, $FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr (see `featstore ls`).",
+    help="Store to write (a .zarr folder, or an s3:// / gs:// URL: docs/scale.md); rerunning the same command resumes it. Default: the cache, $FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr (see `featstore ls`).",
 )
 @click.option(
     "--data-root",

@@ -13,7 +13,9 @@ from .request import ExtractConfig
 from .store import FeatureStore, capped_chunk_rows, expected_bytes, human_bytes, refuse_if_no_space, row_shape
 
 
-def dense_plan(config: ExtractConfig, out: Path, manifest: Manifest, views: dict[str, Any], log: Callable[[str], None]) -> ExtractConfig:
+def dense_plan(
+    config: ExtractConfig, out: Path | str, manifest: Manifest, views: dict[str, Any], log: Callable[[str], None]
+) -> ExtractConfig:
     """``config`` with its unit rows capped for patch views, after checking the disk has room.
 
     The size is the uncompressed one (compression is not known before the tokens are): an upper bound."""
@@ -22,7 +24,8 @@ def dense_plan(config: ExtractConfig, out: Path, manifest: Manifest, views: dict
     if patch:
         shapes = ", ".join(f"{v} {'×'.join(map(str, row_shape(d)))}" for v, d in patch.items())
         log(f"patch views {shapes}: the store needs up to {human_bytes(needed)}")
-    refuse_if_no_space(out.parent, needed)
+    if isinstance(out, Path):  # object storage has no free space to check
+        refuse_if_no_space(out.parent, needed)
     rows = capped_chunk_rows(config.chunk_rows, views, config.dtype)
     return config if rows == config.chunk_rows else dataclasses.replace(config, chunk_rows=rows)
 

@@ -8,10 +8,8 @@ The plan is fixed when the store is created (manifest frozen, arrays presized, c
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -25,6 +23,7 @@ from .job import (
     create_store,
     existing_store,
     remember,
+    remove_progress,
     repair_store,
     resume_command,
     store_of_job,
@@ -37,8 +36,8 @@ from .progress import log_to_stderr, resolve_mode
 from .ranks import Ranks, wait_until
 from .request import ExtractConfig, ExtractResult, recall_up_to_date, request_of, resolved_model
 from .splits import apply_split, parse_split
-from .store import PROGRESS
-from .store.lock import StoreLock
+from .store.lease import store_lock
+from .store.remote import location
 
 # re-exported: what a caller of the extraction reads about a job
 __all__ = ["ExtractConfig", "ExtractResult", "cache_fields", "cache_key", "extract", "request_of", "resolved_model", "resume_command"]
@@ -88,18 +87,18 @@ def extract(
         out = cached_location(manifest, config.model, key)
         config = dataclasses.replace(config, out=str(out))  # from here on the cached path is the --out
     else:
-        out = Path(config.out)
+        out = location(config.out)  # a Path, or an s3:// / gs:// URL (store/remote.py)
     rows = {s: len(m) for s, m in manifest.splits.items()}
 
     if ranks.is_leader:
-        existing = existing_store(out, key, fields, config.overwrite)
+        existing = existing_store(out, key, fields, config.overwrite, log)
     else:
         existing = store_of_job(out, key, ranks)
     if config.repair:
         existing = repair_store(existing, out, manifest, ranks, log)  # its damaged units pending again
     if existing is not None and existing.complete:
         if ranks.is_leader:
-            shutil.rmtree(out / PROGRESS, ignore_errors=True)  # a run killed right after completing left it
+            remove_progress(out)  # a run killed right after completing left it
             if ranks.world > 1:
                 existing.update_attrs({"job": ranks.job})  # tells the other ranks: nothing to do
             remember(request, manifest, spec, key, out)
@@ -128,7 +127,7 @@ def extract(
         written, invalid, nonfinite = run_units(store, manifest, encoder, views, loader_name, device, config, progress, ranks, log)
         label = f"{out} (rank {ranks.rank})"
     else:
-        with StoreLock(out / PROGRESS / "lock.json", warn=log, job=ranks.job):
+        with store_lock(out, warn=log, job=ranks.job) as lock:
             store.clean_temp_files()
             if targets is not None and "targets" not in store.attrs:
                 write_dense_targets(store, manifest, targets, spec.preprocess, fields["targets"], log)
@@ -137,6 +136,7 @@ def extract(
             written, _, nonfinite = run_units(store, manifest, encoder, views, loader_name, device, config, progress, ranks, log)
             if ranks.world > 1:
                 wait_until(lambda: not store.pending_units(), "the other ranks' units", timeout=float("inf"), poll=1.0)
+            lock.check()  # a lease lost to another writer (ours expired unrenewed): leave the store to it
             run_seconds = time.perf_counter() - run_start
             store.finalize(
                 {

@@ -25,9 +25,21 @@ from .atomic import write_atomic
 # ---------------------------------------------------------------- the home
 
 
+def _configured() -> str | None:
+    return os.environ.get("FEATSTORE_HOME") or os.environ.get("FEATSTORE_CACHE")
+
+
+def home_url() -> str | None:
+    """``$FEATSTORE_HOME`` when it is an object-storage URL (``s3://bucket/prefix``): the cached
+    stores live there, everything else (weights, memos, file checks, digits) in the local home."""
+    base = _configured()
+    return base.rstrip("/") if base and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", base) else None
+
+
 def home() -> Path:
-    base = os.environ.get("FEATSTORE_HOME") or os.environ.get("FEATSTORE_CACHE")
-    if not base:
+    """The local home (with ``$FEATSTORE_HOME`` at a URL: the default one, ``~/.cache/featstore``)."""
+    base = _configured()
+    if not base or home_url():
         return (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "featstore").expanduser()
     return Path(base).expanduser()
 
@@ -36,8 +48,10 @@ def weights_dir() -> Path:
     return Path(os.environ.get("FEATSTORE_WEIGHTS") or home() / "weights").expanduser()
 
 
-def stores_dir() -> Path:
-    return home() / "stores"
+def stores_dir() -> Path | str:
+    """Where the cached stores live: a local folder, or ``$FEATSTORE_HOME/stores`` at a URL."""
+    url = home_url()
+    return f"{url}/stores" if url else home() / "stores"
 
 
 def index_dir() -> Path:
@@ -49,8 +63,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
 
 
-def default_store_path(dataset: str, model: str, key: str) -> Path:
-    return stores_dir() / _slug(dataset) / f"{_slug(Path(model).name if model.endswith('.py') else model)}-{key[:12]}.zarr"
+def default_store_path(dataset: str, model: str, key: str) -> Path | str:
+    name = f"{_slug(Path(model).name if model.endswith('.py') else model)}-{key[:12]}.zarr"
+    root = stores_dir()
+    return f"{root}/{_slug(dataset)}/{name}" if isinstance(root, str) else root / _slug(dataset) / name
 
 
 # ---------------------------------------------------------------- last use (for gc)
@@ -58,10 +74,11 @@ def default_store_path(dataset: str, model: str, key: str) -> Path:
 
 def mark_used(path: str | os.PathLike[str], key: str | None) -> None:
     """Record that a cached store was read now (atime is unreliable: relatime, noatime mounts)."""
-    if not key:
-        return
+    root = stores_dir()
+    if not key or isinstance(root, str):
+        return  # a cache at a URL: gc goes by the stores' completion times
     try:
-        Path(path).resolve().relative_to(stores_dir().resolve())
+        Path(path).resolve().relative_to(root.resolve())
     except ValueError:
         return  # only stores of the cache are collected
     marker = index_dir() / "used" / key

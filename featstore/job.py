@@ -27,8 +27,9 @@ from .preprocess import SIZE_RULE
 from .ranks import Ranks, wait_until
 from .request import ExtractConfig, dataset_dirs, refuse_url_out, remember_request, request_of, resolved_model, resolved_path
 from .splits import parse_split
-from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, RowShape, is_store
-from .store.lock import StoreLock
+from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, RowShape, is_store, is_url
+from .store.lease import store_lock
+from .store.remote import Remote
 from .store.repair import reopen_damaged
 
 
@@ -100,7 +101,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         "--dataset",
         dataset,
         "--out",
-        str(Path(cast(str, config.out)).resolve()),
+        cast(str, config.out) if is_url(cast(str, config.out)) else str(Path(cast(str, config.out)).resolve()),
         "--loader",
         loader_name,
     ]
@@ -141,15 +142,17 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     return shlex.join(args)
 
 
-def cached_location(manifest: Manifest, model: str, key: str) -> Path:
+def cached_location(manifest: Manifest, model: str, key: str) -> Path | str:
     """Without --out: the cached store with this key wherever it is (two spellings of one model and
     data meet there), else its default place in the cache."""
     found = find_by_key(key)
     return found[0] if found else default_store_path(manifest.name, model, key)
 
 
-def remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: str, out: Path) -> None:
+def remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: str, out: Path | str) -> None:
     """Let the same request answer "up to date" next time without importing torch (request.py)."""
+    if isinstance(out, str):
+        return  # a store at a URL: its completion is read there each time (the memo stamps local files)
     if Path(config.dataset).suffix.lower() == ".csv":
         inputs = [str(Path(config.dataset).expanduser().resolve())]
     else:
@@ -158,7 +161,7 @@ def remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: 
 
 
 def create_store(
-    out: Path,
+    out: Path | str,
     manifest: Manifest,
     spec: EncoderSpec,
     views: dict[str, RowShape],
@@ -168,9 +171,27 @@ def create_store(
     config: ExtractConfig,
 ) -> FeatureStore:
     """A new store at ``out`` with the full provenance (replacing the old one under --overwrite)."""
+    if isinstance(out, str):  # at a URL creating is no rename: under the lease, objects written create-only
+        with store_lock(out):
+            if config.overwrite:
+                Remote.of(out).remove_store()
+            return _create(out, manifest, spec, views, loader_name, key, fields, config)
     if out.exists() and config.overwrite:
         _refuse_if_locked(out)
         shutil.rmtree(out)
+    return _create(out, manifest, spec, views, loader_name, key, fields, config)
+
+
+def _create(
+    out: Path | str,
+    manifest: Manifest,
+    spec: EncoderSpec,
+    views: dict[str, RowShape],
+    loader_name: str,
+    key: str,
+    fields: dict,
+    config: ExtractConfig,
+) -> FeatureStore:
     try:
         return FeatureStore.create(
             out,
@@ -195,11 +216,11 @@ def create_store(
         ) from e
 
 
-def store_of_job(out: Path, key: str, ranks: Ranks) -> FeatureStore:
+def store_of_job(out: Path | str, key: str, ranks: Ranks) -> FeatureStore:
     """A non-leader rank: the store rank 0 created or resumed for this job (same cache key)."""
 
     def ready():
-        if not is_store(out):
+        if (Remote.of(out).attrs() is None) if isinstance(out, str) else not is_store(out):
             return None
         store = FeatureStore.open(out, mode="r+")
         return store if store.attrs.get("job") == ranks.job else None
@@ -210,11 +231,16 @@ def store_of_job(out: Path, key: str, ranks: Ranks) -> FeatureStore:
     return store
 
 
-def existing_store(out: Path, key: str, fields: dict, overwrite: bool) -> FeatureStore | None:
+def existing_store(
+    out: Path | str, key: str, fields: dict, overwrite: bool, log: Callable[[str], None] = lambda s: None
+) -> FeatureStore | None:
     """The store to resume (same key), None to create one, or an error naming why not."""
-    if not out.exists():
+    if isinstance(out, str):
+        if not _remote_store(out, log):
+            return None
+    elif not out.exists():
         return None
-    if not is_store(out):
+    elif not is_store(out):
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
             return None
@@ -234,20 +260,54 @@ def existing_store(out: Path, key: str, fields: dict, overwrite: bool) -> Featur
     )
 
 
+def _remote_store(url: str, log: Callable[[str], None]) -> bool:
+    """Whether a store is at ``url``; a creation that died before its zarr.json is cleared
+    (under the lease: a live creator holds it), anything else there is refused."""
+    remote = Remote.of(url)
+    if remote.attrs() is not None:
+        return True
+    remote.require_bucket()
+    if remote.half_created():
+        with store_lock(url, warn=log):
+            if remote.half_created():
+                log(f"removing the half-created store at {url} (its creation was killed)")
+                remote.remove_store()
+        return False
+    if not remote.is_empty():
+        raise UsageError(
+            f"--out {url!r} holds objects and is not a featstore store", "choose a new --out URL; featstore never deletes other data"
+        )
+    return False
+
+
+def remove_progress(out: Path | str) -> None:
+    """Drop the progress files of a store that is complete (a run killed right after completing left them)."""
+    if isinstance(out, str):
+        Remote.of(out).remove(PROGRESS)
+    else:
+        shutil.rmtree(out / PROGRESS, ignore_errors=True)
+
+
 def _refuse_if_locked(out: Path) -> None:
-    lock = StoreLock(out / PROGRESS / "lock.json")
+    lock = store_lock(out)
     lock.acquire()  # raises when a live writer holds it
     lock.release()
 
 
-def repair_store(existing: FeatureStore | None, out: Path, manifest: Manifest, ranks: Ranks, log: Callable[[str], None]) -> FeatureStore:
+def repair_store(
+    existing: FeatureStore | None, out: Path | str, manifest: Manifest, ranks: Ranks, log: Callable[[str], None]
+) -> FeatureStore:
     """``--repair``: the store at ``out`` verified, its damaged units made pending again (so the
     ordinary resume re-extracts just them); an intact store is returned complete."""
+    if isinstance(out, str):
+        raise UsageError(
+            f"--repair works on local stores, not {out!r}", "copy it down (aws s3 sync URL DIR), repair it there, and upload it back"
+        )
     if ranks.world > 1:
         raise UsageError("--repair runs in one process", "run it without torchrun; the repair re-extracts only the damaged units")
     if existing is None:
         raise UsageError(f"no store to repair at {str(out)!r}", "run the same command without --repair to extract it")
-    with StoreLock(out / PROGRESS / "lock.json", warn=log):
+    with store_lock(out, warn=log):
         plan = {s: (list(m.paths), m.labels) for s, m in manifest.splits.items()}
         units = reopen_damaged(existing, plan, log)
     if units:

@@ -144,7 +144,7 @@ def run_units(
     runner = BatchEncoder(encoder, views, device, config.batch_size, compile=config.compile, cuda_graphs=config.cuda_graphs, log=log)
     ordinal = {(u.split, u.index): g for g, u in enumerate(u for s in store.splits for u in store.units(s))}
     pending = [u for u in store.pending_units() if ranks.owns(ordinal[(u.split, u.index)])]
-    label = f"extract {store.path.name}" + (f" (rank {ranks.rank})" if ranks.world > 1 else "")
+    label = f"extract {store.name}" + (f" (rank {ranks.rank})" if ranks.world > 1 else "")
     bar = Progress(sum(u.rows for u in pending), label, progress, log)
     writer = _UnitWriter(store)
     written, invalid, nonfinite = 0, 0, set()

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import overload
 
-from .errors import UsageError
 from .home import index_dir, write_memo
 from .store import DEFAULT_CHUNK_ROWS
-from .store.locations import PROGRESS, is_url, store_attrs
+from .store.locations import PROGRESS, is_url, refuse_credentials, store_attrs
+from .store.remote import refuse_unwritable
 
 
 @dataclass
@@ -35,7 +35,8 @@ class ExtractConfig:
     dataset : str
         ``digits``, ``imagenet``, an ImageFolder folder or a CSV file list.
     out : str, optional
-        The store to write; None: the cache, ``$FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr``.
+        The store to write (a folder, or an ``s3://``/``gs://`` URL: docs/scale.md); None: the cache,
+        ``$FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr``.
     data_root, weights, random_init, trust_checkpoint, ignore_keys
         Where ``imagenet`` lives; the checkpoint (or a transformers model folder); run untrained; allow pickled
         code; checkpoint key globs to drop.
@@ -133,11 +134,10 @@ class ExtractResult:
 
 
 def refuse_url_out(out: str | None) -> None:
+    """An ``--out`` URL featstore cannot write to, or one carrying credentials: one line naming the fix."""
     if out is not None and is_url(out):
-        raise UsageError(
-            f"--out {out!r} is a URL; featstore writes stores to local folders only",
-            "extract locally (omit --out to use the cache), then upload the folder, e.g. `aws s3 sync STORE URL`",
-        )
+        refuse_credentials(out)
+        refuse_unwritable(out)
 
 
 @overload
@@ -183,7 +183,7 @@ def request_of(config: ExtractConfig) -> dict:
             config.mean and list(config.mean),
             config.std and list(config.std),
         ],
-        "out": os.path.abspath(os.path.expanduser(config.out)) if config.out else None,
+        "out": (config.out if is_url(config.out) else os.path.abspath(os.path.expanduser(config.out))) if config.out else None,
         **({"split": [config.split, config.split_seed]} if config.split else {}),  # absent: old memos stay valid
         "ranks": os.environ.get("WORLD_SIZE"),
         **({"labels": config.labels} if config.labels != "dense" else {}),

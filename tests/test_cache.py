@@ -242,15 +242,16 @@ def test_file_sha256_matches_hashlib_and_is_memoized(home, tmp_path):
     assert featstore_home.file_sha256(f) == hashlib.sha256(b"other").hexdigest()
 
 
-def test_out_url_is_refused_and_creates_nothing(home, tmp_path, monkeypatch):
+def test_an_out_url_featstore_cannot_write_is_refused_and_creates_nothing(home, tmp_path, monkeypatch):
+    """s3:// and gs:// are written (test_object_store*.py); http(s) and the like are refused."""
     monkeypatch.chdir(tmp_path)
-    code, output = run(["extract", "--model", "resnet18", "--random-init", "--out", "s3://bucket/x.zarr"])
+    code, output = run(["extract", "--model", "resnet18", "--random-init", "--out", "http://host/x.zarr"])
     assert code == 2
     assert output.strip().splitlines() == [
-        "error: --out 's3://bucket/x.zarr' is a URL; featstore writes stores to local folders only "
-        "(extract locally (omit --out to use the cache), then upload the folder, e.g. `aws s3 sync STORE URL`)"
+        "error: cannot write a store to 'http://host/x.zarr': featstore writes to s3:// and gs:// URLs "
+        "(write to s3://BUCKET/PREFIX/NAME.zarr (or gs://), or to a local folder)"
     ]
-    assert list(tmp_path.iterdir()) == []  # no s3:/bucket/x.zarr folder
+    assert list(tmp_path.iterdir()) == []  # no http:/host/x.zarr folder
 
 
 # ---------------------------------------------------------------- item 2: ls, rm, gc

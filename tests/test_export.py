@@ -240,10 +240,12 @@ def test_s3_bad_urls(s3):
         FeatureStore.open(f"{s3}/nope.zarr")
     with pytest.raises(UsageError, match="store 's3://feats/nope.h5' not found"):
         FeatureStore.open(f"{s3}/nope.h5")
-    with pytest.raises(UsageError, match="only reads stores at URLs"):
-        FeatureStore.open(f"{s3}/digits.zarr", mode="r+")
-    code, output = run(["rm", f"{s3}/digits.zarr"])
-    assert code == 2 and "does not write to URLs" in output
+    with pytest.raises(UsageError, match="featstore writes to s3:// and gs:// URLs"):
+        FeatureStore.open("https://example.org/digits.zarr", mode="r+")
+    with pytest.raises(UsageError, match="HDF5 export, read-only"):
+        FeatureStore.open(f"{s3}/digits.h5", mode="r+")
+    code, output = run(["rm", f"{s3}/nope.zarr"])
+    assert code == 2 and "store 's3://feats/nope.zarr' not found" in output
 
 
 def test_http_store(digits_store):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,9 +41,10 @@ from ..version import __version__
 from .attributes import StoreAttributes
 from .digests import ATTRIBUTE, ReadCheck, Recorded, array_names, digests_of, repair_hint, rows_digest, unit_bounds
 from .hdf5 import open_hdf5
-from .locations import PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
+from .locations import FRESH, PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
 from .lock import pid_alive
 from .patch import PatchArray, RowShape, create_patch_array, is_patch_shape, patch_dims, row_shape
+from .remote import Remote, refuse_unwritable
 from .rows import LazyRows
 
 SCHEMA_VERSION = 1
@@ -118,6 +120,7 @@ class FeatureStore:
         self._meta: StoreAttributes | None = None
         self.read_check: ReadCheck | None = None  # set by open(): checks reads (digests too with verify=True)
         self._unit_arrays: dict[str, list[str]] = {}  # split → arrays each unit writes (not the create-time ones)
+        self._writers: dict[str, Any] = {}  # "split/array" → the array, opened once (:meth:`_writer`)
 
     @property
     def meta(self) -> StoreAttributes:
@@ -129,6 +132,11 @@ class FeatureStore:
     @property
     def location(self) -> str:
         return str(self.path)
+
+    @property
+    def name(self) -> str:
+        """The store's folder name (``x.zarr`` of ``/data/x.zarr`` and of ``s3://bucket/x.zarr``)."""
+        return str(self.path).rstrip("/").rsplit("/", 1)[-1]
 
     @property
     def format(self) -> str:
@@ -153,6 +161,16 @@ class FeatureStore:
             raise UsageError(f"unknown feature dtype {dtype!r}", f"use one of {', '.join(FEATURE_DTYPES)}")
         if chunk_rows < 1:
             raise UsageError(f"chunk rows must be positive, got {chunk_rows}", "pass a positive --chunk-rows")
+        if is_url(path):  # planned in a local temp folder, then uploaded with zarr.json last (store/remote.py)
+            url = os.fspath(path)
+            remote = Remote.of(url)
+            if remote.attrs() is not None or not remote.is_empty():
+                raise FeatstoreError(f"{url!r} already exists", "remove it or choose another path")
+            with tempfile.TemporaryDirectory(prefix="featstore-plan-") as tmp:
+                plan = cls.create(Path(tmp) / "plan.zarr", splits=splits, views=views, dtype=dtype, chunk_rows=chunk_rows, attrs=attrs)
+                remote.upload_plan(Path(tmp) / "plan.zarr")
+                del plan
+            return cls.open(url, mode="r+")
         zarr = _zarr()
         path = Path(path)
         if path.exists():
@@ -228,8 +246,10 @@ class FeatureStore:
         text = os.fspath(path)
         if is_url(text):
             if mode != "r":
-                raise UsageError(f"{text!r} is a URL; featstore only reads stores at URLs", "extract locally, then upload")
-            store = cls._open_url(text)
+                refuse_unwritable(text)
+                if is_hdf5_path(text):
+                    raise UsageError(f"{text!r} is an HDF5 export, read-only", "resume or extend the Zarr store it came from")
+            store = cls._open_url(text, writable=mode != "r")
         elif is_hdf5_path(text) and Path(text).is_file():
             if mode != "r":
                 raise UsageError(f"{text!r} is an HDF5 export, read-only", "resume or extend the Zarr store it came from")
@@ -261,7 +281,7 @@ class FeatureStore:
         return store
 
     @classmethod
-    def _open_url(cls, url: str) -> FeatureStore:
+    def _open_url(cls, url: str, writable: bool = False) -> FeatureStore:
         refuse_credentials(url)
         fs, inner = fsspec_fs(url)
         try:
@@ -279,9 +299,11 @@ class FeatureStore:
             zarr = _zarr()
             from zarr.storage import FsspecStore
 
-            store = FsspecStore.from_url(url, read_only=True)  # its own async filesystem, on zarr's event loop
-            group = zarr.open_group(store=store, mode="r", zarr_format=3)
-            return cls(url, group, writable=False, fs=(fs, inner))
+            store = FsspecStore.from_url(
+                url, read_only=not writable, storage_options=dict(FRESH)
+            )  # its own async filesystem, on zarr's event loop
+            group = zarr.open_group(store=store, mode="r+" if writable else "r", zarr_format=3)
+            return cls(url, group, writable=writable, fs=(fs, inner))
         except FeatstoreError:
             raise
         except (OSError, ValueError) as e:
@@ -341,20 +363,42 @@ class FeatureStore:
             return self.path
         raise FeatstoreError(f"store {self.path!r} is not local", "featstore only writes local stores")
 
+    @property
+    def _remote(self) -> Remote:
+        """The prefix of a store at a URL (its markers are objects, each written by one PUT)."""
+        if self._fs is None:
+            raise FeatstoreError(f"store {str(self.path)!r} is not at a URL")
+        return Remote(str(self.path).rstrip("/"), self._fs[0], self._fs[1].rstrip("/"))
+
     def is_done(self, unit: Unit) -> bool:
         if self.complete:
             return True
         if self._fs is not None:
-            fs, inner = self._fs
-            return bool(fs.exists(f"{inner.rstrip('/')}/{self._marker_name(unit)}"))
+            return self._remote.exists(self._marker_name(unit))
         return self._marker(unit).is_file()
 
     def pending_units(self, split: str | None = None) -> list[Unit]:
         splits = [split] if split else self.splits
+        if self._fs is not None and not self.complete:  # one listing, not a request per unit
+            done = set(self._remote.names(PROGRESS))
+            return [u for s in splits for u in self.units(s) if self._marker_name(u) not in done]
         return [u for s in splits for u in self.units(s) if not self.is_done(u)]
+
+    def _write_marker(self, unit: Unit, text: str) -> None:
+        if self._fs is not None:
+            self._remote.put(self._marker_name(unit), text.encode())  # one PUT: atomic
+        else:
+            write_atomic(self._marker(unit), text)
+
+    def _read_marker(self, unit: Unit) -> Any:
+        if self._fs is not None:
+            return json.loads(self._remote.read(self._marker_name(unit)) or b"null")
+        return json.loads(self._marker(unit).read_text())
 
     def clean_temp_files(self) -> int:
         """Remove temp files a killed writer left behind (ours and zarr's). Returns how many."""
+        if self._fs is not None:
+            return 0  # object storage has no temp files: each object is one PUT
         removed = 0
         for p in self._local.rglob("*"):
             if p.is_file() and (p.name.endswith(".tmp") or p.name.endswith(".partial")):
@@ -370,24 +414,30 @@ class FeatureStore:
             raise FeatstoreError(f"store {str(self.path)!r} is open read-only", "open it with mode='r+'")
         if set(features) != set(self.views):
             raise FeatstoreError(f"unit features have views {sorted(features)}, the store {sorted(self.views)}")
-        split = self._group[unit.split]
         written: dict[str, np.ndarray] = {}  # array → the unit's rows as stored (their digests need no read back)
         for view, values in features.items():
             expected = (unit.rows, *self.row_shape(view))
             if values.shape != expected:
                 raise FeatstoreError(f"unit {unit.split}#{unit.index} view {view!r}: got shape {values.shape}, expected {expected}")
-            written[f"features/{view}"] = np.asarray(values, dtype=split["features"][view].dtype)
+            written[f"features/{view}"] = np.asarray(values, dtype=self._writer(unit.split, f"features/{view}").dtype)
         written["valid"] = np.asarray(valid, bool)
         for name, values in written.items():
-            # every chunk is written, even one equal to the fill value: a missing chunk is then always damage
-            split[name].with_config({"write_empty_chunks": True})[unit.start : unit.stop] = values
+            self._writer(unit.split, name)[unit.start : unit.stop] = values
         marker = {
             "rows": [unit.start, unit.stop],
             "invalid": {str(k): v for k, v in sorted((invalid or {}).items())},
             "written": time.time(),
             "digests": self._unit_digests(unit, written),
         }
-        write_atomic(self._marker(unit), json.dumps(marker))
+        self._write_marker(unit, json.dumps(marker))
+
+    def _writer(self, split: str, name: str) -> Any:
+        """The array a unit writes, opened once per store (at a URL each open is a metadata request).
+        Every chunk is written, even one equal to the fill value: a missing chunk is then always damage."""
+        key = f"{split}/{name}"
+        if key not in self._writers:
+            self._writers[key] = self._group[key].with_config({"write_empty_chunks": True})
+        return self._writers[key]
 
     def _unit_digests(self, unit: Unit, written: dict[str, np.ndarray]) -> dict[str, str]:
         """The digest of each array's rows of ``unit``: every array of the split but those written
@@ -396,9 +446,8 @@ class FeatureStore:
         if unit.split not in self._unit_arrays:
             created = Recorded.from_attrs(self.attrs).created.get(unit.split, [])
             self._unit_arrays[unit.split] = [a for a in array_names(self._group[unit.split]) if a not in created]
-        split = self._group[unit.split]
         return {
-            name: rows_digest(written[name] if name in written else split[name][unit.start : unit.stop])
+            name: rows_digest(written[name] if name in written else self._group[f"{unit.split}/{name}"][unit.start : unit.stop])
             for name in self._unit_arrays[unit.split]
         }
 
@@ -416,10 +465,10 @@ class FeatureStore:
             created = set(recorded.created.get(split, []))
             from_units: dict[str, list[str]] = {}
             for unit in self.units(split):
-                marker = json.loads(self._marker(unit).read_text())
-                if marker["rows"] != [unit.start, unit.stop]:
+                marker = self._read_marker(unit)
+                if not isinstance(marker, dict) or marker.get("rows") != [unit.start, unit.stop]:
                     raise FeatstoreError(
-                        f"unit marker {self._marker(unit).name} of split {split!r} does not match the plan", "rerun with --overwrite"
+                        f"unit marker {self._marker_name(unit)} of split {split!r} does not match the plan", "rerun with --overwrite"
                     )
                 rows.extend((int(r), reason) for r, reason in marker["invalid"].items())
                 # a marker of an older featstore (a resumed store) has none: its rows as they are now
@@ -440,12 +489,16 @@ class FeatureStore:
         attrs = dict(extra_attrs or {})
         attrs[ATTRIBUTE] = recorded.to_attrs()
         attrs.update(invalid=invalid, complete=True, completed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        self.update_attrs(attrs)
-        shutil.rmtree(self._local / PROGRESS, ignore_errors=True)
+        self.update_attrs(attrs)  # at a URL: one PUT of zarr.json, the completion record, atomic
+        if self._fs is not None:
+            self._remote.remove(PROGRESS)
+            self._group.store.fs.invalidate_cache()  # zarr's own filesystem may have listed _progress
+        else:
+            shutil.rmtree(self._local / PROGRESS, ignore_errors=True)
         # one read of zarr.json describes the whole tree: fast remote opens, xarray's consolidated=True
         with warnings.catch_warnings():  # "not part of the v3 spec yet": zarr-python, xarray and dask read it
             warnings.simplefilter("ignore", UserWarning)
-            self._group = _zarr().consolidate_metadata(str(self._local))
+            self._group = _zarr().consolidate_metadata(self._group.store if self._fs is not None else str(self._local))
 
     def update_attrs(self, attrs: dict[str, Any]) -> None:
         if not self.writable:

@@ -47,13 +47,24 @@ def tree_size(path: Path) -> int:
     return total
 
 
+_SECRET_PARAMS = re.compile(
+    r"[?&](access_key|secret|secret_key|aws_access_key_id|aws_secret_access_key|token|session_token|key|password)=", re.I
+)
+
+
 def refuse_credentials(url: str) -> None:
-    """Credentials never ride in a URL: they would reach logs, results and provenance."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", url):
+    """Credentials never ride in a URL: they would reach logs, results, provenance and the resume command."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", url) or _SECRET_PARAMS.search(url):
         raise UsageError(
-            "the store URL holds credentials (user:password@)",
-            "remove them from the URL and configure them the fsspec way (environment, ~/.aws, ~/.config/fsspec)",
+            "the store URL holds credentials (user:password@ or a key in its query)",
+            "remove them from the URL; use the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL, AWS_PROFILE or ~/.aws) or gcloud's for gs://",
         )
+
+
+# other processes write the stores featstore reads and writes at URLs (ranks, nodes, `ls` of a store
+# being written): fsspec's cached listings would hide their objects (s3fs even answers "not found")
+FRESH = {"use_listings_cache": False}
 
 
 def fsspec_fs(url: str) -> tuple[Any, str]:
@@ -61,7 +72,7 @@ def fsspec_fs(url: str) -> tuple[Any, str]:
     import fsspec
 
     try:
-        fs, inner = fsspec.core.url_to_fs(url)
+        fs, inner = fsspec.core.url_to_fs(url, **FRESH)
         return fs, str(inner)
     except ImportError as e:
         raise FeatstoreError(f"cannot read {url!r}: {e}", "install the fsspec backend it names (s3fs, gcsfs, aiohttp)") from e

@@ -108,6 +108,9 @@ class StoreLock:
             f"wait for it to finish; if that process is gone, delete {self.path}",
         ) from None
 
+    def check(self) -> None:
+        """Nothing to check: the kernel keeps the flock for as long as this process lives (a lease can lapse)."""
+
     def release(self) -> None:
         if self.held and self._fd is not None:
             # delete while still holding the flock, so no one takes a lock on the file we are removing

@@ -25,11 +25,21 @@ from .models.encoders import EncoderSpec, pos_embed_rule
 from .models.presets import find_preset
 from .preprocess import SIZE_RULE
 from .ranks import Ranks, wait_until
-from .request import ExtractConfig, dataset_dirs, refuse_url_out, remember_request, request_of, resolved_model, resolved_path
+from .request import (
+    ExtractConfig,
+    dataset_dirs,
+    refuse_url_out,
+    remember_request,
+    request_of,
+    resolved_dataset,
+    resolved_model,
+    resolved_path,
+)
 from .splits import parse_split
 from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, RowShape, is_store
 from .store.lock import StoreLock
 from .store.repair import reopen_damaged
+from .wds_dataset import SPLITS_FILE, shard_files
 
 
 def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest, device: torch.device) -> dict:
@@ -91,7 +101,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     which would be another store); ``--overwrite`` is left out, since it would start over.
     """
     defaults = ExtractConfig(model="", dataset="", out="")
-    dataset = config.dataset if config.dataset in (*BUILTIN_DATASETS, NYU) else resolved_path(config.dataset)
+    dataset = config.dataset if config.dataset in (*BUILTIN_DATASETS, NYU) else resolved_dataset(config.dataset)
     args = [
         "featstore",
         "extract",
@@ -123,6 +133,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         ("labels", "--labels", str),
         ("max_decode_pixels", "--max-decode-pixels", str),
         ("depth_scale", "--depth-scale", str),
+        ("wds_label", "--wds-label", str),
     ]
     for name, flag, text in options:
         value = getattr(config, name)
@@ -150,7 +161,11 @@ def cached_location(manifest: Manifest, model: str, key: str) -> Path:
 
 def remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: str, out: Path) -> None:
     """Let the same request answer "up to date" next time without importing torch (request.py)."""
-    if Path(config.dataset).suffix.lower() == ".csv":
+    if manifest.shards is not None:
+        if len(shard_files(manifest)) < len(manifest.shards.shards):
+            return  # shards at URLs: no stamp tells when they change, so no memo
+        inputs = shard_files(manifest) + ([resolved_dataset(config.dataset)[4:]] if config.dataset.lower().endswith(SPLITS_FILE) else [])
+    elif Path(config.dataset).suffix.lower() == ".csv":
         inputs = [str(Path(config.dataset).expanduser().resolve())]
     else:
         inputs = dataset_dirs(manifest.root)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,8 @@ class Manifest:
     skipped: list[str] = field(default_factory=list, compare=False)
     # "sparse": a CSV's integer labels mapped, sorted, to classes 0..K-1; class_names[i] is the label of class i
     label_mapping: str = ""
+    # a dataset read from tar shards (WebDataset, ``wds_dataset``): where each row's image is; None for files
+    shards: ShardRows | None = field(default=None, compare=False)
 
     @property
     def sha256(self) -> str:
@@ -66,6 +69,12 @@ class Manifest:
     def absolute_paths(self, split: str) -> list[str]:
         return [str(self.root / p) for p in self.splits[split].paths]
 
+    def sources(self, split: str) -> list[str]:
+        """What the loaders read for each row: a file's absolute path, or for shards a member reference (``member_ref``)."""
+        if self.shards is None:
+            return self.absolute_paths(split)
+        return self.shards.sources(self.splits[split].paths)
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -78,7 +87,49 @@ class Manifest:
             **({"raw_paths": raw} if (raw := self.raw_paths()) else {}),
             **({"skipped": list(self.skipped)} if self.skipped else {}),
             **({"label_mapping": f"{self.label_mapping}: class i is the integer label class_names[i]"} if self.label_mapping else {}),
+            **({"shards": self.shards.describe()} if self.shards is not None else {}),
         }
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """Where each image of a dataset read from tar shards is: by row identity (``<shard>/<key>``,
+    sorted, so a re-split manifest finds its rows), the shard, and the image member's byte range.
+    ``problems``: rows known invalid before any read (no image component, truncated, no label)."""
+
+    shards: tuple[str, ...]  # absolute paths or URLs
+    paths: np.ndarray  # sorted row identities (str)
+    shard: np.ndarray  # int32 index into shards
+    offset: np.ndarray  # int64 byte offset of the image member's data
+    size: np.ndarray  # int64 its size
+    problems: dict[str, str]
+    label: str = "cls"  # where the labels came from (--wds-label)
+
+    def sources(self, paths: tuple[str, ...] | list[str]) -> list[str]:
+        at = np.searchsorted(self.paths, np.asarray(paths, dtype=self.paths.dtype)) if len(paths) else np.zeros(0, np.int64)
+        out = []
+        for p, i in zip(paths, at.tolist()):
+            shard = self.shards[int(self.shard[i])]
+            problem = self.problems.get(p)
+            out.append(member_ref(shard, -1, -1, problem) if problem else member_ref(shard, int(self.offset[i]), int(self.size[i])))
+        return out
+
+    def describe(self) -> dict:
+        return {"count": len(self.shards), "first": self.shards[0] if self.shards else None, "label": self.label}
+
+
+def member_ref(shard: str, offset: int, size: int, problem: str = "") -> str:
+    """A tar member as the loaders are handed it: ``SHARD#OFFSET:SIZE``, or ``SHARD#!REASON`` for a row known invalid."""
+    return f"{shard}#!{problem}" if problem else f"{shard}#{offset}:{size}"
+
+
+def parse_member_ref(ref: str) -> tuple[str, int, int, str]:
+    """``member_ref``'s (shard, offset, size, problem)."""
+    m = re.search(r"#(\d+):(\d+)$", ref)
+    if m:
+        return ref[: m.start()], int(m.group(1)), int(m.group(2)), ""
+    at = ref.find("#!")  # a reason may hold '#': the first '#!' ends the shard's name
+    return ref[:at], -1, -1, ref[at + 2 :]
 
 
 def stored_path(path: str) -> str:

@@ -1,0 +1,221 @@
+"""``--dataset wds:...``: a WebDataset (tar shards) → a Manifest whose rows are the shards' samples.
+
+Two forms:
+
+- ``wds:PATTERN`` — the shards of one pattern (``data/train-{000000..000099}.tar``, globs, fsspec URLs:
+  ``shards``) are one split, ``all`` (``--split train=0.8,val=0.2`` can draw splits from it);
+- ``wds:FILE.yaml`` (or ``.yml``, ``.json``) — a file naming each split's shards, paths relative to the
+  file's folder, one pattern or a list of them per split::
+
+      train: train-{000000..000099}.tar
+      val: [val-000000.tar, val-000001.tar]
+
+A row's identity (the store's ``paths``) is ``<shard, relative to the common folder>/<sample key>``,
+unique because keys are unique within a shard; rows are in shard order, then member order.
+The label comes from ``--wds-label``: ``cls`` (the default: the sample's .cls component, an integer
+or a class name) or a field of the sample's .json component. Integer labels follow ``--labels``
+(dense 0..C-1, or sparse) as a CSV's do; names become classes in sorted order.
+
+A sample without an image component, with a truncated image, or without a usable label is an invalid
+row with its reason (label 0, never read as a class: ``valid`` is false); a damaged shard's later
+samples are left out and said so in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+from .manifest import Manifest, ShardRows, SplitManifest
+from .shards import expand_shards, is_url
+from .tar_index import CLS, ShardListing, list_shard
+
+PREFIX = "wds:"
+# image components, by exact extension (as DALI's reader matches them): the first one a sample has is its image
+IMAGE_COMPONENTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm", "pnm")
+SPLITS_FILE = (".yaml", ".yml", ".json")
+_SPLIT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def is_wds(spec: str) -> bool:
+    return spec.startswith(PREFIX)
+
+
+def split_patterns(spec: str) -> tuple[dict[str, list[str]], Path | None]:
+    """``wds:...`` → {split: [shard, …]} (expanded, in row order) and the splits file (None for a pattern)."""
+    body = spec[len(PREFIX) :]
+    if not body:
+        raise UsageError("--dataset 'wds:' names no shards", "e.g. --dataset 'wds:data/train-{000000..000099}.tar'")
+    if body.lower().endswith(SPLITS_FILE) and not is_url(body):
+        path = Path(body).expanduser().resolve()
+        return {name: [s for p in patterns for s in expand_shards(p, path.parent)] for name, patterns in _read_splits(path).items()}, path
+    return {"all": expand_shards(body)}, None
+
+
+def _read_splits(path: Path) -> dict[str, list[str]]:
+    example = "e.g. a YAML file with lines `train: train-{000000..000099}.tar` and `val: val-{000000..000004}.tar`"
+    if not path.is_file():
+        raise UsageError(f"splits file {str(path)!r} not found", example)
+    try:
+        text = path.read_text("utf-8")
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml  # type: ignore[import-untyped]  # PyYAML comes with timm; its stubs are not installed
+
+            data = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"cannot read the splits file {str(path)!r}: {str(e).splitlines()[0]}", example) from None
+    except Exception as e:  # yaml.YAMLError
+        raise UsageError(f"splits file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}", example) from None
+    if not isinstance(data, dict) or not data:
+        raise UsageError(f"splits file {str(path)!r} is not a mapping of split names to shard patterns", example)
+    out: dict[str, list[str]] = {}
+    for name, value in data.items():
+        if not isinstance(name, str) or not _SPLIT_NAME.match(name):
+            raise UsageError(f"splits file {str(path)!r}: {name!r} is not a split name", "use names such as train, val, test")
+        patterns = [value] if isinstance(value, str) else value
+        if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise UsageError(f"splits file {str(path)!r}: split {name!r} must name a shard pattern or a list of them", example)
+        out[name] = patterns
+    return out
+
+
+def wds_manifest(spec: str, label: str = CLS, labels: str = "dense", log: Callable[[str], None] | None = None) -> Manifest:
+    """The manifest of ``--dataset wds:...`` (see the module docstring); shard listings come from the cache where unchanged."""
+    by_split, splits_file = split_patterns(spec)
+    every = [s for shards in by_split.values() for s in shards]
+    for split, shards in by_split.items():
+        if not shards:
+            raise UsageError(f"split {split!r} names no shards", "give every split at least one shard")
+    repeated = {s for s in every if every.count(s) > 1}
+    if repeated:
+        raise UsageError(f"shard {sorted(repeated)[0]!r} is in more than one split", "each shard belongs to one split")
+    root = _common_root(every)
+    listings = {s: list_shard(s, label) for s in every}
+    skipped = [f"shard {s}: {listing.damage}" for s, listing in listings.items() if listing.damage]
+
+    rows: dict[str, list[tuple[str, str | None, str]]] = {}  # split → (identity, label text, problem)
+    where: list[tuple[str, int, int, int]] = []  # (identity, shard index, offset, size)
+    problems: dict[str, str] = {}
+    shard_ids = {s: i for i, s in enumerate(every)}
+    for split, shards in by_split.items():
+        out = rows.setdefault(split, [])
+        for shard in shards:
+            for identity, text, offset, size, problem in _rows(listings[shard], _relative(shard, root)):
+                out.append((identity, text, problem))
+                where.append((identity, shard_ids[shard], offset, size))
+                if problem:
+                    problems[identity] = problem
+    identities = [w[0] for w in where]
+    if len(set(identities)) != len(identities):
+        seen: set[str] = set()
+        dup = next(i for i in identities if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+        raise UsageError(
+            f"sample {dup!r} appears twice (its members are not consecutive in the shard)",
+            "write each sample's members one after another, as WebDataset's writers do",
+        )
+    if not identities:
+        raise UsageError(f"{spec!r} holds no samples", "pass WebDataset shards (tar files of <key>.<ext> members)")
+    class_names, index, mode = _label_map([(i, t) for split in rows.values() for i, t, _ in split if t is not None], labels)
+    splits = {
+        split: SplitManifest(split, tuple(i for i, _, _ in r), np.asarray([index[t] if t is not None else 0 for _, t, _ in r], np.int32))
+        for split, r in rows.items()
+    }
+    order = np.argsort(np.asarray(identities))
+    table = ShardRows(
+        shards=tuple(every),
+        paths=np.asarray(identities)[order],
+        shard=np.asarray([w[1] for w in where], np.int32)[order],
+        offset=np.asarray([w[2] for w in where], np.int64)[order],
+        size=np.asarray([w[3] for w in where], np.int64)[order],
+        problems=problems,
+        label=label,
+    )
+    name = splits_file.stem if splits_file is not None else (Path(root).name or "wds")
+    return Manifest(
+        name,
+        Path(root),
+        class_names,
+        splits,
+        skipped=skipped,
+        label_mapping="sparse" if mode == "sparse" else "",
+        shards=table,
+    )
+
+
+def _rows(listing: ShardListing, shard_name: str):
+    """(identity, label text, offset, size, problem) per sample of a shard."""
+    for sample in listing.samples:
+        image = next((ext for ext in IMAGE_COMPONENTS if ext in sample.components), None)
+        why = []
+        if image is None:
+            have = ", ".join(sorted(sample.components)) or "none"
+            why.append(f"no image component (.{'/.'.join(IMAGE_COMPONENTS[:3])}/…; it has {have})")
+        elif image in sample.truncated:
+            why.append(f"its .{image} component is truncated (the shard ends inside it)")
+        if sample.label is None:
+            why.append(f"no label: {sample.label_problem}")
+        offset, size = sample.components[image] if image is not None else (-1, -1)
+        yield f"{shard_name}/{sample.key}", sample.label, offset, size, "; ".join(why)
+
+
+def _common_root(shards: list[str]) -> str:
+    if all(not is_url(s) for s in shards):
+        return os.path.commonpath([os.path.dirname(s) for s in shards])
+    # by characters, then cut back to the last "/": commonpath would fold the "//" of s3://
+    prefix = os.path.commonprefix([s.rsplit("/", 1)[0] + "/" for s in shards])  # noqa: RUF071
+    return prefix[: prefix.rfind("/")] if "/" in prefix else prefix
+
+
+def _relative(shard: str, root: str) -> str:
+    if is_url(shard):
+        return shard[len(root) :].lstrip("/")
+    return os.path.relpath(shard, root).replace(os.sep, "/")
+
+
+def _label_map(labelled: list[tuple[str, str]], mode: str) -> tuple[tuple[str, ...], dict[str, int], str]:
+    """Class names and each label text's class: integers dense (0..C-1, each used) or sparse, or names sorted."""
+    if mode not in ("dense", "sparse"):
+        raise UsageError(f"unknown --labels {mode!r}", "use one of dense, sparse")
+    if not labelled:
+        return ("0",), {}, "dense"
+    numeric = [(i, t) for i, t in labelled if re.fullmatch(r"[+-]?\d+", t)]
+    if numeric and len(numeric) != len(labelled):
+        name = next((i, t) for i, t in labelled if not re.fullmatch(r"[+-]?\d+", t))
+        raise UsageError(
+            f"sample {numeric[0][0]!r} has the integer label {numeric[0][1]!r} but sample {name[0]!r} the name {name[1]!r}",
+            "use integer labels 0..C-1 throughout, or class names throughout",
+        )
+    if not numeric:
+        names = tuple(sorted({t for _, t in labelled}))
+        return names, {c: i for i, c in enumerate(names)}, "names"
+    values = {t: int(t) for _, t in labelled}
+    negative = next(((i, t) for i, t in labelled if values[t] < 0), None)
+    if negative:
+        raise UsageError(f"sample {negative[0]!r} has the negative label {negative[1]}", "integer labels must be 0..C-1")
+    distinct = sorted(set(values.values()))
+    if mode == "sparse":
+        position = {v: i for i, v in enumerate(distinct)}
+        return tuple(str(v) for v in distinct), {t: position[v] for t, v in values.items()}, "sparse"
+    if len(distinct) != distinct[-1] + 1:
+        missing = next(i for i, v in enumerate(distinct) if i != v)
+        raise UsageError(
+            f"integer labels must be 0..C-1, each used, but they run to {distinct[-1]} with {len(distinct)} distinct values "
+            f"({missing} is the first unused)",
+            f"relabel them 0..{len(distinct) - 1}, or pass --labels sparse to make the distinct labels classes 0..K-1 in sorted order",
+        )
+    return tuple(str(v) for v in distinct), dict(values), "dense"
+
+
+def shard_files(manifest: Manifest) -> list[str]:
+    """The local shard files of a shard dataset (what the up-to-date memo stamps); URLs are not stamped."""
+    if manifest.shards is None:
+        return []
+    return [s for s in manifest.shards.shards if not is_url(s)]

@@ -39,7 +39,7 @@ from .splits import parse_split
 from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, RowShape, is_store
 from .store.lock import StoreLock
 from .store.repair import reopen_damaged
-from .wds_dataset import SPLITS_FILE, shard_files
+from .wds_dataset import SPLITS_FILE, is_wds, shard_files
 
 
 def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest, device: torch.device) -> dict:
@@ -88,6 +88,8 @@ def validate(config: ExtractConfig) -> None:
         raise UsageError(f"--chunk-rows must be >= 1, got {config.chunk_rows}", "e.g. --chunk-rows 8192")
     if config.repair and config.overwrite:
         raise UsageError("--repair and --overwrite contradict each other", "--repair keeps the store's intact units; pass one")
+    if config.wds_label != "cls" and not is_wds(config.dataset):
+        raise UsageError(f"--wds-label {config.wds_label!r} applies to WebDataset shards only", "drop it, or pass --dataset 'wds:...'")
     if config.split is not None:
         parse_split(config.split, config.split_seed)
     elif config.split_seed:

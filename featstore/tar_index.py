@@ -122,7 +122,7 @@ def scan_shard(shard: str, size: int, label: str = CLS) -> ShardListing:
                 if end + 512 <= size:
                     f.seek(end)
                     if f.read(512) != b"\0" * 512:
-                        damage = f"garbled tar header at byte {end}: the samples after it are left out"
+                        damage = f"damaged tar at byte {end} (a garbled header): the samples after it are left out"
                 break
             except tarfile.TarError as e:
                 if "unexpected end of data" not in str(e):

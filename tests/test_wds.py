@@ -1,0 +1,351 @@
+"""WebDataset input (issue 26): ``--dataset wds:...`` reads tar shards made here from real photos.
+
+The shards are written by the ``webdataset`` package's own ``TarWriter``, and what featstore lists in
+them is checked against ``webdataset.WebDataset``'s own reading; brace patterns against
+``braceexpand`` (WebDataset's expansion). Features from shards must equal, bit for bit, the features
+of the same photos as a folder, with each loader (torch, and DALI's CPU pipeline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featstore.datasets import resolve_dataset
+from featstore.errors import UsageError
+from featstore.extraction import ExtractConfig, extract
+from featstore.manifest import parse_member_ref
+from featstore.shards import expand_braces, expand_shards
+from featstore.store import FeatureStore
+from featstore.tar_index import list_shard, split_name
+from featstore.wds_dataset import wds_manifest
+from tests.conftest import dali_or_skip
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = dict(model="resnet18", random_init=True, image_size=32, resize=36, workers=0, dtype="float32")
+PER_SHARD = 10
+
+
+def _photos(folder: Path) -> tuple[list[str], np.ndarray, list[bytes]]:
+    m = resolve_dataset(str(folder))
+    split = m.splits["all"]
+    return list(split.paths), split.labels, [(folder / p).read_bytes() for p in split.paths]
+
+
+def write_shards(folder: Path, dest: Path, per_shard: int = PER_SHARD, extra: dict | None = None, prefix: str = "train") -> list[Path]:
+    """The folder's photos, in its manifest's order, as WebDataset shards written by webdataset's TarWriter
+    (``<key>.jpg`` + ``<key>.cls`` + ``<key>.json``); ``extra``: index → sample dict replacing that one."""
+    import webdataset as wds
+
+    paths, labels, data = _photos(folder)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for s in range(0, len(paths), per_shard):
+        shard = dest / f"{prefix}-{s // per_shard:06d}.tar"
+        with wds.TarWriter(str(shard)) as sink:
+            for i in range(s, min(s + per_shard, len(paths))):
+                sample = {"__key__": f"{i:05d}", "jpg": data[i], "cls": int(labels[i]), "json": {"name": f"class{labels[i]}", "id": i}}
+                if extra and i in extra:
+                    sample = {"__key__": f"{i:05d}", **extra[i]}
+                sink.write(sample)
+        out.append(shard)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(real_photos, tmp_path_factory):
+    return write_shards(real_photos, tmp_path_factory.mktemp("shards"))
+
+
+def _extract(dataset: str, out: Path, loader: str, **kw):
+    return extract(
+        ExtractConfig(dataset=dataset, out=str(out), loader=loader, batch_size=kw.pop("batch_size", 8), **SMALL, **kw), progress=False
+    )
+
+
+# ------------------------------------------------------------------------------ naming shards
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["a-{000000..000012}.tar", "x{0..3}y{a,b}.tar", "{7..3}", "s-{08..11}.tar", "{a,b{1..2},c}.tar", "plain.tar", "{,x}.tar", "x{a}y"],
+)
+def test_brace_expansion_agrees_with_braceexpand(pattern):
+    from braceexpand import braceexpand
+
+    assert expand_braces(pattern) == list(braceexpand(pattern))
+
+
+def test_shard_names_expand_in_order_with_globs_and_missing_shards_refused(shards, tmp_path):
+    folder = shards[0].parent
+    assert expand_shards(str(folder / "train-{000000..000002}.tar")) == [str(s) for s in shards]
+    assert expand_shards(str(folder / "train-*.tar")) == [str(s) for s in shards]
+    assert expand_shards("train-00000[02].tar", base=folder) == [str(shards[0]), str(shards[2])]
+    with pytest.raises(UsageError, match=r"train-000003\.tar.* not found"):
+        expand_shards(str(folder / "train-{000000..000003}.tar"))
+    with pytest.raises(UsageError, match="matches no file"):
+        expand_shards(str(folder / "val-*.tar"))
+    with pytest.raises(UsageError, match="unclosed brace"):
+        expand_shards(str(folder / "train-{0..2.tar"))
+    with pytest.raises(UsageError, match="named twice"):
+        expand_shards(str(folder / "train-{000000,000000}.tar"))
+
+
+# ------------------------------------------------------------------------------ listing shards
+
+
+def test_listing_agrees_with_webdataset_reading(shards):
+    import webdataset as wds
+
+    for shard in shards:
+        listing = list_shard(str(shard))
+        theirs = list(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False))
+        assert [s.key for s in listing.samples] == [t["__key__"] for t in theirs]
+        raw = shard.read_bytes()
+        for ours, their in zip(listing.samples, theirs):
+            assert set(ours.components) == {k for k in their if not k.startswith("__")}
+            for ext, (offset, size) in ours.components.items():
+                assert raw[offset : offset + size] == their[ext]  # the byte ranges are the members' bytes
+            assert ours.label == their["cls"].decode()
+
+
+def test_split_name_follows_wds2idx():
+    from wds2idx import IndexCreator  # DALI's own tool
+
+    for name in ["a/0001.seg.png", "0001.jpg", "dir.v2/x.cls", "noext", "k.tar.gz"]:
+        assert split_name(name) == IndexCreator.split_name(name) or "." not in name
+
+
+def test_manifest_rows_labels_and_identity(shards, real_photos):
+    paths, labels, _ = _photos(real_photos)
+    m = wds_manifest(f"wds:{shards[0].parent}/train-{{000000..000002}}.tar")
+    split = m.splits["all"]
+    assert list(split.paths) == [f"train-{i // PER_SHARD:06d}.tar/{i:05d}" for i in range(len(paths))]
+    np.testing.assert_array_equal(split.labels, labels)
+    assert m.class_names == tuple(str(k) for k in range(6))
+    refs = m.sources("all")
+    shard, offset, size, problem = parse_member_ref(refs[13])
+    assert shard == str(shards[1]) and not problem
+    assert Path(shard).read_bytes()[offset : offset + size] == (real_photos / paths[13]).read_bytes()
+    # a json field as the label: names become sorted classes
+    by_name = wds_manifest(f"wds:{shards[0].parent}/train-*.tar", label="name")
+    assert by_name.class_names == tuple(f"class{k}" for k in range(6))
+    np.testing.assert_array_equal(by_name.splits["all"].labels, labels)
+    assert by_name.sha256 != m.sha256  # the class names differ: another manifest, another cache key
+    # an integer json field, sparse
+    by_id = wds_manifest(f"wds:{shards[0].parent}/train-*.tar", label="json:id", labels="sparse")
+    np.testing.assert_array_equal(by_id.splits["all"].labels, np.arange(len(paths)))
+    with pytest.raises(UsageError, match="names no field"):
+        wds_manifest(f"wds:{shards[0].parent}/train-*.tar", label="json:")
+    from featstore.job import validate
+
+    with pytest.raises(UsageError, match="applies to WebDataset shards only"):
+        validate(ExtractConfig(model="resnet18", dataset="digits", wds_label="name"))
+
+
+def test_splits_file_yaml_and_json(shards, tmp_path):
+    folder = shards[0].parent
+    (tmp_path / "sub").mkdir()
+    yaml_file = tmp_path / "sub" / "splits.yaml"
+    rel = os.path.relpath(folder, yaml_file.parent)
+    yaml_file.write_text(f"train: {rel}/train-{{000000..000001}}.tar\nval: [{rel}/train-000002.tar]\n")
+    m = wds_manifest(f"wds:{yaml_file}")
+    assert {s: len(v) for s, v in m.splits.items()} == {"train": 20, "val": 4}
+    assert m.splits["val"].paths[0] == "train-000002.tar/00020"
+    json_file = tmp_path / "splits.json"
+    json_file.write_text(json.dumps({"train": str(folder / "train-00000[01].tar"), "test": str(folder / "train-000002.tar")}))
+    j = wds_manifest(f"wds:{json_file}")
+    assert list(j.splits) == ["train", "test"] and j.splits["train"].paths == m.splits["train"].paths
+    json_file.write_text(json.dumps({"train": str(folder / "train-*.tar"), "val": str(folder / "train-000002.tar")}))
+    with pytest.raises(UsageError, match="in more than one split"):
+        wds_manifest(f"wds:{json_file}")
+    json_file.write_text(json.dumps(["train"]))
+    with pytest.raises(UsageError, match="not a mapping"):
+        wds_manifest(f"wds:{json_file}")
+
+
+def test_split_option_draws_splits_from_one_shard_set(shards):
+    from featstore.splits import apply_split, parse_split
+
+    m = wds_manifest(f"wds:{shards[0].parent}/train-*.tar")
+    split = apply_split(m, parse_split("train=0.5,val=0.5"))
+    assert sorted(len(v) for v in split.splits.values()) == [12, 12]
+    # the member table follows the rows wherever the split put them
+    whole = dict(zip(m.splits["all"].paths, m.sources("all")))
+    for name in split.splits:
+        assert split.sources(name) == [whole[p] for p in split.splits[name].paths]
+
+
+# ------------------------------------------------------------------------------ damaged input
+
+
+def _damaged(real_photos, dest: Path) -> list[Path]:
+    _, labels, data = _photos(real_photos)
+    good = data[5]
+    extra = {
+        2: {"jpg": good[: len(good) // 2], "cls": int(labels[2])},  # truncated JPEG
+        6: {"jpg": b"<html><body>not found</body></html>", "cls": int(labels[6])},  # not an image
+        11: {"txt": b"a caption, no image", "cls": int(labels[11])},  # no image component
+        17: {"jpg": data[17]},  # no label
+    }
+    return write_shards(real_photos, dest, extra=extra)
+
+
+EXPECTED_INVALID = {
+    "train-000000.tar/00002": "truncated JPEG",
+    "train-000000.tar/00006": "not an image: an HTML page",
+    "train-000001.tar/00011": "no image component",
+    "train-000001.tar/00017": "no label: no .cls component",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_damaged_members_are_invalid_rows_and_the_rest_equals_the_folder(loader, real_photos, tmp_path):
+    if loader == "dali":
+        dali_or_skip()
+    shards = _damaged(real_photos, tmp_path / "shards")
+    folder = _extract(str(real_photos), tmp_path / "folder.zarr", loader, batch_size=5)  # 5: DALI pads short batches
+    result = _extract(f"wds:{tmp_path}/shards/train-{{000000..000002}}.tar", tmp_path / "wds.zarr", loader, batch_size=5)
+    assert result.invalid == 4 and folder.invalid == 0
+    store, ref = FeatureStore.open(tmp_path / "wds.zarr"), FeatureStore.open(tmp_path / "folder.zarr")
+    reasons = {r["path"]: r["reason"] for r in store.invalid_rows("all")}
+    assert reasons.keys() == EXPECTED_INVALID.keys()
+    for path, why in EXPECTED_INVALID.items():
+        assert why in reasons[path], (path, reasons[path])
+    valid = store.valid("all")
+    assert valid.sum() == 20 and not valid[[2, 6, 11, 17]].any()
+    ours, theirs = store.features("all", "pool")[:], ref.features("all", "pool")[:]
+    assert ours[valid].tobytes() == theirs[valid].tobytes()  # bitwise, every good row
+    assert np.isnan(ours[~valid]).all()
+    assert len(shards) == 3
+
+
+def test_truncated_and_garbled_shards(shards, tmp_path):
+    raw = shards[1].read_bytes()
+    listing = list_shard(str(shards[1]))
+    cut_in = listing.samples[4].components["jpg"]  # cut the shard inside the 5th sample's image
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(raw[: cut_in[0] + cut_in[1] // 2])
+    m = wds_manifest(f"wds:{cut}", labels="sparse")  # one shard holds some classes only
+    assert len(m.splits["all"]) == 5
+    assert "truncated" in m.shards.problems["cut.tar/00014"]
+    assert not m.skipped
+    # a garbled header midway: what precedes it is kept, the rest left out and said so
+    garbled = bytearray(raw)
+    header = listing.samples[3].components["jpg"][0] - 512
+    garbled[header : header + 100] = b"\x07" * 100
+    bad = tmp_path / "garbled.tar"
+    bad.write_bytes(bytes(garbled))
+    g = wds_manifest(f"wds:{bad}", labels="sparse")
+    # TarWriter writes a sample's members in sorted order (cls, jpg, json): the 4th sample's .cls came before the garble
+    assert len(g.splits["all"]) == 4 and "damaged tar at byte" in g.skipped[0]
+    assert "no image component" in g.shards.problems["garbled.tar/00013"]
+    text = tmp_path / "text.tar"
+    text.write_text("not a tar at all\n" * 40)
+    with pytest.raises(UsageError, match="is not a tar archive"):
+        wds_manifest(f"wds:{text}")
+
+
+@pytest.mark.slow
+def test_cli_bad_shard_is_one_line(tmp_path):
+    text = tmp_path / "x-000000.tar"
+    text.write_text("not a tar at all\n" * 40)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for dataset, message in [
+        (f"wds:{text}", "is not a tar archive"),
+        (f"wds:{tmp_path}/x-{{000000..000001}}.tar", "not found"),
+    ]:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "featstore.cli",
+                "extract",
+                "--model",
+                "resnet18",
+                "--random-init",
+                "--dataset",
+                dataset,
+                "--out",
+                str(tmp_path / "o.zarr"),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], proc.stderr
+        assert not (tmp_path / "o.zarr").exists()
+
+
+# ------------------------------------------------------------------------------ features equal the folder's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_shard_features_equal_folder_features_bitwise(loader, shards, real_photos, tmp_path):
+    if loader == "dali":
+        dali_or_skip()
+    folder = _extract(str(real_photos), tmp_path / "folder.zarr", loader)
+    result = _extract(f"wds:{shards[0].parent}/train-{{000000..000002}}.tar", tmp_path / "wds.zarr", loader)
+    assert result.status == "created" and result.invalid == 0 and folder.invalid == 0
+    a, b = FeatureStore.open(tmp_path / "folder.zarr"), FeatureStore.open(tmp_path / "wds.zarr")
+    assert b.features("all", "pool")[:].tobytes() == a.features("all", "pool")[:].tobytes()
+    np.testing.assert_array_equal(b.labels("all"), a.labels("all"))
+    assert b.attrs["dataset"]["shards"]["count"] == 3
+    # the same request again: up to date, from the memo (the shards' stamps are unchanged)
+    again = _extract(f"wds:{shards[0].parent}/train-{{000000..000002}}.tar", tmp_path / "wds.zarr", loader)
+    assert again.status == "up to date"
+    if loader == "torch":  # the same shards through an fsspec URL: the same rows, the same bits
+        url = _extract(f"wds:file://{shards[0].parent}/train-{{000000..000002}}.tar", tmp_path / "url.zarr", loader)
+        assert url.invalid == 0
+        assert FeatureStore.open(tmp_path / "url.zarr").features("all", "pool")[:].tobytes() == a.features("all", "pool")[:].tobytes()
+
+
+@pytest.mark.slow
+def test_resume_after_a_killed_run_equals_an_uninterrupted_one(shards, tmp_path):
+    dataset = f"wds:{shards[0].parent}/train-{{000000..000002}}.tar"
+    args = ["extract", "--model", "resnet18", "--random-init", "--dataset", dataset, "--image-size", "32", "--resize", "36"]
+    args += ["--loader", "torch", "--workers", "0", "--batch-size", "4", "--chunk-rows", "8", "--dtype", "float32", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def run(out: Path, mode: str = "none", param: str = "0"):
+        cmd = [sys.executable, "-m", "tests.fault_runner", mode, param, "--", *args, "--out", str(out)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+    assert run(tmp_path / "clean.zarr").returncode == 0
+    killed = run(tmp_path / "resumed.zarr", "kill-in-unit", "1")  # dies halfway through writing the second of 3 units
+    assert killed.returncode != 0
+    assert not FeatureStore.open(tmp_path / "resumed.zarr").complete
+    resumed = run(tmp_path / "resumed.zarr")
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout + resumed.stderr
+    a, b = FeatureStore.open(tmp_path / "clean.zarr"), FeatureStore.open(tmp_path / "resumed.zarr")
+    assert b.complete and b.attrs["cache_key"] == a.attrs["cache_key"]
+    assert b.features("all", "pool")[:].tobytes() == a.features("all", "pool")[:].tobytes()
+    assert list(b.paths("all")) == list(a.paths("all"))
+
+
+def test_member_reads_match_tarfile(shards):
+    from featstore.loaders.members import read_member, read_member_checked
+
+    m = wds_manifest(f"wds:{shards[0].parent}/train-*.tar")
+    with tarfile.open(shards[2]) as tar:
+        expected = {Path(t.name).stem: tar.extractfile(t).read() for t in tar if t.name.endswith(".jpg")}
+    for path, ref in zip(m.splits["all"].paths, m.sources("all")):
+        if path.startswith("train-000002.tar/"):
+            data, problem = read_member(ref)
+            assert not problem and data == expected[path.rsplit("/", 1)[1]]
+            assert read_member_checked(ref)[2] is not None  # the JPEG's declared size
+    ref = m.sources("all")[0]
+    shard, offset, size, _ = parse_member_ref(ref)
+    assert read_member(f"{shard}#{offset}:{size + 10**9}")[1].startswith("truncated")

@@ -292,7 +292,7 @@ def test_cli_bad_shard_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loader", ["torch", "dali"])
+@pytest.mark.parametrize("loader", ["torch", "dali", "nvjpeg"])  # nvjpeg: its torchvision.io path, on CPU here
 def test_shard_features_equal_folder_features_bitwise(loader, shards, real_photos, tmp_path):
     if loader == "dali":
         dali_or_skip()

@@ -85,6 +85,8 @@ def expand_shards(pattern: str, base: Path | None = None) -> list[str]:
             if not found:
                 raise UsageError(f"shard pattern {name!r} matches no file", "check the folder and the pattern (globs: * ? [..])")
             out += [os.path.abspath(p) for p in found]
+        elif path.is_dir():
+            raise UsageError(f"shard {str(path)!r} is a folder", f"name the shards in it, e.g. 'wds:{path}/*.tar'")
         elif not path.is_file():
             what = "is not a regular file" if path.exists() else "not found"
             raise UsageError(f"shard {str(path)!r} {what}", "check the brace range and the folder; every shard named must exist")

@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import tarfile
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from .atomic import write_atomic
@@ -75,7 +74,7 @@ def label_source(label: str) -> tuple[str, str]:
     return "json", field
 
 
-def list_shard(shard: str, label: str = CLS, log: Callable[[str], None] | None = None) -> ShardListing:
+def list_shard(shard: str, label: str = CLS) -> ShardListing:
     """The shard's listing, from the cache when the shard is unchanged since it was made."""
     try:
         size, version = stamp(shard)

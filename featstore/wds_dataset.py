@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +35,14 @@ import numpy as np
 from .errors import UsageError
 from .manifest import Manifest, ShardRows, SplitManifest
 from .shards import expand_shards, is_url
-from .tar_index import CLS, ShardListing, list_shard
+from .tar_index import CLS, ShardListing, label_source, list_shard
 
 PREFIX = "wds:"
 # image components, by exact extension (as DALI's reader matches them): the first one a sample has is its image
 IMAGE_COMPONENTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm", "pnm")
 SPLITS_FILE = (".yaml", ".yml", ".json")
 _SPLIT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+LISTING_THREADS = 8
 
 
 def is_wds(spec: str) -> bool:
@@ -87,18 +89,22 @@ def _read_splits(path: Path) -> dict[str, list[str]]:
     return out
 
 
-def wds_manifest(spec: str, label: str = CLS, labels: str = "dense", log: Callable[[str], None] | None = None) -> Manifest:
+def wds_manifest(spec: str, label: str = CLS, labels: str = "dense") -> Manifest:
     """The manifest of ``--dataset wds:...`` (see the module docstring); shard listings come from the cache where unchanged."""
     by_split, splits_file = split_patterns(spec)
     every = [s for shards in by_split.values() for s in shards]
     for split, shards in by_split.items():
         if not shards:
             raise UsageError(f"split {split!r} names no shards", "give every split at least one shard")
-    repeated = {s for s in every if every.count(s) > 1}
+    repeated = sorted(s for s, n in Counter(every).items() if n > 1)
     if repeated:
-        raise UsageError(f"shard {sorted(repeated)[0]!r} is in more than one split", "each shard belongs to one split")
+        raise UsageError(f"shard {repeated[0]!r} is in more than one split", "each shard belongs to one split")
+    label_source(label)  # a bad --wds-label is refused before any shard is read
     root = _common_root(every)
-    listings = {s: list_shard(s, label) for s in every}
+    # listing reads every tar header (seeking over the data) where no cached listing holds: wait on the disk or
+    # the network, not the GIL, so several at once
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        listings = dict(zip(every, pool.map(lambda s: list_shard(s, label), every)))
     skipped = [f"shard {s}: {listing.damage}" for s, listing in listings.items() if listing.damage]
 
     rows: dict[str, list[tuple[str, str | None, str]]] = {}  # split → (identity, label text, problem)
@@ -115,8 +121,7 @@ def wds_manifest(spec: str, label: str = CLS, labels: str = "dense", log: Callab
                     problems[identity] = problem
     identities = [w[0] for w in where]
     if len(set(identities)) != len(identities):
-        seen: set[str] = set()
-        dup = next(i for i in identities if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+        dup = next(i for i, n in Counter(identities).items() if n > 1)
         raise UsageError(
             f"sample {dup!r} appears twice (its members are not consecutive in the shard)",
             "write each sample's members one after another, as WebDataset's writers do",

@@ -25,6 +25,7 @@ import hashlib
 import json
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from .atomic import write_atomic
 from .errors import UsageError
@@ -76,19 +77,33 @@ def label_source(label: str) -> tuple[str, str]:
 
 def list_shard(shard: str, label: str = CLS) -> ShardListing:
     """The shard's listing, from the cache when the shard is unchanged since it was made."""
-    try:
-        size, version = stamp(shard)
-    except OSError as e:
-        raise UsageError(f"cannot read shard {shard!r}: {e.strerror or e}", "check that it exists and is readable") from None
-    digest = hashlib.sha256(json.dumps([LISTING_VERSION, shard, size, version, label]).encode()).hexdigest()[:32]
-    cached = home() / "shards" / f"{digest}.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return _from_json(json.loads(cached.read_text()))
+    cached, size = _cache_entry(shard, label)
+    listing = read_cached(shard, label, (cached, size))
+    if listing is not None:
+        return listing
     listing = scan_shard(shard, size, label)
     with contextlib.suppress(OSError):  # a read-only home: list again next time
         cached.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(cached, json.dumps(_to_json(listing)), fsync=False)
     return listing
+
+
+def read_cached(shard: str, label: str = CLS, entry: tuple[Path, int] | None = None) -> ShardListing | None:
+    """The cached listing of the shard as it is now, or None (never listed, or changed since)."""
+    cached, _ = entry or _cache_entry(shard, label)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return _from_json(json.loads(cached.read_text()))
+    return None
+
+
+def _cache_entry(shard: str, label: str) -> tuple[Path, int]:
+    """Where the listing of the shard as it is now (size, mtime or ETag) is cached, and its size."""
+    try:
+        size, version = stamp(shard)
+    except OSError as e:
+        raise UsageError(f"cannot read shard {shard!r}: {e.strerror or e}", "check that it exists and is readable") from None
+    digest = hashlib.sha256(json.dumps([LISTING_VERSION, shard, size, version, label]).encode()).hexdigest()[:32]
+    return home() / "shards" / f"{digest}.json", size
 
 
 def scan_shard(shard: str, size: int, label: str = CLS) -> ShardListing:

@@ -27,15 +27,18 @@ import json
 import os
 import re
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from .errors import UsageError
 from .manifest import Manifest, ShardRows, SplitManifest
 from .shards import expand_shards, is_url
-from .tar_index import CLS, ShardListing, label_source, list_shard
+from .tar_index import CLS, ShardListing, label_source, list_shard, read_cached
 
 PREFIX = "wds:"
 # image components, by exact extension (as DALI's reader matches them): the first one a sample has is its image
@@ -43,6 +46,7 @@ IMAGE_COMPONENTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "
 SPLITS_FILE = (".yaml", ".yml", ".json")
 _SPLIT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 LISTING_THREADS = 8
+PROCESS_POOL_FROM = 16  # shards to list before processes pay for their start (~0.5 s each)
 
 
 def is_wds(spec: str) -> bool:
@@ -101,10 +105,7 @@ def wds_manifest(spec: str, label: str = CLS, labels: str = "dense") -> Manifest
         raise UsageError(f"shard {repeated[0]!r} is in more than one split", "each shard belongs to one split")
     label_source(label)  # a bad --wds-label is refused before any shard is read
     root = _common_root(every)
-    # listing reads every tar header (seeking over the data) where no cached listing holds: wait on the disk or
-    # the network, not the GIL, so several at once
-    with ThreadPoolExecutor(LISTING_THREADS) as pool:
-        listings = dict(zip(every, pool.map(lambda s: list_shard(s, label), every)))
+    listings = _listings(every, label)
     skipped = [f"shard {s}: {listing.damage}" for s, listing in listings.items() if listing.damage]
 
     rows: dict[str, list[tuple[str, str | None, str]]] = {}  # split → (identity, label text, problem)
@@ -153,6 +154,23 @@ def wds_manifest(spec: str, label: str = CLS, labels: str = "dense") -> Manifest
         label_mapping="sparse" if mode == "sparse" else "",
         shards=table,
     )
+
+
+def _listings(shards: list[str], label: str) -> dict[str, ShardListing]:
+    """Every shard's listing: cached ones read here, the others made on a pool. Listing parses every tar header
+    in Python (~0.1 ms a sample), so many local shards are listed in processes, one per core; a few, or
+    URLs (which wait on the network), on threads."""
+    found = {s: read_cached(s, label) for s in shards}
+    missing = [s for s in shards if found[s] is None]
+    workers = min(len(missing), os.cpu_count() or 1)
+    if len(missing) >= PROCESS_POOL_FROM and workers > 1 and not any(is_url(s) for s in missing):
+        # spawn: the caller may hold torch and DALI threads, which a fork would copy half-made
+        pool: Executor = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    else:
+        pool = ThreadPoolExecutor(LISTING_THREADS)
+    with pool:
+        found.update(zip(missing, pool.map(partial(list_shard, label=label), missing)))
+    return {s: cast(ShardListing, found[s]) for s in shards}
 
 
 def _rows(listing: ShardListing, shard_name: str):

@@ -349,3 +349,23 @@ def test_member_reads_match_tarfile(shards):
     ref = m.sources("all")[0]
     shard, offset, size, _ = parse_member_ref(ref)
     assert read_member(f"{shard}#{offset}:{size + 10**9}")[1].startswith("truncated")
+
+
+@pytest.mark.slow
+def test_many_shards_are_listed_in_processes_with_the_same_rows(real_photos, tmp_path, monkeypatch):
+    import featstore.wds_dataset as wds_dataset
+
+    many = write_shards(real_photos, tmp_path / "many", per_shard=1)  # 24 shards: over PROCESS_POOL_FROM
+    assert len(many) >= wds_dataset.PROCESS_POOL_FROM
+    pools = []
+    real = wds_dataset.ProcessPoolExecutor
+    monkeypatch.setattr(wds_dataset, "ProcessPoolExecutor", lambda *a, **k: pools.append(1) or real(*a, **k))
+    m = wds_manifest(f"wds:{tmp_path}/many/train-*.tar")
+    assert pools == [1]
+    _, labels, data = _photos(real_photos)
+    np.testing.assert_array_equal(m.splits["all"].labels, labels)
+    for i, ref in enumerate(m.sources("all")):
+        shard, offset, size, _ = parse_member_ref(ref)
+        assert Path(shard).name == f"train-{i:06d}.tar" and Path(shard).read_bytes()[offset : offset + size] == data[i]
+    again = wds_manifest(f"wds:{tmp_path}/many/train-*.tar")  # every listing cached now: no pool of processes
+    assert pools == [1] and again.sha256 == m.sha256

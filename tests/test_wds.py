@@ -369,3 +369,22 @@ def test_many_shards_are_listed_in_processes_with_the_same_rows(real_photos, tmp
         assert Path(shard).name == f"train-{i:06d}.tar" and Path(shard).read_bytes()[offset : offset + size] == data[i]
     again = wds_manifest(f"wds:{tmp_path}/many/train-*.tar")  # every listing cached now: no pool of processes
     assert pools == [1] and again.sha256 == m.sha256
+
+
+def test_resume_command_and_memo_key_name_the_shards_absolutely(shards, monkeypatch):
+    import shlex
+
+    from featstore.job import resume_command
+    from featstore.request import request_of
+
+    folder = shards[0].parent
+    monkeypatch.chdir(folder.parent)
+    relative = f"wds:{folder.name}/train-{{000000..000002}}.tar"
+    config = ExtractConfig(model="resnet18", dataset=relative, out="x.zarr", wds_label="name")
+    args = shlex.split(resume_command(config, "torch"))
+    assert args[args.index("--dataset") + 1] == f"wds:{folder}/train-{{000000..000002}}.tar"
+    assert args[args.index("--wds-label") + 1] == "name"
+    assert request_of(config)["dataset"] == f"wds:{folder}/train-{{000000..000002}}.tar"
+    assert request_of(config)["wds_label"] == "name"
+    url = ExtractConfig(model="resnet18", dataset="wds:s3://bucket/p/train-{0..9}.tar")
+    assert request_of(url)["dataset"] == "wds:s3://bucket/p/train-{0..9}.tar"

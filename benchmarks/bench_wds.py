@@ -3,7 +3,8 @@
 The same N JPEGs are written twice into one temporary folder (same filesystem): as an ImageFolder
 tree and as shards of ``--per-shard`` samples (``<key>.jpg`` + ``<key>.cls``). Every file is read
 once before timing (a warm page cache for both). Then, per round, interleaved (files, shards, files,
-…; the best round of each is reported, since other jobs' load only ever slows a run down):
+…; the best round and the median of each are reported: other jobs' load only ever slows a run down, and
+on a shared machine it moves the best round too):
 
   manifest  building the dataset's manifest (folder walk / shard listing; the listing uncached, as a
             first run does; the cached listing is reported apart)
@@ -29,6 +30,7 @@ import io
 import os
 import resource
 import shutil
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -175,14 +177,7 @@ def main() -> None:
                 print(f"round {r} {kind}: " + ", ".join(f"{k} {v:.3g}" for k, v in m.items() if isinstance(v, float)), file=sys.stderr)
 
     rate_keys = ["checks_img_s", "read_img_s", "read_mb_s"] + [f"{x}_img_s" for x in loaders]
-    best: dict[str, dict] = {}
-    for kind in ("files", "shards"):
-        mine = [m for m in rounds if m["kind"] == kind]
-        b = {k: max(m[k] for m in mine) for k in rate_keys}
-        b.update({k: min(m[k] for m in mine) for k in mine[0] if k.endswith(("_s", "_ms_per_kimg", "_ms_per_img")) and k not in rate_keys})
-        best[kind] = b
-    rows = []
-    labels_ = {
+    names = {
         "manifest_s": "manifest (s, uncached listing)",
         "checks_img_s": "file checks (img/s)",
         "read_img_s": "read bytes (img/s)",
@@ -191,15 +186,34 @@ def main() -> None:
         **{f"{x}_img_s": f"{x} loader (img/s)" for x in loaders},
         **{f"{x}_cpu_ms_per_img": f"{x} loader CPU (ms / img)" for x in loaders},
     }
-    for key, label in labels_.items():
-        f, s = best["files"].get(key), best["shards"].get(key)
-        ratio = (s / f if key in rate_keys else f / s) if f and s else None  # >1: shards better
-        rows.append({"what": label, "files": f, "shards": s, "ratio": ratio})
-    print(f"\n{len(data)} images ({source}), {args.per_shard} per shard, best of {args.rounds} rounds, {args.workers} workers")
-    print(table(rows, [("what", "measure", ""), ("files", "files", ".4g"), ("shards", "shards", ".4g"), ("ratio", "shards/files", ".2f")]))
-    print(f"listing cached: {best['shards'].get('manifest_cached_s', 0):.3f} s")
+    best: dict[str, dict] = {}
+    median: dict[str, dict] = {}
+    for kind in ("files", "shards"):
+        mine = [m for m in rounds if m["kind"] == kind]
+        # the best round of each: a rate's highest, a time's or a cost's lowest
+        best[kind] = {k: (max if k in rate_keys else min)(m[k] for m in mine) for k in names}
+        median[kind] = {k: statistics.median(m[k] for m in mine) for k in names}
+    rows = []
+    for key, label in names.items():
+        row = {"what": label}
+        for stat, values in (("best", best), ("median", median)):
+            f, s = values["files"][key], values["shards"][key]
+            row[f"files_{stat}"], row[f"shards_{stat}"] = f, s
+            row[f"ratio_{stat}"] = (s / f if key in rate_keys else f / s) if f and s else None  # > 1: shards better
+        rows.append(row)
+    print(f"\n{len(data)} images ({source}), {args.per_shard} per shard, {args.rounds} rounds (best and median), {args.workers} workers")
+    columns = [("what", "measure", "")]
+    for stat in ("best", "median"):
+        columns += [
+            (f"files_{stat}", f"files {stat}", ".4g"),
+            (f"shards_{stat}", f"shards {stat}", ".4g"),
+            (f"ratio_{stat}", "shards/files", ".2f"),
+        ]
+    print(table(rows, columns))
+    print(f"listing cached: {median['shards'].get('manifest_cached_s', 0):.3f} s (median)")
     path = write_json(
-        args.json, {"machine": machine(), "images": len(data), "source": source, "args": vars(args), "rounds": rounds, "best": best}
+        args.json,
+        {"machine": machine(), "images": len(data), "source": source, "args": vars(args), "rounds": rounds, "best": best, "median": median},
     )
     print(f"wrote {path}")
 

@@ -96,6 +96,11 @@ def read_cached(shard: str, label: str = CLS, entry: tuple[Path, int] | None = N
     return None
 
 
+def cache_holds(shard: str, label: str = CLS) -> bool:
+    """Whether a listing of the shard as it is now is cached (its file exists; ``read_cached`` reads it)."""
+    return _cache_entry(shard, label)[0].is_file()
+
+
 def _cache_entry(shard: str, label: str) -> tuple[Path, int]:
     """Where the listing of the shard as it is now (size, mtime or ETag) is cached, and its size."""
     try:

@@ -27,18 +27,18 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 
 from .errors import UsageError
 from .manifest import Manifest, ShardRows, SplitManifest
 from .shards import expand_shards, is_url
-from .tar_index import CLS, ShardListing, label_source, list_shard, read_cached
+from .tar_index import CLS, ShardListing, cache_holds, label_source, list_shard, read_cached
 
 PREFIX = "wds:"
 # image components, by exact extension (as DALI's reader matches them): the first one a sample has is its image
@@ -105,21 +105,21 @@ def wds_manifest(spec: str, label: str = CLS, labels: str = "dense") -> Manifest
         raise UsageError(f"shard {repeated[0]!r} is in more than one split", "each shard belongs to one split")
     label_source(label)  # a bad --wds-label is refused before any shard is read
     root = _common_root(every)
-    listings = _listings(every, label)
-    skipped = [f"shard {s}: {listing.damage}" for s, listing in listings.items() if listing.damage]
-
-    rows: dict[str, list[tuple[str, str | None, str]]] = {}  # split → (identity, label text, problem)
+    split_of = {s: split for split, shards in by_split.items() for s in shards}
+    skipped: list[str] = []
+    rows: dict[str, list[tuple[str, str | None, str]]] = {split: [] for split in by_split}  # (identity, label text, problem)
     where: list[tuple[str, int, int, int]] = []  # (identity, shard index, offset, size)
     problems: dict[str, str] = {}
-    shard_ids = {s: i for i, s in enumerate(every)}
-    for split, shards in by_split.items():
-        out = rows.setdefault(split, [])
-        for shard in shards:
-            for identity, text, offset, size, problem in _rows(listings[shard], _relative(shard, root)):
-                out.append((identity, text, problem))
-                where.append((identity, shard_ids[shard], offset, size))
-                if problem:
-                    problems[identity] = problem
+    # shard by shard, in order: a listing is let go once its rows are taken (the listings of a large set do not fit at once)
+    for number, (shard, listing) in enumerate(_listings(every, label)):
+        if listing.damage:
+            skipped.append(f"shard {shard}: {listing.damage}")
+        out = rows[split_of[shard]]
+        for identity, text, offset, size, problem in _rows(listing, _relative(shard, root)):
+            out.append((identity, text, problem))
+            where.append((identity, number, offset, size))
+            if problem:
+                problems[identity] = problem
     identities = [w[0] for w in where]
     if len(set(identities)) != len(identities):
         dup = next(i for i, n in Counter(identities).items() if n > 1)
@@ -156,12 +156,11 @@ def wds_manifest(spec: str, label: str = CLS, labels: str = "dense") -> Manifest
     )
 
 
-def _listings(shards: list[str], label: str) -> dict[str, ShardListing]:
-    """Every shard's listing: cached ones read here, the others made on a pool. Listing parses every tar header
-    in Python (~0.1 ms a sample), so many local shards are listed in processes, one per core; a few, or
-    URLs (which wait on the network), on threads."""
-    found = {s: read_cached(s, label) for s in shards}
-    missing = [s for s in shards if found[s] is None]
+def _listings(shards: list[str], label: str) -> Iterator[tuple[str, ShardListing]]:
+    """Every shard's listing, in order: cached ones read as they come, the others made ahead on a pool. Listing
+    parses every tar header in Python (~0.1 ms a sample), so many local shards are listed in processes, one
+    per core; a few, or URLs (which wait on the network), on threads."""
+    missing = [s for s in shards if not cache_holds(s, label)]
     workers = min(len(missing), os.cpu_count() or 1)
     if len(missing) >= PROCESS_POOL_FROM and workers > 1 and not any(is_url(s) for s in missing):
         # spawn: the caller may hold torch and DALI threads, which a fork would copy half-made
@@ -169,8 +168,18 @@ def _listings(shards: list[str], label: str) -> dict[str, ShardListing]:
     else:
         pool = ThreadPoolExecutor(LISTING_THREADS)
     with pool:
-        found.update(zip(missing, pool.map(partial(list_shard, label=label), missing)))
-    return {s: cast(ShardListing, found[s]) for s in shards}
+        # the pool writes each listing to the cache, and hands back only what the cache could not keep
+        made = dict(zip(missing, pool.map(partial(_list_quietly, label=label), missing)))
+    for shard in shards:
+        listing = made.get(shard) or read_cached(shard, label) or list_shard(shard, label)
+        yield shard, listing
+
+
+def _list_quietly(shard: str, label: str) -> ShardListing | None:
+    """``list_shard`` for a pool: the listing stays in the cache (None comes back) unless the cache cannot hold it
+    (a read-only home)."""
+    listing = list_shard(shard, label)
+    return None if cache_holds(shard, label) else listing
 
 
 def _rows(listing: ShardListing, shard_name: str):

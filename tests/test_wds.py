@@ -388,3 +388,11 @@ def test_resume_command_and_memo_key_name_the_shards_absolutely(shards, monkeypa
     assert request_of(config)["wds_label"] == "name"
     url = ExtractConfig(model="resnet18", dataset="wds:s3://bucket/p/train-{0..9}.tar")
     assert request_of(url)["dataset"] == "wds:s3://bucket/p/train-{0..9}.tar"
+
+
+def test_listing_without_a_writable_home(shards, tmp_path, monkeypatch):
+    blocked = tmp_path / "home-is-a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("FEATSTORE_HOME", str(blocked))  # $FEATSTORE_HOME/shards cannot be made
+    m = wds_manifest(f"wds:{shards[0].parent}/train-*.tar")
+    assert len(m.splits["all"]) == 24 and not list(tmp_path.glob("**/shards/*.json"))

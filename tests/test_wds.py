@@ -312,27 +312,59 @@ def test_shard_features_equal_folder_features_bitwise(loader, shards, real_photo
         assert FeatureStore.open(tmp_path / "url.zarr").features("all", "pool")[:].tobytes() == a.features("all", "pool")[:].tobytes()
 
 
-@pytest.mark.slow
-def test_resume_after_a_killed_run_equals_an_uninterrupted_one(shards, tmp_path):
+def _run_wds(shards, out: Path, mode: str = "none", param: str = "0", env_extra: dict | None = None, wait: bool = True):
+    """``featstore extract`` of the test shards in a subprocess (through tests.fault_runner: ``mode`` injects a fault)."""
     dataset = f"wds:{shards[0].parent}/train-{{000000..000002}}.tar"
     args = ["extract", "--model", "resnet18", "--random-init", "--dataset", dataset, "--image-size", "32", "--resize", "36"]
     args += ["--loader", "torch", "--workers", "0", "--batch-size", "4", "--chunk-rows", "8", "--dtype", "float32", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "tests.fault_runner", mode, param, "--", *args, "--out", str(out)]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
-    def run(out: Path, mode: str = "none", param: str = "0"):
-        cmd = [sys.executable, "-m", "tests.fault_runner", mode, param, "--", *args, "--out", str(out)]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
-    assert run(tmp_path / "clean.zarr").returncode == 0
-    killed = run(tmp_path / "resumed.zarr", "kill-in-unit", "1")  # dies halfway through writing the second of 3 units
-    assert killed.returncode != 0
-    assert not FeatureStore.open(tmp_path / "resumed.zarr").complete
-    resumed = run(tmp_path / "resumed.zarr")
-    assert resumed.returncode == 0 and "resumed" in resumed.stdout + resumed.stderr
-    a, b = FeatureStore.open(tmp_path / "clean.zarr"), FeatureStore.open(tmp_path / "resumed.zarr")
+@pytest.fixture(scope="module")
+def clean_wds(shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean-wds") / "clean.zarr"
+    proc = _run_wds(shards, out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _same_store(a_path: Path, b_path: Path) -> None:
+    a, b = FeatureStore.open(a_path), FeatureStore.open(b_path)
     assert b.complete and b.attrs["cache_key"] == a.attrs["cache_key"]
     assert b.features("all", "pool")[:].tobytes() == a.features("all", "pool")[:].tobytes()
     assert list(b.paths("all")) == list(a.paths("all"))
+    np.testing.assert_array_equal(b.labels("all"), a.labels("all"))
+
+
+@pytest.mark.slow
+def test_resume_after_a_killed_run_equals_an_uninterrupted_one(shards, clean_wds, tmp_path):
+    out = tmp_path / "resumed.zarr"
+    killed = _run_wds(shards, out, "kill-in-unit", "1")  # dies halfway through writing the second of 3 units
+    assert killed.returncode != 0
+    assert not FeatureStore.open(out).complete
+    resumed = _run_wds(shards, out)
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout + resumed.stderr
+    _same_store(clean_wds, out)
+
+
+@pytest.mark.slow
+def test_two_ranks_write_one_store_equal_to_one_process(shards, clean_wds, tmp_path):
+    """torchrun-style ranks (RANK/WORLD_SIZE) over shards: each lists them (the listing cache is shared), each
+    writes its own units, and the store equals the single process's row for row."""
+    out = tmp_path / "ranks.zarr"
+    procs = [
+        _run_wds(shards, out, env_extra=dict(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), TORCHELASTIC_RUN_ID="wds-job"), wait=False)
+        for r in (1, 0)  # the follower first: it waits for rank 0
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    written = [int(o.split("wrote ")[1].split(" rows")[0]) for o, _ in outputs]
+    assert sum(written) == 24 and min(written) > 0  # both ranks did part of the work
+    _same_store(clean_wds, out)
 
 
 def test_member_reads_match_tarfile(shards):

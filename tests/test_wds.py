@@ -428,3 +428,20 @@ def test_listing_without_a_writable_home(shards, tmp_path, monkeypatch):
     monkeypatch.setenv("FEATSTORE_HOME", str(blocked))  # $FEATSTORE_HOME/shards cannot be made
     m = wds_manifest(f"wds:{shards[0].parent}/train-*.tar")
     assert len(m.splits["all"]) == 24 and not list(tmp_path.glob("**/shards/*.json"))
+
+
+def test_member_reads_from_threads_over_more_shards_than_kept_open(real_photos, tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import featstore.loaders.members as members
+
+    monkeypatch.setattr(members, "_KEEP_OPEN", 2)  # descriptors evicted while other threads read theirs
+    write_shards(real_photos, tmp_path / "many", per_shard=1)
+    m = wds_manifest(f"wds:{tmp_path}/many/train-*.tar")
+    _, _, data = _photos(real_photos)
+    refs = m.sources("all") * 20
+    order = np.random.default_rng(0).permutation(len(refs))
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: members.read_member(refs[i])[0], order))
+    assert all(g == data[i % len(data)] for g, i in zip(got, order))
+    assert sum(1 for pid, _ in members._OPEN if pid == os.getpid()) <= 2

@@ -5,7 +5,8 @@ before any read (no image component, a truncated one, no label: ``wds_dataset``)
 
 Local shards are read with ``os.pread`` on a descriptor kept open per process: no shared file position,
 so DataLoader workers forked from one parent never interfere, and one ``open`` serves a whole shard.
-URLs are read through fsspec (a range request per member).
+URLs are read through fsspec: a file object per shard and process, whose read-ahead serves a batch's
+members (stored one after another) from few requests.
 
 Their checks (``verdicts``) are cached like files', keyed by the reference; a verdict holds while the
 shard's stamp (its mtime, or the object store's version) is the one it was made under.
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import BinaryIO
 
 from ..image_header import image_size_from_header
 from ..manifest import parse_member_ref
@@ -24,7 +27,19 @@ from ..shards import is_url, open_shard, read_range, stamp
 from .decode import check_encoded
 from .verdicts import Verdict, cached_verdicts, verdict_of
 
-_OPEN: OrderedDict[tuple[int, str], int] = OrderedDict()  # (pid, shard) → descriptor, most recent last
+_OPEN: OrderedDict[tuple[int, str], _Descriptor] = OrderedDict()  # (pid, shard) → descriptor, most recent last
+_OPEN_LOCK = threading.Lock()
+_REMOTE: OrderedDict[tuple[int, str], tuple[BinaryIO, threading.Lock]] = OrderedDict()  # (pid, URL) → file, lock
+_REMOTE_LOCK = threading.Lock()
+
+
+def _fresh_locks() -> None:
+    # a fork copies a lock another thread may hold at that moment: the child starts with its own
+    global _OPEN_LOCK, _REMOTE_LOCK
+    _OPEN_LOCK, _REMOTE_LOCK = threading.Lock(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_locks)
 _KEEP_OPEN = 16
 
 
@@ -111,21 +126,58 @@ def member_verdict(ref: str, shard_stamp: int) -> Verdict:
 
 def _read(shard: str, offset: int, size: int) -> bytes:
     if is_url(shard):
-        with open_shard(shard) as f:
+        f, lock = _remote(shard)
+        with lock:  # one file object per shard and process: its position and read-ahead cache are not thread-safe
             return read_range(f, offset, size)
-    fd = _descriptor(shard)
-    return os.pread(fd, size, offset)
+    held = _hold(shard)
+    try:
+        return os.pread(held.fd, size, offset)
+    finally:
+        _let_go(held)
 
 
-def _descriptor(shard: str) -> int:
-    key = (os.getpid(), shard)  # a forked DataLoader worker opens its own (pread needs no position, but closing is per process)
-    fd = _OPEN.get(key)
-    if fd is not None:
-        _OPEN.move_to_end(key)
-        return fd
-    fd = os.open(shard, os.O_RDONLY)
-    _OPEN[key] = fd
-    while len(_OPEN) > _KEEP_OPEN:
-        _, old = _OPEN.popitem(last=False)
-        os.close(old)
-    return fd
+def _remote(shard: str) -> tuple[BinaryIO, threading.Lock]:
+    """The shard's fsspec file, opened once per process (an open costs a HEAD request; its read-ahead
+    then serves the following members of a batch, which lie one after another, from one GET)."""
+    key = (os.getpid(), shard)
+    with _REMOTE_LOCK:
+        found = _REMOTE.get(key)
+        if found is None:
+            found = _REMOTE[key] = (open_shard(shard), threading.Lock())
+            while len(_REMOTE) > _KEEP_OPEN:
+                _REMOTE.popitem(last=False)  # closed when collected (a thread may still be reading it)
+        else:
+            _REMOTE.move_to_end(key)
+        return found
+
+
+class _Descriptor:
+    """An open shard, counted while threads read it: evicted from the cache, it is closed only when the last
+    reader is done (closing it under a reader could hand its number to another file, read in its place)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.readers, self.evicted = fd, 0, False
+
+
+def _hold(shard: str) -> _Descriptor:
+    key = (os.getpid(), shard)  # a forked DataLoader worker opens its own
+    with _OPEN_LOCK:
+        held = _OPEN.get(key)
+        if held is None:
+            held = _OPEN[key] = _Descriptor(os.open(shard, os.O_RDONLY))
+            while len(_OPEN) > _KEEP_OPEN:
+                (pid, _), old = _OPEN.popitem(last=False)
+                old.evicted = True
+                if old.readers == 0 and pid == os.getpid():  # a parent's descriptor is the parent's to close
+                    os.close(old.fd)
+        else:
+            _OPEN.move_to_end(key)
+        held.readers += 1
+        return held
+
+
+def _let_go(held: _Descriptor) -> None:
+    with _OPEN_LOCK:
+        held.readers -= 1
+        if held.evicted and held.readers == 0:
+            os.close(held.fd)

@@ -65,9 +65,8 @@ def shards(real_photos, tmp_path_factory):
 
 
 def _extract(dataset: str, out: Path, loader: str, **kw):
-    return extract(
-        ExtractConfig(dataset=dataset, out=str(out), loader=loader, batch_size=kw.pop("batch_size", 8), **SMALL, **kw), progress=False
-    )
+    fields = {**SMALL, "batch_size": 8, **kw}
+    return extract(ExtractConfig(dataset=dataset, out=str(out), loader=loader, **fields), progress=False)
 
 
 # ------------------------------------------------------------------------------ naming shards
@@ -445,3 +444,52 @@ def test_member_reads_from_threads_over_more_shards_than_kept_open(real_photos, 
         got = list(pool.map(lambda i: members.read_member(refs[i])[0], order))
     assert all(g == data[i % len(data)] for g, i in zip(got, order))
     assert sum(1 for pid, _ in members._OPEN if pid == os.getpid()) <= 2
+
+
+@pytest.fixture(scope="module")
+def s3_shards(shards):
+    """The test shards in a real S3 API (moto's server on 127.0.0.1); credentials and endpoint in the environment."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "featstore-test-key",
+        "AWS_SECRET_ACCESS_KEY": "featstore-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("wds")
+        for shard in shards:
+            fs.put(str(shard), f"wds/data/{shard.name}")
+        yield "s3://wds/data"
+    finally:
+        server.stop()
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.mark.slow
+def test_shards_on_s3_give_the_folder_features(s3_shards, real_photos, tmp_path):
+    folder = _extract(str(real_photos), tmp_path / "folder.zarr", "torch")
+    m = wds_manifest(f"wds:{s3_shards}/train-*.tar")  # a glob on the bucket
+    assert list(m.splits["all"].paths)[:2] == ["train-000000.tar/00000", "train-000000.tar/00001"]
+    result = _extract(f"wds:{s3_shards}/train-{{000000..000002}}.tar", tmp_path / "s3.zarr", "torch", workers=2)
+    assert result.invalid == 0 and folder.invalid == 0
+    ours = FeatureStore.open(tmp_path / "s3.zarr")
+    assert ours.features("all", "pool")[:].tobytes() == FeatureStore.open(tmp_path / "folder.zarr").features("all", "pool")[:].tobytes()
+    assert "featstore-test-secret" not in json.dumps(ours.attrs)
+    with pytest.raises(UsageError, match="reads local shards only"):
+        _extract(f"wds:{s3_shards}/train-*.tar", tmp_path / "dali.zarr", "dali")
+    with pytest.raises(UsageError, match="holds credentials"):
+        wds_manifest("wds:s3://key:secret@wds/data/train-000000.tar")
+    with pytest.raises(UsageError, match="not found"):
+        wds_manifest(f"wds:{s3_shards}/train-000009.tar")

@@ -493,3 +493,36 @@ def test_shards_on_s3_give_the_folder_features(s3_shards, real_photos, tmp_path)
         wds_manifest("wds:s3://key:secret@wds/data/train-000000.tar")
     with pytest.raises(UsageError, match="not found"):
         wds_manifest(f"wds:{s3_shards}/train-000009.tar")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_png_and_bmp_members_equal_the_same_files(loader, real_photos, tmp_path):
+    """Members of other formats: PNG goes to DALI as it is, BMP through PIL into a PNG in a temporary tar."""
+    import shutil
+
+    import webdataset as wds
+    from PIL import Image
+
+    if loader == "dali":
+        dali_or_skip()
+    folder = tmp_path / "folder"
+    shutil.copytree(real_photos, folder)
+    m = resolve_dataset(str(folder))
+    paths, labels = list(m.splits["all"].paths), m.splits["all"].labels
+    formats = {3: "png", 9: "bmp", 10: "png", 17: "bmp"}
+    for i, ext in formats.items():
+        jpeg = folder / paths[i]
+        Image.open(jpeg).save(jpeg.with_suffix(f".{ext}"))
+        jpeg.unlink()
+        paths[i] = str(Path(paths[i]).with_suffix(f".{ext}"))
+    assert list(resolve_dataset(str(folder)).splits["all"].paths) == paths  # the same order as files
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "mixed-000000.tar")) as sink:
+        for i, p in enumerate(paths):
+            sink.write({"__key__": f"{i:05d}", formats.get(i, "jpg"): (folder / p).read_bytes(), "cls": int(labels[i])})
+    a = _extract(str(folder), tmp_path / "folder.zarr", loader, batch_size=5)
+    b = _extract(f"wds:{tmp_path}/shards/mixed-000000.tar", tmp_path / "wds.zarr", loader, batch_size=5)
+    assert a.invalid == 0 and b.invalid == 0
+    fa, fb = FeatureStore.open(tmp_path / "folder.zarr"), FeatureStore.open(tmp_path / "wds.zarr")
+    assert fb.features("all", "pool")[:].tobytes() == fa.features("all", "pool")[:].tobytes()

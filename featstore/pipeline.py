@@ -166,7 +166,8 @@ def run_units(
                     if config.strict and batch.errors:
                         row, reason = next(iter(batch.errors.items()))
                         raise FeatstoreError(
-                            f"cannot decode {paths[row]}: {reason}", "fix or remove the file, or drop --strict to record it as invalid"
+                            f"cannot decode {manifest.absolute_paths(split)[row]}: {reason}",
+                            "fix or remove the file, or drop --strict to record it as invalid",
                         )
                     runner.submit((unit, batch), batch.images)
                     for (u, b), feats in runner.ready():

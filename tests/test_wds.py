@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from featstore.datasets import resolve_dataset
-from featstore.errors import UsageError
+from featstore.errors import FeatstoreError, UsageError
 from featstore.extraction import ExtractConfig, extract
 from featstore.manifest import parse_member_ref
 from featstore.shards import expand_braces, expand_shards
@@ -225,6 +225,9 @@ def test_damaged_members_are_invalid_rows_and_the_rest_equals_the_folder(loader,
     assert ours[valid].tobytes() == theirs[valid].tobytes()  # bitwise, every good row
     assert np.isnan(ours[~valid]).all()
     assert len(shards) == 3
+    if loader == "torch":  # --strict stops at the first, naming the sample as a path inside its shard
+        with pytest.raises(FeatstoreError, match=r"cannot decode .*/shards/train-000000\.tar/00002: truncated JPEG"):
+            _extract(f"wds:{tmp_path}/shards/train-*.tar", tmp_path / "strict.zarr", loader, strict=True)
 
 
 def test_truncated_and_garbled_shards(shards, tmp_path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -93,26 +95,40 @@ class Manifest:
 
 @dataclass(frozen=True)
 class ShardRows:
-    """Where each image of a dataset read from tar shards is: by row identity (``<shard>/<key>``,
-    sorted, so a re-split manifest finds its rows), the shard, and the image member's byte range.
-    ``problems``: rows known invalid before any read (no image component, truncated, no label)."""
+    """Where each image of a dataset read from tar shards is: per split as the shards gave it, row by row,
+    the shard and the image member's byte range. ``problems``: rows known invalid before any read (no image
+    component, truncated, no label), by row identity (``<shard>/<key>``)."""
 
     shards: tuple[str, ...]  # absolute paths or URLs
-    paths: np.ndarray  # sorted row identities (str)
-    shard: np.ndarray  # int32 index into shards
-    offset: np.ndarray  # int64 byte offset of the image member's data
-    size: np.ndarray  # int64 its size
+    paths: dict[str, tuple[str, ...]]  # split → its rows' identities (the manifest's own tuples)
+    shard: dict[str, np.ndarray]  # split → int32 index into shards, by row
+    offset: dict[str, np.ndarray]  # split → int64 byte offset of each image member's data
+    size: dict[str, np.ndarray]  # split → int64 its size
     problems: dict[str, str]
     label: str = "cls"  # where the labels came from (--wds-label)
 
     def sources(self, paths: tuple[str, ...] | list[str]) -> list[str]:
-        at = np.searchsorted(self.paths, np.asarray(paths, dtype=self.paths.dtype)) if len(paths) else np.zeros(0, np.int64)
-        out = []
-        for p, i in zip(paths, at.tolist()):
-            shard = self.shards[int(self.shard[i])]
-            problem = self.problems.get(p)
-            out.append(member_ref(shard, -1, -1, problem) if problem else member_ref(shard, int(self.offset[i]), int(self.size[i])))
-        return out
+        """The member reference of each row identity in ``paths``: a split's rows as listed (the usual case,
+        no lookup), or rows that ``--split`` drew anew (looked up by identity)."""
+        where: Iterable[tuple[int, int, int]]
+        found = next((s for s, own in self.paths.items() if paths is own or (len(paths) == len(own) and tuple(paths) == own)), None)
+        if found is not None:
+            where = zip(self.shard[found].tolist(), self.offset[found].tolist(), self.size[found].tolist())
+        else:
+            where = (self._by_identity[p] for p in paths)
+        return [
+            member_ref(self.shards[s], -1, -1, problem) if (problem := self.problems.get(p)) else member_ref(self.shards[s], o, n)
+            for p, (s, o, n) in zip(paths, where)
+        ]
+
+    @cached_property
+    def _by_identity(self) -> dict[str, tuple[int, int, int]]:
+        """identity → (shard, offset, size): made only for a manifest re-split by ``--split``."""
+        return {
+            p: (s, o, n)
+            for split, own in self.paths.items()
+            for p, s, o, n in zip(own, self.shard[split].tolist(), self.offset[split].tolist(), self.size[split].tolist())
+        }
 
     def describe(self) -> dict:
         return {"count": len(self.shards), "first": self.shards[0] if self.shards else None, "label": self.label}

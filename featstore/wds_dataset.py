@@ -108,19 +108,19 @@ def wds_manifest(spec: str, label: str = CLS, labels: str = "dense") -> Manifest
     split_of = {s: split for split, shards in by_split.items() for s in shards}
     skipped: list[str] = []
     rows: dict[str, list[tuple[str, str | None, str]]] = {split: [] for split in by_split}  # (identity, label text, problem)
-    where: list[tuple[str, int, int, int]] = []  # (identity, shard index, offset, size)
+    where: dict[str, list[tuple[int, int, int]]] = {split: [] for split in by_split}  # (shard index, offset, size) by row
     problems: dict[str, str] = {}
     # shard by shard, in order: a listing is let go once its rows are taken (the listings of a large set do not fit at once)
     for number, (shard, listing) in enumerate(_listings(every, label)):
         if listing.damage:
             skipped.append(f"shard {shard}: {listing.damage}")
-        out = rows[split_of[shard]]
+        out, at = rows[split_of[shard]], where[split_of[shard]]
         for identity, text, offset, size, problem in _rows(listing, _relative(shard, root)):
             out.append((identity, text, problem))
-            where.append((identity, number, offset, size))
+            at.append((number, offset, size))
             if problem:
                 problems[identity] = problem
-    identities = [w[0] for w in where]
+    identities = [i for r in rows.values() for i, _, _ in r]
     if len(set(identities)) != len(identities):
         dup = next(i for i, n in Counter(identities).items() if n > 1)
         raise UsageError(
@@ -134,13 +134,13 @@ def wds_manifest(spec: str, label: str = CLS, labels: str = "dense") -> Manifest
         split: SplitManifest(split, tuple(i for i, _, _ in r), np.asarray([index[t] if t is not None else 0 for _, t, _ in r], np.int32))
         for split, r in rows.items()
     }
-    order = np.argsort(np.asarray(identities))
+    del identities
     table = ShardRows(
         shards=tuple(every),
-        paths=np.asarray(identities)[order],
-        shard=np.asarray([w[1] for w in where], np.int32)[order],
-        offset=np.asarray([w[2] for w in where], np.int64)[order],
-        size=np.asarray([w[3] for w in where], np.int64)[order],
+        paths={split: m.paths for split, m in splits.items()},  # the very tuples of the manifest: no copy
+        shard={split: np.asarray([w[0] for w in where[split]], np.int32) for split in splits},
+        offset={split: np.asarray([w[1] for w in where[split]], np.int64) for split in splits},
+        size={split: np.asarray([w[2] for w in where[split]], np.int64) for split in splits},
         problems=problems,
         label=label,
     )

@@ -32,7 +32,7 @@ from .errors import UsageError
 from .home import home
 from .shards import open_shard, stamp
 
-LISTING_VERSION = 1
+LISTING_VERSION = 2  # bump when a listing's fields or rules change: older cached listings are then made again
 LABEL_BYTES = 1 << 20  # a .cls / .json component larger than this is not read as a label
 CLS = "cls"
 
@@ -113,10 +113,21 @@ def _cache_entry(shard: str, label: str) -> tuple[Path, int]:
 
 def scan_shard(shard: str, size: int, label: str = CLS) -> ShardListing:
     """Read the shard's tar headers (seeking over the data) and its label components."""
+    try:
+        return _scan(shard, size, label, _plain_members)
+    except _NeedsTarfile:  # a malformed pax record: Python's tarfile reads every variant
+        return _scan(shard, size, label, _tarfile_members)
+
+
+class _NeedsTarfile(Exception):
+    """A header the plain reader leaves to ``tarfile`` (pax records it cannot parse)."""
+
+
+def _scan(shard: str, size: int, label: str, members) -> ShardListing:
     component, field = label_source(label)
     samples: list[Sample] = []
     current: dict | None = None
-    damage = ""
+    damage: list[str] = []  # what ``members`` found wrong, if anything
 
     def close():
         if current is not None:
@@ -127,44 +138,142 @@ def scan_shard(shard: str, size: int, label: str = CLS) -> ShardListing:
     except OSError as e:
         raise UsageError(f"cannot read shard {shard!r}: {e.strerror or e}", "check that it exists and is readable") from None
     with f:
-        try:
-            tf = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed with f)
-        except tarfile.TarError as e:
-            raise UsageError(f"shard {shard!r} is not a tar archive ({e})", "pass WebDataset shards: uncompressed .tar files") from None
-        members = iter(tf)
-        while True:
-            try:
-                member = next(members)
-            except StopIteration:
-                # tarfile ends quietly at a garbled header: the end of an archive is two zero blocks (or the file's end)
-                end = tf.offset
-                if end + 512 <= size:
-                    f.seek(end)
-                    if f.read(512) != b"\0" * 512:
-                        damage = f"damaged tar at byte {end} (a garbled header): the samples after it are left out"
-                break
-            except tarfile.TarError as e:
-                if "unexpected end of data" not in str(e):
-                    damage = f"damaged tar at byte {tf.offset} ({e}): the samples after it are left out"
-                break
-            if not member.isreg():
-                continue
-            key, ext = split_name(member.name)
+        for name, offset, length in members(f, size, shard, damage):
+            key, ext = split_name(name)
             if not key or key.endswith("/"):
                 continue
             if current is None or current["key"] != key:
                 close()
                 current = {"key": key, "components": {}, "raw": {}, "truncated": []}
-            current["components"][ext] = (member.offset_data, member.size)
-            if member.offset_data + member.size > size:
+            current["components"][ext] = (offset, length)
+            if offset + length > size:
                 current["truncated"].append(ext)
-            elif ext == component and member.size <= LABEL_BYTES:
-                f.seek(member.offset_data)
-                current["raw"][ext] = f.read(member.size)
+            elif ext == component and length <= LABEL_BYTES:
+                f.seek(offset)
+                current["raw"][ext] = f.read(length)
         close()
     if not samples and not damage:
         raise UsageError(f"shard {shard!r} holds no samples", "pass WebDataset shards (tar files of <key>.<ext> members)")
-    return ShardListing(shard, size, samples, damage)
+    return ShardListing(shard, size, samples, damage[0] if damage else "")
+
+
+_LEFT_OUT = "the samples after it are left out"
+_ZERO = bytes(512)
+
+
+def _plain_members(f, size: int, shard: str, damage: list[str]):
+    """(name, data offset, size) of each regular file, from headers parsed here (ustar, GNU long names, pax
+    ``path``/``size`` records: what WebDataset's writers make): several times faster than ``tarfile``, which
+    builds an object per member. What it does not parse raises ``_NeedsTarfile``."""
+    pos = 0
+    long_name: bytes | None = None  # from a GNU long-name or a pax header: the next member's name
+    long_size: int | None = None
+    start, extended_before = 0, False  # where the current member's headers (extended ones first) begin: what damage names
+    while pos + 512 <= size:
+        if not extended_before:
+            start = pos
+        f.seek(pos)
+        header = f.read(512)
+        if len(header) < 512:
+            break
+        if header == _ZERO:
+            return  # the end-of-archive marker
+        stored = _octal(header[148:156])
+        unsigned = sum(header) - sum(header[148:156]) + 256  # the checksum field counts as eight spaces
+        if stored is not None and stored != unsigned:  # some old writers summed signed bytes: as tarfile, accept both
+            stored += 256 * sum(1 for i, b in enumerate(header) if b > 127 and not 148 <= i < 156) * (stored < unsigned)
+        if stored is None or stored != unsigned:
+            if pos == 0:
+                raise UsageError(f"shard {shard!r} is not a tar archive (bad checksum)", "pass WebDataset shards: uncompressed .tar files")
+            damage.append(f"damaged tar at byte {start} (bad checksum): {_LEFT_OUT}")
+            return
+        kind = header[156:157]
+        length = int.from_bytes(header[125:136], "big") if header[124] & 0x80 else _octal(header[124:136])
+        if length is None:
+            damage.append(f"damaged tar at byte {start} (a garbled size field): {_LEFT_OUT}")
+            return
+        data_at, pos = pos + 512, pos + 512 + (length + 511) // 512 * 512
+        extended_before = kind in (b"x", b"L", b"g", b"K")
+        if kind in (b"x", b"L"):
+            if data_at + length > size:
+                break  # cut inside the extended header: nothing of the member it describes is there
+            f.seek(data_at)
+            extended = f.read(length)
+            if kind == b"L":
+                long_name = extended.split(b"\0", 1)[0]
+            else:
+                records = _pax_records(extended)
+                long_name = records.get(b"path", long_name)
+                if b"size" in records:
+                    long_size = int(records[b"size"])
+            continue
+        if kind in (b"g", b"K"):  # global pax records (no path or size of a member), GNU long link names
+            continue
+        if long_size is not None:
+            length, pos = long_size, data_at + (long_size + 511) // 512 * 512
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:263] == b"ustar\0":  # POSIX: a prefix holds the leading folders of a long name
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix + b"/" + name
+        if long_name is not None:
+            name = long_name
+        long_name = long_size = None
+        if kind in (b"0", b"\0", b"7"):  # regular files (7: contiguous, read as regular)
+            yield name.decode("utf-8", "surrogateescape"), data_at, length
+    if 0 < size - pos < 512:
+        damage.append(f"damaged tar at byte {start} (truncated header): {_LEFT_OUT}")
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """A pax extended header's ``LENGTH key=value\\n`` records."""
+    out, i = {}, 0
+    try:
+        while i < len(data) and data[i] != 0:
+            space = data.index(b" ", i)
+            n = int(data[i:space])
+            key, eq, value = data[space + 1 : i + n - 1].partition(b"=")
+            if not eq or n <= 0:
+                raise ValueError
+            out[key] = value
+            i += n
+    except ValueError:
+        raise _NeedsTarfile from None
+    return out
+
+
+def _octal(field: bytes) -> int | None:
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        return None
+
+
+def _tarfile_members(f, size: int, shard: str, damage: list[str]):
+    """``_plain_members`` by Python's ``tarfile``, for every header variant."""
+    try:
+        tf = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (closed with f)
+    except tarfile.TarError as e:
+        raise UsageError(f"shard {shard!r} is not a tar archive ({e})", "pass WebDataset shards: uncompressed .tar files") from None
+    members = iter(tf)
+    while True:
+        try:
+            member = next(members)
+        except StopIteration:
+            # tarfile ends quietly at a garbled header: the end of an archive is two zero blocks (or the file's end)
+            end = tf.offset
+            if end + 512 <= size:
+                f.seek(end)
+                if f.read(512) != _ZERO:
+                    damage.append(f"damaged tar at byte {end} (a garbled header): {_LEFT_OUT}")
+            return
+        except tarfile.TarError as e:
+            if "unexpected end of data" not in str(e):
+                damage.append(f"damaged tar at byte {tf.offset} ({e}): {_LEFT_OUT}")
+            return
+        if member.isreg():
+            yield member.name, member.offset_data, member.size
 
 
 def _sample(current: dict, component: str, field: str) -> Sample:

@@ -158,7 +158,7 @@ def wds_manifest(spec: str, label: str = CLS, labels: str = "dense") -> Manifest
 
 def _listings(shards: list[str], label: str) -> Iterator[tuple[str, ShardListing]]:
     """Every shard's listing, in order: cached ones read as they come, the others made ahead on a pool. Listing
-    parses every tar header in Python (~0.1 ms a sample), so many local shards are listed in processes, one
+    parses every tar header in Python (~40 µs a sample), so many local shards are listed in processes, one
     per core; a few, or URLs (which wait on the network), on threads."""
     missing = [s for s in shards if not cache_holds(s, label)]
     workers = min(len(missing), os.cpu_count() or 1)

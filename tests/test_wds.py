@@ -8,6 +8,7 @@ of the same photos as a folder, with each loader (torch, and DALI's CPU pipeline
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -529,3 +530,60 @@ def test_png_and_bmp_members_equal_the_same_files(loader, real_photos, tmp_path)
     assert a.invalid == 0 and b.invalid == 0
     fa, fb = FeatureStore.open(tmp_path / "folder.zarr"), FeatureStore.open(tmp_path / "wds.zarr")
     assert fb.features("all", "pool")[:].tobytes() == fa.features("all", "pool")[:].tobytes()
+
+
+def test_plain_header_reader_agrees_with_tarfile(shards, tmp_path):
+    """The listing's own ustar/GNU header reader gives what Python's tarfile gives, damage included; pax and
+    GNU long names go to tarfile."""
+    from featstore import tar_index
+
+    def both(path: Path):
+        size = path.stat().st_size
+        out = []
+        for members in (tar_index._plain_members, tar_index._tarfile_members):
+            damage: list[str] = []
+            with open(path, "rb") as f:
+                out.append((list(members(f, size, str(path), damage)), [d.split(" (")[0] for d in damage]))
+        return out
+
+    raw = shards[0].read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(raw[: len(raw) // 2])
+    mid_header = tmp_path / "mid-header.tar"
+    mid_header.write_bytes(raw[: list_shard(str(shards[0])).samples[2].components["cls"][0] - 512 + 100])
+    garbled = bytearray(raw)
+    garbled[list_shard(str(shards[0])).samples[3].components["cls"][0] - 512] ^= 0x55
+    bad = tmp_path / "garbled.tar"
+    bad.write_bytes(bytes(garbled))
+    made = []
+    for fmt, name in ((tarfile.USTAR_FORMAT, "ustar"), (tarfile.GNU_FORMAT, "gnu")):
+        path = tmp_path / f"{name}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            # ustar: 105-character names, held by its prefix field; GNU: short ones (long ones are LongLink headers, tarfile's)
+            for i, stem in enumerate(["a", ("deep/" * 20 if name == "ustar" else "d/") + "b", "c"]):
+                for ext, data in (("jpg", raw[512 : 512 + 1000 + i]), ("cls", b"1")):
+                    info = tarfile.TarInfo(f"{stem}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            folder = tarfile.TarInfo("folder")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+        made.append(path)
+    for path in [*shards, cut, mid_header, bad, *made]:
+        plain, reference = both(path)
+        assert plain == reference, path.name
+    assert len(both(made[0])[0][0]) == 6 and both(bad)[0][1] == ["damaged tar at byte " + str(both(bad)[0][1][0].split()[-1])]
+    long_names = tmp_path / "pax.tar"
+    with tarfile.open(long_names, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("x" * 300 + ".jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    gnu_long = tmp_path / "gnu-long.tar"
+    with tarfile.open(gnu_long, "w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("y" * 150 + ".jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    for path in (long_names, gnu_long):
+        plain, reference = both(path)
+        assert plain == reference and len(plain[0]) == 1 and len(plain[0][0][0]) > 100
+    assert shards[0].read_bytes()[156:157] == b"x"  # webdataset's TarWriter writes a pax header before every member

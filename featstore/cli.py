@@ -37,7 +37,8 @@ def cli(debug):
     default="digits",
     show_default=True,
     help="digits, imagenet, an ImageFolder directory, or a CSV file list (path,label[,split]); dense targets: "
-    "nyu-depth-v2, a Pascal VOC folder, or a folder SPLIT/images + SPLIT/depth and/or SPLIT/masks (docs/dense.md).",
+    "nyu-depth-v2, a Pascal VOC folder, or a folder SPLIT/images + SPLIT/depth and/or SPLIT/masks (docs/dense.md); "
+    "WebDataset shards: 'wds:DIR/train-{000000..000099}.tar' (braces, globs, fsspec URLs) or wds:SPLITS.yaml (docs/scale.md).",
 )
 @click.option(
     "--out",
@@ -115,6 +116,12 @@ def cli(debug):
     show_default=True,
     help="A CSV file list's integer labels: dense 0..C-1, or sparse (the distinct labels, sorted, become classes 0..K-1).",
 )
+@click.option(
+    "--wds-label",
+    default="cls",
+    show_default=True,
+    help="WebDataset shards: the label is the .cls component (cls) or this field of the .json component (KEY, or json:KEY).",
+)
 @click.option("--depth-scale", type=float, help="Metres per unit of 16-bit depth PNGs (dense datasets; default 0.001: millimetres).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (fixed batch shapes; pays off on long GPU runs).")
 @click.option("--no-cuda-graphs", is_flag=True, help="On CUDA, run the forward eagerly instead of replaying it from a CUDA graph.")
@@ -154,6 +161,7 @@ def extract(
     std,
     max_decode_pixels,
     labels,
+    wds_label,
     depth_scale,
     compile_model,
     no_cuda_graphs,
@@ -195,6 +203,7 @@ def extract(
         split_seed=split_seed,
         cuda_graphs=not no_cuda_graphs,
         depth_scale=depth_scale,
+        wds_label=wds_label,
     )
     result = recall_up_to_date(config)  # an unchanged request answers without importing torch
     if result is None:

@@ -2,7 +2,7 @@
 
 Accepted specs: ``digits`` (embedded, built from scikit-learn's bundled digits), ``imagenet``
 (ILSVRC2012 folder layout), a directory in ImageFolder layout (with or without split folders), or a
-CSV file list with ``path,label[,split]`` columns.
+CSV file list with ``path,label[,split]`` columns, or WebDataset tar shards (``wds:...``, see ``wds_dataset``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .csv_list import label_map, read_file_list
 from .dataset_walk import Skipped, walk_images
 from .errors import UsageError
 from .manifest import Manifest, SplitManifest
+from .wds_dataset import is_wds, wds_manifest
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm"})
 SPLIT_NAMES = ("train", "val", "test")
@@ -26,8 +27,11 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def resolve_dataset(spec: str, data_root: str | os.PathLike | None = None, labels: str = "dense") -> Manifest:
-    """Turn what the user typed after ``--dataset`` into a Manifest (``labels``: a CSV's integer labels, dense or sparse)."""
+def resolve_dataset(spec: str, data_root: str | os.PathLike | None = None, labels: str = "dense", wds_label: str = "cls") -> Manifest:
+    """Turn what the user typed after ``--dataset`` into a Manifest (``labels``: a CSV's integer labels, dense or sparse;
+    ``wds_label``: where WebDataset shards keep the label)."""
+    if is_wds(spec):
+        return wds_manifest(spec, wds_label, labels)
     if spec == "digits":
         from .digits import digits_manifest
 

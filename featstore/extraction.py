@@ -29,7 +29,7 @@ from .job import (
     store_of_job,
     validate,
 )
-from .loaders import choose_loader
+from .loaders import choose_loader, shard_loader
 from .models.encoders import build_encoder, feature_dims, resolve_encoder, select_views
 from .pipeline import run_units
 from .progress import log_to_stderr, resolve_mode
@@ -38,6 +38,7 @@ from .request import ExtractConfig, ExtractResult, recall_up_to_date, request_of
 from .splits import apply_split, parse_split
 from .store.lease import store_lock
 from .store.remote import location
+from .wds_dataset import is_wds, wds_manifest
 
 # re-exported: what a caller of the extraction reads about a job
 __all__ = ["ExtractConfig", "ExtractResult", "cache_fields", "cache_key", "extract", "request_of", "resolved_model", "resume_command"]
@@ -64,7 +65,11 @@ def extract(
         device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     loader_name = choose_loader(config.loader, device)
     # targets: where a dense dataset's depth maps or masks are (None for classification)
-    manifest, targets = resolve_with_targets(config.dataset, config.data_root, config.depth_scale, config.labels)
+    if is_wds(config.dataset):
+        manifest, targets = wds_manifest(config.dataset, config.wds_label, config.labels), None
+        loader_name = shard_loader(config.loader, loader_name, manifest)
+    else:
+        manifest, targets = resolve_with_targets(config.dataset, config.data_root, config.depth_scale, config.labels)
     if config.split is not None:
         manifest = apply_split(manifest, parse_split(config.split, config.split_seed))
     if ranks.is_leader:

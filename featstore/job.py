@@ -25,12 +25,22 @@ from .models.encoders import EncoderSpec, pos_embed_rule
 from .models.presets import find_preset
 from .preprocess import SIZE_RULE
 from .ranks import Ranks, wait_until
-from .request import ExtractConfig, dataset_dirs, refuse_url_out, remember_request, request_of, resolved_model, resolved_path
+from .request import (
+    ExtractConfig,
+    dataset_dirs,
+    refuse_url_out,
+    remember_request,
+    request_of,
+    resolved_dataset,
+    resolved_model,
+    resolved_path,
+)
 from .splits import parse_split
 from .store import FEATURE_DTYPES, PROGRESS, FeatureStore, RowShape, is_store, is_url
 from .store.lease import store_lock
 from .store.remote import Remote
 from .store.repair import reopen_damaged
+from .wds_dataset import SPLITS_FILE, is_wds, shard_files
 
 
 def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest, device: torch.device) -> dict:
@@ -79,6 +89,8 @@ def validate(config: ExtractConfig) -> None:
         raise UsageError(f"--chunk-rows must be >= 1, got {config.chunk_rows}", "e.g. --chunk-rows 8192")
     if config.repair and config.overwrite:
         raise UsageError("--repair and --overwrite contradict each other", "--repair keeps the store's intact units; pass one")
+    if config.wds_label != "cls" and not is_wds(config.dataset):
+        raise UsageError(f"--wds-label {config.wds_label!r} applies to WebDataset shards only", "drop it, or pass --dataset 'wds:...'")
     if config.split is not None:
         parse_split(config.split, config.split_seed)
     elif config.split_seed:
@@ -92,7 +104,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     which would be another store); ``--overwrite`` is left out, since it would start over.
     """
     defaults = ExtractConfig(model="", dataset="", out="")
-    dataset = config.dataset if config.dataset in (*BUILTIN_DATASETS, NYU) else resolved_path(config.dataset)
+    dataset = config.dataset if config.dataset in (*BUILTIN_DATASETS, NYU) else resolved_dataset(config.dataset)
     args = [
         "featstore",
         "extract",
@@ -124,6 +136,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         ("labels", "--labels", str),
         ("max_decode_pixels", "--max-decode-pixels", str),
         ("depth_scale", "--depth-scale", str),
+        ("wds_label", "--wds-label", str),
     ]
     for name, flag, text in options:
         value = getattr(config, name)
@@ -153,7 +166,11 @@ def remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: 
     """Let the same request answer "up to date" next time without importing torch (request.py)."""
     if isinstance(out, str):
         return  # a store at a URL: its completion is read there each time (the memo stamps local files)
-    if Path(config.dataset).suffix.lower() == ".csv":
+    if manifest.shards is not None:
+        if len(shard_files(manifest)) < len(manifest.shards.shards):
+            return  # shards at URLs: no stamp tells when they change, so no memo
+        inputs = shard_files(manifest) + ([resolved_dataset(config.dataset)[4:]] if config.dataset.lower().endswith(SPLITS_FILE) else [])
+    elif Path(config.dataset).suffix.lower() == ".csv":
         inputs = [str(Path(config.dataset).expanduser().resolve())]
     else:
         inputs = dataset_dirs(manifest.root)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,8 @@ class Manifest:
     skipped: list[str] = field(default_factory=list, compare=False)
     # "sparse": a CSV's integer labels mapped, sorted, to classes 0..K-1; class_names[i] is the label of class i
     label_mapping: str = ""
+    # a dataset read from tar shards (WebDataset, ``wds_dataset``): where each row's image is; None for files
+    shards: ShardRows | None = field(default=None, compare=False)
 
     @property
     def sha256(self) -> str:
@@ -66,6 +71,12 @@ class Manifest:
     def absolute_paths(self, split: str) -> list[str]:
         return [str(self.root / p) for p in self.splits[split].paths]
 
+    def sources(self, split: str) -> list[str]:
+        """What the loaders read for each row: a file's absolute path, or for shards a member reference (``member_ref``)."""
+        if self.shards is None:
+            return self.absolute_paths(split)
+        return self.shards.sources(self.splits[split].paths)
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -78,7 +89,63 @@ class Manifest:
             **({"raw_paths": raw} if (raw := self.raw_paths()) else {}),
             **({"skipped": list(self.skipped)} if self.skipped else {}),
             **({"label_mapping": f"{self.label_mapping}: class i is the integer label class_names[i]"} if self.label_mapping else {}),
+            **({"shards": self.shards.describe()} if self.shards is not None else {}),
         }
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """Where each image of a dataset read from tar shards is: per split as the shards gave it, row by row,
+    the shard and the image member's byte range. ``problems``: rows known invalid before any read (no image
+    component, truncated, no label), by row identity (``<shard>/<key>``)."""
+
+    shards: tuple[str, ...]  # absolute paths or URLs
+    paths: dict[str, tuple[str, ...]]  # split → its rows' identities (the manifest's own tuples)
+    shard: dict[str, np.ndarray]  # split → int32 index into shards, by row
+    offset: dict[str, np.ndarray]  # split → int64 byte offset of each image member's data
+    size: dict[str, np.ndarray]  # split → int64 its size
+    problems: dict[str, str]
+    label: str = "cls"  # where the labels came from (--wds-label)
+
+    def sources(self, paths: tuple[str, ...] | list[str]) -> list[str]:
+        """The member reference of each row identity in ``paths``: a split's rows as listed (the usual case,
+        no lookup), or rows that ``--split`` drew anew (looked up by identity)."""
+        where: Iterable[tuple[int, int, int]]
+        found = next((s for s, own in self.paths.items() if paths is own or (len(paths) == len(own) and tuple(paths) == own)), None)
+        if found is not None:
+            where = zip(self.shard[found].tolist(), self.offset[found].tolist(), self.size[found].tolist())
+        else:
+            where = (self._by_identity[p] for p in paths)
+        return [
+            member_ref(self.shards[s], -1, -1, problem) if (problem := self.problems.get(p)) else member_ref(self.shards[s], o, n)
+            for p, (s, o, n) in zip(paths, where)
+        ]
+
+    @cached_property
+    def _by_identity(self) -> dict[str, tuple[int, int, int]]:
+        """identity → (shard, offset, size): made only for a manifest re-split by ``--split``."""
+        return {
+            p: (s, o, n)
+            for split, own in self.paths.items()
+            for p, s, o, n in zip(own, self.shard[split].tolist(), self.offset[split].tolist(), self.size[split].tolist())
+        }
+
+    def describe(self) -> dict:
+        return {"count": len(self.shards), "first": self.shards[0] if self.shards else None, "label": self.label}
+
+
+def member_ref(shard: str, offset: int, size: int, problem: str = "") -> str:
+    """A tar member as the loaders are handed it: ``SHARD#OFFSET:SIZE``, or ``SHARD#!REASON`` for a row known invalid."""
+    return f"{shard}#!{problem}" if problem else f"{shard}#{offset}:{size}"
+
+
+def parse_member_ref(ref: str) -> tuple[str, int, int, str]:
+    """``member_ref``'s (shard, offset, size, problem)."""
+    m = re.search(r"#(\d+):(\d+)$", ref)
+    if m:
+        return ref[: m.start()], int(m.group(1)), int(m.group(2)), ""
+    at = ref.find("#!")  # a reason may hold '#': the first '#!' ends the shard's name
+    return ref[:at], -1, -1, ref[at + 2 :]
 
 
 def stored_path(path: str) -> str:

@@ -21,6 +21,7 @@ import torch
 from .errors import FeatstoreError
 from .inference import BatchEncoder
 from .loaders import Batch, make_loader
+from .loaders.members import check_member_chunk
 from .loaders.verdicts import Verdicts, cache_path, check_files
 from .manifest import Manifest
 from .preprocess import Preprocess
@@ -140,7 +141,8 @@ def run_units(
     """Encode and write every pending unit this rank owns; (rows written, invalid rows, paths with NaN/Inf features)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    loader = make_loader(loader_name, store_preprocess(store), device, config.workers, config.max_decode_pixels)
+    shards = manifest.shards is not None  # a WebDataset: rows are tar members
+    loader = make_loader(loader_name, store_preprocess(store), device, config.workers, config.max_decode_pixels, shards=shards)
     runner = BatchEncoder(encoder, views, device, config.batch_size, compile=config.compile, cuda_graphs=config.cuda_graphs, log=log)
     ordinal = {(u.split, u.index): g for g, u in enumerate(u for s in store.splits for u in store.units(s))}
     pending = [u for u in store.pending_units() if ranks.owns(ordinal[(u.split, u.index)])]
@@ -155,7 +157,7 @@ def run_units(
             if not units:
                 continue
             planned = plan_batches(units, config.batch_size)
-            paths = manifest.absolute_paths(split)
+            paths = manifest.sources(split)
             verdicts = check_split(paths, planned, manifest, config.workers, log)
             assembler = _UnitAssembler(views, config.dtype, writer, manifest.splits[split].paths)
             # closed as soon as the split is done: a loader may hold threads, pipelines, fd 2 (quiet.py)
@@ -164,7 +166,8 @@ def run_units(
                     if config.strict and batch.errors:
                         row, reason = next(iter(batch.errors.items()))
                         raise FeatstoreError(
-                            f"cannot decode {paths[row]}: {reason}", "fix or remove the file, or drop --strict to record it as invalid"
+                            f"cannot decode {manifest.absolute_paths(split)[row]}: {reason}",
+                            "fix or remove the file, or drop --strict to record it as invalid",
                         )
                     runner.submit((unit, batch), batch.images)
                     for (u, b), feats in runner.ready():
@@ -187,7 +190,8 @@ def check_split(paths: list[str], planned: list[tuple[Unit, np.ndarray]], manife
     """The file checks of the rows about to be extracted, once per file (cached across runs), off the hot path;
     their count and rate are logged (a notice, not progress: it is logged with --no-progress too), one line per split."""
     rows = np.concatenate([r for _, r in planned])
-    verdicts, checked = check_files(paths, rows, cache_path(manifest.name, manifest.root), max(workers, os.cpu_count() or 1), log)
+    chunk = check_member_chunk if manifest.shards is not None else None
+    verdicts, checked = check_files(paths, rows, cache_path(manifest.name, manifest.root), max(workers, os.cpu_count() or 1), log, chunk)
     log(checked.line())
     return verdicts
 

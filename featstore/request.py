@@ -33,7 +33,8 @@ class ExtractConfig:
         A preset (``featstore models``), a timm name, ``tv:<torchvision name>``, ``file.py:build`` or
         ``hf:ORG/NAME[@REVISION]`` (a model in the local Hugging Face hub cache).
     dataset : str
-        ``digits``, ``imagenet``, an ImageFolder folder or a CSV file list.
+        ``digits``, ``imagenet``, an ImageFolder folder, a CSV file list, or WebDataset shards
+        (``wds:DIR/train-{000000..000099}.tar`` or ``wds:SPLITS.yaml``; docs/scale.md).
     out : str, optional
         The store to write (a folder, or an ``s3://``/``gs://`` URL: docs/scale.md); None: the cache,
         ``$FEATSTORE_HOME/stores/<dataset>/<model>-<key>.zarr``.
@@ -55,6 +56,8 @@ class ExtractConfig:
     max_decode_pixels
         Pixels the loader may decode and resize at once: batches are decoded in groups under it, an
         image over it alone is an invalid row (default: a sixth of the memory, see ``decode_budget``).
+    wds_label
+        WebDataset shards: ``cls`` (the .cls component) or a field of the .json component.
     labels
         A CSV file list's integer labels: ``dense`` (0..C-1, each used) or ``sparse`` (the distinct
         labels, sorted, become classes 0..K-1; the class names record the mapping).
@@ -90,6 +93,7 @@ class ExtractConfig:
     max_decode_pixels: int | None = None  # pixels one decode may hold (None: from the machine's memory)
     labels: str = "dense"  # a CSV's integer labels: dense 0..C-1, or sparse (mapped, sorted, to 0..K-1)
     depth_scale: float | None = None  # metres per unit of a 16-bit depth PNG (dense datasets; default 0.001)
+    wds_label: str = "cls"  # WebDataset shards: the .cls component, or a field of the .json component
 
 
 @dataclass
@@ -167,7 +171,7 @@ def request_of(config: ExtractConfig) -> dict:
         data_root = os.environ.get("FEATSTORE_DATA")
     return {
         "model": model,
-        "dataset": resolved_path(config.dataset),
+        "dataset": resolved_dataset(config.dataset),
         "data_root": resolved_path(data_root),
         "weights": resolved_path(config.weights),
         "random_init": config.random_init,
@@ -188,7 +192,16 @@ def request_of(config: ExtractConfig) -> dict:
         "ranks": os.environ.get("WORLD_SIZE"),
         **({"labels": config.labels} if config.labels != "dense" else {}),
         **({"depth_scale": config.depth_scale} if config.depth_scale is not None else {}),
+        **({"wds_label": config.wds_label} if config.wds_label != "cls" else {}),
     }
+
+
+def resolved_dataset(spec: str) -> str:
+    """``--dataset`` with paths made absolute: a folder or CSV (``resolved_path``), or the pattern of ``wds:`` shards."""
+    if spec.startswith("wds:"):
+        body = spec[4:]
+        return spec if "://" in body or not body else "wds:" + os.path.abspath(os.path.expanduser(body))
+    return resolved_path(spec)
 
 
 def recall_up_to_date(config: ExtractConfig) -> ExtractResult | None:

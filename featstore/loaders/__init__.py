@@ -15,9 +15,10 @@ from .batch import Batch, Loader, normalize_on_device
 if TYPE_CHECKING:  # torch is imported where used: `featstore --help` needs none
     import torch
 
+    from ..manifest import Manifest
     from ..preprocess import Preprocess
 
-__all__ = ["AUTO", "LOADERS", "Batch", "Loader", "choose_loader", "dali_available", "make_loader", "normalize_on_device"]
+__all__ = ["AUTO", "LOADERS", "Batch", "Loader", "choose_loader", "dali_available", "make_loader", "normalize_on_device", "shard_loader"]
 
 LOADERS = ("dali", "torch", "nvjpeg")
 
@@ -53,26 +54,51 @@ def choose_loader(name: str, device: torch.device) -> str:
     return name
 
 
-def make_loader(name: str, preprocess: Preprocess, device: torch.device, workers: int, max_decode_pixels: int | None = None) -> Loader:
+def make_loader(
+    name: str, preprocess: Preprocess, device: torch.device, workers: int, max_decode_pixels: int | None = None, shards: bool = False
+) -> Loader:
     """The loader ``name``, decoding under a budget of ``max_decode_pixels`` (default: from the
-    machine's memory; see ``featstore.decode_budget``)."""
+    machine's memory; see ``featstore.decode_budget``). ``shards``: its paths are tar members
+    (``manifest.member_ref``: a WebDataset), read through ``members``."""
     from PIL import Image
 
     from ..decode_budget import default_max_decode_pixels
+    from ..image_header import image_size_from_header
     from .budget import BudgetedLoader
+    from .members import member_size, read_member_verified
 
+    read = read_member_verified if shards else None
     inner: Loader
     if name == "dali":
-        from .dali import DaliLoader
+        if shards:
+            from .dali_shards import DaliShardLoader
 
-        inner = DaliLoader(preprocess, device, workers)
+            inner = DaliShardLoader(preprocess, device, workers)
+        else:
+            from .dali import DaliLoader
+
+            inner = DaliLoader(preprocess, device, workers)
     elif name == "nvjpeg":
         from .nvjpeg import NvjpegLoader
 
-        inner = NvjpegLoader(preprocess, device, workers)
+        inner = NvjpegLoader(preprocess, device, workers, **({"read": read} if read else {}))
     else:
         from .dataloader import TorchLoader
 
-        inner = TorchLoader(preprocess, device, workers)
+        inner = TorchLoader(preprocess, device, workers, **({"read": read} if read else {}))
     budget = max_decode_pixels or default_max_decode_pixels(Image.MAX_IMAGE_PIXELS)
-    return BudgetedLoader(inner, preprocess, device, budget, workers)
+    return BudgetedLoader(inner, preprocess, device, budget, workers, size_of=member_size if shards else image_size_from_header)
+
+
+def shard_loader(requested: str, chosen: str, manifest: Manifest) -> str:
+    """The loader for a WebDataset: ``chosen`` (what ``choose_loader`` gave for ``requested``), except
+    that DALI's reader takes local shards only: ``auto`` then reads URLs with torch."""
+    urls = manifest.shards is not None and any("://" in s for s in manifest.shards.shards)
+    if chosen == "dali" and urls:
+        if requested == "dali":
+            raise UsageError(
+                "--loader dali reads local shards only, and these are URLs",
+                "use --loader torch (or nvjpeg on CUDA), or copy the shards locally",
+            )
+        return "torch"
+    return chosen

@@ -60,6 +60,7 @@ class _Feed(NamedTuple):
     ok_rows: list[list[int]]  # per batch: the rows DALI decodes, in order
     errors: list[dict[int, str]]  # per batch: rows refused before decoding, and why
     sources: dict[int, str]  # row → the file DALI reads for it (a PNG made from another format)
+    index_paths: list[str] | None = None  # tar shards (dali_shards.py): the wds2idx index of each entry of files
 
 
 class _OutOfStep(AssertionError):
@@ -85,11 +86,13 @@ class DaliLoader:
         self.on_gpu = device.type == "cuda"
         self.prefetch = 2
         self._dlpack = True  # False once torch.from_dlpack refused a DALI GPU tensor: copy instead
+        # verdicts.check_files' chunk check for rows without a verdict (None: files)
+        self.check_chunk: Callable[[list[str], Path | None], list[tuple[Verdict, bool]]] | None = None
 
     # ------------------------------------------------------------------ pipelines
 
-    def _pipeline(self, files: list[str], labels: list[int], batch_size: int):
-        """The run's pipeline: DALI reads ``files`` (batch_size of them per iteration) and labels them."""
+    def _pipeline(self, feed: _Feed, batch_size: int):
+        """The run's pipeline: DALI reads ``feed.files`` (batch_size of them per iteration) and labels them with their rows."""
         from nvidia.dali import fn, pipeline_def
 
         @pipeline_def(
@@ -101,7 +104,7 @@ class DaliLoader:
         )
         def pipe():
             encoded, rows = fn.readers.file(
-                files=files, labels=labels, random_shuffle=False, prefetch_queue_depth=self.prefetch, name="files"
+                files=feed.files, labels=feed.labels, random_shuffle=False, prefetch_queue_depth=self.prefetch, name="files"
             )
             return self._preprocess(encoded, small=False), rows
 
@@ -221,7 +224,7 @@ class DaliLoader:
 
     def _batches(self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None, tmp: Path) -> Iterator[Batch]:
         feed = self._feed(paths, plan, verdicts, tmp)
-        pipe = self._pipeline(feed.files, feed.labels, max(len(p) for p in plan))
+        pipe = self._pipeline(feed, max(len(p) for p in plan))
         alive: deque = deque()  # [(DALI output, torch's view of it), event after torch's use]: see keep_alive
         try:
             for i, rows in enumerate(plan):
@@ -231,7 +234,7 @@ class DaliLoader:
                 try:
                     out, labels = pipe.run()
                     decoded, bad = self._to_torch(out), {}
-                    ids = np.asarray(labels.as_tensor()).reshape(-1)
+                    ids = self._row_ids(labels)
                     keep = ids != _PAD
                     if ids[keep].tolist() != ok_rows:  # DALI's reader went out of step with the plan: a bug
                         raise _OutOfStep(f"DALI returned rows {ids[keep].tolist()[:8]}…, expected {ok_rows[:8]}…")
@@ -243,7 +246,7 @@ class DaliLoader:
                 except Exception:  # a file DALI cannot decode: find it, keep the rest of the batch
                     decoded, bad = None, None
                 if bad is None:  # the batch's files are read and decoded again in ever smaller pipelines
-                    data = [np.frombuffer(_read(feed.sources.get(r, paths[r])), dtype=np.uint8) for r in ok_rows]
+                    data = [np.frombuffer(self._encoded(feed.sources.get(r, paths[r])), dtype=np.uint8) for r in ok_rows]
                     decoded_parts, bad = self._bisect(data, ok_rows)
                     ok_rows = [r for r in ok_rows if r not in bad]
                     decoded = torch.cat(decoded_parts) if decoded_parts else None
@@ -253,6 +256,17 @@ class DaliLoader:
         finally:
             alive.clear()
             del pipe
+
+    def _row_ids(self, labels) -> np.ndarray:
+        """The row of each sample of a DALI batch (``_PAD`` for padding), from the reader's second output."""
+        return np.asarray(labels.as_tensor()).reshape(-1)
+
+    def _encoded(self, source: str) -> bytes:
+        """The encoded bytes of ``source`` (a row's file), for a bisection; b"" when unreadable."""
+        return _read(source)
+
+    def _read_encoded(self, source: str) -> tuple[bytes | None, str]:
+        return read_encoded(source)
 
     def _release(self, alive: deque) -> None:
         """The consumer has queued its work on the last batch: mark it, and let go of outputs it is done with."""
@@ -267,28 +281,7 @@ class DaliLoader:
     def _feed(self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None, tmp: Path) -> _Feed:
         """The reader's file list for ``plan``: refused files left out (with their reason), other formats as PNGs."""
         rows = [r for p in plan for r in p.tolist()]
-        given = {r: verdicts[r] for r in rows} if verdicts is not None else {}
-        missing = [r for r in rows if given.get(r) is None]
-        if missing:  # called without verdicts (or with gaps): check those files now, on a pool, uncached
-            found, _ = check_files(paths, missing, None, self.threads)
-            given.update((r, found[r]) for r in missing)
-        verdict = cast(dict[int, Verdict], given)
-        problems = {r: verdict[r].dali_problem() for r in rows}
-        unasked = [r for r in rows if not problems[r] and verdict[r].kind in ("jpeg", "png") and verdict[r].dali_parses < 0]
-        if unasked and _nvimgcodec() is not None:  # checked where its parser was not importable: ask it now
-            for r in unasked:
-                data, reason = read_encoded(paths[r])
-                parsed = verdict[r]._replace(dali_parses=nvimgcodec_parses(data) if data is not None else -1)
-                problems[r] = reason if data is None else parsed.dali_problem()
-        others = [r for r in rows if not problems[r] and verdict[r].kind == "other"]
-        sources: dict[int, str] = {}
-        if others:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="featstore-png") as pool:
-                for r, (png, reason) in zip(others, pool.map(lambda r: _as_png(paths[r], tmp / f"{r}.png"), others)):
-                    if png is None:
-                        problems[r] = reason
-                    else:
-                        sources[r] = png
+        problems, sources = self._problems(paths, rows, verdicts, tmp)
         for r in rows:
             if not problems[r] and r not in sources and stored_path(paths[r]) != paths[r]:
                 # DALI's reader takes UTF-8 names only: a file named in other bytes is read through a link
@@ -308,6 +301,33 @@ class DaliLoader:
             ok_rows.append(good)
             errors.append({r: problems[r] for r in p.tolist() if problems[r]})
         return _Feed(files, labels, ok_rows, errors, sources)
+
+    def _problems(self, paths: list[str], rows: list[int], verdicts: Verdicts | None, tmp: Path) -> tuple[dict[int, str], dict[int, str]]:
+        """Why each row must not reach DALI ("" when it may), and the PNGs (in ``tmp``) made for rows of other formats."""
+        given = {r: verdicts[r] for r in rows} if verdicts is not None else {}
+        missing = [r for r in rows if given.get(r) is None]
+        if missing:  # called without verdicts (or with gaps): check those files now, on a pool, uncached
+            found, _ = check_files(paths, missing, None, self.threads, chunk=self.check_chunk)
+            given.update((r, found[r]) for r in missing)
+        verdict = cast(dict[int, Verdict], given)
+        problems = {r: verdict[r].dali_problem() for r in rows}
+        unasked = [r for r in rows if not problems[r] and verdict[r].kind in ("jpeg", "png") and verdict[r].dali_parses < 0]
+        if unasked and _nvimgcodec() is not None:  # checked where its parser was not importable: ask it now
+            for r in unasked:
+                data, reason = self._read_encoded(paths[r])
+                parsed = verdict[r]._replace(dali_parses=nvimgcodec_parses(data) if data is not None else -1)
+                problems[r] = reason if data is None else parsed.dali_problem()
+        others = [r for r in rows if not problems[r] and verdict[r].kind == "other"]
+        sources: dict[int, str] = {}
+        if others:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="featstore-png") as pool:
+                made = pool.map(lambda r: _as_png(self._read_encoded(paths[r]), tmp / f"{r}.png"), others)
+                for r, (png, reason) in zip(others, made):
+                    if png is None:
+                        problems[r] = reason
+                    else:
+                        sources[r] = png
+        return problems, sources
 
     def _assemble(self, rows: np.ndarray, ok_rows: list[int], decoded: torch.Tensor | None) -> torch.Tensor:
         if len(ok_rows) == len(rows):
@@ -364,10 +384,10 @@ def _read(path: str) -> bytes:
     return data if data is not None else b""
 
 
-def _as_png(path: str, dest: Path) -> tuple[str | None, str]:
-    """A file of another format (BMP, TIFF, WebP, GIF, …) decoded by PIL and written as a lossless PNG
-    for DALI (which then sees exactly PIL's pixels), or None and why it cannot be."""
-    data, reason = read_encoded(path)
+def _as_png(read: tuple[bytes | None, str], dest: Path) -> tuple[str | None, str]:
+    """An image of another format (BMP, TIFF, WebP, GIF, …; ``read``: its bytes or why none) decoded by PIL and
+    written as a lossless PNG for DALI (which then sees exactly PIL's pixels), or None and why it cannot be."""
+    data, reason = read
     if data is None:
         return None, reason
     try:

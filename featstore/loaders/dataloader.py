@@ -28,8 +28,9 @@ def build_transform(pre: Preprocess):
 
 
 class _Images(Dataset):
-    def __init__(self, paths: list[str], pre: Preprocess, verdicts: Verdicts | None):
+    def __init__(self, paths: list[str], pre: Preprocess, verdicts: Verdicts | None, read=read_verified):
         self.paths = paths
+        self.read = read
         self.verdicts = verdicts
         self.pre = pre
         self.transform = build_transform(pre)
@@ -39,7 +40,7 @@ class _Images(Dataset):
 
     def __getitem__(self, row: int):
         # the same reading and container checks as the other loaders, so the same files are refused
-        data, reason = read_verified(self.paths[row], self.verdicts[row] if self.verdicts is not None else None)
+        data, reason = self.read(self.paths[row], self.verdicts[row] if self.verdicts is not None else None)
         if data is not None:
             try:
                 return row, self.transform(decode_rgb(data)), ""
@@ -59,10 +60,11 @@ def _collate(items):
 class TorchLoader:
     name = "torch"
 
-    def __init__(self, preprocess: Preprocess, device: torch.device, workers: int):
+    def __init__(self, preprocess: Preprocess, device: torch.device, workers: int, read=read_verified):
         self.pre = preprocess
         self.device = device
         self.workers = workers
+        self.read = read  # (path, verdict) → (bytes or None, reason): files, or tar members (members.read_member_verified)
 
     def batches(
         self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None
@@ -70,7 +72,7 @@ class TorchLoader:
         if not plan:
             return
         loader = DataLoader(
-            _Images(paths, self.pre, verdicts),
+            _Images(paths, self.pre, verdicts, self.read),
             batch_sampler=[p.tolist() for p in plan],
             num_workers=self.workers,
             collate_fn=_collate,

@@ -45,15 +45,21 @@ def read_checked(path: str) -> tuple[bytes | None, str, tuple[int, int] | None]:
         return None, f"{type(e).__name__}: {e.strerror or e}", None
     if not data:
         return None, "empty file (0 bytes)", None
+    problem, size = check_encoded(data)
+    return (None, problem, None) if problem else (data, "", size)
+
+
+def check_encoded(data: bytes) -> tuple[str, tuple[int, int] | None]:
+    """``read_checked``'s checks of bytes already read (a tar member's too): (why refused or "", declared (width, height))."""
     # the size from the header the check parsed, not from PIL.Image.open: this runs on reader threads,
     # where PIL's bomb check would need the process-wide warnings filters
     problem, size = check_container(data)
     if problem:
-        return None, problem, None
+        return problem, None
     limit = Image.MAX_IMAGE_PIXELS
     if size is not None and limit is not None and size[0] * size[1] > limit:
-        return None, f"DecompressionBombError: image size ({size[0] * size[1]} pixels) exceeds the limit of {limit} pixels", None
-    return data, "", size
+        return f"DecompressionBombError: image size ({size[0] * size[1]} pixels) exceeds the limit of {limit} pixels", None
+    return "", size
 
 
 def open_rgb(path: str) -> Image.Image:

@@ -49,7 +49,8 @@ from .verdicts import Verdicts, read_verified
 class NvjpegLoader:
     name = "nvjpeg"
 
-    def __init__(self, preprocess: Preprocess, device: torch.device, workers: int):
+    def __init__(self, preprocess: Preprocess, device: torch.device, workers: int, read=read_verified):
+        self.read = read  # (path, verdict) → (bytes or None, reason): files, or tar members (members.read_member_verified)
         self.pre = preprocess
         self.device = device
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="featstore-read")
@@ -169,7 +170,7 @@ class NvjpegLoader:
 
     def _produce(self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None, ready: queue.Queue, stop: threading.Event):
         def read(rows: np.ndarray):
-            return self.pool.submit(lambda: [read_verified(paths[r], verdicts[r] if verdicts is not None else None) for r in rows.tolist()])
+            return self.pool.submit(lambda: [self.read(paths[r], verdicts[r] if verdicts is not None else None) for r in rows.tolist()])
 
         def put(item) -> bool:
             while not stop.is_set():

@@ -74,10 +74,15 @@ def check_file(path: str) -> Verdict:
     data, problem, hw = read_checked(path)
     if data is None:
         return Verdict(problem, "", 0, 0, -1, size if size >= 0 else -1, mtime)
+    return verdict_of(data, hw, len(data) if size >= 0 else -1, mtime)
+
+
+def verdict_of(data: bytes, hw: tuple[int, int] | None, size: int, mtime: int) -> Verdict:
+    """The verdict on bytes ``read_checked`` (or ``check_encoded``) accepted, declaring the size ``hw``."""
     kind = image_format(data)
     parses = nvimgcodec_parses(data) if kind in ("jpeg", "png") else -1
     width, height = hw or (0, 0)
-    return Verdict("", kind, width, height, parses, len(data) if size >= 0 else -1, mtime)
+    return Verdict("", kind, width, height, parses, size, mtime)
 
 
 def nvimgcodec_parses(data: bytes) -> int:
@@ -178,8 +183,8 @@ def _key(path: str) -> str:
     return path
 
 
-def _check_chunk(paths: list[str], cache: Path | None) -> list[tuple[Verdict, bool]]:
-    """Each file's verdict and whether it was checked now (False: its cached verdict still holds)."""
+def cached_verdicts(paths: list[str], cache: Path | None) -> dict[str, Verdict]:
+    """The cached verdicts on ``paths``, by ``_key`` (whether each still holds is the caller's to judge)."""
     cached: dict[str, Verdict] = {}
     if cache is not None:
         with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(cache, timeout=120)) as db:
@@ -188,6 +193,12 @@ def _check_chunk(paths: list[str], cache: Path | None) -> list[tuple[Verdict, bo
             cached = {
                 row[0]: Verdict(*row[1:]) for row in db.execute(f"SELECT path, {_COLUMNS} FROM verdicts WHERE path IN ({marks})", keys)
             }
+    return cached
+
+
+def _check_chunk(paths: list[str], cache: Path | None) -> list[tuple[Verdict, bool]]:
+    """Each file's verdict and whether it was checked now (False: its cached verdict still holds)."""
+    cached = cached_verdicts(paths, cache)
     out = []
     for path in paths:
         old = cached.get(_key(path))
@@ -264,9 +275,16 @@ class CheckReport(NamedTuple):
 
 
 def check_files(
-    paths: Sequence[str], rows: Sequence[int] | np.ndarray, cache: Path | None, workers: int, log: Callable[[str], None] = lambda s: None
+    paths: Sequence[str],
+    rows: Sequence[int] | np.ndarray,
+    cache: Path | None,
+    workers: int,
+    log: Callable[[str], None] = lambda s: None,
+    chunk: Callable[[list[str], Path | None], list[tuple[Verdict, bool]]] | None = None,
 ) -> tuple[Verdicts, CheckReport]:
-    """The verdicts on ``paths[row]`` for each of ``rows``, from ``cache`` where they still hold, the rest checked on a pool."""
+    """The verdicts on ``paths[row]`` for each of ``rows``, from ``cache`` where they still hold, the rest checked on a pool.
+    ``chunk``: what checks a list of them (default ``_check_chunk``, files; tar members: ``members.check_member_chunk``)."""
+    chunk_check = chunk or _check_chunk
     start = time.perf_counter()
     if cache is not None:
         try:
@@ -281,11 +299,11 @@ def check_files(
     db = _connect(cache) if cache is not None else None
     try:
         with _pool(workers, len(rows)) as pool:
-            futures = [pool.submit(_check_chunk, [paths[r] for r in chunk], cache) for chunk in chunks]
-            for chunk, future in zip(chunks, futures):
+            futures = [pool.submit(chunk_check, [paths[r] for r in part], cache) for part in chunks]
+            for part, future in zip(chunks, futures):
                 results = future.result()
                 fresh = []
-                for r, (v, new) in zip(chunk, results):
+                for r, (v, new) in zip(part, results):
                     verdicts.set(r, v)
                     if new:
                         checked += 1

@@ -24,8 +24,10 @@ from .job import (
     cached_location,
     create_store,
     existing_store,
+    refuse_unaugmentable,
     remember,
     repair_store,
+    requested_augment,
     resume_command,
     store_of_job,
     validate,
@@ -39,6 +41,7 @@ from .request import ExtractConfig, ExtractResult, recall_up_to_date, request_of
 from .splits import apply_split, parse_split
 from .store import PROGRESS
 from .store.lock import StoreLock
+from .store.patch import is_patch_shape
 
 # re-exported: what a caller of the extraction reads about a job
 __all__ = ["ExtractConfig", "ExtractResult", "cache_fields", "cache_key", "extract", "request_of", "resolved_model", "resume_command"]
@@ -82,6 +85,10 @@ def extract(
     fields = cache_fields(spec, loader_name, config.views, config.dtype, manifest, device)
     if targets is not None:
         fields["targets"] = target_fields(manifest, targets)
+    augment = requested_augment(config)
+    refuse_unaugmentable(augment, manifest, loader_name, [], targets is not None)
+    if augment is not None:  # absent otherwise: the keys of stores without views stay as they were
+        fields["augment"] = augment.to_dict()
     key = cache_key(fields)
     request = config  # as asked: what the up-to-date memo is keyed on
     if config.out is None:
@@ -111,6 +118,7 @@ def extract(
         .to(memory_format=torch.channels_last)
     )
     views = select_views(feature_dims(encoder, spec.preprocess, device), config.views, spec.family)
+    refuse_unaugmentable(augment, manifest, loader_name, [v for v, d in views.items() if is_patch_shape(d)], False)
     encoder.only(views)  # what is not stored is not computed
     if existing is None and ranks.is_leader:
         config = dense_plan(config, out, manifest, views, log)  # the size check and unit rows of patch views

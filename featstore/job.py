@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import torch
 
+from .augment import AUGMENTED_SPLIT, Augment
 from .cache import find_by_key
 from .datasets import BUILTIN_DATASETS
 from .dense_layouts import NYU
@@ -78,10 +79,51 @@ def validate(config: ExtractConfig) -> None:
         raise UsageError(f"--chunk-rows must be >= 1, got {config.chunk_rows}", "e.g. --chunk-rows 8192")
     if config.repair and config.overwrite:
         raise UsageError("--repair and --overwrite contradict each other", "--repair keeps the store's intact units; pass one")
+    augment = requested_augment(config)
+    if augment is not None and config.batch_size < augment.views + 1:
+        raise UsageError(
+            f"--batch-size {config.batch_size} cannot hold one image and its {augment.views} augmented views",
+            f"pass --batch-size {augment.views + 1} or more (a forward pass holds batch-size // (K + 1) rows)",
+        )
     if config.split is not None:
         parse_split(config.split, config.split_seed)
     elif config.split_seed:
         raise UsageError("--split-seed is the seed of --split, which is not given", "add e.g. --split train=0.7,val=0.1,test=0.2")
+
+
+def requested_augment(config: ExtractConfig) -> Augment | None:
+    """The augmented views asked for (None: none); --augment-views/--augment-seed without --augment is an error."""
+    if config.augment is None:
+        for value, flag in ((config.augment_views, "--augment-views"), (config.augment_seed, "--augment-seed")):
+            if value is not None:
+                raise UsageError(f"{flag} is an option of --augment, which is not given", "add --augment rrc-flip, or drop " + flag)
+        return None
+    return Augment(config.augment, 10 if config.augment_views is None else config.augment_views, config.augment_seed or 0)
+
+
+def refuse_unaugmentable(augment: Augment | None, manifest: Manifest, loader: str, patch_views: list[str], dense: bool) -> None:
+    """--augment where it cannot be done: a one-line refusal naming the fix."""
+    if augment is None:
+        return
+    if loader not in AUGMENTING_LOADERS:
+        raise UsageError(f"--loader {loader} cannot crop augmented views", "use --loader torch or --loader dali with --augment")
+    if AUGMENTED_SPLIT not in manifest.splits:
+        raise UsageError(
+            f"--augment stores views of the {AUGMENTED_SPLIT!r} split, and the dataset has splits {', '.join(manifest.splits)}",
+            "give the dataset a train split (a train/ folder, a CSV split column, or --split train=0.8,val=0.2)",
+        )
+    if patch_views:
+        raise UsageError(
+            f"--augment stores global views only; {', '.join(patch_views)} is a patch view",
+            "pass --views with global views (e.g. cls,avgpool)",
+        )
+    if dense:
+        raise UsageError(
+            "--augment is for classification datasets: a crop would need the depth maps and masks cropped too", "drop --augment"
+        )
+
+
+AUGMENTING_LOADERS = ("torch", "dali")  # the loaders that crop augmented views
 
 
 def resume_command(config: ExtractConfig, loader_name: str) -> str:
@@ -123,6 +165,9 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         ("labels", "--labels", str),
         ("max_decode_pixels", "--max-decode-pixels", str),
         ("depth_scale", "--depth-scale", str),
+        ("augment", "--augment", str),
+        ("augment_views", "--augment-views", str),
+        ("augment_seed", "--augment-seed", str),
     ]
     for name, flag, text in options:
         value = getattr(config, name)
@@ -178,6 +223,7 @@ def create_store(
             views=views,
             dtype=config.dtype,
             chunk_rows=config.chunk_rows,
+            augment=fields.get("augment"),
             attrs={
                 "encoder": spec.to_dict(),
                 "preprocessing": spec.preprocess.to_dict(),

@@ -54,6 +54,9 @@ class ExtractConfig:
     max_decode_pixels
         Pixels the loader may decode and resize at once: batches are decoded in groups under it, an
         image over it alone is an invalid row (default: a sixth of the memory, see ``decode_budget``).
+    augment, augment_views, augment_seed
+        ``rrc-flip``: also store K (default 10) seeded random-resized-crop + flip views of every
+        train image (``featstore.augment``); the seed of their crops (default 0).
     labels
         A CSV file list's integer labels: ``dense`` (0..C-1, each used) or ``sparse`` (the distinct
         labels, sorted, become classes 0..K-1; the class names record the mapping).
@@ -89,6 +92,9 @@ class ExtractConfig:
     max_decode_pixels: int | None = None  # pixels one decode may hold (None: from the machine's memory)
     labels: str = "dense"  # a CSV's integer labels: dense 0..C-1, or sparse (mapped, sorted, to 0..K-1)
     depth_scale: float | None = None  # metres per unit of a 16-bit depth PNG (dense datasets; default 0.001)
+    augment: str | None = None  # "rrc-flip": K augmented views of every train image (featstore.augment)
+    augment_views: int | None = None  # K (default 10 with --augment)
+    augment_seed: int | None = None  # the seed the views' crops are drawn from (default 0)
 
 
 @dataclass
@@ -188,6 +194,7 @@ def request_of(config: ExtractConfig) -> dict:
         "ranks": os.environ.get("WORLD_SIZE"),
         **({"labels": config.labels} if config.labels != "dense" else {}),
         **({"depth_scale": config.depth_scale} if config.depth_scale is not None else {}),
+        **({"augment": [config.augment, config.augment_views, config.augment_seed]} if config.augment else {}),
     }
 
 

@@ -315,3 +315,170 @@ def test_probe_view_choice_is_seeded_and_uniform():
     assert (a == b).all() and a.shape == (4, 1000) and not (a == view_choice(1000, 4, 10, 1)).all()
     counts = np.bincount(a.ravel(), minlength=10)
     assert counts.min() > 300 and math.isclose(counts.mean(), 400)
+
+
+@pytest.mark.slow
+def test_views_are_verified_repaired_exported_and_shown(photo_splits, tmp_path):
+    """The augmented arrays are the store's like any other: a changed chunk of them is found by
+    verify and re-extracted by --repair (to the same bytes); the HDF5 export carries them (and
+    verifies); the .npz export has them; `featstore info` shows K and their size."""
+    from click.testing import CliRunner
+
+    from featstore.cli import cli
+    from featstore.store import FeatureStore
+    from featstore.store.export import export
+    from featstore.store.verify import verify_store
+
+    _extract(photo_splits, tmp_path / "s.zarr")
+    before = FeatureStore.open(tmp_path / "s.zarr").augmented("train", "features").read()
+    chunk = tmp_path / "s.zarr" / "train" / "augment" / "features" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    report = verify_store(FeatureStore.open(tmp_path / "s.zarr"))
+    assert not report.ok and report.problems[0].array == "augment/features" and report.damaged_units == {"train": {1}}
+    assert _extract(photo_splits, tmp_path / "s.zarr", repair=True).status == "repaired"
+    fs = FeatureStore.open(tmp_path / "s.zarr", verify=True)
+    assert verify_store(fs).ok
+    np.testing.assert_array_equal(fs.augmented("train", "features").read(), before)
+
+    export(str(tmp_path / "s.zarr"), str(tmp_path / "s.h5"))
+    h5 = FeatureStore.open(tmp_path / "s.h5", verify=True)
+    assert verify_store(h5).ok
+    np.testing.assert_array_equal(h5.augmented("train", "features").read(), before)
+    np.testing.assert_array_equal(h5.augmented("train").read(), fs.augmented("train").read())
+    export(str(tmp_path / "s.zarr"), str(tmp_path / "s.npz"))
+    with np.load(tmp_path / "s.npz") as z:
+        np.testing.assert_array_equal(z["train_augment"], before)
+        assert z["train_augment_params"].shape == (15, 3, 5) and "val_augment" not in z
+
+    result = CliRunner().invoke(cli, ["info", str(tmp_path / "s.zarr")])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("augment"))
+    assert "rrc-flip × 3 views of train (seed 0)" in line and "KB" in line
+
+
+# ---------------------------------------------------------------- probe fit on stored views
+
+
+def _synthetic_store(path: Path, views: int | None = 4, seed: int = 0, augment_seed: int = 0) -> Path:
+    """A store of 3 classes (train 120, val 60 rows, D 8): center crops near their class mean, and
+    ``views`` noisier views of each train row (None: no views), written as the extraction writes them."""
+    from featstore.store import FeatureStore
+    from featstore.store.augmented import PARAMS_ARRAY, views_array
+
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(3, 8)) * 1.5
+    sizes = {"train": 120, "val": 60}
+    labels = {s: np.arange(n) % 3 for s, n in sizes.items()}
+    record = Augment(views=views, seed=augment_seed).to_dict() if views else None
+    fs = FeatureStore.create(path, splits={s: ([f"{s}/{i}.jpg" for i in range(n)], labels[s]) for s, n in sizes.items()},
+                             views={"cls": 8}, dtype="float32", chunk_rows=64, attrs={"dataset": {"name": "synthetic"}},
+                             augment=record)  # fmt: skip
+    centers = {s: means[labels[s]] + rng.normal(size=(n, 8)) for s, n in sizes.items()}  # the same with or without views
+    noise = np.random.default_rng(seed + 1)
+    for split in sizes:
+        center = centers[split]
+        for unit in fs.units(split):
+            rows = slice(unit.start, unit.stop)
+            extra = None
+            if record and split == "train":
+                noisy = center[rows, None, :] + noise.normal(size=(unit.rows, views, 8)) * 2.0  # type: ignore[misc]
+                extra = {views_array("cls"): noisy, PARAMS_ARRAY: np.zeros((unit.rows, views, 5), np.int32)}
+            fs.write_unit(unit, {"cls": center[rows]}, np.ones(unit.rows, bool), {}, extra)
+    fs.finalize()
+    return path
+
+
+def _fit(stores, out=None, **protocol):
+    import probe
+
+    p = probe.Protocol(**{"lr_grid": "1e-2:1:3", "epochs": 4, **protocol})
+    return probe.fit_run(stores, p, device="cpu", warn=lambda m: None, out=out)
+
+
+def test_linear_heads_on_views_equal_heads_on_the_gathered_views():
+    """Training on views is training on, per epoch, the chosen view of each row: the same heads
+    as training on those rows gathered by hand, one epoch at a time (float64, same minibatches)."""
+    import probe
+    from probe.methods import heads as H
+
+    rng = np.random.default_rng(0)
+    n, k, d = 50, 3, 6
+    views = torch.from_numpy(rng.normal(size=(n, k, d)))
+    y = torch.from_numpy(rng.integers(0, 4, n))
+    protocol = probe.Protocol(lr_grid="0.01,0.1", epochs=3, batch_size=16, schedule="constant")
+    orders = torch.from_numpy(H.epoch_orders(n, 3, 0))
+    choice = torch.from_numpy(H.view_choice(n, 3, k, 0))
+    a = H.LinearHeads(d, 4, [0.01, 0.1], [0.0, 0.0], dtype=torch.float64)
+    H.train(views.reshape(n * k, d), y, a, protocol, orders, choice)
+    b = H.LinearHeads(d, 4, [0.01, 0.1], [0.0, 0.0], dtype=torch.float64)
+    one = protocol.replace(epochs=1)
+    for epoch in range(3):
+        gathered = views[torch.arange(n), choice[epoch]]
+        H.train(gathered, y, b, one, orders[epoch : epoch + 1])
+    torch.testing.assert_close(a.w, b.w)
+    torch.testing.assert_close(a.b, b.b)
+
+
+@pytest.mark.slow
+def test_probe_on_views_differs_from_the_center_crop_and_is_reproducible(tmp_path):
+    """--augment on (the default where a store has views) trains the linear heads on them: other
+    numbers and another protocol hash than --augment off, the same numbers twice; off equals a store
+    without views; k-NN and logreg rows stay on the center crop; the record names the views and K."""
+    import probe
+
+    views = _synthetic_store(tmp_path / "views.zarr")
+    plain = _synthetic_store(tmp_path / "plain.zarr", views=None)
+    on = _fit([str(views)], methods="linear,knn", out=str(tmp_path / "on"))
+    again = _fit([str(views)], methods="linear,knn")
+    off = _fit([str(views)], methods="linear,knn", augment="off")
+    none = _fit([str(plain)], methods="linear,knn")
+    lin = lambda rows: [
+        (r["lr"], r["train_loss"], r["select_top1_pct"], r["report_top1_pct"]) for r in rows.rows if r["method"] == "linear"
+    ]  # noqa: E731
+    assert lin(on) == lin(again)
+    assert lin(on) != lin(off)
+    assert [r["train_loss"] for r in on.rows if r["method"] == "linear"] != [r["train_loss"] for r in off.rows if r["method"] == "linear"]
+    assert lin(off) == lin(none)
+    assert {r["protocol_hash"] for r in off.rows} == {r["protocol_hash"] for r in none.rows} != {r["protocol_hash"] for r in on.rows}
+    assert {r["augment"] for r in on.rows if r["method"] == "linear"} == {"rrc-flip:4"}
+    assert {r["augment"] for r in on.rows if r["method"] == "knn"} == {None}
+    knn = lambda rows: [(r["k"], r["report_top1_pct"]) for r in rows.rows if r["method"] == "knn"]  # noqa: E731
+    assert knn(on) == knn(off)
+    record = json.loads((tmp_path / "on" / "protocol.json").read_text())["protocol"]
+    assert record["augment"]["method"] == "rrc-flip" and record["augment"]["views"] == 4
+    assert "knn and logreg: the center crop" in record["augment"]["applies"]
+    # the record reads back as the same protocol (probe fit --rerun)
+    assert probe.Protocol.from_dict(record).hash == on.rows[0]["protocol_hash"]
+
+
+@pytest.mark.slow
+def test_mixing_stores_with_and_without_views_is_refused(tmp_path):
+    views = _synthetic_store(tmp_path / "views.zarr")
+    plain = _synthetic_store(tmp_path / "plain.zarr", views=None)
+    other_k = _synthetic_store(tmp_path / "k2.zarr", views=2)
+    for stores in ([views, plain], [views, other_k]):
+        with pytest.raises(UsageError, match="different augmented views") as e:
+            _fit([str(s) for s in stores])
+        assert "--augment off" in e.value.hint
+    rows = _fit([str(views), str(plain)], augment="off").rows  # on center crops: one protocol
+    assert {r["augment"] for r in rows} == {None}
+    with pytest.raises(UsageError, match="unknown --augment"):
+        _fit([str(views)], augment="maybe")
+
+
+@pytest.mark.slow
+def test_probe_cli_augment_option(tmp_path):
+    from click.testing import CliRunner
+
+    from probe.cli import main
+
+    views = _synthetic_store(tmp_path / "views.zarr")
+    result = CliRunner().invoke(
+        main, ["fit", "--store", str(views), "--epochs", "2", "--lr-grid", "0.1", "--out", str(tmp_path / "r"), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "linear heads trained on augmented views rrc-flip:4" in result.output
+    result = CliRunner().invoke(main, ["fit", "--store", str(views), "--augment", "sometimes"])
+    assert result.exit_code != 0 and "sometimes" in result.output

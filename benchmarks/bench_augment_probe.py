@@ -82,11 +82,13 @@ def main() -> None:
         t0 = time.perf_counter()
         fit = probe.fit_run([f"K{args.views}-{augment}={args.work / 'views.zarr'}"], protocol, device="cpu", verify=True)
         selected = next(r for r in fit.rows if r["selected"])
+        # the refit row (the reported model) has no holdout number: the sweep's row of the same lr has it
+        swept = next(r for r in fit.rows if r["lr"] == selected["lr"] and not r["refit"])
         predictions = selected["report_predictions"]
         runs[augment] = {
             "seconds": time.perf_counter() - t0,
             "lr": selected["lr"],
-            "select_top1": selected["select_top1_pct"],
+            "select_top1": swept["select_top1_pct"],
             "report_top1": selected["report_top1_pct"],
             "ci95": [selected["ci95_low"], selected["ci95_high"]],
             "train_loss": selected["train_loss"],

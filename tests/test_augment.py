@@ -434,9 +434,10 @@ def test_probe_on_views_differs_from_the_center_crop_and_is_reproducible(tmp_pat
     again = _fit([str(views)], methods="linear,knn")
     off = _fit([str(views)], methods="linear,knn", augment="off")
     none = _fit([str(plain)], methods="linear,knn")
-    lin = lambda rows: [
-        (r["lr"], r["train_loss"], r["select_top1_pct"], r["report_top1_pct"]) for r in rows.rows if r["method"] == "linear"
-    ]  # noqa: E731
+
+    def lin(run):
+        return [(r["lr"], r["train_loss"], r["select_top1_pct"], r["report_top1_pct"]) for r in run.rows if r["method"] == "linear"]
+
     assert lin(on) == lin(again)
     assert lin(on) != lin(off)
     assert [r["train_loss"] for r in on.rows if r["method"] == "linear"] != [r["train_loss"] for r in off.rows if r["method"] == "linear"]
@@ -482,3 +483,18 @@ def test_probe_cli_augment_option(tmp_path):
     assert "linear heads trained on augmented views rrc-flip:4" in result.output
     result = CliRunner().invoke(main, ["fit", "--store", str(views), "--augment", "sometimes"])
     assert result.exit_code != 0 and "sometimes" in result.output
+
+
+def test_cli_refusal_is_one_line(tmp_path):
+    """A bad --augment combination on the command line: `error: …` on one line with the fix, exit 2, no store."""
+    from click.testing import CliRunner
+
+    from featstore.cli import cli
+
+    result = CliRunner().invoke(cli, ["extract", "--model", "resnet18", "--random-init", "--dataset", "digits",
+                                      "--out", str(tmp_path / "x.zarr"), "--augment-views", "4"])  # fmt: skip
+    assert result.exit_code == 2  # a usage mistake
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --augment-views is an option of --augment, which is not given"), result.output
+    assert "add --augment rrc-flip" in errors[0]
+    assert "Traceback" not in result.output and not (tmp_path / "x.zarr").exists()

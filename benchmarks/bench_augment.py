@@ -11,7 +11,9 @@ this process's too) without and with K views, ``--rounds`` times after a warm-up
 loader; the fastest run of each is kept.
 The cost per train image is the *marginal* one, (cost at the larger size − cost at the smaller) /
 the images between, so the fixed cost of a run (building the model, creating and finalizing the
-store) does not dilute it. Both the wall time and the process's CPU time (all its threads) are
+store) does not dilute it. The center-crop runs use K + 1 times as many images (``--limits`` × (K + 1)),
+so that both estimates span the same number of forward passes: a span of a few seconds is within
+a shared machine's run-to-run noise. Both the wall time and the process's CPU time (all its threads) are
 recorded: on a shared machine the CPU time is the steadier one.
 
     .venv/bin/python benchmarks/bench_augment.py --limits 20,60 --views 10 --loaders torch,dali
@@ -95,14 +97,16 @@ def main() -> None:
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-augment-") as tmp:
         folder = Path(tmp)
-        lists = {n: file_list(args.data, n, folder) for n in (small, large)}
+        sizes = {0: (small * (k + 1), large * (k + 1)), k: (small, large)}
+        lists = {n: file_list(args.data, n, folder) for both in sizes.values() for n in both}
         for loader in loaders:  # warm-up, not measured: first imports, allocator, the files' checks and page cache
-            for n in (small, large):
+            for n in lists:
                 run(lists[n], folder / f"warm-{loader}-{n}.zarr", args, None, loader)
         for _ in range(args.rounds):
             for loader in loaders:
-                for n in (small, large):
+                for i in range(2):
                     for views in (0, k):
+                        n = sizes[views][i]
                         runs.append(run(lists[n], folder / f"{loader}-{n}-{views}.zarr", args, views or None, loader))
     rows, verdicts = [], {}
     for loader in loaders:

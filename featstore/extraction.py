@@ -24,6 +24,7 @@ from .job import (
     cached_location,
     create_store,
     existing_store,
+    augmenting_loader,
     refuse_unaugmentable,
     remember,
     repair_store,
@@ -67,6 +68,8 @@ def extract(
     if ranks.world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     loader_name = choose_loader(config.loader, device)
+    augment = requested_augment(config)
+    loader_name = augmenting_loader(config.loader, loader_name, augment)  # auto: one that crops views
     # targets: where a dense dataset's depth maps or masks are (None for classification)
     manifest, targets = resolve_with_targets(config.dataset, config.data_root, config.depth_scale, config.labels)
     if config.split is not None:
@@ -85,7 +88,6 @@ def extract(
     fields = cache_fields(spec, loader_name, config.views, config.dtype, manifest, device)
     if targets is not None:
         fields["targets"] = target_fields(manifest, targets)
-    augment = requested_augment(config)
     refuse_unaugmentable(augment, manifest, loader_name, [], targets is not None)
     if augment is not None:  # absent otherwise: the keys of stores without views stay as they were
         fields["augment"] = augment.to_dict()

@@ -126,6 +126,16 @@ def refuse_unaugmentable(augment: Augment | None, manifest: Manifest, loader: st
 AUGMENTING_LOADERS = ("torch", "dali")  # the loaders that crop augmented views
 
 
+def augmenting_loader(asked: str, chosen: str, augment: Augment | None) -> str:
+    """``--loader auto`` with --augment: the chosen loader if it crops views, else DALI where it imports,
+    else torch (an explicitly named loader that cannot is refused by ``refuse_unaugmentable``)."""
+    if augment is None or asked != "auto" or chosen in AUGMENTING_LOADERS:
+        return chosen
+    from .loaders import dali_available
+
+    return "dali" if dali_available() else "torch"
+
+
 def resume_command(config: ExtractConfig, loader_name: str) -> str:
     """The `featstore extract` command that resumes (or reruns) this extraction, from any folder.
 
@@ -273,7 +283,7 @@ def existing_store(out: Path, key: str, fields: dict, overwrite: bool) -> Featur
     if store.attrs.get("cache_key") == key:
         return store
     old = store.attrs.get("cache_fields", {})
-    differing = [k for k in fields if old.get(k) != fields[k]]
+    differing = [k for k in sorted(set(fields) | set(old)) if old.get(k) != fields.get(k)]
     raise UsageError(
         f"--out {str(out)!r} holds another store (different {', '.join(differing) or 'schema'})",
         "pass --overwrite to replace it, or choose another --out",

@@ -498,3 +498,15 @@ def test_cli_refusal_is_one_line(tmp_path):
     assert len(errors) == 1 and errors[0].startswith("error: --augment-views is an option of --augment, which is not given"), result.output
     assert "add --augment rrc-flip" in errors[0]
     assert "Traceback" not in result.output and not (tmp_path / "x.zarr").exists()
+
+
+def test_auto_loader_picks_one_that_crops_views():
+    """--loader auto picks nvJPEG on CUDA, which cannot crop views: with --augment it picks DALI
+    (where it imports) or torch instead; a named loader is kept (and refused later if it cannot)."""
+    from featstore.job import augmenting_loader
+    from featstore.loaders import dali_available
+
+    assert augmenting_loader("auto", "nvjpeg", Augment()) == ("dali" if dali_available() else "torch")
+    assert augmenting_loader("auto", "torch", Augment()) == "torch"
+    assert augmenting_loader("nvjpeg", "nvjpeg", Augment()) == "nvjpeg"
+    assert augmenting_loader("auto", "nvjpeg", None) == "nvjpeg"

@@ -19,12 +19,12 @@ from .dense import dense_plan, record_patch_layers
 from .dense_targets import resolve_with_targets, target_fields, write_dense_targets
 from .device import resolve_device
 from .job import (
+    augmenting_loader,
     cache_fields,
     cache_key,
     cached_location,
     create_store,
     existing_store,
-    augmenting_loader,
     refuse_unaugmentable,
     remember,
     repair_store,

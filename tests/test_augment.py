@@ -510,3 +510,26 @@ def test_auto_loader_picks_one_that_crops_views():
     assert augmenting_loader("auto", "torch", Augment()) == "torch"
     assert augmenting_loader("nvjpeg", "nvjpeg", Augment()) == "nvjpeg"
     assert augmenting_loader("auto", "nvjpeg", None) == "nvjpeg"
+
+
+@pytest.mark.parametrize("loader_name", ["torch", "dali"])
+def test_views_of_a_sideways_photo_are_cut_from_the_upright_image(loader_name, tmp_path):
+    """A JPEG stored sideways with an EXIF orientation (6: turn 90° clockwise) gets windows drawn on
+    its upright size (height and width swapped from the header's), and its views are those of the
+    upright image, as torchvision's on PIL's upright decode (DALI reads the size from the header
+    and the tag from the first 64 KiB before decoding)."""
+    photo = Image.open(SHIPPED[0]).convert("RGB")  # 640 x 427
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.jpg"
+    photo.save(path, format="JPEG", quality=92, exif=exif.tobytes())
+    assert decode_rgb(path.read_bytes()).size == (427, 640)  # upright: portrait
+    pre = Preprocess(64, 72, "bilinear")
+    plan = ViewPlan(Augment(views=4, seed=2), ("sideways.jpg",))
+    (batch,) = list(_loader(loader_name, pre).batches([str(path)], [np.arange(1)], None, augment=plan))
+    assert not batch.errors and batch.view_params is not None and batch.views is not None
+    assert (batch.view_params[0] == plan.augment.params("sideways.jpg", 640, 427)).all()
+    views = _levels(batch.views, pre)
+    for k in range(4):
+        diff = np.abs(views[0, k] - _reference(str(path), batch.view_params[0, k], pre))
+        assert diff.mean() < 0.25 and diff[1:-1, 1:-1].max() <= (0.01 if loader_name == "torch" else 1.0 + 1e-3), k

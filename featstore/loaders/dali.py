@@ -30,9 +30,10 @@ with small pipelines fed the files' bytes, so only the offending rows become inv
 Augmented views (``featstore.augment``): each image is decoded once and, besides the center crop,
 cut K times at its drawn crop windows (``fn.slice``, in the upright image's pixels), each resized to
 the crop size and mirrored where drawn (``crop_mirror_normalize``'s ``mirror``); the center crop and
-the views leave the pipeline stacked, (K + 1, S, S, 3) per sample. The windows are drawn on the host
-before the run, from each image's upright size (its header and EXIF orientation: ``_upright_size``),
-and fed to the pipeline beside the reader's files (``fn.external_source``, in the feed's order).
+the views leave the pipeline stacked, (K + 1, S, S, 3) per sample. The windows are drawn on the host,
+a batch at a time as DALI asks for it, from each image's upright size (its header and EXIF
+orientation: ``_upright_size``, the first 64 KiB of the file), and fed to the pipeline beside the
+reader's files (``fn.external_source``, in the feed's order).
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ import numpy as np
 import torch
 
 from ..augment import ViewPlan, no_views
+from ..image_header import image_size_from_header
 from ..manifest import stored_path
 from ..orientation import exif_orientation
 from ..preprocess import Preprocess
 from .batch import Batch
-from .decode import decode_failure, decode_rgb, read_checked, read_encoded
+from .decode import decode_failure, decode_rgb, read_encoded
 from .quiet import DecoderNoiseFilter
 from .verdicts import Verdict, Verdicts, _nvimgcodec, check_files, nvimgcodec_parses
 
@@ -98,9 +100,9 @@ class DaliLoader:
 
     # ------------------------------------------------------------------ pipelines
 
-    def _pipeline(self, files: list[str], labels: list[int], batch_size: int, windows: list[np.ndarray] | None = None):
+    def _pipeline(self, files: list[str], labels: list[int], batch_size: int, windows: Callable[[int], np.ndarray] | None = None):
         """The run's pipeline: DALI reads ``files`` (batch_size of them per iteration) and labels them;
-        ``windows``: with augmented views, each file's (K, 5) crop parameters, in the order of ``files``."""
+        ``windows``: with augmented views, the (K, 5) crop parameters of the file at a position of ``files``."""
         from nvidia.dali import fn, pipeline_def
 
         @pipeline_def(
@@ -114,25 +116,29 @@ class DaliLoader:
             encoded, rows = fn.readers.file(
                 files=files, labels=labels, random_shuffle=False, prefetch_queue_depth=self.prefetch, name="files"
             )
-            views = self._window_source(windows, batch_size) if windows is not None else None
+            views = self._window_source(windows, len(files), batch_size) if windows is not None else None
             return self._preprocess(encoded, small=False, views=views), rows
 
         p = pipe()
         p.build()
         return p
 
-    def _window_source(self, windows: list[np.ndarray], batch_size: int) -> list:
-        """The pipeline's inputs of the views' crop windows: per view, ((top, left), (height, width), mirror) per sample.
-        The reader cycles over its files, so the windows cycle too (DALI may ask a batch ahead)."""
+    def _window_source(self, windows: Callable[[int], np.ndarray], samples: int, batch_size: int) -> list:
+        """The pipeline's inputs of the views' crop windows: per view, ((top, left), (height, width), mirror) per
+        sample, made a batch at a time when DALI asks for it (``windows(position)``: a sample's (K, 5)
+        parameters). The reader cycles over its files, so the windows cycle too (DALI may ask a batch ahead)."""
         import itertools
 
         from nvidia.dali import fn
 
         k = self.augment.views if self.augment is not None else 0
+        batches = itertools.cycle(range(0, samples, batch_size))
 
-        def per_batch(chunk: list[np.ndarray]) -> tuple[list[np.ndarray], ...]:
+        def source() -> tuple[list[np.ndarray], ...]:
+            start = next(batches)
             out: list[list[np.ndarray]] = [[] for _ in range(3 * k)]
-            for w in chunk:
+            for position in range(start, min(start + batch_size, samples)):
+                w = windows(position)
                 for v in range(k):
                     top, left, height, width, flip = (int(x) for x in w[v])
                     out[3 * v].append(np.asarray([top, left], np.float32))
@@ -140,9 +146,7 @@ class DaliLoader:
                     out[3 * v + 2].append(np.asarray(flip, np.int32))
             return tuple(out)
 
-        batches = [per_batch(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
-        source = itertools.cycle(batches)
-        return list(fn.external_source(source=lambda: next(source), num_outputs=3 * k, batch=True))
+        return list(fn.external_source(source=source, num_outputs=3 * k, batch=True))
 
     def _bytes_pipeline(self, data: list[np.ndarray], windows: list[np.ndarray] | None = None):
         """A short-lived pipeline fed ``data`` (encoded images) for a bisection: one thread, the same operators."""
@@ -157,7 +161,7 @@ class DaliLoader:
         )
         def pipe():
             encoded = fn.external_source(source=iter([data]), batch=True, dtype=types.UINT8, ndim=1, no_copy=False)
-            views = self._window_source(windows, len(data)) if windows is not None else None
+            views = self._window_source(windows.__getitem__, len(data), len(data)) if windows is not None else None
             return self._preprocess(encoded, small=True, views=views)
 
         p = pipe()
@@ -285,8 +289,8 @@ class DaliLoader:
 
     def _batches(self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None, tmp: Path) -> Iterator[Batch]:
         feed = self._feed(paths, plan, verdicts, tmp)
-        windows = self._windows(feed, paths) if self.augment is not None else None
-        fed = [_fed_window(windows.get(r), self.augment.views if self.augment else 1) for r in feed.labels] if windows is not None else None
+        windows = _Windows(self.augment, feed, paths) if self.augment is not None else None
+        fed = (lambda position: windows.fed(feed.labels[position])) if windows is not None else None
         pipe = self._pipeline(feed.files, feed.labels, max(len(p) for p in plan), fed)
         alive: deque = deque()  # [(DALI output, torch's view of it), event after torch's use]: see keep_alive
         try:
@@ -318,8 +322,7 @@ class DaliLoader:
                 if windows is None or self.augment is None:
                     yield Batch(rows, images, errors)
                 else:
-                    k = self.augment.views
-                    params = np.stack([windows[r] if r in windows and r not in errors else no_views(k) for r in rows.tolist()])
+                    params = np.stack([windows.recorded(r, r in errors) for r in rows.tolist()])
                     yield Batch(rows, images[:, 0], errors, images[:, 1:], params)
                 if alive:
                     self._release(alive)
@@ -392,17 +395,8 @@ class DaliLoader:
             images[index] = cast(torch.Tensor, decoded)[: len(ok_rows)].to(images.dtype)  # the decoded rows, ok_rows of them
         return images
 
-    def _windows(self, feed: _Feed, paths: list[str]) -> dict[int, np.ndarray]:
-        """Row → its views' (K, 5) crop parameters, from the upright size of the file DALI reads for it."""
-        assert self.augment is not None
-        augment = self.augment
-        rows = [r for r in feed.labels if r != _PAD]
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="featstore-windows") as pool:
-            sizes = list(pool.map(lambda r: _upright_size(feed.sources.get(r, paths[r])), rows))
-        return {r: augment.params(r, h, w) if (h and w) else no_views(augment.views) for r, (h, w) in zip(rows, sizes)}
-
     def _bisect(
-        self, data: list[np.ndarray], rows: list[int], windows: dict[int, np.ndarray] | None = None
+        self, data: list[np.ndarray], rows: list[int], windows: _Windows | None = None
     ) -> tuple[list[torch.Tensor], dict[int, str]]:
         """Decode the encoded images ``data`` in ever smaller pipelines; return the decoded good ones (in order) and the bad rows."""
         if not data:
@@ -410,7 +404,7 @@ class DaliLoader:
         try:
             pipe = self._bytes_pipeline(
                 data,
-                [_fed_window(windows.get(r), self.augment.views if self.augment else 1) for r in rows] if windows is not None else None,
+                [windows.fed(r) for r in rows] if windows is not None else None,
             )
             (out,) = pipe.run()
             result = self._to_torch(out).clone()  # owned by torch: the pipeline goes now
@@ -425,22 +419,54 @@ class DaliLoader:
         return left + right, {**bad_left, **bad_right}
 
 
-def _fed_window(window: np.ndarray | None, k: int) -> np.ndarray:
-    """The crop parameters given to DALI for a sample: its own, or for the padding JPEG and a row
-    without views a 1 x 1 window that any image has (its output is dropped)."""
-    if window is not None and (window >= 0).all():
-        return window
-    return np.tile(np.asarray([[0, 0, 1, 1, 0]], np.int32), (k, 1))
+class _Windows:
+    """The rows' crop parameters, drawn when first asked for (DALI's source asks a batch or two
+    ahead of the batches handed out) and let go of once their batch is handed out: memory stays a
+    few batches' worth on any split size."""
+
+    def __init__(self, augment: ViewPlan, feed: _Feed, paths: list[str]):
+        self.augment, self.feed, self.paths = augment, feed, paths
+        self.drawn: dict[int, np.ndarray] = {}
+
+    def of(self, row: int) -> np.ndarray:
+        if row not in self.drawn:
+            height, width = _upright_size(self.feed.sources.get(row, self.paths[row]))
+            self.drawn[row] = self.augment.params(row, height, width) if height and width else no_views(self.augment.views)
+        return self.drawn[row]
+
+    def fed(self, row: int) -> np.ndarray:
+        """What DALI is given for a sample: the row's windows, or for the padding JPEG and a row without
+        views a 1 x 1 window that any image has (its output is dropped)."""
+        window = self.of(row) if row != _PAD else None
+        if window is not None and (window >= 0).all():
+            return window
+        return np.tile(np.asarray([[0, 0, 1, 1, 0]], np.int32), (self.augment.views, 1))
+
+    def recorded(self, row: int, failed: bool) -> np.ndarray:
+        """What the store records for a row handed out (its windows, or -1 for a failed row); forgotten after."""
+        window = self.drawn.pop(row, None)
+        if failed:
+            return no_views(self.augment.views)
+        return window if window is not None else self.of(row)
+
+
+_HEAD = 1 << 16  # an APP1 (EXIF) segment is at most 64 KiB and its orientation tag comes first
 
 
 def _upright_size(path: str) -> tuple[int, int]:
     """(height, width) of the image at ``path`` as decoded and turned upright by its EXIF orientation
-    (as DALI's decoder turns it); (0, 0) when the header cannot be read (the row then fails to decode)."""
-    data, _, size = read_checked(path)
-    if data is None or size is None:
+    (as DALI's decoder turns it), from its first 64 KiB; (0, 0) when the header cannot be read (the
+    row then fails to decode, or records no views)."""
+    size = image_size_from_header(path)
+    if size is None:
+        return 0, 0
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD)
+    except OSError:
         return 0, 0
     width, height = size
-    return (width, height) if exif_orientation(data) in (5, 6, 7, 8) else (height, width)
+    return (width, height) if exif_orientation(head) in (5, 6, 7, 8) else (height, width)
 
 
 def _resized_size(height: Any, width: Any, resize: int, maximum: Callable) -> tuple[Any, Any]:

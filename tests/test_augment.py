@@ -533,3 +533,13 @@ def test_views_of_a_sideways_photo_are_cut_from_the_upright_image(loader_name, t
     for k in range(4):
         diff = np.abs(views[0, k] - _reference(str(path), batch.view_params[0, k], pre))
         assert diff.mean() < 0.25 and diff[1:-1, 1:-1].max() <= (0.01 if loader_name == "torch" else 1.0 + 1e-3), k
+
+
+def test_cache_entries_name_the_views():
+    """`featstore ls --json` and lookup's list of several matches tell a store with views from one without."""
+    from featstore.cache import entry_from_attrs
+
+    base = {"schema_version": 1, "splits": {"train": 10}, "chunk_rows": 8, "complete": True}
+    assert entry_from_attrs("a.zarr", base, 0, None, False, 0.0).augment == ""
+    entry = entry_from_attrs("b.zarr", {**base, "augment": Augment(views=10, seed=3).to_dict()}, 0, None, False, 0.0)
+    assert entry.augment == "rrc-flip x10 (seed 3)" and entry.to_dict()["augment"] == entry.augment

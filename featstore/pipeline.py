@@ -56,7 +56,9 @@ class _UnitWriter:
                 return
             if self.error is None:
                 try:
-                    self.store.write_unit(*item)
+                    unit, features, valid, invalid, augmented = item
+                    extra = {"augmented": augmented} if augmented is not None else {}  # a split without views: as before
+                    self.store.write_unit(unit, features, valid, invalid, **extra)
                 except BaseException as e:  # reported by the main thread
                     self.error = e
 

@@ -543,3 +543,38 @@ def test_cache_entries_name_the_views():
     assert entry_from_attrs("a.zarr", base, 0, None, False, 0.0).augment == ""
     entry = entry_from_attrs("b.zarr", {**base, "augment": Augment(views=10, seed=3).to_dict()}, 0, None, False, 0.0)
     assert entry.augment == "rrc-flip x10 (seed 3)" and entry.to_dict()["augment"] == entry.augment
+
+
+@pytest.mark.slow
+def test_killed_mid_unit_and_resumed_gives_the_same_views(photo_splits, tmp_path):
+    """SIGKILL halfway through writing unit #1 of the train split (a torn unit, no marker), then the
+    same command: the store is the one an uninterrupted run writes, views and parameters included."""
+    import os
+    import subprocess
+    import sys
+
+    from featstore.store import FeatureStore
+
+    repo = Path(__file__).resolve().parent.parent
+    builder = tmp_path / "pixels.py"
+    builder.write_text(PIXELS)
+    args = ["extract", "--model", f"{builder}:build", "--dataset", str(photo_splits), "--loader", "torch", "--workers", "0",
+            "--batch-size", "8", "--image-size", "24", "--resize", "24", "--dtype", "float32", "--chunk-rows", "4",
+            "--augment", "rrc-flip", "--augment-views", "3", "--no-progress"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(repo))
+
+    def run(out: Path, *runner: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, *(runner or ("-m", "featstore.cli")), *args, "--out", str(out)]
+        return subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+
+    assert run(tmp_path / "whole.zarr").returncode == 0
+    killed = run(tmp_path / "resumed.zarr", "-m", "tests.fault_runner", "kill-in-unit", "1", "--")
+    assert killed.returncode == -9, killed.stderr[-1000:]
+    assert not FeatureStore.open(tmp_path / "resumed.zarr").complete
+    again = run(tmp_path / "resumed.zarr")
+    assert again.returncode == 0 and "resumed" in again.stdout, again.stderr[-1000:]
+    whole, resumed = FeatureStore.open(tmp_path / "whole.zarr"), FeatureStore.open(tmp_path / "resumed.zarr", verify=True)
+    for name in (None, "features"):
+        np.testing.assert_array_equal(resumed.augmented("train", name).read(), whole.augmented("train", name).read())
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(resumed.features(split, "features").read(), whole.features(split, "features").read())

@@ -79,6 +79,7 @@ class StoreEntry:
     units_total: int
     writing: bool  # a live process holds the store's lock
     cache_key: str
+    augment: str = ""  # "rrc-flip x10 (seed 0)": the train images' augmented views (#25); "" none
 
     @property
     def state(self) -> str:
@@ -131,6 +132,7 @@ def entry_from_attrs(path: str, attrs: dict, size_bytes: int, units_done: int | 
         units_total=units_total,
         writing=writing,
         cache_key=meta.cache_key or "",
+        augment=_augment_text(attrs.get("augment")),
     )
 
 
@@ -165,6 +167,13 @@ def last_used_of(attrs: dict) -> float:
         except ValueError:
             continue
     return 0.0
+
+
+def _augment_text(record) -> str:
+    """How ``ls`` and ``lookup`` name a store's augmented views: two stores that differ only by them are told apart."""
+    if not isinstance(record, dict):
+        return ""
+    return f"{record.get('method')} x{record.get('views')} (seed {record.get('seed')})"
 
 
 def describe(path: str | os.PathLike) -> StoreEntry:
@@ -377,7 +386,12 @@ def lookup(model: str, dataset: str, weights: str | None = None) -> str:
     if len(complete) == 1:
         return complete[0].path
     if len(complete) > 1:
-        listed = "; ".join(f"{e.path} [{e.weights}, views {','.join(e.views)}, {e.dtype}, {e.loader}, {e.compute}]" for e in complete)
+        listed = "; ".join(
+            f"{e.path} [{e.weights}, views {','.join(e.views)}, {e.dtype}, {e.loader}, {e.compute}"
+            + (f", augment {e.augment}" if e.augment else "")
+            + "]"
+            for e in complete
+        )
         raise UsageError(
             f"{len(complete)} cached stores match --model {model} --dataset {dataset}: {listed}",
             "pass --weights FILE, or --store PATH to pick one",

@@ -122,6 +122,14 @@ def cli(debug):
     show_default=True,
     help="WebDataset shards: the label is the .cls component (cls) or this field of the .json component (KEY, or json:KEY).",
 )
+@click.option(
+    "--augment",
+    type=click.Choice(["rrc-flip"]),
+    help="Also store K augmented views of every train image: seeded random-resized crops (scale 0.08-1, ratio 3/4-4/3) "
+    "+ horizontal flips (p 0.5), DINO's linear-eval augmentation; val/test keep the center crop only (docs/probe.md).",
+)
+@click.option("--augment-views", type=int, help="K, the augmented views per train image (default 10; needs --augment).")
+@click.option("--augment-seed", type=int, help="Seed of the views' crops (default 0; needs --augment; recorded and in the cache key).")
 @click.option("--depth-scale", type=float, help="Metres per unit of 16-bit depth PNGs (dense datasets; default 0.001: millimetres).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (fixed batch shapes; pays off on long GPU runs).")
 @click.option("--no-cuda-graphs", is_flag=True, help="On CUDA, run the forward eagerly instead of replaying it from a CUDA graph.")
@@ -163,6 +171,9 @@ def extract(
     labels,
     wds_label,
     depth_scale,
+    augment,
+    augment_views,
+    augment_seed,
     compile_model,
     no_cuda_graphs,
     no_progress,
@@ -204,6 +215,9 @@ def extract(
         cuda_graphs=not no_cuda_graphs,
         depth_scale=depth_scale,
         wds_label=wds_label,
+        augment=augment,
+        augment_views=augment_views,
+        augment_seed=augment_seed,
     )
     result = recall_up_to_date(config)  # an unchanged request answers without importing torch
     if result is None:
@@ -418,6 +432,9 @@ def format_info(s: dict) -> str:
         ),
         f"created    {s['created']}  featstore {s['featstore_version']}  schema {s['schema_version']}",
     ]
+    if s.get("augment"):
+        a = s["augment"]
+        lines.append(f"augment    {a['method']} × {a['views']} views of {', '.join(a['splits'])} (seed {a['seed']}), {_size(a['bytes'])}")
     if s.get("complete") and s.get("device"):
         rate = s.get("images_per_second")
         lines.append(f"run        on {s['device']}" + (f", {rate:,.1f} img/s" if rate else "") + f", completed {s.get('completed')}")

@@ -17,14 +17,17 @@ from .dense import dense_plan, record_patch_layers
 from .dense_targets import resolve_with_targets, target_fields, write_dense_targets
 from .device import resolve_device
 from .job import (
+    augmenting_loader,
     cache_fields,
     cache_key,
     cached_location,
     create_store,
     existing_store,
+    refuse_unaugmentable,
     remember,
     remove_progress,
     repair_store,
+    requested_augment,
     resume_command,
     store_of_job,
     validate,
@@ -37,6 +40,7 @@ from .ranks import Ranks, wait_until
 from .request import ExtractConfig, ExtractResult, recall_up_to_date, request_of, resolved_model
 from .splits import apply_split, parse_split
 from .store.lease import store_lock
+from .store.patch import is_patch_shape
 from .store.remote import location
 from .wds_dataset import is_wds, wds_manifest
 
@@ -64,10 +68,14 @@ def extract(
     if ranks.world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     loader_name = choose_loader(config.loader, device)
+    augment = requested_augment(config)
+    loader_name = augmenting_loader(config.loader, loader_name, augment)  # auto: one that crops views
     # targets: where a dense dataset's depth maps or masks are (None for classification)
     if is_wds(config.dataset):
         manifest, targets = wds_manifest(config.dataset, config.wds_label, config.labels), None
         loader_name = shard_loader(config.loader, loader_name, manifest)
+        if augment is not None and config.loader == "auto":
+            loader_name = "torch"  # views over shards: the torch loader crops them (DALI's shard reader does not)
     else:
         manifest, targets = resolve_with_targets(config.dataset, config.data_root, config.depth_scale, config.labels)
     if config.split is not None:
@@ -86,6 +94,9 @@ def extract(
     fields = cache_fields(spec, loader_name, config.views, config.dtype, manifest, device)
     if targets is not None:
         fields["targets"] = target_fields(manifest, targets)
+    refuse_unaugmentable(augment, manifest, loader_name, [], targets is not None)
+    if augment is not None:  # absent otherwise: the keys of stores without views stay as they were
+        fields["augment"] = augment.to_dict()
     key = cache_key(fields)
     request = config  # as asked: what the up-to-date memo is keyed on
     if config.out is None:
@@ -115,6 +126,7 @@ def extract(
         .to(memory_format=torch.channels_last)
     )
     views = select_views(feature_dims(encoder, spec.preprocess, device), config.views, spec.family)
+    refuse_unaugmentable(augment, manifest, loader_name, [v for v, d in views.items() if is_patch_shape(d)], False)
     encoder.only(views)  # what is not stored is not computed
     if existing is None and ranks.is_leader:
         config = dense_plan(config, out, manifest, views, log)  # the size check and unit rows of patch views

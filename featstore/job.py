@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import torch
 
+from .augment import AUGMENTED_SPLIT, Augment
 from .cache import find_by_key
 from .datasets import BUILTIN_DATASETS
 from .dense_layouts import NYU
@@ -91,10 +92,63 @@ def validate(config: ExtractConfig) -> None:
         raise UsageError("--repair and --overwrite contradict each other", "--repair keeps the store's intact units; pass one")
     if config.wds_label != "cls" and not is_wds(config.dataset):
         raise UsageError(f"--wds-label {config.wds_label!r} applies to WebDataset shards only", "drop it, or pass --dataset 'wds:...'")
+    augment = requested_augment(config)
+    if augment is not None and config.batch_size < augment.views + 1:
+        raise UsageError(
+            f"--batch-size {config.batch_size} cannot hold one image and its {augment.views} augmented views",
+            f"pass --batch-size {augment.views + 1} or more (a forward pass holds batch-size // (K + 1) rows)",
+        )
     if config.split is not None:
         parse_split(config.split, config.split_seed)
     elif config.split_seed:
         raise UsageError("--split-seed is the seed of --split, which is not given", "add e.g. --split train=0.7,val=0.1,test=0.2")
+
+
+def requested_augment(config: ExtractConfig) -> Augment | None:
+    """The augmented views asked for (None: none); --augment-views/--augment-seed without --augment is an error."""
+    if config.augment is None:
+        for value, flag in ((config.augment_views, "--augment-views"), (config.augment_seed, "--augment-seed")):
+            if value is not None:
+                raise UsageError(f"{flag} is an option of --augment, which is not given", "add --augment rrc-flip, or drop " + flag)
+        return None
+    return Augment(config.augment, 10 if config.augment_views is None else config.augment_views, config.augment_seed or 0)
+
+
+def refuse_unaugmentable(augment: Augment | None, manifest: Manifest, loader: str, patch_views: list[str], dense: bool) -> None:
+    """--augment where it cannot be done: a one-line refusal naming the fix."""
+    if augment is None:
+        return
+    if loader not in AUGMENTING_LOADERS:
+        raise UsageError(f"--loader {loader} cannot crop augmented views", "use --loader torch or --loader dali with --augment")
+    if manifest.shards is not None and loader != "torch":
+        raise UsageError(f"--loader {loader} cannot crop augmented views of WebDataset shards", "use --loader torch with --augment")
+    if AUGMENTED_SPLIT not in manifest.splits:
+        raise UsageError(
+            f"--augment stores views of the {AUGMENTED_SPLIT!r} split, and the dataset has splits {', '.join(manifest.splits)}",
+            "give the dataset a train split (a train/ folder, a CSV split column, or --split train=0.8,val=0.2)",
+        )
+    if patch_views:
+        raise UsageError(
+            f"--augment stores global views only; {', '.join(patch_views)} is a patch view",
+            "pass --views with global views (e.g. cls,avgpool)",
+        )
+    if dense:
+        raise UsageError(
+            "--augment is for classification datasets: a crop would need the depth maps and masks cropped too", "drop --augment"
+        )
+
+
+AUGMENTING_LOADERS = ("torch", "dali")  # the loaders that crop augmented views
+
+
+def augmenting_loader(asked: str, chosen: str, augment: Augment | None) -> str:
+    """``--loader auto`` with --augment: the chosen loader if it crops views, else DALI where it imports,
+    else torch (an explicitly named loader that cannot is refused by ``refuse_unaugmentable``)."""
+    if augment is None or asked != "auto" or chosen in AUGMENTING_LOADERS:
+        return chosen
+    from .loaders import dali_available
+
+    return "dali" if dali_available() else "torch"
 
 
 def resume_command(config: ExtractConfig, loader_name: str) -> str:
@@ -137,6 +191,9 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         ("max_decode_pixels", "--max-decode-pixels", str),
         ("depth_scale", "--depth-scale", str),
         ("wds_label", "--wds-label", str),
+        ("augment", "--augment", str),
+        ("augment_views", "--augment-views", str),
+        ("augment_seed", "--augment-seed", str),
     ]
     for name, flag, text in options:
         value = getattr(config, name)
@@ -216,6 +273,7 @@ def _create(
             views=views,
             dtype=config.dtype,
             chunk_rows=config.chunk_rows,
+            augment=fields.get("augment"),
             attrs={
                 "encoder": spec.to_dict(),
                 "preprocessing": spec.preprocess.to_dict(),
@@ -270,7 +328,7 @@ def existing_store(
     if store.attrs.get("cache_key") == key:
         return store
     old = store.attrs.get("cache_fields", {})
-    differing = [k for k in fields if old.get(k) != fields[k]]
+    differing = [k for k in sorted(set(fields) | set(old)) if old.get(k) != fields.get(k)]
     raise UsageError(
         f"--out {str(out)!r} holds another store (different {', '.join(differing) or 'schema'})",
         "pass --overwrite to replace it, or choose another --out",

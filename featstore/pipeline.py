@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .augment_pipeline import augmented_buffers, batch_rows, encoder_input, split_views, view_plan
 from .errors import FeatstoreError
 from .inference import BatchEncoder
 from .loaders import Batch, make_loader
@@ -56,13 +57,15 @@ class _UnitWriter:
                 return
             if self.error is None:
                 try:
-                    self.store.write_unit(*item)
+                    unit, features, valid, invalid, augmented = item
+                    extra = {"augmented": augmented} if augmented is not None else {}  # a split without views: as before
+                    self.store.write_unit(unit, features, valid, invalid, **extra)
                 except BaseException as e:  # reported by the main thread
                     self.error = e
 
-    def put(self, unit, features, valid, invalid):
+    def put(self, unit, features, valid, invalid, augmented=None):
         self._raise()
-        self.queue.put((unit, features, valid, invalid))
+        self.queue.put((unit, features, valid, invalid, augmented))
 
     def close(self, raise_error: bool = True):
         """Write what is queued (finished units are kept even when the run is failing), then stop."""
@@ -86,8 +89,9 @@ class _UnitWriter:
 class _UnitAssembler:
     """Collects batch results into whole units and hands each finished unit to the writer."""
 
-    def __init__(self, views: dict[str, RowShape], dtype: str, writer: _UnitWriter, rel_paths):
+    def __init__(self, views: dict[str, RowShape], dtype: str, writer: _UnitWriter, rel_paths, augment_views: int = 0):
         self.views = views
+        self.augment_views = augment_views  # K: the split's rows have K augmented views each (0: none)
         self.dtype = np.dtype(dtype)
         self.writer = writer
         self.rel_paths = rel_paths
@@ -104,8 +108,10 @@ class _UnitAssembler:
                 "valid": np.ones(unit.rows, bool),
                 "invalid": {},
                 "filled": 0,
+                "augmented": self._augmented_buffers(unit.rows),
             },
         )
+        feats = split_views(feats, len(batch.rows), self.augment_views, buf["augmented"], batch, unit.start, self.dtype)
         local = batch.rows - unit.start
         bad = np.fromiter((r in batch.errors for r in batch.rows.tolist()), bool, len(batch.rows))
         for v in self.views:
@@ -120,10 +126,13 @@ class _UnitAssembler:
         buf["invalid"].update(batch.errors)
         buf["filled"] += len(batch.rows)
         if buf["filled"] == unit.rows:
-            self.writer.put(unit, buf["features"], buf["valid"], buf["invalid"])
+            self.writer.put(unit, buf["features"], buf["valid"], buf["invalid"], buf["augmented"])
             self.written += unit.rows
             self.invalid += len(buf["invalid"])
             del self.open[unit.index]
+
+    def _augmented_buffers(self, rows: int) -> dict[str, np.ndarray] | None:
+        return augmented_buffers(self.views, self.augment_views, rows, self.dtype) if self.augment_views else None
 
 
 def run_units(
@@ -156,12 +165,14 @@ def run_units(
             units = [u for u in pending if u.split == split]
             if not units:
                 continue
-            planned = plan_batches(units, config.batch_size)
+            augment = view_plan(store, split, manifest)  # K augmented views of each row (the train split of --augment)
+            planned = plan_batches(units, batch_rows(config.batch_size, augment))
             paths = manifest.sources(split)
             verdicts = check_split(paths, planned, manifest, config.workers, log)
-            assembler = _UnitAssembler(views, config.dtype, writer, manifest.splits[split].paths)
+            assembler = _UnitAssembler(views, config.dtype, writer, manifest.splits[split].paths, augment.views if augment else 0)
+            given = {"augment": augment} if augment is not None else {}
             # closed as soon as the split is done: a loader may hold threads, pipelines, fd 2 (quiet.py)
-            with contextlib.closing(loader.batches(paths, [r for _, r in planned], verdicts)) as batches:
+            with contextlib.closing(loader.batches(paths, [r for _, r in planned], verdicts, **given)) as batches:
                 for (unit, _), batch in zip(planned, batches):
                     if config.strict and batch.errors:
                         row, reason = next(iter(batch.errors.items()))
@@ -169,7 +180,7 @@ def run_units(
                             f"cannot decode {manifest.absolute_paths(split)[row]}: {reason}",
                             "fix or remove the file, or drop --strict to record it as invalid",
                         )
-                    runner.submit((unit, batch), batch.images)
+                    runner.submit((unit, batch), encoder_input(batch))
                     for (u, b), feats in runner.ready():
                         assembler.add(u, b, feats)
                         bar.update(len(b.rows), len(b.errors))

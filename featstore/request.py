@@ -58,6 +58,9 @@ class ExtractConfig:
         image over it alone is an invalid row (default: a sixth of the memory, see ``decode_budget``).
     wds_label
         WebDataset shards: ``cls`` (the .cls component) or a field of the .json component.
+    augment, augment_views, augment_seed
+        ``rrc-flip``: also store K (default 10) seeded random-resized-crop + flip views of every
+        train image (``featstore.augment``); the seed of their crops (default 0).
     labels
         A CSV file list's integer labels: ``dense`` (0..C-1, each used) or ``sparse`` (the distinct
         labels, sorted, become classes 0..K-1; the class names record the mapping).
@@ -94,6 +97,9 @@ class ExtractConfig:
     labels: str = "dense"  # a CSV's integer labels: dense 0..C-1, or sparse (mapped, sorted, to 0..K-1)
     depth_scale: float | None = None  # metres per unit of a 16-bit depth PNG (dense datasets; default 0.001)
     wds_label: str = "cls"  # WebDataset shards: the .cls component, or a field of the .json component
+    augment: str | None = None  # "rrc-flip": K augmented views of every train image (featstore.augment)
+    augment_views: int | None = None  # K (default 10 with --augment)
+    augment_seed: int | None = None  # the seed the views' crops are drawn from (default 0)
 
 
 @dataclass
@@ -193,6 +199,7 @@ def request_of(config: ExtractConfig) -> dict:
         **({"labels": config.labels} if config.labels != "dense" else {}),
         **({"depth_scale": config.depth_scale} if config.depth_scale is not None else {}),
         **({"wds_label": config.wds_label} if config.wds_label != "cls" else {}),
+        **({"augment": [config.augment, config.augment_views, config.augment_seed]} if config.augment else {}),
     }
 
 

@@ -176,6 +176,14 @@ def main():
     "--no-refit reports the model fit without the holdout.",
 )
 @click.option(
+    "--augment",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="Stores with augmented views (featstore extract --augment): the linear heads train on one of each train row's "
+    "K views per epoch (seeded); off: on the center crop. Selection, reporting, k-NN and logreg use the center crop.",
+)
+@click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
     default="auto",
@@ -247,6 +255,7 @@ def fit_command(
     logreg_max_iter,
     logreg_tol,
     refit,
+    augment,
     device,
     out,
     overwrite,
@@ -323,7 +332,7 @@ def fit_command(
 def _stores_and_protocol(
     stores, model, dataset, weights, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, select_on,
     val_fraction, test_fraction, seed, seeds, methods, shots, knn_k, knn_temperature, knn_weights, logreg_c, logreg_max_iter,
-    logreg_tol, refit,
+    logreg_tol, refit, augment,
 ) -> tuple[tuple, Protocol]:  # fmt: skip
     """The stores and the protocol of fit's options."""
     if model or dataset or weights:
@@ -345,7 +354,7 @@ def _stores_and_protocol(
         lr_grid=grid, wd_grid=wd_grid, optimizer=optimizer, epochs=epochs, batch_size=batch_size, momentum=momentum,
         normalize=normalize, select_on=select_on, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed if seed is not None else _DEFAULTS.seed,
         seeds=seeds or (), methods=tuple(methods) or ("linear",), shots=shots or (), knn_k=knn_k, knn_temperature=knn_temperature, knn_weights=knn_weights,
-        logreg_C=logreg_c, logreg_max_iter=logreg_max_iter, logreg_tol=logreg_tol, refit=refit,
+        logreg_C=logreg_c, logreg_max_iter=logreg_max_iter, logreg_tol=logreg_tol, refit=refit, augment=augment,
     )  # fmt: skip
     return stores, protocol
 

@@ -25,11 +25,12 @@ from featstore.errors import FeatstoreError, UsageError
 from featstore.store import FeatureStore
 from featstore.store.verify import require_labels
 
+from . import augment as A
 from . import fewshot, methods
 from . import intervals as I
 from .comparison import Comparison, compare
 from .methods import Case, Method, MethodResult
-from .protocol import Protocol
+from .protocol import Protocol, augment_views
 from .results.columns import COLUMNS
 from .results.predictions import ConfigKey, ImagePredictions
 from .results.predictions import of_rows as predictions_of
@@ -270,6 +271,8 @@ def fit_run(
         if not allow_different_data:
             raise UsageError(message, "compare stores of the same dataset, or pass --allow-different-data")
         warn(message + " (compared anyway: --allow-different-data)")
+    # "on": the stores' augmented views, where every store holds the same (a mix is refused)
+    protocol = A.resolve(protocol, [(i.path, i.store, i.plan.train_split) for i in infos], warn)
 
     cache: dict = {}  # what the methods keep from one case for the next (the linear heads' epoch orders)
     rows: list[dict] = []
@@ -369,12 +372,21 @@ def _fit_case(
     # raw features on the device once per role; each method normalizes its own copy
     raw = {role: torch.from_numpy(np.ascontiguousarray(features[split][kept[role]])).to(dev) for role, (split, _) in roles.items()}
     labels = {role: torch.from_numpy(info.labels[split][kept[role]]).to(dev) for role, (split, _) in roles.items()}
+    augmented = {}
+    if augment_views(protocol.augment):  # the train split's rows (train, and a holdout of it) train on their views
+        for role, (split, _) in roles.items():
+            if split == plan.train_split and role != "report":
+                stored = f"{split}#augment"
+                if stored not in features:
+                    features[stored] = A.train_views(fs, split, view, np.arange(fs.num_rows(split)), features[split], warn)
+                augmented[role] = torch.from_numpy(np.ascontiguousarray(features[stored][kept[role]])).to(dev)
     rows_of = _Rows(info, view, protocol, plan, seed, shots, kept, excluded_invalid, excluded_nonfinite, dev, dtype, t0)
     detail = rows_of.detail
     case = Case(protocol=protocol, x=raw, y=labels, rows=kept, split_rows=fs.num_rows(plan.train_split), num_classes=info.num_classes,
                 seed=seed, shots=shots, reported_role=plan.reported_role, select_split=plan.select_split, device=dev, dtype=dtype,
                 name=f"{info.label} [{view}]{f' ({detail})' if detail else ''}", where=rows_of.where, first=first,
-                first_view=view == info.views[0], first_seed=seed == protocol.run_seeds[0], warn=warn, log=log, cache=cache)  # fmt: skip
+                first_view=view == info.views[0], first_seed=seed == protocol.run_seeds[0], warn=warn, log=log, cache=cache,
+                augmented=augmented)  # fmt: skip
     # a method without randomness (k-NN, logistic regression) changes with a seed only through the
     # rows (holdout, few-shot sample), so a seed with the same rows as an earlier one reuses its result
     rows_key = tuple(hashlib.sha256(np.ascontiguousarray(kept[r]).tobytes()).hexdigest() for r in sorted(kept))

@@ -45,6 +45,19 @@ _LOGREG_FIELDS = ("logreg_C", "logreg_max_iter", "logreg_tol")
 # ``refit`` acts on every method (the reported model is fit again on train + holdout), so it is
 # always recorded: it entered the default record with #27, which changed the default hash.
 _LEGACY_NAMES = {"logreg_refit": "refit"}  # protocol.json records written before #27
+# Augmented views (#25): "on" (default: train on a store's stored views where it has them), "off",
+# or what a run resolved "on" to, "<method>:<K>" (probe.augment). Only the resolved form acts, so only
+# it enters the record and the hash: a run without views keeps the hash it had before views existed.
+AUGMENT = ("on", "off")
+AUGMENT_NOTE = (
+    "linear heads: one of the K stored views per train row per epoch (seeded); selection and reported rows, knn and logreg: the center crop"
+)
+
+
+def augment_views(augment: str) -> int | None:
+    """K of a resolved augmentation ``"<method>:<K>"``; None for any other text."""
+    method, _, views = str(augment).rpartition(":")
+    return int(views) if method and views.isdigit() and int(views) > 0 else None
 
 
 def _round_sig(value: float, digits: int = 4) -> float:
@@ -201,6 +214,7 @@ class Protocol:
     refit: bool = True
     shots: tuple[int, ...] = ()  # examples per class; 0 = every training row; () = every training row only
     seeds: tuple[int, ...] = ()  # () = just ``seed``; else every seed in turn (seed = seeds[0])
+    augment: str = "on"  # "on" | "off" | resolved "rrc-flip:K" (see AUGMENT)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -237,6 +251,8 @@ class Protocol:
             raise UsageError(f"eps must be positive, got {self.eps}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UsageError(f"validation fraction must be in (0, 1), got {self.val_fraction}", "pass --val-fraction like 0.1")
+        if self.augment not in AUGMENT and augment_views(self.augment) is None:
+            raise UsageError(f"unknown --augment {self.augment!r}", "use on or off")
         if self.test_fraction is not None:
             set_("test_fraction", float(self.test_fraction))
             if not 0.0 < self.test_fraction < 1.0:
@@ -320,8 +336,13 @@ class Protocol:
             dropped.append("test_fraction")
         if len(self.seeds) <= 1:
             dropped.append("seeds")
+        if self.augment in AUGMENT:  # unresolved or off: no views are trained on
+            dropped.append("augment")
         for name in dropped:
             d.pop(name)
+        if "augment" in d:
+            method, views = str(self.augment).rsplit(":", 1)
+            d["augment"] = {"method": method, "views": int(views), "applies": AUGMENT_NOTE}
         return d
 
     @classmethod
@@ -331,6 +352,8 @@ class Protocol:
         for old, new in _LEGACY_NAMES.items():
             if old in d:  # read under today's name; the hash is today's (refit now acts on every method)
                 d.setdefault(new, d.pop(old))
+        if isinstance(d.get("augment"), dict):  # the record's form of a resolved augmentation
+            d["augment"] = f"{d['augment']['method']}:{d['augment']['views']}"
         unknown = set(d) - names
         if unknown:
             raise UsageError(f"unknown protocol fields: {', '.join(sorted(unknown))}")

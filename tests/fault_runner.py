@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
         original = Store.write_unit
         counter = {"n": 0}
 
-        def write_unit(self, unit, features, valid, invalid=None):
+        def write_unit(self, unit, features, valid, invalid=None, **augmented):
             if counter["n"] == target:
                 # half of the first view's rows, then death: a torn unit with no marker
                 view = next(iter(features))
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
                 self._group[unit.split]["features"][view][unit.start : half] = np.asarray(features[view][: half - unit.start])
                 _die()
             counter["n"] += 1
-            return original(self, unit, features, valid, invalid)
+            return original(self, unit, features, valid, invalid, **augmented)
 
         Store.write_unit = write_unit
     elif mode == "slow-units":

@@ -176,6 +176,7 @@ def test_protocol_hash_stable_and_sensitive():
         "version": 99,
         "select_on": "holdout",
         "test_fraction": 0.2,
+        "augment": "rrc-flip:10",  # resolved from a store's views (#25); "on"/"off" alone train on no views: no change
     }
     battery = {
         "methods",

@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # torch and numpy are imported where used: `featstore --help`
     import numpy as np
     import torch
 
+    from ..augment import ViewPlan
     from ..preprocess import Preprocess
     from .verdicts import Verdicts
 
@@ -20,16 +21,21 @@ class Batch:
     rows: np.ndarray  # int64 row indices into the split
     images: torch.Tensor  # (B, 3, S, S) normalized, on the target device, channels_last
     errors: dict[int, str] = field(default_factory=dict)  # row → why its image is a placeholder
+    # with augmented views (featstore.augment): (B, K, 3, S, S) normalized like images, and each
+    # view's (top, left, height, width, flip) as (B, K, 5) int32 (-1 for a row that failed)
+    views: torch.Tensor | None = None
+    view_params: np.ndarray | None = None
 
 
 class Loader(Protocol):
     name: str
 
     def batches(
-        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None
+        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None, augment: ViewPlan | None = None
     ) -> Generator[Batch, None, None]:  # closed early by extraction
         """``paths[row]`` is the absolute path of ``row``; yield the batches of ``plan`` in order.
-        ``verdicts``: the file checks' verdicts by row (``verdicts.check_files``); files are checked as they are read without."""
+        ``verdicts``: the file checks' verdicts by row (``verdicts.check_files``); files are checked as they are read without.
+        ``augment``: also crop each row's augmented views (``Batch.views``); a loader that cannot refuses it."""
 
 
 def normalize_on_device(

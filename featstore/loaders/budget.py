@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..augment import ViewPlan, no_views
 from ..decode_budget import decode_cost, refusal, split_by_budget
 from ..image_header import image_size_from_header
 from ..preprocess import Preprocess
@@ -86,22 +87,23 @@ class BudgetedLoader:
         return planned, inner
 
     def batches(
-        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None
+        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None, augment: ViewPlan | None = None
     ) -> Generator[Batch, None, None]:  # closed early by extraction
         if not plan:
             return
         planned, inner_plan = self.plan(paths, plan, verdicts)
-        inner = self.inner.batches(paths, inner_plan, verdicts) if inner_plan else iter(())
+        given = {"augment": augment} if augment is not None else {}  # a loader without views takes no such argument
+        inner = self.inner.batches(paths, inner_plan, verdicts, **given) if inner_plan else iter(())
         try:
             for p in planned:
                 parts = [next(inner) for _ in range(p.groups)]
-                yield self._assemble(p, parts)
+                yield self._assemble(p, parts, augment)
         finally:
             close = getattr(inner, "close", None)
             if close is not None:
                 close()
 
-    def _assemble(self, planned: _Planned, parts: list[Batch]) -> Batch:
+    def _assemble(self, planned: _Planned, parts: list[Batch], augment: ViewPlan | None = None) -> Batch:
         if len(parts) == 1 and not planned.refused:
             return parts[0]  # the usual case: the batch was decoded whole
         size = self.pre.image_size
@@ -110,11 +112,18 @@ class BudgetedLoader:
         images = images.contiguous(memory_format=torch.channels_last)
         where = {r: i for i, r in enumerate(planned.rows.tolist())}
         errors = dict(planned.refused)
+        views, params = None, None
+        if augment is not None:  # refused rows: blank views, no parameters
+            views = torch.zeros(len(planned.rows), augment.views, 3, size, size, dtype=like.dtype, device=like.device)
+            params = np.stack([no_views(augment.views)] * len(planned.rows))
         for part in parts:
             index = torch.as_tensor([where[r] for r in part.rows.tolist()], device=like.device)
             images[index] = part.images.to(images.dtype)
+            if views is not None and params is not None and part.views is not None and part.view_params is not None:
+                views[index] = part.views.to(views.dtype)
+                params[index.cpu().numpy()] = part.view_params
             errors.update(part.errors)
-        return Batch(planned.rows, images, errors)
+        return Batch(planned.rows, images, errors, views, params)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

@@ -26,6 +26,14 @@ formats (BMP, TIFF, WebP, GIF, …) are decoded with PIL, on a thread pool befor
 lossless PNGs in a temporary folder, so DALI's resize still applies to them. What fails is an
 invalid row with a reason. A batch that DALI fails to decode (an error after parsing) is bisected
 with small pipelines fed the files' bytes, so only the offending rows become invalid.
+
+Augmented views (``featstore.augment``): each image is decoded once and, besides the center crop,
+cut K times at its drawn crop windows (``fn.slice``, in the upright image's pixels), each resized to
+the crop size and mirrored where drawn (``crop_mirror_normalize``'s ``mirror``); the center crop and
+the views leave the pipeline stacked, (K + 1, S, S, 3) per sample. The windows are drawn on the host,
+a batch at a time as DALI asks for it, from each image's upright size (its header and EXIF
+orientation: ``_upright_size``, the first 64 KiB of the file), and fed to the pipeline beside the
+reader's files (``fn.external_source``, in the feed's order).
 """
 
 from __future__ import annotations
@@ -41,7 +49,10 @@ from typing import Any, NamedTuple, cast
 import numpy as np
 import torch
 
+from ..augment import ViewPlan, no_views
+from ..image_header import image_size_from_header
 from ..manifest import stored_path
+from ..orientation import exif_orientation
 from ..preprocess import Preprocess
 from .batch import Batch
 from .decode import decode_failure, decode_rgb, read_encoded
@@ -88,11 +99,13 @@ class DaliLoader:
         self._dlpack = True  # False once torch.from_dlpack refused a DALI GPU tensor: copy instead
         # verdicts.check_files' chunk check for rows without a verdict (None: files)
         self.check_chunk: Callable[[list[str], Path | None], list[tuple[Verdict, bool]]] | None = None
+        self.augment: ViewPlan | None = None  # set for the batches of a split with augmented views
 
     # ------------------------------------------------------------------ pipelines
 
-    def _pipeline(self, feed: _Feed, batch_size: int):
-        """The run's pipeline: DALI reads ``feed.files`` (batch_size of them per iteration) and labels them with their rows."""
+    def _pipeline(self, feed: _Feed, batch_size: int, windows: Callable[[int], np.ndarray] | None = None):
+        """The run's pipeline: DALI reads ``feed.files`` (batch_size of them per iteration) and labels them with
+        their rows; ``windows``: with augmented views, the (K, 5) crop parameters of the file at a position of ``feed.files``."""
         from nvidia.dali import fn, pipeline_def
 
         @pipeline_def(
@@ -106,13 +119,39 @@ class DaliLoader:
             encoded, rows = fn.readers.file(
                 files=feed.files, labels=feed.labels, random_shuffle=False, prefetch_queue_depth=self.prefetch, name="files"
             )
-            return self._preprocess(encoded, small=False), rows
+            views = self._window_source(windows, len(feed.files), batch_size) if windows is not None else None
+            return self._preprocess(encoded, small=False, views=views), rows
 
         p = pipe()
         p.build()
         return p
 
-    def _bytes_pipeline(self, data: list[np.ndarray]):
+    def _window_source(self, windows: Callable[[int], np.ndarray], samples: int, batch_size: int) -> list:
+        """The pipeline's inputs of the views' crop windows: per view, ((top, left), (height, width), mirror) per
+        sample, made a batch at a time when DALI asks for it (``windows(position)``: a sample's (K, 5)
+        parameters). The reader cycles over its files, so the windows cycle too (DALI may ask a batch ahead)."""
+        import itertools
+
+        from nvidia.dali import fn
+
+        k = self.augment.views if self.augment is not None else 0
+        batches = itertools.cycle(range(0, samples, batch_size))
+
+        def source() -> tuple[list[np.ndarray], ...]:
+            start = next(batches)
+            out: list[list[np.ndarray]] = [[] for _ in range(3 * k)]
+            for position in range(start, min(start + batch_size, samples)):
+                w = windows(position)
+                for v in range(k):
+                    top, left, height, width, flip = (int(x) for x in w[v])
+                    out[3 * v].append(np.asarray([top, left], np.float32))
+                    out[3 * v + 1].append(np.asarray([height, width], np.float32))
+                    out[3 * v + 2].append(np.asarray(flip, np.int32))
+            return tuple(out)
+
+        return list(fn.external_source(source=source, num_outputs=3 * k, batch=True))
+
+    def _bytes_pipeline(self, data: list[np.ndarray], windows: list[np.ndarray] | None = None):
         """A short-lived pipeline fed ``data`` (encoded images) for a bisection: one thread, the same operators."""
         from nvidia.dali import fn, pipeline_def, types
 
@@ -125,15 +164,18 @@ class DaliLoader:
         )
         def pipe():
             encoded = fn.external_source(source=iter([data]), batch=True, dtype=types.UINT8, ndim=1, no_copy=False)
-            return self._preprocess(encoded, small=True)
+            views = self._window_source(windows.__getitem__, len(data), len(data)) if windows is not None else None
+            return self._preprocess(encoded, small=True, views=views)
 
         p = pipe()
         p.build()
         return p
 
-    def _preprocess(self, encoded, small: bool):
+    def _preprocess(self, encoded, small: bool, views: list | None = None):
         """decode → resize shorter side (torchvision's sizes) → center crop → normalize, NHWC: the same
-        operators in every pipeline, so a bisected image decodes as it would have. ``small``: no preallocation."""
+        operators in every pipeline, so a bisected image decodes as it would have. ``small``: no preallocation.
+        ``views``: the views' window inputs (``_window_source``): the output is then the center crop and
+        every view, stacked (K + 1, S, S, 3) per sample."""
         from nvidia.dali import fn, types
         from nvidia.dali import math as dmath
 
@@ -163,6 +205,7 @@ class DaliLoader:
         # torchvision's sizes and crop offsets (preprocess.resized_size, center_crop_offset), per sample
         # from the decoded shape: resize_shorter would round a fractional long side (383.7 → 384, not 383)
         # and crop_pos 0.5 rounds a half offset up (78.5 → 79, not 78)
+        decoded = images
         shape = images.shape()
         height, width = _resized_size(shape[0], shape[1], pre.resize, dmath.max)
         images = fn.resize(
@@ -172,16 +215,37 @@ class DaliLoader:
             interp_type=getattr(types, _INTERP[pre.interpolation]),
             antialias=True,
         )
-        return fn.crop_mirror_normalize(
-            images,
-            crop=(pre.image_size, pre.image_size),
-            crop_pos_x=_crop_pos(width, pre.image_size, dmath.max),
-            crop_pos_y=_crop_pos(height, pre.image_size, dmath.max),
+        normalize = dict(
             mean=[m * 255.0 for m in pre.mean],
             std=[s * 255.0 for s in pre.std],
             dtype=types.FLOAT16 if self.on_gpu else types.FLOAT,
             output_layout="HWC",  # NHWC storage = a channels_last NCHW tensor, no copy
         )
+        center = fn.crop_mirror_normalize(
+            images,
+            crop=(pre.image_size, pre.image_size),
+            crop_pos_x=_crop_pos(width, pre.image_size, dmath.max),
+            crop_pos_y=_crop_pos(height, pre.image_size, dmath.max),
+            **normalize,
+        )
+        if views is None:
+            return center
+        crops = [center]
+        for v in range(len(views) // 3):
+            start, size, mirror = views[3 * v : 3 * v + 3]
+            # the window cut out of the upright decoded image, then resized to the crop size: torchvision's
+            # resized_crop (crop, then resize). A resize of an ROI instead would filter across the window's
+            # edges with the pixels beyond them, which PIL's resize of the crop does not see (up to ~20 levels)
+            window = fn.slice(decoded, start, size, axis_names="HW", normalized_anchor=False, normalized_shape=False)
+            window = fn.resize(
+                window,
+                resize_x=float(pre.image_size),
+                resize_y=float(pre.image_size),
+                interp_type=getattr(types, _INTERP[pre.interpolation]),
+                antialias=True,
+            )
+            crops.append(fn.crop_mirror_normalize(window, mirror=mirror, **normalize))
+        return fn.stack(*crops)
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         """DALI batch (B, S, S, 3) → torch (B, 3, S, S) channels_last view, without a copy (DLPack).
@@ -190,32 +254,36 @@ class DaliLoader:
         DLPack is refused, one device-to-device copy into torch-owned memory on that stream.
         """
         dense = tensor_list.as_tensor()
+        # (B, S, S, 3) → (B, 3, S, S); with views (B, K + 1, S, S, 3) → (B, K + 1, 3, S, S)
         if not self.on_gpu:
-            return torch.from_dlpack(dense).permute(0, 3, 1, 2)
+            return torch.from_dlpack(dense).movedim(-1, -3)
         if self._dlpack:
             try:
-                return torch.from_dlpack(dense).permute(0, 3, 1, 2)
+                return torch.from_dlpack(dense).movedim(-1, -3)
             except (TypeError, RuntimeError, BufferError):
                 self._dlpack = False
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         out = torch.empty(tuple(dense.shape()), dtype=torch.float16, device=self.device)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
-        return out.permute(0, 3, 1, 2)
+        return out.movedim(-1, -3)
 
     def _placeholder(self, n: int) -> torch.Tensor:
         size = self.pre.image_size
         dtype = torch.float16 if self.on_gpu else torch.float32
-        return torch.zeros(n, size, size, 3, dtype=dtype, device=self.device).permute(0, 3, 1, 2)
+        stacked = (self.augment.views + 1,) if self.augment is not None else ()
+        return torch.zeros(n, *stacked, size, size, 3, dtype=dtype, device=self.device).movedim(-1, -3)
 
     # ------------------------------------------------------------------ iteration
 
     def batches(
-        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None
+        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None, augment: ViewPlan | None = None
     ) -> Generator[Batch, None, None]:  # closed early by extraction
-        """``verdicts[row]`` (optional): the file checks' verdict on ``paths[row]``; made here where missing."""
+        """``verdicts[row]`` (optional): the file checks' verdict on ``paths[row]``; made here where missing.
+        ``augment``: also the rows' augmented views (``Batch.views``)."""
         if not plan:
             return
+        self.augment = augment
         with (
             DecoderNoiseFilter(),
             tempfile.TemporaryDirectory(prefix="featstore-dali-") as tmp,
@@ -224,7 +292,9 @@ class DaliLoader:
 
     def _batches(self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None, tmp: Path) -> Iterator[Batch]:
         feed = self._feed(paths, plan, verdicts, tmp)
-        pipe = self._pipeline(feed, max(len(p) for p in plan))
+        windows = _Windows(self.augment, feed, paths) if self.augment is not None else None
+        fed = (lambda position: windows.fed(feed.labels[position])) if windows is not None else None
+        pipe = self._pipeline(feed, max(len(p) for p in plan), fed)
         alive: deque = deque()  # [(DALI output, torch's view of it), event after torch's use]: see keep_alive
         try:
             for i, rows in enumerate(plan):
@@ -247,10 +317,16 @@ class DaliLoader:
                     decoded, bad = None, None
                 if bad is None:  # the batch's files are read and decoded again in ever smaller pipelines
                     data = [np.frombuffer(self._encoded(feed.sources.get(r, paths[r])), dtype=np.uint8) for r in ok_rows]
-                    decoded_parts, bad = self._bisect(data, ok_rows)
+                    decoded_parts, bad = self._bisect(data, ok_rows, windows)
                     ok_rows = [r for r in ok_rows if r not in bad]
                     decoded = torch.cat(decoded_parts) if decoded_parts else None
-                yield Batch(rows, self._assemble(rows, ok_rows, decoded), {**feed.errors[i], **bad})
+                images = self._assemble(rows, ok_rows, decoded)
+                errors = {**feed.errors[i], **bad}
+                if windows is None or self.augment is None:
+                    yield Batch(rows, images, errors)
+                else:
+                    params = np.stack([windows.recorded(r, r in errors) for r in rows.tolist()])
+                    yield Batch(rows, images[:, 0], errors, images[:, 1:], params)
                 if alive:
                     self._release(alive)
         finally:
@@ -339,12 +415,17 @@ class DaliLoader:
             images[index] = cast(torch.Tensor, decoded)[: len(ok_rows)].to(images.dtype)  # the decoded rows, ok_rows of them
         return images
 
-    def _bisect(self, data: list[np.ndarray], rows: list[int]) -> tuple[list[torch.Tensor], dict[int, str]]:
+    def _bisect(
+        self, data: list[np.ndarray], rows: list[int], windows: _Windows | None = None
+    ) -> tuple[list[torch.Tensor], dict[int, str]]:
         """Decode the encoded images ``data`` in ever smaller pipelines; return the decoded good ones (in order) and the bad rows."""
         if not data:
             return [], {}
         try:
-            pipe = self._bytes_pipeline(data)
+            pipe = self._bytes_pipeline(
+                data,
+                [windows.fed(r) for r in rows] if windows is not None else None,
+            )
             (out,) = pipe.run()
             result = self._to_torch(out).clone()  # owned by torch: the pipeline goes now
             del pipe
@@ -353,9 +434,59 @@ class DaliLoader:
             if len(data) == 1:
                 return [], {rows[0]: "DALI could not decode: " + _first_line(e)}
         mid = len(data) // 2
-        left, bad_left = self._bisect(data[:mid], rows[:mid])
-        right, bad_right = self._bisect(data[mid:], rows[mid:])
+        left, bad_left = self._bisect(data[:mid], rows[:mid], windows)
+        right, bad_right = self._bisect(data[mid:], rows[mid:], windows)
         return left + right, {**bad_left, **bad_right}
+
+
+class _Windows:
+    """The rows' crop parameters, drawn when first asked for (DALI's source asks a batch or two
+    ahead of the batches handed out) and let go of once their batch is handed out: memory stays a
+    few batches' worth on any split size."""
+
+    def __init__(self, augment: ViewPlan, feed: _Feed, paths: list[str]):
+        self.augment, self.feed, self.paths = augment, feed, paths
+        self.drawn: dict[int, np.ndarray] = {}
+
+    def of(self, row: int) -> np.ndarray:
+        if row not in self.drawn:
+            height, width = _upright_size(self.feed.sources.get(row, self.paths[row]))
+            self.drawn[row] = self.augment.params(row, height, width) if height and width else no_views(self.augment.views)
+        return self.drawn[row]
+
+    def fed(self, row: int) -> np.ndarray:
+        """What DALI is given for a sample: the row's windows, or for the padding JPEG and a row without
+        views a 1 x 1 window that any image has (its output is dropped)."""
+        window = self.of(row) if row != _PAD else None
+        if window is not None and (window >= 0).all():
+            return window
+        return np.tile(np.asarray([[0, 0, 1, 1, 0]], np.int32), (self.augment.views, 1))
+
+    def recorded(self, row: int, failed: bool) -> np.ndarray:
+        """What the store records for a row handed out (its windows, or -1 for a failed row); forgotten after."""
+        window = self.drawn.pop(row, None)
+        if failed:
+            return no_views(self.augment.views)
+        return window if window is not None else self.of(row)
+
+
+_HEAD = 1 << 16  # an APP1 (EXIF) segment is at most 64 KiB and its orientation tag comes first
+
+
+def _upright_size(path: str) -> tuple[int, int]:
+    """(height, width) of the image at ``path`` as decoded and turned upright by its EXIF orientation
+    (as DALI's decoder turns it), from its first 64 KiB; (0, 0) when the header cannot be read (the
+    row then fails to decode, or records no views)."""
+    size = image_size_from_header(path)
+    if size is None:
+        return 0, 0
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD)
+    except OSError:
+        return 0, 0
+    width, height = size
+    return (width, height) if exif_orientation(head) in (5, 6, 7, 8) else (height, width)
 
 
 def _resized_size(height: Any, width: Any, resize: int, maximum: Callable) -> tuple[Any, Any]:

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
 from ..manifest import member_ref, parse_member_ref
 from ..tar_index import wds2idx_line, wds2idx_text
 from .dali import _PAD, DaliLoader, _Feed, _tiny_jpeg
@@ -45,7 +47,9 @@ class DaliShardLoader(DaliLoader):
         super().__init__(*args, **kwargs)
         self.check_chunk = check_member_chunk
 
-    def _pipeline(self, feed: _Feed, batch_size: int):
+    def _pipeline(self, feed: _Feed, batch_size: int, windows: Callable[[int], np.ndarray] | None = None):
+        if windows is not None:  # refused before extraction starts (job.refuse_unaugmentable): shards' views are torch's
+            raise UsageError("DALI's shard reader cannot crop augmented views", "use --loader torch with --augment")
         from nvidia.dali import fn, pipeline_def
 
         @pipeline_def(

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..augment import ViewPlan
+from ..errors import UsageError
 from ..orientation import exif_orientation, orient
 from ..preprocess import Preprocess, center_crop_offset, resized_size
 from .batch import Batch, normalize_on_device
@@ -136,8 +138,10 @@ class NvjpegLoader:
         return images, errors
 
     def batches(
-        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None
+        self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None = None, augment: ViewPlan | None = None
     ) -> Generator[Batch, None, None]:  # closed early by extraction
+        if augment is not None:
+            raise UsageError("--loader nvjpeg cannot crop augmented views", "use --loader torch or --loader dali with --augment")
         if not plan:
             return
         with DecoderNoiseFilter():  # libjpeg warns on stderr about data it decodes anyway

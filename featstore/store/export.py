@@ -9,6 +9,11 @@ HDF5 layout (readable with plain h5py, no featstore needed)::
     /<split>/features/<view>   float16|float32 (N, D), chunks of whole rows
     /<split>/targets/<name>    dense targets where the store has them (depth float16, mask uint8,
                                valid bool; as stored), so dense probes run from the export too
+    /<split>/augment/<view>, /<split>/augment_params
+                               augmented views where the store has them (``featstore.store.augmented``)
+
+``.npz``: ``<split>_features`` of the one view, ``<split>_labels``, ``_valid``, ``_paths``, and for a
+split with augmented views ``<split>_augment`` (N, K, D) and ``<split>_augment_params`` (N, K, 5).
 
 ``FeatureStore.open("feats.h5")`` reads it like the Zarr store, so ``probe fit --store feats.h5``
 gives the same results.
@@ -132,6 +137,21 @@ def _write_hdf5(store: FeatureStore, path: Path) -> int:
                     ds[start : start + len(block)] = block
                     nbytes += block.nbytes
             _write_targets(store, split, g)
+            nbytes += _write_augmented(store, split, g)
+    return nbytes
+
+
+def _write_augmented(store: FeatureStore, split: str, group: Any) -> int:
+    """The split's augmented views and their crop parameters (if any), read checked against their digests."""
+    nbytes = 0
+    for name in store.augmented_arrays(split):
+        view = name.split("/", 1)[1] if "/" in name else None
+        values = store.augmented(split, view).read()
+        chunks = (max(1, min(store.chunk_rows, len(values))), *values.shape[1:]) if len(values) else None
+        ds = group.create_dataset(name, data=values, chunks=chunks)
+        for axis, label in enumerate(("row", "augment_view", f"{view}_dim" if view else "crop")):
+            ds.dims[axis].label = label
+        nbytes += values.nbytes
     return nbytes
 
 
@@ -184,6 +204,10 @@ def _write_npz(store: FeatureStore, path: Path, view: str) -> int:
         arrays[f"{split}_valid"] = store.valid(split)
         arrays[f"{split}_paths"] = store.paths(split).astype(str)  # unicode, not object: loads without pickle
         nbytes += feats.nbytes
+        if store.augmented_arrays(split):
+            arrays[f"{split}_augment"] = views = store.augmented(split, view).read()
+            arrays[f"{split}_augment_params"] = store.augmented(split).read()
+            nbytes += views.nbytes
     with open(path, "wb") as f:  # np.savez appends .npz to a name that lacks it; a file object keeps ours
         np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     return nbytes

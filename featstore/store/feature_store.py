@@ -39,6 +39,7 @@ from ..errors import FeatstoreError, UsageError
 from ..home import mark_used
 from ..version import __version__
 from .attributes import StoreAttributes
+from .augmented import PARAMS_ARRAY, AugmentedArray, augmented_splits, create_arrays, recorded, views_array
 from .digests import ATTRIBUTE, ReadCheck, Recorded, array_names, digests_of, repair_hint, rows_digest, unit_bounds
 from .hdf5 import open_hdf5
 from .locations import FRESH, PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
@@ -154,9 +155,11 @@ class FeatureStore:
         dtype: str = "float16",
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         attrs: dict[str, Any] | None = None,
+        augment: dict[str, Any] | None = None,
     ) -> FeatureStore:
         """Presize every array and freeze the plan. ``splits``: name → (relative paths, labels);
-        ``views``: name → D, or (h, w, C) for a patch view (:mod:`featstore.store.patch`)."""
+        ``views``: name → D, or (h, w, C) for a patch view (:mod:`featstore.store.patch`);
+        ``augment``: the augmented views' record (:mod:`.augmented`; its ``splits`` get the arrays)."""
         if dtype not in FEATURE_DTYPES:
             raise UsageError(f"unknown feature dtype {dtype!r}", f"use one of {', '.join(FEATURE_DTYPES)}")
         if chunk_rows < 1:
@@ -218,10 +221,14 @@ class FeatureStore:
                         compressors=None,
                         dimension_names=("row", f"{view}_dim"),
                     )
+                if augment and split in augment["splits"]:
+                    create_arrays(sg, n, rows, {v: row_shape(d)[-1] for v, d in views.items()}, int(augment["views"]), dtype)
             progress = group.create_group(PROGRESS)
             for split in splits:
                 progress.create_group(split)
             meta = dict(attrs or {})
+            if augment:
+                meta["augment"] = augment
             meta[ATTRIBUTE] = _created_digests(group, {s: len(p) for s, (p, _) in splits.items()}, chunk_rows).to_attrs()
             meta.update(
                 schema_version=SCHEMA_VERSION,
@@ -408,8 +415,16 @@ class FeatureStore:
 
     # ---------------------------------------------------------------- write
 
-    def write_unit(self, unit: Unit, features: dict[str, np.ndarray], valid: np.ndarray, invalid: dict[int, str] | None = None) -> None:
-        """Write all rows of ``unit`` (every view, and ``valid``), then its completion marker."""
+    def write_unit(
+        self,
+        unit: Unit,
+        features: dict[str, np.ndarray],
+        valid: np.ndarray,
+        invalid: dict[int, str] | None = None,
+        augmented: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """Write all rows of ``unit`` (every view, ``valid``, and in an augmented split the augmented
+        arrays ``augmented``: array name → rows, :mod:`.augmented`), then its completion marker."""
         if not self.writable:
             raise FeatstoreError(f"store {str(self.path)!r} is open read-only", "open it with mode='r+'")
         if set(features) != set(self.views):
@@ -421,6 +436,16 @@ class FeatureStore:
                 raise FeatstoreError(f"unit {unit.split}#{unit.index} view {view!r}: got shape {values.shape}, expected {expected}")
             written[f"features/{view}"] = np.asarray(values, dtype=self._writer(unit.split, f"features/{view}").dtype)
         written["valid"] = np.asarray(valid, bool)
+        expected_augmented = self.augmented_arrays(unit.split)
+        if set(augmented or {}) != set(expected_augmented):
+            raise FeatstoreError(
+                f"unit {unit.split}#{unit.index}: augmented arrays {sorted(augmented or {})}, the store {expected_augmented}"
+            )
+        for name, values in (augmented or {}).items():
+            array = self._writer(unit.split, name)
+            if values.shape[0] != unit.rows or tuple(values.shape[1:]) != tuple(array.shape[1:]):
+                raise FeatstoreError(f"unit {unit.split}#{unit.index} array {name!r}: got shape {values.shape}")
+            written[name] = np.asarray(values, dtype=array.dtype)
         for name, values in written.items():
             self._writer(unit.split, name)[unit.start : unit.stop] = values
         marker = {
@@ -564,6 +589,31 @@ class FeatureStore:
         check = None if self.read_check is None else (split, f"features/{view}", self.read_check)
         return PatchArray(group["features"][view], rows, check)
 
+    @property
+    def augment(self) -> dict[str, Any] | None:
+        """The augmented views' record (method, views K, seed, parameters, splits); None: none stored."""
+        return recorded(self.attrs)
+
+    def augmented_arrays(self, split: str) -> list[str]:
+        """The augmented arrays of ``split`` (empty where it has none), sorted."""
+        if split not in augmented_splits(self.attrs):
+            return []
+        return sorted([views_array(v) for v in self.views] + [PARAMS_ARRAY])
+
+    def augmented(self, split: str, view: str | None = None, rows: Any = None) -> AugmentedArray:
+        """The (N, K, D) augmented features of ``view``, or with ``view=None`` the (N, K, 5) crop
+        parameters (top, left, height, width, flip; -1: none), lazily like :meth:`features`."""
+        group = self.split_group(split)
+        if split not in augmented_splits(self.attrs):
+            where = ", ".join(augmented_splits(self.attrs)) or "none"
+            raise UsageError(f"split {split!r} of store {str(self.path)!r} has no augmented views (splits with them: {where})",
+                             "extract with --augment rrc-flip --augment-views K; only the train split gets them")  # fmt: skip
+        if view is not None and view not in self.views:
+            raise UsageError(f"view {view!r} not in store {str(self.path)!r}", f"it has: {', '.join(self.views)}")
+        name = PARAMS_ARRAY if view is None else views_array(view)
+        check = None if self.read_check is None else (split, name, self.read_check)
+        return AugmentedArray(group[name], rows, check)
+
     def invalid_rows(self, split: str | None = None) -> list[dict[str, Any]]:
         invalid = self.meta.invalid
         if split is not None:
@@ -614,7 +664,20 @@ class FeatureStore:
             "command": m.command,
             "invalid": self.invalid_rows(),
             "size_bytes": self.size_on_disk(),
+            "augment": self._augment_info(),
         }
+
+    def _augment_info(self) -> dict[str, Any] | None:
+        """The augmented views for `featstore info`: the record, and the bytes their arrays take."""
+        info = self.augment
+        if info is None:
+            return None
+        size = 0
+        for split in augmented_splits(self.attrs):
+            for name in self.augmented_arrays(split):
+                array = self.split_group(split)[name]
+                size += int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
+        return {**info, "bytes": size}
 
 
 def _created_digests(group: Any, rows: dict[str, int], chunk_rows: int) -> Recorded:

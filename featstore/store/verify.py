@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..manifest import Manifest, SplitManifest
+from .augmented import augmented_splits, required_arrays
 from .digests import Recorded, StoreDamaged, array_names, repair_hint, rows_digest, rows_text, unit_bounds
 from .feature_store import FeatureStore
 
@@ -130,7 +131,9 @@ def schema_problems(store: FeatureStore) -> list[Problem]:
             problems.append(Problem("the split's group is missing", split))
             continue
         names = set(array_names(group))
-        for name in required:
+        # an augmented split (the train split of `extract --augment`) holds its views' arrays too
+        wanted = {**required, **required_arrays(store.attrs, store.views)} if split in augmented_splits(store.attrs) else required
+        for name in wanted:
             if name not in names:
                 problems.append(Problem("the array is missing", split, name))
         for name in sorted(names):
@@ -138,7 +141,7 @@ def schema_problems(store: FeatureStore) -> list[Problem]:
             shape = tuple(int(d) for d in array.shape)
             if not shape or shape[0] != n:
                 problems.append(Problem(f"has {shape[0] if shape else 0} rows, the store records {n}", split, name))
-            want = required.get(name)
+            want = wanted.get(name)
             if want is not None:
                 trailing, kind = want
                 # a view recorded by its channels alone (an int) may hold (h, w, C) rows: patch tokens

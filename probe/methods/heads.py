@@ -35,6 +35,14 @@ def epoch_orders(num_rows: int, epochs: int, seed: int) -> NDArray[np.int64]:
     return torch.stack([torch.randperm(num_rows, generator=g) for _ in range(epochs)]).numpy()
 
 
+def view_choice(num_rows: int, epochs: int, views: int, seed: int) -> NDArray[np.int64]:
+    """(epochs, num_rows): which of its K augmented views each row of a split trains on in each epoch
+    (``probe fit --augment``), drawn over the whole split from the seed alone, as the minibatch
+    orders are: every store with K views trains a row on the same view index."""
+    rng = np.random.default_rng([seed, 25, views])  # its own stream, apart from the orders' (25: the issue)
+    return rng.integers(0, views, size=(epochs, num_rows), dtype=np.int64)
+
+
 def restrict_orders(orders: NDArray[np.int64], rows: NDArray[np.int64]) -> NDArray[np.int64]:
     """The orders of ``orders`` kept to ``rows`` (indices into the full split), renumbered 0..len(rows)-1.
 
@@ -203,14 +211,19 @@ def schedule_factor(protocol: Protocol, step: int, total: int) -> float:
     return 1.0
 
 
-def train(x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protocol, orders: torch.Tensor) -> torch.Tensor:
+def train(
+    x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protocol, orders: torch.Tensor, choice: torch.Tensor | None = None
+) -> torch.Tensor:
     """Train every head on (x, y) for ``protocol.epochs`` epochs; the (H,) mean cross-entropy of
     each head over the last epoch.
 
     ``orders`` is the (epochs, N) minibatch order, already on the device; every head sees the
     same minibatches in the same order (the last minibatch of an epoch may be smaller).
+    ``choice``: augmented views (:func:`view_choice`, (epochs, N) on the device): ``x`` is then
+    (N·K, D), row i's K views one after the other, and row i trains on view ``choice[epoch, i]``.
     """
-    n = x.shape[0]
+    n = y.shape[0]
+    views = 1 if choice is None else x.shape[0] // n
     if orders.shape != (protocol.epochs, n):
         raise ValueError(f"orders has shape {tuple(orders.shape)}, expected {(protocol.epochs, n)}")
     bs = protocol.batch_size
@@ -223,7 +236,8 @@ def train(x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protoc
         loss.zero_()
         for s in range(per_epoch):
             idx = order[s * bs : (s + 1) * bs]
-            gw, gb, loss_sum = heads.gradients(x.index_select(0, idx), y.index_select(0, idx))
+            at = idx if choice is None else idx * views + choice[epoch].index_select(0, idx)
+            gw, gb, loss_sum = heads.gradients(x.index_select(0, at), y.index_select(0, idx))
             loss += loss_sum
             heads.step(gw, gb, protocol, schedule_factor(protocol, t, total))
             t += 1

@@ -1,6 +1,11 @@
 """The linear probe as a :class:`~probe.methods.method.Method`: every (lr, wd) head of the sweep
 trained at once (:mod:`probe.methods.heads`), the head chosen on the selection rows, then (when
-those rows are a holdout of train) that head trained again on train + holdout and reported."""
+those rows are a holdout of train) that head trained again on train + holdout and reported.
+
+With augmented views (``Case.augmented``, ``probe fit --augment``) each train row trains, each
+epoch, on one of its K stored views (``heads.view_choice``), and "standardize" takes its statistics
+from those views (the inputs the heads train on, as BatchNorm's running statistics would); every
+evaluated role is the center crop."""
 
 from __future__ import annotations
 
@@ -30,18 +35,24 @@ class Linear:
 
     def run(self, case: Case) -> MethodResult:
         protocol, dev, dtype = case.protocol, case.device, case.dtype
-        stats = H.standardize_stats(case.x["train"]) if protocol.normalize == "standardize" else None
+        views = case.augmented.get("train")
+        trained_on = case.x["train"] if views is None else views.reshape(-1, views.shape[-1])
+        stats = H.standardize_stats(trained_on) if protocol.normalize == "standardize" else None
         x = {role: H.prepare(t, protocol.normalize, dtype, stats) for role, t in case.x.items()}
         orders = torch.from_numpy(H.restrict_orders(_epoch_orders(case), case.rows["train"])).to(dev)
+        choice = _choice(case, case.rows["train"])
+        train_x = x["train"] if views is None else H.prepare(trained_on, protocol.normalize, dtype, stats)
 
         lrs = [lr for lr, _ in protocol.heads]
         wds = [wd for _, wd in protocol.heads]
         dim = x["train"].shape[1]
         heads = H.LinearHeads(dim, case.num_classes, lrs, wds, dev)
+        on_views = f" ({views.shape[1]} augmented views each)" if views is not None else ""
         case.log(
-            f"{case.name}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(case.rows['train'])} rows (D={dim}, C={case.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})"
+            f"{case.name}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(case.rows['train'])} rows{on_views} (D={dim}, C={case.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})"
         )
-        train_loss = H.train(x["train"], case.y["train"], heads, protocol, orders).cpu().numpy()
+        train_loss = H.train(train_x, case.y["train"], heads, protocol, orders, choice).cpu().numpy()
+        del train_x
         finite = heads.finite().cpu().numpy()
         # every head's top-5 on the reported rows in one pass, before the features go (the chosen
         # one is kept below); that role's accuracies are read from them, the other roles are streamed
@@ -94,7 +105,8 @@ class Linear:
         p = case.protocol
         return {"lr": config.settings["lr"], "wd": config.settings["wd"], "optimizer": p.optimizer, "epochs": p.epochs,
                 "batch_size": p.batch_size, "momentum": p.momentum, "normalize": p.normalize,
-                "train_loss": config.extra["train_loss"], "diverged": config.extra["diverged"]}  # fmt: skip
+                "train_loss": config.extra["train_loss"], "diverged": config.extra["diverged"],
+                "augment": p.augment if "train" in case.augmented else None}  # fmt: skip
 
     def setting(self, row: Mapping[str, Any]) -> str:
         if row.get("lr") is None:  # a results.csv without the column (written before it existed)
@@ -115,23 +127,36 @@ def _refit(case: Case, chosen: Config, configs: list[Config]) -> MethodResult:
     # each train / holdout row copied once, straight to its place in split order
     place = torch.from_numpy(np.argsort(order)).to(dev)
     n = len(case.rows["train"])
-    raw = torch.empty((len(rows), case.x["train"].shape[1]), dtype=case.x["train"].dtype, device=dev)
+    augmented = "train" in case.augmented
+    if augmented and "select" not in case.augmented:
+        raise FeatstoreError(f"{case.where}: the refit on train + holdout has no augmented views of the holdout", "pass --no-refit")
+    source = case.augmented if augmented else case.x
+    raw = torch.empty((len(rows), *source["train"].shape[1:]), dtype=source["train"].dtype, device=dev)
     y = torch.empty(len(rows), dtype=case.y["train"].dtype, device=dev)
     for part, role in ((place[:n], "train"), (place[n:], "select")):
-        raw.index_copy_(0, part, case.x[role])
+        raw.index_copy_(0, part, source[role])
         y.index_copy_(0, part, case.y[role])
+    raw = raw.reshape(-1, raw.shape[-1])  # with views: (rows · K, D), each row's K views one after the other
     stats = H.standardize_stats(raw) if protocol.normalize == "standardize" else None
     x = H.prepare(raw, protocol.normalize, dtype, stats)
     del raw
     orders = torch.from_numpy(H.restrict_orders(_epoch_orders(case), rows)).to(dev)
+    choice = _choice(case, rows)
     lr, wd = chosen.settings["lr"], chosen.settings["wd"]
     head = H.LinearHeads(x.shape[1], case.num_classes, [lr], [wd], dev)
     case.log(f"{case.name}: refit of lr {lr:g}{f' wd {wd:g}' if wd else ''} on {len(rows)} rows (train + holdout)")
-    train_loss = float(H.train(x, y, head, protocol, orders)[0])
+    train_loss = float(H.train(x, y, head, protocol, orders, choice)[0])
     if not bool(head.finite()[0]):
         raise FeatstoreError(
             f"{case.where}: the refit of lr {lr:g} on train + holdout diverged", "lower the learning rates, or pass --no-refit"
         )
+    if augmented:  # train accuracy on the center crops, as the sweep's
+        del x
+        center = torch.empty((len(rows), case.x["train"].shape[1]), dtype=case.x["train"].dtype, device=dev)
+        for part, role in ((place[:n], "train"), (place[n:], "select")):
+            center.index_copy_(0, part, case.x[role])
+        x = H.prepare(center, protocol.normalize, dtype, stats)
+        del center
     metrics = {"train": {k: float(v[0]) for k, v in H.evaluate(head, x, y).items()}}
     del x
     report = H.prepare(case.x["report"], protocol.normalize, dtype, stats)
@@ -141,6 +166,17 @@ def _refit(case: Case, chosen: Config, configs: list[Config]) -> MethodResult:
     extra = {"train_loss": round(train_loss, 6) if math.isfinite(train_loss) else None, "diverged": False}
     configs.append(Config({"lr": lr, "wd": wd, "refit": True}, metrics, selected=True, extra=extra))
     return MethodResult(configs, {"report": (top[:, 0], top[:, :5] if top.shape[1] == 5 else None)})
+
+
+def _choice(case: Case, rows: NDArray[np.int64]) -> torch.Tensor | None:
+    """Which augmented view each of ``rows`` (of the train split) trains on per epoch; None without views."""
+    views = case.augmented.get("train")
+    if views is None:
+        return None
+    key = ("linear.view_choice", case.split_rows, case.seed, views.shape[1], case.protocol.epochs)
+    if key not in case.cache:
+        case.cache[key] = H.view_choice(case.split_rows, case.protocol.epochs, views.shape[1], case.seed)
+    return torch.from_numpy(np.ascontiguousarray(cast(NDArray[np.int64], case.cache[key])[:, rows])).to(case.device)
 
 
 def _epoch_orders(case: Case) -> NDArray[np.int64]:

@@ -56,6 +56,9 @@ class Case:
     log: Callable[[str], None]
     # what a method keeps across the cases of one run (the linear heads' epoch orders, per split size and seed)
     cache: dict[Hashable, object] = field(default_factory=dict)
+    # role → (N, K, D) raw augmented views of its rows (probe.augment), for the roles that train on them
+    # (train, and a holdout of train for the refit); empty: every role is the center crop only
+    augmented: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def refits(self, *, val: bool = False) -> bool:
         """Whether the chosen configuration is fit again on train + selection rows and that model

@@ -156,6 +156,9 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
     r0 = rows[0]
     how = f"fixed lr {r0['lr']:g}, nothing selected" if one_head else f"select on {r0['select_on']}"
     notes = f"protocol {r0['protocol_hash']}: {r0['optimizer']}, {r0['epochs']} epochs, batch {r0['batch_size']}, normalize {r0['normalize']}, seed {r0['seed']}, {how}"
+    trained_on = sorted({str(r["augment"]) for r in rows if r.get("augment")})
+    if trained_on:
+        notes += f"; linear heads trained on augmented views {', '.join(trained_on)} (one per train row per epoch), selected and reported on center crops"
     if any(r.get("ci95_low") is not None for r in rows):
         notes += f"; [95% CI]: percentile bootstrap over the reported images ({N_RESAMPLES} resamples)"
     if versus:

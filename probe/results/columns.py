@@ -12,4 +12,5 @@ COLUMNS = [
     "train_top1_pct", "select_top1_pct", "report_top1_pct", "ci95_low", "ci95_high", "wilson95_low", "wilson95_high",
     "train_top5_pct", "select_top5_pct", "report_top5_pct",
     "train_loss", "diverged", "selected", "best_report", "protocol_hash", "device", "dtype", "sweep_seconds",
+    "augment",  # what a linear head trained on: "rrc-flip:K", one of K stored views per row per epoch; empty: the center crop
 ]  # fmt: skip

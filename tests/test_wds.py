@@ -587,3 +587,22 @@ def test_plain_header_reader_agrees_with_tarfile(shards, tmp_path):
         plain, reference = both(path)
         assert plain == reference and len(plain[0]) == 1 and len(plain[0][0][0]) > 100
     assert shards[0].read_bytes()[156:157] == b"x"  # webdataset's TarWriter writes a pax header before every member
+
+
+@pytest.mark.slow
+def test_augmented_views_of_shards_are_cropped_by_the_torch_loader(shards, tmp_path):
+    """--augment over shards: --loader auto crops the train rows' views with the torch loader; DALI's shard
+    reader cannot, and --loader dali is refused in one line before anything is written."""
+    dataset = f"wds:{shards[0].parent}/train-{{000000..000002}}.tar"
+    kw = dict(split="train=0.7,val=0.3", augment="rrc-flip", augment_views=2, batch_size=6)
+    result = _extract(dataset, tmp_path / "a.zarr", "auto", **kw)
+    assert result.invalid == 0
+    fs = FeatureStore.open(tmp_path / "a.zarr")
+    assert fs.attrs["loader"] == "torch"
+    n = fs.num_rows("train")
+    params = fs.augmented("train").read()
+    assert params.shape == (n, 2, 5) and (params[..., 2:4] > 0).all()
+    assert np.isfinite(fs.augmented("train", "pool").read()).all()
+    with pytest.raises(UsageError, match="cannot crop augmented views of WebDataset shards"):
+        _extract(dataset, tmp_path / "b.zarr", "dali", **kw)
+    assert not (tmp_path / "b.zarr").exists()

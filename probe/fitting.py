@@ -322,7 +322,9 @@ def _check_view_kinds(path: str, fs: FeatureStore, probed: list[str], protocol: 
     if token_methods and not patch:
         fix = (f"probe one of its patch views: --view {next(iter(fs.patch_views))}" if fs.patch_views
                else "extract the patch tokens with `featstore extract --views patch` (or patch4)")  # fmt: skip
-        raise UsageError(f"--method {','.join(token_methods)} needs a patch view; store {path!r} view {', '.join(probed)} holds global features", fix)
+        raise UsageError(
+            f"--method {','.join(token_methods)} needs a patch view; store {path!r} view {', '.join(probed)} holds global features", fix
+        )
     if others and len(patch) == len(probed):
         have = [v for v in fs.views if v not in fs.patch_views]
         fix = f"add a global view (--view {have[0]})" if have else "extract a global view (e.g. --views patch,avgpool)"
@@ -350,7 +352,7 @@ def _first_case(protocol: Protocol, seed: int, shots: int | None) -> bool:
 def _fit_case(
     info: _Store, view: str, protocol: Protocol, seed: int, shots: int | None, features, finite, memo, dev, dtype, cache, log, warn,
     max_memory: int | None = None,
-) -> list[dict]:
+) -> list[dict]:  # fmt: skip
     t0 = time.perf_counter()
     fs, plan = info.store, info.plans[seed]
     roles: dict[str, tuple[str, np.ndarray]] = {
@@ -396,7 +398,11 @@ def _fit_case(
             )
 
     # raw features on the device once per role; each method normalizes its own copy
-    raw = {} if patch else {role: torch.from_numpy(np.ascontiguousarray(features[split][kept[role]])).to(dev) for role, (split, _) in roles.items()}
+    raw = (
+        {}
+        if patch
+        else {role: torch.from_numpy(np.ascontiguousarray(features[split][kept[role]])).to(dev) for role, (split, _) in roles.items()}
+    )
     tokens = {role: TokenRows(fs, split, view, kept[role]) for role, (split, _) in roles.items()} if patch else None
     labels = {role: torch.from_numpy(info.labels[split][kept[role]]).to(dev) for role, (split, _) in roles.items()}
     rows_of = _Rows(info, view, protocol, plan, seed, shots, kept, excluded_invalid, excluded_nonfinite, dev, dtype, t0)

@@ -231,7 +231,9 @@ class Protocol:
         if self.attentive_queries < 1:
             raise UsageError(f"--queries must be >= 1, got {self.attentive_queries}", "pass --queries 1 (V-JEPA) or more")
         if self.attentive_heads < 0:
-            raise UsageError(f"--attention-heads must be >= 0, got {self.attentive_heads}", "pass 0 (D / 64) or a divisor of the token width")
+            raise UsageError(
+                f"--attention-heads must be >= 0, got {self.attentive_heads}", "pass 0 (D / 64) or a divisor of the token width"
+            )
         if self.schedule not in SCHEDULES:
             raise UsageError(f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
         if self.normalize not in NORMALIZATIONS:

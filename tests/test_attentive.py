@@ -85,7 +85,7 @@ def test_batched_head_equals_multihead_attention(queries):
     objective, sums = batched.loss(x, y)
     objective.backward()
     torch.testing.assert_close(sums, torch.full((3,), nn.functional.cross_entropy(expected, y).item() * 7, dtype=F64))
-    for name, tensor in ref.named().items():
+    for name, _tensor in ref.named().items():
         grad = batched.params[name].grad
         assert grad is not None
         reference = _grad_of(ref, name)
@@ -120,7 +120,7 @@ def test_trains_as_torch_optim_trains_the_reference(optimizer):
     groups = [{"params": [p for p in ref.parameters() if id(p) in decayed], "weight_decay": wd},
               {"params": [p for p in ref.parameters() if id(p) not in decayed], "weight_decay": 0.0}]  # fmt: skip
     opt = torch.optim.AdamW(groups, lr=lr) if optimizer == "adamw" else torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    assert DECAYED == {"query", "wq", "wk", "wv", "wo", "wc"}
+    assert {"query", "wq", "wk", "wv", "wo", "wc"} == DECAYED
     for step in range(10):
         x, y = _tokens(6, 5, d, seed=10 + step), torch.arange(6) % classes
         opt.zero_grad()
@@ -193,7 +193,9 @@ def write_token_store(path: Path, sizes: dict[str, int], side: int = 4, dim: int
     for split in sizes:
         for unit in store.units(split):
             block = tokens[split][unit.start : unit.stop]
-            store.write_unit(unit, {"patch": block.astype(np.float16), "avgpool": block.mean((1, 2)).astype(np.float16)}, np.ones(unit.rows))
+            store.write_unit(
+                unit, {"patch": block.astype(np.float16), "avgpool": block.mean((1, 2)).astype(np.float16)}, np.ones(unit.rows)
+            )
     store.finalize()
     return path
 
@@ -237,7 +239,9 @@ def test_attentive_rows_beside_linear_streamed_equals_rows_seen(token_store, tmp
     assert {c.key.method for c in result.comparison.rows} == {"linear", "attentive"}
 
     logs: list[str] = []
-    streamed = probe.fit(str(token_store), protocol.replace(methods=["attentive"]), views=["patch"], max_memory=40 * 16 * 16 * 2, log=logs.append)
+    streamed = probe.fit(
+        str(token_store), protocol.replace(methods=["attentive"]), views=["patch"], max_memory=40 * 16 * 16 * 2, log=logs.append
+    )
     assert any("streamed in blocks of 40 rows" in m for m in logs), logs
     assert [r["n_train"] for r in streamed] == [96, 96] and all(r["train_loss"] is not None for r in streamed)
 
@@ -332,7 +336,7 @@ def test_quadrant_task_linear_at_chance_attentive_above_90(tmp_path):
                      "--batch-size", "32", "--view", "avgpool", "--view", "patch")  # fmt: skip
     assert code == 0, err
     with open(tmp_path / "run" / "results.csv") as f:
-        chosen = {r["method"]: float(r["report_top1_pct"]) for r in csv.DictReader(f) if r["selected"] == "True"}
+        chosen = {r["method"]: float(r["report_top1_pct"]) for r in csv.DictReader(f) if r["selected"] == "true"}
     # the mean of the tokens holds the square's colour but not where it is: 4 classes, 100 test images
     assert chosen["linear"] <= 25 + 12, chosen
     assert chosen["attentive"] >= 90, chosen

@@ -57,8 +57,12 @@ def initial(dim: int, num_classes: int, queries: int, seed: int, dtype: torch.dt
         torch.nn.init.trunc_normal_(t, std=INIT_STD, generator=g)
         return t.to(dtype)
 
-    zeros = lambda *s: torch.zeros(*s, dtype=dtype)  # noqa: E731
-    ones = lambda *s: torch.ones(*s, dtype=dtype)  # noqa: E731
+    def zeros(n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=dtype)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=dtype)
+
     d, c = dim, num_classes
     return {"query": normal(queries, d), "wq": normal(d, d), "bq": zeros(d), "wk": normal(d, d), "wv": normal(d, d), "bv": zeros(d),
             "wo": normal(d, d), "bo": zeros(d), "g1": ones(d), "b1": zeros(d), "g2": ones(d), "b2": zeros(d),

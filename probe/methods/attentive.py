@@ -80,7 +80,9 @@ class Attentive:
         if chosen < 0:
             raise FeatstoreError(f"{case.where}: every attentive head diverged", "lower the learning rates (--lr-grid)")
         if len(protocol.lr_grid) >= 3 and lrs[chosen] in (protocol.lr_grid[0], protocol.lr_grid[-1]) and case.first:
-            case.warn(f"{case.where}: the attentive probe's selected lr {lrs[chosen]:g} is at the edge of the grid; consider widening --lr-grid")
+            case.warn(
+                f"{case.where}: the attentive probe's selected lr {lrs[chosen]:g} is at the edge of the grid; consider widening --lr-grid"
+            )
 
         refit = case.refits()
         configs = []
@@ -113,11 +115,14 @@ class Attentive:
         lr, wd = chosen.settings["lr"], chosen.settings["wd"]
         head = self._heads(case, both.shape[1], num_heads, [lr], [wd])
         feed = Feed(both, y, case)
-        case.log(f"{case.name}: attentive refit of lr {lr:g}{f' wd {wd:g}' if wd else ''} on {len(both)} rows (train + holdout), tokens {feed.where}")
+        case.log(
+            f"{case.name}: attentive refit of lr {lr:g}{f' wd {wd:g}' if wd else ''} on {len(both)} rows (train + holdout), tokens {feed.where}"
+        )
         train_loss = float(train(head, feed, case)[0])
         if not bool(head.finite()[0]):
             raise FeatstoreError(
-                f"{case.where}: the attentive refit of lr {lr:g} on train + holdout diverged", "lower the learning rates, or pass --no-refit"
+                f"{case.where}: the attentive refit of lr {lr:g} on train + holdout diverged",
+                "lower the learning rates, or pass --no-refit",
             )
         metrics = {"train": {k: float(v[0]) for k, v in H.accuracy(predict(head, feed.in_order()), y, case.num_classes).items()}}
         del feed
@@ -177,7 +182,7 @@ class Feed:
         if self.held is not None:
             orders = torch.from_numpy(H.restrict_orders(_epoch_orders(self.case), self.tokens.rows)).to(dev)
             for order in orders:
-                yield ((self.held.index_select(0, idx), self.y.index_select(0, idx)) for idx in order.split(bs))
+                yield ((self.held.index_select(0, idx), self.y.index_select(0, idx)) for idx in torch.split(order, bs))
             return
         g = torch.Generator().manual_seed(self.case.seed)
         for _ in range(p.epochs):
@@ -191,17 +196,17 @@ class Feed:
             block = torch.from_numpy(self.tokens.read(positions)).to(dev)  # the one resident block
             shuffled = torch.randperm(len(positions), generator=g).to(dev)
             y = self.y[torch.from_numpy(positions).to(dev)]
-            for idx in shuffled.split(bs):
+            for idx in torch.split(shuffled, bs):
                 yield block.index_select(0, idx), y.index_select(0, idx)
             del block
 
     def in_order(self) -> Iterator[torch.Tensor]:
         """The float16 tokens of every row in row order, in batches (evaluation)."""
         if self.held is not None:
-            yield from self.held.split(EVAL_ROWS)
+            yield from torch.split(self.held, EVAL_ROWS)
             return
         for _, block in self.tokens.blocks(self.block_rows):
-            yield from torch.from_numpy(block).to(self.case.device).split(EVAL_ROWS)
+            yield from torch.split(torch.from_numpy(block).to(self.case.device), EVAL_ROWS)
 
 
 def train(heads: A.AttentiveHeads, feed: Feed, case: Case) -> torch.Tensor:
@@ -214,7 +219,7 @@ def train(heads: A.AttentiveHeads, feed: Feed, case: Case) -> torch.Tensor:
         loss.zero_()
         for x, y in batches:
             objective, sums = heads.loss(x, y)
-            objective.backward()
+            torch.autograd.backward(objective)
             heads.step(p.attentive_optimizer, H.schedule_factor(p, step, total), momentum=p.momentum, betas=p.betas, eps=p.eps)
             loss += sums
             step += 1

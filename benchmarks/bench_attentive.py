@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import OUT_DIR, machine, table, write_json  # noqa: E402
+from benchmarks.common import OUT_DIR, machine, table, write_json
 
 CLASSES = 10
 
@@ -35,7 +35,7 @@ CLASSES = 10
 def write_store(path: Path, rows: int, tokens: int, dim: int, seed: int = 0) -> Path:
     from featstore.store import FeatureStore
 
-    side = int(round(tokens**0.5))
+    side = round(tokens**0.5)
     assert side * side == tokens, "tokens must be a square grid"
     if path.exists():
         shutil.rmtree(path)
@@ -64,7 +64,7 @@ def timed(store: Path, protocol, **kw) -> dict:
     rows = probe.fit(str(store), protocol, views=["patch"], **kw)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     chosen = next(r for r in rows if r["selected"])
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "method_s": round(max(r["sweep_seconds"] for r in rows), 1),
+    return {"dtype": chosen["dtype"], "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "method_s": round(max(r["sweep_seconds"] for r in rows), 1),
             "lr": chosen["lr"], "report_top1": chosen["report_top1_pct"]}  # fmt: skip
 
 
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--small-epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--no-float32", action="store_true", help="skip the float32 comparison at --small-rows")
     ap.add_argument("--json", default=str(OUT_DIR / "bench_attentive.json"))
     args = ap.parse_args()
 
@@ -105,8 +106,19 @@ def main() -> None:
     few = base.replace(epochs=args.small_epochs)
     timed(small, few.replace(epochs=1, lr_grid=[1e-3]))  # warm-up (first use of the kernels), not reported
     row_bytes = args.tokens * args.dim * 2
-    for case, kw in (("13 LRs at once, in memory", {}), ("13 LRs at once, streamed", {"max_memory": max(1 << 20, args.small_rows * row_bytes // 4)})):
+    for case, kw in (
+        ("13 LRs at once, in memory", {}),
+        ("13 LRs at once, streamed", {"max_memory": max(1 << 20, args.small_rows * row_bytes // 4)}),
+    ):
         results.append({"case": case, "rows": args.small_rows, "epochs": args.small_epochs, "runs": 1, **timed(small, few, **kw)})
+    if not args.no_float32:  # the token products in float32 (the path of CPUs without bfloat16 units)
+        from probe.methods import attentive
+
+        native = attentive.token_dtype
+        attentive.token_dtype = lambda device: torch.float32  # type: ignore[assignment]
+        results.append({"case": "13 LRs at once, in memory, float32 products", "rows": args.small_rows, "epochs": args.small_epochs,
+                        "runs": 1, **timed(small, few)})  # fmt: skip
+        attentive.token_dtype = native
     separate = [timed(small, few.replace(lr_grid=[lr])) for lr in few.lr_grid]
     results.append({"case": "13 separate runs of one LR", "rows": args.small_rows, "epochs": args.small_epochs, "runs": len(separate),
                     "wall_s": round(sum(s["wall_s"] for s in separate), 1), "cpu_s": round(sum(s["cpu_s"] for s in separate), 1),
@@ -119,7 +131,7 @@ def main() -> None:
     write_json(args.json, {"machine": info, "tokens": args.tokens, "dim": args.dim, "results": results})
 
 
-_COLUMNS = [("case", "case", ""), ("rows", "train rows", ""), ("epochs", "epochs", ""), ("runs", "runs", ""),
+_COLUMNS = [("case", "case", ""), ("rows", "train rows", ""), ("epochs", "epochs", ""), ("runs", "runs", ""), ("dtype", "products", ""),
             ("wall_s", "wall s", ""), ("cpu_s", "CPU s (all threads)", ""), ("method_s", "probe method s", ""),
             ("lr", "chosen lr", ""), ("report_top1", "test top-1 %", "")]  # fmt: skip
 

@@ -162,6 +162,24 @@ def test_grid_at_once_equals_each_head_alone():
     assert not torch.allclose(grid.head(0)["wc"], grid.head(2)["wc"], atol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bfloat16_token_products_on_cuda_follow_float32_on_cpu():
+    """The GPU path (bfloat16 products over the tokens, float32 weights) trains as the CPU's float32."""
+    d, heads, classes = 64, 2, 5
+    init = initial(d, classes, 1, seed=0)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 49, d, generator=g).half(), torch.randint(0, classes, (32,), generator=g)) for _ in range(5)]
+    cpu = AttentiveHeads(init, heads, [1e-3, 1e-2], [0.0, 0.0])
+    gpu = AttentiveHeads(init, heads, [1e-3, 1e-2], [0.0, 0.0], device="cuda", token_dtype=torch.bfloat16)
+    for x, y in batches:
+        for h, dev in ((cpu, "cpu"), (gpu, "cuda")):
+            h.loss(x.to(dev), y.to(dev))[0].backward()
+            h.step("adamw", 1.0)
+    x = batches[0][0]
+    torch.testing.assert_close(gpu.logits(x.cuda()).cpu(), cpu.logits(x), rtol=0.05, atol=0.05)
+
+
 def test_initial_parameters_and_default_heads():
     p = initial(384, 10, 2, seed=7)
     assert p["query"].shape == (2, 384) and p["wq"].shape == (384, 384) and p["wc"].shape == (384, 10)

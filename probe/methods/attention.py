@@ -105,14 +105,20 @@ class AttentiveHeads:
         self._state: dict[str, dict[str, torch.Tensor]] = {}
         self._step = 0
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, G, C) logits of every head for raw tokens ``x`` (B, T, D) (cast to the heads' dtype)."""
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw tokens (B, T, D), any float dtype → x̂ = LN(x) without affine (computed in the
+        weights' dtype), in the token dtype: what :meth:`logits` takes with ``normalized=True``."""
+        return F.layer_norm(x.to(self.params["wq"].dtype), (self.dim,), eps=LN_EPS).to(self.token_dtype)
+
+    def logits(self, x: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        """(B, G, C) logits of every head for raw tokens ``x`` (B, T, D), or for tokens already
+        through :meth:`normalize` (``normalized``)."""
         p = self.params
         G, Q, H, D = self.num_grid, self.queries, self.num_heads, self.dim
         dh = D // H
-        b = x.shape[0]
         tok = self.token_dtype
-        xh = F.layer_norm(x.to(p["wq"].dtype), (D,), eps=LN_EPS).to(tok)  # (B, T, D): no affine, γ₁ and β₁ are folded below
+        xh = x if normalized else self.normalize(x)  # (B, T, D): no affine, γ₁ and β₁ are folded below
+        b = xh.shape[0]
         qp = (torch.einsum("gqd,gde->gqe", p["query"], p["wq"]) + p["bq"].unsqueeze(1)).view(G, Q, H, dh)
         u = torch.einsum("gdhe,gqhe->gqhd", p["wk"].view(G, D, H, dh), qp) * (dh**-0.5)
         u = (u * p["g1"].view(G, 1, 1, D)).reshape(G * Q * H, D)  # the effective queries
@@ -127,10 +133,10 @@ class AttentiveHeads:
         r = F.layer_norm(o + p["query"].unsqueeze(0), (D,), eps=LN_EPS) * p["g2"].view(1, G, 1, D) + p["b2"].view(1, G, 1, D)
         return torch.einsum("bgd,gdc->bgc", r.mean(2), p["wc"]) + p["bc"].unsqueeze(0)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, x: torch.Tensor, y: torch.Tensor, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The sum over heads of each head's mean cross-entropy (what is differentiated: head g's
         gradient is its own loss's), and the (G,) per-head loss sums over the batch, detached."""
-        logits = self.logits(x)
+        logits = self.logits(x, normalized)
         per_row = F.cross_entropy(logits.transpose(1, 2), y.view(-1, 1).expand(-1, self.num_grid), reduction="none")  # (B, G)
         return per_row.mean(0).sum(), per_row.detach().sum(0)
 

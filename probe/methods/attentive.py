@@ -3,8 +3,9 @@ linear classifier over a patch view's tokens (:mod:`probe.methods.attention`), e
 of the grid trained at once, the head chosen on the selection rows, then (when those rows are a
 holdout of train) that head trained again on train + holdout and reported.
 
-Tokens are float16 as stored, cast to float32 per minibatch. They are held on the device when a
-role's rows fit ``--max-memory``; the minibatches are then the linear heads' (one permutation of
+Tokens are float16 as stored. The products over every token run in :func:`token_dtype`
+(bfloat16 on CUDA and on CPUs with bfloat16 units, else float32: then the float16 tokens are
+normalized in float32 per minibatch). They are held on the device when a role's rows fit ``--max-memory``; the minibatches are then the linear heads' (one permutation of
 the split's rows per epoch, drawn from the seed). Beyond it they stream from the store in blocks
 of rows: an epoch visits the blocks in a seeded random order and shuffles the rows within each
 block (the rows an epoch sees are the same, the minibatches differ; the log says which).
@@ -30,6 +31,7 @@ from .method import Case, Config, MethodResult, Metrics, Ranking, mark_best_repo
 from .token_rows import TokenRows, default_memory
 
 EVAL_ROWS = 256  # rows per evaluation batch
+NORMALIZE_ROWS = 1024  # rows read and normalized at a time when the tokens are loaded
 
 
 class Attentive:
@@ -51,7 +53,7 @@ class Attentive:
         lrs = [lr for lr, _ in protocol.heads]
         wds = [wd for _, wd in protocol.heads]
         heads = self._heads(case, dim, num_heads, lrs, wds)
-        feed = Feed(source["train"], case.y["train"], case)
+        feed = Feed(source["train"], case.y["train"], case, heads)
         case.log(
             f"{case.name}: {heads.num_grid} attentive heads ({num_heads} attention heads, {protocol.attentive_queries} "
             f"quer{'y' if protocol.attentive_queries == 1 else 'ies'}) × {protocol.epochs} epochs on {len(feed)} rows × {t} tokens "
@@ -59,11 +61,11 @@ class Attentive:
         )
         train_loss = train(heads, feed, case).cpu().numpy()
         finite = heads.finite().cpu().numpy()
-        ranked = {"train": predict(heads, feed.in_order())}
+        ranked = {"train": predict(heads, feed)}
         del feed
         for role in source:
             if role != "train":
-                ranked[role] = predict(heads, Feed(source[role], case.y[role], case).in_order())
+                ranked[role] = predict(heads, Feed(source[role], case.y[role], case, heads))
         metrics = {role: H.accuracy(r, case.y[role], case.num_classes) for role, r in ranked.items()}
 
         def per_head(h: int) -> Metrics:
@@ -102,7 +104,7 @@ class Attentive:
 
     def _heads(self, case: Case, dim: int, num_heads: int, lrs: list[float], wds: list[float]) -> A.AttentiveHeads:
         init = A.initial(dim, case.num_classes, case.protocol.attentive_queries, case.seed)
-        return A.AttentiveHeads(init, num_heads, lrs, wds, case.device, token_dtype=case.dtype)
+        return A.AttentiveHeads(init, num_heads, lrs, wds, case.device, token_dtype=token_dtype(case.device))
 
     def _refit(self, case: Case, chosen: Config, configs: list[Config], num_heads: int) -> MethodResult:
         """The chosen head trained again, alone, on train + holdout (in split order), from the same
@@ -114,7 +116,7 @@ class Attentive:
         y = labels[torch.from_numpy(np.argsort(rows, kind="stable")).to(labels.device)]
         lr, wd = chosen.settings["lr"], chosen.settings["wd"]
         head = self._heads(case, both.shape[1], num_heads, [lr], [wd])
-        feed = Feed(both, y, case)
+        feed = Feed(both, y, case, head)
         case.log(
             f"{case.name}: attentive refit of lr {lr:g}{f' wd {wd:g}' if wd else ''} on {len(both)} rows (train + holdout), tokens {feed.where}"
         )
@@ -124,9 +126,9 @@ class Attentive:
                 f"{case.where}: the attentive refit of lr {lr:g} on train + holdout diverged",
                 "lower the learning rates, or pass --no-refit",
             )
-        metrics = {"train": {k: float(v[0]) for k, v in H.accuracy(predict(head, feed.in_order()), y, case.num_classes).items()}}
+        metrics = {"train": {k: float(v[0]) for k, v in H.accuracy(predict(head, feed), y, case.num_classes).items()}}
         del feed
-        ranked = predict(head, Feed(case.tokens["report"], case.y["report"], case).in_order())
+        ranked = predict(head, Feed(case.tokens["report"], case.y["report"], case, head))
         metrics["report"] = {k: float(v[0]) for k, v in H.accuracy(ranked, case.y["report"], case.num_classes).items()}
         top = ranked[:, 0].cpu().numpy()
         extra = {"train_loss": round(train_loss, 6) if math.isfinite(train_loss) else None, "diverged": False}
@@ -135,13 +137,23 @@ class Attentive:
 
     def columns(self, case: Case, config: Config) -> dict[str, Any]:
         p = case.protocol
-        return {"lr": config.settings["lr"], "wd": config.settings["wd"], "optimizer": p.attentive_optimizer, "epochs": p.epochs,
+        return {"dtype": str(token_dtype(case.device)).replace("torch.", ""), "lr": config.settings["lr"], "wd": config.settings["wd"], "optimizer": p.attentive_optimizer, "epochs": p.epochs,
                 "batch_size": p.batch_size, "momentum": p.momentum if p.attentive_optimizer == "sgd" else None,
                 "normalize": "layernorm", "train_loss": config.extra["train_loss"], "diverged": config.extra["diverged"]}  # fmt: skip
 
     def setting(self, row: Mapping[str, Any]) -> str:
         text = f"lr {row['lr']:g}" + (f" wd {row['wd']:g}" if row.get("wd") else "")
         return text + (" (refit)" if row.get("refit") else "")
+
+
+def token_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the products over every token: bfloat16 on CUDA (as the linear heads) and on a
+    CPU with bfloat16 units (AVX512-BF16 / AMX: there its GEMMs are 2-4× float32's; on other CPUs
+    bfloat16 is emulated and slower), else float32. Weights, optimizer state, LayerNorms, softmax
+    and loss stay float32; the ``dtype`` column records it."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) else torch.float32
 
 
 def attention_heads(asked: int, dim: int, where: str) -> int:
@@ -155,18 +167,28 @@ def attention_heads(asked: int, dim: int, where: str) -> int:
 
 @dataclass
 class Feed:
-    """One role's tokens and labels as minibatches: in memory when they fit, else streamed in blocks."""
+    """One role's tokens and labels as minibatches: in memory when they fit, else streamed in blocks.
+
+    The minibatches are what ``heads`` take: in float32, the raw float16 tokens (normalized per
+    minibatch, in float32); in bfloat16, the tokens normalized once as they are read and held in
+    bfloat16 (2 bytes a value either way), so a step does no per-token work but the GEMMs."""
 
     tokens: TokenRows
     y: torch.Tensor
     case: Case
+    heads: A.AttentiveHeads
 
     def __post_init__(self) -> None:
         budget = self.case.max_memory or default_memory(self.case.device)
         self.block_rows = max(1, min(len(self.tokens), budget // max(self.tokens.row_bytes, 1)))
+        self.normalized = self.heads.token_dtype != torch.float32
         self.held: torch.Tensor | None = None
         if self.block_rows >= len(self.tokens):
-            self.held = torch.from_numpy(self.tokens.read()).to(self.case.device)
+            self.held = torch.cat([self._load(block) for _, block in self.tokens.blocks(NORMALIZE_ROWS)])
+
+    def _load(self, block: NDArray[np.float16]) -> torch.Tensor:
+        x = torch.from_numpy(block).to(self.case.device)
+        return self.heads.normalize(x) if self.normalized else x
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -193,7 +215,7 @@ class Feed:
         starts = list(range(0, n, self.block_rows))
         for b in torch.randperm(len(starts), generator=g).tolist():
             positions = np.arange(starts[b], min(starts[b] + self.block_rows, n))
-            block = torch.from_numpy(self.tokens.read(positions)).to(dev)  # the one resident block
+            block = self._load(self.tokens.read(positions))  # the one resident block
             shuffled = torch.randperm(len(positions), generator=g).to(dev)
             y = self.y[torch.from_numpy(positions).to(dev)]
             for idx in torch.split(shuffled, bs):
@@ -206,7 +228,7 @@ class Feed:
             yield from torch.split(self.held, EVAL_ROWS)
             return
         for _, block in self.tokens.blocks(self.block_rows):
-            yield from torch.split(torch.from_numpy(block).to(self.case.device), EVAL_ROWS)
+            yield from torch.split(self._load(block), EVAL_ROWS)
 
 
 def train(heads: A.AttentiveHeads, feed: Feed, case: Case) -> torch.Tensor:
@@ -218,7 +240,7 @@ def train(heads: A.AttentiveHeads, feed: Feed, case: Case) -> torch.Tensor:
     for batches in feed.epochs():
         loss.zero_()
         for x, y in batches:
-            objective, sums = heads.loss(x, y)
+            objective, sums = heads.loss(x, y, feed.normalized)
             torch.autograd.backward(objective)
             heads.step(p.attentive_optimizer, H.schedule_factor(p, step, total), momentum=p.momentum, betas=p.betas, eps=p.eps)
             loss += sums
@@ -227,10 +249,10 @@ def train(heads: A.AttentiveHeads, feed: Feed, case: Case) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(heads: A.AttentiveHeads, batches: Iterator[torch.Tensor], k: int = 5) -> torch.Tensor:
-    """(N, G, min(k, C)) int64: every head's k best classes per row, best first."""
+def predict(heads: A.AttentiveHeads, feed: Feed, k: int = 5) -> torch.Tensor:
+    """(N, G, min(k, C)) int64: every head's k best classes per row of ``feed``, in row order, best first."""
     k = min(k, heads.num_classes)
-    return torch.cat([heads.logits(x).topk(k, dim=-1).indices for x in batches])
+    return torch.cat([heads.logits(x, feed.normalized).topk(k, dim=-1).indices for x in feed.in_order()])
 
 
 def _epoch_orders(case: Case) -> NDArray[np.int64]:

@@ -23,6 +23,7 @@ from featstore.console import run_cli
 from featstore.store import FeatureStore
 from probe.cli import main as probe_cli
 from probe.methods.attention import DECAYED, LN_EPS, NAMES, AttentiveHeads, default_heads, initial
+from probe.methods.attentive import token_dtype
 from probe.protocol import Protocol
 
 F64 = torch.float64
@@ -162,6 +163,22 @@ def test_grid_at_once_equals_each_head_alone():
     assert not torch.allclose(grid.head(0)["wc"], grid.head(2)["wc"], atol=1e-3)
 
 
+def test_bfloat16_products_on_tokens_normalized_once_follow_float32():
+    """The bfloat16 path (tokens normalized once, as read, held in bfloat16) gives float32's logits to
+    bfloat16 rounding, and ``normalized=True`` on ``normalize(x)`` is the raw path exactly."""
+    d, heads, classes = 64, 4, 6
+    init = initial(d, classes, 2, seed=3)
+    init = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in enumerate(init.items())}
+    x = _tokens(16, 49, d, seed=4).float().half()
+    f32 = AttentiveHeads(init, heads, [1e-3, 1e-2], [0.0, 0.0])
+    bf16 = AttentiveHeads(init, heads, [1e-3, 1e-2], [0.0, 0.0], token_dtype=torch.bfloat16)
+    assert bf16.normalize(x).dtype == torch.bfloat16 and f32.normalize(x).dtype == torch.float32
+    torch.testing.assert_close(f32.logits(f32.normalize(x), normalized=True), f32.logits(x), rtol=0, atol=0)
+    exact = f32.logits(x)
+    assert exact.std() > 0.1
+    torch.testing.assert_close(bf16.logits(bf16.normalize(x), normalized=True), exact, rtol=0.02, atol=0.03)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bfloat16_token_products_on_cuda_follow_float32_on_cpu():
@@ -246,6 +263,7 @@ def test_attentive_rows_beside_linear_streamed_equals_rows_seen(token_store, tmp
     attentive = [r for r in rows if r["method"] == "attentive"]
     assert [r["lr"] for r in attentive] == [1e-3, 1e-2] and sum(r["selected"] for r in attentive) == 1
     assert all(r["optimizer"] == "adamw" and r["normalize"] == "layernorm" and r["n_train"] == 96 for r in attentive)
+    assert {r["dtype"] for r in attentive} == {str(token_dtype(torch.device("cpu"))).removeprefix("torch.")}
     chosen = next(r for r in attentive if r["selected"])
     pred = chosen["report_predictions"]
     assert pred is not None and len(pred["pred"]) == 32 and pred["top5"] is None  # 4 classes: no top-5

@@ -376,3 +376,12 @@ def test_quadrant_task_linear_at_chance_attentive_above_90(tmp_path):
     # the mean of the tokens holds the square's colour but not where it is: 4 classes, 100 test images
     assert chosen["linear"] <= 25 + 12, chosen
     assert chosen["attentive"] >= 90, chosen
+    # the paired comparison reads the attentive rows back from the run like any method's
+    import io
+    from contextlib import redirect_stdout
+
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        assert run_cli(probe_cli, "probe", ["compare", str(tmp_path / "run"), "--json"]) == 0
+    compared = {(r["view"], r["method"]): r for r in json.loads(printed.getvalue())["rows"]}
+    assert compared[("patch", "attentive")]["n"] == 100 and compared[("avgpool", "linear")]["n"] == 100

@@ -124,12 +124,13 @@ class AttentiveHeads:
         u = (u * p["g1"].view(G, 1, 1, D)).reshape(G * Q * H, D)  # the effective queries
         scores = torch.mm(xh.reshape(-1, D), u.t().to(tok)).view(b, -1, G * Q * H)  # (B, T, GQH)
         attn = torch.softmax(scores.to(u.dtype), dim=1).transpose(1, 2)  # (B, GQH, T)
-        pooled = torch.bmm(attn.to(tok), xh).to(u.dtype).view(b, G, Q, H, D)  # Σ_t a_t x̂_t
+        pooled = torch.bmm(attn.to(tok), xh).view(b, G, Q, H, D)  # Σ_t a_t x̂_t, in the token dtype
         # W_v,h (γ₁ ⊙ pooled + β₁) + b_v,h with γ₁ folded into W_v and β₁ into b_v (per head, not per image)
         wv = (p["wv"] * p["g1"].unsqueeze(2)).view(G, D, H, dh)
         bv = torch.einsum("gd,gde->ge", p["b1"], p["wv"]) + p["bv"]
-        v = torch.einsum("bgqhd,gdhe->bgqhe", pooled, wv).reshape(b, G, Q, D) + bv.view(1, G, 1, D)
-        o = torch.einsum("bgqd,gde->bgqe", v, p["wo"]) + p["bo"].view(1, G, 1, D)
+        # the per-image projections in the token dtype too (what bf16 autocast does to V-JEPA's linear layers)
+        v = torch.einsum("bgqhd,gdhe->bgqhe", pooled, wv.to(tok)).reshape(b, G, Q, D).to(u.dtype) + bv.view(1, G, 1, D)
+        o = torch.einsum("bgqd,gde->bgqe", v.to(tok), p["wo"].to(tok)).to(u.dtype) + p["bo"].view(1, G, 1, D)
         r = F.layer_norm(o + p["query"].unsqueeze(0), (D,), eps=LN_EPS) * p["g2"].view(1, G, 1, D) + p["b2"].view(1, G, 1, D)
         return torch.einsum("bgd,gdc->bgc", r.mean(2), p["wc"]) + p["bc"].unsqueeze(0)
 

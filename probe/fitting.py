@@ -268,6 +268,9 @@ def fit_run(
     store_views = resolve_views(specs, opened, list(views) if views else None, log, patch=bool(token_methods))
     for spec, fs, probed in zip(specs, opened, store_views):
         _check_view_kinds(spec.path, fs, probed, protocol, token_methods)
+    if token_methods:  # each view is probed by the methods of its kind; a view no method reads is not read
+        global_methods = len(token_methods) < len(protocol.methods)
+        store_views = [[v for v in probed if v in fs.patch_views or global_methods] for fs, probed in zip(opened, store_views)]
     labels = assign_labels(specs, opened)
     infos = [_prepare_store(s.path, label, v, fs, protocol, warn) for s, label, v, fs in zip(specs, labels, store_views, opened)]
     for other in infos[1:]:

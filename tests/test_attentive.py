@@ -385,3 +385,16 @@ def test_quadrant_task_linear_at_chance_attentive_above_90(tmp_path):
         assert run_cli(probe_cli, "probe", ["compare", str(tmp_path / "run"), "--json"]) == 0
     compared = {(r["view"], r["method"]): r for r in json.loads(printed.getvalue())["rows"]}
     assert compared[("patch", "attentive")]["n"] == 100 and compared[("avgpool", "linear")]["n"] == 100
+
+
+@pytest.mark.slow  # a probe run (~2 s)
+def test_attentive_alone_probes_only_the_patch_views(token_store, monkeypatch):
+    """With no --view, ``--method attentive`` probes the store's patch views, and reads no global view."""
+    import probe
+
+    read: list[str] = []
+    real = FeatureStore.features
+    monkeypatch.setattr(FeatureStore, "features", lambda self, split, view: read.append(view) or real(self, split, view))
+    rows = probe.fit(str(token_store), Protocol(methods=["attentive"], lr_grid="1e-2", epochs=1, batch_size=48))
+    assert {r["view"] for r in rows} == {"patch"} and len(rows) == 1 and rows[0]["selected"]
+    assert read == []

@@ -289,6 +289,7 @@ def test_attentive_rows_beside_linear_streamed_equals_rows_seen(token_store, tmp
         (["--method", "linear", "--view", "patch"], ["needs global features", "--method attentive"]),
         (["--method", "attentive", "--attention-heads", "5"], ["5 attention heads do not divide", "divisor of 16"]),
         (["--method", "attentive", "--queries", "0"], ["--queries must be >= 1"]),
+        (["--method", "attentive", "--max-memory", "lots"], ["bad --max-memory", "512M"]),
     ],
 )
 def test_cli_errors_are_one_line(token_store, tmp_path, args, needles):

@@ -184,7 +184,11 @@ class Feed:
         self.normalized = self.heads.token_dtype != torch.float32
         self.held: torch.Tensor | None = None
         if self.block_rows >= len(self.tokens):
-            self.held = torch.cat([self._load(block) for _, block in self.tokens.blocks(NORMALIZE_ROWS)])
+            t, d = self.tokens.shape
+            dtype = self.heads.token_dtype if self.normalized else torch.float16
+            self.held = torch.empty((len(self.tokens), t, d), dtype=dtype, device=self.case.device)  # filled in place: no second copy
+            for start, block in self.tokens.blocks(NORMALIZE_ROWS):
+                self.held[start : start + len(block)] = self._load(block)
 
     def _load(self, block: NDArray[np.float16]) -> torch.Tensor:
         x = torch.from_numpy(block).to(self.case.device)

@@ -109,7 +109,9 @@ def _grad_of(ref: Reference, name: str) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize(
+    "optimizer", [pytest.param("adamw", marks=pytest.mark.slow), "sgd"]
+)  # adamw: torch.optim's first AdamW step imports ~5 s
 def test_trains_as_torch_optim_trains_the_reference(optimizer):
     """Ten steps of the hand-written optimizer on the batched head = torch.optim on the reference
     module with V-JEPA's parameter groups (decay on the matrices and the query only)."""

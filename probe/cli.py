@@ -167,6 +167,12 @@ def main():
     show_default=True,
     help="Logistic regression: stop when every gradient component is below this (scikit-learn's tol).",
 )
+@click.option("--queries", type=int, default=_DEFAULTS.attentive_queries, show_default=True,
+              help="--method attentive: learned query tokens (their outputs are averaged).")  # fmt: skip
+@click.option("--attention-heads", type=int, default=_DEFAULTS.attentive_heads, show_default=True,
+              help="--method attentive: attention heads; 0 = the tokens' width / 64 (6 for ViT-S).")  # fmt: skip
+@click.option("--attentive-optimizer", type=click.Choice(OPTIMIZERS), default=_DEFAULTS.attentive_optimizer, show_default=True,
+              help="--method attentive: its optimizer (V-JEPA: AdamW); --optimizer is the linear heads'.")  # fmt: skip
 @click.option(
     "--refit/--no-refit",
     "refit",
@@ -222,7 +228,7 @@ def main():
     "--save-predictions", is_flag=True, help="--task depth/seg: write the reported split's depth or label maps (predictions/*.npz)."
 )
 @click.option("--max-memory", default=None, metavar="SIZE",
-              help="--task depth/seg: tokens held resident (e.g. 2G); beyond it they stream in row blocks. Default: a quarter of RAM / GPU memory.")  # fmt: skip
+              help="--task depth/seg, --method attentive: tokens held resident (e.g. 2G); beyond it they stream in row blocks. Default: a quarter of RAM / GPU memory.")  # fmt: skip
 @click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True,
               help="--task depth/seg: dtype of the token GEMMs (auto: bf16 on CUDA and on CPUs with bf16 units, else fp32); weights, loss and metrics stay fp32.")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
@@ -254,6 +260,9 @@ def fit_command(
     logreg_c,
     logreg_max_iter,
     logreg_tol,
+    queries,
+    attention_heads,
+    attentive_optimizer,
     refit,
     augment,
     device,
@@ -322,6 +331,7 @@ def fit_command(
         warn=warn,
         command=command,
         verify=not no_verify,
+        max_memory=_memory(max_memory),
     )
     rows = result.rows
     click.echo(markdown_table(rows, protocol, result.digest))  # summary.csv's digest: nothing computed twice
@@ -329,10 +339,16 @@ def fit_command(
     click.echo(f"wrote {out}/: results.csv ({len(rows)} rows), summary.csv, protocol.json, predictions.csv{plot}")
 
 
+def _memory(text: str | None) -> int | None:
+    from .dense.fit import parse_memory
+
+    return parse_memory(text)
+
+
 def _stores_and_protocol(
     stores, model, dataset, weights, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, select_on,
     val_fraction, test_fraction, seed, seeds, methods, shots, knn_k, knn_temperature, knn_weights, logreg_c, logreg_max_iter,
-    logreg_tol, refit, augment,
+    logreg_tol, refit, augment, queries=1, attention_heads=0, attentive_optimizer="adamw",
 ) -> tuple[tuple, Protocol]:  # fmt: skip
     """The stores and the protocol of fit's options."""
     if model or dataset or weights:
@@ -355,6 +371,7 @@ def _stores_and_protocol(
         normalize=normalize, select_on=select_on, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed if seed is not None else _DEFAULTS.seed,
         seeds=seeds or (), methods=tuple(methods) or ("linear",), shots=shots or (), knn_k=knn_k, knn_temperature=knn_temperature, knn_weights=knn_weights,
         logreg_C=logreg_c, logreg_max_iter=logreg_max_iter, logreg_tol=logreg_tol, refit=refit, augment=augment,
+        attentive_queries=queries, attentive_heads=attention_heads, attentive_optimizer=attentive_optimizer,
     )  # fmt: skip
     return stores, protocol
 

@@ -30,6 +30,7 @@ from . import fewshot, methods
 from . import intervals as I
 from .comparison import Comparison, compare
 from .methods import Case, Method, MethodResult
+from .methods.token_rows import TokenRows, finite_rows
 from .protocol import Protocol, augment_views
 from .results.columns import COLUMNS
 from .results.predictions import ConfigKey, ImagePredictions
@@ -208,6 +209,7 @@ def fit_run(
     warn: Callable[[str], None] | None = None,
     command: list[str] | None = None,
     verify: bool = True,
+    max_memory: int | None = None,
 ) -> FitResult:
     """Run every method of ``protocol`` (its LR grid, k grid, C path) on every store × view × seed × shots.
 
@@ -219,6 +221,9 @@ def fit_run(
         As :func:`fit`.
     command : list of str, optional
         The command line that started the run (protocol.json records it).
+    max_memory : int, optional
+        Bytes of patch tokens a token method (``attentive``) holds resident per role; beyond it they
+        stream from the store in blocks of rows. Default: a quarter of the RAM / GPU memory.
 
     Returns
     -------
@@ -260,7 +265,13 @@ def fit_run(
 
         check_out(out, overwrite)  # before hours of training, not after
     opened = [open_checked(s.path, verify, warn) for s in specs]
-    store_views = resolve_views(specs, opened, list(views) if views else None, log)
+    token_methods = [m for m in protocol.methods if methods.get(m).tokens]
+    store_views = resolve_views(specs, opened, list(views) if views else None, log, patch=bool(token_methods))
+    for spec, fs, probed in zip(specs, opened, store_views):
+        _check_view_kinds(spec.path, fs, probed, protocol, token_methods)
+    if token_methods:  # each view is probed by the methods of its kind; a view no method reads is not read
+        global_methods = len(token_methods) < len(protocol.methods)
+        store_views = [[v for v in probed if v in fs.patch_views or global_methods] for fs, probed in zip(opened, store_views)]
     labels = assign_labels(specs, opened)
     infos = [_prepare_store(s.path, label, v, fs, protocol, warn) for s, label, v, fs in zip(specs, labels, store_views, opened)]
     for other in infos[1:]:
@@ -278,7 +289,7 @@ def fit_run(
     rows: list[dict] = []
     for info in infos:
         for view in info.views:
-            rows.extend(_fit_one(info, view, protocol, dev, dtype, cache, log, warn))
+            rows.extend(_fit_one(info, view, protocol, dev, dtype, cache, log, warn, max_memory))
     predictions = predictions_of(rows)
     result = FitResult(rows, compare(predictions) if predictions else None)
     _add_intervals(rows, result.comparison)
@@ -309,7 +320,25 @@ def fit_run(
     return result
 
 
-def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, cache: dict, log, warn) -> list[dict]:
+def _check_view_kinds(path: str, fs: FeatureStore, probed: list[str], protocol: Protocol, token_methods: list[str]) -> None:
+    """Every method of the protocol has a view of its kind among a store's probed views: token
+    methods (attentive) a patch view, the others a global one; UsageError naming the fix otherwise."""
+    patch = [v for v in probed if v in fs.patch_views]
+    others = [m for m in protocol.methods if m not in token_methods]
+    if token_methods and not patch:
+        fix = (f"probe one of its patch views: --view {next(iter(fs.patch_views))}" if fs.patch_views
+               else "extract the patch tokens with `featstore extract --views patch` (or patch4)")  # fmt: skip
+        raise UsageError(
+            f"--method {','.join(token_methods)} needs a patch view; store {path!r} view {', '.join(probed)} holds global features", fix
+        )
+    if others and len(patch) == len(probed):
+        have = [v for v in fs.views if v not in fs.patch_views]
+        fix = f"add a global view (--view {have[0]})" if have else "extract a global view (e.g. --views patch,avgpool)"
+        raise UsageError(f"--method {','.join(others)} needs global features; store {path!r} view {', '.join(probed)} holds patch tokens",
+                         f"{fix}, or probe the tokens with --method attentive")  # fmt: skip
+
+
+def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, cache: dict, log, warn, max_memory: int | None = None) -> list[dict]:
     """Every seed × shots × method on one store × view; each split's features read once."""
     features: dict[str, np.ndarray] = {}
     finite: dict[str, np.ndarray] = {}
@@ -317,7 +346,7 @@ def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, cache: dic
     rows: list[dict] = []
     for seed in protocol.run_seeds:
         for shots in protocol.run_shots:
-            rows += _fit_case(info, view, protocol, seed, shots, features, finite, memo, dev, dtype, cache, log, warn)
+            rows += _fit_case(info, view, protocol, seed, shots, features, finite, memo, dev, dtype, cache, log, warn, max_memory)
     return rows
 
 
@@ -327,8 +356,9 @@ def _first_case(protocol: Protocol, seed: int, shots: int | None) -> bool:
 
 
 def _fit_case(
-    info: _Store, view: str, protocol: Protocol, seed: int, shots: int | None, features, finite, memo, dev, dtype, cache, log, warn
-) -> list[dict]:
+    info: _Store, view: str, protocol: Protocol, seed: int, shots: int | None, features, finite, memo, dev, dtype, cache, log, warn,
+    max_memory: int | None = None,
+) -> list[dict]:  # fmt: skip
     t0 = time.perf_counter()
     fs, plan = info.store, info.plans[seed]
     roles: dict[str, tuple[str, np.ndarray]] = {
@@ -341,10 +371,14 @@ def _fit_case(
     first = _first_case(protocol, seed, shots)  # warn once per store × view
     excluded_invalid = excluded_nonfinite = 0
     kept: dict[str, np.ndarray] = {}
+    patch = view in fs.patch_views  # tokens: read by the token methods themselves, row block by row block
     for role, (split, rows) in roles.items():
-        if split not in features:
-            features[split] = fs.features(split, view).read()  # each split read once per view, chunk by chunk
-            finite[split] = _finite_rows(features[split])
+        if split not in finite:
+            if patch:
+                finite[split] = finite_rows(fs, split, view)
+            else:
+                features[split] = fs.features(split, view).read()  # each split read once per view, chunk by chunk
+                finite[split] = _finite_rows(features[split])
         valid = info.valid[split][rows]
         ok = finite[split][rows]
         bad = valid & ~ok
@@ -370,7 +404,12 @@ def _fit_case(
             )
 
     # raw features on the device once per role; each method normalizes its own copy
-    raw = {role: torch.from_numpy(np.ascontiguousarray(features[split][kept[role]])).to(dev) for role, (split, _) in roles.items()}
+    raw = (
+        {}
+        if patch
+        else {role: torch.from_numpy(np.ascontiguousarray(features[split][kept[role]])).to(dev) for role, (split, _) in roles.items()}
+    )
+    tokens = {role: TokenRows(fs, split, view, kept[role]) for role, (split, _) in roles.items()} if patch else None
     labels = {role: torch.from_numpy(info.labels[split][kept[role]]).to(dev) for role, (split, _) in roles.items()}
     augmented = {}
     if augment_views(protocol.augment):  # the train split's rows (train, and a holdout of it) train on their views
@@ -386,13 +425,15 @@ def _fit_case(
                 seed=seed, shots=shots, reported_role=plan.reported_role, select_split=plan.select_split, device=dev, dtype=dtype,
                 name=f"{info.label} [{view}]{f' ({detail})' if detail else ''}", where=rows_of.where, first=first,
                 first_view=view == info.views[0], first_seed=seed == protocol.run_seeds[0], warn=warn, log=log, cache=cache,
-                augmented=augmented)  # fmt: skip
+                augmented=augmented, tokens=tokens, max_memory=max_memory)  # fmt: skip
     # a method without randomness (k-NN, logistic regression) changes with a seed only through the
     # rows (holdout, few-shot sample), so a seed with the same rows as an earlier one reuses its result
     rows_key = tuple(hashlib.sha256(np.ascontiguousarray(kept[r]).tobytes()).hexdigest() for r in sorted(kept))
     out: list[dict] = []
     for name in protocol.methods:
         method = methods.get(name)
+        if method.tokens != patch:  # token methods on patch views, the others on global ones
+            continue
         if method.seeded:
             result = method.run(case)
         else:

@@ -30,7 +30,7 @@ SELECTION_RULES = ("val_top1",)
 # seeded holdout of train; "holdout" = always the train holdout; "report" = on the reported split
 # itself (max over the reported split: optimistic, opt-in, labelled so everywhere)
 SELECT_ON = ("auto", "holdout", "report")
-METHODS = ("linear", "knn", "logreg")
+METHODS = ("linear", "knn", "logreg", "attentive")
 KNN_WEIGHTS = ("exp", "uniform")
 DEFAULT_KNN_K = (10, 20, 100, 200)  # DINO (Caron et al. 2021) and DINOv2's k-NN evaluation
 DEFAULT_KNN_TEMPERATURE = 0.07  # DINO's T in the vote weight exp(similarity / T)
@@ -42,6 +42,7 @@ DEFAULT_LOGREG_TOL = 1e-4  # scikit-learn's tol: max |gradient| of the mean-scal
 # record and hash it had before the battery existed.
 _KNN_FIELDS = ("knn_k", "knn_temperature", "knn_weights")
 _LOGREG_FIELDS = ("logreg_C", "logreg_max_iter", "logreg_tol")
+_ATTENTIVE_FIELDS = ("attentive_queries", "attentive_heads", "attentive_optimizer")
 # ``refit`` acts on every method (the reported model is fit again on train + holdout), so it is
 # always recorded: it entered the default record with #27, which changed the default hash.
 _LEGACY_NAMES = {"logreg_refit": "refit"}  # protocol.json records written before #27
@@ -163,13 +164,16 @@ class Protocol:
     seeds : sequence of int or str, default ()
         Repeat everything per seed (``seed`` is then ``seeds[0]``).
     methods : sequence of str or str, default ("linear",)
-        Any of ``linear``, ``knn``, ``logreg``.
+        Any of ``linear``, ``knn``, ``logreg``, ``attentive`` (on a patch view).
     shots : sequence of int or str, default ()
         Few-shot training sets, examples per class; ``"all"`` (0) is every training row.
     knn_k, knn_temperature, knn_weights
         k-NN: neighbour counts (10, 20, 100, 200), T (0.07), ``"exp"`` or ``"uniform"`` votes.
     logreg_C, logreg_max_iter, logreg_tol
         Logistic regression: the C grid (``"1e-6:1e5:45"``), L-BFGS cap (1000) and tolerance (1e-4).
+    attentive_queries, attentive_heads, attentive_optimizer
+        The attentive probe: learned queries (1), attention heads (0: the tokens' width / 64) and
+        its optimizer (``"adamw"``); it trains over ``lr_grid`` × ``wd_grid`` like the linear heads.
     refit : bool, default True
         After selection, fit the reported model again on the training rows and the selection rows
         (:func:`probe.selection.refits` says where): every method when the selection rows are a
@@ -211,6 +215,11 @@ class Protocol:
     logreg_C: tuple[float, ...] = field(default_factory=lambda: parse_grid(DEFAULT_LOGREG_C, what="C", option="--logreg-C"))
     logreg_max_iter: int = DEFAULT_LOGREG_MAX_ITER
     logreg_tol: float = DEFAULT_LOGREG_TOL
+    # the attentive probe (docs/probe.md "Attentive probe"): learned queries, attention heads (0: D / 64),
+    # its optimizer (AdamW, as V-JEPA's attentive probes; the linear heads keep ``optimizer``)
+    attentive_queries: int = 1
+    attentive_heads: int = 0
+    attentive_optimizer: str = "adamw"
     refit: bool = True
     shots: tuple[int, ...] = ()  # examples per class; 0 = every training row; () = every training row only
     seeds: tuple[int, ...] = ()  # () = just ``seed``; else every seed in turn (seed = seeds[0])
@@ -224,13 +233,21 @@ class Protocol:
         for name in ("momentum", "eps", "val_fraction", "knn_temperature", "logreg_tol"):
             set_(name, float(getattr(self, name)))
         self._check_battery(set_)
-        for name in ("epochs", "batch_size", "seed", "version", "logreg_max_iter"):
+        for name in ("epochs", "batch_size", "seed", "version", "logreg_max_iter", "attentive_queries", "attentive_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value:
                 raise UsageError(f"{name.replace('_', ' ')} must be an integer, got {value!r}")
             set_(name, int(value))
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {self.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
+        if self.attentive_optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown attentive optimizer {self.attentive_optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
+        if self.attentive_queries < 1:
+            raise UsageError(f"--queries must be >= 1, got {self.attentive_queries}", "pass --queries 1 (V-JEPA) or more")
+        if self.attentive_heads < 0:
+            raise UsageError(
+                f"--attention-heads must be >= 0, got {self.attentive_heads}", "pass 0 (D / 64) or a divisor of the token width"
+            )
         if self.schedule not in SCHEDULES:
             raise UsageError(f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
         if self.normalize not in NORMALIZATIONS:
@@ -304,6 +321,7 @@ class Protocol:
             "knn": (len(self.knn_k), f"k {self.knn_k[0]}"),
             "logreg": (len(self.logreg_C), f"C {self.logreg_C[0]:g}"),
         }
+        grids["attentive"] = grids["linear"]
         if any(grids[m][0] > 1 for m in self.methods):
             return None
         return ", ".join(grids[m][1] for m in self.methods)
@@ -330,6 +348,8 @@ class Protocol:
             dropped += _KNN_FIELDS
         if "logreg" not in self.methods:
             dropped += _LOGREG_FIELDS
+        if "attentive" not in self.methods:
+            dropped += _ATTENTIVE_FIELDS
         if not self.shots:
             dropped.append("shots")
         if self.test_fraction is None:  # runs without it keep the hash they had before it existed

@@ -109,12 +109,14 @@ def assign_labels(specs: list[StoreSpec], stores: list[FeatureStore]) -> list[st
     return labels
 
 
-def resolve_views(specs: list[StoreSpec], stores: list[FeatureStore], views: list[str] | None, log=None) -> list[list[str]]:
+def resolve_views(
+    specs: list[StoreSpec], stores: list[FeatureStore], views: list[str] | None, log=None, patch: bool = False
+) -> list[list[str]]:
     """The views probed on each store.
 
     A store's own ``:VIEW`` wins. The others take the asked ``views`` (each must be in every one
-    of them), or every view they all share, or, when they share none (a CNN and a ViT), each its
-    primary view.
+    of them), or every view they all share (patch views only with ``patch``: a token method such
+    as the attentive probe runs), or, when they share none (a CNN and a ViT), each its primary view.
     """
     for spec, fs in zip(specs, stores):
         if spec.view and spec.view not in fs.views:
@@ -131,7 +133,7 @@ def resolve_views(specs: list[StoreSpec], stores: list[FeatureStore], views: lis
                         f"it has: {', '.join(fs.views)}; give that store its own view with --store {fs.path}:VIEW",
                     )
     elif rest:
-        chosen = [v for v in rest[0].views if v not in rest[0].patch_views and all(v in fs.views for fs in rest[1:])]  # patch views: --task
+        chosen = [v for v in rest[0].views if (patch or v not in rest[0].patch_views) and all(v in fs.views for fs in rest[1:])]
         if not chosen and log is not None:
             log(
                 "the stores share no feature view: each uses its primary view ("

@@ -1,6 +1,7 @@
 """The probe methods on cached features, one module each behind the :class:`~.method.Method`
-protocol (:mod:`.linear`, :mod:`.neighbours`, :mod:`.logistic`), over their algorithms: the
-batched linear heads (:mod:`.heads`), weighted k-NN (:mod:`.knn`), L-BFGS logistic regression
+protocol (:mod:`.linear`, :mod:`.neighbours`, :mod:`.logistic`, :mod:`.attentive`), over their
+algorithms: the batched linear heads (:mod:`.heads`), the batched attentive heads (:mod:`.attention`,
+on a patch view's tokens: :mod:`.token_rows`), weighted k-NN (:mod:`.knn`), L-BFGS logistic regression
 (:mod:`.logreg`), and the one top-k scoring rule they share (:mod:`.topk`).
 
 :data:`METHODS` is the registry ``probe.fit`` and the summaries look a method up in; its names
@@ -15,12 +16,13 @@ from typing import Any
 from featstore.errors import UsageError
 
 from ..protocol import METHODS as NAMES
+from .attentive import Attentive
 from .linear import Linear
 from .logistic import Logreg
 from .method import Case, Config, Method, MethodResult
 from .neighbours import Knn
 
-METHODS: dict[str, Method] = {m.name: m for m in (Linear(), Knn(), Logreg())}
+METHODS: dict[str, Method] = {m.name: m for m in (Linear(), Knn(), Logreg(), Attentive())}
 assert tuple(METHODS) == NAMES, "probe.protocol.METHODS names the registry's methods, in its order"
 
 # a results.csv written before the method column existed holds linear rows only

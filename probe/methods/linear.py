@@ -29,6 +29,7 @@ class Linear:
 
     name = "linear"
     seeded = True  # the minibatch order is drawn from the seed
+    tokens = False  # global features
 
     def variant(self, case: Case) -> Hashable:
         return (case.seed, case.refits())

@@ -22,6 +22,7 @@ class Logreg:
 
     name = "logreg"
     seeded = False  # no randomness: a seed changes it only through the rows
+    tokens = False  # global features
 
     def refits(self, case: Case) -> bool:
         """Refit on train + selection rows, a store's val split included (as DINOv2's logistic

@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 
 from ..protocol import Protocol as ProbeProtocol
 from ..selection import choose, refits
+from .token_rows import TokenRows
 
 Metrics = dict[str, dict[str, float]]  # role → {"top1": %, "top5": % (>= 5 classes)}
 Ranking = tuple[NDArray[np.int64], NDArray[np.int64] | None]  # per row: top-1 (N,), top-5 (N, ≤5) or None
@@ -59,6 +60,9 @@ class Case:
     # role → (N, K, D) raw augmented views of its rows (probe.augment), for the roles that train on them
     # (train, and a holdout of train for the refit); empty: every role is the center crop only
     augmented: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # on a patch view: role → its rows' tokens (``x`` is then empty), and the bytes of them held resident
+    tokens: Mapping[str, TokenRows] | None = None
+    max_memory: int | None = None  # None: a quarter of the RAM / GPU memory
 
     def refits(self, *, val: bool = False) -> bool:
         """Whether the chosen configuration is fit again on train + selection rows and that model
@@ -109,6 +113,11 @@ class Method(Protocol):
     @property
     def name(self) -> str:
         """Its name in ``--method`` and in the results' ``method`` column."""
+        ...
+
+    @property
+    def tokens(self) -> bool:
+        """Whether it reads a patch view's tokens (``case.tokens``) instead of global features (``case.x``)."""
         ...
 
     @property

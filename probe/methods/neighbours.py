@@ -19,6 +19,7 @@ class Knn:
 
     name = "knn"
     seeded = False  # no randomness: a seed changes it only through the rows
+    tokens = False  # global features
 
     def variant(self, case: Case) -> Hashable:
         return case.refits()

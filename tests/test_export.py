@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -183,34 +182,17 @@ def test_features_are_lazy_and_select_rows(tmp_path):
 @pytest.fixture(scope="module")
 def s3(digits_store, tmp_path_factory):
     """A real S3 API (moto's server) on 127.0.0.1 holding the digits store and its HDF5 export."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "featstore-test-key",
-        "AWS_SECRET_ACCESS_KEY": "featstore-test-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    from tests.s3_server import moto_s3
+
+    with moto_s3("feats") as bucket:
         import s3fs
 
-        s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem()
-        fs.mkdir("feats")
         fs.put(str(digits_store), "feats/digits.zarr", recursive=True)
         h5 = tmp_path_factory.mktemp("h5") / "digits.h5"
         export(str(digits_store), str(h5))
         fs.put(str(h5), "feats/digits.h5")
-        yield "s3://feats"
-    finally:
-        server.stop()
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        yield bucket
 
 
 @pytest.mark.slow

@@ -453,32 +453,15 @@ def test_member_reads_from_threads_over_more_shards_than_kept_open(real_photos, 
 @pytest.fixture(scope="module")
 def s3_shards(shards):
     """The test shards in a real S3 API (moto's server on 127.0.0.1); credentials and endpoint in the environment."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "featstore-test-key",
-        "AWS_SECRET_ACCESS_KEY": "featstore-test-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    from tests.s3_server import moto_s3
+
+    with moto_s3("wds") as bucket:
         import s3fs
 
-        s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem()
-        fs.mkdir("wds")
         for shard in shards:
             fs.put(str(shard), f"wds/data/{shard.name}")
-        yield "s3://wds/data"
-    finally:
-        server.stop()
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        yield f"{bucket}/data"
 
 
 @pytest.mark.slow

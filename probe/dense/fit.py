@@ -32,6 +32,7 @@ from featstore.errors import UsageError
 from featstore.store import FeatureStore, target_info, target_valid
 
 from ..methods.heads import schedule_factor
+from ..methods.token_rows import default_memory
 from ..output.files import check_out
 from ..protocol import Protocol
 from ..results import table_csv
@@ -75,16 +76,6 @@ class DenseResult:
     images: list[dict[str, Any]]
     out: Path
     files: list[str] = field(default_factory=list)
-
-
-def default_memory(device: torch.device) -> int:
-    """A quarter of the GPU's memory, or of the machine's RAM: what the tokens may hold resident."""
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory // 4)
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
 
 
 def parse_memory(text: str | int | None) -> int | None:

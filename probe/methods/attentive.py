@@ -27,7 +27,7 @@ from featstore.errors import FeatstoreError, UsageError
 from ..selection import choose
 from . import attention as A
 from . import heads as H
-from .method import Case, Config, MethodResult, Metrics, Ranking, mark_best_report
+from .method import Case, Config, MethodResult, Metrics, Ranking, grid_configs
 from .token_rows import TokenRows, default_memory
 
 EVAL_ROWS = 256  # rows per evaluation batch
@@ -87,12 +87,7 @@ class Attentive:
             )
 
         refit = case.refits()
-        configs = []
-        for h, (lr, wd) in enumerate(protocol.heads):
-            loss = round(float(train_loss[h]), 6) if finite[h] and np.isfinite(train_loss[h]) else None
-            extra = {"train_loss": loss, "diverged": not bool(finite[h])}
-            configs.append(Config({"lr": lr, "wd": wd, "refit": False}, per_head(h), selected=h == chosen and not refit, extra=extra))
-        mark_best_report(configs, keys)
+        configs = grid_configs(protocol, train_loss, finite, chosen, refit, per_head)
         if refit:
             return self._refit(case, configs[chosen], configs, num_heads)
         shown = case.reported_role

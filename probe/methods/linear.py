@@ -21,7 +21,7 @@ from featstore.errors import FeatstoreError
 
 from ..selection import choose
 from . import heads as H
-from .method import Case, Config, MethodResult, Metrics, Ranking, mark_best_report
+from .method import Case, Config, MethodResult, Metrics, Ranking, grid_configs
 
 
 class Linear:
@@ -88,12 +88,7 @@ class Linear:
             case.warn(f"{case.where}: the selected lr {lrs[chosen]:g} is at the edge of the grid; consider widening --lr-grid")
 
         refit = case.refits()
-        configs = []
-        for h, (lr, wd) in enumerate(protocol.heads):
-            loss = round(float(train_loss[h]), 6) if finite[h] and np.isfinite(train_loss[h]) else None
-            extra = {"train_loss": loss, "diverged": not bool(finite[h])}
-            configs.append(Config({"lr": lr, "wd": wd, "refit": False}, per_head(h), selected=h == chosen and not refit, extra=extra))
-        mark_best_report(configs, keys)
+        configs = grid_configs(protocol, train_loss, finite, chosen, refit, per_head)
         if refit:
             del top
             return _refit(case, configs[chosen], configs)

@@ -143,3 +143,23 @@ class Method(Protocol):
     def setting(self, row: Mapping[str, Any]) -> str:
         """A results row's configuration in a few characters: ``lr 0.01``, ``k 20``, ``C 0.1 (refit)``."""
         ...
+
+
+def grid_configs(
+    protocol: ProbeProtocol,
+    train_loss: NDArray[np.float64],
+    finite: NDArray[np.bool_],
+    chosen: int,
+    refit: bool,
+    per_head: Callable[[int], Metrics],
+) -> list[Config]:
+    """One :class:`Config` per (lr, wd) head of a batched grid (the linear and attentive heads): its
+    train loss, whether it diverged, its metrics; the chosen one selected unless it is fit again; the
+    best on the reported split marked."""
+    configs = []
+    for h, (lr, wd) in enumerate(protocol.heads):
+        loss = round(float(train_loss[h]), 6) if finite[h] and np.isfinite(train_loss[h]) else None
+        extra = {"train_loss": loss, "diverged": not bool(finite[h])}
+        configs.append(Config({"lr": lr, "wd": wd, "refit": False}, per_head(h), selected=h == chosen and not refit, extra=extra))
+    mark_best_report(configs, [(lr, wd) for lr, wd in protocol.heads])
+    return configs

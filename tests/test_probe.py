@@ -190,11 +190,17 @@ def test_protocol_hash_stable_and_sensitive():
         "shots",
         "seeds",
     }
-    assert set(changes) | {"selection"} | battery == {f.name for f in fields(Protocol)}  # battery fields: tests/test_battery.py
+    # the attentive probe's settings (#25) enter the hash only when it runs
+    attentive = {"attentive_queries": 2, "attentive_heads": 3, "attentive_optimizer": "sgd"}
+    assert set(changes) | {"selection"} | battery | set(attentive) == {f.name for f in fields(Protocol)}  # battery: tests/test_battery.py
     hashes = {p.hash}
     for name, value in changes.items():
         hashes.add(p.replace(**{name: value}).hash)
     assert len(hashes) == len(changes) + 1
+    with_attentive = p.replace(methods="linear,attentive")
+    for name, value in attentive.items():
+        assert p.replace(**{name: value}).hash == p.hash  # not run: not part of the protocol
+        assert with_attentive.replace(**{name: value}).hash != with_attentive.hash
 
 
 @pytest.mark.parametrize(

@@ -235,3 +235,10 @@ def test_report_html_wraps_long_json(runs):
     css = page.split("<style>")[1].split("</style>")[0]
     pre = next(line for line in css.splitlines() if line.startswith("pre "))
     assert "white-space: pre-wrap" in pre and "overflow-wrap: anywhere" in pre and "overflow-x" not in pre
+
+
+def test_latex_writes_greek_and_minus_as_math():
+    """δ (dense δ1 columns) and the minus sign of "store − reference" compile under plain pdflatex."""
+    from probe.output.paper import _tex
+
+    assert _tex("Δ δ1 − ref ± 1") == r"$\Delta$ $\delta$1 $-$ ref $\pm$ 1"

@@ -115,7 +115,14 @@ def _tex(text: str) -> str:
             out.append(f"${part}$")
         else:
             escaped = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in part)
-            out.append(escaped.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("—", "---").replace("…", r"\ldots{}"))
+            out.append(
+                escaped.replace("±", r"$\pm$")
+                .replace("Δ", r"$\Delta$")
+                .replace("δ", r"$\delta$")
+                .replace("−", "$-$")
+                .replace("—", "---")
+                .replace("…", r"\ldots{}")
+            )
     return "".join(out)
 
 

@@ -29,7 +29,7 @@ with small pipelines fed the files' bytes, so only the offending rows become inv
 
 Augmented views (``featstore.augment``): each image is decoded once and, besides the center crop,
 cut K times at its drawn crop windows (``fn.slice``, in the upright image's pixels), each resized to
-the crop size and mirrored where drawn (``crop_mirror_normalize``'s ``mirror``); the center crop and
+the crop size as PIL resizes a crop (``_resized_window``) and mirrored where drawn (``crop_mirror_normalize``'s ``mirror``); the center crop and
 the views leave the pipeline stacked, (K + 1, S, S, 3) per sample. The windows are drawn on the host,
 a batch at a time as DALI asks for it, from each image's upright size (its header and EXIF
 orientation: ``_upright_size``, the first 64 KiB of the file), and fed to the pipeline beside the
@@ -233,18 +233,7 @@ class DaliLoader:
         crops = [center]
         for v in range(len(views) // 3):
             start, size, mirror = views[3 * v : 3 * v + 3]
-            # the window cut out of the upright decoded image, then resized to the crop size: torchvision's
-            # resized_crop (crop, then resize). A resize of an ROI instead would filter across the window's
-            # edges with the pixels beyond them, which PIL's resize of the crop does not see (up to ~20 levels)
-            window = fn.slice(decoded, start, size, axis_names="HW", normalized_anchor=False, normalized_shape=False)
-            window = fn.resize(
-                window,
-                resize_x=float(pre.image_size),
-                resize_y=float(pre.image_size),
-                interp_type=getattr(types, _INTERP[pre.interpolation]),
-                antialias=True,
-            )
-            crops.append(fn.crop_mirror_normalize(window, mirror=mirror, **normalize))
+            crops.append(fn.crop_mirror_normalize(_resized_window(decoded, start, size, pre, types), mirror=mirror, **normalize))
         return fn.stack(*crops)
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
@@ -495,6 +484,61 @@ def _resized_size(height: Any, width: Any, resize: int, maximum: Callable) -> tu
     (a non-integer quotient is at least 1/short from the next integer, far more than the float division's
     error while resize * long < 2**53), and the shorter side's formula gives at most ``resize``."""
     return maximum(resize, (resize * height) // width), maximum(resize, (resize * width) // height)
+
+
+def _resized_window(decoded: Any, start: Any, size: Any, pre: Preprocess, types: Any) -> Any:
+    """One augmented view: the window ``start``/``size`` (top, left / height, width) cut out of the
+    decoded image and resized to the crop size as PIL resizes a crop (torchvision's resized_crop), as uint8.
+
+    PIL resizes in two passes, width then height, each rounded and clipped to uint8 (which is where
+    bicubic's overshoot goes), and at a window's edge cuts its filter and renormalizes the weights over
+    the pixels inside; DALI's resize would repeat the edge pixel instead (up to ~20 gray levels apart at
+    a 4x downscale). Resizing is linear, so a renormalized pass is a ratio of two resizes: of the window
+    with a ring of zeros around it and of a coverage channel (1 inside, 0 in the ring), filtered together
+    over the window as the ROI. DALI clamps reads beyond the ring to the ring's zeros, so one pixel of
+    it suffices."""
+    from nvidia.dali import fn
+
+    window = fn.slice(decoded, start, size, axis_names="HW", normalized_anchor=False, normalized_shape=False)
+    crop = float(pre.image_size)
+    wide = _renormalized_pass(window, size, 1, crop, pre, types)
+    return _renormalized_pass(wide, fn.stack(size[0], crop), 0, crop, pre, types)
+
+
+def _renormalized_pass(image: Any, size: Any, axis: int, length: float, pre: Preprocess, types: Any) -> Any:
+    """``image`` (uint8 HWC of shape ``size``) resized along ``axis`` (0: height, 1: width) to
+    ``length`` pixels with PIL's cut-and-renormalized filter at the edges, rounded to uint8. The
+    coverage is a line of ones (a 1-pixel-wide image) resized with the same filter: separable, so
+    the image's own resize stays in uint8 and three channels."""
+    from nvidia.dali import fn
+
+    ring = [0.0, 0.0]
+    ring[axis] = 1.0
+    grow = np.asarray(ring, np.float32)
+
+    def resized(x: Any, shape: Any) -> Any:
+        ringed = fn.slice(
+            x, [-r for r in ring], shape + 2.0 * grow, axis_names="HW",
+            normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad", fill_values=0,
+        )  # fmt: skip
+        target = [shape[0], shape[1]]
+        target[axis] = length
+        return fn.resize(
+            ringed,
+            size=fn.stack(*target),
+            roi_start=ring,
+            roi_end=shape + grow,
+            roi_relative=False,
+            interp_type=getattr(types, _INTERP[pre.interpolation]),
+            antialias=True,
+            dtype=types.FLOAT,
+        )
+
+    line = image[0:1, :, 0:1] if axis == 1 else image[:, 0:1, 0:1]
+    line_shape = fn.stack(1.0, size[1]) if axis == 1 else fn.stack(size[0], 1.0)
+    coverage = resized(fn.cast(line * 0 + 1, dtype=types.UINT8), line_shape)
+    # DALI's cast rounds half away from zero and saturates: PIL's rounding and clipping to uint8
+    return fn.cast(resized(image, size) / coverage, dtype=types.UINT8)
 
 
 def _crop_anchor(length: Any, crop: int) -> Any:

@@ -22,9 +22,19 @@ def _heads(dtype=torch.float64, matmul=None, outputs=16, cls=5):
     return heads
 
 
+@pytest.fixture
+def threads(request):
+    """torch's intra-op threads for one test: 1 decodes inline, 2 splits the images between two workers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("block_bytes", [1 << 19, 4 * 48 * 7, 1])  # one block per image; 7 tokens; one token
 @pytest.mark.parametrize("with_cls", [True, False])
-def test_decode_and_gradient_equal_autograd_block_by_block(monkeypatch, block_bytes, with_cls):
+def test_decode_and_gradient_equal_autograd_block_by_block(monkeypatch, block_bytes, with_cls, threads):
     monkeypatch.setattr(bins_decode, "BLOCK_BYTES", block_bytes)
     torch.manual_seed(2)
     heads = _heads(cls=5 if with_cls else 0)

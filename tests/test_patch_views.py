@@ -47,6 +47,62 @@ def test_store_writes_and_reads_patch_rows_lazily(tmp_path):
     assert capped_chunk_rows(8192, {"cls": 384}, "float16") == 8192
 
 
+class CountingArray:
+    """A stored array that counts the row ranges read from it (instrumentation, not a stand-in:
+    every read goes to the real zarr array)."""
+
+    def __init__(self, array):
+        self.array, self.reads = array, []
+        self.shape, self.dtype, self.chunks = array.shape, array.dtype, array.chunks
+
+    def __getitem__(self, key):
+        self.reads.append((key.start, key.stop))
+        return self.array[key]
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_block_reads_decode_each_unit_once(tmp_path, verify):
+    """Reading a selection in blocks that do not fall on unit boundaries (a role's rows in 256-row
+    batches) decodes each stored unit once, values intact; an array handed out is the caller's own."""
+    from featstore.store.rows import LazyRows
+
+    rng = np.random.default_rng(1)
+    tokens = rng.standard_normal((23, 2, 2, 3)).astype(np.float16)
+    store = FeatureStore.create(tmp_path / "s.zarr", splits={"train": ([f"{i}.png" for i in range(23)], np.zeros(23))},
+                                views={"patch": (2, 2, 3)}, chunk_rows=5)  # fmt: skip
+    for unit in store.units("train"):
+        store.write_unit(unit, {"patch": tokens[unit.start : unit.stop]}, np.ones(unit.rows))
+    store.finalize()
+    store = FeatureStore.open(tmp_path / "s.zarr", verify=verify)
+    patches = store.patches("train", "patch")
+    counted = CountingArray(patches._array)
+    lazy = LazyRows(counted, check=patches._check)
+    assert lazy._check[2].recorded.present == verify  # digests checked only when verifying
+    rows = np.flatnonzero(np.arange(23) % 4 != 1)  # a role: every row but a holdout's
+    blocks = list(lazy.select(rows).chunks(3))
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), tokens[rows])
+    assert sorted(counted.reads) == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]  # each unit once
+    counted.reads.clear()
+    assert [o for o, _ in lazy.chunks(2)] == list(range(0, 23, 2))
+    assert len(counted.reads) == 5
+    first = lazy[0:3]
+    first[:] = 0  # the caller's array: the unit kept for the next read is untouched
+    np.testing.assert_array_equal(lazy[1:4], tokens[1:4])
+
+
+def test_created_patch_stores_cap_their_units(tmp_path):
+    """Whoever creates a store (extraction, the API, a benchmark), a unit of patch tokens stays near
+    64 MiB: 8192-row units of 16×16×384 float16 would be 800 MB, decoded whole for any read of a row."""
+    n = 400
+    store = FeatureStore.create(tmp_path / "s.zarr", splits={"train": ([f"{i}.png" for i in range(n)], np.zeros(n))},
+                                views={"patch": (16, 16, 384), "cls": 384}, chunk_rows=8192)  # fmt: skip
+    assert store.chunk_rows == 341
+    assert store.patches("train", "patch").chunk_rows == 341 and store.units("train")[0].rows == 341
+    glob = FeatureStore.create(tmp_path / "g.zarr", splits={"train": ([f"{i}.png" for i in range(n)], np.zeros(n))},
+                               views={"cls": 384}, chunk_rows=8192)  # fmt: skip
+    assert glob.chunk_rows == 8192
+
+
 @pytest.fixture(scope="module")
 def vit_store(small_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("patch") / "vit.zarr"

@@ -44,7 +44,7 @@ from .digests import ATTRIBUTE, ReadCheck, Recorded, array_names, digests_of, re
 from .hdf5 import open_hdf5
 from .locations import FRESH, PROGRESS, fsspec_fs, is_hdf5_path, is_url, refuse_credentials, store_attrs, tree_size
 from .lock import pid_alive
-from .patch import PatchArray, RowShape, create_patch_array, is_patch_shape, patch_dims, row_shape
+from .patch import PatchArray, RowShape, capped_chunk_rows, create_patch_array, is_patch_shape, patch_dims, row_shape
 from .remote import Remote, refuse_unwritable
 from .rows import LazyRows
 
@@ -164,6 +164,8 @@ class FeatureStore:
             raise UsageError(f"unknown feature dtype {dtype!r}", f"use one of {', '.join(FEATURE_DTYPES)}")
         if chunk_rows < 1:
             raise UsageError(f"chunk rows must be positive, got {chunk_rows}", "pass a positive --chunk-rows")
+        # a unit of patch tokens stays near 64 MB whoever creates the store (a reader decodes whole units)
+        chunk_rows = capped_chunk_rows(chunk_rows, views, dtype)
         if is_url(path):  # planned in a local temp folder, then uploaded with zarr.json last (store/remote.py)
             url = os.fspath(path)
             remote = Remote.of(url)

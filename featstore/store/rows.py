@@ -9,7 +9,7 @@ against its unit digests, whole units at a time (``_block``)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -19,25 +19,49 @@ Rows = TypeVar("Rows", bound="LazyRows")
 class LazyRows:
     default_chunk_rows = 64  # rows per read of an array that declares no chunks (an h5py contiguous dataset)
 
-    def __init__(self, array: Any, rows: Any = None, check: Any = None) -> None:
+    def __init__(self, array: Any, rows: Any = None, check: Any = None, last: list | None = None) -> None:
         self._array = array  # a zarr array or an h5py dataset: both read row slices
         self._rows: np.ndarray | None = None if rows is None else np.arange(array.shape[0], dtype=np.int64)[rows]
         chunks = getattr(array, "chunks", None)
         self.chunk_rows = int(chunks[0]) if chunks else self.default_chunk_rows
         self._check = check  # (split, array name, ReadCheck) of a verifying store, else None
+        # the last unit read, (start, stop, rows), shared with every selection of this array: block reads
+        # that do not fall on unit boundaries (a role's rows, 256-row batches) decode each unit once, not once per block
+        self._last: list = last if last is not None else [None]
 
-    def _block(self, lo: int, hi: int) -> np.ndarray:
-        """Stored rows lo:hi. A verifying store reads the whole units around them (a digest covers a
-        unit, and the codec decodes whole chunks anyway) and checks each against its digest, so a
-        read of a few rows is checked too."""
+    @property
+    def _unit_rows(self) -> int:
+        """Rows per read: a digest unit of a verifying store (a digest covers a unit), else a chunk
+        (the codec decodes whole chunks anyway)."""
+        return int(self._check[2].chunk_rows) if self._check is not None else self.chunk_rows
+
+    def _block(self, lo: int, hi: int, fresh: bool = True) -> np.ndarray:
+        """Stored rows lo:hi, read unit by unit. A verifying store checks each unit against its digest,
+        so a read of a few rows is checked too. ``fresh``: an array of its own (else possibly a view of
+        the cached unit, for a caller that copies it at once)."""
+        step, n = self._unit_rows, int(self._array.shape[0])
+        if hi <= lo:
+            return np.asarray(self._array[lo:lo])
+        parts = []
+        for a in range(lo - lo % step, hi, step):
+            unit = self._unit(a, min(a + step, n))
+            parts.append(unit[max(lo, a) - a : min(hi, a + step) - a])
+        if len(parts) > 1:
+            return np.concatenate(parts)
+        return parts[0].copy() if fresh else parts[0]
+
+    def _unit(self, a: int, b: int) -> np.ndarray:
+        last = self._last[0]
+        if last is not None and last[0] == a and last[1] == b:
+            return cast(np.ndarray, last[2])
         if self._check is None:
-            return np.asarray(self._array[lo:hi])
-        split, name, check = self._check
-        step = check.chunk_rows
-        a, b = lo - lo % step, min(-(-hi // step) * step, int(self._array.shape[0]))
-        block = np.asarray(check.read(split, name, a, b, lambda: self._array[a:b]))
-        check.check(split, name, block, a)
-        return block[lo - a : hi - a]
+            block = np.asarray(self._array[a:b])
+        else:
+            split, name, check = self._check
+            block = np.asarray(check.read(split, name, a, b, lambda: self._array[a:b]))
+            check.check(split, name, block, a)
+        self._last[0] = (a, b, block)
+        return block
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -61,7 +85,7 @@ class LazyRows:
 
     def select(self: Rows, rows: Any) -> Rows:
         """These rows (a slice, an index array or a boolean mask), still unread."""
-        return type(self)(self._array, rows if self._rows is None else self._rows[rows], self._check)
+        return type(self)(self._array, rows if self._rows is None else self._rows[rows], self._check, self._last)
 
     def __getitem__(self, key: Any) -> Any:
         rows = key[0] if isinstance(key, tuple) else key
@@ -92,7 +116,7 @@ class LazyRows:
         out = np.empty(self.shape, self.dtype)
         if self._rows is None:
             for start in range(0, n, self.chunk_rows):
-                out[start : start + self.chunk_rows] = self._block(start, min(start + self.chunk_rows, n))
+                out[start : start + self.chunk_rows] = self._block(start, min(start + self.chunk_rows, n), fresh=False)
             return out
         if n == 0:
             return out
@@ -101,6 +125,6 @@ class LazyRows:
         cuts = np.flatnonzero(np.diff(ordered // self.chunk_rows)) + 1
         for group in np.split(np.arange(n), cuts):
             lo, hi = int(ordered[group[0]]), int(ordered[group[-1]]) + 1
-            block = self._block(lo, hi)
+            block = self._block(lo, hi, fresh=False)
             out[order[group]] = block[ordered[group] - lo]
         return out

@@ -40,7 +40,7 @@ from ..selection import SplitPlan, choose, plan_splits
 from ..stores import StoreSpec, assign_labels, open_checked, parse_store_spec
 from . import metrics
 from . import targets as dense_targets
-from .allocator import fix_mmap_threshold
+from .allocator import fix_mmap_threshold, step_heap
 from .compare import safe_name
 from .heads import DenseHeads, DenseSpec
 from .precision import matmul_dtype
@@ -171,8 +171,9 @@ def _train(
     for epoch in range(protocol.epochs):
         loss.zero_()
         for positions, (patches, cls) in tokens.epoch(generator, bs):
-            batch_loss = heads.train_step(patches, cls, targets[torch.as_tensor(positions, device=heads.device)], protocol,
-                                          schedule_factor(protocol, step, total))  # fmt: skip
+            with step_heap():
+                batch_loss = heads.train_step(patches, cls, targets[torch.as_tensor(positions, device=heads.device)], protocol,
+                                              schedule_factor(protocol, step, total))  # fmt: skip
             loss += batch_loss.cpu() * len(positions)
             step += 1
         log(f"  epoch {epoch + 1}/{protocol.epochs}: best head loss {float(torch.nan_to_num(loss / len(tokens), nan=math.inf).min()):.4f}")

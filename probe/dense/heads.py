@@ -81,6 +81,7 @@ class DenseHeads(LinearHeads):
             # of the range) with the ReLUs open: at 0 their gradient would be 0 and nothing would learn
             self.b.fill_(1.0)
             self.bins = torch.linspace(spec.min_depth, spec.max_depth, spec.outputs, device=self.device, dtype=dtype)
+            self.workspace = bins_decode.Workspace()
         elif spec.head == "linear":
             # start at the train pixels' geometric mean depth (the bins head starts mid-range): SigLoss's
             # pull on the mean log error is weak (λ = 0.15), so a far start costs many steps
@@ -127,12 +128,13 @@ class DenseHeads(LinearHeads):
         the tokens and the logits in the matmul dtype, the per-image term, the (T, G) depths and Z."""
         b, h, w, c = patches.shape
         x = patches.reshape(-1, c).to(self.matmul_dtype)
-        low = torch.mm(x, self.w[:c].to(self.matmul_dtype))
+        low = self.workspace.get("logits", (x.shape[0], self.w.shape[1]), self.matmul_dtype, x.device)
+        torch.mm(x, self.w[:c].to(self.matmul_dtype), out=low)
         if cls is not None and self.cls_channels:
             term = torch.addmm(self.b, cls, self.w[c:])  # the CLS term once per image, not once per token
         else:
             term = self.b.expand(b, -1)
-        depth, z, open_ = bins_decode.forward(low, term, self.bins, h * w, keep)
+        depth, z, open_ = bins_decode.forward(low, term, self.bins, h * w, keep, self.workspace)
         return depth.view(b, h, w, self.num_heads).permute(0, 3, 1, 2), (x, open_, term, depth, z)
 
     def _bins_gradients(
@@ -146,7 +148,7 @@ class DenseHeads(LinearHeads):
         assert open_ is not None
         c = x.shape[1]
         glow, sums = bins_decode.backward(
-            open_, term.shape[0], self.bins, depth, z, grad.permute(0, 2, 3, 1).reshape(-1, self.num_heads), x.dtype
+            open_, term.shape[0], self.bins, depth, z, grad.permute(0, 2, 3, 1).reshape(-1, self.num_heads), x.dtype, self.workspace
         )
         gw = torch.zeros_like(self.w)
         gw[:c] = torch.mm(x.t(), glow)  # the weight-gradient GEMM, in the matmul dtype (cast on the copy)

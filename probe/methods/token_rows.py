@@ -25,11 +25,11 @@ def default_memory(device: torch.device) -> int:
         return 4 << 30
 
 
-def finite_rows(store: FeatureStore, split: str, view: str, block_rows: int = 256) -> NDArray[np.bool_]:
-    """Per row of a split: every token value finite (read once, block by block)."""
+def finite_rows(store: FeatureStore, split: str, view: str) -> NDArray[np.bool_]:
+    """Per row of a split: every token value finite (read once, a stored chunk at a time)."""
     patches = store.patches(split, view)
     ok = np.empty(patches.shape[0], dtype=bool)
-    for start, block in patches.chunks(block_rows):
+    for start, block in patches.chunks():
         ok[start : start + len(block)] = np.isfinite(block).reshape(len(block), -1).all(axis=1)
     return ok
 

@@ -19,7 +19,7 @@ Rows = TypeVar("Rows", bound="LazyRows")
 class LazyRows:
     default_chunk_rows = 64  # rows per read of an array that declares no chunks (an h5py contiguous dataset)
 
-    def __init__(self, array: Any, rows: Any = None, check: Any = None, last: list | None = None) -> None:
+    def __init__(self, array: Any, rows: Any = None, check: Any = None, last: list[Any] | None = None) -> None:
         self._array = array  # a zarr array or an h5py dataset: both read row slices
         self._rows: np.ndarray | None = None if rows is None else np.arange(array.shape[0], dtype=np.int64)[rows]
         chunks = getattr(array, "chunks", None)
@@ -27,7 +27,7 @@ class LazyRows:
         self._check = check  # (split, array name, ReadCheck) of a verifying store, else None
         # the last unit read, (start, stop, rows), shared with every selection of this array: block reads
         # that do not fall on unit boundaries (a role's rows, 256-row batches) decode each unit once, not once per block
-        self._last: list = last if last is not None else [None]
+        self._last: list[Any] = last if last is not None else [None]
 
     @property
     def _unit_rows(self) -> int:

@@ -41,7 +41,7 @@ def _mallopt() -> Callable[[int, int], int] | None:
     except (OSError, AttributeError, TypeError):
         return None
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return mallopt  # type: ignore[no-any-return]
+    return mallopt
 
 
 @functools.cache

@@ -95,7 +95,7 @@ def test_extract_to_s3_killed_in_a_unit_and_in_finalize_resumes_to_the_same_stor
 def test_a_second_writer_is_refused_while_one_writes(s3, clean):
     url = f"{s3}/two-writers/digits.zarr"
     first = subprocess.Popen(
-        _cmd(url, "slow-units", "1.0"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO
+        _cmd(url, "slow-units", "0.5"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO
     )
     deadline = time.time() + 120
     while not _markers(url) and time.time() < deadline and first.poll() is None:
@@ -103,7 +103,7 @@ def test_a_second_writer_is_refused_while_one_writes(s3, clean):
     assert _markers(url), "the first writer wrote no unit"
     listed = json.loads(_featstore("ls", "--json", url).stdout)[0]
     assert listed["writing"] and listed["state"].startswith("writing ")
-    second = _run(url)  # ~30 s of units at 1 s each: the first is still writing when the second reaches the lease
+    second = _run(url)  # ~15 s of units at 0.5 s each: the first is still writing when the second reaches the lease
     assert first.poll() is None, "the first writer finished before the second started: nothing was tested"
     assert second.returncode == 1 and "Traceback" not in second.stderr, second.stdout + second.stderr
     line = second.stderr.strip().splitlines()[-1]

@@ -24,10 +24,9 @@ from numpy.typing import NDArray
 
 from featstore.errors import FeatstoreError, UsageError
 
-from ..selection import choose
 from . import attention as A
 from . import heads as H
-from .method import Case, Config, MethodResult, Metrics, Ranking, grid_configs
+from .method import Case, Config, MethodResult, Metrics, Ranking, grid_configs, select_head
 from .token_rows import TokenRows, default_memory
 
 EVAL_ROWS = 256  # rows per evaluation batch
@@ -74,17 +73,7 @@ class Attentive:
             return {role: {k: float(v[h]) for k, v in m.items()} for role, m in metrics.items()}
 
         top1 = np.array([np.nan if not finite[h] else float(metrics["select"]["top1"][h]) for h in range(len(lrs))], dtype=float)
-        keys = [(lr, wd) for lr, wd in zip(lrs, wds)]
-        chosen = choose(top1, keys, finite)  # the selection rows only: the reported split is never an input
-        if not finite.all():
-            bad = ", ".join(f"{lrs[h]:g}" + (f"/wd {wds[h]:g}" if len(protocol.wd_grid) > 1 else "") for h in np.flatnonzero(~finite))
-            case.warn(f"{case.where}: {int((~finite).sum())} attentive heads diverged (lr {bad}); they are never selected")
-        if chosen < 0:
-            raise FeatstoreError(f"{case.where}: every attentive head diverged", "lower the learning rates (--lr-grid)")
-        if len(protocol.lr_grid) >= 3 and lrs[chosen] in (protocol.lr_grid[0], protocol.lr_grid[-1]) and case.first:
-            case.warn(
-                f"{case.where}: the attentive probe's selected lr {lrs[chosen]:g} is at the edge of the grid; consider widening --lr-grid"
-            )
+        chosen = select_head(case, top1, finite, "attentive head", "lower the learning rates (--lr-grid)")
 
         refit = case.refits()
         configs = grid_configs(protocol, train_loss, finite, chosen, refit, per_head)

@@ -19,9 +19,8 @@ from numpy.typing import NDArray
 
 from featstore.errors import FeatstoreError
 
-from ..selection import choose
 from . import heads as H
-from .method import Case, Config, MethodResult, Metrics, Ranking, grid_configs
+from .method import Case, Config, MethodResult, Metrics, Ranking, grid_configs, select_head
 
 
 class Linear:
@@ -76,16 +75,8 @@ class Linear:
         def top1(role: str) -> NDArray[np.float64]:
             return np.array([np.nan if not finite[h] else float(metrics[role]["top1"][h]) for h in range(len(lrs))], dtype=float)
 
-        keys = [(lr, wd) for lr, wd in zip(lrs, wds)]
         # selection reads the select role only: the reported split is never an input (unless opted in)
-        chosen = choose(top1("select"), keys, finite)
-        if not finite.all():
-            bad_lrs = ", ".join(f"{lrs[h]:g}" + (f"/wd {wds[h]:g}" if len(protocol.wd_grid) > 1 else "") for h in np.flatnonzero(~finite))
-            case.warn(f"{case.where}: {int((~finite).sum())} heads diverged (lr {bad_lrs}); they are never selected")
-        if chosen < 0:
-            raise FeatstoreError(f"{case.where}: every head diverged", "lower the learning rates or use --normalize standardize")
-        if len(protocol.lr_grid) >= 3 and lrs[chosen] in (protocol.lr_grid[0], protocol.lr_grid[-1]) and case.first:
-            case.warn(f"{case.where}: the selected lr {lrs[chosen]:g} is at the edge of the grid; consider widening --lr-grid")
+        chosen = select_head(case, top1("select"), finite, "head", "lower the learning rates or use --normalize standardize")
 
         refit = case.refits()
         configs = grid_configs(protocol, train_loss, finite, chosen, refit, per_head)

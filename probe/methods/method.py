@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from featstore.errors import FeatstoreError
+
 from ..protocol import Protocol as ProbeProtocol
 from ..selection import choose, refits
 from .token_rows import TokenRows
@@ -163,3 +165,23 @@ def grid_configs(
         configs.append(Config({"lr": lr, "wd": wd, "refit": False}, per_head(h), selected=h == chosen and not refit, extra=extra))
     mark_best_report(configs, [(lr, wd) for lr, wd in protocol.heads])
     return configs
+
+
+def select_head(case: Case, select_top1: NDArray[np.float64], finite: NDArray[np.bool_], what: str, hint: str) -> int:
+    """The (lr, wd) head of a batched grid chosen on the selection rows' top-1 (the reported split is
+    never an input), with what a user must hear about the grid: the heads that diverged (never
+    selected), a refusal when every one did (``hint``: how to fix it), a choice at the grid's edge.
+    ``what``: a head's name in those messages ("head", "attentive head")."""
+    protocol = case.protocol
+    lrs = [lr for lr, _ in protocol.heads]
+    chosen = choose(select_top1, list(protocol.heads), finite)
+    if not finite.all():
+        wds = [wd for _, wd in protocol.heads]
+        bad = ", ".join(f"{lrs[h]:g}" + (f"/wd {wds[h]:g}" if len(protocol.wd_grid) > 1 else "") for h in np.flatnonzero(~finite))
+        case.warn(f"{case.where}: {int((~finite).sum())} {what}s diverged (lr {bad}); they are never selected")
+    if chosen < 0:
+        raise FeatstoreError(f"{case.where}: every {what} diverged", hint)
+    if len(protocol.lr_grid) >= 3 and lrs[chosen] in (protocol.lr_grid[0], protocol.lr_grid[-1]) and case.first:
+        of = "" if what == "head" else f" of the {what}s"
+        case.warn(f"{case.where}: the selected lr {lrs[chosen]:g}{of} is at the edge of the grid; consider widening --lr-grid")
+    return chosen

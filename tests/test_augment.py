@@ -161,6 +161,28 @@ def test_loader_views_are_torchvisions_resized_crop_and_flip(loader_name):
         np.testing.assert_allclose(_levels(batch.images, pre), _levels(next(iter(center)).images, pre), atol=12)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dali_views_on_cuda_are_torchvisions_resized_crop_and_flip():
+    """The same views from DALI's GPU pipeline (the mixed decoder, the renormalized resizes on the
+    device): on the GPU, next to torchvision's within the GPU decoder's own difference from
+    libjpeg-turbo (the center crops' bound, tests/test_loaders.py: < 2.5 gray levels on average)."""
+    dali_or_skip()
+    from featstore.loaders.dali import DaliLoader
+
+    files = [str(p) for p in SHIPPED]
+    pre = Preprocess(96, 110, "bilinear")
+    plan = ViewPlan(Augment(views=4, seed=3), tuple(Path(f).name for f in files))
+    (batch,) = list(DaliLoader(pre, torch.device("cuda"), 2).batches(files, [np.arange(len(files))], None, augment=plan))
+    assert not batch.errors and batch.views is not None and batch.views.device.type == "cuda"
+    assert batch.views.shape == (3, 4, 3, 96, 96)
+    views = _levels(batch.views.float().cpu(), pre)
+    for i, path in enumerate(files):
+        for k in range(4):
+            diff = np.abs(views[i, k] - _reference(path, batch.view_params[i, k], pre))
+            assert diff.mean() < 2.5, (Path(path).name, k, diff.mean())
+
+
 @pytest.fixture(scope="module")
 def photo_splits(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("aug-photos")

@@ -308,12 +308,12 @@ def fit_command(
     out = out if out is not None else new_run_folder("probe-results")
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     if task != "classify":  # dense probes: probe.dense
-        from .dense.fit import DEFAULT_BATCH, fit_dense, parse_memory, summary_table
+        from .dense.fit import DEFAULT_BATCH, fit_dense, summary_table
 
         if ctx.get_parameter_source("batch_size") == ParameterSource.DEFAULT:
             protocol = protocol.replace(batch_size=DEFAULT_BATCH)  # images per minibatch, not rows
         dense = fit_dense(list(stores), protocol, task, view=views[0] if views else None, head=depth_head, out=out, overwrite=overwrite,
-                          save_predictions=save_predictions, max_memory=parse_memory(max_memory), device=device,
+                          save_predictions=save_predictions, max_memory=_memory(max_memory), device=device,
                           allow_different_data=allow_different_data, log=log, verify=not no_verify, precision=precision)  # fmt: skip
         click.echo(summary_table(dense))
         click.echo(f"wrote {dense.out}/: {', '.join(dense.files)}")

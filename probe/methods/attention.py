@@ -33,6 +33,8 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
+from .heads import adamw_moments_step, grid_rates
+
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default (V-JEPA's AttentiveClassifier uses nn.LayerNorm)
 INIT_STD = 0.02  # V-JEPA's init_std: truncated normal weights and query, zero biases, unit LayerNorm gains
 HEAD_DIM = 64  # default attention heads: D / 64, a ViT's own head width (6 for ViT-S, 12 for B, 16 for L)
@@ -84,24 +86,19 @@ class AttentiveHeads:
         dtype: torch.dtype = torch.float32,
         token_dtype: torch.dtype | None = None,
     ):
-        lr_t = torch.as_tensor(lrs, dtype=torch.float64)
-        wd_t = torch.as_tensor(wds, dtype=torch.float64)
-        if lr_t.shape != wd_t.shape or lr_t.ndim != 1:
-            raise ValueError("lrs and wds must be 1-D and of the same length")
-        self.num_grid = len(lr_t)
+        self.device = torch.device(device)
+        self.lrs, self.wds = grid_rates(lrs, wds, self.device, dtype)
+        self.num_grid = len(self.lrs)
         self.queries, self.dim = init["query"].shape
         self.num_classes = init["wc"].shape[1]
         if self.dim % num_heads:
             raise ValueError(f"{num_heads} attention heads do not divide the token width {self.dim}")
         self.num_heads = int(num_heads)
-        self.device = torch.device(device)
         # the dtype of the two products over every token (scores, pooling) and their gradients;
         # everything else, and the master weights, in ``dtype``
         self.token_dtype = token_dtype or dtype
         self.params = {n: init[n].to(self.device, dtype).unsqueeze(0).repeat(self.num_grid, *([1] * init[n].ndim)).requires_grad_()
                        for n in NAMES}  # fmt: skip
-        self.lrs = lr_t.to(self.device, dtype)
-        self.wds = wd_t.to(self.device, dtype)
         self._state: dict[str, dict[str, torch.Tensor]] = {}
         self._step = 0
 
@@ -163,9 +160,7 @@ class AttentiveHeads:
                     param.mul_(1 - lr * wd)
                 m = state.setdefault("m", torch.zeros_like(param))
                 v = state.setdefault("v", torch.zeros_like(param))
-                m.lerp_(grad, 1 - betas[0])
-                v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
-                param.addcdiv_(m * (lr / bc1), (v.sqrt() / bc2_sqrt).add_(eps), value=-1.0)
+                adamw_moments_step(param, grad, m, v, lr / bc1, betas, bc2_sqrt, eps)
             else:
                 if wd is not None:
                     grad = grad.addcmul(param, wd)

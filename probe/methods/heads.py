@@ -103,6 +103,34 @@ def prepare(
     return out
 
 
+def grid_rates(lrs: Sequence[float], wds: Sequence[float], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batched grid's per-head learning rates and weight decays as (H,) tensors on ``device``,
+    checked to be 1-D and of one length (the linear and the attentive heads)."""
+    lr_t = torch.as_tensor(lrs, dtype=torch.float64)
+    wd_t = torch.as_tensor(wds, dtype=torch.float64)
+    if lr_t.shape != wd_t.shape or lr_t.ndim != 1:
+        raise ValueError("lrs and wds must be 1-D and of the same length")
+    return lr_t.to(device, dtype), wd_t.to(device, dtype)
+
+
+def adamw_moments_step(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    step_size: torch.Tensor,
+    betas: tuple[float, float],
+    bc2_sqrt: float,
+    eps: float,
+) -> None:
+    """torch.optim.AdamW's update of ``p`` from its gradient ``g`` (after the decoupled decay, which
+    the caller applies): the moments ``m`` and ``v`` updated in place; ``step_size`` = lr / (1 − β₁ᵗ),
+    per head, broadcast against ``p``; ``bc2_sqrt`` = √(1 − β₂ᵗ). The linear and the attentive heads' step."""
+    m.lerp_(g, 1 - betas[0])
+    v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+    p.addcdiv_(m * step_size, (v.sqrt() / bc2_sqrt).add_(eps), value=-1.0)
+
+
 class LinearHeads:
     """H linear classifiers D → C over the same features, stored as one (D, H·C) weight matrix."""
 
@@ -115,19 +143,14 @@ class LinearHeads:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        lr_t = torch.as_tensor(lrs, dtype=torch.float64)
-        wd_t = torch.as_tensor(wds, dtype=torch.float64)
-        if lr_t.shape != wd_t.shape or lr_t.ndim != 1:
-            raise ValueError("lrs and wds must be 1-D and of the same length")
-        self.dim, self.num_classes, self.num_heads = int(dim), int(num_classes), len(lr_t)
         self.device = torch.device(device)
+        self.lrs, self.wds = grid_rates(lrs, wds, self.device, dtype)
+        self.dim, self.num_classes, self.num_heads = int(dim), int(num_classes), len(self.lrs)
         hc = self.num_heads * self.num_classes
         # zero init: the problem is convex, and every head (and a lone reference head) starts identical
         # master weights and optimizer state in ``dtype`` (float32; float64 only for exactness tests)
         self.w = torch.zeros(self.dim, hc, device=self.device, dtype=dtype)
         self.b = torch.zeros(hc, device=self.device, dtype=dtype)
-        self.lrs = lr_t.to(self.device, dtype)
-        self.wds = wd_t.to(self.device, dtype)
         self._lr_cols = self.lrs.repeat_interleave(self.num_classes)
         self._wd_cols = self.wds.repeat_interleave(self.num_classes)
         self._minus_one = torch.full((1, 1, 1), -1.0, device=self.device, dtype=dtype)
@@ -193,10 +216,7 @@ class LinearHeads:
                 self.w.mul_(1 - lr * self._wd_cols)
             step_size = lr / bc1
             for p, g, m, v in ((self.w, gw, self._state["mw"], self._state["vw"]), (self.b, gb, self._state["mb"], self._state["vb"])):
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / bc2_sqrt).add_(protocol.eps)
-                p.addcdiv_(m * step_size, denom, value=-1.0)
+                adamw_moments_step(p, g, m, v, step_size, protocol.betas, bc2_sqrt, protocol.eps)
 
     def finite(self) -> torch.Tensor:
         """(H,) bool: the heads whose weights and biases are all finite (False = diverged)."""

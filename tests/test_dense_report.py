@@ -38,6 +38,11 @@ def stores(tmp_path_factory):
     return root, out
 
 
+def _tex(numbers: str) -> str:
+    """Numbers as the LaTeX tables print them: a negative sign is a minus ($-$), not a hyphen."""
+    return numbers.replace("-", "$-$")
+
+
 # ---------------------------------------------------------------- probe report on dense runs
 
 
@@ -87,14 +92,14 @@ def test_report_of_a_depth_run_shows_images_truth_predictions_and_the_comparison
 
     _, differences = compare_dense(run, "fog")
     d = next(d for d in differences if d.metric == "rmse" and d.store == "random")
-    assert f"{d.delta:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" in tex
+    assert _tex(f"{d.delta:+.4f} [{d.low:+.4f}, {d.high:+.4f}]") in tex  # a negative number with a minus, not a hyphen
     rmse = {s: float(selected[s]["rmse"]) for s in ("fog", "random")}
     best = min(rmse, key=rmse.get)
     assert f"\\textbf{{{rmse[best]:.4f}}}" in tex or f"\\textbf{{{rmse[best]:.3f}}}" in tex  # the lower RMSE in bold
     capsys.readouterr()
     assert run_cli(probe_cli, "probe", ["compare", str(run), "--reference", "fog", "--latex"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("\\begin{table}") and "Holm" in printed and f"{d.delta:+.4f}" in printed
+    assert printed.startswith("\\begin{table}") and "Holm" in printed and _tex(f"{d.delta:+.4f}") in printed
     assert printed.count(" \\\\") == len(differences) + 1  # a line per store × metric, and the header
 
 

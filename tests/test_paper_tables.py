@@ -50,6 +50,28 @@ def test_sign_flip_test_is_mcnemar_for_one_seed_and_exact_for_several():
     assert I.seed_mean_sign_test(d) == pytest.approx(exact, rel=1e-12)
 
 
+# ---------------------------------------------------------------- renderers
+
+
+def test_negative_numbers_get_a_minus_and_names_keep_their_hyphens():
+    from probe.output import paper
+
+    assert [paper.number(v, 1, signed=True) for v in (-0.31, 0.0, 2.25, -12.0)] == ["−0.3", "+0.0", "+2.2", "−12.0"]
+    assert paper.number(-3.14159, 4) == "−3.1416" and paper.number(3.14159, 2) == "3.14"
+    delta = paper._number(-0.31, (-1.2, 0.64), None, 1, "ci", signed=True)
+    t = paper.Table(
+        ["encoder", "Δ top-1 vs run-2026"],
+        [["dino-v2_b", delta], ["mae lr 1e-4", paper._number(1.0, None, None, 1, "ci", signed=True)]],
+        [[False, True], [False, False]],
+        "Δ: store − reference",
+    )
+    tex = paper.latex(t)
+    assert r"dino-v2\_b & \textbf{$-$0.3 [$-$1.2, +0.6]} \\" in tex and r"mae lr 1e-4 & +1.0 \\" in tex
+    assert r"$\Delta$ top-1 vs run-2026" in tex and r"\caption{$\Delta$: store $-$ reference}" in tex
+    md = paper.markdown(t)
+    assert "| dino-v2_b | **−0.3 [−1.2, +0.6]** |" in md and "| mae lr 1e-4 | +1.0 |" in md
+
+
 # ---------------------------------------------------------------- runs
 
 
@@ -157,7 +179,7 @@ def test_compare_paper_table_gives_delta_interval_p_and_holm_p(runs):
     assert adjusted == pytest.approx(list(multitest.multipletests([r.mcnemar_p for r in others], method="holm")[1]))
     for r, h in zip(others, adjusted):
         line = next(line for line in out.splitlines() if line.startswith(r.label + " "))
-        assert f"{r.delta:+.1f} [{r.delta_ci95[0]:+.1f}, {r.delta_ci95[1]:+.1f}]" in line
+        assert f"{r.delta:+.1f} [{r.delta_ci95[0]:+.1f}, {r.delta_ci95[1]:+.1f}]".replace("-", "$-$") in line
         assert line.split(" & ")[3:] == [fmt_p(r.mcnemar_p), fmt_p(h) + r" \\"] or line.split(" & ")[4] == rf"\textbf{{{fmt_p(h)}}} \\"
         assert r.mcnemar_p_holm == pytest.approx(h)
     code, md = run_cli(["compare", str(root / "fixed"), "--markdown"])

@@ -320,6 +320,11 @@ def _num(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
+def _signed(v: float) -> str:
+    """A paper table's difference: signed, a true minus when negative."""
+    return paper.number(v, 4, signed=True)
+
+
 def summary_markdown(run: DenseRun) -> str:
     names = SUMMARY[run.task]
     head = ["store", "view", "lr", "wd", *(NAMES[m] for m in names), "images"]
@@ -362,7 +367,7 @@ def paper_table(run: DenseRun, differences: Sequence[Difference], reference: str
             marks.append(best[m] is not None and r.get(m) not in (None, "") and _num(float(r[m])) == _num(best[m]))
         for m in compared:
             d = by.get((store, m))
-            line.append("reference" if d is None else f"{d.delta:+.4f} [{d.low:+.4f}, {d.high:+.4f}], p {d.p:.2g}")
+            line.append("reference" if d is None else f"{_signed(d.delta)} [{_signed(d.low)}, {_signed(d.high)}], p {d.p:.2g}")
             h = adjusted.get((store, m))
             marks.append(h is not None and h < paper.ALPHA)
         out.append(line)
@@ -391,7 +396,7 @@ def compare_paper_table(task: str, differences: Sequence[Difference]) -> paper.T
     """``probe compare --latex/--markdown`` of a dense run: each store × metric, Δ to the reference with
     its paired bootstrap 95% interval, the Wilcoxon p and the Holm-adjusted p over the table (bold < 0.05)."""
     adjusted = holm([d.p for d in differences])
-    out = [[d.store, NAMES.get(d.metric, d.metric), f"{d.delta:+.4f} [{d.low:+.4f}, {d.high:+.4f}]", fmt_p(d.p), fmt_p(h)]
+    out = [[d.store, NAMES.get(d.metric, d.metric), f"{_signed(d.delta)} [{_signed(d.low)}, {_signed(d.high)}]", fmt_p(d.p), fmt_p(h)]
            for d, h in zip(differences, adjusted)]  # fmt: skip
     significant = [h is not None and h < paper.ALPHA for h in adjusted]
     reference = differences[0].reference if differences else "the reference"

@@ -28,15 +28,20 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
+def number(value: float, digits: int, signed: bool = False) -> str:
+    """``value`` to ``digits`` decimals (``signed``: with its sign), a negative one with a true minus
+    (U+2212, which the LaTeX renderer sets as ``$-$``): a hyphen there would print as a hyphen."""
+    return (f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}").replace("-", "−")
+
+
 def _number(mean: float | None, ci: tuple | None, std: float | None, n_seeds: int, spread: str, signed: bool = False) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—"
-    f = "{:+.1f}" if signed else "{:.1f}"
     if spread == "std" and n_seeds > 1 and std is not None:
-        return f"{f.format(mean)} ± {std:.1f}"
+        return f"{number(mean, 1, signed)} ± {std:.1f}"
     if ci is not None and all(v is not None and not math.isnan(v) for v in ci):
-        return f"{f.format(mean)} [{f.format(ci[0])}, {f.format(ci[1])}]"
-    return f.format(mean)
+        return f"{number(mean, 1, signed)} [{number(ci[0], 1, signed)}, {number(ci[1], 1, signed)}]"
+    return number(mean, 1, signed)
 
 
 def _column(method: str, shots: str | None, several_shots: bool) -> str:

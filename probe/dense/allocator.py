@@ -44,19 +44,25 @@ def _mallopt() -> Callable[[int, int], int] | None:
     return mallopt
 
 
-@functools.cache
+_fixed = False  # fix_mmap_threshold succeeded in this process: step_heap only changes a fixed threshold
+
+
 def fix_mmap_threshold() -> bool:
     """Fix glibc's mmap threshold at 1 MiB and its trim threshold at the step size (once per process);
     False where the C library is not glibc."""
+    global _fixed
     mallopt = _mallopt()
-    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, STEP_THRESHOLD))
+    if not _fixed and mallopt is not None:
+        _fixed = bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, STEP_THRESHOLD))
+    return _fixed
 
 
 @contextmanager
 def step_heap() -> Iterator[None]:
     """Within: buffers below :data:`STEP_THRESHOLD` come from the heap (a training step's temporaries,
-    reused step after step); after: 1 MiB again. Nothing where the threshold was never fixed."""
-    mallopt = _mallopt() if fix_mmap_threshold.cache_info().currsize else None
+    reused step after step); after: 1 MiB again. Nothing where the threshold was never fixed (a
+    process that did not stream, or not glibc): its dynamic threshold is left alone."""
+    mallopt = _mallopt() if _fixed else None
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, STEP_THRESHOLD)
     try:

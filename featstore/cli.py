@@ -48,7 +48,7 @@ def cli(debug):
 @click.option(
     "--data-root",
     type=click.Path(),
-    help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet), or 'nyu-depth-v2' (the .mat and splits.mat).",
+    help="Where 'imagenet' lives (default $FEATSTORE_DATA/imagenet), or 'nyu-depth-v2' (the .mat and splits.mat; with classMapping40.mat also the 40-class masks).",
 )
 @click.option(
     "--split",

@@ -9,7 +9,8 @@ Three layouts:
 - Pascal VOC segmentation (``JPEGImages/``, ``SegmentationClass/``, ``ImageSets/Segmentation/*.txt``);
 - NYU-Depth v2's ``nyu_depth_v2_labeled.mat`` (MATLAB v7.3 = HDF5, read with h5py) and the standard
   795/654 split of its ``splits.mat``: ``--dataset nyu-depth-v2 --data-root DIR``. Its images live
-  inside the .mat, so they are written once to the folder layout under the featstore home.
+  inside the .mat, so they are written once to the folder layout under the featstore home; with
+  Gupta et al.'s ``classMapping40.mat`` in DIR, also the standard 40-class segmentation masks.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .manifest import Manifest, SplitManifest
 NYU = "nyu-depth-v2"
 NYU_FILE = "nyu_depth_v2_labeled.mat"
 NYU_SPLITS = "splits.mat"
+NYU_CLASSES = "classMapping40.mat"  # Gupta et al. (CVPR 2013): the 894 raw label ids → the 40 classes everyone reports
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
     "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -141,25 +143,46 @@ def voc_manifest(root: Path) -> Manifest:
 
 def nyu_folder(data_root: str | os.PathLike[str] | None) -> Path:
     """The folder layout of NYU-Depth v2's labeled set (train 795 / test 654 by splits.mat), written
-    from the .mat once and reused while the .mat and splits.mat are unchanged."""
+    from the .mat once and reused while the .mat, splits.mat (and the class mapping) are unchanged.
+    Depth always; the 40-class masks when ``classMapping40.mat`` is in the folder too."""
     if data_root is None:
         raise UsageError("dataset 'nyu-depth-v2' needs its location", f"pass --data-root DIR holding {NYU_FILE} and {NYU_SPLITS}")
     root = Path(data_root).expanduser()
-    mat, splits = root / NYU_FILE, root / NYU_SPLITS
+    mat, splits, mapping = root / NYU_FILE, root / NYU_SPLITS, root / NYU_CLASSES
     for f in (mat, splits):
         if not f.is_file():
             raise UsageError(f"{str(f)!r} not found", f"--data-root must hold {NYU_FILE} and the standard split file {NYU_SPLITS}")
-    stamp = hashlib.sha256(json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in (mat, splits)]).encode())
+    sources = [mat, splits] + ([mapping] if mapping.is_file() else [])
+    stamp = hashlib.sha256(json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in sources]).encode())
     target = home() / "datasets" / f"{NYU}-{stamp.hexdigest()[:16]}"
     if not (target / "done.json").is_file():
         shutil.rmtree(target, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_folder(target, "converting") as build:
-            _convert_nyu(mat, splits, build)
+            _convert_nyu(mat, splits, mapping if mapping.is_file() else None, build)
     return target
 
 
-def _convert_nyu(mat: Path, splits: Path, out: Path) -> None:
+def nyu_class_mapping(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    """From ``classMapping40.mat``: a lookup table raw label id → class index (0..39; the raw 0,
+    "unlabeled", → 255, ignored) and the 40 class names."""
+    import scipy.io
+
+    fix = "use the classMapping40.mat of Gupta et al. (mapClass: 894 raw ids → 1..40; className: 40 names)"
+    try:
+        m = scipy.io.loadmat(str(path))
+        raw_to_class = np.asarray(m["mapClass"]).reshape(-1).astype(np.int64)
+        names = tuple(str(np.asarray(n).reshape(-1)[0]) for n in np.asarray(m["className"]).reshape(-1))
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise UsageError(f"cannot read the class mapping {str(path)!r} ({type(e).__name__}: {e})", fix) from e
+    if not names or not len(raw_to_class) or raw_to_class.min() < 1 or raw_to_class.max() > len(names) or len(names) > 255:
+        raise UsageError(f"{str(path)!r} maps raw labels outside its {len(names)} classes", fix)
+    lut = np.full(len(raw_to_class) + 1, 255, np.uint8)  # raw 0 = unlabeled: ignored by the probe and the metrics
+    lut[1:] = raw_to_class - 1
+    return lut, names
+
+
+def _convert_nyu(mat: Path, splits: Path, mapping: Path | None, out: Path) -> None:
     import h5py
     import scipy.io
     from PIL import Image
@@ -169,6 +192,7 @@ def _convert_nyu(mat: Path, splits: Path, out: Path) -> None:
         train, test = (np.asarray(index[k]).reshape(-1).astype(np.int64) - 1 for k in ("trainNdxs", "testNdxs"))  # MATLAB: 1-based
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"cannot read the split of {str(splits)!r}: {e}", "use NYU's splits.mat (trainNdxs, testNdxs)") from e
+    lut, names = nyu_class_mapping(mapping) if mapping is not None else (None, ())
     try:
         f = h5py.File(mat, "r")
     except OSError as e:
@@ -176,6 +200,11 @@ def _convert_nyu(mat: Path, splits: Path, out: Path) -> None:
     with f:
         if "images" not in f or "depths" not in f:
             raise UsageError(f"{str(mat)!r} lacks 'images' or 'depths'", "use nyu_depth_v2_labeled.mat as released")
+        if lut is not None and "labels" not in f:
+            raise UsageError(
+                f"{str(mat)!r} lacks 'labels' for the 40-class masks",
+                f"use nyu_depth_v2_labeled.mat as released, or move {NYU_CLASSES} away",
+            )
         images, depths = f["images"], f["depths"]  # MATLAB's column order: (N, 3, W, H) and (N, W, H)
         n = images.shape[0]
         if len(np.intersect1d(train, test)) or max(train.max(), test.max()) >= n or min(train.min(), test.min()) < 0:
@@ -183,8 +212,20 @@ def _convert_nyu(mat: Path, splits: Path, out: Path) -> None:
         for split, rows in (("train", train), ("test", test)):
             (out / split / "images").mkdir(parents=True)
             (out / split / "depth").mkdir()
+            if lut is not None:
+                (out / split / "masks").mkdir()
             for i in rows.tolist():
                 name = f"{i + 1:04d}"  # the image's number in the .mat (1-based, as NYU's toolbox names it)
                 Image.fromarray(np.ascontiguousarray(np.asarray(images[i]).transpose(2, 1, 0))).save(out / split / "images" / f"{name}.png")
                 np.save(out / split / "depth" / f"{name}.npy", np.ascontiguousarray(np.asarray(depths[i], np.float32).T))
-    (out / "done.json").write_text(json.dumps({"source": str(mat), "train": len(train), "test": len(test)}))
+                if lut is not None:
+                    raw = np.asarray(f["labels"][i]).T
+                    if raw.min() < 0 or raw.max() >= len(lut):
+                        raise UsageError(
+                            f"image {name} of {str(mat)!r} has raw label {int(raw.max())}, beyond the {len(lut) - 1} ids {NYU_CLASSES} maps",
+                            "use the mapping released for nyu_depth_v2_labeled.mat",
+                        )
+                    Image.fromarray(lut[raw.astype(np.int64)]).save(out / split / "masks" / f"{name}.png")
+    if names:
+        (out / "classes.txt").write_text("".join(f"{n}\n" for n in names))
+    (out / "done.json").write_text(json.dumps({"source": str(mat), "train": len(train), "test": len(test), "classes": len(names)}))

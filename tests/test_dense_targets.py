@@ -148,6 +148,64 @@ def test_nyu_labeled_mat_and_its_split(tmp_path):
     assert "--dataset nyu-depth-v2" in store.attrs["command"]
 
 
+def _write_nyu_classes(root, images, raw_ids=894, classes=40, rng_seed=1):
+    """Raw labels in the .mat (0 = unlabeled) and a classMapping40.mat in Gupta et al.'s structure:
+    ``mapClass`` (1 × 894, uint8, values 1..40), ``className`` (1 × 40 cell of names)."""
+    import h5py
+    import scipy.io
+
+    rng = np.random.default_rng(rng_seed)
+    n, h, w, _ = images.shape
+    labels = rng.integers(0, raw_ids + 1, (n, h, w)).astype(np.uint16)
+    labels[:, :4] = 0  # a band of unlabeled pixels
+    with h5py.File(root / "nyu_depth_v2_labeled.mat", "a") as f:
+        f["labels"] = labels.transpose(0, 2, 1)  # (N, W, H)
+    map_class = rng.integers(1, classes + 1, (1, raw_ids)).astype(np.uint8)
+    names = np.empty((1, classes), dtype=object)
+    names[0, :] = [f"class {k}" for k in range(classes)]
+    scipy.io.savemat(root / "classMapping40.mat", {"mapClass": map_class, "className": names})
+    return labels, map_class.reshape(-1), [f"class {k}" for k in range(classes)]
+
+
+def test_nyu_40_class_masks_from_the_class_mapping(tmp_path):
+    images, depths = _write_nyu(tmp_path / "nyu")
+    _, out_depth = _extract(tmp_path, "nyu-depth-v2", "depth.zarr", data_root=str(tmp_path / "nyu"), image_size=24, resize=24)
+    labels, map_class, names = _write_nyu_classes(tmp_path / "nyu", images)
+    result, out = _extract(tmp_path, "nyu-depth-v2", data_root=str(tmp_path / "nyu"), image_size=24, resize=24)
+    store = FeatureStore.open(out)
+    info = target_info(store)
+    assert info["kinds"] == ["depth", "mask"] and info["class_names"] == names and info["num_classes"] == 40
+    for split, rows in (("train", [0, 2, 3, 5]), ("test", [1, 4])):
+        raw = labels[rows].astype(np.int64)
+        expected = np.where(raw == 0, 255, map_class[np.maximum(raw, 1) - 1] - 1)  # raw k → mapClass[k] - 1; 0 → ignored
+        np.testing.assert_array_equal(read_targets(store, split, "mask"), expected[:, :, 4:28])  # the middle 24 columns, as the image
+        np.testing.assert_allclose(read_targets(store, split, "depth"), depths[rows][:, :, 4:28], rtol=1e-3)
+    assert (read_targets(store, "train", "mask")[:, :4] == 255).all()  # unlabeled: ignored
+    # the mapping is part of what was converted: another folder, another store than the depth-only one
+    assert store.meta.dataset.root != FeatureStore.open(out_depth).meta.dataset.root
+    assert store.attrs["cache_key"] != FeatureStore.open(out_depth).attrs["cache_key"]
+
+
+def test_nyu_class_mapping_reads_the_authors_structure_and_refuses_others(tmp_path, capsys):
+    import scipy.io
+
+    from featstore.dense_layouts import nyu_class_mapping
+
+    names = np.empty((1, 3), dtype=object)
+    names[0, :] = ["wall", "floor", "otherprop"]
+    scipy.io.savemat(tmp_path / "m.mat", {"mapClass": np.array([[3, 1, 2, 3]], np.uint8), "className": names})
+    lut, got = nyu_class_mapping(tmp_path / "m.mat")
+    assert lut.tolist() == [255, 2, 0, 1, 2] and got == ("wall", "floor", "otherprop")
+    images, _ = _write_nyu(tmp_path / "nyu")
+    _write_nyu_classes(tmp_path / "nyu", images)
+    scipy.io.savemat(tmp_path / "nyu" / "classMapping40.mat", {"mapClass": np.array([[41, 1]], np.uint8), "className": names})
+    code = run_cli(cli, "featstore", ["extract", "--model", _builder(tmp_path), "--dataset", "nyu-depth-v2", "--data-root",
+                                      str(tmp_path / "nyu"), "--out", str(tmp_path / "o.zarr")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "maps raw labels outside its 3 classes" in err and "Gupta" in err
+    assert not (tmp_path / "o.zarr").exists()
+
+
 def test_nyu_without_splits_is_one_line_error(tmp_path, capsys):
     (tmp_path / "nyu").mkdir()
     (tmp_path / "nyu" / "nyu_depth_v2_labeled.mat").write_bytes(b"x")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import probe
-from probe.comparison import compare, fmt_p
+from probe.comparison import compare
 from probe.multiple_testing import holm
-from probe.output import leaderboard
+from probe.output import leaderboard, paper
 from probe.output.html import forest, render
 from probe.protocol import Protocol
 from probe.results.runs import load
@@ -54,8 +54,6 @@ def test_sign_flip_test_is_mcnemar_for_one_seed_and_exact_for_several():
 
 
 def test_negative_numbers_get_a_minus_and_names_keep_their_hyphens():
-    from probe.output import paper
-
     assert [paper.number(v, 1, signed=True) for v in (-0.31, 0.0, 2.25, -12.0)] == ["−0.3", "+0.0", "+2.2", "−12.0"]
     assert paper.number(-3.14159, 4) == "−3.1416" and paper.number(3.14159, 2) == "3.14"
     delta = paper._number(-0.31, (-1.2, 0.64), None, 1, "ci", signed=True)
@@ -70,6 +68,18 @@ def test_negative_numbers_get_a_minus_and_names_keep_their_hyphens():
     assert r"$\Delta$ top-1 vs run-2026" in tex and r"\caption{$\Delta$: store $-$ reference}" in tex
     md = paper.markdown(t)
     assert "| dino-v2_b | **−0.3 [−1.2, +0.6]** |" in md and "| mae lr 1e-4 | +1.0 |" in md
+
+
+def test_small_p_values_are_powers_of_ten_not_e_notation():
+    assert [paper.p_value(p) for p in (0.5, 0.0012, 0.001, 0.00099, 1.23e-5, 4e-12, 0.0, None)] == [
+        "0.500", "0.001", "0.001", "9.9×10⁻⁴", "1.2×10⁻⁵", "4.0×10⁻¹²", "0", "—",
+    ]  # fmt: skip
+    t = paper.Table(
+        ["encoder", "Holm $p$"], [["a", paper.p_value(1.23e-5)], ["b", paper.p_value(4e-12)]], [[False, True], [False, False]], ""
+    )
+    tex = paper.latex(t)
+    assert r"a & \textbf{1.2$\times10^{-5}$} \\" in tex and r"b & 4.0$\times10^{-12}$ \\" in tex
+    assert "| a | **1.2×10⁻⁵** |" in paper.markdown(t)
 
 
 # ---------------------------------------------------------------- runs
@@ -180,7 +190,8 @@ def test_compare_paper_table_gives_delta_interval_p_and_holm_p(runs):
     for r, h in zip(others, adjusted):
         line = next(line for line in out.splitlines() if line.startswith(r.label + " "))
         assert f"{r.delta:+.1f} [{r.delta_ci95[0]:+.1f}, {r.delta_ci95[1]:+.1f}]".replace("-", "$-$") in line
-        assert line.split(" & ")[3:] == [fmt_p(r.mcnemar_p), fmt_p(h) + r" \\"] or line.split(" & ")[4] == rf"\textbf{{{fmt_p(h)}}} \\"
+        p, holm_p = (paper._tex(paper.p_value(x)) for x in (r.mcnemar_p, h))
+        assert line.split(" & ")[3:] == [p, holm_p + r" \\"] or line.split(" & ")[4] == rf"\textbf{{{holm_p}}} \\"
         assert r.mcnemar_p_holm == pytest.approx(h)
     code, md = run_cli(["compare", str(root / "fixed"), "--markdown"])
     assert code == 0 and md.startswith("| encoder | method | Δ top-1 vs clean | McNemar p | Holm p |")

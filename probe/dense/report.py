@@ -28,7 +28,6 @@ from featstore.errors import FeatstoreError, UsageError
 from featstore.preprocess import Preprocess, center_crop_offset, resized_size
 from featstore.store import IGNORE, FeatureStore, read_targets, target_info
 
-from ..comparison import fmt_p
 from ..multiple_testing import holm
 from ..output import paper
 from ..output.html import _CSS, _compact_json, _figure, _png, _pyplot
@@ -367,7 +366,7 @@ def paper_table(run: DenseRun, differences: Sequence[Difference], reference: str
             marks.append(best[m] is not None and r.get(m) not in (None, "") and _num(float(r[m])) == _num(best[m]))
         for m in compared:
             d = by.get((store, m))
-            line.append("reference" if d is None else f"{_signed(d.delta)} [{_signed(d.low)}, {_signed(d.high)}], p {d.p:.2g}")
+            line.append("reference" if d is None else f"{_signed(d.delta)} [{_signed(d.low)}, {_signed(d.high)}], p {paper.p_value(d.p)}")
             h = adjusted.get((store, m))
             marks.append(h is not None and h < paper.ALPHA)
         out.append(line)
@@ -396,7 +395,7 @@ def compare_paper_table(task: str, differences: Sequence[Difference]) -> paper.T
     """``probe compare --latex/--markdown`` of a dense run: each store × metric, Δ to the reference with
     its paired bootstrap 95% interval, the Wilcoxon p and the Holm-adjusted p over the table (bold < 0.05)."""
     adjusted = holm([d.p for d in differences])
-    out = [[d.store, NAMES.get(d.metric, d.metric), f"{_signed(d.delta)} [{_signed(d.low)}, {_signed(d.high)}]", fmt_p(d.p), fmt_p(h)]
+    out = [[d.store, NAMES.get(d.metric, d.metric), f"{_signed(d.delta)} [{_signed(d.low)}, {_signed(d.high)}]", paper.p_value(d.p), paper.p_value(h)]
            for d, h in zip(differences, adjusted)]  # fmt: skip
     significant = [h is not None and h < paper.ALPHA for h in adjusted]
     reference = differences[0].reference if differences else "the reference"

@@ -9,9 +9,10 @@ One :class:`Table` (cells with a bold flag, a caption), two renderers: LaTeX wit
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
-from ..comparison import Comparison, fmt_p
+from ..comparison import Comparison
 from ..multiple_testing import holm
 
 ALPHA = 0.05  # a difference is set in bold when its Holm-adjusted p is below this
@@ -32,6 +33,22 @@ def number(value: float, digits: int, signed: bool = False) -> str:
     """``value`` to ``digits`` decimals (``signed``: with its sign), a negative one with a true minus
     (U+2212, which the LaTeX renderer sets as ``$-$``): a hyphen there would print as a hyphen."""
     return (f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}").replace("-", "−")
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def p_value(p: float | None) -> str:
+    """A p-value for a paper: three decimals, or below 0.001 as 1.2×10⁻⁵ (LaTeX: ``$1.2\\times10^{-5}$``),
+    not the ``1.2e-05`` a hyphen would print."""
+    if p is None or math.isnan(p):
+        return "—"
+    if p >= 0.001:
+        return f"{p:.3f}"
+    if p <= 0:
+        return "0"
+    mantissa, exponent = f"{p:.1e}".split("e")
+    return f"{mantissa}×10{str(int(exponent)).translate(_SUPERSCRIPT)}"
 
 
 def _number(mean: float | None, ci: tuple | None, std: float | None, n_seeds: int, spread: str, signed: bool = False) -> str:
@@ -94,11 +111,11 @@ def compare_table(comparison: Comparison, *, spread: str = "ci", caption: str = 
             delta, p = _number(r.delta, r.delta_ci95, None, 1, spread, signed=True), r.mcnemar_p
         else:
             delta, p = _number(s.delta_mean, s.delta_mean_ci95, s.delta_std, len(s.seeds), spread, signed=True), s.p_sign
-        out.append([name, _column(r.method, r.shots, several_shots), delta, fmt_p(p)])
+        out.append([name, _column(r.method, r.shots, several_shots), delta, p_value(p)])
         ps.append(p)
     adjusted = holm(ps)
     for row, h in zip(out, adjusted):
-        row.append(fmt_p(h))
+        row.append(p_value(h))
     significant = [h is not None and h < ALPHA for h in adjusted]  # after Holm: Δ and its Holm p in bold
     bold = [[False, False, sig, False, sig] for sig in significant]
     test = "sign-flip $p$" if seeds else "McNemar $p$"
@@ -111,8 +128,14 @@ def compare_table(comparison: Comparison, *, spread: str = "ci", caption: str = 
 _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "\\": r"\textbackslash{}"}  # fmt: skip
 
 
+_POWER = re.compile("×10([⁻⁰¹²³⁴⁵⁶⁷⁸⁹]+)")
+_PLAIN_DIGITS = str.maketrans("⁻⁰¹²³⁴⁵⁶⁷⁸⁹", "-0123456789")
+
+
 def _tex(text: str) -> str:
-    """Text for LaTeX: special characters escaped, except inside $…$ (our own math), ± and Δ as math."""
+    """Text for LaTeX: special characters escaped, except inside $…$ (our own math), ± and Δ as math,
+    a power of ten (×10⁻⁵) as ``$\\times10^{-5}$``."""
+    text = _POWER.sub(lambda m: f"$\\times10^{{{m.group(1).translate(_PLAIN_DIGITS)}}}$", text)
     parts = text.split("$")
     out = []
     for i, part in enumerate(parts):

@@ -131,6 +131,14 @@ def cli(debug):
 @click.option("--augment-views", type=int, help="K, the augmented views per train image (default 10; needs --augment).")
 @click.option("--augment-seed", type=int, help="Seed of the views' crops (default 0; needs --augment; recorded and in the cache key).")
 @click.option("--depth-scale", type=float, help="Metres per unit of 16-bit depth PNGs (dense datasets; default 0.001: millimetres).")
+@click.option(
+    "--nyu-classes",
+    type=click.Choice(["40", "13"]),
+    default="40",
+    show_default=True,
+    help="nyu-depth-v2's segmentation masks: Gupta et al.'s 40 classes (classMapping40.mat in --data-root) or the "
+    "13 of the multi-task benchmarks (class13Mapping.mat too). Without the mapping files: depth only.",
+)
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the encoder (fixed batch shapes; pays off on long GPU runs).")
 @click.option("--no-cuda-graphs", is_flag=True, help="On CUDA, run the forward eagerly instead of replaying it from a CUDA graph.")
 @click.option(
@@ -171,6 +179,7 @@ def extract(
     labels,
     wds_label,
     depth_scale,
+    nyu_classes,
     augment,
     augment_views,
     augment_seed,
@@ -214,6 +223,7 @@ def extract(
         split_seed=split_seed,
         cuda_graphs=not no_cuda_graphs,
         depth_scale=depth_scale,
+        nyu_classes=int(nyu_classes),
         wds_label=wds_label,
         augment=augment,
         augment_views=augment_views,

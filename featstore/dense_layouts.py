@@ -10,7 +10,8 @@ Three layouts:
 - NYU-Depth v2's ``nyu_depth_v2_labeled.mat`` (MATLAB v7.3 = HDF5, read with h5py) and the standard
   795/654 split of its ``splits.mat``: ``--dataset nyu-depth-v2 --data-root DIR``. Its images live
   inside the .mat, so they are written once to the folder layout under the featstore home; with
-  Gupta et al.'s ``classMapping40.mat`` in DIR, also the standard 40-class segmentation masks.
+  Gupta et al.'s ``classMapping40.mat`` in DIR, also the standard 40-class segmentation masks (or,
+  ``--nyu-classes 13`` with ``class13Mapping.mat`` too, the 13-class ones).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ NYU = "nyu-depth-v2"
 NYU_FILE = "nyu_depth_v2_labeled.mat"
 NYU_SPLITS = "splits.mat"
 NYU_CLASSES = "classMapping40.mat"  # Gupta et al. (CVPR 2013): the 894 raw label ids → the 40 classes everyone reports
+NYU_CLASSES13 = "class13Mapping.mat"  # Couprie et al. (2013): those 40 → 13 (the multi-task NYUv2 benchmarks' classes)
+NYU_CLASS_COUNTS = (40, 13)
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
     "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -79,13 +82,15 @@ def is_dense_dataset(spec: str) -> bool:
     return path.is_dir() and (_voc_root(path) is not None or bool(_dense_splits(path)))
 
 
-def resolve_dense(spec: str, data_root: str | os.PathLike[str] | None, depth_scale: float | None) -> tuple[Manifest, TargetSpec]:
+def resolve_dense(
+    spec: str, data_root: str | os.PathLike[str] | None, depth_scale: float | None, nyu_classes: int = 40
+) -> tuple[Manifest, TargetSpec]:
     """The manifest and target spec of a dense dataset (call :func:`is_dense_dataset` first)."""
     if depth_scale is not None and depth_scale <= 0:
         raise UsageError(f"--depth-scale must be positive, got {depth_scale}", "e.g. --depth-scale 0.001 for millimetre PNGs")
     scale = MM if depth_scale is None else float(depth_scale)
     if spec == NYU:
-        return _dense_folder(nyu_folder(data_root), NYU, scale)
+        return _dense_folder(nyu_folder(data_root, nyu_classes), NYU, scale)
     path = Path(spec).expanduser()
     voc = _voc_root(path)
     if voc is not None:
@@ -141,34 +146,51 @@ def voc_manifest(root: Path) -> Manifest:
 # ---------------------------------------------------------------- NYU-Depth v2
 
 
-def nyu_folder(data_root: str | os.PathLike[str] | None) -> Path:
+def nyu_sources(data_root: str | os.PathLike[str], classes: int = 40) -> list[Path]:
+    """The files NYU's folder layout is made from: the .mat, splits.mat and the class mappings that
+    ``classes`` reads (whether present or not: one that appears later changes what is made)."""
+    root = Path(data_root).expanduser().resolve()
+    return [root / NYU_FILE, root / NYU_SPLITS, root / NYU_CLASSES] + ([root / NYU_CLASSES13] if classes == 13 else [])
+
+
+def nyu_folder(data_root: str | os.PathLike[str] | None, classes: int = 40) -> Path:
     """The folder layout of NYU-Depth v2's labeled set (train 795 / test 654 by splits.mat), written
-    from the .mat once and reused while the .mat, splits.mat (and the class mapping) are unchanged.
-    Depth always; the 40-class masks when ``classMapping40.mat`` is in the folder too."""
+    from the .mat once and reused while the .mat, splits.mat (and the class mappings) are unchanged.
+    Depth always; the 40-class masks when ``classMapping40.mat`` is in the folder too; ``classes=13``:
+    the 13-class masks instead (``class13Mapping.mat`` maps the 40 to 13; both files are needed)."""
     if data_root is None:
         raise UsageError("dataset 'nyu-depth-v2' needs its location", f"pass --data-root DIR holding {NYU_FILE} and {NYU_SPLITS}")
-    root = Path(data_root).expanduser()
-    mat, splits, mapping = root / NYU_FILE, root / NYU_SPLITS, root / NYU_CLASSES
+    if classes not in NYU_CLASS_COUNTS:
+        raise UsageError(f"--nyu-classes must be 40 or 13, got {classes}", "use 40 (Gupta et al.) or 13 (the multi-task benchmarks)")
+    mat, splits, mapping, *mapping13 = nyu_sources(data_root, classes)
     for f in (mat, splits):
         if not f.is_file():
             raise UsageError(f"{str(f)!r} not found", f"--data-root must hold {NYU_FILE} and the standard split file {NYU_SPLITS}")
-    sources = [mat, splits] + ([mapping] if mapping.is_file() else [])
-    stamp = hashlib.sha256(json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in sources]).encode())
+    for f in mapping13:
+        for needed in (mapping, f):
+            if not needed.is_file():
+                raise UsageError(
+                    f"--nyu-classes 13 needs {str(needed)!r}", f"put {NYU_CLASSES} and {NYU_CLASSES13} (NYU's meta-data) in --data-root"
+                )
+    sources = [f for f in (mat, splits, mapping, *mapping13) if f.is_file()]
+    stamp = hashlib.sha256(json.dumps([classes] + [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in sources]).encode())
     target = home() / "datasets" / f"{NYU}-{stamp.hexdigest()[:16]}"
     if not (target / "done.json").is_file():
         shutil.rmtree(target, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
+        classmap = nyu_class_mapping(mapping, mapping13[0] if mapping13 else None) if mapping.is_file() else None
         with atomic_folder(target, "converting") as build:
-            _convert_nyu(mat, splits, mapping if mapping.is_file() else None, build)
+            _convert_nyu(mat, splits, classmap, build)
     return target
 
 
-def nyu_class_mapping(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+def nyu_class_mapping(path: Path, to13: Path | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
     """From ``classMapping40.mat``: a lookup table raw label id → class index (0..39; the raw 0,
-    "unlabeled", → 255, ignored) and the 40 class names."""
+    "unlabeled", → 255, ignored) and the 40 class names; with ``to13`` (``class13Mapping.mat``), the
+    40 classes taken on to the 13 (0..12) and their names."""
     import scipy.io
 
-    fix = "use the classMapping40.mat of Gupta et al. (mapClass: 894 raw ids → 1..40; className: 40 names)"
+    fix = f"use the {NYU_CLASSES} of Gupta et al. (mapClass: 894 raw ids → 1..40; className: 40 names)"
     try:
         m = scipy.io.loadmat(str(path))
         raw_to_class = np.asarray(m["mapClass"]).reshape(-1).astype(np.int64)
@@ -179,10 +201,24 @@ def nyu_class_mapping(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
         raise UsageError(f"{str(path)!r} maps raw labels outside its {len(names)} classes", fix)
     lut = np.full(len(raw_to_class) + 1, 255, np.uint8)  # raw 0 = unlabeled: ignored by the probe and the metrics
     lut[1:] = raw_to_class - 1
-    return lut, names
+    if to13 is None:
+        return lut, names
+    fix13 = f"use NYU's {NYU_CLASSES13} (classMapping13: labels13, 40 classes → 1..13; classNames: 13 names)"
+    try:
+        m13 = scipy.io.loadmat(str(to13))["classMapping13"].reshape(-1)[0]
+        forty_to_13 = np.asarray(m13["labels13"]).reshape(-1).astype(np.int64)
+        names13 = tuple(str(np.asarray(n).reshape(-1)[0]) for n in np.asarray(m13["classNames"]).reshape(-1))
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise UsageError(f"cannot read the class mapping {str(to13)!r} ({type(e).__name__}: {e})", fix13) from e
+    if len(forty_to_13) != len(names) or not names13 or forty_to_13.min() < 1 or forty_to_13.max() > len(names13):
+        raise UsageError(f"{str(to13)!r} does not map the {len(names)} classes of {str(path)!r} to its {len(names13)}", fix13)
+    labelled = lut != 255
+    lut13 = np.full_like(lut, 255)
+    lut13[labelled] = forty_to_13[lut[labelled]] - 1
+    return lut13, names13
 
 
-def _convert_nyu(mat: Path, splits: Path, mapping: Path | None, out: Path) -> None:
+def _convert_nyu(mat: Path, splits: Path, classmap: tuple[np.ndarray, tuple[str, ...]] | None, out: Path) -> None:
     import h5py
     import scipy.io
     from PIL import Image
@@ -192,7 +228,7 @@ def _convert_nyu(mat: Path, splits: Path, mapping: Path | None, out: Path) -> No
         train, test = (np.asarray(index[k]).reshape(-1).astype(np.int64) - 1 for k in ("trainNdxs", "testNdxs"))  # MATLAB: 1-based
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"cannot read the split of {str(splits)!r}: {e}", "use NYU's splits.mat (trainNdxs, testNdxs)") from e
-    lut, names = nyu_class_mapping(mapping) if mapping is not None else (None, ())
+    lut, names = classmap if classmap is not None else (None, ())
     try:
         f = h5py.File(mat, "r")
     except OSError as e:

@@ -12,18 +12,21 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import resolve_dataset
-from .dense_layouts import TargetSpec, is_dense_dataset, resolve_dense
+from .dense_layouts import NYU, TargetSpec, is_dense_dataset, resolve_dense
+from .errors import UsageError
 from .manifest import Manifest
 from .preprocess import Preprocess
 from .store import IGNORE, FeatureStore, write_split_targets
 
 
 def resolve_with_targets(
-    spec: str, data_root: str | os.PathLike[str] | None, depth_scale: float | None, labels: str = "dense"
+    spec: str, data_root: str | os.PathLike[str] | None, depth_scale: float | None, labels: str = "dense", nyu_classes: int = 40
 ) -> tuple[Manifest, TargetSpec | None]:
     """The manifest of ``--dataset``, and where its dense targets are (None for a classification dataset)."""
+    if nyu_classes != 40 and spec != NYU:
+        raise UsageError(f"--nyu-classes applies to --dataset {NYU}, not {spec!r}", "leave --nyu-classes out")
     if is_dense_dataset(spec):
-        return resolve_dense(spec, data_root, depth_scale)
+        return resolve_dense(spec, data_root, depth_scale, nyu_classes)
     return resolve_dataset(spec, data_root, labels), None
 
 

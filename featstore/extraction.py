@@ -77,7 +77,7 @@ def extract(
         if augment is not None and config.loader == "auto":
             loader_name = "torch"  # views over shards: the torch loader crops them (DALI's shard reader does not)
     else:
-        manifest, targets = resolve_with_targets(config.dataset, config.data_root, config.depth_scale, config.labels)
+        manifest, targets = resolve_with_targets(config.dataset, config.data_root, config.depth_scale, config.labels, config.nyu_classes)
     if config.split is not None:
         manifest = apply_split(manifest, parse_split(config.split, config.split_seed))
     if ranks.is_leader:

@@ -17,7 +17,7 @@ import torch
 from .augment import AUGMENTED_SPLIT, Augment
 from .cache import find_by_key
 from .datasets import BUILTIN_DATASETS
-from .dense_layouts import NYU
+from .dense_layouts import NYU, nyu_sources
 from .device import compute_dtype
 from .errors import FeatstoreError, UsageError
 from .home import default_store_path
@@ -190,6 +190,7 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
         ("labels", "--labels", str),
         ("max_decode_pixels", "--max-decode-pixels", str),
         ("depth_scale", "--depth-scale", str),
+        ("nyu_classes", "--nyu-classes", str),
         ("wds_label", "--wds-label", str),
         ("augment", "--augment", str),
         ("augment_views", "--augment-views", str),
@@ -229,6 +230,8 @@ def remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: 
         inputs = shard_files(manifest) + ([resolved_dataset(config.dataset)[4:]] if config.dataset.lower().endswith(SPLITS_FILE) else [])
     elif Path(config.dataset).suffix.lower() == ".csv":
         inputs = [str(Path(config.dataset).expanduser().resolve())]
+    elif config.dataset == NYU:  # made from the .mat and its mappings: a change there (or a mapping added) is a new folder
+        inputs = [*map(str, nyu_sources(cast(str, config.data_root), config.nyu_classes)), *dataset_dirs(manifest.root)]
     else:
         inputs = dataset_dirs(manifest.root)
     remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, [*spec.inputs, *inputs])

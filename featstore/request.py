@@ -96,6 +96,7 @@ class ExtractConfig:
     max_decode_pixels: int | None = None  # pixels one decode may hold (None: from the machine's memory)
     labels: str = "dense"  # a CSV's integer labels: dense 0..C-1, or sparse (mapped, sorted, to 0..K-1)
     depth_scale: float | None = None  # metres per unit of a 16-bit depth PNG (dense datasets; default 0.001)
+    nyu_classes: int = 40  # nyu-depth-v2's masks: 40 classes (classMapping40.mat) or 13 (class13Mapping.mat too)
     wds_label: str = "cls"  # WebDataset shards: the .cls component, or a field of the .json component
     augment: str | None = None  # "rrc-flip": K augmented views of every train image (featstore.augment)
     augment_views: int | None = None  # K (default 10 with --augment)
@@ -198,6 +199,7 @@ def request_of(config: ExtractConfig) -> dict:
         "ranks": os.environ.get("WORLD_SIZE"),
         **({"labels": config.labels} if config.labels != "dense" else {}),
         **({"depth_scale": config.depth_scale} if config.depth_scale is not None else {}),
+        **({"nyu_classes": config.nyu_classes} if config.nyu_classes != 40 else {}),
         **({"wds_label": config.wds_label} if config.wds_label != "cls" else {}),
         **({"augment": [config.augment, config.augment_views, config.augment_seed]} if config.augment else {}),
     }

@@ -206,6 +206,62 @@ def test_nyu_class_mapping_reads_the_authors_structure_and_refuses_others(tmp_pa
     assert not (tmp_path / "o.zarr").exists()
 
 
+def _write_class13(root, classes=40, rng_seed=2):
+    """class13Mapping.mat in the structure NYU's meta-data ships: a 1×1 struct classMapping13 with
+    labels13 (1 × 40, uint8, values 1..13) and classNames (1 × 13 cell)."""
+    import scipy.io
+
+    to13 = np.random.default_rng(rng_seed).integers(1, 14, (1, classes)).astype(np.uint8)
+    names = np.empty((1, 13), dtype=object)
+    names[0, :] = [f"group {k}" for k in range(13)]
+    scipy.io.savemat(root / "class13Mapping.mat", {"classMapping13": {"labels13": to13, "classNames": names}})
+    return to13.reshape(-1), [f"group {k}" for k in range(13)]
+
+
+def test_nyu_13_classes_and_a_mapping_added_later_is_a_new_store(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FEATSTORE_HOME", str(tmp_path / "home"))
+    images, _ = _write_nyu(tmp_path / "nyu")
+    args = ["extract", "--model", _builder(tmp_path), "--random-init", "--dataset", "nyu-depth-v2", "--data-root", str(tmp_path / "nyu"),
+            "--image-size", "24", "--resize", "24", "--loader", "torch", "--workers", "0", "--no-progress", "--json"]  # fmt: skip
+    import json
+
+    def extract_cli(*extra):
+        capsys.readouterr()
+        assert run_cli(cli, "featstore", args + list(extra)) == 0
+        return json.loads(capsys.readouterr().out)
+
+    depth_only = extract_cli()
+    assert target_info(FeatureStore.open(depth_only["store"]))["kinds"] == ["depth"]
+    assert extract_cli()["status"] == "up to date"
+    labels, map_class, _ = _write_nyu_classes(tmp_path / "nyu", images)  # the .mat and its mapping change: not "up to date"
+    forty = extract_cli()
+    assert forty["status"] != "up to date" and forty["store"] != depth_only["store"]
+    assert target_info(FeatureStore.open(forty["store"]))["num_classes"] == 40
+    # --nyu-classes 13 without class13Mapping.mat: says which file, nothing made
+    capsys.readouterr()
+    assert run_cli(cli, "featstore", args + ["--nyu-classes", "13"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "class13Mapping.mat" in err
+    to13, names13 = _write_class13(tmp_path / "nyu")
+    thirteen = extract_cli("--nyu-classes", "13")
+    store = FeatureStore.open(thirteen["store"])
+    info = target_info(store)
+    assert info["class_names"] == names13 and info["num_classes"] == 13 and thirteen["store"] != forty["store"]
+    raw = labels[[1, 4]].astype(np.int64)
+    expected = np.where(raw == 0, 255, to13[map_class[np.maximum(raw, 1) - 1] - 1] - 1)  # raw → 40 → 13
+    np.testing.assert_array_equal(read_targets(store, "test", "mask"), expected[:, :, 4:28])
+    assert "--nyu-classes 13" in store.attrs["command"]
+    # the 40-class store is still the answer to the 40-class request
+    assert extract_cli()["store"] == forty["store"]
+    # the flag on another dataset: one line, exit 2
+    assert (
+        run_cli(cli, "featstore", ["extract", "--model", _builder(tmp_path), "--dataset", str(tmp_path / "nyu"), "--nyu-classes", "13"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--nyu-classes applies to --dataset nyu-depth-v2" in err
+
+
 def test_nyu_without_splits_is_one_line_error(tmp_path, capsys):
     (tmp_path / "nyu").mkdir()
     (tmp_path / "nyu" / "nyu_depth_v2_labeled.mat").write_bytes(b"x")

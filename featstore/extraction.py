@@ -117,7 +117,7 @@ def extract(
             remove_progress(out)  # a run killed right after completing left it
             if ranks.world > 1:
                 existing.update_attrs({"job": ranks.job})  # tells the other ranks: nothing to do
-            remember(request, manifest, spec, key, out)
+            remember(request, manifest, spec, key, out, targets)
         return ExtractResult(str(out), "up to date", rows, 0, len(existing.invalid_rows()), 0, time.perf_counter() - start, 0.0)
 
     encoder = (
@@ -165,7 +165,7 @@ def extract(
                 }
             )
         invalid, label = len(store.invalid_rows()), str(out)  # all of the store's, resumed units included
-        remember(request, manifest, spec, key, out)
+        remember(request, manifest, spec, key, out, targets)
     seconds = time.perf_counter() - start
     return ExtractResult(
         label, status, rows, written, invalid, len(nonfinite), seconds, written / seconds if seconds > 0 else 0.0, nonfinite[:5]

@@ -17,7 +17,7 @@ import torch
 from .augment import AUGMENTED_SPLIT, Augment
 from .cache import find_by_key
 from .datasets import BUILTIN_DATASETS
-from .dense_layouts import NYU, nyu_sources
+from .dense_layouts import NYU, TargetSpec, nyu_sources
 from .device import compute_dtype
 from .errors import FeatstoreError, UsageError
 from .home import default_store_path
@@ -220,8 +220,12 @@ def cached_location(manifest: Manifest, model: str, key: str) -> Path | str:
     return found[0] if found else default_store_path(manifest.name, model, key)
 
 
-def remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: str, out: Path | str) -> None:
-    """Let the same request answer "up to date" next time without importing torch (request.py)."""
+def remember(
+    config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: str, out: Path | str, targets: TargetSpec | None = None
+) -> None:
+    """Let the same request answer "up to date" next time without importing torch (request.py).
+    ``targets``: a dense dataset's; their files are stamped too (they are in the cache key, and a
+    mask or depth map rewritten in place changes no folder's mtime)."""
     if isinstance(out, str):
         return  # a store at a URL: its completion is read there each time (the memo stamps local files)
     if manifest.shards is not None:
@@ -234,6 +238,10 @@ def remember(config: ExtractConfig, manifest: Manifest, spec: EncoderSpec, key: 
         inputs = [*map(str, nyu_sources(cast(str, config.data_root), config.nyu_classes)), *dataset_dirs(manifest.root)]
     else:
         inputs = dataset_dirs(manifest.root)
+    if targets is not None:
+        inputs += [
+            str(f) for split in manifest.splits.values() for image in split.paths for f in targets.files(manifest.root, image).values() if f
+        ]
     remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, [*spec.inputs, *inputs])
 
 

@@ -106,6 +106,29 @@ def test_npy_depth_scale_and_the_cache_key(tmp_path):
     assert (read_targets(s3, "train", "depth")[0] == np.float32(2.5)).all()  # .npy: metres, no scale
 
 
+def test_a_target_rewritten_in_place_is_not_answered_from_the_memo(tmp_path, monkeypatch, capsys):
+    """The request memo answers "up to date" without reading the data; a depth map rewritten under
+    its own name changes no folder's mtime, so the memo must stamp the target files themselves."""
+    import json
+
+    monkeypatch.setenv("FEATSTORE_HOME", str(tmp_path / "home"))
+    root = write_dense_folder(tmp_path / "data", splits=("train",))
+    args = ["extract", "--model", _builder(tmp_path), "--random-init", "--dataset", str(root), "--image-size", "16", "--resize", "20",
+            "--loader", "torch", "--workers", "0", "--no-progress", "--json"]  # fmt: skip
+
+    def extract_cli():
+        capsys.readouterr()
+        assert run_cli(cli, "featstore", args) == 0
+        return json.loads(capsys.readouterr().out)
+
+    first = extract_cli()
+    assert extract_cli()["status"] == "up to date"
+    Image.fromarray(np.full((40, 64), 2000, np.uint16)).save(root / "train" / "depth" / "im0.png")  # 2 m everywhere
+    again = extract_cli()
+    assert again["status"] != "up to date" and again["store"] != first["store"]
+    assert (read_targets(FeatureStore.open(again["store"]), "train", "depth")[0] == np.float32(2.0)).all()
+
+
 def test_missing_and_mis_sized_targets_are_invalid_rows(tmp_path):
     root = write_dense_folder(tmp_path / "data", splits=("train",))
     (root / "train" / "masks" / "im1.png").unlink()

@@ -66,6 +66,13 @@ class TargetSpec:
             out[kind] = next((p for s in suffixes if (p := split_dir / folder / f"{rel.stem}{s}").is_file()), None)
         return out
 
+    def listings(self, root: Path) -> list[Path]:
+        """The files besides the images and targets that decide the manifest or the classes (VOC's
+        split lists, a folder's classes.txt), present or not."""
+        if self.layout == "voc":
+            return [root / "ImageSets" / "Segmentation" / f"{split}.txt" for split in SPLIT_NAMES]
+        return [root / "classes.txt"]
+
     def to_dict(self) -> dict:
         return {"layout": self.layout, "kinds": list(self.kinds), "depth_scale": self.depth_scale, "class_names": list(self.class_names)}
 

@@ -238,10 +238,9 @@ def remember(
         inputs = [*map(str, nyu_sources(cast(str, config.data_root), config.nyu_classes)), *dataset_dirs(manifest.root)]
     else:
         inputs = dataset_dirs(manifest.root)
-    if targets is not None:
-        inputs += [
-            str(f) for split in manifest.splits.values() for image in split.paths for f in targets.files(manifest.root, image).values() if f
-        ]
+    if targets is not None:  # and the split lists and class names, which a rewrite in place would not show either
+        files = (f for split in manifest.splits.values() for image in split.paths for f in targets.files(manifest.root, image).values())
+        inputs += [str(f) for f in files if f is not None] + [str(f) for f in targets.listings(manifest.root)]
     remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, [*spec.inputs, *inputs])
 
 

@@ -317,3 +317,30 @@ def test_voc_segmentation_layout(tmp_path):
     assert set(np.unique(mask).tolist()) == {1, 15, 255}
     assert (mask[:, :, 9:11] == 255).all() and (mask[:, :, :9] == 1).all()
     assert store.num_rows("val") == 1
+
+
+def test_voc_split_list_rewritten_in_place_is_not_answered_from_the_memo(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("FEATSTORE_HOME", str(tmp_path / "home"))
+    voc = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    listing = voc / "ImageSets" / "Segmentation" / "train.txt"
+    listing.write_text("a\nb\n")
+    for n in "ab":
+        img, mask, _ = _halves(40, 40)
+        Image.fromarray(img).save(voc / "JPEGImages" / f"{n}.jpg")
+        Image.fromarray(mask).save(voc / "SegmentationClass" / f"{n}.png")
+    args = ["extract", "--model", _builder(tmp_path), "--random-init", "--dataset", str(voc), "--image-size", "16", "--resize", "20",
+            "--loader", "torch", "--workers", "0", "--no-progress", "--json"]  # fmt: skip
+
+    def extract_cli():
+        capsys.readouterr()
+        assert run_cli(cli, "featstore", args) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert extract_cli()["rows"] == {"train": 2} and extract_cli()["status"] == "up to date"
+    listing.write_text("b\n")  # the same folder, the same files: only the list changed
+    again = extract_cli()
+    assert again["status"] != "up to date" and again["rows"] == {"train": 1}

@@ -386,15 +386,18 @@ def lookup(model: str, dataset: str, weights: str | None = None) -> str:
     if len(complete) == 1:
         return complete[0].path
     if len(complete) > 1:
+        differ = _differing_fields([dict(_cached_attrs(e.path).get("cache_fields") or {}) for e in complete])
         listed = "; ".join(
-            f"{e.path} [{e.weights}, views {','.join(e.views)}, {e.dtype}, {e.loader}, {e.compute}"
+            f"{e.path} [created {e.created}, {e.weights}, views {','.join(e.views)}, {e.dtype}, {e.loader}, {e.compute}"
             + (f", augment {e.augment}" if e.augment else "")
+            + "".join(f", {name} {value}" for name, value in differ[i].items())
             + "]"
-            for e in complete
+            for i, e in enumerate(complete)
         )
+        what = f", differing in {', '.join(differ[0])}" if differ and differ[0] else ""
         raise UsageError(
-            f"{len(complete)} cached stores match --model {model} --dataset {dataset}: {listed}",
-            "pass --weights FILE, or --store PATH to pick one",
+            f"{len(complete)} cached stores match --model {model} --dataset {dataset}{what}: {listed}",
+            "pass --weights FILE or --store PATH to pick one; `featstore rm` a store of data that has since changed",
         )
     if matches:
         where = matches[0].path  # its progress: the one store worth a full look
@@ -409,6 +412,34 @@ def lookup(model: str, dataset: str, weights: str | None = None) -> str:
         f"no cached store of --model {model} --dataset {dataset}" + (f" with weights {weights}" if weights else "") + f"; {exists}",
         f"extract it first: `{command}`",
     )
+
+
+def _cached_attrs(path: str) -> dict:
+    if not is_url(path):
+        return store_attrs(Path(path)) or {}
+    from .store.remote import Remote
+
+    return Remote.of(path).attrs() or {}
+
+
+def _differing_fields(fields: list[dict]) -> list[dict[str, str]]:
+    """Per store, the cache-key fields (dotted names) whose values are not the same in every one of
+    them, shortened for a one-line message (digests to 12 characters)."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, object]:
+        out: dict[str, object] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    flats = [flat(f) for f in fields]
+    names = sorted({k for f in flats for k in f if len({json.dumps(g.get(k), sort_keys=True, default=str) for g in flats}) > 1})
+
+    def short(v: object) -> str:
+        text = v if isinstance(v, str) else json.dumps(v, default=str)
+        return text[:12] + "…" if len(text) > 16 and all(c in "0123456789abcdef" for c in text) else text[:40]
+
+    return [{k: short(f.get(k)) for k in names} for f in flats]
 
 
 def _entries_from_attrs() -> list[StoreEntry]:

@@ -74,7 +74,7 @@ def make_cached(
             },
             "loader": "torch",
             "cache_key": key,
-            "cache_fields": {"compute": "cpu-fp32"},
+            "cache_fields": {"compute": "cpu-fp32", "weights_sha256": sha, "manifest_sha256": "m" * 64},
         },
     )
     all_units = store.units("train")
@@ -399,6 +399,11 @@ def test_lookup_finds_one_store_and_explains_none_or_several(home, tmp_path):
     with pytest.raises(UsageError, match="2 cached stores match") as e:
         cache.lookup("dino", "imagenet")
     assert "--weights" in e.value.hint
+    # what tells them apart: the cache-key fields that differ (digests shortened), and when each was made
+    assert "differing in weights_sha256:" in e.value.message and "manifest_sha256" not in e.value.message
+    sha = featstore_home.file_sha256(weights)
+    assert f"weights_sha256 {'a' * 12}…]" in e.value.message and f"weights_sha256 {sha[:12]}…]" in e.value.message
+    assert e.value.message.count("created ") == 2
     assert cache.lookup("dino", "imagenet", weights=str(weights)) == str(tuned)
 
     make_cached(home / "stores" / "imagenet" / "dinov1-dddddddddddd.zarr", "d" * 64, model="dinov1", units=1)

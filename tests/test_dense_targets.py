@@ -5,6 +5,9 @@ invalid rows with a reason."""
 
 from __future__ import annotations
 
+import json
+from functools import partial
+
 import numpy as np
 from PIL import Image
 
@@ -62,6 +65,15 @@ def _extract(tmp_path, dataset, name="s.zarr", **kw):
     return extract(ExtractConfig(**args), progress=False), out
 
 
+def _extract_cli(capsys, tmp_path, *args: str) -> dict:
+    """``featstore extract`` of the 1-layer builder through the CLI (the request memo included), with
+    ``args`` (the dataset and sizes); its ``--json`` answer."""
+    capsys.readouterr()
+    common = ["extract", "--model", _builder(tmp_path), "--random-init", "--loader", "torch", "--workers", "0", "--no-progress", "--json"]
+    assert run_cli(cli, "featstore", [*common, *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 def test_folder_targets_follow_the_image_resize_and_crop(tmp_path):
     """The stored mask's class at each pixel is the colour of the loaded image's pixel there."""
     import torch
@@ -109,18 +121,9 @@ def test_npy_depth_scale_and_the_cache_key(tmp_path):
 def test_a_target_rewritten_in_place_is_not_answered_from_the_memo(tmp_path, monkeypatch, capsys):
     """The request memo answers "up to date" without reading the data; a depth map rewritten under
     its own name changes no folder's mtime, so the memo must stamp the target files themselves."""
-    import json
-
     monkeypatch.setenv("FEATSTORE_HOME", str(tmp_path / "home"))
     root = write_dense_folder(tmp_path / "data", splits=("train",))
-    args = ["extract", "--model", _builder(tmp_path), "--random-init", "--dataset", str(root), "--image-size", "16", "--resize", "20",
-            "--loader", "torch", "--workers", "0", "--no-progress", "--json"]  # fmt: skip
-
-    def extract_cli():
-        capsys.readouterr()
-        assert run_cli(cli, "featstore", args) == 0
-        return json.loads(capsys.readouterr().out)
-
+    extract_cli = partial(_extract_cli, capsys, tmp_path, "--dataset", str(root), "--image-size", "16", "--resize", "20")
     first = extract_cli()
     assert extract_cli()["status"] == "up to date"
     Image.fromarray(np.full((40, 64), 2000, np.uint16)).save(root / "train" / "depth" / "im0.png")  # 2 m everywhere
@@ -244,14 +247,10 @@ def _write_class13(root, classes=40, rng_seed=2):
 def test_nyu_13_classes_and_a_mapping_added_later_is_a_new_store(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FEATSTORE_HOME", str(tmp_path / "home"))
     images, _ = _write_nyu(tmp_path / "nyu")
-    args = ["extract", "--model", _builder(tmp_path), "--random-init", "--dataset", "nyu-depth-v2", "--data-root", str(tmp_path / "nyu"),
-            "--image-size", "24", "--resize", "24", "--loader", "torch", "--workers", "0", "--no-progress", "--json"]  # fmt: skip
-    import json
+    nyu = ["--dataset", "nyu-depth-v2", "--data-root", str(tmp_path / "nyu"), "--image-size", "24", "--resize", "24"]
 
     def extract_cli(*extra):
-        capsys.readouterr()
-        assert run_cli(cli, "featstore", args + list(extra)) == 0
-        return json.loads(capsys.readouterr().out)
+        return _extract_cli(capsys, tmp_path, *nyu, *extra)
 
     depth_only = extract_cli()
     assert target_info(FeatureStore.open(depth_only["store"]))["kinds"] == ["depth"]
@@ -262,7 +261,7 @@ def test_nyu_13_classes_and_a_mapping_added_later_is_a_new_store(tmp_path, monke
     assert target_info(FeatureStore.open(forty["store"]))["num_classes"] == 40
     # --nyu-classes 13 without class13Mapping.mat: says which file, nothing made
     capsys.readouterr()
-    assert run_cli(cli, "featstore", args + ["--nyu-classes", "13"]) == 2
+    assert run_cli(cli, "featstore", ["extract", "--model", _builder(tmp_path), *nyu, "--nyu-classes", "13"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "class13Mapping.mat" in err
     to13, names13 = _write_class13(tmp_path / "nyu")
@@ -320,8 +319,6 @@ def test_voc_segmentation_layout(tmp_path):
 
 
 def test_voc_split_list_rewritten_in_place_is_not_answered_from_the_memo(tmp_path, monkeypatch, capsys):
-    import json
-
     monkeypatch.setenv("FEATSTORE_HOME", str(tmp_path / "home"))
     voc = tmp_path / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
@@ -332,14 +329,7 @@ def test_voc_split_list_rewritten_in_place_is_not_answered_from_the_memo(tmp_pat
         img, mask, _ = _halves(40, 40)
         Image.fromarray(img).save(voc / "JPEGImages" / f"{n}.jpg")
         Image.fromarray(mask).save(voc / "SegmentationClass" / f"{n}.png")
-    args = ["extract", "--model", _builder(tmp_path), "--random-init", "--dataset", str(voc), "--image-size", "16", "--resize", "20",
-            "--loader", "torch", "--workers", "0", "--no-progress", "--json"]  # fmt: skip
-
-    def extract_cli():
-        capsys.readouterr()
-        assert run_cli(cli, "featstore", args) == 0
-        return json.loads(capsys.readouterr().out)
-
+    extract_cli = partial(_extract_cli, capsys, tmp_path, "--dataset", str(voc), "--image-size", "16", "--resize", "20")
     assert extract_cli()["rows"] == {"train": 2} and extract_cli()["status"] == "up to date"
     listing.write_text("b\n")  # the same folder, the same files: only the list changed
     again = extract_cli()

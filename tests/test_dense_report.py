@@ -125,6 +125,25 @@ def test_report_of_a_seg_run_without_saved_predictions_says_how_to_get_them(stor
     assert not (tmp_path / "mixed").exists() and not (tmp_path / "ref").exists()  # refused before writing
 
 
+def test_a_legend_of_forty_classes_stays_below_the_panels():
+    """NYU's 40 classes make a 7-row legend: it gets its own room under the images, for 2 or 4 rows of them."""
+    from probe.dense.report import Panel, panel_figure
+
+    rng = np.random.default_rng(0)
+    for n in (2, 4):
+        truth = rng.integers(0, 40, (n, 16, 16)).astype(np.uint8)
+        truth[:, :2] = 255
+        p = Panel("seg", "test", np.arange(n), ["a"], {"a": rng.integers(0, 40, (n, 16, 16)).astype(np.uint8)}, truth,
+                  [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)] * n, {}, [f"class {k}" for k in range(40)])  # fmt: skip
+        fig = panel_figure(p)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        legend = fig.legends[0].get_window_extent(renderer)
+        assert len(fig.legends[0].get_texts()) == 41  # every class and "ignore (255)"
+        lowest = min(ax.get_tightbbox(renderer).y0 for ax in fig.axes)
+        assert legend.y1 <= lowest and legend.y0 >= 0  # below every panel (and its label), inside the figure
+
+
 def test_crop_is_torchvisions_resize_and_center_crop():
     from torchvision.transforms import InterpolationMode, v2
 

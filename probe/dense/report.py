@@ -255,8 +255,13 @@ def panel_figure(p: Panel) -> Any:
         handles = [Patch(color=tuple(float(v) / 255 for v in colours[c]), label=name) for c, name in names]  # type: ignore[arg-type]
         if IGNORE in shown:
             handles.append(Patch(color=tuple(v / 255 for v in GREY), label="ignore (255)"))  # type: ignore[arg-type]
-        fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        ncol = min(6, max(1, len(handles)))
+        # room below the panels for every legend row (NYU's 40 classes: 7 rows), not a fixed share that they overflow
+        width, height = fig.get_size_inches()
+        legend = 0.2 * -(-len(handles) // ncol) + 0.15
+        fig.set_size_inches(width, height + legend)
+        fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, legend / (height + legend), 1, 1))
     return fig
 
 

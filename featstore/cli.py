@@ -427,7 +427,9 @@ def format_info(s: dict) -> str:
         f"store      {s['path']}  ({state}, {_size(s['size_bytes'])})",
         f"encoder    {enc.get('name')} [{enc.get('arch')}]  weights {enc.get('weights_path') or '-'}  sha256 {str(enc.get('weights_sha256'))[:16]}",
         f"preprocess resize {pre.get('resize')} {pre.get('interpolation')}, crop {pre.get('image_size')}, mean {pre.get('mean')}, std {pre.get('std')}  loader {s.get('loader')}",
-        f"dataset    {data.get('name')} at {data.get('root')}  {data.get('num_classes')} classes  manifest {str(data.get('manifest_sha256'))[:16]}",
+        f"dataset    {data.get('name')} at {data.get('root')}  "
+        + ("dense targets" if s.get("targets") else f"{data.get('num_classes')} classes")  # a dense set's image labels are one dummy class
+        + f"  manifest {str(data.get('manifest_sha256'))[:16]}",
         "views      "
         + ", ".join(f"{v} ({'×'.join(map(str, d)) if isinstance(d, list) else d})" for v, d in s["views"].items())
         + f"  dtype {s['dtype']}",
@@ -442,6 +444,8 @@ def format_info(s: dict) -> str:
         ),
         f"created    {s['created']}  featstore {s['featstore_version']}  schema {s['schema_version']}",
     ]
+    if s.get("targets"):
+        lines.append("targets    " + _targets_line(s["targets"]))
     if s.get("augment"):
         a = s["augment"]
         lines.append(f"augment    {a['method']} × {a['views']} views of {', '.join(a['splits'])} (seed {a['seed']}), {_size(a['bytes'])}")
@@ -455,6 +459,19 @@ def format_info(s: dict) -> str:
     if len(s["invalid"]) > 20:
         lines.append(f"invalid    … and {len(s['invalid']) - 20} more (see --json)")
     return "\n".join(lines)
+
+
+def _targets_line(t: dict) -> str:
+    parts = [" + ".join(t.get("kinds", [])) + f", {'×'.join(map(str, t.get('size') or []))}, {t.get('layout')} layout"]
+    if "depth" in t.get("kinds", []) and t.get("depth_scale") not in (None, 0.001):  # the default: millimetre PNGs
+        parts.append(f"depth PNGs in units of {t['depth_scale']:g} m")
+    if "mask" in t.get("kinds", []):
+        names = t.get("class_names") or []
+        shown = f" ({', '.join(names[:6])}{', …' if len(names) > 6 else ''})" if names else ""
+        parts.append(f"{t.get('num_classes')} classes{shown}")
+    if t.get("invalid_rows"):
+        parts.append(f"{t['invalid_rows']} rows without usable targets")
+    return "; ".join(parts)
 
 
 def _size(n: float) -> str:

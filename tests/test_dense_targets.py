@@ -207,6 +207,13 @@ def test_nyu_40_class_masks_from_the_class_mapping(tmp_path):
         np.testing.assert_array_equal(read_targets(store, split, "mask"), expected[:, :, 4:28])  # the middle 24 columns, as the image
         np.testing.assert_allclose(read_targets(store, split, "depth"), depths[rows][:, :, 4:28], rtol=1e-3)
     assert (read_targets(store, "train", "mask")[:, :4] == 255).all()  # unlabeled: ignored
+    # featstore info says what the targets are (the images' one dummy class is not "1 classes")
+    from featstore.cli import format_info
+
+    text = format_info(store.info())
+    assert "targets    depth + mask, 24×24, folder layout; 40 classes (class 0, class 1, class 2, class 3, class 4, class 5, …)\n" in text
+    assert "  dense targets  manifest" in text and " 1 classes" not in text
+    assert store.info()["targets"]["invalid_rows"] == 0 and store.info()["targets"]["num_classes"] == 40
     # the mapping is part of what was converted: another folder, another store than the depth-only one
     assert store.meta.dataset.root != FeatureStore.open(out_depth).meta.dataset.root
     assert store.attrs["cache_key"] != FeatureStore.open(out_depth).attrs["cache_key"]

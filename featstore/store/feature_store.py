@@ -667,7 +667,16 @@ class FeatureStore:
             "invalid": self.invalid_rows(),
             "size_bytes": self.size_on_disk(),
             "augment": self._augment_info(),
+            "targets": self._targets_info(),
         }
+
+    def _targets_info(self) -> dict[str, Any] | None:
+        """A dense dataset's targets for `featstore info`: the record without its long fields, invalid rows counted."""
+        info = self.attrs.get("targets")
+        if not isinstance(info, dict):
+            return None
+        invalid = info.get("invalid") or {}
+        return {k: v for k, v in info.items() if k != "invalid"} | {"invalid_rows": sum(len(v) for v in invalid.values())}
 
     def _augment_info(self) -> dict[str, Any] | None:
         """The augmented views for `featstore info`: the record, and the bytes their arrays take."""

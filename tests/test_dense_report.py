@@ -125,6 +125,47 @@ def test_report_of_a_seg_run_without_saved_predictions_says_how_to_get_them(stor
     assert not (tmp_path / "mixed").exists() and not (tmp_path / "ref").exists()  # refused before writing
 
 
+@pytest.mark.slow
+def test_per_class_iou_is_the_confusion_matrices_and_its_intervals_a_direct_bootstrap(stores, tmp_path):
+    from probe.dense.compare import SEED, per_class_iou
+    from probe.dense.report import report
+
+    _, paths = stores
+    run = tmp_path / "seg"
+    fit_dense([f"fog={paths['fog']}", f"random={paths['random']}"], Protocol(lr_grid="1e-2:1:2", epochs=2, batch_size=8), "seg", out=run)
+    written = report([run], tmp_path / "report", reference="fog")
+    table = list(csv.DictReader(open(written["per_class_iou.csv"])))
+    confusion = np.load(run / "confusion.npz")
+    selected = {r["store"]: r for r in csv.DictReader(open(run / "results.csv")) if r["selected"] == "true"}
+    iou = {}
+    for store in ("fog", "random"):
+        m = confusion[store].sum(0).astype(np.float64)  # (K, K) over the reported images, truth in rows
+        tp, union = np.diag(m), m.sum(0) + m.sum(1) - np.diag(m)
+        iou[store] = {c: tp[c] / union[c] for c in range(len(tp)) if union[c] > 0}
+        got = {int(r["class"]): float(r["iou"]) for r in table if r["store"] == store}
+        assert got == pytest.approx(iou[store], abs=1e-6)  # the CSV keeps 6 digits
+        assert np.mean(list(got.values())) == pytest.approx(float(selected[store]["miou"]), abs=1e-6)  # the mIoU is their mean
+    # Δ and its interval: a direct bootstrap (each resample's images summed by indexing) on the same draws
+    n, k = confusion["fog"].shape[0], confusion["fog"].shape[1]
+    draws = np.random.default_rng(SEED).integers(0, n, (200, n))
+
+    def class_iou(m):
+        tp, union = np.diag(m), m.sum(0) + m.sum(1) - np.diag(m)
+        return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+
+    boot = np.array(
+        [class_iou(confusion["random"][d].sum(0).astype(float)) - class_iou(confusion["fog"][d].sum(0).astype(float)) for d in draws]
+    )
+    for c in per_class_iou(run, "fog", n_resamples=200):
+        delta, low, high = c.delta["random"]
+        assert delta == pytest.approx(iou["random"][c.index] - iou["fog"][c.index])
+        assert (low, high) == pytest.approx(tuple(np.nanpercentile(boot[:, c.index], [2.5, 97.5])))
+        assert c.delta.keys() == {"random"} and c.name == f"class {c.index}"  # the scenes record no class names
+    assert len(table) == 2 * len(iou["fog"].keys() | iou["random"].keys()) and k >= 2
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<h3>Per class IoU</h3>" in page and "Δ random − fog [95% CI]" in page
+
+
 def test_a_legend_of_forty_classes_stays_below_the_panels():
     """NYU's 40 classes make a 7-row legend: it gets its own room under the images, for 2 or 4 rows of them."""
     from probe.dense.report import Panel, panel_figure

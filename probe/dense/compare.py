@@ -5,7 +5,8 @@ differences, each with a paired percentile bootstrap interval (the images are re
 scored on the same draw: ``scipy.stats.bootstrap(paired=True)``) and the Wilcoxon signed-rank test's
 p (``scipy.stats.wilcoxon``) on the per-image differences. Segmentation: Δ mIoU and Δ pixel accuracy
 of the summed confusion matrices, the bootstrap resampling images and summing their confusion matrices
-again; p from the Wilcoxon test on the per-image mIoU differences.
+again; p from the Wilcoxon test on the per-image mIoU differences. Per class (:func:`per_class_iou`):
+each store's IoU of every class, and Δ IoU to the reference with the same paired resampling.
 """
 
 from __future__ import annotations
@@ -87,8 +88,7 @@ def compare_dense(folder: str | Path, reference: str | None = None, n_resamples:
             ref_rows, lab_rows = sorted(per[reference]), sorted(per[label])
             a = confusion[_key(label, confusion.files)][np.searchsorted(lab_rows, rows)]
             b = confusion[_key(reference, confusion.files)][np.searchsorted(ref_rows, rows)]
-            draws = rng.integers(0, len(rows), (n_resamples, len(rows)))
-            counts = np.stack([np.bincount(d, minlength=len(rows)) for d in draws])  # (R, N) images drawn
+            counts = _resample_counts(len(rows), n_resamples, rng)
             flat_a, flat_b = a.reshape(len(rows), -1), b.reshape(len(rows), -1)
             for m in SEG_COMPARED:
                 va, vb = metrics.seg_scores(a.sum(0))[m], metrics.seg_scores(b.sum(0))[m]
@@ -128,6 +128,81 @@ def compare_dense(folder: str | Path, reference: str | None = None, n_resamples:
                 )
             )
     return task, out
+
+
+def _resample_counts(n: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(R, n): how often each of n images is drawn in each of R bootstrap resamples."""
+    draws = rng.integers(0, n, (n_resamples, n))
+    return np.stack([np.bincount(d, minlength=n) for d in draws])
+
+
+def class_iou(matrix: np.ndarray) -> np.ndarray:
+    """IoU of every class from confusion matrices (..., K, K) (rows: truth); NaN where a class is in
+    neither truth nor prediction (it then does not count in the mIoU either)."""
+    m = matrix.astype(np.float64)
+    tp = np.diagonal(m, axis1=-2, axis2=-1)
+    union = m.sum(-1) + m.sum(-2) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+@dataclass(frozen=True)
+class ClassIoU:
+    """One class of a segmentation run: each store's IoU, and each other store's Δ to the reference."""
+
+    index: int
+    name: str
+    iou: dict[str, float]  # store → IoU over the reported images (NaN: the class is in neither truth nor prediction)
+    delta: dict[str, tuple[float, float, float]]  # store → (Δ IoU, 95% low, high), paired bootstrap over images
+
+
+def per_class_iou(
+    folder: str | Path, reference: str | None, class_names: list[str] | None = None, n_resamples: int = N_RESAMPLES
+) -> list[ClassIoU]:
+    """Every class present in some store's truth or prediction: IoU per store (from the summed per-image
+    confusion matrices, as the mIoU) and, with a ``reference``, Δ IoU with a paired percentile bootstrap
+    interval (images resampled, both stores scored on the same draw; resamples where the class is
+    absent do not count)."""
+    folder = Path(folder)
+    record = json.loads((folder / "protocol.json").read_text())
+    if record.get("task") != "seg":
+        return []
+    confusion = np.load(folder / "confusion.npz")
+    labels = [s["label"] for s in record["run"]["stores"]]
+    per = _per_image(folder)
+    matrices = {label: confusion[_key(label, confusion.files)] for label in labels}
+    ious = {label: class_iou(m.sum(0)) for label, m in matrices.items()}
+    k = next(iter(matrices.values())).shape[-1]
+    deltas: dict[str, np.ndarray] = {}  # store → (K, 3)
+    if reference is not None:
+        rng = np.random.default_rng(SEED)
+        for label in labels:
+            if label == reference:
+                continue
+            rows = sorted(set(per[label]) & set(per[reference]))
+            a = matrices[label][np.searchsorted(sorted(per[label]), rows)].reshape(len(rows), -1).astype(np.float64)
+            b = matrices[reference][np.searchsorted(sorted(per[reference]), rows)].reshape(len(rows), -1).astype(np.float64)
+            counts = _resample_counts(len(rows), n_resamples, rng).astype(np.float64)
+            boot = np.concatenate([class_iou((c @ a).reshape(-1, k, k)) - class_iou((c @ b).reshape(-1, k, k))
+                                   for c in np.array_split(counts, max(1, len(counts) // 250))])  # fmt: skip
+            with np.errstate(invalid="ignore"):
+                point = class_iou(a.sum(0).reshape(k, k)) - class_iou(b.sum(0).reshape(k, k))
+            seen = np.isfinite(boot).any(0)
+            low = np.full(k, np.nan)
+            high = np.full(k, np.nan)
+            low[seen], high[seen] = np.nanpercentile(boot[:, seen], [2.5, 97.5], axis=0)
+            deltas[label] = np.stack([point, low, high], axis=1)
+    names = class_names or []
+    present = [c for c in range(k) if any(np.isfinite(v[c]) for v in ious.values())]
+    return [
+        ClassIoU(
+            c,
+            names[c] if c < len(names) else f"class {c}",
+            {label: float(ious[label][c]) for label in labels},
+            {label: (float(d[c, 0]), float(d[c, 1]), float(d[c, 2])) for label, d in deltas.items()},
+        )
+        for c in present
+    ]
 
 
 def safe_name(label: str) -> str:

@@ -4,7 +4,8 @@ and, with ``--markdown``, table.md.
 Per run, report.html shows the selected head of each store, the paired comparison with the
 reference (Δ with its paired bootstrap interval and Wilcoxon p, from :mod:`probe.dense.compare`),
 a panel of the first :data:`PANEL_IMAGES` reported images (by store row, the same for every store):
-image | ground truth | each store's prediction, and every head's metric against its learning rate.
+image | ground truth | each store's prediction, and every head's metric against its learning rate;
+a segmentation run also each class's IoU per store and Δ IoU to the reference (per_class_iou.csv too).
 The predictions come from ``--save-predictions`` (predictions/<store>.npz); the images are the
 dataset's files through the store's resize and center crop; the truth is the store's targets.
 """
@@ -34,10 +35,11 @@ from ..output.html import _CSS, _compact_json, _figure, _png, _pyplot
 from ..output.leaderboard import LEADERBOARD_CSV, LEADERBOARD_MD, REPORT_HTML
 from ..output.plots import line_styles, place_legends
 from ..results import table_csv
-from .compare import Difference, compare_dense, is_dense_run, safe_name
+from .compare import ClassIoU, Difference, compare_dense, is_dense_run, per_class_iou, safe_name
 
 PANEL_IMAGES = 4  # images shown per run: the first reported rows every store has predictions for
 TABLE_MD, TABLE_TEX = "table.md", "table.tex"
+PER_CLASS_CSV = "per_class_iou.csv"
 KIND = {"depth": "depth", "seg": "mask"}
 SUMMARY = {"depth": ("rmse", "absrel", "delta1", "rmse_ssa", "delta1_ssa"), "seg": ("miou", "pixel_acc")}
 NAMES = {"rmse": "RMSE (m)", "absrel": "AbsRel", "delta1": "δ1", "rmse_ssa": "RMSE aligned", "delta1_ssa": "δ1 aligned",
@@ -421,13 +423,47 @@ def _html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 # ---------------------------------------------------------------- the report
 
 
+def per_class_rows(labels: Sequence[str], reference: str | None, classes: list[ClassIoU]) -> tuple[list[str], list[list[str]]]:
+    """The per-class table: class | IoU of each store | Δ of each other store to the reference [95% CI]."""
+    others = [label for label in labels if reference is not None and label != reference]
+    head = ["class", *(f"IoU {label}" for label in labels), *(f"Δ {label} − {reference} [95% CI]" for label in others)]
+    iou = lambda v: "—" if not np.isfinite(v) else f"{v:.3f}"  # noqa: E731
+    delta = lambda d: "—" if not np.isfinite(d[0]) else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"  # noqa: E731
+    rows = [[c.name, *(iou(c.iou[label]) for label in labels), *(delta(c.delta[label]) for label in others)] for c in classes]
+    return head, rows
+
+
+def per_class_csv(runs: Sequence[DenseRun], references: Sequence[str | None], classes: Sequence[list[ClassIoU]]) -> str:
+    """per_class_iou.csv: a row per run × class × store (Δ columns empty for the reference)."""
+    out = []
+    for run, ref, per in zip(runs, references, classes):
+        for c in per:
+            for label in run.labels:
+                d = c.delta.get(label)
+                out.append({"run": str(run.folder), "class": c.index, "name": c.name, "store": label, "iou": c.iou[label],
+                            "reference": ref or "", "delta": d[0] if d else "", "delta_low": d[1] if d else "",
+                            "delta_high": d[2] if d else ""})  # fmt: skip
+    columns = ["run", "class", "name", "store", "iou", "reference", "delta", "delta_low", "delta_high"]
+    return table_csv.csv_text(columns, out)
+
+
+def _class_names(run: DenseRun) -> list[str]:
+    """The class names the run's first readable store records (none: "class k")."""
+    for s in run.stores:
+        try:
+            return [str(c) for c in target_info(FeatureStore.open(s["path"])).get("class_names") or []]
+        except (FeatstoreError, OSError, KeyError):
+            continue
+    return []
+
+
 def _reference(run: DenseRun, reference: str | None) -> str | None:
     if len(run.labels) < 2:
         return None
     return reference if reference in run.labels else run.labels[0]
 
 
-def _section(run: DenseRun, differences: list[Difference], reference: str | None, index: int) -> str:
+def _section(run: DenseRun, differences: list[Difference], reference: str | None, index: int, classes: list[ClassIoU]) -> str:
     body = [f"<h2>dense {html.escape(run.task)} probe: {html.escape(str(run.folder))}</h2>"]
     names = SUMMARY[run.task]
     body.append(
@@ -450,6 +486,14 @@ def _section(run: DenseRun, differences: list[Difference], reference: str | None
             '<p class="note">Δ = store − reference, the mean over images of the per-image differences (segmentation: of the '
             "summed confusion matrices); the interval is a paired percentile bootstrap over images, p the Wilcoxon "
             "signed-rank test on the per-image differences.</p>"
+        )
+    if classes:
+        body.append("<h3>Per class IoU</h3>")
+        body.append(_html_table(*per_class_rows(run.labels, reference, classes)))
+        body.append(
+            '<p class="note">IoU of each class over the reported images (the summed confusion matrices of the selected head); '
+            "— where a class is in neither the truth nor the prediction. Δ = store − reference with its paired percentile "
+            "bootstrap 95% interval over images.</p>"
         )
     p = panel(run)
     for note in p.notes:
@@ -488,7 +532,8 @@ def report(
     latex: bool = False,
     markdown: bool = False,
 ) -> dict[str, Path]:
-    """leaderboard.md, leaderboard.csv and report.html (and table.md with ``markdown``) of dense runs."""
+    """leaderboard.md, leaderboard.csv and report.html (per_class_iou.csv for segmentation runs; table.md with
+    ``markdown``, table.tex with ``latex``) of dense runs."""
     not_dense = [str(f) for f in folders if not is_dense_run(Path(f))]
     if not_dense:
         raise UsageError(f"{not_dense[0]!r} is not a dense run (probe fit --task depth|seg), the others are",
@@ -500,17 +545,22 @@ def report(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file", "pass a folder (it is created if missing)")
-    compared = []
+    compared, classes = [], []
     for run in runs:
         ref = _reference(run, reference)
         compared.append((ref, compare_dense(run.folder, ref)[1] if ref else []))
+        classes.append(per_class_iou(run.folder, ref, _class_names(run)) if run.task == "seg" else [])
     md, sections, rows = ["# featstore dense probe report", ""], [], []
-    for i, (run, (ref, diffs)) in enumerate(zip(runs, compared), start=1):
+    for i, (run, (ref, diffs), per) in enumerate(zip(runs, compared, classes), start=1):
         md += [f"## dense {run.task}: {run.folder}", "", summary_markdown(run), ""]
         if diffs:
             md += [f"against {ref} on the same images (95% paired bootstrap interval; Wilcoxon signed-rank p):", "",
                    comparison_markdown(diffs), ""]  # fmt: skip
-        sections.append(_section(run, diffs, ref, i))
+        if per:
+            head, body = per_class_rows(run.labels, ref, per)
+            md += ["per class IoU" + (f" (Δ: store − {ref}, 95% paired bootstrap interval)" if ref else "") + ":", "",
+                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in body), ""]  # fmt: skip
+        sections.append(_section(run, diffs, ref, i, per))
         rows += summary_rows(run)
     page = (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>featstore dense probe report</title><style>{_CSS}</style>'
@@ -518,6 +568,8 @@ def report(
     )
     columns = list(dict.fromkeys(k for r in rows for k in r))
     texts = {LEADERBOARD_MD: "\n".join(md), LEADERBOARD_CSV: table_csv.csv_text(columns, rows), REPORT_HTML: page}
+    if any(classes):
+        texts[PER_CLASS_CSV] = per_class_csv(runs, [ref for ref, _ in compared], classes)
     if markdown:
         texts[TABLE_MD] = "\n".join(paper_markdown(run, diffs, ref) for run, (ref, diffs) in zip(runs, compared))
     if latex:

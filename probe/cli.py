@@ -411,7 +411,19 @@ def compare_command(results_dir, reference, as_json, latex, as_markdown, spread,
             table = compare_paper_table(task, differences)
             click.echo(paper.latex(table) if latex else paper.markdown(table), nl=False)
             return
-        click.echo(json.dumps(dense.to_json(task, differences), indent=2) if as_json else dense.markdown(task, differences))
+        classes: list = []
+        if task == "seg":  # and each class's IoU, Δ to the same reference on the same resampling
+            from .dense.report import class_names_of, load_run, per_class_markdown
+
+            run_ = load_run(results_dir)
+            ref = reference or run_.labels[0]
+            classes = dense.per_class_iou(results_dir, ref, class_names_of(run_), n_resamples=resamples or dense.N_RESAMPLES)
+        if as_json:
+            click.echo(
+                json.dumps(dense.to_json(task, differences) | ({"per_class": [c.to_dict() for c in classes]} if classes else {}), indent=2)
+            )
+        else:
+            click.echo(dense.markdown(task, differences) + (f"\n\n{per_class_markdown(run_.labels, ref, classes)}" if classes else ""))
         return
     run = load(results_dir)
     comparison = compare(require_predictions(run), reference, class_names=run.class_names, n_resamples=resamples or intervals.N_RESAMPLES)

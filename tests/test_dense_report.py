@@ -126,7 +126,7 @@ def test_report_of_a_seg_run_without_saved_predictions_says_how_to_get_them(stor
 
 
 @pytest.mark.slow
-def test_per_class_iou_is_the_confusion_matrices_and_its_intervals_a_direct_bootstrap(stores, tmp_path):
+def test_per_class_iou_is_the_confusion_matrices_and_its_intervals_a_direct_bootstrap(stores, tmp_path, capsys):
     from probe.dense.compare import SEED, per_class_iou
     from probe.dense.report import report
 
@@ -164,6 +164,17 @@ def test_per_class_iou_is_the_confusion_matrices_and_its_intervals_a_direct_boot
     assert len(table) == 2 * len(iou["fog"].keys() | iou["random"].keys()) and k >= 2
     page = (tmp_path / "report" / "report.html").read_text()
     assert "<h3>Per class IoU</h3>" in page and "Δ random − fog [95% CI]" in page
+    # probe compare prints the same classes (JSON: strict, no NaN) after the mIoU comparison
+    capsys.readouterr()
+    assert run_cli(probe_cli, "probe", ["compare", str(run), "--json"]) == 0
+
+    def no_nan(text):
+        raise ValueError(f"{text} in JSON")
+
+    printed = json.loads(capsys.readouterr().out, parse_constant=no_nan)
+    assert printed["per_class"] == [c.to_dict() for c in per_class_iou(run, "fog")]
+    assert run_cli(probe_cli, "probe", ["compare", str(run)]) == 0
+    assert "per class IoU (Δ: store − fog, 95% paired bootstrap interval):" in capsys.readouterr().out
 
 
 def test_a_legend_of_forty_classes_stays_below_the_panels():

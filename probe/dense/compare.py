@@ -155,6 +155,12 @@ class ClassIoU:
     iou: dict[str, float]  # store → IoU over the reported images (NaN: the class is in neither truth nor prediction)
     delta: dict[str, tuple[float, float, float]]  # store → (Δ IoU, 95% low, high), paired bootstrap over images
 
+    def to_dict(self) -> dict[str, Any]:
+        """For JSON: NaN (a class one store never met) as null."""
+        num = lambda v: None if not np.isfinite(v) else v  # noqa: E731
+        return {"index": self.index, "name": self.name, "iou": {k: num(v) for k, v in self.iou.items()},
+                "delta": {k: [num(v) for v in d] for k, d in self.delta.items()}}  # fmt: skip
+
 
 def per_class_iou(
     folder: str | Path, reference: str | None, class_names: list[str] | None = None, n_resamples: int = N_RESAMPLES

@@ -433,6 +433,12 @@ def per_class_rows(labels: Sequence[str], reference: str | None, classes: list[C
     return head, rows
 
 
+def per_class_markdown(labels: Sequence[str], reference: str | None, classes: list[ClassIoU]) -> str:
+    head, body = per_class_rows(labels, reference, classes)
+    title = "per class IoU" + (f" (Δ: store − {reference}, 95% paired bootstrap interval)" if reference else "") + ":"
+    return "\n".join([title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in body)])
+
+
 def per_class_csv(runs: Sequence[DenseRun], references: Sequence[str | None], classes: Sequence[list[ClassIoU]]) -> str:
     """per_class_iou.csv: a row per run × class × store (Δ columns empty for the reference)."""
     out = []
@@ -447,7 +453,7 @@ def per_class_csv(runs: Sequence[DenseRun], references: Sequence[str | None], cl
     return table_csv.csv_text(columns, out)
 
 
-def _class_names(run: DenseRun) -> list[str]:
+def class_names_of(run: DenseRun) -> list[str]:
     """The class names the run's first readable store records (none: "class k")."""
     for s in run.stores:
         try:
@@ -549,7 +555,7 @@ def report(
     for run in runs:
         ref = _reference(run, reference)
         compared.append((ref, compare_dense(run.folder, ref)[1] if ref else []))
-        classes.append(per_class_iou(run.folder, ref, _class_names(run)) if run.task == "seg" else [])
+        classes.append(per_class_iou(run.folder, ref, class_names_of(run)) if run.task == "seg" else [])
     md, sections, rows = ["# featstore dense probe report", ""], [], []
     for i, (run, (ref, diffs), per) in enumerate(zip(runs, compared, classes), start=1):
         md += [f"## dense {run.task}: {run.folder}", "", summary_markdown(run), ""]
@@ -557,9 +563,7 @@ def report(
             md += [f"against {ref} on the same images (95% paired bootstrap interval; Wilcoxon signed-rank p):", "",
                    comparison_markdown(diffs), ""]  # fmt: skip
         if per:
-            head, body = per_class_rows(run.labels, ref, per)
-            md += ["per class IoU" + (f" (Δ: store − {ref}, 95% paired bootstrap interval)" if ref else "") + ":", "",
-                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in body), ""]  # fmt: skip
+            md += [per_class_markdown(run.labels, ref, per), ""]
         sections.append(_section(run, diffs, ref, i, per))
         rows += summary_rows(run)
     page = (

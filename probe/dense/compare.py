@@ -136,16 +136,6 @@ def _resample_counts(n: int, n_resamples: int, rng: np.random.Generator) -> np.n
     return np.stack([np.bincount(d, minlength=n) for d in draws])
 
 
-def class_iou(matrix: np.ndarray) -> np.ndarray:
-    """IoU of every class from confusion matrices (..., K, K) (rows: truth); NaN where a class is in
-    neither truth nor prediction (it then does not count in the mIoU either)."""
-    m = matrix.astype(np.float64)
-    tp = np.diagonal(m, axis1=-2, axis2=-1)
-    union = m.sum(-1) + m.sum(-2) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, tp / union, np.nan)
-
-
 @dataclass(frozen=True)
 class ClassIoU:
     """One class of a segmentation run: each store's IoU, and each other store's Δ to the reference."""
@@ -177,7 +167,7 @@ def per_class_iou(
     labels = [s["label"] for s in record["run"]["stores"]]
     per = _per_image(folder)
     matrices = {label: confusion[_key(label, confusion.files)] for label in labels}
-    ious = {label: class_iou(m.sum(0)) for label, m in matrices.items()}
+    ious = {label: metrics.class_iou(m.sum(0)) for label, m in matrices.items()}
     k = next(iter(matrices.values())).shape[-1]
     deltas: dict[str, np.ndarray] = {}  # store → (K, 3)
     if reference is not None:
@@ -189,10 +179,10 @@ def per_class_iou(
             a = matrices[label][np.searchsorted(sorted(per[label]), rows)].reshape(len(rows), -1).astype(np.float64)
             b = matrices[reference][np.searchsorted(sorted(per[reference]), rows)].reshape(len(rows), -1).astype(np.float64)
             counts = _resample_counts(len(rows), n_resamples, rng).astype(np.float64)
-            boot = np.concatenate([class_iou((c @ a).reshape(-1, k, k)) - class_iou((c @ b).reshape(-1, k, k))
+            boot = np.concatenate([metrics.class_iou((c @ a).reshape(-1, k, k)) - metrics.class_iou((c @ b).reshape(-1, k, k))
                                    for c in np.array_split(counts, max(1, len(counts) // 250))])  # fmt: skip
             with np.errstate(invalid="ignore"):
-                point = class_iou(a.sum(0).reshape(k, k)) - class_iou(b.sum(0).reshape(k, k))
+                point = metrics.class_iou(a.sum(0).reshape(k, k)) - metrics.class_iou(b.sum(0).reshape(k, k))
             seen = np.isfinite(boot).any(0)
             low = np.full(k, np.nan)
             high = np.full(k, np.nan)

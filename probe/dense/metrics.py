@@ -60,15 +60,23 @@ def confusion(pred: NDArray[np.integer], gt: NDArray[np.integer], num_classes: i
     return counts
 
 
+def class_iou(matrices: NDArray[np.integer] | NDArray[np.floating]) -> NDArray[np.float64]:
+    """IoU of every class from confusion matrices (..., K, K) (rows: truth); NaN where a class is in
+    neither truth nor prediction (it then does not count in the mIoU either)."""
+    m = matrices.astype(np.float64)
+    tp = np.diagonal(m, axis1=-2, axis2=-1)
+    union = m.sum(-1) + m.sum(-2) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
 def seg_scores(matrix: NDArray[np.integer]) -> dict[str, float]:
     """mIoU over the classes present in truth or prediction, and pixel accuracy, from one confusion matrix."""
-    m = matrix.astype(np.float64)
-    tp = np.diag(m)
-    union = m.sum(0) + m.sum(1) - tp
-    present = union > 0
-    miou = float((tp[present] / union[present]).mean()) if present.any() else float("nan")
-    total = m.sum()
-    return {"miou": miou, "pixel_acc": float(tp.sum() / total) if total else float("nan")}
+    iou = class_iou(matrix)
+    present = np.isfinite(iou)
+    miou = float(iou[present].mean()) if present.any() else float("nan")
+    total = matrix.sum()
+    return {"miou": miou, "pixel_acc": float(np.trace(matrix.astype(np.float64)) / total) if total else float("nan")}
 
 
 def seg_per_image(pred: NDArray[np.integer], gt: NDArray[np.integer], num_classes: int) -> dict[str, NDArray[np.float64]]:
@@ -90,13 +98,12 @@ def seg_per_image_from_confusion(matrices: NDArray[np.integer]) -> dict[str, NDA
     """(N,) per-image mIoU and pixel accuracy from (N, K, K) per-image confusion matrices (as
     :func:`seg_scores` of each, without a Python loop over images)."""
     m = matrices.astype(np.float64)
-    tp = np.diagonal(m, axis1=-2, axis2=-1)
-    union = m.sum(-2) + m.sum(-1) - tp
-    present = union > 0
+    iou = class_iou(m)
+    present = np.isfinite(iou)
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(present, tp / np.where(present, union, 1.0), 0.0)
-        miou = np.where(present.any(-1), iou.sum(-1) / present.sum(-1), np.nan)
+        miou = np.where(present.any(-1), np.nansum(iou, -1) / present.sum(-1), np.nan)
         total = m.sum((-2, -1))
+        tp = np.diagonal(m, axis1=-2, axis2=-1)
         acc = np.where(total > 0, tp.sum(-1) / np.where(total > 0, total, 1.0), np.nan)
     return {"miou": miou, "pixel_acc": acc}
 

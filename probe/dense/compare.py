@@ -74,20 +74,16 @@ def compare_dense(folder: str | Path, reference: str | None = None, n_resamples:
     reference = reference or labels[0]
     if reference not in per:
         raise UsageError(f"no store {reference!r} in {str(folder)!r}", f"it has: {', '.join(labels)}")
-    confusion = np.load(folder / "confusion.npz") if task == "seg" else None
+    confusion = _confusions(folder, labels) if task == "seg" else None
     out = []
     rng = np.random.default_rng(SEED)
     for label in labels:
         if label == reference:
             continue
-        rows = sorted(set(per[label]) & set(per[reference]))
-        if len(rows) < 2:
-            raise UsageError(f"stores {label!r} and {reference!r} share fewer than 2 reported images", "compare stores of the same dataset")
+        rows = _shared_rows(per, label, reference)
         if task == "seg":
             assert confusion is not None
-            ref_rows, lab_rows = sorted(per[reference]), sorted(per[label])
-            a = confusion[_key(label, confusion.files)][np.searchsorted(lab_rows, rows)]
-            b = confusion[_key(reference, confusion.files)][np.searchsorted(ref_rows, rows)]
+            a, b = _on_rows(confusion[label], per[label], rows), _on_rows(confusion[reference], per[reference], rows)
             counts = _resample_counts(len(rows), n_resamples, rng)
             flat_a, flat_b = a.reshape(len(rows), -1), b.reshape(len(rows), -1)
             for m in SEG_COMPARED:
@@ -130,6 +126,26 @@ def compare_dense(folder: str | Path, reference: str | None = None, n_resamples:
     return task, out
 
 
+def _shared_rows(per: dict[str, dict[int, dict[str, float]]], label: str, reference: str) -> list[int]:
+    """The reported rows both stores have per-image numbers for (at least 2: a paired comparison needs them)."""
+    rows = sorted(set(per[label]) & set(per[reference]))
+    if len(rows) < 2:
+        raise UsageError(f"stores {label!r} and {reference!r} share fewer than 2 reported images", "compare stores of the same dataset")
+    return rows
+
+
+def _confusions(folder: Path, labels: list[str]) -> dict[str, np.ndarray]:
+    """Each store's (N, K, K) per-image confusion matrices from confusion.npz, each read once (an npz
+    decompresses an array again at every access)."""
+    with np.load(folder / "confusion.npz") as npz:
+        return {label: npz[_key(label, npz.files)] for label in labels}
+
+
+def _on_rows(matrices: np.ndarray, per_image: dict[int, dict[str, float]], rows: list[int]) -> np.ndarray:
+    """A store's per-image confusion matrices (stored in the order of its sorted reported rows) on ``rows``."""
+    return matrices[np.searchsorted(sorted(per_image), rows)]
+
+
 def _resample_counts(n: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
     """(R, n): how often each of n images is drawn in each of R bootstrap resamples."""
     draws = rng.integers(0, n, (n_resamples, n))
@@ -163,21 +179,20 @@ def per_class_iou(
     record = json.loads((folder / "protocol.json").read_text())
     if record.get("task") != "seg":
         return []
-    confusion = np.load(folder / "confusion.npz")
     labels = [s["label"] for s in record["run"]["stores"]]
+    confusion = _confusions(folder, labels)
     per = _per_image(folder)
-    matrices = {label: confusion[_key(label, confusion.files)] for label in labels}
-    ious = {label: metrics.class_iou(m.sum(0)) for label, m in matrices.items()}
-    k = next(iter(matrices.values())).shape[-1]
+    ious = {label: metrics.class_iou(m.sum(0)) for label, m in confusion.items()}
+    k = len(next(iter(ious.values())))
     deltas: dict[str, np.ndarray] = {}  # store → (K, 3)
     if reference is not None:
         rng = np.random.default_rng(SEED)
         for label in labels:
             if label == reference:
                 continue
-            rows = sorted(set(per[label]) & set(per[reference]))
-            a = matrices[label][np.searchsorted(sorted(per[label]), rows)].reshape(len(rows), -1).astype(np.float64)
-            b = matrices[reference][np.searchsorted(sorted(per[reference]), rows)].reshape(len(rows), -1).astype(np.float64)
+            rows = _shared_rows(per, label, reference)
+            a = _on_rows(confusion[label], per[label], rows).reshape(len(rows), -1).astype(np.float64)
+            b = _on_rows(confusion[reference], per[reference], rows).reshape(len(rows), -1).astype(np.float64)
             counts = _resample_counts(len(rows), n_resamples, rng).astype(np.float64)
             boot = np.concatenate([metrics.class_iou((c @ a).reshape(-1, k, k)) - metrics.class_iou((c @ b).reshape(-1, k, k))
                                    for c in np.array_split(counts, max(1, len(counts) // 250))])  # fmt: skip

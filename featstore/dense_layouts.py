@@ -22,6 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -201,7 +202,7 @@ def nyu_class_mapping(path: Path, to13: Path | None = None) -> tuple[np.ndarray,
     try:
         m = scipy.io.loadmat(str(path))
         raw_to_class = np.asarray(m["mapClass"]).reshape(-1).astype(np.int64)
-        names = tuple(str(np.asarray(n).reshape(-1)[0]) for n in np.asarray(m["className"]).reshape(-1))
+        names = _cell_strings(m["className"])
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise UsageError(f"cannot read the class mapping {str(path)!r} ({type(e).__name__}: {e})", fix) from e
     if not names or not len(raw_to_class) or raw_to_class.min() < 1 or raw_to_class.max() > len(names) or len(names) > 255:
@@ -214,7 +215,7 @@ def nyu_class_mapping(path: Path, to13: Path | None = None) -> tuple[np.ndarray,
     try:
         m13 = scipy.io.loadmat(str(to13))["classMapping13"].reshape(-1)[0]
         forty_to_13 = np.asarray(m13["labels13"]).reshape(-1).astype(np.int64)
-        names13 = tuple(str(np.asarray(n).reshape(-1)[0]) for n in np.asarray(m13["classNames"]).reshape(-1))
+        names13 = _cell_strings(m13["classNames"])
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise UsageError(f"cannot read the class mapping {str(to13)!r} ({type(e).__name__}: {e})", fix13) from e
     if len(forty_to_13) != len(names) or not names13 or forty_to_13.min() < 1 or forty_to_13.max() > len(names13):
@@ -223,6 +224,11 @@ def nyu_class_mapping(path: Path, to13: Path | None = None) -> tuple[np.ndarray,
     lut13 = np.full_like(lut, 255)
     lut13[labelled] = forty_to_13[lut[labelled]] - 1
     return lut13, names13
+
+
+def _cell_strings(cells: Any) -> tuple[str, ...]:
+    """A MATLAB cell array of strings as scipy.io.loadmat returns it (objects holding 1-element arrays)."""
+    return tuple(str(np.asarray(n).reshape(-1)[0]) for n in np.asarray(cells).reshape(-1))
 
 
 def _convert_nyu(mat: Path, splits: Path, classmap: tuple[np.ndarray, tuple[str, ...]] | None, out: Path) -> None:

@@ -35,7 +35,8 @@ def number(value: float, digits: int, signed: bool = False) -> str:
     return (f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}").replace("-", "−")
 
 
-_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+_PLAIN, _RAISED = "-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"  # an exponent's characters, and as superscripts
+_SUPERSCRIPT = str.maketrans(_PLAIN, _RAISED)
 
 
 def p_value(p: float | None) -> str:
@@ -128,8 +129,8 @@ def compare_table(comparison: Comparison, *, spread: str = "ci", caption: str = 
 _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "\\": r"\textbackslash{}"}  # fmt: skip
 
 
-_POWER = re.compile("×10([⁻⁰¹²³⁴⁵⁶⁷⁸⁹]+)")
-_PLAIN_DIGITS = str.maketrans("⁻⁰¹²³⁴⁵⁶⁷⁸⁹", "-0123456789")
+_POWER = re.compile(f"×10([{_RAISED}]+)")
+_PLAIN_DIGITS = str.maketrans(_RAISED, _PLAIN)
 
 
 def _tex(text: str) -> str:

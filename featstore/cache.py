@@ -367,7 +367,8 @@ def parse_size(text: str) -> int:
 def lookup(model: str, dataset: str, weights: str | None = None) -> str:
     """The one complete cached store of ``model`` on ``dataset`` (and ``weights`` when given),
     matched on what the stores record; no model is built. Errors list what exists."""
-    entries = _entries_from_attrs()
+    cached = _cached()
+    entries = _entries_from_attrs(cached)
     sha = None
     if weights is not None:
         if not Path(weights).expanduser().is_file():
@@ -386,7 +387,8 @@ def lookup(model: str, dataset: str, weights: str | None = None) -> str:
     if len(complete) == 1:
         return complete[0].path
     if len(complete) > 1:
-        differ = _differing_fields([dict(_cached_attrs(e.path).get("cache_fields") or {}) for e in complete])
+        attrs = {str(p): a for p, a in cached}  # read once above, for the match
+        differ = _differing_fields([dict(attrs[e.path].get("cache_fields") or {}) for e in complete])
         listed = "; ".join(
             f"{e.path} [created {e.created}, {e.weights}, views {','.join(e.views)}, {e.dtype}, {e.loader}, {e.compute}"
             + (f", augment {e.augment}" if e.augment else "")
@@ -414,14 +416,6 @@ def lookup(model: str, dataset: str, weights: str | None = None) -> str:
     )
 
 
-def _cached_attrs(path: str) -> dict:
-    if not is_url(path):
-        return store_attrs(Path(path)) or {}
-    from .store.remote import Remote
-
-    return Remote.of(path).attrs() or {}
-
-
 def _differing_fields(fields: list[dict]) -> list[dict[str, str]]:
     """Per store, the cache-key fields (dotted names) whose values are not the same in every one of
     them, shortened for a one-line message (digests to 12 characters)."""
@@ -442,8 +436,8 @@ def _differing_fields(fields: list[dict]) -> list[dict[str, str]]:
     return [{k: short(f.get(k)) for k in names} for f in flats]
 
 
-def _entries_from_attrs() -> list[StoreEntry]:
-    """Every cached store's entry from its ``zarr.json`` alone, in ``list_stores`` order: what lookup
-    matches on. No tree walk, lock or last-use read, so size, progress, ``writing`` and ``last_used``
-    are left empty (lookup reads them for an incomplete match only)."""
-    return [entry_from_attrs(str(p), attrs, 0, None, False, 0.0) for p, attrs in _cached()]
+def _entries_from_attrs(cached: list[tuple[Path | str, dict]]) -> list[StoreEntry]:
+    """Every cached store's entry from its ``zarr.json`` alone (``_cached()``), in ``list_stores`` order:
+    what lookup matches on. No tree walk, lock or last-use read, so size, progress, ``writing`` and
+    ``last_used`` are left empty (lookup reads them for an incomplete match only)."""
+    return [entry_from_attrs(str(p), attrs, 0, None, False, 0.0) for p, attrs in cached]

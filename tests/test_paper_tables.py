@@ -61,11 +61,11 @@ def test_negative_numbers_get_a_minus_and_names_keep_their_hyphens():
         ["encoder", "Δ top-1 vs run-2026"],
         [["dino-v2_b", delta], ["mae lr 1e-4", paper._number(1.0, None, None, 1, "ci", signed=True)]],
         [[False, True], [False, False]],
-        "Δ: store − reference",
+        "Δ: store − reference; bold: p < 0.05",
     )
     tex = paper.latex(t)
     assert r"dino-v2\_b & \textbf{$-$0.3 [$-$1.2, +0.6]} \\" in tex and r"mae lr 1e-4 & +1.0 \\" in tex
-    assert r"$\Delta$ top-1 vs run-2026" in tex and r"\caption{$\Delta$: store $-$ reference}" in tex
+    assert r"$\Delta$ top-1 vs run-2026" in tex and r"\caption{$\Delta$: store $-$ reference; bold: p $<$ 0.05}" in tex
     md = paper.markdown(t)
     assert "| dino-v2_b | **−0.3 [−1.2, +0.6]** |" in md and "| mae lr 1e-4 | +1.0 |" in md
 

@@ -149,6 +149,8 @@ def _tex(text: str) -> str:
                 .replace("Δ", r"$\Delta$")
                 .replace("δ", r"$\delta$")
                 .replace("−", "$-$")
+                .replace("<", "$<$")  # in text mode LaTeX's default (OT1) fonts print < and > as ¡ and ¿
+                .replace(">", "$>$")
                 .replace("—", "---")
                 .replace("…", r"\ldots{}")
             )

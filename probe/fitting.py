@@ -30,7 +30,9 @@ from . import fewshot, methods
 from . import intervals as I
 from .comparison import Comparison, compare
 from .methods import Case, Method, MethodResult
-from .methods.token_rows import TokenRows, finite_rows
+from .methods.token_rows import TokenRows, default_memory, finite_rows
+from .methods.view_rows import ViewRows
+from .methods.view_rows import place as place_views
 from .protocol import Protocol, augment_views
 from .results.columns import COLUMNS
 from .results.predictions import ConfigKey, ImagePredictions
@@ -223,7 +225,9 @@ def fit_run(
         The command line that started the run (protocol.json records it).
     max_memory : int, optional
         Bytes of patch tokens a token method (``attentive``) holds resident per role; beyond it they
-        stream from the store in blocks of rows. Default: a quarter of the RAM / GPU memory.
+        stream from the store in blocks of rows. Augmented views are held on the device when they
+        fit it, else in host memory (one view per row uploaded each epoch). Default: a quarter of
+        the RAM / GPU memory.
 
     Returns
     -------
@@ -340,7 +344,7 @@ def _check_view_kinds(path: str, fs: FeatureStore, probed: list[str], protocol: 
 
 def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, cache: dict, log, warn, max_memory: int | None = None) -> list[dict]:
     """Every seed × shots × method on one store × view; each split's features read once."""
-    features: dict[str, np.ndarray] = {}
+    features: dict[str, np.ndarray | torch.Tensor] = {}  # split → its features; "<split>#augment" → its views, placed
     finite: dict[str, np.ndarray] = {}
     memo: dict[tuple, MethodResult] = {}
     rows: list[dict] = []
@@ -415,10 +419,11 @@ def _fit_case(
     if augment_views(protocol.augment):  # the train split's rows (train, and a holdout of it) train on their views
         for role, (split, _) in roles.items():
             if split == plan.train_split and role != "report":
-                stored = f"{split}#augment"
+                stored = f"{split}#augment"  # the split's views, placed once per store × view for every seed
                 if stored not in features:
-                    features[stored] = A.train_views(fs, split, view, np.arange(fs.num_rows(split)), features[split], warn)
-                augmented[role] = torch.from_numpy(np.ascontiguousarray(features[stored][kept[role]])).to(dev)
+                    budget = max_memory or default_memory(dev)
+                    features[stored] = place_views(A.train_views(fs, split, view, features[split], warn), dev, budget)
+                augmented[role] = ViewRows.of(features[stored], kept[role])
     rows_of = _Rows(info, view, protocol, plan, seed, shots, kept, excluded_invalid, excluded_nonfinite, dev, dtype, t0)
     detail = rows_of.detail
     case = Case(protocol=protocol, x=raw, y=labels, rows=kept, split_rows=fs.num_rows(plan.train_split), num_classes=info.num_classes,

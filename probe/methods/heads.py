@@ -8,13 +8,14 @@ per-head learning rate and weight decay as per-column vectors, so head h follows
 update torch.optim would apply to a lone nn.Linear with that lr and wd (tests check this).
 
 Nothing in the training loop copies between host and device or synchronizes: the minibatch
-order of every epoch is drawn up front and moved to the device once.
+order of every epoch is drawn up front and moved to the device once (augmented views held in host
+memory are the exception: one upload of the epoch's chosen views, :mod:`.view_rows`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -55,20 +56,26 @@ def restrict_orders(orders: NDArray[np.int64], rows: NDArray[np.int64]) -> NDArr
     return mapped[mapped >= 0].reshape(orders.shape[0], len(rows))
 
 
-def standardize_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and 1/sqrt(var + eps) of ``x`` (biased variance, as BatchNorm), as float32.
+def standardize_stats(x: torch.Tensor | Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and 1/sqrt(var + eps) of ``x`` (biased variance, as BatchNorm), as float32; ``x`` is a
+    matrix, or an iterable of its row blocks (augmented views: :meth:`ViewRows.blocks`).
 
     Each chunk's mean and centered variance (two passes, float32) are merged in float64 (Chan
     et al.); chunks of ~8 MB keep the centered temporary in cache, which one big var_mean over
     the whole matrix does not (benchmarks/RESULTS.md, "Moved from docstrings").
     """
-    n, d = x.shape
-    step = max(1, (1 << 21) // max(d, 1))
+    if isinstance(x, torch.Tensor):
+        step = max(1, (1 << 21) // max(x.shape[1], 1))
+        blocks: Iterable[torch.Tensor] = [x[i : i + step] for i in range(0, x.shape[0], step)]
+    else:
+        blocks = x
     count = 0
-    mean = torch.zeros(d, dtype=torch.float64, device=x.device)
-    m2 = torch.zeros(d, dtype=torch.float64, device=x.device)
-    for i in range(0, n, step):
-        chunk = x[i : i + step].float()
+    mean = m2 = torch.zeros(0)
+    for block in blocks:
+        if count == 0:
+            mean = torch.zeros(block.shape[1], dtype=torch.float64, device=block.device)
+            m2 = torch.zeros_like(mean)
+        chunk = block.float()
         k = chunk.shape[0]
         mean_c = chunk.mean(0)
         var_c = (chunk - mean_c).square_().mean(0)
@@ -77,7 +84,9 @@ def standardize_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean += delta * (k / total)
         m2 += var_c.double() * k + delta * delta * (count * k / total)
         count = total
-    return mean.float(), torch.rsqrt((m2 / n).float() + BN_EPS)
+    if count == 0:
+        raise ValueError("standardize statistics of no rows")
+    return mean.float(), torch.rsqrt((m2 / count).float() + BN_EPS)
 
 
 def prepare(
@@ -232,35 +241,37 @@ def schedule_factor(protocol: Protocol, step: int, total: int) -> float:
 
 
 def train(
-    x: torch.Tensor, y: torch.Tensor, heads: LinearHeads, protocol: Protocol, orders: torch.Tensor, choice: torch.Tensor | None = None
+    x: torch.Tensor | Callable[[int], torch.Tensor], y: torch.Tensor, heads: LinearHeads, protocol: Protocol, orders: torch.Tensor
 ) -> torch.Tensor:
     """Train every head on (x, y) for ``protocol.epochs`` epochs; the (H,) mean cross-entropy of
     each head over the last epoch.
 
     ``orders`` is the (epochs, N) minibatch order, already on the device; every head sees the
-    same minibatches in the same order (the last minibatch of an epoch may be smaller).
-    ``choice``: augmented views (:func:`view_choice`, (epochs, N) on the device): ``x`` is then
-    (N·K, D), row i's K views one after the other, and row i trains on view ``choice[epoch, i]``.
+    same minibatches in the same order (the last minibatch of an epoch may be smaller). ``x`` is
+    the (N, D) inputs on the device, or a function of the epoch giving that epoch's (augmented
+    views: each row's chosen view, gathered once per epoch).
     """
     n = y.shape[0]
-    views = 1 if choice is None else x.shape[0] // n
     if orders.shape != (protocol.epochs, n):
         raise ValueError(f"orders has shape {tuple(orders.shape)}, expected {(protocol.epochs, n)}")
     bs = protocol.batch_size
     per_epoch = math.ceil(n / bs)
     total = protocol.epochs * per_epoch
     t = 0
-    loss = torch.zeros(heads.num_heads, device=x.device, dtype=heads.w.dtype)
+    loss = torch.zeros(heads.num_heads, device=heads.w.device, dtype=heads.w.dtype)
     for epoch in range(protocol.epochs):
+        inputs = x(epoch) if callable(x) else x
+        if inputs.shape[0] != n:
+            raise ValueError(f"epoch {epoch}: {inputs.shape[0]} input rows for {n} labels")
         order = orders[epoch]
         loss.zero_()
         for s in range(per_epoch):
             idx = order[s * bs : (s + 1) * bs]
-            at = idx if choice is None else idx * views + choice[epoch].index_select(0, idx)
-            gw, gb, loss_sum = heads.gradients(x.index_select(0, at), y.index_select(0, idx))
+            gw, gb, loss_sum = heads.gradients(inputs.index_select(0, idx), y.index_select(0, idx))
             loss += loss_sum
             heads.step(gw, gb, protocol, schedule_factor(protocol, t, total))
             t += 1
+        del inputs  # the next epoch's gather replaces it, not beside it
     return loss / n
 
 

@@ -10,7 +10,7 @@ evaluated role is the center crop."""
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, cast
 
 import numpy as np
@@ -21,6 +21,7 @@ from featstore.errors import FeatstoreError
 
 from . import heads as H
 from .method import Case, Config, MethodResult, Metrics, Ranking, grid_configs, select_head
+from .view_rows import ViewRows
 
 
 class Linear:
@@ -36,23 +37,25 @@ class Linear:
     def run(self, case: Case) -> MethodResult:
         protocol, dev, dtype = case.protocol, case.device, case.dtype
         views = case.augmented.get("train")
-        trained_on = case.x["train"] if views is None else views.reshape(-1, views.shape[-1])
-        stats = H.standardize_stats(trained_on) if protocol.normalize == "standardize" else None
+        stats = None
+        if protocol.normalize == "standardize":
+            stats = H.standardize_stats(case.x["train"] if views is None else views.blocks(dev))
         x = {role: H.prepare(t, protocol.normalize, dtype, stats) for role, t in case.x.items()}
         orders = torch.from_numpy(H.restrict_orders(_epoch_orders(case), case.rows["train"])).to(dev)
-        choice = _choice(case, case.rows["train"])
-        train_x = x["train"] if views is None else H.prepare(trained_on, protocol.normalize, dtype, stats)
+        train_x = x["train"] if views is None else _epoch_views(case, views, stats)
 
         lrs = [lr for lr, _ in protocol.heads]
         wds = [wd for _, wd in protocol.heads]
         dim = x["train"].shape[1]
         heads = H.LinearHeads(dim, case.num_classes, lrs, wds, dev)
-        on_views = f" ({views.shape[1]} augmented views each)" if views is not None else ""
+        on_views = ""
+        if views is not None:
+            held = "on the device" if views.views.device == dev else "in host memory, each epoch's uploaded"
+            on_views = f" ({views.num_views} augmented views each, held {held})"
         case.log(
             f"{case.name}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(case.rows['train'])} rows{on_views} (D={dim}, C={case.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})"
         )
-        train_loss = H.train(train_x, case.y["train"], heads, protocol, orders, choice).cpu().numpy()
-        del train_x
+        train_loss = H.train(train_x, case.y["train"], heads, protocol, orders).cpu().numpy()
         finite = heads.finite().cpu().numpy()
         # every head's top-5 on the reported rows in one pass, before the features go (the chosen
         # one is kept below); that role's accuracies are read from them, the other roles are streamed
@@ -114,38 +117,30 @@ def _refit(case: Case, chosen: Config, configs: list[Config]) -> MethodResult:
     # each train / holdout row copied once, straight to its place in split order
     place = torch.from_numpy(np.argsort(order)).to(dev)
     n = len(case.rows["train"])
-    augmented = "train" in case.augmented
-    if augmented and "select" not in case.augmented:
-        raise FeatstoreError(f"{case.where}: the refit on train + holdout has no augmented views of the holdout", "pass --no-refit")
-    source = case.augmented if augmented else case.x
-    raw = torch.empty((len(rows), *source["train"].shape[1:]), dtype=source["train"].dtype, device=dev)
+    center = torch.empty((len(rows), case.x["train"].shape[1]), dtype=case.x["train"].dtype, device=dev)
     y = torch.empty(len(rows), dtype=case.y["train"].dtype, device=dev)
     for part, role in ((place[:n], "train"), (place[n:], "select")):
-        raw.index_copy_(0, part, source[role])
+        center.index_copy_(0, part, case.x[role])
         y.index_copy_(0, part, case.y[role])
-    raw = raw.reshape(-1, raw.shape[-1])  # with views: (rows · K, D), each row's K views one after the other
-    stats = H.standardize_stats(raw) if protocol.normalize == "standardize" else None
-    x = H.prepare(raw, protocol.normalize, dtype, stats)
-    del raw
     orders = torch.from_numpy(H.restrict_orders(_epoch_orders(case), rows)).to(dev)
-    choice = _choice(case, rows)
     lr, wd = chosen.settings["lr"], chosen.settings["wd"]
-    head = H.LinearHeads(x.shape[1], case.num_classes, [lr], [wd], dev)
+    head = H.LinearHeads(center.shape[1], case.num_classes, [lr], [wd], dev)
     case.log(f"{case.name}: refit of lr {lr:g}{f' wd {wd:g}' if wd else ''} on {len(rows)} rows (train + holdout)")
-    train_loss = float(H.train(x, y, head, protocol, orders, choice)[0])
+    if "train" in case.augmented:  # trained on the views of both, its train accuracy on their center crops (as the sweep's)
+        if "select" not in case.augmented:
+            raise FeatstoreError(f"{case.where}: the refit on train + holdout has no augmented views of the holdout", "pass --no-refit")
+        views = case.augmented["train"].join(case.augmented["select"])
+        stats = H.standardize_stats(views.blocks(dev)) if protocol.normalize == "standardize" else None
+        train_loss = float(H.train(_epoch_views(case, views, stats), y, head, protocol, orders)[0])
+    else:
+        stats = H.standardize_stats(center) if protocol.normalize == "standardize" else None
+        train_loss = float(H.train(H.prepare(center, protocol.normalize, dtype, stats), y, head, protocol, orders)[0])
     if not bool(head.finite()[0]):
         raise FeatstoreError(
             f"{case.where}: the refit of lr {lr:g} on train + holdout diverged", "lower the learning rates, or pass --no-refit"
         )
-    if augmented:  # train accuracy on the center crops, as the sweep's
-        del x
-        center = torch.empty((len(rows), case.x["train"].shape[1]), dtype=case.x["train"].dtype, device=dev)
-        for part, role in ((place[:n], "train"), (place[n:], "select")):
-            center.index_copy_(0, part, case.x[role])
-        x = H.prepare(center, protocol.normalize, dtype, stats)
-        del center
-    metrics = {"train": {k: float(v[0]) for k, v in H.evaluate(head, x, y).items()}}
-    del x
+    metrics = {"train": {k: float(v[0]) for k, v in H.evaluate(head, H.prepare(center, protocol.normalize, dtype, stats), y).items()}}
+    del center
     report = H.prepare(case.x["report"], protocol.normalize, dtype, stats)
     ranked = H.predict(head, report)
     metrics["report"] = {k: float(v[0]) for k, v in H.accuracy(ranked, case.y["report"], head.num_classes).items()}
@@ -155,15 +150,20 @@ def _refit(case: Case, chosen: Config, configs: list[Config]) -> MethodResult:
     return MethodResult(configs, {"report": (top[:, 0], top[:, :5] if top.shape[1] == 5 else None)})
 
 
-def _choice(case: Case, rows: NDArray[np.int64]) -> torch.Tensor | None:
-    """Which augmented view each of ``rows`` (of the train split) trains on per epoch; None without views."""
-    views = case.augmented.get("train")
-    if views is None:
-        return None
-    key = ("linear.view_choice", case.split_rows, case.seed, views.shape[1], case.protocol.epochs)
+def _epoch_views(case: Case, views: ViewRows, stats: tuple[torch.Tensor, torch.Tensor] | None) -> Callable[[int], torch.Tensor]:
+    """Epoch → (n, D) normalized inputs on the device: the view of each of ``views``' rows that the
+    seed chose for that epoch (:func:`heads.view_choice`, drawn over the whole train split)."""
+    key = ("linear.view_choice", case.split_rows, case.seed, views.num_views, case.protocol.epochs)
     if key not in case.cache:
-        case.cache[key] = H.view_choice(case.split_rows, case.protocol.epochs, views.shape[1], case.seed)
-    return torch.from_numpy(np.ascontiguousarray(cast(NDArray[np.int64], case.cache[key])[:, rows])).to(case.device)
+        case.cache[key] = H.view_choice(case.split_rows, case.protocol.epochs, views.num_views, case.seed)
+    choice = cast(NDArray[np.int64], case.cache[key])  # (epochs, split rows) in host memory: one epoch's row of it moves at a time
+    rows = views.rows.cpu().numpy()
+    protocol, device, dtype = case.protocol, case.device, case.dtype
+
+    def inputs(epoch: int) -> torch.Tensor:
+        return H.prepare(views.gather(torch.from_numpy(choice[epoch, rows]), device), protocol.normalize, dtype, stats)
+
+    return inputs
 
 
 def _epoch_orders(case: Case) -> NDArray[np.int64]:

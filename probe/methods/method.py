@@ -25,6 +25,7 @@ from featstore.errors import FeatstoreError
 from ..protocol import Protocol as ProbeProtocol
 from ..selection import choose, refits
 from .token_rows import TokenRows
+from .view_rows import ViewRows
 
 Metrics = dict[str, dict[str, float]]  # role → {"top1": %, "top5": % (>= 5 classes)}
 Ranking = tuple[NDArray[np.int64], NDArray[np.int64] | None]  # per row: top-1 (N,), top-5 (N, ≤5) or None
@@ -59,9 +60,9 @@ class Case:
     log: Callable[[str], None]
     # what a method keeps across the cases of one run (the linear heads' epoch orders, per split size and seed)
     cache: dict[Hashable, object] = field(default_factory=dict)
-    # role → (N, K, D) raw augmented views of its rows (probe.augment), for the roles that train on them
-    # (train, and a holdout of train for the refit); empty: every role is the center crop only
-    augmented: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # role → its rows' K augmented views (probe.augment), for the roles that train on them (train, and
+    # a holdout of train for the refit), one split's views shared by both; empty: center crops only
+    augmented: Mapping[str, ViewRows] = field(default_factory=dict)
     # on a patch view: role → its rows' tokens (``x`` is then empty), and the bytes of them held resident
     tokens: Mapping[str, TokenRows] | None = None
     max_memory: int | None = None  # None: a quarter of the RAM / GPU memory

@@ -40,9 +40,11 @@ def main():
     help="Feature store (a folder, an .h5 export or a URL); repeat to compare stores under one protocol. LABEL names it "
     "in the table, CSV and plot (default: the weights file name, else the model name); VIEW probes that view of this store only.",
 )
-@click.option("--model", help="Instead of --store: the cached store of this model (as given to `featstore extract`); needs --dataset.")
+@click.option("--model", "model", multiple=True,
+              help="Instead of --store: the cached store of this model (as given to `featstore extract`); needs --dataset. Repeat to compare models.")  # fmt: skip
 @click.option("--dataset", help="With --model: the dataset the cached store was extracted from (digits, imagenet, a folder, a .csv).")
-@click.option("--weights", type=click.Path(), help="With --model: the checkpoint it was extracted with, when several are cached.")
+@click.option("--weights", "weights", multiple=True, type=click.Path(),
+              help="With --model: the checkpoint it was extracted with, when several are cached; one per --model in order, or several for one --model.")  # fmt: skip
 @click.option(
     "--view",
     "views",
@@ -345,18 +347,33 @@ def _memory(text: str | None) -> int | None:
     return parse_memory(text)
 
 
+def _cached_stores(models: tuple[str, ...], dataset: str | None, weights: tuple[str, ...]) -> tuple[str, ...]:
+    """The cached store of each --model (with its --weights) on --dataset, in the order given; no model is built."""
+    if not (models or dataset or weights):
+        return ()
+    if not (models and dataset):
+        raise UsageError("--model and --dataset go together", "pass both to find a cached store, e.g. --model dino --dataset imagenet")
+    if weights and len(models) == 1:  # one architecture, several checkpoints of it
+        pairs: list[tuple[str, str | None]] = [(models[0], w) for w in weights]
+    elif weights and len(weights) != len(models):
+        raise UsageError(
+            f"{len(models)} --model and {len(weights)} --weights: which checkpoint goes with which model is not clear",
+            "pass one --weights per --model, in the same order (or one --model with several --weights)",
+        )
+    else:
+        pairs = list(zip(models, weights or (None,) * len(models)))
+    from featstore.cache import lookup
+
+    return tuple(lookup(m, dataset, w) for m, w in pairs)
+
+
 def _stores_and_protocol(
     stores, model, dataset, weights, lr_grid, lr, wd_grid, epochs, batch_size, optimizer, momentum, normalize, select_on,
     val_fraction, test_fraction, seed, seeds, methods, shots, knn_k, knn_temperature, knn_weights, logreg_c, logreg_max_iter,
     logreg_tol, refit, augment, queries=1, attention_heads=0, attentive_optimizer="adamw",
 ) -> tuple[tuple, Protocol]:  # fmt: skip
     """The stores and the protocol of fit's options."""
-    if model or dataset or weights:
-        if not (model and dataset):
-            raise UsageError("--model and --dataset go together", "pass both to find a cached store, e.g. --model dino --dataset imagenet")
-        from featstore.cache import lookup
-
-        stores = stores + (lookup(model, dataset, weights),)  # no model is built
+    stores = stores + _cached_stores(model, dataset, weights)
     if not stores:
         raise UsageError("no store given", "pass --store PATH, or --model M --dataset D for a store in the cache (see `featstore ls`)")
     if lr is not None and lr_grid is not None:

@@ -415,36 +415,33 @@ def test_lookup_finds_one_store_and_explains_none_or_several(home, tmp_path):
 def test_probe_fit_by_model_and_dataset_equals_by_store(home, tmp_path):
     from probe.cli import main as probe_main
 
-    rng = np.random.default_rng(0)
-    n, dim = 120, 8
-    labels = rng.integers(0, 3, n)
-    x = (rng.normal(size=(n, dim)) + 2.0 * np.eye(3, dim)[labels]).astype(np.float32)
-    path = home / "stores" / "toy" / "tiny-abcdefabcdef.zarr"
-    split = {"train": slice(0, 80), "val": slice(80, 100), "test": slice(100, 120)}
-    store = FeatureStore.create(
-        path,
-        splits={s: ([f"{i}.png" for i in range(r.start, r.stop)], labels[r]) for s, r in split.items()},
-        views={"pool": dim},
-        dtype="float32",
-        chunk_rows=32,
-        attrs={
-            "encoder": {"name": "tiny", "arch": "tv:tiny", "family": "cnn", "weights_path": None, "weights_sha256": "random-init"},
-            "dataset": {
-                "name": "toy",
-                "spec": "toy",
-                "root": "/toy",
-                "class_names": ["a", "b", "c"],
-                "num_classes": 3,
-                "manifest_sha256": "t",
+    def tiny_store(model: str, seed: int) -> Path:
+        rng = np.random.default_rng(seed)
+        n, dim = 120, 8
+        labels = np.random.default_rng(0).integers(0, 3, n)  # the same images and labels in every store
+        x = (rng.normal(size=(n, dim)) + 2.0 * np.eye(3, dim)[labels]).astype(np.float32)
+        path = home / "stores" / "toy" / f"{model}-{'abcdef'[seed] * 12}.zarr"
+        split = {"train": slice(0, 80), "val": slice(80, 100), "test": slice(100, 120)}
+        store = FeatureStore.create(
+            path,
+            splits={s: ([f"{i}.png" for i in range(r.start, r.stop)], labels[r]) for s, r in split.items()},
+            views={"pool": dim},
+            dtype="float32",
+            chunk_rows=32,
+            attrs={
+                "encoder": {"name": model, "arch": f"tv:{model}", "family": "cnn", "weights_path": None, "weights_sha256": "random-init"},
+                "dataset": {"name": "toy", "spec": "toy", "root": "/toy", "class_names": ["a", "b", "c"], "num_classes": 3,
+                            "manifest_sha256": "t"},
+                "cache_key": "abcdef"[seed] * 64,
             },
-            "cache_key": "abcdef" * 10 + "abcd",
-        },
-    )
-    for s in split:
-        for u in store.units(s):
-            store.write_unit(u, {"pool": x[split[s]][u.start : u.stop]}, np.ones(u.rows, bool))
-    store.finalize()
+        )  # fmt: skip
+        for s in split:
+            for u in store.units(s):
+                store.write_unit(u, {"pool": x[split[s]][u.start : u.stop]}, np.ones(u.rows, bool))
+        store.finalize()
+        return path
 
+    path = tiny_store("tiny", 0)
     runner = CliRunner()
     common = ["fit", "--lr-grid", "0.01,0.1", "--epochs", "3", "--device", "cpu", "--quiet"]
     by_model = runner.invoke(probe_main, common + ["--model", "tiny", "--dataset", "toy", "--out", str(tmp_path / "a")])
@@ -461,3 +458,15 @@ def test_probe_fit_by_model_and_dataset_equals_by_store(home, tmp_path):
     assert missing.exit_code == 2 and "no cached store of --model tiny --dataset imagenet; the cache holds: tiny on toy" in missing.output
     alone = runner.invoke(probe_main, common + ["--model", "tiny"])
     assert alone.exit_code == 2 and "--model and --dataset go together" in alone.output
+
+    # --model repeated compares the models' cached stores, in the order given, as --store would
+    other = tiny_store("tiny2", 1)
+    both = runner.invoke(probe_main, common + ["--model", "tiny2", "--model", "tiny", "--dataset", "toy", "--out", str(tmp_path / "c")])
+    as_stores = runner.invoke(probe_main, common + ["--store", str(other), "--store", str(path), "--out", str(tmp_path / "d")])
+    assert both.exit_code == 0 and as_stores.exit_code == 0, both.output + as_stores.output
+    assert [r["label"] for r in rows(tmp_path / "c")] == ["tiny2", "tiny2", "tiny", "tiny"]
+    assert rows(tmp_path / "c") == rows(tmp_path / "d")
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    unpaired = runner.invoke(probe_main, common + ["--model", "tiny", "--model", "tiny2", "--dataset", "toy", "--weights", str(weights)])
+    assert unpaired.exit_code == 2 and "2 --model and 1 --weights" in unpaired.output and "one --weights per --model" in unpaired.output

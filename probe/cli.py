@@ -402,7 +402,7 @@ def _stores_and_protocol(
 @click.option("--latex", is_flag=True, help="Print a table for a paper instead (booktabs): Δ vs the reference [95% CI], McNemar p, Holm p.")
 @click.option("--markdown", "as_markdown", is_flag=True, help="Print that paper table as markdown instead.")
 @click.option(
-    "--spread", type=click.Choice(SPREADS), default="ci", show_default=True, help="Paper tables: the 95%% interval, or ± std over seeds."
+    "--spread", type=click.Choice(SPREADS), default="ci", show_default=True, help="Paper tables: the 95% interval, or ± std over seeds."
 )
 @click.option("--resamples", type=click.IntRange(min=1000), default=None, help="Bootstrap resamples (default 2000, at least 1000).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -480,7 +480,7 @@ def compare_command(results_dir, reference, as_json, latex, as_markdown, spread,
 @click.option("--latex", is_flag=True, help="Also write table.tex: each store's top-1 per method, the best per method in bold (booktabs).")
 @click.option("--markdown", "as_markdown", is_flag=True, help="Also write table.md: the same table as markdown.")
 @click.option(
-    "--spread", type=click.Choice(SPREADS), default="ci", show_default=True, help="Paper tables: the 95%% interval, or ± std over seeds."
+    "--spread", type=click.Choice(SPREADS), default="ci", show_default=True, help="Paper tables: the 95% interval, or ± std over seeds."
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def report_command(folders, out, reference, allow_mixed, per_seed, latex, as_markdown, spread, debug):

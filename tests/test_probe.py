@@ -815,3 +815,6 @@ def test_probe_help_version_and_every_option_documented():
         for param in command.params:
             if isinstance(param, click.Option):
                 assert param.help and len(param.help) > 10, f"probe {name} {param.opts[0]} has no help"
+        # the help as printed: click does no %-formatting, so an escaped '%%' would show as typed
+        shown = command.get_help(click.Context(command, info_name=name))
+        assert "%%" not in shown, f"probe {name} --help shows '%%'"

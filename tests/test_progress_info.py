@@ -164,6 +164,8 @@ def test_info_of_an_incomplete_store_shows_the_command_that_resumes_it(folder_wi
 def test_every_option_of_extract_and_info_has_help():
     from featstore.cli import cli
 
+    for name, command in cli.commands.items():  # every command's help as printed: no '%%' (click does no %-formatting)
+        assert "%%" not in command.get_help(click.Context(command, info_name=name)), name
     for name in ("extract", "info"):
         command = cli.commands[name]
         missing = [p.name for p in command.params if isinstance(p, click.Option) and not (p.help or "").strip()]

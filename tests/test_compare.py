@@ -709,3 +709,14 @@ def test_report_table_breaks_long_encoder_paths_only_at_separators():
 
     assert _breakable("/work/ex/encoder.py:build") == "/<wbr>work/<wbr>ex/<wbr>encoder.py:<wbr>build"
     assert _breakable("random-init <b>") == "random-init &lt;b&gt;"
+
+
+def test_report_html_puts_each_seeds_pick_on_its_own_line():
+    """Over seeds, the selected cell lists every seed's pick ("lr 0.1 (refit) ×2; lr 0.01 ×1"):
+    report.html shows one a line (escaped), not one line wider than the page."""
+    from probe.output import html as report_html
+    from probe.output import leaderboard
+
+    assert leaderboard.table_head(None)[leaderboard.SELECTED_COLUMN] == "selected"
+    assert report_html._cell(leaderboard.SELECTED_COLUMN, "lr 0.1 (refit) ×2; lr 0.01 ×1") == "<td>lr 0.1 (refit) ×2<br>lr 0.01 ×1</td>"
+    assert report_html._cell(leaderboard.SELECTED_COLUMN, "k <5") == "<td>k &lt;5</td>"

@@ -17,7 +17,18 @@ from ..comparison import fmt_interval, fmt_p
 from ..results.predictions import ConfigKey
 from ..results.rows import chosen_on_selection, sweep_rows
 from ..results.runs import reported_top1, row_label, selection_top1
-from .leaderboard import TEXT_COLUMNS, differences, fixed_or_sweep, notes, selects, table_cells, table_head, table_rows, titles
+from .leaderboard import (
+    SELECTED_COLUMN,
+    TEXT_COLUMNS,
+    differences,
+    fixed_or_sweep,
+    notes,
+    selects,
+    table_cells,
+    table_head,
+    table_rows,
+    titles,
+)
 from .plots import line_styles, place_legends
 
 _MAX_CLASS_BARS = 40  # more classes than this: the 20 largest gains and the 20 largest losses
@@ -226,17 +237,19 @@ def _breakable(text: str) -> str:
     return html.escape(text).replace("/", "/<wbr>").replace(":", ":<wbr>")
 
 
+def _cell(column: int, text: str) -> str:
+    if column in TEXT_COLUMNS:
+        return f"<td class=text>{_breakable(text)}</td>"
+    if column == SELECTED_COLUMN:  # several seeds' picks, one a line, not one line wider than the page
+        return "<td>" + "<br>".join(html.escape(pick) for pick in text.split("; ")) + "</td>"
+    return f"<td>{html.escape(text)}</td>"
+
+
 def _table(group_rows: list[dict], reference: str | None, per_seed: bool = False, fixed: bool = False) -> str:
     out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table_head(reference, per_seed, fixed)) + "</tr>"]
     for r in group_rows:
         cells = table_cells(r, reference, per_seed)
-        out.append(
-            "<tr>"
-            + "".join(
-                f"<td class=text>{_breakable(c)}</td>" if i in TEXT_COLUMNS else f"<td>{html.escape(c)}</td>" for i, c in enumerate(cells)
-            )
-            + "</tr>"
-        )
+        out.append("<tr>" + "".join(_cell(i, c) for i, c in enumerate(cells)) + "</tr>")
     # headers and labels wrap, numbers never: the table fits the page's width (a scroll bar only as a last resort)
     return '<div class="table">' + "\n".join(out) + "</table></div>"
 

@@ -245,6 +245,7 @@ def csv_text(rows: list[dict]) -> str:
 
 
 TEXT_COLUMNS = {1, 2, 3, 4}  # label, encoder, view, method: words (left-aligned in report.html); the rest are numbers
+SELECTED_COLUMN = 7  # "lr 0.1 (refit) ×2; lr 0.01 ×1": each seed's pick, one a line in report.html
 
 
 def table_head(reference: str | None, per_seed: bool = False, fixed: bool = False) -> list[str]:

@@ -288,3 +288,49 @@ def test_auto_loader_follows_the_device():
     if not dali_available():
         with pytest.raises(UsageError, match="DALI cannot be imported"):
             choose_loader("dali", torch.device("cpu"))
+
+
+def test_dali_gpu_pipelines_are_well_formed_without_a_gpu(real_photos, monkeypatch, tmp_path):
+    """The CUDA pipelines (the mixed decoder, then every operator on the GPU) are defined here,
+    on a machine without CUDA, up to the build: DALI checks each operator's arguments and the
+    device of each input at definition, so a CPU-only operator fed GPU data or a GPU tensor passed
+    as a named argument fails this test instead of the first device run. Checked to fail on both."""
+    dali_or_skip()
+    from nvidia.dali import fn
+    from nvidia.dali.pipeline import Pipeline
+
+    from featstore.augment import Augment, ViewPlan
+    from featstore.loaders.dali import DaliLoader, _Feed
+    from featstore.loaders.dali_shards import DaliShardLoader
+
+    defined: list[Pipeline] = []
+    monkeypatch.setattr(Pipeline, "build", lambda self: defined.append(self))
+    files = [str(p) for p in sorted(real_photos.rglob("*.JPEG"))[:4]]
+    assert len(files) == 4
+    feed = _Feed(files, [0, 1, 2, 3], [[0, 1, 2, 3]], [{}], {})
+    encoded = [np.fromfile(f, np.uint8) for f in files]
+    for cls in (DaliLoader, DaliShardLoader):
+        loader = cls(Preprocess(), torch.device("cuda", 0), workers=2)
+        assert loader.on_gpu
+        if cls is DaliShardLoader:
+            loader._pipeline(feed._replace(files=[str(tmp_path / "a.tar")], index_paths=[str(tmp_path / "a.idx")]), 4)
+        else:
+            loader._pipeline(feed, 4)
+        loader._bytes_pipeline(encoded)
+    loader = DaliLoader(Preprocess(), torch.device("cuda", 0), workers=2)
+    loader.augment = ViewPlan(Augment(views=3, seed=0), tuple(f"row{i}" for i in range(4)))
+    windows = [loader.augment.params(i, 224, 224) for i in range(4)]
+    loader._pipeline(feed, 4, windows.__getitem__)
+    loader._bytes_pipeline(encoded, windows)
+    assert len(defined) == 6 and {p.device_id for p in defined} == {0}
+
+    # the check is real: a CPU operator on the mixed decoder's output is refused at definition
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=0)
+    def wrong():
+        data, _ = fn.readers.file(files=files[:2], labels=[0, 1])
+        return fn.decoders.image(fn.decoders.image(data, device="mixed"), device="cpu")
+
+    with pytest.raises(RuntimeError, match="incompatible device"):
+        wrong()

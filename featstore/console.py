@@ -13,10 +13,26 @@ import click
 from .errors import FeatstoreError
 
 
+class OptionsOnce(click.Command):
+    """A command that refuses an option given twice when it takes one value: click would keep the
+    last silently (``--model a --model b`` extracting b alone, a dropped without a word)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # click's parser lists a parameter each time it is seen; repeatable options and counters are left alone
+        _, _, seen = self.make_parser(ctx).parse_args(args=list(args))
+        for param in dict.fromkeys(seen):
+            if isinstance(param, click.Option) and not (param.multiple or param.count) and seen.count(param) > 1:
+                names = "/".join([*param.opts, *param.secondary_opts])
+                raise click.UsageError(f"{names} given {seen.count(param)} times; it takes one value (pass it once)", ctx)
+        return super().parse_args(ctx, args)
+
+
 class OneLineErrors(click.Group):
-    """A click group whose ``main`` reports every failure as one line and exits with its code."""
+    """A click group whose ``main`` reports every failure as one line and exits with its code, and
+    whose commands refuse a single-value option given twice (:class:`OptionsOnce`)."""
 
     interrupted = "interrupted"
+    command_class = OptionsOnce
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         sys.exit(run_cli(self, prog_name or self.name, args))

@@ -225,6 +225,26 @@ def test_usage_errors_are_one_line(capsys):
     assert_one_line_error(err, "No such command")
 
 
+def test_an_option_of_one_value_given_twice_is_refused(capsys, out):
+    """click keeps the last of a repeated single-value option without a word: `--model a --model b`
+    extracted b alone. Every command of both tools refuses it before doing anything; repeatable
+    options (probe's --store, --model, --method) are not affected."""
+    code, err = run(capsys, "extract", "--model", "resnet18", "--model", "resnet50", "--random-init", "--dataset", "digits", "--out", out)
+    assert code == 2 and not out.exists()
+    assert_one_line_error(err, "--model given 2 times; it takes one value (pass it once)", "featstore extract --help")
+    code, err = run(capsys, "ls", "--json", "--json", "--json")
+    assert code == 2
+    assert_one_line_error(err, "--json given 3 times")
+    from probe.cli import main as probe_main
+
+    code = run_cli(probe_main, "probe", ["fit", "--store", "a.zarr", "--refit", "--no-refit"])
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err, "--refit/--no-refit given 2 times", "probe fit --help")
+    code = run_cli(probe_main, "probe", ["fit", "--store", "a.zarr", "--store", "b.zarr", "--method", "linear", "--method", "knn"])
+    assert code == 2  # past the option check: the stores are missing
+    assert_one_line_error(capsys.readouterr().err, "store 'a.zarr' not found")
+
+
 def test_info_on_missing_store(capsys, tmp_path):
     code, err = run(capsys, "info", tmp_path / "nope.zarr")
     assert code == 2

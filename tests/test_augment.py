@@ -518,6 +518,27 @@ def test_probe_on_views_differs_from_the_center_crop_and_is_reproducible(tmp_pat
     assert probe.Protocol.from_dict(record).hash == on.rows[0]["protocol_hash"]
 
 
+@pytest.mark.parametrize("normalize", ["standardize", "l2"])
+def test_refit_on_views_equals_the_head_trained_on_every_train_rows_views(tmp_path, normalize):
+    """The refit of the selected lr on train + holdout trains on both roles' views (one split's,
+    rows in split order, standardize statistics of all their views): bit for bit the one-lr run
+    that trains on every train row's views (``--lr LR --select-on report``)."""
+    import probe
+
+    views = _synthetic_store(tmp_path / "views.zarr")
+    common = dict(epochs=3, batch_size=32, normalize=normalize, seed=1, methods="linear")
+    rows = probe.fit(str(views), probe.Protocol(lr_grid="1e-2,0.1,1", **common), device="cpu", warn=lambda m: None)
+    (refit,) = [r for r in rows if r["refit"]]
+    assert refit["augment"] == "rrc-flip:4" and refit["n_train"] == 120
+    (direct,) = probe.fit(
+        str(views), probe.Protocol(lr_grid=[refit["lr"]], select_on="report", **common), device="cpu", warn=lambda m: None
+    )
+    assert (direct["n_train"], direct["augment"]) == (120, "rrc-flip:4")
+    assert direct["train_loss"] == refit["train_loss"] and direct["train_top1_pct"] == refit["train_top1_pct"]
+    assert direct["report_top1_pct"] == refit["report_top1_pct"]
+    np.testing.assert_array_equal(direct["report_predictions"]["top5"], refit["report_predictions"]["top5"])
+
+
 @pytest.mark.slow
 def test_mixing_stores_with_and_without_views_is_refused(tmp_path):
     views = _synthetic_store(tmp_path / "views.zarr")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
 from featstore.errors import UsageError
 from featstore.store import FeatureStore
 
@@ -64,23 +62,3 @@ def resolve(protocol: Protocol, stores: Sequence[tuple[str, FeatureStore, str]],
     (kind,) = kinds
     assert kind is not None and augment_views(kind) is not None
     return protocol.replace(augment=kind)
-
-
-def train_views(fs: FeatureStore, split: str, view: str, center: np.ndarray, warn: Callable[[str], None]) -> np.ndarray:
-    """(N, K, D) stored views of every row of ``split``, as stored; a view with NaN/Inf values (a
-    float16 overflow) is replaced by the row's center crop ``center`` (the split's (N, D) features),
-    with a warning. Checked a block of rows at a time: no (N, K, D) temporary beside the views."""
-    views = fs.augmented(split, view).read()
-    step = max(1, (1 << 22) // max(views[0].size, 1))
-    bad = (
-        np.concatenate([~np.isfinite(views[i : i + step]).all(axis=2) for i in range(0, len(views), step)])
-        if len(views)
-        else np.zeros((0, 0), bool)
-    )
-    if bad.any():
-        warn(
-            f"store {str(fs.path)!r} view {view!r}: {int(bad.sum())} augmented views have NaN/Inf values; their rows' center crops stand in"
-        )
-        r, k = np.nonzero(bad)
-        views[r, k] = center[r]
-    return views

@@ -230,7 +230,7 @@ def main():
     "--save-predictions", is_flag=True, help="--task depth/seg: write the reported split's depth or label maps (predictions/*.npz)."
 )
 @click.option("--max-memory", default=None, metavar="SIZE",
-              help="--task depth/seg, --method attentive: tokens held resident (e.g. 2G); beyond it they stream in row blocks. Augmented views: held on the device up to it, else in host memory. Default: a quarter of RAM / GPU memory.")  # fmt: skip
+              help="--task depth/seg, --method attentive: tokens held resident (e.g. 2G); beyond it they stream in row blocks. Augmented views: held on the device up to it, else in host memory (up to half the RAM), else read from the store each epoch. Default: a quarter of RAM / GPU memory.")  # fmt: skip
 @click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True,
               help="--task depth/seg: dtype of the token GEMMs (auto: bf16 on CUDA and on CPUs with bf16 units, else fp32); weights, loss and metrics stay fp32.")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")

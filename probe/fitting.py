@@ -226,7 +226,8 @@ def fit_run(
     max_memory : int, optional
         Bytes of patch tokens a token method (``attentive``) holds resident per role; beyond it they
         stream from the store in blocks of rows. Augmented views are held on the device when they
-        fit it, else in host memory (one view per row uploaded each epoch). Default: a quarter of
+        fit it, else in host memory (one view per row uploaded each epoch) up to half the RAM, else
+        read from the store each epoch. Default: a quarter of
         the RAM / GPU memory.
 
     Returns
@@ -344,7 +345,7 @@ def _check_view_kinds(path: str, fs: FeatureStore, probed: list[str], protocol: 
 
 def _fit_one(info: _Store, view: str, protocol: Protocol, dev, dtype, cache: dict, log, warn, max_memory: int | None = None) -> list[dict]:
     """Every seed × shots × method on one store × view; each split's features read once."""
-    features: dict[str, np.ndarray | torch.Tensor] = {}  # split → its features; "<split>#augment" → its views, placed
+    features: dict[str, Any] = {}  # split → its features; "<split>#augment" → its views, placed
     finite: dict[str, np.ndarray] = {}
     memo: dict[tuple, MethodResult] = {}
     rows: list[dict] = []
@@ -421,8 +422,12 @@ def _fit_case(
             if split == plan.train_split and role != "report":
                 stored = f"{split}#augment"  # the split's views, placed once per store × view for every seed
                 if stored not in features:
-                    budget = max_memory or default_memory(dev)
-                    features[stored] = place_views(A.train_views(fs, split, view, features[split], warn), dev, budget)
+                    placed, bad = place_views(fs.augmented(split, view), features[split], dev, max_memory or default_memory(dev))
+                    if bad:
+                        warn(
+                            f"store {info.path!r} view {view!r}: {bad} augmented views have NaN/Inf values; their rows' center crops stand in"
+                        )
+                    features[stored] = placed
                 augmented[role] = ViewRows.of(features[stored], kept[role])
     rows_of = _Rows(info, view, protocol, plan, seed, shots, kept, excluded_invalid, excluded_nonfinite, dev, dtype, t0)
     detail = rows_of.detail

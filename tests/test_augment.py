@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -376,9 +377,12 @@ def test_views_are_verified_repaired_exported_and_shown(photo_splits, tmp_path):
 # ---------------------------------------------------------------- probe fit on stored views
 
 
-def _synthetic_store(path: Path, views: int | None = 4, seed: int = 0, augment_seed: int = 0) -> Path:
+def _synthetic_store(
+    path: Path, views: int | None = 4, seed: int = 0, augment_seed: int = 0, spoil: Iterable[tuple[int, int]] = ()
+) -> Path:
     """A store of 3 classes (train 120, val 60 rows, D 8): center crops near their class mean, and
-    ``views`` noisier views of each train row (None: no views), written as the extraction writes them."""
+    ``views`` noisier views of each train row (None: no views), written as the extraction writes them;
+    ``spoil``: (row, view) pairs whose view is NaN (a float16 overflow's)."""
     from featstore.store import FeatureStore
     from featstore.store.augmented import PARAMS_ARRAY, views_array
 
@@ -399,6 +403,9 @@ def _synthetic_store(path: Path, views: int | None = 4, seed: int = 0, augment_s
             extra = None
             if record and split == "train":
                 noisy = center[rows, None, :] + noise.normal(size=(unit.rows, views, 8)) * 2.0  # type: ignore[misc]
+                for r, k in spoil:
+                    if unit.start <= r < unit.stop:
+                        noisy[r - unit.start, k] = np.nan
                 extra = {views_array("cls"): noisy, PARAMS_ARRAY: np.zeros((unit.rows, views, 5), np.int32)}
             fs.write_unit(unit, {"cls": center[rows]}, np.ones(unit.rows, bool), {}, extra)
     fs.finalize()
@@ -453,16 +460,66 @@ def test_linear_heads_on_views_equal_heads_on_the_gathered_views():
     assert (joined.rows.numpy() == np.sort(np.concatenate([rows, other.rows.numpy()]))).all() and joined.views is views.views
 
 
-def test_views_beyond_the_memory_budget_stay_in_host_memory():
-    """Placement: on the device up to the budget, else the host array itself (not copied)."""
-    from probe.methods.view_rows import place
+def test_views_are_placed_on_the_device_in_host_memory_or_left_in_the_store(tmp_path):
+    """Placement by size: on the device within the budget (--max-memory), else in host memory within
+    the host's, else left in the store (on a CPU device the budget is the host's); wherever they are,
+    a view with NaN/Inf values reads as its row's center crop and is counted once."""
+    from featstore.store import FeatureStore
+    from probe.methods.view_rows import StoredViews, ViewRows, place
 
-    stored = np.zeros((10, 4, 8), np.float16)
-    cpu = torch.device("cpu")
-    assert place(stored, cpu, stored.nbytes).data_ptr() == stored.ctypes.data  # CPU: the device is host memory
-    held = place(stored, torch.device("meta"), stored.nbytes - 1)
-    assert held.device.type == "cpu" and held.data_ptr() == stored.ctypes.data
-    assert place(stored, torch.device("meta"), stored.nbytes).device.type == "meta"
+    spoiled = [(3, 1), (70, 0), (70, 3)]
+    fs = FeatureStore.open(_synthetic_store(tmp_path / "v.zarr", spoil=spoiled))
+    stored, center = fs.augmented("train", "cls"), fs.features("train", "cls").read()
+    nbytes = 120 * 4 * 8 * 4
+    whole = stored.read()
+    assert np.isnan(whole[3, 1]).all() and np.isfinite(np.delete(whole.reshape(-1, 8), [13, 280, 283], axis=0)).all()
+    expected = whole.copy()
+    for r, k in spoiled:
+        expected[r, k] = center[r]
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    on_device, bad = place(stored, center, meta, nbytes)
+    assert on_device.device.type == "meta" and bad == 3
+    in_host, bad = place(stored, center, meta, nbytes - 1, host=nbytes)
+    assert isinstance(in_host, torch.Tensor) and in_host.device.type == "cpu" and bad == 3
+    np.testing.assert_array_equal(in_host.numpy(), expected)
+    left, bad = place(stored, center, meta, nbytes - 1, host=nbytes - 1)
+    assert isinstance(left, StoredViews) and bad == 3
+    assert isinstance(place(stored, center, cpu, nbytes)[0], torch.Tensor)  # a CPU device: the budget is the host's
+    assert isinstance(place(stored, center, cpu, nbytes - 1, host=10 * nbytes)[0], StoredViews)
+
+    # the same gathers and statistics blocks from memory and from the store
+    rows = np.array([0, 3, 5, 70, 71, 119])
+    choice = torch.from_numpy(np.array([2, 1, 0, 3, 1, 0]))
+    a, b = ViewRows.of(in_host, rows), ViewRows.of(left, rows)
+    assert (a.where, b.where) == ("cpu", "store")
+    np.testing.assert_array_equal(a.gather(choice, cpu).numpy(), expected[rows, choice.numpy()])
+    np.testing.assert_array_equal(b.gather(choice, cpu).numpy(), expected[rows, choice.numpy()])
+    for x, y in zip(a.blocks(cpu), b.blocks(cpu), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert b.join(ViewRows.of(left, np.array([4]))).rows.tolist() == [0, 3, 4, 5, 70, 71, 119]
+
+
+@pytest.mark.slow
+def test_views_read_from_the_store_train_the_heads_views_in_memory_train(tmp_path):
+    """--max-memory below the views' bytes on a CPU: the views stay in the store, read each epoch;
+    every number equal to the run with the views in memory, refit included, spoiled views alike."""
+    import probe
+
+    store = str(_synthetic_store(tmp_path / "v.zarr", spoil=[(3, 1), (70, 0)]))
+    runs, logs, warnings = {}, {}, {}
+    for name, budget in (("memory", None), ("store", 1)):
+        logs[name], warnings[name] = [], []
+        p = probe.Protocol(lr_grid="1e-2:1:3", epochs=3, methods="linear", normalize="standardize")
+        runs[name] = probe.fit_run([store], p, device="cpu", warn=warnings[name].append, log=logs[name].append, max_memory=budget).rows
+    assert any("4 augmented views each, held in memory" in m for m in logs["memory"])
+    assert any("4 augmented views each, held in the store, read each epoch" in m for m in logs["store"])
+    for name in runs:
+        assert [w for w in warnings[name] if "NaN/Inf" in w] == [
+            f"store {store!r} view 'cls': 2 augmented views have NaN/Inf values; their rows' center crops stand in"
+        ]
+    keys = ("lr", "refit", "train_loss", "train_top1_pct", "select_top1_pct", "report_top1_pct")
+    assert [tuple(r[k] for k in keys) for r in runs["memory"]] == [tuple(r[k] for k in keys) for r in runs["store"]]
+    assert any(r["refit"] for r in runs["store"])
 
 
 @pytest.mark.gpu

@@ -227,8 +227,7 @@ def fit_run(
         Bytes of patch tokens a token method (``attentive``) holds resident per role; beyond it they
         stream from the store in blocks of rows. Augmented views are held on the device when they
         fit it, else in host memory (one view per row uploaded each epoch) up to half the RAM, else
-        read from the store each epoch. Default: a quarter of
-        the RAM / GPU memory.
+        read from the store each epoch. Default: a quarter of the RAM / GPU memory.
 
     Returns
     -------

@@ -23,7 +23,9 @@ class OptionsOnce(click.Command):
         for param in dict.fromkeys(seen):
             if isinstance(param, click.Option) and not (param.multiple or param.count) and seen.count(param) > 1:
                 names = "/".join([*param.opts, *param.secondary_opts])
-                raise click.UsageError(f"{names} given {seen.count(param)} times; it takes one value (pass it once)", ctx)
+                listed = (param.metavar or "").strip("[]") in ("LIST", "GRID") or "comma" in (param.help or "").lower()
+                fix = "pass its values once, as one comma-separated list" if listed else "pass it once"
+                raise click.UsageError(f"{names} given {seen.count(param)} times; it takes one value ({fix})", ctx)
         return super().parse_args(ctx, args)
 
 

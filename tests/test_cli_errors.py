@@ -235,11 +235,17 @@ def test_an_option_of_one_value_given_twice_is_refused(capsys, out):
     code, err = run(capsys, "ls", "--json", "--json", "--json")
     assert code == 2
     assert_one_line_error(err, "--json given 3 times")
+    code, err = run(capsys, "extract", "--model", "resnet18", "--views", "pool", "--views", "pool", "--dataset", "digits", "--out", out)
+    assert code == 2 and not out.exists()
+    assert_one_line_error(err, "--views given 2 times; it takes one value (pass its values once, as one comma-separated list)")
     from probe.cli import main as probe_main
 
     code = run_cli(probe_main, "probe", ["fit", "--store", "a.zarr", "--refit", "--no-refit"])
     assert code == 2
     assert_one_line_error(capsys.readouterr().err, "--refit/--no-refit given 2 times", "probe fit --help")
+    code = run_cli(probe_main, "probe", ["fit", "--store", "a.zarr", "--seeds", "0,1", "--seeds", "2"])
+    assert code == 2
+    assert_one_line_error(capsys.readouterr().err, "--seeds given 2 times", "as one comma-separated list")
     code = run_cli(probe_main, "probe", ["fit", "--store", "a.zarr", "--store", "b.zarr", "--method", "linear", "--method", "knn"])
     assert code == 2  # past the option check: the stores are missing
     assert_one_line_error(capsys.readouterr().err, "store 'a.zarr' not found")

@@ -17,7 +17,7 @@ decides only the grouping, never the store's contents.
 
 from __future__ import annotations
 
-import os
+from .machine import ram_bytes
 
 # what one decoded-and-resized pixel costs the loaders at their worst (measured on CPU: the nvJPEG
 # path's float copy of a group for the resize, 12 bytes, over its 3-byte decode; benchmarks/RESULTS.md)
@@ -38,11 +38,7 @@ def memory_bound(budget: int) -> int:
 def default_max_decode_pixels(bomb_limit: int | None) -> int:
     """The default ``--max-decode-pixels``: a sixth of the machine's memory at 16 bytes a pixel, and
     never under twice the bomb limit (so that the default refuses nothing the bomb limit allows)."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = 8 << 30
-    return max(2 * (bomb_limit or 0), int(memory * MEMORY_SHARE / BYTES_PER_PIXEL))
+    return max(2 * (bomb_limit or 0), int(ram_bytes() * MEMORY_SHARE / BYTES_PER_PIXEL))
 
 
 def resized_size(size: tuple[int, int], resize: int) -> tuple[int, int]:

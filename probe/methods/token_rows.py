@@ -4,7 +4,6 @@ streamed from the store in blocks of rows, one block resident at a time."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from featstore.machine import ram_bytes
 from featstore.store import FeatureStore
 
 
@@ -19,10 +19,7 @@ def default_memory(device: torch.device) -> int:
     """A quarter of the GPU's memory, or of the machine's RAM (the dense probes' rule too)."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory // 4)
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+    return ram_bytes() // 4
 
 
 def finite_rows(store: FeatureStore, split: str, view: str) -> NDArray[np.bool_]:

@@ -10,7 +10,6 @@ the heads hold one view per row, as they hold the center crops without views."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from featstore.machine import ram_bytes
 from featstore.store.augmented import AugmentedArray
 
 _BLOCK_ELEMENTS = 1 << 21  # values per block of rows read or reduced at once (8 MB in float32)
@@ -58,10 +58,7 @@ def nonfinite(views: NDArray[np.floating]) -> tuple[NDArray[np.intp], NDArray[np
 
 def host_memory() -> int:
     """Half the machine's RAM: views beyond it are left in the store."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+    return ram_bytes() // 2
 
 
 def place(

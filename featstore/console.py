@@ -18,6 +18,8 @@ class OptionsOnce(click.Command):
     last silently (``--model a --model b`` extracting b alone, a dropped without a word)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.resilient_parsing:  # shell completion: nothing is run, nothing to refuse
+            return super().parse_args(ctx, args)
         # click's parser lists a parameter each time it is seen; repeatable options and counters are left alone
         _, _, seen = self.make_parser(ctx).parse_args(args=list(args))
         for param in dict.fromkeys(seen):

@@ -138,6 +138,17 @@ def parse_grid(
     return tuple(sorted(set(values)))
 
 
+def _number(name: str, value: object) -> float:
+    """``value`` as a float; a UsageError naming the field when it is not a number (a protocol record
+    edited by hand, a None or a list where probe fit wrote a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UsageError(f"{name.replace('_', ' ')} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise UsageError(f"{name.replace('_', ' ')} must be a number, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Protocol:
     """Every hyperparameter that changes accuracy. The defaults are explained in docs/probe.md.
@@ -229,13 +240,15 @@ class Protocol:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("lr_grid", parse_grid(self.lr_grid))
         set_("wd_grid", parse_grid(self.wd_grid, what="weight decay", allow_zero=True))
-        set_("betas", tuple(float(b) for b in self.betas))
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise UsageError(f"betas must be two numbers, got {self.betas!r}")
+        set_("betas", tuple(_number("betas", b) for b in self.betas))
         for name in ("momentum", "eps", "val_fraction", "knn_temperature", "logreg_tol"):
-            set_(name, float(getattr(self, name)))
+            set_(name, _number(name, getattr(self, name)))
         self._check_battery(set_)
         for name in ("epochs", "batch_size", "seed", "version", "logreg_max_iter", "attentive_queries", "attentive_heads"):
             value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or int(value) != value:
                 raise UsageError(f"{name.replace('_', ' ')} must be an integer, got {value!r}")
             set_(name, int(value))
         if self.optimizer not in OPTIMIZERS:

@@ -720,3 +720,36 @@ def test_report_html_puts_each_seeds_pick_on_its_own_line():
     assert leaderboard.table_head(None)[leaderboard.SELECTED_COLUMN] == "selected"
     assert report_html._cell(leaderboard.SELECTED_COLUMN, "lr 0.1 (refit) ×2; lr 0.01 ×1") == "<td>lr 0.1 (refit) ×2<br>lr 0.01 ×1</td>"
     assert report_html._cell(leaderboard.SELECTED_COLUMN, "k <5") == "<td>k &lt;5</td>"
+
+
+def test_a_cut_short_or_garbled_results_folder_is_a_one_line_error(tmp_path, three_encoders):
+    """A results.csv or predictions.csv cut short (a full disk, a copy interrupted), bytes that are
+    not text, a protocol.json that is JSON but not a record: one `error:` line naming the file (and
+    the line), exit 2, where the short row's empty cells had surfaced as an unexpected TypeError."""
+    import shutil
+
+    target, a, b, _ = three_encoders
+    folder = results_folder(tmp_path / "run", {"r18": (target, a), "r50": (target, b)})
+    assert run_probe(["compare", str(folder)])[0] == 0
+
+    copies = iter(range(100))
+
+    def broken(name: str, content: bytes):
+        copy = tmp_path / f"broken-{next(copies)}"
+        shutil.copytree(folder, copy)
+        (copy / name).write_bytes(content)
+        return copy
+
+    for name in ("results.csv", "predictions.csv"):
+        whole = (folder / name).read_bytes()
+        cut = broken(name, whole[: len(whole) // 2])
+        header = whole.split(b"\n", 1)[0].count(b",") + 1
+        for command in (["compare", str(cut)], ["report", str(cut), "--out", str(tmp_path / "rep")]):
+            code, out = run_probe(command)
+            assert code == 2 and out.count("error:") == 1 and "Traceback" not in out, out
+            assert f"{name}' line " in out and f"not the {header} cells of its header (the file was cut short or edited)" in out, out
+        code, out = run_probe(["compare", str(broken(name, b"\x84\xff\x00garbage"))])
+        assert code == 2 and "is not a CSV file probe wrote" in out, out
+    for record in (b"[]", b'{"protocol": 3}', b"\xff\xfe"):
+        code, out = run_probe(["compare", str(broken("protocol.json", record))])
+        assert code == 2 and "protocol.json" in out and "unexpected" not in out, out

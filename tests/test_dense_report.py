@@ -126,6 +126,62 @@ def test_report_of_a_seg_run_without_saved_predictions_says_how_to_get_them(stor
 
 
 @pytest.mark.slow
+def test_a_damaged_seg_run_folder_is_named_and_an_unlabelled_image_is_left_out_of_the_pairs(stores, tmp_path, capsys):
+    """probe compare / report on a seg run folder whose files were damaged: confusion.npz cut short is
+    one `error:` line naming it (it was an unexpected BadZipFile); a saved prediction file cut short
+    leaves that store out of the image panel with a note, the rest of the report drawn; an image
+    without one labelled pixel (its per-image scores empty cells) is left out of the Wilcoxon pairs
+    (it was a KeyError) while the confusion-based numbers keep it."""
+    _, paths = stores
+    run = tmp_path / "seg"
+    fit_dense([f"fog={paths['fog']}", f"random={paths['random']}"], Protocol(lr_grid="1e-2:1:2", epochs=2, batch_size=8), "seg",
+              out=run, save_predictions=True)  # fmt: skip
+    assert run_cli(probe_cli, "probe", ["compare", str(run)]) == 0
+    capsys.readouterr()
+
+    blank = tmp_path / "blank"
+    shutil.copytree(run, blank)
+    with open(blank / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        if r["store"] == "random" and r["row"] == rows[0]["row"]:
+            r["miou"] = r["pixel_acc"] = ""  # what probe fit writes for an image with no labelled pixel (NaN)
+    with open(blank / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert run_cli(probe_cli, "probe", ["compare", str(blank)]) == 0 and "random" in capsys.readouterr().out
+    from probe.dense.compare import compare_dense
+
+    before, after = ({d.metric: d for d in compare_dense(folder)[1]} for folder in (run, blank))
+    from scipy.stats import wilcoxon
+
+    for m in ("miou", "pixel_acc"):  # the Wilcoxon test on the other pairs; the confusion-based numbers as they were
+        score = {(r["store"], r["row"]): float(r[m]) if r[m] else np.nan for r in rows}
+        diff = np.array([score[("random", i)] - score[("fog", i)] for (store, i) in score if store == "fog"])
+        assert np.isnan(diff).sum() == 1
+        assert after[m].p == pytest.approx(wilcoxon(diff[np.isfinite(diff)]).pvalue, rel=1e-12)
+        assert (after[m].value, after[m].delta, after[m].low) == (before[m].value, before[m].delta, before[m].low)
+
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    data = (run / "confusion.npz").read_bytes()
+    (cut / "confusion.npz").write_bytes(data[: len(data) // 2])
+    for command in (["compare", str(cut)], ["report", str(cut), "--out", str(tmp_path / "r1")]):
+        assert run_cli(probe_cli, "probe", command) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and f"{str(cut / 'confusion.npz')!r} is damaged" in err and "unexpected" not in err, err
+
+    saved = tmp_path / "saved"
+    shutil.copytree(run, saved)
+    data = (run / "predictions" / "fog.npz").read_bytes()
+    (saved / "predictions" / "fog.npz").write_bytes(data[: len(data) // 2])
+    assert run_cli(probe_cli, "probe", ["report", str(saved), "--out", str(tmp_path / "r2")]) == 0
+    page = (tmp_path / "r2" / "report.html").read_text()
+    assert "the saved predictions of fog are damaged (cut short or overwritten)" in page and "r1-panel" in page
+
+
+@pytest.mark.slow
 def test_per_class_iou_is_the_confusion_matrices_and_its_intervals_a_direct_bootstrap(stores, tmp_path, capsys):
     from probe.dense.compare import SEED, per_class_iou
     from probe.dense.report import report

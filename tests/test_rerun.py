@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from featstore.errors import UsageError
 from featstore.store import FeatureStore
 from featstore.version import __version__
 from probe.provenance import git_commit, store_digest
@@ -88,3 +89,32 @@ def test_citation_file_names_this_version():
     cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
     assert cff["cff-version"] == "1.2.0" and cff["version"] == __version__ and cff["title"].startswith("featstore")
     assert cff["authors"] and cff["license"] == "Apache-2.0"
+
+
+def test_a_hand_edited_protocol_record_is_a_one_line_error(tmp_path, digits):
+    """protocol.json edited by hand (a None or a list where probe fit wrote a number, not an object
+    at all): `probe fit --rerun` names the field, one line, exit 2 (it was an unexpected TypeError)."""
+    import probe
+
+    store = make_store(tmp_path / "a.zarr", digits)
+    code, output = run_cli(["fit", "--store", str(store), "--lr-grid", "0.1", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 0, output
+    record = json.loads((tmp_path / "run" / "protocol.json").read_text())
+    for field, value, needle in (
+        ("seed", None, "seed must be an integer, got None"),
+        ("batch_size", [256], "batch size must be an integer, got [256]"),
+        ("epochs", float("inf"), "epochs must be an integer, got inf"),
+        ("momentum", None, "momentum must be a number, got None"),
+        ("betas", None, "betas must be two numbers, got None"),
+        ("eps", "tiny", "eps must be a number, got 'tiny'"),
+    ):
+        edited = tmp_path / f"edited-{field}"
+        shutil.copytree(tmp_path / "run", edited)
+        (edited / "protocol.json").write_text(json.dumps({**record, "protocol": {**record["protocol"], field: value}}))
+        code, output = run_cli(["fit", "--rerun", str(edited), "--out", str(tmp_path / f"again-{field}")])
+        assert_one_line_error(code, output, 2, needle)
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            probe.Protocol(**{field: value})
+    (edited / "protocol.json").write_text("[]")
+    code, output = run_cli(["fit", "--rerun", str(edited)])
+    assert_one_line_error(code, output, 2, "is not a protocol record of probe fit")

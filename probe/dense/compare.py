@@ -11,8 +11,9 @@ each store's IoU of every class, and Δ IoU to the reference with the same paire
 
 from __future__ import annotations
 
-import csv
 import json
+import zipfile
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 
 from featstore.errors import UsageError
 
+from ..results import table_csv
 from . import metrics
 
 DEPTH_COMPARED = ("rmse", "absrel", "delta1", "rmse_ssa", "delta1_ssa")
@@ -35,7 +37,7 @@ def is_dense_run(folder: str | Path) -> bool:
         record = json.loads((Path(folder) / "protocol.json").read_text())
     except (OSError, ValueError):
         return False
-    return record.get("task") in ("depth", "seg")
+    return isinstance(record, dict) and record.get("task") in ("depth", "seg")
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,17 @@ class Difference:
 
 def _per_image(folder: Path) -> dict[str, dict[int, dict[str, float]]]:
     out: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
-    with open(folder / "predictions.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            out[r["store"]][int(r["row"])] = {k: float(v) for k, v in r.items() if k not in ("store", "split", "row", "path") and v != ""}
+    path = folder / "predictions.csv"
+    with table_csv.reading(path) as (_, lines):
+        for line, r in lines:
+            try:
+                out[r["store"]][int(r["row"])] = {
+                    k: float(v) for k, v in r.items() if k not in ("store", "split", "row", "path") and v != ""
+                }
+            except (KeyError, ValueError):
+                raise UsageError(
+                    f"{str(path)!r} line {line}: not a row of per-image metrics (row, then numbers)", "rerun probe fit"
+                ) from None
     return out
 
 
@@ -94,7 +104,9 @@ def compare_dense(folder: str | Path, reference: str | None = None, n_resamples:
                         for c in counts
                     ]
                 )
-                diff = np.array([per[label][r][m] - per[reference][r][m] for r in rows])
+                # an image with no labelled pixel has no per-image score (an empty cell): out of the pairs
+                diff = np.array([per[label][r].get(m, np.nan) - per[reference][r].get(m, np.nan) for r in rows])
+                diff = diff[np.isfinite(diff)]
                 p = float(stats.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
                 low, high = np.percentile(boot, [2.5, 97.5])
                 out.append(Difference(label, reference, m, va, vb, va - vb, float(low), float(high), p, len(rows)))
@@ -134,11 +146,21 @@ def _shared_rows(per: dict[str, dict[int, dict[str, float]]], label: str, refere
     return rows
 
 
+# what numpy raises on an .npz cut short or overwritten: not a zip, a member cut short, bad deflate data
+DAMAGED_NPZ = (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error)
+
+
 def _confusions(folder: Path, labels: list[str]) -> dict[str, np.ndarray]:
     """Each store's (N, K, K) per-image confusion matrices from confusion.npz, each read once (an npz
     decompresses an array again at every access)."""
-    with np.load(folder / "confusion.npz") as npz:
-        return {label: npz[_key(label, npz.files)] for label in labels}
+    path = folder / "confusion.npz"
+    try:
+        with np.load(path) as npz:
+            return {label: npz[_key(label, npz.files)] for label in labels}
+    except DAMAGED_NPZ as e:
+        raise UsageError(
+            f"{str(path)!r} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:100]})", "rerun probe fit --task seg"
+        ) from None
 
 
 def _on_rows(matrices: np.ndarray, per_image: dict[int, dict[str, float]], rows: list[int]) -> np.ndarray:

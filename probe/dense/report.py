@@ -12,7 +12,6 @@ dataset's files through the store's resize and center crop; the truth is the sto
 
 from __future__ import annotations
 
-import csv
 import html
 import json
 import os
@@ -35,7 +34,7 @@ from ..output.html import _CSS, _compact_json, _figure, _png, _pyplot
 from ..output.leaderboard import LEADERBOARD_CSV, LEADERBOARD_MD, REPORT_HTML
 from ..output.plots import line_styles, place_legends
 from ..results import table_csv
-from .compare import ClassIoU, Difference, compare_dense, is_dense_run, per_class_iou, safe_name
+from .compare import DAMAGED_NPZ, ClassIoU, Difference, compare_dense, is_dense_run, per_class_iou, safe_name
 
 PANEL_IMAGES = 4  # images shown per run: the first reported rows every store has predictions for
 TABLE_MD, TABLE_TEX = "table.md", "table.tex"
@@ -86,15 +85,18 @@ _TEXT = {"store", "path", "view", "task", "head", "split", "select_split", "repo
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as f:
-        return [{k: v if k in _TEXT else _value(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    with table_csv.reading(path) as (_, lines):
+        return [{k: v if k in _TEXT else _value(v) for k, v in r.items() if v != ""} for _, r in lines]
 
 
 def load_run(folder: str | os.PathLike[str]) -> DenseRun:
     folder = Path(folder)
     try:
         record = json.loads((folder / "protocol.json").read_text())
-        return DenseRun(folder, record, _read_csv(folder / "results.csv"), _read_csv(folder / "predictions.csv"))
+        results = _read_csv(folder / "results.csv")
+        if not results:
+            raise UsageError(f"{str(folder / 'results.csv')!r} has no rows", "rerun probe fit --task depth|seg --out")
+        return DenseRun(folder, record, results, _read_csv(folder / "predictions.csv"))
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{str(folder)!r} is not a complete dense results folder ({e})", "rerun probe fit --task depth|seg --out") from e
 
@@ -143,27 +145,38 @@ def _crop(path: Path, pre: Preprocess) -> np.ndarray:
 
 def panel(run: DenseRun, n: int = PANEL_IMAGES) -> Panel:
     """The first ``n`` reported rows every store with saved predictions has, with their truth and crops."""
-    saved: dict[str, Any] = {}
+    saved: dict[str, Any] = {}  # label → (its npz, its rows, its split)
+    damaged: list[str] = []  # a file cut short or overwritten: left out of the panel, with a note
     notes = []
     for label in run.labels:
         path = run.folder / "predictions" / f"{safe_name(label)}.npz"
         if path.is_file():
-            saved[label] = np.load(path)
-    missing = [label for label in run.labels if label not in saved]
+            try:
+                npz = np.load(path)
+                saved[label] = (npz, np.asarray(npz["rows"]).tolist(), str(npz["split"]))
+            except DAMAGED_NPZ:
+                damaged.append(label)
+    missing = [label for label in run.labels if label not in saved and label not in damaged]
     if missing:
         notes.append(f"no saved predictions for {', '.join(missing)}: rerun its probe fit with --save-predictions to show "
                      f"{'them' if len(missing) > 1 else 'it'} here")  # fmt: skip
     scores = {(str(r["store"]), int(r["row"])): float(r.get(SELECTION_METRIC[run.task], np.nan)) for r in run.images}
+    common = sorted(set.intersection(*(set(rows) for _, rows, _ in saved.values()))) if saved else []
+    rows = np.asarray(common[:n], np.int64)
+    predictions = {}
+    for label, (npz, stored, _) in saved.items():  # each array decompressed once, only the panel's rows kept
+        where = {int(r): i for i, r in enumerate(stored)}
+        try:
+            predictions[label] = np.asarray(npz["prediction"])[[where[int(r)] for r in rows]]
+        except DAMAGED_NPZ:
+            damaged.append(label)
+    if damaged:
+        notes.append(f"the saved predictions of {', '.join(damaged)} are damaged (cut short or overwritten): rerun its probe fit "
+                     "with --save-predictions to show them here")  # fmt: skip
+    saved = {label: v for label, v in saved.items() if label in predictions}
     if not saved:
         return Panel(run.task, "", np.empty(0, np.int64), [], {}, None, [], scores, notes=notes)
-    common = sorted(set.intersection(*(set(np.asarray(s["rows"]).tolist()) for s in saved.values())))
-    rows = np.asarray(common[:n], np.int64)
-    first = next(iter(saved.values()))
-    split = str(first["split"])
-    predictions = {}
-    for label, s in saved.items():
-        where = {int(r): i for i, r in enumerate(np.asarray(s["rows"]).tolist())}
-        predictions[label] = np.asarray(s["prediction"])[[where[int(r)] for r in rows]]
+    split = next(iter(saved.values()))[2]
     truth, class_names = None, []
     images: list[np.ndarray | None] = []
     store_path = next(s["path"] for s in run.stores if s["label"] in saved)
@@ -502,10 +515,10 @@ def _section(run: DenseRun, differences: list[Difference], reference: str | None
             "bootstrap 95% interval over images.</p>"
         )
     p = panel(run)
+    fig = panel_figure(p) if len(p.rows) else None
     for note in p.notes:
         body.append(f'<p class="note">{html.escape(note)}.</p>')
-    if len(p.rows):
-        fig = panel_figure(p)
+    if fig is not None:
         what = (
             "depth in metres, one colour range per row (the truth's), grey: no depth"
             if run.task == "depth"

@@ -13,7 +13,6 @@ space separated (empty with fewer than 5 classes).
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,15 +147,14 @@ def read(path: str | os.PathLike) -> list[Predictions]:
     """The predictions of every selected head in ``path``, in file order."""
     path = Path(path)
     groups: dict[tuple, dict] = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    with table_csv.reading(path) as (columns, lines):
+        missing = [c for c in COLUMNS if c not in columns]
         if missing:
             raise UsageError(
                 f"{str(path)!r} is not a predictions file: no column {', '.join(missing)}",
                 "it is written by `probe fit` beside results.csv",
             )
-        for line, r in enumerate(reader, start=2):
+        for line, r in lines:
             key = (r["label"], r["store"], r["view"], r["method"], r["shots"], r["seed"])
             g = groups.setdefault(key, {"paths": [], "target": [], "pred": [], "top5": []})
             try:

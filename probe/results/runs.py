@@ -5,7 +5,6 @@ Used by ``probe compare`` and ``probe report``; never touches a store or the fea
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 from featstore.errors import UsageError
 
 from . import predictions as P
+from . import table_csv
 
 RESULTS, PROTOCOL = "results.csv", "protocol.json"  # the file names probe.report writes
 
@@ -100,13 +100,21 @@ def load_record(folder: str | os.PathLike) -> dict:
     if not folder.is_dir():
         raise UsageError(f"results folder {str(folder)!r} not found", "pass the --out folder of a probe fit run")
     try:
-        return json.loads((folder / PROTOCOL).read_text())
+        record = json.loads((folder / PROTOCOL).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(
             f"{str(folder)!r} holds no {PROTOCOL}", "results without their protocol record cannot be compared safely"
         ) from None
     except json.JSONDecodeError as e:
         raise UsageError(f"{str(folder / PROTOCOL)!r} is not valid JSON ({e.msg})", "rerun probe fit") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{str(folder / PROTOCOL)!r} is not UTF-8 text", "rerun probe fit") from None
+    # the record's frame, as probe fit writes it: what reads it further may then index it
+    if not isinstance(record, dict) or not isinstance(record.get("protocol"), dict) or not isinstance(record.get("run", {}), dict):
+        raise UsageError(
+            f"{str(folder / PROTOCOL)!r} is not a protocol record of probe fit (an object with 'protocol' and 'run')", "rerun probe fit"
+        )
+    return record
 
 
 def load(folder: str | os.PathLike) -> Run:
@@ -116,8 +124,8 @@ def load(folder: str | os.PathLike) -> Run:
         raise UsageError(f"results folder {str(folder)!r} not found", "pass the --out folder of a probe fit run")
     if not results.is_file():
         raise UsageError(f"{str(folder)!r} holds no {RESULTS}", "pass the --out folder of a finished probe fit run")
-    with open(results, newline="") as f:
-        rows = [{k: _value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    with table_csv.reading(results) as (_, lines):
+        rows = [{k: _value(v) for k, v in r.items()} for _, r in lines]
     if not rows:
         raise UsageError(f"{str(results)!r} has no rows", "rerun probe fit")
     record = load_record(folder)

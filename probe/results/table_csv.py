@@ -1,4 +1,5 @@
-"""The one CSV writer of probe's files: results.csv, summary.csv, predictions.csv and leaderboard.csv.
+"""The one CSV writer of probe's files: results.csv, summary.csv, predictions.csv and leaderboard.csv,
+and the one checked way of reading them back (:func:`reading`).
 
 One cell rule for all of them (:func:`cell`): nothing (None or NaN) is an empty cell, a bool is
 ``true``/``false``, a float below 0.01 in magnitude keeps six significant digits and any other
@@ -11,8 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
+
+from featstore.errors import UsageError
 
 
 def cell(value: Any) -> str:
@@ -38,3 +43,29 @@ def csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any] | Sequence
         values = [r.get(c) for c in columns] if isinstance(r, Mapping) else r
         w.writerow([cell(v) for v in values])
     return buf.getvalue()
+
+
+@contextmanager
+def reading(path: str | os.PathLike[str], fix: str = "rerun probe fit") -> Iterator[tuple[list[str], Iterator[tuple[int, dict[str, str]]]]]:
+    """(columns, rows) of one of probe's CSV files, read as they are iterated; each row (line number,
+    {column: cell text}). A row with more or fewer cells than the header (a file cut short or
+    edited), or bytes that are not UTF-8 CSV, are a UsageError naming the file and the line, with
+    ``fix`` as its hint, instead of None cells surfacing later as an unexpected TypeError."""
+    where = repr(str(path))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+
+            def rows() -> Iterator[tuple[int, dict[str, str]]]:
+                for row in reader:
+                    if None in row or None in row.values():  # csv.DictReader's marks of a long or short row
+                        raise UsageError(
+                            f"{where} line {reader.line_num}: not the {len(columns)} cells of its header (the file was cut short or edited)",
+                            fix,
+                        )
+                    yield reader.line_num, row
+
+            yield columns, rows()
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise UsageError(f"{where} is not a CSV file probe wrote ({' '.join(str(e).split())[:120]})", fix) from None

@@ -444,6 +444,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> bool:
             if r["store"] == store and r["wd"] == wd and r["selected"]:
                 ax.scatter([r["lr"]], [r.get(metric, float("nan"))], s=120, facecolors="none", edgecolors="k")
     ax.set_xscale("log")
+    if metric == "rmse":  # an error: a head blown up by a high lr (1e16 m) would flatten every other curve on a linear axis
+        ax.set_yscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel({"rmse": "RMSE (m), reported split", "miou": "mIoU, reported split"}[metric])
     ax.set_title(f"dense {task} probe: every head of the grid (circle: selected)")

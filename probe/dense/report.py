@@ -312,8 +312,10 @@ def lr_figure(run: DenseRun) -> Any | None:
     axes[1].set_title(f"report split ({report})")
     for ax in axes:
         ax.set_xscale("log")
+        if metric == "rmse":  # an error: a head blown up by a high lr (1e16 m) would flatten every other curve on a linear axis
+            ax.set_yscale("log")
         ax.set_xlabel("learning rate")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both" if metric == "rmse" else "major")
     axes[0].set_ylabel(NAMES[metric] + (" (lower is better)" if metric == "rmse" else " (higher is better)"))
     fig.suptitle(f"dense {run.task} probe: every head of the grid (★ = selected on the selection split)")
     fig.tight_layout(rect=place_legends(fig, axes, max(len(keys), 2)))

@@ -23,7 +23,8 @@ class OptionsOnce(click.Command):
         # click's parser lists a parameter each time it is seen; repeatable options and counters are left alone
         _, _, seen = self.make_parser(ctx).parse_args(args=list(args))
         for param in dict.fromkeys(seen):
-            if isinstance(param, click.Option) and not (param.multiple or param.count) and seen.count(param) > 1:
+            # --help / --version act as they are read: twice is harmless
+            if isinstance(param, click.Option) and not (param.multiple or param.count or param.is_eager) and seen.count(param) > 1:
                 names = "/".join([*param.opts, *param.secondary_opts])
                 listed = (param.metavar or "").strip("[]") in ("LIST", "GRID") or "comma" in (param.help or "").lower()
                 fix = "pass its values once, as one comma-separated list" if listed else "pass it once"

@@ -232,6 +232,7 @@ def test_an_option_of_one_value_given_twice_is_refused(capsys, out):
     code, err = run(capsys, "extract", "--model", "resnet18", "--model", "resnet50", "--random-init", "--dataset", "digits", "--out", out)
     assert code == 2 and not out.exists()
     assert_one_line_error(err, "--model given 2 times; it takes one value (pass it once)", "featstore extract --help")
+    assert run(capsys, "extract", "-h", "--help")[0] == 0  # --help acts as it is read: twice is harmless
     code, err = run(capsys, "ls", "--json", "--json", "--json")
     assert code == 2
     assert_one_line_error(err, "--json given 3 times")

@@ -128,21 +128,23 @@ def _refit(case: Case, chosen: Config, configs: list[Config]) -> MethodResult:
     lr, wd = chosen.settings["lr"], chosen.settings["wd"]
     head = H.LinearHeads(center.shape[1], case.num_classes, [lr], [wd], dev)
     case.log(f"{case.name}: refit of lr {lr:g}{f' wd {wd:g}' if wd else ''} on {len(rows)} rows (train + holdout)")
+    views = None
     if "train" in case.augmented:  # trained on the views of both, its train accuracy on their center crops (as the sweep's)
         if "select" not in case.augmented:
             raise FeatstoreError(f"{case.where}: the refit on train + holdout has no augmented views of the holdout", "pass --no-refit")
         views = case.augmented["train"].join(case.augmented["select"])
-        stats = H.standardize_stats(views.blocks(dev)) if protocol.normalize == "standardize" else None
-        train_loss = float(H.train(_epoch_views(case, views, stats), y, head, protocol, orders)[0])
-    else:
-        stats = H.standardize_stats(center) if protocol.normalize == "standardize" else None
-        train_loss = float(H.train(H.prepare(center, protocol.normalize, dtype, stats), y, head, protocol, orders)[0])
+    stats = None
+    if protocol.normalize == "standardize":
+        stats = H.standardize_stats(center if views is None else views.blocks(dev))
+    x = H.prepare(center, protocol.normalize, dtype, stats)  # trained on without views, and the train accuracy's rows either way
+    del center
+    train_loss = float(H.train(x if views is None else _epoch_views(case, views, stats), y, head, protocol, orders)[0])
     if not bool(head.finite()[0]):
         raise FeatstoreError(
             f"{case.where}: the refit of lr {lr:g} on train + holdout diverged", "lower the learning rates, or pass --no-refit"
         )
-    metrics = {"train": {k: float(v[0]) for k, v in H.evaluate(head, H.prepare(center, protocol.normalize, dtype, stats), y).items()}}
-    del center
+    metrics = {"train": {k: float(v[0]) for k, v in H.evaluate(head, x, y).items()}}
+    del x
     report = H.prepare(case.x["report"], protocol.normalize, dtype, stats)
     ranked = H.predict(head, report)
     metrics["report"] = {k: float(v[0]) for k, v in H.accuracy(ranked, case.y["report"], head.num_classes).items()}

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import traceback
+from collections import Counter
 
 import click
 
@@ -22,13 +23,13 @@ class OptionsOnce(click.Command):
             return super().parse_args(ctx, args)
         # click's parser lists a parameter each time it is seen; repeatable options and counters are left alone
         _, _, seen = self.make_parser(ctx).parse_args(args=list(args))
-        for param in dict.fromkeys(seen):
+        for param, times in Counter(seen).items():
             # --help / --version act as they are read: twice is harmless
-            if isinstance(param, click.Option) and not (param.multiple or param.count or param.is_eager) and seen.count(param) > 1:
+            if isinstance(param, click.Option) and not (param.multiple or param.count or param.is_eager) and times > 1:
                 names = "/".join([*param.opts, *param.secondary_opts])
                 listed = (param.metavar or "").strip("[]") in ("LIST", "GRID") or "comma" in (param.help or "").lower()
                 fix = "pass its values once, as one comma-separated list" if listed else "pass it once"
-                raise click.UsageError(f"{names} given {seen.count(param)} times; it takes one value ({fix})", ctx)
+                raise click.UsageError(f"{names} given {times} times; it takes one value ({fix})", ctx)
         return super().parse_args(ctx, args)
 
 

@@ -50,9 +50,12 @@ class Linear:
         heads = H.LinearHeads(dim, case.num_classes, lrs, wds, dev)
         on_views = ""
         if views is not None:
-            held = {"store": "in the store, read each epoch", dev.type: "in memory" if dev.type == "cpu" else "on the device"}.get(
-                views.where, "in host memory, each epoch's uploaded"
-            )
+            if views.where == "store":
+                held = "in the store, read each epoch"
+            elif views.where == dev.type:
+                held = "in memory" if dev.type == "cpu" else "on the device"
+            else:
+                held = "in host memory, each epoch's uploaded"
             on_views = f" ({views.num_views} augmented views each, held {held})"
         case.log(
             f"{case.name}: {heads.num_heads} heads × {protocol.epochs} epochs on {len(case.rows['train'])} rows{on_views} (D={dim}, C={case.num_classes}) on {dev} ({str(dtype).replace('torch.', '')})"

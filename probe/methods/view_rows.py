@@ -70,8 +70,8 @@ def place(
     crops ``center`` (the split's (N, D) features); returns the placed views and how many those were."""
     n, k, d = (int(x) for x in stored.shape)
     nbytes = n * k * d * np.dtype(stored.dtype).itemsize
-    in_host = nbytes <= (budget if device.type == "cpu" else (host_memory() if host is None else host))
-    if nbytes > budget and not in_host:  # counted now (one read), replaced as each epoch reads them
+    host_budget = budget if device.type == "cpu" else (host_memory() if host is None else host)
+    if nbytes > budget and nbytes > host_budget:  # left in the store: counted now (one read), replaced as each epoch reads them
         bad = sum(len(nonfinite(block)[0]) for _, block in stored.chunks())
         return StoredViews(stored, center), bad
     views = stored.read()

@@ -46,11 +46,11 @@ def csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any] | Sequence
 
 
 @contextmanager
-def reading(path: str | os.PathLike[str], fix: str = "rerun probe fit") -> Iterator[tuple[list[str], Iterator[tuple[int, dict[str, str]]]]]:
+def reading(path: str | os.PathLike[str]) -> Iterator[tuple[list[str], Iterator[tuple[int, dict[str, str]]]]]:
     """(columns, rows) of one of probe's CSV files, read as they are iterated; each row (line number,
     {column: cell text}). A row with more or fewer cells than the header (a file cut short or
-    edited), or bytes that are not UTF-8 CSV, are a UsageError naming the file and the line, with
-    ``fix`` as its hint, instead of None cells surfacing later as an unexpected TypeError."""
+    edited), or bytes that are not UTF-8 CSV, are a UsageError naming the file and the line, instead
+    of None cells surfacing later as an unexpected TypeError."""
     where = repr(str(path))
     try:
         with open(path, newline="", encoding="utf-8") as f:
@@ -62,10 +62,10 @@ def reading(path: str | os.PathLike[str], fix: str = "rerun probe fit") -> Itera
                     if None in row or None in row.values():  # csv.DictReader's marks of a long or short row
                         raise UsageError(
                             f"{where} line {reader.line_num}: not the {len(columns)} cells of its header (the file was cut short or edited)",
-                            fix,
+                            "rerun probe fit",
                         )
                     yield reader.line_num, row
 
             yield columns, rows()
     except (csv.Error, UnicodeDecodeError) as e:
-        raise UsageError(f"{where} is not a CSV file probe wrote ({' '.join(str(e).split())[:120]})", fix) from None
+        raise UsageError(f"{where} is not a CSV file probe wrote ({' '.join(str(e).split())[:120]})", "rerun probe fit") from None

@@ -16,6 +16,7 @@ import torch
 from .dense import dense_plan, record_patch_layers
 from .dense_targets import resolve_with_targets, target_fields, write_dense_targets
 from .device import resolve_device
+from .image_changes import modified_images
 from .job import (
     augmenting_loader,
     cache_fields,
@@ -113,12 +114,15 @@ def extract(
     if config.repair:
         existing = repair_store(existing, out, manifest, ranks, log)  # its damaged units pending again
     if existing is not None and existing.complete:
+        modified: list[str] = []
         if ranks.is_leader:
             remove_progress(out)  # a run killed right after completing left it
             if ranks.world > 1:
                 existing.update_attrs({"job": ranks.job})  # tells the other ranks: nothing to do
             remember(request, manifest, spec, key, out, targets)
-        return ExtractResult(str(out), "up to date", rows, 0, len(existing.invalid_rows()), 0, time.perf_counter() - start, 0.0)
+            modified = modified_images(manifest, existing.attrs.get("created"), log)
+        invalid = len(existing.invalid_rows())
+        return ExtractResult(str(out), "up to date", rows, 0, invalid, 0, time.perf_counter() - start, 0.0, modified_images=modified)
 
     encoder = (
         build_encoder(spec, log=log, trust=config.trust_checkpoint, ignore_keys=config.ignore_keys)

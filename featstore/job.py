@@ -21,6 +21,7 @@ from .dense_layouts import NYU, TargetSpec, nyu_sources
 from .device import compute_dtype
 from .errors import FeatstoreError, UsageError
 from .home import default_store_path
+from .image_changes import image_folders
 from .manifest import Manifest
 from .models.encoders import EncoderSpec, pos_embed_rule
 from .models.presets import find_preset
@@ -241,7 +242,7 @@ def remember(
     if targets is not None:  # and the split lists and class names, which a rewrite in place would not show either
         files = (f for split in manifest.splits.values() for image in split.paths for f in targets.files(manifest.root, image).values())
         inputs += [str(f) for f in files if f is not None] + [str(f) for f in targets.listings(manifest.root)]
-    remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, [*spec.inputs, *inputs])
+    remember_request(request_of(config), key, str(out.resolve()), spec.weights_path, [*spec.inputs, *inputs], image_folders(manifest))
 
 
 def create_store(

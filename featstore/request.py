@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import overload
 
 from .home import index_dir, write_memo
+from .image_changes import any_file_modified_after, created_ns
 from .store import DEFAULT_CHUNK_ROWS
 from .store.locations import PROGRESS, is_url, refuse_credentials, store_attrs
 from .store.remote import refuse_unwritable
@@ -119,6 +120,9 @@ class ExtractResult:
     seconds, images_per_second : float
     nonfinite_paths : list of str
         The first few paths with NaN/Inf features.
+    modified_images : list of str
+        "up to date" only: the images modified after the store was created (its features may be of
+        their old bytes; ``overwrite=True`` extracts again). Files, or a shard dataset's shards.
     """
 
     store: str
@@ -130,6 +134,7 @@ class ExtractResult:
     seconds: float
     images_per_second: float
     nonfinite_paths: list[str] = field(default_factory=list)
+    modified_images: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         if self.status == "up to date":
@@ -225,10 +230,13 @@ def recall_up_to_date(config: ExtractConfig) -> ExtractResult | None:
     recalled = recall_request(request_of(config))
     if recalled is None:
         return None
-    key, store = recalled
+    key, store, image_dirs = recalled
     attrs = store_attrs(store)
     if not attrs or attrs.get("cache_key") != key or not attrs.get("complete") or (Path(store) / PROGRESS).exists():
         return None
+    since = created_ns(attrs.get("created"))
+    if since is not None and any_file_modified_after(image_dirs, since):
+        return None  # an image may have been rewritten in place: the full path names it (image_changes.py)
     from .home import mark_used
 
     mark_used(store, key)
@@ -298,19 +306,25 @@ def request_memo_path(request: dict) -> Path:
     return index_dir() / "requests" / (hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest() + ".json")
 
 
-def remember_request(request: dict, key: str, store: str, weights_path: str | None, dataset_inputs: list[str]) -> None:
-    """After a full resolution: what this request resolved to, and the stamps that keep it true."""
+def remember_request(
+    request: dict, key: str, store: str, weights_path: str | None, dataset_inputs: list[str], image_dirs: list[str] | None = None
+) -> None:
+    """After a full resolution: what this request resolved to, and the stamps that keep it true.
+    ``image_dirs``: the folders holding the images, scanned for files modified after the store was
+    created (a rewrite in place changes no folder's stamp)."""
     memo = {
         "cache_key": key,
         "store": store,
         "environment": environment_stamp(),
         "files": [_stat_stamp(p) for p in ([weights_path] if weights_path else []) + dataset_inputs],
+        "image_dirs": image_dirs or [],
     }
     write_memo(request_memo_path(request), json.dumps(memo))
 
 
-def recall_request(request: dict) -> tuple[str, str] | None:
-    """(cache key, store path) of a request resolved before, if no stamp changed since; else None."""
+def recall_request(request: dict) -> tuple[str, str, list[str]] | None:
+    """(cache key, store path, image folders) of a request resolved before, if no stamp changed
+    since; else None."""
     try:
         memo = json.loads(request_memo_path(request).read_text())
     except (OSError, ValueError):
@@ -319,4 +333,4 @@ def recall_request(request: dict) -> tuple[str, str] | None:
         return None
     if any(_stat_stamp(f[0]) != f for f in memo.get("files", [])):
         return None
-    return memo["cache_key"], memo["store"]
+    return memo["cache_key"], memo["store"], list(memo.get("image_dirs", []))

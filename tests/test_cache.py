@@ -3,6 +3,7 @@ model and dataset (featstore.cache, featstore.request)."""
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -205,6 +207,74 @@ def test_changed_weights_are_not_up_to_date(home, small_folder, tmp_path):
     second = extract(ExtractConfig(dataset=str(small_folder), **cfg), progress=False)
     assert second.status == "created" and second.store != first.store
     assert FeatureStore.open(second.store).attrs["encoder"]["weights_sha256"] == featstore_home.file_sha256(weights)
+
+
+def test_an_image_rewritten_in_place_is_named_on_every_rerun_until_overwrite(home, small_folder, tmp_path):
+    """The cache key digests the images' names and labels, not their bytes: an image rewritten under
+    its own name meets the store of its old bytes. Every rerun says so in one warning naming the file
+    (the memo's quick answer steps aside for it); --overwrite extracts again, and only that image's
+    features move."""
+    from PIL import Image
+
+    from featstore.image_changes import created_ns
+
+    data = tmp_path / "pics"
+    shutil.copytree(small_folder, data)
+    logs: list[str] = []
+    first = extract(ExtractConfig(dataset=str(data), **TINY), progress=False, log=logs.append)
+    before = FeatureStore.open(first.store)
+    created, old = before.attrs["created"], before.features("train", "pool")[:]
+    untouched = extract(ExtractConfig(dataset=str(data), **TINY), progress=False, log=logs.append)
+    assert untouched.status == "up to date" and untouched.modified_images == []
+    assert not [line for line in logs if line.startswith("warning")]
+
+    target = sorted((data / "train" / "dog").glob("*.png"))[1]
+    with Image.open(target) as im:
+        im.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(target)  # other pixels, the same name
+    later = cast(int, created_ns(created))  # the first instant after the store's creation second (made now, it could fall within it)
+    os.utime(target, ns=(later, later))
+    expected = (
+        f"warning: 1 of 24 images were modified after this store was created ({created}): train/dog/{target.name}. Its "
+        "features are of the images as they were then; --overwrite extracts them again (if the files were only copied "
+        "without their modification times, nothing changed)"
+    )
+    for _ in range(2):  # said on every rerun, not once: the memo no longer answers for this store
+        logs.clear()
+        rerun = extract(ExtractConfig(dataset=str(data), **TINY), progress=False, log=logs.append)
+        assert rerun.status == "up to date" and rerun.store == first.store
+        assert rerun.modified_images == [str(target)]
+        assert [line for line in logs if line.startswith("warning")] == [expected]
+    args = ["extract", "--dataset", str(data), "--model", "resnet18", "--random-init", "--loader", "torch", "--workers", "0"]
+    args += ["--image-size", "32", "--resize", "32", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    code, out = run(args)  # the command line: the warning line, then the summary, exit 0
+    assert code == 0 and expected in out and f"{first.store}: up to date" in out, out
+
+    time.sleep(max(0.0, later / 1e9 + 1 - time.time()))  # the new store is created in a later second than the rewrite
+    fresh = extract(ExtractConfig(dataset=str(data), overwrite=True, **TINY), progress=False)
+    assert fresh.status == "created" and fresh.store == first.store
+    new = FeatureStore.open(fresh.store)
+    moved = np.flatnonzero(np.abs(new.features("train", "pool")[:] - old).max(axis=1) > 1e-6)
+    assert list(new.paths("train")[moved]) == [f"train/dog/{target.name}"]
+    logs.clear()
+    after = extract(ExtractConfig(dataset=str(data), **TINY), progress=False, log=logs.append)
+    assert after.status == "up to date" and after.modified_images == [] and not logs
+
+
+def test_modified_after_compares_each_files_mtime_with_the_stores_creation_second(tmp_path):
+    from featstore.image_changes import any_file_modified_after, created_ns, modified_after
+
+    since = created_ns("2026-12-07T21:40:05Z")
+    assert since == (calendar.timegm((2026, 12, 7, 21, 40, 5, 0, 0, 0)) + 1) * 10**9  # the next second: the store's own is not "after"
+    assert created_ns(None) is None and created_ns("yesterday") is None
+    files = {name: tmp_path / "d" / name for name in ("a.png", "b.png", "c.png")}
+    files["a.png"].parent.mkdir()
+    for offset, f in zip((-1, 0, 7), files.values()):  # within the creation second, the first after it, later
+        f.write_bytes(b"x")
+        os.utime(f, ns=(since + offset * 10**9 - (1 if offset < 0 else 0),) * 2)
+    paths = [str(f) for f in files.values()] + [str(tmp_path / "gone.png")]
+    assert modified_after(paths, cast(int, since)) == [str(files["b.png"]), str(files["c.png"])]
+    assert any_file_modified_after([str(tmp_path / "d")], cast(int, since))
+    assert not any_file_modified_after([str(tmp_path / "d"), str(tmp_path / "none")], cast(int, since) + 8 * 10**9)
 
 
 def test_a_killed_cached_extraction_resumes_in_place_and_shows_as_partial(home, small_folder, monkeypatch):

@@ -1,0 +1,114 @@
+"""Images modified after their store was created: found by modification time, said in one warning.
+
+The cache key digests the images' names and labels, not their bytes (reading every byte of ImageNet
+to answer "up to date" would cost a pass of the loader), so an image rewritten under its own name
+meets the store computed from its old bytes. What a rewrite does change is the file's modification
+time: a file modified after the store was created may hold other pixels than its features came from.
+That is said, never acted on: a copy that did not keep modification times (``cp`` without ``-p``)
+looks the same from here, and only the user knows which it was (``--overwrite`` extracts again).
+
+Torch-free: the up-to-date memo (``request.py``) asks :func:`any_file_modified_after` before
+importing anything heavy.
+"""
+
+from __future__ import annotations
+
+import calendar
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
+
+EXAMPLES = 3  # paths named in the warning
+
+
+def created_ns(created: object) -> int | None:
+    """The first nanosecond after the store's creation second (``created`` is kept to the second:
+    a file written in that second, before the store, is not called modified after it); None when
+    the store records no creation time this can read."""
+    if not isinstance(created, str):
+        return None
+    try:
+        seconds = calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return None
+    return (seconds + 1) * 1_000_000_000
+
+
+def image_files(manifest: Manifest) -> list[str]:
+    """What holds the manifest's images: every image file, or a shard dataset's shard files (a
+    shard at a URL has no modification time here, so is never called modified)."""
+    if manifest.shards is not None:
+        return list(manifest.shards.shards)
+    return [p for split in manifest.splits for p in manifest.absolute_paths(split)]
+
+
+def image_folders(manifest: Manifest) -> list[str]:
+    """The folders the images are in, for the memo's quick scan; none for shards (their files are
+    stamped one by one: a rewritten shard has a new size or mtime)."""
+    if manifest.shards is not None:
+        return []
+    return sorted({os.path.dirname(p) for p in image_files(manifest)})
+
+
+def modified_after(paths: Iterable[str], since_ns: int) -> list[str]:
+    """The paths whose files were modified at or after ``since_ns`` (files that cannot be stat'ed
+    are left to the loaders, which call them invalid)."""
+    changed = []
+    for path in paths:
+        try:
+            if os.stat(path).st_mtime_ns >= since_ns:
+                changed.append(path)
+        except OSError:
+            pass
+    return changed
+
+
+def any_file_modified_after(folders: Sequence[str], since_ns: int) -> bool:
+    """Whether any file directly in ``folders`` was modified at or after ``since_ns`` (a cheap
+    over-approximation of :func:`modified_after` on a dataset's images: any file counts)."""
+    for folder in folders:
+        try:
+            with os.scandir(folder) as entries:
+                for e in entries:
+                    try:
+                        if e.is_file() and e.stat().st_mtime_ns >= since_ns:
+                            return True
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+    return False
+
+
+def warning(changed: Sequence[str], images: int, created: str, root: str | os.PathLike[str], noun: str = "images") -> str:
+    """The one line that says so, naming the first few files (relative to the dataset root);
+    ``noun``: what the files are ("shards" for a shard dataset)."""
+    base = os.fspath(root)
+
+    def short(path: str) -> str:
+        rel = os.path.relpath(path, base) if base else path
+        return path if rel.startswith("..") else rel
+
+    named = ", ".join(short(p) for p in changed[:EXAMPLES]) + (", …" if len(changed) > EXAMPLES else "")
+    return (
+        f"warning: {len(changed):,} of {images:,} {noun} were modified after this store was created ({created}): "
+        f"{named}. Its features are of the images as they were then; --overwrite extracts them again "
+        "(if the files were only copied without their modification times, nothing changed)"
+    )
+
+
+def modified_images(manifest: Manifest, created: object, log: Callable[[str], None]) -> list[str]:
+    """The manifest's images modified after a store created at ``created``; logs the warning when
+    there are any."""
+    since = created_ns(created)
+    if since is None:
+        return []
+    files = image_files(manifest)
+    changed = modified_after(files, since)
+    if changed:
+        log(warning(changed, len(files), str(created), manifest.root, "shards" if manifest.shards is not None else "images"))
+    return changed

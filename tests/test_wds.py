@@ -370,6 +370,33 @@ def test_two_ranks_write_one_store_equal_to_one_process(shards, clean_wds, tmp_p
     _same_store(clean_wds, out)
 
 
+def test_a_shard_rewritten_in_place_is_named_when_its_store_is_found_complete(real_photos, tmp_path):
+    """A rewritten shard (same members and labels, other image bytes) keeps the manifest and the cache
+    key; the run that finds the store complete names the shard (image_changes.py)."""
+    from featstore.image_changes import created_ns
+
+    shard_files = write_shards(real_photos, tmp_path / "shards")
+    dataset, out = f"wds:{tmp_path / 'shards'}/train-{{000000..000002}}.tar", tmp_path / "s.zarr"
+    config = ExtractConfig(dataset=dataset, out=str(out), loader="torch", batch_size=8, **SMALL)
+    logs: list[str] = []
+    assert extract(config, progress=False, log=logs.append).status == "created"
+    assert extract(config, progress=False, log=logs.append).modified_images == []
+    paths, labels, data = _photos(real_photos)
+    swapped = {12: {"jpg": data[13], "cls": int(labels[12]), "json": {"name": f"class{labels[12]}", "id": 12}}}
+    write_shards(real_photos, tmp_path / "shards", extra=swapped)  # every shard written again; only the second's bytes differ
+    since = created_ns(FeatureStore.open(out).attrs["created"])
+    assert since is not None
+    os.utime(shard_files[1], ns=(since, since))
+    for f in (shard_files[0], shard_files[2]):
+        os.utime(f, ns=(since - 10**9 - 1,) * 2)  # the others as if untouched since before the store
+    logs.clear()
+    again = extract(config, progress=False, log=logs.append)
+    assert again.status == "up to date" and again.modified_images == [str(shard_files[1])]
+    warned = [line for line in logs if line.startswith("warning")]
+    assert len(warned) == 1 and warned[0].startswith("warning: 1 of 3 shards were modified after this store was created"), logs
+    assert "train-000001.tar" in warned[0] and "--overwrite" in warned[0]
+
+
 def test_member_reads_match_tarfile(shards):
     from featstore.loaders.members import read_member, read_member_checked
 

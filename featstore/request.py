@@ -242,7 +242,8 @@ def recall_up_to_date(config: ExtractConfig) -> ExtractResult | None:
     mark_used(store, key)
     rows = {s: int(n) for s, n in attrs.get("splits", {}).items()}
     invalid = sum(len(v) for v in attrs.get("invalid", {}).values())
-    return ExtractResult(store, "up to date", rows, 0, invalid, 0, time.perf_counter() - start, 0.0)
+    shown = store if config.out is None else str(Path(config.out))  # as the full path shows it: --out as given
+    return ExtractResult(shown, "up to date", rows, 0, invalid, 0, time.perf_counter() - start, 0.0)
 
 
 # ---------------------------------------------------------------- the memo of resolved requests

@@ -193,6 +193,23 @@ def test_cli_extract_asks_the_memo_once_per_command(home, small_folder, monkeypa
     assert len(asked) == 2  # the miss, then the hit
 
 
+def test_the_memos_answer_names_the_store_as_the_full_path_does(home, small_folder, tmp_path, monkeypatch):
+    """--out as given (here relative) in the summary, whether the memo or the full path answered."""
+    import featstore.request
+
+    answered, recall = [], featstore.request.recall_up_to_date
+    monkeypatch.setattr(featstore.request, "recall_up_to_date", lambda config: answered.append(r := recall(config)) or r)
+    monkeypatch.chdir(tmp_path)
+    args = ["extract", "--dataset", str(small_folder), "--model", "resnet18", "--random-init", "--loader", "torch", "--workers", "0"]
+    args += ["--image-size", "32", "--resize", "32", "--device", "cpu", "--dtype", "float32", "--no-progress", "--out", "./s.zarr"]
+    outputs = [run(args) for _ in range(2)]
+    assert answered[0] is None and answered[1] is not None  # the second was the memo's answer
+    assert outputs[0][0] == outputs[1][0] == 0
+    assert "s.zarr: created, wrote 24 rows" in outputs[0][1] and "\ns.zarr: up to date (24 rows" in "\n" + outputs[1][1], outputs
+    full = extract(ExtractConfig(dataset=str(small_folder), out="./s.zarr", **TINY), progress=False, recalled=True)
+    assert full.store == answered[1].store == "s.zarr"
+
+
 def test_changed_weights_are_not_up_to_date(home, small_folder, tmp_path):
     import torch
     import torchvision

@@ -84,7 +84,8 @@ echo "images: $images; loaders: $loaders"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     step "pytest -m gpu"
-    timeout 90 $PY -m pytest -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$out/pytest-gpu.log"
+    # -o addopts="": one process on the one GPU, and pytest-xdist (pyproject's addopts) is not installed here
+    timeout 90 $PY -m pytest -o addopts="" -m gpu -q -p no:cacheprovider -rs 2>&1 | tee "$out/pytest-gpu.log"
     echo "pytest -m gpu exit ${PIPESTATUS[0]}"
 fi
 

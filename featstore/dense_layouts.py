@@ -189,6 +189,12 @@ def nyu_folder(data_root: str | os.PathLike[str] | None, classes: int = 40) -> P
         classmap = nyu_class_mapping(mapping, mapping13[0] if mapping13 else None) if mapping.is_file() else None
         with atomic_folder(target, "converting") as build:
             _convert_nyu(mat, splits, classmap, build)
+            # the files are as new as the .mat they come from, however often they are converted again (the
+            # folder removed, a home restored): a store made from an earlier conversion is not told its images changed
+            made = mat.stat().st_mtime_ns
+            for folder, _, names in os.walk(build):
+                for name in names:
+                    os.utime(os.path.join(folder, name), ns=(made, made))
     return target
 
 

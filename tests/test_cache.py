@@ -277,6 +277,26 @@ def test_an_image_rewritten_in_place_is_named_on_every_rerun_until_overwrite(hom
     assert after.status == "up to date" and after.modified_images == [] and not logs
 
 
+def test_digits_written_again_are_the_same_images_not_modified_ones(home, tmp_path):
+    """The digits folder, deleted and written again (the same bytes), keeps its files' time: a store
+    made from the first writing is up to date with no warning."""
+    from featstore.digits import FILE_MTIME_NS
+    from featstore.image_changes import created_ns
+
+    config = ExtractConfig(dataset="digits", out=str(tmp_path / "d.zarr"), **TINY)
+    first = extract(config, progress=False)
+    png = home / "digits-v1" / "train" / "0" / "0020.png"
+    data = png.read_bytes()
+    assert png.stat().st_mtime_ns == FILE_MTIME_NS
+    since = cast(int, created_ns(FeatureStore.open(first.store).attrs["created"]))
+    shutil.rmtree(home / "digits-v1")
+    time.sleep(max(0.0, since / 1e9 + 0.1 - time.time()))  # written again after the store's creation second
+    logs: list[str] = []
+    again = extract(config, progress=False, log=logs.append)
+    assert png.read_bytes() == data and png.stat().st_mtime_ns == FILE_MTIME_NS
+    assert again.status == "up to date" and again.modified_images == [] and not [line for line in logs if "warning" in line]
+
+
 def test_modified_after_compares_each_files_mtime_with_the_stores_creation_second(tmp_path):
     from featstore.image_changes import any_file_modified_after, created_ns, modified_after
 

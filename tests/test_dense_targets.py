@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -172,6 +173,8 @@ def test_nyu_labeled_mat_and_its_split(tmp_path):
     assert converted is not None
     np.testing.assert_array_equal(np.asarray(Image.open(f"{converted}/train/images/0003.png")), images[2])
     assert "--dataset nyu-depth-v2" in store.attrs["command"]
+    mat_time = (tmp_path / "nyu" / "nyu_depth_v2_labeled.mat").stat().st_mtime_ns
+    assert {p.stat().st_mtime_ns for p in Path(converted).rglob("*") if p.is_file()} == {mat_time}  # as new as their source
 
 
 def _write_nyu_classes(root, images, raw_ids=894, classes=40, rng_seed=1):

@@ -113,8 +113,12 @@ def extract(
         existing = store_of_job(out, key, ranks)
     if config.repair:
         existing = repair_store(existing, out, manifest, ranks, log)  # its damaged units pending again
+    modified: list[str] = []  # images changed since the store was created (image_changes.py)
+    if existing is not None and not existing.complete and ranks.is_leader:
+        pending = {(u.split, u.index) for u in existing.pending_units()}
+        finished = {s: [(u.start, u.stop) for u in existing.units(s) if (s, u.index) not in pending] for s in existing.splits}
+        modified = modified_images(manifest, existing.attrs.get("created"), log, finished)
     if existing is not None and existing.complete:
-        modified: list[str] = []
         if ranks.is_leader:
             remove_progress(out)  # a run killed right after completing left it
             if ranks.world > 1:
@@ -172,5 +176,5 @@ def extract(
         remember(request, manifest, spec, key, out, targets)
     seconds = time.perf_counter() - start
     return ExtractResult(
-        label, status, rows, written, invalid, len(nonfinite), seconds, written / seconds if seconds > 0 else 0.0, nonfinite[:5]
+        label, status, rows, written, invalid, len(nonfinite), seconds, written / seconds if seconds > 0 else 0.0, nonfinite[:5], modified
     )

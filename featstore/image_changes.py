@@ -84,9 +84,12 @@ def any_file_modified_after(folders: Sequence[str], since_ns: int) -> bool:
     return False
 
 
-def warning(changed: Sequence[str], images: int, created: str, root: str | os.PathLike[str], noun: str = "images") -> str:
+def warning(
+    changed: Sequence[str], images: int, created: str, root: str | os.PathLike[str], noun: str = "images", resuming: bool = False
+) -> str:
     """The one line that says so, naming the first few files (relative to the dataset root);
-    ``noun``: what the files are ("shards" for a shard dataset)."""
+    ``noun``: what the files are ("shards" for a shard dataset); ``resuming``: of a store not yet
+    complete, whose finished units alone were computed from the files."""
     base = os.fspath(root)
 
     def short(path: str) -> str:
@@ -94,21 +97,32 @@ def warning(changed: Sequence[str], images: int, created: str, root: str | os.Pa
         return path if rel.startswith("..") else rel
 
     named = ", ".join(short(p) for p in changed[:EXAMPLES]) + (", …" if len(changed) > EXAMPLES else "")
+    where, whose = (" in its finished units", "Their rows keep the features") if resuming else ("", "Its features are those")
     return (
-        f"warning: {len(changed):,} of {images:,} {noun} were modified after this store was created ({created}): "
-        f"{named}. Its features are of the images as they were then; --overwrite extracts them again "
+        f"warning: {len(changed):,} of {images:,} {noun}{where} were modified after this store was created ({created}): "
+        f"{named}. {whose} of the images as they were then; --overwrite extracts them again "
         "(if the files were only copied without their modification times, nothing changed)"
     )
 
 
-def modified_images(manifest: Manifest, created: object, log: Callable[[str], None]) -> list[str]:
+def modified_images(
+    manifest: Manifest, created: object, log: Callable[[str], None], finished: dict[str, list[tuple[int, int]]] | None = None
+) -> list[str]:
     """The manifest's images modified after a store created at ``created``; logs the warning when
-    there are any."""
+    there are any. ``finished``: a store being resumed, the row spans (start, stop) per split of its
+    finished units, whose images alone are looked at (a shard dataset's shards are looked at whole)."""
     since = created_ns(created)
     if since is None:
         return []
-    files = image_files(manifest)
+    if finished is None or manifest.shards is not None:
+        files = image_files(manifest)
+    else:
+        files = []
+        for split, spans in finished.items():
+            paths = manifest.absolute_paths(split)
+            files += [p for start, stop in spans for p in paths[start:stop]]
     changed = modified_after(files, since)
     if changed:
-        log(warning(changed, len(files), str(created), manifest.root, "shards" if manifest.shards is not None else "images"))
+        noun = "shards" if manifest.shards is not None else "images"
+        log(warning(changed, len(files), str(created), manifest.root, noun, resuming=finished is not None))
     return changed

@@ -121,8 +121,9 @@ class ExtractResult:
     nonfinite_paths : list of str
         The first few paths with NaN/Inf features.
     modified_images : list of str
-        "up to date" only: the images modified after the store was created (its features may be of
-        their old bytes; ``overwrite=True`` extracts again). Files, or a shard dataset's shards.
+        An existing store ("up to date", "resumed", "repaired"): the images modified after it was
+        created, of its finished units when it was not complete (their features may be of the old
+        bytes; ``overwrite=True`` extracts again). Files, or a shard dataset's shards.
     """
 
     store: str

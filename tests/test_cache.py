@@ -252,7 +252,7 @@ def test_an_image_rewritten_in_place_is_named_on_every_rerun_until_overwrite(hom
     os.utime(target, ns=(later, later))
     expected = (
         f"warning: 1 of 24 images were modified after this store was created ({created}): train/dog/{target.name}. Its "
-        "features are of the images as they were then; --overwrite extracts them again (if the files were only copied "
+        "features are those of the images as they were then; --overwrite extracts them again (if the files were only copied "
         "without their modification times, nothing changed)"
     )
     for _ in range(2):  # said on every rerun, not once: the memo no longer answers for this store
@@ -336,6 +336,45 @@ def test_a_killed_cached_extraction_resumes_in_place_and_shows_as_partial(home, 
     assert done.status == "resumed" and done.store == entry.path and done.rows_written == 20
     assert cache.lookup("resnet18", str(small_folder)) == entry.path
     assert FeatureStore.open(entry.path).attrs["command"].split("--out ")[1].startswith(entry.path)  # info's resume line
+
+
+def test_a_resumed_store_names_the_images_of_its_finished_units_modified_since(home, small_folder, tmp_path, monkeypatch):
+    """Killed after its first unit; then an image of that unit and one of a unit still to come are
+    rewritten. The resumed run names the first only: the second is read as it is now."""
+    from PIL import Image
+
+    from featstore.image_changes import created_ns
+
+    data = tmp_path / "pics"
+    shutil.copytree(small_folder, data)
+    config = ExtractConfig(dataset=str(data), out=str(tmp_path / "s.zarr"), chunk_rows=4, **TINY)
+    original = FeatureStore.write_unit
+
+    def dies_after_one(self, *a, **k):
+        if any(self.is_done(u) for s in self.splits for u in self.units(s)):
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(FeatureStore, "write_unit", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        extract(config, progress=False)
+    monkeypatch.setattr(FeatureStore, "write_unit", original)
+    store = FeatureStore.open(config.out)
+    (done,) = [u for s in store.splits for u in store.units(s) if store.is_done(u)]
+    in_done, in_pending = store.paths(done.split)[done.start], store.paths(done.split)[done.stop]
+    since = cast(int, created_ns(store.attrs["created"]))
+    for rel in (in_done, in_pending):
+        with Image.open(data / rel) as im:
+            im.convert("RGB").rotate(90).save(data / rel)
+        os.utime(data / rel, ns=(since, since))
+    logs: list[str] = []
+    resumed = extract(config, progress=False, log=logs.append)
+    assert resumed.status == "resumed" and resumed.modified_images == [str(data / in_done)]
+    assert [line for line in logs if line.startswith("warning")] == [
+        f"warning: 1 of 4 images in its finished units were modified after this store was created ({store.attrs['created']}): "
+        f"{in_done}. Their rows keep the features of the images as they were then; --overwrite extracts them again (if the "
+        "files were only copied without their modification times, nothing changed)"
+    ]
 
 
 def test_file_sha256_matches_hashlib_and_is_memoized(home, tmp_path):

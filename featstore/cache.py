@@ -19,6 +19,7 @@ from .errors import UsageError
 from .home import file_sha256, index_dir, last_used, stores_dir
 from .store.attributes import StoreAttributes, store_label
 from .store.locations import PROGRESS, is_hdf5_path, is_url, store_attrs, tree_size
+from .timestamps import stamp_seconds
 
 
 def _cached(pattern: str = "*/*.zarr") -> list[tuple[Path | str, dict]]:
@@ -159,13 +160,9 @@ def _describe_remote(url: str, attrs: dict | None = None) -> StoreEntry | None:
 
 def last_used_of(attrs: dict) -> float:
     """A store at a URL was last used when it was completed (or created): object storage keeps no use times."""
-    import calendar
-
     for field in ("completed", "created"):
-        try:
-            return float(calendar.timegm(time.strptime(str(attrs.get(field)), "%Y-%m-%dT%H:%M:%SZ")))
-        except ValueError:
-            continue
+        if (seconds := stamp_seconds(attrs.get(field))) is not None:
+            return float(seconds)
     return 0.0
 
 

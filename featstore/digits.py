@@ -65,8 +65,9 @@ def _write_digits(root: Path) -> None:
             for i in indices:
                 folder = tmp / split / str(int(digits.target[i]))
                 folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels[i], mode="L").save(folder / f"{i:04d}.png")
-                os.utime(folder / f"{i:04d}.png", ns=(FILE_MTIME_NS, FILE_MTIME_NS))
+                png = folder / f"{i:04d}.png"
+                Image.fromarray(pixels[i], mode="L").save(png)
+                os.utime(png, ns=(FILE_MTIME_NS, FILE_MTIME_NS))
         (tmp / ".complete").write_text("ok\n")
 
 

@@ -113,10 +113,12 @@ def extract(
         existing = store_of_job(out, key, ranks)
     if config.repair:
         existing = repair_store(existing, out, manifest, ranks, log)  # its damaged units pending again
-    modified: list[str] = []  # images changed since the store was created (image_changes.py)
-    if existing is not None and not existing.complete and ranks.is_leader:
-        pending = {(u.split, u.index) for u in existing.pending_units()}
-        finished = {s: [(u.start, u.stop) for u in existing.units(s) if (s, u.index) not in pending] for s in existing.splits}
+    modified: list[str] = []  # images changed since the store was created (image_changes.py): of its finished units
+    if existing is not None and ranks.is_leader:
+        finished = None  # a complete store: all of them
+        if not existing.complete:
+            pending = {(u.split, u.index) for u in existing.pending_units()}
+            finished = {s: [(u.start, u.stop) for u in existing.units(s) if (s, u.index) not in pending] for s in existing.splits}
         modified = modified_images(manifest, existing.attrs.get("created"), log, finished)
     if existing is not None and existing.complete:
         if ranks.is_leader:
@@ -124,7 +126,6 @@ def extract(
             if ranks.world > 1:
                 existing.update_attrs({"job": ranks.job})  # tells the other ranks: nothing to do
             remember(request, manifest, spec, key, out, targets)
-            modified = modified_images(manifest, existing.attrs.get("created"), log)
         invalid = len(existing.invalid_rows())
         return ExtractResult(str(out), "up to date", rows, 0, invalid, 0, time.perf_counter() - start, 0.0, modified_images=modified)
 

@@ -11,16 +11,14 @@ schema (``featstore.store`` sits above it, ``featstore.cache`` above both).
 
 from __future__ import annotations
 
-import calendar
-import contextlib
 import hashlib
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
+from .timestamps import stamp_seconds
 
 # ---------------------------------------------------------------- the home
 
@@ -93,11 +91,8 @@ def last_used(path: Path, attrs: dict[str, Any]) -> float:
     marker = index_dir() / "used" / str(attrs.get("cache_key"))
     if marker.is_file():
         return marker.stat().st_mtime
-    times = []
-    for field in ("completed", "created"):
-        if attrs.get(field):
-            with contextlib.suppress(ValueError):  # a garbled time: the other one, or the folder's mtime
-                times.append(calendar.timegm(time.strptime(attrs[field], "%Y-%m-%dT%H:%M:%SZ")))  # UTC
+    # a garbled time: the other one, or the folder's mtime
+    times = [t for t in (stamp_seconds(attrs.get(field)) for field in ("completed", "created")) if t is not None]
     return max(times) if times else path.stat().st_mtime
 
 

@@ -13,11 +13,11 @@ importing anything heavy.
 
 from __future__ import annotations
 
-import calendar
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
+
+from .timestamps import stamp_seconds
 
 if TYPE_CHECKING:
     from .manifest import Manifest
@@ -29,13 +29,8 @@ def created_ns(created: object) -> int | None:
     """The first nanosecond after the store's creation second (``created`` is kept to the second:
     a file written in that second, before the store, is not called modified after it); None when
     the store records no creation time this can read."""
-    if not isinstance(created, str):
-        return None
-    try:
-        seconds = calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
-    except ValueError:
-        return None
-    return (seconds + 1) * 1_000_000_000
+    seconds = stamp_seconds(created)
+    return None if seconds is None else (seconds + 1) * 1_000_000_000
 
 
 def image_files(manifest: Manifest) -> list[str]:

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..atomic import atomic_file
 from ..errors import FeatstoreError, UsageError
+from ..timestamps import utc_stamp
 from .feature_store import FeatureStore
 from .patch import patch_dims
 from .targets import stored_targets
@@ -89,7 +90,7 @@ def _one_view(store: FeatureStore, view: str | None) -> str:
 
 
 def _provenance(store: FeatureStore) -> dict[str, Any]:
-    return dict(store.attrs, exported_from=str(store.path), exported=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return dict(store.attrs, exported_from=str(store.path), exported=utc_stamp())
 
 
 def _write_hdf5(store: FeatureStore, path: Path) -> int:

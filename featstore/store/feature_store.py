@@ -37,6 +37,7 @@ import numpy as np
 from ..atomic import atomic_folder, write_atomic
 from ..errors import FeatstoreError, UsageError
 from ..home import mark_used
+from ..timestamps import utc_stamp
 from ..version import __version__
 from .attributes import StoreAttributes
 from .augmented import PARAMS_ARRAY, AugmentedArray, augmented_splits, create_arrays, recorded, views_array
@@ -235,7 +236,7 @@ class FeatureStore:
             meta.update(
                 schema_version=SCHEMA_VERSION,
                 featstore_version=__version__,
-                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                created=utc_stamp(),
                 splits={s: len(p) for s, (p, _) in splits.items()},
                 views={v: row_shape(d)[-1] for v, d in views.items()},  # a patch view's channels: readers of views see ints
                 patch_views={v: {"shape": list(row_shape(d))} for v, d in views.items() if is_patch_shape(d)},
@@ -515,7 +516,7 @@ class FeatureStore:
                 )
         attrs = dict(extra_attrs or {})
         attrs[ATTRIBUTE] = recorded.to_attrs()
-        attrs.update(invalid=invalid, complete=True, completed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        attrs.update(invalid=invalid, complete=True, completed=utc_stamp())
         self.update_attrs(attrs)  # at a URL: one PUT of zarr.json, the completion record, atomic
         if self._fs is not None:
             self._remote.remove(PROGRESS)

@@ -9,6 +9,7 @@ the mean of the tokens is at chance and the attentive probe is not; bad inputs a
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import textwrap
 from pathlib import Path
@@ -280,6 +281,33 @@ def test_attentive_rows_beside_linear_streamed_equals_rows_seen(token_store, tmp
     )
     assert any("streamed in blocks of 40 rows" in m for m in logs), logs
     assert [r["n_train"] for r in streamed] == [96, 96] and all(r["train_loss"] is not None for r in streamed)
+
+
+@pytest.mark.slow  # four probe runs
+def test_streamed_schedule_decays_to_zero_once(token_store, monkeypatch):
+    """Streamed, each block is cut into its own minibatches (96 rows in 20-row blocks, batch 32: 5
+    steps an epoch, not 3): the cosine schedule counts those steps, so it falls to ~0 at the last one
+    and never climbs back, as in memory."""
+    import probe
+    from probe.methods import attention
+
+    factors: list[float] = []
+    step = attention.AttentiveHeads.step
+
+    def spy(self, optimizer, factor, **kw):
+        factors.append(factor)
+        return step(self, optimizer, factor, **kw)
+
+    monkeypatch.setattr(attention.AttentiveHeads, "step", spy)
+    protocol = Protocol(methods=("attentive",), lr_grid="1e-3,1e-2", epochs=4, batch_size=32)
+    for max_memory, steps in ((None, 4 * 3), (20 * 16 * 16 * 2, 4 * 5)):
+        factors.clear()
+        probe.fit(str(token_store), protocol, views=["patch"], max_memory=max_memory, log=lambda _: None)
+        run = factors[:steps]  # the sweep's training (a refit, if any, starts again at 1)
+        assert len(run) == steps and run[0] == 1.0, (max_memory, factors)
+        assert all(a >= b for a, b in itertools.pairwise(run)), (max_memory, run)  # never climbs back
+        assert run[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * (steps - 1) / steps)))  # ~0 at the last step
+        assert len(factors) == steps or factors[steps] == 1.0, factors
 
 
 @pytest.mark.parametrize(

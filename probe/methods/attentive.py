@@ -182,6 +182,14 @@ class Feed:
         return len(self.tokens)
 
     @property
+    def steps_per_epoch(self) -> int:
+        """The minibatches of an epoch: streamed, each block is cut into its own (the schedule's length)."""
+        n, bs = len(self.tokens), self.case.protocol.batch_size
+        if self.held is not None:
+            return math.ceil(n / bs)
+        return sum(math.ceil(min(self.block_rows, n - s) / bs) for s in range(0, n, self.block_rows))
+
+    @property
     def where(self) -> str:
         return "in memory" if self.held is not None else f"streamed in blocks of {self.block_rows} rows"
 
@@ -222,7 +230,7 @@ class Feed:
 def train(heads: A.AttentiveHeads, feed: Feed, case: Case) -> torch.Tensor:
     """Train every head for ``protocol.epochs`` epochs; the (G,) mean cross-entropy of each head over the last epoch."""
     p = case.protocol
-    total = p.epochs * math.ceil(len(feed) / p.batch_size)
+    total = p.epochs * feed.steps_per_epoch
     loss = torch.zeros(heads.num_grid, dtype=torch.float64, device=case.device)
     step = 0
     for batches in feed.epochs():

@@ -420,7 +420,8 @@ def compare_command(results_dir, reference, as_json, latex, as_markdown, spread,
     if sum((as_json, latex, as_markdown)) > 1:
         raise UsageError("--json, --latex and --markdown are exclusive", "pass one of them")
     if dense.is_dense_run(results_dir):  # probe fit --task depth|seg: per-image metrics, paired bootstrap, Wilcoxon
-        task, differences = dense.compare_dense(results_dir, reference, n_resamples=resamples or dense.N_RESAMPLES)
+        files = dense.read_run_files(results_dir)  # read once: the comparison and the per-class IoU both use them
+        task, differences = dense.compare_dense(files, reference, n_resamples=resamples or dense.N_RESAMPLES)
         if latex or as_markdown:
             from .dense.report import compare_paper_table
             from .output import paper
@@ -434,7 +435,7 @@ def compare_command(results_dir, reference, as_json, latex, as_markdown, spread,
 
             run_ = load_run(results_dir)
             ref = reference or run_.labels[0]
-            classes = dense.per_class_iou(results_dir, ref, class_names_of(run_), n_resamples=resamples or dense.N_RESAMPLES)
+            classes = dense.per_class_iou(files, ref, class_names_of(run_), n_resamples=resamples or dense.N_RESAMPLES)
         if as_json:
             click.echo(
                 json.dumps(dense.to_json(task, differences) | ({"per_class": [c.to_dict() for c in classes]} if classes else {}), indent=2)

@@ -70,21 +70,42 @@ def _per_image(folder: Path) -> dict[str, dict[int, dict[str, float]]]:
     return out
 
 
-def compare_dense(folder: str | Path, reference: str | None = None, n_resamples: int = N_RESAMPLES) -> tuple[str, list[Difference]]:
-    """(task, the differences of every other store from the reference)."""
-    from scipy import stats
+@dataclass(frozen=True)
+class RunFiles:
+    """What the comparisons read of a dense results folder, read once for both of them (a seg run's
+    confusion.npz is decompressed at every read)."""
 
+    folder: Path
+    record: dict[str, Any]  # protocol.json
+    per: dict[str, dict[int, dict[str, float]]]  # store → reported row → per-image metrics (predictions.csv)
+    confusion: dict[str, np.ndarray] | None  # seg: store → (N, K, K) per-image confusion matrices
+
+    @property
+    def labels(self) -> list[str]:
+        return [s["label"] for s in self.record["run"]["stores"]]
+
+
+def read_run_files(folder: str | Path) -> RunFiles:
     folder = Path(folder)
     record = json.loads((folder / "protocol.json").read_text())
-    task = record["task"]
-    per = _per_image(folder)
     labels = [s["label"] for s in record["run"]["stores"]]
+    return RunFiles(folder, record, _per_image(folder), _confusions(folder, labels) if record.get("task") == "seg" else None)
+
+
+def compare_dense(
+    run: str | Path | RunFiles, reference: str | None = None, n_resamples: int = N_RESAMPLES
+) -> tuple[str, list[Difference]]:
+    """(task, the differences of every other store from the reference); ``run``: the results folder
+    or its files read by :func:`read_run_files`."""
+    from scipy import stats
+
+    files = run if isinstance(run, RunFiles) else read_run_files(run)
+    folder, task, per, labels, confusion = files.folder, files.record["task"], files.per, files.labels, files.confusion
     if len(labels) < 2:
         raise UsageError(f"{str(folder)!r} holds one store", "run probe fit --task with two or more --store to compare them")
     reference = reference or labels[0]
     if reference not in per:
         raise UsageError(f"no store {reference!r} in {str(folder)!r}", f"it has: {', '.join(labels)}")
-    confusion = _confusions(folder, labels) if task == "seg" else None
     out = []
     rng = np.random.default_rng(SEED)
     for label in labels:
@@ -191,19 +212,16 @@ class ClassIoU:
 
 
 def per_class_iou(
-    folder: str | Path, reference: str | None, class_names: list[str] | None = None, n_resamples: int = N_RESAMPLES
+    run: str | Path | RunFiles, reference: str | None, class_names: list[str] | None = None, n_resamples: int = N_RESAMPLES
 ) -> list[ClassIoU]:
     """Every class present in some store's truth or prediction: IoU per store (from the summed per-image
     confusion matrices, as the mIoU) and, with a ``reference``, Δ IoU with a paired percentile bootstrap
     interval (images resampled, both stores scored on the same draw; resamples where the class is
-    absent do not count)."""
-    folder = Path(folder)
-    record = json.loads((folder / "protocol.json").read_text())
-    if record.get("task") != "seg":
+    absent do not count). ``run``: the results folder or its files read by :func:`read_run_files`."""
+    files = run if isinstance(run, RunFiles) else read_run_files(run)
+    if files.confusion is None:  # not a seg run
         return []
-    labels = [s["label"] for s in record["run"]["stores"]]
-    confusion = _confusions(folder, labels)
-    per = _per_image(folder)
+    labels, confusion, per = files.labels, files.confusion, files.per
     ious = {label: metrics.class_iou(m.sum(0)) for label, m in confusion.items()}
     k = len(next(iter(ious.values())))
     deltas: dict[str, np.ndarray] = {}  # store → (K, 3)

@@ -426,31 +426,14 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    """The LR curves: the reported metric of every head against its lr, one line per store (and wd)."""
-    task = rows[0]["task"] if rows else None
-    metric = "miou" if task == "seg" else "rmse"
-    if not rows or metric not in rows[0] or len({r["lr"] for r in rows}) < 2:
-        return False
-    import matplotlib
+    """The LR curves, drawn as the report draws them (selection and reported split side by side)."""
+    from .report import lr_figure
 
-    matplotlib.use("Agg")
+    fig = lr_figure(rows, str(rows[0]["task"])) if rows else None
+    if fig is None:
+        return False
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for store, wd in dict.fromkeys((r["store"], r["wd"]) for r in rows):
-        pts = sorted((r["lr"], r.get(metric, float("nan"))) for r in rows if r["store"] == store and r["wd"] == wd)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{store}" + (f" wd {wd:g}" if wd else ""))
-        for r in rows:
-            if r["store"] == store and r["wd"] == wd and r["selected"]:
-                ax.scatter([r["lr"]], [r.get(metric, float("nan"))], s=120, facecolors="none", edgecolors="k")
-    ax.set_xscale("log")
-    if metric == "rmse":  # an error: a head blown up by a high lr (1e16 m) would flatten every other curve on a linear axis
-        ax.set_yscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel({"rmse": "RMSE (m), reported split", "miou": "mIoU, reported split"}[metric])
-    ax.set_title(f"dense {task} probe: every head of the grid (circle: selected)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True

@@ -34,7 +34,7 @@ from ..output.html import _CSS, _compact_json, _figure, _png, _pyplot
 from ..output.leaderboard import LEADERBOARD_CSV, LEADERBOARD_MD, REPORT_HTML
 from ..output.plots import line_styles, place_legends
 from ..results import table_csv
-from .compare import DAMAGED_NPZ, ClassIoU, Difference, compare_dense, is_dense_run, per_class_iou, safe_name
+from .compare import DAMAGED_NPZ, ClassIoU, Difference, compare_dense, is_dense_run, per_class_iou, read_run_files, safe_name
 
 PANEL_IMAGES = 4  # images shown per run: the first reported rows every store has predictions for
 TABLE_MD, TABLE_TEX = "table.md", "table.tex"
@@ -283,11 +283,12 @@ def panel_figure(p: Panel) -> Any:
 # ---------------------------------------------------------------- the LR curves
 
 
-def lr_figure(run: DenseRun) -> Any | None:
-    """The selection and report metric of every head against its LR, one line per store (× wd)."""
-    metric = SELECTION_METRIC[run.task]
-    keys = list(dict.fromkeys((str(r["store"]), "", r.get("wd", 0.0)) for r in run.rows))
-    if len({r.get("lr") for r in run.rows}) < 2:
+def lr_figure(rows: Sequence[dict[str, Any]], task: str) -> Any | None:
+    """The selection and report metric of every head (``results.csv`` rows) against its LR, one line
+    per store (× wd): the report's figure and ``probe fit``'s own PNG."""
+    metric = SELECTION_METRIC[task]
+    keys = list(dict.fromkeys((str(r["store"]), "", r.get("wd", 0.0)) for r in rows))
+    if len({r.get("lr") for r in rows}) < 2:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
@@ -296,7 +297,7 @@ def lr_figure(run: DenseRun) -> Any | None:
     several_wd = len({k[2] for k in keys}) > 1
     for key in keys:
         label, _, wd = key
-        mine = sorted((r for r in run.rows if str(r["store"]) == label and r.get("wd", 0.0) == wd), key=lambda r: r["lr"])
+        mine = sorted((r for r in rows if str(r["store"]) == label and r.get("wd", 0.0) == wd), key=lambda r: r["lr"])
         c, style, marker = styles[key]
         for ax, name in ((axes[0], f"select_{metric}"), (axes[1], metric)):
             pts = [(r["lr"], r[name]) for r in mine if isinstance(r.get(name), float)]
@@ -306,8 +307,8 @@ def lr_figure(run: DenseRun) -> Any | None:
             chosen = [r for r in mine if r.get("selected") is True and isinstance(r.get(name), float)]
             for r in chosen:
                 ax.plot(r["lr"], r[name], "*", ms=14, color=colors[c % len(colors)], markeredgecolor="black", zorder=5)
-    select = next((str(r["select_split"]) for r in run.rows if r.get("select_split")), "selection")
-    report = next((str(r["report_split"]) for r in run.rows if r.get("report_split")), "report")
+    select = next((str(r["select_split"]) for r in rows if r.get("select_split")), "selection")
+    report = next((str(r["report_split"]) for r in rows if r.get("report_split")), "report")
     axes[0].set_title(f"selection split ({select})")
     axes[1].set_title(f"report split ({report})")
     for ax in axes:
@@ -317,7 +318,7 @@ def lr_figure(run: DenseRun) -> Any | None:
         ax.set_xlabel("learning rate")
         ax.grid(alpha=0.3, which="both" if metric == "rmse" else "major")
     axes[0].set_ylabel(NAMES[metric] + (" (lower is better)" if metric == "rmse" else " (higher is better)"))
-    fig.suptitle(f"dense {run.task} probe: every head of the grid (★ = selected on the selection split)")
+    fig.suptitle(f"dense {task} probe: every head of the grid (★ = selected on the selection split)")
     fig.tight_layout(rect=place_legends(fig, axes, max(len(keys), 2)))
     return fig
 
@@ -537,7 +538,7 @@ def _section(run: DenseRun, differences: list[Difference], reference: str | None
         )
     elif not p.notes:
         body.append('<p class="note">No reported images to show.</p>')
-    lr = lr_figure(run)
+    lr = lr_figure(run.rows, run.task)
     if lr is not None:
         metric = NAMES[SELECTION_METRIC[run.task]]
         body.append(_figure(f"r{index}-lr", _png(lr), f"{metric} of every head against its learning rate, every store overlaid; ★ the head selected on the selection split."))  # fmt: skip
@@ -569,8 +570,9 @@ def report(
     compared, classes = [], []
     for run in runs:
         ref = _reference(run, reference)
-        compared.append((ref, compare_dense(run.folder, ref)[1] if ref else []))
-        classes.append(per_class_iou(run.folder, ref, class_names_of(run)) if run.task == "seg" else [])
+        files = read_run_files(run.folder)  # read once for both
+        compared.append((ref, compare_dense(files, ref)[1] if ref else []))
+        classes.append(per_class_iou(files, ref, class_names_of(run)) if run.task == "seg" else [])
     md, sections, rows = ["# featstore dense probe report", ""], [], []
     for i, (run, (ref, diffs), per) in enumerate(zip(runs, compared, classes), start=1):
         md += [f"## dense {run.task}: {run.folder}", "", summary_markdown(run), ""]

@@ -92,9 +92,7 @@ def read_run_files(folder: str | Path) -> RunFiles:
     return RunFiles(folder, record, _per_image(folder), _confusions(folder, labels) if record.get("task") == "seg" else None)
 
 
-def compare_dense(
-    run: str | Path | RunFiles, reference: str | None = None, n_resamples: int = N_RESAMPLES
-) -> tuple[str, list[Difference]]:
+def compare_dense(run: str | Path | RunFiles, reference: str | None = None, n_resamples: int = N_RESAMPLES) -> tuple[str, list[Difference]]:
     """(task, the differences of every other store from the reference); ``run``: the results folder
     or its files read by :func:`read_run_files`."""
     from scipy import stats

@@ -31,13 +31,18 @@ def resolve_with_targets(
 
 
 def target_fields(manifest: Manifest, spec: TargetSpec) -> dict:
-    """What the cache key learns of the targets: how they are read, and a digest of every target file's bytes."""
+    """What the cache key learns of the targets: how they are read, and a digest of every target file's
+    bytes (and of the EXIF orientation of every image that has one: it decides how its targets are
+    turned, see :func:`upright_target`)."""
     h = hashlib.sha256()
     for split in sorted(manifest.splits):
         for image in manifest.splits[split].paths:
             for kind, path in sorted(spec.files(manifest.root, image).items()):
                 h.update(f"{image}\t{kind}\t".encode())
                 h.update(hashlib.sha256(path.read_bytes()).digest() if path is not None else b"-")
+            orientation = _orientation(manifest.root / image)
+            if orientation != 1:  # images without one leave the digest as it always was
+                h.update(f"{image}\torientation\t{orientation}".encode())
     return {**spec.to_dict(), "files_sha256": h.hexdigest()}
 
 
@@ -70,12 +75,43 @@ def align(target: np.ndarray, pre: Preprocess) -> np.ndarray:
     return v2.CenterCrop(pre.image_size)(t)[0].numpy()
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(H, W) of an image, from its header."""
+def image_layout(path: Path) -> tuple[tuple[int, int], int]:
+    """(H, W) of an image as its file stores the pixels, and its EXIF orientation (1: as stored), from
+    its header: the tag every loader turns the image by (``orientation.upright``)."""
     from PIL import Image
 
     with Image.open(path) as im:
-        return im.size[1], im.size[0]
+        orientation = im.getexif().get(0x0112, 1)
+        return (im.size[1], im.size[0]), orientation if orientation in range(1, 9) else 1
+
+
+def _orientation(path: Path) -> int:
+    try:
+        return image_layout(path)[1]
+    except (OSError, ValueError):
+        return 1  # the image is invalid anyway: its row says why
+
+
+def upright_target(target: np.ndarray, stored: tuple[int, int], orientation: int, what: str) -> tuple[np.ndarray, bool]:
+    """``target`` in the image's upright layout, the one the encoder saw; and whether it was turned.
+
+    A target is read as drawn on the image as it is shown (upright by its EXIF orientation: what
+    viewers and annotation tools show, and what every loader feeds the encoder). One with the shape of
+    the pixels as the file stores them instead, where that differs (a photo turned a quarter by its
+    tag), was drawn on those: it is turned with the image. ValueError when it has neither shape."""
+    import torch
+
+    from .orientation import orient
+
+    shown = (stored[1], stored[0]) if orientation in (5, 6, 7, 8) else stored
+    if target.shape == shown:
+        return target, False
+    if target.shape == stored:
+        return orient(
+            torch.from_numpy(np.array(target, copy=True)), orientation
+        ).numpy(), True  # a writable copy: torch refuses read-only arrays
+    where = f" upright ({stored[1]}×{stored[0]} as stored)" if shown != stored else ""
+    raise ValueError(f"{what} is {target.shape[1]}×{target.shape[0]}, the image {shown[1]}×{shown[0]}{where}")
 
 
 def write_dense_targets(
@@ -86,6 +122,7 @@ def write_dense_targets(
     size = pre.image_size
     invalid: dict[str, list[dict]] = {}
     labels_seen = 0
+    oriented = turned = 0  # images with an EXIF orientation; those whose targets were turned with them
     for split, sm in manifest.splits.items():
         n = len(sm)
         arrays = {
@@ -99,16 +136,18 @@ def write_dense_targets(
                 missing = [k for k in spec.kinds if files.get(k) is None]
                 if missing:
                     raise ValueError(f"no {' or '.join(missing)} file for {Path(image).name}")
-                expected = image_size(manifest.root / image)
+                stored, orientation = image_layout(manifest.root / image)
+                oriented += orientation != 1
+                row_turned = False
                 for kind in spec.kinds:
                     path = files[kind]
                     assert path is not None  # checked above
-                    target = load_target(path, kind, spec.depth_scale)
-                    if target.shape != expected:
-                        raise ValueError(
-                            f"{kind} {path.name} is {target.shape[1]}×{target.shape[0]}, the image {expected[1]}×{expected[0]}"
-                        )
+                    target, was_turned = upright_target(
+                        load_target(path, kind, spec.depth_scale), stored, orientation, f"{kind} {path.name}"
+                    )
+                    row_turned |= was_turned
                     arrays[kind][row] = align(target, pre)
+                turned += row_turned
             except (OSError, ValueError) as e:
                 valid[row] = False
                 for kind in spec.kinds:
@@ -118,6 +157,11 @@ def write_dense_targets(
             labels = arrays["mask"][valid]
             labels_seen = max(labels_seen, int(labels[labels != IGNORE].astype(np.int64).max(initial=-1)) + 1)
         write_split_targets(store, split, arrays, valid)
+    if oriented:
+        log(
+            f"{oriented:,} images carry an EXIF orientation and were turned upright: their targets are read as drawn on the upright image"
+            + (f"; the targets of {turned:,} had the shape of the pixels as stored and were turned with the image" if turned else "")
+        )
     bad = sum(len(v) for v in invalid.values())
     if bad:
         log(f"{bad} rows have no usable target (first: {next(iter(invalid.values()))[0]['reason']}); they are left out of dense probes")

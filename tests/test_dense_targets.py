@@ -102,6 +102,48 @@ def test_folder_targets_follow_the_image_resize_and_crop(tmp_path):
         assert (mask[:, :, :7] == 1).all() and (mask[:, :, 9:] == 2).all()
 
 
+def test_targets_of_exif_rotated_photos_turn_with_the_image(tmp_path):
+    """Every loader turns a photo upright by its EXIF orientation; its targets must turn with it. A
+    target with the stored pixels' shape (a quarter turn: 6) is turned with the image; one drawn on
+    the upright image (6 again, and 3, a half turn, where the shapes cannot tell) is read as it is.
+    Checked as above: the stored class at each pixel is the loaded image's colour there."""
+    import torch
+
+    from featstore.loaders import make_loader
+    from featstore.pipeline import store_preprocess
+
+    root = tmp_path / "data"
+    for sub in ("images", "depth", "masks"):
+        (root / "train" / sub).mkdir(parents=True)
+    turns = {6: lambda a: np.rot90(a, -1), 3: lambda a: np.rot90(a, 2)}  # what exif_transpose does to the stored pixels
+    cases = [("stored", 6), ("upright", 6), ("upright", 3)]
+    for i, (layout, orientation) in enumerate(cases):
+        img, mask, depth = _halves(40, 64)
+        if layout == "upright":
+            mask, depth = turns[orientation](mask).copy(), turns[orientation](depth).copy()
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(img).save(root / "train" / "images" / f"im{i}.jpg", quality=100, exif=exif.tobytes())
+        Image.fromarray(mask, mode="L").save(root / "train" / "masks" / f"im{i}.png")
+        Image.fromarray(depth).save(root / "train" / "depth" / f"im{i}.png")
+    logs: list[str] = []
+    out = tmp_path / "s.zarr"
+    extract(ExtractConfig(model=_builder(tmp_path), dataset=str(root), out=str(out), image_size=16, resize=20, loader="torch", workers=0),
+            progress=False, log=logs.append)  # fmt: skip
+    assert any("3 images carry an EXIF orientation" in m and "the targets of 1 had the shape of the pixels as stored" in m for m in logs), (
+        logs
+    )
+    store = FeatureStore.open(out)
+    assert target_info(store)["invalid"] == {} and target_valid(store, "train").all()
+    mask, depth = read_targets(store, "train", "mask"), read_targets(store, "train", "depth")
+    loader = make_loader("torch", store_preprocess(store), torch.device("cpu"), 0)
+    images = next(iter(loader.batches([str(root / p) for p in store.paths("train")], [np.arange(3)]))).images.numpy()
+    red, interior = images[:, 0] > images[:, 2], np.abs(images[:, 0] - images[:, 2]) > 1
+    assert interior.mean() > 0.8
+    np.testing.assert_array_equal(mask[interior], np.where(red[interior], 1, 2))
+    np.testing.assert_array_equal(depth, np.where(mask == 1, 1.0, 3.0))
+
+
 def test_npy_depth_scale_and_the_cache_key(tmp_path):
     root = write_dense_folder(tmp_path / "data", splits=("train",))
     r1, out1 = _extract(tmp_path, root, "a.zarr")

@@ -276,6 +276,27 @@ def test_compare_calls_the_better_encoder(scenes, tmp_path):
     assert run_cli(main, "probe", ["compare", str(out), "--reference", "fog"]) == 0
 
 
+def test_compare_with_too_few_images_with_depth_is_a_one_line_error(tmp_path):
+    """Images without a valid depth pixel have no per-image numbers: two stores that share fewer than
+    two images with them cannot be compared, said on one line (was: "unexpected ValueError" from scipy)."""
+    import io
+    from contextlib import redirect_stderr
+
+    from featstore.console import run_cli
+    from probe.cli import main
+
+    (tmp_path / "protocol.json").write_text(json.dumps({"task": "depth", "run": {"stores": [{"label": "a"}, {"label": "b"}]}}))
+    head = "store,split,row,path,rmse,absrel,delta1,rmse_ssa,delta1_ssa"
+    rows = [f"{s},test,{r},x{r}.png," + ("1.0,0.1,0.9,0.5,0.95" if r == 0 else ",,,,") for s in "ab" for r in range(3)]
+    (tmp_path / "predictions.csv").write_text("\n".join([head, *rows]) + "\n")
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = run_cli(main, "probe", ["compare", str(tmp_path)])
+    lines = err.getvalue().strip().splitlines()
+    assert code != 0 and len(lines) == 1, err.getvalue()
+    assert lines[0].startswith("error: stores 'b' and 'a' share 1 reported images with a rmse (of 3)"), lines
+
+
 def test_upsample_is_bilinear_interpolation():
     from probe.dense.heads import upsample
 

@@ -133,7 +133,13 @@ def compare_dense(run: str | Path | RunFiles, reference: str | None = None, n_re
         for m in DEPTH_COMPARED:
             x = np.array([per[label][r].get(m, np.nan) for r in rows])
             y = np.array([per[reference][r].get(m, np.nan) for r in rows])
-            ok = np.isfinite(x) & np.isfinite(y)
+            ok = np.isfinite(x) & np.isfinite(y)  # an image without a valid depth pixel has no per-image number
+            if ok.sum() < 2:
+                raise UsageError(
+                    f"stores {label!r} and {reference!r} share {int(ok.sum())} reported images with a {m} (of {len(rows)}): "
+                    "too few to compare",
+                    "report a split whose images have depth",
+                )
             x, y = x[ok], y[ok]
             res = stats.bootstrap((x, y), lambda a, b, axis=-1: np.mean(a - b, axis=axis), paired=True, vectorized=True,
                                   n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(SEED))  # fmt: skip

@@ -386,3 +386,23 @@ def test_voc_split_list_rewritten_in_place_is_not_answered_from_the_memo(tmp_pat
     listing.write_text("b\n")  # the same folder, the same files: only the list changed
     again = extract_cli()
     assert again["status"] != "up to date" and again["rows"] == {"train": 1}
+
+
+def test_a_split_without_usable_targets_is_named(tmp_path):
+    """Every val mask missing: with a test split, the LR cannot be chosen on val; without one, val is
+    the reported split and has nothing to report. Said as such (was: KeyError 'confusion', or "every
+    head diverged" from NaN scores)."""
+    import pytest
+
+    from featstore.errors import UsageError
+    from probe.dense.fit import fit_dense
+    from probe.protocol import Protocol
+
+    for splits, role in ((("train", "val", "test"), "selection"), (("train", "val"), "report")):
+        root = write_dense_folder(tmp_path / "-".join(splits), splits=splits)
+        for mask in (root / "val" / "masks").iterdir():
+            mask.unlink()
+        _, out = _extract(tmp_path, root, f"{len(splits)}.zarr")
+        assert not target_valid(FeatureStore.open(out), "val").any()
+        with pytest.raises(UsageError, match=rf"no {role} rows \(val\) with a usable target"):
+            fit_dense([str(out)], Protocol(lr_grid="1e-3,1e-2", epochs=1, batch_size=4), "seg", out=tmp_path / f"run{len(splits)}")

@@ -133,10 +133,13 @@ def _plan(fs: FeatureStore, path: str, protocol: Protocol) -> tuple[SplitPlan, d
             continue
         usable = target_valid(fs, source)
         rows[role] = np.asarray(chosen, np.int64)[usable[chosen]]
-    if len(rows["train"]) == 0:
-        raise UsageError(
-            f"store {path!r}: no train rows with a usable target", "check the dataset's targets (featstore info lists invalid rows)"
-        )
+    sources = {"train": plan.train_split, "select": plan.select_source, "report": plan.report_source}
+    for role, name in (("train", "train"), ("select", "selection"), ("report", "report")):
+        if role in rows and len(rows[role]) == 0:  # else: train has nothing to learn, or every head scores NaN ("diverged")
+            raise UsageError(
+                f"store {path!r}: no {name} rows ({sources[role]}) with a usable target",
+                "check the dataset's targets (featstore info lists invalid rows)",
+            )
     return plan, rows
 
 

@@ -536,6 +536,25 @@ def test_fit_table_and_compare_agree(fitted):
     assert f"{sel['report_top1_pct']:.2f} [{sel['ci95_low']:.2f}, {sel['ci95_high']:.2f}]" in table
 
 
+def test_labels_that_look_like_numbers_stay_labels(tmp_path):
+    """Stores labelled "0" and "1e3": results.csv read back keeps them as text (was: 0 → the folder's
+    name, 1e3 → 1000.0, and probe report failing on a TypeError with several methods and seeds)."""
+    import probe
+    from probe.results.runs import load
+    from tests.test_probe import FAST, digits_splits, make_store
+
+    d = digits_splits()
+    a = make_store(tmp_path / "pixels.zarr", d)
+    b = make_store(tmp_path / "sparse.zarr", {k: (x * (np.arange(64) % 4 != 0), y, i) for k, (x, y, i) in d.items()})
+    protocol = probe.Protocol(lr_grid="1e-2,1e-1", methods=("linear", "knn"), seeds=(0, 1), **FAST)
+    probe.fit([f"0={a}", f"1e3={b}"], protocol, device="cpu", out=tmp_path / "run", warn=lambda m: None)
+    assert {r["label"] for r in load(tmp_path / "run").rows} == {"0", "1e3"}
+    code, out = run_probe(["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--reference", "1e3"])
+    assert code == 0, out
+    board = list(csv.DictReader(open(tmp_path / "rep" / "leaderboard.csv")))
+    assert {r["label"] for r in board} == {"0", "1e3"} and len(board) == 4
+
+
 @pytest.mark.slow
 def test_predictions_follow_what_is_reported(tmp_path):
     """--select-on report: predictions on the reported (= selection) split; a single split with

@@ -14,3 +14,10 @@ COLUMNS = [
     "train_loss", "diverged", "selected", "best_report", "protocol_hash", "device", "dtype", "sweep_seconds",
     "augment",  # what a linear head trained on: "rrc-flip:K", one of K stored views per row per epoch; empty: the center crop
 ]  # fmt: skip
+
+# Columns read back as text whatever they look like: a store labelled "1", "1e3" or "true", a hash of
+# digits only, stay themselves (results.csv's other columns are numbers, booleans or empty).
+TEXT_COLUMNS = frozenset({
+    "label", "store", "encoder", "weights_sha256", "dataset", "view", "method", "optimizer", "normalize", "select_on",
+    "train_split", "select_split", "report_split", "reported_as", "protocol_hash", "device", "dtype", "augment",
+})  # fmt: skip

@@ -99,6 +99,11 @@ def test_holdout_layout_refits_on_train_and_holdout_and_reports_val(tmp_path, di
     assert not any(r["refit"] for r in on_report)  # never refit on the reported rows
     chosen = next(r for r in on_report if r["selected"])
     assert chosen["report_top1_pct"] == chosen["select_top1_pct"] and chosen["best_report"]
+    from probe.output.tables import battery_table
+
+    notes = {"honest": battery_table(rows).splitlines()[-1], "on report": battery_table(on_report).splitlines()[-1]}
+    assert "never on the reported split" in notes["honest"] and "optimistic" not in notes["honest"]
+    assert "chosen on the reported split itself" in notes["on report"] and "never on the reported split" not in notes["on report"]
 
 
 def _run(args):

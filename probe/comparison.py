@@ -215,8 +215,12 @@ def compare(
             is_reference=p.label == reference,
         )
         q = None if row.is_reference else _reference_for(p, refs)
-        if q is not None:
-            ia, ib = align(p, q)
+        pairs = align(p, q) if q is not None else None
+        if q is not None and pairs is not None and len(pairs[0]) == 0:  # no image in common: no Δ, no test (nor a p of 1 in Holm's family)
+            row.reference_view, row.n_paired = q.view, 0
+            q = None
+        if q is not None and pairs is not None:
+            ia, ib = pairs
             diff = I.paired_difference(correct[ia], q.correct[ib], **stats)
             row.reference_view, row.n_paired = q.view, diff.n
             row.delta, row.delta_ci95 = diff.delta, diff.ci95
@@ -288,6 +292,8 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
         )
         if r.is_reference:
             cells += ["reference", "—", "—"]
+        elif r.delta is None and r.n_paired == 0:
+            cells += [f"— (no image in common with {comparison.reference})", "—", "—"]
         elif r.delta is None:
             cells += [f"— (no {comparison.reference} head of this method/shots/seed)", "—", "—"]
         else:

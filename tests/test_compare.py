@@ -152,6 +152,20 @@ def three_encoders():
     return target, a, b, c
 
 
+def test_no_image_in_common_is_no_test():
+    """A store sharing no image with the reference has no Δ and no McNemar test: not a p of 1, and
+    not one more test in Holm's family (which would double the other store's adjusted p)."""
+    n, target = 200, np.zeros(200, int)
+    pred = {"a": np.r_[np.ones(40, int), np.zeros(160, int)], "b": np.zeros(n, int), "c": np.zeros(n, int)}
+    names = {"a": "x", "b": "y", "c": "x"}  # b's images are other images
+    result = compare([P.Predictions(k, "s", "pool", "linear", "", 0, [f"{names[k]}{i}" for i in range(n)], target, pred[k]) for k in "abc"])
+    b, c = (next(r for r in result.rows if r.label == k) for k in "bc")
+    assert b.n_paired == 0 and b.delta is None and b.mcnemar_p is None and b.mcnemar_p_holm is None
+    assert c.n_paired == 200 and c.delta == pytest.approx(20.0) and c.mcnemar_p_holm == c.mcnemar_p  # a family of one
+    assert c.mcnemar_p == pytest.approx(2 * 0.5**40)  # n01 = 40, n10 = 0: exact two-sided binomial
+    assert "no image in common with a" in markdown(result)
+
+
 def test_compare_against_reference(three_encoders):
     target, a, b, c = three_encoders
     # b's images in another order, and one image missing: pairs go by path

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import overload
 
-from .home import index_dir, write_memo
+from .home import index_dir, weights_dir, write_memo
 from .image_changes import any_file_modified_after, created_ns
+from .models.hub_cache import hub_cache_dir
 from .store import DEFAULT_CHUNK_ROWS
 from .store.locations import PROGRESS, is_url, refuse_credentials, store_attrs
 from .store.remote import refuse_unwritable
@@ -301,6 +302,9 @@ def environment_stamp() -> dict:
         "dali": dali,
         "gpus": sorted(p.name for p in Path("/dev").glob("nvidia[0-9]*")),
         "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        # where a preset's weights file and a hub model are looked for: another folder may hold another checkpoint
+        "weights_dir": str(weights_dir().resolve()),
+        "hub_cache": str(hub_cache_dir().resolve()),
     }
 
 

@@ -210,6 +210,26 @@ def test_the_memos_answer_names_the_store_as_the_full_path_does(home, small_fold
     assert full.store == answered[1].store == "s.zarr"
 
 
+def test_the_memo_is_not_trusted_under_another_weights_folder(home, small_folder, tmp_path, monkeypatch):
+    """A preset finds its checkpoint in $FEATSTORE_WEIGHTS (or a hub model in the HF cache): under
+    another folder the same command may mean another checkpoint, so the memo leaves it to the full
+    path (which reads the file and compares its sha256). Was: "up to date" with the other weights."""
+    import featstore.request
+
+    answered, recall = [], featstore.request.recall_up_to_date
+    monkeypatch.setattr(featstore.request, "recall_up_to_date", lambda config: answered.append(r := recall(config)) or r)
+    args = ["extract", "--dataset", str(small_folder), "--model", "resnet18", "--random-init", "--loader", "torch", "--workers", "0"]
+    args += ["--image-size", "32", "--resize", "32", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    for weights in ("a", "a", "b", "a", "a", "hub"):
+        if weights == "hub":
+            monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        else:
+            monkeypatch.setenv("FEATSTORE_WEIGHTS", str(tmp_path / weights))
+        code, out = run(args)
+        assert code == 0, out
+    assert [r is not None for r in answered] == [False, True, False, False, True, False]
+
+
 def test_changed_weights_are_not_up_to_date(home, small_folder, tmp_path):
     import torch
     import torchvision

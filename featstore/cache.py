@@ -46,7 +46,12 @@ def _cached(pattern: str = "*/*.zarr") -> list[tuple[Path | str, dict]]:
 
 def find_by_key(key: str) -> list[Path | str]:
     """Cached stores whose cache key is ``key``, wherever their name puts them (found by content)."""
-    return [p for p, attrs in _cached(f"*/*-{key[:12]}.zarr") if StoreAttributes.from_dict(attrs).cache_key == key]
+    return [p for p, _ in stores_with_key(key)]
+
+
+def stores_with_key(key: str) -> list[tuple[Path | str, dict]]:
+    """(path, attributes) of each cached store whose cache key is ``key``."""
+    return [(p, attrs) for p, attrs in _cached(f"*/*-{key[:12]}.zarr") if StoreAttributes.from_dict(attrs).cache_key == key]
 
 
 # ---------------------------------------------------------------- listing

@@ -101,7 +101,7 @@ def extract(
     key = cache_key(fields)
     request = config  # as asked: what the up-to-date memo is keyed on
     if config.out is None:
-        out = cached_location(manifest, config.model, key)
+        out = cached_location(manifest, config.model, key, fields)
         config = dataclasses.replace(config, out=str(out))  # from here on the cached path is the --out
     else:
         out = location(config.out)  # a Path, or an s3:// / gs:// URL (store/remote.py)
@@ -110,7 +110,7 @@ def extract(
     if ranks.is_leader:
         existing = existing_store(out, key, fields, config.overwrite, log)
     else:
-        existing = store_of_job(out, key, ranks)
+        existing = store_of_job(out, key, fields, ranks)
     if config.repair:
         existing = repair_store(existing, out, manifest, ranks, log)  # its damaged units pending again
     modified: list[str] = []  # images changed since the store was created (image_changes.py): of its finished units
@@ -125,7 +125,7 @@ def extract(
             remove_progress(out)  # a run killed right after completing left it
             if ranks.world > 1:
                 existing.update_attrs({"job": ranks.job})  # tells the other ranks: nothing to do
-            remember(request, manifest, spec, key, out, targets)
+            remember(request, manifest, spec, str(existing.attrs.get("cache_key") or key), out, targets)  # its own key (an older store's)
         invalid = len(existing.invalid_rows())
         return ExtractResult(str(out), "up to date", rows, 0, invalid, 0, time.perf_counter() - start, 0.0, modified_images=modified)
 
@@ -174,7 +174,7 @@ def extract(
                 }
             )
         invalid, label = len(store.invalid_rows()), str(out)  # all of the store's, resumed units included
-        remember(request, manifest, spec, key, out, targets)
+        remember(request, manifest, spec, str(store.attrs.get("cache_key") or key), out, targets)
     seconds = time.perf_counter() - start
     return ExtractResult(
         label, status, rows, written, invalid, len(nonfinite), seconds, written / seconds if seconds > 0 else 0.0, nonfinite[:5], modified

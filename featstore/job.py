@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 
 from .augment import AUGMENTED_SPLIT, Augment
-from .cache import find_by_key
+from .cache import find_by_key, stores_with_key
 from .datasets import BUILTIN_DATASETS
 from .dense_layouts import NYU, TargetSpec, nyu_sources
 from .device import compute_dtype
@@ -44,10 +44,23 @@ from .store.remote import Remote
 from .store.repair import reopen_damaged
 from .wds_dataset import SPLITS_FILE, is_wds, shard_files
 
+ROOT_FIELD = "dataset_root"
+
+
+def dataset_location(manifest: Manifest) -> str:
+    """Where the dataset's images are, as the cache key names it: the root with symlinks resolved (a
+    relative or linked spelling is the same data), or the common prefix of shards at URLs."""
+    if manifest.shards is not None and any(is_url(s) for s in manifest.shards.shards):
+        return str(manifest.root)
+    return os.path.realpath(manifest.root)
+
 
 def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype: str, manifest: Manifest, device: torch.device) -> dict:
     """Everything that changes the stored numbers; two runs with equal fields give the same store."""
     fields = {
+        # the manifest digests names and labels, not bytes: two folders of the same names (ImageNet-C's
+        # severities, two preprocessed copies) are other images, so where they are is part of the key
+        ROOT_FIELD: dataset_location(manifest),
         # bf16 autocast on CUDA, fp32 on CPU: a store is never half one and half the other
         "compute": f"{device.type}-{'bf16' if compute_dtype(device) == torch.bfloat16 else 'fp32'}",
         "encoder": spec.name,
@@ -75,6 +88,20 @@ def cache_fields(spec: EncoderSpec, loader: str, views: list[str] | None, dtype:
 
 def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def is_store_of(attrs: dict, key: str, fields: dict) -> bool:
+    """Whether a store with ``attrs`` is the one ``key`` (of ``fields``) names: that key, or a store
+    made before the dataset's location entered the key, with every other field equal and made from
+    the images at this very location (its recorded root)."""
+    if attrs.get("cache_key") == key:
+        return True
+    old_fields, root = attrs.get("cache_fields") or {}, (attrs.get("dataset") or {}).get("root")
+    if ROOT_FIELD in old_fields or not isinstance(root, str) or ROOT_FIELD not in fields:
+        return False
+    here = fields[ROOT_FIELD]
+    same_place = root == here or (not is_url(here) and os.path.realpath(root) == here)
+    return same_place and attrs.get("cache_key") == cache_key({k: v for k, v in fields.items() if k != ROOT_FIELD})
 
 
 def validate(config: ExtractConfig) -> None:
@@ -214,10 +241,14 @@ def resume_command(config: ExtractConfig, loader_name: str) -> str:
     return shlex.join(args)
 
 
-def cached_location(manifest: Manifest, model: str, key: str) -> Path | str:
+def cached_location(manifest: Manifest, model: str, key: str, fields: dict) -> Path | str:
     """Without --out: the cached store with this key wherever it is (two spellings of one model and
-    data meet there), else its default place in the cache."""
+    data meet there; or the same store keyed before the dataset's location entered the key), else
+    its default place in the cache."""
     found = find_by_key(key)
+    if not found:
+        older = stores_with_key(cache_key({k: v for k, v in fields.items() if k != ROOT_FIELD}))
+        found = [p for p, attrs in older if is_store_of(attrs, key, fields)]
     return found[0] if found else default_store_path(manifest.name, model, key)
 
 
@@ -302,7 +333,7 @@ def _create(
         ) from e
 
 
-def store_of_job(out: Path | str, key: str, ranks: Ranks) -> FeatureStore:
+def store_of_job(out: Path | str, key: str, fields: dict, ranks: Ranks) -> FeatureStore:
     """A non-leader rank: the store rank 0 created or resumed for this job (same cache key)."""
 
     def ready():
@@ -312,7 +343,7 @@ def store_of_job(out: Path | str, key: str, ranks: Ranks) -> FeatureStore:
         return store if store.attrs.get("job") == ranks.job else None
 
     store = wait_until(ready, f"rank 0 to prepare {str(out)!r}", timeout=float(os.environ.get("FEATSTORE_RANK_WAIT", "1800")))
-    if store.attrs.get("cache_key") != key:
+    if store.attrs.get("cache_key") != key and not is_store_of(dict(store.attrs), key, fields):
         raise FeatstoreError(f"rank {ranks.rank} computed another cache key than rank 0", "every rank must run the same command")
     return store
 
@@ -336,7 +367,7 @@ def existing_store(
     store = FeatureStore.open(out, mode="r+")
     if overwrite:
         return None
-    if store.attrs.get("cache_key") == key:
+    if is_store_of(dict(store.attrs), key, fields):
         return store
     old = store.attrs.get("cache_fields", {})
     differing = [k for k in sorted(set(fields) | set(old)) if old.get(k) != fields.get(k)]

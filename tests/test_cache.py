@@ -230,6 +230,47 @@ def test_the_memo_is_not_trusted_under_another_weights_folder(home, small_folder
     assert [r is not None for r in answered] == [False, True, False, False, True, False]
 
 
+def test_two_folders_of_the_same_names_are_two_stores(home, tmp_path):
+    """ImageNet-C's severities (or two preprocessed copies) have the same file names and labels, so
+    the same manifest digest; other pixels all the same. Was: the second answered "up to date" with
+    the first folder's features, in the cache and at an --out of the first."""
+    from tests.image_kinds import write_good_images
+
+    for severity, seed in (("1", 0), ("2", 7)):
+        for label in ("cat", "dog"):
+            write_good_images(tmp_path / severity / "train" / label, 4, seed=seed + len(label))
+    one, two = (extract(ExtractConfig(dataset=str(tmp_path / s), **TINY), progress=False) for s in ("1", "2"))
+    assert one.status == two.status == "created" and one.store != two.store
+    a, b = (FeatureStore.open(r.store) for r in (one, two))
+    assert a.meta.dataset.manifest_sha256 == b.meta.dataset.manifest_sha256  # the same names: paired comparisons still pair them
+    assert not np.array_equal(a.features("train", "pool"), b.features("train", "pool"))
+    with pytest.raises(UsageError, match="holds another store .different dataset_root"):
+        extract(ExtractConfig(dataset=str(tmp_path / "2"), out=one.store, **TINY), progress=False)
+
+
+def test_a_store_keyed_before_the_dataset_location_is_still_found_for_its_own_folder(home, small_folder, tmp_path):
+    """Stores made before the dataset's location entered the cache key keep serving the folder they
+    were made from (no re-extraction after an upgrade), and no other folder of the same names."""
+    from featstore.job import ROOT_FIELD, cache_key
+
+    data = tmp_path / "pics"
+    shutil.copytree(small_folder, data)
+    made = extract(ExtractConfig(dataset=str(data), **TINY), progress=False)
+    store = FeatureStore.open(made.store, mode="r+")
+    older = {k: v for k, v in store.attrs["cache_fields"].items() if k != ROOT_FIELD}  # as an older featstore wrote it
+    key = cache_key(older)
+    store.update_attrs({"cache_key": key, "cache_fields": older})
+    legacy = Path(made.store).with_name(f"resnet18-{key[:12]}.zarr")
+    os.rename(made.store, legacy)
+    again = extract(ExtractConfig(dataset=str(data), **TINY), progress=False)
+    assert again.status == "up to date" and again.store == str(legacy)
+    assert extract(ExtractConfig(dataset=str(data), out=str(legacy), **TINY), progress=False).status == "up to date"
+    copy = tmp_path / "copy"
+    shutil.copytree(small_folder, copy)  # the same names elsewhere: not that store
+    other = extract(ExtractConfig(dataset=str(copy), **TINY), progress=False)
+    assert other.status == "created" and other.store != str(legacy)
+
+
 def test_changed_weights_are_not_up_to_date(home, small_folder, tmp_path):
     import torch
     import torchvision

@@ -4,11 +4,13 @@ The one place featstore and probe spell this out:
 
 * :func:`write_atomic` writes a text or bytes file in one call (fsynced by default);
 * :func:`atomic_file` yields the temp path for a writer that takes a path (h5py, ``np.savez``);
-* :func:`atomic_folder` yields a hidden folder to build a whole tree in.
+* :func:`atomic_folder` yields a hidden folder to build a whole tree in;
+* :func:`remove_folder` renames a tree out of the way, then deletes it.
 
 A temp file is ``.NAME.PID.tmp`` beside its target (``FeatureStore.clean_temp_files`` removes a
 killed writer's leftovers by that ``.tmp`` ending); a build folder is ``.NAME.TAG-PID``
-(``feature_store._remove_stale_builds`` finds ``.NAME.creating-PID`` by that pattern).
+(``feature_store._remove_stale_builds`` finds ``.NAME.creating-PID`` and ``.NAME.removing-PID`` by
+that pattern).
 """
 
 from __future__ import annotations
@@ -73,3 +75,15 @@ def atomic_folder(path: Path, tag: str = "building", place: Callable[[Path, Path
         place(build, path)
     finally:
         shutil.rmtree(build, ignore_errors=True)
+
+
+def remove_folder(path: Path) -> None:
+    """Delete the tree at ``path`` so that nothing is ever seen half-deleted at ``path``: renamed to
+    ``.NAME.removing-PID`` first (a killed delete leaves only that hidden folder, which the next
+    creation of ``path`` removes), then deleted. A symbolic link is refused (ValueError): deleting
+    what it points to is not the link's deletion."""
+    if path.is_symlink():
+        raise ValueError(f"{str(path)!r} is a symbolic link")
+    trash = path.with_name(f".{path.name}.removing-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)

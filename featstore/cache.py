@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .atomic import remove_folder
 from .errors import UsageError
 from .home import file_sha256, index_dir, last_used, stores_dir
 from .store.attributes import StoreAttributes, store_label
@@ -265,7 +265,12 @@ def remove_store(path: str | os.PathLike) -> int:
     """Delete one store (refused while a live process writes it). Returns the bytes freed."""
     if is_url(path):
         return _remove_remote(os.fspath(path))
-    p = Path(path)
+    p = Path(os.path.abspath(path))  # "." and ".." have no name to rename by
+    if p.is_symlink():
+        raise UsageError(
+            f"{str(path)!r} is a symbolic link (to {os.path.realpath(p)!r})",
+            "pass the store's own path; featstore deletes no store through a link",
+        )
     if p.is_file() and p.suffix.lower() in (".h5", ".hdf5", ".npz"):
         _require_export(p)
         size = p.stat().st_size
@@ -280,10 +285,7 @@ def remove_store(path: str | os.PathLike) -> int:
     lock = StoreLock(p / PROGRESS / "lock.json")
     lock.acquire()  # raises while a live writer holds it; holding it keeps a new writer out while we delete
     size, key = tree_size(p), StoreAttributes.from_dict(store_attrs(p)).cache_key
-    # rename first: readers never see a half-deleted store, and a crash leaves only a hidden folder
-    trash = p.with_name(f".{p.name}.removing-{os.getpid()}")
-    os.replace(p, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    remove_folder(p)  # renamed first: readers never see a half-deleted store, and a crash leaves only a hidden folder
     if key:
         (index_dir() / "used" / key).unlink(missing_ok=True)
     return size

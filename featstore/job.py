@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import torch
 
+from .atomic import remove_folder
 from .augment import AUGMENTED_SPLIT, Augment
 from .cache import find_by_key, stores_with_key
 from .datasets import BUILTIN_DATASETS
@@ -293,8 +294,12 @@ def create_store(
                 Remote.of(out).remove_store()
             return _create(out, manifest, spec, views, loader_name, key, fields, config)
     if out.exists() and config.overwrite:
+        if out.is_symlink():
+            raise UsageError(
+                f"--out {str(out)!r} is a symbolic link (to {os.path.realpath(out)!r})", "pass the store's own path to --overwrite it"
+            )
         _refuse_if_locked(out)
-        shutil.rmtree(out)
+        remove_folder(out)  # renamed away first: a killed run never leaves a half-deleted store at --out
     return _create(out, manifest, spec, views, loader_name, key, fields, config)
 
 

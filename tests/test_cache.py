@@ -544,6 +544,52 @@ def test_rm_removes_stores_and_refuses_others(home, tmp_path):
     assert [Path(e.path) for e in cache.list_stores()] == [busy]
 
 
+def test_rm_through_a_link_twice_or_from_inside(home, tmp_path, monkeypatch):
+    """A link to a store is refused (was: "removed", the store intact, its link renamed away and a
+    stale lock left in it); one store named twice is removed once (was: an error after deleting it);
+    `featstore rm .` inside a store removes it (was: "unexpected ValueError")."""
+    a = make_cached(home / "stores" / "imagenet" / "dino-aaaaaaaaaaaa.zarr", "a" * 64)
+    b = make_cached(home / "stores" / "imagenet" / "dino-bbbbbbbbbbbb.zarr", "b" * 64)
+    link = tmp_path / "link.zarr"
+    link.symlink_to(a)
+    code, output = run(["rm", str(b), str(link)])
+    assert code == 2 and output.startswith(f"error: {str(link)!r} is a symbolic link") and output.count("\n") == 1, output
+    assert b.exists() and link.is_symlink() and not (a / PROGRESS / "lock.json").exists()
+    with pytest.raises(UsageError, match="is a symbolic link"):
+        cache.remove_store(link)
+    code, output = run(["rm", str(a), str(a.parent / ".." / "imagenet" / a.name)])
+    assert code == 0 and output.count("removed ") == 1 and not a.exists(), output
+    monkeypatch.chdir(b)
+    code, output = run(["rm", "."])
+    assert code == 0 and "removed ." in output and not b.exists(), output
+    assert not any(p.name.startswith(".") for p in b.parent.iterdir())
+
+
+def test_a_killed_overwrite_leaves_no_half_deleted_store(home, small_folder, tmp_path, monkeypatch):
+    """--overwrite deletes the old store before creating the new one; killed in the middle of the
+    delete, what was left at --out used to be read as a complete store ("up to date" with missing
+    chunks). The old store is renamed away first: --out is absent, the next run creates it, and the
+    hidden leftover of a dead process is removed then."""
+    import featstore.atomic
+
+    out = tmp_path / "s.zarr"
+    extract(ExtractConfig(dataset=str(small_folder), out=str(out), **TINY), progress=False)
+
+    def killed(path, *a, **k):
+        raise KeyboardInterrupt  # the process dies inside the delete
+
+    monkeypatch.setattr(featstore.atomic.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract(ExtractConfig(dataset=str(small_folder), out=str(out), overwrite=True, **TINY), progress=False)
+    monkeypatch.undo()
+    assert not out.exists()
+    (leftover,) = tmp_path.glob(".s.zarr.removing-*")
+    leftover.rename(tmp_path / ".s.zarr.removing-999999999")  # as a killed process (a pid no process has) leaves it
+    again = extract(ExtractConfig(dataset=str(small_folder), out=str(out), **TINY), progress=False)
+    assert again.status == "created" and FeatureStore.open(out).complete
+    assert not list(tmp_path.glob(".s.zarr.*"))
+
+
 def test_gc_least_recently_used_first(home):
     stores = {}
     for i, k in enumerate("abcd"):

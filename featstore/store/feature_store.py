@@ -96,8 +96,8 @@ class FeatureArray(LazyRows):
 
 
 def _remove_stale_builds(path: Path) -> None:
-    """Delete half-built stores of ``path`` left by killed processes (their pid is gone)."""
-    for build in path.parent.glob(f".{path.name}.creating-*"):
+    """Delete half-built (and half-deleted) stores of ``path`` left by killed processes (their pid is gone)."""
+    for build in [*path.parent.glob(f".{path.name}.creating-*"), *path.parent.glob(f".{path.name}.removing-*")]:
         pid = build.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(build, ignore_errors=True)

@@ -261,10 +261,19 @@ def _stat_stamp(path: str) -> list:
 
 def dataset_dirs(root: str | os.PathLike) -> list[str]:
     """Every folder under a dataset root: adding, removing or renaming an image changes one of their
-    mtimes, and the manifest (paths + labels) is decided by nothing else."""
-    out, stack = [], [str(root)]
+    mtimes, and the manifest (paths + labels) is decided by nothing else. Each folder once, however
+    many links reach it (a link to its own parent would otherwise be walked without end, as the
+    dataset walk does not)."""
+    out, stack, seen = [], [str(root)], set()
     while stack:
         d = stack.pop()
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
         out.append(d)
         try:
             with os.scandir(d) as entries:

@@ -271,6 +271,22 @@ def test_a_store_keyed_before_the_dataset_location_is_still_found_for_its_own_fo
     assert other.status == "created" and other.store != str(legacy)
 
 
+def test_folders_reached_by_links_are_stamped_once(tmp_path):
+    """Two links to their own folder (a/ and b/ → .) made the memo's folder walk grow without end
+    (a/a/b/a/…): extraction finished, then hung. Each folder is visited once; run in a child with a
+    time limit, so that a regression fails instead of hanging the suite."""
+    cls = tmp_path / "data" / "cat"
+    cls.mkdir(parents=True)
+    (cls / "a").symlink_to(".")
+    (cls / "b").symlink_to(".")
+    (tmp_path / "data" / "dog").mkdir()
+    code = f"from featstore.request import dataset_dirs; print(len(dataset_dirs({str(tmp_path / 'data')!r})))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO))
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "3", out.stderr  # data, data/cat, data/dog
+
+
 def test_changed_weights_are_not_up_to_date(home, small_folder, tmp_path):
     import torch
     import torchvision

@@ -143,14 +143,20 @@ def csv_manifest(csv_path: Path, labels: str = "dense") -> Manifest:
         raise UsageError(f"file list {str(csv_path)!r} not found", "pass an existing CSV with columns path,label[,split]")
     rows = read_file_list(csv_path)
     root = csv_path.parent.resolve()
-    relative = []
+    relative: list[str] = []
+    first_line: dict[str, int] = {}  # an image listed twice (the same file however spelled) would be two rows, or leak across splits
     for line, path in zip(rows.lines, rows.paths):
         p = Path(path).expanduser()
         full = p if p.is_absolute() else root / p
         if not full.is_file():
             what = "is not a regular file (a FIFO, socket, device or folder)" if full.exists() else "not found"
             raise UsageError(f"{str(csv_path)!r} line {line}: image {path!r} {what}", "paths are relative to the CSV's folder, or absolute")
-        relative.append(os.path.relpath(full, root).replace(os.sep, "/"))
+        rel = os.path.relpath(full, root).replace(os.sep, "/")
+        if (seen := first_line.setdefault(os.path.normpath(rel), line)) != line:
+            raise UsageError(
+                f"{str(csv_path)!r} line {line}: image {path!r} is listed twice (line {seen} too)", "list each image once, in one split"
+            )
+        relative.append(rel)
     mapping = label_map(rows, csv_path, labels)
     by_split: dict[str, tuple[list[str], list[int]]] = {}
     for rel, label, split in zip(relative, rows.labels, rows.splits):

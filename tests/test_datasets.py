@@ -69,6 +69,11 @@ def test_csv_with_integer_labels_and_errors(tmp_path):
     (tmp_path / "missing.csv").write_text("path,label\nnope.jpg,1\n")
     with pytest.raises(UsageError, match="line 2: image 'nope.jpg' not found"):
         resolve_dataset(str(tmp_path / "missing.csv"))
+    # one image twice (here spelled two ways, in two splits with two labels): refused, naming both lines
+    twice = f"path,label,split\nimgs/{files[0].name},0,train\nimgs/{files[1].name},1,train\n./imgs/{files[0].name},1,val\n"
+    (tmp_path / "twice.csv").write_text(twice)
+    with pytest.raises(UsageError, match=rf"line 4: image './imgs/{files[0].name}' is listed twice \(line 2 too\)"):
+        resolve_dataset(str(tmp_path / "twice.csv"))
 
 
 def test_digits_split_is_fixed_and_complete():

@@ -6,6 +6,9 @@ meets the store computed from its old bytes. What a rewrite does change is the f
 time: a file modified after the store was created may hold other pixels than its features came from.
 That is said, never acted on: a copy that did not keep modification times (``cp`` without ``-p``)
 looks the same from here, and only the user knows which it was (``--overwrite`` extracts again).
+A file put in place with an older modification time (``mv`` over it, ``cp -p``, ``rsync -a``) is not
+seen; the change time would see it, but also every ``chmod -R`` of a dataset (a warning on every
+image, forever, or a re-extraction), so it is not used.
 
 Torch-free: the up-to-date memo (``request.py``) asks :func:`any_file_modified_after` before
 importing anything heavy.

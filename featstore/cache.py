@@ -7,6 +7,7 @@ over hundreds of stores and an up-to-date extraction start in about Python's sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -217,10 +218,20 @@ def _describe_local(p: Path) -> StoreEntry | None:
     attrs = store_attrs(p)
     if attrs is None:
         return None
-    done = 0
-    if not StoreAttributes.from_dict(attrs).complete:
-        done = sum(1 for _ in (p / PROGRESS).glob("*/unit-*.json"))
-    return entry_from_attrs(str(p), attrs, tree_size(p), done, lock_holder(p) is not None, last_used(p, attrs))
+    done, invalid = 0, None
+    if not StoreAttributes.from_dict(attrs).complete:  # its finished units' markers say what is done and invalid so far
+        markers = list((p / PROGRESS).glob("*/unit-*.json"))
+        done, invalid = len(markers), sum(_invalid_in(m) for m in markers)
+    entry = entry_from_attrs(str(p), attrs, tree_size(p), done, lock_holder(p) is not None, last_used(p, attrs))
+    return entry if invalid is None else dataclasses.replace(entry, invalid=invalid)
+
+
+def _invalid_in(marker: Path) -> int:
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return 0
+    return len(record.get("invalid") or {}) if isinstance(record, dict) else 0
 
 
 def list_stores(paths: list[str] | None = None) -> list[StoreEntry]:

@@ -86,7 +86,7 @@ def make_cached(
             u,
             {v: np.full((u.rows, d), u.index, np.float32) for v, d in views.items()},
             valid,
-            {r - u.start: "broken" for r in invalid_rows if u.start <= r < u.stop},
+            {r: "broken" for r in invalid_rows if u.start <= r < u.stop},  # rows of the split, as the pipeline records them
         )
     if units is None:
         store.finalize()
@@ -482,7 +482,7 @@ def test_an_out_url_featstore_cannot_write_is_refused_and_creates_nothing(home, 
 
 def test_ls_lists_complete_partial_and_written_stores(home):
     done = make_cached(home / "stores" / "imagenet" / "dino-aaaaaaaaaaaa.zarr", "a" * 64, invalid_rows=(3,))
-    part = make_cached(home / "stores" / "imagenet" / "dino-bbbbbbbbbbbb.zarr", "b" * 64, units=1)
+    part = make_cached(home / "stores" / "imagenet" / "dino-bbbbbbbbbbbb.zarr", "b" * 64, units=2, invalid_rows=(1, 5, 9))
     busy = make_cached(home / "stores" / "digits" / "resnet18-cccccccccccc.zarr", "c" * 64, model="resnet18", dataset="digits", units=2)
     hold_lock(busy)
     (home / "stores" / "imagenet" / "notes").mkdir()  # not a store: ignored
@@ -496,13 +496,19 @@ def test_ls_lists_complete_partial_and_written_stores(home):
     assert d["views"] == {"cls": 6, "avgpool": 6} and d["label"] == "dinov2_vits14_pretrain"
     assert d["weights"] == "dinov2_vits14_pretrain.pth (aaaaaaaa)" and d["state"] == "complete"
     assert d["size_bytes"] == sum(p.stat().st_size for p in done.rglob("*") if p.is_file())
-    assert entries[part.name]["state"] == "partial 1/3 units (33%)"
+    assert entries[part.name]["state"] == "partial 2/3 units (67%)"
     assert entries[busy.name]["state"] == "writing 2/3 units (67%)"
+    # a partial store's invalid rows so far: its finished units' (rows 1 and 5; row 9's unit is not written)
+    assert entries[part.name]["invalid"] == 2
+    assert [(r["row"], r["path"], r["reason"]) for r in FeatureStore.open(part).invalid_rows()] == [
+        (1, "train/1.jpg", "broken"),
+        (5, "train/5.jpg", "broken"),
+    ]
 
     code, text = run(["ls"])
     lines = text.strip().splitlines()
     assert code == 0 and lines[0].split()[:4] == ["LABEL", "MODEL", "WEIGHTS", "DATASET"] and len(lines) == 4
-    assert any("partial 1/3 units" in line and str(part) in line for line in lines)
+    assert any("partial 2/3 units" in line and str(part) in line for line in lines)
 
 
 def test_ls_and_probe_give_a_store_the_same_label(home, tmp_path):

@@ -618,10 +618,32 @@ class FeatureStore:
         return AugmentedArray(group[name], rows, check)
 
     def invalid_rows(self, split: str | None = None) -> list[dict[str, Any]]:
-        invalid = self.meta.invalid
+        """The rows that could not be decoded, with their reasons: all of them in a complete store;
+        in an incomplete one, those its finished units found (the others are not read yet)."""
+        invalid = self.meta.invalid if self.complete else self._invalid_so_far()
         if split is not None:
             return list(invalid.get(split, []))
         return [dict(r, split=s) for s, rows in invalid.items() for r in rows]
+
+    def _invalid_so_far(self) -> dict[str, list[dict[str, Any]]]:
+        """What ``finalize`` will record, from the markers of the units written so far."""
+        pending = {(u.split, u.index) for u in self.pending_units()}
+        out: dict[str, list[dict[str, Any]]] = {}
+        for split in self.splits:
+            rows: list[tuple[int, str]] = []
+            for unit in self.units(split):
+                if (split, unit.index) in pending:
+                    continue
+                try:
+                    marker = self._read_marker(unit)
+                except (OSError, ValueError):
+                    continue  # unreadable: resuming writes the unit again
+                if isinstance(marker, dict) and isinstance(marker.get("invalid"), dict):
+                    rows.extend((int(r), str(reason)) for r, reason in marker["invalid"].items())
+            if rows:
+                paths = self._group[split]["paths"]
+                out[split] = [{"row": r, "path": str(paths[r]), "reason": reason} for r, reason in sorted(rows)]
+        return out
 
     @property
     def digests(self) -> Recorded:

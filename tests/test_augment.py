@@ -199,7 +199,9 @@ def _extract(root: Path, out: Path, **overrides):
     builder.write_text(PIXELS)
     config = dict(model=f"{builder}:build", dataset=str(root), out=str(out), loader="torch", workers=0, batch_size=8,
                   image_size=24, resize=24, dtype="float32", augment="rrc-flip", augment_views=3, chunk_rows=4)  # fmt: skip
-    config.update(overrides)
+    config.update(overrides)  # out_url: a store at a URL (the builder still beside ``out``)
+    if "out_url" in config:
+        config["out"] = config.pop("out_url")
     return extract(ExtractConfig(**config), log=lambda s: None, progress=False)
 
 
@@ -233,6 +235,24 @@ def test_stored_views_are_the_pixels_the_encoder_saw(photo_splits, tmp_path, loa
     assert verify_store(fs).ok
     info = fs.info()["augment"]
     assert info["views"] == 3 and info["seed"] == 0 and info["bytes"] == 15 * 3 * 3 * 24 * 24 * 4 + 15 * 3 * 5 * 4
+
+
+@pytest.mark.slow  # a moto S3 server
+def test_augmented_views_of_a_store_at_a_url(photo_splits, tmp_path):
+    """--augment with --out s3://…: the store is planned with its augmented arrays (the URL path did
+    not pass them on, so the views had nowhere to go) and holds the views a local store holds."""
+    from featstore.store import FeatureStore
+    from tests.s3_server import moto_s3
+
+    _extract(photo_splits, tmp_path / "local.zarr")
+    local = FeatureStore.open(tmp_path / "local.zarr")
+    with moto_s3() as bucket:
+        url = f"{bucket}/aug/s.zarr"
+        _extract(photo_splits, tmp_path / "unused.zarr", out_url=url)
+        remote = FeatureStore.open(url, verify=True)
+        assert remote.complete and remote.info()["augment"]["views"] == 3
+        assert (remote.augmented("train").read() == local.augmented("train").read()).all()
+        np.testing.assert_array_equal(remote.augmented("train", "features").read(), local.augmented("train", "features").read())
 
 
 @pytest.mark.slow

@@ -173,7 +173,9 @@ class FeatureStore:
             if remote.attrs() is not None or not remote.is_empty():
                 raise FeatstoreError(f"{url!r} already exists", "remove it or choose another path")
             with tempfile.TemporaryDirectory(prefix="featstore-plan-") as tmp:
-                plan = cls.create(Path(tmp) / "plan.zarr", splits=splits, views=views, dtype=dtype, chunk_rows=chunk_rows, attrs=attrs)
+                plan = cls.create(
+                    Path(tmp) / "plan.zarr", splits=splits, views=views, dtype=dtype, chunk_rows=chunk_rows, attrs=attrs, augment=augment
+                )
                 remote.upload_plan(Path(tmp) / "plan.zarr")
                 del plan
             return cls.open(url, mode="r+")

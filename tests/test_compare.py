@@ -674,6 +674,29 @@ def test_battery_predictions_summary_and_comparison(tmp_path):
     assert "| selected |" in leaderboard.markdown([g], board) and {r["method"] for r in board} == {"linear", "knn", "logreg"}
 
 
+def test_leaderboard_over_seeds_names_no_single_lr_when_the_seeds_chose_different_ones(tmp_path, three_encoders):
+    """leaderboard.csv's lr column of a row merged over seeds: the seeds' common lr, empty when they
+    chose different ones (was seed 0's, as if every seed had used it)."""
+    import probe.output.files
+    from probe.output import leaderboard
+    from probe.results.runs import load
+
+    target, a, b, _ = three_encoders
+    folder = results_folder(tmp_path / "run", {"r18": (target, a), "r50": (target, b)})
+    rows = load(folder).rows
+    for r in list(rows):  # seed 1: r18 selects lr 0.1 instead of 0.01, r50 the same lr again
+        moved = r["label"] == "r18"
+        rows.append({**r, "seed": 1, "selected": r["lr"] == (LRS[2] if moved else LRS[1])})
+    (folder / "results.csv").write_text(probe.output.files.csv_text(rows))
+    sets = P.read(folder / P.PREDICTIONS)
+    P.write(sets + [P.Predictions(p.label, p.store, p.view, p.method, p.shots, 1, p.paths, p.target, p.pred) for p in sets],
+            folder / P.PREDICTIONS)  # fmt: skip
+    (g,) = leaderboard.gather([folder])
+    board = {r["label"]: r for r in leaderboard.table_rows([g])}
+    assert board["r18"]["n_seeds"] == 2 and board["r18"]["lr"] is None and board["r18"]["selected"] == "lr 0.01 ×1; lr 0.1 ×1"
+    assert board["r50"]["n_seeds"] == 2 and board["r50"]["lr"] == LRS[1] and board["r50"]["selected"] == "lr 0.01 ×2"
+
+
 def test_rows_with_predictions_compare_equal():
     a = P.ImagePredictions(paths=np.array(["x", "y"]), target=np.array([0, 1]), pred=np.array([0, 0]), top5=None)
     b = P.ImagePredictions(paths=np.array(["x", "y"]), target=np.array([0, 1]), pred=np.array([0, 0]), top5=None)

@@ -217,6 +217,8 @@ def _over_seeds(g: Group, rows: list[dict]) -> list[dict]:
         for r in rs:
             picks[r["selected"]] = picks.get(r["selected"], 0) + 1
         merged["selected"] = "; ".join(f"{k} ×{n}" for k, n in picks.items())
+        if len({r.get("lr") for r in rs}) > 1:
+            merged["lr"] = None  # the seeds chose different learning rates ("selected" lists them), not seed 0's
         merged.update(ci95_low=None, ci95_high=None, wilson95_low=None, wilson95_high=None, n01=None, n10=None, mcnemar_p=None)
         merged.update(delta=None, delta_std=None, delta_ci95_low=None, delta_ci95_high=None)
         ps = [preds.get(ConfigKey(key[0], key[1], key[2], key[3], r["seed"])) for r in rs]

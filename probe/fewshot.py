@@ -67,6 +67,9 @@ def sample(labels: np.ndarray, usable: np.ndarray, shots: int, seed: int) -> np.
 
 
 def shortfall(labels: np.ndarray, rows: np.ndarray, shots: int) -> dict[int, int]:
-    """Classes (present in ``rows``) that got fewer than ``shots`` rows: class → rows it got."""
-    counts = np.bincount(np.asarray(labels)[rows])
-    return {int(c): int(n) for c, n in enumerate(counts) if 0 < n < shots}
+    """Classes of the split (``labels``) that got fewer than ``shots`` of ``rows``: class → rows it
+    got, 0 for a class with no usable training row at all."""
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    counts = np.bincount(labels[rows], minlength=int(present.max(initial=-1)) + 1)
+    return {int(c): int(counts[c]) for c in present if counts[c] < shots}

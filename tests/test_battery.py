@@ -575,6 +575,8 @@ def test_fewshot_sample_is_class_balanced_nested_and_seeded():
     have = np.bincount(labels[usable], minlength=5)
     assert fewshot.shortfall(labels, rows[10], 10) == {c: int(have[c]) for c in range(5) if have[c] < 10}
     assert fewshot.shortfall(labels, rows[10], 10)  # the data above has classes short of 10
+    none = usable & (labels != 2)  # class 2 has no usable row: named too (was left out of the warning)
+    assert fewshot.shortfall(labels, fewshot.sample(labels, none, 5, seed=3), 5)[2] == 0
     # a row another store cannot use is replaced by the next row of its class; the rest stay
     fewer = usable.copy()
     fewer[rows[5][0]] = False

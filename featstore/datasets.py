@@ -95,7 +95,7 @@ def folder_manifest(root: Path) -> Manifest:
     paths, labels = _scan_classes(root, classes, skipped)
     _require_images(root, paths)
     split = SplitManifest("all", tuple(paths), np.asarray(labels, np.int32))
-    return Manifest(root.name, root.resolve(), tuple(classes), {"all": split}, skipped=skipped.lines())
+    return Manifest(root.name, root.resolve(), tuple(classes), {"all": split}, skipped=skipped.lines() + _empty_classes(classes, [labels]))
 
 
 def _manifest_from_split_folders(name: str, root: Path, splits: list[str]) -> Manifest:
@@ -109,7 +109,19 @@ def _manifest_from_split_folders(name: str, root: Path, splits: list[str]) -> Ma
         if paths:
             out[split] = SplitManifest(split, tuple(paths), np.asarray(labels, np.int32))
     _require_images(root, [p for s in out.values() for p in s.paths])
-    return Manifest(name, root.resolve(), tuple(class_names), out, skipped=skipped.lines())
+    empty = _empty_classes(class_names, [s.labels for s in out.values()])
+    return Manifest(name, root.resolve(), tuple(class_names), out, skipped=skipped.lines() + empty)
+
+
+def _empty_classes(class_names: list[str], labels: list) -> list[str]:
+    """The log line naming class folders without a single image: each stays a class (its index is
+    kept, so the other classes keep theirs) with no rows, which is rarely what was meant."""
+    used = set(np.concatenate([np.asarray(y, np.int64) for y in labels]).tolist()) if labels else set()
+    empty = [c for i, c in enumerate(class_names) if i not in used]
+    if not empty:
+        return []
+    named = ", ".join(repr(c) for c in empty[:3]) + (", …" if len(empty) > 3 else "")
+    return [f"warning: {len(empty)} class folders hold no image ({named}): each is a class with no rows; remove the folder to drop it"]
 
 
 def _class_folders(folder: Path) -> list[str]:

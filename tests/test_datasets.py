@@ -46,6 +46,21 @@ def test_folder_without_splits_is_one_split_all(tmp_path):
     m = resolve_dataset(str(tmp_path / "d"))
     assert list(m.splits) == ["all"] and len(m.splits["all"]) == 5
     assert m.splits["all"].paths[-1].startswith("y/nested/")
+    assert m.skipped == []
+
+
+def test_a_class_folder_without_images_is_named(tmp_path):
+    """An empty class folder stays a class (the others keep their indices) and is said, once, in
+    both layouts (torchvision's ImageFolder refuses it; silently it was one more class of no rows)."""
+    for root in (tmp_path / "flat", tmp_path / "splits" / "train"):
+        write_good_images(root / "a", 2)
+        (root / "b").mkdir(parents=True)
+        (root / "b" / "notes.txt").write_text("not an image")
+        write_good_images(root / "c", 2)
+    for spec in (tmp_path / "flat", tmp_path / "splits"):
+        m = resolve_dataset(str(spec))
+        assert m.class_names == ("a", "b", "c") and sorted(set(next(iter(m.splits.values())).labels.tolist())) == [0, 2]
+        assert m.skipped == ["warning: 1 class folders hold no image ('b'): each is a class with no rows; remove the folder to drop it"]
 
 
 def test_manifest_hash_tracks_files_and_labels(tmp_path):

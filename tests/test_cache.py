@@ -610,6 +610,11 @@ def test_a_killed_overwrite_leaves_no_half_deleted_store(home, small_folder, tmp
     again = extract(ExtractConfig(dataset=str(small_folder), out=str(out), **TINY), progress=False)
     assert again.status == "created" and FeatureStore.open(out).complete
     assert not list(tmp_path.glob(".s.zarr.*"))
+    link = tmp_path / "link.zarr"  # --overwrite through a link: refused, the store and the link kept
+    link.symlink_to(out)
+    with pytest.raises(UsageError, match="is a symbolic link"):
+        extract(ExtractConfig(dataset=str(small_folder), out=str(link), overwrite=True, **TINY), progress=False)
+    assert link.is_symlink() and FeatureStore.open(out).complete
 
 
 def test_gc_least_recently_used_first(home):

@@ -327,6 +327,22 @@ def test_a_damaged_store_is_not_exported(store, tmp_path):
     assert not (tmp_path / "x.h5").exists()
 
 
+def test_a_feature_chunk_changed_in_place_is_not_exported(store, tmp_path):
+    """One flipped byte in a feature chunk keeps its size, so the export copied the chunk's bytes
+    as they were (its fast path), damaged, over a good export; they are checked like every read."""
+    from featstore.store.export import export
+
+    export(str(store), str(tmp_path / "good.h5"))
+    good = (tmp_path / "good.h5").read_bytes()
+    chunk = store / "train" / "features" / "cls" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreDamaged, match="train/features/cls rows 64-127"):
+        export(str(store), str(tmp_path / "good.h5"), overwrite=True)
+    assert (tmp_path / "good.h5").read_bytes() == good and not list(tmp_path.glob(".*tmp"))
+
+
 # ---------------------------------------------------------------- --repair (real extractions)
 
 EXTRACT = dict(model="resnet18", random_init=True, dataset="digits", image_size=16, resize=16, loader="torch", workers=0, batch_size=32,

@@ -124,7 +124,11 @@ def _write_hdf5(store: FeatureStore, path: Path) -> int:
                 files = _raw_chunk_files(store, split, view, rows)
                 if files is not None:
                     for i, chunk in enumerate(files):  # the bytes are HDF5's chunk as they are: no decode, no copy
-                        ds.id.write_direct_chunk((i * rows, 0), chunk.read_bytes())
+                        data = chunk.read_bytes()
+                        if store.read_check is not None:  # checked against the unit's digest, as every other read
+                            stored = np.frombuffer(data, dtype=source.dtype).reshape(rows, dim)[: n - i * rows]
+                            store.read_check.check(split, f"features/{view}", stored, i * rows)
+                        ds.id.write_direct_chunk((i * rows, 0), data)
                     nbytes += n * dim * source.dtype.itemsize
                     continue
                 # the next chunk is read while this one is written (both release the GIL)

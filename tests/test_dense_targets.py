@@ -406,3 +406,31 @@ def test_a_split_without_usable_targets_is_named(tmp_path):
         assert not target_valid(FeatureStore.open(out), "val").any()
         with pytest.raises(UsageError, match=rf"no {role} rows \(val\) with a usable target"):
             fit_dense([str(out)], Protocol(lr_grid="1e-3,1e-2", epochs=1, batch_size=4), "seg", out=tmp_path / f"run{len(splits)}")
+
+
+def test_repair_writes_damaged_targets_again_from_the_dataset(tmp_path):
+    """A depth map changed in the store (and a mask chunk lost): --repair wrote the damaged units'
+    features again but recorded the damaged targets' digests as their content, so verify then
+    passed a wrong store. The targets are written again from the dataset's files instead."""
+    import zarr
+
+    from featstore.store.verify import verify_store
+
+    root = write_dense_folder(tmp_path / "data")
+    _, out = _extract(tmp_path, root, chunk_rows=2)
+    fresh = {s: {k: read_targets(FeatureStore.open(out), s, k) for k in ("depth", "mask")} for s in ("train", "val")}
+    depth = zarr.open_array(str(out / "train" / "targets" / "depth"), mode="r+")
+    values = depth[:]
+    values[1] *= 2
+    depth[:] = values
+    lost = sorted(p for p in (out / "val" / "targets" / "mask").rglob("*") if p.is_file() and p.name != "zarr.json")[0]
+    lost.unlink()
+    report = verify_store(FeatureStore.open(out))
+    assert {(p.split, p.array) for p in report.problems} == {("train", "targets/depth"), ("val", "targets/mask")}
+    result, _ = _extract(tmp_path, root, chunk_rows=2, repair=True)
+    assert result.status == "repaired"
+    store = FeatureStore.open(out)
+    assert verify_store(store).ok and store.complete
+    for split, kinds in fresh.items():
+        for kind, values in kinds.items():
+            np.testing.assert_array_equal(read_targets(store, split, kind), values, err_msg=f"{split} {kind}")

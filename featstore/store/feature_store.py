@@ -122,6 +122,7 @@ class FeatureStore:
         self._meta: StoreAttributes | None = None
         self.read_check: ReadCheck | None = None  # set by open(): checks reads (digests too with verify=True)
         self._unit_arrays: dict[str, list[str]] = {}  # split → arrays each unit writes (not the create-time ones)
+        self._kept_digests: dict[str, dict[str, list[str]]] = {}  # split → array → the digests recorded at completion
         self._writers: dict[str, Any] = {}  # "split/array" → the array, opened once (:meth:`_writer`)
 
     @property
@@ -471,15 +472,35 @@ class FeatureStore:
 
     def _unit_digests(self, unit: Unit, written: dict[str, np.ndarray]) -> dict[str, str]:
         """The digest of each array's rows of ``unit``: every array of the split but those written
-        when the store was created (their digests are in the attributes already); an array this
-        unit did not write itself is read back."""
+        when the store was created (their digests are in the attributes already). An array this unit
+        did not write itself (dense targets) keeps the digest the store recorded when it was complete
+        (a repaired unit: what the array held then, so damage there is never recorded as its content),
+        else is read back."""
         if unit.split not in self._unit_arrays:
-            created = Recorded.from_attrs(self.attrs).created.get(unit.split, [])
+            recorded = Recorded.from_attrs(self.attrs)
+            created = recorded.created.get(unit.split, [])
             self._unit_arrays[unit.split] = [a for a in array_names(self._group[unit.split]) if a not in created]
-        return {
-            name: rows_digest(written[name] if name in written else self._group[f"{unit.split}/{name}"][unit.start : unit.stop])
-            for name in self._unit_arrays[unit.split]
-        }
+            self._kept_digests[unit.split] = recorded.splits.get(unit.split, {})
+        kept = self._kept_digests[unit.split]
+        out = {}
+        for name in self._unit_arrays[unit.split]:
+            if name in written:
+                out[name] = rows_digest(written[name])
+            elif unit.index < len(kept.get(name, [])):
+                out[name] = kept[name][unit.index]
+            else:
+                out[name] = rows_digest(self._group[f"{unit.split}/{name}"][unit.start : unit.stop])
+        return out
+
+    def remove_attrs(self, *names: str) -> None:
+        """Delete top-level attributes (absent ones are ignored)."""
+        if not self.writable:
+            raise FeatstoreError(f"store {str(self.path)!r} is open read-only", "open it with mode='r+'")
+        for name in names:
+            if name in self.attrs:
+                del self._group.attrs[name]
+                del self.attrs[name]
+        self._meta = None
 
     def finalize(self, extra_attrs: dict[str, Any] | None = None) -> None:
         """Verify every unit, gather the invalid rows' reasons, set ``complete``, drop progress files."""

@@ -6,7 +6,8 @@ its completion marker back (its rows, its invalid rows with their reasons and it
 recorded), the damaged units get none, and ``complete`` is cleared last: a repair killed at any
 point leaves a store that the same command (with or without ``--repair``) resumes exactly. Damaged
 create-time arrays (labels, paths) are rewritten from the dataset's manifest, which the cache key
-guarantees is the one the store was made from.
+guarantees is the one the store was made from; damaged dense targets are written again from the
+dataset's target files (their digest is in the cache key too).
 
 A store written before digests existed gets its intact units' digests from their rows as they are
 now (they passed every other check), so it is protected from then on. Damage that is not in a
@@ -78,6 +79,10 @@ def reopen_damaged(store: FeatureStore, plan: dict[str, tuple[list[str], np.ndar
             for unit in store.units(split):
                 if unit.index in units:
                     store._marker(unit).unlink(missing_ok=True)
+    if any(p.array is not None and p.array.startswith("targets/") for p in report.problems):
+        # dense targets are not a unit's own rows: without their record, the resume writes them all again
+        # from the dataset's target files (the cache key holds their digest), before the damaged units
+        store.remove_attrs("targets")
     return sum(len(u) for u in damaged.values())
 
 

@@ -57,18 +57,20 @@ _CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torc
 
 
 @pytest.mark.parametrize("device", ["cpu", _CUDA])
-@pytest.mark.parametrize("weights", ["exp", "uniform"])
-def test_knn_equals_float64_reference(weights, device):
+@pytest.mark.parametrize(("weights", "temperature"), [("exp", 0.07), ("exp", 0.005), ("uniform", 0.07)])
+def test_knn_equals_float64_reference(weights, temperature, device):
+    """A small temperature too: exp(1 / 0.005) overflows float32, which made every close vote inf
+    (ties to the smallest class) before the votes were taken relative to the nearest neighbour."""
     classes = 7
     train_x, train_y = blobs(600, 16, classes, seed=0, offset=0.3)
     query_x, query_y = blobs(250, 16, classes, seed=1, offset=0.3)
     ks = (1, 5, 20, 100)
     # chunk_elements forces several chunks of query rows (one chunk would hide a chunking bug)
-    pred = _knn_torch(train_x, train_y, query_x, ks, classes, device, temperature=0.07, weights=weights, chunk_elements=600 * 37)
+    pred = _knn_torch(train_x, train_y, query_x, ks, classes, device, temperature=temperature, weights=weights, chunk_elements=600 * 37)
     assert pred.top1.shape == (4, 250) and pred.top5.shape == (4, 250, 5)
     compared = 0
     for j, k in enumerate(ks):
-        votes, sorted_sim = knn_reference(train_x, train_y, query_x, k, classes, 0.07, weights)
+        votes, sorted_sim = knn_reference(train_x, train_y, query_x, k, classes, temperature, weights)
         top = np.sort(votes, axis=1)[:, ::-1]
         # "ties aside": rows whose k-th/(k+1)-th neighbours or top two vote totals are within rounding
         clear = (sorted_sim[:, k - 1] - sorted_sim[:, k] > 1e-6) & (top[:, 0] - top[:, 1] > 1e-5 * top[:, 0])

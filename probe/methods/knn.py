@@ -161,7 +161,12 @@ def _vote(near: Neighbours, ks: Sequence[int], num_classes: int, temperature: fl
     rows = near.labels.shape[0]
     top1 = torch.empty(len(ks), rows, dtype=torch.int64, device=near.labels.device)
     top5 = torch.empty(len(ks), rows, n5, dtype=torch.int64, device=near.labels.device)
-    weight = near.similarity.div(temperature).exp_() if weights == "exp" else torch.ones_like(near.similarity)
+    if weights == "exp":
+        # exp((s - s_max) / T): each row's votes scaled by one constant (the same winner and order) that keeps a small
+        # T from overflowing float32 (exp(1 / 0.01) is inf: every close vote tied, the smallest class won)
+        weight = (near.similarity - near.similarity[:, :1]).div_(temperature).exp_()
+    else:
+        weight = torch.ones_like(near.similarity)
     votes = torch.zeros(rows, num_classes, dtype=torch.float32, device=near.labels.device)
     done = 0
     for j, k in enumerate([min(k_asked, held) for k_asked in ks]):

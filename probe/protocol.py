@@ -269,6 +269,10 @@ class Protocol:
             raise UsageError(f"unknown selection rule {self.selection!r}", f"use one of {', '.join(SELECTION_RULES)}")
         if self.select_on not in SELECT_ON:
             raise UsageError(f"unknown --select-on {self.select_on!r}", f"use one of {', '.join(SELECT_ON)}")
+        # numpy's generators take no negative seed and torch's none of 2**63 or more: said here, before any store is read
+        for seed in (self.seed, *self.seeds):
+            if not 0 <= seed < 2**63:
+                raise UsageError(f"seed {seed} is outside [0, 2**63)", "pass --seed / --seeds like 0 or 0,1,2")
         if self.epochs < 1:
             raise UsageError(f"epochs must be >= 1, got {self.epochs}", "pass --epochs 1 or more")
         if self.batch_size < 1:

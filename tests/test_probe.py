@@ -213,6 +213,9 @@ def test_protocol_hash_stable_and_sensitive():
         dict(momentum=1.0),
         dict(val_fraction=0.0),
         dict(lr_grid="0,1"),
+        dict(seed=-1),  # numpy's generators refuse it: an "unexpected ValueError" after the stores were read
+        dict(seed=2**63),  # torch's generator overflows
+        dict(seeds="0,99999999999999999999"),
     ],
 )
 def test_protocol_rejects_bad_values(bad):

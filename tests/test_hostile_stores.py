@@ -238,6 +238,26 @@ def test_a_zarr_json_claiming_more_rows_is_refused(store, capsys, where):
     refusal(store, "val/", "160")
 
 
+def test_an_arrays_own_zarr_json_edited_otherwise_than_its_shape_is_refused(store, capsys):
+    """zarr reads the consolidated metadata, so an array's own zarr.json could say another dtype or
+    fill value unseen, until a reader without consolidation (or a repair's re-consolidation) read
+    it: every field zarr decodes by is compared, not only the shape."""
+    _edit_json(store / "val" / "features" / "cls" / "zarr.json", lambda m: m.update(data_type="float32", fill_value=0.0))
+    code, lines = verify_lines(capsys, store)
+    assert code == 1 and lines == [
+        'damaged: val/features/cls: its zarr.json says data_type "float32", the store\'s metadata "float16"',
+        'damaged: val/features/cls: its zarr.json says fill_value 0.0, the store\'s metadata "NaN"',
+    ], lines
+
+
+def test_class_names_edited_in_the_attributes_are_refused(store, capsys):
+    """Labels and paths have digests; the class names live in the attributes, covered by the
+    manifest digest only: reordered, every per-class result would carry another class's name."""
+    _edit_json(store / "zarr.json", lambda m: m["attributes"]["dataset"]["class_names"].reverse())
+    code, lines = verify_lines(capsys, store)
+    assert code == 1 and lines == ["damaged: the class names in the store's attributes do not match the dataset's manifest digest (edited)"]
+
+
 def test_an_edited_feature_value_is_refused(store):
     FeatureStore.open(store, mode="r+").split_group("test")["features/cls"][70, 3] = 0.5
     refusal(store, "test/features/cls rows 64-99", "do not match their digest")

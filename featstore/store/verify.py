@@ -124,6 +124,7 @@ def schema_problems(store: FeatureStore) -> list[Problem]:
     problems: list[Problem] = []
     required = _required(store)
     root = store.path if isinstance(store.path, Path) and store.format == "zarr" else None
+    consolidated = _consolidated(root) if root is not None else {}
     for split, n in store.meta.splits.items():
         try:
             group = store.split_group(split)
@@ -153,17 +154,42 @@ def schema_problems(store: FeatureStore) -> list[Problem]:
                 if name.startswith("features/") and store.meta.dtype and str(np.dtype(array.dtype)) != store.meta.dtype:
                     problems.append(Problem(f"has dtype {array.dtype}, the store records {store.meta.dtype}", split, name))
             if root is not None:
-                own = _own_shape(root / split / name / "zarr.json")
-                if own is not None and own != shape:
-                    problems.append(Problem(f"its zarr.json says shape {list(own)}, the store's metadata {list(shape)}", split, name))
+                problems += _own_metadata_problems(
+                    root / split / name / "zarr.json", consolidated.get(f"{split}/{name}"), shape, split, name
+                )
     return problems
 
 
-def _own_shape(path: Path) -> tuple[int, ...] | None:
+# what an array's own zarr.json must say as the consolidated metadata (which featstore reads) says it: a reader
+# without consolidation (xarray's default, a re-consolidation after a repair) reads the array's own file
+_OWN_METADATA = ("data_type", "fill_value", "chunk_grid", "chunk_key_encoding", "codecs", "dimension_names")
+
+
+def _consolidated(root: Path) -> dict[str, Any]:
     try:
-        return tuple(int(d) for d in json.loads(path.read_text())["shape"])
+        metadata = json.loads((root / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _own_metadata_problems(path: Path, entry: Any, shape: tuple[int, ...], split: str, name: str) -> list[Problem]:
+    try:
+        own = json.loads(path.read_text())
+        own_shape = tuple(int(d) for d in own["shape"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    problems = []
+    if own_shape != shape:
+        problems.append(Problem(f"its zarr.json says shape {list(own_shape)}, the store's metadata {list(shape)}", split, name))
+    if isinstance(entry, dict):
+        for key in _OWN_METADATA:
+            if key in entry and own.get(key) != entry[key]:
+                said = json.dumps(own.get(key))[:60]
+                problems.append(
+                    Problem(f"its zarr.json says {key} {said}, the store's metadata {json.dumps(entry[key])[:60]}", split, name)
+                )
+    return problems
 
 
 def _chunk_rows(array: Any) -> int:
@@ -246,8 +272,8 @@ def verify_store(store: FeatureStore, log: Callable[[str], None] = lambda s: Non
     for split in store.splits:
         _verify_split(store, split, recorded, classes, report)
         log(f"{split}: checked")
-    if not recorded.present and store.complete:
-        _check_manifest(store, report)
+    if store.complete:
+        _check_manifest(store, report, recorded.present)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -381,11 +407,22 @@ def _check_invalid_rows(store: FeatureStore, split: str, valid: np.ndarray, boun
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _check_manifest(store: FeatureStore, report: VerifyReport) -> None:
-    """A store without digests: its labels and paths against the manifest digest it was made from."""
+def _check_manifest(store: FeatureStore, report: VerifyReport, digests: bool) -> None:
+    """The labels, paths and class names against the manifest digest the store was made from. With
+    content digests (which cover labels and paths) this checks the class names recorded in the
+    attributes: renamed or reordered, they would put other names on every per-class result."""
     dataset = store.meta.dataset
     if not dataset.manifest_sha256 or not _SHA.match(dataset.manifest_sha256) or not dataset.class_names:
-        report.notes.append("no manifest digest to check the labels and paths against")
+        if not digests:
+            report.notes.append("no manifest digest to check the labels and paths against")
+        return
+    if digests:
+        if any(p.array in ("labels", "paths") for p in report.problems):
+            return  # damaged labels or paths: reported, and they change the digest anyway
+        splits = {s: SplitManifest(s, tuple(store.paths(s).tolist()), store.labels(s)) for s in store.splits}
+        manifest = Manifest(dataset.name or "", Path(dataset.root or "."), tuple(dataset.class_names), splits)
+        if manifest.sha256 != dataset.manifest_sha256:
+            report.add(Problem("the class names in the store's attributes do not match the dataset's manifest digest (edited)"))
         return
     try:
         splits = {s: SplitManifest(s, tuple(store.paths(s).tolist()), store.labels(s)) for s in store.splits}

@@ -21,7 +21,7 @@ from featstore.store.lock import StoreLock
 # ------------------------------------------------------------------ item 6: stale-lock takeover
 
 
-def _contender(path: str, at: float, results) -> None:
+def _contender(path: str, at: float, results, done) -> None:
     # a contender descheduled between judging the old holder dead and taking its place (2 cores, 12
     # processes): the window in which a second one used to take over too, made wide enough to hit
     from featstore.store import lock as lock_module
@@ -42,7 +42,9 @@ def _contender(path: str, at: float, results) -> None:
         results.put("refused")
         return
     results.put("took")
-    time.sleep(1.0)  # hold it while the others try (the lock is dropped when the process exits)
+    # hold it until every other contender has tried (the lock is dropped when the process exits): a fixed
+    # second let a contender started late on a loaded machine meet a lock whose holder had gone, and take it
+    done.wait(60)
 
 
 def _dead_pid() -> int:
@@ -58,12 +60,13 @@ def test_stale_lock_is_taken_over_by_exactly_one_of_many_simultaneous_starts(tmp
     for trial in range(3):
         path = tmp_path / f"lock{trial}.json"
         path.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "since": 0}))  # a killed writer's
-        results = ctx.Queue()
+        results, done = ctx.Queue(), ctx.Event()
         at = time.time() + 0.5
-        procs = [ctx.Process(target=_contender, args=(str(path), at, results)) for _ in range(contenders)]
+        procs = [ctx.Process(target=_contender, args=(str(path), at, results, done)) for _ in range(contenders)]
         for p in procs:
             p.start()
-        outcomes = [results.get(timeout=30) for _ in procs]
+        outcomes = [results.get(timeout=60) for _ in procs]
+        done.set()
         for p in procs:
             p.join(timeout=30)
         assert outcomes.count("took") == 1, f"trial {trial}: {outcomes.count('took')} processes took over the lock"

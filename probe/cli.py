@@ -307,6 +307,11 @@ def fit_command(
         protocol = again.protocol
     else:
         stores, protocol = _stores_and_protocol(**{k: ctx.params[k] for k in inspect.signature(_stores_and_protocol).parameters})
+    if task == "classify":  # the dense probes' own options would be silently ignored
+        dense_only = [f"--{name.replace('_', '-')}" for name in ("depth_head", "save_predictions", "precision")
+                      if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]  # fmt: skip
+        if dense_only:
+            raise UsageError(f"{', '.join(dense_only)} applies to --task depth or seg", "drop it, or pass --task depth|seg")
     out = out if out is not None else new_run_folder("probe-results")
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     if task != "classify":  # dense probes: probe.dense

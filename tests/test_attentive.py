@@ -318,6 +318,8 @@ def test_streamed_schedule_decays_to_zero_once(token_store, monkeypatch):
         (["--method", "attentive", "--attention-heads", "5"], ["5 attention heads do not divide", "divisor of 16"]),
         (["--method", "attentive", "--queries", "0"], ["--queries must be >= 1"]),
         (["--method", "attentive", "--max-memory", "lots"], ["bad --max-memory", "512M"]),
+        (["--save-predictions", "--precision", "bf16"], ["--save-predictions, --precision applies to --task depth or seg"]),
+        (["--depth-head", "linear"], ["--depth-head applies to --task depth or seg"]),
     ],
 )
 def test_cli_errors_are_one_line(token_store, tmp_path, args, needles):

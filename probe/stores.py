@@ -122,6 +122,10 @@ def resolve_views(
         if spec.view and spec.view not in fs.views:
             raise UsageError(f"view {spec.view!r} not in store {str(fs.path)!r}", f"it has: {', '.join(fs.views)}")
     rest = [fs for spec, fs in zip(specs, stores) if not spec.view]
+    if views and not rest:
+        raise UsageError(
+            f"--view {', '.join(views)} applies to no store: every --store names its own view", "drop --view, or the stores' :VIEW"
+        )
     chosen: list[str] | None = None
     if views:
         chosen = list(dict.fromkeys(views))

@@ -135,6 +135,7 @@ def test_same_default_label_is_disambiguated_by_folder(tmp_path):
         (["--store", "{vit}:cls5"], ["view 'cls5' not in store", "cls4"]),
         (["--store", "x={cnn}", "--store", "x={vit}"], ["label 'x' given to several stores"]),
         (["--store", "={cnn}"], ["not found"]),
+        (["--store", "{vit}:cls4", "--view", "avgpool"], ["--view avgpool applies to no store", "its own view"]),  # was ignored
     ],
 )
 def test_bad_store_specs(args, needles, stores, tmp_path):

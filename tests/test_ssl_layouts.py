@@ -24,7 +24,7 @@ import torchvision
 from torch import nn
 
 from featstore.errors import FeatstoreError
-from featstore.models.checkpoints import resample_pos_embed
+from featstore.models.checkpoints import load_weights, resample_pos_embed
 from featstore.models.encoders import build_encoder, pos_embed_rule, resolve_encoder
 from featstore.models.presets import PRESETS
 
@@ -688,3 +688,31 @@ def test_register_stores_have_their_own_cache_key():
     plain = cache_fields(resolve_encoder("dino", random_init=True), "torch", None, "float16", manifest, cpu)
     timm_reg = cache_fields(resolve_encoder("vit_small_patch14_reg4_dinov2", random_init=True), "torch", None, "float16", manifest, cpu)
     assert reg["pos_embed"] == timm_reg["pos_embed"] == "dinov2-reg" and "pos_embed" not in plain
+
+
+def test_a_checkpoint_of_another_patch_size_is_refused(tmp_path):
+    """DINO's ViT-S/8 file (a plain state dict, no args to check) given to a ViT-S/16 preset: timm's
+    checkpoint filter resampled the 8×8 patch kernel to 16×16 and the 28×28 position grid followed,
+    so another network loaded with "missing 0, unexpected 0". Refused, as the authors' loaders do."""
+    small8 = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0)
+    path = tmp_path / "dino_deitsmall8_pretrain.pth"
+    torch.save(small8.state_dict(), path)
+    target = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    with pytest.raises(FeatstoreError, match="the file's patches are 8×8 pixels, the model's 16×16"):
+        load_weights(target, path, arch="timm:vit_small_patch16_224", pos_embed="dino", model_name="dinov1")
+
+
+def test_layer_scale_of_a_checkpoint_is_never_dropped_as_a_head(tmp_path):
+    """A ViT with layer-scale (DINOv2's blocks: ls1, ls2) into one without: timm holds those as
+    nn.Identity, and every key under an Identity was dropped as "head/projection". They are the
+    backbone's: unexpected, refused. A head removed as an Identity is still dropped."""
+    scaled = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, init_values=1.0, img_size=32)
+    path = tmp_path / "scaled.pth"
+    torch.save(scaled.state_dict(), path)
+    plain = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, img_size=32)
+    with pytest.raises(FeatstoreError, match=r"24 tensors have no place in it, e\.g\. blocks\.0\.ls1\.gamma"):
+        load_weights(plain, path, arch="timm:vit_small_patch16_224")
+    headed = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=32)
+    torch.save(headed.state_dict(), path)
+    report = load_weights(plain, path, arch="timm:vit_small_patch16_224")
+    assert sorted(report.dropped) == ["head.bias", "head.weight"] and not report.missing

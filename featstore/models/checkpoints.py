@@ -206,12 +206,13 @@ def load_weights(
 
     sd, renamed = rename_for_model(sd, model.state_dict().keys(), [n for n, _ in model.named_children()])
     notes += renamed
+    _refuse_other_patch_size(sd, model, name, label)  # before timm's filter, which would resample the kernel silently
     sd, resampled = resample_pos_embed(sd, model, pos_embed)
     notes += resampled
     sd = _timm_filter(sd, model, arch)
 
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    dropped = [k for k in sd if k not in shapes and (k.split(".")[0] in HEAD_NAMES or _under_identity(model, k))]
+    dropped = [k for k in sd if k not in shapes and (k.split(".")[0] in HEAD_NAMES or _under_removed_head(model, k, arch))]
     for k in dropped:
         del sd[k]
     if not shapes.keys() & sd.keys():
@@ -257,16 +258,37 @@ def load_weights(
     return report
 
 
-def _under_identity(model: nn.Module, key: str) -> bool:
-    """A key under a module the model holds as nn.Identity: the head the user removed."""
+def _under_removed_head(model: nn.Module, key: str, arch: str) -> bool:
+    """A key under a module the model holds as nn.Identity that stands for a removed head: one named
+    as heads are (``backbone.fc``, ``heads``), or in a user's builder any direct child
+    (``net.linear = nn.Identity()``). Other Identities are the architecture's own choices (timm's ViT
+    without layer-scale ``blocks.N.ls1``, ``norm_pre``, ``fc_norm``, q/k norms): a checkpoint's
+    tensors there are backbone parameters this model lacks, so they are unexpected, not dropped
+    (a DINOv2 file loaded into a ViT without layer-scale lost all its gammas quietly)."""
     parts = key.split(".")
     for i in range(len(parts) - 1, 0, -1):
         try:
             module = model.get_submodule(".".join(parts[:i]))
         except AttributeError:
             continue
-        return isinstance(module, nn.Identity)
+        if not isinstance(module, nn.Identity):
+            return False
+        return parts[i - 1] in HEAD_NAMES or (i == 1 and arch.startswith("user:"))
     return False
+
+
+def _refuse_other_patch_size(sd: dict[str, torch.Tensor], model: nn.Module, name: str, label: str) -> None:
+    """A ViT checkpoint of another patch size (ViT-S/8 weights for ViT-S/16) is another network:
+    refused, where timm's checkpoint filter resamples the patch kernel (and the position
+    embeddings follow) without a word. The authors' loaders fail on it too (a size mismatch)."""
+    kernel, own = sd.get("patch_embed.proj.weight"), model.state_dict().get("patch_embed.proj.weight")
+    if kernel is None or own is None or kernel.ndim != 4 or own.ndim != 4 or tuple(kernel.shape[-2:]) == tuple(own.shape[-2:]):
+        return
+    theirs, ours = "×".join(map(str, kernel.shape[-2:])), "×".join(map(str, own.shape[-2:]))
+    raise FeatstoreError(
+        f"weights {name!r} do not fit {label}: the file's patches are {theirs} pixels, the model's {ours}",
+        "pick the --model of the checkpoint's patch size (featstore models lists them)",
+    )
 
 
 def _mismatch_cause(sd: dict, shapes: dict) -> str:

@@ -176,6 +176,20 @@ def test_aliases_resolve_to_their_preset():
             assert timm.is_model(PRESETS[target].arch[5:])
 
 
+def test_torchvision_presets_preprocess_as_their_weights_file_says():
+    """A torchvision preset's file is one of torchvision's weights enums: its evaluation transform
+    (resize, crop, interpolation, mean, std) is the preset's. resnet50-11ad3fa6.pth is IMAGENET1K_V2,
+    evaluated at Resize(232), where the preset said 256."""
+    from torchvision.models import get_model_weights
+
+    for preset in (p for p in PRESETS.values() if p.arch.startswith("tv:") and p.weights_url.startswith("https://download.pytorch.org")):
+        (weights,) = [w for w in get_model_weights(preset.arch[3:]) if w.url == preset.weights_url]
+        t = weights.transforms()
+        pre = preset.preprocess
+        assert (pre.image_size, pre.resize) == (t.crop_size[0], t.resize_size[0]), (preset.name, weights)
+        assert pre.interpolation == t.interpolation.value and list(pre.mean) == list(t.mean) and list(pre.std) == list(t.std)
+
+
 def test_suggestions_listed_once(capsys, tmp_path):
     code, _, err = run(capsys, "extract", "--model", "resnet19", "--random-init", "--out", tmp_path / "o.zarr")
     assert code == 2

@@ -266,11 +266,12 @@ _PRESET_LIST = [
     Preset(
         "resnet50",
         "tv:resnet50",
-        _BILINEAR,
+        # this file is torchvision's IMAGENET1K_V2 weights, evaluated at Resize(232) (resnet.py: resize_size=232), not 256
+        Preprocess(224, 232, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
         "resnet50-11ad3fa6.pth",
         "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
-        "torchvision ResNet-50 (supervised)",
-        _TV_SRC.format("torchvision references/classification"),
+        "torchvision ResNet-50 (supervised, IMAGENET1K_V2)",
+        "torchvision ResNet50_Weights.IMAGENET1K_V2 (Resize(232), CenterCrop(224), bilinear, ImageNet mean/std)",
         2048,
     ),
     Preset(

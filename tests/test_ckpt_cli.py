@@ -170,6 +170,10 @@ def test_aliases_resolve_to_their_preset():
     assert spec.name == "dino-b-reg4" and spec.arch == "timm:vit_base_patch14_reg4_dinov2"
     assert resolve_encoder("dinov2-g", random_init=True).arch == "timm:vit_giant_patch14_dinov2"
     assert resolve_encoder("dinov1", random_init=True).arch == "timm:vit_small_patch16_224"
+    # the authors' torch.hub names
+    assert resolve_encoder("dinov2_vitb14", random_init=True).name == "dino-b"
+    assert resolve_encoder("dinov2_vitl14_reg", random_init=True).arch == "timm:vit_large_patch14_reg4_dinov2"
+    assert resolve_encoder("dino_vitb8", random_init=True).name == "dinov1-b8"
     for alias, target in ALIASES.items():
         assert target in PRESETS and alias not in PRESETS
         if "_reg4" in alias:  # timm has the register variant this alias names

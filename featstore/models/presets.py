@@ -303,6 +303,11 @@ def _aliases() -> dict[str, str]:
     for x in "blg":
         out[f"dinov2-{x}"] = f"dino-{x}"
         out[f"dinov2-{x}_reg4"] = f"dino-{x}-reg4"  # timm spells the register variants _reg4
+    # the torch.hub names of the authors' repositories (dinov2/hubconf.py, dino/hubconf.py)
+    for x, preset in (("s", "dino"), ("b", "dino-b"), ("l", "dino-l"), ("g", "dino-g")):
+        out[f"dinov2_vit{x}14"] = preset
+        out[f"dinov2_vit{x}14_reg"] = f"{preset}-reg4"
+    out.update(dino_vits16="dinov1", dino_vits8="dinov1-s8", dino_vitb16="dinov1-b16", dino_vitb8="dinov1-b8", dino_resnet50="dinov1-r50")
     return out
 
 

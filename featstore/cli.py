@@ -313,7 +313,9 @@ def verify_command(store, as_json, debug):
         if report.ok:
             click.echo(f"{report.store}: ok ({what}{', digests' if report.digests else ', no digests'})")
         else:
-            click.echo(f"{report.store}: {len(report.problems)} problems ({what}); {repair_hint(opened.attrs, opened.format == 'hdf5')}")
+            click.echo(
+                f"{report.store}: {len(report.problems)} problems ({what}); {repair_hint(opened.attrs, opened.format == 'hdf5', str(opened.path))}"
+            )
     if not report.ok:
         click.get_current_context().exit(1)
 

@@ -401,7 +401,10 @@ def test_repair_reextracts_just_the_damaged_units_to_the_same_bytes(extracted, t
     chunk.write_bytes(chunk.read_bytes()[:50])  # truncated
     (out / "test" / "valid" / "c" / "2").unlink()  # lost
     (out / "val" / "labels" / "c" / "0").unlink()  # lost: rewritten from the dataset, no unit re-extracted for it
-    assert refusal(out, "val/labels rows 0-63").endswith(f"(repair it: {FeatureStore.open(out).attrs['command']} --repair)")
+    # the store is a copy: its repair command names the copy (the recorded command names the intact original)
+    recorded = FeatureStore.open(out).attrs["command"]
+    assert f"--out {extracted}" in recorded
+    assert refusal(out, "val/labels rows 0-63").endswith(f"(repair it: {recorded.replace(str(extracted), str(out))} --repair)")
     result = _extract(out, repair=True)
     assert result.status == "repaired" and result.rows_written == 2 * 64
     assert verify_store(FeatureStore.open(out)).ok

@@ -173,12 +173,39 @@ def blocks(rows: int, step: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + step, rows)
 
 
-def repair_hint(attrs: dict[str, Any], hdf5: bool = False) -> str:
+def repair_hint(attrs: dict[str, Any], hdf5: bool = False, location: str | None = None) -> str:
     """How to repair a damaged store: its own extract command with ``--repair`` (which re-extracts
-    just the damaged units); for an HDF5 export, repair its source and export it again."""
+    just the damaged units); for an HDF5 export, repair its source and export it again. ``location``:
+    where the store is now; a copy or a moved store gets its own path as ``--out``, never the
+    original's (which would "repair" the intact original)."""
     command = attrs.get("command")
+    if isinstance(command, str) and location is not None and not hdf5:
+        command = _with_out(command, location)
     fix = f"repair it: {command} --repair" if command else "repair it with its `featstore extract ...` command and --repair"
     if hdf5:
         source = attrs.get("exported_from") or "the store it was exported from"
         return f"an HDF5 export: {fix.replace('repair it', f'repair {source}')}, then export it again"
     return fix
+
+
+def _with_out(command: str, location: str) -> str:
+    """``command`` with its ``--out`` made ``location`` where it names another place (featstore records
+    --out absolute: a relative one is left as it is, its base unknown)."""
+    import os
+    import re
+    import shlex
+
+    try:
+        args = shlex.split(command)
+    except ValueError:
+        return command
+    if "--out" not in args or args.index("--out") + 1 >= len(args):
+        return command
+    i = args.index("--out") + 1
+    url = re.match(r"^[a-z][a-z0-9+.-]*://", location) is not None
+    here = location if url else os.path.abspath(location)
+    there = args[i]
+    if there == here or not (url or os.path.isabs(there)) or (not url and os.path.realpath(there) == os.path.realpath(here)):
+        return command
+    args[i] = here
+    return shlex.join(args)

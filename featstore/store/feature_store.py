@@ -289,7 +289,7 @@ class FeatureStore:
             dict(store.meta.splits),
             store.meta.chunk_rows or DEFAULT_CHUNK_ROWS,
             str(store.path),
-            repair_hint(store.attrs, store.format == "hdf5"),
+            repair_hint(store.attrs, store.format == "hdf5", str(store.path)),
         )
         return store
 

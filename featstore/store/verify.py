@@ -450,14 +450,14 @@ def require_readable(store: FeatureStore) -> None:
     problems = schema_problems(store)
     if problems:
         report = VerifyReport(str(store.path), store.digests.present, store.complete, problems=problems)
-        raise refusal(report, repair_hint(store.attrs, store.format == "hdf5"))
+        raise refusal(report, repair_hint(store.attrs, store.format == "hdf5", str(store.path)))
 
 
 def require_labels(store: FeatureStore, labels: dict[str, np.ndarray]) -> int:
     """Refuse labels outside ``[0, classes)``; return the number of classes (the recorded count,
     else the labels' maximum + 1, at most :data:`MAX_UNRECORDED_CLASSES`)."""
     classes = num_classes(store)
-    hint = repair_hint(store.attrs, store.format == "hdf5")
+    hint = repair_hint(store.attrs, store.format == "hdf5", str(store.path))
     for split, y in labels.items():
         problems = label_problems(split, y, classes)
         if problems:

@@ -74,7 +74,10 @@ def load_rerun(folder: str | os.PathLike) -> Rerun:
             f"{str(folder)!r} was run under protocol version {version}; this probe trains under version {PROTOCOL_VERSION}",
             "install the featstore version recorded in its protocol.json to repeat it",
         )
-    protocol = Protocol.from_dict(recorded)
+    try:
+        protocol = Protocol.from_dict(recorded)
+    except UsageError as e:  # a hand-edited value: name the file it is in
+        raise UsageError(f"{str(folder / PROTOCOL)!r}: {e.message}", "the file was edited; run probe fit afresh") from None
     if record.get("protocol_hash") and protocol.hash != record["protocol_hash"]:
         raise UsageError(
             f"{str(folder / PROTOCOL)!r}: its protocol hashes to {protocol.hash}, not the recorded {record['protocol_hash']}",

@@ -112,7 +112,7 @@ def test_a_hand_edited_protocol_record_is_a_one_line_error(tmp_path, digits):
         shutil.copytree(tmp_path / "run", edited)
         (edited / "protocol.json").write_text(json.dumps({**record, "protocol": {**record["protocol"], field: value}}))
         code, output = run_cli(["fit", "--rerun", str(edited), "--out", str(tmp_path / f"again-{field}")])
-        assert_one_line_error(code, output, 2, needle)
+        assert_one_line_error(code, output, 2, f"{str(edited / 'protocol.json')!r}: {needle}")  # naming the file
         with pytest.raises(UsageError, match=re.escape(needle)):
             probe.Protocol(**{field: value})
     (edited / "protocol.json").write_text("[]")

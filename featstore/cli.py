@@ -82,7 +82,7 @@ def cli(debug):
     default="auto",
     show_default=True,
     help="Image decoding: dali (GPU or CPU threads), nvjpeg (torchvision on CUDA), torch (PIL reference). "
-    "auto: nvjpeg on CUDA (faster end to end than dali, measured), else dali where it imports, else torch.",
+    "auto: what measured fastest end to end on the device: nvjpeg on CUDA, torch on a CPU.",
 )
 @click.option("--device", default="auto", show_default=True, help="Where the model runs: auto (cuda when present), cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass (and per decoded batch).")

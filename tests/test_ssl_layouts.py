@@ -297,6 +297,10 @@ def test_dino_full_checkpoint_takes_teacher_without_trust(vit_s, tmp_path):
         FeatstoreError, match=r"trained as DINO/iBOT vit_small \(6 heads.*but mocov3-vits \[timm:vit_small_patch16_224\] has 12 heads"
     ):
         features("mocov3-vits", tmp_path / "checkpoint.pth", 32)
+    # a file holding the student alone loads it, and says so (the evaluated copy is the teacher)
+    torch.save({k: v for k, v in ckpt.items() if k != "teacher"}, tmp_path / "student.pth")
+    _, report = features("dinov1", tmp_path / "student.pth", 32)
+    assert "took 'student' (the file has no 'teacher'" in report
 
 
 def test_ibot_checkpoint_takes_teacher_and_drops_masked_embed(vit_s, tmp_path):

@@ -216,6 +216,8 @@ def _unwrap(obj, name: str) -> tuple[dict, str]:
             continue
         wrapper = next((k for k in WRAPPER_ENTRIES if isinstance(obj.get(k), (dict, nn.Module)) and obj[k]), None)
         if wrapper is not None and not (obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+            if wrapper == "student":  # said, as every copy taken is: the authors evaluate the teacher, absent here
+                taken = taken or "'student' (the file has no 'teacher', the copy DINO, iBOT and DINOv2 evaluate)"
             obj = obj[wrapper]
             continue
         if any(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -453,11 +453,13 @@ def compare_command(results_dir, reference, as_json, latex, as_markdown, spread,
     if latex or as_markdown:
         from .output import paper
 
-        dataset = run.dataset.get("name") or "the dataset"
+        dataset = paper.literal(run.dataset.get("name") or "the dataset")
         split = ", ".join(run.report_splits)
+        several = any(len(s.seeds) > 1 for s in comparison.seeds)
+        how = "mean ± sample std of the per-seed differences" if spread == "std" and several else "paired bootstrap 95% interval"
         caption = (
-            f"Top-1 difference (points) to {comparison.reference} on the same images of the {split} split of {dataset}, "
-            "paired bootstrap 95% interval; McNemar's exact test (several seeds: the exact sign-flip test of the seed-mean "
+            f"Top-1 difference (points) to {paper.literal(comparison.reference)} on the same images of the {split} split of {dataset}, "
+            f"{how}; McNemar's exact test (several seeds: the exact sign-flip test of the seed-mean "
             "difference), Holm-adjusted over every comparison of the table; "
             f"in bold: Holm $p$ < {paper.ALPHA:g}."
         )

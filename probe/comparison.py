@@ -19,6 +19,7 @@ from featstore.errors import UsageError
 
 from . import intervals as I
 from .multiple_testing import holm
+from .results import markdown_cells
 from .results.predictions import ConfigKey, Predictions, align
 
 
@@ -285,7 +286,7 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
         + ["n", "top-1 [95% CI]", f"Δ vs {comparison.reference} [95% CI]", "n01 / n10", "McNemar p"]
         + (["Holm p"] if tests > 1 else [])
     )
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = [markdown_cells.row(head), "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = (
             [r.label, r.view, r.method, r.shots or "all"] + ([str(r.seed)] if multi_seed else []) + [str(r.n), fmt_interval(r.top1, r.ci95)]
@@ -301,7 +302,7 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
             paired = f" on {r.n_paired}" if r.n_paired != r.n else ""
             cells += [fmt_interval(r.delta, r.delta_ci95, signed=True) + vs + paired, f"{r.n01} / {r.n10}", fmt_p(r.mcnemar_p)]
         cells += [fmt_p(r.mcnemar_p_holm)] if tests > 1 else []
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_cells.row(cells))
     out = "\n".join(lines) + "\n"
     out += (
         f"\ntop-1 in percent, 95% percentile bootstrap over images ({comparison.n_resamples} resamples, seed {comparison.bootstrap_seed}); "
@@ -321,7 +322,12 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
                 else "—"
             )
             sp = "—" if s.delta_mean is None else fmt_p(s.p_sign)
-            out += f"| {s.label} | {s.view} | {s.method} | {s.shots or 'all'} | {len(s.seeds)} | {s.top1_mean:.2f} ± {s.top1_std:.2f} | {per} | {dm} | {dci} | {sp} |\n"
+            out += (
+                markdown_cells.row(
+                    [s.label, s.view, s.method, s.shots or "all", len(s.seeds), f"{s.top1_mean:.2f} ± {s.top1_std:.2f}", per, dm, dci, sp]
+                )
+                + "\n"
+            )
         out += (
             "\nΔ mean [95% CI]: paired bootstrap over the images of the seed-averaged per-image difference; sign-flip p: exact "
             "two-sided test of that difference, each image's seeds flipped together (McNemar's test for one seed).\n"
@@ -338,5 +344,8 @@ def markdown(comparison: Comparison, max_classes: int = 10) -> str:
         ) + ":\n"
         out += title + "\n| class | n | top-1 | reference top-1 | Δ |\n|---|---|---|---|---|\n"
         for d in shown:
-            out += f"| {comparison.class_name(d.target)} | {d.n} | {d.top1:.1f} | {d.top1_reference:.1f} | {d.delta:+.1f} |\n"
+            out += (
+                markdown_cells.row([comparison.class_name(d.target), d.n, f"{d.top1:.1f}", f"{d.top1_reference:.1f}", f"{d.delta:+.1f}"])
+                + "\n"
+            )
     return out

@@ -197,6 +197,9 @@ def test_compare_paper_table_gives_delta_interval_p_and_holm_p(runs):
     assert code == 0 and md.startswith("| encoder | method | Δ top-1 vs clean | McNemar p | Holm p |")
     code, plain = run_cli(["compare", str(root / "fixed")])
     assert "| Holm p |" in plain and "Holm p: the 2 McNemar p-values adjusted together" in plain
+    # over two seeds with --spread std the cells are mean ± std, and the caption says so (it said bootstrap)
+    code, std = run_cli(["compare", str(root / "sweep"), "--markdown", "--spread", "std"])
+    assert code == 0 and " ± " in std and "mean ± sample std of the per-seed differences" in std and "bootstrap" not in std
 
 
 # ---------------------------------------------------------------- fixed LR
@@ -275,3 +278,46 @@ def test_latex_writes_greek_and_minus_as_math():
     from probe.output.paper import _tex
 
     assert _tex("Δ δ1 − ref ± 1") == r"$\Delta$ $\delta$1 $-$ ref $\pm$ 1"
+
+
+def test_user_text_cannot_break_markdown_or_latex():
+    """A label is the user's text: a | shifted every later cell of its markdown row, <b> became a tag
+    hiding the label, and a $ opened math in LaTeX (its % then commented out the line) and vanished
+    from markdown. Our own math ($p$) still renders as math."""
+    from probe.results.markdown_cells import cell, row
+
+    assert cell("p|q <b> 5 < 7") == r"p\|q \<b> 5 < 7"
+    assert row(["a|b", 3]) == r"| a\|b | 3 |"
+    label = paper.literal("US$ 50%_&#{x} p|q")
+    t = paper.Table(["encoder", "McNemar $p$"], [[label, "0.5"]], [[False, False]], f"reference {label}.")
+    tex = paper.latex(t)
+    assert r"US\$ 50\%\_\&\#\{x\} p|q & 0.5 \\" in tex and r"McNemar $p$" in tex
+    assert tex.count("$") - tex.count(r"\$") == 2  # only our own $p$ is math
+    md = paper.markdown(t)
+    assert (
+        r"| US$ 50%_&#{x} p\|q | 0.5 |" in md and "| encoder | McNemar p |" in md and md.rstrip().endswith(r"reference US$ 50%_&#{x} p|q.")
+    )
+
+
+def test_compare_table_names_the_view_when_stores_have_several():
+    """Two views of one store each against the reference: their rows were both just the label."""
+    from probe.results.predictions import Predictions
+
+    n, target = 50, np.arange(50) % 5
+    preds = [Predictions(label, label, view, "linear", "", 0, [f"x{i}" for i in range(n)], target, (target + k * (np.arange(n) % 7 == 0)) % 5)
+             for label, view, k in (("r", "cls", 0), ("r", "avgpool", 0), ("u", "cls", 1), ("u", "avgpool", 2))]  # fmt: skip
+    names = [row[0] for row in paper.compare_table(compare(preds, "r")).rows]
+    assert names == ["u [cls]", "u [avgpool]"]
+
+
+def test_equal_top1_share_a_rank(tmp_path):
+    """Two stores with exactly the same top-1 were ranked 1 and 2 by the order they came in; they
+    share rank 1, and the next is 3."""
+    from tests.test_compare import results_folder
+
+    target = np.arange(200) % 10
+    right, less = target.copy(), target.copy()
+    less[:30] = (less[:30] + 1) % 10
+    folder = results_folder(tmp_path / "run", {"z": (target, right), "a": (target, right), "m": (target, less)})
+    (g,) = leaderboard.gather([folder])
+    assert sorted((r["rank"], r["label"]) for r in leaderboard.table_rows([g])) == [(1, "a"), (1, "z"), (3, "m")]

@@ -23,7 +23,7 @@ import numpy as np
 
 from featstore.errors import UsageError
 
-from ..results import table_csv
+from ..results import markdown_cells, table_csv
 from . import metrics
 
 DEPTH_COMPARED = ("rmse", "absrel", "delta1", "rmse_ssa", "delta1_ssa")
@@ -275,8 +275,8 @@ def markdown(task: str, differences: list[Difference]) -> str:
     lines = [f"dense {task}: each store − reference on the same images (95% paired bootstrap interval; Wilcoxon signed-rank p)", "",
              "| store | reference | metric | store | reference | Δ | 95% interval | p | images |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for d in differences:
-        lines.append(f"| {d.store} | {d.reference} | {d.metric} | {d.value:.4f} | {d.reference_value:.4f} | {d.delta:+.4f} | "
-                     f"[{d.low:+.4f}, {d.high:+.4f}] | {d.p:.2g} | {d.images} |")  # fmt: skip
+        lines.append(markdown_cells.row([d.store, d.reference, d.metric, f"{d.value:.4f}", f"{d.reference_value:.4f}", f"{d.delta:+.4f}",
+                                         f"[{d.low:+.4f}, {d.high:+.4f}]", f"{d.p:.2g}", d.images]))  # fmt: skip
     return "\n".join(lines)
 
 

@@ -35,7 +35,7 @@ from ..methods.heads import schedule_factor
 from ..methods.token_rows import default_memory
 from ..output.files import check_out
 from ..protocol import Protocol
-from ..results import table_csv
+from ..results import markdown_cells, table_csv
 from ..selection import SplitPlan, choose, plan_splits
 from ..stores import StoreSpec, assign_labels, open_checked, parse_store_spec
 from . import metrics
@@ -451,9 +451,7 @@ def summary_table(result: DenseResult) -> str:
     names = ["miou", "pixel_acc"] if task == "seg" else [m + s for s in ("", "_ssa") for m in metrics.DEPTH_METRICS]
     names = [n for n in names if n in chosen[0]]
     head = ["store", "view", "lr", "wd", *names]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [markdown_cells.row(head), "|" + "---|" * len(head)]
     for r in chosen:
-        lines.append(
-            "| " + " | ".join([str(r["store"]), str(r["view"]), f"{r['lr']:g}", f"{r['wd']:g}", *(f"{r[n]:.4f}" for n in names)]) + " |"
-        )
+        lines.append(markdown_cells.row([str(r["store"]), str(r["view"]), f"{r['lr']:g}", f"{r['wd']:g}", *(f"{r[n]:.4f}" for n in names)]))
     return "\n".join(lines)

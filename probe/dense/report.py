@@ -33,7 +33,7 @@ from ..output import paper
 from ..output.html import _CSS, _compact_json, _figure, _png, _pyplot
 from ..output.leaderboard import LEADERBOARD_CSV, LEADERBOARD_MD, REPORT_HTML
 from ..output.plots import line_styles, place_legends
-from ..results import table_csv
+from ..results import markdown_cells, table_csv
 from .compare import DAMAGED_NPZ, ClassIoU, Difference, compare_dense, is_dense_run, per_class_iou, read_run_files, safe_name
 
 PANEL_IMAGES = 4  # images shown per run: the first reported rows every store has predictions for
@@ -350,18 +350,18 @@ def _signed(v: float) -> str:
 def summary_markdown(run: DenseRun) -> str:
     names = SUMMARY[run.task]
     head = ["store", "view", "lr", "wd", *(NAMES[m] for m in names), "images"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [markdown_cells.row(head), "|" + "---|" * len(head)]
     for r in summary_rows(run):
-        lines.append("| " + " | ".join([str(r["store"]), str(r["view"]), f"{r['lr']:g}", f"{r['wd']:g}", *(_num(r[m]) for m in names),
-                                        str(r["images"])]) + " |")  # fmt: skip
+        lines.append(markdown_cells.row([str(r["store"]), str(r["view"]), f"{r['lr']:g}", f"{r['wd']:g}", *(_num(r[m]) for m in names),
+                                         str(r["images"])]))  # fmt: skip
     return "\n".join(lines)
 
 
 def comparison_markdown(differences: Sequence[Difference]) -> str:
     lines = ["| store | reference | metric | store | reference | Δ | 95% paired interval | Wilcoxon p | images |", "|---|---|---|---:|---:|---:|---|---:|---:|"]  # fmt: skip
     for d in differences:
-        lines.append(f"| {d.store} | {d.reference} | {NAMES.get(d.metric, d.metric)} | {d.value:.4f} | {d.reference_value:.4f} | "
-                     f"{d.delta:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | {d.p:.2g} | {d.images} |")  # fmt: skip
+        lines.append(markdown_cells.row([d.store, d.reference, NAMES.get(d.metric, d.metric), f"{d.value:.4f}", f"{d.reference_value:.4f}",
+                                         f"{d.delta:+.4f}", f"[{d.low:+.4f}, {d.high:+.4f}]", f"{d.p:.2g}", d.images]))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -383,7 +383,7 @@ def paper_table(run: DenseRun, differences: Sequence[Difference], reference: str
     out, bold = [], []
     for r in rows:
         store = str(r["store"])
-        line, marks = [store], [False]
+        line, marks = [paper.literal(store)], [False]
         for m in names:
             line.append(_num(r[m]))
             marks.append(best[m] is not None and r.get(m) not in (None, "") and _num(float(r[m])) == _num(best[m]))
@@ -397,8 +397,8 @@ def paper_table(run: DenseRun, differences: Sequence[Difference], reference: str
     split = next((str(r["report_split"]) for r in rows), "report")
     what = ("Δ: store − reference on the same images, paired bootstrap 95% interval; $p$: Wilcoxon signed-rank on the per-image "
             f"differences, in bold where its Holm-adjusted $p$ over the table is < {paper.ALPHA:g}; the best value per metric in bold")  # fmt: skip
-    caption = f"Dense {run.task} probe on the {split} split ({run.folder.name}); {what}" + (
-        f"; reference {reference}." if reference else "."
+    caption = f"Dense {run.task} probe on the {split} split ({paper.literal(run.folder.name)}); {what}" + (
+        f"; reference {paper.literal(reference)}." if reference else "."
     )
     head = ["store", *(NAMES[m] for m in names), *(f"Δ {NAMES[m]} [95% CI], p" for m in compared)]
     return paper.Table(head, out, bold, caption, align="l" + "r" * (len(head) - 1))
@@ -418,10 +418,10 @@ def compare_paper_table(task: str, differences: Sequence[Difference]) -> paper.T
     """``probe compare --latex/--markdown`` of a dense run: each store × metric, Δ to the reference with
     its paired bootstrap 95% interval, the Wilcoxon p and the Holm-adjusted p over the table (bold < 0.05)."""
     adjusted = holm([d.p for d in differences])
-    out = [[d.store, NAMES.get(d.metric, d.metric), f"{_signed(d.delta)} [{_signed(d.low)}, {_signed(d.high)}]", paper.p_value(d.p), paper.p_value(h)]
+    out = [[paper.literal(d.store), NAMES.get(d.metric, d.metric), f"{_signed(d.delta)} [{_signed(d.low)}, {_signed(d.high)}]", paper.p_value(d.p), paper.p_value(h)]
            for d, h in zip(differences, adjusted)]  # fmt: skip
     significant = [h is not None and h < paper.ALPHA for h in adjusted]
-    reference = differences[0].reference if differences else "the reference"
+    reference = paper.literal(differences[0].reference) if differences else "the reference"
     caption = (f"Dense {task} probe: each store − {reference} on the same images, paired bootstrap 95% interval; Wilcoxon "
                f"signed-rank $p$ on the per-image differences, Holm-adjusted over the table; in bold: Holm $p$ < {paper.ALPHA:g}.")  # fmt: skip
     return paper.Table(["encoder", "metric", f"Δ vs {reference}", "Wilcoxon $p$", "Holm $p$"], out,
@@ -452,7 +452,7 @@ def per_class_rows(labels: Sequence[str], reference: str | None, classes: list[C
 def per_class_markdown(labels: Sequence[str], reference: str | None, classes: list[ClassIoU]) -> str:
     head, body = per_class_rows(labels, reference, classes)
     title = "per class IoU" + (f" (Δ: store − {reference}, 95% paired bootstrap interval)" if reference else "") + ":"
-    return "\n".join([title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in body)])
+    return "\n".join([title, "", markdown_cells.row(head), "|" + "---|" * len(head), *(markdown_cells.row(r) for r in body)])
 
 
 def per_class_csv(runs: Sequence[DenseRun], references: Sequence[str | None], classes: Sequence[list[ClassIoU]]) -> str:

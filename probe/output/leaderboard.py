@@ -20,7 +20,7 @@ from .. import intervals as I
 from ..comparison import Comparison, compare, fmt_interval, fmt_p
 from ..multiple_testing import holm
 from ..protocol import Protocol
-from ..results import table_csv
+from ..results import markdown_cells, table_csv
 from ..results.predictions import ConfigKey, Predictions
 from ..results.runs import Run, load, reported_n, reported_top1, row_label
 from ..results.summary import setting
@@ -164,7 +164,11 @@ def table_rows(groups: list[Group], *, per_seed: bool = False) -> list[dict]:
             blocks.setdefault((r["method"], r["shots"]) + ((r["seed"],) if per_seed else ()), []).append(r)
         for block in blocks.values():
             block.sort(key=lambda r: -(r["top1"] if r["top1"] is not None else -math.inf))
-            out += [{"rank": rank, **r} for rank, r in enumerate(block, start=1)]
+            # competition ranking: equal top-1 share a rank (1, 1, 3), whatever order the stores came in
+            tops = [r["top1"] for r in block if r["top1"] is not None]
+            out += [
+                {"rank": 1 + sum(t > r["top1"] for t in tops) if r["top1"] is not None else i, **r} for i, r in enumerate(block, start=1)
+            ]
     return out
 
 
@@ -296,10 +300,10 @@ def markdown(groups: list[Group], rows: list[dict], per_seed: bool = False) -> s
         out.append(f"### {'group ' + str(gi) + ': ' if len(groups) > 1 else ''}{names[gi - 1]}\n")
         ref = g.comparison.reference if g.comparison else None
         head = table_head(ref, per_seed, not selects(g.runs[0]))
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines = [markdown_cells.row(head), "|" + "|".join("---" for _ in head) + "|"]
         mine = [r for r in rows if r["group"] == gi]
         for r in mine:
-            lines.append("| " + " | ".join(table_cells(r, ref, per_seed)) + " |")
+            lines.append(markdown_cells.row(table_cells(r, ref, per_seed)))
         out.append("\n".join(lines) + "\n\n" + notes(g, mine, per_seed) + "\n")
     return "\n".join(out)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..comparison import Comparison
 from ..multiple_testing import holm
+from ..results import markdown_cells
 
 ALPHA = 0.05  # a difference is set in bold when its Holm-adjusted p is below this
 SPREADS = ("ci", "std")  # what follows a number: its 95% interval, or ± the sample std over seeds
@@ -78,7 +79,7 @@ def report_table(rows: list[dict], *, spread: str = "ci", caption: str = "") -> 
     best = {c: max((r["top1"] for r in rows if (r["method"], r["shots"]) == c and r["top1"] is not None), default=None) for c in columns}
     out, bold = [], []
     for label, view in stores:
-        line, marks = [label + (f" [{view}]" if several_views else "")], [False]
+        line, marks = [literal(label) + (f" [{literal(view)}]" if several_views else "")], [False]
         for c in columns:
             r = cell.get((label, view, *c))
             if r is None:
@@ -99,6 +100,7 @@ def compare_table(comparison: Comparison, *, spread: str = "ci", caption: str = 
     paired p (McNemar's exact test; several seeds: the sign-flip test of the seed-mean difference)
     and the Holm-adjusted p over the table's tests."""
     several_shots = len({r.shots for r in comparison.rows}) > 1
+    several_views = len({(r.label, r.view) for r in comparison.rows}) > len({r.label for r in comparison.rows})  # name each store's view
     seeds = {(s.label, s.view, s.method, s.shots): s for s in comparison.seeds}
     out, ps, seen = [], [], set()
     for r in comparison.rows:
@@ -106,7 +108,7 @@ def compare_table(comparison: Comparison, *, spread: str = "ci", caption: str = 
         if r.is_reference or key in seen:
             continue
         seen.add(key)
-        name = r.label + (f" [{r.view}]" if r.reference_view and r.reference_view != r.view else "")
+        name = literal(r.label) + (f" [{literal(r.view)}]" if several_views or (r.reference_view and r.reference_view != r.view) else "")
         s = seeds.get(key)
         if s is None:
             delta, p = _number(r.delta, r.delta_ci95, None, 1, spread, signed=True), r.mcnemar_p
@@ -120,13 +122,14 @@ def compare_table(comparison: Comparison, *, spread: str = "ci", caption: str = 
     significant = [h is not None and h < ALPHA for h in adjusted]  # after Holm: Δ and its Holm p in bold
     bold = [[False, False, sig, False, sig] for sig in significant]
     test = "sign-flip $p$" if seeds else "McNemar $p$"
-    columns = ["encoder", "method", f"Δ top-1 vs {comparison.reference}", test, "Holm $p$"]
+    columns = ["encoder", "method", f"Δ top-1 vs {literal(comparison.reference)}", test, "Holm $p$"]
     return Table(columns, out, bold, caption, align="llrrr")
 
 
 # ---------------------------------------------------------------- renderers
 
-_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "\\": r"\textbackslash{}"}  # fmt: skip
+_DOLLAR = "\ue000"  # a user's own $ (in a label or name): not a mark of our math, printed as $ (\$ in LaTeX)
+_LATEX_SPECIAL = {_DOLLAR: r"\$", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "\\": r"\textbackslash{}"}  # fmt: skip
 
 
 _POWER = re.compile(f"×10([{_RAISED}]+)")
@@ -169,13 +172,19 @@ def latex(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+def literal(text: object) -> str:
+    """A user's text (a store label, a dataset or folder name) for a table or caption: its ``$`` signs
+    are its own, not the ``$…$`` of our math."""
+    return str(text).replace("$", _DOLLAR)
+
+
 def markdown(table: Table) -> str:
     """A GitHub markdown table, bold as ``**…**``, the caption below it."""
-    plain = lambda text: text.replace("$", "")  # noqa: E731 (the LaTeX math marks of the column names)
-    lines = ["| " + " | ".join(plain(c) for c in table.columns) + " |"]
+    plain = lambda text: text.replace("$", "").replace(_DOLLAR, "$")  # noqa: E731 (the LaTeX math marks of our own text)
+    lines = [markdown_cells.row(plain(c) for c in table.columns)]
     lines.append(
         "|" + "|".join("---" if i == 0 or (table.align and table.align[i] == "l") else "---:" for i in range(len(table.columns))) + "|"
     )
     for row, marks in zip(table.rows, table.bold):
-        lines.append("| " + " | ".join(f"**{plain(c)}**" if b else plain(c) for c, b in zip(row, marks)) + " |")
+        lines.append(markdown_cells.row(f"**{plain(c)}**" if b else plain(c) for c, b in zip(row, marks)))
     return "\n".join(lines) + "\n\n" + plain(table.caption) + "\n"

@@ -72,9 +72,9 @@ def paper_tables(groups: list[Group], spread: str = "ci") -> list[paper.Table]:
         mine = [r for r in rows if r["group"] == gi]
         seeds = max((r.get("n_seeds", 1) for r in mine), default=1)
         how = f"mean ± sample std over {seeds} seeds" if spread == "std" and seeds > 1 else "95% percentile bootstrap interval over images"
-        dataset = g.runs[0].dataset.get("name") or g.fields["dataset"]
+        dataset = paper.literal(g.runs[0].dataset.get("name") or g.fields["dataset"])
         caption = (
-            f"Top-1 accuracy (%) on the {g.fields['report split']} split of {dataset} ({names[gi - 1] if len(groups) > 1 else fixed_or_sweep(g.runs[0])}), "
+            f"Top-1 accuracy (%) on the {g.fields['report split']} split of {dataset} ({paper.literal(names[gi - 1]) if len(groups) > 1 else fixed_or_sweep(g.runs[0])}), "
             f"{how}{'' if spread == 'std' and seeds > 1 else ', seeds averaged' if seeds > 1 else ''}; the best per method in bold."
         )
         out.append(paper.report_table(mine, spread=spread, caption=caption))

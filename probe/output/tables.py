@@ -10,6 +10,7 @@ import numpy as np
 from ..comparison import Comparison, compare, fmt_interval, fmt_p
 from ..intervals import N_RESAMPLES, seed_mean_interval
 from ..protocol import Protocol
+from ..results import markdown_cells
 from ..results.predictions import ConfigKey
 from ..results.predictions import of_rows as predictions_of
 from ..results.rows import by_probe, chosen_on_report, chosen_on_selection, is_battery, selection_words, sweep_rows
@@ -82,7 +83,7 @@ def battery_table(rows: list[dict], protocol: Protocol | None = None, digest: Di
     head += (["reported top-5"] if has_top5 else []) + ["reported on"]
     versus = digest.versus
     head += [f"Δ vs {versus.reference} [95% CI]", "McNemar p"] if versus else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = [markdown_cells.row(head), "|" + "|".join("---" for _ in head) + "|"]
     reported_as = {(r["store"], r["view"]): r["reported_as"] for r in rows}
     for e in entries:
         cells = [labels[e["store"]], encoders[e["store"]] or "—"] + ([e["view"]] if multi_view else [])
@@ -91,7 +92,7 @@ def battery_table(rows: list[dict], protocol: Protocol | None = None, digest: Di
         cells += [reported_as[(e["store"], e["view"])]]
         if versus:
             cells += _versus_entry_cells(versus, labels[e["store"]], e)
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_cells.row(cells))
     r0 = rows[0]
     seeds = sorted({r["seed"] for r in rows})
     notes = (
@@ -135,7 +136,7 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
     versus = (digest or digest_of(rows)).versus
     if versus:
         head += [f"Δ vs {versus.reference} [95% CI]", "McNemar p"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = [markdown_cells.row(head), "|" + "|".join("---" for _ in head) + "|"]
     for rs in groups.values():
         sel = next(r for r in rs if r["selected"])
         chosen = chosen_on_selection(rs, sel)  # sel itself, or the sweep's head that sel refits
@@ -155,7 +156,7 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
             cells += [f"{_pct(best['report_top1_pct'])} ({best['lr']:g})" if best else "— (nothing reported)"]
         if versus:
             cells += _versus_cells(versus, ConfigKey.of_row(sel))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_cells.row(cells))
     r0 = rows[0]
     how = f"fixed lr {r0['lr']:g}, nothing selected" if one_head else f"select on {r0['select_on']}"
     notes = f"protocol {r0['protocol_hash']}: {r0['optimizer']}, {r0['epochs']} epochs, batch {r0['batch_size']}, normalize {r0['normalize']}, seed {r0['seed']}, {how}"

@@ -214,6 +214,40 @@ def test_container_check_names_each_kind_and_passes_real_photos(tmp_path):
     assert container_problem(b"GIF89a....") == ""  # another format: PIL decides
 
 
+def _png(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    import zlib
+
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big") for kind, body in chunks
+    )
+
+
+def test_pngs_that_pil_decodes_into_garbage_are_refused_by_every_loader(tmp_path):
+    """PIL decodes these into black or garbage pixels (a valid row of nonsense) where DALI refuses
+    them; the PNG specification has a decoder reject them: every loader calls them invalid now."""
+    import struct
+    import zlib
+
+    from featstore.loaders.decode import read_encoded
+
+    raw = zlib.compress(b"".join(b"\x00" + bytes(4) for _ in range(4)))  # 4 rows of 4 palette pixels
+    ihdr_p = (b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 3, 0, 0, 0))
+    plte, idat, iend = (b"PLTE", bytes(range(12))), (b"IDAT", raw), (b"IEND", b"")
+    good = _png([ihdr_p, plte, idat, iend])
+    assert container_problem(good) == "" and Image.open(io.BytesIO(good)).size == (4, 4)
+    cases = {
+        "a palette image without its PLTE chunk": [ihdr_p, idat, iend],
+        "no IDAT chunk": [ihdr_p, plte, iend],
+        "unknown critical chunk ZzZz": [ihdr_p, plte, (b"ZzZz", b"x"), idat, iend],
+        "its IDAT chunks are not consecutive": [ihdr_p, plte, (b"IDAT", raw[:5]), (b"tEXt", b"a\x00b"), (b"IDAT", raw[5:]), iend],
+    }
+    for why, chunks in cases.items():
+        path = tmp_path / f"{why[:10]}.png"
+        path.write_bytes(_png(chunks))
+        assert why in container_problem(path.read_bytes()), why
+        assert why in read_encoded(str(path))[1], why  # the torch loader's reason: the same
+
+
 def test_container_check_refuses_whatever_dalis_parser_refuses():
     """DALI crashes on a header nvImageCodec cannot parse; the structural check alone must refuse
     every such header (the DALI loader also asks nvImageCodec, but only where it is installed)."""

@@ -175,7 +175,7 @@ def check_png(data: bytes) -> ContainerCheck:
     n = len(data)
     if data[:8] != PNG_SIGNATURE:
         return _broken("not a PNG (no signature)")
-    pos, size = 8, None
+    pos, size, color, palette, idat, after_idat = 8, None, 0, False, False, False
     while True:
         if pos + 8 > n:
             return _broken("truncated PNG: no IEND chunk")
@@ -198,6 +198,21 @@ def check_png(data: bytes) -> ContainerCheck:
             if depth not in _PNG_BIT_DEPTHS.get(color, ()):
                 return _broken(f"corrupt PNG: bit depth {depth} with color type {color}")
             size = width, height
-        if kind == b"IEND":
+        # what PIL decodes anyway, into black or garbage pixels, and DALI refuses (the PNG spec: a decoder must
+        # reject them): both loaders call them invalid
+        elif kind == b"IDAT":
+            if after_idat:
+                return _broken("corrupt PNG: its IDAT chunks are not consecutive")
+            idat = True
+        elif kind == b"PLTE":
+            palette = True
+        elif kind == b"IEND":
+            if not idat:
+                return _broken("corrupt PNG: no IDAT chunk (no image data)")
+            if color == 3 and not palette:
+                return _broken("corrupt PNG: a palette image without its PLTE chunk")
             return ContainerCheck("", size)
+        elif kind[:1].isupper():  # a critical chunk this PNG version does not define (or a second IHDR)
+            return _broken(f"corrupt PNG: {'a second IHDR chunk' if kind == b'IHDR' else 'unknown critical chunk ' + kind.decode('ascii')}")
+        after_idat = idat and kind != b"IDAT"
         pos = end

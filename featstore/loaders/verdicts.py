@@ -37,7 +37,7 @@ from .containers import image_format
 from .decode import read_checked, read_encoded
 
 # bump when the checks or the fields change: older cached verdicts are then dropped
-CHECKS_VERSION = 1
+CHECKS_VERSION = 2
 CHUNK = 512  # files per pool task
 PROCESS_POOL_FROM = 20_000  # files to check before a process pool pays for its start (~1 s)
 

@@ -300,3 +300,6 @@ def test_decoder_noise_is_dropped_and_everything_else_kept(capfd):
     err = capfd.readouterr().err
     assert err == "progress: 10/20 rows\na C library's own message\n\rbar 50%"
     assert is_decoder_noise(b"Premature end of JPEG file\n") and not is_decoder_noise(b"Corrupted my data\n")
+    # OpenCV's logger, which nvImageCodec's PNG/TIFF decoders print through (it reached the terminal)
+    assert is_decoder_noise(b"[ WARN:0@0.037] global grfmt_png.cpp:779 readFromStreamOrBuffer PNG input buffer is incomplete\n")
+    assert is_decoder_noise(b"[ERROR:0@1.5] global loadsave.cpp:515 imdecode_ ...\n") and not is_decoder_noise(b"[1/3] rows\n")

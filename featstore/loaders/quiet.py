@@ -60,7 +60,9 @@ _LIBJPEG = (
     rb"Requested features are incompatible",
     rb"libpng (?:warning|error): ",
 )
-NOISE = re.compile(rb"^(?:" + _NVIMGCODEC + rb"|" + b"|".join(_LIBJPEG) + rb")")
+# OpenCV's logger (nvImageCodec decodes PNG, TIFF, … with OpenCV): "[ WARN:0@0.037] global grfmt_png.cpp:779 …"
+_OPENCV = rb"\[ ?(?:FATAL|ERROR|WARN|INFO|DEBUG|VERBOSE):\d+@[\d.]+\] "
+NOISE = re.compile(rb"^(?:" + _NVIMGCODEC + rb"|" + _OPENCV + rb"|" + b"|".join(_LIBJPEG) + rb")")
 # how a diagnostic line can begin (derived from the patterns, so the two cannot drift apart): a
 # partial line that starts so waits for its end
 _MAY_BE_NOISE = re.compile(rb"^(?:\x1b|\[|[" + re.escape(bytes(sorted({m[0] for m in _LIBJPEG}))) + rb"])")

@@ -42,6 +42,19 @@ def exif_orientation(data: bytes) -> int:
     return 1
 
 
+def jpeg_header_read(data: bytes) -> bool:
+    """Whether ``data`` (a file's first bytes) reaches the JPEG's image data, so holds every segment
+    an EXIF orientation can be in (True too for what is not a JPEG: nothing more to read for it)."""
+    if data[:2] != b"\xff\xd8":
+        return True
+    pos, n = 2, len(data)
+    while pos + 4 <= n and data[pos] == 0xFF:
+        if data[pos + 1] in (0xDA, 0xD9):
+            return True
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return pos < n and data[pos] != 0xFF  # a broken header: reading on would not mend it
+
+
 def _tiff_orientation(tiff: bytes) -> int:
     try:
         order = {b"II": "<", b"MM": ">"}[tiff[:2]]

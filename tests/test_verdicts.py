@@ -50,8 +50,9 @@ def test_verdicts_say_what_read_encoded_says_and_keep_the_header_size(mixed):
             with Image.open(path) as img:
                 assert (v.width, v.height) == img.size, path
     kinds = [verdicts[r].kind for r in range(len(mixed))]  # type: ignore[union-attr]
-    # BMP, WebP and the text file (PIL decides about other formats when decoding); three bad files and the missing one
-    assert kinds.count("other") == 3 and kinds.count("") == 4
+    # BMP, WebP, the CMYK JPEG (PIL's pixels for DALI) and the text file (PIL decides about other formats when
+    # decoding); three bad files and the missing one
+    assert kinds.count("other") == 4 and kinds.count("") == 4
 
 
 def test_a_rerun_checks_nothing_and_a_changed_file_is_checked_again(mixed, tmp_path, monkeypatch):
@@ -226,3 +227,93 @@ def test_dali_batches_of_a_resumed_plan_are_bitwise_those_of_the_full_plan(real_
     resumed = list(DaliLoader(PRE, CPU, 2).batches(files, full[1:]))
     for a, b in zip(first[1:], resumed):
         assert a.rows.tolist() == b.rows.tolist() and torch.equal(a.images, b.images)
+
+
+def _jpeg_with(rgb: np.ndarray, segments: bytes) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    return data[:2] + segments + data[2:]
+
+
+def _app1_orientation(value: int, tiff_type: int) -> bytes:
+    import struct
+
+    field = struct.pack(">HH", value, 0) if tiff_type == 3 else struct.pack(">I", value)
+    tiff = (
+        b"MM" + struct.pack(">HI", 42, 8) + struct.pack(">H", 1) + struct.pack(">HHI", 0x0112, tiff_type, 1) + field + struct.pack(">I", 0)
+    )
+    payload = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+
+
+def test_files_dali_would_decode_otherwise_are_handed_to_it_as_pils_pixels(tmp_path):
+    """DALI inverted a CMYK JPEG without Adobe's marker (all black where PIL shows the photo), and
+    read EXIF orientations otherwise than PIL (a PNG's eXIf chunk for the views' windows, a
+    LONG-typed tag not at all): such files are decoded by PIL and given to DALI as PNGs ("other"),
+    where the ordinary ones stay JPEG/PNG."""
+    from featstore.loaders.verdicts import decodes_otherwise_in_dali
+
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    cmyk = tmp_path / "cmyk.jpg"
+    write_cmyk_jpeg(cmyk)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "o6.png", exif=exif.tobytes())
+    Image.fromarray(rgb).save(tmp_path / "o1.png")
+    files = {
+        "cmyk.jpg": (cmyk.read_bytes(), True),
+        "o6.png": ((tmp_path / "o6.png").read_bytes(), True),
+        "o1.png": ((tmp_path / "o1.png").read_bytes(), False),
+        "long_o6.jpg": (_jpeg_with(rgb, _app1_orientation(6, 4)), True),
+        "short_o6.jpg": (_jpeg_with(rgb, _app1_orientation(6, 3)), False),  # DALI turns it as PIL does
+        "plain.jpg": (_jpeg_with(rgb, b""), False),
+    }
+    for name, (data, otherwise) in files.items():
+        (tmp_path / name).write_bytes(data)
+        kind = "jpeg" if name.endswith(".jpg") else "png"
+        assert decodes_otherwise_in_dali(data, kind) == otherwise, name
+    names = list(files)
+    verdicts, _ = check_files([str(tmp_path / n) for n in names], range(len(names)), None, 1)
+    assert [verdicts[r].kind for r in range(len(names))] == [  # type: ignore[union-attr]
+        "other" if files[n][1] else ("jpeg" if n.endswith(".jpg") else "png") for n in names
+    ]
+
+
+def test_dali_gives_pils_pixels_for_them(tmp_path):
+    """The same files through DALI's CPU pipeline and the torch loader: the same pixels (the CMYK
+    JPEG was all black under DALI, the LONG-typed orientation not turned)."""
+    dali_or_skip()
+    from featstore.loaders.dali import DaliLoader
+    from featstore.loaders.dataloader import TorchLoader
+
+    rgb = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    write_cmyk_jpeg(tmp_path / "cmyk.jpg")
+    (tmp_path / "long_o6.jpg").write_bytes(_jpeg_with(rgb, _app1_orientation(6, 4)))
+    files = [str(tmp_path / "cmyk.jpg"), str(tmp_path / "long_o6.jpg")]
+    pre = Preprocess(32, 32, "bilinear")
+    cpu = torch.device("cpu")
+    (t,) = TorchLoader(pre, cpu, 0).batches(files, [np.arange(2)])
+    (d,) = DaliLoader(pre, cpu, 1).batches(files, [np.arange(2)])
+    assert not t.errors and not d.errors
+    levels = (t.images.float() - d.images.float()).abs() * torch.tensor(pre.std).view(1, 3, 1, 1) * 255
+    assert levels.mean() < 1.0, levels.mean((1, 2, 3))
+
+
+def test_the_views_windows_are_drawn_on_the_turned_size_behind_a_long_comment(tmp_path):
+    """DALI's augmented views are cut from windows drawn on the image's upright size, read from the
+    file's first 64 KiB: behind a 64 KiB comment the EXIF orientation was missed (the windows of a
+    portrait photo drawn on its landscape size, and DALI's slice then failed)."""
+    from featstore.loaders.dali import _upright_size
+    from featstore.orientation import jpeg_header_read
+
+    rgb = np.random.default_rng(2).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    comment = b"\xff\xfe" + (65535).to_bytes(2, "big") + b"x" * 65533
+    data = _jpeg_with(rgb, comment + _app1_orientation(6, 3))
+    (tmp_path / "o6.jpg").write_bytes(data)
+    assert not jpeg_header_read(data[: 1 << 16]) and jpeg_header_read(data)
+    assert _upright_size(str(tmp_path / "o6.jpg")) == (60, 40)  # (height, width) turned a quarter
+    (tmp_path / "o1.jpg").write_bytes(_jpeg_with(rgb, comment))
+    assert _upright_size(str(tmp_path / "o1.jpg")) == (40, 60)

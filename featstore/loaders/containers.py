@@ -149,6 +149,26 @@ def check_jpeg(data: bytes) -> ContainerCheck:
         pos = end.start()
 
 
+def jpeg_components(data: bytes) -> int:
+    """The colour components of a JPEG's first frame header (1 gray, 3 YCbCr, 4 CMYK/YCCK); 0 when
+    none is found before the image data."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if marker in (_SOS, _EOI):
+            return 0
+        if marker in _SUPPORTED_SOF:
+            return data[pos + 9] if pos + 9 < n else 0
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return 0
+
+
 def _frame_problem(segment: bytes) -> str:
     if len(segment) < 6:
         return "corrupt JPEG: frame header too short"

@@ -52,12 +52,12 @@ import torch
 from ..augment import ViewPlan, no_views
 from ..image_header import image_size_from_header
 from ..manifest import stored_path
-from ..orientation import exif_orientation
+from ..orientation import exif_orientation, jpeg_header_read
 from ..preprocess import Preprocess
 from .batch import Batch
 from .decode import decode_failure, decode_rgb, read_encoded
 from .quiet import DecoderNoiseFilter
-from .verdicts import Verdict, Verdicts, _nvimgcodec, check_files, nvimgcodec_parses
+from .verdicts import Verdict, Verdicts, _nvimgcodec, check_files, nvimgcodec_parses, read_verified
 
 _INTERP = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR", "nearest": "INTERP_NN"}
 _PAD = -1  # the label of a padding sample
@@ -333,6 +333,9 @@ class DaliLoader:
     def _read_encoded(self, source: str) -> tuple[bytes | None, str]:
         return read_encoded(source)
 
+    def _read_verified(self, source: str, verdict: Verdict) -> tuple[bytes | None, str]:
+        return read_verified(source, verdict)
+
     def _release(self, alive: deque) -> None:
         """The consumer has queued its work on the last batch: mark it, and let go of outputs it is done with."""
         if alive[-1][1] is None:
@@ -386,7 +389,8 @@ class DaliLoader:
         sources: dict[int, str] = {}
         if others:
             with ThreadPoolExecutor(self.threads, thread_name_prefix="featstore-png") as pool:
-                made = pool.map(lambda r: _as_png(self._read_encoded(paths[r]), tmp / f"{r}.png"), others)
+                # read as its verdict allows: a CMYK JPEG's container checked once, at its check, not again here
+                made = pool.map(lambda r: _as_png(self._read_verified(paths[r], verdict[r]), tmp / f"{r}.png"), others)
                 for r, (png, reason) in zip(others, made):
                     if png is None:
                         problems[r] = reason
@@ -464,14 +468,17 @@ _HEAD = 1 << 16  # an APP1 (EXIF) segment is at most 64 KiB and its orientation 
 
 def _upright_size(path: str) -> tuple[int, int]:
     """(height, width) of the image at ``path`` as decoded and turned upright by its EXIF orientation
-    (as DALI's decoder turns it), from its first 64 KiB; (0, 0) when the header cannot be read (the
-    row then fails to decode, or records no views)."""
+    (as DALI's decoder turns it), from its first 64 KiB, or its whole header when other segments come
+    first (a long comment); (0, 0) when the header cannot be read (the row then fails to decode, or
+    records no views)."""
     size = image_size_from_header(path)
     if size is None:
         return 0, 0
     try:
         with open(path, "rb") as f:
             head = f.read(_HEAD)
+            if len(head) == _HEAD and not jpeg_header_read(head):
+                head += f.read()
     except OSError:
         return 0, 0
     width, height = size

@@ -35,7 +35,7 @@ from ..manifest import member_ref, parse_member_ref
 from ..tar_index import wds2idx_line, wds2idx_text
 from .dali import _PAD, DaliLoader, _Feed, _tiny_jpeg
 from .members import check_member_chunk, read_member, read_member_checked
-from .verdicts import Verdicts
+from .verdicts import Verdict, Verdicts
 
 EXT = "img"
 
@@ -87,6 +87,9 @@ class DaliShardLoader(DaliLoader):
     def _read_encoded(self, source: str) -> tuple[bytes | None, str]:
         data, problem, _ = read_member_checked(source)
         return data, problem
+
+    def _read_verified(self, source: str, verdict: Verdict) -> tuple[bytes | None, str]:
+        return self._read_encoded(source)  # a member of a shard: read (and checked) from its tar
 
     def _feed(self, paths: list[str], plan: list[np.ndarray], verdicts: Verdicts | None, tmp: Path) -> _Feed:
         rows = [r for p in plan for r in p.tolist()]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import sqlite3
 import time
@@ -33,11 +34,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .containers import image_format
+from ..orientation import exif_orientation
+from .containers import image_format, jpeg_components
 from .decode import read_checked, read_encoded
 
 # bump when the checks or the fields change: older cached verdicts are then dropped
-CHECKS_VERSION = 2
+CHECKS_VERSION = 3
 CHUNK = 512  # files per pool task
 PROCESS_POOL_FROM = 20_000  # files to check before a process pool pays for its start (~1 s)
 
@@ -80,9 +82,33 @@ def check_file(path: str) -> Verdict:
 def verdict_of(data: bytes, hw: tuple[int, int] | None, size: int, mtime: int) -> Verdict:
     """The verdict on bytes ``read_checked`` (or ``check_encoded``) accepted, declaring the size ``hw``."""
     kind = image_format(data)
+    if kind in ("jpeg", "png") and decodes_otherwise_in_dali(data, kind):
+        kind = "other"  # DALI is given PIL's pixels (as a PNG), as for BMP or WebP
     parses = nvimgcodec_parses(data) if kind in ("jpeg", "png") else -1
     width, height = hw or (0, 0)
     return Verdict("", kind, width, height, parses, size, mtime)
+
+
+def decodes_otherwise_in_dali(data: bytes, kind: str) -> bool:
+    """A JPEG/PNG that DALI's decoder would turn out other than PIL (the reference every loader
+    follows): a 4-component (CMYK/YCCK) JPEG, whose inversion PIL assumes and nvImageCodec does not
+    without Adobe's marker (colours inverted: all black); and an EXIF orientation DALI reads
+    otherwise or not at all (a PNG's eXIf chunk, a LONG-typed tag, a second EXIF segment), where the
+    turn and the augmented views' windows would differ."""
+    if kind == "jpeg" and jpeg_components(data) == 4:
+        return True
+    if b"Exif\x00\x00" not in data and b"eXIf" not in data:  # no EXIF: nothing to turn (a fast scan, at C speed)
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            turn = im.getexif().get(0x0112, 1)
+    except Exception:
+        return False  # the decoders decide
+    if turn not in range(2, 9):
+        return False
+    return kind == "png" or exif_orientation(data) != turn or data.count(b"Exif\x00\x00") > 1
 
 
 def nvimgcodec_parses(data: bytes) -> int:

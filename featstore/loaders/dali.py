@@ -39,6 +39,7 @@ reader's files (``fn.external_source``, in the feed's order).
 from __future__ import annotations
 
 import io
+import re
 import tempfile
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
@@ -588,7 +589,14 @@ def _nvimgcodec_parses(data: bytes) -> bool:
 
 
 def _first_line(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "Critical error" not in ln]
+    """What a DALI error says went wrong: the operator's own words after "encountered:" ("Failed to decode
+    sample"), not its first line ("Error in CPU operator `nvidia.dali.fn.decoders.image`,")."""
+    text = str(e)
+    if "encountered:" in text:
+        said = [ln.strip() for ln in text.split("encountered:", 1)[1].splitlines() if ln.strip() and "no longer valid" not in ln]
+        if said:
+            return re.sub(r"\s*#\d+\s*:?\s*$", "", said[0]).rstrip(" :")[:300]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "Critical error" not in ln]
     text = next((ln for ln in lines if "rror" in ln or "decode" in ln.lower()), lines[0] if lines else type(e).__name__)
     return text[:300]
 

@@ -264,6 +264,24 @@ def test_forest_plot_shows_the_paired_difference_beside_each_store_seeds_average
 
 
 @pytest.mark.slow
+def test_the_forest_caption_names_the_dashed_line_only_where_it_is_drawn(runs, tmp_path):
+    """The dashed reference line is drawn for a single reference row; with a reference row per
+    method (linear and k-NN) only the squares mark the reference, and the caption says that."""
+    root, _, _ = runs
+    for run, dashed in (("fixed", True), ("sweep", False)):
+        (g,) = leaderboard.gather([root / run])
+        rows = leaderboard.table_rows([g])
+        assert sum(r["label"] == r["reference"] for r in rows) == (1 if dashed else 2)
+        fig = forest(g, rows)
+        assert any(line.get_linestyle() == "--" for line in fig.axes[0].get_lines()) == dashed
+        html = probe.report(root / run, out=tmp_path / run)["report.html"].read_text()
+        if dashed:
+            assert "(squares and the dashed line: the reference)" in html
+        else:
+            assert "(squares: the reference)" in html and "dashed line" not in html
+
+
+@pytest.mark.slow
 def test_report_html_wraps_long_json(runs):
     root, _, _ = runs
     groups = leaderboard.gather([root / "sweep"])

@@ -322,7 +322,13 @@ def render(groups, rows: list[dict], per_seed: bool = False) -> str:
         shown = [r for r in plotted if r["group"] == gi]
         forest = forest_figure(g, shown)
         if forest:
-            own = "each store's top-1 with its 95% interval (squares and the dashed line: the reference)"
+            one_reference = sum(r["label"] == r.get("reference") for r in shown) == 1
+            # the dashed line is drawn for a single reference row only (forest_figure): said only when drawn
+            own = (
+                "each store's top-1 with its 95% interval ("
+                + ("squares and the dashed line" if one_reference else "squares")
+                + ": the reference)"
+            )
             paired = (
                 f"Left: {own}. Right: its paired difference to the reference on the same images, with the paired bootstrap "
                 "95% interval (green/red: the interval excludes 0)."

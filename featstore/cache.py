@@ -272,16 +272,21 @@ def _stores_below(folder: Path) -> list[Path]:
 # ---------------------------------------------------------------- removal
 
 
+def refuse_link(path: str | os.PathLike) -> None:
+    """A symbolic link is not a store to delete: deleting what it points to is not the link's deletion."""
+    if not is_url(path) and os.path.islink(path):
+        raise UsageError(
+            f"{os.fspath(path)!r} is a symbolic link (to {os.path.realpath(path)!r})",
+            "pass the store's own path; featstore deletes no store through a link",
+        )
+
+
 def remove_store(path: str | os.PathLike) -> int:
     """Delete one store (refused while a live process writes it). Returns the bytes freed."""
     if is_url(path):
         return _remove_remote(os.fspath(path))
+    refuse_link(path)
     p = Path(os.path.abspath(path))  # "." and ".." have no name to rename by
-    if p.is_symlink():
-        raise UsageError(
-            f"{str(path)!r} is a symbolic link (to {os.path.realpath(p)!r})",
-            "pass the store's own path; featstore deletes no store through a link",
-        )
     if p.is_file() and p.suffix.lower() in (".h5", ".hdf5", ".npz"):
         _require_export(p)
         size = p.stat().st_size

@@ -368,16 +368,11 @@ def rm_command(stores, debug):
     """Delete stores (refused for one being written). Every name is checked before any is deleted."""
     import os
 
-    from .cache import describe, remove_store
-    from .errors import UsageError
+    from .cache import describe, refuse_link, remove_store
     from .store.locations import is_url
 
-    links = [s for s in stores if not is_url(s) and os.path.islink(s)]
-    if links:
-        raise UsageError(
-            f"{links[0]!r} is a symbolic link (to {os.path.realpath(links[0])!r})",
-            "pass the store's own path; featstore deletes no store through a link",
-        )
+    for s in stores:  # before anything is deleted
+        refuse_link(s)
     unique: dict[str, str] = {}  # one store named twice is removed once
     for s in stores:
         unique.setdefault(s if is_url(s) else os.path.abspath(s), s)

@@ -17,6 +17,7 @@ importing anything heavy.
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -49,7 +50,10 @@ def image_folders(manifest: Manifest) -> list[str]:
     stamped one by one: a rewritten shard has a new size or mtime)."""
     if manifest.shards is not None:
         return []
-    return sorted({os.path.dirname(p) for p in image_files(manifest)})
+    # the few folders of the relative paths, joined to the root once each: not an absolute path per image
+    # (the up-to-date answer builds those already, for the modified-images check)
+    folders = {posixpath.dirname(p) for split in manifest.splits.values() for p in split.paths}
+    return sorted(os.path.join(manifest.root, f) if f else str(manifest.root) for f in folders)
 
 
 def modified_after(paths: Iterable[str], since_ns: int) -> list[str]:

@@ -102,7 +102,12 @@ def is_store_of(attrs: dict, key: str, fields: dict) -> bool:
         return False
     here = fields[ROOT_FIELD]
     same_place = root == here or (not is_url(here) and os.path.realpath(root) == here)
-    return same_place and attrs.get("cache_key") == cache_key({k: v for k, v in fields.items() if k != ROOT_FIELD})
+    return same_place and attrs.get("cache_key") == key_without_root(fields)
+
+
+def key_without_root(fields: dict) -> str:
+    """The key the same fields had before the dataset's location entered the key."""
+    return cache_key({k: v for k, v in fields.items() if k != ROOT_FIELD})
 
 
 def validate(config: ExtractConfig) -> None:
@@ -248,7 +253,7 @@ def cached_location(manifest: Manifest, model: str, key: str, fields: dict) -> P
     its default place in the cache."""
     found = find_by_key(key)
     if not found:
-        older = stores_with_key(cache_key({k: v for k, v in fields.items() if k != ROOT_FIELD}))
+        older = stores_with_key(key_without_root(fields))
         found = [p for p, attrs in older if is_store_of(attrs, key, fields)]
     return found[0] if found else default_store_path(manifest.name, model, key)
 

@@ -192,8 +192,9 @@ def _with_out(command: str, location: str) -> str:
     """``command`` with its ``--out`` made ``location`` where it names another place (featstore records
     --out absolute: a relative one is left as it is, its base unknown)."""
     import os
-    import re
     import shlex
+
+    from .locations import is_url
 
     try:
         args = shlex.split(command)
@@ -202,7 +203,7 @@ def _with_out(command: str, location: str) -> str:
     if "--out" not in args or args.index("--out") + 1 >= len(args):
         return command
     i = args.index("--out") + 1
-    url = re.match(r"^[a-z][a-z0-9+.-]*://", location) is not None
+    url = is_url(location)
     here = location if url else os.path.abspath(location)
     there = args[i]
     if there == here or not (url or os.path.isabs(there)) or (not url and os.path.realpath(there) == os.path.realpath(here)):

@@ -32,7 +32,7 @@ from featstore.errors import UsageError
 from featstore.store import FeatureStore, target_info, target_valid
 
 from ..methods.heads import schedule_factor
-from ..methods.token_rows import default_memory
+from ..methods.token_rows import default_memory, minibatches_per_epoch
 from ..output.files import check_out
 from ..protocol import Protocol
 from ..results import markdown_cells, table_csv
@@ -164,11 +164,7 @@ def _train(
 ) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     bs = protocol.batch_size
-    if tokens.in_memory:
-        per_epoch = math.ceil(len(tokens) / bs)
-    else:
-        per_epoch = sum(math.ceil(min(tokens.block_rows, len(tokens) - s) / bs) for s in range(0, len(tokens), tokens.block_rows))
-    total, step = protocol.epochs * per_epoch, 0
+    total, step = protocol.epochs * minibatches_per_epoch(len(tokens), tokens.block_rows, bs), 0
     targets = targets.to(heads.device)
     loss = torch.zeros(heads.num_heads)
     for epoch in range(protocol.epochs):

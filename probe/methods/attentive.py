@@ -27,7 +27,7 @@ from featstore.errors import FeatstoreError, UsageError
 from . import attention as A
 from . import heads as H
 from .method import Case, Config, MethodResult, Metrics, Ranking, grid_configs, select_head
-from .token_rows import TokenRows, default_memory
+from .token_rows import TokenRows, default_memory, minibatches_per_epoch
 
 EVAL_ROWS = 256  # rows per evaluation batch
 NORMALIZE_ROWS = 1024  # rows read and normalized at a time when the tokens are loaded
@@ -184,10 +184,7 @@ class Feed:
     @property
     def steps_per_epoch(self) -> int:
         """The minibatches of an epoch: streamed, each block is cut into its own (the schedule's length)."""
-        n, bs = len(self.tokens), self.case.protocol.batch_size
-        if self.held is not None:
-            return math.ceil(n / bs)
-        return sum(math.ceil(min(self.block_rows, n - s) / bs) for s in range(0, n, self.block_rows))
+        return minibatches_per_epoch(len(self.tokens), self.block_rows, self.case.protocol.batch_size)
 
     @property
     def where(self) -> str:

@@ -4,6 +4,7 @@ streamed from the store in blocks of rows, one block resident at a time."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -13,6 +14,12 @@ from numpy.typing import NDArray
 
 from featstore.machine import ram_bytes
 from featstore.store import FeatureStore
+
+
+def minibatches_per_epoch(rows: int, block_rows: int, batch_size: int) -> int:
+    """The minibatches of one epoch over ``rows`` token rows read in blocks of ``block_rows`` (all at once
+    when it covers them), each block cut into its own minibatches: the length a schedule must span."""
+    return sum(math.ceil(min(block_rows, rows - s) / batch_size) for s in range(0, rows, max(block_rows, 1)))
 
 
 def default_memory(device: torch.device) -> int:

@@ -318,3 +318,25 @@ def test_the_views_windows_are_drawn_on_the_turned_size_behind_a_long_comment(tm
     assert _upright_size(str(tmp_path / "o6.jpg")) == (60, 40)  # (height, width) turned a quarter
     (tmp_path / "o1.jpg").write_bytes(_jpeg_with(rgb, comment))
     assert _upright_size(str(tmp_path / "o1.jpg")) == (40, 60)
+
+
+def test_pils_warnings_about_a_files_metadata_stay_off_the_terminal(tmp_path):
+    """An orientation tag with two values made PIL warn ("Metadata Warning, tag 274 had too many
+    entries") on stderr, from the torch loader's decode and from the check: kept quiet, as the C
+    decoders' diagnostics are. The bomb warning is still an error."""
+    import struct
+    import warnings
+
+    from featstore.loaders.decode import decode_rgb
+    from featstore.loaders.verdicts import decodes_otherwise_in_dali
+
+    rgb = np.random.default_rng(3).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    entry = struct.pack(">HHI", 0x0112, 3, 2) + struct.pack(">HH", 6, 6)
+    tiff = b"MM" + struct.pack(">HI", 42, 8) + struct.pack(">H", 1) + entry + struct.pack(">I", 0)
+    payload = b"Exif\x00\x00" + tiff
+    data = _jpeg_with(rgb, b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decode_rgb(data)
+        decodes_otherwise_in_dali(data, "jpeg")
+    assert [str(w.message) for w in caught] == []

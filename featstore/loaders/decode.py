@@ -8,6 +8,8 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -68,15 +70,23 @@ def open_rgb(path: str) -> Image.Image:
         return decode_rgb(f.read())
 
 
+@contextmanager
+def pil_quietly() -> Iterator[None]:
+    """PIL opening a file: a header beyond its bomb limit raises DecompressionBombError, and between
+    the warn and the error limit it would only warn, so that is an error too; its warnings about the
+    file's own metadata ("Metadata Warning, tag 274 had too many entries") are diagnostics about the
+    input, kept off the terminal as the C decoders' are (``quiet``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode encoded bytes with PIL into an RGB image; raises on bytes that are not a decodable image."""
-    with warnings.catch_warnings():
-        # a header beyond PIL's bomb limit raises DecompressionBombError; between the warn and the
-        # error limit it would only warn, so make that an error too
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return to_rgb(upright(img))  # EXIF orientation, as DALI's decoders apply it
+    with pil_quietly(), Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return to_rgb(upright(img))  # EXIF orientation, as DALI's decoders apply it
 
 
 def decode_failure(error: Exception, data: bytes) -> str:

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..orientation import exif_orientation
 from .containers import image_format, jpeg_components
-from .decode import read_checked, read_encoded
+from .decode import pil_quietly, read_checked, read_encoded
 
 # bump when the checks or the fields change: older cached verdicts are then dropped
 CHECKS_VERSION = 3
@@ -102,7 +102,7 @@ def decodes_otherwise_in_dali(data: bytes, kind: str) -> bool:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with pil_quietly(), Image.open(io.BytesIO(data)) as im:
             turn = im.getexif().get(0x0112, 1)
     except Exception:
         return False  # the decoders decide

@@ -231,6 +231,23 @@ def test_stores_with_other_targets_are_refused(scenes, tmp_path):
         fit_dense([str(store), str(out)], PROTOCOL, "depth", out=tmp_path / "r")
     with pytest.raises(UsageError, match="no mask targets|no patch view"):
         fit_dense([str(store)], PROTOCOL, "seg", view="nope", out=tmp_path / "r2")
+    # --allow-different-data admits other images, never another label set: the first store's head
+    # (3 classes) cannot score a class 6 (before: an IndexError mid-run, after the first store had trained)
+    from PIL import Image
+
+    for mask_file in (other / "train" / "masks").glob("*.png"):
+        mask = np.array(Image.open(mask_file))
+        mask[:4, :4] = 6
+        Image.fromarray(mask, mode="L").save(mask_file)
+    out7 = tmp_path / "o7.zarr"
+    extract(
+        ExtractConfig(model=write_encoder(root), dataset=str(other), out=str(out7), image_size=64, resize=64, **UNNORMALISED),
+        progress=False,
+    )
+    assert FeatureStore.open(out7).attrs["targets"]["num_classes"] == 7
+    with pytest.raises(UsageError, match="has 7 segmentation classes, .* has 3"):
+        fit_dense([str(store), str(out7)], PROTOCOL, "seg", out=tmp_path / "r3", allow_different_data=True)
+    assert not (tmp_path / "r3").exists()
 
 
 def test_sig_loss_is_dinov2s_per_head():

@@ -120,6 +120,11 @@ def _open(
             if a != b and not allow_different_data:
                 raise UsageError(f"store {spec.path!r} has other {what} than {opened[0][0].path!r}",
                                  "dense probes compare stores of the same images and targets; pass --allow-different-data to run anyway")  # fmt: skip
+        if task == "seg" and target_info(first).get("num_classes") != target_info(fs).get("num_classes"):
+            # every store gets the first store's head (one protocol), which cannot score another label set
+            raise UsageError(f"store {spec.path!r} has {target_info(fs).get('num_classes')} segmentation classes, "
+                             f"{opened[0][0].path!r} has {target_info(first).get('num_classes')}",
+                             "compare stores of one label set (--allow-different-data allows other images, not other classes)")  # fmt: skip
     return opened
 
 

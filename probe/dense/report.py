@@ -72,21 +72,12 @@ class DenseRun:
         return [r for r in self.rows if r.get("selected") is True]
 
 
-def _value(text: str) -> Any:
-    if text in ("true", "false"):
-        return text == "true"
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 _TEXT = {"store", "path", "view", "task", "head", "split", "select_split", "report_split"}  # a label such as "1e3" stays a label
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     with table_csv.reading(path) as (_, lines):
-        return [{k: v if k in _TEXT else _value(v) for k, v in r.items() if v != ""} for _, r in lines]
+        return [{k: table_csv.value(v, k in _TEXT) for k, v in r.items() if v != ""} for _, r in lines]
 
 
 def load_run(folder: str | os.PathLike[str]) -> DenseRun:

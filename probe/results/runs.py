@@ -19,23 +19,6 @@ from .columns import TEXT_COLUMNS
 RESULTS, PROTOCOL = "results.csv", "protocol.json"  # the file names probe.report writes
 
 
-def _value(text: str, column: str = ""):
-    """A CSV cell back to None / bool / int / float / str (the inverse of report._cell); a text
-    column's cell stays text."""
-    if text == "":
-        return None
-    if column in TEXT_COLUMNS:
-        return text
-    if text in ("true", "false"):
-        return text == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def row_label(row: dict) -> str:
     """A results row's store label: its ``label`` column, else the store folder's name."""
     label = row.get("label")
@@ -132,7 +115,7 @@ def load(folder: str | os.PathLike) -> Run:
     if not results.is_file():
         raise UsageError(f"{str(folder)!r} holds no {RESULTS}", "pass the --out folder of a finished probe fit run")
     with table_csv.reading(results) as (_, lines):
-        rows = [{k: _value(v, k) for k, v in r.items()} for _, r in lines]
+        rows = [{k: table_csv.value(v, k in TEXT_COLUMNS) for k, v in r.items()} for _, r in lines]
     if not rows:
         raise UsageError(f"{str(results)!r} has no rows", "rerun probe fit")
     record = load_record(folder)

@@ -4,7 +4,7 @@ and the one checked way of reading them back (:func:`reading`).
 One cell rule for all of them (:func:`cell`): nothing (None or NaN) is an empty cell, a bool is
 ``true``/``false``, a float below 0.01 in magnitude keeps six significant digits and any other
 float six decimals (its shortest text: ``93.4``, ``0.012346``), everything else its ``str``.
-:func:`probe.results.runs` reads these cells back.
+:func:`value` reads them back.
 """
 
 from __future__ import annotations
@@ -43,6 +43,23 @@ def csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any] | Sequence
         values = [r.get(c) for c in columns] if isinstance(r, Mapping) else r
         w.writerow([cell(v) for v in values])
     return buf.getvalue()
+
+
+def value(text: str, as_text: bool = False) -> Any:
+    """A cell's text back to None / bool / int / float / str, the inverse of :func:`cell`; ``as_text``
+    (a label, a path, a hash) keeps it text whatever it looks like: a store labelled "1e3" stays "1e3"."""
+    if text == "":
+        return None
+    if as_text:
+        return text
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @contextmanager

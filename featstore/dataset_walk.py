@@ -30,6 +30,7 @@ DEVICE = "device files"
 BROKEN_LINK = "broken symlinks"
 UNREADABLE = "entries that cannot be stat'ed"
 LOOP = "directory symlinks to folders already walked"
+STORE = "Zarr stores (a store written into the dataset is not a class)"
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .csv_list import label_map, read_file_list
-from .dataset_walk import Skipped, walk_images
+from .dataset_walk import STORE, Skipped, walk_images
 from .errors import UsageError
 from .manifest import Manifest, SplitManifest
 from .wds_dataset import is_wds, wds_manifest
@@ -82,7 +82,8 @@ def folder_manifest(root: Path) -> Manifest:
     splits = [s for s in SPLIT_NAMES if (root / s).is_dir()]
     if splits:
         return _manifest_from_split_folders(root.name, root, splits)
-    classes = _class_folders(root)
+    skipped = Skipped()
+    classes = _class_folders(root, skipped)
     if not classes:
         loose = [p for p in root.iterdir() if is_image_file(p)]
         hint = (
@@ -91,7 +92,6 @@ def folder_manifest(root: Path) -> Manifest:
             else "pass a folder holding one sub-folder of images per class"
         )
         raise UsageError(f"no class folders in {str(root)!r}", hint)
-    skipped = Skipped()
     paths, labels = _scan_classes(root, classes, skipped)
     _require_images(root, paths)
     split = SplitManifest("all", tuple(paths), np.asarray(labels, np.int32))
@@ -99,11 +99,11 @@ def folder_manifest(root: Path) -> Manifest:
 
 
 def _manifest_from_split_folders(name: str, root: Path, splits: list[str]) -> Manifest:
-    class_names = sorted({c for s in splits for c in _class_folders(root / s)})
+    skipped = Skipped()
+    class_names = sorted({c for s in splits for c in _class_folders(root / s, skipped, s)})
     if not class_names:
         raise UsageError(f"no class folders in the split folders of {str(root)!r}", "use the layout <split>/<class>/<image>")
     out = {}
-    skipped = Skipped()
     for split in splits:
         paths, labels = _scan_classes(root / split, class_names, skipped, relative_to=root)
         if paths:
@@ -124,8 +124,18 @@ def _empty_classes(class_names: list[str], labels: list) -> list[str]:
     return [f"warning: {len(empty)} class folders hold no image ({named}): each is a class with no rows; remove the folder to drop it"]
 
 
-def _class_folders(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _class_folders(folder: Path, skipped: Skipped, prefix: str = "") -> list[str]:
+    """The class folders under ``folder``: hidden ones are not, nor is a Zarr store (a featstore
+    --out written into the dataset would otherwise be a class with no rows, and change the labels)."""
+    classes = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if (p / "zarr.json").is_file():
+            skipped.add(STORE, f"{prefix}/{p.name}" if prefix else p.name)
+            continue
+        classes.append(p.name)
+    return classes
 
 
 def _scan_classes(folder: Path, class_names: list[str], skipped: Skipped, relative_to: Path | None = None) -> tuple[list[str], list[int]]:

@@ -63,6 +63,23 @@ def test_a_class_folder_without_images_is_named(tmp_path):
         assert m.skipped == ["warning: 1 class folders hold no image ('b'): each is a class with no rows; remove the folder to drop it"]
 
 
+def test_a_store_written_into_the_dataset_is_not_a_class(tmp_path):
+    """`featstore extract --out DATASET/feats.zarr` must not make the next run's dataset one class
+    larger (a class of no rows, another manifest, another cache key): a folder holding a zarr.json
+    is a store, left out and said so, in both layouts."""
+    for root in (tmp_path / "flat", tmp_path / "splits" / "train"):
+        write_good_images(root / "a", 2)
+        write_good_images(root / "c", 2)
+    before = {spec: resolve_dataset(str(tmp_path / spec)) for spec in ("flat", "splits")}
+    for store in (tmp_path / "flat" / "feats.zarr", tmp_path / "splits" / "train" / "b.zarr"):
+        (store / "pool").mkdir(parents=True)
+        (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    for spec, where in (("flat", "feats.zarr"), ("splits", "train/b.zarr")):
+        m = resolve_dataset(str(tmp_path / spec))
+        assert m.class_names == ("a", "c") and m.sha256 == before[spec].sha256
+        assert m.skipped == [f"skipped 1 Zarr stores (a store written into the dataset is not a class): {where}"]
+
+
 def test_manifest_hash_tracks_files_and_labels(tmp_path):
     write_good_images(tmp_path / "d" / "x", 2)
     write_good_images(tmp_path / "d" / "y", 2)

@@ -16,6 +16,7 @@ debug_option = click.option("--debug", is_flag=True, help="Show tracebacks.")
 
 class _Featstore(OneLineErrors):
     interrupted = "interrupted (rerun the same command to resume)"
+    out_of_memory = "lower --batch-size (or --image-size), then rerun the same command to resume"
 
 
 @click.group(name="featstore", cls=_Featstore, context_settings={"help_option_names": ["-h", "--help"]})

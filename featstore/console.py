@@ -38,6 +38,7 @@ class OneLineErrors(click.Group):
     whose commands refuse a single-value option given twice (:class:`OptionsOnce`)."""
 
     interrupted = "interrupted"
+    out_of_memory = "use less memory: a smaller --batch-size"
     command_class = OptionsOnce
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -91,10 +92,23 @@ def run_cli(group: click.Group, prog_name: str | None, args: list[str] | None = 
     except Exception as e:  # a bug or an unexpected environment problem: still one line by default
         if debug:
             traceback.print_exc()
+        if out_of_memory(e):
+            click.echo(
+                f"error: out of memory ({' '.join(str(e).split())[:200]}) ({getattr(group, 'out_of_memory', 'use less memory')})", err=True
+            )
+            return 1
         click.echo(
             f"error: unexpected {type(e).__name__}: {' '.join(str(e).split())[:500]} (rerun with --debug for the traceback)", err=True
         )
         return 1
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed: Python's MemoryError, torch's CUDA OutOfMemoryError,
+    or the RuntimeError of its CPU allocator (matched by name and text: this module imports no torch)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and ("DefaultCPUAllocator: can't allocate memory" in str(e) or "CUDA out of memory" in str(e))
 
 
 def closed_pipe_exit() -> int:

@@ -23,6 +23,7 @@ def _one_line(text: str) -> str:
 
 class _Probe(OneLineErrors):
     interrupted = "interrupted; no results were written"
+    out_of_memory = "lower --batch-size or --max-memory, or run where there is more memory; no results were written"
 
 
 @click.group(name="probe", cls=_Probe, context_settings={"help_option_names": ["-h", "--help"]})

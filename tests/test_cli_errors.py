@@ -279,3 +279,25 @@ def test_out_in_a_place_that_cannot_hold_it(capsys, small_folder, tmp_path):
     assert code == 1
     assert_one_line_error(err, "cannot create the store", "writable")
     assert blocker.read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("allocate", ["torch", "python"])
+def test_an_allocation_that_fails_is_one_line_naming_the_memory(capsys, allocate):
+    """torch's CPU allocator refusing (e.g. --image-size 100000: 120 GB for one batch) and Python's
+    MemoryError read as out of memory with the command's fix, not "unexpected RuntimeError"."""
+    import click
+
+    from probe.cli import main as probe_main
+
+    for group_class, fix in ((type(cli), "lower --batch-size (or --image-size)"), (type(probe_main), "lower --batch-size or --max-memory")):
+
+        @click.group(cls=group_class)
+        def group():
+            pass
+
+        @group.command()
+        def grow():
+            torch.empty(1 << 62, dtype=torch.uint8) if allocate == "torch" else bytearray(1 << 62)
+
+        assert run_cli(group, "prog", ["grow"]) == 1
+        assert_one_line_error(capsys.readouterr().err, "error: out of memory (", fix)

@@ -150,18 +150,27 @@ def warm_checks(folder: Path) -> float | None:
 
 
 def measure_decode(loader, paths: list[str], batch_size: int, device: torch.device) -> tuple[float, list[torch.Tensor]]:
-    """images/s of the loader alone; also returns two decoded batches to feed inference."""
+    """images/s of the loader alone, steady: timed from its first batch on, so that what every call
+    pays once (DALI builds its pipeline, workers start) is left out as the steady e2e rate leaves it
+    out; also returns two decoded batches to feed inference."""
     verdicts = file_verdicts(paths)
     extra = () if verdicts is None else (verdicts,)
     for _ in loader.batches(paths, plan(min(len(paths), 2 * batch_size), batch_size), *extra):
         pass  # warm-up: worker start, first decodes
     kept: list[torch.Tensor] = []
-    t0 = time.perf_counter()
-    for batch in loader.batches(paths, plan(len(paths), batch_size), *extra):
+    t0, timed = 0.0, 0
+    for i, batch in enumerate(loader.batches(paths, plan(len(paths), batch_size), *extra)):
         if len(kept) < 2 and len(batch.rows) == batch_size:
             kept.append(batch.images.clone())
+        if i == 0:
+            sync(device)
+            t0 = time.perf_counter()
+        else:
+            timed += len(batch.rows)
     sync(device)
-    return len(paths) / (time.perf_counter() - t0), kept
+    if not timed:  # one batch in all: nothing after the start-up to time
+        raise RuntimeError(f"decode-only needs more than one batch ({len(paths)} images, batch {batch_size}): raise --limit")
+    return timed / (time.perf_counter() - t0), kept
 
 
 def tune_dali(args, model: str, images: list[Path], device: torch.device) -> list[dict]:
@@ -190,17 +199,24 @@ def tune_dali(args, model: str, images: list[Path], device: torch.device) -> lis
     return rows
 
 
-def run_encoder(encoder, views: dict[str, int], device: torch.device, batches: list[torch.Tensor], steps: int) -> None:
-    """``steps`` batches through the code extract itself runs per batch, features ending on the host."""
+def encoder_runner(encoder, views: dict[str, int], device: torch.device, batch_size: int):
+    """What extract runs per batch: a BatchEncoder (on CUDA it captures its graph on the first batch),
+    or None in trees before featstore.inference."""
     try:
         from featstore.inference import BatchEncoder
-    except ImportError:  # featstore before featstore.inference: extract called extract._encode per batch
+    except ImportError:
+        return None
+    return BatchEncoder(encoder, views, device, batch_size)
+
+
+def run_encoder(runner, encoder, views: dict[str, int], device: torch.device, batches: list[torch.Tensor], steps: int) -> None:
+    """``steps`` batches through ``runner`` (:func:`encoder_runner`), features ending on the host."""
+    if runner is None:  # featstore before featstore.inference: extract called extract._encode per batch
         from featstore.extract import _encode  # the module's name in those versions
 
         for i in range(steps):
             _encode(encoder, batches[i % len(batches)], views, device)
         return
-    runner = BatchEncoder(encoder, views, device, len(batches[0]))
     for i in range(steps):
         runner.submit(i, batches[i % len(batches)])
         for _ in runner.ready():
@@ -213,11 +229,13 @@ def measure_inference(encoder, spec, batches: list[torch.Tensor], n: int, device
     from featstore.models.encoders import feature_dims
 
     views = feature_dims(encoder, spec.preprocess, device)  # every view, as extract computes by default
-    run_encoder(encoder, views, device, batches, 3)  # warm-up (cudnn autotuning, allocator, pinned buffers)
+    # one runner for the warm-up and the timing: a second would capture its CUDA graph again inside the window
+    runner = encoder_runner(encoder, views, device, len(batches[0]))
+    run_encoder(runner, encoder, views, device, batches, 3)  # warm-up (graph capture, cudnn autotuning, allocator, pinned buffers)
     sync(device)
     steps = -(-n // len(batches[0]))
     t0 = time.perf_counter()
-    run_encoder(encoder, views, device, batches, steps)
+    run_encoder(runner, encoder, views, device, batches, steps)
     sync(device)
     return steps * len(batches[0]) / (time.perf_counter() - t0)
 
@@ -234,8 +252,9 @@ def model_flops(encoder, spec, device: torch.device) -> float:
     return float(counter.get_total_flops())
 
 
-def measure_e2e(args, model: str, folder: Path, loader: str, store: Path) -> float:
-    """Seconds of one extract() call into a new store."""
+def measure_e2e(args, model: str, folder: Path, loader: str, store: Path, notes: list[str]) -> float:
+    """Seconds of one extract() call into a new store; its log lines are appended to ``notes`` (a
+    CUDA graph given up for the eager forward says so there)."""
     from featstore.extraction import ExtractConfig, extract
 
     config = ExtractConfig(
@@ -250,10 +269,10 @@ def measure_e2e(args, model: str, folder: Path, loader: str, store: Path) -> flo
         overwrite=True,
     )
     t0 = time.perf_counter()
-    result = extract(config, log=lambda s: None, progress=False)
+    result = extract(config, log=notes.append, progress=False)
     seconds = time.perf_counter() - t0
     if result.invalid:
-        fail(f"{result.invalid} images could not be decoded in {folder}")
+        raise RuntimeError(f"{result.invalid} images could not be decoded in {folder}")
     return seconds
 
 
@@ -327,8 +346,10 @@ def measure_loader(
     # next to its e2e, on this loader's own batches (dtype and layout as extract sees them)
     inference = measure_inference(encoder, spec, batches, len(images), device)
     store = tmp / f"{folder.name}-{loader_name}.zarr"
-    one_s = measure_e2e(args, model, one_batch, loader_name, tmp / "one-batch.zarr")
-    e2e_s = measure_e2e(args, model, folder, loader_name, store)
+    notes: list[str] = []
+    one_s = measure_e2e(args, model, one_batch, loader_name, tmp / "one-batch.zarr", [])
+    e2e_s = measure_e2e(args, model, folder, loader_name, store, notes)
+    eager = [n for n in notes if "CUDA graph" in n]  # a capture that failed or disagreed: the e2e ran eagerly
     e2e = len(images) / e2e_s
     # undefined with a single batch (--limit <= --batch-size) or when noise makes t_n <= t_batch
     more = len(images) - args.batch_size
@@ -340,7 +361,9 @@ def measure_loader(
         f"steady {f'{steady:.1f} img/s' if steady else 'n/a'}), write {write_s:.2f} s",
         flush=True,
     )
-    return dict(decode=decode, inference=inference, e2e=e2e, steady=steady, one_batch_s=one_s, write_s=write_s)
+    if eager:
+        print(f"{label}: {eager[0]}", flush=True)
+    return dict(decode=decode, inference=inference, e2e=e2e, steady=steady, one_batch_s=one_s, write_s=write_s, graph_notes=eager)
 
 
 def run_model(
@@ -364,16 +387,26 @@ def run_model(
         if checks_per_s:
             print(f"{model} / {set_name}: file checks {checks_per_s:.0f} files/s (once per file; every extract below finds them cached)")
         rounds: dict[str, list[dict]] = {name: [] for name in loaders}
+        errors: dict[str, str] = {}
         baselines = []
         for r in range(args.rounds):
             for name in loaders:
-                rounds[name].append(measure_loader(args, model, spec, encoder, images, folder, one_batch, name, device, tmp))
+                if name in errors:
+                    continue
+                try:  # one loader failing (DALI on CUDA, say) must not cost the other loaders' rows
+                    rounds[name].append(measure_loader(args, model, spec, encoder, images, folder, one_batch, name, device, tmp))
+                except Exception as e:
+                    errors[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                    print(f"{model} / {set_name} / {name}: FAILED: {errors[name]}", flush=True)
             print(f"{model} / {set_name}: textbook baseline (round {r + 1}/{args.rounds}) ...", flush=True)
             baselines.append(measure_textbook(spec, folder, args, device, tmp / "baseline.npy"))
             print(f"{model} / {set_name}: textbook {baselines[-1]:.1f} img/s", flush=True)
         baseline = max(baselines)
         rows = []
         for name in loaders:
+            if not rounds[name]:
+                rows.append(dict(model=model, set=set_name, loader=name, images=len(images), baseline=baseline, error=errors[name]))
+                continue
             best = {k: max(m[k] for m in rounds[name]) for k in ("decode", "inference", "e2e")}
             steady = max((m["steady"] for m in rounds[name] if m["steady"]), default=None)
             write_s = min(m["write_s"] for m in rounds[name])

@@ -163,7 +163,9 @@ class _GraphedForward:
                 forward()
         current.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the loader's threads (nvJPEG's producer, DALI's) may allocate on their own
+        # streams while this thread captures; under the default "global" mode that voids the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_out = forward()
         self.graph.replay()
 

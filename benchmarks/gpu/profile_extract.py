@@ -135,9 +135,17 @@ def main() -> None:
         for f in (folder, warm):  # the file checks run once per file, before extracting: not profiled
             warm_checks(f)
         for loader in args.loader.split(","):
-            extract_once(args.model, warm, loader, tmp / "warm.zarr", args.device, args.batch_size, args.workers)
-            with torch.profiler.profile(activities=activities) as prof:
-                wall = extract_once(args.model, folder, loader, tmp / "store.zarr", args.device, args.batch_size, args.workers)
+            # one loader failing (DALI on a new driver, say) must not cost the others' profiles: its
+            # error is its entry, and the JSON is rewritten after every loader
+            try:
+                extract_once(args.model, warm, loader, tmp / "warm.zarr", args.device, args.batch_size, args.workers)
+                with torch.profiler.profile(activities=activities) as prof:
+                    wall = extract_once(args.model, folder, loader, tmp / "store.zarr", args.device, args.batch_size, args.workers)
+            except Exception as e:
+                report[loader] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+                print(f"\n== {args.model} / {loader}: FAILED: {report[loader]['error']}", flush=True)
+                (out / f"profile-{args.model}.json").write_text(json.dumps(report, indent=1))
+                continue
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
             trace = tmp / f"trace-{loader}.json"
             prof.export_chrome_trace(str(trace))
@@ -161,6 +169,7 @@ def main() -> None:
             print("host time blocked in CUDA sync calls (s):")
             for k, v in summary["host_sync"].items():
                 print(f"  {v:8.3f}  {k}")
+            (out / f"profile-{args.model}.json").write_text(json.dumps(report, indent=1))
     (out / f"profile-{args.model}.json").write_text(json.dumps(report, indent=1))
 
 

@@ -391,6 +391,9 @@ class Protocol:
                 d.setdefault(new, d.pop(old))
         if isinstance(d.get("augment"), dict):  # the record's form of a resolved augmentation
             d["augment"] = f"{d['augment']['method']}:{d['augment']['views']}"
+        # a record without the field trained on no views (to_dict leaves "off" out): read as off, not as
+        # the default "on", which would train a rerun on views the recorded run never saw
+        d.setdefault("augment", "off")
         unknown = set(d) - names
         if unknown:
             raise UsageError(f"unknown protocol fields: {', '.join(sorted(unknown))}")

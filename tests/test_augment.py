@@ -573,7 +573,7 @@ def test_probe_on_views_differs_from_the_center_crop_and_is_reproducible(tmp_pat
     plain = _synthetic_store(tmp_path / "plain.zarr", views=None)
     on = _fit([str(views)], methods="linear,knn", out=str(tmp_path / "on"))
     again = _fit([str(views)], methods="linear,knn")
-    off = _fit([str(views)], methods="linear,knn", augment="off")
+    off = _fit([str(views)], methods="linear,knn", augment="off", out=str(tmp_path / "off"))
     none = _fit([str(plain)], methods="linear,knn")
 
     def lin(run):
@@ -593,6 +593,12 @@ def test_probe_on_views_differs_from_the_center_crop_and_is_reproducible(tmp_pat
     assert "knn and logreg: the center crop" in record["augment"]["applies"]
     # the record reads back as the same protocol (probe fit --rerun)
     assert probe.Protocol.from_dict(record).hash == on.rows[0]["protocol_hash"]
+    # and so does off's, which names no views: as off, not as the default "on" (a rerun trained on the views)
+    off_record = json.loads((tmp_path / "off" / "protocol.json").read_text())["protocol"]
+    assert "augment" not in off_record
+    rerun = probe.Protocol.from_dict(off_record)
+    assert rerun.augment == "off" and rerun.hash == off.rows[0]["protocol_hash"]
+    assert lin(probe.fit_run([str(views)], rerun, device="cpu", warn=lambda m: None)) == lin(off)
 
 
 @pytest.mark.parametrize("normalize", ["standardize", "l2"])

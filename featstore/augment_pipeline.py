@@ -48,11 +48,13 @@ def augmented_buffers(views: dict[str, RowShape], k: int, rows: int, dtype: np.d
 
 def split_views(
     feats: dict[str, np.ndarray], rows: int, k: int, buffers: dict[str, np.ndarray] | None, batch: Batch, start: int, dtype: np.dtype
-) -> dict[str, np.ndarray]:
-    """The center crops' features of a batch; its views' features (NaN for a failed row) and crop
-    parameters go into the unit's ``buffers``."""
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The center crops' features of a batch, and which of its rows have a view whose stored
+    features are NaN/Inf though the image decoded (float16 overflow: said as a center crop's is);
+    its views' features (NaN for a failed row) and crop parameters go into the unit's ``buffers``."""
+    broken = np.zeros(len(batch.rows), bool)
     if not k or buffers is None:
-        return feats
+        return feats, broken
     local = batch.rows - start
     bad = np.fromiter((r in batch.errors for r in batch.rows.tolist()), bool, len(batch.rows))
     center = {}
@@ -62,6 +64,7 @@ def split_views(
             views = values[rows:].reshape(rows, k, *values.shape[1:]).astype(dtype)
         views[bad] = np.nan
         buffers[views_array(v)][local] = views
+        broken |= ~(np.isfinite(views.reshape(rows, -1)).all(axis=1) | bad)
     assert batch.view_params is not None, "a loader gave views without their parameters"
     buffers[PARAMS_ARRAY][local] = batch.view_params
-    return center
+    return center, broken

@@ -111,7 +111,8 @@ class _UnitAssembler:
                 "augmented": self._augmented_buffers(unit.rows),
             },
         )
-        feats = split_views(feats, len(batch.rows), self.augment_views, buf["augmented"], batch, unit.start, self.dtype)
+        feats, broken_views = split_views(feats, len(batch.rows), self.augment_views, buf["augmented"], batch, unit.start, self.dtype)
+        self.nonfinite.update(self.rel_paths[r] for r in batch.rows[broken_views].tolist())
         local = batch.rows - unit.start
         bad = np.fromiter((r in batch.errors for r in batch.rows.tolist()), bool, len(batch.rows))
         for v in self.views:

@@ -237,6 +237,33 @@ def test_stored_views_are_the_pixels_the_encoder_saw(photo_splits, tmp_path, loa
     assert info["views"] == 3 and info["seed"] == 0 and info["bytes"] == 15 * 3 * 3 * 24 * 24 * 4 + 15 * 3 * 5 * 4
 
 
+def test_float16_overflow_in_the_views_is_reported(tmp_path):
+    """A view whose features overflow float16 (stored Inf) is said as a center crop's is, with the
+    --dtype float32 hint; before, only the center crops were checked: "0 invalid", and the Inf views
+    turned up at probe fit. The encoder's batch is the center crops, then each row's views."""
+    from featstore.extraction import ExtractConfig, extract
+    from featstore.store import FeatureStore
+
+    builder = tmp_path / "loud_views.py"
+    builder.write_text(
+        "import torch\n"
+        "class LoudViews(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        out = x.mean(dim=(2, 3)) * 0\n"
+        "        out[x.shape[0] // 4:] = 1e6  # 3 views per row: the last three quarters, finite in float32, Inf in float16\n"
+        "        return out\n"
+        "def build():\n"
+        "    return LoudViews()\n"
+    )
+    write_photo_folder(tmp_path / "photos" / "train", classes=3, per_class=5)  # train only: every batch carries views
+    config = dict(model=f"{builder}:build", dataset=str(tmp_path / "photos"), out=str(tmp_path / "s.zarr"), loader="torch", workers=0,
+                  batch_size=8, image_size=24, resize=24, augment="rrc-flip", augment_views=3, chunk_rows=4)  # fmt: skip
+    result = extract(ExtractConfig(**config), log=lambda s: None, progress=False)
+    fs = FeatureStore.open(tmp_path / "s.zarr")
+    assert np.isfinite(fs.features("train", "features")).all() and np.isinf(fs.augmented("train", "features").read()).all()
+    assert result.nonfinite == 15 and "15 rows with NaN/Inf features" in result.summary() and "--dtype float32" in result.summary()
+
+
 @pytest.mark.slow  # a moto S3 server
 def test_augmented_views_of_a_store_at_a_url(photo_splits, tmp_path):
     """--augment with --out s3://…: the store is planned with its augmented arrays (the URL path did

@@ -545,6 +545,13 @@ def test_views_are_placed_on_the_device_in_host_memory_or_left_in_the_store(tmp_
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     assert b.join(ViewRows.of(left, np.array([4]))).rows.tolist() == [0, 3, 4, 5, 70, 71, 119]
 
+    # an undecodable row (NaN center crop: left out of the probe) has NaN views too: none of them is
+    # counted as replaced (the warning said "2 augmented views ... center crops stand in" of a row never used)
+    undecodable = center.copy()
+    undecodable[70] = np.nan
+    for where in ({"budget": nbytes}, {"budget": nbytes - 1, "host": nbytes - 1}):
+        assert place(stored, undecodable, meta, **where)[1] == 1
+
 
 @pytest.mark.slow
 def test_views_read_from_the_store_train_the_heads_views_in_memory_train(tmp_path):

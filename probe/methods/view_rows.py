@@ -67,18 +67,21 @@ def place(
     """A split's (N, K, D) views, placed: on ``device`` when they take at most ``budget`` bytes, else
     in host memory when they take at most ``host`` (default :func:`host_memory`; on a CPU device the
     budget is the host's), else left in the store. NaN/Inf views are replaced by their rows' center
-    crops ``center`` (the split's (N, D) features); returns the placed views and how many those were."""
+    crops ``center`` (the split's (N, D) features); returns the placed views and how many of those
+    were views of a row with a finite center crop (an undecodable row's views are NaN too, and the
+    row is left out of the probe anyway: no view of it stands replaced)."""
     n, k, d = (int(x) for x in stored.shape)
     nbytes = n * k * d * np.dtype(stored.dtype).itemsize
     host_budget = budget if device.type == "cpu" else (host_memory() if host is None else host)
+    usable = np.isfinite(center).all(axis=1)
     if nbytes > budget and nbytes > host_budget:  # left in the store: counted now (one read), replaced as each epoch reads them
-        bad = sum(len(nonfinite(block)[0]) for _, block in stored.chunks())
+        bad = sum(int(usable[start + nonfinite(block)[0]].sum()) for start, block in stored.chunks())
         return StoredViews(stored, center), bad
     views = stored.read()
     r, v = nonfinite(views)
     views[r, v] = center[r]
     held = torch.from_numpy(views)
-    return (held.to(device) if nbytes <= budget else held), len(r)
+    return (held.to(device) if nbytes <= budget else held), int(usable[r].sum())
 
 
 @dataclass(frozen=True)

@@ -341,23 +341,27 @@ def ls_command(paths, as_json, debug):
 
 
 def format_ls(entries) -> str:
-    header = ("LABEL", "MODEL", "WEIGHTS", "DATASET", "VIEWS", "ROWS", "INVALID", "SIZE", "CREATED", "STATE", "PATH")
-    rows = [header] + [
-        (
-            e.label,
-            e.model,
-            e.weights,
-            e.dataset,
-            ",".join(f"{v}:{d}" for v, d in e.views.items()),
-            f"{e.rows:,}",
-            str(e.invalid),
-            _size(e.size_bytes),
-            e.created[:16].replace("T", " "),
-            e.state,
-            e.path,
-        )
-        for e in entries
-    ]
+    header = ("LABEL", "MODEL", "WEIGHTS", "DATASET", "VIEWS", "AUGMENT", "ROWS", "INVALID", "SIZE", "CREATED", "STATE", "PATH")
+    rows = (
+        [header]
+        + [
+            (
+                e.label,
+                e.model,
+                e.weights,
+                e.dataset,
+                ",".join(f"{v}:{d}" for v, d in e.views.items()),
+                e.augment or "-",  # stores that differ only by their views are told apart
+                f"{e.rows:,}",
+                str(e.invalid),
+                _size(e.size_bytes),
+                e.created[:16].replace("T", " "),
+                e.state,
+                e.path,
+            )
+            for e in entries
+        ]
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
 

@@ -745,6 +745,12 @@ def test_cache_entries_name_the_views():
     assert entry_from_attrs("a.zarr", base, 0, None, False, 0.0).augment == ""
     entry = entry_from_attrs("b.zarr", {**base, "augment": Augment(views=10, seed=3).to_dict()}, 0, None, False, 0.0)
     assert entry.augment == "rrc-flip x10 (seed 3)" and entry.to_dict()["augment"] == entry.augment
+    # and the table: an AUGMENT column (the two rows were identical but for size and path)
+    from featstore.cli import format_ls
+
+    header, plain, views = format_ls([entry_from_attrs("a.zarr", base, 0, None, False, 0.0), entry]).splitlines()
+    at = header.index("AUGMENT")
+    assert plain[at:].split()[0] == "-" and views[at:].startswith("rrc-flip x10 (seed 3)")
 
 
 @pytest.mark.slow

@@ -250,6 +250,28 @@ def test_an_arrays_own_zarr_json_edited_otherwise_than_its_shape_is_refused(stor
     ], lines
 
 
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_an_arrays_own_zarr_json_missing_is_found_and_restored_by_repair(store, capsys, damage):
+    """featstore reads the consolidated metadata and would read on; zarr without it (xarray, the
+    re-consolidation a repair ends with) finds no array: verify names it (it said "ok"), and a repair
+    writes the file back from the consolidated entry (it refused, or, with a chunk lost too, dropped
+    the array at its re-consolidation)."""
+    import zarr
+
+    from featstore.store.repair import reopen_damaged
+
+    own = store / "val" / "features" / "cls" / "zarr.json"
+    before = json.loads(own.read_text())
+    own.unlink() if damage == "missing" else own.write_bytes(b"\x00not json")
+    said = "is missing (readers without the consolidated metadata find no array)" if damage == "missing" else "is unreadable"
+    code, lines = verify_lines(capsys, store)
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"damaged: val/features/cls: its own zarr.json {said}"), lines
+    assert reopen_damaged(FeatureStore.open(store, mode="r+"), {}) == 0  # restored: nothing left to re-extract
+    assert json.loads(own.read_text()) == before and verify_store(FeatureStore.open(store)).ok
+    unconsolidated = zarr.open_group(str(store), mode="r", use_consolidated=False)
+    np.testing.assert_array_equal(unconsolidated["val/features/cls"][:], FeatureStore.open(store).features("val", "cls").read())
+
+
 def test_class_names_edited_in_the_attributes_are_refused(store, capsys):
     """Labels and paths have digests; the class names live in the attributes, covered by the
     manifest digest only: reordered, every per-class result would carry another class's name."""
@@ -411,6 +433,22 @@ def test_repair_reextracts_just_the_damaged_units_to_the_same_bytes(extracted, t
     assert _contents(out) == _contents(extracted)
     again = _extract(out, repair=True)  # intact now: nothing to do
     assert again.status == "up to date" and again.rows_written == 0
+
+
+@pytest.mark.slow
+def test_repair_of_an_array_folder_deleted_whole(extracted, tmp_path):
+    """The folder of one array gone (its zarr.json and every chunk): repaired to the same bytes in one
+    run, the array still there for readers without the consolidated metadata (before: "repaired", then
+    verify said the array was missing, and a second --repair refused)."""
+    import zarr
+
+    out = Path(shutil.copytree(extracted, tmp_path / "s.zarr"))
+    shutil.rmtree(out / "val" / "features" / "pool")
+    assert _extract(out, repair=True).status == "repaired"
+    assert verify_store(FeatureStore.open(out)).ok and _contents(out) == _contents(extracted)
+    assert zarr.open_group(str(out), mode="r", use_consolidated=False)["val/features/pool"].shape[0] == len(
+        FeatureStore.open(out).labels("val")
+    )
 
 
 @pytest.mark.slow

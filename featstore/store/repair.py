@@ -10,15 +10,17 @@ guarantees is the one the store was made from; damaged dense targets are written
 dataset's target files (their digest is in the cache key too).
 
 A store written before digests existed gets its intact units' digests from their rows as they are
-now (they passed every other check), so it is protected from then on. Damage that is not in a
-unit's rows (an array's metadata, a missing array) cannot be repaired this way: that is refused
-with ``--overwrite`` as the way out.
+now (they passed every other check), so it is protected from then on. An array's own zarr.json
+that is missing or unreadable is written back from the consolidated metadata first. Other damage
+that is not in a unit's rows (an array's metadata otherwise, a missing array) cannot be repaired
+this way: that is refused with ``--overwrite`` as the way out.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -27,7 +29,28 @@ from ..errors import FeatstoreError
 from .digests import ATTRIBUTE, Recorded, digests_of, unit_bounds
 from .feature_store import FeatureStore
 from .locations import PROGRESS
-from .verify import verify_store
+from .verify import OWN_METADATA_MISSING, OWN_METADATA_UNREADABLE, Problem, consolidated_entries, verify_store
+
+
+def _restore_own_metadata(store: FeatureStore, problems: list[Problem], log: Callable[[str], None]) -> int:
+    """Write an array's own zarr.json back from the store's consolidated metadata (which featstore
+    reads, and verify checks every array's shape and dtype against) where it is missing or
+    unreadable; returns how many were. Without it, the re-consolidation at the end of the repair
+    would drop the array, and the store would lose it."""
+    root = store.path
+    if not isinstance(root, Path):
+        return 0
+    entries = consolidated_entries(root)
+    restored = 0
+    for p in problems:
+        entry = entries.get(f"{p.split}/{p.array}")
+        if p.what in (OWN_METADATA_MISSING, OWN_METADATA_UNREADABLE) and isinstance(entry, dict) and entry.get("node_type") == "array":
+            folder = root / str(p.split) / str(p.array)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / "zarr.json", json.dumps(entry, indent=2))
+            log(f"restored {p.split}/{p.array}/zarr.json from the store's consolidated metadata")
+            restored += 1
+    return restored
 
 
 def reopen_damaged(store: FeatureStore, plan: dict[str, tuple[list[str], np.ndarray]], log: Callable[[str], None] = lambda s: None) -> int:
@@ -36,6 +59,10 @@ def reopen_damaged(store: FeatureStore, plan: dict[str, tuple[list[str], np.ndar
     report = verify_store(store)
     if report.ok:
         return 0
+    if _restore_own_metadata(store, report.problems, log):
+        report = verify_store(store)  # again, with the arrays' own files back: what is left is in the rows
+        if report.ok:
+            return 0
     for problem in report.problems:
         log(f"damaged: {problem.line()}")
     unrepairable = [p for p in report.problems if p.rows is None and p.split is not None and p.array not in ("labels", "paths")]

@@ -124,7 +124,7 @@ def schema_problems(store: FeatureStore) -> list[Problem]:
     problems: list[Problem] = []
     required = _required(store)
     root = store.path if isinstance(store.path, Path) and store.format == "zarr" else None
-    consolidated = _consolidated(root) if root is not None else {}
+    consolidated = consolidated_entries(root) if root is not None else {}
     for split, n in store.meta.splits.items():
         try:
             group = store.split_group(split)
@@ -165,7 +165,12 @@ def schema_problems(store: FeatureStore) -> list[Problem]:
 _OWN_METADATA = ("data_type", "fill_value", "chunk_grid", "chunk_key_encoding", "codecs", "dimension_names")
 
 
-def _consolidated(root: Path) -> dict[str, Any]:
+OWN_METADATA_MISSING = "its own zarr.json is missing (readers without the consolidated metadata find no array)"
+OWN_METADATA_UNREADABLE = "its own zarr.json is unreadable (not the JSON metadata of a Zarr array)"
+
+
+def consolidated_entries(root: Path) -> dict[str, Any]:
+    """The consolidated metadata of the store at ``root``, by array path ({} when it cannot be read)."""
     try:
         metadata = json.loads((root / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -177,8 +182,12 @@ def _own_metadata_problems(path: Path, entry: Any, shape: tuple[int, ...], split
     try:
         own = json.loads(path.read_text())
         own_shape = tuple(int(d) for d in own["shape"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+    except FileNotFoundError:
+        # featstore reads the consolidated entry and would not notice; zarr without it (xarray, the
+        # re-consolidation a repair makes) finds no array here
+        return [Problem(OWN_METADATA_MISSING, split, name)]
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return [Problem(OWN_METADATA_UNREADABLE, split, name)]
     problems = []
     if own_shape != shape:
         problems.append(Problem(f"its zarr.json says shape {list(own_shape)}, the store's metadata {list(shape)}", split, name))

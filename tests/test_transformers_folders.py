@@ -306,6 +306,12 @@ def test_malformed_folders_are_one_line_errors(folders, tmp_path, capsys, small_
     (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5}))
     line = _cli_error(capsys, *base, "--weights", bad)
     assert "lack" in line and "layers.4" in line, line
+    # fewer layers in config.json than in the weights: transformers leaves the rest as "unexpected";
+    # the store was a truncated network ("dropped encoder (encoder.*, 16 tensors)"), now refused
+    (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] - 1}))
+    line = _cli_error(capsys, *base, "--weights", bad)
+    last = cfg["num_hidden_layers"] - 1
+    assert "tensors with no place in CLIPVisionModel, e.g. encoder.layers." in line and f"layers.{last}." in line, line
 
     dino = _copy(folders["Dinov2Model"], tmp_path / "dino")  # the timm twin's loader: the same refusals
     dcfg = json.loads((dino / "config.json").read_text())

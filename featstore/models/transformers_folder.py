@@ -314,8 +314,18 @@ def _load(cls, config, folder: TransformersFolder):
         )
     if info.get("error_msgs"):
         raise FeatstoreError(f"weights in {folder.path} do not load into {label}: {info['error_msgs'][0][:200]}", folder.fetch_hint or None)
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    # only the parts the vision encoder does not run may be left behind (a text tower, a decoder, a
+    # pooler); anything else is the network itself that config.json has no place for: layers beyond
+    # its num_hidden_layers, register tokens under a config without them (a truncated network, silently)
+    unplaced = [k for k in unexpected if not any(k == d or k.startswith(d + ".") for d in _DROPPED_NAMES)]
+    if unplaced:
+        raise FeatstoreError(
+            f"weights in {folder.path} have {len(unplaced)} tensors with no place in {label}, e.g. {unplaced[0]}",
+            "config.json and the weights come from different models: " + (folder.fetch_hint or "download the folder again"),
+        )
     text = f"weights {folder.path.name}: {label}, loaded {len(model.state_dict())} tensors by transformers; "
-    text += dropped_text(sorted(info.get("unexpected_keys") or []))
+    text += dropped_text(unexpected)
     if folder.layout.model_class == "ViTMAEModel":
         text += "; MAE random masking off (mask_ratio 0)"
     return model, text

@@ -270,6 +270,9 @@ def remember(
         if len(shard_files(manifest)) < len(manifest.shards.shards):
             return  # shards at URLs: no stamp tells when they change, so no memo
         inputs = shard_files(manifest) + ([resolved_dataset(config.dataset)[4:]] if config.dataset.lower().endswith(SPLITS_FILE) else [])
+        # and the folders a glob or brace range matched in: a shard added, removed or renamed there
+        # changes one of their mtimes, while the stamps of the shards found say nothing of it
+        inputs += sorted({os.path.dirname(f) for f in shard_files(manifest)} | {str(manifest.root)})
     elif Path(config.dataset).suffix.lower() == ".csv":
         inputs = [str(Path(config.dataset).expanduser().resolve())]
     elif config.dataset == NYU:  # made from the .mat and its mappings: a change there (or a mapping added) is a new folder

@@ -397,6 +397,25 @@ def test_a_shard_rewritten_in_place_is_named_when_its_store_is_found_complete(re
     assert "train-000001.tar" in warned[0] and "--overwrite" in warned[0]
 
 
+def test_a_shard_added_to_a_glob_is_not_answered_up_to_date(shards, tmp_path):
+    """The up-to-date memo stamped the shards it found, not what the glob would match now: a shard
+    copied in beside them was answered "up to date" with the old store (rows missing, silently);
+    the folder it matched in is stamped too."""
+    import shutil
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for shard in shards[:2]:
+        shutil.copy(shard, folder)
+    config = ExtractConfig(dataset=f"wds:{folder}/*.tar", out=None, loader="torch", batch_size=8, **SMALL)
+    first = extract(config, progress=False, log=lambda s: None)
+    assert first.status == "created" and extract(config, progress=False, log=lambda s: None).status == "up to date"
+    shutil.copy(shards[2], folder)
+    grown = extract(config, progress=False, log=lambda s: None)
+    assert grown.status == "created" and grown.store != first.store
+    assert sum(grown.rows.values()) > sum(first.rows.values())
+
+
 def test_member_reads_match_tarfile(shards):
     from featstore.loaders.members import read_member, read_member_checked
 

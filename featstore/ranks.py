@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import FeatstoreError
@@ -29,8 +30,7 @@ class Ranks:
         if world <= 1:
             return cls()
         rank = int(os.environ.get("RANK", "0"))
-        job = os.environ.get("TORCHELASTIC_RUN_ID") or f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
-        return cls(rank, world, int(os.environ.get("LOCAL_RANK", str(rank))), job)
+        return cls(rank, world, int(os.environ.get("LOCAL_RANK", str(rank))), launch_id(os.environ))
 
     @property
     def is_leader(self) -> bool:
@@ -38,6 +38,16 @@ class Ranks:
 
     def owns(self, ordinal: int) -> bool:
         return ordinal % self.world == self.rank
+
+
+def launch_id(env: Mapping[str, str]) -> str:
+    """What every rank of one torchrun launch shares and the next launch does not: the run id alone
+    is not (a fixed --rdzv-id, as a multi-node recipe has; "none" by default with c10d), and a rerun
+    of the same command with --overwrite let a rank find the old store marked with its job, answer
+    "up to date" and leave rank 0 waiting forever. torchrun gives each launch its own rendezvous
+    port, and each elastic restart its count."""
+    run = env.get("TORCHELASTIC_RUN_ID", "")
+    return f"{run}@{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}#{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def wait_until(condition, what: str, timeout: float, poll: float = 0.2):

@@ -171,12 +171,15 @@ def test_ctrl_c_is_one_line_and_resumable(clean, tmp_path):
     _assert_identical(out, snapshot)
 
 
-def _run_ranks(out: Path, job: str) -> list[tuple[str, str]]:
+def _run_ranks(out: Path, job: str, port: str = "29500", extra: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Two ranks as torchrun starts them: one launch's run id and rendezvous port (each launch its own port)."""
     procs = []
     for rank in (1, 0):  # the follower starts first and must wait for rank 0
         env = _env()
-        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), TORCHELASTIC_RUN_ID=job)
-        procs.append(subprocess.Popen(_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO))
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), TORCHELASTIC_RUN_ID=job, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(
+            subprocess.Popen(_cmd(out) + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        )
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     return outputs
@@ -193,6 +196,11 @@ def test_two_ranks_write_one_store_identical_to_one_process(clean, tmp_path):
     assert sum(written) == 1797 and min(written) > 0  # both ranks did part of the work
     _assert_identical(out, snapshot)
     assert FeatureStore.open(out).attrs["world_size"] == 2
-    again = _run_ranks(out, "test-job-2")  # a new job on the finished store: nothing to do on any rank
+    again = _run_ranks(out, "test-job-2", port="29501")  # a new job on the finished store: nothing to do on any rank
     assert all("up to date" in o for o, _ in again)
+    _assert_identical(out, snapshot)
+    # the same command again with --overwrite and the same run id (a fixed --rdzv-id): a new launch, not
+    # the last one (rank 1 found the old store marked with its job, said "up to date", and rank 0 waited forever)
+    rerun = _run_ranks(out, "test-job-2", port="29502", extra=("--overwrite",))
+    assert "(rank 1)" in rerun[0][0] and "wrote 0 rows" not in rerun[0][0] and "created" in rerun[1][0], rerun
     _assert_identical(out, snapshot)

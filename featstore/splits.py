@@ -3,8 +3,9 @@
 Each image's place is decided by a hash of the seed and its path relative to the dataset root, so the
 same files with the same seed give the same splits on any machine, in any listing order. Within each
 class the images are ranked by that hash and cut at ``round(n * cumulative fraction)``: every class is
-split in the asked proportions (to within one image), and adding or removing images of a class moves
-at most one of its other images across each cut, to the neighbouring split.
+split in the asked proportions (to within one image), and adding or removing one image of a class
+moves at most one of its other images across each cut, to the neighbouring split (m images: at most
+m across each cut).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def parse_split(text: str, seed: int = 0) -> SplitSpec:
 
 def split_key(seed: int, path: str) -> int:
     """The image's rank key: the first 8 bytes of sha256(seed, path), path relative and '/'-separated."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\0{path}".encode()).digest()[:8], "big")
+    # a name that is not UTF-8 is held surrogate-escaped (manifest.stored_path): hashed as its raw bytes
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{path}".encode("utf-8", "surrogateescape")).digest()[:8], "big")
 
 
 def cuts(n: int, spec: SplitSpec) -> list[int]:

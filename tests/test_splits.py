@@ -95,6 +95,17 @@ def test_adding_images_moves_at_most_one_image_per_cut_of_its_class():
     assert sum(grown[p] != start[p] for p in start) <= 40 * 2
 
 
+def test_a_file_name_that_is_not_utf8_is_ranked_by_its_bytes():
+    """A name of Latin-1 bytes (held surrogate-escaped, as the dataset walk holds it) is split like any
+    other, ranked by sha256 of its raw bytes (before: an unexpected UnicodeEncodeError ended the run)."""
+    odd = b"a/caf\xe9.jpg".decode("utf-8", "surrogateescape")
+    per_class = {"a": files("a", 9) + [odd], "b": files("b", 10)}
+    m = apply_split(manifest_of(per_class), parse_split(SPEC, seed=1))
+    assert assignment(m)[odd] in ("train", "val", "test") and sum(len(sm) for sm in m.splits.values()) == 20
+    ranked = sorted(per_class["a"], key=lambda p: hashlib.sha256(b"1\0" + p.encode("utf-8", "surrogateescape")).digest()[:8])
+    assert [p for p in ranked if assignment(m)[p] == "train"] == ranked[:7]  # round(10 x 0.7)
+
+
 @pytest.mark.parametrize(
     "text, needle",
     [

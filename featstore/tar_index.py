@@ -32,7 +32,7 @@ from .errors import UsageError
 from .home import home
 from .shards import open_shard, stamp
 
-LISTING_VERSION = 2  # bump when a listing's fields or rules change: older cached listings are then made again
+LISTING_VERSION = 3  # bump when a listing's fields or rules change: older cached listings are then made again
 LABEL_BYTES = 1 << 20  # a .cls / .json component larger than this is not read as a label
 CLS = "cls"
 
@@ -144,7 +144,9 @@ def _scan(shard: str, size: int, label: str, members) -> ShardListing:
                 continue
             if current is None or current["key"] != key:
                 close()
-                current = {"key": key, "components": {}, "raw": {}, "truncated": []}
+                current = {"key": key, "components": {}, "raw": {}, "truncated": [], "twice": []}
+            if ext in current["components"]:
+                current["twice"].append(ext)  # which of the two is the sample's? neither is taken (webdataset refuses it too)
             current["components"][ext] = (offset, length)
             if offset + length > size:
                 current["truncated"].append(ext)
@@ -279,6 +281,9 @@ def _tarfile_members(f, size: int, shard: str, damage: list[str]):
 def _sample(current: dict, component: str, field: str) -> Sample:
     key, components, truncated = current["key"], current["components"], tuple(current["truncated"])
     raw = current["raw"].get(component)
+    if current.get("twice"):
+        ext = current["twice"][0]
+        return Sample(key, components, None, f"its .{ext} component appears twice (two members named {key}.{ext})", truncated)
     if component not in components:
         return Sample(key, components, None, f"no .{component} component (the label)", truncated)
     if component in truncated:

@@ -416,6 +416,25 @@ def test_a_shard_added_to_a_glob_is_not_answered_up_to_date(shards, tmp_path):
     assert sum(grown.rows.values()) > sum(first.rows.values())
 
 
+def test_a_sample_with_a_component_twice_is_an_invalid_row(real_photos, tmp_path):
+    """Two members named s1.jpg (and two s1.cls): which is the sample's? featstore kept the last of
+    each silently; webdataset refuses the shard. The sample is an invalid row naming why; the rest read."""
+    photos = sorted(real_photos.rglob("*.JPEG"))[:2]
+    a, b = (p.read_bytes() for p in photos)
+    shard = tmp_path / "dup.tar"
+    with tarfile.open(shard, "w") as tf:
+        for name, data in (("s1.jpg", a), ("s1.cls", b"0"), ("s1.jpg", b), ("s1.cls", b"1"), ("s2.jpg", a), ("s2.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    m = wds_manifest(f"wds:{shard}")
+    assert list(m.splits["all"].paths) == ["dup.tar/s1", "dup.tar/s2"]
+    assert m.shards is not None and m.shards.problems.get("dup.tar/s1", "").endswith(
+        "its .jpg component appears twice (two members named s1.jpg)"
+    )
+    assert "dup.tar/s2" not in m.shards.problems
+
+
 def test_member_reads_match_tarfile(shards):
     from featstore.loaders.members import read_member, read_member_checked
 

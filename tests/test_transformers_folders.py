@@ -10,6 +10,7 @@ sizes and written by save_pretrained (hub-style key names), never downloaded.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from featstore.errors import FeatstoreError  # noqa: E402
 from featstore.extraction import ExtractConfig, extract  # noqa: E402
 from featstore.loaders.dataloader import build_transform  # noqa: E402
 from featstore.loaders.decode import open_rgb  # noqa: E402
@@ -47,8 +49,9 @@ def _dinov2(**kw):
 
 # layout -> (model to save, a processor to save or None, native crop, another crop)
 LAYOUTS = {
-    "Dinov2Model": (lambda: _dinov2(), None, 56, 42),  # converted to timm: fewer patches, resampled without antialias
-    "Dinov2Model-swiglu": (lambda: _dinov2(use_swiglu_ffn=True), None, 56, 70),  # ViT-g's MLP: run by transformers
+    # no processor saved: DINOv2's evaluation crop, 224 (its config's image_size is its pretraining's)
+    "Dinov2Model": (lambda: _dinov2(), None, 224, 42),  # converted to timm: fewer patches, resampled without antialias
+    "Dinov2Model-swiglu": (lambda: _dinov2(use_swiglu_ffn=True), None, 224, 70),  # ViT-g's MLP: run by transformers
     "Dinov2WithRegistersModel": (
         lambda: T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**SMALL, image_size=56, patch_size=14, num_register_tokens=4)),
         lambda: T.BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, resample=3),
@@ -222,11 +225,12 @@ def test_model_safetensors_file_inside_a_folder_loads_the_folder(folders):
     spec = resolve_encoder("dino", weights=folders["Dinov2Model"] / "model.safetensors")
     assert spec.arch == "hf:Dinov2Model" and spec.weights_path == str(folders["Dinov2Model"])
     encoder = build_encoder(spec)
+    size = spec.preprocess.image_size  # no processor saved: DINOv2's evaluation crop, 224
     with torch.inference_mode():
-        out = encoder(torch.zeros(1, 3, 56, 56))
+        out = encoder(torch.zeros(1, 3, size, size))
     # the global views; the timm twin also gives patch-token views (#24), stored only when asked for
     assert set(out) == {"cls", "avgpool", "cls4", "patch", "patch4"} and out["cls4"].shape == (1, 128)
-    assert out["patch"].shape[:3] == (1, 4, 4) and out["patch4"].shape[-1] == 4 * out["patch"].shape[-1]
+    assert out["patch"].shape[:3] == (1, size // 14, size // 14) and out["patch4"].shape[-1] == 4 * out["patch"].shape[-1]
 
 
 def test_preprocessor_config_is_read_and_overridable(folders):
@@ -241,6 +245,10 @@ def test_preprocessor_config_is_read_and_overridable(folders):
     vit = resolve_encoder("m", weights=folders["ViTModel"])  # no preprocessor_config.json: the DINO evaluation's
     assert (vit.preprocess.image_size, vit.preprocess.resize) == (64, 73)
     assert vit.details["preprocessing_source"].startswith("no preprocessor_config.json")
+    # DINOv2 as Dinov2Model.save_pretrained leaves it (config image_size 56 here, 518 on the hub): its evaluation's 224/256
+    dinov2 = resolve_encoder("m", weights=folders["Dinov2Model"])
+    assert (dinov2.preprocess.image_size, dinov2.preprocess.resize) == (224, 256)
+    assert "resize 256 / crop 224" in dinov2.details["preprocessing_source"]
 
 
 def test_preprocessor_rescale_and_normalize_flags(tmp_path):
@@ -257,6 +265,20 @@ def test_preprocessor_rescale_and_normalize_flags(tmp_path):
     pre, _, notes = read_preprocessor_config(f)
     assert pre.mean == (0.0, 0.0, 0.0) and pre.std == (1.0, 1.0, 1.0) and pre.interpolation == "bicubic"
     assert any("LANCZOS" in n for n in notes)
+    # an integer size: a square to ViT's processors (stretching: said), the shorter side to CLIP's
+    f.write_text(json.dumps({"feature_extractor_type": "ViTFeatureExtractor", "size": 64}))
+    assert any("resizes to 64x64 (stretching" in n for n in read_preprocessor_config(f)[2])
+    f.write_text(json.dumps({"image_processor_type": "CLIPImageProcessor", "size": 64, "crop_size": 64}))
+    assert not any("stretching" in n for n in read_preprocessor_config(f)[2])
+    # one number for every channel, as transformers reads it; what it cannot read names the file
+    f.write_text(json.dumps({"size": {"shortest_edge": 64}, "image_mean": 0.5, "image_std": 0.25}))
+    pre = read_preprocessor_config(f)[0]
+    assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.25, 0.25, 0.25)
+    for bad, needle in (({"size": {"shortest_edge": "64px"}}, "size {'shortest_edge': '64px'}"),
+                        ({"image_mean": [0.5, 0.5]}, "image_mean [0.5, 0.5] is not 3 numbers")):  # fmt: skip
+        f.write_text(json.dumps(bad))
+        with pytest.raises(FeatstoreError, match=re.escape(f"{f}: {needle}")):
+            read_preprocessor_config(f)
 
 
 # ---------------------------------------------------------------- malformed folders: one line each

@@ -444,5 +444,6 @@ def repair_store(
         log(f"repair: re-extracting {units} damaged units of {out}")
     else:
         log(f"repair: every unit of {out} verified intact")
-        shutil.rmtree(out / PROGRESS, ignore_errors=True)
+        if existing.complete:  # the progress of an interrupted store is what its resume goes on from
+            shutil.rmtree(out / PROGRESS, ignore_errors=True)
     return existing

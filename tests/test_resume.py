@@ -141,6 +141,18 @@ def test_kill_inside_unit_write_and_finalize(clean, tmp_path, mode, param):
     _assert_identical(out, snapshot)
 
 
+def test_repair_of_an_interrupted_store_resumes_it(clean, tmp_path):
+    """--repair on a store killed mid-run (intact, incomplete) goes on from its progress: it deleted the
+    progress as if the store were complete, then failed, and every later run failed the same way."""
+    snapshot, _ = clean
+    out = tmp_path / "s.zarr"
+    assert _run(out, "kill-in-unit", "20").returncode == -signal.SIGKILL
+    assert not FeatureStore.open(out).complete
+    repaired = subprocess.run(_cmd(out) + ["--repair"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    assert repaired.returncode == 0 and "verified intact" in repaired.stderr + repaired.stdout, repaired.stderr
+    _assert_identical(out, snapshot)
+
+
 def test_ctrl_c_is_one_line_and_resumable(clean, tmp_path):
     snapshot, duration = clean
     out = tmp_path / "int.zarr"

@@ -166,12 +166,50 @@ def test_symlink_loop_does_not_multiply_a_class_and_a_linked_folder_is_walked_on
     (tmp_path / "cat" / "loop").symlink_to(".")  # ln -s . cat/loop
     (tmp_path / "cat" / "sub" / "up").symlink_to("..")
     (tmp_path / "cat" / "again").symlink_to("sub")  # a second name for a folder walked anyway
-    (tmp_path / "dog" / "more").symlink_to(tmp_path / "elsewhere" / ".." / "elsewhere")  # not walked yet: followed
+    # another class's folder: its images would be rows of both classes (before: followed, elsewhere/5.jpg labelled dog too)
+    (tmp_path / "dog" / "more").symlink_to(tmp_path / "elsewhere" / ".." / "elsewhere")
+    (tmp_path / "dog" / "root").symlink_to("..")  # the dataset root: every class under "dog" (before: 4 more rows)
+    _images(tmp_path.parent / f"{tmp_path.name}-outside", ["6.jpg"])
+    (tmp_path / "dog" / "outside").symlink_to(tmp_path.parent / f"{tmp_path.name}-outside")  # out of the dataset: followed
     m = resolve_dataset(str(tmp_path))
     assert m.class_names == ("cat", "dog", "elsewhere")
     paths = m.splits["all"].paths
-    assert paths == ("cat/1.jpg", "cat/2.jpg", "cat/sub/3.jpg", "dog/4.jpg", "dog/more/5.jpg", "elsewhere/5.jpg")
-    assert m.skipped == ["skipped 3 directory symlinks to folders already walked: cat/again, cat/loop, cat/sub/up"]
+    assert paths == ("cat/1.jpg", "cat/2.jpg", "cat/sub/3.jpg", "dog/4.jpg", "dog/outside/6.jpg", "elsewhere/5.jpg")
+    assert m.skipped == [
+        "skipped 1 directory symlinks to another class's or split's folder: dog/more",
+        "skipped 4 directory symlinks to folders already walked: cat/again, cat/loop, cat/sub/up …",
+    ]
+
+
+def test_a_link_to_another_split_or_a_deep_folder(tmp_path):
+    """ln -s ../.. train/b/up (the root: val under a train class) and ../../val/a (another split's
+    class) are left out; a folder 1,200 levels deep is walked (before: RecursionError ended the run)."""
+    from featstore.datasets import resolve_dataset
+
+    for split in ("train", "val"):
+        _images(tmp_path / split / "a", ["1.jpg"])
+        _images(tmp_path / split / "b", ["2.jpg"])
+    (tmp_path / "train" / "b" / "up").symlink_to(os.path.join("..", ".."))
+    (tmp_path / "train" / "b" / "val_a").symlink_to(os.path.join("..", "..", "val", "a"))
+    top = deep = tmp_path / "train" / "a"
+    for _ in range(1200):  # one level at a time: pathlib's mkdir(parents=True) recurses too
+        deep = deep / "d"
+        os.mkdir(deep)
+    try:
+        _images(deep, ["3.jpg"])
+        m = resolve_dataset(str(tmp_path))
+        assert [len(m.splits[s]) for s in ("train", "val")] == [3, 2]
+        assert m.splits["train"].paths[1] == "train/a/" + "/".join(["d"] * 1200) + "/3.jpg"
+        assert m.skipped == [
+            "skipped 1 directory symlinks to another class's or split's folder: train/b/val_a",
+            "skipped 1 directory symlinks to folders already walked: train/b/up",
+        ]
+    finally:  # bottom up, one level at a time: pytest's cleanup (shutil.rmtree) recurses per level
+        for f in deep.iterdir():
+            f.unlink()
+        while deep != top:
+            deep.rmdir()
+            deep = deep.parent
 
 
 def test_a_non_utf8_file_name_round_trips_through_the_manifest(tmp_path):

@@ -499,8 +499,10 @@ def report_command(folders, out, reference, allow_mixed, per_seed, latex, as_mar
     prediction for the first 4 reported images, the LR curves and the paired comparison."""
     from .dense.compare import is_dense_run
     from .output import leaderboard
+    from .output.files import check_report_out
     from .output.report import report
 
+    check_report_out(out)  # before the runs are read (a bad --out failed after them, as "unexpected NotADirectoryError")
     if any(is_dense_run(f) for f in folders):  # probe fit --task depth|seg: images, truth and predictions (probe.dense.report)
         from .dense.report import report as dense_report
 

@@ -778,6 +778,22 @@ def test_report_html_puts_each_seeds_pick_on_its_own_line():
     assert report_html._cell(leaderboard.SELECTED_COLUMN, "k <5") == "<td>k &lt;5</td>"
 
 
+def test_report_out_inside_a_file_is_refused_before_the_runs_are_read(tmp_path, three_encoders, monkeypatch):
+    """probe report --out under a file: one line naming it, before any run is read (it failed after
+    reading them, as "unexpected NotADirectoryError")."""
+    from probe.output import report as report_module
+
+    target, a, b, _ = three_encoders
+    folder = results_folder(tmp_path / "run", {"r18": (target, a), "r50": (target, b)})
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file")
+    monkeypatch.setattr(report_module, "report", lambda *a, **k: pytest.fail("the runs were read"))
+    for out in (blocker, blocker / "rep"):
+        code, text = run_probe(["report", str(folder), "--out", str(out)])
+        assert code == 2 and text.count("error:") == 1 and "Traceback" not in text, text
+        assert f"--out {str(out)!r}" in text and ("is a file" in text or "cannot be made" in text), text
+
+
 def test_a_cut_short_or_garbled_results_folder_is_a_one_line_error(tmp_path, three_encoders):
     """A results.csv or predictions.csv cut short (a full disk, a copy interrupted), bytes that are
     not text, a protocol.json that is JSON but not a record: one `error:` line naming the file (and

@@ -77,6 +77,16 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
+def check_report_out(out: str | os.PathLike) -> Path:
+    """``probe report``'s --out, checked before any run is read: a report folder is rewritten in
+    place (its files renamed over the old ones), so only a file, or a place nothing can be written, is refused."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file", "pass a folder (it is created if missing)")
+    _check_writable(out)
+    return out
+
+
 def _check_writable(out: Path) -> None:
     """Refuse ``out`` when its results could not be written there: the folder it would be made
     in (its nearest existing ancestor) is a file or refuses a file. Tried with a real temporary

@@ -25,9 +25,26 @@ def resolve_with_targets(
     """The manifest of ``--dataset``, and where its dense targets are (None for a classification dataset)."""
     if nyu_classes != 40 and spec != NYU:
         raise UsageError(f"--nyu-classes applies to --dataset {NYU}, not {spec!r}", "leave --nyu-classes out")
-    if is_dense_dataset(spec):
-        return resolve_dense(spec, data_root, depth_scale, nyu_classes)
-    return resolve_dataset(spec, data_root, labels), None
+    try:
+        if is_dense_dataset(spec):
+            return resolve_dense(spec, data_root, depth_scale, nyu_classes)
+        return resolve_dataset(spec, data_root, labels), None
+    except PermissionError as e:  # a class or split folder the user cannot read (pathlib raises where os.walk skipped)
+        raise UsageError(
+            f"cannot read {_first_unreadable(str(e.filename))!r} in the dataset (permission denied)",
+            "make it readable (chmod +rX) or move it out of the dataset",
+        ) from None
+
+
+def _first_unreadable(path: str) -> str:
+    """The outermost folder on ``path`` that cannot be listed: the one to name (the error names the
+    file that was looked for inside it, such as a class folder's zarr.json)."""
+    parts = Path(path).parts
+    for i in range(1, len(parts)):
+        folder = str(Path(*parts[:i]))
+        if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):
+            return folder
+    return path
 
 
 def target_fields(manifest: Manifest, spec: TargetSpec) -> dict:

@@ -564,3 +564,40 @@ def test_peak_memory_of_large_pngs_stays_within_the_documented_bound(tmp_path, l
         print(loader, baseline // 2**20, peak // 2**20, file=log)
     assert list(errors) == ["32"] and "resized to 51200000x256" in errors["32"]
     assert peak - baseline <= memory_bound(budget), f"{loader}: {(peak - baseline) / 2**20:.0f} MB over the baseline"
+
+
+def test_an_unreadable_class_or_split_folder_is_one_line(tmp_path):
+    """A class folder (or a split folder) its user cannot read: one line naming it, exit 2 (was
+    "unexpected PermissionError" naming a zarr.json inside it). Run as an unprivileged user: root reads anything."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("root without setpriv: no unprivileged user to run as")
+    root = Path(tempfile.mkdtemp(dir="/tmp"))  # outside pytest's 0700 folders: the unprivileged user must reach it
+    try:
+        os.chmod(root, 0o755)
+        for split in ("train", "val"):
+            for cls in ("a", "b"):
+                _images(root / "ds" / split / cls, ["1.jpg"])
+        home = root / "home"
+        home.mkdir()
+        os.chmod(home, 0o777)
+        run_as = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        for locked in (root / "ds" / "val" / "b", root / "ds" / "val"):
+            os.chmod(locked, 0o000)
+            cmd = [*run_as, sys.executable, "-m", "featstore.cli", "extract", "--model", "resnet18", "--random-init",
+                   "--dataset", str(root / "ds"), "--out", str(home / "o.zarr")]  # fmt: skip
+            env = {**os.environ, "FEATSTORE_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+            os.chmod(locked, 0o755)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+            assert (
+                lines[0]
+                == f"error: cannot read {str(locked)!r} in the dataset (permission denied) (make it readable (chmod +rX) or move it out of the dataset)"
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -586,3 +586,27 @@ def test_a_shape_that_disagrees_with_the_schema_is_refused(store, capsys):
     report = json.loads(capsys.readouterr().out)
     assert code == 1 and report["ok"] is False and len(report["problems"]) == 3  # one per split
     assert report["problems"][0] == "train/features/cls: has rows of shape (8,), the schema says (9,)"
+
+
+def test_results_that_cannot_be_written_are_one_line_and_leave_nothing(pristine, tmp_path):
+    """A full disk or a quota when probe fit writes its results (after training): one line, exit 1,
+    no half-written folder (was "unexpected OSError" from the plot). A file-size limit is the full
+    disk here (RLIMIT_FSIZE: writes past it fail with EFBIG), in a subprocess."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # results.csv fits; the plot does not
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "probe.cli", "fit", "--store", str(pristine), "--out", str(out), "--epochs", "2", "--lr-grid", "0.1,1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limited, cwd=Path(__file__).resolve().parents[1])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines == [
+        f"error: cannot write the results to {str(out)!r}: File too large (free space there (or pass another --out) and run again; nothing was written)"
+    ], proc.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from featstore.atomic import atomic_folder
-from featstore.errors import UsageError
+from featstore.errors import FeatstoreError, UsageError
 from featstore.version import __version__
 
 from ..protocol import Protocol
@@ -145,13 +145,19 @@ def write_outputs(
         else:
             os.replace(build, out)
 
-    with atomic_folder(out, "building", place) as build:
-        (build / RESULTS).write_text(csv_text(rows))
-        (build / PROTOCOL).write_text(protocol_json(protocol, run))
-        (build / SUMMARY).write_text(summary_csv(digest.summary if digest else summary(rows)))
-        write_predictions(predictions_of(rows), build / PREDICTIONS)
-        name = plot_name(rows)
-        if name:
-            plot(rows, build / name, protocol)
-            written.insert(0, name)
+    try:
+        with atomic_folder(out, "building", place) as build:
+            (build / RESULTS).write_text(csv_text(rows))
+            (build / PROTOCOL).write_text(protocol_json(protocol, run))
+            (build / SUMMARY).write_text(summary_csv(digest.summary if digest else summary(rows)))
+            write_predictions(predictions_of(rows), build / PREDICTIONS)
+            name = plot_name(rows)
+            if name:
+                plot(rows, build / name, protocol)
+                written.insert(0, name)
+    except OSError as e:  # a full disk or a quota after training: one line (the folder is left as it was)
+        raise FeatstoreError(
+            f"cannot write the results to {str(out)!r}: {e.strerror or type(e).__name__}",
+            "free space there (or pass another --out) and run again; nothing was written",
+        ) from None
     return {name: out / name for name in written}

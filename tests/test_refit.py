@@ -215,3 +215,28 @@ def test_results_csv_marks_refit_rows_and_protocol_records_the_choice(tmp_path):
     legacy = {**old["protocol"], "logreg_refit": False}
     del legacy["refit"]
     assert Protocol.from_dict(legacy).refit is False
+
+
+def test_a_fixed_lr_and_its_refit_draw_the_fixed_figure_of_the_reported_number(tmp_path):
+    """probe fit --lr on a store without val (refit on by default): the head and its refit are one
+    setting, so the run draws accuracy.png with the refit's reported number (it drew
+    accuracy_vs_lr.png: an LR axis of one point, a selection panel, a star beside the refit's ◆),
+    and the refit note speaks of the fixed lr, not of a selected head."""
+    from probe.output import plots
+
+    d = digits_splits()
+    store = make_store(tmp_path / "h.zarr", {"train": d["train"], "test": d["test"]})
+    code, out = run_cli(["fit", "--store", f"A={store}", "--lr", "0.1", "--epochs", "2", "--out", str(tmp_path / "r"), "--quiet"])
+    assert code == 0, out
+    assert sorted(p.name for p in (tmp_path / "r").glob("*.png")) == ["accuracy.png"] and "accuracy_vs_lr.png" not in out
+    assert "(refit): the fixed lr's one head trained again on every train row" in out and "selected head" not in out
+
+    rows = probe.fit(store, Protocol(lr_grid=(0.1,), epochs=2), device="cpu", warn=lambda m: None)
+    (refit,) = [r for r in rows if r["refit"]]
+    assert len(rows) == 2 and plots.is_fixed(rows) and plots.plot_name(rows) == plots.FIXED_PLOT
+    fig = plots.fixed_figure(plots.plot_rows(rows))
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == [refit["label"]]  # one row: the refit, not the head it trained again
+    (number,) = [t.get_text() for t in ax.texts]
+    assert number == f"{refit['report_top1_pct']:.1f} [{refit['ci95_low']:.1f}, {refit['ci95_high']:.1f}]"
+    assert "★" not in fig.texts[0].get_text() and "(refit)" in ax.get_xlabel()

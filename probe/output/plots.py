@@ -111,8 +111,9 @@ PLOT, FIXED_PLOT = "accuracy_vs_lr.png", "accuracy.png"
 
 
 def is_fixed(rows: list[dict]) -> bool:
-    """A fixed learning rate: every linear probe of the plotted rows has a single head."""
-    return all(len(rs) == 1 for rs in by_probe(plot_rows(rows)).values())
+    """A fixed learning rate: every linear probe of the plotted rows trained a single head (one
+    lr × wd); its refit is that head trained again on train + holdout, not a second setting."""
+    return all(len(sweep_rows(rs)) == 1 for rs in by_probe(plot_rows(rows)).values())
 
 
 def plot_name(rows: list[dict]) -> str | None:
@@ -134,7 +135,8 @@ def fixed_figure(rows: list[dict], protocol: Protocol | None = None, note: str |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if r["report_top1_pct"] is not None]
+    # the reported row of each probe: the refit where there is one, not the head it trained again
+    shown = [r for r in rows if r["selected"] and r["report_top1_pct"] is not None]
     with_view = len({r["view"] for r in shown}) > 1
     fig, ax = plt.subplots(figsize=(8.5, 0.5 * len(shown) + 1.9))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -154,7 +156,8 @@ def fixed_figure(rows: list[dict], protocol: Protocol | None = None, note: str |
     ax.set_yticklabels([probe_name((r["label"], r["view"]), with_view) for r in reversed(shown)])
     ax.set_ylim(-0.6, len(shown) - 0.4)
     splits = " / ".join(dict.fromkeys(str(r["report_split"]) for r in shown))
-    ax.set_xlabel(f"{splits} top-1 accuracy (%), 95% interval")
+    refit = "; trained on train + holdout (refit)" if any(r.get("refit") for r in shown) else ""
+    ax.set_xlabel(f"{splits} top-1 accuracy (%), 95% interval{refit}")
     ax.grid(axis="x", alpha=0.3)
     title = plot_title(rows, protocol) + (f"\n{note}" if note else "")
     width = int(fig.get_figwidth() * 12)

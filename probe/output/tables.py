@@ -168,7 +168,11 @@ def markdown_table(rows: list[dict], protocol: Protocol | None = None, digest: D
     if versus:
         notes += f"; Δ: top-1 minus {versus.reference}'s on the same images, paired bootstrap interval, McNemar exact test (probe compare for per-class detail)"
     if any(r.get("refit") for r in rows):
-        notes += "; (refit): the selected head trained again on train + holdout (same protocol), then reported once"
+        notes += (  # a fixed lr selects nothing: its one head is what is trained again
+            "; (refit): the fixed lr's one head trained again on every train row (train + holdout, same protocol), then reported once"
+            if one_head
+            else "; (refit): the selected head trained again on train + holdout (same protocol), then reported once"
+        )
     if on_report and not one_head:
         notes += "; the LR was chosen on the reported split itself (--select-on report): every reported number is the max over the reported split, optimistic"
     elif not one_head:

@@ -19,29 +19,65 @@ import numpy as np
 from featstore.store import FeatureStore, is_url
 from featstore.version import __version__
 
-UNIT_DIGESTS = "attrs+unit-digests/sha256"  # a store that records per-unit content digests (featstore verify)
-END_CHUNKS = "attrs+labels+valid+end-chunks/sha256"  # a store written before them
-SCHEMES = (UNIT_DIGESTS, END_CHUNKS)  # recorded beside every digest: another scheme is never compared with it
+CONTENT = "content-attrs+unit-digests/sha256"  # a store that records per-unit content digests (featstore verify)
+UNIT_DIGESTS = "attrs+unit-digests/sha256"  # the same with the run log: what records written before CONTENT name
+END_CHUNKS = "attrs+labels+valid+end-chunks/sha256"  # a store written before unit digests
+SCHEMES = (CONTENT, UNIT_DIGESTS, END_CHUNKS)  # recorded beside every digest: another scheme is never compared with it
+
+# when, how long, where and by which command a store was extracted (or exported): the same
+# extraction run again renews them over bit-identical features, so they are no part of its content
+RUN_LOG = frozenset(
+    {
+        "created",
+        "completed",
+        "command",
+        "run_seconds",
+        "images_per_second",
+        "device",
+        "batch_size",
+        "world_size",
+        "job",
+        "exported",
+        "exported_from",
+    }
+)
 
 
 def digest_scheme(fs: FeatureStore) -> str:
-    """How :func:`store_digest` takes this store's digest."""
-    return UNIT_DIGESTS if fs.digests.present else END_CHUNKS
+    """How :func:`store_digest` takes this store's digest (the scheme a new record names)."""
+    return CONTENT if fs.digests.present else END_CHUNKS
 
 
-def store_digest(fs: FeatureStore) -> str:
-    """A stable digest of a complete store's content.
+def schemes_of(fs: FeatureStore) -> tuple[str, ...]:
+    """Every scheme this store's digest can be taken by: with unit digests, also the older form."""
+    return (CONTENT, UNIT_DIGESTS) if fs.digests.present else (END_CHUNKS,)
+
+
+def content_attrs(attrs: dict) -> dict:
+    """A store's attributes less its run log (:data:`RUN_LOG`)."""
+    return {k: v for k, v in attrs.items() if k not in RUN_LOG}
+
+
+def store_digest(fs: FeatureStore, scheme: str | None = None) -> str:
+    """A stable digest of a complete store's content, by ``scheme`` (default :func:`digest_scheme`).
 
     A store that records per-unit content digests (every array of every unit, :mod:`featstore.store.digests`)
-    is named by sha256 over its attributes, those digests included: no data is read, and a value
-    edited in place is refused by the verified read itself. A store written before them is named by
-    sha256 over its attributes (encoder and weights digest, dataset manifest digest, splits, views,
-    invalid rows, the completion time every re-extraction renews), every split's labels and validity
-    mask, and the features of each split's first and last chunk of rows in every view; that bounded
-    read misses features rewritten in place only in the middle, with the same attributes."""
+    is named by sha256 over its attributes, those digests included, less the run log (``CONTENT``:
+    encoder and weights digest, preprocessing, dataset manifest, splits and classes, views, dtype,
+    invalid rows; when, how long and where it was extracted do not); ``UNIT_DIGESTS``, the
+    form records written before ``CONTENT`` hold, counts the run log too. No data is read, and a
+    value edited in place is refused by the verified read itself. A store written before unit
+    digests is named by sha256 over all its attributes (with the completion time every
+    re-extraction renews), every split's labels and validity mask, and the features of each split's
+    first and last chunk of rows in every view; that bounded read misses features rewritten in place
+    only in the middle, with the same attributes."""
+    scheme = scheme or digest_scheme(fs)
+    if scheme not in schemes_of(fs):
+        raise ValueError(f"a digest by {scheme!r} is not taken of store {str(fs.path)!r}; it has {schemes_of(fs)}")
     h = hashlib.sha256()
-    h.update(json.dumps(fs.attrs, sort_keys=True, separators=(",", ":"), default=str).encode())
-    if digest_scheme(fs) == UNIT_DIGESTS:
+    attrs = content_attrs(fs.attrs) if scheme == CONTENT else fs.attrs
+    h.update(json.dumps(attrs, sort_keys=True, separators=(",", ":"), default=str).encode())
+    if scheme != END_CHUNKS:
         return h.hexdigest()
     for split in sorted(fs.splits):
         h.update(split.encode() + b"\0")

@@ -11,7 +11,7 @@ from featstore.errors import UsageError
 from featstore.store import FeatureStore
 
 from .protocol import PROTOCOL_VERSION, Protocol
-from .provenance import END_CHUNKS, SCHEMES, digest_scheme, environment, store_digest
+from .provenance import END_CHUNKS, SCHEMES, UNIT_DIGESTS, environment, schemes_of, store_digest
 from .results.runs import PROTOCOL, load_record
 from .stores import StoreSpec
 
@@ -55,11 +55,14 @@ def check_unchanged(stores: list[dict]) -> None:
         if scheme not in SCHEMES:
             raise UsageError(f"store {s['label']!r}: digest scheme {scheme!r} is not this probe's", "rerun with that version")
         fs = FeatureStore.open(s["location"]).require_complete()
-        now = store_digest(fs)
-        if digest_scheme(fs) != scheme or now != s["digest"]:
+        comparable = scheme in schemes_of(fs)  # a store re-extracted without (or with) unit digests is another store
+        now = store_digest(fs, scheme if comparable else None)
+        if not comparable or now != s["digest"]:
             raise UsageError(
                 f"store {s['label']!r} at {s['location']!r} changed since the run (content digest {s['digest'][:12]}… then, {now[:12]}… now)",
-                "a changed store gives other numbers; run probe fit afresh instead of --rerun",
+                "a changed store gives other numbers; run probe fit afresh instead of --rerun"
+                # an older record's digest counts when the store was extracted: a re-extraction differs too
+                + (" (this record's digest, of an older probe, changes with any re-extraction)" if scheme == UNIT_DIGESTS else ""),
             )
 
 

@@ -118,3 +118,55 @@ def test_a_hand_edited_protocol_record_is_a_one_line_error(tmp_path, digits):
     (edited / "protocol.json").write_text("[]")
     code, output = run_cli(["fit", "--rerun", str(edited)])
     assert_one_line_error(code, output, 2, "is not a protocol record of probe fit")
+
+
+@pytest.mark.slow
+def test_the_same_extraction_run_again_is_the_same_store_to_rerun(tmp_path, small_folder, monkeypatch):
+    """`featstore extract … --overwrite` of the same command writes bit-identical features with a new
+    creation and completion time and run time: --rerun repeats the run on it (it refused, 'changed
+    since the run': the digest counted the run log). What decides the numbers still counts, and a
+    record of an older probe (its digest over every attribute) still reruns on an unchanged store."""
+    import time
+
+    import featstore
+
+    monkeypatch.setenv("FEATSTORE_HOME", str(tmp_path / "home"))
+    store = tmp_path / "s.zarr"
+    extract = dict(model="resnet18", dataset=str(small_folder), out=str(store), random_init=True, loader="torch", workers=0,
+                   image_size=32, resize=32, device="cpu", dtype="float32", progress=False, log=lambda m: None)  # fmt: skip
+    featstore.extract(**extract)
+    args = ["--lr-grid", "0.01,0.1", "--epochs", "2", "--quiet"]
+    code, output = run_cli(["fit", "--store", f"A={store}", *args, "--out", str(tmp_path / "first")])
+    assert code == 0, output
+    before = FeatureStore.open(store).attrs
+    time.sleep(1.1)  # the stamps are to the second
+    featstore.extract(**extract, overwrite=True)
+    after = FeatureStore.open(store)
+    assert after.attrs["completed"] != before["completed"] and after.attrs["digests"] == before["digests"]
+    code, output = run_cli(["fit", "--rerun", str(tmp_path / "first"), "--out", str(tmp_path / "again")])
+    assert code == 0, output
+    from probe.provenance import CONTENT, UNIT_DIGESTS
+
+    record = json.loads((tmp_path / "first" / "protocol.json").read_text())
+    assert record["run"]["stores"][0]["digest_scheme"] == CONTENT
+    keep = ["label", "lr", "selected", "select_top1_pct", "report_top1_pct"]
+    assert [{k: r[k] for k in keep} for r in _rows(tmp_path / "first")] == [{k: r[k] for k in keep} for r in _rows(tmp_path / "again")]
+
+    # a record of an older probe: its digest of every attribute reruns on the store it was taken of
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "first", old)
+    record["run"]["stores"][0] |= {"digest": store_digest(after, UNIT_DIGESTS), "digest_scheme": UNIT_DIGESTS}
+    (old / "protocol.json").write_text(json.dumps(record))
+    code, output = run_cli(["fit", "--rerun", str(old), "--out", str(tmp_path / "old-again"), "--quiet"])
+    assert code == 0, output
+    # … and cannot tell a re-extraction from a change: refused, saying why
+    FeatureStore.open(store, mode="r+").update_attrs({"completed": "2030-01-01T00:00:00Z"})
+    code, output = run_cli(["fit", "--rerun", str(old), "--out", str(tmp_path / "old-third")])
+    assert_one_line_error(code, output, 2, "store 'A'", "changed since the run", "of an older probe")
+    code, output = run_cli(["fit", "--rerun", str(tmp_path / "first"), "--out", str(tmp_path / "third"), "--quiet"])
+    assert code == 0, output  # the run log is no part of the new digest
+
+    # what decides the numbers does count
+    FeatureStore.open(store, mode="r+").update_attrs({"preprocessing": {**before["preprocessing"], "interpolation": "bicubic"}})
+    code, output = run_cli(["fit", "--rerun", str(tmp_path / "first"), "--out", str(tmp_path / "fourth")])
+    assert_one_line_error(code, output, 2, "store 'A'", str(store), "changed since the run")

@@ -39,7 +39,8 @@ def main():
     multiple=True,
     metavar="[LABEL=]PATH[:VIEW]",
     help="Feature store (a folder, an .h5 export or a URL); repeat to compare stores under one protocol. LABEL names it "
-    "in the table, CSV and plot (default: the weights file name, else the model name); VIEW probes that view of this store only.",
+    "in the table, CSV and plot (default: the weights file name, else the model name); VIEW probes that view of this store only. "
+    "With --rerun: LABEL=PATH is the new location of the store the run recorded as LABEL (its content digest is checked).",
 )
 @click.option("--model", "model", multiple=True,
               help="Instead of --store: the cached store of this model (as given to `featstore extract`); needs --dataset. Repeat to compare models.")  # fmt: skip
@@ -212,7 +213,7 @@ def main():
     metavar="DIR",
     default=None,
     help="Repeat the run recorded in DIR/protocol.json: its stores (refused if one's content changed), labels, views and "
-    "protocol. Takes only --out, --overwrite, --device, --no-verify, --quiet.",
+    "protocol. Takes only --store LABEL=PATH (a recorded store moved), --out, --overwrite, --device, --no-verify, --quiet.",
 )
 @click.option("--allow-different-data", is_flag=True, help="Compare stores whose dataset manifests differ.")
 @click.option(
@@ -298,10 +299,11 @@ def fit_command(
         from .rerun import load_rerun
 
         given = [p.opts[0] for p in ctx.command.params if ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
-        other = [o for o in given if o not in ("--rerun", "--out", "--overwrite", "--device", "--no-verify", "--quiet", "--debug")]
+        taken = ("--rerun", "--store", "--out", "--overwrite", "--device", "--no-verify", "--quiet", "--debug")
+        other = [o for o in given if o not in taken]
         if other:
             raise UsageError(f"--rerun takes the stores and protocol from {rerun!r}, not from {', '.join(other)}", "drop those options")
-        again = load_rerun(rerun)
+        again = load_rerun(rerun, moved=stores)  # --store LABEL=PATH: a recorded store's new location
         if again.drift:
             click.echo(f"warning: {again.drift}; the numbers may differ", err=True)
         stores, views, allow_different_data = tuple(again.stores), tuple(again.views or ()), again.allow_different_data

@@ -94,7 +94,12 @@ def store_digest(fs: FeatureStore, scheme: str | None = None) -> str:
 
 def location(fs: FeatureStore) -> str:
     """The store's absolute path (a URL as it is): where a rerun finds it from any folder."""
-    return str(fs.path) if is_url(str(fs.path)) else os.path.abspath(fs.path)
+    return absolute(str(fs.path))
+
+
+def absolute(path: str) -> str:
+    """``path`` made absolute; a URL as it is."""
+    return path if is_url(path) else os.path.abspath(path)
 
 
 def git_commit(source: Path | None = None) -> dict[str, str | bool | None]:

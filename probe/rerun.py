@@ -1,17 +1,19 @@
 """``probe fit --rerun DIR``: the stores, protocol and options of a finished run, read from its
-protocol.json, after checking that every store still holds what it held (its content digest)."""
+protocol.json, after checking that every store still holds what it held (its content digest), at
+its recorded location or where ``--store LABEL=PATH`` says it moved."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from featstore.errors import UsageError
-from featstore.store import FeatureStore
+from featstore.store import FeatureStore, is_url
 
 from .protocol import PROTOCOL_VERSION, Protocol
-from .provenance import END_CHUNKS, SCHEMES, UNIT_DIGESTS, environment, schemes_of, store_digest
+from .provenance import END_CHUNKS, SCHEMES, UNIT_DIGESTS, absolute, environment, schemes_of, store_digest
 from .results.runs import PROTOCOL, load_record
 from .stores import StoreSpec
 
@@ -47,6 +49,25 @@ def _specs(folder: Path, stores: list[dict]) -> tuple[list[StoreSpec], list[str]
     )
 
 
+def relocated(stores: list[dict], moved: Sequence[str]) -> list[dict]:
+    """The recorded stores, each one ``moved`` names as ``LABEL=PATH`` (LABEL: its recorded label)
+    at PATH instead of its recorded location: a store copied to another folder or machine."""
+    labels = [s["label"] for s in stores if isinstance(s.get("label"), str)]
+    paths: dict[str, str] = {}
+    for text in moved:
+        # the longest recorded label the text starts with: a default label may hold a '=' itself
+        label = max((x for x in labels if text.startswith(f"{x}=")), key=len, default=None)
+        if label is None or text == f"{label}=":
+            raise UsageError(
+                f"--store {text!r} names no store of the run; it recorded {', '.join(map(repr, labels)) or 'none'}",
+                "with --rerun, --store LABEL=PATH gives the store recorded as LABEL its new location",
+            )
+        if label in paths:
+            raise UsageError(f"--store gives store {label!r} two locations", "pass one --store LABEL=PATH per moved store")
+        paths[label] = absolute(text[len(label) + 1 :])
+    return [{**s, "location": paths[s["label"]]} if s.get("label") in paths else s for s in stores]
+
+
 def check_unchanged(stores: list[dict]) -> None:
     """Refuse a store whose content digest differs from the recorded one (re-extracted, another
     encoder's weights, other images): the rerun would not repeat the run."""
@@ -54,6 +75,11 @@ def check_unchanged(stores: list[dict]) -> None:
         scheme = s.get("digest_scheme", END_CHUNKS)
         if scheme not in SCHEMES:
             raise UsageError(f"store {s['label']!r}: digest scheme {scheme!r} is not this probe's", "rerun with that version")
+        if not is_url(s["location"]) and not os.path.exists(s["location"]):
+            raise UsageError(
+                f"store {s['label']!r} is not at {s['location']!r}",
+                f"moved? give its new location beside --rerun, --store {s['label']}=PATH; it is checked to hold what it held",
+            )
         fs = FeatureStore.open(s["location"]).require_complete()
         comparable = scheme in schemes_of(fs)  # a store re-extracted without (or with) unit digests is another store
         now = store_digest(fs, scheme if comparable else None)
@@ -66,8 +92,9 @@ def check_unchanged(stores: list[dict]) -> None:
             )
 
 
-def load_rerun(folder: str | os.PathLike) -> Rerun:
-    """The run recorded in ``folder``/protocol.json, its stores checked unchanged."""
+def load_rerun(folder: str | os.PathLike, moved: Sequence[str] = ()) -> Rerun:
+    """The run recorded in ``folder``/protocol.json, its stores checked unchanged; ``moved``:
+    ``LABEL=PATH`` texts, a recorded store's new location (:func:`relocated`)."""
     folder = Path(folder)
     record = load_record(folder)
     recorded = record.get("protocol") or {}
@@ -87,8 +114,9 @@ def load_rerun(folder: str | os.PathLike) -> Rerun:
             "the file was edited or written by another version; run probe fit afresh",
         )
     run = record.get("run") or {}
-    specs, views = _specs(folder, run.get("stores") or [])
-    check_unchanged(run["stores"])
+    stores = relocated(run.get("stores") or [], moved)
+    specs, views = _specs(folder, stores)
+    check_unchanged(stores)
     return Rerun(specs, protocol, views, bool(run.get("allow_different_data")), run.get("command"), code_drift(run))
 
 

@@ -170,3 +170,36 @@ def test_the_same_extraction_run_again_is_the_same_store_to_rerun(tmp_path, smal
     FeatureStore.open(store, mode="r+").update_attrs({"preprocessing": {**before["preprocessing"], "interpolation": "bicubic"}})
     code, output = run_cli(["fit", "--rerun", str(tmp_path / "first"), "--out", str(tmp_path / "fourth")])
     assert_one_line_error(code, output, 2, "store 'A'", str(store), "changed since the run")
+
+
+def test_rerun_finds_a_moved_store_by_its_recorded_label(tmp_path, digits, monkeypatch):
+    """A results folder and its stores moved (another folder, another machine): `--rerun DIR --store
+    LABEL=NEWPATH` reads the store recorded as LABEL there, checked by its content digest (it was
+    refused: 'not found', and --store beside --rerun was 'not from --store')."""
+    a = make_store(tmp_path / "old" / "a.zarr", digits)
+    b = make_store(tmp_path / "b.zarr", {k: (x * 0.5 + 1, y, i) for k, (x, y, i) in digits.items()})
+    args = ["--lr-grid", "0.1", "--epochs", "1", "--quiet"]
+    code, output = run_cli(["fit", "--store", f"A={a}", "--store", f"B={b}", *args, "--out", str(tmp_path / "first")])
+    assert code == 0, output
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    monkeypatch.chdir(tmp_path)
+
+    code, output = run_cli(["fit", "--rerun", "first", "--out", "again"])
+    assert_one_line_error(code, output, 2, "store 'A' is not at", str(a), "--store A=PATH")
+    code, output = run_cli(["fit", "--rerun", "first", "--store", "A=new/a.zarr", "--out", "again"])  # a relative path
+    assert code == 0, output
+    keep = ["label", "store", "lr", "selected", "select_top1_pct", "report_top1_pct"]
+    moved = [{**r, "store": r["store"].replace(str(tmp_path / "new"), str(tmp_path / "old"))} for r in _rows(tmp_path / "again")]
+    assert [{k: r[k] for k in keep} for r in _rows(tmp_path / "first")] == [{k: r[k] for k in keep} for r in moved]
+    stores = json.loads((tmp_path / "again" / "protocol.json").read_text())["run"]["stores"]
+    assert [s["location"] for s in stores] == [str(tmp_path / "new" / "a.zarr"), str(b)]
+
+    code, output = run_cli(["fit", "--rerun", "first", "--store", "C=new/a.zarr", "--out", "third"])
+    assert_one_line_error(code, output, 2, "--store 'C=new/a.zarr' names no store of the run", "'A', 'B'")
+    code, output = run_cli(["fit", "--rerun", "first", "--store", "new/a.zarr", "--out", "third"])
+    assert_one_line_error(code, output, 2, "names no store of the run", "--store LABEL=PATH")
+    code, output = run_cli(["fit", "--rerun", "first", "--store", "A=new/a.zarr", "--store", "A=b.zarr", "--out", "third"])
+    assert_one_line_error(code, output, 2, "two locations")
+    code, output = run_cli(["fit", "--rerun", "first", "--store", "A=b.zarr", "--out", "third"])  # another store's content
+    assert_one_line_error(code, output, 2, "store 'A'", str(b), "changed since the run")
+    assert not (tmp_path / "third").exists()

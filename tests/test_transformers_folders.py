@@ -354,6 +354,12 @@ def test_malformed_folders_are_one_line_errors(folders, tmp_path, capsys, small_
 
     (bad / "model.safetensors").unlink()
     assert "no weights" in _cli_error(capsys, *base, "--weights", bad)
+    # a transformers model.safetensors alone (no config.json beside it) under a preset: no --model fits it
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(folders["Dinov2Model"] / "model.safetensors", loose / "model.safetensors")
+    line = _cli_error(capsys, *base[:2], "dinov2-s", *base[3:], "--weights", loose / "model.safetensors")
+    assert "no parameter names match" in line and "a Hugging Face transformers state dict: pass its folder with config.json" in line, line
     assert not (tmp_path / "o.zarr").exists()  # nothing written
 
 

@@ -217,9 +217,13 @@ def load_weights(
         del sd[k]
     if not shapes.keys() & sd.keys():
         sample = ", ".join(sorted(sd)[:3])
+        transformers_keys = any(k.startswith(("embeddings.", "encoder.layer.", "encoder.layers.", "vision_model.")) for k in sd)
         raise FeatstoreError(
             f"weights {name!r} do not fit {label}: no parameter names match (file has e.g. {sample})",
-            "check --model matches the checkpoint's architecture",
+            # no --model fits a transformers state dict: it is read with its config.json
+            "a Hugging Face transformers state dict: pass its folder with config.json (--weights DIR) or --model hf:ORG/NAME"
+            if transformers_keys
+            else "check --model matches the checkpoint's architecture",
         )
     mismatched = [k for k, v in sd.items() if k in shapes and tuple(v.shape) != shapes[k]]
     if mismatched:

@@ -295,3 +295,12 @@ def test_a_removal_killed_half_way_is_cleared_by_the_next_run(s3, monkeypatch):
     monkeypatch.undo()
     assert calls and sorted(objects(url)) == [CREATING, "train/labels/c/0"]  # zarr.json gone: no store to a reader
     assert existing_store(url, "k", {}, False) is None and objects(url) == []
+
+
+def test_a_url_scheme_in_capitals_is_the_scheme():
+    """--out S3://bucket/x.zarr is s3:// (URL schemes are case-insensitive): it reached fsspec as
+    'S3' and ended with "unexpected ValueError: Protocol not known: S3"."""
+    from featstore.store.remote import location
+
+    assert location("S3://feats/Run A/x.zarr") == "s3://feats/Run A/x.zarr"
+    assert location("Gs://b/x.zarr") == "gs://b/x.zarr" and str(location("dir/S3:/x.zarr")) == "dir/S3:/x.zarr"

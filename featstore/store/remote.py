@@ -201,5 +201,10 @@ class Remote:
 
 
 def location(text: str | os.PathLike[str]) -> Path | str:
-    """A store location as featstore handles it: a URL stays a str (a Path would fold its ``//``)."""
-    return os.fspath(text) if is_url(text) else Path(text)
+    """A store location as featstore handles it: a URL stays a str (a Path would fold its ``//``),
+    its scheme in lower case (``S3://`` is s3://, as URLs' schemes are case-insensitive; fsspec knows
+    only the lower-case names)."""
+    if not is_url(text):
+        return Path(text)
+    url = os.fspath(text)
+    return scheme(url) + url[url.index("://") :]

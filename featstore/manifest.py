@@ -155,3 +155,20 @@ def stored_path(path: str) -> str:
     except UnicodeEncodeError:
         return os.fsencode(path).decode("utf-8", "backslashreplace")
     return path
+
+
+def unstored_paths(stored: Iterable[str], raw: object) -> tuple[str, ...]:
+    """The manifest's own names of a split's ``stored`` paths: each row that ``raw`` (the split's
+    ``raw_paths`` record, row → hex bytes) names is its raw bytes, surrogate-escaped as the walk
+    held them, so the manifest digest is the one taken. A record that cannot be read is ignored
+    (the digest then differs, which is what it is for)."""
+    out = list(stored)
+    if isinstance(raw, dict):
+        for row, hexed in raw.items():
+            try:
+                r, name = int(row), os.fsdecode(bytes.fromhex(hexed))
+            except (TypeError, ValueError):
+                continue
+            if 0 <= r < len(out) and stored_path(name) == out[r]:
+                out[r] = name
+    return tuple(out)

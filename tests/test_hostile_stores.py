@@ -10,6 +10,7 @@ extractions (resnet18, random init, 16 px digits) and are marked slow.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -46,17 +47,20 @@ def _paths(split: str, n: int) -> list[str]:
     return [f"{split}/{i:04d}.png" for i in range(n)]
 
 
-def make(path: Path, *, labels: dict[str, np.ndarray] | None = None, classes: bool = True, invalid_row: int | None = 70) -> Path:
+def make(path: Path, *, labels: dict[str, np.ndarray] | None = None, classes: bool = True, invalid_row: int | None = 70,
+         paths=_paths) -> Path:  # fmt: skip
     """A complete store: 3 Gaussian classes, 64-row units; train row ``invalid_row`` undecodable."""
     data = _data()
     labels = labels or {s: y for s, (y, _) in data.items()}
-    manifest = Manifest("toy", Path("/data"), tuple(CLASSES), {s: SplitManifest(s, tuple(_paths(s, len(y))), y) for s, y in labels.items()})
+    manifest = Manifest("toy", Path("/data"), tuple(CLASSES), {s: SplitManifest(s, tuple(paths(s, len(y))), y) for s, y in labels.items()})
     dataset = {"name": "toy", "root": "/data", "manifest_sha256": manifest.sha256}
+    if manifest.raw_paths():
+        dataset["raw_paths"] = manifest.raw_paths()
     if classes:
         dataset.update(class_names=CLASSES, num_classes=3)
     store = FeatureStore.create(
         path,
-        splits={s: (_paths(s, len(y)), y) for s, y in labels.items()},
+        splits={s: (manifest.stored_paths(s), y) for s, y in labels.items()},
         views={"cls": 8},
         dtype="float16",
         chunk_rows=64,
@@ -335,6 +339,28 @@ def test_a_store_without_digests_opens_and_verify_checks_what_it_can(store, caps
         "damaged: test/features/cls rows 0-63: chunk file missing: valid rows read as NaN",
         "damaged: the labels and paths do not match the dataset's manifest digest (a label or path changed or was lost)",
     ]
+
+
+def test_a_file_name_that_is_not_utf8_verifies_and_so_does_its_export(tmp_path, capsys):
+    """The manifest digest was taken over the raw names; the store keeps such a name as ``\\xNN``
+    text (its bytes in ``raw_paths``), and verify hashed the text: a fresh store was 'edited'."""
+    from featstore.store.export import export
+
+    def paths(split: str, n: int) -> list[str]:
+        names = _paths(split, n)
+        names[5] = os.fsdecode(b"val/v\xff" + os.fsencode(names[5])) if split == "val" else names[5]
+        return names
+
+    path = make(tmp_path / "s.zarr", paths=paths)
+    assert FeatureStore.open(path).paths("val")[5] == "val/v\\xffval/0005.png"
+    code, lines = verify_lines(capsys, path)
+    assert code == 0 and lines == []
+    export(str(path), str(tmp_path / "s.h5"))
+    code, lines = verify_lines(capsys, tmp_path / "s.h5")
+    assert code == 0 and lines == []
+    _edit_json(path / "zarr.json", lambda m: m["attributes"]["dataset"]["raw_paths"]["val"].update({"5": b"val/v\xfe".hex()}))
+    code, lines = verify_lines(capsys, path)  # a raw name that is not the stored one is not taken
+    assert code == 1 and lines == ["damaged: the class names in the store's attributes do not match the dataset's manifest digest (edited)"]
 
 
 # ---------------------------------------------------------------- HDF5 exports

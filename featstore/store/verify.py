@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..manifest import Manifest, SplitManifest
+from ..manifest import Manifest, SplitManifest, unstored_paths
 from .augmented import augmented_splits, required_arrays
 from .digests import Recorded, StoreDamaged, array_names, repair_hint, rows_digest, rows_text, unit_bounds
 from .feature_store import FeatureStore
@@ -428,13 +428,13 @@ def _check_manifest(store: FeatureStore, report: VerifyReport, digests: bool) ->
     if digests:
         if any(p.array in ("labels", "paths") for p in report.problems):
             return  # damaged labels or paths: reported, and they change the digest anyway
-        splits = {s: SplitManifest(s, tuple(store.paths(s).tolist()), store.labels(s)) for s in store.splits}
+        splits = {s: SplitManifest(s, _manifest_paths(store, s), store.labels(s)) for s in store.splits}
         manifest = Manifest(dataset.name or "", Path(dataset.root or "."), tuple(dataset.class_names), splits)
         if manifest.sha256 != dataset.manifest_sha256:
             report.add(Problem("the class names in the store's attributes do not match the dataset's manifest digest (edited)"))
         return
     try:
-        splits = {s: SplitManifest(s, tuple(store.paths(s).tolist()), store.labels(s)) for s in store.splits}
+        splits = {s: SplitManifest(s, _manifest_paths(store, s), store.labels(s)) for s in store.splits}
     except Exception as e:  # an unreadable chunk, reported by the split checks
         report.notes.append(f"the manifest digest was not checked: {type(e).__name__}")
         return
@@ -442,6 +442,13 @@ def _check_manifest(store: FeatureStore, report: VerifyReport, digests: bool) ->
     if manifest.sha256 != dataset.manifest_sha256:
         report.add(Problem("the labels and paths do not match the dataset's manifest digest (a label or path changed or was lost)"))
         report.damaged_plan.update(store.splits)
+
+
+def _manifest_paths(store: FeatureStore, split: str) -> tuple[str, ...]:
+    """The split's paths as the manifest digest took them: a name that is not UTF-8 is stored as
+    ``\\xNN`` text, its raw bytes recorded in the ``raw_paths`` of the dataset attribute."""
+    raw = store.meta.dataset.raw.get("raw_paths")
+    return unstored_paths(store.paths(split).tolist(), raw.get(split) if isinstance(raw, dict) else None)
 
 
 def refusal(report: VerifyReport, hint: str) -> StoreDamaged:

@@ -548,6 +548,35 @@ def _partial(path: Path, units: int) -> FeatureStore:
     return store
 
 
+def test_a_unit_marker_cut_short_or_not_the_units_is_pending_and_named(tmp_path):
+    """A marker cut short read as written (it exists): verify said ok and the resume died with
+    'unexpected JSONDecodeError' reading it. Such a unit is pending: verify names it, the resume
+    writes it again."""
+    store = _partial(tmp_path / "p.zarr", 4)
+    units = store.units("train")
+    cut = store._marker(units[1])
+    cut.write_bytes(cut.read_bytes()[:40])
+    _edit_json(store._marker(units[2]), lambda m: m.update(rows=[0, 64]))
+    _edit_json(store._marker(units[3]), lambda m: m.update(invalid=["x"]))
+    reopened = FeatureStore.open(store.path)
+    assert [(u.split, u.index) for u in reopened.pending_units("train")] == [("train", i) for i in (1, 2, 3, 4)]
+    assert [p.line() for p in verify_store(reopened).problems] == [
+        f"train rows {a}-{b}: its progress marker _progress/train/unit-00000{i}.json does not record the unit ({why}): "
+        "the unit counts as not written, resuming writes it again"
+        for i, a, b, why in [
+            (1, 64, 127, "unreadable: JSONDecodeError"),
+            (2, 128, 191, "its rows are [0, 64], not [128, 192]"),
+            (3, 192, 255, "its invalid rows are not a record of rows"),
+        ]
+    ]
+    reopened = FeatureStore.open(store.path, mode="r+")
+    for split, (_, x) in _data().items():  # the resume: every pending unit written again
+        for u in reopened.pending_units(split):
+            reopened.write_unit(u, {"cls": x[u.start : u.stop]}, np.ones(u.rows, bool))
+    reopened.finalize()
+    assert verify_store(FeatureStore.open(store.path)).ok
+
+
 def test_an_incomplete_store_has_its_written_units_checked_and_repair_drops_the_damaged_ones(tmp_path):
     from featstore.store.repair import reopen_damaged
 

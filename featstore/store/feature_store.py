@@ -67,6 +67,21 @@ class Unit:
         return self.stop - self.start
 
 
+def marker_problem(marker: Any, unit: Unit) -> str:
+    """Why ``marker`` (a unit's progress marker, parsed) does not record ``unit``; "" when it does. A
+    unit whose marker does not is pending: resuming writes it again."""
+    if not isinstance(marker, dict):
+        return "not a JSON object"
+    if marker.get("rows") != [unit.start, unit.stop]:
+        return f"its rows are {marker.get('rows')!r}, not [{unit.start}, {unit.stop}]"
+    invalid = marker.get("invalid")
+    if not isinstance(invalid, dict) or not all(str(r).isdigit() for r in invalid):
+        return "its invalid rows are not a record of rows"
+    if not isinstance(marker.get("digests") or {}, dict):
+        return "its digests are not a record"
+    return ""
+
+
 def _zarr() -> Any:
     import zarr
 
@@ -388,7 +403,7 @@ class FeatureStore:
             return True
         if self._fs is not None:
             return self._remote.exists(self._marker_name(unit))
-        return self._marker(unit).is_file()
+        return self._marker(unit).is_file() and self.unit_marker(unit)[0] is not None
 
     def pending_units(self, split: str | None = None) -> list[Unit]:
         splits = [split] if split else self.splits
@@ -407,6 +422,18 @@ class FeatureStore:
         if self._fs is not None:
             return json.loads(self._remote.read(self._marker_name(unit)) or b"null")
         return json.loads(self._marker(unit).read_text())
+
+    def unit_marker(self, unit: Unit) -> tuple[dict[str, Any] | None, str]:
+        """The unit's progress marker and "", or None and why it is not one: missing, cut short,
+        not the unit's (then the unit is pending: resuming writes it again)."""
+        try:
+            marker = self._read_marker(unit)
+        except FileNotFoundError:
+            return None, "missing"
+        except (OSError, ValueError) as e:  # a marker cut short or garbled: json's errors are ValueErrors
+            return None, f"unreadable: {type(e).__name__}"
+        problem = marker_problem(marker, unit)
+        return (None, problem) if problem else (marker, "")
 
     def clean_temp_files(self) -> int:
         """Remove temp files a killed writer left behind (ours and zarr's). Returns how many."""
@@ -516,8 +543,8 @@ class FeatureStore:
             created = set(recorded.created.get(split, []))
             from_units: dict[str, list[str]] = {}
             for unit in self.units(split):
-                marker = self._read_marker(unit)
-                if not isinstance(marker, dict) or marker.get("rows") != [unit.start, unit.stop]:
+                marker, _ = self.unit_marker(unit)
+                if marker is None:
                     raise FeatstoreError(
                         f"unit marker {self._marker_name(unit)} of split {split!r} does not match the plan", "rerun with --overwrite"
                     )

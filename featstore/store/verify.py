@@ -221,15 +221,20 @@ def _missing_chunks(store: FeatureStore, split: str, name: str, array: Any) -> s
         return None
 
 
-def _done_units(store: FeatureStore, split: str) -> tuple[set[int], dict[str, list[str | None]]]:
-    """An incomplete store: the units with a marker, and the digests their markers hold."""
+def _done_units(store: FeatureStore, split: str, report: VerifyReport) -> tuple[set[int], dict[str, list[str | None]]]:
+    """An incomplete store: the units with a marker, and the digests their markers hold. A marker
+    that is there but does not record its unit (cut short, edited) is named: its unit is pending."""
     units = store.units(split)
     done: set[int] = set()
     digests: dict[str, list[str | None]] = {}
     for unit in units:
-        try:
-            marker = json.loads(store._marker(unit).read_text())
-        except (OSError, ValueError):
+        if not store._marker(unit).exists():
+            continue
+        marker, why = store.unit_marker(unit)
+        if marker is None:
+            name = store._marker(unit).relative_to(store._local)
+            report.add(Problem(f"its progress marker {name} does not record the unit ({why}): the unit counts as not written, resuming writes it again",
+                               split, rows=(unit.start, unit.stop)), unit.index)  # fmt: skip
             continue
         done.add(unit.index)
         for name, digest in (marker.get("digests") or {}).items():
@@ -297,7 +302,7 @@ def _verify_split(store: FeatureStore, split: str, recorded: Recorded, classes: 
     expected: dict[str, list[str | None]] = {k: list(v) for k, v in recorded.splits.get(split, {}).items()}
     done = set(range(len(bounds)))
     if not store.complete and store.format == "zarr" and isinstance(store.path, Path):
-        done, markers = _done_units(store, split)
+        done, markers = _done_units(store, split, report)
         for name, from_markers in markers.items():
             expected.setdefault(name, from_markers)
     created = set(recorded.created.get(split, [])) | {"labels", "paths"}

@@ -395,6 +395,34 @@ def test_a_damaged_store_is_not_exported(store, tmp_path):
     assert not (tmp_path / "x.h5").exists()
 
 
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        ("rows", "train/labels: has 12 rows, the store records 300"),
+        ("size", "val/features/cls: has 100 rows, the store records -5"),
+        ("classes", "train/labels rows 2-296: 114 labels outside [0, 2)"),
+    ],
+)
+def test_a_store_verify_calls_damaged_is_not_exported(store, tmp_path, capsys, damage, needle):
+    """docs/verify.md: export refuses a damaged store. It checked the digests only, and exported a
+    store whose train/labels said 12 rows (the others 8), or whose split size was -5."""
+    root = store / "zarr.json"
+    if damage == "rows":
+        _edit_json(store / "train" / "labels" / "zarr.json", lambda m: m.update(shape=[12]))
+        _edit_json(root, lambda m: m["consolidated_metadata"]["metadata"]["train/labels"].update(shape=[12]))
+    elif damage == "size":
+        _edit_json(root, lambda m: m["attributes"]["splits"].update(val=-5))
+    else:  # a class count the labels exceed
+        _edit_json(root, lambda m: m["attributes"]["dataset"].update(num_classes=2, class_names=CLASSES[:2]))
+    assert run_cli(cli, "featstore", ["verify", str(store)]) == 1
+    capsys.readouterr()
+    for to in ("x.h5", "x.npz"):
+        code = run_cli(cli, "featstore", ["export", str(store), "--to", str(tmp_path / to)])
+        err = capsys.readouterr().err
+        assert code == 1 and len(err.splitlines()) == 1 and needle in err and "is damaged" in err, err
+        assert not list(tmp_path.glob("x*")) and not list(tmp_path.glob(".*tmp"))
+
+
 def test_a_feature_chunk_changed_in_place_is_not_exported(store, tmp_path):
     """One flipped byte in a feature chunk keeps its size, so the export copied the chunk's bytes
     as they were (its fast path), damaged, over a good export; they are checked like every read."""

@@ -36,6 +36,7 @@ from ..timestamps import utc_stamp
 from .feature_store import FeatureStore
 from .patch import patch_dims
 from .targets import stored_targets
+from .verify import require_labels, require_readable
 
 EXPORT_FORMATS = (".h5", ".hdf5", ".npz")
 
@@ -58,6 +59,10 @@ def export(
     store = FeatureStore.open(source, verify=True).require_complete()  # a damaged store is refused, not exported
     if suffix != ".npz" and view is not None:
         raise UsageError("--view applies to .npz exports", "an HDF5 export holds every view")
+    # what probe fit checks before reading, checked before anything is written: the digests alone
+    # pass a schema edited to say other row counts, and labels outside the recorded classes
+    require_readable(store)
+    require_labels(store, {split: store.labels(split) for split in store.splits})
     start = time.perf_counter()
     # write beside the target and rename: a killed export never leaves a half file under its name
     try:

@@ -98,6 +98,25 @@ def test_a_damaged_unit_on_s3_is_refused(s3, plan):
         FeatureStore.open(url, verify=True).features("val", "pixels")[:]
 
 
+@pytest.mark.slow
+def test_verify_of_an_incomplete_store_on_s3_checks_its_written_units(s3, plan, tmp_path):
+    """`featstore verify s3://…` of a store a killed run left checks each written unit against its
+    marker's digests, as a local copy of the same objects is checked (it checked none and said ok)."""
+    from featstore.store.verify import verify_store
+
+    url = f"{s3}/partial/digits.zarr"
+    store = _create(url, plan)
+    _write(store, plan, store.pending_units()[:3])
+    remote = Remote.of(url)
+    remote.put("train/features/pixels/c/1/0", remote.read("train/features/pixels/c/0/0") or b"")  # unit 1 holds unit 0's rows
+    report = verify_store(FeatureStore.open(url))
+    remote.fs.get(remote.root, str(tmp_path / "copy.zarr"), recursive=True)
+    local = verify_store(FeatureStore.open(tmp_path / "copy.zarr"))
+    damage = "train/features/pixels rows 128-255: does not match its digest (changed or lost since it was written)"
+    assert [p.line() for p in report.problems] == [p.line() for p in local.problems] == [damage]
+    assert report.damaged_units == {"train": {1}} and report.units == local.units  # the unwritten units are not counted
+
+
 def test_creating_never_overwrites(s3, plan):
     url = f"{s3}/twice/digits.zarr"
     _create(url, plan)

@@ -435,6 +435,11 @@ class FeatureStore:
         problem = marker_problem(marker, unit)
         return (None, problem) if problem else (marker, "")
 
+    def marker(self, unit: Unit) -> dict[str, Any] | None:
+        """The marker of a finished unit (its rows, invalid rows and digests), local or at a URL;
+        None where it has none or it is not one (:meth:`unit_marker` says why; resuming writes that unit again)."""
+        return self.unit_marker(unit)[0]
+
     def clean_temp_files(self) -> int:
         """Remove temp files a killed writer left behind (ours and zarr's). Returns how many."""
         if self._fs is not None:

@@ -225,17 +225,24 @@ def _done_units(store: FeatureStore, split: str, report: VerifyReport) -> tuple[
     """An incomplete store: the units with a marker, and the digests their markers hold. A marker
     that is there but does not record its unit (cut short, edited) is named: its unit is pending."""
     units = store.units(split)
+    # at a URL one listing, not a request per unit (a local store's markers are looked at one by one, below)
+    pending = set() if isinstance(store.path, Path) else {u.index for u in store.pending_units(split)}
     done: set[int] = set()
     digests: dict[str, list[str | None]] = {}
     for unit in units:
-        if not store._marker(unit).exists():
-            continue
-        marker, why = store.unit_marker(unit)
-        if marker is None:
-            name = store._marker(unit).relative_to(store._local)
-            report.add(Problem(f"its progress marker {name} does not record the unit ({why}): the unit counts as not written, resuming writes it again",
-                               split, rows=(unit.start, unit.stop)), unit.index)  # fmt: skip
-            continue
+        if isinstance(store.path, Path):
+            if not store._marker(unit).exists():
+                continue
+            marker, why = store.unit_marker(unit)
+            if marker is None:
+                name = store._marker(unit).relative_to(store._local)
+                report.add(Problem(f"its progress marker {name} does not record the unit ({why}): the unit counts as not written, resuming writes it again",
+                                   split, rows=(unit.start, unit.stop)), unit.index)  # fmt: skip
+                continue
+        else:  # at a URL: one listing says which units have a marker, each read through the store
+            marker = None if unit.index in pending else store.marker(unit)
+            if marker is None:
+                continue
         done.add(unit.index)
         for name, digest in (marker.get("digests") or {}).items():
             digests.setdefault(name, [None] * len(units))[unit.index] = digest
@@ -301,7 +308,7 @@ def _verify_split(store: FeatureStore, split: str, recorded: Recorded, classes: 
     bounds = unit_bounds(n, store.chunk_rows)
     expected: dict[str, list[str | None]] = {k: list(v) for k, v in recorded.splits.get(split, {}).items()}
     done = set(range(len(bounds)))
-    if not store.complete and store.format == "zarr" and isinstance(store.path, Path):
+    if not store.complete and store.format == "zarr":  # local or at a URL: the markers say which units are written
         done, markers = _done_units(store, split, report)
         for name, from_markers in markers.items():
             expected.setdefault(name, from_markers)

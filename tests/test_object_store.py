@@ -34,14 +34,14 @@ def plan():
     return digits_splits()
 
 
-def _create(url, plan):
+def _create(url, plan, **attrs):
     return FeatureStore.create(
         url,
         splits={s: ([f"{int(i)}.png" for i in ids], y) for s, (_, y, ids) in plan.items()},
         views={"pixels": 64},
         dtype="float32",
         chunk_rows=128,
-        attrs={"cache_key": "k", "dataset": {"name": "digits", "class_names": [str(c) for c in range(10)]}},
+        attrs={"cache_key": "k", "dataset": {"name": "digits", "class_names": [str(c) for c in range(10)]}, **attrs},
     )
 
 
@@ -86,7 +86,7 @@ def test_units_resume_and_complete_on_s3(s3, plan):
 @pytest.mark.slow
 def test_a_damaged_unit_on_s3_is_refused(s3, plan):
     url = f"{s3}/damaged/digits.zarr"
-    store = _create(url, plan)
+    store = _create(url, plan, command=f"featstore extract --model resnet18 --dataset digits --out {url}")
     _write(store, plan, store.pending_units())
     store.finalize()
     remote = Remote.of(url)
@@ -94,8 +94,16 @@ def test_a_damaged_unit_on_s3_is_refused(s3, plan):
     data = bytearray(remote.read(chunk) or b"")
     data[10] ^= 0xFF
     remote.put(chunk, bytes(data))
-    with pytest.raises(FeatstoreError, match="damaged"):
+    with pytest.raises(FeatstoreError, match="damaged") as refused:
         FeatureStore.open(url, verify=True).features("val", "pixels")[:]
+    # --repair refuses a URL ("works on local stores"): the hint repairs a local copy and uploads it back
+    hint = (
+        f"copy it down (aws s3 sync {url} DIR), repair it there: featstore extract --model resnet18 --dataset digits --out DIR "
+        f"--repair, and upload it back (aws s3 sync --delete DIR {url})"
+    )
+    assert refused.value.hint == hint
+    code, output = run(["verify", url])
+    assert code == 1 and output.rstrip().endswith(f"; {hint}"), output
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ Attribute layout::
 from __future__ import annotations
 
 import hashlib
+import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FeatstoreError
+from .locations import is_url
 
 ALGORITHM = "sha256-128"  # SHA-256 (hardware-accelerated on x86 and ARM) cut to 128 bits: damage, not forgery
 ATTRIBUTE = "digests"
@@ -177,8 +179,11 @@ def repair_hint(attrs: dict[str, Any], hdf5: bool = False, location: str | None 
     """How to repair a damaged store: its own extract command with ``--repair`` (which re-extracts
     just the damaged units); for an HDF5 export, repair its source and export it again. ``location``:
     where the store is now; a copy or a moved store gets its own path as ``--out``, never the
-    original's (which would "repair" the intact original)."""
+    original's (which would "repair" the intact original); a store at a URL is repaired as a local
+    copy (``--repair`` refuses URLs)."""
     command = attrs.get("command")
+    if location is not None and is_url(location) and not hdf5:
+        return _url_repair_hint(command, location)
     if isinstance(command, str) and location is not None and not hdf5:
         command = _with_out(command, location)
     fix = f"repair it: {command} --repair" if command else "repair it with its `featstore extract ...` command and --repair"
@@ -188,13 +193,39 @@ def repair_hint(attrs: dict[str, Any], hdf5: bool = False, location: str | None 
     return fix
 
 
+def _url_repair_hint(command: Any, url: str) -> str:
+    """--repair works on local stores (job.py refuses a URL): the store copied down, repaired there, uploaded back."""
+    local = "its `featstore extract ...` command with --out DIR --repair"
+    if isinstance(command, str):
+        local = f"{_out_as(command, 'DIR')} --repair"
+    return f"copy it down ({_sync(url, 'DIR')}), repair it there: {local}, and upload it back ({_sync('DIR', url, delete=True)})"
+
+
+def _sync(source: str, target: str, delete: bool = False) -> str:
+    """The command that copies ``source`` to ``target`` (one of them an s3:// or gs:// URL); ``delete``:
+    what the repair removed (a dropped unit marker) goes at the target too."""
+    if any(p.lower().startswith("s3://") for p in (source, target)):
+        return shlex.join(["aws", "s3", "sync", *(["--delete"] if delete else []), source, target])
+    return shlex.join(["gcloud", "storage", "rsync", "-r", *(["--delete-unmatched-destination-objects"] if delete else []), source, target])
+
+
+def _out_as(command: str, out: str) -> str:
+    """``command`` writing to ``out``: its --out replaced, or added (a store of the cache has none)."""
+    try:
+        args = shlex.split(command)
+    except ValueError:
+        return f"{command} --out {out}"
+    if "--out" in args[:-1]:
+        args[args.index("--out") + 1] = out
+    else:
+        args += ["--out", out]
+    return shlex.join(args)
+
+
 def _with_out(command: str, location: str) -> str:
     """``command`` with its ``--out`` made ``location`` where it names another place (featstore records
     --out absolute: a relative one is left as it is, its base unknown)."""
     import os
-    import shlex
-
-    from .locations import is_url
 
     try:
         args = shlex.split(command)

@@ -40,7 +40,7 @@ from .progress import log_to_stderr, resolve_mode
 from .ranks import Ranks, wait_until
 from .request import ExtractConfig, ExtractResult, recall_up_to_date, request_of, resolved_model
 from .splits import apply_split, parse_split
-from .store.lease import store_lock
+from .store.lease import rank_lease, store_lock
 from .store.patch import is_patch_shape
 from .store.remote import location
 from .wds_dataset import is_wds, wds_manifest
@@ -150,10 +150,13 @@ def extract(
 
     run_start = time.perf_counter()
     if not ranks.is_leader:
+        lease = rank_lease(out, ranks.job)  # rank 0's at a URL: a rank writes no unit once its job lost it
+        store.confirm_writer = lease.confirm if lease is not None else None
         written, invalid, nonfinite = run_units(store, manifest, encoder, views, loader_name, device, config, progress, ranks, log)
         label = f"{out} (rank {ranks.rank})"
     else:
         with store_lock(out, warn=log, job=ranks.job) as lock:
+            store.confirm_writer = lock.confirm  # a lease can lapse (the process stopped): no unit written after
             store.clean_temp_files()
             if targets is not None and "targets" not in store.attrs:
                 write_dense_targets(store, manifest, targets, spec.preprocess, fields["targets"], log)

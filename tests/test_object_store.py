@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from featstore.cli import cli
 from featstore.errors import FeatstoreError, UsageError
 from featstore.store import PROGRESS, FeatureStore
-from featstore.store.lease import LEASE, Lease, _etag, _put_if_match, store_lock
+from featstore.store.lease import LEASE, Lease, _etag, _put_if_match, rank_lease, store_lock
 from featstore.store.remote import CREATING, Remote
 from tests.s3_server import moto_s3, objects
 from tests.test_probe import digits_splits
@@ -216,6 +216,74 @@ def test_a_dead_or_expired_lease_is_taken_over_once(s3):
         lease.check()
     lease.release()
     assert json.loads(remote.read(LEASE) or b"{}")["token"] == "thief"  # never deleted another writer's lease
+
+
+def _count_requests(monkeypatch):
+    """The lease's requests from now on, by kind (reads, plain and conditional writes)."""
+    import featstore.store.lease as lease_module
+
+    made = []
+    for owner, name in [(Remote, "read"), (Remote, "put"), (lease_module, "_put_if_match"), (lease_module, "_etag")]:
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _o=original, _n=name, **k: made.append(_n) or _o(*a, **k))
+    return made
+
+
+def test_a_write_confirms_the_lease_and_renews_it_only_when_stale(s3, monkeypatch):
+    """Before each unit the writer confirms its lease: no request while the renewer keeps it fresh; one
+    stopped past its term renews it there and then (conditionally) and goes on if nobody took it, and
+    stops with 'lost the lease' if another writer did (it used to write on into that writer's store)."""
+    remote = Remote.of(f"{s3}/confirm/x.zarr")
+    with Lease(remote) as lease:
+        made = _count_requests(monkeypatch)
+        for _ in range(100):
+            lease.confirm()
+        assert made == []
+        lease._renewed -= lease.term  # stopped (SIGSTOP) past its term, and nobody took the lease
+        lease.confirm()
+        assert made[0] == "_put_if_match" and json.loads(remote.read(LEASE) or b"{}")["token"] == lease._token
+        made.clear()
+        lease.confirm()
+        assert made == []  # fresh again
+        remote.put(LEASE, json.dumps({"pid": 1, "host": "node-17", "expires": time.time() + 120, "token": "thief"}).encode())
+        lease.confirm()  # fresh: the renewer vouches for it (a live lease is never taken over)
+        lease._renewed -= lease.term  # stopped past its term, and meanwhile taken over
+        with pytest.raises(FeatstoreError, match="lost the lease"):
+            lease.confirm()
+    assert json.loads(remote.read(LEASE) or b"{}")["token"] == "thief"
+
+
+def test_a_rank_writes_only_while_its_jobs_rank_0_holds_the_lease(s3, monkeypatch, tmp_path):
+    """A rank > 0 writes under rank 0's lease: it reads it (not before each unit) and stops once the lease
+    is gone, another job's or running out unrenewed."""
+    url = f"{s3}/ranks/x.zarr"
+    remote = Remote.of(url)
+    assert rank_lease(tmp_path / "x.zarr", "job-1") is None  # a local store: rank 0's flock
+    with Lease(remote, job="job-1"):
+        rank = rank_lease(url, "job-1")
+        assert rank is not None
+        made = _count_requests(monkeypatch)
+        for _ in range(100):
+            rank.confirm()
+        assert made == ["read"]
+        holder = json.loads(remote.read(LEASE) or b"{}")
+        now = time.time()
+        for lease, said in [
+            (
+                {"pid": 1, "host": "node-17", "job": "", "since": now, "expires": now + 120},
+                "pid 1 on host node-17 holds it for another job",
+            ),
+            (dict(holder, since=now - 100, expires=now + 20), r"rank 0 stopped renewing it \(20 s left\)"),
+            (dict(holder, pid=2**22 + 12345), f"rank 0, pid {2**22 + 12345} of this host, is no longer running"),
+        ]:
+            remote.put(LEASE, json.dumps(lease).encode())
+            rank._until = 0.0  # what the last read vouched for has run out
+            with pytest.raises(FeatstoreError, match=f"this job lost the lease {url}/{LEASE} \\({said}"):
+                rank.confirm()
+    remote.fs.rm_file(remote.key(LEASE))
+    rank._until = 0.0
+    with pytest.raises(FeatstoreError, match="it is gone"):
+        rank.confirm()
 
 
 def run(args):

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 from featstore.store import PROGRESS, FeatureStore
+from featstore.store.lease import LEASE, Lease
+from featstore.store.remote import Remote
 from tests.s3_server import moto_s3, objects
 from tests.test_resume import ARGS, _env, _snapshot
 
@@ -111,6 +113,46 @@ def test_a_second_writer_is_refused_while_one_writes(s3, clean):
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     _assert_identical(url, clean)
+
+
+def test_a_job_stopped_past_its_lease_writes_no_unit_once_another_writer_took_it(s3):
+    """Rank 0 and rank 1 of a job stopped (SIGSTOP) past their lease, which another writer then takes
+    over: resumed, neither writes another unit into the store that writer now holds (rank 0 renews
+    its stale lease before a unit and finds it lost; rank 1 reads it and finds it another's). Both
+    used to write on, rank 1 to the end, rank 0 until its check before finalize."""
+    url = f"{s3}/stopped/digits.zarr"
+    env = dict(_env(), FEATSTORE_LEASE_SECONDS="4", WORLD_SIZE="2", TORCHELASTIC_RUN_ID="stopped-1")
+    ranks = [
+        subprocess.Popen(
+            _cmd(url, "slow-units", "0.5"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=REPO,
+        )
+        for r in (0, 1)
+    ]  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while len(_markers(url)) < 4 and time.time() < deadline and all(p.poll() is None for p in ranks):
+            time.sleep(0.1)
+        for p in ranks:
+            os.kill(p.pid, signal.SIGSTOP)
+        assert all(p.poll() is None for p in ranks) and len(_markers(url)) >= 4, [p.communicate()[1][-2000:] for p in ranks]
+        remote = Remote.of(url)
+        time.sleep(max(0.0, json.loads(remote.read(LEASE) or b"{}")["expires"] - time.time()) + 0.5)
+        written = set(_markers(url))
+        with Lease(remote) as taker:  # another writer (an --overwrite run) takes the expired lease over
+            for p in ranks:
+                os.kill(p.pid, signal.SIGCONT)
+            outputs = [p.communicate(timeout=120) for p in ranks]
+            assert json.loads(remote.read(LEASE) or b"{}")["token"] == taker._token
+            assert set(_markers(url)) == written  # no unit written after the takeover
+    finally:
+        for p in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+    lines = [err.strip().splitlines()[-1] for _, err in outputs]
+    assert [p.returncode for p in ranks] == [1, 1] and "Traceback" not in "".join(e for _, e in outputs), lines
+    assert lines[0].startswith(f"error: lost the lease {url}/{LEASE} to another writer"), lines
+    assert lines[1].startswith(f"error: this job lost the lease {url}/{LEASE} (pid {os.getpid()} on host"), lines
 
 
 def test_the_cache_on_s3(s3, clean, tmp_path):

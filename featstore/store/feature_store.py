@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,9 @@ class FeatureStore:
         self._unit_arrays: dict[str, list[str]] = {}  # split → arrays each unit writes (not the create-time ones)
         self._kept_digests: dict[str, dict[str, list[str]]] = {}  # split → array → the digests recorded at completion
         self._writers: dict[str, Any] = {}  # "split/array" → the array, opened once (:meth:`_writer`)
+        # called before each object a unit writes: raises once this process may no longer write here
+        # (a lease at a URL lost: store/lease.py); set by the extraction, None for other writers
+        self.confirm_writer: Callable[[], None] | None = None
 
     @property
     def meta(self) -> StoreAttributes:
@@ -485,6 +489,7 @@ class FeatureStore:
                 raise FeatstoreError(f"unit {unit.split}#{unit.index} array {name!r}: got shape {values.shape}")
             written[name] = np.asarray(values, dtype=array.dtype)
         for name, values in written.items():
+            self._confirm_writer()
             self._writer(unit.split, name)[unit.start : unit.stop] = values
         marker = {
             "rows": [unit.start, unit.stop],
@@ -492,7 +497,12 @@ class FeatureStore:
             "written": time.time(),
             "digests": self._unit_digests(unit, written),
         }
+        self._confirm_writer()
         self._write_marker(unit, json.dumps(marker))
+
+    def _confirm_writer(self) -> None:
+        if self.confirm_writer is not None:
+            self.confirm_writer()
 
     def _writer(self, split: str, name: str) -> Any:
         """The array a unit writes, opened once per store (at a URL each open is a metadata request).
@@ -572,6 +582,7 @@ class FeatureStore:
         attrs = dict(extra_attrs or {})
         attrs[ATTRIBUTE] = recorded.to_attrs()
         attrs.update(invalid=invalid, complete=True, completed=utc_stamp())
+        self._confirm_writer()  # reading every marker takes a while: the lease may have lapsed meanwhile
         self.update_attrs(attrs)  # at a URL: one PUT of zarr.json, the completion record, atomic
         if self._fs is not None:
             self._remote.remove(PROGRESS)

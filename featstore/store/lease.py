@@ -8,6 +8,13 @@ expires after its term (``FEATSTORE_LEASE_SECONDS``, default 120). A holder of t
 is gone is stale at once (a killed run resumes without waiting). Taking over an expired or stale
 lease is again conditional (``If-Match`` on the ETag read), so two takers cannot both win.
 
+A lease can lapse under a live writer (its process stopped, its network stalled) and be taken over:
+such a writer must not write on into the store that replaced its own. So every write of a unit
+first calls :meth:`Lease.confirm`: free while the last renewal is under half the term old (the
+renewer keeps it so), otherwise a renewal there and then, conditional as always, and an error
+when it fails. Ranks > 0 of a torchrun job write under rank 0's lease: :class:`RankLease` reads it
+(at most once per sixth of the term) and stops the rank when it is no longer its job's.
+
 A server without conditional writes (found by a probe: a second create-only PUT of one probe
 object succeeds) gets a plain lease: check, write, wait, read back. It keeps a second writer out
 unless two start within the same second; the docs say so (docs/scale.md).
@@ -29,7 +36,7 @@ from typing import Any
 
 from ..errors import FeatstoreError
 from .locations import PROGRESS, is_url
-from .lock import StoreLock, pid_alive
+from .lock import StoreLock, is_stale, pid_alive
 from .remote import Remote
 
 LEASE = f"{PROGRESS}/lock.json"
@@ -60,6 +67,8 @@ class Lease:
         self._etag: str | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._renewing = threading.Lock()  # the renewer thread and a writer's confirm() renew on one ETag
+        self._renewed = 0.0  # time.monotonic() when the last successful renewal (or the acquire) was sent
 
     @property
     def path(self) -> str:
@@ -79,12 +88,13 @@ class Lease:
     def acquire(self) -> Lease:
         if self.held:
             return self
+        sent = time.monotonic()  # the term runs from before the lease is written
         s3 = _s3(self.remote)
         if s3 is not None and _conditional(self.remote):
             self._acquire_conditional()
         else:
             self._acquire_plain()
-        self.held = True
+        self.held, self._renewed = True, sent
         self._stop.clear()
         self._renewer = threading.Thread(target=self._renew_loop, name="featstore-lease", daemon=True)
         self._renewer.start()
@@ -121,26 +131,55 @@ class Lease:
                 self.warn(f"cannot renew the lease {self.path}: {e}")
 
     def renew(self) -> None:
-        if _s3(self.remote) is not None and self._etag is not None:
-            if not _put_if_match(self.remote, self._me(), self._etag):
-                self.lost = True
-                self._stop.set()
+        with self._renewing:
+            if self.lost:
                 return
-            self._etag = _etag(self.remote)
-        elif (self.holder() or {}).get("token") == self._token:
-            self.remote.put(LEASE, self._me())
-        else:
-            self.lost = True
-            self._stop.set()
+            sent = time.monotonic()
+            if _s3(self.remote) is not None and self._etag is not None:
+                if not _put_if_match(self.remote, self._me(), self._etag):
+                    self._lose()
+                    return
+                self._etag = _etag(self.remote)
+            elif (self.holder() or {}).get("token") == self._token:
+                self.remote.put(LEASE, self._me())
+            else:
+                self._lose()
+                return
+            self._renewed = sent
+
+    def _lose(self) -> None:
+        self.lost = True
+        self._stop.set()
+
+    def confirm(self) -> None:
+        """Before each write of a unit: raise unless the lease is ours with half its term or more to run.
+        No request while the renewer keeps it fresh; a stale one (the process was stopped, the network
+        stalled) is renewed here, conditionally, so a lease another writer took is never written under."""
+        if not self.held:
+            raise self._lost_error()
+        if not self.lost and time.monotonic() - self._renewed < self.term / 2:
+            return
+        try:
+            self.renew()
+        except Exception as e:  # unconfirmed is as good as lost: the term may be running out
+            raise FeatstoreError(
+                f"cannot renew the lease {self.path} ({type(e).__name__}: {' '.join(str(e).split())[:120]}), so stopped writing",
+                "check AWS_ENDPOINT_URL and the network, then rerun the same command; it resumes from the finished units",
+            ) from e
+        if self.lost:
+            raise self._lost_error()
 
     def check(self) -> None:
         """Raise when another writer took the lease over (ours expired unrenewed): stop writing."""
         if self.lost or (self.held and (self.holder() or {}).get("token") != self._token):
             self.lost = True
-            raise FeatstoreError(
-                f"lost the lease {self.path} to another writer (ours expired unrenewed)",
-                "rerun the same command when that writer is done; it resumes from the finished units",
-            )
+            raise self._lost_error()
+
+    def _lost_error(self) -> FeatstoreError:
+        return FeatstoreError(
+            f"lost the lease {self.path} to another writer (ours expired unrenewed)",
+            "rerun the same command when that writer is done; it resumes from the finished units",
+        )
 
     def release(self) -> None:
         if not self.held:
@@ -175,11 +214,61 @@ class Lease:
         self.release()
 
 
+class RankLease:
+    """Rank 0's lease as a rank > 0 of its torchrun job sees it: read, never written. The rank writes
+    a unit only while the lease is its job's with half its term or more to run, as rank 0 does."""
+
+    def __init__(self, remote: Remote, job: str):
+        self.remote = remote
+        self.job = job
+        self._until = 0.0  # time.monotonic() up to which the last read vouches for the lease
+
+    @property
+    def path(self) -> str:
+        return f"{self.remote.url}/{LEASE}"
+
+    def confirm(self) -> None:
+        """Before each write of a unit: raise unless rank 0 of this job still holds the lease. Read
+        again only once the last read stops vouching for it (at most a GET per sixth of the term)."""
+        if time.monotonic() < self._until:
+            return
+        read = time.monotonic()
+        holder = self.remote.read_json(LEASE)
+        holder = holder if isinstance(holder, dict) else {}
+        now, expires = time.time(), float(holder.get("expires", 0))
+        left, term = expires - now, expires - float(holder.get("since", expires - lease_seconds()))  # rank 0's term
+        why = self._refusal(holder, left, term)
+        if why is not None:
+            raise FeatstoreError(
+                f"this job lost the lease {self.path} ({why}), so stopped writing",
+                "rerun the same command when the store's writer is done; it resumes from the finished units",
+            )
+        self._until = read + left - term / 2
+
+    def _refusal(self, holder: dict[str, Any], left: float, term: float) -> str | None:
+        """Why the lease as read lets this rank write no more (None: it may write)."""
+        if not holder:
+            return "it is gone"
+        if holder.get("job") != self.job:
+            return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} holds it for another job"
+        if is_stale(holder):
+            return f"rank 0, pid {holder.get('pid')} of this host, is no longer running"
+        if left < term / 2:
+            return f"rank 0 stopped renewing it ({max(left, 0):.0f} s left)"
+        return None
+
+
 def store_lock(location: str | os.PathLike[str], warn: Callable[[str], None] = lambda s: None, job: str = "") -> StoreLock | Lease:
     """The writer's lock of a store: a ``flock`` for a local folder, a lease at a URL."""
     if is_url(location):
         return Lease(Remote.of(os.fspath(location)), warn, job)
     return StoreLock(Path(location) / PROGRESS / "lock.json", warn, job)
+
+
+def rank_lease(location: str | os.PathLike[str], job: str) -> RankLease | None:
+    """What a rank > 0 confirms before each unit it writes: rank 0's lease at a URL; None for a local
+    folder (rank 0's flock lasts as long as rank 0 does)."""
+    return RankLease(Remote.of(os.fspath(location)), job) if is_url(location) else None
 
 
 # ---------------------------------------------------------------- S3's conditional requests

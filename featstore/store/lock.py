@@ -111,6 +111,9 @@ class StoreLock:
     def check(self) -> None:
         """Nothing to check: the kernel keeps the flock for as long as this process lives (a lease can lapse)."""
 
+    def confirm(self) -> None:
+        """Nothing to confirm before a write, for the same reason (:meth:`~.lease.Lease.confirm`)."""
+
     def release(self) -> None:
         if self.held and self._fd is not None:
             # delete while still holding the flock, so no one takes a lock on the file we are removing

@@ -242,6 +242,15 @@ def test_a_zarr_json_claiming_more_rows_is_refused(store, capsys, where):
     refusal(store, "val/", "160")
 
 
+def test_a_negative_split_size_in_the_attributes_is_named(store, capsys):
+    """A recorded split size edited below zero: verify names it (it ended with "unexpected ValueError:
+    negative dimensions are not allowed"), as export and probe fit refuse it."""
+    _edit_json(store / "zarr.json", lambda m: m["attributes"]["splits"].update(val=-5))
+    code, lines = verify_lines(capsys, store)
+    assert code == 1 and lines and all("unexpected" not in line for line in lines), lines
+    assert any(line.startswith("damaged: val/") and "-5" in line for line in lines), lines
+
+
 def test_an_arrays_own_zarr_json_edited_otherwise_than_its_shape_is_refused(store, capsys):
     """zarr reads the consolidated metadata, so an array's own zarr.json could say another dtype or
     fill value unseen, until a reader without consolidation (or a repair's re-consolidation) read

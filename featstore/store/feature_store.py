@@ -68,6 +68,9 @@ class Unit:
         return self.stop - self.start
 
 
+MARKER_MISSING = "missing"  # unit_marker's reason for a unit not written yet (no marker at all)
+
+
 def marker_problem(marker: Any, unit: Unit) -> str:
     """Why ``marker`` (a unit's progress marker, parsed) does not record ``unit``; "" when it does. A
     unit whose marker does not is pending: resuming writes it again."""
@@ -407,7 +410,7 @@ class FeatureStore:
             return True
         if self._fs is not None:
             return self._remote.exists(self._marker_name(unit))
-        return self._marker(unit).is_file() and self.unit_marker(unit)[0] is not None
+        return self.unit_marker(unit)[0] is not None  # a missing, cut-short or foreign marker: pending
 
     def pending_units(self, split: str | None = None) -> list[Unit]:
         splits = [split] if split else self.splits
@@ -433,7 +436,7 @@ class FeatureStore:
         try:
             marker = self._read_marker(unit)
         except FileNotFoundError:
-            return None, "missing"
+            return None, MARKER_MISSING
         except (OSError, ValueError) as e:  # a marker cut short or garbled: json's errors are ValueErrors
             return None, f"unreadable: {type(e).__name__}"
         problem = marker_problem(marker, unit)

@@ -35,7 +35,7 @@ import numpy as np
 from ..manifest import Manifest, SplitManifest, unstored_paths
 from .augmented import augmented_splits, required_arrays
 from .digests import Recorded, StoreDamaged, array_names, repair_hint, rows_digest, rows_text, unit_bounds
-from .feature_store import FeatureStore
+from .feature_store import MARKER_MISSING, FeatureStore
 
 
 @dataclass(frozen=True)
@@ -231,9 +231,9 @@ def _done_units(store: FeatureStore, split: str, report: VerifyReport) -> tuple[
     digests: dict[str, list[str | None]] = {}
     for unit in units:
         if isinstance(store.path, Path):
-            if not store._marker(unit).exists():
-                continue
             marker, why = store.unit_marker(unit)
+            if marker is None and why == MARKER_MISSING:
+                continue
             if marker is None:
                 name = store._marker(unit).relative_to(store._local)
                 report.add(Problem(f"its progress marker {name} does not record the unit ({why}): the unit counts as not written, resuming writes it again",
